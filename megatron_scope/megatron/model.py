@@ -1,0 +1,133 @@
+"""Build Megatron GPTModels of Llama/Qwen2/Qwen3-style decoders (the students and teachers of SCOPE)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+
+@dataclasses.dataclass
+class DecoderArch:
+    """Architecture of a pre-norm decoder: RMSNorm, GQA attention with rotary, SwiGLU MLP."""
+
+    num_layers: int
+    """Transformer blocks."""
+    hidden_size: int
+    """Model width."""
+    num_attention_heads: int
+    """Query heads; head_dim = hidden_size / num_attention_heads unless `head_dim` is set."""
+    num_query_groups: int
+    """Key/value heads (GQA); equal to num_attention_heads for MHA."""
+    ffn_hidden_size: int
+    """SwiGLU inner width (each of gate and up)."""
+    vocab_size: int
+    """Tokenizer vocabulary, unpadded. Megatron pads it (see `padded_vocab_size`)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the rotary tables cover."""
+    rotary_base: float = 10000.0
+    """RoPE theta."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = False
+    """Output layer shares the input embedding (Qwen2-1.5B, Qwen3-1.7B do)."""
+    add_qkv_bias: bool = False
+    """Bias on Q, K, V projections (Qwen2 has it; Llama and Qwen3 do not)."""
+    qk_layernorm: bool = False
+    """RMSNorm on each head's queries and keys (Qwen3)."""
+    head_dim: int | None = None
+    """Per-head width when it differs from hidden_size / num_attention_heads (Qwen3)."""
+    init_method_std: float = 0.02
+    """Std of the normal initialisation of a freshly built model."""
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DecoderArch.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_query_groups ({self.num_query_groups})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); set head_dim"
+            )
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
+    """Megatron's padded vocabulary: the next multiple of divisible_by x TP (as Megatron-LM pads it)."""
+    multiple = divisible_by * tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(arch: DecoderArch, params_dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
+    """Megatron TransformerConfig for `arch` under the current parallel state (dropout off: RL/distillation)."""
+    on_cpu = not torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=arch.init_method_std,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=on_cpu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_model(
+    arch: DecoderArch,
+    params_dtype: torch.dtype = torch.float32,
+    make_vocab_size_divisible_by: int = 128,
+    **config_overrides,
+) -> GPTModel:
+    """This rank's GPTModel stage (its TP shard of its PP stage's layers), local layer spec, rotary positions."""
+    config = transformer_config(arch, params_dtype, **config_overrides)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_layernorm),
+        vocab_size=padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rotary_base,
+    )

@@ -1,0 +1,59 @@
+"""Process-group set-up: Megatron's model-parallel state on top of an initialised torch.distributed."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_scope.megatron import cpu_compat
+
+
+def init_distributed(backend: str | None = None) -> None:
+    """`init_process_group` from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+
+    Backend: nccl with CUDA, gloo without. A single process without torchrun's variables becomes
+    a world of one on localhost, so the same entry script runs under `python` and `torchrun`.
+    """
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(name, default)
+    if "MASTER_PORT" not in os.environ:
+        from megatron_scope.testing.multiprocess import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+
+
+def initialize_model_parallel(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+) -> None:
+    """Megatron's TP/PP/DP groups and its model-parallel RNG tracker (CPU shims installed first).
+
+    Data-parallel size is what is left: world_size / (TP * PP).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("initialize_model_parallel: call torch.distributed.init_process_group first")
+    world_size = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if model_parallel < 1 or world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size "
+            f"({tensor_model_parallel_size}) x pipeline_model_parallel_size ({pipeline_model_parallel_size})"
+        )
+    cpu_compat.install()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    model_parallel_cuda_manual_seed(seed)
