@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
@@ -131,3 +132,16 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=arch.rotary_base,
     )
+
+
+def wrap_with_ddp(model: GPTModel, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+    """Megatron's DistributedDataParallel (fp32 `main_grad` buffers), with `finalize_model_grads` hooked
+    into the pipeline schedules: data-parallel and embedding gradient all-reduces, and the division by
+    the all-reduced loss count when `config.calculate_per_token_loss` is set."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
+    )
+    wrapped = DistributedDataParallel(model.config, ddp_config, model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = wrapped.no_sync
+    return wrapped

@@ -36,3 +36,65 @@ def tiny_batches(num_microbatches: int, micro_batch_size: int = 2, seq_length: i
             }
         )
     return batches
+
+
+def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length: int = 8, seq_length: int = 24,
+                       topk: int = 8, seed: int = 0) -> dict:
+    """A deterministic rollout batch as the SCOPE loss sees it: prompt + response tokens, response mask
+    (lengths vary; one response is empty), verifier outcomes, prompt group ids, full-vocabulary teacher logits
+    (Megatron-padded width, padding included), the teacher's sampled-token and top-k log-probs, old/reference
+    log-probs, SCOPE weights and GRPO advantages computed over the whole batch."""
+    from megatron_scope.losses.objectives import group_normalized_advantages
+    from megatron_scope.losses.scope import scope_sequence_weights
+    from megatron_scope.megatron.model import padded_vocab_size
+
+    g = torch.Generator().manual_seed(seed)
+    n = num_prompts * group_size
+    vocab, padded = TINY_ARCH.vocab_size, padded_vocab_size(TINY_ARCH.vocab_size, 1)
+    tokens = torch.randint(0, vocab, (n, seq_length + 1), generator=g)
+    lengths = torch.randint(1, seq_length - prompt_length + 1, (n,), generator=g)
+    lengths[1] = 0
+    position = torch.arange(seq_length)[None, :]
+    loss_mask = ((position >= prompt_length - 1) & (position < prompt_length - 1 + lengths[:, None])).float()
+    correct = torch.rand(n, generator=g) < 0.5
+    correct[:group_size] = torch.tensor([True, False] * (group_size // 2))  # both paths in group 0
+    group_ids = torch.arange(10, 10 + num_prompts).repeat_interleave(group_size)[torch.randperm(n, generator=g)]
+    teacher_logits = 3 * torch.randn(n, seq_length, padded, generator=g)
+    labels = tokens[:, 1:]
+    teacher_log_probs = torch.log_softmax(teacher_logits[..., :vocab].double(), -1).gather(-1, labels[..., None])[..., 0]
+    topk_log_probs, topk_ids = torch.log_softmax(teacher_logits[..., :vocab].double(), -1).topk(topk, dim=-1)
+    old_log_probs = teacher_log_probs.float() - 0.3 * torch.rand(n, seq_length, generator=g)
+    student_mean = -3 * torch.rand(n, generator=g)
+    teacher_mean = -3 * torch.rand(n, generator=g)
+    return {
+        "tokens": tokens[:, :-1].contiguous(),
+        "position_ids": position.expand(n, -1).contiguous(),
+        "labels": labels.contiguous(),
+        "loss_mask": loss_mask,
+        "correct": correct,
+        "group_ids": group_ids,
+        "teacher_logits": teacher_logits,
+        "teacher_log_probs": teacher_log_probs.float(),
+        "teacher_topk_ids": topk_ids,
+        "teacher_topk_log_probs": topk_log_probs.float(),
+        "old_log_probs": old_log_probs,
+        "ref_log_probs": old_log_probs - 0.1,
+        "seq_weights": scope_sequence_weights(student_mean, teacher_mean, correct, group_ids),
+        "advantages": group_normalized_advantages(correct.float(), group_ids),
+    }
+
+
+def split_microbatches(batch: dict, num_microbatches: int, tp_rank: int = 0, tp_size: int = 1) -> list[dict]:
+    """Row-split `batch` into microbatches; `teacher_logits` keeps only TP rank `tp_rank`'s vocabulary shard."""
+    n = batch["tokens"].shape[0]
+    if n % num_microbatches:
+        raise ValueError(f"{n} sequences do not split into {num_microbatches} microbatches")
+    size = n // num_microbatches
+    shard = batch["teacher_logits"].shape[-1] // tp_size
+    out = []
+    for m in range(num_microbatches):
+        rows = slice(m * size, (m + 1) * size)
+        micro = {key: value[rows] for key, value in batch.items()}
+        micro["teacher_logits"] = micro["teacher_logits"][..., tp_rank * shard:(tp_rank + 1) * shard].contiguous()
+        out.append(micro)
+    return out

@@ -6,12 +6,12 @@ parameters' places) with `dist_checkpointing`; the parallel ranks load both, so 
 reshards the reference into each rank's TP/PP shard and the comparison is shard by shard.
 """
 
-import os
 from functools import partial
 
 import pytest
 import torch
 
+from megatron_scope.testing.checkpoint_compare import current_grads, load_weights, relative_errors, save_grads, save_weights
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.tiny import TINY_ARCH, tiny_batches
 
@@ -46,46 +46,30 @@ def _forward_backward(model, batches):
 
 
 def _reference(rank, world_size, ckpt_dir):
-    from megatron.core import dist_checkpointing
-
     from megatron_scope.megatron.model import build_gpt_model
     from megatron_scope.megatron.parallel import initialize_model_parallel
 
     initialize_model_parallel(1, 1, seed=7)
     model = build_gpt_model(TINY_ARCH)
-    for sub in ("weights", "grads"):
-        os.makedirs(f"{ckpt_dir}/{sub}")
-    dist_checkpointing.save(model.sharded_state_dict(), f"{ckpt_dir}/weights")
+    save_weights(model, f"{ckpt_dir}/weights")
     losses = _forward_backward(model, tiny_batches(NUM_MICROBATCHES))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.grad)
-    dist_checkpointing.save(model.sharded_state_dict(), f"{ckpt_dir}/grads")
+    save_grads(model, current_grads(model), f"{ckpt_dir}/grads")
     return losses
 
 
 def _parallel(rank, world_size, ckpt_dir, tp, pp):
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from megatron_scope.megatron.model import build_gpt_model
     from megatron_scope.megatron.parallel import initialize_model_parallel
 
     initialize_model_parallel(tp, pp, seed=1000 + rank)  # other seed: weights must come from the load
     model = build_gpt_model(TINY_ARCH)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), f"{ckpt_dir}/weights"))
+    load_weights(model, f"{ckpt_dir}/weights")
     losses = _forward_backward(model, tiny_batches(NUM_MICROBATCHES))
-
-    with torch.no_grad():
-        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    reference_grads = dist_checkpointing.load(model.sharded_state_dict(), f"{ckpt_dir}/grads")
-    grad_errors = {}
-    for name, grad in grads.items():
-        ref = reference_grads[name]
-        assert ref.shape == grad.shape, (name, ref.shape, grad.shape)
-        grad_errors[name] = float((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
     return {
         "losses": losses if parallel_state.is_pipeline_last_stage() else None,
-        "grad_errors": grad_errors,
+        "grad_errors": relative_errors(model, current_grads(model), f"{ckpt_dir}/grads"),
     }
 
 

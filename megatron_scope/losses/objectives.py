@@ -1,0 +1,184 @@
+"""Per-token objectives of SCOPE and its baselines, and how they are summed over a batch.
+
+Every algorithm maps per-token statistics of a microbatch of responses ([B, T], response tokens only,
+`mask` marking them) to a per-token loss ℓ_{i,t}; sequences carry weights w_i (SCOPE's path weights,
+computed over whole prompt groups before the step by `scope_sequence_weights`; 1 otherwise). The batch loss
+is aggregated one of two ways (`--scope-seq-weights`):
+
+  sequence level: L = Σ_i w_i · (1/|y_i|) Σ_t ℓ_{i,t}  / N_seq     (the paper's per-sequence losses)
+  token level:    L = Σ_i w_i · Σ_t ℓ_{i,t}            / N_tok
+
+N_seq / N_tok count the whole global batch (all microbatches and data-parallel ranks), so the result does not
+depend on how the batch is split. `aggregate` returns the numerator and this microbatch's share of the
+denominator; Megatron's `calculate_per_token_loss` path divides by the all-reduced sum.
+
+Group-level quantities (SCOPE weights, GRPO advantages) are computed over the whole batch first, since a
+prompt's group may be spread over microbatches and ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob
+
+
+@dataclasses.dataclass
+class TokenStats:
+    """Per-token inputs of the objectives for one microbatch; [B, T] unless noted. None where unused."""
+
+    mask: torch.Tensor
+    """1 on response tokens, 0 on prompt and padding."""
+    correct: torch.Tensor
+    """[B] bool verifier outcome."""
+    student_log_probs: torch.Tensor
+    """log π_S(y_t) at temperature 1, with gradient."""
+    kl: torch.Tensor | None = None
+    """Per-token divergence to the teacher (--scope-kl), with gradient into the student."""
+    teacher_log_probs: torch.Tensor | None = None
+    """log π_T(y_t) of the sampled token, no gradient."""
+    teacher_entropy: torch.Tensor | None = None
+    """H(π_T(·|y_<t)) in nats, no gradient (SRPO)."""
+    forward_kl: torch.Tensor | None = None
+    """KL(π_T ‖ π_S) per token, with gradient (TrOPD's forward-KL outliers)."""
+    old_log_probs: torch.Tensor | None = None
+    """log π_S_old(y_t) of the policy that sampled, no gradient (PPO ratio)."""
+    ref_log_probs: torch.Tensor | None = None
+    """log π_ref(y_t) of the reference (the initial student), no gradient (ExOPD)."""
+    advantages: torch.Tensor | None = None
+    """[B] group-normalised outcome advantages (GRPO, SRPO's correct path)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """Hyper-parameters of the baselines (see each objective for its formula)."""
+
+    clip_eps: float = 0.2
+    """PPO ratio clip ε (GRPO, SRPO)."""
+    exopd_lambda: float = 1.25
+    """ExOPD reward-extrapolation λ."""
+    srpo_beta: float = 1.0
+    """SRPO teacher-entropy temperature β."""
+    tropd_delta: float = 1.0
+    """TrOPD trust-region half-width δ on |log π_S - log π_T|."""
+    tropd_outlier: str = "mask"
+    """What TrOPD does outside the region: mask, clip or forward."""
+
+
+def _require(stats: TokenStats, algorithm: str, *names: str) -> None:
+    missing = [name for name in names if getattr(stats, name) is None]
+    if missing:
+        raise ValueError(f"{algorithm} needs {missing} in its token statistics")
+
+
+def _ppo_clipped(stats: TokenStats, clip_eps: float) -> torch.Tensor:
+    """-min(r A, clip(r, 1-ε, 1+ε) A), r = exp(log π_S - log π_old), A per sequence (Schulman et al. 2017)."""
+    ratio = torch.exp(stats.student_log_probs - stats.old_log_probs)
+    advantage = stats.advantages[:, None].to(ratio.dtype)
+    return -torch.minimum(ratio * advantage, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantage)
+
+
+def scope_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+    """SCOPE (arXiv 2604.10688, Eq. for L): MLE -log π_S(y_t) on correct responses, KL to the teacher on incorrect."""
+    _require(stats, "scope", "kl")
+    return torch.where(stats.correct[:, None], -stats.student_log_probs, stats.kl)
+
+
+def opd_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+    """OPD (Agarwal et al. 2024, GKD; Thinking Machines 2025): the per-token KL to the teacher on every response."""
+    _require(stats, "opd", "kl")
+    return stats.kl
+
+
+def exopd_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+    """ExOPD / G-OPD reward extrapolation, policy-gradient form.
+
+    r_t = -[(log π_S - log π_ref) - λ (log π_T - log π_ref)], a per-token reward (λ = 1 is OPD's
+    -(log π_S - log π_T)); ℓ_t = -sg(r_t) log π_S(y_t), whose gradient is the REINFORCE estimate.
+    """
+    _require(stats, "exopd", "teacher_log_probs", "ref_log_probs")
+    student = stats.student_log_probs
+    reward = -((student - stats.ref_log_probs) - config.exopd_lambda * (stats.teacher_log_probs - stats.ref_log_probs))
+    return -reward.detach() * student
+
+
+def srpo_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+    """SRPO: correct responses get GRPO's clipped surrogate with their group advantage; incorrect ones are
+    distilled with entropy-aware per-token weights exp(-β H_T(t)), trusting the teacher where it is confident."""
+    _require(stats, "srpo", "kl", "teacher_entropy", "old_log_probs", "advantages")
+    distill = torch.exp(-config.srpo_beta * stats.teacher_entropy) * stats.kl
+    return torch.where(stats.correct[:, None], _ppo_clipped(stats, config.clip_eps), distill)
+
+
+def tropd_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+    """TrOPD: distil only inside the trust region |log π_S(y_t) - log π_T(y_t)| <= δ.
+
+    Outside it (`tropd_outlier`): "mask" drops the token; "clip" scales its KL by δ/|Δ_t| so it counts as if
+    it sat on the region's edge; "forward" uses the mode-covering forward KL(π_T‖π_S) there instead.
+    """
+    _require(stats, "tropd", "kl", "teacher_log_probs")
+    gap = (stats.student_log_probs - stats.teacher_log_probs).detach().abs()
+    inside = gap <= config.tropd_delta
+    if config.tropd_outlier == "mask":
+        outlier_loss = torch.zeros_like(stats.kl)
+    elif config.tropd_outlier == "clip":
+        outlier_loss = stats.kl * (config.tropd_delta / gap.clamp_min(config.tropd_delta))
+    elif config.tropd_outlier == "forward":
+        _require(stats, "tropd (outlier=forward)", "forward_kl")
+        outlier_loss = stats.forward_kl
+    else:
+        raise ValueError(f"tropd_outlier must be mask, clip or forward, got {config.tropd_outlier!r}")
+    return torch.where(inside, stats.kl, outlier_loss)
+
+
+def grpo_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): PPO's clipped surrogate with the group-normalised outcome advantage."""
+    _require(stats, "grpo", "old_log_probs", "advantages")
+    return _ppo_clipped(stats, config.clip_eps)
+
+
+def sft_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+    """SFT on the student's own correct responses (rejection sampling): -log π_S(y_t), incorrect ones dropped."""
+    return torch.where(stats.correct[:, None], -stats.student_log_probs, torch.zeros_like(stats.student_log_probs))
+
+
+OBJECTIVES: dict[str, Callable[[TokenStats, ObjectiveConfig], torch.Tensor]] = {
+    "scope": scope_objective,
+    "opd": opd_objective,
+    "exopd": exopd_objective,
+    "srpo": srpo_objective,
+    "tropd": tropd_objective,
+    "grpo": grpo_objective,
+    "sft": sft_objective,
+}
+
+
+@torch.no_grad()
+def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's outcome advantage A_i = (r_i - mean_g r) / (std_g r + ε) within each prompt group (unbiased std;
+    a group of one, or one where all rewards agree, gets A = 0)."""
+    if rewards.shape != group_ids.shape or rewards.dim() != 1:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must be equal 1-D")
+    _, group = torch.unique(group_ids, return_inverse=True)
+    num_groups = int(group.max()) + 1 if group.numel() else 0
+    values = rewards.double()
+    count = torch.bincount(group, minlength=num_groups).double()
+    mean = torch.zeros(num_groups, dtype=torch.float64).index_add(0, group, values) / count
+    centered = values - mean[group]
+    var = torch.zeros(num_groups, dtype=torch.float64).index_add(0, group, centered**2) / (count - 1).clamp_min(1)
+    return (centered / (var.sqrt()[group] + eps)).float()
+
+
+def aggregate(
+    token_loss: torch.Tensor, mask: torch.Tensor, sequence_weights: torch.Tensor, sequence_level: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ_i w_i · seq-or-token sum of ℓ, this microbatch's count of sequences or tokens) — see the module doc."""
+    mask = mask.to(token_loss.dtype)
+    if sequence_level:
+        per_sequence = sequence_mean_log_prob(token_loss, mask)  # a masked mean over tokens; 0 when empty
+        return (sequence_weights.to(token_loss.dtype) * per_sequence).sum(), torch.tensor(token_loss.shape[0])
+    weighted = (token_loss * mask).sum(-1) * sequence_weights.to(token_loss.dtype)
+    return weighted.sum(), mask.sum().to(torch.long)

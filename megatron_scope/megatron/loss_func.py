@@ -1,0 +1,253 @@
+"""SCOPE and its baselines as a Megatron loss function (`forward_step` contract), on vocab-sharded logits.
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        logits = model(batch["tokens"], batch["position_ids"], None)      # [b, s, V/TP], last stage
+        return logits, partial(scope_loss_func, loss_config, batch)
+
+The loss runs on the last pipeline stage. It returns `(loss_sum, count, report)` for Megatron's
+`calculate_per_token_loss=True` path: the schedule sums `count` over microbatches, `finalize_model_grads`
+all-reduces it over data-parallel ranks and divides the gradients by it, so the gradient is that of
+Σ w_i L_i / N over the whole global batch, whatever the microbatching (see losses/objectives.py).
+
+Group-level inputs are computed before the step over whole prompt groups and travel in the batch:
+`seq_weights` (SCOPE's path weights, `scope_sequence_weights`) and `advantages` (GRPO/SRPO). When a prompt's
+group is spread over data-parallel ranks, all-gather the per-sequence scalars (mean log-probs, correctness,
+group ids: 4 floats a sequence) over the data-parallel group first, compute the weights on every rank,
+and keep each rank's own rows.
+
+Microbatch keys ([b, s] unless noted; s covers prompt and response, `loss_mask` marks positions whose
+label is a response token):
+    labels, loss_mask, correct [b] bool, seq_weights [b];
+    teacher_logits [b, s, V/TP]                    (--scope-kl reverse/forward/jsd, SRPO, TrOPD forward)
+    teacher_log_probs                              (--scope-kl k1/k2/k3; ExOPD, TrOPD; else derived from logits)
+    teacher_topk_ids, teacher_topk_log_probs [b, s, k]   (--scope-kl topk)
+    old_log_probs, advantages [b]                  (GRPO, SRPO)      ref_log_probs (ExOPD)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_scope.arguments import FULL_VOCAB_KL, NEEDS_KL, SAMPLED_KL, validate_scope_args
+from megatron_scope.losses.objectives import OBJECTIVES, ObjectiveConfig, TokenStats, aggregate
+from megatron_scope.ops.vocab_parallel import (
+    sampled_kl,
+    sequence_mean_log_prob,
+    vocab_parallel_entropy,
+    vocab_parallel_kl,
+    vocab_parallel_log_probs,
+    vocab_parallel_topk_kl,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScopeLossConfig:
+    """What the loss computes; built from the --scope-* flags by `from_args`."""
+
+    vocab_size: int
+    """True (unpadded) vocabulary: Megatron's padded logits beyond it take no probability."""
+    algorithm: str = "scope"
+    """A key of losses.objectives.OBJECTIVES."""
+    kl: str = "reverse"
+    """Divergence to the teacher: reverse, forward, jsd, k1, k2, k3 or topk."""
+    jsd_beta: float = 0.5
+    """Generalized-JSD mixture weight."""
+    sequence_level: bool = True
+    """Sequence-level (True) or token-level aggregation."""
+    objective: ObjectiveConfig = ObjectiveConfig()
+    """Baseline hyper-parameters."""
+
+    def __post_init__(self):
+        if self.algorithm not in OBJECTIVES:
+            raise ValueError(f"algorithm must be one of {sorted(OBJECTIVES)}, got {self.algorithm!r}")
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, vocab_size: int) -> "ScopeLossConfig":
+        validate_scope_args(args)
+        return cls(
+            vocab_size=vocab_size,
+            algorithm=args.scope_algorithm,
+            kl=args.scope_kl,
+            jsd_beta=args.scope_jsd_beta,
+            sequence_level=args.scope_seq_weights,
+            objective=ObjectiveConfig(
+                clip_eps=args.grpo_clip_eps,
+                exopd_lambda=args.exopd_lambda,
+                srpo_beta=args.srpo_beta,
+                tropd_delta=args.tropd_delta,
+                tropd_outlier=args.tropd_outlier,
+            ),
+        )
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return (self.algorithm in NEEDS_KL and self.kl in FULL_VOCAB_KL) or self.algorithm == "srpo"
+
+
+def required_batch_keys(config: ScopeLossConfig) -> set[str]:
+    """The microbatch keys `scope_loss_func` reads under `config`."""
+    keys = {"labels", "loss_mask", "correct", "seq_weights"}
+    uses_kl = config.algorithm in NEEDS_KL
+    if config.needs_teacher_logits:
+        keys.add("teacher_logits")
+    # The teacher's log-prob of the sampled token: the k1/k2/k3 estimators, ExOPD's reward and TrOPD's trust
+    # region read it (derived from teacher_logits where those are present).
+    if (uses_kl and config.kl in SAMPLED_KL) or config.algorithm == "exopd" or (
+        config.algorithm == "tropd" and not config.needs_teacher_logits
+    ):
+        keys.add("teacher_log_probs")
+    if uses_kl and config.kl == "topk":
+        keys |= {"teacher_topk_ids", "teacher_topk_log_probs"}
+    if config.algorithm in ("grpo", "srpo"):
+        keys |= {"old_log_probs", "advantages"}
+    if config.algorithm == "exopd":
+        keys.add("ref_log_probs")
+    return keys
+
+
+PER_SEQUENCE_KEYS = ("correct", "seq_weights", "advantages")
+PER_VOCAB_KEYS = ("teacher_logits", "teacher_topk_ids", "teacher_topk_log_probs")  # a trailing vocab/k dim
+
+
+def check_batch(batch: dict, config: ScopeLossConfig) -> None:
+    """Raise ValueError naming the key if a microbatch lacks an input, has the wrong shape or holds NaN/Inf.
+
+    Run it on every rank before `forward_backward_func` so that bad data stops the step before any
+    collective (an error inside the last stage's loss would leave the other stages waiting).
+    """
+    required = required_batch_keys(config)
+    missing = sorted(required - batch.keys())
+    if missing:
+        raise ValueError(f"{config.algorithm} (--scope-kl {config.kl}) needs batch keys {missing}")
+    labels_shape = tuple(batch["labels"].shape)
+    if len(labels_shape) != 2:
+        raise ValueError(f"batch['labels'] must be [batch, seq], got shape {labels_shape}")
+    if batch["correct"].dtype != torch.bool:
+        raise ValueError(f"batch['correct'] must be bool verifier outcomes, got {batch['correct'].dtype}")
+    response = batch["loss_mask"] > 0
+    for key in sorted(required - {"labels"}):
+        value = batch[key]
+        expected = labels_shape[:1] if key in PER_SEQUENCE_KEYS else labels_shape
+        extra_dims = 1 if key in PER_VOCAB_KEYS else 0
+        if tuple(value.shape[: len(expected)]) != expected or value.dim() != len(expected) + extra_dims:
+            raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)}, expected {expected}"
+                             f"{' + (k,)' if extra_dims else ''} to match labels {labels_shape}")
+        if not value.dtype.is_floating_point:
+            continue
+        if key in PER_VOCAB_KEYS:  # -inf logits/log-probs are legal there (masked or impossible tokens)
+            bad = torch.isnan(value).any() or (value == torch.inf).any()
+        else:
+            bad = not torch.isfinite(value if key in PER_SEQUENCE_KEYS else value[response]).all()
+        if bad:
+            raise ValueError(f"batch[{key!r}] holds NaN or Inf" + ("" if key in PER_VOCAB_KEYS else " on response tokens"))
+
+
+def _token_stats(config: ScopeLossConfig, batch: dict, logits: torch.Tensor, group) -> TokenStats:
+    vocab = config.vocab_size
+    labels = batch["labels"]
+    student_log_probs = vocab_parallel_log_probs(logits, labels, group=group, vocab_size=vocab)
+    teacher_logits = batch.get("teacher_logits")
+    teacher_log_probs = batch.get("teacher_log_probs")
+    if teacher_log_probs is None and teacher_logits is not None:
+        with torch.no_grad():
+            teacher_log_probs = vocab_parallel_log_probs(teacher_logits, labels, group=group, vocab_size=vocab)
+
+    kl = forward_kl = teacher_entropy = None
+    if config.algorithm in NEEDS_KL:
+        if config.kl in FULL_VOCAB_KL:
+            kl = vocab_parallel_kl(logits, teacher_logits, kind=config.kl, group=group, beta=config.jsd_beta,
+                                   vocab_size=vocab)
+        elif config.kl in SAMPLED_KL:
+            kl = sampled_kl(student_log_probs, teacher_log_probs, kind=config.kl)
+        else:
+            kl = vocab_parallel_topk_kl(logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"],
+                                        group=group, vocab_size=vocab)
+    if config.algorithm == "tropd" and config.objective.tropd_outlier == "forward":
+        forward_kl = vocab_parallel_kl(logits, teacher_logits, kind="forward", group=group, vocab_size=vocab)
+    if config.algorithm == "srpo":
+        with torch.no_grad():
+            teacher_entropy = vocab_parallel_entropy(teacher_logits, group=group, vocab_size=vocab)
+    return TokenStats(
+        mask=batch["loss_mask"].to(student_log_probs.dtype),
+        correct=batch["correct"],
+        student_log_probs=student_log_probs,
+        kl=kl,
+        teacher_log_probs=teacher_log_probs,
+        teacher_entropy=teacher_entropy,
+        forward_kl=forward_kl,
+        old_log_probs=batch.get("old_log_probs"),
+        ref_log_probs=batch.get("ref_log_probs"),
+        advantages=batch.get("advantages"),
+    )
+
+
+@torch.no_grad()
+def _report(stats: TokenStats, batch: dict, logits: torch.Tensor, group, config: ScopeLossConfig) -> dict:
+    """Per-path sums as [sum, count] tensors (summed over microbatches and ranks by `reduce_reports`)."""
+    mask = stats.mask
+    lengths = mask.sum(-1)
+    student_mean = sequence_mean_log_prob(stats.student_log_probs, mask)
+    per_sequence = {
+        "mle": -student_mean,
+        "student_ppl": torch.exp(-student_mean),
+        "entropy": sequence_mean_log_prob(
+            vocab_parallel_entropy(logits.detach(), group=group, vocab_size=config.vocab_size), mask
+        ),
+        "response_length": lengths,
+        "weight": batch["seq_weights"].to(mask.dtype),
+    }
+    if stats.teacher_log_probs is not None:
+        per_sequence["teacher_ppl"] = torch.exp(-sequence_mean_log_prob(stats.teacher_log_probs, mask))
+    if stats.kl is not None:
+        per_sequence["kl"] = sequence_mean_log_prob(stats.kl.detach(), mask)
+    report = {"correct_fraction": torch.stack([stats.correct.sum().to(mask.dtype), mask.new_tensor(len(lengths))])}
+    for path, members in (("correct", stats.correct), ("incorrect", ~stats.correct)):
+        count = members.sum().to(mask.dtype)
+        for name, values in per_sequence.items():
+            report[f"{path}/{name}"] = torch.stack([values[members].sum(), count])
+        weights = per_sequence["weight"][members]
+        report[f"{path}/weight_max"] = torch.stack([weights.max() if len(weights) else mask.new_tensor(0.0),
+                                                    mask.new_tensor(1.0)])
+    return report
+
+
+def scope_loss_func(config: ScopeLossConfig, batch: dict, logits: torch.Tensor, group=None):
+    """Megatron loss_func: `(Σ w_i L_i over this microbatch, its count of sequences or tokens, report)`.
+
+    `logits` is this rank's vocabulary shard [b, s, V/TP]; `group` defaults to Megatron's TP group.
+    """
+    if group is None and parallel_state.model_parallel_is_initialized():
+        group = parallel_state.get_tensor_model_parallel_group()
+    check_batch(batch, config)
+    stats = _token_stats(config, batch, logits, group)
+    token_loss = OBJECTIVES[config.algorithm](stats, config.objective)
+    loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.sequence_level)
+    report = _report(stats, batch, logits, group, config)
+    report["loss"] = torch.stack([loss_sum.detach().clone(), count.to(loss_sum.dtype)])
+    return loss_sum, count.to(torch.int), report
+
+
+def reduce_reports(reports: list[dict], group=None) -> dict[str, float]:
+    """Microbatch reports -> one value each: sums over microbatches (and `group`, e.g. data-parallel) divided
+    by counts; keys ending in `_max` take the maximum instead."""
+    if not reports:
+        return {}
+    keys = sorted(reports[0])
+    sums = torch.stack([torch.stack([r[k][0].double() for r in reports]).sum() if not k.endswith("_max")
+                        else torch.stack([r[k][0].double() for r in reports]).max() for k in keys])
+    counts = torch.stack([torch.stack([r[k][1].double() for r in reports]).sum() for k in keys])
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        is_max = torch.tensor([k.endswith("_max") for k in keys])
+        maxima = torch.where(is_max, sums, torch.full_like(sums, -torch.inf))
+        torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
+        torch.distributed.all_reduce(sums, group=group)
+        torch.distributed.all_reduce(counts, group=group)
+        sums = torch.where(is_max, maxima, sums)
+    return {k: float(s / c) if not k.endswith("_max") and c > 0 else float(s) for k, s, c in zip(keys, sums, counts)}

