@@ -1,0 +1,350 @@
+"""Evaluation runner: sample n responses per problem, verify them, report Avg@n and Pass@k per benchmark.
+
+The protocol of SCOPE's evaluation (arXiv 2604.10688, Sec. 4): for each benchmark problem, n responses
+are sampled from the model; each is graded by the same math verifier as the training reward
+(megatron_scope.rewards.math_verifier); the report gives Avg@n (mean accuracy over the n samples) and
+Pass@k for several k (unbiased estimator, see megatron_scope.eval.metrics), per benchmark and as the
+unweighted mean over benchmarks, as a markdown table, JSON, a per-sample JSONL, and a plot of accuracy
+against k.
+
+The runner talks to any `RolloutEngine` (token ids in and out) and any tokenizer with
+`encode(str) -> list[int]` and `decode(list[int]) -> str`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+from megatron_scope.eval.benchmarks import BenchmarkProblem
+from megatron_scope.eval.metrics import avg_at_k, mean_pass_at_k
+from megatron_scope.rewards.math_verifier import MathVerifier
+from megatron_scope.rollout.engine import RolloutEngine, SamplingParams
+
+PROBLEM_PLACEHOLDER = "{problem}"
+
+DEFAULT_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
+"""The Qwen2.5-Math style instruction; the verifier grades the last \\boxed{} answer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What to sample and report."""
+
+    num_samples: int
+    """n: responses sampled per problem."""
+    ks: tuple[int, ...]
+    """The k of each reported Pass@k; each in [1, num_samples]."""
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    """Prompt text with exactly one "{problem}", replaced literally (other braces such as \\boxed{} are kept)."""
+    max_new_tokens: int = 1024
+    """Response length cap."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 is greedy (then n > 1 only makes sense with a seeded sampler)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]."""
+    seed: int | None = 0
+    """Base sampling seed. A generate call starting at problem i of a benchmark gets seed + i * n, so
+    with the vLLM engine's convention (sample j of prompt p of a call uses call seed + p * n + j) sample
+    j of problem i always uses seed + i * n + j, whatever prompts_per_call is. None: unseeded."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end a response, e.g. the tokenizer's EOS."""
+    prompts_per_call: int = 32
+    """Problems per RolloutEngine.generate call; the progress bar advances per call."""
+    verify_chunk_size: int = 256
+    """Responses per verifier call; the verification progress bar advances per chunk."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "ks", tuple(self.ks))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"EvalConfig.num_samples must be an int >= 1, got {self.num_samples!r}")
+        if not self.ks:
+            raise ValueError("EvalConfig.ks must name at least one k")
+        for k in self.ks:
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_samples:
+                raise ValueError(f"EvalConfig.ks: k={k!r} must be an int in [1, num_samples={self.num_samples}]")
+        if len(set(self.ks)) != len(self.ks) or list(self.ks) != sorted(self.ks):
+            raise ValueError(f"EvalConfig.ks must be strictly increasing, got {self.ks}")
+        if self.prompt_template.count(PROBLEM_PLACEHOLDER) != 1:
+            raise ValueError(
+                f"EvalConfig.prompt_template must contain {PROBLEM_PLACEHOLDER!r} exactly once, got "
+                f"{self.prompt_template!r}"
+            )
+        for name in ("prompts_per_call", "verify_chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EvalConfig.{name} must be an int >= 1, got {value!r}")
+        self.sampling_params()  # SamplingParams validates max_new_tokens, temperature, top_p
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(
+            n=self.num_samples,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop_token_ids=self.stop_token_ids,
+            seed=self.seed,
+        )
+
+    def format_prompt(self, problem: str) -> str:
+        return self.prompt_template.replace(PROBLEM_PLACEHOLDER, problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRecord:
+    """One graded response."""
+
+    benchmark: str
+    problem_id: str
+    sample_index: int
+    correct: bool
+    status: str
+    """The verifier's status (megatron_scope.rewards.math_verifier.STATUS_*)."""
+    answer: str | None
+    """The extracted boxed answer."""
+    gold_answer: str
+    finish_reason: str
+    num_tokens: int
+    response: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkResult:
+    """Scores of one benchmark."""
+
+    name: str
+    num_problems: int
+    num_samples: int
+    avg_at_n: float
+    """Mean accuracy over the n samples per problem, averaged over problems."""
+    pass_at_k: dict[int, float]
+    """Unbiased Pass@k averaged over problems, per requested k."""
+    num_correct_per_problem: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalReport:
+    """Per-benchmark results, their unweighted mean, and every graded sample."""
+
+    config: EvalConfig
+    benchmarks: list[BenchmarkResult]
+    samples: list[SampleRecord]
+
+    def average(self) -> tuple[float, dict[int, float]]:
+        """(Avg@n, {k: Pass@k}) averaged over benchmarks with equal weight (as papers report "Avg.")."""
+        count = len(self.benchmarks)
+        avg = sum(result.avg_at_n for result in self.benchmarks) / count
+        passes = {k: sum(result.pass_at_k[k] for result in self.benchmarks) / count for k in self.config.ks}
+        return avg, passes
+
+    def to_json(self) -> dict:
+        average_avg, average_pass = self.average()
+        n = self.config.num_samples
+        return {
+            "num_samples": n,
+            "ks": list(self.config.ks),
+            "pass_at_k_estimator": "unbiased: 1 - C(n-c,k)/C(n,k) (Chen et al. 2021)",
+            "sampling": {
+                "max_new_tokens": self.config.max_new_tokens,
+                "temperature": self.config.temperature,
+                "top_p": self.config.top_p,
+                "seed": self.config.seed,
+            },
+            "prompt_template": self.config.prompt_template,
+            "benchmarks": {
+                result.name: {
+                    "num_problems": result.num_problems,
+                    f"avg@{n}": result.avg_at_n,
+                    **{f"pass@{k}": value for k, value in result.pass_at_k.items()},
+                    "num_correct_per_problem": result.num_correct_per_problem,
+                }
+                for result in self.benchmarks
+            },
+            "average": {f"avg@{n}": average_avg, **{f"pass@{k}": value for k, value in average_pass.items()}},
+        }
+
+    def to_markdown(self) -> str:
+        """A table in percent: one row per benchmark and an "average" row."""
+        n = self.config.num_samples
+        header = ["benchmark", "problems", f"avg@{n}"] + [f"pass@{k}" for k in self.config.ks]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for result in self.benchmarks:
+            cells = [result.name, str(result.num_problems), f"{100 * result.avg_at_n:.2f}"]
+            cells += [f"{100 * result.pass_at_k[k]:.2f}" for k in self.config.ks]
+            lines.append("| " + " | ".join(cells) + " |")
+        average_avg, average_pass = self.average()
+        cells = ["average", str(sum(r.num_problems for r in self.benchmarks)), f"{100 * average_avg:.2f}"]
+        cells += [f"{100 * average_pass[k]:.2f}" for k in self.config.ks]
+        lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    engine: RolloutEngine,
+    tokenizer,
+    benchmarks: Mapping[str, Sequence[BenchmarkProblem]],
+    config: EvalConfig,
+    verifier: MathVerifier,
+    show_progress: bool = True,
+) -> EvalReport:
+    """Sample `config.num_samples` responses per problem of every benchmark, grade them, score them.
+
+    Everything that can be checked is checked before the first generate call: benchmark contents,
+    duplicate ids, gold answers parseable by math-verify, prompts encodable.
+    """
+    if not benchmarks:
+        raise ValueError("no benchmarks to evaluate")
+    checked: dict[str, list[BenchmarkProblem]] = {}
+    encoded: dict[str, list[list[int]]] = {}
+    for name, raw_problems in benchmarks.items():
+        if len(raw_problems) == 0:
+            raise ValueError(f"benchmark {name!r} has no problems")
+        problems, seen = [], set()
+        for raw in raw_problems:
+            if not isinstance(raw, tuple) or len(raw) != 3 or not all(isinstance(field, str) for field in raw):
+                raise ValueError(f"benchmark {name!r}: expected (id, problem, gold_answer) str tuples, got {raw!r}")
+            if raw[0] in seen:
+                raise ValueError(f"benchmark {name!r}: duplicate problem id {raw[0]!r}")
+            seen.add(raw[0])
+            problems.append(BenchmarkProblem(*raw))
+        checked[name] = problems
+        verifier.check_gold_answers([problem.gold_answer for problem in problems])
+        encoded[name] = [
+            _encode(tokenizer, config.format_prompt(problem.problem), name, problem.id) for problem in problems
+        ]
+
+    params = config.sampling_params()
+    results, samples = [], []
+    for name, problems in checked.items():
+        completions = _sample(engine, encoded[name], params, config.prompts_per_call, name, show_progress)
+        responses, golds, meta = [], [], []
+        for problem_index, (problem, problem_completions) in enumerate(zip(problems, completions)):
+            for sample_index, completion in enumerate(problem_completions):
+                responses.append(tokenizer.decode(list(completion.token_ids)))
+                golds.append(problem.gold_answer)
+                meta.append((problem_index, problem, sample_index, completion))
+        verdicts = []
+        for start in tqdm(
+            range(0, len(responses), config.verify_chunk_size),
+            desc=f"verifying {name}",
+            unit="chunk",
+            disable=not show_progress,
+        ):
+            end = start + config.verify_chunk_size
+            verdicts.extend(verifier.judge_batch(responses[start:end], golds[start:end]))
+        correct: list[list[bool]] = [[] for _ in problems]
+        for (problem_index, problem, sample_index, completion), verdict, response in zip(meta, verdicts, responses):
+            correct[problem_index].append(verdict.correct)
+            samples.append(
+                SampleRecord(
+                    benchmark=name,
+                    problem_id=problem.id,
+                    sample_index=sample_index,
+                    correct=verdict.correct,
+                    status=verdict.status,
+                    answer=verdict.answer,
+                    gold_answer=problem.gold_answer,
+                    finish_reason=completion.finish_reason,
+                    num_tokens=len(completion.token_ids),
+                    response=response,
+                )
+            )
+        results.append(
+            BenchmarkResult(
+                name=name,
+                num_problems=len(problems),
+                num_samples=config.num_samples,
+                avg_at_n=avg_at_k(correct),
+                pass_at_k={k: mean_pass_at_k(correct, k) for k in config.ks},
+                num_correct_per_problem={problem.id: sum(row) for problem, row in zip(problems, correct)},
+            )
+        )
+    return EvalReport(config=config, benchmarks=results, samples=samples)
+
+
+def _encode(tokenizer, prompt: str, benchmark: str, problem_id: str) -> list[int]:
+    token_ids = list(tokenizer.encode(prompt))
+    if not token_ids or not all(isinstance(token, int) for token in token_ids):
+        raise ValueError(
+            f"benchmark {benchmark!r} problem {problem_id!r}: tokenizer.encode returned {token_ids[:8]!r}..., "
+            "expected a non-empty list of ints"
+        )
+    return token_ids
+
+
+def _sample(engine, prompts, params, prompts_per_call, name, show_progress):
+    """params.n completions per prompt, checked for shape, with a progress bar over samples."""
+    completions = []
+    with tqdm(total=len(prompts) * params.n, desc=f"sampling {name}", unit="sample", disable=not show_progress) as bar:
+        for start in range(0, len(prompts), prompts_per_call):
+            batch = prompts[start : start + prompts_per_call]
+            call_params = params
+            if params.seed is not None:  # the problem's index, not its place in a call, picks its seeds
+                call_params = dataclasses.replace(params, seed=params.seed + start * params.n)
+            outputs = engine.generate(batch, call_params)
+            if len(outputs) != len(batch) or any(len(per_prompt) != params.n for per_prompt in outputs):
+                shape = [len(per_prompt) for per_prompt in outputs]
+                raise RuntimeError(
+                    f"{type(engine).__name__}.generate returned {len(outputs)} prompts with {shape} completions; "
+                    f"expected {len(batch)} prompts with {params.n} each"
+                )
+            completions.extend(outputs)
+            bar.update(len(batch) * params.n)
+    return completions
+
+
+def plot_accuracy_vs_k(report: EvalReport, path: str | os.PathLike) -> None:
+    """A PNG of Pass@k against k (log2 axis) per benchmark and on average, Avg@n as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = list(report.config.ks)
+    n = report.config.num_samples
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    average_avg, average_pass = report.average()
+    series = [(r.name, r.pass_at_k, r.avg_at_n, 1.2) for r in report.benchmarks]
+    series.append(("average", average_pass, average_avg, 2.5))
+    for index, (name, pass_at_k, avg_at_n, width) in enumerate(series):
+        color = "black" if name == "average" else f"C{index % 10}"
+        pass_percent = [100 * pass_at_k[k] for k in ks]
+        axes.plot(ks, pass_percent, marker="o", color=color, linewidth=width, label=f"{name} pass@k")
+        axes.axhline(100 * avg_at_n, color=color, linestyle="--", linewidth=0.8)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(ks, [str(k) for k in ks])
+    axes.set_xlabel("k")
+    axes.set_ylabel("accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(f"Pass@k (unbiased, n={n}); dashed: avg@{n}")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(os.fspath(path), dpi=120)
+    plt.close(figure)
+
+
+def write_report(report: EvalReport, output_dir: str | os.PathLike) -> dict[str, str]:
+    """Write results.json, results.md, samples.jsonl and accuracy_vs_k.png; return their paths by kind."""
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {
+        "json": os.path.join(output_dir, "results.json"),
+        "markdown": os.path.join(output_dir, "results.md"),
+        "samples": os.path.join(output_dir, "samples.jsonl"),
+        "plot": os.path.join(output_dir, "accuracy_vs_k.png"),
+    }
+    with open(paths["json"], "w", encoding="utf-8") as handle:
+        json.dump(report.to_json(), handle, indent=2)
+    with open(paths["markdown"], "w", encoding="utf-8") as handle:
+        handle.write(report.to_markdown())
+    with open(paths["samples"], "w", encoding="utf-8") as handle:
+        for sample in report.samples:
+            handle.write(json.dumps(dataclasses.asdict(sample), ensure_ascii=False) + "\n")
+    plot_accuracy_vs_k(report, paths["plot"])
+    return paths

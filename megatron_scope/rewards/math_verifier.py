@@ -1,0 +1,470 @@
+r"""Math answer verification with math-verify, safe to call from the trainer and from evaluation.
+
+SCOPE (arXiv 2604.10688, Sec. 3) splits each prompt's G responses into correct ones (reinforced with
+student-perplexity-weighted MLE) and incorrect ones (distilled with teacher-perplexity-weighted KL); the
+split is a rule-based check of the final answer. The trainer's reward and the evaluation's Avg@k / Pass@k
+(megatron_scope/eval) both call this module, so training and evaluation grade identically.
+
+Grading rule:
+1. The answer is the content of the *last* ``\boxed{...}`` (or ``\fbox{...}``) of the response, braces
+   matched (escaped ``\{``, ``\}`` do not count). No box, an unclosed box, an empty box, or one longer
+   than ``max_answer_chars`` -> wrong. This scan runs in the calling process, in time linear in
+   ``max_answer_chars`` after one ``str.rfind``, so a megabyte of garbage costs microseconds.
+2. The gold answer (surrounding ``$`` removed) and the extracted answer, each wrapped in ``\boxed{}``, are
+   parsed by ``math_verify.parse`` (LaTeX -> sympy via latex2sympy2_extended, with a string fallback)
+   and compared by ``math_verify.verify(gold, answer)``: string match, numeric match to 6 decimals,
+   symbolic equality, sets / intervals / tuples / matrices, ``x = 5`` against ``5``.
+
+Why worker processes: math-verify bounds its parse and compare time with ``signal.alarm``, which
+(a) works only in the main thread (elsewhere it raises ValueError: a Ray threaded actor, a data-loader
+thread), (b) replaces the host process's SIGALRM handler while it runs, and (c) cannot interrupt a long
+call inside a C extension. So every math-verify call here runs in a spawned worker process, in that
+process's main thread, and the calling process installs no signal handler. The caller enforces a hard
+wall-clock deadline per answer: a worker past it is killed (and restarted on the next use) and the answer
+counts wrong; a worker that dies (segfault, OOM kill) is treated the same. Per answer, one pipe
+round trip carries the extracted answer and the gold string out and a status string back (bytes, not
+the response). Workers start with the "spawn" method, so an entry script that uses the verifier needs an
+``if __name__ == "__main__":`` guard (as for vLLM and dist_checkpointing).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import threading
+import time
+import weakref
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+BOX_COMMANDS = ("\\boxed", "\\fbox")
+"""LaTeX commands whose argument is taken as the final answer."""
+
+# Verdict statuses. Only STATUS_CORRECT means correct.
+STATUS_CORRECT = "correct"
+STATUS_WRONG = "wrong"
+"""Parsed, compared, not equivalent."""
+STATUS_NO_BOXED_ANSWER = "no_boxed_answer"
+"""No box, an unclosed box, or an empty one."""
+STATUS_ANSWER_TOO_LONG = "answer_too_long"
+STATUS_UNPARSEABLE_ANSWER = "unparseable_answer"
+"""math-verify extracted nothing from the boxed content."""
+STATUS_TIMEOUT = "timeout"
+"""The worker passed the hard deadline and was killed."""
+STATUS_WORKER_DIED = "worker_died"
+STATUS_VERIFIER_ERROR = "verifier_error"
+"""math-verify raised inside the worker (it normally swallows its own errors)."""
+_STATUS_GOLD_OK = "gold_ok"
+_STATUS_GOLD_UNPARSEABLE = "gold_unparseable"
+
+
+class GoldAnswerError(ValueError):
+    """A gold answer is empty or math-verify cannot parse it: a data problem, never graded as 'wrong'."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """The grade of one response."""
+
+    correct: bool
+    """The response's last boxed answer is equivalent to the gold answer."""
+    status: str
+    """One of the STATUS_* constants of this module (why it is correct or not)."""
+    answer: str | None
+    """The extracted boxed content, or None when there was none (or it was too long)."""
+
+
+def extract_last_boxed(text: str, max_answer_chars: int = 1000) -> str | None:
+    r"""The stripped content of the last ``\boxed{...}``/``\fbox{...}`` in `text`, or None.
+
+    None when there is no box, the last box is not followed by ``{``, is unclosed, is empty, or its
+    content exceeds `max_answer_chars` (use `_extract` to tell these apart).
+    """
+    answer, _ = _extract(text, max_answer_chars)
+    return answer
+
+
+def _extract(text: str, max_answer_chars: int) -> tuple[str | None, str | None]:
+    """(answer, None) or (None, failure status); scans at most max_answer_chars after the last box."""
+    start = -1
+    for command in BOX_COMMANDS:
+        found = text.rfind(command)
+        if found >= 0:
+            start = max(start, found + len(command))
+    if start < 0:
+        return None, STATUS_NO_BOXED_ANSWER
+    position = start
+    while position < len(text) and text[position] in " \t":
+        position += 1
+    if position >= len(text) or text[position] != "{":
+        return None, STATUS_NO_BOXED_ANSWER
+    content_start = position + 1
+    scan_end = min(len(text), content_start + max_answer_chars + 1)
+    depth = 1
+    position = content_start
+    while position < scan_end:
+        char = text[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                answer = text[content_start:position].strip()
+                if not answer:
+                    return None, STATUS_NO_BOXED_ANSWER
+                return answer, None
+        position += 1
+    if scan_end < len(text):  # more than max_answer_chars before any closing brace
+        return None, STATUS_ANSWER_TOO_LONG
+    return None, STATUS_NO_BOXED_ANSWER  # the text ended inside the box
+
+
+def normalize_gold_answer(gold_answer: str) -> str:
+    """The gold string with surrounding whitespace and one pair of enclosing ``$``/``$$`` removed."""
+    gold = gold_answer.strip()
+    for delimiter in ("$$", "$"):
+        if len(gold) > 2 * len(delimiter) and gold.startswith(delimiter) and gold.endswith(delimiter):
+            gold = gold[len(delimiter) : -len(delimiter)].strip()
+            break
+    return gold
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker side: runs in a spawned process, math-verify in its main thread.
+
+
+def _worker_main(conn, parse_timeout_seconds: int, compare_timeout_seconds: int) -> None:
+    """Serve (answer | None, gold) requests on `conn` until it closes or receives None."""
+    # math-verify logs the whole input at WARNING on each timeout; the caller reports statuses instead.
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+    parsed_golds: collections.OrderedDict[str, list] = collections.OrderedDict()
+    # Warm up before signalling ready: the first parse imports latex2sympy's ANTLR grammar (~1 s, more
+    # under load), which must not count against the first real answer's timeouts.
+    _grade_in_this_process("\\frac{1}{2}", "0.5", {}, None, None)
+    conn.send("ready")
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        answer, gold = request
+        try:
+            status = _grade_in_this_process(answer, gold, parsed_golds, parse_timeout_seconds, compare_timeout_seconds)
+        except Exception:  # noqa: BLE001 - a verifier bug must grade one answer wrong, not kill training
+            logger.debug("math-verify raised", exc_info=True)
+            status = STATUS_VERIFIER_ERROR
+        conn.send(status)
+
+
+def _grade_in_this_process(answer, gold, parsed_golds, parse_timeout_seconds, compare_timeout_seconds) -> str:
+    """A status for `answer` against `gold` (or a gold check when answer is None); main thread only.
+
+    Timeouts are math-verify's (signal.alarm, whole seconds; None disables them).
+    """
+    import math_verify
+    from math_verify import LatexExtractionConfig
+
+    extraction = [LatexExtractionConfig()]
+    gold_parsed = parsed_golds.get(gold)
+    if gold_parsed is None:
+        # No signal timeout for the gold: an empty parse must mean "unparseable", never "slow"; the
+        # caller's hard deadline still bounds it.
+        gold_parsed = math_verify.parse("\\boxed{" + gold + "}", extraction_config=extraction, parsing_timeout=None)
+        parsed_golds[gold] = gold_parsed
+        if len(parsed_golds) > 4096:
+            parsed_golds.popitem(last=False)
+    if not gold_parsed:
+        return _STATUS_GOLD_UNPARSEABLE
+    if answer is None:
+        return _STATUS_GOLD_OK
+    answer_parsed = math_verify.parse(
+        "\\boxed{" + answer + "}", extraction_config=extraction, parsing_timeout=parse_timeout_seconds
+    )
+    if not answer_parsed:
+        return STATUS_UNPARSEABLE_ANSWER
+    equivalent = math_verify.verify(gold_parsed, answer_parsed, timeout_seconds=compare_timeout_seconds)
+    return STATUS_CORRECT if equivalent else STATUS_WRONG
+
+
+# ----------------------------------------------------------------------------------------------------
+# Caller side.
+
+
+class _Worker:
+    def __init__(self, process, conn):
+        self.process = process
+        self.conn = conn
+
+    def kill(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+
+
+def _shutdown_workers(workers: list) -> None:
+    """Stop every worker: a polite None, then kill whatever is still running (also used at gc/exit)."""
+    for slot, worker in enumerate(workers):
+        if worker is None:
+            continue
+        try:
+            worker.conn.send(None)
+        except OSError:
+            pass
+        worker.process.join(timeout=1)
+        worker.kill()
+        workers[slot] = None
+
+
+class MathVerifier:
+    """Grades responses against gold answers in `num_workers` spawned processes with a hard deadline.
+
+    Thread-safe (calls are serialised by a lock); use as a context manager or call `close()`; workers
+    are daemon processes and are also stopped when the verifier is garbage-collected or Python exits.
+    Workers start on first use (~1-2 s each) and are reused across calls.
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 1,
+        timeout_seconds: float = 10.0,
+        max_answer_chars: int = 1000,
+        worker_start_timeout_seconds: float = 120.0,
+    ):
+        """
+        Args:
+            num_workers: worker processes grading in parallel.
+            timeout_seconds: hard wall-clock limit for grading one answer; past it the worker is killed
+                and the answer counts wrong (status "timeout"). math-verify's own signal timeouts inside
+                the worker (answer parse, each comparison) are half of it, at least 1 s, so most slow
+                answers end softly without a worker restart.
+            max_answer_chars: a boxed answer longer than this counts wrong without being parsed.
+            worker_start_timeout_seconds: a worker that does not report ready in time is an error.
+        """
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
+        if not timeout_seconds > 0:
+            raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds!r}")
+        if isinstance(max_answer_chars, bool) or not isinstance(max_answer_chars, int) or max_answer_chars < 1:
+            raise ValueError(f"max_answer_chars must be an int >= 1, got {max_answer_chars!r}")
+        if not worker_start_timeout_seconds > 0:
+            raise ValueError(f"worker_start_timeout_seconds must be > 0, got {worker_start_timeout_seconds!r}")
+        self.num_workers = num_workers
+        self.timeout_seconds = float(timeout_seconds)
+        self.max_answer_chars = max_answer_chars
+        self.worker_start_timeout_seconds = float(worker_start_timeout_seconds)
+        self._inner_timeout_seconds = max(1, int(self.timeout_seconds / 2))
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker | None] = [None] * num_workers
+        self._lock = threading.Lock()
+        self._closed = False
+        self.num_timeouts = 0
+        """Answers whose worker was killed at the deadline, over this verifier's life."""
+        self.num_worker_deaths = 0
+        """Workers that died while grading, over this verifier's life."""
+        self._finalizer = weakref.finalize(self, _shutdown_workers, self._workers)
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    def verify(self, response_text: str, gold_answer: str) -> bool:
+        """True iff the response's last boxed answer is equivalent to `gold_answer`."""
+        return self.judge_batch([response_text], [gold_answer])[0].correct
+
+    def verify_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[bool]:
+        """`verify` for each (response, gold) pair, graded in parallel by the workers."""
+        return [verdict.correct for verdict in self.judge_batch(response_texts, gold_answers)]
+
+    def judge_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[Verdict]:
+        """A `Verdict` for each (response, gold) pair.
+
+        Raises:
+            ValueError: lengths differ, or an item is not a str (raised before any grading).
+            GoldAnswerError: a gold answer is empty or unparseable (a data error, not a wrong answer).
+        """
+        golds = self._validate_batch(response_texts, gold_answers)
+        extracted = [_extract(text, self.max_answer_chars) for text in response_texts]
+        jobs = [(index, answer, golds[index]) for index, (answer, _) in enumerate(extracted) if answer is not None]
+        statuses = self._run_jobs(jobs)
+        bad_golds = sorted({golds[index] for index, status in statuses.items() if status == _STATUS_GOLD_UNPARSEABLE})
+        if bad_golds:
+            raise GoldAnswerError(f"math-verify cannot parse gold answer(s) {bad_golds!r}")
+        verdicts = []
+        for index, (answer, failure) in enumerate(extracted):
+            if answer is None:
+                verdicts.append(Verdict(correct=False, status=failure, answer=None))
+            else:
+                status = statuses[index]
+                verdicts.append(Verdict(correct=status == STATUS_CORRECT, status=status, answer=answer))
+        return verdicts
+
+    def check_gold_answers(self, gold_answers: Sequence[str]) -> None:
+        """Raise GoldAnswerError naming every gold answer that is empty or that math-verify cannot parse.
+
+        Call before sampling so that a bad data file fails before any generation is spent on it.
+        """
+        golds = self._validate_batch([""] * len(gold_answers), gold_answers)
+        unique_golds = sorted(set(golds))
+        statuses = self._run_jobs([(index, None, gold) for index, gold in enumerate(unique_golds)])
+        bad = [unique_golds[index] for index, status in sorted(statuses.items()) if status == _STATUS_GOLD_UNPARSEABLE]
+        if bad:
+            raise GoldAnswerError(f"math-verify cannot parse gold answer(s) {bad!r}")
+        failed = {unique_golds[i]: status for i, status in sorted(statuses.items()) if status != _STATUS_GOLD_OK}
+        if failed:  # a timeout or a dead worker says nothing about the gold answer itself
+            raise RuntimeError(f"could not check gold answer(s) {failed!r} (status per answer)")
+
+    def close(self) -> None:
+        """Stop the workers; the verifier cannot be used afterwards."""
+        with self._lock:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> "MathVerifier":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _validate_batch(response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[str]:
+        if len(response_texts) != len(gold_answers):
+            raise ValueError(
+                f"got {len(response_texts)} responses but {len(gold_answers)} gold answers; they must pair up"
+            )
+        golds = []
+        for index, (text, gold) in enumerate(zip(response_texts, gold_answers)):
+            if not isinstance(text, str):
+                raise ValueError(f"response {index} must be a str, got {type(text).__name__}")
+            if not isinstance(gold, str):
+                raise ValueError(f"gold answer {index} must be a str, got {type(gold).__name__}: {gold!r}")
+            normalized = normalize_gold_answer(gold)
+            if not normalized:
+                raise GoldAnswerError(f"gold answer {index} is empty: {gold!r}")
+            golds.append(normalized)
+        return golds
+
+    def _start_missing_workers(self) -> None:
+        """Spawn every missing worker and wait until each has imported math-verify."""
+        started = []
+        for slot, worker in enumerate(self._workers):
+            if worker is None:
+                parent_conn, child_conn = self._context.Pipe(duplex=True)
+                process = self._context.Process(
+                    target=_worker_main,
+                    args=(child_conn, self._inner_timeout_seconds, self._inner_timeout_seconds),
+                    name=f"math-verifier-{slot}",
+                    daemon=True,
+                )
+                process.start()
+                child_conn.close()
+                self._workers[slot] = _Worker(process, parent_conn)
+                started.append(slot)
+        deadline = time.monotonic() + self.worker_start_timeout_seconds
+        for slot in started:
+            worker = self._workers[slot]
+            ready = worker.conn.poll(max(0.0, deadline - time.monotonic()))
+            message = None
+            if ready:
+                try:
+                    message = worker.conn.recv()
+                except (EOFError, OSError):
+                    message = None
+            if message != "ready":
+                exit_code = worker.process.exitcode
+                _shutdown_workers(self._workers)
+                raise RuntimeError(
+                    f"math-verify worker {slot} did not start within {self.worker_start_timeout_seconds} s "
+                    f"(exit code {exit_code}); is math-verify installed?"
+                )
+
+    def _kill_worker(self, slot: int) -> None:
+        self._workers[slot].kill()
+        self._workers[slot] = None
+
+    def _run_jobs(self, jobs: list[tuple[int, str | None, str]]) -> dict[int, str]:
+        """Grade (index, answer, gold) jobs on the workers; {index: status}. Holds the lock throughout."""
+        statuses: dict[int, str] = {}
+        if not jobs:
+            return statuses
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this MathVerifier is closed")
+            pending = collections.deque(jobs)
+            busy: dict[int, tuple[int, float]] = {}  # slot -> (job index, deadline)
+            while pending or busy:
+                if pending and any(self._workers[slot] is None for slot in range(self.num_workers) if slot not in busy):
+                    self._start_missing_workers()
+                for slot in range(self.num_workers):
+                    if slot in busy or not pending:
+                        continue
+                    index, answer, gold = pending.popleft()
+                    try:
+                        self._workers[slot].conn.send((answer, gold))
+                    except OSError:  # the worker died while idle: restart it and retry the job
+                        self._kill_worker(slot)
+                        pending.appendleft((index, answer, gold))
+                        continue
+                    busy[slot] = (index, time.monotonic() + self.timeout_seconds)
+                if not busy:
+                    continue
+                earliest_deadline = min(deadline for _, deadline in busy.values())
+                ready = multiprocessing.connection.wait(
+                    [self._workers[slot].conn for slot in busy], timeout=max(0.0, earliest_deadline - time.monotonic())
+                )
+                now = time.monotonic()
+                for slot, (index, deadline) in list(busy.items()):
+                    worker = self._workers[slot]
+                    if worker.conn in ready:
+                        try:
+                            statuses[index] = worker.conn.recv()
+                        except (EOFError, OSError):
+                            statuses[index] = STATUS_WORKER_DIED
+                            self.num_worker_deaths += 1
+                            self._kill_worker(slot)
+                        del busy[slot]
+                    elif now >= deadline:
+                        statuses[index] = STATUS_TIMEOUT
+                        self.num_timeouts += 1
+                        self._kill_worker(slot)
+                        del busy[slot]
+        return statuses
+
+
+_default_verifier: MathVerifier | None = None
+_default_verifier_lock = threading.Lock()
+
+
+def default_verifier() -> MathVerifier:
+    """The process-wide verifier behind `verify` and `verify_batch` (one worker, 10 s deadline)."""
+    global _default_verifier
+    with _default_verifier_lock:
+        if _default_verifier is None or _default_verifier._closed:
+            _default_verifier = MathVerifier()
+        return _default_verifier
+
+
+def verify(response_text: str, gold_answer: str) -> bool:
+    r"""True iff the last ``\boxed{}`` answer of `response_text` is equivalent to `gold_answer`.
+
+    Never raises for a malformed response (it is simply wrong) and never hangs (hard deadline in a
+    worker process); raises GoldAnswerError for an empty or unparseable gold answer.
+    """
+    return default_verifier().verify(response_text, gold_answer)
+
+
+def verify_batch(response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[bool]:
+    """`verify` for each pair, with the process-wide verifier."""
+    return default_verifier().verify_batch(response_texts, gold_answers)
