@@ -10,6 +10,8 @@ optimizer and dist_checkpointing run unchanged on CPU (measured in ../shared/ENV
    CUDA never initialises), so `model_parallel_cuda_manual_seed` and the RNG tracker really fork state.
 3. Explicit devices: a `TorchFunctionMode` rewrites `device="cuda"` / `device=0` / `Tensor.cuda()` /
    `Tensor.to("cuda")` in any torch call to the CPU (the schedules build `torch.zeros(..., device="cuda")`).
+4. Type strings: the same mode answers `tensor.type()` of a CPU tensor with its CUDA name
+   ("torch.FloatTensor" -> "torch.cuda.FloatTensor"), since the optimizer and gradient clipping assert on them.
 
 Call `install()` once per process before building Megatron objects; it is idempotent and returns
 whether the shims are active. Pair it with `TransformerConfig(use_cpu_initialization=True)`.
@@ -42,6 +44,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
         if kwargs.get("pin_memory"):

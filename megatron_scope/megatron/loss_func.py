@@ -236,7 +236,7 @@ def scope_loss_func(config: ScopeLossConfig, batch: dict, logits: torch.Tensor, 
 
 def reduce_reports(reports: list[dict], group=None) -> dict[str, float]:
     """Microbatch reports -> one value each: sums over microbatches (and `group`, e.g. data-parallel) divided
-    by counts; keys ending in `_max` take the maximum instead."""
+    by counts; keys ending in `_max` take the maximum instead; keys whose count is 0 are omitted."""
     if not reports:
         return {}
     keys = sorted(reports[0])
@@ -250,4 +250,5 @@ def reduce_reports(reports: list[dict], group=None) -> dict[str, float]:
         torch.distributed.all_reduce(sums, group=group)
         torch.distributed.all_reduce(counts, group=group)
         sums = torch.where(is_max, maxima, sums)
-    return {k: float(s / c) if not k.endswith("_max") and c > 0 else float(s) for k, s, c in zip(keys, sums, counts)}
+    # A path with no member this step (e.g. nothing correct yet) is left out, not reported as 0.
+    return {k: float(s) if k.endswith("_max") else float(s / c) for k, s, c in zip(keys, sums, counts) if c > 0}

@@ -1,36 +1,64 @@
-"""Run SCOPE microbatches through Megatron's pipeline schedule (1F1B with PP > 1, no-pipelining otherwise)."""
+"""Run microbatches through Megatron's pipeline schedule (1F1B with PP > 1, no-pipelining otherwise).
+
+Only the last pipeline stage sees logits, so only it holds the loss inputs (teacher logits, old
+log-probs, weights); the other stages' microbatches need just `tokens` and `position_ids`.
+"""
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_scope.megatron.loss_func import ScopeLossConfig, check_batch, scope_loss_func
 
 
+def _batch_shape(microbatches: list[dict]) -> tuple[int, int]:
+    if not microbatches:
+        raise ValueError("need at least one microbatch")
+    shapes = {tuple(batch["tokens"].shape) for batch in microbatches}
+    if len(shapes) != 1:
+        raise ValueError(f"all microbatches must share one [micro_batch, seq] shape, got {sorted(shapes)}")
+    return shapes.pop()
+
+
+def raise_on_any_rank(error: Exception | None, group=None) -> None:
+    """Raise on every rank of `group` if any rank has an error (its own, or a RuntimeError naming the rank),
+    so that a bad input seen by one pipeline stage stops all of them before a collective can hang."""
+    flag = torch.tensor([dist.get_rank() if error is not None else -1])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(flag) >= 0:
+        raise RuntimeError(f"rank {int(flag)} rejected the batch (its error is in its log); stopping all ranks")
+
+
 def forward_backward(model, microbatches: list[dict], loss_config: ScopeLossConfig, forward_only: bool = False):
     """Forward (and backward) of `model` over `microbatches` with the SCOPE loss; returns the per-microbatch
     reports on the last pipeline stage ([] elsewhere).
 
-    Every microbatch is checked on every rank first, so bad data stops the step before any collective.
-    Each microbatch holds `tokens`, `position_ids` and the keys of `scope_loss_func`; with TP > 1,
-    `teacher_logits` is this rank's vocabulary shard. Gradients land in the DDP `main_grad` buffers already
-    divided by the global loss count (`calculate_per_token_loss=True` in the model's config).
+    The last stage checks every microbatch first and all stages agree before any compute, so bad data
+    stops the step before any collective. With TP > 1, `teacher_logits` is this rank's vocabulary shard.
+    Gradients land in the DDP `main_grad` buffers already divided by the global loss count
+    (`calculate_per_token_loss=True` in the model's config).
     """
-    if not microbatches:
-        raise ValueError("forward_backward needs at least one microbatch")
+    micro_batch_size, seq_length = _batch_shape(microbatches)
     if not model.config.calculate_per_token_loss:
         raise ValueError("the SCOPE loss normalises over the global batch: build the model with "
                          "calculate_per_token_loss=True")
-    for batch in microbatches:
-        check_batch(batch, loss_config)
-    shapes = {tuple(batch["tokens"].shape) for batch in microbatches}
-    if len(shapes) != 1:
-        raise ValueError(f"all microbatches must share one [micro_batch, seq] shape, got {sorted(shapes)}")
-    micro_batch_size, seq_length = shapes.pop()
+    error = None
+    if parallel_state.is_pipeline_last_stage():
+        try:
+            for batch in microbatches:
+                check_batch(batch, loss_config)
+        except ValueError as caught:
+            error = caught
+    raise_on_any_rank(error)  # all ranks: data-parallel replicas would otherwise wait in the grad all-reduce
     group = parallel_state.get_tensor_model_parallel_group()
 
     def forward_step(data_iterator, model):
@@ -38,13 +66,37 @@ def forward_backward(model, microbatches: list[dict], loss_config: ScopeLossConf
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(scope_loss_func, loss_config, batch, group=group)
 
-    with torch.no_grad() if forward_only else torch.enable_grad():
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(microbatches),
-            model=[model],
-            num_microbatches=len(microbatches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+@torch.no_grad()
+def forward_collect(model, microbatches: list[dict], collect: Callable[[dict, torch.Tensor], object]) -> list:
+    """Forward only; on the last stage returns `collect(batch, logits_shard)` per microbatch ([] elsewhere).
+
+    Used for the student's temperature-1 log-probs before the step and the co-located teacher's logits.
+    """
+    micro_batch_size, seq_length = _batch_shape(microbatches)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, lambda logits, non_loss_data=True: collect(batch, logits)
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=True,
+        collect_non_loss_data=True,
+    )

@@ -59,6 +59,18 @@ def _rank_main(fn, rank, world_size, port, args, results, threads_per_rank):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        _kill_descendants()
+
+
+def _kill_descendants() -> None:
+    """Kill what this rank started (e.g. vLLM engine processes a failed test never closed), so nothing
+    outlives the test holding memory or the test runner's output pipe."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        child.kill()
+    psutil.wait_procs(children, timeout=10)
 
 
 def run_on_ranks(

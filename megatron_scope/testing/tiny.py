@@ -86,15 +86,10 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
 
 def split_microbatches(batch: dict, num_microbatches: int, tp_rank: int = 0, tp_size: int = 1) -> list[dict]:
     """Row-split `batch` into microbatches; `teacher_logits` keeps only TP rank `tp_rank`'s vocabulary shard."""
-    n = batch["tokens"].shape[0]
-    if n % num_microbatches:
-        raise ValueError(f"{n} sequences do not split into {num_microbatches} microbatches")
-    size = n // num_microbatches
+    from megatron_scope.rollout.batch import split_rows
+
+    microbatches = split_rows(batch, num_microbatches)
     shard = batch["teacher_logits"].shape[-1] // tp_size
-    out = []
-    for m in range(num_microbatches):
-        rows = slice(m * size, (m + 1) * size)
-        micro = {key: value[rows] for key, value in batch.items()}
-        micro["teacher_logits"] = micro["teacher_logits"][..., tp_rank * shard:(tp_rank + 1) * shard].contiguous()
-        out.append(micro)
-    return out
+    for micro in microbatches:
+        micro["teacher_logits"] = micro["teacher_logits"][..., tp_rank * shard : (tp_rank + 1) * shard].contiguous()
+    return microbatches

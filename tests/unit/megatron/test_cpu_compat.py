@@ -16,6 +16,7 @@ def _shims_in_fresh_process(rank, world_size):
     explicit = torch.zeros(3, device="cuda").device.type
     indexed = torch.ones(2, device=torch.cuda.current_device()).device.type
     moved = torch.ones(2).cuda().device.type
+    type_name = torch.ones(2).type()
 
     tracker = tensor_parallel.get_cuda_rng_tracker()
     torch.manual_seed(0)
@@ -28,6 +29,7 @@ def _shims_in_fresh_process(rank, world_size):
         inside_second = torch.rand(4)  # the tracker's stream advanced, it did not restart
     return {
         "devices": (explicit, indexed, moved),
+        "type_name": type_name,
         "outside_unchanged": torch.equal(outside_before, outside_after),
         "fork_differs_from_default": not torch.equal(inside_first, outside_before),
         "fork_advances": not torch.equal(inside_first, inside_second),
@@ -38,6 +40,7 @@ def _shims_in_fresh_process(rank, world_size):
 def test_cpu_shims_cover_devices_and_rng():
     (result,) = run_on_ranks(_shims_in_fresh_process, 1)
     assert result["devices"] == ("cpu", "cpu", "cpu")
+    assert result["type_name"] == "torch.cuda.FloatTensor"
     assert result["outside_unchanged"]
     assert result["fork_differs_from_default"]
     assert result["fork_advances"]

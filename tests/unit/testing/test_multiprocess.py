@@ -48,9 +48,10 @@ def test_failing_rank_shows_its_traceback():
 
 def test_hung_rank_times_out():
     start = time.monotonic()
-    with pytest.raises(RankTimeoutError, match=r"ranks \[0\] did not finish within 5s"):
-        run_on_ranks(_rank_zero_hangs, 2, timeout=5)
-    assert time.monotonic() - start < 60
+    # 30 s: long enough for rank 1 to start and finish even on a loaded 2-core machine
+    with pytest.raises(RankTimeoutError, match=r"ranks \[0\] did not finish within 30s"):
+        run_on_ranks(_rank_zero_hangs, 2, timeout=30)
+    assert time.monotonic() - start < 120
 
 
 def test_rank_killed_without_report_fails_fast():

@@ -1,0 +1,186 @@
+"""SCOPE training entry point: torchrun (multi-node) or plain python (one process on CPU).
+
+    torchrun --nproc-per-node 8 --nnodes 4 ... examples/scope/train_scope.py \
+        --student-hf /ckpt/student_hf --teacher-hf /ckpt/teacher_hf --tokenizer /ckpt/student_hf \
+        --train-data prompts.jsonl --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 \
+        --micro-batch-size 4 --prompts-per-step 256 --scope-group-size 8 --max-new-tokens 12288 \
+        --lr 5e-5 --train-iters 200 --save /ckpt/scope --load /ckpt/scope --scope-tau 1.0
+
+Flags: Megatron-LM's names for parallelism, optimisation, checkpointing and logging; `--scope-*` and the
+baselines' flags from megatron_scope.arguments; rollout flags below. The student starts from a Hugging Face
+directory (config.json + safetensors), which also seeds the vLLM engine on global rank 0; the teacher is
+co-located (same TP/PP as the student, forward only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from megatron_scope.arguments import add_scope_args, validate_scope_args  # noqa: E402
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The Megatron-LM flags this trainer reads (same names and meanings as megatron/training/arguments.py)."""
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4, help="Sequences per microbatch.")
+    g.add_argument("--train-iters", type=int, default=10)
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU runs)")
+    g.add_argument("--exit-on-nonfinite", action="store_true",
+                   help="Stop the run when a step's loss or gradient norm is NaN/Inf (default: skip the step).")
+    g = parser.add_argument_group("checkpointing and logging")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    g = parser.add_argument_group("models and data")
+    g.add_argument("--student-hf", required=True, help="Student's initial weights: HF directory.")
+    g.add_argument("--teacher-hf", default=None, help="Co-located teacher: HF directory.")
+    g.add_argument("--tokenizer", required=True, help="SentencePiece model file shared by student and teacher.")
+    g.add_argument("--teacher-tokenizer", default=None,
+                   help="The teacher's tokenizer, if stored apart: must be identical to --tokenizer.")
+    g.add_argument("--train-data", required=True, help="JSONL rows {id, prompt, answer}.")
+    g.add_argument("--reward", choices=("synthetic", "math"), default="math",
+                   help="Verifier: the synthetic arithmetic checker or math-verify (last \\boxed{}).")
+    g = parser.add_argument_group("rollout")
+    g.add_argument("--prompts-per-step", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--rollout-temperature", type=float, default=1.0)
+    g.add_argument("--rollout-top-p", type=float, default=1.0)
+    g.add_argument("--rollout-kv-cache-gib", type=float, default=1.0,
+                   help="KV cache of the vLLM engine (GiB).")
+    g.add_argument("--rollout-tensor-parallel-size", type=int, default=1)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = add_scope_args(add_training_args(argparse.ArgumentParser(description=__doc__.split("\n")[0])))
+    args = parser.parse_args(argv)
+    try:
+        validate_scope_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def _read_arch(hf_dir: str):
+    from megatron_scope.megatron.hf_mapping import arch_from_hf_config
+
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --student-hf/--teacher-hf must be a Hugging Face model directory")
+    with open(path) as handle:
+        return arch_from_hf_config(json.load(handle))
+
+
+def _verifier(kind: str):
+    """The reward's verifier: `verify_batch(response_texts, gold_answers) -> list[bool]`."""
+    if kind == "synthetic":
+        from megatron_scope.rewards.synthetic import SyntheticTaskVerifier
+
+        return SyntheticTaskVerifier()
+    from megatron_scope.rewards.math_verifier import MathVerifier
+
+    return MathVerifier()
+
+
+def build_trainer(args: argparse.Namespace):
+    """Everything a SCOPE run needs, checked before the first rollout; returns the ScopeTrainer."""
+    import torch.distributed as dist
+
+    from megatron_scope.data.datasets import PromptDataset
+    from megatron_scope.data.tokenizer import Tokenizer, check_same_tokenizer
+    from megatron_scope.megatron.loss_func import ScopeLossConfig
+    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
+    from megatron_scope.megatron.optimizer import OptimizerSettings, build_optimizer
+    from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
+    from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights
+    from megatron_scope.trainer import ScopeTrainer, TrainerSettings
+
+    init_distributed()
+    initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, seed=args.seed)
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+
+    tokenizer = Tokenizer.load(args.tokenizer)
+    if args.teacher_tokenizer:
+        check_same_tokenizer(Tokenizer.load(args.teacher_tokenizer), tokenizer)
+    student_arch = _read_arch(args.student_hf)
+    teacher_arch = _read_arch(args.teacher_hf) if args.teacher_hf else None
+    for name, arch in (("student", student_arch), ("teacher", teacher_arch)):
+        if arch is not None and arch.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"the {name}'s vocabulary ({arch.vocab_size}) differs from the tokenizer's "
+                             f"({tokenizer.vocab_size}, {args.tokenizer}): distillation needs one shared vocabulary")
+    dataset = PromptDataset.from_jsonl(args.train_data, seed=args.seed, tokenizer=tokenizer)
+
+    student = build_gpt_model(student_arch, params_dtype=dtype, calculate_per_token_loss=True)
+    load_hf_weights(student, student_arch, SafetensorsCheckpoint(args.student_hf))
+    student = wrap_with_ddp(student, use_distributed_optimizer=args.use_distributed_optimizer)
+    teacher = reference = None
+    if teacher_arch is not None:
+        teacher = build_gpt_model(teacher_arch, params_dtype=dtype)
+        load_hf_weights(teacher, teacher_arch, SafetensorsCheckpoint(args.teacher_hf))
+        teacher.eval().requires_grad_(False)
+    if args.scope_algorithm == "exopd":  # the reference is the initial student
+        reference = build_gpt_model(student_arch, params_dtype=dtype)
+        load_hf_weights(reference, student_arch, SafetensorsCheckpoint(args.student_hf))
+        reference.eval().requires_grad_(False)
+    optimizer, scheduler = build_optimizer(student, OptimizerSettings(
+        lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, train_iters=args.train_iters,
+        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        clip_grad=args.clip_grad, use_distributed_optimizer=args.use_distributed_optimizer))
+
+    engine = None
+    if dist.get_rank() == 0:
+        from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+
+        engine = VLLMRolloutEngine(VLLMEngineConfig(
+            args.student_hf, kv_cache_bytes=int(args.rollout_kv_cache_gib * (1 << 30)),
+            tensor_parallel_size=args.rollout_tensor_parallel_size, seed=args.seed))
+    settings = TrainerSettings(
+        train_iters=args.train_iters, prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
+        micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.rollout_temperature, top_p=args.rollout_top_p, seed=args.seed, save=args.save,
+        save_interval=args.save_interval, load=args.load, log_interval=args.log_interval,
+        tensorboard_dir=args.tensorboard_dir, exit_on_nonfinite=args.exit_on_nonfinite, scope_tau=args.scope_tau,
+        scope_weight_norm=args.scope_weight_norm, use_student_weights=args.scope_student_path_weights,
+        use_teacher_weights=args.scope_teacher_path_weights)
+    trainer = ScopeTrainer(settings, ScopeLossConfig.from_args(args, vocab_size=student_arch.vocab_size), student,
+                           student_arch, optimizer, scheduler, dataset, tokenizer, _verifier(args.reward).verify_batch,
+                           engine=engine, teacher=teacher, reference=reference)
+    return trainer
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    trainer = build_trainer(parse_args(argv))
+    try:
+        history = trainer.train()
+    finally:
+        if trainer.engine is not None:
+            trainer.engine.close()
+    return trainer, history
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Megatron's optimizer and LR schedule, and an optimizer step that refuses non-finite updates."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+
+@dataclasses.dataclass
+class OptimizerSettings:
+    """Adam with warm-up then cosine decay (Megatron-LM's flags of the same names)."""
+
+    lr: float = 1e-4
+    """Peak learning rate (--lr)."""
+    min_lr: float = 0.0
+    """Final learning rate (--min-lr)."""
+    lr_warmup_iters: int = 0
+    """Linear warm-up steps (--lr-warmup-iters)."""
+    train_iters: int = 1
+    """Total optimizer steps, the decay horizon (--train-iters)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (--weight-decay)."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables (--clip-grad)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer; needs CUDA)."""
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.train_iters < 1 or not 0 <= self.lr_warmup_iters <= self.train_iters:
+            raise ValueError(f"need train_iters >= 1 and 0 <= lr_warmup_iters <= train_iters, got "
+                             f"{self.train_iters}, {self.lr_warmup_iters}")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
+        if self.use_distributed_optimizer and not torch.cuda.is_available():
+            raise ValueError("--use-distributed-optimizer needs CUDA: megatron-core's distributed optimizer "
+                             "refuses CPU tensors; use the standard optimizer on CPU")
+
+
+def build_optimizer(model, settings: OptimizerSettings):
+    """(Megatron optimizer over `model`'s DDP buffers, its OptimizerParamScheduler)."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=settings.lr,
+        min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        clip_grad=settings.clip_grad,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+        params_dtype=model.config.params_dtype,
+        bf16=model.config.bf16,
+    )
+    optimizer = get_megatron_optimizer(config, [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if settings.lr_warmup_iters else settings.lr,
+        max_lr=settings.lr,
+        min_lr=settings.min_lr,
+        lr_warmup_steps=settings.lr_warmup_iters,
+        lr_decay_steps=settings.train_iters,
+        lr_decay_style="cosine",
+        start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay,
+        wd_incr_steps=settings.train_iters,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+@dataclasses.dataclass
+class StepOutcome:
+    updated: bool
+    grad_norm: float
+    skipped_reason: str | None = None
+
+
+def guarded_step(optimizer, scheduler, loss_is_finite: bool) -> StepOutcome:
+    """Clip and step unless the loss (on any rank) or the global gradient norm is NaN/Inf; a skipped step
+    leaves every parameter and the optimizer state untouched and zeroes the gradients."""
+    flag = torch.tensor([0.0 if loss_is_finite else 1.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    found_inf = optimizer.prepare_grads()  # main_grad -> the optimizer's grads (+ the fp16 overflow check)
+    grad_norm = float(optimizer.get_grad_norm())  # all-reduced over model-parallel ranks
+    reason = None
+    if flag.item():
+        reason = "non-finite loss"
+    elif found_inf or not math.isfinite(grad_norm):
+        reason = f"non-finite gradient norm ({grad_norm})"
+    if reason is not None:
+        optimizer.zero_grad()
+        return StepOutcome(updated=False, grad_norm=grad_norm, skipped_reason=reason)
+    if optimizer.config.clip_grad > 0:
+        optimizer.clip_grad_norm(optimizer.config.clip_grad)
+    optimizer.step_with_ready_grads()
+    scheduler.step(increment=1)
+    return StepOutcome(updated=True, grad_norm=grad_norm)

@@ -1,0 +1,51 @@
+"""A tiny SCOPE workspace on disk for trainer tests: the synthetic task, a SentencePiece tokenizer and
+random Qwen2 student/teacher checkpoints in Hugging Face format (head_dim 64 for vLLM's CPU attention)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from megatron_scope.data.synthetic import TASK_ALPHABET, write_task_files
+from megatron_scope.data.tokenizer import train_tokenizer
+
+
+@dataclasses.dataclass
+class Workspace:
+    root: str
+    train_jsonl: str
+    eval_jsonl: str
+    tokenizer: str
+    student_hf: str
+    teacher_hf: str
+
+
+def save_random_qwen2(path: str, vocab_size: int, num_layers: int, hidden_size: int, seed: int) -> str:
+    """A randomly initialised Qwen2ForCausalLM (heads of 64, GQA 2:1 when possible) saved as safetensors."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    heads = hidden_size // 64
+    config = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=128, tie_word_embeddings=False, torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_workspace(root: str, num_train: int = 64, num_eval: int = 16, seed: int = 0) -> Workspace:
+    files = write_task_files(os.path.join(root, "task"), num_train, num_eval, seed)
+    tokenizer_path = os.path.join(root, "tokenizer.model")
+    tokenizer = train_tokenizer(files.corpus_txt, tokenizer_path, required_chars=TASK_ALPHABET)
+    return Workspace(
+        root=root,
+        train_jsonl=files.train_jsonl,
+        eval_jsonl=files.eval_jsonl,
+        tokenizer=tokenizer_path,
+        student_hf=save_random_qwen2(os.path.join(root, "student_hf"), tokenizer.vocab_size, 2, 128, seed),
+        teacher_hf=save_random_qwen2(os.path.join(root, "teacher_hf"), tokenizer.vocab_size, 2, 128, seed + 1),
+    )

@@ -1,0 +1,374 @@
+"""The on-policy distillation loop: rollout -> verify -> score -> Megatron forward/backward -> step -> sync.
+
+One iteration (every rank runs it; global rank 0 hosts the rollout engine):
+  1. prompts: the next `prompts_per_step` from the resumable dataset (identical on every rank);
+  2. rollout: rank 0 samples G responses per prompt from the current student with the engine, verifies
+     them, and broadcasts token ids, sampling log-probs and outcomes to all ranks;
+  3. each data-parallel rank takes whole prompt groups (so group statistics need no communication),
+     builds [n, seq] tensors and splits them into microbatches;
+  4. scoring, forward only: the student's temperature-1 log-probs (the released SCOPE code mixed sampling
+     and training temperatures; here every log-prob that enters a loss or a weight is at temperature 1),
+     the co-located teacher's vocabulary-sharded logits (and its sampled-token log-probs), the reference
+     model's log-probs for ExOPD; then SCOPE's path weights and GRPO advantages per prompt group;
+  5. the student's forward/backward with the selected loss (`megatron/loss_func.py`);
+  6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite;
+  7. the new weights stream to the engine (`iter_hf_weights` -> `update_weights`);
+  8. logging (last rank: TensorBoard, progress bar, Megatron-style log lines) and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_scope.losses.objectives import group_normalized_advantages
+from megatron_scope.losses.scope import scope_sequence_weights
+from megatron_scope.megatron import checkpointing
+from megatron_scope.megatron.loss_func import ScopeLossConfig, reduce_reports
+from megatron_scope.megatron.optimizer import guarded_step
+from megatron_scope.megatron.schedule import forward_backward, forward_collect
+from megatron_scope.megatron.weight_export import iter_hf_weights
+from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob, vocab_parallel_log_probs
+from megatron_scope.rollout.batch import RolloutGroup, build_batch, sequence_length_for, split_rows
+from megatron_scope.rollout.engine import Completion, SamplingParams
+
+logger = logging.getLogger("megatron_scope.trainer")
+
+
+@dataclasses.dataclass
+class TrainerSettings:
+    """The loop's knobs (Megatron-LM flag names where one exists)."""
+
+    train_iters: int
+    """Optimizer steps to run in total (--train-iters)."""
+    prompts_per_step: int
+    """Prompts per step over all data-parallel ranks; each yields `group_size` responses."""
+    group_size: int
+    """G, responses per prompt (--scope-group-size)."""
+    micro_batch_size: int
+    """Sequences per microbatch (--micro-batch-size)."""
+    max_new_tokens: int
+    """Response length cap."""
+    temperature: float = 1.0
+    """Rollout sampling temperature."""
+    top_p: float = 1.0
+    """Rollout nucleus mass."""
+    seed: int = 1234
+    """Base seed; iteration i samples with seed + i, so a resumed run rolls out the same responses."""
+    save: str | None = None
+    """Checkpoint root (--save); None disables saving."""
+    save_interval: int = 0
+    """Save every this many iterations (and at the end); 0: only at the end."""
+    load: str | None = None
+    """Resume from the latest complete checkpoint under this root (--load)."""
+    log_interval: int = 1
+    """Log a line every this many iterations (--log-interval)."""
+    tensorboard_dir: str | None = None
+    """TensorBoard event directory (--tensorboard-dir)."""
+    weight_sync_bucket_bytes: int = 256 << 20
+    """Bucket size of the Megatron -> engine weight stream."""
+    exit_on_nonfinite: bool = False
+    """Stop the run (instead of skipping the step) when the loss or gradient norm is NaN/Inf."""
+    progress_bar: bool = True
+    """tqdm bar with ETA on the logging rank."""
+    scope_tau: float = 1.0
+    """τ of SCOPE's path weights (--scope-tau)."""
+    scope_weight_norm: str = "mean"
+    """SCOPE weight normalisation, mean or sum (--scope-weight-norm)."""
+    use_student_weights: bool = True
+    """Student-perplexity weights on correct responses (--[no-]scope-student-path-weights)."""
+    use_teacher_weights: bool = True
+    """Teacher-perplexity weights on incorrect responses (--[no-]scope-teacher-path-weights)."""
+
+    def __post_init__(self):
+        for name in ("train_iters", "prompts_per_step", "group_size", "micro_batch_size", "max_new_tokens",
+                     "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainerSettings.{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_interval < 0:
+            raise ValueError(f"save_interval must be >= 0, got {self.save_interval}")
+
+
+class NonFiniteStepError(RuntimeError):
+    """Raised with exit_on_nonfinite when a step's loss or gradient norm is NaN/Inf."""
+
+
+class ScopeTrainer:
+    """Runs `TrainerSettings.train_iters` SCOPE (or baseline) steps; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        loss_config: ScopeLossConfig,
+        student,
+        student_arch,
+        optimizer,
+        scheduler,
+        dataset,
+        tokenizer,
+        verify: Callable[[Sequence[str], Sequence[str]], list[bool]],
+        engine=None,
+        teacher=None,
+        reference=None,
+    ):
+        """`student`: DDP-wrapped GPTModel stage; `teacher`/`reference`: GPTModel stages, forward only, same
+        TP/PP as the student (co-located); `engine`: a RolloutEngine on global rank 0 (None elsewhere);
+        `verify(response_texts, gold_answers)` -> outcomes; `tokenizer` decodes responses and gives eos/pad."""
+        self.settings, self.loss_config = settings, loss_config
+        self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.dataset, self.tokenizer, self.verify, self.engine = dataset, tokenizer, verify, engine
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        self.is_logging_rank = self.rank == self.world_size - 1  # Megatron-LM logs from the last rank
+        self.iteration = 0
+        self.history: list[dict] = []
+        self._check_setup()
+        if settings.save:
+            checkpointing.check_writable(settings.save)
+        self._writer = None
+        if settings.tensorboard_dir and self.is_logging_rank:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(settings.tensorboard_dir)
+
+    # ---- set-up checks: all before any rollout ----
+
+    def _check_setup(self) -> None:
+        s = self.settings
+        if (self.engine is None) == (self.rank == 0):
+            raise ValueError(f"the rollout engine must live on global rank 0 (rank {self.rank} "
+                             f"{'has none' if self.engine is None else 'has one'})")
+        if s.prompts_per_step % self.dp_size:
+            raise ValueError(f"prompts_per_step {s.prompts_per_step} is not divisible by the data-parallel size "
+                             f"{self.dp_size}: each rank takes whole prompt groups")
+        local_sequences = s.prompts_per_step // self.dp_size * s.group_size
+        if local_sequences % s.micro_batch_size:
+            raise ValueError(f"{local_sequences} sequences per data-parallel rank do not split into "
+                             f"micro-batches of {s.micro_batch_size}")
+        if self.loss_config.needs_teacher_logits and self.teacher is None:
+            raise ValueError(f"--scope-algorithm {self.loss_config.algorithm} with --scope-kl {self.loss_config.kl} "
+                             "needs a co-located Megatron teacher")
+        if self.loss_config.algorithm == "exopd" and self.reference is None:
+            raise ValueError("--scope-algorithm exopd needs a reference model (the initial student)")
+
+    # ---- one iteration ----
+
+    def _rollout(self, iteration: int) -> tuple[list[RolloutGroup], dict]:
+        """Rank 0 samples and verifies; every rank receives the same groups."""
+        s = self.settings
+        prompts = self.dataset.next_batch(s.prompts_per_step)
+        payload = [None]
+        if self.rank == 0:
+            start = time.perf_counter()
+            params = SamplingParams(n=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                    top_p=s.top_p, stop_token_ids=(self.tokenizer.eos_id,), seed=s.seed + iteration)
+            samples = self.engine.generate([list(p.token_ids) for p in prompts], params)
+            rollout_seconds = time.perf_counter() - start
+            texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
+            answers = [p.answer for p in prompts for _ in range(s.group_size)]
+            correct = self.verify(texts, answers)
+            payload = [([[(c.token_ids, c.log_probs, c.finish_reason) for c in group] for group in samples],
+                        correct, rollout_seconds)]
+        dist.broadcast_object_list(payload, src=0)
+        samples, correct, rollout_seconds = payload[0]
+        groups = []
+        for i, (prompt, group) in enumerate(zip(prompts, samples)):
+            completions = [Completion(list(ids), list(lps), reason) for ids, lps, reason in group]
+            outcomes = correct[i * s.group_size : (i + 1) * s.group_size]
+            groups.append(RolloutGroup(prompt.id, list(prompt.token_ids), completions, outcomes))
+        tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
+        stats = {
+            "rollout/accuracy": sum(correct) / len(correct),
+            "rollout/response_length": tokens / len(correct),
+            "rollout/truncated_fraction": sum(c.finish_reason == "length" for g in groups for c in g.completions)
+            / len(correct),
+            "time/rollout_s": rollout_seconds,
+            "throughput/rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
+        }
+        return groups, stats
+
+    def _log_probs_of(self, model, microbatches: list[dict]) -> list[torch.Tensor]:
+        """Temperature-1 log-probs of each label under `model` (last stage; [] elsewhere)."""
+        group = parallel_state.get_tensor_model_parallel_group()
+        vocab = self.loss_config.vocab_size
+
+        def collect(batch, logits):
+            return vocab_parallel_log_probs(logits, batch["labels"], group=group, vocab_size=vocab)
+
+        return forward_collect(model, microbatches, collect)
+
+    def _score(self, microbatches: list[dict]) -> None:
+        """Add the loss inputs to the last stage's microbatches (forward passes run on every stage)."""
+        algorithm = self.loss_config.algorithm
+        student_log_probs = self._log_probs_of(self.student, microbatches)
+        teacher_logits = []
+        if self.teacher is not None:
+            keep_logits = self.loss_config.needs_teacher_logits
+            group, vocab = parallel_state.get_tensor_model_parallel_group(), self.loss_config.vocab_size
+
+            def collect(batch, logits):
+                log_probs = vocab_parallel_log_probs(logits, batch["labels"], group=group, vocab_size=vocab)
+                return (logits if keep_logits else None), log_probs
+
+            teacher_logits = forward_collect(self.teacher, microbatches, collect)
+        reference_log_probs = self._log_probs_of(self.reference, microbatches) if self.reference is not None else []
+        if not self.is_last_stage:
+            return
+        for i, batch in enumerate(microbatches):
+            batch["old_log_probs"] = student_log_probs[i]
+            if teacher_logits:
+                logits, log_probs = teacher_logits[i]
+                batch["teacher_log_probs"] = log_probs
+                if logits is not None:
+                    batch["teacher_logits"] = logits
+            if reference_log_probs:
+                batch["ref_log_probs"] = reference_log_probs[i]
+        # Group statistics over this rank's whole prompt groups.
+        cat = lambda key: torch.cat([b[key] for b in microbatches])  # noqa: E731
+        mask, correct, group_ids = cat("loss_mask"), cat("correct"), cat("group_ids")
+        if algorithm == "scope":
+            if "teacher_log_probs" not in microbatches[0]:
+                raise ValueError("SCOPE's teacher-path weights need the teacher's log-probs of the responses")
+            weights = scope_sequence_weights(
+                sequence_mean_log_prob(cat("old_log_probs"), mask),
+                sequence_mean_log_prob(cat("teacher_log_probs"), mask),
+                correct, group_ids, tau=self.settings.scope_tau, norm=self.settings.scope_weight_norm,
+                use_student_weights=self.settings.use_student_weights,
+                use_teacher_weights=self.settings.use_teacher_weights,
+            )
+        else:
+            weights = torch.ones(len(correct))
+        advantages = group_normalized_advantages(correct.float(), group_ids)
+        for batch, w, a in zip(microbatches, weights.split(len(microbatches[0]["tokens"])),
+                               advantages.split(len(microbatches[0]["tokens"]))):
+            batch["seq_weights"], batch["advantages"] = w, a
+
+    def sync_weights(self) -> float:
+        """Stream the student's weights to the engine; returns seconds."""
+        start = time.perf_counter()
+        stream = iter_hf_weights(self.student, self.arch, bucket_bytes=self.settings.weight_sync_bucket_bytes)
+        if self.engine is not None:
+            self.engine.update_weights(stream)
+        else:
+            for _ in stream:
+                pass
+        return time.perf_counter() - start
+
+    def train_step(self, iteration: int) -> dict:
+        s = self.settings
+        start = time.perf_counter()
+        groups, metrics = self._rollout(iteration)
+        per_rank = s.prompts_per_step // self.dp_size
+        local = groups[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        seq_length = sequence_length_for(groups)
+        batch = build_batch(local, seq_length, self.tokenizer.pad_id, group_offset=self.dp_rank * per_rank)
+        batch.pop("rollout_log_probs")
+        microbatches = split_rows(batch, len(batch["tokens"]) // s.micro_batch_size)
+
+        score_start = time.perf_counter()
+        self._score(microbatches)
+        train_start = time.perf_counter()
+        self.student.zero_grad_buffer()
+        reports = forward_backward(self.student, microbatches, self.loss_config)
+        loss_metrics = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.is_last_stage else {}
+        loss_is_finite = math.isfinite(loss_metrics.get("loss", 0.0))
+        outcome = guarded_step(self.optimizer, self.scheduler, loss_is_finite)
+        sync_start = time.perf_counter()
+        sync_seconds = self.sync_weights() if outcome.updated else 0.0
+
+        metrics.update({f"loss/{k}": v for k, v in loss_metrics.items()})
+        metrics.update({
+            "optimizer/grad_norm": outcome.grad_norm,
+            "optimizer/lr": self.optimizer.param_groups[0]["lr"],
+            "optimizer/skipped": 0.0 if outcome.updated else 1.0,
+            "time/score_s": train_start - score_start,
+            "time/train_s": sync_start - train_start,
+            "time/sync_s": sync_seconds,
+            "time/iteration_s": time.perf_counter() - start,
+        })
+        metrics["throughput/train_tokens_per_s"] = float(batch["loss_mask"].sum()) * self.dp_size / max(
+            metrics["time/train_s"], 1e-9)
+        if not outcome.updated:
+            logger.warning("iteration %d: skipped the optimizer step: %s", iteration, outcome.skipped_reason)
+            if s.exit_on_nonfinite:
+                raise NonFiniteStepError(f"iteration {iteration}: {outcome.skipped_reason}")
+        return metrics
+
+    # ---- the loop ----
+
+    def resume(self) -> None:
+        """Restore the latest complete checkpoint under `settings.load`, if any."""
+        if not self.settings.load:
+            return
+        state = checkpointing.load_checkpoint(self.settings.load, self.student, self.optimizer)
+        if state is None:
+            logger.info("no checkpoint under %s: starting from iteration 0", self.settings.load)
+            return
+        if state["dataset"]["digest"] != self.dataset.state_dict()["digest"]:
+            raise ValueError(f"the checkpoint under {self.settings.load} was trained on other prompts "
+                             "(dataset digest differs)")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.dataset.load_state_dict(state["dataset"])
+        self.iteration, self.history = state["iteration"], state["history"]
+        logger.info("resumed from iteration %d (RNG restored: %s)", self.iteration, state["rng_restored"])
+
+    def save(self) -> None:
+        state = {"scheduler": self.scheduler.state_dict(), "dataset": self.dataset.state_dict(),
+                 "history": self.history, "seed": self.settings.seed}
+        path = checkpointing.save_checkpoint(self.settings.save, self.iteration, self.student, self.optimizer, state)
+        logger.info("saved checkpoint %s", path)
+
+    def train(self) -> list[dict]:
+        """Run to `train_iters`; returns the per-iteration metrics (the logging rank's view)."""
+        s = self.settings
+        self.resume()
+        self.sync_weights()  # the engine starts from the student's current (possibly resumed) weights
+        bar = None
+        if s.progress_bar and self.is_logging_rank:
+            from tqdm import tqdm
+
+            bar = tqdm(total=s.train_iters, initial=self.iteration, desc="scope", unit="it", dynamic_ncols=True)
+        while self.iteration < s.train_iters:
+            metrics = self.train_step(self.iteration + 1)
+            self.iteration += 1
+            metrics["iteration"] = self.iteration
+            self.history.append(metrics)
+            self._log(metrics, bar)
+            if s.save and (self.iteration == s.train_iters or (s.save_interval and self.iteration % s.save_interval == 0)):
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self._writer is not None:
+            self._writer.flush()
+        return self.history
+
+    def _log(self, metrics: dict, bar) -> None:
+        if not self.is_logging_rank:
+            return
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if key != "iteration":
+                    self._writer.add_scalar(key, value, self.iteration)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics.get('loss/loss', float('nan')):.4f}",
+                            acc=f"{metrics['rollout/accuracy']:.2f}")
+        if self.iteration % self.settings.log_interval == 0:
+            line = (f" iteration {self.iteration:8d}/{self.settings.train_iters:8d} |"
+                    f" elapsed time per iteration (ms): {1000 * metrics['time/iteration_s']:.1f} |"
+                    f" learning rate: {metrics['optimizer/lr']:.3E} |"
+                    f" loss: {metrics.get('loss/loss', float('nan')):.6E} |"
+                    f" rollout accuracy: {metrics['rollout/accuracy']:.4f} |"
+                    f" grad norm: {metrics['optimizer/grad_norm']:.4f} |"
+                    f" skipped: {int(metrics['optimizer/skipped'])} |")
+            (bar.write if bar is not None else print)(line)
