@@ -70,6 +70,8 @@ class TrainerSettings:
     """Resume from the latest complete checkpoint under this root (--load)."""
     log_interval: int = 1
     """Log a line every this many iterations (--log-interval)."""
+    exit_interval: int = 0
+    """Save and stop once the iteration is a multiple of this (--exit-interval); 0: run to train_iters."""
     tensorboard_dir: str | None = None
     """TensorBoard event directory (--tensorboard-dir)."""
     weight_sync_bucket_bytes: int = 256 << 20
@@ -92,8 +94,9 @@ class TrainerSettings:
                      "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainerSettings.{name} must be >= 1, got {getattr(self, name)}")
-        if self.save_interval < 0:
-            raise ValueError(f"save_interval must be >= 0, got {self.save_interval}")
+        if self.save_interval < 0 or self.exit_interval < 0:
+            raise ValueError(f"save_interval and exit_interval must be >= 0, got {self.save_interval}, "
+                             f"{self.exit_interval}")
 
 
 class NonFiniteStepError(RuntimeError):
@@ -314,11 +317,8 @@ class ScopeTrainer:
         if state is None:
             logger.info("no checkpoint under %s: starting from iteration 0", self.settings.load)
             return
-        if state["dataset"]["digest"] != self.dataset.state_dict()["digest"]:
-            raise ValueError(f"the checkpoint under {self.settings.load} was trained on other prompts "
-                             "(dataset digest differs)")
+        self.dataset.load_state_dict(state["dataset"])  # raises if the checkpoint saw other prompts or seed
         self.scheduler.load_state_dict(state["scheduler"])
-        self.dataset.load_state_dict(state["dataset"])
         self.iteration, self.history = state["iteration"], state["history"]
         logger.info("resumed from iteration %d (RNG restored: %s)", self.iteration, state["rng_restored"])
 
@@ -344,8 +344,13 @@ class ScopeTrainer:
             metrics["iteration"] = self.iteration
             self.history.append(metrics)
             self._log(metrics, bar)
-            if s.save and (self.iteration == s.train_iters or (s.save_interval and self.iteration % s.save_interval == 0)):
+            exiting = bool(s.exit_interval) and self.iteration % s.exit_interval == 0
+            if s.save and (self.iteration == s.train_iters or exiting
+                           or (s.save_interval and self.iteration % s.save_interval == 0)):
                 self.save()
+            if exiting:
+                logger.info("exiting at iteration %d (--exit-interval %d)", self.iteration, s.exit_interval)
+                break
         if bar is not None:
             bar.close()
         if self._writer is not None:

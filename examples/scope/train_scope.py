@@ -52,6 +52,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=0)
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--exit-interval", type=int, default=0, help="Save and exit after this many iterations.")
     g.add_argument("--tensorboard-dir", default=None)
     g = parser.add_argument_group("models and data")
     g.add_argument("--student-hf", required=True, help="Student's initial weights: HF directory.")
@@ -161,7 +162,7 @@ def build_trainer(args: argparse.Namespace):
         train_iters=args.train_iters, prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
         micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
         temperature=args.rollout_temperature, top_p=args.rollout_top_p, seed=args.seed, save=args.save,
-        save_interval=args.save_interval, load=args.load, log_interval=args.log_interval,
+        save_interval=args.save_interval, load=args.load, log_interval=args.log_interval, exit_interval=args.exit_interval,
         tensorboard_dir=args.tensorboard_dir, exit_on_nonfinite=args.exit_on_nonfinite, scope_tau=args.scope_tau,
         scope_weight_norm=args.scope_weight_norm, use_student_weights=args.scope_student_path_weights,
         use_teacher_weights=args.scope_teacher_path_weights)

@@ -73,8 +73,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _unwrap(model):
+    """The GPTModel inside Megatron's DDP (whose sharded keys gain a "module." prefix its loader lacks)."""
+    return getattr(model, "module", model)
+
+
 def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    model_state = model.sharded_state_dict()
+    model_state = _unwrap(model).sharded_state_dict()
     return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
 
@@ -111,7 +116,7 @@ def load_checkpoint(root: str, model, optimizer) -> dict | None:
         return None
     directory = checkpoint_dir(root, iteration)
     loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), directory)
-    model.load_state_dict(loaded["model"])
+    _unwrap(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     state = torch.load(os.path.join(directory, STATE_FILE), weights_only=False)
     rng_file = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")

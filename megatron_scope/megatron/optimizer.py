@@ -35,9 +35,10 @@ class OptimizerSettings:
     def __post_init__(self):
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.train_iters < 1 or not 0 <= self.lr_warmup_iters <= self.train_iters:
-            raise ValueError(f"need train_iters >= 1 and 0 <= lr_warmup_iters <= train_iters, got "
-                             f"{self.train_iters}, {self.lr_warmup_iters}")
+        if self.train_iters < 1 or not 0 <= self.lr_warmup_iters < self.train_iters:
+            raise ValueError(f"need train_iters >= 1 and 0 <= lr_warmup_iters < train_iters (Megatron's scheduler "
+                             f"decays after warm-up), got train_iters={self.train_iters}, "
+                             f"lr_warmup_iters={self.lr_warmup_iters}")
         if self.clip_grad < 0:
             raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
         if self.use_distributed_optimizer and not torch.cuda.is_available():

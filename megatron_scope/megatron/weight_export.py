@@ -338,3 +338,18 @@ def save_safetensors_checkpoint(
         with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
     return names
+
+
+def export_hf_checkpoint(model, arch: DecoderArch, directory: str | os.PathLike, model_type: str = "qwen2") -> None:
+    """Write `model` (any TP/PP; call on every rank) as a Hugging Face checkpoint of `model_type`:
+    config.json and safetensors, written by global rank 0 from the `iter_hf_weights` stream."""
+    config = hf_mapping.hf_config_from_arch(arch, model_type)
+    stream = iter_hf_weights(model, arch)
+    if dist.get_rank() != 0:
+        for _ in stream:
+            pass
+        return
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as handle:
+        json.dump(config, handle, indent=2, default=lambda value: str(value).removeprefix("torch."))
+    save_safetensors_checkpoint(stream, directory)
