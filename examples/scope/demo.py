@@ -105,19 +105,18 @@ def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed:
     return directory
 
 
-def evaluate_model(engine, tokenizer, problems, args, label: str) -> dict:
-    """Avg@n and Pass@k of `engine`'s current weights on the held-out problems."""
+def evaluate_model(engine, tokenizer, problems, num_samples: int, max_new_tokens: int, label: str, seed: int = 0) -> dict:
+    """Avg@n and Pass@k (n = num_samples, temperature 1, fixed seed) of `engine`'s weights on `problems`."""
     from megatron_scope.eval.runner import EvalConfig, evaluate
     from megatron_scope.rewards.synthetic import SyntheticTaskVerifier
 
-    ks = tuple(k for k in (1, 2, 4, 8, 16) if k <= args.eval_samples)
-    config = EvalConfig(num_samples=args.eval_samples, ks=ks, prompt_template="{problem}",
-                        max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed,
-                        stop_token_ids=(tokenizer.eos_id,))
+    ks = tuple(k for k in (1, 2, 4, 8, 16) if k <= num_samples)
+    config = EvalConfig(num_samples=num_samples, ks=ks, prompt_template="{problem}", max_new_tokens=max_new_tokens,
+                        temperature=1.0, seed=seed, stop_token_ids=(tokenizer.eos_id,))
     report = evaluate(engine, _PromptEncoder(tokenizer), {"arithmetic": problems}, config, SyntheticTaskVerifier(),
                       show_progress=False)
     avg, pass_at = report.average()
-    print(f"[demo] {label}: Avg@{args.eval_samples} {avg:.3f} | " + " | ".join(f"Pass@{k} {v:.3f}" for k, v in pass_at.items()))
+    print(f"[demo] {label}: Avg@{num_samples} {avg:.3f} | " + " | ".join(f"Pass@{k} {v:.3f}" for k, v in pass_at.items()))
     return {"avg": avg, "pass": {int(k): v for k, v in pass_at.items()}}
 
 
@@ -180,7 +179,7 @@ def main(argv=None) -> dict:
     results = {}
     teacher_engine = VLLMRolloutEngine(VLLMEngineConfig(teacher_hf, kv_cache_bytes=1 << 30, seed=args.seed))
     try:
-        results["teacher"] = evaluate_model(teacher_engine, tokenizer, problems, args, "teacher")
+        results["teacher"] = evaluate_model(teacher_engine, tokenizer, problems, args.eval_samples, args.max_new_tokens, "teacher")
     finally:
         teacher_engine.close()
 
@@ -196,9 +195,11 @@ def main(argv=None) -> dict:
         "--log-interval", "5", "--rollout-kv-cache-gib", "1",
     ]))
     try:
-        results["student_before"] = evaluate_model(trainer.engine, tokenizer, problems, args, "student before SCOPE")
+        results["student_before"] = evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples,
+                                                   args.max_new_tokens, "student before SCOPE")
         history = trainer.train()
-        results["student_after"] = evaluate_model(trainer.engine, tokenizer, problems, args, "student after SCOPE")
+        results["student_after"] = evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples,
+                                                  args.max_new_tokens, "student after SCOPE")
     finally:
         trainer.engine.close()
 

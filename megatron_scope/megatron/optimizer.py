@@ -96,11 +96,13 @@ def guarded_step(optimizer, scheduler, loss_is_finite: bool) -> StepOutcome:
         reason = "non-finite loss"
     elif found_inf or not math.isfinite(grad_norm):
         reason = f"non-finite gradient norm ({grad_norm})"
-    if reason is not None:
-        optimizer.zero_grad()
-        return StepOutcome(updated=False, grad_norm=grad_norm, skipped_reason=reason)
-    if optimizer.config.clip_grad > 0:
-        optimizer.clip_grad_norm(optimizer.config.clip_grad)
-    optimizer.step_with_ready_grads()
-    scheduler.step(increment=1)
-    return StepOutcome(updated=True, grad_norm=grad_norm)
+    if reason is None:
+        if optimizer.config.clip_grad > 0:
+            optimizer.clip_grad_norm(optimizer.config.clip_grad)
+        optimizer.step_with_ready_grads()
+        scheduler.step(increment=1)
+    # prepare_grads made every param.grad an alias of its DDP main_grad; left in place, the next backward
+    # would accumulate into the alias and DDP's hook would add it to main_grad again (the first
+    # microbatch counted twice). Megatron-LM's train_step zeroes them the same way.
+    optimizer.zero_grad()
+    return StepOutcome(updated=reason is None, grad_norm=grad_norm, skipped_reason=reason)

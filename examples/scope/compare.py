@@ -1,0 +1,121 @@
+"""Mini study: SCOPE against OPD, GRPO and SFT at equal budget on the demo task, several seeds.
+
+Reuses the demo's workspace (`make demo` first: task, tokenizer, SFT'd teacher and student). Every
+(method, seed) run starts from the same student, trains the same number of iterations on the same number of
+rollouts, in a fresh process, and is evaluated on the held-out problems with the same sampling seed.
+
+    python examples/scope/compare.py --workdir outputs/demo --methods scope opd grpo sft --seeds 0 1 2
+
+Writes <workdir>/compare/results.json, results.md (mean ± std over seeds) and compare.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..")))
+sys.path.insert(0, HERE)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="outputs/demo", help="A finished `make demo` directory.")
+    parser.add_argument("--methods", nargs="+", default=["scope", "opd", "grpo", "sft"],
+                        choices=["scope", "opd", "exopd", "srpo", "tropd", "grpo", "sft"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    return parser.parse_args(argv)
+
+
+def _run(rank, world_size, args, method, seed):
+    """One (method, seed): train from the demo's student, then evaluate; returns (history, eval results)."""
+    import demo
+    import train_scope
+
+    from megatron_scope.data.tokenizer import Tokenizer
+    from megatron_scope.eval.benchmarks import BenchmarkProblem
+
+    work = args.workdir
+    flags = ["--student-hf", f"{work}/student_hf", "--tokenizer", f"{work}/tokenizer.model",
+             "--train-data", f"{work}/task/train.jsonl", "--reward", "synthetic", "--scope-algorithm", method,
+             "--train-iters", str(args.iters), "--prompts-per-step", str(args.prompts_per_step),
+             "--scope-group-size", str(args.group_size), "--micro-batch-size", str(args.group_size),
+             "--max-new-tokens", str(args.max_new_tokens), "--lr", "1e-4", "--lr-warmup-iters", "2",
+             "--seed", str(seed), "--log-interval", "10", "--rollout-kv-cache-gib", "1"]
+    if method in ("scope", "opd", "exopd", "srpo", "tropd"):
+        flags += ["--teacher-hf", f"{work}/teacher_hf"]
+    trainer = train_scope.build_trainer(train_scope.parse_args(flags))
+    tokenizer = Tokenizer.load(f"{work}/tokenizer.model")
+    problems = [BenchmarkProblem(r["id"], r["prompt"], str(r["answer"]))
+                for r in map(json.loads, open(f"{work}/task/eval.jsonl"))]
+    try:
+        history = trainer.train()
+        result = demo.evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples, args.max_new_tokens,
+                                     f"{method} seed {seed}")
+    finally:
+        trainer.engine.close()
+    return [{k: h[k] for k in ("iteration", "rollout/accuracy", "loss/loss")} for h in history], result
+
+
+def summarize(runs: dict, n: int) -> str:
+    ks = sorted(next(iter(runs.values()))[0][1]["pass"])
+    lines = [f"| method | Avg@{n} | " + " | ".join(f"Pass@{k}" for k in ks) + " | seeds |",
+             "|---|---|" + "---|" * len(ks) + "---|"]
+    for method, seed_runs in runs.items():
+        def cell(values):
+            return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
+        lines.append(f"| {method} | {cell([r['avg'] for _, r in seed_runs])} | "
+                     + " | ".join(cell([r['pass'][k] for _, r in seed_runs]) for k in ks) + f" | {len(seed_runs)} |")
+    return "\n".join(lines)
+
+
+def plot(runs: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, seed_runs in runs.items():
+        curves = [[h["rollout/accuracy"] for h in history] for history, _ in seed_runs]
+        mean = [statistics.mean(step) for step in zip(*curves)]
+        ax.plot(range(1, len(mean) + 1), mean, label=f"{method} (mean of {len(curves)} seeds)")
+    ax.set(xlabel="iteration", ylabel="rollout accuracy (train prompts)", title="Equal-budget comparison", ylim=(0, 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    from megatron_scope.testing.multiprocess import run_on_ranks
+
+    args = parse_args(argv)
+    for needed in ("student_hf", "teacher_hf", "tokenizer.model", "task/train.jsonl", "task/eval.jsonl"):
+        if not os.path.exists(os.path.join(args.workdir, needed)):
+            raise FileNotFoundError(f"{args.workdir}/{needed} is missing: run `make demo` first")
+    out = os.path.join(args.workdir, "compare")
+    os.makedirs(out, exist_ok=True)
+    runs = {}
+    for method in args.methods:
+        runs[method] = [run_on_ranks(_run, 1, args=(args, method, seed), timeout=3600)[0] for seed in args.seeds]
+        with open(os.path.join(out, "results.json"), "w") as handle:
+            json.dump({"args": vars(args), "runs": runs}, handle, indent=1)
+    table = summarize(runs, args.eval_samples)
+    with open(os.path.join(out, "results.md"), "w") as handle:
+        handle.write(table + "\n")
+    plot(runs, os.path.join(out, "compare.png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
