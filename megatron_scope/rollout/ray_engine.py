@@ -1,0 +1,163 @@
+"""vLLM rollout engines placed as Ray actors (on any node of a Ray cluster), behind `RolloutEngine`.
+
+    ray.init(address="auto")                               # or ray.init(num_cpus=...) locally
+    engine = RayRolloutEngine(config, num_engines=4, actor_options={"num_gpus": 1})
+    groups = engine.generate(prompts, params)              # prompts split over the engines
+    engine.update_weights(iter_hf_weights(model, arch))    # each bucket sent once to Ray, read by every engine
+
+Each actor runs a `VLLMRolloutEngine` (see vllm_engine.py for the contracts, which carry over unchanged:
+seeds, log-probs, bad-input errors). `config.model_path` must exist on the actor's node. Placement is
+Ray's: pass `actor_options` (num_gpus, resources, scheduling_strategy such as a placement group or
+NodeAffinitySchedulingStrategy) to put engines on other nodes. Weights travel in buckets of
+`config.weight_bucket_bytes`: one `ray.put` per bucket, then every actor loads it through its own
+shared-memory sync; one bucket is in flight while the next is packed. Errors raised in an actor reach the
+caller as Ray errors that are also instances of the original exception class (ValueError, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+import ray
+import torch
+
+from megatron_scope.rollout.buckets import drain, iter_buckets
+from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams
+from megatron_scope.rollout.vllm_engine import VLLMEngineConfig
+
+
+class RolloutEngineActor:
+    """The Ray actor: one `VLLMRolloutEngine` and at most one weight update in progress."""
+
+    def __init__(self):
+        self._engine = None
+        self._update = None
+
+    def start(self, config: VLLMEngineConfig) -> dict[str, Any]:
+        """Start vLLM (errors here are the engine's own construction errors); return facts the driver needs."""
+        from megatron_scope.rollout.vllm_engine import VLLMRolloutEngine
+
+        self._engine = VLLMRolloutEngine(config)
+        return {"dtype": self._engine.facts.dtype, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def generate(self, prompts, params: SamplingParams) -> list[list[Completion]]:
+        return self._engine.generate(prompts, params)
+
+    def score(self, sequences) -> list[list[float]]:
+        return self._engine.score(sequences)
+
+    def begin_weight_update(self) -> None:
+        if self._update is not None:
+            self._update.abort()
+        self._update = self._engine.begin_weight_update()
+
+    def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        self._update.load(named_tensors)
+
+    def finish_weight_update(self) -> None:
+        update, self._update = self._update, None
+        update.finish()
+
+    def abort_weight_update(self) -> None:
+        if self._update is not None:
+            update, self._update = self._update, None
+            update.abort()
+
+    def sleep(self) -> None:
+        self._engine.sleep()
+
+    def wake(self) -> None:
+        self._engine.wake()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+
+class RayRolloutEngine(RolloutEngine):
+    """`num_engines` vLLM engines as Ray actors; `generate` splits prompts over them in contiguous blocks.
+
+    Results equal one engine's: sample j of prompt i still uses seed `params.seed + i * params.n + j`.
+    """
+
+    def __init__(self, config: VLLMEngineConfig, num_engines: int = 1, actor_options: dict | None = None):
+        if not ray.is_initialized():
+            raise RuntimeError("RayRolloutEngine: call ray.init(...) first")
+        if num_engines < 1:
+            raise ValueError(f"num_engines must be >= 1, got {num_engines}")
+        self.config = config
+        options = {"num_cpus": 1, **(actor_options or {})}
+        actor_class = ray.remote(RolloutEngineActor)
+        self._actors = [actor_class.options(**options).remote() for _ in range(num_engines)]
+        try:
+            infos = ray.get([actor.start.remote(config) for actor in self._actors])
+        except BaseException:
+            self.close()
+            raise
+        self._dtype = infos[0]["dtype"]
+        self.node_ids = [info["node_id"] for info in infos]
+        """The Ray node each engine runs on."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Contiguous blocks of prompts to each engine, seeds shifted so results match one engine's."""
+        prompts = [list(p) for p in prompts]
+        num_blocks = min(len(self._actors), len(prompts)) or 1
+        bounds = [len(prompts) * k // num_blocks for k in range(num_blocks + 1)]
+        futures = []
+        for actor, start, end in zip(self._actors, bounds[:-1], bounds[1:]):
+            block_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + start * params.n)
+            futures.append(actor.generate.remote(prompts[start:end], block_params))
+        return [group for block in ray.get(futures) for group in block]
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Temperature-1 log-probs of each sequence's tokens after the first (on the first engine)."""
+        return ray.get(self._actors[0].score.remote([list(s) for s in sequences]))
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Bucket, `ray.put` once, load on every engine; validated in each engine before it sends to vLLM.
+
+        On an error the rest of the stream is consumed before raising (see `VLLMRolloutEngine.update_weights`).
+        """
+        source = iter(named_tensors)
+        in_flight: list = []
+        try:
+            ray.get([actor.begin_weight_update.remote() for actor in self._actors])
+            for bucket in iter_buckets(_for_transfer(source, self._dtype), self.config.weight_bucket_bytes):
+                bucket_ref = ray.put(bucket)
+                del bucket
+                ray.get(in_flight)  # at most one bucket travelling while this one was packed
+                in_flight = [actor.load_weights.remote(bucket_ref) for actor in self._actors]
+            ray.get(in_flight)
+        except Exception:
+            ray.get([actor.abort_weight_update.remote() for actor in self._actors])
+            drain(source)
+            raise
+        ray.get([actor.finish_weight_update.remote() for actor in self._actors])
+
+    def sleep(self) -> None:
+        ray.get([actor.sleep.remote() for actor in self._actors])
+
+    def wake(self) -> None:
+        ray.get([actor.wake.remote() for actor in self._actors])
+
+    def close(self) -> None:
+        """Shut every engine down and end its actor."""
+        actors, self._actors = self._actors, []
+        for actor in actors:
+            try:
+                ray.get(actor.close.remote())
+            except ray.exceptions.RayError:
+                pass  # the actor already died (e.g. its start failed); killing it below is all that is left
+            ray.kill(actor)
+
+
+def _for_transfer(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype):
+    """On host in the engine's dtype, owning exactly its bytes: pickling a view would ship its whole storage
+    (weight_export yields views into received buckets)."""
+    for name, tensor in named_tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            tensor = tensor.detach().to("cpu", dtype)
+            if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size() or not tensor.is_contiguous():
+                tensor = tensor.clone(memory_format=torch.contiguous_format)
+        yield name, tensor

