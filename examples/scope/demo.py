@@ -166,10 +166,10 @@ def main(argv=None) -> dict:
     tokenizer = train_tokenizer(files.corpus_txt, os.path.join(args.out, "tokenizer.model"), required_chars=TASK_ALPHABET)
     print(f"[demo] task: {args.num_train} train / {args.num_eval} held-out problems; tokenizer: "
           f"{tokenizer.vocab_size} pieces")
-    sft_data = build_sft_tensors(load_sft_pairs(files.train_jsonl), tokenizer, seq_length=64)
+    sft_data = build_sft_tensors(load_sft_pairs(files.train_jsonl), tokenizer, seq_length=48)
 
     init_distributed()
-    teacher_hf = pretrain(ModelRecipe("teacher", 4, 256, args.teacher_sft_iters, 2e-3), tokenizer, sft_data,
+    teacher_hf = pretrain(ModelRecipe("teacher", 4, 128, args.teacher_sft_iters, 2e-3), tokenizer, sft_data,
                           args.out, args.seed)
     student_hf = pretrain(ModelRecipe("student", 2, 128, args.student_sft_iters, 2e-3), tokenizer, sft_data,
                           args.out, args.seed + 1)

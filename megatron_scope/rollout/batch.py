@@ -1,0 +1,80 @@
+"""Turn sampled groups into the token tensors Megatron trains on.
+
+For a prompt p (length P) and response r (length R) the sequence is x = p + r; the model reads
+tokens = x[:-1] and predicts labels = x[1:], so position t's label is a response token exactly for
+t in [P-1, P-1+R). Sequences are right-padded to one length (causal attention: padding never
+influences earlier positions, and the loss mask is 0 there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from megatron_scope.rollout.engine import Completion
+
+
+@dataclasses.dataclass
+class RolloutGroup:
+    """The G responses sampled for one prompt, with their verifier outcomes."""
+
+    prompt_id: str
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    correct: list[bool]
+
+    def __post_init__(self):
+        if not self.prompt_token_ids:
+            raise ValueError(f"prompt {self.prompt_id!r} has no tokens")
+        if len(self.completions) != len(self.correct):
+            raise ValueError(f"prompt {self.prompt_id!r}: {len(self.completions)} completions but "
+                             f"{len(self.correct)} verifier outcomes")
+
+
+def sequence_length_for(groups: Sequence[RolloutGroup], multiple_of: int = 8) -> int:
+    """Shortest padded length (a multiple of `multiple_of`) that holds every prompt + response minus one."""
+    longest = max(len(g.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.completions)
+    return max(multiple_of, -(-(longest - 1) // multiple_of) * multiple_of)
+
+
+def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, group_offset: int = 0) -> dict:
+    """Tensors for `groups` in order, G rows per prompt: tokens, labels, loss_mask, position_ids [n, seq_length];
+    correct (bool), group_ids (group_offset + index of the prompt) [n]; plus rollout_log_probs [n, seq_length]
+    (the engine's sampling log-probs at the label positions, 0 elsewhere)."""
+    rows = [(gi, g, c, ok) for gi, g in enumerate(groups) for c, ok in zip(g.completions, g.correct)]
+    n = len(rows)
+    tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
+    labels = torch.full((n, seq_length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(n, seq_length)
+    rollout_log_probs = torch.zeros(n, seq_length)
+    for i, (_, group, completion, _) in enumerate(rows):
+        sequence = group.prompt_token_ids + list(completion.token_ids)
+        if len(sequence) - 1 > seq_length:
+            raise ValueError(f"prompt {group.prompt_id!r}: prompt + response is {len(sequence)} tokens, "
+                             f"longer than seq_length + 1 = {seq_length + 1}")
+        start, length = len(group.prompt_token_ids) - 1, len(completion.token_ids)
+        tokens[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+        labels[i, : len(sequence) - 1] = torch.tensor(sequence[1:])
+        loss_mask[i, start : start + length] = 1.0
+        if length:
+            rollout_log_probs[i, start : start + length] = torch.tensor(completion.log_probs, dtype=torch.float32)
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": torch.arange(seq_length).expand(n, -1).contiguous(),
+        "correct": torch.tensor([ok for *_, ok in rows], dtype=torch.bool),
+        "group_ids": torch.tensor([group_offset + gi for gi, *_ in rows], dtype=torch.long),
+        "rollout_log_probs": rollout_log_probs,
+    }
+
+
+def split_rows(batch: dict, num_parts: int) -> list[dict]:
+    """Split every [n, ...] tensor of `batch` into `num_parts` equal consecutive row blocks."""
+    n = len(batch["tokens"])
+    if num_parts < 1 or n % num_parts:
+        raise ValueError(f"{n} rows do not split into {num_parts} equal parts")
+    size = n // num_parts
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(num_parts)]

@@ -1,0 +1,93 @@
+"""scope_loss_func at TP=1 against the paper's loss written directly in float64, its report, and bad input."""
+
+import pytest
+import torch
+
+from megatron_scope.losses.scope import scope_sequence_weights
+from megatron_scope.megatron.loss_func import ScopeLossConfig, check_batch, reduce_reports, scope_loss_func
+from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
+
+V = TINY_ARCH.vocab_size
+
+
+@pytest.fixture
+def batch():
+    (micro,) = split_microbatches(tiny_rollout_batch(), 1)
+    return micro
+
+
+def student_logits(batch, dtype=torch.float32):
+    g = torch.Generator().manual_seed(5)
+    return (2 * torch.randn(*batch["labels"].shape, batch["teacher_logits"].shape[-1], generator=g)).to(dtype)
+
+
+def paper_loss(batch, logits):
+    """L = [Σ_{Ω_c} w^stu · MLE(y_i) + Σ_{Ω_w} w^tea · mean_t KL(π_S‖π_T)] / N, float64, full vocabulary."""
+    s = torch.log_softmax(logits[..., :V].double(), -1)  # padded entries take no probability
+    t = torch.log_softmax(batch["teacher_logits"][..., :V].double(), -1)
+    kl = (s.exp() * (s - t)).sum(-1)
+    logp = s.gather(-1, batch["labels"][..., None])[..., 0]
+    total = 0.0
+    for i in range(len(batch["correct"])):
+        m = batch["loss_mask"][i].bool()
+        if not m.any():
+            continue
+        per_seq = -logp[i][m].mean() if batch["correct"][i] else kl[i][m].mean()
+        total += float(batch["seq_weights"][i]) * float(per_seq)
+    return total / len(batch["correct"])
+
+
+def test_matches_the_paper_in_float64(batch):
+    logits = student_logits(batch)
+    # weights from the actual student/teacher sequence log-probs, as the trainer computes them
+    s = torch.log_softmax(logits[..., :V].double(), -1).gather(-1, batch["labels"][..., None])[..., 0]
+    t = torch.log_softmax(batch["teacher_logits"][..., :V].double(), -1).gather(-1, batch["labels"][..., None])[..., 0]
+    m = batch["loss_mask"].double()
+    mean = lambda x: (x * m).sum(-1) / m.sum(-1).clamp_min(1)  # noqa: E731
+    batch["seq_weights"] = scope_sequence_weights(mean(s), mean(t), batch["correct"], batch["group_ids"], tau=0.7)
+    loss_sum, count, report = scope_loss_func(ScopeLossConfig(vocab_size=V), batch, logits)
+    assert int(count) == len(batch["correct"])
+    assert float(loss_sum) / int(count) == pytest.approx(paper_loss(batch, logits), rel=1e-5)
+    values = reduce_reports([report])
+    assert values["loss"] == pytest.approx(paper_loss(batch, logits), rel=1e-5)
+    assert values["correct_fraction"] == pytest.approx(batch["correct"].float().mean().item())
+    for key in ("correct/mle", "incorrect/kl", "incorrect/teacher_ppl", "correct/student_ppl", "correct/entropy",
+                "correct/response_length", "incorrect/weight", "incorrect/weight_max"):
+        assert key in values and values[key] == values[key], key  # present and not NaN
+
+
+def test_gradient_flows_into_student_logits_only(batch):
+    logits = student_logits(batch).requires_grad_(True)
+    batch["teacher_logits"].requires_grad_(True)
+    loss_sum, _, _ = scope_loss_func(ScopeLossConfig(vocab_size=V), batch, logits)
+    loss_sum.backward()
+    assert logits.grad is not None and logits.grad[..., V:].abs().max() == 0  # padding gets no gradient
+    assert batch["teacher_logits"].grad is None
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda b: b.pop("correct"), r"needs batch keys \['correct'\]"),
+        (lambda b: b.update(correct=b["correct"].long()), "must be bool verifier outcomes"),
+        (lambda b: b["teacher_logits"].__setitem__((0, 10, 3), float("nan")), r"batch\['teacher_logits'\] holds NaN"),
+        (lambda b: b.update(seq_weights=b["seq_weights"][:-1]), r"batch\['seq_weights'\] has shape \(7,\)"),
+        (lambda b: b.update(loss_mask=b["loss_mask"][:, :-2]), r"batch\['loss_mask'\] has shape \(8, 22\)"),
+    ],
+)
+def test_bad_batches_are_named(batch, mutate, match):
+    mutate(batch)
+    with pytest.raises(ValueError, match=match):
+        check_batch(batch, ScopeLossConfig(vocab_size=V))
+
+
+def test_nan_teacher_log_probs_on_response_tokens_are_rejected(batch):
+    config = ScopeLossConfig(vocab_size=V, kl="k3")
+    check_batch(batch, config)
+    prompt_position = (batch["loss_mask"] == 0).nonzero()[0]
+    batch["teacher_log_probs"][tuple(prompt_position)] = float("nan")  # outside the response: ignored
+    check_batch(batch, config)
+    response_position = batch["loss_mask"].nonzero()[0]
+    batch["teacher_log_probs"][tuple(response_position)] = float("nan")
+    with pytest.raises(ValueError, match=r"batch\['teacher_log_probs'\] holds NaN or Inf on response tokens"):
+        check_batch(batch, config)
