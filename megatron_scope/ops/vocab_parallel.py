@@ -1,0 +1,651 @@
+"""Vocab-parallel distillation ops on logits shards: log-probs, entropy, log-sum-exp, full-vocabulary KL.
+
+Under tensor parallelism (TP) each rank of `group` holds `logits[..., V/TP]`, the contiguous vocabulary
+shard [rank * V/TP, (rank + 1) * V/TP), as Megatron's `VocabParallelEmbedding` and
+`vocab_parallel_cross_entropy` lay it out. The vocabulary dimension is never gathered: each op reads its
+shard once per pass, all-reduces only per-token statistics (each docstring says which), and keeps for
+backward only its input shards and per-token statistics (softmaxes are recomputed in backward).
+`group=None` is one process holding the whole vocabulary and gives the same numbers as any TP size.
+
+Conventions shared by every function that takes logits:
+- `logits`: `[..., V/TP]`, any leading shape, fp32 / bf16 / fp16 / fp64, non-contiguous views allowed
+  (a view whose leading dims cannot be flattened without a copy is copied once). Math runs in fp32
+  (fp64 for fp64 inputs); per-token outputs are fp32 (fp64), gradients have the logits' dtype.
+- `vocab_size`: the true vocabulary size. Megatron pads the vocabulary to a multiple of
+  `make_vocab_size_divisible_by x TP`; global ids >= vocab_size take no probability (as if -inf) and
+  get zero gradient. None: every column is a real token.
+- Logits must be finite or -inf (a -inf entry has probability 0 and contributes exactly 0); a row
+  with no finite logit is not a distribution and gives NaN.
+- Work is chunked over tokens (`CHUNK_ELEMENTS` per chunk) so temporaries stay chunk-sized; gradients
+  are written chunk by chunk into one preallocated tensor. Large CPU inputs run fused chunk kernels
+  compiled by torch.compile (Inductor C++), falling back to eager torch if compilation fails; see
+  `_use_compiled` (the dispatch point where a GPU Triton kernel would plug in).
+
+References: SCOPE, arXiv 2604.10688 (its teacher-path KL over the vocabulary and its perplexity weights
+from per-sequence mean log-probs; equation numbers to be filled in by the losses/ module that cites
+them); k1/k2/k3 estimators: J. Schulman, "Approximating KL divergence" (2020); generalized
+JSD: Agarwal et al., "On-Policy Distillation of Language Models" (GKD, arXiv 2306.13649), Eq. 3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_scope.ops import _chunk_kernels
+
+__all__ = [
+    "vocab_parallel_logsumexp",
+    "vocab_parallel_log_probs",
+    "vocab_parallel_entropy",
+    "vocab_parallel_kl",
+    "sampled_kl",
+    "vocab_parallel_topk_kl",
+    "sequence_mean_log_prob",
+    "sequence_perplexity",
+    "KL_KINDS",
+    "SAMPLED_KL_KINDS",
+    "BACKEND_ENV",
+]
+
+logger = logging.getLogger(__name__)
+
+KL_KINDS = ("reverse", "forward", "jsd")
+SAMPLED_KL_KINDS = ("k1", "k2", "k3")
+
+#: Elements of one rank's shard processed per chunk (rows = CHUNK_ELEMENTS // local vocab, at least 1).
+#: 2^20 (4 MiB of fp32 per temporary): small next to a shard (0.8% of 4096 x 32768), large enough that
+#: the per-call cost of a compiled kernel (~0.1 ms) stays a few % of a chunk's work.
+CHUNK_ELEMENTS = 1 << 20
+#: "auto" backend: shards with at least this many elements on CPU use the compiled kernels.
+COMPILE_MIN_ELEMENTS = 1 << 22
+#: Environment variable choosing the kernels: "auto" (default), "eager" or "compile" (errors surface).
+BACKEND_ENV = "MEGATRON_SCOPE_VOCAB_OPS_BACKEND"
+_BACKENDS = ("auto", "eager", "compile")
+_compile_failed = False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and shard geometry
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """Where this rank's logits sit in the global vocabulary."""
+
+    group: object
+    world_size: int
+    rank: int
+    local_vocab: int
+    vocab_start: int
+    valid: int  # real (unpadded) vocabulary entries in this shard: columns [0, valid)
+
+    def reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        """In-place all-reduce over the TP group (nothing when TP = 1)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+
+def _check_logits(logits, name: str) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got dtype {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+
+
+def _shard_of(logits: torch.Tensor, group, vocab_size: int | None, name: str = "logits") -> _Shard:
+    """Validate `logits`, `group` and `vocab_size`; return this rank's shard geometry."""
+    _check_logits(logits, name)
+    if group is None:
+        world_size, rank = 1, 0
+    else:
+        if not dist.is_initialized():
+            raise ValueError(f"group={group!r} given but torch.distributed is not initialised")
+        world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if rank < 0:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of group {group!r}")
+    local_vocab = logits.shape[-1]
+    padded_vocab = local_vocab * world_size
+    if vocab_size is None:
+        vocab_size = padded_vocab
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise ValueError(f"vocab_size must be an int or None, got {vocab_size!r}")
+    if not 1 <= vocab_size <= padded_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size} does not fit the sharded vocabulary: {name} has {local_vocab} entries "
+            f"per rank x {world_size} ranks in group = {padded_vocab} (is `group` the tensor-parallel group?)"
+        )
+    vocab_start = rank * local_vocab
+    valid = min(max(vocab_size - vocab_start, 0), local_vocab)
+    return _Shard(group, world_size, rank, local_vocab, vocab_start, valid)
+
+
+def _check_pair(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    _check_logits(teacher, "teacher_logits")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student_logits shape {tuple(student.shape)} != teacher_logits shape {tuple(teacher.shape)}"
+        )
+    if student.dtype != teacher.dtype:
+        raise ValueError(f"student_logits dtype {student.dtype} != teacher_logits dtype {teacher.dtype}")
+    if student.device != teacher.device:
+        raise ValueError(f"student_logits device {student.device} != teacher_logits device {teacher.device}")
+
+
+def _check_ids(ids: torch.Tensor, expected_shape: tuple, vocab_size: int, name: str) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"{name} must be an integer tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+    if tuple(ids.shape) != tuple(expected_shape):
+        raise ValueError(f"{name} shape {tuple(ids.shape)} != expected {tuple(expected_shape)}")
+    if ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} holds vocabulary id {bad}, outside [0, {vocab_size}) (vocab_size={vocab_size})")
+
+
+def _vocab_size_of(shard: _Shard, vocab_size: int | None) -> int:
+    return shard.local_vocab * shard.world_size if vocab_size is None else vocab_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel dispatch and the chunk loop
+
+
+def _backend() -> str:
+    mode = os.environ.get(BACKEND_ENV, "auto")
+    if mode not in _BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={mode!r}; expected one of {_BACKENDS}")
+    return mode
+
+
+def _use_compiled(logits: torch.Tensor) -> bool:
+    """Dispatch point. CPU: Inductor-compiled chunk kernels for large shards, eager torch otherwise.
+
+    Other devices run the eager torch kernels (a fused Triton path for CUDA would be chosen here).
+    """
+    mode = _backend()
+    if logits.device.type != "cpu" or mode == "eager" or logits.dtype == torch.float64:
+        return False
+    if mode == "compile":
+        return True
+    return not _compile_failed and logits.numel() >= COMPILE_MIN_ELEMENTS
+
+
+def _kernel(name: str, use_compiled: bool, *args):
+    """Run chunk kernel `name`; a compiled kernel that fails to build falls back to eager (auto mode)."""
+    global _compile_failed
+    if use_compiled and not _compile_failed:
+        try:
+            return _chunk_kernels.kernels(True)[name](*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure must fall back, not kill training
+            if _backend() == "compile":
+                raise
+            _compile_failed = True
+            logger.warning("torch.compile of vocab-parallel kernel %s failed (%s); using eager torch", name, error)
+    return _chunk_kernels.kernels(False)[name](*args)
+
+
+def _chunk_slices(num_rows: int, local_vocab: int):
+    """(row slice, is_full_chunk) covering [0, num_rows), CHUNK_ELEMENTS shard elements per chunk."""
+    rows = max(1, CHUNK_ELEMENTS // max(local_vocab, 1))
+    if num_rows == 0:
+        yield slice(0, 0), False
+    for start in range(0, num_rows, rows):
+        stop = min(start + rows, num_rows)
+        yield slice(start, stop), stop - start == rows
+
+
+def _rows(x: torch.Tensor, local_vocab: int) -> torch.Tensor:
+    """[..., local_vocab] -> [tokens, local_vocab]: a view when the leading dims allow it."""
+    return x.reshape(-1, local_vocab)
+
+
+def _accumulation_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _chunked_stats(name: str, shard: _Shard, use_compiled: bool, row_tensors, row_extras=(), kernel_args=()):
+    """Run stats kernel `name` over token chunks of the valid columns; concatenate its per-row outputs.
+
+    row_tensors: [tokens, local_vocab] shards; row_extras: [tokens, ...] tensors sliced alongside.
+    A shard with no valid column (all padding) is replaced by one -inf column: neutral statistics.
+    """
+    num_rows = row_tensors[0].shape[0]
+    if shard.valid == 0:
+        row_tensors = [torch.full((num_rows, 1), float("-inf"), dtype=x.dtype, device=x.device) for x in row_tensors]
+    else:
+        row_tensors = [x[:, : shard.valid] for x in row_tensors]
+    width = row_tensors[0].shape[1]
+    outputs = None
+    for rows, full in _chunk_slices(num_rows, width):
+        result = _kernel(
+            name, use_compiled and full, *[x[rows] for x in row_tensors], *[e[rows] for e in row_extras], *kernel_args
+        )
+        if outputs is None:
+            outputs = [torch.empty((num_rows, *r.shape[1:]), dtype=r.dtype, device=r.device) for r in result]
+        for out, r in zip(outputs, result):
+            out[rows] = r
+    return outputs
+
+
+def _chunked_grad(name: str, shard: _Shard, use_compiled: bool, logits2d, row_tensors, row_extras=(), kernel_args=()):
+    """Gradient w.r.t. `logits2d`, written chunk by chunk into one tensor of its shape and dtype."""
+    num_rows = logits2d.shape[0]
+    grad = torch.empty((num_rows, shard.local_vocab), dtype=logits2d.dtype, device=logits2d.device)
+    if shard.valid < shard.local_vocab:
+        grad[:, shard.valid :].zero_()  # padded vocabulary: no probability, no gradient
+    if shard.valid == 0:
+        return grad
+    row_tensors = [x[:, : shard.valid] for x in row_tensors]
+    for rows, full in _chunk_slices(num_rows, shard.valid):
+        chunk = _kernel(
+            name, use_compiled and full, *[x[rows] for x in row_tensors], *[e[rows] for e in row_extras], *kernel_args
+        )
+        grad[rows, : shard.valid] = chunk
+    return grad
+
+
+def _rescale(local_max: torch.Tensor, global_max: torch.Tensor) -> torch.Tensor:
+    """exp(local shift - global shift): brings a rank's sums of exp(x - local shift) to the global shift."""
+    factor = torch.exp(_shift(local_max) - _shift(global_max))
+    return torch.where(torch.isneginf(local_max), torch.zeros_like(factor), factor)
+
+
+_shift = _chunk_kernels._shift
+
+
+def _global_max(shard: _Shard, local_max: torch.Tensor) -> torch.Tensor:
+    return shard.reduce(local_max.clone(), dist.ReduceOp.MAX)
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd Functions (inputs are [tokens, local_vocab]; outputs per token). Per-token statistics are kept
+# as (shift, log_norm): shift = global row max (0 for a row of -inf), log_norm = log sum exp(x - shift),
+# so lse = shift + log_norm and log p = (x - shift) - log_norm without rounding lse at the logits' scale.
+
+
+class _VocabParallelLogSumExp(torch.autograd.Function):
+    """log sum_v exp(x_v) over the whole vocabulary.
+
+    Communicates 2 all-reduces of [tokens] floats (max, sum-exp). Saves logits and 2 [tokens] stats.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, shard, use_compiled):
+        """Local max and sum-exp per chunk; combine across ranks."""
+        local_max, sum_exp = _chunked_stats("logsumexp_stats", shard, use_compiled, [logits])
+        global_max = _global_max(shard, local_max)
+        sum_exp = shard.reduce(sum_exp * _rescale(local_max, global_max), dist.ReduceOp.SUM)
+        shift, log_norm = _shift(global_max), torch.log(sum_exp)
+        ctx.save_for_backward(logits, shift, log_norm)
+        ctx.shard, ctx.use_compiled = shard, use_compiled
+        return shift + log_norm
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        """grad * softmax, recomputed per chunk."""
+        logits, shift, log_norm = ctx.saved_tensors
+        grad = _chunked_grad(
+            "softmax_grad", ctx.shard, ctx.use_compiled, logits, [logits], [grad_lse.contiguous(), shift, log_norm]
+        )
+        return grad, None, None
+
+
+class _VocabParallelGatherLogProbs(torch.autograd.Function):
+    """log p(id_k) for k target ids per token (global ids; each rank contributes the ids it owns).
+
+    Communicates 2 all-reduces: max [tokens], then sum-exp and owned target logits [tokens, 1 + k].
+    Saves logits, 2 [tokens] statistics and the local ids.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, shard, use_compiled):
+        """Local max, sum-exp and owned target logits per chunk; combine across ranks."""
+        local_ids = ids - shard.vocab_start
+        owned = (local_ids >= 0) & (local_ids < shard.valid)
+        local_ids = local_ids.clamp(0, max(shard.valid - 1, 0))
+        local_max, sum_exp, picked = _chunked_stats(
+            "gather_stats", shard, use_compiled, [logits], [local_ids, owned]
+        )
+        global_max = _global_max(shard, local_max)
+        packed = torch.cat([(sum_exp * _rescale(local_max, global_max)).unsqueeze(-1), picked], dim=-1)
+        packed = shard.reduce(packed, dist.ReduceOp.SUM)
+        shift, log_norm = _shift(global_max), torch.log(packed[:, 0])
+        ctx.save_for_backward(logits, shift, log_norm, local_ids, owned)
+        ctx.shard, ctx.use_compiled = shard, use_compiled
+        return (packed[:, 1:] - shift.unsqueeze(-1)) - log_norm.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad_log_probs):
+        """scatter(grad) - sum(grad) * softmax, recomputed per chunk."""
+        logits, shift, log_norm, local_ids, owned = ctx.saved_tensors
+        grad = _chunked_grad(
+            "gather_grad", ctx.shard, ctx.use_compiled, logits, [logits],
+            [grad_log_probs.contiguous(), shift, log_norm, local_ids, owned],
+        )
+        return grad, None, None, None
+
+
+class _VocabParallelEntropy(torch.autograd.Function):
+    """H(p) = log Z - sum_v p_v (x_v - shift) over the whole vocabulary.
+
+    Communicates 2 all-reduces: max [tokens], then sums [2, tokens]. Saves logits and 3 [tokens] stats.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, shard, use_compiled):
+        """Local max, sum-exp and sum exp * shifted logit per chunk; combine across ranks."""
+        local_max, sum_exp, sum_exp_shifted = _chunked_stats("entropy_stats", shard, use_compiled, [logits])
+        global_max = _global_max(shard, local_max)
+        scale = _rescale(local_max, global_max)
+        shift = _shift(global_max)
+        to_global_shift = _shift(local_max) - shift  # sum e (x - shift) = sum e (x - local) + (local - shift) sum e
+        sums = torch.stack([sum_exp, sum_exp_shifted + to_global_shift * sum_exp]) * scale
+        sums = shard.reduce(sums, dist.ReduceOp.SUM)
+        log_norm = torch.log(sums[0])
+        mean_shifted = sums[1] / sums[0]
+        ctx.save_for_backward(logits, shift, log_norm, mean_shifted)
+        ctx.shard, ctx.use_compiled = shard, use_compiled
+        return log_norm - mean_shifted
+
+    @staticmethod
+    def backward(ctx, grad_entropy):
+        """-grad * p (x - sum p x), recomputed per chunk."""
+        logits, shift, log_norm, mean_shifted = ctx.saved_tensors
+        grad = _chunked_grad(
+            "entropy_grad", ctx.shard, ctx.use_compiled, logits, [logits],
+            [grad_entropy.contiguous(), shift, log_norm, mean_shifted],
+        )
+        return grad, None, None
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """Per-token KL between student p = softmax(s) and teacher q = softmax(t); gradient into s only.
+
+    With shifted logits s' = s - shift_s, t' = t - shift_t and Z_s, Z_t their sum-exps:
+    reverse KL(p||q) = sum p (s' - t') - log Z_s + log Z_t; forward KL(q||p) = sum q (t' - s') - log Z_t
+    + log Z_s; jsd = beta KL(q||m) + (1 - beta) KL(p||m), m = beta q + (1 - beta) p.
+    Communicates: reverse/forward: 2 all-reduces, max [2, tokens] then sums [3, tokens];
+    jsd: 3, the same two then [2, tokens] (it needs the global log-sum-exps before its sums).
+    Saves both shards and 5 [tokens] statistics; nothing vocabulary-sized.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, kind, beta, shard, use_compiled):
+        """Local maxima and sums per chunk (one read of both shards; jsd: two); combine across ranks."""
+        s_max, t_max, s_sum, t_sum, cross = _chunked_stats("kl_stats", shard, use_compiled, [student, teacher], (), (kind,))
+        global_max = _global_max(shard, torch.stack([s_max, t_max]))
+        scale_s, scale_t = _rescale(s_max, global_max[0]), _rescale(t_max, global_max[1])
+        s_shift, t_shift = _shift(global_max[0]), _shift(global_max[1])
+        # the local cross term uses local shifts; move it to the global ones (s' - t' changes by delta)
+        delta = (_shift(s_max) - s_shift) - (_shift(t_max) - t_shift)
+        if kind == "reverse":
+            cross = (cross + delta * s_sum) * scale_s
+        elif kind == "forward":
+            cross = (cross - delta * t_sum) * scale_t
+        sums = shard.reduce(torch.stack([s_sum * scale_s, t_sum * scale_t, cross]), dist.ReduceOp.SUM)
+        s_log_norm, t_log_norm = torch.log(sums[0]), torch.log(sums[1])
+        if kind == "reverse":
+            aux = sums[2] / sums[0]  # sum p (s' - t')
+            kl = aux - s_log_norm + t_log_norm
+        elif kind == "forward":
+            aux = sums[2] / sums[1]  # sum q (t' - s')
+            kl = aux - t_log_norm + s_log_norm
+        else:
+            kl_teacher_mix, kl_student_mix = _chunked_stats(
+                "jsd_sums", shard, use_compiled, [student, teacher], [s_shift, s_log_norm, t_shift, t_log_norm], (beta,)
+            )
+            mix = shard.reduce(torch.stack([kl_teacher_mix, kl_student_mix]), dist.ReduceOp.SUM)
+            aux = mix[1]  # KL(p || m)
+            kl = beta * mix[0] + (1.0 - beta) * mix[1]
+        ctx.save_for_backward(student, teacher, s_shift, s_log_norm, t_shift, t_log_norm, aux)
+        ctx.kind, ctx.beta, ctx.shard, ctx.use_compiled = kind, beta, shard, use_compiled
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        """d KL / d s per chunk from the saved statistics; the teacher gets no gradient."""
+        student, teacher, *stats = ctx.saved_tensors
+        grad = _chunked_grad(
+            "kl_grad", ctx.shard, ctx.use_compiled, student, [student, teacher],
+            [grad_kl.contiguous(), *stats], (ctx.kind, ctx.beta),
+        )
+        return grad, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor, group=None, vocab_size: int | None = None) -> torch.Tensor:
+    """log sum_v exp(logits_v) over the whole (sharded) vocabulary; shape `logits.shape[:-1]`.
+
+    Communicates 2 all-reduces of [tokens] floats. Gradient: softmax.
+    """
+    shard = _shard_of(logits, group, vocab_size)
+    out = _VocabParallelLogSumExp.apply(_rows(logits, shard.local_vocab), shard, _use_compiled(logits))
+    return out.view(logits.shape[:-1])
+
+
+def _gather_log_probs(logits, ids, group, vocab_size, ids_name):
+    """log p(ids) with ids [..., k] of global vocabulary ids; shape `ids.shape`."""
+    shard = _shard_of(logits, group, vocab_size)
+    if tuple(ids.shape[:-1]) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{ids_name} shape {tuple(ids.shape)} does not match logits shape {tuple(logits.shape)}")
+    _check_ids(ids, ids.shape, _vocab_size_of(shard, vocab_size), ids_name)
+    ids2d = ids.reshape(-1, ids.shape[-1]).long()
+    out = _VocabParallelGatherLogProbs.apply(_rows(logits, shard.local_vocab), ids2d, shard, _use_compiled(logits))
+    return out.view(ids.shape)
+
+
+def vocab_parallel_log_probs(
+    logits: torch.Tensor, target: torch.Tensor, group=None, vocab_size: int | None = None
+) -> torch.Tensor:
+    """log softmax(logits)[target] per token; `target` holds global vocab ids, shape `logits.shape[:-1]`.
+
+    The rank owning a token's id contributes its logit (Megatron's vocab_parallel_cross_entropy, negated,
+    without label smoothing). Communicates 2 all-reduces: [tokens] (max) and [tokens, 2] (sum-exp and
+    target logit). Gradient into logits: onehot(target) - softmax.
+    Raises ValueError for a target outside [0, vocab_size) or a shape mismatch.
+    """
+    _check_logits(logits, "logits")
+    if isinstance(target, torch.Tensor) and tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"target shape {tuple(target.shape)} != logits.shape[:-1] {tuple(logits.shape[:-1])}")
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"target must be an integer tensor, got {type(target).__name__}")
+    return _gather_log_probs(logits, target.unsqueeze(-1), group, vocab_size, "target").squeeze(-1)
+
+
+def vocab_parallel_entropy(logits: torch.Tensor, group=None, vocab_size: int | None = None) -> torch.Tensor:
+    """Entropy -sum_v p_v log p_v of softmax(logits) per token (in nats); shape `logits.shape[:-1]`.
+
+    Computed as lse - sum_v p_v x_v. Communicates 2 all-reduces: [tokens] (max), [2, tokens] (sums).
+    Gradient into logits: -p (x - sum p x).
+    """
+    shard = _shard_of(logits, group, vocab_size)
+    out = _VocabParallelEntropy.apply(_rows(logits, shard.local_vocab), shard, _use_compiled(logits))
+    return out.view(logits.shape[:-1])
+
+
+def vocab_parallel_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "reverse",
+    group=None,
+    beta: float = 0.5,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token divergence between student and teacher over the whole vocabulary; shape `[...]`.
+
+    kind: "reverse" = KL(student || teacher) (SCOPE's teacher-path KL and on-policy distillation's
+    objective, arXiv 2604.10688); "forward" = KL(teacher || student); "jsd" = generalized JSD of GKD
+    (arXiv 2306.13649, Eq. 3): beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p,
+    p = student, q = teacher, beta strictly inside (0, 1) (its limits are the forward/reverse KL up to
+    scale: use those kinds). The gradient flows into `student_logits` only; the teacher is a constant.
+    Communicates 2 all-reduces (max [2, tokens], sums [3, tokens]); jsd one more ([2, tokens]).
+    Memory: saves the two input shards and three [tokens] statistics; the softmaxes are recomputed
+    chunk by chunk in backward, which writes the gradient into one preallocated shard-sized tensor.
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"kind={kind!r}; expected one of {KL_KINDS}")
+    if kind == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < float(beta) < 1.0):
+        raise ValueError(f"beta={beta!r} must lie strictly inside (0, 1) for kind='jsd'")
+    shard = _shard_of(student_logits, group, vocab_size, "student_logits")
+    _check_pair(student_logits, teacher_logits)
+    out = _VocabParallelKL.apply(
+        _rows(student_logits, shard.local_vocab),
+        _rows(teacher_logits, shard.local_vocab),
+        kind,
+        float(beta),
+        shard,
+        _use_compiled(student_logits),
+    )
+    return out.view(student_logits.shape[:-1])
+
+
+def sampled_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Single-sample estimators of KL(student || teacher) on tokens sampled from the student.
+
+    With log r = log q(x) - log p(x) (teacher over student): k1 = -log r (unbiased, high variance),
+    k2 = (log r)^2 / 2 (biased, low variance), k3 = (r - 1) - log r (unbiased, >= 0), as in
+    J. Schulman, "Approximating KL divergence" (2020). Elementwise; no communication. The gradient
+    flows into `student_log_probs` only (the teacher is detached).
+    """
+    if kind not in SAMPLED_KL_KINDS:
+        raise ValueError(f"kind={kind!r}; expected one of {SAMPLED_KL_KINDS}")
+    for name, value in (("student_log_probs", student_log_probs), ("teacher_log_probs", teacher_log_probs)):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {getattr(value, 'dtype', type(value).__name__)}")
+    if student_log_probs.shape != teacher_log_probs.shape:
+        raise ValueError(
+            f"student_log_probs shape {tuple(student_log_probs.shape)} != "
+            f"teacher_log_probs shape {tuple(teacher_log_probs.shape)}"
+        )
+    log_ratio = teacher_log_probs.detach().to(student_log_probs.dtype) - student_log_probs
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.square()
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def _log_tail_mass(log_probs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum_k exp(log_probs_k)): the log-mass outside the listed ids (-inf when they hold it all)."""
+    head = torch.logsumexp(log_probs, dim=-1).clamp(max=0.0)
+    return torch.log(-torch.expm1(head))
+
+
+def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p (log p - log q), 0 where p = 0 (gradient-safe: the unused branch never meets inf)."""
+    positive = log_p > float("-inf")
+    safe_log_p = torch.where(positive, log_p, torch.zeros_like(log_p))
+    diff = torch.where(positive, safe_log_p - log_q, torch.zeros_like(log_p))
+    return torch.where(positive, torch.exp(safe_log_p) * diff, torch.zeros_like(log_p))
+
+
+def vocab_parallel_topk_kl(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_log_probs: torch.Tensor,
+    kind: str = "reverse",
+    group=None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token KL against a teacher known only by its top-k (global ids, log-probs) per token.
+
+    Tail treatment: the vocabulary outside the teacher's k ids is one lumped outcome. The teacher's
+    tail mass is 1 - sum_k q_k, the student's 1 - sum_k p_k (p from the full sharded softmax), and the
+    KL is taken between these two distributions on k + 1 outcomes: reverse
+    sum_k p_k log(p_k / q_k) + p_tail log(p_tail / q_tail), forward likewise with p and q swapped.
+    By the data-processing inequality this never exceeds the full-vocabulary KL and equals it when the
+    teacher's top-k holds all of its mass outside which the student also has none. A teacher tail of 0
+    (its k ids hold all its mass) with a student tail > 0 gives +inf for reverse (as the full KL does).
+    Shapes: ids and log-probs `[..., k]` with `[...]` = `student_logits.shape[:-1]`; returns `[...]`.
+    Communicates 2 all-reduces: [tokens] (max) and [tokens, 1 + k] (sum-exp, logits at the ids).
+    The gradient flows into `student_logits` only.
+    """
+    if kind not in ("reverse", "forward"):
+        raise ValueError(f"kind={kind!r}; expected 'reverse' or 'forward'")
+    shard = _shard_of(student_logits, group, vocab_size, "student_logits")
+    full_vocab = _vocab_size_of(shard, vocab_size)
+    if not isinstance(teacher_topk_log_probs, torch.Tensor) or not teacher_topk_log_probs.is_floating_point():
+        raise ValueError("teacher_topk_log_probs must be a floating-point tensor")
+    if teacher_topk_log_probs.dim() != student_logits.dim() or tuple(teacher_topk_log_probs.shape[:-1]) != tuple(
+        student_logits.shape[:-1]
+    ):
+        raise ValueError(
+            f"teacher_topk_log_probs shape {tuple(teacher_topk_log_probs.shape)} must be "
+            f"student_logits.shape[:-1] + (k,) = {tuple(student_logits.shape[:-1])} + (k,)"
+        )
+    _check_ids(teacher_topk_ids, teacher_topk_log_probs.shape, full_vocab, "teacher_topk_ids")
+    if teacher_topk_ids.shape[-1] > full_vocab:
+        raise ValueError(f"k={teacher_topk_ids.shape[-1]} exceeds vocab_size={full_vocab}")
+    sorted_ids = teacher_topk_ids.sort(dim=-1).values
+    if bool((sorted_ids[..., 1:] == sorted_ids[..., :-1]).any()):
+        raise ValueError("teacher_topk_ids repeats an id within a token's top-k")
+    teacher_lp = teacher_topk_log_probs.detach().to(_accumulation_dtype(student_logits))
+    if teacher_lp.numel():
+        if bool(torch.isnan(teacher_lp).any()) or float(teacher_lp.max()) > 1e-6:
+            raise ValueError(f"teacher_topk_log_probs must be <= 0 and not NaN (max {float(teacher_lp.max())})")
+        head_mass = float(torch.logsumexp(teacher_lp, dim=-1).max().exp())
+        if head_mass > 1.0 + 1e-4:
+            raise ValueError(f"teacher top-k probabilities sum to {head_mass:.6f} > 1 for some token")
+
+    student_lp = _gather_log_probs(student_logits, teacher_topk_ids, group, vocab_size, "teacher_topk_ids")
+    out_dtype = student_lp.dtype
+    # [tokens, k] only: float64 keeps 1 - sum(top-k mass) accurate when the top-k holds almost all of it
+    student_lp, teacher_lp = student_lp.double(), teacher_lp.double()
+    if kind == "reverse":
+        head = _plogp_ratio(student_lp, teacher_lp).sum(-1)
+    else:
+        head = _plogp_ratio(teacher_lp, student_lp).sum(-1)
+    if teacher_topk_ids.shape[-1] == full_vocab:
+        return head.to(out_dtype)  # k = V: no tail (its masses would be rounding noise: 0 vs 1e-17 -> inf)
+    student_tail = _log_tail_mass(student_lp)
+    teacher_tail = _log_tail_mass(teacher_lp)
+    if kind == "reverse":
+        return (head + _plogp_ratio(student_tail, teacher_tail)).to(out_dtype)
+    return (head + _plogp_ratio(teacher_tail, student_tail)).to(out_dtype)
+
+
+def _check_mask(token_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mask as bool; ValueError for a shape mismatch or values other than 0/1."""
+    if not isinstance(token_log_probs, torch.Tensor) or not token_log_probs.is_floating_point():
+        raise ValueError("token_log_probs must be a floating-point tensor")
+    if token_log_probs.dim() < 1:
+        raise ValueError(f"token_log_probs must be [..., seq], got shape {tuple(token_log_probs.shape)}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(token_log_probs.shape):
+        raise ValueError(
+            f"mask shape {tuple(getattr(mask, 'shape', ()))} != token_log_probs shape {tuple(token_log_probs.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"mask must hold only 0/1 (or be bool); found {mask[(mask != 0) & (mask != 1)][0].item()}")
+        mask = mask != 0
+    return mask
+
+
+def sequence_mean_log_prob(token_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean log-prob over each sequence's response tokens (`mask` true); `[..., seq] -> [...]`.
+
+    SCOPE's perplexity weights (arXiv 2604.10688) start from this per-sequence mean. Masked positions
+    never leak into the result (not even a NaN or -inf there); an all-masked sequence gives 0 (perplexity
+    1), never NaN. No communication (sequences are not split over TP ranks).
+    """
+    mask = _check_mask(token_log_probs, mask)
+    total = torch.where(mask, token_log_probs, torch.zeros_like(token_log_probs)).sum(-1)
+    count = mask.sum(-1).clamp(min=1).to(total.dtype)
+    return total / count
+
+
+def sequence_perplexity(token_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """exp(-mean log-prob) per sequence over its response tokens; an all-masked sequence gives 1."""
+    return torch.exp(-sequence_mean_log_prob(token_log_probs, mask))

@@ -1,0 +1,152 @@
+"""Vocab-parallel ops at TP = 2 and 4 (gloo ranks) against the one-process float64 references.
+
+Each rank holds the contiguous vocabulary shard [rank V/TP, (rank + 1) V/TP) of the same global logits
+(a non-contiguous slice of them), runs every op over a process group spanning the ranks, and returns
+per-token values and its gradient shard; the test concatenates the shards and compares with
+`megatron_scope.ops.reference` on the full vocabulary. One spawned job per TP size runs all the cases.
+"""
+
+import io
+import zlib
+
+import pytest
+import torch
+
+from megatron_scope.ops import reference
+from megatron_scope.testing.multiprocess import run_on_ranks
+
+LEADING = (2, 5)
+PADDED = 64  # global (padded) vocabulary: 32 per rank at TP 2, 16 at TP 4
+# 53: Megatron-style padding inside the last shard; 45 at TP 4: the last rank holds only padding
+VOCAB_SIZES = (None, 53, 45)
+OPS = ("logsumexp", "log_probs", "entropy", "kl_reverse", "kl_forward", "kl_jsd", "topk_reverse", "topk_forward")
+BETA = 0.3
+TOPK = 6
+
+
+def _global_inputs(dtype, vocab_size, variant):
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{dtype}/{vocab_size}/{variant}".encode()))
+    student = 3 * torch.randn(*LEADING, PADDED, generator=generator, dtype=torch.float64)
+    teacher = 3 * torch.randn(*LEADING, PADDED, generator=generator, dtype=torch.float64)
+    if variant == "huge":
+        student, teacher = student * 300, teacher * 300
+    if variant == "minus_inf":
+        banned = torch.rand(*LEADING, PADDED, generator=generator) < 0.4
+        banned[..., 0] = False
+        student = student.masked_fill(banned, float("-inf"))
+        teacher = teacher.masked_fill(banned, float("-inf"))
+    real_vocab = vocab_size or PADDED
+    target = torch.randint(0, real_vocab, LEADING, generator=generator)
+    log_q = reference.log_softmax(teacher.to(dtype), vocab_size)
+    topk_values, topk_ids = log_q.topk(TOPK, dim=-1)
+    weights = torch.randn(*LEADING, generator=generator, dtype=torch.float64)
+    return student.to(dtype), teacher.to(dtype), target, topk_ids, topk_values.to(dtype), weights
+
+
+def _cases():
+    for dtype in (torch.float32, torch.bfloat16):
+        for vocab_size in VOCAB_SIZES:
+            for op in OPS:
+                yield dtype, vocab_size, "random", op
+    for variant in ("huge", "minus_inf"):
+        for op in ("entropy", "kl_reverse", "kl_forward", "kl_jsd", "log_probs"):
+            yield torch.float32, 53, variant, op
+
+
+def _apply(op, student, teacher, target, topk_ids, topk_values, vocab_size, group):
+    from megatron_scope.ops import vocab_parallel as vp
+
+    if op == "logsumexp":
+        return vp.vocab_parallel_logsumexp(student, group=group, vocab_size=vocab_size)
+    if op == "log_probs":
+        return vp.vocab_parallel_log_probs(student, target, group=group, vocab_size=vocab_size)
+    if op == "entropy":
+        return vp.vocab_parallel_entropy(student, group=group, vocab_size=vocab_size)
+    if op.startswith("kl_"):
+        return vp.vocab_parallel_kl(student, teacher, kind=op[3:], group=group, beta=BETA, vocab_size=vocab_size)
+    return vp.vocab_parallel_topk_kl(student, topk_ids, topk_values, kind=op[5:], group=group, vocab_size=vocab_size)
+
+
+def _reference(op, student, teacher, target, topk_ids, topk_values, vocab_size):
+    if op == "logsumexp":
+        return reference.logsumexp(student, vocab_size)
+    if op == "log_probs":
+        return reference.log_probs(student, target, vocab_size)
+    if op == "entropy":
+        return reference.entropy(student, vocab_size)
+    if op.startswith("kl_"):
+        return reference.kl(student, teacher, op[3:], BETA, vocab_size)
+    return reference.topk_kl(student, topk_ids, topk_values, op[5:], vocab_size)
+
+
+def _rank_job(rank, world_size, chunk_elements):
+    """Every case on this rank's shard; returns {case: (per-token values, gradient shard)} and error checks."""
+    import torch.distributed as dist
+
+    from megatron_scope.ops import vocab_parallel as vp
+
+    vp.CHUNK_ELEMENTS = chunk_elements  # several chunks and a ragged last one per shard
+    group = dist.new_group(ranks=list(range(world_size)))
+    width = PADDED // world_size
+    shard = slice(rank * width, (rank + 1) * width)
+    results = {}
+    for dtype, vocab_size, variant, op in _cases():
+        student, teacher, target, topk_ids, topk_values, weights = _global_inputs(dtype, vocab_size, variant)
+        local = student[..., shard].requires_grad_()  # a strided view of the global logits
+        out = _apply(op, local, teacher[..., shard], target, topk_ids, topk_values, vocab_size, group)
+        (out * weights.to(out.dtype)).sum().backward()
+        results[(str(dtype), vocab_size, variant, op)] = (out.detach(), local.grad)
+
+    errors = {}
+    student = torch.zeros(*LEADING, width)
+    for name, call in {
+        "vocab_too_big": lambda: vp.vocab_parallel_entropy(student, group=group, vocab_size=PADDED + 1),
+        "target_in_padding": lambda: vp.vocab_parallel_log_probs(
+            student, torch.full(LEADING, 60), group=group, vocab_size=53
+        ),
+        "shape_mismatch": lambda: vp.vocab_parallel_kl(student, student[..., :-1], group=group),
+    }.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as error:
+            errors[name] = str(error)
+    buffer = io.BytesIO()  # by value: tensors put on a queue directly would be shared through files
+    torch.save(results, buffer)  # that vanish when the rank exits
+    return buffer.getvalue(), errors
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_vocab_parallel_ops_match_float64_reference(world_size):
+    per_rank = run_on_ranks(_rank_job, world_size, args=(3 * PADDED // world_size + 5,), timeout=240)
+    per_rank = [(torch.load(io.BytesIO(payload)), errors) for payload, errors in per_rank]
+    checked = 0
+    for dtype, vocab_size, variant, op in _cases():
+        key = (str(dtype), vocab_size, variant, op)
+        values = [results[key][0] for results, _ in per_rank]
+        for other in values[1:]:  # per-token outputs are replicated over the TP group
+            assert torch.equal(other, values[0]), key
+        grad = torch.cat([results[key][1] for results, _ in per_rank], dim=-1)
+
+        student, teacher, target, topk_ids, topk_values, weights = _global_inputs(dtype, vocab_size, variant)
+        full = student.double().requires_grad_()
+        ref = _reference(op, full, teacher, target, topk_ids, topk_values, vocab_size)
+        (ref_grad,) = torch.autograd.grad((ref * weights).sum(), full)
+
+        assert values[0].dtype == torch.float32 and grad.dtype == dtype, key
+        # fp32 and bf16 alike: the math runs in fp32 on exactly upcast inputs -> 1e-5 relative on values.
+        torch.testing.assert_close(values[0].double(), ref, rtol=1e-5, atol=1e-6 if variant != "huge" else 1e-4,
+                                   msg=lambda m: f"{key}: {m}")
+        # bf16 gradients are rounded once to bf16 on output: 2^-8 relative (bf16 has 8 mantissa bits).
+        rtol = 1e-5 if dtype == torch.float32 else 2**-8
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=1e-6, msg=str(key))
+        if vocab_size is not None:
+            assert torch.all(grad[..., vocab_size:] == 0), key
+        checked += 1
+    assert checked == len(list(_cases()))
+
+    for _, errors in per_rank:
+        assert f"vocab_size={PADDED + 1} does not fit" in errors["vocab_too_big"]
+        assert f"{world_size} ranks in group" in errors["vocab_too_big"]
+        assert "vocabulary id 60, outside [0, 53)" in errors["target_in_padding"]
+        assert "!= teacher_logits shape" in errors["shape_mismatch"]
