@@ -28,5 +28,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Benchmarks whose results go to BENCHMARKS.md (minutes; run on a quiet machine).
+bench: $(STAMP)
+	$(PY) benchmarks/bench_vocab_parallel.py
+	$(PY) benchmarks/bench_rollout.py
+
 clean-venv:
 	rm -rf $(VENV)

@@ -13,6 +13,7 @@ ranks are killed, so a deadlocked collective fails a test instead of hanging CI.
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -53,7 +54,10 @@ def _rank_main(fn, rank, world_size, port, args, results, threads_per_rank):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # By value: tensors put on a Queue travel as shared-memory handles that die with this process.
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - any failure must reach the parent with its traceback
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -130,4 +134,6 @@ def run_on_ranks(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    return [outcomes[rank][1] for rank in range(world_size)]
+    import torch
+
+    return [torch.load(io.BytesIO(outcomes[rank][1]), weights_only=False) for rank in range(world_size)]
