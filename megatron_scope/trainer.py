@@ -256,6 +256,19 @@ class ScopeTrainer:
                                advantages.split(len(microbatches[0]["tokens"]))):
             batch["seq_weights"], batch["advantages"] = w, a
 
+    def _sampler_mismatch(self, microbatches: list[dict]) -> float:
+        """Mean |sampler log-prob - Megatron's temperature-1 log-prob| over response tokens (data-parallel mean).
+
+        At rollout temperature 1 and top-p 1 both are log π_S(y_t) of the same weights, so this is ~0 up to
+        numerics; a large value means the engine samples from other weights than the ones being trained.
+        """
+        diff = sum(float(((b["rollout_log_probs"] - b["old_log_probs"]).abs() * b["loss_mask"]).sum())
+                   for b in microbatches)
+        count = sum(float(b["loss_mask"].sum()) for b in microbatches)
+        totals = torch.tensor([diff, count], dtype=torch.float64)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        return float(totals[0] / totals[1].clamp_min(1))
+
     def sync_weights(self) -> float:
         """Stream the student's weights to the engine; returns seconds."""
         start = time.perf_counter()
@@ -275,11 +288,12 @@ class ScopeTrainer:
         local = groups[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         seq_length = sequence_length_for(groups)
         batch = build_batch(local, seq_length, self.tokenizer.pad_id, group_offset=self.dp_rank * per_rank)
-        batch.pop("rollout_log_probs")
         microbatches = split_rows(batch, len(batch["tokens"]) // s.micro_batch_size)
 
         score_start = time.perf_counter()
         self._score(microbatches)
+        if self.is_last_stage:
+            metrics["rollout/logprob_abs_diff"] = self._sampler_mismatch(microbatches)
         train_start = time.perf_counter()
         self.student.zero_grad_buffer()
         reports = forward_backward(self.student, microbatches, self.loss_config)

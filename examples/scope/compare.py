@@ -33,6 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Distillation learning rate (Adam, cosine to lr/10).")
     return parser.parse_args(argv)
 
 
@@ -49,7 +50,7 @@ def _run(rank, world_size, args, method, seed):
              "--train-data", f"{work}/task/train.jsonl", "--reward", "synthetic", "--scope-algorithm", method,
              "--train-iters", str(args.iters), "--prompts-per-step", str(args.prompts_per_step),
              "--scope-group-size", str(args.group_size), "--micro-batch-size", str(args.group_size),
-             "--max-new-tokens", str(args.max_new_tokens), "--lr", "1e-4", "--lr-warmup-iters", "2",
+             "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "2",
              "--seed", str(seed), "--log-interval", "10", "--rollout-kv-cache-gib", "1"]
     if method in ("scope", "opd", "exopd", "srpo", "tropd"):
         flags += ["--teacher-hf", f"{work}/teacher_hf"]

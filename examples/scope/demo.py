@@ -52,6 +52,7 @@ def parse_args(argv=None):
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--eval-samples", type=int, default=8, help="n responses per held-out problem.")
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=1e-3, help="Distillation learning rate (Adam, cosine to lr/10).")
     return parser.parse_args(argv)
 
 
@@ -190,7 +191,7 @@ def main(argv=None) -> dict:
         "--train-data", files.train_jsonl, "--reward", "synthetic", "--scope-algorithm", "scope",
         "--train-iters", str(args.scope_iters), "--prompts-per-step", str(args.prompts_per_step),
         "--scope-group-size", str(args.group_size), "--micro-batch-size", str(args.group_size),
-        "--max-new-tokens", str(args.max_new_tokens), "--lr", "1e-4", "--lr-warmup-iters", str(min(2, args.scope_iters - 1)), "--seed", str(args.seed),
+        "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", str(min(2, args.scope_iters - 1)), "--seed", str(args.seed),
         "--save", os.path.join(args.out, "checkpoints"), "--tensorboard-dir", os.path.join(args.out, "tensorboard"),
         "--log-interval", "5", "--rollout-kv-cache-gib", "1",
     ]))

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from megatron_scope.arguments import add_scope_args, validate_scope_args  # noqa: E402
+from megatron_scope.arguments import parse_scope_args  # noqa: E402
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -75,13 +75,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = add_scope_args(add_training_args(argparse.ArgumentParser(description=__doc__.split("\n")[0])))
-    args = parser.parse_args(argv)
-    try:
-        validate_scope_args(args)
-    except ValueError as error:
-        parser.error(str(error))
-    return args
+    """Training flags + SCOPE flags, validated (a bad value or combination exits with argparse's usage error)."""
+    return parse_scope_args(argv, add_training_args(argparse.ArgumentParser(description=__doc__.split("\n")[0])))
 
 
 def _read_arch(hf_dir: str):

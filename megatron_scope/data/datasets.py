@@ -52,8 +52,10 @@ def prompt_token_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt, add_bos=True)
 
 
-def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, JSON object) per non-blank line; DatasetFormatError naming file and line."""
+def read_jsonl_rows(path: str | os.PathLike, error: type[ValueError] = None) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, JSON object) per non-blank line; `error` (default DatasetFormatError) naming
+    file and line for invalid JSON or a non-object row."""
+    error = error or DatasetFormatError
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"dataset file {path!r} does not exist")
@@ -63,12 +65,10 @@ def read_jsonl_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DatasetFormatError(f"{path}: line {line_number}: invalid JSON ({error.msg})") from None
+            except json.JSONDecodeError as decode_error:
+                raise error(f"{path}: line {line_number}: invalid JSON ({decode_error.msg})") from None
             if not isinstance(row, dict):
-                raise DatasetFormatError(
-                    f"{path}: line {line_number}: expected a JSON object, got {type(row).__name__}"
-                )
+                raise error(f"{path}: line {line_number}: expected a JSON object, got {type(row).__name__}")
             yield line_number, row
 
 

@@ -18,11 +18,11 @@ comma-joined set; one pair of enclosing ``$`` is removed from each.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Iterator, NamedTuple
 
+from megatron_scope.data.datasets import read_jsonl_rows
 from megatron_scope.rewards.math_verifier import normalize_gold_answer
 
 
@@ -128,20 +128,8 @@ def iter_benchmark(name: str, path: str | os.PathLike) -> Iterator[BenchmarkProb
 def _read_rows(path: str) -> Iterator[tuple[str, dict]]:
     """(location, row dict) per row; location is "line N" (JSONL) or "row N" (parquet), 1-based."""
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                location = f"line {line_number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise BenchmarkFormatError(f"{path}: {location}: invalid JSON ({error.msg})") from None
-                if not isinstance(row, dict):
-                    raise BenchmarkFormatError(
-                        f"{path}: {location}: expected a JSON object, got {type(row).__name__}"
-                    )
-                yield location, row
+        for line_number, row in read_jsonl_rows(path, error=BenchmarkFormatError):
+            yield f"line {line_number}", row
     elif path.endswith(".parquet"):
         try:
             import pyarrow.parquet

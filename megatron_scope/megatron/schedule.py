@@ -47,7 +47,7 @@ def forward_backward(model, microbatches: list[dict], loss_config: ScopeLossConf
     Gradients land in the DDP `main_grad` buffers already divided by the global loss count
     (`calculate_per_token_loss=True` in the model's config).
     """
-    micro_batch_size, seq_length = _batch_shape(microbatches)
+    _batch_shape(microbatches)
     if not model.config.calculate_per_token_loss:
         raise ValueError("the SCOPE loss normalises over the global batch: build the model with "
                          "calculate_per_token_loss=True")
@@ -66,6 +66,11 @@ def forward_backward(model, microbatches: list[dict], loss_config: ScopeLossConf
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(scope_loss_func, loss_config, batch, group=group)
 
+    return _run_schedule(model, microbatches, forward_step, forward_only=forward_only)
+
+
+def _run_schedule(model, microbatches: list[dict], forward_step, forward_only: bool, collect_non_loss_data=False):
+    micro_batch_size, seq_length = _batch_shape(microbatches)
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),
@@ -74,6 +79,7 @@ def forward_backward(model, microbatches: list[dict], loss_config: ScopeLossConf
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data,
     )
 
 
@@ -83,20 +89,9 @@ def forward_collect(model, microbatches: list[dict], collect: Callable[[dict, to
 
     Used for the student's temperature-1 log-probs before the step and the co-located teacher's logits.
     """
-    micro_batch_size, seq_length = _batch_shape(microbatches)
-
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, lambda logits, non_loss_data=True: collect(batch, logits)
 
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
-        model=[model],
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=True,
-        collect_non_loss_data=True,
-    )
+    return _run_schedule(model, microbatches, forward_step, forward_only=True, collect_non_loss_data=True)

@@ -4,7 +4,6 @@ same and at another parallel layout, and a half-written checkpoint is never take
 import os
 
 import pytest
-import torch
 
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
