@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -27,7 +28,9 @@ from megatron_scope.rewards.math_verifier import MathVerifier  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory (model + tokenizer)")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face checkpoint directory (model + tokenizer), or a Megatron checkpoint written "
+                             "by tools/convert_hf_to_megatron.py (converted to HF under --output-dir first)")
     parser.add_argument(
         "--benchmark",
         action="append",
@@ -121,10 +124,21 @@ def parse_benchmark_args(values: list[str]) -> dict[str, str]:
     return benchmarks
 
 
+def megatron_to_hf(megatron_dir: str, output_dir: str) -> str:
+    """Convert a Megatron checkpoint to `output_dir`/hf_model with tools/convert_megatron_to_hf.py, in its own
+    process (its own process group, away from the vLLM engine's); returns that directory."""
+    hf_dir = os.path.join(output_dir, "hf_model")
+    converter = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert_megatron_to_hf.py")
+    subprocess.run([sys.executable, converter, "--megatron-dir", megatron_dir, "--output-dir", hf_dir], check=True)
+    return hf_dir
+
+
 def main(argv: list[str] | None = None) -> dict[str, str]:
     args = build_parser().parse_args(argv)
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a directory")
+    if os.path.isfile(os.path.join(args.model, "megatron_scope_checkpoint.json")):
+        args.model = megatron_to_hf(args.model, args.output_dir)
     template = DEFAULT_PROMPT_TEMPLATE
     if args.prompt_template is not None:
         template = args.prompt_template

@@ -40,6 +40,42 @@ def checkpoint(tmp_path_factory, model_dir):
     return str(directory)
 
 
+def _cli_args(model, output_dir):
+    return [
+        "--model", model,
+        "--benchmark", f"aime24={os.path.join(DATA, 'aime24_maxwell.jsonl')}",
+        "--benchmark", f"minerva={os.path.join(DATA, 'minerva.jsonl')}",
+        "--n", "2", "--k", "1", "2",
+        "--max-new-tokens", "8", "--prompt-template", "Q: {problem} A:",
+        "--kv-cache-gib", "0.05", "--max-model-len", "256",
+        "--verify-workers", "1", "--no-progress",
+        "--output-dir", str(output_dir),
+    ]  # fmt: skip
+
+
+def _to_megatron(rank, world_size, hf_dir, megatron_dir):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "tools", "convert_hf_to_megatron.py")
+    spec = importlib.util.spec_from_file_location("convert_hf_to_megatron", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--hf-dir", hf_dir, "--output-dir", megatron_dir])
+
+
+def test_megatron_checkpoint_gives_the_same_samples_as_its_hf_source(eval_tool, checkpoint, tmp_path):
+    from megatron_scope.testing.multiprocess import run_on_ranks
+
+    megatron_dir = str(tmp_path / "megatron")
+    run_on_ranks(_to_megatron, 1, args=(checkpoint, megatron_dir), timeout=600)
+    samples = {}
+    for name, model in (("hf", checkpoint), ("megatron", megatron_dir)):
+        paths = eval_tool.main(_cli_args(model, tmp_path / name))
+        with open(paths["samples"]) as handle:
+            samples[name] = [json.loads(line) for line in handle]
+    assert samples["megatron"] == samples["hf"]  # same weights and seeds -> the same responses
+
+
 def test_eval_cli_with_vllm(eval_tool, checkpoint, tmp_path):
     paths = eval_tool.main(
         [
