@@ -50,7 +50,8 @@ def _run(rank, world_size, args, method, seed):
              "--train-data", f"{work}/task/train.jsonl", "--reward", "synthetic", "--scope-algorithm", method,
              "--train-iters", str(args.iters), "--prompts-per-step", str(args.prompts_per_step),
              "--scope-group-size", str(args.group_size), "--micro-batch-size", str(args.group_size),
-             "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "2",
+             "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
+             "--lr-warmup-iters", "5",
              "--seed", str(seed), "--log-interval", "10", "--rollout-kv-cache-gib", "1"]
     if method in ("scope", "opd", "exopd", "srpo", "tropd"):
         flags += ["--teacher-hf", f"{work}/teacher_hf"]

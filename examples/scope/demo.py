@@ -191,7 +191,8 @@ def main(argv=None) -> dict:
         "--train-data", files.train_jsonl, "--reward", "synthetic", "--scope-algorithm", "scope",
         "--train-iters", str(args.scope_iters), "--prompts-per-step", str(args.prompts_per_step),
         "--scope-group-size", str(args.group_size), "--micro-batch-size", str(args.group_size),
-        "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", str(min(2, args.scope_iters - 1)), "--seed", str(args.seed),
+        "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
+        "--lr-warmup-iters", str(min(5, args.scope_iters - 1)), "--seed", str(args.seed),
         "--save", os.path.join(args.out, "checkpoints"), "--tensorboard-dir", os.path.join(args.out, "tensorboard"),
         "--log-interval", "5", "--rollout-kv-cache-gib", "1",
     ]))

@@ -94,8 +94,9 @@ def scope_sequence_weights(
             raise ValueError(f"{name} has non-finite values: {relevant[~torch.isfinite(relevant)].tolist()}")
 
     subsets = subset_ids(correct, group_ids)
-    student_scores = -student_mean_log_prob.double() / tau if use_student_weights else torch.zeros_like(subsets, dtype=torch.float64)
-    teacher_scores = teacher_mean_log_prob.double() / tau if use_teacher_weights else torch.zeros_like(subsets, dtype=torch.float64)
+    uniform = torch.zeros_like(subsets, dtype=torch.float64)  # a disabled path: equal scores, uniform weights
+    student_scores = -student_mean_log_prob.double() / tau if use_student_weights else uniform
+    teacher_scores = teacher_mean_log_prob.double() / tau if use_teacher_weights else uniform
     weights = segment_softmax(torch.where(correct, student_scores, teacher_scores), subsets)
     if norm == "mean":
         subset_size = torch.bincount(subsets, minlength=int(subsets.max()) + 1 if subsets.numel() else 0)
