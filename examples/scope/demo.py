@@ -46,13 +46,13 @@ def parse_args(argv=None):
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-eval", type=int, default=64)
     parser.add_argument("--teacher-sft-iters", type=int, default=600)
-    parser.add_argument("--student-sft-iters", type=int, default=150)
-    parser.add_argument("--scope-iters", type=int, default=40)
+    parser.add_argument("--student-sft-iters", type=int, default=400)
+    parser.add_argument("--scope-iters", type=int, default=120)
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--eval-samples", type=int, default=8, help="n responses per held-out problem.")
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Distillation learning rate (Adam, cosine to lr/10).")
+    parser.add_argument("--lr", type=float, default=1e-4, help="Distillation learning rate (Adam, cosine to lr/10).")
     return parser.parse_args(argv)
 
 
