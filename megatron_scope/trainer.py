@@ -14,6 +14,10 @@ One iteration (every rank runs it; global rank 0 hosts the rollout engine):
   6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite;
   7. the new weights stream to the engine (`iter_hf_weights` -> `update_weights`);
   8. logging (last rank: TensorBoard, progress bar, Megatron-style log lines) and checkpoints.
+
+Memory: with a full-vocabulary KL the last stage keeps the co-located teacher's logit shards for its whole
+local batch ([sequences, seq, V/TP] fp32) between the scoring pass and the student's backward; at large
+scale lower --micro-batch-size x sequences per rank, or use --scope-kl k1/k3 (sampled-token log-probs).
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ all-reduces it over data-parallel ranks and divides the gradients by it, so the 
 Σ w_i L_i / N over the whole global batch, whatever the microbatching (see losses/objectives.py).
 
 Group-level inputs are computed before the step over whole prompt groups and travel in the batch:
-`seq_weights` (SCOPE's path weights, `scope_sequence_weights`) and `advantages` (GRPO/SRPO). When a prompt's
-group is spread over data-parallel ranks, all-gather the per-sequence scalars (mean log-probs, correctness,
-group ids: 4 floats a sequence) over the data-parallel group first, compute the weights on every rank,
-and keep each rank's own rows.
+`seq_weights` (SCOPE's path weights, `scope_sequence_weights`) and `advantages` (GRPO/SRPO). The trainer gives
+each data-parallel rank whole prompt groups, so no communication is needed; a caller that spreads a group
+over ranks must all-gather the per-sequence scalars (mean log-probs, correctness, group ids: 4 floats a
+sequence) over the data-parallel group first and compute the weights from the gathered rows.
 
 Microbatch keys ([b, s] unless noted; s covers prompt and response, `loss_mask` marks positions whose
 label is a response token):

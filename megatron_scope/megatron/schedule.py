@@ -47,7 +47,7 @@ def forward_backward(model, microbatches: list[dict], loss_config: ScopeLossConf
     Gradients land in the DDP `main_grad` buffers already divided by the global loss count
     (`calculate_per_token_loss=True` in the model's config).
     """
-    _batch_shape(microbatches)
+    _batch_shape(microbatches)  # one [micro_batch, seq] shape for all, checked before any compute
     if not model.config.calculate_per_token_loss:
         raise ValueError("the SCOPE loss normalises over the global batch: build the model with "
                          "calculate_per_token_loss=True")
