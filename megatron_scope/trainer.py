@@ -17,7 +17,7 @@ One iteration (every rank runs it; global rank 0 hosts the rollout engine):
 
 Memory: with a full-vocabulary KL the last stage keeps the co-located teacher's logit shards for its whole
 local batch ([sequences, seq, V/TP] fp32) between the scoring pass and the student's backward; at large
-scale lower --micro-batch-size x sequences per rank, or use --scope-kl k1/k3 (sampled-token log-probs).
+scale use more data-parallel ranks (fewer sequences each) or --scope-kl k1/k3 (sampled-token log-probs).
 """
 
 from __future__ import annotations
