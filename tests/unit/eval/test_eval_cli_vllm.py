@@ -77,18 +77,7 @@ def test_megatron_checkpoint_gives_the_same_samples_as_its_hf_source(eval_tool, 
 
 
 def test_eval_cli_with_vllm(eval_tool, checkpoint, tmp_path):
-    paths = eval_tool.main(
-        [
-            "--model", checkpoint,
-            "--benchmark", f"aime24={os.path.join(DATA, 'aime24_maxwell.jsonl')}",
-            "--benchmark", f"minerva={os.path.join(DATA, 'minerva.jsonl')}",
-            "--n", "2", "--k", "1", "2",
-            "--max-new-tokens", "8", "--prompt-template", "Q: {problem} A:",
-            "--kv-cache-gib", "0.05", "--max-model-len", "256",
-            "--verify-workers", "1", "--no-progress",
-            "--output-dir", str(tmp_path),
-        ]
-    )  # fmt: skip
+    paths = eval_tool.main(_cli_args(checkpoint, tmp_path))
     with open(paths["json"]) as handle:
         results = json.load(handle)
     assert set(results["benchmarks"]) == {"aime24", "minerva"}
