@@ -73,7 +73,9 @@ def summarize(runs: dict, n: int) -> str:
     lines = [f"| method | Avg@{n} | " + " | ".join(f"Pass@{k}" for k in ks) + " | seeds |",
              "|---|---|" + "---|" * len(ks) + "---|"]
     for method, seed_runs in runs.items():
-        def cell(values):
+        def cell(values):  # mean ± population std over seeds; a single seed has no spread to report
+            if len(values) == 1:
+                return f"{values[0]:.3f}"
             return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
         lines.append(f"| {method} | {cell([r['avg'] for _, r in seed_runs])} | "
                      + " | ".join(cell([r['pass'][k] for _, r in seed_runs]) for k in ks) + f" | {len(seed_runs)} |")
