@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from megatron_scope.megatron.model import unwrap_model
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 STATE_FILE = "scope_state.pt"
 
@@ -73,13 +75,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _unwrap(model):
-    """The GPTModel inside Megatron's DDP (whose sharded keys gain a "module." prefix its loader lacks)."""
-    return getattr(model, "module", model)
-
-
 def _sharded_state(model, optimizer, is_loading: bool) -> dict:
-    model_state = _unwrap(model).sharded_state_dict()
+    # The GPTModel itself: DDP's sharded keys gain a "module." prefix that its load_state_dict lacks.
+    model_state = unwrap_model(model).sharded_state_dict()
     return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
 
@@ -116,7 +114,7 @@ def load_checkpoint(root: str, model, optimizer) -> dict | None:
         return None
     directory = checkpoint_dir(root, iteration)
     loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), directory)
-    _unwrap(model).load_state_dict(loaded["model"])
+    unwrap_model(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     state = torch.load(os.path.join(directory, STATE_FILE), weights_only=False)
     rng_file = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")

@@ -145,3 +145,14 @@ def wrap_with_ddp(model: GPTModel, use_distributed_optimizer: bool = False) -> D
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = wrapped.no_sync
     return wrapped
+
+
+def unwrap_model(model) -> torch.nn.Module:
+    """The GPTModel inside Megatron wrappers (DistributedDataParallel, Float16Module) or a one-chunk list."""
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError(f"virtual pipeline chunks are not supported: got a list of {len(model)} model chunks")
+        model = model[0]
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model

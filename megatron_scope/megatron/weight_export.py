@@ -21,22 +21,11 @@ from megatron.core import parallel_state
 
 from megatron_scope.megatron import hf_mapping
 from megatron_scope.megatron.hf_mapping import ParamMapping
-from megatron_scope.megatron.model import DecoderArch
+from megatron_scope.megatron.model import DecoderArch, unwrap_model
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 _ALIGN = 64  # byte alignment of each tensor inside a bucket (a dtype view needs an aligned offset)
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-
-
-def unwrap_model(model) -> torch.nn.Module:
-    """The GPTModel inside Megatron wrappers (DistributedDataParallel, Float16Module) or a one-chunk list."""
-    if isinstance(model, (list, tuple)):
-        if len(model) != 1:
-            raise ValueError(f"virtual pipeline chunks are not supported: got a list of {len(model)} model chunks")
-        model = model[0]
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
 
 
 def local_params(model, arch: DecoderArch) -> list[tuple[ParamMapping, torch.nn.Parameter]]:

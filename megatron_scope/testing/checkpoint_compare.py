@@ -12,18 +12,16 @@ import os
 import torch
 from megatron.core import dist_checkpointing
 
-
-def _unwrap(model):
-    return getattr(model, "module", model)
+from megatron_scope.megatron.model import unwrap_model
 
 
 def save_weights(model, path: str) -> None:
     os.makedirs(path, exist_ok=True)
-    dist_checkpointing.save(_unwrap(model).sharded_state_dict(), path)
+    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), path)
 
 
 def load_weights(model, path: str) -> None:
-    module = _unwrap(model)
+    module = unwrap_model(model)
     module.load_state_dict(dist_checkpointing.load(module.sharded_state_dict(), path))
 
 
@@ -31,14 +29,14 @@ def current_grads(model) -> dict[str, torch.Tensor]:
     """Each parameter's gradient: Megatron DDP's `main_grad` if present, else `.grad`."""
     return {
         name: (getattr(p, "main_grad", None) if getattr(p, "main_grad", None) is not None else p.grad).detach().clone()
-        for name, p in _unwrap(model).named_parameters()
+        for name, p in unwrap_model(model).named_parameters()
     }
 
 
 @torch.no_grad()
 def save_grads(model, grads: dict[str, torch.Tensor], path: str) -> None:
     """Save `grads` as if they were the weights (the model's weights are overwritten)."""
-    module = _unwrap(model)
+    module = unwrap_model(model)
     for name, param in module.named_parameters():
         param.copy_(grads[name])
     save_weights(module, path)
@@ -46,7 +44,7 @@ def save_grads(model, grads: dict[str, torch.Tensor], path: str) -> None:
 
 def relative_errors(model, tensors: dict[str, torch.Tensor], path: str) -> dict[str, float]:
     """max|t - ref| / max|ref| per parameter name, `ref` loaded from `path` in this rank's layout."""
-    module = _unwrap(model)
+    module = unwrap_model(model)
     with torch.no_grad():  # dist_checkpointing.load writes into the parameters themselves: restore them after
         weights = {name: p.detach().clone() for name, p in module.named_parameters()}
         reference = {k: v.clone() for k, v in dist_checkpointing.load(module.sharded_state_dict(), path).items()
