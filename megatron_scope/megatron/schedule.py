@@ -66,10 +66,11 @@ def forward_backward(model, microbatches: list[dict], loss_config: ScopeLossConf
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(scope_loss_func, loss_config, batch, group=group)
 
-    return _run_schedule(model, microbatches, forward_step, forward_only=forward_only)
+    return run_schedule(model, microbatches, forward_step, forward_only=forward_only)
 
 
-def _run_schedule(model, microbatches: list[dict], forward_step, forward_only: bool, collect_non_loss_data=False):
+def run_schedule(model, microbatches: list[dict], forward_step, forward_only: bool, collect_non_loss_data=False):
+    """`get_forward_backward_func()` of the current parallel state over `microbatches` (one shared shape)."""
     micro_batch_size, seq_length = _batch_shape(microbatches)
     return get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -94,4 +95,4 @@ def forward_collect(model, microbatches: list[dict], collect: Callable[[dict, to
         output = model(batch["tokens"], batch["position_ids"], None)
         return output, lambda logits, non_loss_data=True: collect(batch, logits)
 
-    return _run_schedule(model, microbatches, forward_step, forward_only=True, collect_non_loss_data=True)
+    return run_schedule(model, microbatches, forward_step, forward_only=True, collect_non_loss_data=True)

@@ -6,42 +6,45 @@ Loss: token-mean cross-entropy over solution tokens, L = Σ_t m_t CE_t / Σ_t m_
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable
 
 import torch
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_scope.megatron.optimizer import guarded_step
+from megatron_scope.megatron.schedule import run_schedule
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     loss = (per_token_loss.float() * loss_mask).sum()
     count = loss_mask.sum().to(torch.int)
+    # clone: the schedule divides the returned loss in place
     return loss, count, {"lm loss": torch.stack([loss.detach().clone(), count.float()])}
 
 
-def sft_step(model, optimizer, scheduler, microbatches: list[dict]) -> tuple[float | None, bool]:
-    """One optimizer step over `microbatches` ({tokens, labels, loss_mask, position_ids}); returns
-    (mean loss on the last stage else None, whether the step was applied)."""
+def lm_forward_backward(model, microbatches: list[dict]) -> list[float]:
+    """Forward and backward of the language-model loss over `microbatches` ({tokens, labels, loss_mask,
+    position_ids}) through Megatron's schedule; returns each microbatch's mean loss on the last stage
+    ([] elsewhere). Gradients accumulate in the model (DDP `main_grad` when wrapped)."""
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return output, partial(_loss_func, batch["loss_mask"])
 
+    reports = run_schedule(model, microbatches, forward_step, forward_only=False)
+    return [float(r["lm loss"][0] / r["lm loss"][1]) for r in reports]
+
+
+def sft_step(model, optimizer, scheduler, microbatches: list[dict]) -> tuple[float | None, bool]:
+    """One optimizer step over `microbatches`; returns (mean loss over the global batch on the last stage,
+    else None; whether the step was applied)."""
     model.zero_grad_buffer()
-    micro_batch_size, seq_length = microbatches[0]["tokens"].shape
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
-        num_microbatches=len(microbatches), seq_length=seq_length, micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
-    loss = None
-    if reports:
-        total = torch.stack([r["lm loss"] for r in reports]).sum(0)
-        loss = float(total[0] / total[1])
-    outcome = guarded_step(optimizer, scheduler, loss_is_finite=loss is None or loss == loss)
+    losses = lm_forward_backward(model, microbatches)
+    counts = [float(b["loss_mask"].sum()) for b in microbatches]
+    loss = sum(l * c for l, c in zip(losses, counts)) / sum(counts) if losses else None
+    outcome = guarded_step(optimizer, scheduler, loss_is_finite=loss is None or math.isfinite(loss))
     return loss, outcome.updated
 
 

@@ -6,43 +6,15 @@ parameters' places) with `dist_checkpointing`; the parallel ranks load both, so 
 reshards the reference into each rank's TP/PP shard and the comparison is shard by shard.
 """
 
-from functools import partial
-
 import pytest
 import torch
 
+from megatron_scope.megatron.sft import lm_forward_backward
 from megatron_scope.testing.checkpoint_compare import current_grads, load_weights, relative_errors, save_grads, save_weights
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.tiny import TINY_ARCH, tiny_batches
 
 NUM_MICROBATCHES = 4
-
-
-def _forward_backward(model, batches):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    def loss_func(loss_mask, per_token_loss):
-        loss = (per_token_loss.float() * loss_mask).sum()
-        # clone: the schedule divides the returned loss in place
-        return loss, loss_mask.sum().to(torch.int), {"lm loss": loss.detach().clone()}
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(loss_func, batch["loss_mask"])
-
-    seq_length = batches[0]["tokens"].shape[1]
-    micro_batch_size = batches[0]["tokens"].shape[0]
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(batches),
-        model=[model],
-        num_microbatches=len(batches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
-    return [float(r["lm loss"]) / float(b["loss_mask"].sum()) for r, b in zip(reports, batches)]
 
 
 def _reference(rank, world_size, ckpt_dir):
@@ -52,7 +24,7 @@ def _reference(rank, world_size, ckpt_dir):
     initialize_model_parallel(1, 1, seed=7)
     model = build_gpt_model(TINY_ARCH)
     save_weights(model, f"{ckpt_dir}/weights")
-    losses = _forward_backward(model, tiny_batches(NUM_MICROBATCHES))
+    losses = lm_forward_backward(model, tiny_batches(NUM_MICROBATCHES))
     save_grads(model, current_grads(model), f"{ckpt_dir}/grads")
     return losses
 
@@ -66,7 +38,7 @@ def _parallel(rank, world_size, ckpt_dir, tp, pp):
     initialize_model_parallel(tp, pp, seed=1000 + rank)  # other seed: weights must come from the load
     model = build_gpt_model(TINY_ARCH)
     load_weights(model, f"{ckpt_dir}/weights")
-    losses = _forward_backward(model, tiny_batches(NUM_MICROBATCHES))
+    losses = lm_forward_backward(model, tiny_batches(NUM_MICROBATCHES))
     return {
         "losses": losses if parallel_state.is_pipeline_last_stage() else None,
         "grad_errors": relative_errors(model, current_grads(model), f"{ckpt_dir}/grads"),
