@@ -5,7 +5,8 @@
         logits = model(batch["tokens"], batch["position_ids"], None)      # [b, s, V/TP], last stage
         return logits, partial(scope_loss_func, loss_config, batch)
 
-The loss runs on the last pipeline stage. It returns `(loss_sum, count, report)` for Megatron's
+`megatron/schedule.forward_backward` wraps exactly this and first runs `check_batch` on every microbatch
+(do the same when plugging the loss into another schedule). The loss runs on the last pipeline stage. It returns `(loss_sum, count, report)` for Megatron's
 `calculate_per_token_loss=True` path: the schedule sums `count` over microbatches, `finalize_model_grads`
 all-reduces it over data-parallel ranks and divides the gradients by it, so the gradient is that of
 Σ w_i L_i / N over the whole global batch, whatever the microbatching (see losses/objectives.py).
@@ -212,9 +213,9 @@ def _report(stats: TokenStats, batch: dict, logits: torch.Tensor, group, config:
         count = members.sum().to(mask.dtype)
         for name, values in per_sequence.items():
             report[f"{path}/{name}"] = torch.stack([values[members].sum(), count])
-        weights = per_sequence["weight"][members]
-        report[f"{path}/weight_max"] = torch.stack([weights.max() if len(weights) else mask.new_tensor(0.0),
-                                                    mask.new_tensor(1.0)])
+        weights = per_sequence["weight"][members]  # an empty path: -inf with count 0, omitted by reduce_reports
+        report[f"{path}/weight_max"] = torch.stack([weights.max() if len(weights) else mask.new_tensor(-torch.inf),
+                                                    count])
     return report
 
 
@@ -222,10 +223,11 @@ def scope_loss_func(config: ScopeLossConfig, batch: dict, logits: torch.Tensor, 
     """Megatron loss_func: `(Σ w_i L_i over this microbatch, its count of sequences or tokens, report)`.
 
     `logits` is this rank's vocabulary shard [b, s, V/TP]; `group` defaults to Megatron's TP group.
+    The batch must have passed `check_batch` (`schedule.forward_backward` checks every microbatch before the
+    schedule runs, so the teacher logits are not scanned twice).
     """
     if group is None and parallel_state.model_parallel_is_initialized():
         group = parallel_state.get_tensor_model_parallel_group()
-    check_batch(batch, config)
     stats = _token_stats(config, batch, logits, group)
     token_loss = OBJECTIVES[config.algorithm](stats, config.objective)
     loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.sequence_level)

@@ -56,6 +56,14 @@ def test_matches_the_paper_in_float64(batch):
         assert key in values and values[key] == values[key], key  # present and not NaN
 
 
+def test_an_empty_path_is_omitted_from_the_report(batch):
+    batch["correct"] = torch.ones_like(batch["correct"])  # nothing incorrect: no teacher-path statistics at all
+    _, _, report = scope_loss_func(ScopeLossConfig(vocab_size=V), batch, student_logits(batch))
+    values = reduce_reports([report])
+    assert "correct/weight_max" in values and "correct/mle" in values
+    assert not [key for key in values if key.startswith("incorrect/")]
+
+
 def test_gradient_flows_into_student_logits_only(batch):
     logits = student_logits(batch).requires_grad_(True)
     batch["teacher_logits"].requires_grad_(True)
