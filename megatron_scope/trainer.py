@@ -162,9 +162,11 @@ class ScopeTrainer:
         if local_sequences % s.micro_batch_size:
             raise ValueError(f"{local_sequences} sequences per data-parallel rank do not split into "
                              f"micro-batches of {s.micro_batch_size}")
-        if self.loss_config.needs_teacher_logits and self.teacher is None:
+        if self.loss_config.algorithm not in ("grpo", "sft") and self.teacher is None:
+            # Every other objective reads the teacher's logits or its log-probs of the responses (SCOPE's
+            # teacher-path weights too); only the co-located Megatron teacher provides them so far.
             raise ValueError(f"--scope-algorithm {self.loss_config.algorithm} with --scope-kl {self.loss_config.kl} "
-                             "needs a co-located Megatron teacher")
+                             "needs a co-located Megatron teacher (--teacher-hf)")
         if self.loss_config.algorithm == "exopd" and self.reference is None:
             raise ValueError("--scope-algorithm exopd needs a reference model (the initial student)")
 
@@ -204,48 +206,39 @@ class ScopeTrainer:
         }
         return groups, stats
 
-    def _log_probs_of(self, model, microbatches: list[dict]) -> list[torch.Tensor]:
-        """Temperature-1 log-probs of each label under `model` (last stage; [] elsewhere)."""
-        group = parallel_state.get_tensor_model_parallel_group()
-        vocab = self.loss_config.vocab_size
+    def _scoring_pass(self, model, microbatches: list[dict], keep_logits: bool = False) -> list:
+        """Forward only: per microbatch (logits shard or None, temperature-1 log-probs of the labels) under
+        `model`, on the last stage ([] elsewhere)."""
+        group, vocab = parallel_state.get_tensor_model_parallel_group(), self.loss_config.vocab_size
 
         def collect(batch, logits):
-            return vocab_parallel_log_probs(logits, batch["labels"], group=group, vocab_size=vocab)
+            log_probs = vocab_parallel_log_probs(logits, batch["labels"], group=group, vocab_size=vocab)
+            return (logits if keep_logits else None), log_probs
 
         return forward_collect(model, microbatches, collect)
 
     def _score(self, microbatches: list[dict]) -> None:
         """Add the loss inputs to the last stage's microbatches (forward passes run on every stage)."""
         algorithm = self.loss_config.algorithm
-        student_log_probs = self._log_probs_of(self.student, microbatches)
-        teacher_logits = []
+        student = self._scoring_pass(self.student, microbatches)
+        teacher = []
         if self.teacher is not None:
-            keep_logits = self.loss_config.needs_teacher_logits
-            group, vocab = parallel_state.get_tensor_model_parallel_group(), self.loss_config.vocab_size
-
-            def collect(batch, logits):
-                log_probs = vocab_parallel_log_probs(logits, batch["labels"], group=group, vocab_size=vocab)
-                return (logits if keep_logits else None), log_probs
-
-            teacher_logits = forward_collect(self.teacher, microbatches, collect)
-        reference_log_probs = self._log_probs_of(self.reference, microbatches) if self.reference is not None else []
+            teacher = self._scoring_pass(self.teacher, microbatches, keep_logits=self.loss_config.needs_teacher_logits)
+        reference = self._scoring_pass(self.reference, microbatches) if self.reference is not None else []
         if not self.is_last_stage:
             return
         for i, batch in enumerate(microbatches):
-            batch["old_log_probs"] = student_log_probs[i]
-            if teacher_logits:
-                logits, log_probs = teacher_logits[i]
-                batch["teacher_log_probs"] = log_probs
+            batch["old_log_probs"] = student[i][1]
+            if teacher:
+                logits, batch["teacher_log_probs"] = teacher[i]
                 if logits is not None:
                     batch["teacher_logits"] = logits
-            if reference_log_probs:
-                batch["ref_log_probs"] = reference_log_probs[i]
+            if reference:
+                batch["ref_log_probs"] = reference[i][1]
         # Group statistics over this rank's whole prompt groups.
         cat = lambda key: torch.cat([b[key] for b in microbatches])  # noqa: E731
         mask, correct, group_ids = cat("loss_mask"), cat("correct"), cat("group_ids")
         if algorithm == "scope":
-            if "teacher_log_probs" not in microbatches[0]:
-                raise ValueError("SCOPE's teacher-path weights need the teacher's log-probs of the responses")
             weights = scope_sequence_weights(
                 sequence_mean_log_prob(cat("old_log_probs"), mask),
                 sequence_mean_log_prob(cat("teacher_log_probs"), mask),
