@@ -43,22 +43,13 @@ def _run(rank, world_size, args, method, seed):
     import train_scope
 
     from megatron_scope.data.tokenizer import Tokenizer
-    from megatron_scope.eval.benchmarks import BenchmarkProblem
 
     work = args.workdir
-    flags = ["--student-hf", f"{work}/student_hf", "--tokenizer", f"{work}/tokenizer.model",
-             "--train-data", f"{work}/task/train.jsonl", "--reward", "synthetic", "--scope-algorithm", method,
-             "--train-iters", str(args.iters), "--prompts-per-step", str(args.prompts_per_step),
-             "--scope-group-size", str(args.group_size), "--micro-batch-size", str(args.group_size),
-             "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
-             "--lr-warmup-iters", "5",
-             "--seed", str(seed), "--log-interval", "10", "--rollout-kv-cache-gib", "1"]
-    if method in ("scope", "opd", "exopd", "srpo", "tropd"):
-        flags += ["--teacher-hf", f"{work}/teacher_hf"]
-    trainer = train_scope.build_trainer(train_scope.parse_args(flags))
+    trainer = train_scope.build_trainer(train_scope.parse_args(demo.distillation_flags(
+        work, method, seed, args.iters, args.prompts_per_step, args.group_size, args.max_new_tokens, args.lr,
+        extra=["--log-interval", "10"])))
     tokenizer = Tokenizer.load(f"{work}/tokenizer.model")
-    problems = [BenchmarkProblem(r["id"], r["prompt"], str(r["answer"]))
-                for r in map(json.loads, open(f"{work}/task/eval.jsonl"))]
+    problems = demo.held_out_problems(f"{work}/task/eval.jsonl")
     try:
         history = trainer.train()
         result = demo.evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples, args.max_new_tokens,

@@ -121,6 +121,29 @@ def evaluate_model(engine, tokenizer, problems, num_samples: int, max_new_tokens
     return {"avg": avg, "pass": {int(k): v for k, v in pass_at.items()}}
 
 
+def distillation_flags(workdir: str, algorithm: str, seed: int, iters: int, prompts_per_step: int, group_size: int,
+                       max_new_tokens: int, lr: float, extra=()) -> list[str]:
+    """train_scope.py flags for distilling the demo's student (`workdir` laid out by this script): Adam at
+    `lr` with a 5-iteration warm-up and cosine decay to lr/10; GRPO and SFT run without the teacher."""
+    flags = ["--student-hf", f"{workdir}/student_hf", "--tokenizer", f"{workdir}/tokenizer.model",
+             "--train-data", f"{workdir}/task/train.jsonl", "--reward", "synthetic", "--scope-algorithm", algorithm,
+             "--train-iters", str(iters), "--prompts-per-step", str(prompts_per_step),
+             "--scope-group-size", str(group_size), "--micro-batch-size", str(group_size),
+             "--max-new-tokens", str(max_new_tokens), "--lr", str(lr), "--min-lr", str(lr / 10),
+             "--lr-warmup-iters", str(min(5, iters - 1)), "--seed", str(seed), "--rollout-kv-cache-gib", "1"]
+    if algorithm not in ("grpo", "sft"):
+        flags += ["--teacher-hf", f"{workdir}/teacher_hf"]
+    return flags + list(extra)
+
+
+def held_out_problems(eval_jsonl: str) -> list:
+    """The task's held-out split as the eval runner's (id, problem, gold answer) tuples."""
+    from megatron_scope.eval.benchmarks import BenchmarkProblem
+
+    with open(eval_jsonl) as handle:
+        return [BenchmarkProblem(row["id"], row["prompt"], str(row["answer"])) for row in map(json.loads, handle)]
+
+
 def plot(history: list[dict], results: dict, n: int, path: str) -> None:
     import matplotlib
 
@@ -158,7 +181,6 @@ def main(argv=None) -> dict:
     from megatron_scope.data.datasets import build_sft_tensors, load_sft_pairs
     from megatron_scope.data.synthetic import TASK_ALPHABET, write_task_files
     from megatron_scope.data.tokenizer import train_tokenizer
-    from megatron_scope.eval.benchmarks import BenchmarkProblem
     from megatron_scope.megatron.parallel import init_distributed
     from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
@@ -172,11 +194,10 @@ def main(argv=None) -> dict:
     init_distributed()
     teacher_hf = pretrain(ModelRecipe("teacher", 4, 128, args.teacher_sft_iters, 2e-3), tokenizer, sft_data,
                           args.out, args.seed)
-    student_hf = pretrain(ModelRecipe("student", 2, 128, args.student_sft_iters, 2e-3), tokenizer, sft_data,
-                          args.out, args.seed + 1)
+    pretrain(ModelRecipe("student", 2, 128, args.student_sft_iters, 2e-3), tokenizer, sft_data,
+             args.out, args.seed + 1)  # -> <out>/student_hf, where distillation_flags looks
 
-    problems = [BenchmarkProblem(row["id"], row["prompt"], str(row["answer"]))
-                for row in map(json.loads, open(files.eval_jsonl))]
+    problems = held_out_problems(files.eval_jsonl)
     results = {}
     teacher_engine = VLLMRolloutEngine(VLLMEngineConfig(teacher_hf, kv_cache_bytes=1 << 30, seed=args.seed))
     try:
@@ -186,16 +207,10 @@ def main(argv=None) -> dict:
 
     import train_scope
 
-    trainer = train_scope.build_trainer(train_scope.parse_args([
-        "--student-hf", student_hf, "--teacher-hf", teacher_hf, "--tokenizer", os.path.join(args.out, "tokenizer.model"),
-        "--train-data", files.train_jsonl, "--reward", "synthetic", "--scope-algorithm", "scope",
-        "--train-iters", str(args.scope_iters), "--prompts-per-step", str(args.prompts_per_step),
-        "--scope-group-size", str(args.group_size), "--micro-batch-size", str(args.group_size),
-        "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
-        "--lr-warmup-iters", str(min(5, args.scope_iters - 1)), "--seed", str(args.seed),
-        "--save", os.path.join(args.out, "checkpoints"), "--tensorboard-dir", os.path.join(args.out, "tensorboard"),
-        "--log-interval", "5", "--rollout-kv-cache-gib", "1",
-    ]))
+    trainer = train_scope.build_trainer(train_scope.parse_args(distillation_flags(
+        args.out, "scope", args.seed, args.scope_iters, args.prompts_per_step, args.group_size, args.max_new_tokens,
+        args.lr, extra=["--save", os.path.join(args.out, "checkpoints"),
+                        "--tensorboard-dir", os.path.join(args.out, "tensorboard"), "--log-interval", "5"])))
     try:
         results["student_before"] = evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples,
                                                    args.max_new_tokens, "student before SCOPE")
