@@ -4,7 +4,7 @@
 
 Input: config.json and *.safetensors (single file or sharded with an index), read lazily tensor by tensor.
 Output directory:
-    OUT/megatron_scope_checkpoint.json   format version, DecoderArch, HF model_type, params dtype
+    OUT/megatron_scope_checkpoint.json   format version, DecoderArch, HF model_type, dtypes, padded vocabulary
     OUT/dist_ckpt/                       GPTModel.sharded_state_dict() saved by dist_checkpointing
     OUT/hf_files/                        config.json, tokenizer files and other non-weight files, copied
 
@@ -19,34 +19,18 @@ embeddings and output layer are saved with `allow_shape_mismatch`, so a target T
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import shutil
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-METADATA_FILE = "megatron_scope_checkpoint.json"
+from megatron_scope.megatron.checkpointing import (  # noqa: E402
+    DTYPES, HF_FILES_SUBDIR, METADATA_FILE, copy_non_weight_files, dtype_name, model_metadata)
+
 DIST_CKPT_SUBDIR = "dist_ckpt"
-HF_FILES_SUBDIR = "hf_files"
-FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
-
-
-def copy_non_weight_files(src: str, dst: str) -> list[str]:
-    """Copy every regular file of `src` that is not a weight file (config, tokenizer, generation config)."""
-    os.makedirs(dst, exist_ok=True)
-    copied = []
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and not name.endswith(_WEIGHT_SUFFIXES) and not name.startswith("."):
-            shutil.copy2(path, os.path.join(dst, name))
-            copied.append(name)
-    return copied
 
 
 def _require_empty_output(output_dir: str) -> None:
@@ -95,14 +79,7 @@ def convert(hf_dir: str, output_dir: str, params_dtype: str | None = None) -> di
     os.makedirs(dist_dir)
     dist_checkpointing.save(model.sharded_state_dict(), dist_dir)
     copy_non_weight_files(hf_dir, os.path.join(output_dir, HF_FILES_SUBDIR))
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "arch": dataclasses.asdict(arch),
-        "hf_model_type": hf_config["model_type"],
-        "params_dtype": str(dtype).removeprefix("torch."),
-        "hf_dtype": str(source_dtype).removeprefix("torch."),
-        "dist_checkpoint": DIST_CKPT_SUBDIR,
-    }
+    metadata = model_metadata(model, arch, DIST_CKPT_SUBDIR, dtype_name(source_dtype))
     with open(os.path.join(output_dir, METADATA_FILE), "w") as f:
         json.dump(metadata, f, indent=2)
     return metadata

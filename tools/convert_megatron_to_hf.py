@@ -1,12 +1,16 @@
-"""Convert a Megatron checkpoint written by convert_hf_to_megatron.py back to Hugging Face safetensors.
+"""Convert a Megatron checkpoint back to Hugging Face safetensors: one written by convert_hf_to_megatron.py,
+or a training checkpoint of examples/scope/train_scope.py (its root, at the latest iteration, or one
+iter_XXXXXXX directory).
 
     python tools/convert_megatron_to_hf.py --megatron-dir MEG_DIR --output-dir HF_OUT [--dtype bfloat16]
 
-Reads MEG_DIR/megatron_scope_checkpoint.json (arch, HF model type, dtypes) and the dist_checkpointing
-directory it names; dist_checkpointing reshards whatever TP/PP the checkpoint was saved at to the TP=1, PP=1
-model this script builds in one process. Writes HF_OUT/model.safetensors (or shards + index), config.json
-(the copied original if MEG_DIR/hf_files has one, else generated from the arch) and the copied tokenizer
-files. Tensors stream out through `weight_export.iter_hf_weights` (the same path that feeds vLLM).
+Reads the checkpoint's megatron_scope_checkpoint.json (arch, HF model type, dtypes, padded vocabulary) and
+the dist_checkpointing directory it names (training checkpoints: the iteration directory itself; only the
+model is read, not the optimizer); dist_checkpointing reshards whatever TP/PP the checkpoint was saved at to
+the TP=1, PP=1 model this script builds in one process. Writes HF_OUT/model.safetensors (or shards + index)
+with exactly the embedding rows the HF config declares, config.json (the copied original if the checkpoint
+has hf_files/config.json, else generated from the arch) and the copied tokenizer files. Tensors stream out
+through `weight_export.iter_hf_weights` (the same path that feeds vLLM).
 """
 
 from __future__ import annotations
@@ -20,20 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.convert_hf_to_megatron import (  # noqa: E402
-    DTYPES, FORMAT_VERSION, HF_FILES_SUBDIR, METADATA_FILE, _require_empty_output, copy_non_weight_files)
-
-
-def read_metadata(megatron_dir: str) -> dict:
-    """The checkpoint's metadata; ValueError if missing or of another format version."""
-    path = os.path.join(megatron_dir, METADATA_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{megatron_dir} has no {METADATA_FILE} (write it with tools/convert_hf_to_megatron.py)")
-    with open(path) as f:
-        metadata = json.load(f)
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {metadata.get('format_version')!r}, expected {FORMAT_VERSION}")
-    return metadata
+from megatron_scope.megatron.checkpointing import (  # noqa: E402
+    DTYPES, HF_FILES_SUBDIR, METADATA_FILE, copy_non_weight_files, read_model_metadata)
+from tools.convert_hf_to_megatron import _require_empty_output  # noqa: E402
 
 
 def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
@@ -49,16 +42,16 @@ def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
     from megatron_scope.megatron.weight_export import iter_hf_weights, save_safetensors_checkpoint
 
-    metadata = read_metadata(megatron_dir)
+    directory, metadata = read_model_metadata(megatron_dir)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     hf_dtype = DTYPES[dtype or metadata["hf_dtype"]]
     arch = DecoderArch(**metadata["arch"])
-    dist_dir = os.path.join(megatron_dir, metadata["dist_checkpoint"])
+    dist_dir = os.path.normpath(os.path.join(directory, metadata["dist_checkpoint"]))
     if not os.path.isdir(dist_dir):
         raise ValueError(f"dist checkpoint directory {dist_dir} (named in {METADATA_FILE}) does not exist")
     _require_empty_output(output_dir)
-    hf_files = os.path.join(megatron_dir, HF_FILES_SUBDIR)
+    hf_files = os.path.join(directory, HF_FILES_SUBDIR)
     if os.path.isfile(os.path.join(hf_files, "config.json")):
         with open(os.path.join(hf_files, "config.json")) as f:
             config = json.load(f)
@@ -71,8 +64,12 @@ def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
     if torch.distributed.get_world_size() != 1:
         raise ValueError(f"run the conversion in one process (world size is {torch.distributed.get_world_size()})")
     initialize_model_parallel(1, 1)
-    model = build_gpt_model(arch, params_dtype=DTYPES[metadata["params_dtype"]])
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), dist_dir))
+    model = build_gpt_model(arch, params_dtype=DTYPES[metadata["params_dtype"]],
+                            padded_vocab=metadata.get("padded_vocab_size"))
+    key = metadata.get("model_state_key")  # training checkpoints nest the model beside the optimizer
+    sharded = model.sharded_state_dict()
+    loaded = dist_checkpointing.load({key: sharded} if key else sharded, dist_dir)
+    model.load_state_dict(loaded[key] if key else loaded)
 
     os.makedirs(output_dir, exist_ok=True)
     if os.path.isdir(hf_files):
@@ -88,7 +85,9 @@ def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--megatron-dir", required=True, help="directory written by convert_hf_to_megatron.py")
+    parser.add_argument("--megatron-dir", required=True,
+                        help="directory written by convert_hf_to_megatron.py, or a training checkpoint root or "
+                             "iter_XXXXXXX directory")
     parser.add_argument("--output-dir", required=True, help="new or empty directory for the HF checkpoint")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="HF tensor dtype (default: the dtype of the original HF checkpoint)")

@@ -1,15 +1,29 @@
-"""SCOPE training entry point: torchrun (multi-node) or plain python (one process on CPU).
+r"""SCOPE training entry point: torchrun (multi-node) or plain python (one process on CPU).
 
-    torchrun --nproc-per-node 8 --nnodes 4 ... examples/scope/train_scope.py \
-        --student-hf /ckpt/student_hf --teacher-hf /ckpt/teacher_hf --tokenizer /ckpt/student_hf \
-        --train-data prompts.jsonl --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 \
-        --micro-batch-size 4 --prompts-per-step 256 --scope-group-size 8 --max-new-tokens 12288 \
+The paper's pair, DeepSeek-R1-Distill-Qwen-1.5B distilled from Skywork-OR1-Math-7B (both Qwen2; Qwen3-1.7B
+from Qwen3-8B works the same way), on 4 nodes of 8 GPUs:
+
+    torchrun --nproc-per-node 8 --nnodes 4 --rdzv-endpoint HOST:PORT examples/scope/train_scope.py \
+        --student-hf /ckpt/DeepSeek-R1-Distill-Qwen-1.5B --teacher-hf /ckpt/Skywork-OR1-Math-7B \
+        --tokenizer /ckpt/DeepSeek-R1-Distill-Qwen-1.5B --teacher-tokenizer /ckpt/Skywork-OR1-Math-7B \
+        --prompt-template $'{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}.' \
+        --apply-chat-template --train-data prompts.jsonl --reward math --bf16 \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --micro-batch-size 4 \
+        --prompts-per-step 256 --scope-group-size 8 --max-new-tokens 12288 --rollout-kv-cache-gib 40 \
         --lr 5e-5 --train-iters 200 --save /ckpt/scope --load /ckpt/scope --scope-tau 1.0
+    python tools/convert_megatron_to_hf.py --megatron-dir /ckpt/scope --output-dir /ckpt/scope_hf
 
 Flags: Megatron-LM's names for parallelism, optimisation, checkpointing and logging; `--scope-*` and the
 baselines' flags from megatron_scope.arguments; rollout flags below. The student starts from a Hugging Face
 directory (config.json + safetensors), which also seeds the vLLM engine on global rank 0; the teacher is
 co-located (same TP/PP as the student, forward only).
+
+Vocabulary: the tokenizer's (a SentencePiece model file or a Hugging Face tokenizer directory) is the one
+distillation works over; each checkpoint may have more embedding rows than it has tokens (151936 rows for
+the 1.5B student, 152064 for the 7B teacher, 151665 tokens). Both Megatron models are padded to one
+vocabulary (the larger row count, padded for TP) so their vocab-parallel shards line up; the weights synced
+to vLLM and exported keep each checkpoint's own row count. Checkpoints under --save carry the student's HF
+config and tokenizer files, so tools/convert_megatron_to_hf.py turns them into a Hugging Face model.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from megatron_scope.arguments import parse_scope_args  # noqa: E402
+from megatron_scope.data.datasets import PROMPT_PLACEHOLDER, PromptFormat  # noqa: E402
 
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,10 +72,18 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g = parser.add_argument_group("models and data")
     g.add_argument("--student-hf", required=True, help="Student's initial weights: HF directory.")
     g.add_argument("--teacher-hf", default=None, help="Co-located teacher: HF directory.")
-    g.add_argument("--tokenizer", required=True, help="SentencePiece model file shared by student and teacher.")
+    g.add_argument("--tokenizer", required=True,
+                   help="Tokenizer shared by student and teacher: a SentencePiece model file or a Hugging Face "
+                        "tokenizer directory (e.g. the student's HF directory).")
     g.add_argument("--teacher-tokenizer", default=None,
-                   help="The teacher's tokenizer, if stored apart: must be identical to --tokenizer.")
+                   help="The teacher's tokenizer (same kinds as --tokenizer): checked to have the same vocabulary.")
     g.add_argument("--train-data", required=True, help="JSONL rows {id, prompt, answer}.")
+    g.add_argument("--prompt-template", default=PROMPT_PLACEHOLDER,
+                   help="Rollout prompt text with exactly one {prompt}, replaced by the row's prompt, e.g. (bash) "
+                        "$'{prompt}\\nPlease reason step by step, and put your final answer within \\\\boxed{}.'")
+    g.add_argument("--apply-chat-template", action="store_true",
+                   help="Wrap the templated prompt as one user turn with the tokenizer's chat template and the "
+                        "assistant's generation prompt (Hugging Face tokenizers only).")
     g.add_argument("--reward", choices=("synthetic", "math"), default="math",
                    help="Verifier: the synthetic arithmetic checker or math-verify (last \\boxed{}).")
     g = parser.add_argument_group("rollout")
@@ -76,7 +99,13 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Training flags + SCOPE flags, validated (a bad value or combination exits with argparse's usage error)."""
-    return parse_scope_args(argv, add_training_args(argparse.ArgumentParser(description=__doc__.split("\n")[0])))
+    parser = add_training_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    args = parse_scope_args(argv, parser)
+    try:
+        PromptFormat(args.prompt_template, args.apply_chat_template)
+    except ValueError as error:
+        parser.error(f"--prompt-template: {error}")
+    return args
 
 
 def _read_arch(hf_dir: str):
@@ -105,9 +134,10 @@ def build_trainer(args: argparse.Namespace):
     import torch.distributed as dist
 
     from megatron_scope.data.datasets import PromptDataset
-    from megatron_scope.data.tokenizer import Tokenizer, check_same_tokenizer
+    from megatron_scope.data.tokenizer import check_same_tokenizer, load_tokenizer
+    from megatron_scope.megatron.checkpointing import stage_hf_files
     from megatron_scope.megatron.loss_func import ScopeLossConfig
-    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
+    from megatron_scope.megatron.model import build_gpt_model, padded_vocab_size, wrap_with_ddp
     from megatron_scope.megatron.optimizer import OptimizerSettings, build_optimizer
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
     from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights
@@ -118,29 +148,34 @@ def build_trainer(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
-    tokenizer = Tokenizer.load(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     if args.teacher_tokenizer:
-        check_same_tokenizer(Tokenizer.load(args.teacher_tokenizer), tokenizer)
+        check_same_tokenizer(load_tokenizer(args.teacher_tokenizer), tokenizer)
     student_arch = _read_arch(args.student_hf)
     teacher_arch = _read_arch(args.teacher_hf) if args.teacher_hf else None
-    for name, arch in (("student", student_arch), ("teacher", teacher_arch)):
-        if arch is not None and arch.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"the {name}'s vocabulary ({arch.vocab_size}) differs from the tokenizer's "
-                             f"({tokenizer.vocab_size}, {args.tokenizer}): distillation needs one shared vocabulary")
-    dataset = PromptDataset.from_jsonl(args.train_data, seed=args.seed, tokenizer=tokenizer)
+    for name, arch, hf_dir in (("student", student_arch, args.student_hf), ("teacher", teacher_arch, args.teacher_hf)):
+        if arch is not None and arch.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"the {name} ({hf_dir}) has {arch.vocab_size} embedding rows, fewer than the "
+                             f"{tokenizer.vocab_size} tokens of the tokenizer {args.tokenizer}: distillation needs "
+                             "one shared vocabulary")
+    # One padded vocabulary for every co-located model: their logits' vocab shards line up on each TP rank.
+    rows = max(arch.vocab_size for arch in (student_arch, teacher_arch) if arch is not None)
+    padded_vocab = padded_vocab_size(rows, args.tensor_model_parallel_size)
+    dataset = PromptDataset.from_jsonl(args.train_data, seed=args.seed, tokenizer=tokenizer,
+                                       prompt_format=PromptFormat(args.prompt_template, args.apply_chat_template))
 
-    student = build_gpt_model(student_arch, params_dtype=dtype, calculate_per_token_loss=True)
-    load_hf_weights(student, student_arch, SafetensorsCheckpoint(args.student_hf))
-    student = wrap_with_ddp(student, use_distributed_optimizer=args.use_distributed_optimizer)
+    def load_model(arch, hf_dir, **config_overrides):
+        model = build_gpt_model(arch, params_dtype=dtype, padded_vocab=padded_vocab, **config_overrides)
+        load_hf_weights(model, arch, SafetensorsCheckpoint(hf_dir))
+        return model
+
+    student = wrap_with_ddp(load_model(student_arch, args.student_hf, calculate_per_token_loss=True),
+                            use_distributed_optimizer=args.use_distributed_optimizer)
     teacher = reference = None
     if teacher_arch is not None:
-        teacher = build_gpt_model(teacher_arch, params_dtype=dtype)
-        load_hf_weights(teacher, teacher_arch, SafetensorsCheckpoint(args.teacher_hf))
-        teacher.eval().requires_grad_(False)
+        teacher = load_model(teacher_arch, args.teacher_hf).eval().requires_grad_(False)
     if args.scope_algorithm == "exopd":  # the reference is the initial student
-        reference = build_gpt_model(student_arch, params_dtype=dtype)
-        load_hf_weights(reference, student_arch, SafetensorsCheckpoint(args.student_hf))
-        reference.eval().requires_grad_(False)
+        reference = load_model(student_arch, args.student_hf).eval().requires_grad_(False)
     optimizer, scheduler = build_optimizer(student, OptimizerSettings(
         lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, train_iters=args.train_iters,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
@@ -161,9 +196,11 @@ def build_trainer(args: argparse.Namespace):
         tensorboard_dir=args.tensorboard_dir, exit_on_nonfinite=args.exit_on_nonfinite, scope_tau=args.scope_tau,
         scope_weight_norm=args.scope_weight_norm, use_student_weights=args.scope_student_path_weights,
         use_teacher_weights=args.scope_teacher_path_weights)
-    trainer = ScopeTrainer(settings, ScopeLossConfig.from_args(args, vocab_size=student_arch.vocab_size), student,
+    trainer = ScopeTrainer(settings, ScopeLossConfig.from_args(args, vocab_size=tokenizer.vocab_size), student,
                            student_arch, optimizer, scheduler, dataset, tokenizer, _verifier(args.reward).verify_batch,
                            engine=engine, teacher=teacher, reference=reference)
+    if args.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF
+        stage_hf_files(args.save, args.student_hf)
     return trainer
 
 

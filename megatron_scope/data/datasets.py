@@ -2,7 +2,9 @@
 
 Token layout (shared by SFT and rollouts, so the model is sampled in the format it was trained on):
 prompt ids = BOS + pieces of the prompt text (`prompt_token_ids`); response ids = pieces of the solution
-+ EOS. The rollout engine takes the prompt ids and is stopped by EOS.
++ EOS. The rollout engine takes the prompt ids and is stopped by EOS. A `PromptFormat` first places the
+text in a template (e.g. "{prompt}\\nPlease reason step by step, ...") and, for chat models, wraps it as one
+user turn with the tokenizer's chat template (which then writes its own BOS, if any).
 
 `PromptDataset` reads JSONL rows {"id", "prompt", "answer"} (other keys are ignored; `keys` maps other
 column names, e.g. the math benchmarks' {"prompt": "problem"}). Every malformed row raises
@@ -24,10 +26,12 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from megatron_scope.data.tokenizer import Tokenizer
+from megatron_scope.data.tokenizer import HFTokenizer, Tokenizer
 
 DEFAULT_KEYS = {"id": "id", "prompt": "prompt", "answer": "answer"}
 """Column of each field in a prompt row."""
+
+PROMPT_PLACEHOLDER = "{prompt}"
 
 
 class DatasetFormatError(ValueError):
@@ -44,12 +48,45 @@ class Prompt:
     answer: str
     """The gold answer the verifier compares with."""
     token_ids: tuple[int, ...] | None = None
-    """`prompt_token_ids(tokenizer, prompt)` when the dataset was given a tokenizer, else None."""
+    """`prompt_token_ids(tokenizer, prompt, prompt_format)` when the dataset was given a tokenizer, else None."""
 
 
-def prompt_token_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The ids a prompt is rolled out from and trained on: BOS + the prompt's pieces."""
-    return tokenizer.encode(prompt, add_bos=True)
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How a row's prompt text becomes the text a rollout starts from."""
+
+    template: str = PROMPT_PLACEHOLDER
+    """Text with exactly one "{prompt}", replaced literally by the row's prompt (other braces, e.g. the
+    \\boxed{} of an instruction, are kept)."""
+    chat: bool = False
+    """Wrap the templated text as one user turn with the tokenizer's chat template and the assistant's
+    generation prompt (Hugging Face tokenizers with a chat template only)."""
+
+    def __post_init__(self):
+        if not isinstance(self.template, str) or self.template.count(PROMPT_PLACEHOLDER) != 1:
+            raise ValueError(f"prompt template must contain {PROMPT_PLACEHOLDER} exactly once, got {self.template!r}")
+
+    def check(self, tokenizer: Tokenizer | HFTokenizer) -> None:
+        """ValueError naming the tokenizer when it cannot apply this format (a chat template it lacks)."""
+        if not self.chat:
+            return
+        if not isinstance(tokenizer, HFTokenizer):
+            raise ValueError(f"a chat template needs a Hugging Face tokenizer directory; {tokenizer.source} is a "
+                             "SentencePiece model")
+        if not tokenizer.has_chat_template:
+            raise ValueError(f"the tokenizer of {tokenizer.source} has no chat template")
+
+
+def prompt_token_ids(tokenizer: Tokenizer | HFTokenizer, prompt: str, prompt_format: PromptFormat | None = None
+                     ) -> list[int]:
+    """The ids a prompt is rolled out from and trained on: BOS + the pieces of the templated prompt, or,
+    with `prompt_format.chat`, the pieces of the chat-templated text (the template writes any BOS)."""
+    prompt_format = prompt_format or PromptFormat()
+    text = prompt_format.template.replace(PROMPT_PLACEHOLDER, prompt)
+    if prompt_format.chat:
+        prompt_format.check(tokenizer)
+        return tokenizer.encode(tokenizer.apply_chat_template(text))
+    return tokenizer.encode(text, add_bos=True)
 
 
 def read_jsonl_rows(path: str | os.PathLike, error: type[ValueError] = None) -> Iterator[tuple[int, dict]]:
@@ -117,19 +154,25 @@ class PromptDataset:
         cls,
         path: str | os.PathLike,
         seed: int = 0,
-        tokenizer: Tokenizer | None = None,
+        tokenizer: Tokenizer | HFTokenizer | None = None,
         keys: Mapping[str, str | None] | None = None,
         check_answer: Callable[[str], object] | None = None,
+        prompt_format: PromptFormat | None = None,
     ) -> "PromptDataset":
         """Load `path`. keys: {"id", "prompt", "answer"} -> column name, merged over DEFAULT_KEYS; an id
-        column of None numbers the rows "line-<n>". With a tokenizer, each prompt is encoded here, and one
-        it cannot encode is a DatasetFormatError naming the line. check_answer (e.g.
-        synthetic.canonical_answer) is called on each answer; its ValueError names the line too."""
+        column of None numbers the rows "line-<n>". With a tokenizer, each prompt is encoded here
+        (`prompt_token_ids` with `prompt_format`), and one it cannot encode is a DatasetFormatError naming
+        the line. check_answer (e.g. synthetic.canonical_answer) is called on each answer; its ValueError
+        names the line too. `Prompt.prompt` keeps the row's own text."""
         path = os.fspath(path)
         keys = {**DEFAULT_KEYS, **(keys or {})}
         unknown = set(keys) - set(DEFAULT_KEYS)
         if unknown:
             raise ValueError(f"keys: unknown fields {sorted(unknown)}; expected some of {sorted(DEFAULT_KEYS)}")
+        if prompt_format is not None:
+            if tokenizer is None:
+                raise ValueError("prompt_format needs a tokenizer: it only shapes the prompts' token ids")
+            prompt_format.check(tokenizer)
         prompts: list[Prompt] = []
         id_lines: dict[str, int] = {}
         for line_number, row in read_jsonl_rows(path):
@@ -151,7 +194,7 @@ class PromptDataset:
             token_ids = None
             if tokenizer is not None:
                 try:
-                    token_ids = tuple(prompt_token_ids(tokenizer, text))
+                    token_ids = tuple(prompt_token_ids(tokenizer, text, prompt_format))
                 except ValueError as error:
                     raise DatasetFormatError(f"{where}: prompt cannot be tokenized: {error}") from None
             prompts.append(Prompt(prompt_id, text, answer, token_ids))

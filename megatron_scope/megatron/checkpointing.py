@@ -1,16 +1,25 @@
 """Checkpoints for exact resume, in Megatron-LM's layout:
 
     <root>/latest_checkpointed_iteration.txt      the last COMPLETE iteration (Megatron-LM's tracker file)
+    <root>/hf_files/                              the student's HF config and tokenizer files (`stage_hf_files`)
     <root>/iter_0000010/                          dist_checkpointing of {"model", "optimizer"} (any TP/PP on load)
                        scope_state.pt             step, scheduler, data position, rollout seed (rank 0)
                        rng_rank00003.pt           each rank's torch / Megatron-tracker RNG states
+                       megatron_scope_checkpoint.json, hf_files/   with `arch`: what converts it to HF
 
 A checkpoint is written under `iter_XXXXXXX.tmp`, renamed once every rank has finished, and only then
 named in the tracker (replaced atomically), so a run killed mid-save never resumes from a partial one.
+
+`megatron_scope_checkpoint.json` (also written by tools/convert_hf_to_megatron.py) describes the model:
+DecoderArch, HF model_type, parameter and HF dtypes, padded vocabulary, and where the dist checkpoint
+lies; tools/convert_megatron_to_hf.py reads it (`read_model_metadata`) from a converted checkpoint, a
+training iteration directory, or a training root (its latest iteration).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import shutil
@@ -20,10 +29,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
-from megatron_scope.megatron.model import unwrap_model
+from megatron_scope.megatron import hf_mapping
+from megatron_scope.megatron.model import DecoderArch, unwrap_model
+from megatron_scope.megatron.weight_export import checked_local_params
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 STATE_FILE = "scope_state.pt"
+MODEL_STATE_KEY = "model"
+METADATA_FILE = "megatron_scope_checkpoint.json"
+HF_FILES_SUBDIR = "hf_files"
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -78,11 +95,18 @@ def _set_rng_state(state: dict) -> None:
 def _sharded_state(model, optimizer, is_loading: bool) -> dict:
     # The GPTModel itself: DDP's sharded keys gain a "module." prefix that its load_state_dict lacks.
     model_state = unwrap_model(model).sharded_state_dict()
-    return {"model": model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
+    return {MODEL_STATE_KEY: model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, state: dict) -> str:
-    """Save model, optimizer, every rank's RNG and `state` (rank 0's: step, scheduler, data position, ...)."""
+def save_checkpoint(root: str, iteration: int, model, optimizer, state: dict, arch: DecoderArch | None = None) -> str:
+    """Save model, optimizer, every rank's RNG and `state` (rank 0's: step, scheduler, data position, ...).
+
+    With `arch` (the model's DecoderArch; checked against the model first), the iteration directory also
+    gets megatron_scope_checkpoint.json and a copy of the files `stage_hf_files` put under `root`, so it
+    converts to a Hugging Face model with tools/convert_megatron_to_hf.py.
+    """
+    if arch is not None:
+        checked_local_params(model, arch)
     final = checkpoint_dir(root, iteration)
     partial = final + ".tmp"
     rank = dist.get_rank()
@@ -94,6 +118,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, state: dict) ->
     torch.save(_rng_state(), os.path.join(partial, f"rng_rank{rank:05d}.pt"))
     if rank == 0:
         torch.save(dict(state, iteration=iteration, world_size=dist.get_world_size()), os.path.join(partial, STATE_FILE))
+        if arch is not None:
+            _describe_model(partial, os.path.join(root, HF_FILES_SUBDIR), model, arch)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -114,7 +140,7 @@ def load_checkpoint(root: str, model, optimizer) -> dict | None:
         return None
     directory = checkpoint_dir(root, iteration)
     loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), directory)
-    unwrap_model(model).load_state_dict(loaded["model"])
+    unwrap_model(model).load_state_dict(loaded[MODEL_STATE_KEY])
     optimizer.load_state_dict(loaded["optimizer"])
     state = torch.load(os.path.join(directory, STATE_FILE), weights_only=False)
     rng_file = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")
@@ -122,3 +148,95 @@ def load_checkpoint(root: str, model, optimizer) -> dict | None:
     if state["rng_restored"]:
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return state
+
+
+# --------------------------------------------------------------------------------------------- HF export metadata
+def copy_non_weight_files(src: str, dst: str) -> list[str]:
+    """Copy every regular file of `src` that is not a weight file (config, tokenizer, generation config)."""
+    os.makedirs(dst, exist_ok=True)
+    copied = []
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and not name.endswith(_WEIGHT_SUFFIXES) and not name.startswith("."):
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def stage_hf_files(root: str, hf_dir: str) -> list[str]:
+    """Copy the non-weight files of the HF model directory `hf_dir` (config.json, tokenizer, generation
+    config) to <root>/hf_files, replacing what was there; `save_checkpoint(..., arch=...)` copies them into
+    each checkpoint. Returns the file names."""
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise ValueError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    staged = os.path.join(root, HF_FILES_SUBDIR)
+    temporary = staged + ".tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    copied = copy_non_weight_files(hf_dir, temporary)
+    shutil.rmtree(staged, ignore_errors=True)
+    os.rename(temporary, staged)
+    return copied
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16."""
+    return str(dtype).removeprefix("torch.")
+
+
+def model_metadata(model, arch: DecoderArch, dist_checkpoint: str, hf_dtype: str | None = None,
+                   model_state_key: str | None = None) -> dict:
+    """The contents of megatron_scope_checkpoint.json for `model` (a GPTModel stage, possibly wrapped).
+    dist_checkpoint: its directory, relative to the metadata's; hf_dtype: the dtype name an export writes by
+    default (None: the parameters'); model_state_key: the key the dist checkpoint holds the model's sharded
+    state under (None: at the top level)."""
+    gpt = unwrap_model(model)
+    params_dtype = dtype_name(next(gpt.parameters()).dtype)
+    return {
+        "format_version": FORMAT_VERSION,
+        "arch": dataclasses.asdict(arch),
+        "hf_model_type": hf_mapping.model_type_of(arch),
+        "params_dtype": params_dtype,
+        "hf_dtype": hf_dtype or params_dtype,
+        "padded_vocab_size": gpt.vocab_size,
+        "dist_checkpoint": dist_checkpoint,
+        "model_state_key": model_state_key,
+    }
+
+
+def _describe_model(directory: str, staged_hf_files: str, model, arch: DecoderArch) -> None:
+    """Write `directory`'s metadata (the dist checkpoint is the directory itself) and copy the staged HF
+    files; the HF dtype is the staged config.json's, else the parameters'."""
+    config_dtype = None
+    if os.path.isdir(staged_hf_files):
+        copy_non_weight_files(staged_hf_files, os.path.join(directory, HF_FILES_SUBDIR))
+        config_path = os.path.join(staged_hf_files, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path) as handle:
+                config = json.load(handle)
+            config_dtype = config.get("dtype") or config.get("torch_dtype")
+    hf_dtype = config_dtype if config_dtype in DTYPES else None
+    with open(os.path.join(directory, METADATA_FILE), "w") as handle:
+        json.dump(model_metadata(model, arch, ".", hf_dtype, model_state_key=MODEL_STATE_KEY), handle, indent=2)
+
+
+def read_model_metadata(path: str) -> tuple[str, dict]:
+    """(directory, metadata) of a Megatron checkpoint that describes its model: a directory holding
+    megatron_scope_checkpoint.json (tools/convert_hf_to_megatron.py's output, or a training iteration saved
+    with `arch`), or a training root, taken at its latest complete iteration. ValueError naming the path
+    for anything else or another format version."""
+    if not os.path.isdir(path):
+        raise ValueError(f"Megatron checkpoint {path!r} is not a directory")
+    directory = path
+    if not os.path.isfile(os.path.join(path, METADATA_FILE)) and os.path.isfile(os.path.join(path, TRACKER_FILE)):
+        directory = checkpoint_dir(path, latest_iteration(path))
+    metadata_path = os.path.join(directory, METADATA_FILE)
+    if not os.path.isfile(metadata_path):
+        raise ValueError(
+            f"{directory} has no {METADATA_FILE}: convert HF checkpoints with tools/convert_hf_to_megatron.py; "
+            "training checkpoints carry it when saved with save_checkpoint(..., arch=...)")
+    with open(metadata_path) as handle:
+        metadata = json.load(handle)
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{metadata_path}: format_version {metadata.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return directory, metadata

@@ -13,8 +13,10 @@ stage's local names). Layouts, checked against megatron-core 0.16 (`SelfAttentio
   contiguous chunk of [gate; up].
 - `linear_proj` and `linear_fc2` are row parallel (dim 1); norms (including Qwen3's per-head q/k RMSNorm,
   weight [hd]) are replicated.
-- word embeddings and `output_layer` [padded_vocab, h] are split over TP along dim 0; rows >= vocab_size are
-  Megatron's padding: dropped on export, zero on import.
+- word embeddings and `output_layer` [padded_vocab, h] are split over TP along dim 0; rows >= arch.vocab_size
+  (the HF checkpoint's own row count) are Megatron's padding: zero on import, dropped on export, so an
+  export has exactly the rows the HF config declares whatever the padding (which may be larger than this
+  model alone needs: a student and teacher share one, see `model.build_gpt_model`).
 - tied embeddings: the first stage's `embedding.word_embeddings.weight` is the HF `model.embed_tokens.weight`;
   with PP > 1 the last stage holds a copy in `output_layer.weight`, which is filled on import and never
   exported. HF's `lm_head.weight` exists only when untied.
@@ -32,6 +34,8 @@ from megatron_scope.megatron.model import DecoderArch
 
 #: HF `model_type` -> the architecture class written to config.json.
 SUPPORTED_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+#: HF `model_type` -> the (add_qkv_bias, qk_layernorm) its models have.
+_FAMILY_LAYOUT = {"qwen2": (True, False), "qwen3": (False, True), "llama": (False, False)}
 
 #: HF tensors that are not parameters (old checkpoints store rotary tables); accepted and never read.
 IGNORED_HF_NAME = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -141,7 +145,7 @@ def hf_config_from_arch(arch: DecoderArch, model_type: str, dtype: torch.dtype =
     `arch_from_hf_config`). Raises ValueError when the family cannot express `arch` (e.g. Llama with QKV bias)."""
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
-    needs = {"qwen2": (True, False), "qwen3": (False, True), "llama": (False, False)}[model_type]
+    needs = _FAMILY_LAYOUT[model_type]
     if (arch.add_qkv_bias, arch.qk_layernorm) != needs:
         raise ValueError(
             f"{model_type} needs add_qkv_bias={needs[0]}, qk_layernorm={needs[1]}; "
@@ -167,6 +171,15 @@ def hf_config_from_arch(arch: DecoderArch, model_type: str, dtype: torch.dtype =
         dtype=dtype,
     )
     return config.to_dict()
+
+
+def model_type_of(arch: DecoderArch) -> str:
+    """The HF model_type with `arch`'s layout: qwen2 (QKV bias), qwen3 (q/k norm) or llama (neither)."""
+    layout = (arch.add_qkv_bias, arch.qk_layernorm)
+    for model_type, family_layout in _FAMILY_LAYOUT.items():
+        if family_layout == layout:
+            return model_type
+    raise ValueError(f"no supported HF model_type has add_qkv_bias={layout[0]} and qk_layernorm={layout[1]}")
 
 
 # --------------------------------------------------------------------------------------------- names

@@ -29,7 +29,9 @@ class DecoderArch:
     ffn_hidden_size: int
     """SwiGLU inner width (each of gate and up)."""
     vocab_size: int
-    """Tokenizer vocabulary, unpadded. Megatron pads it (see `padded_vocab_size`)."""
+    """Embedding rows of the HF checkpoint (config.json's vocab_size), unpadded: at least the tokenizer's
+    vocabulary, often more (Qwen2.5 checkpoints have 151936 or 152064 rows for 151665 tokens). Megatron
+    pads it further (see `padded_vocab_size`)."""
     max_position_embeddings: int = 4096
     """Longest sequence the rotary tables cover."""
     rotary_base: float = 10000.0
@@ -115,15 +117,27 @@ def build_gpt_model(
     arch: DecoderArch,
     params_dtype: torch.dtype = torch.float32,
     make_vocab_size_divisible_by: int = 128,
+    padded_vocab: int | None = None,
     **config_overrides,
 ) -> GPTModel:
-    """This rank's GPTModel stage (its TP shard of its PP stage's layers), local layer spec, rotary positions."""
-    config = transformer_config(arch, params_dtype, **config_overrides)
+    """This rank's GPTModel stage (its TP shard of its PP stage's layers), local layer spec, rotary positions.
+
+    padded_vocab: rows of the word embeddings and output layer; default `padded_vocab_size(arch.vocab_size,
+    TP, make_vocab_size_divisible_by)`. Models whose logits meet in one vocab-parallel op (a student and its
+    teacher) need the same value, so that their vocabulary shards line up on every TP rank: pad the larger
+    of their row counts. ValueError if it is below arch.vocab_size or not divisible by TP.
+    """
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    if padded_vocab is None:
+        padded_vocab = padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by)
+    elif padded_vocab < arch.vocab_size or padded_vocab % tp:
+        raise ValueError(f"padded_vocab {padded_vocab} must be >= the model's {arch.vocab_size} embedding rows "
+                         f"and divisible by the tensor-parallel size {tp}")
+    config = transformer_config(arch, params_dtype, **config_overrides)
     return GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_layernorm),
-        vocab_size=padded_vocab_size(arch.vocab_size, tp, make_vocab_size_divisible_by),
+        vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

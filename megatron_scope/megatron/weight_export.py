@@ -135,7 +135,8 @@ def iter_hf_weights(
     `dst_rank`'s own stage is yielded tensor by tensor without a bucket. Peak extra memory: on a leader,
     one bucket plus one gathered parameter; on `dst_rank`, one bucket plus the tensors the caller keeps.
     Yielded tensors are views into a received bucket or the gathered parameter (no extra copy); vocab
-    padding is dropped; with tied embeddings only `model.embed_tokens.weight` is yielded.
+    padding is dropped (embeddings have exactly arch.vocab_size rows, the shape the HF config declares,
+    however far the model is padded); with tied embeddings only `model.embed_tokens.weight` is yielded.
     """
     if bucket_bytes < 1:
         raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
@@ -215,18 +216,10 @@ def validate_hf_tensors(hf_tensors: Mapping, arch: DecoderArch) -> None:
         raise ValueError("tie_word_embeddings=True but lm_head.weight differs from model.embed_tokens.weight")
 
 
-@torch.no_grad()
-def load_hf_weights(model, arch: DecoderArch, hf_tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy this rank's TP/PP shard of every parameter from a full HF state dict (no communication).
-
-    `hf_tensors`: a dict or a `SafetensorsCheckpoint` (read lazily, tensor by tensor). Each parameter is
-    built unsplit from its HF tensors, then sliced to this rank's shard; vocab padding rows become zero;
-    values are cast to the parameter's dtype. Names and shapes (of the checkpoint and of the model against
-    `arch`) are all checked before any parameter changes.
-    """
+def checked_local_params(model, arch: DecoderArch) -> list[tuple[ParamMapping, torch.nn.Parameter]]:
+    """`local_params`, after checking every shard's shape against `arch` at the current TP size (the
+    vocabulary may be padded to any size >= arch.vocab_size); ValueError naming the first that differs."""
     params = local_params(model, arch)
-    validate_hf_tensors(hf_tensors, arch)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     vocab_rows = [p.shape[0] * tp_size for m, p in params if m.layout == hf_mapping.VOCAB]
     padded_vocab = vocab_rows[0] if vocab_rows else arch.vocab_size
@@ -238,6 +231,24 @@ def load_hf_weights(model, arch: DecoderArch, hf_tensors: Mapping[str, torch.Ten
         if tuple(param.shape) != expected:
             raise ValueError(f"{mapping.megatron_name}: model shard has shape {tuple(param.shape)}, "
                              f"{arch} at TP={tp_size} needs {expected}")
+    return params
+
+
+@torch.no_grad()
+def load_hf_weights(model, arch: DecoderArch, hf_tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy this rank's TP/PP shard of every parameter from a full HF state dict (no communication).
+
+    `hf_tensors`: a dict or a `SafetensorsCheckpoint` (read lazily, tensor by tensor). Each parameter is
+    built unsplit from its HF tensors, then sliced to this rank's shard; the model's vocabulary rows beyond
+    the checkpoint's (however many: `build_gpt_model(padded_vocab=...)`) become zero; values are cast to the
+    parameter's dtype. Names and shapes (of the checkpoint and of the model against `arch`) are all checked
+    before any parameter changes.
+    """
+    params = checked_local_params(model, arch)
+    validate_hf_tensors(hf_tensors, arch)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    padded_vocab = unwrap_model(model).vocab_size
     for mapping, param in params:
         full = hf_mapping.from_hf(mapping, hf_tensors.__getitem__, arch, padded_vocab)
         param.copy_(hf_mapping.tp_shard(mapping, full, tp_rank, tp_size))

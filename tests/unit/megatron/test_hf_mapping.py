@@ -70,6 +70,11 @@ def test_hf_config_from_arch_inverts_arch_from_hf_config(family):
     assert hf_mapping.arch_from_hf_config(config) == ARCHS[family]
 
 
+@pytest.mark.parametrize("family", sorted(TINY_HF_CONFIGS))
+def test_model_type_of_names_the_family_of_the_arch(family):
+    assert hf_mapping.model_type_of(ARCHS[family]) == family
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(model_type="mistral"), "mistral"),
     (dict(hidden_act="gelu"), "gelu"),

@@ -1,0 +1,548 @@
+"""Dry-run arithmetic for a SCOPE run: parameter counts, parallel-size and length checks, per-GPU memory.
+
+Pure functions of `DecoderArch`s and the run's numbers: no process group, no GPU, no weights. They are what
+`tools/check_config.py` prints; every message names the train_scope.py / check_config.py flag it is about.
+
+Notation: h hidden, L layers, a query heads, g key/value heads (query groups), d head dim, F SwiGLU width,
+V the vocabulary padded as Megatron pads it (`padded_vocab_size`; teacher and student share one padded
+vocabulary, the larger of their embedding row counts), t = TP, p = PP, D = DP = world / (t p), b the
+micro-batch size, s the padded sequence length (`rollout.batch.sequence_length_for`: prompt + response - 1,
+rounded up to 8), n = prompts_per_step / D x G the sequences of one data-parallel rank, e the bytes of one
+element of the parameters and activations (2 with --bf16, else 4).
+
+Memory of one training GPU at the peak of a step (the student's backward), summed term by term:
+
+    student parameters       e P                 P = parameters of this rank (its TP shard of its PP stage)
+    gradients                4 P                 Megatron DDP keeps fp32 `main_grad` buffers (grad_reduce_in_fp32);
+                                                 the distributed optimizer reduce-scatters into the same full buffer
+    Adam state               (4 + 8) P / D'      --bf16: fp32 master copy + exp_avg + exp_avg_sq; fp32 runs 8 P / D';
+                                                 D' = D with --use-distributed-optimizer, else 1
+    teacher parameters       e P_teacher         co-located, same TP/PP as the student, forward only
+    reference parameters     e P                 ExOPD's frozen initial student
+    activations              A m (L/p) [+ 2 e s b h on the last stage: final-norm and output-layer inputs]
+                             m = min(p - stage, n / b) microbatches in flight under 1F1B (1 without PP)
+    attention score buffer   e (a/t) s^2 b       Megatron's global "mpu" buffer for the baddbmm of QK^T
+                                                 (allocated once, kept; sized for the larger of teacher/student)
+    logits and gradients     3 e b s V/t         last stage: the logits shard, its log-prob gradient and its
+                                                 KL gradient (before autograd sums them). GPTModel returns logits in
+                                                 the parameters' dtype (no Float16Module fp32 cast here)
+    teacher logits           e n s V/t           last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
+                                                 SRPO): the co-located teacher's shards for the WHOLE local batch,
+                                                 kept from the scoring pass to the student's backward
+    batch tensors            40 n s              tokens, labels, position ids (int64), loss mask and 3 log-prob
+                                                 rows (fp32) of the local batch
+    runtime overhead         --overhead-gib      CUDA context, NCCL buffers, allocator fragmentation
+
+Per-layer activations A (bytes, one microbatch, no recomputation, no sequence parallelism, dropout off),
+Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", Sec. 4 (their
+sbh(34 + 5as/h), or sbh(10 + 24/t + 5as/(ht)) with TP), itemised for this repo's layer (megatron-core's local
+spec: RMSNorm, unfused DotProductAttention with fp32 softmax, GQA keys/values expanded by repeat_interleave,
+SwiGLU, no dropout):
+
+    A = e s b [ 4h + (4 a d + q_norm (a + g) d + 4 F) / t ] + c (a/t) s^2 b
+
+    4h      inputs of the two RMSNorms and of the QKV and fc1 linears (replicated over TP)
+    4ad     Q, K and V (expanded to a heads) for the two attention matmuls, and the linear_proj input
+    (a+g)d  Qwen3's per-head q/k RMSNorm inputs (q_norm = 1 for Qwen3, else 0)
+    4F      fc1 output [gate; up] (2F), silu(gate) (F), the product fed to fc2 (F)
+    c       6 with --bf16 (the fp32 softmax output + its bf16 copy for the PV matmul), 4 in fp32
+            (Korthikanti's 5 is 2 + 2 + a 1-byte dropout mask).
+
+For MHA (g = a, a d = h) with a GELU MLP (2 F-wide tensors, F = 4h) this is Korthikanti's 10 + 24/t less the
+two 1-byte dropout masks. With --assume-flash-attention the s^2 terms (scores and their buffer) are dropped:
+planning for a flash-attention layer spec, which `build_gpt_model` does not build yet.
+
+Rollout engine (vLLM), on global rank 0's GPU (co-located, today's train_scope.py) or on --rollout-gpus:
+
+    weights            e_cfg P_hf / T_r      the HF checkpoint's dtype (vLLM dtype "auto"), T_r = rollout TP
+    KV cache           --rollout-kv-cache-gib per GPU (vLLM's kv_cache_memory_bytes); one token costs
+                       2 L g d e_cfg bytes over the engine's GPUs
+    runtime            --overhead-gib + 8 max_num_seqs V   (sampler: fp32 logits and probabilities)
+
+Not modelled: the transient forward of the teacher's scoring pass (one layer's scores; smaller than the
+student's L/p layers of saved activations), weight-sync buckets (2 x 256 MiB on rank 0), chunk temporaries
+of the vocab-parallel ops (a few x 4 MiB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron_scope.arguments import FULL_VOCAB_KL, NEEDS_KL
+from megatron_scope.megatron.model import DecoderArch, padded_vocab_size
+
+GIB = 1 << 30
+#: vLLM's max_num_seqs as VLLMRolloutEngine starts it (VLLMEngineConfig default; no train_scope flag).
+VLLM_MAX_NUM_SEQS = 256
+#: Bytes per token of the batch tensors every rank builds (3 int64 + 4 fp32 rows; 5 with ExOPD's reference).
+BATCH_BYTES_PER_TOKEN = 40
+
+
+# ---------------------------------------------------------------------------------------------- counts
+def layer_param_count(arch: DecoderArch, tp: int = 1) -> int:
+    """Parameters of one decoder layer on one TP rank.
+
+    qkv (a + 2g) d h [+ bias (a + 2g) d] + o h a d + SwiGLU 3 F h, all split over t;
+    RMSNorms 2h [+ q/k norms 2d] replicated.
+    """
+    h, d = arch.hidden_size, arch.kv_channels
+    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
+    split = (q + 2 * kv) * h + (q + 2 * kv if arch.add_qkv_bias else 0) + h * q + 3 * arch.ffn_hidden_size * h
+    replicated = 2 * h + (2 * d if arch.qk_layernorm else 0)
+    return split // tp + replicated
+
+
+def hf_param_count(arch: DecoderArch) -> int:
+    """Parameters of the Hugging Face model: V h embedding [+ V h lm_head when untied] + L layers + final norm h
+    (unpadded vocabulary, a tied embedding counted once). What the vLLM engine loads."""
+    embeddings = arch.vocab_size * arch.hidden_size * (1 if arch.tie_word_embeddings else 2)
+    return embeddings + arch.num_layers * layer_param_count(arch) + arch.hidden_size
+
+
+def layers_per_stage(arch: DecoderArch, pp: int) -> int:
+    """L / p (rounded up; `check_parallel_sizes` rejects a remainder)."""
+    return -(-arch.num_layers // pp)
+
+
+def stage_param_count(arch: DecoderArch, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
+    """Parameters one rank of pipeline stage `stage` holds: its L/p layers' TP shards, plus on the first stage the
+    embedding V/t x h, plus on the last stage the final norm h and the output layer V/t x h (untied, or the tied
+    embedding's copy when p > 1; with p = 1 a tied output layer is the embedding itself)."""
+    count = layers_per_stage(arch, pp) * layer_param_count(arch, tp)
+    vocab_shard = padded_vocab // tp * arch.hidden_size
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        count += vocab_shard
+    if last:
+        count += arch.hidden_size
+        if not arch.tie_word_embeddings or pp > 1:
+            count += vocab_shard
+    return count
+
+
+def common_padded_vocab(archs: list[DecoderArch], tp: int, divisible_by: int = 128) -> int:
+    """One padded vocabulary for teacher and student: Megatron's padding (next multiple of 128 t) of the larger
+    embedding row count, so both models' logits shards line up for the KL."""
+    return padded_vocab_size(max(arch.vocab_size for arch in archs), tp, divisible_by)
+
+
+def sequence_length(max_prompt_tokens: int, max_new_tokens: int, multiple_of: int = 8) -> int:
+    """The trainer's padded length for the longest sequence: prompt + response - 1, rounded up to `multiple_of`."""
+    longest = max_prompt_tokens + max_new_tokens
+    return max(multiple_of, -(-(longest - 1) // multiple_of) * multiple_of)
+
+
+def kv_bytes_per_token(arch: DecoderArch, element_bytes: int) -> int:
+    """K and V of one token over all layers: 2 L g d e_cfg (as VLLMRolloutEngine's ModelFacts counts it)."""
+    return 2 * arch.num_layers * arch.num_query_groups * arch.kv_channels * element_bytes
+
+
+def activation_bytes_per_layer(arch: DecoderArch, seq_length: int, micro_batch_size: int, tp: int,
+                               element_bytes: int = 2, flash_attention: bool = False) -> int:
+    """A = e s b [4h + (4ad + q_norm (a+g) d + 4F)/t] + c (a/t) s^2 b, c = 6 (bf16) or 4 (fp32); see the module
+    docstring for each term. `flash_attention` drops the s^2 term."""
+    s, b, h, d = seq_length, micro_batch_size, arch.hidden_size, arch.kv_channels
+    a, g = arch.num_attention_heads, arch.num_query_groups
+    split = 4 * a * d + ((a + g) * d if arch.qk_layernorm else 0) + 4 * arch.ffn_hidden_size
+    linear = element_bytes * s * b * (4 * h) + element_bytes * s * b * split // tp
+    if flash_attention:
+        return linear
+    scores = (6 if element_bytes == 2 else 4) * a * s * s * b // tp
+    return linear + scores
+
+
+# ---------------------------------------------------------------------------------------------- the run
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """The numbers of one launch: geometry (torchrun) and the train_scope.py flags that size memory."""
+
+    nnodes: int
+    """torchrun --nnodes."""
+    nproc_per_node: int
+    """torchrun --nproc-per-node (training ranks per node)."""
+    tensor_parallel: int
+    """--tensor-model-parallel-size."""
+    pipeline_parallel: int
+    """--pipeline-model-parallel-size."""
+    prompts_per_step: int
+    """--prompts-per-step."""
+    group_size: int
+    """--scope-group-size (G)."""
+    micro_batch_size: int
+    """--micro-batch-size."""
+    max_prompt_tokens: int
+    """Longest prompt in tokens (--max-prompt-tokens, or measured from --train-data)."""
+    max_new_tokens: int
+    """--max-new-tokens."""
+    bf16: bool = True
+    """--bf16: 16-bit parameters and activations."""
+    distributed_optimizer: bool = False
+    """--use-distributed-optimizer: Adam state sharded over data-parallel ranks."""
+    algorithm: str = "scope"
+    """--scope-algorithm."""
+    kl: str = "reverse"
+    """--scope-kl."""
+    rollout_kv_cache_gib: float = 1.0
+    """--rollout-kv-cache-gib (per engine GPU)."""
+    rollout_tensor_parallel: int = 1
+    """--rollout-tensor-parallel-size."""
+    rollout_gpus: int = 0
+    """GPUs running vLLM engines apart from the training ranks; 0: one engine on global rank 0's GPU."""
+    rollout_element_bytes: int = 2
+    """Bytes per element of the engine's weights and KV cache (the HF config's dtype)."""
+    max_num_seqs: int = VLLM_MAX_NUM_SEQS
+    """Sequences the engine decodes together."""
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU."""
+    overhead_gib: float = 2.0
+    """Per-process runtime overhead (CUDA context, NCCL, allocator fragmentation)."""
+    flash_attention: bool = False
+    """Plan for a flash-attention layer spec (no s^2 score tensors)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @property
+    def data_parallel(self) -> int:
+        """D = world / (t p) (floored; `check_parallel_sizes` rejects a remainder)."""
+        return max(1, self.world_size // (self.tensor_parallel * self.pipeline_parallel))
+
+    @property
+    def local_sequences(self) -> int:
+        """n = prompts_per_step / D x G: the sequences one data-parallel rank trains on per step."""
+        return self.prompts_per_step // self.data_parallel * self.group_size
+
+    @property
+    def num_microbatches(self) -> int:
+        return max(1, self.local_sequences // self.micro_batch_size)
+
+    @property
+    def seq_length(self) -> int:
+        return sequence_length(self.max_prompt_tokens, self.max_new_tokens)
+
+    @property
+    def element_bytes(self) -> int:
+        return 2 if self.bf16 else 4
+
+    @property
+    def keeps_teacher_logits(self) -> bool:
+        """The trainer keeps the teacher's vocab shards for the local batch (ScopeLossConfig.needs_teacher_logits)."""
+        return (self.algorithm in NEEDS_KL and self.kl in FULL_VOCAB_KL) or self.algorithm == "srpo"
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.algorithm not in ("grpo", "sft")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_parallel_sizes(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[str]:
+    """Errors (one message per problem, naming flags and values) for the parallel layout.
+
+    world = nnodes x nproc_per_node must be a multiple of t p; D = world / (t p) must divide prompts_per_step
+    (each rank takes whole prompt groups); n = prompts_per_step / D x G must split into microbatches of b;
+    for each model (`archs`: {"student": ..., "teacher": ...}): a % t == 0, g a multiple or divisor of t
+    (megatron-core's rule), L % p == 0 with L >= p, F % t == 0. The padded vocabulary divides by t by
+    construction. The engine's TP: a % T_r == 0 and g a multiple or divisor of T_r (vLLM).
+    """
+    errors = []
+    tp, pp, world = plan.tensor_parallel, plan.pipeline_parallel, plan.world_size
+    if world % (tp * pp):
+        errors.append(
+            f"world size {world} (--nnodes {plan.nnodes} x --nproc-per-node {plan.nproc_per_node}) is not a multiple "
+            f"of --tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp}")
+        return errors  # D is undefined: the batch checks below would mislead
+    dp = world // (tp * pp)
+    if plan.prompts_per_step % dp:
+        errors.append(
+            f"--prompts-per-step {plan.prompts_per_step} is not divisible by the data-parallel size {dp} "
+            f"(= {world} ranks / (TP {tp} x PP {pp})): each data-parallel rank takes whole prompt groups")
+    else:
+        local = plan.prompts_per_step // dp * plan.group_size
+        if local % plan.micro_batch_size:
+            errors.append(
+                f"{local} sequences per data-parallel rank (--prompts-per-step {plan.prompts_per_step} / DP {dp} x "
+                f"--scope-group-size {plan.group_size}) do not split into --micro-batch-size {plan.micro_batch_size}")
+    for name, arch in archs.items():
+        where = f"the {name} (--{name}-hf)"
+        if arch.num_attention_heads % tp:
+            errors.append(f"{where} has {arch.num_attention_heads} attention heads, not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+        g = arch.num_query_groups
+        if g % tp and tp % g:
+            errors.append(f"{where} has {g} key/value heads (num_query_groups), neither a multiple nor a divisor of "
+                          f"--tensor-model-parallel-size {tp}")
+        if arch.num_layers % pp:
+            errors.append(f"{where} has {arch.num_layers} layers, not divisible by --pipeline-model-parallel-size {pp}")
+        if arch.ffn_hidden_size % tp:
+            errors.append(f"{where} has ffn (intermediate) size {arch.ffn_hidden_size}, not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    student = archs.get("student")
+    rtp = plan.rollout_tensor_parallel
+    if student is not None and rtp > 1:
+        if student.num_attention_heads % rtp:
+            errors.append(f"the student (--student-hf) has {student.num_attention_heads} attention heads, not divisible "
+                          f"by --rollout-tensor-parallel-size {rtp} (vLLM)")
+        if student.num_query_groups % rtp and rtp % student.num_query_groups:
+            errors.append(f"the student (--student-hf) has {student.num_query_groups} key/value heads, neither a "
+                          f"multiple nor a divisor of --rollout-tensor-parallel-size {rtp} (vLLM)")
+    if plan.rollout_gpus:
+        if plan.rollout_gpus % rtp:
+            errors.append(f"--rollout-gpus {plan.rollout_gpus} is not a multiple of --rollout-tensor-parallel-size {rtp}")
+    elif rtp > plan.nproc_per_node:
+        errors.append(f"--rollout-tensor-parallel-size {rtp} exceeds --nproc-per-node {plan.nproc_per_node}: the "
+                      "co-located engine runs on rank 0's node")
+    return errors
+
+
+def check_sequence_length(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[str]:
+    """Errors unless max_prompt_tokens + max_new_tokens <= max_position_embeddings of every model."""
+    errors = []
+    longest = plan.max_prompt_tokens + plan.max_new_tokens
+    for name, arch in archs.items():
+        if longest > arch.max_position_embeddings:
+            errors.append(
+                f"prompt ({plan.max_prompt_tokens} tokens, --max-prompt-tokens) + --max-new-tokens "
+                f"{plan.max_new_tokens} = {longest} exceeds the {name}'s max_position_embeddings "
+                f"{arch.max_position_embeddings} (--{name}-hf config.json)")
+    return errors
+
+
+def check_rollout_kv_cache(plan: RunPlan, student: DecoderArch) -> tuple[list[str], list[str]]:
+    """(errors, notes) for the engine's KV cache.
+
+    Error: --rollout-kv-cache-gib < 2 L g d e_cfg x max_model_len, the check VLLMRolloutEngine makes at start
+    (train_scope.py leaves max_model_len at the student's max_position_embeddings). Note: how many full
+    sequences (prompt + max_new_tokens) the cache decodes at once, against min(max_num_seqs, prompts x G).
+    """
+    errors, notes = [], []
+    per_token = kv_bytes_per_token(student, plan.rollout_element_bytes)
+    cache = int(plan.rollout_kv_cache_gib * GIB)
+    max_model_len = student.max_position_embeddings
+    needed = per_token * max_model_len
+    if cache < needed:
+        errors.append(
+            f"--rollout-kv-cache-gib {plan.rollout_kv_cache_gib:g} cannot hold one sequence of max_model_len "
+            f"{max_model_len} (the student's max_position_embeddings) at {per_token} bytes/token: the vLLM engine "
+            f"refuses to start below {needed / GIB:.2f} GiB")
+    # Per GPU of the engine: the kv heads are split over the engine's TP (replicated when g < T_r).
+    groups = student.num_query_groups
+    per_gpu_token = per_token * max(1, groups // plan.rollout_tensor_parallel) // groups
+    full = plan.max_prompt_tokens + plan.max_new_tokens
+    concurrent = cache // max(1, per_gpu_token * full)
+    wanted = min(plan.max_num_seqs, plan.prompts_per_step * plan.group_size)
+    if concurrent < wanted:
+        notes.append(
+            f"the rollout KV cache (--rollout-kv-cache-gib {plan.rollout_kv_cache_gib:g}) holds {concurrent} full "
+            f"sequences ({full} tokens) at once; {wanted} would decode together (min(max_num_seqs {plan.max_num_seqs}, "
+            f"{plan.prompts_per_step * plan.group_size} per step)): {wanted * per_gpu_token * full / GIB:.1f} GiB "
+            "per engine GPU for that")
+    return errors, notes
+
+
+def check_vocabulary(tokenizer_vocab: int | None, archs: dict[str, DecoderArch]) -> tuple[list[str], list[str]]:
+    """(errors, notes): with a tokenizer, each model's embedding must cover it (vocab_size >= tokenizer's; extra
+    rows are padding no sampled id reaches). Without one, differing config vocab sizes are named in a note."""
+    errors, notes = [], []
+    if tokenizer_vocab is not None:
+        for name, arch in archs.items():
+            if arch.vocab_size < tokenizer_vocab:
+                errors.append(f"the {name}'s vocabulary ({arch.vocab_size} rows, --{name}-hf config.json) does not "
+                              f"cover the tokenizer's {tokenizer_vocab} tokens (--tokenizer)")
+        return errors, notes
+    sizes = {name: arch.vocab_size for name, arch in archs.items()}
+    if len(set(sizes.values())) > 1:
+        notes.append("config vocab sizes differ (" + ", ".join(f"{k} {v}" for k, v in sizes.items()) + "); without "
+                     "the tokenizer it cannot be checked that both cover one vocabulary")
+    return errors, notes
+
+
+# ---------------------------------------------------------------------------------------------- memory
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One term of a GPU's memory."""
+
+    name: str
+    bytes: int
+    detail: str
+    """How it was computed (shapes, dtypes)."""
+    advice: str = ""
+    """What lowers it, for the error when it is the largest term of a GPU that does not fit."""
+
+
+@dataclasses.dataclass
+class GpuEstimate:
+    """The memory of one kind of GPU of the launch."""
+
+    role: str
+    """Which GPUs: "rank 0 (first stage + rollout engine)", "last pipeline stage", "rollout GPU", ..."""
+    components: list[Component]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(c.bytes for c in self.components)
+
+    @property
+    def largest(self) -> Component:
+        return max(self.components, key=lambda c: c.bytes)
+
+
+def _dtype(element_bytes: int) -> str:
+    return {2: "bf16", 4: "fp32"}.get(element_bytes, f"{element_bytes}-byte")
+
+
+def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None, stage: int,
+                         padded_vocab: int) -> list[Component]:
+    tp, pp, e = plan.tensor_parallel, plan.pipeline_parallel, plan.element_bytes
+    dp, n, b, s = plan.data_parallel, plan.local_sequences, plan.micro_batch_size, plan.seq_length
+    last = stage == pp - 1
+    params = stage_param_count(student, tp, pp, stage, padded_vocab)
+    comps = [Component("student parameters", e * params, f"{params:,} params x {e} B ({_dtype(e)})",
+                       "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"),
+             Component("gradients (fp32 main_grad)", 4 * params, f"{params:,} x 4 B (Megatron DDP, grad_reduce_in_fp32)",
+                       "raise --tensor-model-parallel-size / --pipeline-model-parallel-size")]
+    per_param = 12 if plan.bf16 else 8
+    shards = dp if plan.distributed_optimizer else 1
+    what = "fp32 master + exp_avg + exp_avg_sq" if plan.bf16 else "exp_avg + exp_avg_sq"
+    comps.append(Component("optimizer state (Adam)", per_param * params // shards,
+                           f"{per_param} B x {params:,} / {shards} ({what}"
+                           + (", sharded over DP)" if plan.distributed_optimizer else ", not sharded)"),
+                           "use --use-distributed-optimizer (or more data-parallel ranks with it)"))
+    if teacher is not None:
+        t_params = stage_param_count(teacher, tp, pp, stage, padded_vocab)
+        comps.append(Component("teacher parameters", e * t_params, f"{t_params:,} params x {e} B (forward only)",
+                               "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
+    if plan.algorithm == "exopd":
+        comps.append(Component("reference parameters (ExOPD)", e * params, f"{params:,} params x {e} B",
+                               "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
+    in_flight = min(pp - stage, plan.num_microbatches)
+    per_layer = activation_bytes_per_layer(student, s, b, tp, e, plan.flash_attention)
+    layers = layers_per_stage(student, pp)
+    act = per_layer * layers * in_flight + (2 * e * s * b * student.hidden_size if last else 0)
+    comps.append(Component(
+        "student activations", act,
+        f"{per_layer / GIB:.2f} GiB/layer (s={s}, b={b}) x {layers} layers x {in_flight} microbatch(es) in flight",
+        "lower --micro-batch-size or --max-new-tokens, raise --tensor-model-parallel-size; the s^2 attention "
+        "scores of megatron-core's local layer spec dominate long sequences (--assume-flash-attention shows the "
+        "estimate without them; train_scope.py has no flash-attention spec yet)"))
+    if not plan.flash_attention:
+        heads = max(student.num_attention_heads, teacher.num_attention_heads if teacher else 0)
+        buffer = e * (heads // tp) * s * s * b
+        comps.append(Component("attention score buffer", buffer,
+                               f"[{b} x {heads // tp} heads, {s}, {s}] {_dtype(e)} (Megatron global buffer)",
+                               "lower --micro-batch-size or --max-new-tokens, raise --tensor-model-parallel-size"))
+    vocab_shard = padded_vocab // tp
+    if last:
+        logits = b * s * vocab_shard * e
+        comps.append(Component("logits + gradients", 3 * logits,
+                               f"3 x [{b}, {s}, {vocab_shard}] {_dtype(e)} (logits, log-prob and KL gradients)",
+                               "lower --micro-batch-size, raise --tensor-model-parallel-size"))
+        if plan.keeps_teacher_logits and teacher is not None:
+            comps.append(Component(
+                "teacher logits (local batch)", n * s * vocab_shard * e,
+                f"[{n} sequences, {s}, {vocab_shard}] {_dtype(e)}, kept for the whole local batch",
+                "use --scope-kl k1 or k3 (sampled-token log-probs, no teacher logits kept), or more data-parallel "
+                "ranks (fewer sequences each); --scope-kl topk needs a remote top-k teacher, which train_scope.py "
+                "does not provide yet"))
+    comps.append(Component("batch tensors", BATCH_BYTES_PER_TOKEN * n * s,
+                           f"{BATCH_BYTES_PER_TOKEN} B x {n} sequences x {s} tokens", "more data-parallel ranks"))
+    comps.append(Component("runtime overhead (trainer)", int(plan.overhead_gib * GIB),
+                           "CUDA context, NCCL, fragmentation (--overhead-gib)", ""))
+    return comps
+
+
+def _engine_components(plan: RunPlan, student: DecoderArch) -> list[Component]:
+    rtp, e = plan.rollout_tensor_parallel, plan.rollout_element_bytes
+    weights = hf_param_count(student) * e // rtp
+    sampler = 8 * plan.max_num_seqs * student.vocab_size
+    return [
+        Component("vLLM weights", weights, f"{hf_param_count(student):,} params x {e} B / rollout TP {rtp}",
+                  "raise --rollout-tensor-parallel-size, or put engines on --rollout-gpus (Ray, planned)"),
+        Component("vLLM KV cache", int(plan.rollout_kv_cache_gib * GIB),
+                  f"--rollout-kv-cache-gib ({kv_bytes_per_token(student, e):,} B/token over the engine)",
+                  "lower --rollout-kv-cache-gib (it must still hold one max_position_embeddings sequence)"),
+        Component("vLLM runtime", int(plan.overhead_gib * GIB) + sampler,
+                  f"--overhead-gib + sampler 8 B x {plan.max_num_seqs} seqs x {student.vocab_size}", ""),
+    ]
+
+
+def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None) -> list[GpuEstimate]:
+    """Per-GPU memory of every kind of GPU in the launch (see the module docstring for each term).
+
+    Kinds: rank 0 (first pipeline stage, plus the engine when --rollout-gpus is 0), the last pipeline stage
+    (PP > 1), the other first-stage ranks (co-located engine, PP = 1: the same without the engine), and one
+    rollout GPU (--rollout-gpus > 0).
+    """
+    archs = [student] + ([teacher] if teacher is not None else [])
+    padded = common_padded_vocab(archs, plan.tensor_parallel)
+    pp, co_located = plan.pipeline_parallel, plan.rollout_gpus == 0
+    engine = _engine_components(plan, student)
+    first = _training_components(plan, student, teacher, 0, padded)
+    rtp = plan.rollout_tensor_parallel
+    ranks = "rank 0" if rtp == 1 or not co_located else f"ranks 0-{rtp - 1}"
+    gpus = [GpuEstimate(f"{ranks} (first stage + rollout engine)" if co_located else "rank 0 (first stage)",
+                        first + (engine if co_located else []))]
+    if pp > 1:
+        gpus.append(GpuEstimate("last pipeline stage", _training_components(plan, student, teacher, pp - 1, padded)))
+    elif co_located and plan.world_size > rtp:
+        gpus.append(GpuEstimate("other ranks (no engine)", first))
+    if not co_located:
+        gpus.append(GpuEstimate("rollout GPU", engine))
+    return gpus
+
+
+def fit_errors(plan: RunPlan, gpus: list[GpuEstimate]) -> list[str]:
+    """One message per kind of GPU whose total exceeds --gpu-memory-gib, naming its largest term."""
+    errors = []
+    budget = plan.gpu_memory_gib * GIB
+    for gpu in gpus:
+        if gpu.total_bytes > budget:
+            big = gpu.largest
+            errors.append(
+                f"{gpu.role} needs {gpu.total_bytes / GIB:.1f} GiB, more than --gpu-memory-gib {plan.gpu_memory_gib:g}; "
+                f"largest term: {big.name} {big.bytes / GIB:.1f} GiB ({big.detail})"
+                + (f"; to lower it: {big.advice}" if big.advice else ""))
+    return errors
+
+
+def estimate_to_dict(plan: RunPlan, gpus: list[GpuEstimate]) -> dict:
+    """JSON-ready: per kind of GPU, every term in bytes and GiB, the total and whether it fits."""
+    budget = plan.gpu_memory_gib * GIB
+    return {
+        "gpu_memory_gib": plan.gpu_memory_gib,
+        "gpus": [{
+            "role": gpu.role,
+            "total_bytes": gpu.total_bytes,
+            "total_gib": round(gpu.total_bytes / GIB, 3),
+            "fits": gpu.total_bytes <= budget,
+            "largest": gpu.largest.name,
+            "components": [{"name": c.name, "bytes": c.bytes, "gib": round(c.bytes / GIB, 3), "detail": c.detail}
+                           for c in gpu.components],
+        } for gpu in gpus],
+    }
+
+
+def format_table(plan: RunPlan, gpus: list[GpuEstimate]) -> str:
+    """The per-component table in GiB, one column per kind of GPU, with totals against --gpu-memory-gib."""
+    names = []
+    for gpu in gpus:
+        names += [c.name for c in gpu.components if c.name not in names]
+    details = {}
+    for gpu in gpus:
+        for c in gpu.components:
+            details.setdefault(c.name, c.detail)
+    width = max(len(name) for name in names + ["total"]) + 2
+    columns = [f"[{i + 1}]" for i in range(len(gpus))]
+    lines = ["per-GPU memory (GiB); " + "; ".join(f"{col} {gpu.role}" for col, gpu in zip(columns, gpus)),
+             f"  {'component':<{width}}" + "".join(f"{col:>9}" for col in columns) + "  detail"]
+    for name in names:
+        cells = []
+        for gpu in gpus:
+            found = [c.bytes for c in gpu.components if c.name == name]
+            cells.append(f"{found[0] / GIB:>9.2f}" if found else f"{'-':>9}")
+        lines.append(f"  {name:<{width}}" + "".join(cells) + f"  {details[name]}")
+    lines.append(f"  {'total':<{width}}" + "".join(f"{gpu.total_bytes / GIB:>9.2f}" for gpu in gpus)
+                 + f"  of --gpu-memory-gib {plan.gpu_memory_gib:g}")
+    verdicts = ["fits" if gpu.total_bytes <= plan.gpu_memory_gib * GIB else "DOES NOT FIT" for gpu in gpus]
+    lines.append(f"  {'':<{width}}" + "".join(f"{v if v == 'fits' else 'NO':>9}" for v in verdicts))
+    return "\n".join(lines)

