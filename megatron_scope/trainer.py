@@ -40,7 +40,7 @@ from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.schedule import forward_backward, forward_collect
 from megatron_scope.megatron.weight_export import iter_hf_weights
 from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob, vocab_parallel_log_probs
-from megatron_scope.rollout.batch import RolloutGroup, build_batch, sequence_length_for, split_rows
+from megatron_scope.rollout.batch import RolloutGroup, build_batch, check_token_ids, sequence_length_for, split_rows
 from megatron_scope.rollout.engine import Completion, SamplingParams
 
 logger = logging.getLogger("megatron_scope.trainer")
@@ -169,6 +169,23 @@ class ScopeTrainer:
                              "needs a co-located Megatron teacher (--teacher-hf)")
         if self.loss_config.algorithm == "exopd" and self.reference is None:
             raise ValueError("--scope-algorithm exopd needs a reference model (the initial student)")
+        self._check_prompts()
+
+    def _check_prompts(self) -> None:
+        """Every prompt fits the student's context with max_new_tokens, and its ids are in the vocabulary."""
+        context, vocab = self.arch.max_position_embeddings, self.loss_config.vocab_size
+        source = getattr(self.dataset, "source", "the dataset")
+        for prompt in getattr(self.dataset, "prompts", ()):
+            ids = prompt.token_ids
+            if ids is None:
+                continue
+            if len(ids) + self.settings.max_new_tokens > context:
+                raise ValueError(f"prompt {prompt.id!r} ({source}) has {len(ids)} tokens: with max_new_tokens "
+                                 f"{self.settings.max_new_tokens} it needs {len(ids) + self.settings.max_new_tokens} "
+                                 f"positions, more than the student's context of {context} (max_position_embeddings)")
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                raise ValueError(f"prompt {prompt.id!r} ({source}) has token ids outside the vocabulary [0, {vocab}): "
+                                 f"{[t for t in ids if not 0 <= t < vocab][:5]}")
 
     # ---- one iteration ----
 
@@ -180,7 +197,8 @@ class ScopeTrainer:
         if self.rank == 0:
             start = time.perf_counter()
             params = SamplingParams(n=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                    top_p=s.top_p, stop_token_ids=(self.tokenizer.eos_id,), seed=s.seed + iteration)
+                                    top_p=s.top_p, stop_token_ids=(self.tokenizer.eos_id,), seed=s.seed + iteration,
+                                    vocab_size=self.loss_config.vocab_size)  # no extra embedding rows
             samples = self.engine.generate([list(p.token_ids) for p in prompts], params)
             rollout_seconds = time.perf_counter() - start
             texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
@@ -281,6 +299,7 @@ class ScopeTrainer:
         s = self.settings
         start = time.perf_counter()
         groups, metrics = self._rollout(iteration)
+        check_token_ids(groups, self.loss_config.vocab_size)  # all groups: every rank raises alike
         per_rank = s.prompts_per_step // self.dp_size
         local = groups[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         seq_length = sequence_length_for(groups)
@@ -336,7 +355,8 @@ class ScopeTrainer:
     def save(self) -> None:
         state = {"scheduler": self.scheduler.state_dict(), "dataset": self.dataset.state_dict(),
                  "history": self.history, "seed": self.settings.seed}
-        path = checkpointing.save_checkpoint(self.settings.save, self.iteration, self.student, self.optimizer, state)
+        path = checkpointing.save_checkpoint(self.settings.save, self.iteration, self.student, self.optimizer, state,
+                                             arch=self.arch)
         logger.info("saved checkpoint %s", path)
 
     def train(self) -> list[dict]:

@@ -33,16 +33,34 @@ class RolloutGroup:
                              f"{len(self.correct)} verifier outcomes")
 
 
+def check_token_ids(groups: Sequence[RolloutGroup], vocab_size: int) -> None:
+    """Raise ValueError naming the prompt (and sample) if any prompt or response token id lies outside
+    [0, vocab_size): Megatron's embedding would read a padding row (ids below the padded vocabulary) or
+    fail with an opaque index error, and the loss would score a token the teacher never saw."""
+    for group in groups:
+        sources = [("prompt", group.prompt_token_ids)]
+        sources += [(f"response {j}", c.token_ids) for j, c in enumerate(group.completions)]
+        for what, ids in sources:
+            if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+                bad = [t for t in ids if not 0 <= t < vocab_size]
+                raise ValueError(f"prompt {group.prompt_id!r}: {what} has token ids outside the vocabulary "
+                                 f"[0, {vocab_size}): {bad[:5]}")
+
+
 def sequence_length_for(groups: Sequence[RolloutGroup], multiple_of: int = 8) -> int:
     """Shortest padded length (a multiple of `multiple_of`) that holds every prompt + response minus one."""
     longest = max(len(g.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.completions)
     return max(multiple_of, -(-(longest - 1) // multiple_of) * multiple_of)
 
 
-def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, group_offset: int = 0) -> dict:
+def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, group_offset: int = 0,
+                vocab_size: int | None = None) -> dict:
     """Tensors for `groups` in order, G rows per prompt: tokens, labels, loss_mask, position_ids [n, seq_length];
     correct (bool), group_ids (group_offset + index of the prompt) [n]; plus rollout_log_probs [n, seq_length]
-    (the engine's sampling log-probs at the label positions, 0 elsewhere)."""
+    (the engine's sampling log-probs at the label positions, 0 elsewhere). An empty response is legal: its row
+    has no loss-mask position. With `vocab_size`, token ids are checked first (`check_token_ids`)."""
+    if vocab_size is not None:
+        check_token_ids(groups, vocab_size)
     rows = [(gi, g, c, ok) for gi, g in enumerate(groups) for c, ok in zip(g.completions, g.correct)]
     n = len(rows)
     tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
@@ -55,6 +73,9 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
             raise ValueError(f"prompt {group.prompt_id!r}: prompt + response is {len(sequence)} tokens, "
                              f"longer than seq_length + 1 = {seq_length + 1}")
         start, length = len(group.prompt_token_ids) - 1, len(completion.token_ids)
+        if len(completion.log_probs) != length:
+            raise ValueError(f"prompt {group.prompt_id!r}: a response of {length} tokens has "
+                             f"{len(completion.log_probs)} log-probs")
         tokens[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
         labels[i, : len(sequence) - 1] = torch.tensor(sequence[1:])
         loss_mask[i, start : start + length] = 1.0

@@ -29,6 +29,9 @@ class SamplingParams:
     """Tokens that end a response (kept as its last token); add the tokenizer's EOS here."""
     seed: int | None = None
     """Base seed: the same seed, prompts and weights give the same responses."""
+    vocab_size: int | None = None
+    """Sample only ids below this: the tokenizer's vocabulary, when the checkpoint has more embedding rows
+    than tokens (Qwen2.5: 151936 or 152064 rows, 151665 tokens). None: every row of the model."""
 
     def __post_init__(self):
         if self.n < 1:
@@ -39,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"SamplingParams.vocab_size must be >= 1 or None, got {self.vocab_size}")
 
 
 @dataclasses.dataclass
@@ -51,6 +56,12 @@ class Completion:
     """Sampling log-prob of each response token, under the engine's temperature-scaled distribution."""
     finish_reason: str
     """"stop" (a stop token), "length" (max_new_tokens reached)."""
+
+
+class RolloutEngineDiedError(RuntimeError):
+    """The engine's process died (or stopped answering) during or before a call: nothing was returned, and
+    the engine refuses every later call. Stop the run; a restart with --load resumes from the last complete
+    checkpoint."""
 
 
 class RolloutEngine(abc.ABC):

@@ -34,6 +34,13 @@ Contracts:
   `update_weights` succeeds. Either way the rest of the stream is consumed before the error is raised
   (the other trainer ranks are inside `iter_hf_weights` collectives). After an update the prefix cache
   is reset: KV computed with the old weights is never reused.
+- Engine death: every vLLM call runs in a helper thread while this process watches vLLM's engine-core
+  process. If it dies (killed, out of memory, a crash) before or during a call, the call raises
+  `RolloutEngineDiedError` naming the engine, the process and its exit signal or code, within about
+  `_LIVENESS_POLL_S` seconds; vLLM alone would wait forever for the reply of a dead process. A call that
+  takes longer than `call_timeout_s` (when set) raises the same error. A dead engine refuses every later
+  call with that error (nothing restarts it: the trainer stops, and a restart with --load resumes);
+  `close` still returns at once.
 - `sleep`/`wake`: vLLM's sleep mode (level 1 or 2) on CUDA when `enable_sleep_mode`; vLLM's CPU worker
   has no sleep mode, so there (and on GPU without `enable_sleep_mode`) both are no-ops. After a level-2
   sleep the weights are gone: `generate` refuses until `update_weights`.
@@ -47,11 +54,14 @@ import json
 import logging
 import os
 import re
-from typing import Iterable, Literal, Sequence
+import signal
+import threading
+import time
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
-from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams
+from megatron_scope.rollout.engine import Completion, RolloutEngine, RolloutEngineDiedError, SamplingParams
 from megatron_scope.rollout.buckets import drain, iter_buckets
 
 logger = logging.getLogger(__name__)
@@ -60,6 +70,8 @@ _DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "float16": tor
                 "half": torch.float16, "bfloat16": torch.bfloat16}
 # Old checkpoints store rotary tables; vLLM computes its own and an update never sends them.
 _ROTARY_TABLE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_LIVENESS_POLL_S = 0.2
+"""How often a waiting call checks that vLLM's engine-core process is alive."""
 
 
 @dataclasses.dataclass
@@ -94,6 +106,9 @@ class VLLMEngineConfig:
     """1: weights offloaded to host, KV cache dropped; 2: both dropped (update_weights after wake)."""
     weight_bucket_bytes: int = 512 << 20
     """Bytes per weight bucket in `update_weights` (a larger single tensor travels alone)."""
+    call_timeout_s: float | None = None
+    """Longest one vLLM call (a whole `generate`, one weight bucket) may take before the engine counts as
+    hung (RolloutEngineDiedError). None: no limit; a dead engine process is detected either way."""
 
     def __post_init__(self):
         if (self.kv_cache_bytes is None) == (self.gpu_memory_utilization is None):
@@ -118,6 +133,8 @@ class VLLMEngineConfig:
             raise ValueError(f"VLLMEngineConfig.log_probs must be 'sampling' or 'raw', got {self.log_probs!r}")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"VLLMEngineConfig.sleep_level must be 1 or 2, got {self.sleep_level}")
+        if self.call_timeout_s is not None and not self.call_timeout_s > 0:
+            raise ValueError(f"VLLMEngineConfig.call_timeout_s must be > 0 or None, got {self.call_timeout_s}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +229,7 @@ class VLLMRolloutEngine(RolloutEngine):
                            current_platform.device_name)
         self._asleep = False
         self._weights_valid = True
+        self._died: str | None = None  # why the engine is unusable, once its process died or hung
         self._llm = None
         engine_args = dict(
             model=config.model_path,
@@ -240,7 +258,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 f"vLLM failed to start on {config.model_path!r} ({type(error).__name__}: {error}); "
                 "in multiprocess mode the worker's own error is in the log above"
             ) from error
-        self._llm.init_weight_transfer_engine({"init_info": {}})
+        self._call("init_weight_transfer_engine", self._llm.init_weight_transfer_engine, {"init_info": {}})
 
     def _check_resources(self, on_cpu: bool) -> None:
         facts, config = self.facts, self.config
@@ -280,8 +298,15 @@ class VLLMRolloutEngine(RolloutEngine):
         for token in params.stop_token_ids:
             if not 0 <= token < self.facts.vocab_size:
                 raise ValueError(f"stop token id {token} is outside the vocabulary [0, {self.facts.vocab_size})")
+        if params.vocab_size is not None and params.vocab_size > self.facts.vocab_size:
+            raise ValueError(f"SamplingParams.vocab_size {params.vocab_size} exceeds the model's "
+                             f"{self.facts.vocab_size} embedding rows")
         greedy = params.temperature == 0
         samples_per_request = 1 if greedy else params.n  # vLLM refuses n > 1 when greedy
+        # Rows beyond the tokenizer get vLLM's strongest bias (-100): with logits of O(10) their probability
+        # is below e^-80, and the trainer's log-probs exclude them outright (ScopeLossConfig.vocab_size).
+        excluded = range(params.vocab_size or self.facts.vocab_size, self.facts.vocab_size)
+        logit_bias = {token: -100.0 for token in excluded} or None
         requests = [
             VLLMSamplingParams(
                 n=samples_per_request,
@@ -292,11 +317,13 @@ class VLLMRolloutEngine(RolloutEngine):
                 ignore_eos=True,
                 seed=None if params.seed is None else params.seed + index * params.n,
                 logprobs=0,
+                logit_bias=logit_bias,
                 detokenize=False,
             )
             for index in range(len(prompts))
         ]
-        outputs = self._llm.generate([{"prompt_token_ids": p} for p in prompts], requests, use_tqdm=False)
+        outputs = self._call("generate", self._llm.generate, [{"prompt_token_ids": p} for p in prompts], requests,
+                             use_tqdm=False)
         results = []
         for index, output in enumerate(outputs):
             if len(output.outputs) != samples_per_request:
@@ -328,7 +355,8 @@ class VLLMRolloutEngine(RolloutEngine):
             if len(sequence) < 2:
                 raise ValueError(f"score: sequence {index} has {len(sequence)} token(s); need at least 2")
         request = VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, ignore_eos=True)
-        outputs = self._llm.generate([{"prompt_token_ids": s} for s in sequences], request, use_tqdm=False)
+        outputs = self._call("score", self._llm.generate, [{"prompt_token_ids": s} for s in sequences], request,
+                             use_tqdm=False)
         return [
             [step[token].logprob for token, step in zip(sequence[1:], output.prompt_logprobs[1:])]
             for sequence, output in zip(sequences, outputs)
@@ -358,6 +386,8 @@ class VLLMRolloutEngine(RolloutEngine):
         return checked
 
     def _check_ready(self) -> None:
+        if self._died is not None:
+            raise RolloutEngineDiedError(self._died)
         if self._llm is None:
             raise RuntimeError("the engine is closed")
         if self._asleep:
@@ -388,14 +418,18 @@ class VLLMRolloutEngine(RolloutEngine):
             for bucket in iter_buckets(cast, self.config.weight_bucket_bytes):
                 session.load(bucket)
         except Exception:
-            if session is not None:
-                session.abort()
-            drain(source)
+            try:
+                if session is not None:
+                    session.abort()
+            finally:
+                drain(source)
             raise
         session.finish()
 
     def begin_weight_update(self) -> "WeightUpdateSession":
         """A streaming update driven by the caller (used by the Ray actor, which receives buckets)."""
+        if self._died is not None:
+            raise RolloutEngineDiedError(self._died)
         if self._llm is None:
             raise RuntimeError("the engine is closed")
         if self._asleep:
@@ -408,7 +442,7 @@ class VLLMRolloutEngine(RolloutEngine):
         """Free device memory (vLLM sleep mode); a no-op on CPU or without `enable_sleep_mode`."""
         if not self._sleep_supported or self._asleep:
             return
-        self._llm.sleep(level=self.config.sleep_level)
+        self._call("sleep", self._llm.sleep, level=self.config.sleep_level)
         self._asleep = True
         if self.config.sleep_level == 2:
             self._weights_valid = False
@@ -417,16 +451,82 @@ class VLLMRolloutEngine(RolloutEngine):
         """Undo `sleep`."""
         if not self._asleep:
             return
-        self._llm.wake_up()
+        self._call("wake", self._llm.wake_up)
         self._asleep = False
 
     def close(self) -> None:
-        """Stop vLLM's engine-core and worker processes."""
+        """Stop vLLM's engine-core and worker processes (returns at once for a dead engine)."""
         if self._llm is None:
             return
         llm, self._llm = self._llm, None
-        llm.llm_engine.engine_core.shutdown()
+        llm.llm_engine.engine_core.shutdown()  # a no-op once vLLM has cleaned up after a dead engine core
         del llm
+
+    # ---- liveness ----
+
+    def _engine_processes(self) -> list:
+        """vLLM's engine-core processes (multiprocessing.Process); [] when vLLM runs in this process."""
+        resources = getattr(getattr(self._llm.llm_engine, "engine_core", None), "resources", None)
+        return list(getattr(getattr(resources, "engine_manager", None), "processes", None) or ())
+
+    def _death(self) -> str | None:
+        """Why the engine cannot answer any more (its process died), or None while it is alive."""
+        for process in self._engine_processes():
+            code = process.exitcode
+            if code is not None:
+                how = f"exit code {code}"
+                if code < 0:
+                    names = {int(member): member.name for member in signal.Signals}
+                    how = f"killed by {names.get(-code, f'signal {-code}')}"
+                return f"its {process.name} process (pid {process.pid}) died ({how})"
+        resources = getattr(self._llm.llm_engine.engine_core, "resources", None)
+        if getattr(resources, "engine_dead", False):
+            return "vLLM reports its engine core dead"
+        return None
+
+    def _died_error(self, what: str, reason: str) -> RolloutEngineDiedError:
+        self._died = (f"vLLM rollout engine on {self.config.model_path!r}: {reason} during {what}; it cannot be "
+                      "used again: restart the run (--load resumes from the last complete checkpoint)")
+        return RolloutEngineDiedError(self._died)
+
+    def _call(self, what: str, fn: Callable, *args, **kwargs):
+        """`fn(*args, **kwargs)` (a call into vLLM), raising RolloutEngineDiedError instead of waiting forever
+        when the engine-core process is dead or dies meanwhile (or the call outlasts `call_timeout_s`).
+
+        The call runs in a daemon thread; this thread polls the process every `_LIVENESS_POLL_S` seconds.
+        After a death the helper thread stays blocked inside vLLM: the engine is unusable from then on.
+        """
+        if self._died is not None:
+            raise RolloutEngineDiedError(self._died)
+        reason = self._death()
+        if reason is not None:
+            raise self._died_error(what, reason)
+        outcome: dict = {}
+        done = threading.Event()
+
+        def run():
+            try:
+                outcome["value"] = fn(*args, **kwargs)
+            except BaseException as error:  # noqa: BLE001 - handed to the calling thread
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name=f"vllm-{what}", daemon=True).start()
+        timeout = self.config.call_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(_LIVENESS_POLL_S):
+            reason = self._death()
+            if reason is not None:
+                raise self._died_error(what, reason)
+            if deadline is not None and time.monotonic() > deadline:
+                raise self._died_error(what, f"no answer within call_timeout_s={timeout:g} s")
+        if "error" in outcome:
+            reason = self._death()
+            if reason is not None:  # vLLM's own EngineDeadError, or a broken socket: say what happened
+                raise self._died_error(what, reason) from outcome["error"]
+            raise outcome["error"]
+        return outcome["value"]
 
     def __enter__(self) -> "VLLMRolloutEngine":
         return self
@@ -454,14 +554,14 @@ class WeightUpdateSession:
         bucket = [(name, self._checked(name, tensor)) for name, tensor in named_tensors]
         if not bucket:
             return
-        llm = self._engine._llm
+        engine = self._engine
         if not self._started:
-            llm.start_weight_update()
+            engine._call("start_weight_update", engine._llm.start_weight_update)
             self._started = True
         payload = vllm_weight_transfer.write_bucket(bucket)
-        self._engine._weights_valid = False  # until finish() has seen every tensor
+        engine._weights_valid = False  # until finish() has seen every tensor
         try:
-            llm.update_weights({"update_info": payload})
+            engine._call("update_weights", engine._llm.update_weights, {"update_info": payload})
         finally:
             os.unlink(payload["path"])
 
@@ -484,11 +584,11 @@ class WeightUpdateSession:
         if self._done:
             return
         self._done = True
-        if self._started:
-            llm = self._engine._llm
-            llm.finish_weight_update()
-            if not llm.reset_prefix_cache():  # cached KV was computed with the old weights
-                self._engine._weights_valid = False
+        engine = self._engine
+        if self._started and engine._died is None:  # a dead engine takes no calls (and needs no cleanup)
+            engine._call("finish_weight_update", engine._llm.finish_weight_update)
+            if not engine._call("reset_prefix_cache", engine._llm.reset_prefix_cache):  # KV of the old weights
+                engine._weights_valid = False
                 raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
 
     def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from megatron_scope.rollout.engine import SamplingParams
 from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
-from tests.integration.hf_models import hf_weights, random_qwen2, tiny_qwen2_config, token_log_probs
+from tests.integration.hf_models import hf_weights, next_token_logits, random_qwen2, tiny_qwen2_config, token_log_probs
 
 TOLERANCE = 1e-4
 MAX_MODEL_LEN = 256
@@ -152,6 +152,25 @@ def test_sampled_log_probs_are_under_the_sampling_distribution(engine, models, t
             expected = token_log_probs(models.model, prompt, completion.token_ids, temperature, top_p)
             diff = (torch.tensor(completion.log_probs) - expected).abs().max().item()
             assert diff <= TOLERANCE, f"T={temperature} top_p={top_p}: log-probs differ by {diff}"
+
+
+def test_vocab_size_excludes_extra_embedding_rows(engine, models):
+    """Ids at or above SamplingParams.vocab_size (rows beyond the tokenizer) are never sampled, and the
+    sampling log-probs are those of the distribution renormalised over the first vocab_size ids."""
+    limit = 12
+    params = SamplingParams(n=4, max_new_tokens=8, seed=3, vocab_size=limit)
+    groups = engine.generate(PROMPTS[:2], params)
+    for prompt, group in zip(PROMPTS, groups):
+        for completion in group:
+            assert max(completion.token_ids) < limit, completion.token_ids
+            logits = next_token_logits(models.model, prompt + completion.token_ids)[len(prompt) - 1: -1, :limit]
+            expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+            diff = (torch.tensor(completion.log_probs) - expected).abs().max().item()
+            assert diff <= TOLERANCE, f"log-probs differ from the truncated distribution by {diff}"
+    unrestricted = engine.generate(PROMPTS[:2], SamplingParams(n=4, max_new_tokens=8, seed=3))
+    assert max(t for group in unrestricted for c in group for t in c.token_ids) >= limit  # the limit did something
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, vocab_size=models.config.vocab_size + 1))
 
 
 @pytest.mark.slow

@@ -1,0 +1,52 @@
+"""ScopeTrainer's set-up checks fail at construction, before any rollout, naming the problem: a prompt longer
+than the student's context, prompt token ids outside the vocabulary, an unwritable checkpoint directory.
+(One gloo rank; the models, optimizer and engine are stand-ins: the checks never touch them.)"""
+
+import os
+
+from megatron_scope.testing.multiprocess import run_on_ranks
+from megatron_scope.testing.tiny import TINY_ARCH
+
+MAX_NEW_TOKENS = 16
+
+
+def _construct(rank, world_size, cases, save_root):
+    from megatron_scope.data.datasets import Prompt, PromptDataset
+    from megatron_scope.megatron.loss_func import ScopeLossConfig
+    from megatron_scope.megatron.parallel import initialize_model_parallel
+    from megatron_scope.trainer import ScopeTrainer, TrainerSettings
+
+    initialize_model_parallel(1, 1, seed=0)
+    outcomes = {}
+    for name, (prompt_ids, save) in cases.items():
+        dataset = PromptDataset([Prompt("fine", "a", "1", (1, 2, 3)), Prompt("p7", "b", "2", tuple(prompt_ids))],
+                                source="prompts.jsonl")
+        settings = TrainerSettings(train_iters=1, prompts_per_step=2, group_size=2, micro_batch_size=2,
+                                   max_new_tokens=MAX_NEW_TOKENS, save=save and os.path.join(save_root, save))
+        try:
+            ScopeTrainer(settings, ScopeLossConfig(vocab_size=TINY_ARCH.vocab_size), None, TINY_ARCH, None, None,
+                         dataset, None, None, engine=object(), teacher=object())
+            outcomes[name] = None
+        except Exception as error:  # noqa: BLE001 - the test compares type and message
+            outcomes[name] = f"{type(error).__name__}: {error}"
+    return outcomes
+
+
+def test_bad_prompts_and_unwritable_checkpoint_directory_fail_at_construction(tmp_path):
+    context = TINY_ARCH.max_position_embeddings  # 256
+    (tmp_path / "a_file").write_text("not a directory")
+    cases = {
+        "at_the_limit": ([1] * (context - MAX_NEW_TOKENS), "ckpt"),
+        "too_long": ([1] * (context - MAX_NEW_TOKENS + 1), None),
+        "unknown_ids": ([1, TINY_ARCH.vocab_size, 7, -2], None),
+        "unwritable": ([1, 2], "a_file/ckpt"),
+    }
+    (outcomes,) = run_on_ranks(_construct, 1, args=(cases, str(tmp_path)), timeout=300)
+    assert outcomes["at_the_limit"] is None and os.path.isdir(tmp_path / "ckpt")
+    assert outcomes["too_long"] == (
+        "ValueError: prompt 'p7' (prompts.jsonl) has 241 tokens: with max_new_tokens 16 it needs 257 positions, "
+        "more than the student's context of 256 (max_position_embeddings)")
+    assert outcomes["unknown_ids"] == (
+        "ValueError: prompt 'p7' (prompts.jsonl) has token ids outside the vocabulary [0, 500): [500, -2]")
+    assert outcomes["unwritable"].startswith(
+        f"PermissionError: checkpoint directory '{tmp_path}/a_file/ckpt' is not writable: ")

@@ -1,0 +1,112 @@
+"""build_batch and what the trainer computes from a batch on a rollout's edge cases: empty and immediate-EOS
+responses, all-correct and all-incorrect groups, groups of one; token ids outside the vocabulary are refused
+with the prompt named before any tensor is built."""
+
+import pytest
+import torch
+
+from megatron_scope.losses.objectives import group_normalized_advantages
+from megatron_scope.losses.scope import scope_sequence_weights
+from megatron_scope.megatron.loss_func import ScopeLossConfig, check_batch, scope_loss_func
+from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob, vocab_parallel_log_probs
+from megatron_scope.rollout.batch import RolloutGroup, build_batch, check_token_ids, sequence_length_for
+from megatron_scope.rollout.engine import Completion
+
+V, PAD, EOS = 50, 0, 2
+
+
+def completion(ids, log_prob=-1.0):
+    return Completion(list(ids), [log_prob] * len(ids), "stop")
+
+
+def group(prompt_id, responses, correct, prompt=(1, 5, 6)):
+    return RolloutGroup(prompt_id, list(prompt), [completion(r) for r in responses], list(correct))
+
+
+def score_and_loss(groups, algorithm):
+    """The trainer's path at TP=1 with random student/teacher logits: batch, SCOPE weights, GRPO advantages,
+    then the loss and its gradient."""
+    batch = build_batch(groups, sequence_length_for(groups), PAD, vocab_size=V)
+    n, seq = batch["tokens"].shape
+    generator = torch.Generator().manual_seed(0)
+    student_logits = (2 * torch.randn(n, seq, V, generator=generator)).requires_grad_(True)
+    teacher_logits = 2 * torch.randn(n, seq, V, generator=generator)
+    student = vocab_parallel_log_probs(student_logits.detach(), batch["labels"], vocab_size=V)
+    teacher = vocab_parallel_log_probs(teacher_logits, batch["labels"], vocab_size=V)
+    mask = batch["loss_mask"]
+    batch.update(
+        teacher_logits=teacher_logits, teacher_log_probs=teacher, old_log_probs=student,
+        seq_weights=scope_sequence_weights(sequence_mean_log_prob(student, mask), sequence_mean_log_prob(teacher, mask),
+                                           batch["correct"], batch["group_ids"]),
+        advantages=group_normalized_advantages(batch["correct"].float(), batch["group_ids"]),
+    )
+    config = ScopeLossConfig(vocab_size=V, algorithm=algorithm)
+    check_batch(batch, config)
+    loss_sum, count, _ = scope_loss_func(config, batch, student_logits)
+    loss_sum.backward()
+    return batch, loss_sum.detach(), count, student_logits.grad
+
+
+def test_empty_and_immediate_eos_responses_are_laid_out_exactly():
+    """An empty response has no loss position; an immediate EOS has one, the EOS itself."""
+    batch = build_batch([group("p", [[], [EOS], [7, 8, EOS]], [True, False, True])], 8, PAD, vocab_size=V)
+    assert batch["loss_mask"].sum(-1).tolist() == [0.0, 1.0, 3.0]
+    assert batch["tokens"][:, :5].tolist() == [[1, 5, PAD, PAD, PAD], [1, 5, 6, PAD, PAD], [1, 5, 6, 7, 8]]
+    assert batch["labels"][1, 2] == EOS and batch["loss_mask"][1].nonzero().flatten().tolist() == [2]
+    assert batch["labels"][2, 2:5].tolist() == [7, 8, EOS] and batch["loss_mask"][2, 2:5].tolist() == [1.0, 1.0, 1.0]
+    assert batch["rollout_log_probs"].sum(-1).tolist() == [0.0, -1.0, -3.0]
+
+
+@pytest.mark.parametrize("algorithm", ["scope", "grpo"])
+def test_empty_responses_and_uniform_groups_give_finite_numbers(algorithm):
+    """All-correct and all-incorrect groups get defined weights (averaging 1 per path) and advantage 0; an
+    empty response is legal, contributes nothing to the loss and gets no gradient."""
+    groups = [
+        group("all-correct", [[7, EOS], [8, 9, EOS], [EOS]], [True, True, True]),
+        group("all-incorrect", [[10, EOS], [11, 12, 13, EOS], [14]], [False, False, False]),
+        group("mixed", [[], [EOS], [15, 16, EOS]], [True, False, False]),
+    ]
+    batch, loss_sum, count, grad = score_and_loss(groups, algorithm)
+    weights, advantages = batch["seq_weights"], batch["advantages"]
+    assert torch.isfinite(weights).all() and torch.isfinite(loss_sum) and torch.isfinite(grad).all()
+    assert weights[:3].mean().item() == pytest.approx(1.0) and weights[3:6].mean().item() == pytest.approx(1.0)
+    assert advantages[:6].tolist() == [0.0] * 6 and advantages[6:].abs().min() > 0
+    assert int(count) == 9  # sequence-level: the empty response counts as a response with loss 0
+    assert grad[6].abs().max() == 0  # the empty response (row 6) trains nothing
+    # ... and contributes nothing: scaling its weight leaves the loss unchanged
+    scaled = dict(batch, seq_weights=weights * torch.tensor([1.0] * 6 + [10.0, 1.0, 1.0]))
+    logits = torch.zeros_like(grad)  # any logits: the empty row has no loss position
+    config = ScopeLossConfig(vocab_size=V, algorithm=algorithm)
+    assert scope_loss_func(config, scaled, logits)[0] == scope_loss_func(config, batch, logits)[0]
+
+
+def test_groups_of_one_get_weight_one_and_advantage_zero():
+    """G = 1 (--scope-group-size 1): each response is its prompt's only member on its path."""
+    groups = [group(f"p{i}", [r], [ok]) for i, (r, ok) in enumerate([([7, EOS], True), ([8, 9], False), ([], True)])]
+    batch, loss_sum, _, grad = score_and_loss(groups, "scope")
+    assert batch["seq_weights"].tolist() == [1.0, 1.0, 1.0]
+    assert batch["advantages"].tolist() == [0.0, 0.0, 0.0]
+    assert torch.isfinite(loss_sum) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize(
+    "responses, prompt, match",
+    [
+        ([[7, EOS], [V + 3, EOS]], (1, 5),
+         r"prompt 'p': response 1 has token ids outside the vocabulary \[0, 50\): \[53\]"),
+        ([[7, -1]], (1, 5), r"prompt 'p': response 0 has token ids outside the vocabulary \[0, 50\): \[-1\]"),
+        ([[7]], (1, V, V + 1), r"prompt 'p': prompt has token ids outside the vocabulary \[0, 50\): \[50, 51\]"),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_are_named(responses, prompt, match):
+    groups = [group("ok", [[7, EOS]], [True]), group("p", responses, [True] * len(responses), prompt=prompt)]
+    with pytest.raises(ValueError, match=match):
+        check_token_ids(groups, V)
+    with pytest.raises(ValueError, match=match):
+        build_batch(groups, 8, PAD, vocab_size=V)
+
+
+def test_log_probs_must_match_the_response():
+    bad = RolloutGroup("p", [1, 5], [Completion([7, 8, EOS], [-1.0, -1.0], "stop")], [True])
+    with pytest.raises(ValueError, match=r"prompt 'p': a response of 3 tokens has 2 log-probs"):
+        build_batch([bad], 8, PAD)
