@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     args = build_parser().parse_args(argv)
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a directory")
-    if os.path.isfile(os.path.join(args.model, "megatron_scope_checkpoint.json")):
+    # A converted Megatron checkpoint or a training iteration directory (metadata file), or a training root.
+    if any(os.path.isfile(os.path.join(args.model, name))
+           for name in ("megatron_scope_checkpoint.json", "latest_checkpointed_iteration.txt")):
         args.model = megatron_to_hf(args.model, args.output_dir)
     template = DEFAULT_PROMPT_TEMPLATE
     if args.prompt_template is not None:
