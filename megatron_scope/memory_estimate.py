@@ -26,6 +26,7 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
     logits and gradients     3 e b s V/t         last stage: the logits shard, its log-prob gradient and its
                                                  KL gradient (before autograd sums them). GPTModel returns logits in
                                                  the parameters' dtype (no Float16Module fp32 cast here)
+    teacher top-k            12 n s k            last stage, --scope-kl topk: int64 ids + fp32 log-probs per token
     teacher logits           e n s V/t           last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
                                                  SRPO): the co-located teacher's shards for the WHOLE local batch,
                                                  kept from the scoring pass to the student's backward
@@ -182,6 +183,8 @@ class RunPlan:
     """--scope-algorithm."""
     kl: str = "reverse"
     """--scope-kl."""
+    topk: int | None = None
+    """--scope-topk (k of the teacher's top-k summary with --scope-kl topk)."""
     rollout_kv_cache_gib: float = 1.0
     """--rollout-kv-cache-gib (per engine GPU)."""
     rollout_tensor_parallel: int = 1
@@ -441,9 +444,13 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
             comps.append(Component(
                 "teacher logits (local batch)", n * s * vocab_shard * e,
                 f"[{n} sequences, {s}, {vocab_shard}] {_dtype(e)}, kept for the whole local batch",
-                "use --scope-kl k1 or k3 (sampled-token log-probs, no teacher logits kept), or more data-parallel "
-                "ranks (fewer sequences each); --scope-kl topk needs a remote top-k teacher, which train_scope.py "
-                "does not provide yet"))
+                "use --scope-kl topk --scope-topk K (the teacher's top-k, K values per token) or k1/k3 (sampled-"
+                "token log-probs), or more data-parallel ranks (fewer sequences each)"))
+        if plan.algorithm in NEEDS_KL and plan.kl == "topk" and teacher is not None and plan.topk:
+            comps.append(Component(
+                "teacher top-k (local batch)", n * s * plan.topk * 12,
+                f"[{n} sequences, {s}, k={plan.topk}] int64 ids + fp32 log-probs, kept for the whole local batch",
+                "lower --scope-topk or more data-parallel ranks"))
     comps.append(Component("batch tensors", BATCH_BYTES_PER_TOKEN * n * s,
                            f"{BATCH_BYTES_PER_TOKEN} B x {n} sequences x {s} tokens", "more data-parallel ranks"))
     comps.append(Component("runtime overhead (trainer)", int(plan.overhead_gib * GIB),

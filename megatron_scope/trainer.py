@@ -8,16 +8,18 @@ One iteration (every rank runs it; global rank 0 hosts the rollout engine):
      builds [n, seq] tensors and splits them into microbatches;
   4. scoring, forward only: the student's temperature-1 log-probs (the released SCOPE code mixed sampling
      and training temperatures; here every log-prob that enters a loss or a weight is at temperature 1),
-     the co-located teacher's vocabulary-sharded logits (and its sampled-token log-probs), the reference
-     model's log-probs for ExOPD; then SCOPE's path weights and GRPO advantages per prompt group;
+     the co-located teacher's vocabulary-sharded logits or their top-k (and its sampled-token log-probs),
+     the reference model's log-probs for ExOPD; then SCOPE's path weights and GRPO advantages per group;
   5. the student's forward/backward with the selected loss (`megatron/loss_func.py`);
   6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite;
   7. the new weights stream to the engine (`iter_hf_weights` -> `update_weights`);
   8. logging (last rank: TensorBoard, progress bar, Megatron-style log lines) and checkpoints.
 
 Memory: with a full-vocabulary KL the last stage keeps the co-located teacher's logit shards for its whole
-local batch ([sequences, seq, V/TP] fp32) between the scoring pass and the student's backward; at large
-scale use more data-parallel ranks (fewer sequences each) or --scope-kl k1/k3 (sampled-token log-probs).
+local batch ([sequences, seq, V/TP], the parameters' dtype) between the scoring pass and the student's
+backward; at large scale use --scope-kl topk --scope-topk K (the teacher's vocab-parallel top-k: K ids and
+log-probs per token), k1/k3 (sampled-token log-probs), or more data-parallel ranks. tools/check_config.py
+estimates each term.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from megatron_scope.megatron.loss_func import ScopeLossConfig, reduce_reports
 from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.schedule import forward_backward, forward_collect
 from megatron_scope.megatron.weight_export import iter_hf_weights
-from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob, vocab_parallel_log_probs
+from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob, vocab_parallel_log_probs, vocab_parallel_topk
 from megatron_scope.rollout.batch import RolloutGroup, build_batch, check_token_ids, sequence_length_for, split_rows
 from megatron_scope.rollout.engine import Completion, SamplingParams
 
@@ -224,39 +226,46 @@ class ScopeTrainer:
         }
         return groups, stats
 
-    def _scoring_pass(self, model, microbatches: list[dict], keep_logits: bool = False) -> list:
-        """Forward only: per microbatch (logits shard or None, temperature-1 log-probs of the labels) under
-        `model`, on the last stage ([] elsewhere)."""
-        group, vocab = parallel_state.get_tensor_model_parallel_group(), self.loss_config.vocab_size
+    def _scoring_pass(self, model, microbatches: list[dict], keep: str | None = None) -> list:
+        """Forward only: per microbatch (extra inputs, temperature-1 log-probs of the labels) under `model`, on
+        the last stage ([] elsewhere). Extras, by `keep`: None nothing; "logits" the vocab shard
+        {teacher_logits}; "topk" {teacher_topk_ids, teacher_topk_log_probs}, k values per token instead of V/TP.
+        """
+        group, vocab, k = parallel_state.get_tensor_model_parallel_group(), self.loss_config.vocab_size, self.loss_config.topk
 
         def collect(batch, logits):
             log_probs = vocab_parallel_log_probs(logits, batch["labels"], group=group, vocab_size=vocab)
-            return (logits if keep_logits else None), log_probs
+            if keep == "logits":
+                return {"teacher_logits": logits}, log_probs
+            if keep == "topk":
+                ids, top = vocab_parallel_topk(logits, k, group=group, vocab_size=vocab)
+                return {"teacher_topk_ids": ids, "teacher_topk_log_probs": top}, log_probs
+            return {}, log_probs
 
         return forward_collect(model, microbatches, collect)
 
     def _score(self, microbatches: list[dict]) -> None:
         """Add the loss inputs to the last stage's microbatches (forward passes run on every stage)."""
-        algorithm = self.loss_config.algorithm
+        config = self.loss_config
         student = self._scoring_pass(self.student, microbatches)
         teacher = []
         if self.teacher is not None:
-            teacher = self._scoring_pass(self.teacher, microbatches, keep_logits=self.loss_config.needs_teacher_logits)
+            keep = "logits" if config.needs_teacher_logits else "topk" if config.kl == "topk" else None
+            teacher = self._scoring_pass(self.teacher, microbatches, keep=keep)
         reference = self._scoring_pass(self.reference, microbatches) if self.reference is not None else []
         if not self.is_last_stage:
             return
         for i, batch in enumerate(microbatches):
             batch["old_log_probs"] = student[i][1]
             if teacher:
-                logits, batch["teacher_log_probs"] = teacher[i]
-                if logits is not None:
-                    batch["teacher_logits"] = logits
+                extras, batch["teacher_log_probs"] = teacher[i]
+                batch.update(extras)
             if reference:
                 batch["ref_log_probs"] = reference[i][1]
         # Group statistics over this rank's whole prompt groups.
         cat = lambda key: torch.cat([b[key] for b in microbatches])  # noqa: E731
         mask, correct, group_ids = cat("loss_mask"), cat("correct"), cat("group_ids")
-        if algorithm == "scope":
+        if config.algorithm == "scope":
             weights = scope_sequence_weights(
                 sequence_mean_log_prob(cat("old_log_probs"), mask),
                 sequence_mean_log_prob(cat("teacher_log_probs"), mask),

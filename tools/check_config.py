@@ -220,7 +220,8 @@ def run_check(args: argparse.Namespace) -> dict:
         pipeline_parallel=args.pipeline_model_parallel_size, prompts_per_step=args.prompts_per_step,
         group_size=args.scope_group_size, micro_batch_size=args.micro_batch_size, max_prompt_tokens=max_prompt,
         max_new_tokens=args.max_new_tokens, bf16=args.bf16, distributed_optimizer=args.use_distributed_optimizer,
-        algorithm=args.scope_algorithm, kl=args.scope_kl, rollout_kv_cache_gib=args.rollout_kv_cache_gib,
+        algorithm=args.scope_algorithm, kl=args.scope_kl, topk=args.scope_topk,
+        rollout_kv_cache_gib=args.rollout_kv_cache_gib,
         rollout_tensor_parallel=args.rollout_tensor_parallel_size, rollout_gpus=args.rollout_gpus,
         rollout_element_bytes=DTYPE_BYTES.get(str(dtype_name), 4), gpu_memory_gib=args.gpu_memory_gib,
         overhead_gib=args.overhead_gib, flash_attention=args.assume_flash_attention)
@@ -228,9 +229,6 @@ def run_check(args: argparse.Namespace) -> dict:
     # What the trainer refuses at set-up (trainer._check_setup) or at its first step.
     if plan.needs_teacher and teacher is None:
         errors.append(f"--scope-algorithm {args.scope_algorithm} reads the teacher: give --teacher-hf")
-    if args.scope_kl == "topk":
-        errors.append("--scope-kl topk needs a remote top-k teacher, which train_scope.py does not provide yet "
-                      "(its co-located teacher gives full logits: use reverse/forward/jsd or k1/k2/k3)")
     if args.rollout_gpus:
         warns.append(f"--rollout-gpus {args.rollout_gpus}: estimated for engines on separate GPUs (the planned "
                         "Ray placement, rollout/ray_engine.py); train_scope.py runs its engine on global rank 0 today")

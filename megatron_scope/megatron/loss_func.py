@@ -58,6 +58,8 @@ class ScopeLossConfig:
     """Divergence to the teacher: reverse, forward, jsd, k1, k2, k3 or topk."""
     jsd_beta: float = 0.5
     """Generalized-JSD mixture weight."""
+    topk: int | None = None
+    """k of the teacher's top-k log-probs (--scope-topk) for --scope-kl topk."""
     sequence_level: bool = True
     """Sequence-level (True) or token-level aggregation."""
     objective: ObjectiveConfig = ObjectiveConfig()
@@ -77,6 +79,7 @@ class ScopeLossConfig:
             algorithm=args.scope_algorithm,
             kl=args.scope_kl,
             jsd_beta=args.scope_jsd_beta,
+            topk=args.scope_topk,
             sequence_level=args.scope_seq_weights,
             objective=ObjectiveConfig(
                 clip_eps=args.grpo_clip_eps,

@@ -45,6 +45,7 @@ __all__ = [
     "vocab_parallel_kl",
     "sampled_kl",
     "vocab_parallel_topk_kl",
+    "vocab_parallel_topk",
     "sequence_mean_log_prob",
     "sequence_perplexity",
     "KL_KINDS",
@@ -549,6 +550,37 @@ def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     safe_log_p = torch.where(positive, log_p, torch.zeros_like(log_p))
     diff = torch.where(positive, safe_log_p - log_q, torch.zeros_like(log_p))
     return torch.where(positive, torch.exp(safe_log_p) * diff, torch.zeros_like(log_p))
+
+
+@torch.no_grad()
+def vocab_parallel_topk(logits: torch.Tensor, k: int, group=None, vocab_size: int | None = None):
+    """The k most likely global ids per token and their log-probs log softmax(logits)[id], largest first.
+
+    Each rank takes the top-k of its shard (padded ids >= vocab_size excluded), the [tokens, k] candidates
+    of all ranks are all-gathered and the top-k of those kept; the normaliser is `vocab_parallel_logsumexp`.
+    Forward only (a teacher's summary for `vocab_parallel_topk_kl`): it keeps k values per token instead of
+    the [tokens, V/TP] logits. Ties between equal logits resolve to the lower id only within a rank.
+    Returns (ids int64, log_probs fp32), each `logits.shape[:-1] + (k,)`.
+    """
+    shard = _shard_of(logits, group, vocab_size)
+    full_vocab = _vocab_size_of(shard, vocab_size)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= full_vocab:
+        raise ValueError(f"k must be an int in [1, vocab_size={full_vocab}], got {k!r}")
+    rows = _rows(logits, shard.local_vocab).float()
+    local_k = min(k, shard.local_vocab)
+    values, ids = rows.masked_fill(torch.arange(shard.local_vocab, device=rows.device) >= shard.valid,
+                                   float("-inf")).topk(local_k, dim=-1)
+    ids = ids + shard.vocab_start
+    if shard.world_size > 1:
+        gathered_values = [torch.empty_like(values) for _ in range(shard.world_size)]
+        gathered_ids = [torch.empty_like(ids) for _ in range(shard.world_size)]
+        dist.all_gather(gathered_values, values.contiguous(), group=shard.group)
+        dist.all_gather(gathered_ids, ids.contiguous(), group=shard.group)
+        values, order = torch.cat(gathered_values, -1).topk(k, dim=-1)
+        ids = torch.cat(gathered_ids, -1).gather(-1, order)
+    log_probs = values - vocab_parallel_logsumexp(logits, group, vocab_size).float().reshape(-1, 1)
+    shape = tuple(logits.shape[:-1]) + (k,)
+    return ids.reshape(shape), log_probs.reshape(shape)
 
 
 def vocab_parallel_topk_kl(

@@ -97,6 +97,11 @@ def _rank_job(rank, world_size, chunk_elements):
         (out * weights.to(out.dtype)).sum().backward()
         results[(str(dtype), vocab_size, variant, op)] = (out.detach(), local.grad)
 
+    for vocab_size in VOCAB_SIZES:  # the teacher's top-k summary (forward only)
+        _, teacher, *_ = _global_inputs(torch.float32, vocab_size, "random")
+        results[("topk", vocab_size)] = vp.vocab_parallel_topk(teacher[..., shard], TOPK, group=group,
+                                                               vocab_size=vocab_size)
+
     errors = {}
     student = torch.zeros(*LEADING, width)
     for name, call in {
@@ -144,6 +149,14 @@ def test_vocab_parallel_ops_match_float64_reference(world_size):
             assert torch.all(grad[..., vocab_size:] == 0), key
         checked += 1
     assert checked == len(list(_cases()))
+
+    for vocab_size in VOCAB_SIZES:
+        _, teacher, *_ = _global_inputs(torch.float32, vocab_size, "random")
+        expected_log_probs, expected_ids = reference.log_softmax(teacher, vocab_size).topk(TOPK, dim=-1)
+        for results, _ in per_rank:
+            ids, log_probs = results[("topk", vocab_size)]
+            assert torch.equal(ids, expected_ids), vocab_size
+            torch.testing.assert_close(log_probs.double(), expected_log_probs, rtol=1e-5, atol=1e-6)
 
     for _, errors in per_rank:
         assert f"vocab_size={PADDED + 1} does not fit" in errors["vocab_too_big"]

@@ -90,3 +90,18 @@ def test_vocabulary_mismatch_fails_before_rollout(workspace, tmp_path):
     argv[argv.index("--teacher-hf") + 1] = other
     with pytest.raises(Exception, match=r"the teacher \(.*teacher_small_vocab\) has 8 embedding rows, fewer than the"):
         run_on_ranks(_train, 1, args=(argv,), timeout=300)
+
+
+def test_topk_teacher_with_full_support_equals_the_full_vocabulary_kl(workspace, straight_run):
+    """--scope-kl topk from the co-located teacher (vocab-parallel top-k at TP=2, k = the whole vocabulary)
+    gives the full reverse KL's first-iteration loss and gradient norm."""
+    from megatron_scope.data.tokenizer import load_tokenizer
+
+    history, _ = straight_run
+    k = load_tokenizer(workspace.tokenizer).vocab_size
+    results = run_on_ranks(_train, 2, args=(_flags(workspace, 1, tp=2, extra=["--scope-kl", "topk", "--scope-topk",
+                                                                             str(k)]),), timeout=900)
+    first = results[-1][0]
+    assert first["rollout/accuracy"] == history[0]["rollout/accuracy"]
+    assert first["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
+    assert first["optimizer/grad_norm"] == pytest.approx(history[0]["optimizer/grad_norm"], rel=1e-4)

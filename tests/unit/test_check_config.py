@@ -181,6 +181,9 @@ def test_memory_terms_follow_the_flags():
     assert fp32["student activations"] == 2 * 215_040 + 2 * 4 * 24 * 2 * 64
     k1 = {c.name for c in me.estimate_memory(_tiny_plan(kl="k1"), TINY, TINY_TEACHER)[0].components}
     assert "teacher logits (local batch)" not in k1 and "teacher logits (local batch)" in base
+    topk = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="topk", topk=8), TINY, TINY_TEACHER)[0].components}
+    assert "teacher logits (local batch)" not in topk
+    assert topk["teacher top-k (local batch)"] == 9_216      # 4 sequences x 24 x k 8 x (8 + 4) B
     flash_gpus = me.estimate_memory(_tiny_plan(flash_attention=True), TINY, TINY_TEACHER)
     flash = {c.name: c.bytes for c in flash_gpus[0].components}
     assert "attention score buffer" not in flash

@@ -252,6 +252,19 @@ def test_topk_kl_with_full_support_is_the_full_kl_and_a_lower_bound_otherwise(ki
         assert torch.all(partial >= 0)
 
 
+def test_topk_summary_matches_reference_and_skips_padding():
+    """vocab_parallel_topk: the k largest log-probs (float64 reference), never a padded id; bad k is named."""
+    logits = 3 * torch.randn(4, 7, 40, generator=torch.Generator().manual_seed(0))
+    logits[..., 30:] = 50.0  # padded entries with the largest logits: must never be chosen
+    ids, log_probs = vocab_parallel.vocab_parallel_topk(logits, 5, vocab_size=30)
+    expected_log_probs, expected_ids = reference.log_softmax(logits, 30).topk(5, dim=-1)
+    assert torch.equal(ids, expected_ids) and ids.max() < 30
+    torch.testing.assert_close(log_probs.double(), expected_log_probs, rtol=1e-6, atol=1e-6)
+    for bad in (0, 31, 2.0):
+        with pytest.raises(ValueError, match="k must be an int in"):
+            vocab_parallel.vocab_parallel_topk(logits, bad, vocab_size=30)
+
+
 def test_sequence_reductions_mask_and_all_masked():
     token_lp = torch.log(torch.rand(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     mask = torch.tensor([[1, 1, 0, 1, 0, 0], [0] * 6, [1] * 6], dtype=torch.float32)
