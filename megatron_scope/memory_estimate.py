@@ -53,7 +53,7 @@ For MHA (g = a, a d = h) with a GELU MLP (2 F-wide tensors, F = 4h) this is Kort
 two 1-byte dropout masks. With --assume-flash-attention the s^2 terms (scores and their buffer) are dropped:
 planning for a flash-attention layer spec, which `build_gpt_model` does not build yet.
 
-Rollout engine (vLLM), on global rank 0's GPU (co-located, today's train_scope.py) or on --rollout-gpus:
+Rollout engine (vLLM): on global rank 0's GPU (train_scope.py's default) or on --rollout-gpus (--rollout-engines):
 
     weights            e_cfg P_hf / T_r      the HF checkpoint's dtype (vLLM dtype "auto"), T_r = rollout TP
     KV cache           --rollout-kv-cache-gib per GPU (vLLM's kv_cache_memory_bytes); one token costs
@@ -464,7 +464,7 @@ def _engine_components(plan: RunPlan, student: DecoderArch) -> list[Component]:
     sampler = 8 * plan.max_num_seqs * student.vocab_size
     return [
         Component("vLLM weights", weights, f"{hf_param_count(student):,} params x {e} B / rollout TP {rtp}",
-                  "raise --rollout-tensor-parallel-size, or put engines on --rollout-gpus (Ray, planned)"),
+                  "raise --rollout-tensor-parallel-size, or put engines on their own GPUs (--rollout-engines, Ray)"),
         Component("vLLM KV cache", int(plan.rollout_kv_cache_gib * GIB),
                   f"--rollout-kv-cache-gib ({kv_bytes_per_token(student, e):,} B/token over the engine)",
                   "lower --rollout-kv-cache-gib (it must still hold one max_position_embeddings sequence)"),

@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchrun --nproc-per-node: training ranks (GPUs) per node.")
     g.add_argument("--gpu-memory-gib", type=_positive_float, default=80.0, help="Memory of one GPU.")
     g.add_argument("--rollout-gpus", type=_nonnegative_int, default=0,
-                   help="GPUs running vLLM engines apart from the training ranks (the planned Ray placement); "
-                        "0: one engine co-located on global rank 0's GPU, as train_scope.py runs it today.")
+                   help="GPUs running vLLM engines apart from the training ranks (default: --rollout-engines x "
+                        "--rollout-tensor-parallel-size); 0: one engine co-located on global rank 0's GPU.")
     g.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
                    help="Longest prompt in tokens (default: measured from --train-data with the tokenizer, "
                         f"else {DEFAULT_PROMPT_TOKENS}).")
@@ -222,16 +222,16 @@ def run_check(args: argparse.Namespace) -> dict:
         max_new_tokens=args.max_new_tokens, bf16=args.bf16, distributed_optimizer=args.use_distributed_optimizer,
         algorithm=args.scope_algorithm, kl=args.scope_kl, topk=args.scope_topk,
         rollout_kv_cache_gib=args.rollout_kv_cache_gib,
-        rollout_tensor_parallel=args.rollout_tensor_parallel_size, rollout_gpus=args.rollout_gpus,
+        rollout_tensor_parallel=args.rollout_tensor_parallel_size, rollout_gpus=args.rollout_gpus or args.rollout_engines * args.rollout_tensor_parallel_size,
         rollout_element_bytes=DTYPE_BYTES.get(str(dtype_name), 4), gpu_memory_gib=args.gpu_memory_gib,
         overhead_gib=args.overhead_gib, flash_attention=args.assume_flash_attention)
 
     # What the trainer refuses at set-up (trainer._check_setup) or at its first step.
     if plan.needs_teacher and teacher is None:
         errors.append(f"--scope-algorithm {args.scope_algorithm} reads the teacher: give --teacher-hf")
-    if args.rollout_gpus:
-        warns.append(f"--rollout-gpus {args.rollout_gpus}: estimated for engines on separate GPUs (the planned "
-                        "Ray placement, rollout/ray_engine.py); train_scope.py runs its engine on global rank 0 today")
+    if args.rollout_gpus and not args.rollout_engines:
+        warns.append(f"--rollout-gpus {args.rollout_gpus}: estimated for engines on separate GPUs, but without "
+                     "--rollout-engines train_scope.py runs its engine inside global rank 0")
     errors += me.check_parallel_sizes(plan, archs)
     errors += me.check_sequence_length(plan, archs)
     kv_errors, kv_notes = me.check_rollout_kv_cache(plan, student)

@@ -50,6 +50,8 @@ esac
 # --- rollout (one vLLM engine in-process on global rank 0, sharing its GPU)
 : "${ROLLOUT_KV_CACHE_GIB:=16}"       # must hold one max_position_embeddings sequence (4.4 GiB for Qwen3-1.7B)
 : "${ROLLOUT_TP:=1}"                  # --rollout-tensor-parallel-size
+: "${ROLLOUT_ENGINES:=0}"             # 0: vLLM inside global rank 0; N: N engines as Ray actors (--rollout-engines)
+: "${RAY_ADDRESS:=}"                  # with ROLLOUT_ENGINES > 0: the Ray cluster (e.g. auto); "" = local Ray
 # --- this script
 : "${PYTHON:=python}"
 : "${TORCHRUN:=torchrun}"
@@ -69,12 +71,16 @@ ARGS=(
   --prompts-per-step "$PROMPTS_PER_STEP" --scope-group-size "$GROUP_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
   --rollout-temperature 1.0 --rollout-top-p 1.0
   --rollout-kv-cache-gib "$ROLLOUT_KV_CACHE_GIB" --rollout-tensor-parallel-size "$ROLLOUT_TP"
+  --rollout-engines "$ROLLOUT_ENGINES"
   --scope-algorithm scope --scope-tau "$SCOPE_TAU" --scope-kl "$SCOPE_KL"
   --lr "$LR" --train-iters "$TRAIN_ITERS" --seed "$SEED"
   --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$SAVE_DIR/tensorboard"
 )
 if [[ -n "$TEACHER_TOKENIZER" ]]; then
   ARGS+=(--teacher-tokenizer "$TEACHER_TOKENIZER")
+fi
+if [[ -n "$RAY_ADDRESS" ]]; then
+  ARGS+=(--ray-address "$RAY_ADDRESS")
 fi
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a CHECK_EXTRA <<< "$CHECK_ARGS"

@@ -94,6 +94,14 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--rollout-kv-cache-gib", type=float, default=1.0,
                    help="KV cache of the vLLM engine (GiB).")
     g.add_argument("--rollout-tensor-parallel-size", type=int, default=1)
+    g.add_argument("--rollout-engines", type=int, default=0,
+                   help="0: one vLLM engine inside global rank 0. N >= 1: N engines as Ray actors, placed by Ray on "
+                        "any node of the cluster (rollout/ray_engine.py); prompts are split over them.")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join with --rollout-engines (e.g. auto, or HOST:6379); default: RAY_ADDRESS "
+                        "if set, else a local Ray started by rank 0.")
+    g.add_argument("--rollout-gpus-per-engine", type=float, default=None,
+                   help="GPUs Ray reserves per engine (default: --rollout-tensor-parallel-size with CUDA, 0 without).")
     return parser
 
 
@@ -105,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         PromptFormat(args.prompt_template, args.apply_chat_template)
     except ValueError as error:
         parser.error(f"--prompt-template: {error}")
+    if args.rollout_engines < 0:
+        parser.error(f"--rollout-engines must be >= 0, got {args.rollout_engines}")
     return args
 
 
@@ -127,6 +137,26 @@ def _verifier(kind: str):
     from megatron_scope.rewards.math_verifier import MathVerifier
 
     return MathVerifier()
+
+
+def _start_rollout_engine(args: argparse.Namespace):
+    """Global rank 0's engine: vLLM in this process, or `--rollout-engines` Ray actors anywhere in the cluster."""
+    from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+
+    config = VLLMEngineConfig(args.student_hf, kv_cache_bytes=int(args.rollout_kv_cache_gib * (1 << 30)),
+                              tensor_parallel_size=args.rollout_tensor_parallel_size, seed=args.seed)
+    if not args.rollout_engines:
+        return VLLMRolloutEngine(config)
+    import ray
+
+    from megatron_scope.rollout.ray_engine import RayRolloutEngine
+
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    gpus = args.rollout_gpus_per_engine
+    if gpus is None:
+        gpus = args.rollout_tensor_parallel_size if torch.cuda.is_available() else 0
+    return RayRolloutEngine(config, num_engines=args.rollout_engines, actor_options={"num_gpus": gpus})
 
 
 def build_trainer(args: argparse.Namespace):
@@ -181,13 +211,7 @@ def build_trainer(args: argparse.Namespace):
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         clip_grad=args.clip_grad, use_distributed_optimizer=args.use_distributed_optimizer))
 
-    engine = None
-    if dist.get_rank() == 0:
-        from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
-
-        engine = VLLMRolloutEngine(VLLMEngineConfig(
-            args.student_hf, kv_cache_bytes=int(args.rollout_kv_cache_gib * (1 << 30)),
-            tensor_parallel_size=args.rollout_tensor_parallel_size, seed=args.seed))
+    engine = _start_rollout_engine(args) if dist.get_rank() == 0 else None
     settings = TrainerSettings(
         train_iters=args.train_iters, prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
         micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,

@@ -3,6 +3,7 @@
 - exact resume: 2 iterations straight == 1 iteration, a checkpoint, and a resumed process for the 2nd;
 - parallel layouts (TP=2; PP=2 x DP=2; DP=2) give the same first-iteration loss and gradient norm as TP=1
   (the first rollout is identical everywhere: same seed, same initial weights);
+- Ray-placed engines (--rollout-engines 2) give the in-process engine's first iteration;
 - bad set-ups fail before any rollout.
 """
 
@@ -105,3 +106,14 @@ def test_topk_teacher_with_full_support_equals_the_full_vocabulary_kl(workspace,
     assert first["rollout/accuracy"] == history[0]["rollout/accuracy"]
     assert first["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
     assert first["optimizer/grad_norm"] == pytest.approx(history[0]["optimizer/grad_norm"], rel=1e-4)
+
+
+def test_ray_rollout_engines_give_the_same_run(workspace, straight_run):
+    """--rollout-engines 2: the engines live in Ray actors (a local Ray here) and split the prompts; the first
+    iteration's rollouts, loss and gradient norm equal the in-process engine's."""
+    history, _ = straight_run
+    (ray_run,) = run_on_ranks(_train, 1, args=(_flags(workspace, 1, extra=["--rollout-engines", "2"]),), timeout=900)
+    for key in ("rollout/accuracy", "rollout/response_length"):
+        assert ray_run[0][key] == history[0][key], key
+    assert ray_run[0]["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
+    assert ray_run[0]["optimizer/grad_norm"] == pytest.approx(history[0]["optimizer/grad_norm"], rel=1e-4)
