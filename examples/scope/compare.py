@@ -28,12 +28,12 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=["scope", "opd", "grpo", "sft"],
                         choices=["scope", "opd", "exopd", "srpo", "tropd", "grpo", "sft"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--iters", type=int, default=120)
-    parser.add_argument("--prompts-per-step", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=150)
+    parser.add_argument("--prompts-per-step", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=2)
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=1e-4, help="Distillation learning rate (Adam, cosine to lr/10).")
+    parser.add_argument("--lr", type=float, default=5e-4, help="Distillation learning rate (Adam, cosine to lr/10).")
     return parser.parse_args(argv)
 
 

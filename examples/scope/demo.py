@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -46,13 +47,14 @@ def parse_args(argv=None):
     parser.add_argument("--num-train", type=int, default=4000)
     parser.add_argument("--num-eval", type=int, default=64)
     parser.add_argument("--teacher-sft-iters", type=int, default=600)
-    parser.add_argument("--student-sft-iters", type=int, default=400)
-    parser.add_argument("--scope-iters", type=int, default=120)
-    parser.add_argument("--prompts-per-step", type=int, default=8)
-    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--student-sft-iters", type=int, default=250)
+    parser.add_argument("--scope-iters", type=int, default=150)
+    parser.add_argument("--prompts-per-step", type=int, default=64,
+                        help="Distinct prompts per step: on-policy steps need many (see BENCHMARKS.md).")
+    parser.add_argument("--group-size", type=int, default=2)
     parser.add_argument("--eval-samples", type=int, default=8, help="n responses per held-out problem.")
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    parser.add_argument("--lr", type=float, default=1e-4, help="Distillation learning rate (Adam, cosine to lr/10).")
+    parser.add_argument("--lr", type=float, default=5e-4, help="Distillation learning rate (Adam, cosine to lr/10).")
     return parser.parse_args(argv)
 
 
@@ -123,14 +125,16 @@ def evaluate_model(engine, tokenizer, problems, num_samples: int, max_new_tokens
 
 def distillation_flags(workdir: str, algorithm: str, seed: int, iters: int, prompts_per_step: int, group_size: int,
                        max_new_tokens: int, lr: float, extra=()) -> list[str]:
-    """train_scope.py flags for distilling the demo's student (`workdir` laid out by this script): Adam at
-    `lr` with a 5-iteration warm-up and cosine decay to lr/10; GRPO and SFT run without the teacher."""
+    """train_scope.py flags for distilling the demo's student (`workdir` laid out by this script): Adam (beta2
+    0.98, as its SFT) at `lr` with a 20-iteration warm-up and cosine decay to lr/10; GRPO and SFT run without
+    the teacher."""
     flags = ["--student-hf", f"{workdir}/student_hf", "--tokenizer", f"{workdir}/tokenizer.model",
              "--train-data", f"{workdir}/task/train.jsonl", "--reward", "synthetic", "--scope-algorithm", algorithm,
              "--train-iters", str(iters), "--prompts-per-step", str(prompts_per_step),
-             "--scope-group-size", str(group_size), "--micro-batch-size", str(group_size),
+             "--scope-group-size", str(group_size),
+             "--micro-batch-size", str(math.gcd(prompts_per_step * group_size, 16)),
              "--max-new-tokens", str(max_new_tokens), "--lr", str(lr), "--min-lr", str(lr / 10),
-             "--lr-warmup-iters", str(min(5, iters - 1)), "--seed", str(seed), "--rollout-kv-cache-gib", "1"]
+             "--lr-warmup-iters", str(min(20, iters - 1)), "--adam-beta2", "0.98", "--seed", str(seed), "--rollout-kv-cache-gib", "1"]
     if algorithm not in ("grpo", "sft"):
         flags += ["--teacher-hf", f"{workdir}/teacher_hf"]
     return flags + list(extra)
