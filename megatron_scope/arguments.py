@@ -20,28 +20,35 @@ KL_KINDS = FULL_VOCAB_KL + SAMPLED_KL + ("topk",)
 NEEDS_KL = ("scope", "opd", "srpo", "tropd")
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
-def _nonnegative_float(text: str) -> float:
+def nonnegative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
 
 
-def _open_unit_float(text: str) -> float:
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def open_unit_float(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
@@ -53,7 +60,7 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group(title="scope", description="SCOPE on-policy distillation (arXiv 2604.10688)")
     group.add_argument("--scope-algorithm", choices=ALGORITHMS, default="scope",
                        help="Objective: SCOPE or a baseline.")
-    group.add_argument("--scope-tau", type=_positive_float, default=1.0,
+    group.add_argument("--scope-tau", type=positive_float, default=1.0,
                        help="Temperature τ of both path weightings (PPL^(±1/τ)).")
     group.add_argument("--scope-weight-norm", choices=("mean", "sum"), default="mean",
                        help="sum: weights sum to 1 per prompt and path (the paper); "
@@ -69,23 +76,23 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Divergence to the teacher: full-vocabulary reverse/forward/jsd from a co-located "
                             "teacher's sharded logits; k1/k2/k3 estimators from the teacher's sampled-token "
                             "log-probs; topk from a remote teacher's top-k log-probs.")
-    group.add_argument("--scope-jsd-beta", type=_open_unit_float, default=0.5,
+    group.add_argument("--scope-jsd-beta", type=open_unit_float, default=0.5,
                        help="Mixture weight β of the generalized JSD (--scope-kl jsd).")
-    group.add_argument("--scope-topk", type=_positive_int, default=None,
+    group.add_argument("--scope-topk", type=positive_int, default=None,
                        help="k of the teacher's top-k log-probs (required with --scope-kl topk).")
-    group.add_argument("--scope-group-size", type=_positive_int, default=8,
+    group.add_argument("--scope-group-size", type=positive_int, default=8,
                        help="G: responses sampled per prompt.")
 
     baselines = parser.add_argument_group(title="scope baselines", description="OPD, ExOPD, SRPO, TrOPD, GRPO, SFT")
     baselines.add_argument("--exopd-lambda", type=float, default=1.25,
                            help="ExOPD reward extrapolation λ (1 = OPD).")
-    baselines.add_argument("--srpo-beta", type=_nonnegative_float, default=1.0,
+    baselines.add_argument("--srpo-beta", type=nonnegative_float, default=1.0,
                            help="SRPO entropy weight: incorrect tokens weighted by exp(-β H_teacher).")
-    baselines.add_argument("--tropd-delta", type=_positive_float, default=1.0,
+    baselines.add_argument("--tropd-delta", type=positive_float, default=1.0,
                            help="TrOPD trust region: distil where |log π_S - log π_T| <= δ.")
     baselines.add_argument("--tropd-outlier", choices=("mask", "clip", "forward"), default="mask",
                            help="TrOPD outside the region: drop, scale to the edge, or forward KL.")
-    baselines.add_argument("--grpo-clip-eps", type=_open_unit_float, default=0.2,
+    baselines.add_argument("--grpo-clip-eps", type=open_unit_float, default=0.2,
                            help="PPO ratio clip ε (GRPO and SRPO's correct path).")
     return parser
 

@@ -28,7 +28,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples", "scope"))
 
-from megatron_scope.arguments import parse_scope_args  # noqa: E402
+from megatron_scope.arguments import (  # noqa: E402
+    nonnegative_float, nonnegative_int, parse_scope_args, positive_float, positive_int,
+)
 from megatron_scope import memory_estimate as me  # noqa: E402
 from train_scope import add_training_args  # noqa: E402
 
@@ -40,49 +42,21 @@ DEFAULT_PROMPT_TOKENS = 1024
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """train_scope.py's flags + the launch geometry and dry-run options."""
     parser = add_training_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     g = parser.add_argument_group("launch geometry and dry run (check_config.py only)")
-    g.add_argument("--nnodes", type=_positive_int, default=1, help="torchrun --nnodes.")
-    g.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc_per_node", type=_positive_int, default=1,
+    g.add_argument("--nnodes", type=positive_int, default=1, help="torchrun --nnodes.")
+    g.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc_per_node", type=positive_int, default=1,
                    help="torchrun --nproc-per-node: training ranks (GPUs) per node.")
-    g.add_argument("--gpu-memory-gib", type=_positive_float, default=80.0, help="Memory of one GPU.")
-    g.add_argument("--rollout-gpus", type=_nonnegative_int, default=0,
+    g.add_argument("--gpu-memory-gib", type=positive_float, default=80.0, help="Memory of one GPU.")
+    g.add_argument("--rollout-gpus", type=nonnegative_int, default=0,
                    help="GPUs running vLLM engines apart from the training ranks (default: --rollout-engines x "
                         "--rollout-tensor-parallel-size); 0: one engine co-located on global rank 0's GPU.")
-    g.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
+    g.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                    help="Longest prompt in tokens (default: measured from --train-data with the tokenizer, "
                         f"else {DEFAULT_PROMPT_TOKENS}).")
-    g.add_argument("--overhead-gib", type=_nonnegative_float, default=2.0,
+    g.add_argument("--overhead-gib", type=nonnegative_float, default=2.0,
                    help="Runtime overhead per process on a GPU (CUDA context, NCCL, allocator fragmentation).")
     g.add_argument("--assume-flash-attention", action="store_true",
                    help="Plan for a flash-attention layer spec: drop the s^2 attention-score terms "
