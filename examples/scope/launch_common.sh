@@ -1,0 +1,74 @@
+# Shared by launch_paper.sh and launch_qwen3_scaling.sh (sourced after they set their model-specific
+# defaults: HERE, ROOT, the launch geometry, STUDENT_HF, TEACHER_HF, TOKENIZER, TEACHER_TOKENIZER,
+# TRAIN_DATA, SAVE_DIR, TP). Every value below is an environment variable too (default after ":=").
+# Builds the train_scope.py flags, runs tools/check_config.py with them, then torchrun (or prints it).
+: "${PP:=1}"                          # --pipeline-model-parallel-size
+: "${MICRO_BATCH_SIZE:=1}"            # sequences per microbatch
+: "${PROMPTS_PER_STEP:=256}"          # the paper's recipe: 256 prompts x G=8, lr 5e-5, 12288 tokens, tau 1
+: "${GROUP_SIZE:=8}"                  # G
+: "${MAX_NEW_TOKENS:=12288}"
+: "${LR:=5e-5}"
+: "${SCOPE_TAU:=1.0}"
+: "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL; k1/k3 keep no teacher logits
+: "${TRAIN_ITERS:=200}"
+: "${SAVE_INTERVAL:=10}"
+: "${SEED:=1234}"
+# --- rollout (one vLLM engine in-process on global rank 0, sharing its GPU)
+: "${ROLLOUT_KV_CACHE_GIB:=16}"       # must hold one max_position_embeddings sequence (4.4 GiB for Qwen3-1.7B)
+: "${ROLLOUT_TP:=1}"                  # --rollout-tensor-parallel-size
+: "${ROLLOUT_ENGINES:=0}"             # 0: vLLM inside global rank 0; N: N engines as Ray actors (--rollout-engines)
+: "${RAY_ADDRESS:=}"                  # with ROLLOUT_ENGINES > 0: the Ray cluster (e.g. auto); "" = local Ray
+# --- this script
+: "${PYTHON:=python}"
+: "${TORCHRUN:=torchrun}"
+: "${EXTRA_ARGS:=}"                   # more train_scope.py flags (also given to the check)
+: "${CHECK_ARGS:=}"                   # check_config.py-only flags, e.g. "--max-prompt-tokens 2048"
+: "${SKIP_CHECK:=0}"                  # 1: do not run tools/check_config.py first
+: "${ALLOW_OVERCOMMIT:=0}"            # 1: the check only warns when the estimate exceeds GPU_MEMORY_GIB
+: "${DRY_RUN:=0}"                     # 1: run the check, print the torchrun command, do not train
+
+PROMPT_TEMPLATE=$'{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}.'
+
+ARGS=(
+  --student-hf "$STUDENT_HF" --teacher-hf "$TEACHER_HF" --tokenizer "$TOKENIZER"
+  --train-data "$TRAIN_DATA" --prompt-template "$PROMPT_TEMPLATE" --apply-chat-template --reward math
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+  --micro-batch-size "$MICRO_BATCH_SIZE" --bf16 --use-distributed-optimizer
+  --prompts-per-step "$PROMPTS_PER_STEP" --scope-group-size "$GROUP_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
+  --rollout-temperature 1.0 --rollout-top-p 1.0
+  --rollout-kv-cache-gib "$ROLLOUT_KV_CACHE_GIB" --rollout-tensor-parallel-size "$ROLLOUT_TP"
+  --rollout-engines "$ROLLOUT_ENGINES"
+  --scope-algorithm scope --scope-tau "$SCOPE_TAU" --scope-kl "$SCOPE_KL"
+  --lr "$LR" --train-iters "$TRAIN_ITERS" --seed "$SEED"
+  --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$SAVE_DIR/tensorboard"
+)
+if [[ -n "$TEACHER_TOKENIZER" ]]; then
+  ARGS+=(--teacher-tokenizer "$TEACHER_TOKENIZER")
+fi
+if [[ -n "$RAY_ADDRESS" ]]; then
+  ARGS+=(--ray-address "$RAY_ADDRESS")
+fi
+read -r -a EXTRA <<< "$EXTRA_ARGS"
+read -r -a CHECK_EXTRA <<< "$CHECK_ARGS"
+ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
+
+if [[ "$SKIP_CHECK" != 1 ]]; then
+  CHECK=("$PYTHON" "$ROOT/tools/check_config.py" "${ARGS[@]}"
+         --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --gpu-memory-gib "$GPU_MEMORY_GIB"
+         ${CHECK_EXTRA[@]+"${CHECK_EXTRA[@]}"})
+  if [[ "$ALLOW_OVERCOMMIT" == 1 ]]; then
+    CHECK+=(--allow-overcommit)
+  fi
+  "${CHECK[@]}"
+fi
+
+LAUNCH=("$TORCHRUN" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK"
+        --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+        "$ROOT/examples/scope/train_scope.py" "${ARGS[@]}")
+if [[ "$DRY_RUN" == 1 ]]; then
+  printf 'DRY_RUN=1, would run:'
+  printf ' %q' "${LAUNCH[@]}"
+  printf '\n'
+  exit 0
+fi
+exec "${LAUNCH[@]}"
