@@ -13,7 +13,7 @@ Zero-probability entries (logit -inf) contribute exactly 0 to every sum (`torch.
 
 Backends: the same functions run eagerly or through `torch.compile` (Inductor's C++ backend on CPU fuses
 each into one loop over the chunk). `kernels(use_compiled)` picks the table; the choice is made by
-`vocab_parallel._kernel_table`. A GPU (Triton) table would be a third entry there.
+`vocab_parallel._kernel` (on CUDA torch.compile emits Triton kernels).
 """
 
 from __future__ import annotations
@@ -160,16 +160,18 @@ _EAGER = {
     "softmax_grad": softmax_grad,
     "gather_grad": gather_grad,
 }
-_COMPILED: dict | None = None
+_COMPILED: dict[bool, dict] = {}
 
 
-def kernels(use_compiled: bool) -> dict:
-    """The kernel table: eager torch, or each function through torch.compile (compiled lazily, per shape)."""
-    global _COMPILED
+def kernels(use_compiled: bool, dynamic: bool = False) -> dict:
+    """The kernel table: eager torch, or each function through torch.compile (compiled lazily).
+
+    dynamic=False: one specialisation per (rows, local vocab, dtype); the caller sends only full chunks of
+    a fixed row count here and runs the ragged last chunk eagerly. dynamic=True: one kernel for any shape,
+    so the ragged chunk runs compiled too (what CUDA uses: a ragged chunk run eagerly costs more there).
+    """
     if not use_compiled:
         return _EAGER
-    if _COMPILED is None:
-        # dynamic=False: one specialisation per (rows, local vocab, dtype); the caller sends only full
-        # chunks of a fixed row count here and runs the ragged last chunk eagerly.
-        _COMPILED = {name: torch.compile(fn, dynamic=False) for name, fn in _EAGER.items()}
-    return _COMPILED
+    if dynamic not in _COMPILED:
+        _COMPILED[dynamic] = {name: torch.compile(fn, dynamic=dynamic) for name, fn in _EAGER.items()}
+    return _COMPILED[dynamic]

@@ -16,10 +16,10 @@ Conventions shared by every function that takes logits:
   get zero gradient. None: every column is a real token.
 - Logits must be finite or -inf (a -inf entry has probability 0 and contributes exactly 0); a row
   with no finite logit is not a distribution and gives NaN.
-- Work is chunked over tokens (`CHUNK_ELEMENTS` per chunk) so temporaries stay chunk-sized; gradients
-  are written chunk by chunk into one preallocated tensor. Large CPU inputs run fused chunk kernels
-  compiled by torch.compile (Inductor C++), falling back to eager torch if compilation fails; see
-  `_use_compiled` (the dispatch point where a GPU Triton kernel would plug in).
+- Work is chunked over tokens (`CHUNK_ELEMENTS` per chunk on CPU, `CUDA_CHUNK_ELEMENTS` on CUDA) so
+  temporaries stay chunk-sized; gradients are written chunk by chunk into one preallocated tensor. Large
+  inputs run fused chunk kernels compiled by torch.compile (Inductor C++ on CPU, Triton on CUDA), falling
+  back to eager torch if compilation fails; see `_use_compiled`.
 
 References: SCOPE, arXiv 2604.10688 (its teacher-path KL over the vocabulary and its perplexity weights
 from per-sequence mean log-probs; equation numbers to be filled in by the losses/ module that cites
@@ -58,11 +58,16 @@ logger = logging.getLogger(__name__)
 KL_KINDS = ("reverse", "forward", "jsd")
 SAMPLED_KL_KINDS = ("k1", "k2", "k3")
 
-#: Elements of one rank's shard processed per chunk (rows = CHUNK_ELEMENTS // local vocab, at least 1).
+#: Elements of one rank's shard processed per chunk on CPU (rows = CHUNK_ELEMENTS // local vocab, at least 1).
 #: 2^20 (4 MiB of fp32 per temporary): small next to a shard (0.8% of 4096 x 32768), large enough that
 #: the per-call cost of a compiled kernel (~0.1 ms) stays a few % of a chunk's work.
 CHUNK_ELEMENTS = 1 << 20
-#: "auto" backend: shards with at least this many elements on CPU use the compiled kernels.
+#: The same on CUDA: 2^26 (256 MiB of fp32 per temporary) amortises the ~0.1-0.5 ms of Python, guard and
+#: launch overhead per chunk; 2^24 was 2.5x slower (BENCHMARKS.md, "Vocab-parallel KL on a GPU").
+CUDA_CHUNK_ELEMENTS = 1 << 26
+#: CUDA compiles shape-dynamic kernels, so the ragged last chunk runs compiled too (CPU runs it eagerly).
+CUDA_COMPILE_DYNAMIC = True
+#: "auto" backend: shards with at least this many elements use the compiled kernels.
 COMPILE_MIN_ELEMENTS = 1 << 22
 #: Environment variable choosing the kernels: "auto" (default), "eager" or "compile" (errors surface).
 BACKEND_ENV = "MEGATRON_SCOPE_VOCAB_OPS_BACKEND"
@@ -168,24 +173,27 @@ def _backend() -> str:
 
 
 def _use_compiled(logits: torch.Tensor) -> bool:
-    """Dispatch point. CPU: Inductor-compiled chunk kernels for large shards, eager torch otherwise.
-
-    Other devices run the eager torch kernels (a fused Triton path for CUDA would be chosen here).
+    """Dispatch point. CPU and CUDA: Inductor-compiled chunk kernels (C++ / Triton) for large shards,
+    eager torch otherwise; other devices always run eager.
     """
     mode = _backend()
-    if logits.device.type != "cpu" or mode == "eager" or logits.dtype == torch.float64:
+    if mode == "eager" or logits.dtype == torch.float64 or logits.device.type not in ("cpu", "cuda"):
         return False
     if mode == "compile":
         return True
     return not _compile_failed and logits.numel() >= COMPILE_MIN_ELEMENTS
 
 
-def _kernel(name: str, use_compiled: bool, *args):
-    """Run chunk kernel `name`; a compiled kernel that fails to build falls back to eager (auto mode)."""
+def _kernel(name: str, use_compiled: bool, full_chunk: bool, *args):
+    """Run chunk kernel `name`; a compiled kernel that fails to build falls back to eager (auto mode).
+
+    A ragged (not full) chunk runs compiled only where the kernels are shape-dynamic (CUDA).
+    """
     global _compile_failed
-    if use_compiled and not _compile_failed:
+    dynamic = CUDA_COMPILE_DYNAMIC and args[0].device.type == "cuda"
+    if use_compiled and (full_chunk or dynamic) and not _compile_failed:
         try:
-            return _chunk_kernels.kernels(True)[name](*args)
+            return _chunk_kernels.kernels(True, dynamic)[name](*args)
         except Exception as error:  # noqa: BLE001 - any compiler failure must fall back, not kill training
             if _backend() == "compile":
                 raise
@@ -194,9 +202,10 @@ def _kernel(name: str, use_compiled: bool, *args):
     return _chunk_kernels.kernels(False)[name](*args)
 
 
-def _chunk_slices(num_rows: int, local_vocab: int):
-    """(row slice, is_full_chunk) covering [0, num_rows), CHUNK_ELEMENTS shard elements per chunk."""
-    rows = max(1, CHUNK_ELEMENTS // max(local_vocab, 1))
+def _chunk_slices(num_rows: int, local_vocab: int, device: torch.device):
+    """(row slice, is_full_chunk) covering [0, num_rows), CHUNK_ELEMENTS (CUDA_CHUNK_ELEMENTS) per chunk."""
+    elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    rows = max(1, elements // max(local_vocab, 1))
     if num_rows == 0:
         yield slice(0, 0), False
     for start in range(0, num_rows, rows):
@@ -226,9 +235,9 @@ def _chunked_stats(name: str, shard: _Shard, use_compiled: bool, row_tensors, ro
         row_tensors = [x[:, : shard.valid] for x in row_tensors]
     width = row_tensors[0].shape[1]
     outputs = None
-    for rows, full in _chunk_slices(num_rows, width):
+    for rows, full in _chunk_slices(num_rows, width, row_tensors[0].device):
         result = _kernel(
-            name, use_compiled and full, *[x[rows] for x in row_tensors], *[e[rows] for e in row_extras], *kernel_args
+            name, use_compiled, full, *[x[rows] for x in row_tensors], *[e[rows] for e in row_extras], *kernel_args
         )
         if outputs is None:
             outputs = [torch.empty((num_rows, *r.shape[1:]), dtype=r.dtype, device=r.device) for r in result]
@@ -246,9 +255,9 @@ def _chunked_grad(name: str, shard: _Shard, use_compiled: bool, logits2d, row_te
     if shard.valid == 0:
         return grad
     row_tensors = [x[:, : shard.valid] for x in row_tensors]
-    for rows, full in _chunk_slices(num_rows, shard.valid):
+    for rows, full in _chunk_slices(num_rows, shard.valid, logits2d.device):
         chunk = _kernel(
-            name, use_compiled and full, *[x[rows] for x in row_tensors], *[e[rows] for e in row_extras], *kernel_args
+            name, use_compiled, full, *[x[rows] for x in row_tensors], *[e[rows] for e in row_extras], *kernel_args
         )
         grad[rows, : shard.valid] = chunk
     return grad
