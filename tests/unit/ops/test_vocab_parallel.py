@@ -73,7 +73,7 @@ OPS = ["logsumexp", "log_probs", "entropy", "kl_reverse", "kl_forward", "kl_jsd"
 def _value_and_grad(fn, logits, grad_seed=5):
     x = logits.detach().clone().requires_grad_()
     out = fn(x)
-    weights = _logits(out.shape, grad_seed, scale=1.0, dtype=out.dtype)
+    weights = _logits(out.shape, grad_seed, scale=1.0, dtype=out.dtype).to(out.device)
     (grad,) = torch.autograd.grad((out * weights).sum(), x)
     return out.detach(), grad
 
@@ -286,7 +286,7 @@ def test_sequence_reductions_mask_and_all_masked():
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
-    def broken(use_compiled):
+    def broken(use_compiled, dynamic=False):
         if use_compiled:
             return {name: _raise for name in vocab_parallel._chunk_kernels.kernels(False)}
         return real(False)
