@@ -17,7 +17,8 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                                                  the distributed optimizer reduce-scatters into the same full buffer
     Adam state               (4 + 8) P / D'      --bf16: fp32 master copy + exp_avg + exp_avg_sq; fp32 runs 8 P / D';
                                                  D' = D with --use-distributed-optimizer, else 1
-    teacher parameters       e P_teacher         co-located, same TP/PP as the student, forward only
+    teacher parameters       e P_teacher         co-located (--teacher-backend megatron), same TP/PP as the
+                                                 student, forward only
     reference parameters     e P                 ExOPD's frozen initial student
     activations              A m (L/p) [+ 2 e s b h on the last stage: final-norm and output-layer inputs]
                              m = min(p - stage, n / b) microbatches in flight under 1F1B (1 without PP)
@@ -59,6 +60,10 @@ Rollout engine (vLLM): on global rank 0's GPU (train_scope.py's default) or on -
     KV cache           --rollout-kv-cache-gib per GPU (vLLM's kv_cache_memory_bytes); one token costs
                        2 L g d e_cfg bytes over the engine's GPUs
     runtime            --overhead-gib + 8 max_num_seqs V   (sampler: fp32 logits and probabilities)
+
+A vLLM teacher (--teacher-backend vllm) is a second engine of the same three terms for the teacher's checkpoint,
+beside the rollout engine on rank 0's GPU, or on GPUs of its own with --rollout-engines (one Ray actor); the
+training GPUs then hold no teacher.
 
 Not modelled: the transient forward of the teacher's scoring pass (one layer's scores; smaller than the
 student's L/p layers of saved activations), weight-sync buckets (2 x 256 MiB on rank 0), chunk temporaries
@@ -201,6 +206,8 @@ class RunPlan:
     """Per-process runtime overhead (CUDA context, NCCL, allocator fragmentation)."""
     flash_attention: bool = False
     """Plan for a flash-attention layer spec (no s^2 score tensors)."""
+    teacher_backend: str = "megatron"
+    """--teacher-backend: "megatron" (co-located with the student) or "vllm" (a teacher engine)."""
 
     @property
     def world_size(self) -> int:
@@ -458,18 +465,18 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     return comps
 
 
-def _engine_components(plan: RunPlan, student: DecoderArch) -> list[Component]:
+def _engine_components(plan: RunPlan, model: DecoderArch, label: str = "vLLM") -> list[Component]:
     rtp, e = plan.rollout_tensor_parallel, plan.rollout_element_bytes
-    weights = hf_param_count(student) * e // rtp
-    sampler = 8 * plan.max_num_seqs * student.vocab_size
+    weights = hf_param_count(model) * e // rtp
+    sampler = 8 * plan.max_num_seqs * model.vocab_size
     return [
-        Component("vLLM weights", weights, f"{hf_param_count(student):,} params x {e} B / rollout TP {rtp}",
+        Component(f"{label} weights", weights, f"{hf_param_count(model):,} params x {e} B / rollout TP {rtp}",
                   "raise --rollout-tensor-parallel-size, or put engines on their own GPUs (--rollout-engines, Ray)"),
-        Component("vLLM KV cache", int(plan.rollout_kv_cache_gib * GIB),
-                  f"--rollout-kv-cache-gib ({kv_bytes_per_token(student, e):,} B/token over the engine)",
+        Component(f"{label} KV cache", int(plan.rollout_kv_cache_gib * GIB),
+                  f"--rollout-kv-cache-gib ({kv_bytes_per_token(model, e):,} B/token over the engine)",
                   "lower --rollout-kv-cache-gib (it must still hold one max_position_embeddings sequence)"),
-        Component("vLLM runtime", int(plan.overhead_gib * GIB) + sampler,
-                  f"--overhead-gib + sampler 8 B x {plan.max_num_seqs} seqs x {student.vocab_size}", ""),
+        Component(f"{label} runtime", int(plan.overhead_gib * GIB) + sampler,
+                  f"--overhead-gib + sampler 8 B x {plan.max_num_seqs} seqs x {model.vocab_size}", ""),
     ]
 
 
@@ -484,6 +491,11 @@ def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | 
     padded = common_padded_vocab(archs, plan.tensor_parallel)
     pp, co_located = plan.pipeline_parallel, plan.rollout_gpus == 0
     engine = _engine_components(plan, student)
+    teacher_engine = []
+    if teacher is not None and plan.teacher_backend == "vllm":
+        teacher_engine, teacher = _engine_components(plan, teacher, "vLLM teacher"), None
+    if co_located:  # both engines live in global rank 0's process
+        engine = engine + teacher_engine
     first = _training_components(plan, student, teacher, 0, padded)
     rtp = plan.rollout_tensor_parallel
     ranks = "rank 0" if rtp == 1 or not co_located else f"ranks 0-{rtp - 1}"
@@ -495,6 +507,8 @@ def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | 
         gpus.append(GpuEstimate("other ranks (no engine)", first))
     if not co_located:
         gpus.append(GpuEstimate("rollout GPU", engine))
+        if teacher_engine:
+            gpus.append(GpuEstimate("teacher engine GPU", teacher_engine))
     return gpus
 
 

@@ -9,7 +9,9 @@ One iteration (every rank runs it; global rank 0 hosts the rollout engine):
   4. scoring, forward only: the student's temperature-1 log-probs (the released SCOPE code mixed sampling
      and training temperatures; here every log-prob that enters a loss or a weight is at temperature 1),
      the co-located teacher's vocabulary-sharded logits or their top-k (and its sampled-token log-probs),
-     the reference model's log-probs for ExOPD; then SCOPE's path weights and GRPO advantages per group;
+     the reference model's log-probs for ExOPD; then SCOPE's path weights and GRPO advantages per group.
+     A remote teacher (a vLLM engine, `teacher_engine`) instead scores the responses on rank 0 in step 2
+     and sends its sampled-token log-probs with the rollouts (the k1/k2/k3 KL estimators, SCOPE's weights);
   5. the student's forward/backward with the selected loss (`megatron/loss_func.py`);
   6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite;
   7. the new weights stream to the engine (`iter_hf_weights` -> `update_weights`);
@@ -37,13 +39,14 @@ from megatron.core import parallel_state
 from megatron_scope.losses.objectives import group_normalized_advantages
 from megatron_scope.losses.scope import scope_sequence_weights
 from megatron_scope.megatron import checkpointing
-from megatron_scope.megatron.loss_func import ScopeLossConfig, reduce_reports
+from megatron_scope.megatron.loss_func import ScopeLossConfig, check_sampled_token_teacher, reduce_reports
 from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.schedule import forward_backward, forward_collect
 from megatron_scope.megatron.weight_export import iter_hf_weights
 from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob, vocab_parallel_log_probs, vocab_parallel_topk
 from megatron_scope.rollout.batch import RolloutGroup, build_batch, check_token_ids, sequence_length_for, split_rows
 from megatron_scope.rollout.engine import Completion, SamplingParams
+from megatron_scope.teacher.remote import score_responses
 
 logger = logging.getLogger("megatron_scope.trainer")
 
@@ -126,12 +129,16 @@ class ScopeTrainer:
         engine=None,
         teacher=None,
         reference=None,
+        teacher_engine=None,
     ):
         """`student`: DDP-wrapped GPTModel stage; `teacher`/`reference`: GPTModel stages, forward only, same
         TP/PP as the student (co-located); `engine`: a RolloutEngine on global rank 0 (None elsewhere);
-        `verify(response_texts, gold_answers)` -> outcomes; `tokenizer` decodes responses and gives eos/pad."""
+        `teacher_engine`: instead of `teacher`, a RolloutEngine serving the teacher on global rank 0 whose
+        `score` gives sampled-token log-probs; `verify(response_texts, gold_answers)` -> outcomes;
+        `tokenizer` decodes responses and gives eos/pad."""
         self.settings, self.loss_config = settings, loss_config
         self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
+        self.teacher_engine = teacher_engine
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dataset, self.tokenizer, self.verify, self.engine = dataset, tokenizer, verify, engine
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -157,6 +164,15 @@ class ScopeTrainer:
         if (self.engine is None) == (self.rank == 0):
             raise ValueError(f"the rollout engine must live on global rank 0 (rank {self.rank} "
                              f"{'has none' if self.engine is None else 'has one'})")
+        if self.teacher_engine is not None and self.rank != 0:
+            raise ValueError(f"the teacher engine must live on global rank 0 (rank {self.rank} has one)")
+        remote = [self.teacher_engine is not None]
+        dist.broadcast_object_list(remote, src=0)
+        self.remote_teacher = remote[0]
+        if self.remote_teacher:
+            if self.teacher is not None:
+                raise ValueError("a run has one teacher: a co-located Megatron teacher or a teacher engine, not both")
+            check_sampled_token_teacher(self.loss_config)
         if s.prompts_per_step % self.dp_size:
             raise ValueError(f"prompts_per_step {s.prompts_per_step} is not divisible by the data-parallel size "
                              f"{self.dp_size}: each rank takes whole prompt groups")
@@ -164,11 +180,11 @@ class ScopeTrainer:
         if local_sequences % s.micro_batch_size:
             raise ValueError(f"{local_sequences} sequences per data-parallel rank do not split into "
                              f"micro-batches of {s.micro_batch_size}")
-        if self.loss_config.algorithm not in ("grpo", "sft") and self.teacher is None:
+        if self.loss_config.algorithm not in ("grpo", "sft") and self.teacher is None and not self.remote_teacher:
             # Every other objective reads the teacher's logits or its log-probs of the responses (SCOPE's
-            # teacher-path weights too); only the co-located Megatron teacher provides them so far.
+            # teacher-path weights too).
             raise ValueError(f"--scope-algorithm {self.loss_config.algorithm} with --scope-kl {self.loss_config.kl} "
-                             "needs a co-located Megatron teacher (--teacher-hf)")
+                             "needs a teacher (--teacher-hf)")
         if self.loss_config.algorithm == "exopd" and self.reference is None:
             raise ValueError("--scope-algorithm exopd needs a reference model (the initial student)")
         self._check_prompts()
@@ -197,34 +213,55 @@ class ScopeTrainer:
         prompts = self.dataset.next_batch(s.prompts_per_step)
         payload = [None]
         if self.rank == 0:
-            start = time.perf_counter()
-            params = SamplingParams(n=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                    top_p=s.top_p, stop_token_ids=(self.tokenizer.eos_id,), seed=s.seed + iteration,
-                                    vocab_size=self.loss_config.vocab_size)  # no extra embedding rows
-            samples = self.engine.generate([list(p.token_ids) for p in prompts], params)
-            rollout_seconds = time.perf_counter() - start
-            texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
-            answers = [p.answer for p in prompts for _ in range(s.group_size)]
-            correct = self.verify(texts, answers)
-            payload = [([[(c.token_ids, c.log_probs, c.finish_reason) for c in group] for group in samples],
-                        correct, rollout_seconds)]
+            try:
+                payload = [self._sample_verify_score(prompts, iteration)]
+            except Exception as error:  # every rank must stop, not only rank 0: send the error along
+                payload = [("error", f"{type(error).__name__}: {error}")]
+                dist.broadcast_object_list(payload, src=0)
+                raise
         dist.broadcast_object_list(payload, src=0)
-        samples, correct, rollout_seconds = payload[0]
+        if payload[0][0] == "error":
+            raise RuntimeError(f"rank 0's rollout failed: {payload[0][1]}")
+        samples, correct, teacher_scores, seconds = payload[0]
         groups = []
         for i, (prompt, group) in enumerate(zip(prompts, samples)):
             completions = [Completion(list(ids), list(lps), reason) for ids, lps, reason in group]
             outcomes = correct[i * s.group_size : (i + 1) * s.group_size]
-            groups.append(RolloutGroup(prompt.id, list(prompt.token_ids), completions, outcomes))
+            groups.append(RolloutGroup(prompt.id, list(prompt.token_ids), completions, outcomes,
+                                       teacher_scores[i] if teacher_scores is not None else None))
         tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
         stats = {
             "rollout/accuracy": sum(correct) / len(correct),
             "rollout/response_length": tokens / len(correct),
             "rollout/truncated_fraction": sum(c.finish_reason == "length" for g in groups for c in g.completions)
             / len(correct),
-            "time/rollout_s": rollout_seconds,
-            "throughput/rollout_tokens_per_s": tokens / max(rollout_seconds, 1e-9),
+            "time/rollout_s": seconds["rollout"],
+            "throughput/rollout_tokens_per_s": tokens / max(seconds["rollout"], 1e-9),
         }
+        if teacher_scores is not None:
+            stats["time/teacher_score_s"] = seconds["teacher_score"]
         return groups, stats
+
+    def _sample_verify_score(self, prompts, iteration: int) -> tuple:
+        """Rank 0: sample G responses per prompt, verify them, and score them with the teacher engine if any."""
+        s = self.settings
+        start = time.perf_counter()
+        params = SamplingParams(n=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                top_p=s.top_p, stop_token_ids=(self.tokenizer.eos_id,), seed=s.seed + iteration,
+                                vocab_size=self.loss_config.vocab_size)  # no extra embedding rows
+        samples = self.engine.generate([list(p.token_ids) for p in prompts], params)
+        seconds = {"rollout": time.perf_counter() - start}
+        texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
+        answers = [p.answer for p in prompts for _ in range(s.group_size)]
+        correct = self.verify(texts, answers)
+        teacher_scores = None
+        if self.teacher_engine is not None:
+            start = time.perf_counter()
+            teacher_scores = score_responses(self.teacher_engine, [p.id for p in prompts],
+                                             [p.token_ids for p in prompts], samples)
+            seconds["teacher_score"] = time.perf_counter() - start
+        return ([[(c.token_ids, c.log_probs, c.finish_reason) for c in group] for group in samples], correct,
+                teacher_scores, seconds)
 
     def _scoring_pass(self, model, microbatches: list[dict], keep: str | None = None) -> list:
         """Forward only: per microbatch (extra inputs, temperature-1 log-probs of the labels) under `model`, on
@@ -345,6 +382,12 @@ class ScopeTrainer:
             if s.exit_on_nonfinite:
                 raise NonFiniteStepError(f"iteration {iteration}: {outcome.skipped_reason}")
         return metrics
+
+    def close(self) -> None:
+        """Shut down the engines this rank holds (the rollout engine and a teacher engine, on global rank 0)."""
+        for engine in (self.engine, self.teacher_engine):
+            if engine is not None:
+                engine.close()
 
     # ---- the loop ----
 

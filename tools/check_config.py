@@ -32,6 +32,7 @@ from megatron_scope.arguments import (  # noqa: E402
     nonnegative_float, nonnegative_int, parse_scope_args, positive_float, positive_int,
 )
 from megatron_scope import memory_estimate as me  # noqa: E402
+from megatron_scope.megatron.loss_func import ScopeLossConfig, check_sampled_token_teacher  # noqa: E402
 from train_scope import add_training_args  # noqa: E402
 
 #: Bytes per element of the HF config's dtype (vLLM loads the checkpoint in it: dtype "auto").
@@ -198,11 +199,18 @@ def run_check(args: argparse.Namespace) -> dict:
         rollout_kv_cache_gib=args.rollout_kv_cache_gib,
         rollout_tensor_parallel=args.rollout_tensor_parallel_size, rollout_gpus=args.rollout_gpus or args.rollout_engines * args.rollout_tensor_parallel_size,
         rollout_element_bytes=DTYPE_BYTES.get(str(dtype_name), 4), gpu_memory_gib=args.gpu_memory_gib,
-        overhead_gib=args.overhead_gib, flash_attention=args.assume_flash_attention)
+        overhead_gib=args.overhead_gib, flash_attention=args.assume_flash_attention,
+        teacher_backend=args.teacher_backend)
 
     # What the trainer refuses at set-up (trainer._check_setup) or at its first step.
     if plan.needs_teacher and teacher is None:
         errors.append(f"--scope-algorithm {args.scope_algorithm} reads the teacher: give --teacher-hf")
+    if args.teacher_backend == "vllm" and plan.needs_teacher:
+        try:
+            check_sampled_token_teacher(ScopeLossConfig(vocab_size=1, algorithm=args.scope_algorithm, kl=args.scope_kl,
+                                                        topk=args.scope_topk))
+        except ValueError as error:
+            errors.append(str(error))
     if args.rollout_gpus and not args.rollout_engines:
         warns.append(f"--rollout-gpus {args.rollout_gpus}: estimated for engines on separate GPUs, but without "
                      "--rollout-engines train_scope.py runs its engine inside global rank 0")

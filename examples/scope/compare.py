@@ -55,7 +55,7 @@ def _run(rank, world_size, args, method, seed):
         result = demo.evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples, args.max_new_tokens,
                                      f"{method} seed {seed}")
     finally:
-        trainer.engine.close()
+        trainer.close()
     return [{k: h[k] for k in ("iteration", "rollout/accuracy", "loss/loss")} for h in history], result
 
 

@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
         results["student_after"] = evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples,
                                                   args.max_new_tokens, "student after SCOPE")
     finally:
-        trainer.engine.close()
+        trainer.close()
 
     png = os.path.join(args.out, "scope_demo.png")
     plot(history, results, args.eval_samples, png)

@@ -10,6 +10,7 @@
 : "${LR:=5e-5}"
 : "${SCOPE_TAU:=1.0}"
 : "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL; k1/k3 keep no teacher logits
+: "${TEACHER_BACKEND:=megatron}"      # megatron: co-located teacher; vllm: a teacher engine (needs SCOPE_KL=k1/k2/k3)
 : "${TRAIN_ITERS:=200}"
 : "${SAVE_INTERVAL:=10}"
 : "${SEED:=1234}"
@@ -38,7 +39,7 @@ ARGS=(
   --rollout-temperature 1.0 --rollout-top-p 1.0
   --rollout-kv-cache-gib "$ROLLOUT_KV_CACHE_GIB" --rollout-tensor-parallel-size "$ROLLOUT_TP"
   --rollout-engines "$ROLLOUT_ENGINES"
-  --scope-algorithm scope --scope-tau "$SCOPE_TAU" --scope-kl "$SCOPE_KL"
+  --scope-algorithm scope --scope-tau "$SCOPE_TAU" --scope-kl "$SCOPE_KL" --teacher-backend "$TEACHER_BACKEND"
   --lr "$LR" --train-iters "$TRAIN_ITERS" --seed "$SEED"
   --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$SAVE_DIR/tensorboard"
 )

@@ -71,7 +71,12 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--tensorboard-dir", default=None)
     g = parser.add_argument_group("models and data")
     g.add_argument("--student-hf", required=True, help="Student's initial weights: HF directory.")
-    g.add_argument("--teacher-hf", default=None, help="Co-located teacher: HF directory.")
+    g.add_argument("--teacher-hf", default=None, help="Teacher: HF directory.")
+    g.add_argument("--teacher-backend", choices=("megatron", "vllm"), default="megatron",
+                   help="megatron: the teacher is co-located, a forward-only Megatron model with the student's TP/PP "
+                        "(full-vocabulary, top-k or sampled-token KL). vllm: the teacher is a vLLM engine placed like "
+                        "the rollout engine (inside global rank 0, or one Ray actor with --rollout-engines) that "
+                        "scores the responses: sampled-token log-probs, for --scope-kl k1/k2/k3.")
     g.add_argument("--tokenizer", required=True,
                    help="Tokenizer shared by student and teacher: a SentencePiece model file or a Hugging Face "
                         "tokenizer directory (e.g. the student's HF directory).")
@@ -115,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--prompt-template: {error}")
     if args.rollout_engines < 0:
         parser.error(f"--rollout-engines must be >= 0, got {args.rollout_engines}")
+    if args.teacher_backend == "vllm" and not args.teacher_hf:
+        parser.error("--teacher-backend vllm needs --teacher-hf (the teacher's HF directory)")
     return args
 
 
@@ -139,13 +146,14 @@ def _verifier(kind: str):
     return MathVerifier()
 
 
-def _start_rollout_engine(args: argparse.Namespace):
-    """Global rank 0's engine: vLLM in this process, or `--rollout-engines` Ray actors anywhere in the cluster."""
+def _start_engine(args: argparse.Namespace, model_dir: str, num_ray_engines: int):
+    """A vLLM engine of `model_dir` for global rank 0: in this process (num_ray_engines 0), or that many Ray
+    actors anywhere in the cluster."""
     from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
-    config = VLLMEngineConfig(args.student_hf, kv_cache_bytes=int(args.rollout_kv_cache_gib * (1 << 30)),
+    config = VLLMEngineConfig(model_dir, kv_cache_bytes=int(args.rollout_kv_cache_gib * (1 << 30)),
                               tensor_parallel_size=args.rollout_tensor_parallel_size, seed=args.seed)
-    if not args.rollout_engines:
+    if not num_ray_engines:
         return VLLMRolloutEngine(config)
     import ray
 
@@ -156,7 +164,7 @@ def _start_rollout_engine(args: argparse.Namespace):
     gpus = args.rollout_gpus_per_engine
     if gpus is None:
         gpus = args.rollout_tensor_parallel_size if torch.cuda.is_available() else 0
-    return RayRolloutEngine(config, num_engines=args.rollout_engines, actor_options={"num_gpus": gpus})
+    return RayRolloutEngine(config, num_engines=num_ray_engines, actor_options={"num_gpus": gpus})
 
 
 def build_trainer(args: argparse.Namespace):
@@ -166,7 +174,7 @@ def build_trainer(args: argparse.Namespace):
     from megatron_scope.data.datasets import PromptDataset
     from megatron_scope.data.tokenizer import check_same_tokenizer, load_tokenizer
     from megatron_scope.megatron.checkpointing import stage_hf_files
-    from megatron_scope.megatron.loss_func import ScopeLossConfig
+    from megatron_scope.megatron.loss_func import ScopeLossConfig, check_sampled_token_teacher
     from megatron_scope.megatron.model import build_gpt_model, padded_vocab_size, wrap_with_ddp
     from megatron_scope.megatron.optimizer import OptimizerSettings, build_optimizer
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
@@ -202,7 +210,7 @@ def build_trainer(args: argparse.Namespace):
     student = wrap_with_ddp(load_model(student_arch, args.student_hf, calculate_per_token_loss=True),
                             use_distributed_optimizer=args.use_distributed_optimizer)
     teacher = reference = None
-    if teacher_arch is not None:
+    if teacher_arch is not None and args.teacher_backend == "megatron":
         teacher = load_model(teacher_arch, args.teacher_hf).eval().requires_grad_(False)
     if args.scope_algorithm == "exopd":  # the reference is the initial student
         reference = load_model(student_arch, args.student_hf).eval().requires_grad_(False)
@@ -211,7 +219,14 @@ def build_trainer(args: argparse.Namespace):
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         clip_grad=args.clip_grad, use_distributed_optimizer=args.use_distributed_optimizer))
 
-    engine = _start_rollout_engine(args) if dist.get_rank() == 0 else None
+    loss_config = ScopeLossConfig.from_args(args, vocab_size=tokenizer.vocab_size)
+    if args.teacher_backend == "vllm":
+        check_sampled_token_teacher(loss_config)  # before any engine starts
+    engine = teacher_engine = None
+    if dist.get_rank() == 0:
+        engine = _start_engine(args, args.student_hf, args.rollout_engines)
+        if teacher_arch is not None and args.teacher_backend == "vllm":
+            teacher_engine = _start_engine(args, args.teacher_hf, min(args.rollout_engines, 1))
     settings = TrainerSettings(
         train_iters=args.train_iters, prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
         micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,
@@ -220,9 +235,9 @@ def build_trainer(args: argparse.Namespace):
         tensorboard_dir=args.tensorboard_dir, exit_on_nonfinite=args.exit_on_nonfinite, scope_tau=args.scope_tau,
         scope_weight_norm=args.scope_weight_norm, use_student_weights=args.scope_student_path_weights,
         use_teacher_weights=args.scope_teacher_path_weights)
-    trainer = ScopeTrainer(settings, ScopeLossConfig.from_args(args, vocab_size=tokenizer.vocab_size), student,
+    trainer = ScopeTrainer(settings, loss_config, student,
                            student_arch, optimizer, scheduler, dataset, tokenizer, _verifier(args.reward).verify_batch,
-                           engine=engine, teacher=teacher, reference=reference)
+                           engine=engine, teacher=teacher, reference=reference, teacher_engine=teacher_engine)
     if args.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF
         stage_hf_files(args.save, args.student_hf)
     return trainer
@@ -234,8 +249,7 @@ def main(argv=None):
     try:
         history = trainer.train()
     finally:
-        if trainer.engine is not None:
-            trainer.engine.close()
+        trainer.close()
     return trainer, history
 
 

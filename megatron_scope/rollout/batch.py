@@ -18,12 +18,14 @@ from megatron_scope.rollout.engine import Completion
 
 @dataclasses.dataclass
 class RolloutGroup:
-    """The G responses sampled for one prompt, with their verifier outcomes."""
+    """The G responses sampled for one prompt, with their verifier outcomes (and a remote teacher's log-probs
+    of each response's tokens, `teacher.remote.score_responses`, when the teacher is a vLLM engine)."""
 
     prompt_id: str
     prompt_token_ids: list[int]
     completions: list[Completion]
     correct: list[bool]
+    teacher_log_probs: list[list[float]] | None = None
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -31,6 +33,11 @@ class RolloutGroup:
         if len(self.completions) != len(self.correct):
             raise ValueError(f"prompt {self.prompt_id!r}: {len(self.completions)} completions but "
                              f"{len(self.correct)} verifier outcomes")
+        if self.teacher_log_probs is not None:
+            for j, (completion, scores) in enumerate(zip(self.completions, self.teacher_log_probs, strict=True)):
+                if len(scores) != len(completion.token_ids):
+                    raise ValueError(f"prompt {self.prompt_id!r}: response {j} has {len(completion.token_ids)} "
+                                     f"tokens but {len(scores)} teacher log-probs")
 
 
 def check_token_ids(groups: Sequence[RolloutGroup], vocab_size: int) -> None:
@@ -57,16 +64,22 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
                 vocab_size: int | None = None) -> dict:
     """Tensors for `groups` in order, G rows per prompt: tokens, labels, loss_mask, position_ids [n, seq_length];
     correct (bool), group_ids (group_offset + index of the prompt) [n]; plus rollout_log_probs [n, seq_length]
-    (the engine's sampling log-probs at the label positions, 0 elsewhere). An empty response is legal: its row
-    has no loss-mask position. With `vocab_size`, token ids are checked first (`check_token_ids`)."""
+    (the engine's sampling log-probs at the label positions, 0 elsewhere), and teacher_log_probs laid out the
+    same way when the groups carry a remote teacher's scores. An empty response is legal: its row has no
+    loss-mask position. With `vocab_size`, token ids are checked first (`check_token_ids`)."""
     if vocab_size is not None:
         check_token_ids(groups, vocab_size)
+    scored = {g.teacher_log_probs is not None for g in groups}
+    if len(scored) > 1:
+        raise ValueError("some groups carry teacher log-probs and some do not")
     rows = [(gi, g, c, ok) for gi, g in enumerate(groups) for c, ok in zip(g.completions, g.correct)]
+    teacher_scores = [s for g in groups for s in g.teacher_log_probs] if scored == {True} else None
     n = len(rows)
     tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
     labels = torch.full((n, seq_length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(n, seq_length)
     rollout_log_probs = torch.zeros(n, seq_length)
+    teacher_log_probs = torch.zeros(n, seq_length) if teacher_scores is not None else None
     for i, (_, group, completion, _) in enumerate(rows):
         sequence = group.prompt_token_ids + list(completion.token_ids)
         if len(sequence) - 1 > seq_length:
@@ -81,7 +94,9 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         loss_mask[i, start : start + length] = 1.0
         if length:
             rollout_log_probs[i, start : start + length] = torch.tensor(completion.log_probs, dtype=torch.float32)
-    return {
+            if teacher_log_probs is not None:
+                teacher_log_probs[i, start : start + length] = torch.tensor(teacher_scores[i], dtype=torch.float32)
+    batch = {
         "tokens": tokens,
         "labels": labels,
         "loss_mask": loss_mask,
@@ -90,6 +105,9 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         "group_ids": torch.tensor([group_offset + gi for gi, *_ in rows], dtype=torch.long),
         "rollout_log_probs": rollout_log_probs,
     }
+    if teacher_log_probs is not None:
+        batch["teacher_log_probs"] = teacher_log_probs
+    return batch
 
 
 def split_rows(batch: dict, num_parts: int) -> list[dict]:

@@ -50,3 +50,37 @@ def test_bad_prompts_and_unwritable_checkpoint_directory_fail_at_construction(tm
         "ValueError: prompt 'p7' (prompts.jsonl) has token ids outside the vocabulary [0, 500): [500, -2]")
     assert outcomes["unwritable"].startswith(
         f"PermissionError: checkpoint directory '{tmp_path}/a_file/ckpt' is not writable: ")
+
+
+def _rollout_failure(rank, world_size):
+    """Rank 0's rollout raises (an engine that died, a teacher that returned nothing): every rank must raise,
+    not wait in the next collective."""
+    from megatron_scope.data.datasets import Prompt, PromptDataset
+    from megatron_scope.megatron.loss_func import ScopeLossConfig
+    from megatron_scope.megatron.parallel import initialize_model_parallel
+    from megatron_scope.trainer import ScopeTrainer, TrainerSettings
+
+    initialize_model_parallel(1, 1, seed=0)
+    dataset = PromptDataset([Prompt(f"p{i}", "a", "1", (1, 2, 3)) for i in range(2)], source="prompts.jsonl")
+    settings = TrainerSettings(train_iters=1, prompts_per_step=2, group_size=2, micro_batch_size=2, max_new_tokens=4)
+    trainer = ScopeTrainer(settings, ScopeLossConfig(vocab_size=TINY_ARCH.vocab_size, kl="k3"), None, TINY_ARCH,
+                           None, None, dataset, None, None, engine=object() if rank == 0 else None,
+                           teacher_engine=object() if rank == 0 else None)
+
+    def failing(prompts, iteration):
+        raise RuntimeError("prompt 'p1', response 0: the teacher engine returned 0 log-probs")
+
+    trainer._sample_verify_score = failing
+    try:
+        trainer._rollout(1)
+    except Exception as error:  # noqa: BLE001 - the test compares type and message
+        return trainer.remote_teacher, f"{type(error).__name__}: {error}"
+    return trainer.remote_teacher, None
+
+
+def test_a_failed_rollout_on_rank_0_stops_every_rank():
+    message = "prompt 'p1', response 0: the teacher engine returned 0 log-probs"
+    assert run_on_ranks(_rollout_failure, 2) == [
+        (True, f"RuntimeError: {message}"),
+        (True, f"RuntimeError: rank 0's rollout failed: RuntimeError: {message}"),
+    ]

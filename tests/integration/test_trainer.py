@@ -4,6 +4,7 @@
 - parallel layouts (TP=2; PP=2 x DP=2; DP=2) give the same first-iteration loss and gradient norm as TP=1
   (the first rollout is identical everywhere: same seed, same initial weights);
 - Ray-placed engines (--rollout-engines 2) give the in-process engine's first iteration;
+- a vLLM teacher (--teacher-backend vllm) gives the co-located Megatron teacher's first iteration (k3 KL);
 - bad set-ups fail before any rollout.
 """
 
@@ -117,3 +118,21 @@ def test_ray_rollout_engines_give_the_same_run(workspace, straight_run):
         assert ray_run[0][key] == history[0][key], key
     assert ray_run[0]["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
     assert ray_run[0]["optimizer/grad_norm"] == pytest.approx(history[0]["optimizer/grad_norm"], rel=1e-4)
+
+
+def test_vllm_teacher_gives_the_colocated_teachers_run(workspace):
+    """--teacher-backend vllm: a second vLLM engine on rank 0 scores the responses and sends its sampled-token
+    log-probs with the rollouts. With the k3 KL (SCOPE's weights read the same log-probs) the first iteration
+    at DP=2 equals the co-located Megatron teacher's at TP=1; a full-vocabulary KL is refused before any
+    engine starts."""
+    flags = lambda *extra: _flags(workspace, 1, extra=["--scope-kl", "k3", *extra])  # noqa: E731
+    (colocated,) = run_on_ranks(_train, 1, args=(flags(),), timeout=900)
+    remote = run_on_ranks(_train, 2, args=(flags("--teacher-backend", "vllm"),), timeout=900)[-1]
+    for key in ("rollout/accuracy", "rollout/response_length"):
+        assert remote[0][key] == colocated[0][key], key
+    assert remote[0]["time/teacher_score_s"] > 0 and "time/teacher_score_s" not in colocated[0]
+    for key in ("loss/loss", "loss/incorrect/kl", "optimizer/grad_norm"):
+        assert remote[0][key] == pytest.approx(colocated[0][key], rel=1e-4), key
+    full_kl = _flags(workspace, 1, extra=["--teacher-backend", "vllm"])
+    with pytest.raises(Exception, match=r"--scope-kl reverse needs the teacher's logits; a vLLM teacher"):
+        run_on_ranks(_train, 1, args=(full_kl,), timeout=300)

@@ -200,6 +200,22 @@ def test_memory_terms_follow_the_flags():
     assert {c.name for c in separate[1].components} == {"vLLM weights", "vLLM KV cache", "vLLM runtime"}
 
 
+def test_a_vllm_teacher_moves_the_teacher_from_the_training_gpus_to_an_engine():
+    base = me.estimate_memory(_tiny_plan(kl="k3"), TINY, TINY_TEACHER)
+    vllm = me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm"), TINY, TINY_TEACHER)
+    rank0, other = ({c.name: c.bytes for c in g.components} for g in vllm)
+    assert "teacher parameters" not in rank0 and "teacher parameters" not in other
+    # teacher engine: HF params 4 x 36,992 + 2 x 1000 x 64 + 64 = 276,032 x 2 B; KV 1 GiB; sampler 8 x 256 x 1000
+    assert rank0["vLLM teacher weights"] == 552_064
+    assert rank0["vLLM teacher KV cache"] == GIB and rank0["vLLM teacher runtime"] == 2_048_000
+    assert vllm[0].total_bytes == base[0].total_bytes - 558_208 + 552_064 + GIB + 2_048_000
+    assert vllm[1].total_bytes == base[1].total_bytes - 558_208
+    separate = me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm", rollout_gpus=2), TINY, TINY_TEACHER)
+    assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU", "teacher engine GPU"]
+    assert {c.name for c in separate[2].components} == {"vLLM teacher weights", "vLLM teacher KV cache",
+                                                         "vLLM teacher runtime"}
+
+
 def test_fit_error_names_the_largest_term():
     plan = _tiny_plan(gpu_memory_gib=0.5)  # the 1 GiB KV cache alone exceeds it
     errors = me.fit_errors(plan, me.estimate_memory(plan, TINY, TINY_TEACHER))
@@ -359,6 +375,16 @@ def test_cli_reports_config_errors(tiny_models, capsys):
     del no_teacher[no_teacher.index("--teacher-hf"):no_teacher.index("--teacher-hf") + 2]
     assert check_config.main(no_teacher) == 1
     assert "--scope-algorithm scope reads the teacher: give --teacher-hf" in capsys.readouterr().out
+
+
+def test_cli_refuses_a_vllm_teacher_for_a_full_vocabulary_kl(tiny_models, capsys):
+    root, student, teacher = tiny_models
+    argv = _argv(student, teacher, str(root / "x.jsonl"), "--teacher-backend", "vllm")
+    assert check_config.main(argv) == 1
+    assert "--scope-kl reverse needs the teacher's logits; a vLLM teacher" in capsys.readouterr().out
+    assert check_config.main(argv + ["--scope-kl", "k3"]) == 0
+    out = capsys.readouterr().out
+    assert "vLLM teacher weights" in out and "teacher parameters" not in out
 
 
 def test_cli_measures_prompts_and_checks_the_tokenizer_vocabulary(tiny_models, capsys):

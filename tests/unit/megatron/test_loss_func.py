@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from megatron_scope.losses.scope import scope_sequence_weights
-from megatron_scope.megatron.loss_func import ScopeLossConfig, check_batch, reduce_reports, scope_loss_func
+from megatron_scope.megatron.loss_func import (
+    ScopeLossConfig,
+    check_batch,
+    check_sampled_token_teacher,
+    reduce_reports,
+    scope_loss_func,
+)
 from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
 
 V = TINY_ARCH.vocab_size
@@ -99,3 +105,17 @@ def test_nan_teacher_log_probs_on_response_tokens_are_rejected(batch):
     batch["teacher_log_probs"][tuple(response_position)] = float("nan")
     with pytest.raises(ValueError, match=r"batch\['teacher_log_probs'\] holds NaN or Inf on response tokens"):
         check_batch(batch, config)
+
+
+@pytest.mark.parametrize("algorithm,kl,needs", [
+    ("scope", "reverse", "logits"), ("opd", "jsd", "logits"), ("srpo", "k3", "logits"), ("opd", "topk", "top-k"),
+    ("scope", "k3", None), ("opd", "k1", None), ("tropd", "k2", None), ("grpo", "reverse", None), ("sft", "reverse", None),
+])
+def test_which_objectives_a_vllm_teacher_can_serve(algorithm, kl, needs):
+    """A vLLM teacher engine gives the log-probs of the sampled tokens only."""
+    config = ScopeLossConfig(vocab_size=V, algorithm=algorithm, kl=kl, topk=4 if kl == "topk" else None)
+    if needs is None:
+        check_sampled_token_teacher(config)
+    else:
+        with pytest.raises(ValueError, match=f"--scope-kl {kl} needs the teacher's {needs}; a vLLM teacher"):
+            check_sampled_token_teacher(config)
