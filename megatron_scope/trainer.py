@@ -164,11 +164,11 @@ class ScopeTrainer:
         if (self.engine is None) == (self.rank == 0):
             raise ValueError(f"the rollout engine must live on global rank 0 (rank {self.rank} "
                              f"{'has none' if self.engine is None else 'has one'})")
+        remote = [self.teacher_engine is not None]
+        dist.broadcast_object_list(remote, src=0)  # every rank learns whether rank 0 serves the teacher
+        self.remote_teacher = remote[0]
         if self.teacher_engine is not None and self.rank != 0:
             raise ValueError(f"the teacher engine must live on global rank 0 (rank {self.rank} has one)")
-        remote = [self.teacher_engine is not None]
-        dist.broadcast_object_list(remote, src=0)
-        self.remote_teacher = remote[0]
         if self.remote_teacher:
             if self.teacher is not None:
                 raise ValueError("a run has one teacher: a co-located Megatron teacher or a teacher engine, not both")

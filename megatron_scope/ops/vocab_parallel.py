@@ -63,7 +63,7 @@ SAMPLED_KL_KINDS = ("k1", "k2", "k3")
 #: the per-call cost of a compiled kernel (~0.1 ms) stays a few % of a chunk's work.
 CHUNK_ELEMENTS = 1 << 20
 #: The same on CUDA: 2^26 (256 MiB of fp32 per temporary) amortises the ~0.1-0.5 ms of Python, guard and
-#: launch overhead per chunk; 2^24 was 2.5x slower (BENCHMARKS.md, "Vocab-parallel KL on a GPU").
+#: launch overhead per chunk; 2^24 was 2-3x slower (BENCHMARKS.md, "Vocab-parallel KL on a GPU").
 CUDA_CHUNK_ELEMENTS = 1 << 26
 #: CUDA compiles shape-dynamic kernels, so the ragged last chunk runs compiled too (CPU runs it eagerly).
 CUDA_COMPILE_DYNAMIC = True
