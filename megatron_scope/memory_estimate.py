@@ -27,7 +27,8 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
     logits and gradients     3 e b s V/t         last stage: the logits shard, its log-prob gradient and its
                                                  KL gradient (before autograd sums them). GPTModel returns logits in
                                                  the parameters' dtype (no Float16Module fp32 cast here)
-    teacher top-k            12 n s k            last stage, --scope-kl topk: int64 ids + fp32 log-probs per token
+    teacher top-k            12 n s k            --scope-kl topk: int64 ids + fp32 log-probs per token (last stage;
+                                                 every rank with a vLLM teacher, whose top-k comes with the batch)
     teacher logits           e n s V/t           last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
                                                  SRPO): the co-located teacher's shards for the WHOLE local batch,
                                                  kept from the scoring pass to the student's backward
@@ -453,11 +454,14 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
                 f"[{n} sequences, {s}, {vocab_shard}] {_dtype(e)}, kept for the whole local batch",
                 "use --scope-kl topk --scope-topk K (the teacher's top-k, K values per token) or k1/k3 (sampled-"
                 "token log-probs), or more data-parallel ranks (fewer sequences each)"))
-        if plan.algorithm in NEEDS_KL and plan.kl == "topk" and teacher is not None and plan.topk:
-            comps.append(Component(
-                "teacher top-k (local batch)", n * s * plan.topk * 12,
-                f"[{n} sequences, {s}, k={plan.topk}] int64 ids + fp32 log-probs, kept for the whole local batch",
-                "lower --scope-topk or more data-parallel ranks"))
+    # A co-located teacher's top-k exists on the last stage; a vLLM teacher's arrives with the batch on every rank.
+    remote_topk = plan.teacher_backend == "vllm"
+    if (last or remote_topk) and plan.algorithm in NEEDS_KL and plan.kl == "topk" and plan.topk and (
+            teacher is not None or remote_topk):
+        comps.append(Component(
+            "teacher top-k (local batch)", n * s * plan.topk * 12,
+            f"[{n} sequences, {s}, k={plan.topk}] int64 ids + fp32 log-probs, kept for the whole local batch",
+            "lower --scope-topk or more data-parallel ranks"))
     comps.append(Component("batch tensors", BATCH_BYTES_PER_TOKEN * n * s,
                            f"{BATCH_BYTES_PER_TOKEN} B x {n} sequences x {s} tokens", "more data-parallel ranks"))
     comps.append(Component("runtime overhead (trainer)", int(plan.overhead_gib * GIB),

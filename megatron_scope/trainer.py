@@ -11,7 +11,8 @@ One iteration (every rank runs it; global rank 0 hosts the rollout engine):
      the co-located teacher's vocabulary-sharded logits or their top-k (and its sampled-token log-probs),
      the reference model's log-probs for ExOPD; then SCOPE's path weights and GRPO advantages per group.
      A remote teacher (a vLLM engine, `teacher_engine`) instead scores the responses on rank 0 in step 2
-     and sends its sampled-token log-probs with the rollouts (the k1/k2/k3 KL estimators, SCOPE's weights);
+     and sends its sampled-token log-probs (k1/k2/k3 estimators, SCOPE's weights) and, for --scope-kl topk,
+     its top-k with the rollouts;
   5. the student's forward/backward with the selected loss (`megatron/loss_func.py`);
   6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite;
   7. the new weights stream to the engine (`iter_hf_weights` -> `update_weights`);
@@ -39,7 +40,7 @@ from megatron.core import parallel_state
 from megatron_scope.losses.objectives import group_normalized_advantages
 from megatron_scope.losses.scope import scope_sequence_weights
 from megatron_scope.megatron import checkpointing
-from megatron_scope.megatron.loss_func import ScopeLossConfig, check_sampled_token_teacher, reduce_reports
+from megatron_scope.megatron.loss_func import ScopeLossConfig, check_teacher_engine_objective, reduce_reports
 from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.schedule import forward_backward, forward_collect
 from megatron_scope.megatron.weight_export import iter_hf_weights
@@ -133,8 +134,9 @@ class ScopeTrainer:
     ):
         """`student`: DDP-wrapped GPTModel stage; `teacher`/`reference`: GPTModel stages, forward only, same
         TP/PP as the student (co-located); `engine`: a RolloutEngine on global rank 0 (None elsewhere);
-        `teacher_engine`: instead of `teacher`, a RolloutEngine serving the teacher on global rank 0 whose
-        `score` gives sampled-token log-probs; `verify(response_texts, gold_answers)` -> outcomes;
+        `teacher_engine`: instead of `teacher`, a vLLM engine serving the teacher on global rank 0 (its
+        `score` / `score_topk` give sampled-token log-probs and top-k); `verify(response_texts, gold_answers)`
+        -> outcomes;
         `tokenizer` decodes responses and gives eos/pad."""
         self.settings, self.loss_config = settings, loss_config
         self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
@@ -172,7 +174,7 @@ class ScopeTrainer:
         if self.remote_teacher:
             if self.teacher is not None:
                 raise ValueError("a run has one teacher: a co-located Megatron teacher or a teacher engine, not both")
-            check_sampled_token_teacher(self.loss_config)
+            check_teacher_engine_objective(self.loss_config)
         if s.prompts_per_step % self.dp_size:
             raise ValueError(f"prompts_per_step {s.prompts_per_step} is not divisible by the data-parallel size "
                              f"{self.dp_size}: each rank takes whole prompt groups")
@@ -257,8 +259,10 @@ class ScopeTrainer:
         teacher_scores = None
         if self.teacher_engine is not None:
             start = time.perf_counter()
+            topk = self.loss_config.topk if self.loss_config.kl == "topk" else 0
             teacher_scores = score_responses(self.teacher_engine, [p.id for p in prompts],
-                                             [p.token_ids for p in prompts], samples)
+                                             [p.token_ids for p in prompts], samples, topk=topk,
+                                             vocab_size=self.loss_config.vocab_size)
             seconds["teacher_score"] = time.perf_counter() - start
         return ([[(c.token_ids, c.log_probs, c.finish_reason) for c in group] for group in samples], correct,
                 teacher_scores, seconds)

@@ -32,7 +32,7 @@ from megatron_scope.arguments import (  # noqa: E402
     nonnegative_float, nonnegative_int, parse_scope_args, positive_float, positive_int,
 )
 from megatron_scope import memory_estimate as me  # noqa: E402
-from megatron_scope.megatron.loss_func import ScopeLossConfig, check_sampled_token_teacher  # noqa: E402
+from megatron_scope.megatron.loss_func import ScopeLossConfig, check_teacher_engine_objective  # noqa: E402
 from train_scope import add_training_args  # noqa: E402
 
 #: Bytes per element of the HF config's dtype (vLLM loads the checkpoint in it: dtype "auto").
@@ -207,7 +207,7 @@ def run_check(args: argparse.Namespace) -> dict:
         errors.append(f"--scope-algorithm {args.scope_algorithm} reads the teacher: give --teacher-hf")
     if args.teacher_backend == "vllm" and plan.needs_teacher:
         try:
-            check_sampled_token_teacher(ScopeLossConfig(vocab_size=1, algorithm=args.scope_algorithm, kl=args.scope_kl,
+            check_teacher_engine_objective(ScopeLossConfig(vocab_size=1, algorithm=args.scope_algorithm, kl=args.scope_kl,
                                                         topk=args.scope_topk))
         except ValueError as error:
             errors.append(str(error))

@@ -10,7 +10,7 @@
 : "${LR:=5e-5}"
 : "${SCOPE_TAU:=1.0}"
 : "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL; k1/k3 keep no teacher logits
-: "${TEACHER_BACKEND:=megatron}"      # megatron: co-located teacher; vllm: a teacher engine (needs SCOPE_KL=k1/k2/k3)
+: "${TEACHER_BACKEND:=megatron}"      # megatron: co-located teacher; vllm: a teacher engine (SCOPE_KL=k1/k2/k3/topk)
 : "${TRAIN_ITERS:=200}"
 : "${SAVE_INTERVAL:=10}"
 : "${SEED:=1234}"

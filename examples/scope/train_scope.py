@@ -76,7 +76,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="megatron: the teacher is co-located, a forward-only Megatron model with the student's TP/PP "
                         "(full-vocabulary, top-k or sampled-token KL). vllm: the teacher is a vLLM engine placed like "
                         "the rollout engine (inside global rank 0, or one Ray actor with --rollout-engines) that "
-                        "scores the responses: sampled-token log-probs, for --scope-kl k1/k2/k3.")
+                        "scores the responses: sampled-token log-probs and, with --scope-kl topk, its top-k (for "
+                        "--scope-kl k1/k2/k3/topk).")
     g.add_argument("--tokenizer", required=True,
                    help="Tokenizer shared by student and teacher: a SentencePiece model file or a Hugging Face "
                         "tokenizer directory (e.g. the student's HF directory).")
@@ -146,13 +147,14 @@ def _verifier(kind: str):
     return MathVerifier()
 
 
-def _start_engine(args: argparse.Namespace, model_dir: str, num_ray_engines: int):
+def _start_engine(args: argparse.Namespace, model_dir: str, num_ray_engines: int, max_logprobs: int = 0):
     """A vLLM engine of `model_dir` for global rank 0: in this process (num_ray_engines 0), or that many Ray
-    actors anywhere in the cluster."""
+    actors anywhere in the cluster; `max_logprobs`: the top-k a teacher engine must give."""
     from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
     config = VLLMEngineConfig(model_dir, kv_cache_bytes=int(args.rollout_kv_cache_gib * (1 << 30)),
-                              tensor_parallel_size=args.rollout_tensor_parallel_size, seed=args.seed)
+                              tensor_parallel_size=args.rollout_tensor_parallel_size, seed=args.seed,
+                              max_logprobs=max_logprobs)
     if not num_ray_engines:
         return VLLMRolloutEngine(config)
     import ray
@@ -174,7 +176,7 @@ def build_trainer(args: argparse.Namespace):
     from megatron_scope.data.datasets import PromptDataset
     from megatron_scope.data.tokenizer import check_same_tokenizer, load_tokenizer
     from megatron_scope.megatron.checkpointing import stage_hf_files
-    from megatron_scope.megatron.loss_func import ScopeLossConfig, check_sampled_token_teacher
+    from megatron_scope.megatron.loss_func import ScopeLossConfig, check_teacher_engine_objective
     from megatron_scope.megatron.model import build_gpt_model, padded_vocab_size, wrap_with_ddp
     from megatron_scope.megatron.optimizer import OptimizerSettings, build_optimizer
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
@@ -221,12 +223,13 @@ def build_trainer(args: argparse.Namespace):
 
     loss_config = ScopeLossConfig.from_args(args, vocab_size=tokenizer.vocab_size)
     if args.teacher_backend == "vllm":
-        check_sampled_token_teacher(loss_config)  # before any engine starts
+        check_teacher_engine_objective(loss_config)  # before any engine starts
     engine = teacher_engine = None
     if dist.get_rank() == 0:
         engine = _start_engine(args, args.student_hf, args.rollout_engines)
         if teacher_arch is not None and args.teacher_backend == "vllm":
-            teacher_engine = _start_engine(args, args.teacher_hf, min(args.rollout_engines, 1))
+            topk = args.scope_topk if args.scope_kl == "topk" else 0
+            teacher_engine = _start_engine(args, args.teacher_hf, min(args.rollout_engines, 1), max_logprobs=topk)
     settings = TrainerSettings(
         train_iters=args.train_iters, prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
         micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens,

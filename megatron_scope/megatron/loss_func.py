@@ -116,14 +116,14 @@ def required_batch_keys(config: ScopeLossConfig) -> set[str]:
     return keys
 
 
-def check_sampled_token_teacher(config: ScopeLossConfig) -> None:
-    """Raise ValueError if `config` needs more of the teacher than its log-probs of the sampled tokens (all a
-    vLLM teacher engine gives): its vocabulary logits (full-vocabulary KL, SRPO) or its top-k."""
-    needs = required_batch_keys(config) & {"teacher_logits", "teacher_topk_ids"}
-    if needs:
+def check_teacher_engine_objective(config: ScopeLossConfig) -> None:
+    """Raise ValueError if `config` needs the teacher's vocabulary logits (a full-vocabulary KL, SRPO): a vLLM
+    teacher engine gives only the log-probs of the sampled tokens and a top-k."""
+    if config.needs_teacher_logits:
         raise ValueError(f"--scope-algorithm {config.algorithm} with --scope-kl {config.kl} needs the teacher's "
-                         f"{'logits' if 'teacher_logits' in needs else 'top-k'}; a vLLM teacher gives the log-probs "
-                         "of the sampled tokens: use --scope-kl k1, k2 or k3, or a co-located teacher")
+                         "logits over the vocabulary; a vLLM teacher (--teacher-backend vllm) gives the log-probs "
+                         "of the sampled tokens and a top-k: use --scope-kl k1, k2, k3 or topk, or a co-located "
+                         "teacher")
 
 
 PER_SEQUENCE_KEYS = ("correct", "seq_weights", "advantages")

@@ -9,23 +9,24 @@ influences earlier positions, and the loss mask is 0 there).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import torch
 
-from megatron_scope.rollout.engine import Completion
+from megatron_scope.rollout.engine import Completion, SequenceScores
 
 
 @dataclasses.dataclass
 class RolloutGroup:
-    """The G responses sampled for one prompt, with their verifier outcomes (and a remote teacher's log-probs
-    of each response's tokens, `teacher.remote.score_responses`, when the teacher is a vLLM engine)."""
+    """The G responses sampled for one prompt, with their verifier outcomes (and a remote teacher's scores of
+    each response, `teacher.remote.score_responses`, when the teacher is a vLLM engine)."""
 
     prompt_id: str
     prompt_token_ids: list[int]
     completions: list[Completion]
     correct: list[bool]
-    teacher_log_probs: list[list[float]] | None = None
+    teacher_scores: list[SequenceScores] | None = None
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -33,11 +34,11 @@ class RolloutGroup:
         if len(self.completions) != len(self.correct):
             raise ValueError(f"prompt {self.prompt_id!r}: {len(self.completions)} completions but "
                              f"{len(self.correct)} verifier outcomes")
-        if self.teacher_log_probs is not None:
-            for j, (completion, scores) in enumerate(zip(self.completions, self.teacher_log_probs, strict=True)):
-                if len(scores) != len(completion.token_ids):
+        if self.teacher_scores is not None:
+            for j, (completion, scores) in enumerate(zip(self.completions, self.teacher_scores, strict=True)):
+                if len(scores.log_probs) != len(completion.token_ids):
                     raise ValueError(f"prompt {self.prompt_id!r}: response {j} has {len(completion.token_ids)} "
-                                     f"tokens but {len(scores)} teacher log-probs")
+                                     f"tokens but {len(scores.log_probs)} teacher log-probs")
 
 
 def check_token_ids(groups: Sequence[RolloutGroup], vocab_size: int) -> None:
@@ -64,22 +65,29 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
                 vocab_size: int | None = None) -> dict:
     """Tensors for `groups` in order, G rows per prompt: tokens, labels, loss_mask, position_ids [n, seq_length];
     correct (bool), group_ids (group_offset + index of the prompt) [n]; plus rollout_log_probs [n, seq_length]
-    (the engine's sampling log-probs at the label positions, 0 elsewhere), and teacher_log_probs laid out the
-    same way when the groups carry a remote teacher's scores. An empty response is legal: its row has no
-    loss-mask position. With `vocab_size`, token ids are checked first (`check_token_ids`)."""
+    (the engine's sampling log-probs at the label positions, 0 elsewhere). When the groups carry a remote
+    teacher's scores: teacher_log_probs laid out the same way, and with a top-k teacher_topk_ids [n, seq, k]
+    and teacher_topk_log_probs [n, seq, k]; off the response positions those hold ids 0..k-1 with log-probs
+    -log(k + 1) (a valid top-k with a non-empty tail, so the top-k KL stays finite where the loss mask
+    zeroes it). An empty response is legal: its row has no loss-mask position. With `vocab_size`, token ids
+    are checked first (`check_token_ids`)."""
     if vocab_size is not None:
         check_token_ids(groups, vocab_size)
-    scored = {g.teacher_log_probs is not None for g in groups}
+    scored = {g.teacher_scores is not None for g in groups}
     if len(scored) > 1:
-        raise ValueError("some groups carry teacher log-probs and some do not")
+        raise ValueError("some groups carry teacher scores and some do not")
     rows = [(gi, g, c, ok) for gi, g in enumerate(groups) for c, ok in zip(g.completions, g.correct)]
-    teacher_scores = [s for g in groups for s in g.teacher_log_probs] if scored == {True} else None
+    teacher_scores = [s for g in groups for s in g.teacher_scores] if scored == {True} else None
+    k = max((len(ids) for s in teacher_scores or () for ids in s.topk_ids), default=0)
     n = len(rows)
     tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
     labels = torch.full((n, seq_length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(n, seq_length)
     rollout_log_probs = torch.zeros(n, seq_length)
     teacher_log_probs = torch.zeros(n, seq_length) if teacher_scores is not None else None
+    if k:
+        topk_ids = torch.arange(k).expand(n, seq_length, k).clone()
+        topk_log_probs = torch.full((n, seq_length, k), -math.log(k + 1))
     for i, (_, group, completion, _) in enumerate(rows):
         sequence = group.prompt_token_ids + list(completion.token_ids)
         if len(sequence) - 1 > seq_length:
@@ -95,7 +103,11 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         if length:
             rollout_log_probs[i, start : start + length] = torch.tensor(completion.log_probs, dtype=torch.float32)
             if teacher_log_probs is not None:
-                teacher_log_probs[i, start : start + length] = torch.tensor(teacher_scores[i], dtype=torch.float32)
+                scores = teacher_scores[i]
+                teacher_log_probs[i, start : start + length] = torch.tensor(scores.log_probs, dtype=torch.float32)
+                if k:
+                    topk_ids[i, start : start + length] = torch.tensor(scores.topk_ids, dtype=torch.long)
+                    topk_log_probs[i, start : start + length] = torch.tensor(scores.topk_log_probs)
     batch = {
         "tokens": tokens,
         "labels": labels,
@@ -107,6 +119,8 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
     }
     if teacher_log_probs is not None:
         batch["teacher_log_probs"] = teacher_log_probs
+    if k:
+        batch["teacher_topk_ids"], batch["teacher_topk_log_probs"] = topk_ids, topk_log_probs
     return batch
 
 

@@ -58,6 +58,19 @@ class Completion:
     """"stop" (a stop token), "length" (max_new_tokens reached)."""
 
 
+@dataclasses.dataclass
+class SequenceScores:
+    """A model's temperature-1 view of one given sequence x: per position t >= 1, log p(x_t | x_<t) and the
+    model's k most likely next tokens at that position (descending log-prob)."""
+
+    log_probs: list[float]
+    """len(x) - 1 values: log p(x_t | x_<t) for t = 1 .. len(x) - 1."""
+    topk_ids: list[list[int]]
+    """len(x) - 1 lists of k token ids."""
+    topk_log_probs: list[list[float]]
+    """Their log-probs, same layout."""
+
+
 class RolloutEngineDiedError(RuntimeError):
     """The engine's process died (or stopped answering) during or before a call: nothing was returned, and
     the engine refuses every later call. Stop the run; a restart with --load resumes from the last complete

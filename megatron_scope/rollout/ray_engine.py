@@ -23,7 +23,7 @@ import ray
 import torch
 
 from megatron_scope.rollout.buckets import drain, iter_buckets
-from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams
+from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams, SequenceScores
 from megatron_scope.rollout.vllm_engine import VLLMEngineConfig
 
 
@@ -46,6 +46,9 @@ class RolloutEngineActor:
 
     def score(self, sequences) -> list[list[float]]:
         return self._engine.score(sequences)
+
+    def score_topk(self, sequences, k: int) -> list[SequenceScores]:
+        return self._engine.score_topk(sequences, k)
 
     def begin_weight_update(self) -> None:
         if self._update is not None:
@@ -113,6 +116,10 @@ class RayRolloutEngine(RolloutEngine):
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Temperature-1 log-probs of each sequence's tokens after the first (on the first engine)."""
         return ray.get(self._actors[0].score.remote([list(s) for s in sequences]))
+
+    def score_topk(self, sequences: Sequence[Sequence[int]], k: int) -> list[SequenceScores]:
+        """`score` plus each position's top-k next tokens (on the first engine)."""
+        return ray.get(self._actors[0].score_topk.remote([list(s) for s in sequences], k))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Bucket, `ray.put` once, load on every engine; validated in each engine before it sends to vLLM.

@@ -61,7 +61,13 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
-from megatron_scope.rollout.engine import Completion, RolloutEngine, RolloutEngineDiedError, SamplingParams
+from megatron_scope.rollout.engine import (
+    Completion,
+    RolloutEngine,
+    RolloutEngineDiedError,
+    SamplingParams,
+    SequenceScores,
+)
 from megatron_scope.rollout.buckets import drain, iter_buckets
 
 logger = logging.getLogger(__name__)
@@ -106,6 +112,8 @@ class VLLMEngineConfig:
     """1: weights offloaded to host, KV cache dropped; 2: both dropped (update_weights after wake)."""
     weight_bucket_bytes: int = 512 << 20
     """Bytes per weight bucket in `update_weights` (a larger single tensor travels alone)."""
+    max_logprobs: int = 0
+    """Largest k `score_topk` may ask for (vLLM's max_logprobs; 0: `score` only)."""
     call_timeout_s: float | None = None
     """Longest one vLLM call (a whole `generate`, one weight bucket) may take before the engine counts as
     hung (RolloutEngineDiedError). None: no limit; a dead engine process is detected either way."""
@@ -125,6 +133,8 @@ class VLLMEngineConfig:
         for name in ("tensor_parallel_size", "max_num_seqs", "weight_bucket_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VLLMEngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"VLLMEngineConfig.max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"VLLMEngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
         if self.dtype != "auto" and self.dtype not in _DTYPE_NAMES:
@@ -242,7 +252,7 @@ class VLLMRolloutEngine(RolloutEngine):
             seed=config.seed,
             enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
             logprobs_mode="processed_logprobs" if config.log_probs == "sampling" else "raw_logprobs",
-            max_logprobs=0,
+            max_logprobs=config.max_logprobs,
             worker_extension_cls=vllm_weight_transfer.WORKER_EXTENSION,
             weight_transfer_config=WeightTransferConfig(backend=vllm_weight_transfer.BACKEND_NAME),
             enable_sleep_mode=self._sleep_supported,
@@ -347,20 +357,36 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Temperature-1 log-prob of each token after the first given its prefix: result[i] has len - 1 values."""
+        return [scores.log_probs for scores in self._prompt_logprobs(sequences, 0, "score")]
+
+    def score_topk(self, sequences: Sequence[Sequence[int]], k: int) -> list[SequenceScores]:
+        """`score` plus, at every position, the k most likely next tokens and their temperature-1 log-probs
+        (vLLM's prompt log-probs; k <= `VLLMEngineConfig.max_logprobs`)."""
+        if not 1 <= k <= self.config.max_logprobs:
+            raise ValueError(f"score_topk: k={k} must be in [1, max_logprobs={self.config.max_logprobs}] "
+                             "(VLLMEngineConfig.max_logprobs)")
+        return self._prompt_logprobs(sequences, k, "score_topk")
+
+    def _prompt_logprobs(self, sequences, k: int, caller: str) -> list[SequenceScores]:
         from vllm import SamplingParams as VLLMSamplingParams
 
         self._check_ready()
-        sequences = self._validated_prompts(sequences, 1, "score")
+        sequences = self._validated_prompts(sequences, 1, caller)
         for index, sequence in enumerate(sequences):
             if len(sequence) < 2:
-                raise ValueError(f"score: sequence {index} has {len(sequence)} token(s); need at least 2")
-        request = VLLMSamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, ignore_eos=True)
-        outputs = self._call("score", self._llm.generate, [{"prompt_token_ids": s} for s in sequences], request,
+                raise ValueError(f"{caller}: sequence {index} has {len(sequence)} token(s); need at least 2")
+        request = VLLMSamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, ignore_eos=True)
+        outputs = self._call(caller, self._llm.generate, [{"prompt_token_ids": s} for s in sequences], request,
                              use_tqdm=False)
-        return [
-            [step[token].logprob for token, step in zip(sequence[1:], output.prompt_logprobs[1:])]
-            for sequence, output in zip(sequences, outputs)
-        ]
+        results = []
+        for sequence, output in zip(sequences, outputs):
+            steps = output.prompt_logprobs[1:]  # position 0 has no prefix; each step also holds the given token
+            top = [sorted(step.items(), key=lambda item: -item[1].logprob)[:k] for step in steps]
+            results.append(SequenceScores(
+                log_probs=[step[token].logprob for token, step in zip(sequence[1:], steps)],
+                topk_ids=[[token for token, _ in entries] for entries in top],
+                topk_log_probs=[[entry.logprob for _, entry in entries] for entries in top]))
+        return results
 
     def _validated_prompts(self, prompts, max_new_tokens: int, caller: str) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not len(prompts):

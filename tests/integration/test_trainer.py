@@ -120,11 +120,15 @@ def test_ray_rollout_engines_give_the_same_run(workspace, straight_run):
     assert ray_run[0]["optimizer/grad_norm"] == pytest.approx(history[0]["optimizer/grad_norm"], rel=1e-4)
 
 
-def test_vllm_teacher_gives_the_colocated_teachers_run(workspace):
+def test_vllm_teacher_gives_the_colocated_teachers_run(workspace, straight_run):
     """--teacher-backend vllm: a second vLLM engine on rank 0 scores the responses and sends its sampled-token
-    log-probs with the rollouts. With the k3 KL (SCOPE's weights read the same log-probs) the first iteration
-    at DP=2 equals the co-located Megatron teacher's at TP=1; a full-vocabulary KL is refused before any
-    engine starts."""
+    log-probs (and top-k) with the rollouts.
+    - k3 KL (SCOPE's weights read the same log-probs): the first iteration at DP=2 equals the co-located
+      Megatron teacher's at TP=1;
+    - top-k KL with k = the whole vocabulary: equals the co-located teacher's full reverse KL;
+    - a full-vocabulary KL is refused before any engine starts."""
+    from megatron_scope.data.tokenizer import load_tokenizer
+
     flags = lambda *extra: _flags(workspace, 1, extra=["--scope-kl", "k3", *extra])  # noqa: E731
     (colocated,) = run_on_ranks(_train, 1, args=(flags(),), timeout=900)
     remote = run_on_ranks(_train, 2, args=(flags("--teacher-backend", "vllm"),), timeout=900)[-1]
@@ -133,6 +137,15 @@ def test_vllm_teacher_gives_the_colocated_teachers_run(workspace):
     assert remote[0]["time/teacher_score_s"] > 0 and "time/teacher_score_s" not in colocated[0]
     for key in ("loss/loss", "loss/incorrect/kl", "optimizer/grad_norm"):
         assert remote[0][key] == pytest.approx(colocated[0][key], rel=1e-4), key
+
+    history, _ = straight_run  # the co-located teacher, full-vocabulary reverse KL
+    k = load_tokenizer(workspace.tokenizer).vocab_size
+    (topk,) = run_on_ranks(_train, 1, args=(_flags(workspace, 1, extra=[
+        "--teacher-backend", "vllm", "--scope-kl", "topk", "--scope-topk", str(k)]),), timeout=900)
+    assert topk[0]["rollout/accuracy"] == history[0]["rollout/accuracy"]
+    for key in ("loss/loss", "loss/incorrect/kl", "optimizer/grad_norm"):
+        assert topk[0][key] == pytest.approx(history[0][key], rel=1e-4), key
+
     full_kl = _flags(workspace, 1, extra=["--teacher-backend", "vllm"])
-    with pytest.raises(Exception, match=r"--scope-kl reverse needs the teacher's logits; a vLLM teacher"):
+    with pytest.raises(Exception, match=r"--scope-kl reverse needs the teacher's logits over the vocabulary"):
         run_on_ranks(_train, 1, args=(full_kl,), timeout=300)

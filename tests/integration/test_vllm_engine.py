@@ -16,6 +16,7 @@ from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngi
 from tests.integration.hf_models import hf_weights, next_token_logits, random_qwen2, tiny_qwen2_config, token_log_probs
 
 TOLERANCE = 1e-4
+TOPK = 5
 MAX_MODEL_LEN = 256
 PROMPTS = [[1, 2, 3, 4, 5], [7], [100, 200, 300, 400], [1, 2, 3, 4, 5]]  # 0 and 3 equal on purpose
 SEQUENCE = [3, 14, 159, 265, 358, 97, 93, 238, 462, 64, 33, 83, 279, 50, 288, 41]
@@ -39,6 +40,7 @@ def engine(models):
             max_model_len=MAX_MODEL_LEN,
             max_num_seqs=32,
             weight_bucket_bytes=64 << 10,  # many buckets; layers straddle them
+            max_logprobs=TOPK,
         )
     )
     yield engine
@@ -176,6 +178,20 @@ def test_vocab_size_excludes_extra_embedding_rows(engine, models):
 @pytest.mark.slow
 def test_score_matches_transformers(engine, models):
     assert_scores_match(engine, models.model)
+
+
+@pytest.mark.slow
+def test_score_topk_matches_transformers(engine, models):
+    """At every position: the sampled token's log-prob and the k most likely next tokens, as transformers
+    gives them (ids in descending log-prob order; ties do not occur with random fp32 logits)."""
+    (scores,) = engine.score_topk([SEQUENCE], TOPK)
+    reference = torch.log_softmax(next_token_logits(models.model, SEQUENCE)[:-1], dim=-1)
+    values, ids = reference.topk(TOPK, dim=-1)
+    assert scores.topk_ids == ids.tolist()
+    assert (torch.tensor(scores.topk_log_probs) - values).abs().max().item() <= TOLERANCE
+    assert (torch.tensor(scores.log_probs) - reference_score(models.model, SEQUENCE)).abs().max().item() <= TOLERANCE
+    with pytest.raises(ValueError, match=rf"score_topk: k={TOPK + 1} must be in \[1, max_logprobs={TOPK}\]"):
+        engine.score_topk([SEQUENCE], TOPK + 1)
 
 
 # ---------------------------------------------------------------- weight updates

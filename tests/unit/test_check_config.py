@@ -210,6 +210,9 @@ def test_a_vllm_teacher_moves_the_teacher_from_the_training_gpus_to_an_engine():
     assert rank0["vLLM teacher KV cache"] == GIB and rank0["vLLM teacher runtime"] == 2_048_000
     assert vllm[0].total_bytes == base[0].total_bytes - 558_208 + 552_064 + GIB + 2_048_000
     assert vllm[1].total_bytes == base[1].total_bytes - 558_208
+    topk = me.estimate_memory(_tiny_plan(kl="topk", topk=8, teacher_backend="vllm"), TINY, TINY_TEACHER)
+    for gpu in topk:  # the vLLM teacher's top-k arrives with the batch on every rank
+        assert {c.name: c.bytes for c in gpu.components}["teacher top-k (local batch)"] == 9_216
     separate = me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm", rollout_gpus=2), TINY, TINY_TEACHER)
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU", "teacher engine GPU"]
     assert {c.name for c in separate[2].components} == {"vLLM teacher weights", "vLLM teacher KV cache",
@@ -381,7 +384,7 @@ def test_cli_refuses_a_vllm_teacher_for_a_full_vocabulary_kl(tiny_models, capsys
     root, student, teacher = tiny_models
     argv = _argv(student, teacher, str(root / "x.jsonl"), "--teacher-backend", "vllm")
     assert check_config.main(argv) == 1
-    assert "--scope-kl reverse needs the teacher's logits; a vLLM teacher" in capsys.readouterr().out
+    assert "--scope-kl reverse needs the teacher's logits over the vocabulary; a vLLM teacher" in capsys.readouterr().out
     assert check_config.main(argv + ["--scope-kl", "k3"]) == 0
     out = capsys.readouterr().out
     assert "vLLM teacher weights" in out and "teacher parameters" not in out

@@ -1,6 +1,6 @@
 """A remote (vLLM) teacher's scores of the rollouts: sliced to the response tokens, laid out by build_batch at
 the sampler's positions, and refused with the prompt and sample named when the engine returns too little,
-too much or a non-finite value (never a silent zero)."""
+too much, a non-finite value or a bad top-k (never a silent zero)."""
 
 import math
 
@@ -8,26 +8,39 @@ import pytest
 import torch
 
 from megatron_scope.rollout.batch import RolloutGroup, build_batch
-from megatron_scope.rollout.engine import Completion
+from megatron_scope.rollout.engine import Completion, SequenceScores
 from megatron_scope.teacher.remote import score_responses
+
+K = 3
 
 
 class ScriptedTeacher:
-    """`RolloutEngine.score`'s contract (len(sequence) - 1 log-probs each) with values -position/10, or a
-    scripted fault: `drop` returns one sequence fewer, `short`/`nan` spoil the second sequence."""
+    """`RolloutEngine.score`/`score_topk`'s contract (len(sequence) - 1 values each): log-prob -position/10,
+    top-k ids (position, position + 1, ...) with log-probs -1, -2, ...; or a scripted fault that spoils the
+    second sequence (`drop` returns one sequence fewer)."""
 
     def __init__(self, fault=None):
         self.fault, self.calls = fault, []
 
     def score(self, sequences):
-        self.calls.append([list(s) for s in sequences])
-        scores = [[-(t + 1) / 10 for t in range(len(s) - 1)] for s in sequences]
+        return [s.log_probs for s in self.score_topk(sequences, 0)]
+
+    def score_topk(self, sequences, k):
+        self.calls.append(([list(s) for s in sequences], k))
+        scores = [SequenceScores([-(t + 1) / 10 for t in range(len(s) - 1)],
+                                 [[t + i for i in range(k)] for t in range(len(s) - 1)],
+                                 [[-1.0 - i for i in range(k)] for _ in range(len(s) - 1)]) for s in sequences]
+        spoiled = scores[1] if len(scores) > 1 else None
         if self.fault == "drop":
             scores = scores[:-1]
         elif self.fault == "short":
-            scores[1] = scores[1][:-1]
+            spoiled.log_probs.pop()
         elif self.fault == "nan":
-            scores[1][-1] = math.nan
+            spoiled.log_probs[-1] = math.nan
+        elif self.fault == "repeated_id":
+            spoiled.topk_ids[-1][1] = spoiled.topk_ids[-1][0]
+        elif self.fault == "padding_row":
+            spoiled.topk_ids[-1][0] = 60
         return scores
 
 
@@ -36,43 +49,69 @@ SAMPLES = [[Completion([9, 9, 2], [-0.5] * 3, "stop"), Completion([], [], "stop"
            [Completion([4], [-0.1], "stop"), Completion([3, 2], [-0.2] * 2, "stop")]]
 
 
+def _groups(scores):
+    return [RolloutGroup(pid, p, list(s), [True] * len(s), t) for pid, p, s, t in zip("ab", PROMPTS, SAMPLES, scores)]
+
+
 def test_scores_are_the_response_tokens_log_probs():
     engine = ScriptedTeacher()
     scores = score_responses(engine, ["a", "b"], PROMPTS, SAMPLES)
     # the empty response is not sent; each sent sequence is prompt + response
-    assert engine.calls == [[[1, 5, 6, 9, 9, 2], [1, 7, 4], [1, 7, 3, 2]]]
+    assert engine.calls == [([[1, 5, 6, 9, 9, 2], [1, 7, 4], [1, 7, 3, 2]], 0)]
     # positions 2..4 of a 6-token sequence predict the 3 response tokens (prompt of 3: first at index 3 - 1)
-    assert scores == [[[-0.3, -0.4, -0.5], []], [[-0.2], [-0.2, -0.3]]]
+    assert [[s.log_probs for s in group] for group in scores] == [[[-0.3, -0.4, -0.5], []], [[-0.2], [-0.2, -0.3]]]
+    assert all(s.topk_ids == [] for group in scores for s in group)
+
+
+def test_topk_scores_are_sliced_like_the_log_probs():
+    engine = ScriptedTeacher()
+    scores = score_responses(engine, ["a", "b"], PROMPTS, SAMPLES, topk=K, vocab_size=50)
+    assert engine.calls[0][1] == K
+    first = scores[0][0]
+    assert first.topk_ids == [[2, 3, 4], [3, 4, 5], [4, 5, 6]] and first.topk_log_probs == [[-1.0, -2.0, -3.0]] * 3
 
 
 def test_build_batch_lays_teacher_scores_out_like_the_sampler_log_probs():
-    scores = score_responses(ScriptedTeacher(), ["a", "b"], PROMPTS, SAMPLES)
-    groups = [RolloutGroup(pid, p, list(s), [True] * len(s), t) for pid, p, s, t in zip("ab", PROMPTS, SAMPLES, scores)]
-    batch = build_batch(groups, seq_length=8, pad_id=0)
+    scores = score_responses(ScriptedTeacher(), ["a", "b"], PROMPTS, SAMPLES, topk=K, vocab_size=50)
+    batch = build_batch(_groups(scores), seq_length=8, pad_id=0)
     mask = batch["loss_mask"].bool()
     assert torch.equal(batch["teacher_log_probs"] != 0, mask)
-    expected = torch.tensor([v for group in scores for sample in group for v in sample])
-    torch.testing.assert_close(batch["teacher_log_probs"][mask], expected)
-    without = build_batch([RolloutGroup(pid, p, list(s), [True] * len(s)) for pid, p, s in zip("ab", PROMPTS, SAMPLES)],
-                          seq_length=8, pad_id=0)
+    flat = [s for group in scores for s in group]
+    torch.testing.assert_close(batch["teacher_log_probs"][mask], torch.tensor([v for s in flat for v in s.log_probs]))
+    assert batch["teacher_topk_ids"].shape == batch["teacher_topk_log_probs"].shape == (4, 8, K)
+    assert batch["teacher_topk_ids"][mask].tolist() == [ids for s in flat for ids in s.topk_ids]
+    assert batch["teacher_topk_log_probs"][mask].tolist() == [lps for s in flat for lps in s.topk_log_probs]
+    # off the responses: a valid top-k (ids 0..k-1, each 1/(k+1)) so the KL there is finite and masked away
+    assert batch["teacher_topk_ids"][~mask].tolist() == [list(range(K))] * int((~mask).sum())
+    torch.testing.assert_close(batch["teacher_topk_log_probs"][~mask], torch.full((int((~mask).sum()), K),
+                                                                                -math.log(K + 1)))
+    sampled_only = build_batch(_groups(score_responses(ScriptedTeacher(), ["a", "b"], PROMPTS, SAMPLES)), 8, 0)
+    assert "teacher_log_probs" in sampled_only and "teacher_topk_ids" not in sampled_only
+    without = build_batch(_groups([None, None]), seq_length=8, pad_id=0)
     assert "teacher_log_probs" not in without
     assert torch.equal(without["rollout_log_probs"] != 0, mask)
 
 
 @pytest.mark.parametrize("fault,message", [
     ("drop", r"returned 2 scored sequences for 3"),
-    ("short", r"prompt 'b', response 0: the teacher engine returned 1 log-probs for a sequence of 3 tokens"),
+    ("short", r"prompt 'b', response 0: the teacher engine returned 1 log-probs and 2/2 top-k lists for a sequence "
+              r"of 3 tokens \(expected 2\)"),
     ("nan", r"prompt 'b', response 0: the teacher engine returned a non-finite log-prob"),
+    ("repeated_id", r"prompt 'b', response 0, token 0: the teacher engine returned 2 distinct top-k ids"),
+    ("padding_row", r"prompt 'b', response 0, token 0: the teacher's top-3 holds id 60, an embedding row past the "
+                    r"tokenizer's 50 tokens"),
 ])
-def test_a_teacher_that_returns_too_little_or_nan_is_an_error(fault, message):
+def test_a_teacher_that_returns_too_little_or_a_bad_topk_is_an_error(fault, message):
     with pytest.raises(RuntimeError, match=message):
-        score_responses(ScriptedTeacher(fault), ["a", "b"], PROMPTS, SAMPLES)
+        score_responses(ScriptedTeacher(fault), ["a", "b"], PROMPTS, SAMPLES, topk=K, vocab_size=50)
 
 
 def test_groups_must_agree_on_teacher_scores():
     with pytest.raises(ValueError, match="response 0 has 3 tokens but 2 teacher log-probs"):
-        RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [[-1.0, -1.0], []])
-    scored = RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [[-1.0] * 3, []])
+        RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [SequenceScores([-1.0] * 2, [], []),
+                                                                   SequenceScores([], [], [])])
+    scored = RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [SequenceScores([-1.0] * 3, [], []),
+                                                                        SequenceScores([], [], [])])
     plain = RolloutGroup("b", PROMPTS[1], SAMPLES[1], [True, False])
-    with pytest.raises(ValueError, match="some groups carry teacher log-probs and some do not"):
+    with pytest.raises(ValueError, match="some groups carry teacher scores and some do not"):
         build_batch([scored, plain], seq_length=8, pad_id=0)
