@@ -42,6 +42,7 @@ from megatron_scope.losses.scope import scope_sequence_weights
 from megatron_scope.megatron import checkpointing
 from megatron_scope.megatron.loss_func import ScopeLossConfig, check_teacher_engine_objective, reduce_reports
 from megatron_scope.megatron.optimizer import guarded_step
+from megatron_scope.megatron.parallel import collective_device
 from megatron_scope.megatron.schedule import forward_backward, forward_collect
 from megatron_scope.megatron.weight_export import iter_hf_weights
 from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob, vocab_parallel_log_probs, vocab_parallel_topk
@@ -315,7 +316,7 @@ class ScopeTrainer:
                 use_teacher_weights=self.settings.use_teacher_weights,
             )
         else:
-            weights = torch.ones(len(correct))
+            weights = torch.ones(len(correct), device=correct.device)
         advantages = group_normalized_advantages(correct.float(), group_ids)
         for batch, w, a in zip(microbatches, weights.split(len(microbatches[0]["tokens"])),
                                advantages.split(len(microbatches[0]["tokens"]))):
@@ -330,7 +331,7 @@ class ScopeTrainer:
         diff = sum(float(((b["rollout_log_probs"] - b["old_log_probs"]).abs() * b["loss_mask"]).sum())
                    for b in microbatches)
         count = sum(float(b["loss_mask"].sum()) for b in microbatches)
-        totals = torch.tensor([diff, count], dtype=torch.float64)
+        totals = torch.tensor([diff, count], dtype=torch.float64, device=collective_device())
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         return float(totals[0] / totals[1].clamp_min(1))
 
@@ -346,14 +347,29 @@ class ScopeTrainer:
         return time.perf_counter() - start
 
     def train_step(self, iteration: int) -> dict:
-        s = self.settings
         start = time.perf_counter()
         groups, metrics = self._rollout(iteration)
+        outcome = self.learn(groups, metrics)
+        metrics["time/sync_s"] = self.sync_weights() if outcome.updated else 0.0
+        metrics["time/iteration_s"] = time.perf_counter() - start
+        if not outcome.updated:
+            logger.warning("iteration %d: skipped the optimizer step: %s", iteration, outcome.skipped_reason)
+            if self.settings.exit_on_nonfinite:
+                raise NonFiniteStepError(f"iteration {iteration}: {outcome.skipped_reason}")
+        return metrics
+
+    def learn(self, groups: list[RolloutGroup], metrics: dict):
+        """Steps 3-6 on this step's verified groups (the same on every rank): batch, scoring passes, the
+        student's forward/backward and the optimizer step; adds loss, optimizer and time metrics to `metrics`
+        and returns the step's `StepOutcome`."""
+        s = self.settings
         check_token_ids(groups, self.loss_config.vocab_size)  # all groups: every rank raises alike
         per_rank = s.prompts_per_step // self.dp_size
         local = groups[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
-        seq_length = sequence_length_for(groups)
-        batch = build_batch(local, seq_length, self.tokenizer.pad_id, group_offset=self.dp_rank * per_rank)
+        batch = build_batch(local, sequence_length_for(groups), self.tokenizer.pad_id,
+                            group_offset=self.dp_rank * per_rank)
+        device = next(self.student.parameters()).device  # CUDA under NCCL: the models' and collectives' device
+        batch = {key: value.to(device) for key, value in batch.items()}
         microbatches = split_rows(batch, len(batch["tokens"]) // s.micro_batch_size)
 
         score_start = time.perf_counter()
@@ -366,8 +382,7 @@ class ScopeTrainer:
         loss_metrics = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.is_last_stage else {}
         loss_is_finite = math.isfinite(loss_metrics.get("loss", 0.0))
         outcome = guarded_step(self.optimizer, self.scheduler, loss_is_finite)
-        sync_start = time.perf_counter()
-        sync_seconds = self.sync_weights() if outcome.updated else 0.0
+        train_seconds = time.perf_counter() - train_start
 
         metrics.update({f"loss/{k}": v for k, v in loss_metrics.items()})
         metrics.update({
@@ -375,17 +390,10 @@ class ScopeTrainer:
             "optimizer/lr": self.optimizer.param_groups[0]["lr"],
             "optimizer/skipped": 0.0 if outcome.updated else 1.0,
             "time/score_s": train_start - score_start,
-            "time/train_s": sync_start - train_start,
-            "time/sync_s": sync_seconds,
-            "time/iteration_s": time.perf_counter() - start,
+            "time/train_s": train_seconds,
+            "throughput/train_tokens_per_s": float(batch["loss_mask"].sum()) * self.dp_size / max(train_seconds, 1e-9),
         })
-        metrics["throughput/train_tokens_per_s"] = float(batch["loss_mask"].sum()) * self.dp_size / max(
-            metrics["time/train_s"], 1e-9)
-        if not outcome.updated:
-            logger.warning("iteration %d: skipped the optimizer step: %s", iteration, outcome.skipped_reason)
-            if s.exit_on_nonfinite:
-                raise NonFiniteStepError(f"iteration {iteration}: {outcome.skipped_reason}")
-        return metrics
+        return outcome
 
     def close(self) -> None:
         """Shut down the engines this rank holds (the rollout engine and a teacher engine, on global rank 0)."""

@@ -166,9 +166,9 @@ def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, 
     num_groups = int(group.max()) + 1 if group.numel() else 0
     values = rewards.double()
     count = torch.bincount(group, minlength=num_groups).double()
-    mean = torch.zeros(num_groups, dtype=torch.float64).index_add(0, group, values) / count
+    mean = torch.zeros(num_groups, dtype=torch.float64, device=values.device).index_add(0, group, values) / count
     centered = values - mean[group]
-    var = torch.zeros(num_groups, dtype=torch.float64).index_add(0, group, centered**2) / (count - 1).clamp_min(1)
+    var = torch.zeros_like(mean).index_add(0, group, centered**2) / (count - 1).clamp_min(1)
     return (centered / (var.sqrt()[group] + eps)).float()
 
 
@@ -179,6 +179,7 @@ def aggregate(
     mask = mask.to(token_loss.dtype)
     if sequence_level:
         per_sequence = sequence_mean_log_prob(token_loss, mask)  # a masked mean over tokens; 0 when empty
-        return (sequence_weights.to(token_loss.dtype) * per_sequence).sum(), torch.tensor(token_loss.shape[0])
+        return ((sequence_weights.to(token_loss.dtype) * per_sequence).sum(),
+                torch.tensor(token_loss.shape[0], device=token_loss.device))
     weighted = (token_loss * mask).sum(-1) * sequence_weights.to(token_loss.dtype)
     return weighted.sum(), mask.sum().to(torch.long)

@@ -259,7 +259,7 @@ def reduce_reports(reports: list[dict], group=None) -> dict[str, float]:
                         else torch.stack([r[k][0].double() for r in reports]).max() for k in keys])
     counts = torch.stack([torch.stack([r[k][1].double() for r in reports]).sum() for k in keys])
     if group is not None and torch.distributed.get_world_size(group) > 1:
-        is_max = torch.tensor([k.endswith("_max") for k in keys])
+        is_max = torch.tensor([k.endswith("_max") for k in keys], device=sums.device)
         maxima = torch.where(is_max, sums, torch.full_like(sums, -torch.inf))
         torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
         torch.distributed.all_reduce(sums, group=group)

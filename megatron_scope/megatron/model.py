@@ -120,7 +120,8 @@ def build_gpt_model(
     padded_vocab: int | None = None,
     **config_overrides,
 ) -> GPTModel:
-    """This rank's GPTModel stage (its TP shard of its PP stage's layers), local layer spec, rotary positions.
+    """This rank's GPTModel stage (its TP shard of its PP stage's layers), local layer spec, rotary positions;
+    on the current CUDA device when there is one.
 
     padded_vocab: rows of the word embeddings and output layer; default `padded_vocab_size(arch.vocab_size,
     TP, make_vocab_size_divisible_by)`. Models whose logits meet in one vocab-parallel op (a student and its
@@ -134,7 +135,7 @@ def build_gpt_model(
         raise ValueError(f"padded_vocab {padded_vocab} must be >= the model's {arch.vocab_size} embedding rows "
                          f"and divisible by the tensor-parallel size {tp}")
     config = transformer_config(arch, params_dtype, **config_overrides)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_layernorm),
         vocab_size=padded_vocab,
@@ -146,6 +147,9 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=arch.rotary_base,
     )
+    if torch.cuda.is_available():  # as Megatron-LM's get_model: some modules are built on the host
+        model.cuda(torch.cuda.current_device())
+    return model
 
 
 def wrap_with_ddp(model: GPTModel, use_distributed_optimizer: bool = False) -> DistributedDataParallel:

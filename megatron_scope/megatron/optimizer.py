@@ -10,6 +10,8 @@ import torch.distributed as dist
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_scope.megatron.parallel import collective_device
+
 
 @dataclasses.dataclass
 class OptimizerSettings:
@@ -87,7 +89,7 @@ class StepOutcome:
 def guarded_step(optimizer, scheduler, loss_is_finite: bool) -> StepOutcome:
     """Clip and step unless the loss (on any rank) or the global gradient norm is NaN/Inf; a skipped step
     leaves every parameter and the optimizer state untouched and zeroes the gradients."""
-    flag = torch.tensor([0.0 if loss_is_finite else 1.0])
+    flag = torch.tensor([0.0 if loss_is_finite else 1.0], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     found_inf = optimizer.prepare_grads()  # main_grad -> the optimizer's grads (+ the fp16 overflow check)
     grad_norm = float(optimizer.get_grad_norm())  # all-reduced over model-parallel ranks

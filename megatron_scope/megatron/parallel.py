@@ -31,6 +31,14 @@ def init_distributed(backend: str | None = None) -> None:
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 
 
+def collective_device() -> torch.device:
+    """Where a tensor sent through torch.distributed must live: the current CUDA device under NCCL, the CPU
+    under gloo (or without a process group)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,

@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_scope.megatron.loss_func import ScopeLossConfig, check_batch, scope_loss_func
+from megatron_scope.megatron.parallel import collective_device
 
 
 def _batch_shape(microbatches: list[dict]) -> tuple[int, int]:
@@ -29,7 +30,7 @@ def _batch_shape(microbatches: list[dict]) -> tuple[int, int]:
 def raise_on_any_rank(error: Exception | None, group=None) -> None:
     """Raise on every rank of `group` if any rank has an error (its own, or a RuntimeError naming the rank),
     so that a bad input seen by one pipeline stage stops all of them before a collective can hang."""
-    flag = torch.tensor([dist.get_rank() if error is not None else -1])
+    flag = torch.tensor([dist.get_rank() if error is not None else -1], device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if error is not None:

@@ -39,18 +39,20 @@ def tiny_batches(num_microbatches: int, micro_batch_size: int = 2, seq_length: i
 
 
 def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length: int = 8, seq_length: int = 24,
-                       topk: int = 8, seed: int = 0) -> dict:
+                       topk: int = 8, seed: int = 0, vocab_size: int | None = None) -> dict:
     """A deterministic rollout batch as the SCOPE loss sees it: prompt + response tokens, response mask
     (lengths vary; one response is empty), verifier outcomes, prompt group ids, full-vocabulary teacher logits
     (Megatron-padded width, padding included), the teacher's sampled-token and top-k log-probs, old/reference
-    log-probs, SCOPE weights and GRPO advantages computed over the whole batch."""
+    log-probs, SCOPE weights and GRPO advantages computed over the whole batch. `vocab_size`: default
+    TINY_ARCH's."""
     from megatron_scope.losses.objectives import group_normalized_advantages
     from megatron_scope.losses.scope import scope_sequence_weights
     from megatron_scope.megatron.model import padded_vocab_size
 
     g = torch.Generator().manual_seed(seed)
     n = num_prompts * group_size
-    vocab, padded = TINY_ARCH.vocab_size, padded_vocab_size(TINY_ARCH.vocab_size, 1)
+    vocab = vocab_size or TINY_ARCH.vocab_size
+    padded = padded_vocab_size(vocab, 1)
     tokens = torch.randint(0, vocab, (n, seq_length + 1), generator=g)
     lengths = torch.randint(1, seq_length - prompt_length + 1, (n,), generator=g)
     lengths[1] = 0
