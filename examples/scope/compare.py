@@ -59,10 +59,15 @@ def _run(rank, world_size, args, method, seed):
     return [{k: h[k] for k in ("iteration", "rollout/accuracy", "loss/loss")} for h in history], result
 
 
-def summarize(runs: dict, n: int) -> str:
+def summarize(runs: dict, n: int, references: dict | None = None) -> str:
+    """Markdown table: one row per method (mean ± population std over seeds), after `references` rows
+    (name -> one evaluation, e.g. the starting student and the teacher)."""
     ks = sorted(next(iter(runs.values()))[0][1]["pass"])
     lines = [f"| method | Avg@{n} | " + " | ".join(f"Pass@{k}" for k in ks) + " | seeds |",
              "|---|---|" + "---|" * len(ks) + "---|"]
+    for name, result in (references or {}).items():
+        lines.append(f"| {name} | {result['avg']:.3f} | " + " | ".join(f"{result['pass'][k]:.3f}" for k in ks)
+                     + " | - |")
     for method, seed_runs in runs.items():
         def cell(values):  # mean ± population std over seeds; a single seed has no spread to report
             if len(values) == 1:
@@ -91,6 +96,18 @@ def plot(runs: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _references(workdir: str) -> dict:
+    """The demo's own evaluations of the starting student and the teacher (metrics.json), if there."""
+    path = os.path.join(workdir, "metrics.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        results = json.load(handle)["results"]
+    names = {"student_before": "student before (all methods start here)", "teacher": "teacher"}
+    return {label: {"avg": results[key]["avg"], "pass": {int(k): v for k, v in results[key]["pass"].items()}}
+            for key, label in names.items() if key in results}  # JSON turned the k of Pass@k into strings
+
+
 def main(argv=None):
     from megatron_scope.testing.multiprocess import run_on_ranks
 
@@ -105,7 +122,7 @@ def main(argv=None):
         runs[method] = [run_on_ranks(_run, 1, args=(args, method, seed), timeout=3600)[0] for seed in args.seeds]
         with open(os.path.join(out, "results.json"), "w") as handle:
             json.dump({"args": vars(args), "runs": runs}, handle, indent=1)
-    table = summarize(runs, args.eval_samples)
+    table = summarize(runs, args.eval_samples, _references(args.workdir))
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(table + "\n")
     plot(runs, os.path.join(out, "compare.png"))
