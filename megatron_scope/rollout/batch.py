@@ -61,18 +61,15 @@ def sequence_length_for(groups: Sequence[RolloutGroup], multiple_of: int = 8) ->
     return max(multiple_of, -(-(longest - 1) // multiple_of) * multiple_of)
 
 
-def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, group_offset: int = 0,
-                vocab_size: int | None = None) -> dict:
+def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, group_offset: int = 0) -> dict:
     """Tensors for `groups` in order, G rows per prompt: tokens, labels, loss_mask, position_ids [n, seq_length];
     correct (bool), group_ids (group_offset + index of the prompt) [n]; plus rollout_log_probs [n, seq_length]
     (the engine's sampling log-probs at the label positions, 0 elsewhere). When the groups carry a remote
     teacher's scores: teacher_log_probs laid out the same way, and with a top-k teacher_topk_ids [n, seq, k]
     and teacher_topk_log_probs [n, seq, k]; off the response positions those hold ids 0..k-1 with log-probs
     -log(k + 1) (a valid top-k with a non-empty tail, so the top-k KL stays finite where the loss mask
-    zeroes it). An empty response is legal: its row has no loss-mask position. With `vocab_size`, token ids
-    are checked first (`check_token_ids`)."""
-    if vocab_size is not None:
-        check_token_ids(groups, vocab_size)
+    zeroes it). An empty response is legal: its row has no loss-mask position. Token ids are not checked
+    here: the trainer runs `check_token_ids` on the whole step's groups first."""
     scored = {g.teacher_scores is not None for g in groups}
     if len(scored) > 1:
         raise ValueError("some groups carry teacher scores and some do not")
