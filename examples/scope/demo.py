@@ -153,6 +153,7 @@ def plot(history: list[dict], results: dict, n: int, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     steps = [h["iteration"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -167,11 +168,11 @@ def plot(history: list[dict], results: dict, n: int, path: str) -> None:
     axes[1].set(xlabel="SCOPE iteration", title="Loss")
     axes[1].legend(fontsize=8)
     ks = sorted(results["student_before"]["pass"])
-    for offset, (key, label) in enumerate((("student_before", "student before"), ("student_after", "student after"),
-                                           ("teacher", "teacher"))):
+    for key, label in (("student_before", "student before"), ("student_after", "student after"), ("teacher", "teacher")):
         axes[2].plot(ks, [results[key]["pass"][k] for k in ks], marker="o", label=label)
     axes[2].set(xlabel="k", ylabel="Pass@k (held out)", title="Pass@k, unbiased estimator", xscale="log", ylim=(0, 1))
     axes[2].set_xticks(ks, [str(k) for k in ks])
+    axes[2].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # no "3 x 10^0" labels between the k
     axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
