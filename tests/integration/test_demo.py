@@ -42,11 +42,11 @@ def test_demo_and_compare_run_and_write_their_outputs(tmp_path, capfd):
     sys.path.insert(0, ENTRY)
     import compare
 
-    compare.main(["--workdir", out, "--methods", "scope", "sft", "--seeds", "0", "--iters", "1", *TOY])
+    compare.main(["--workdir", out, "--methods", "scope", "--seeds", "0", "--iters", "1", *TOY])
     with open(os.path.join(out, "compare", "results.md")) as handle:
         table = handle.read().splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == [
-        "| student before (all methods start here)", "| teacher", "| scope", "| sft"]
+        "| student before (all methods start here)", "| teacher", "| scope"]
     assert table[2].split(" | ")[1] == f"{results['student_before']['avg']:.3f}"
     with open(os.path.join(out, "compare", "compare.png"), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
