@@ -456,8 +456,8 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
                 "token log-probs), or more data-parallel ranks (fewer sequences each)"))
     # A co-located teacher's top-k exists on the last stage; a vLLM teacher's arrives with the batch on every rank.
     remote_topk = plan.teacher_backend == "vllm"
-    if (last or remote_topk) and plan.algorithm in NEEDS_KL and plan.kl == "topk" and plan.topk and (
-            teacher is not None or remote_topk):
+    uses_topk = plan.algorithm in NEEDS_KL and plan.kl == "topk" and plan.topk
+    if uses_topk and (remote_topk or (last and teacher is not None)):
         comps.append(Component(
             "teacher top-k (local batch)", n * s * plan.topk * 12,
             f"[{n} sequences, {s}, k={plan.topk}] int64 ids + fp32 log-probs, kept for the whole local batch",

@@ -207,8 +207,7 @@ def run_check(args: argparse.Namespace) -> dict:
         errors.append(f"--scope-algorithm {args.scope_algorithm} reads the teacher: give --teacher-hf")
     if args.teacher_backend == "vllm" and plan.needs_teacher:
         try:
-            check_teacher_engine_objective(ScopeLossConfig(vocab_size=1, algorithm=args.scope_algorithm, kl=args.scope_kl,
-                                                        topk=args.scope_topk))
+            check_teacher_engine_objective(ScopeLossConfig.from_args(args, vocab_size=1))  # the check reads no vocab
         except ValueError as error:
             errors.append(str(error))
     if args.rollout_gpus and not args.rollout_engines:

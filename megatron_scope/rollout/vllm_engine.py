@@ -381,7 +381,7 @@ class VLLMRolloutEngine(RolloutEngine):
         results = []
         for sequence, output in zip(sequences, outputs):
             steps = output.prompt_logprobs[1:]  # position 0 has no prefix; each step also holds the given token
-            top = [sorted(step.items(), key=lambda item: -item[1].logprob)[:k] for step in steps]
+            top = [sorted(step.items(), key=lambda item: -item[1].logprob)[:k] for step in steps] if k else []
             results.append(SequenceScores(
                 log_probs=[step[token].logprob for token, step in zip(sequence[1:], steps)],
                 topk_ids=[[token for token, _ in entries] for entries in top],
