@@ -114,7 +114,7 @@ def main(argv=None):
     from megatron.core import parallel_state
 
     from megatron_scope.megatron.parallel import initialize_model_parallel
-    from megatron_scope.testing.multiprocess import free_port
+    from megatron_scope.megatron.parallel import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     torch.cuda.set_device(0)

@@ -1,23 +1,22 @@
-"""SCOPE's command-line flags, as a Megatron `extra_args_provider`.
+"""Every flag of a run, as argparse groups (Megatron-LM's names where one exists).
 
-    from megatron.training import initialize_megatron
-    initialize_megatron(extra_args_provider=add_scope_args)
-    validate_scope_args(get_args())
+    config = parse_run_config(argv)    # all groups -> megatron_scope.config.RunConfig, built once;
+                                       # a bad value or combination exits with argparse's usage error
 
-or standalone: `parse_scope_args(argv)`. Single-value checks (τ > 0, ...) fail while argparse parses;
-combinations (top-k KL without k, ...) fail in `validate_scope_args`, which `parse_scope_args` runs.
+Each `add_*_args(parser)` adds one group and returns the parser (Megatron's `extra_args_provider` contract), so
+the SCOPE flags also plug into Megatron-LM's own `initialize_megatron(extra_args_provider=add_scope_args)`.
+Single values are checked while argparse parses (`positive_float`, ...); combinations by `build_config`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-ALGORITHMS = ("scope", "opd", "exopd", "srpo", "tropd", "grpo", "sft")
-FULL_VOCAB_KL = ("reverse", "forward", "jsd")
-SAMPLED_KL = ("k1", "k2", "k3")
-KL_KINDS = FULL_VOCAB_KL + SAMPLED_KL + ("topk",)
-# Which teacher signal each algorithm reads: a divergence to the teacher, the teacher's entropy.
-NEEDS_KL = ("scope", "opd", "srpo", "tropd")
+from megatron_scope.config import (
+    ALGORITHMS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, TEACHER_BACKENDS, TEACHER_PATH_LOSSES,
+    TROPD_OUTLIERS, WEIGHT_NORMS, RunConfig, build_config,
+)
+from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
 
 
 def positive_float(text: str) -> float:
@@ -55,31 +54,143 @@ def open_unit_float(text: str) -> float:
     return value
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(title="distributed")
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="Shard optimizer state over data-parallel ranks (CUDA only).")
+    return parser
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(title="training")
+    g.add_argument("--micro-batch-size", type=positive_int, default=4, help="Sequences per microbatch.")
+    g.add_argument("--train-iters", type=positive_int, default=10)
+    g.add_argument("--lr", type=positive_float, default=5e-5)
+    g.add_argument("--min-lr", type=nonnegative_float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=nonnegative_int, default=0)
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine",
+                   help="After warm-up: decay to --min-lr at --train-iters, or constant.")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
+    g.add_argument("--adam-beta1", type=open_unit_float, default=0.9)
+    g.add_argument("--adam-beta2", type=open_unit_float, default=0.999)
+    g.add_argument("--clip-grad", type=nonnegative_float, default=1.0, help="Global gradient-norm clip; 0 disables.")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters (GPU runs).")
+    g.add_argument("--exit-on-nonfinite", action="store_true",
+                   help="Stop the run when a step's loss or gradient norm is NaN/Inf (default: skip the step).")
+    return parser
+
+
+def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(title="checkpointing and logging")
+    g.add_argument("--save", default=None, help="Checkpoint root (Megatron-LM's iter_XXXXXXX layout).")
+    g.add_argument("--load", default=None, help="Resume from the latest complete checkpoint under this root.")
+    g.add_argument("--save-interval", type=nonnegative_int, default=0)
+    g.add_argument("--exit-interval", type=nonnegative_int, default=0, help="Save and exit after this many iterations.")
+    g.add_argument("--log-interval", type=positive_int, default=1)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
+                   help="A progress bar with ETA on the logging rank.")
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(title="models")
+    g.add_argument("--student-hf", required=True, help="Student's initial weights: HF directory.")
+    g.add_argument("--teacher-hf", default=None, help="Teacher: HF directory.")
+    g.add_argument("--teacher-backend", choices=TEACHER_BACKENDS, default="megatron",
+                   help="megatron: the teacher is co-located, a forward-only Megatron model with the student's TP/PP "
+                        "(full-vocabulary, top-k or sampled-token KL). vllm: the teacher is a vLLM engine placed like "
+                        "the rollout engine (inside global rank 0, or one Ray actor with --rollout-engines) that "
+                        "scores the responses: sampled-token log-probs and, with --scope-kl topk, its top-k (for "
+                        "--scope-kl k1/k2/k3/topk).")
+    g.add_argument("--tokenizer", required=True,
+                   help="Tokenizer shared by student and teacher: a SentencePiece model file or a Hugging Face "
+                        "tokenizer directory (e.g. the student's HF directory).")
+    g.add_argument("--teacher-tokenizer", default=None,
+                   help="The teacher's tokenizer (same kinds as --tokenizer): checked to have the same vocabulary.")
+    return parser
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(title="data")
+    g.add_argument("--train-data", required=True, help="JSONL rows {id, prompt, answer}.")
+    g.add_argument("--prompt-template", default=PROMPT_PLACEHOLDER,
+                   help="Rollout prompt text with exactly one {prompt}, replaced by the row's prompt, e.g. (bash) "
+                        "$'{prompt}\\nPlease reason step by step, and put your final answer within \\\\boxed{}.'")
+    g.add_argument("--apply-chat-template", action="store_true",
+                   help="Wrap the templated prompt as one user turn with the tokenizer's chat template and the "
+                        "assistant's generation prompt (Hugging Face tokenizers only).")
+    g.add_argument("--reward", choices=REWARDS, default="math",
+                   help="Verifier: the synthetic arithmetic checker or math-verify (last \\boxed{}).")
+    return parser
+
+
+def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(title="rollout")
+    g.add_argument("--prompts-per-step", type=positive_int, default=8,
+                   help="Prompts per step over all data-parallel ranks; each yields --scope-group-size responses.")
+    g.add_argument("--max-new-tokens", type=positive_int, default=256)
+    g.add_argument("--rollout-temperature", type=nonnegative_float, default=1.0)
+    g.add_argument("--rollout-top-p", type=positive_float, default=1.0)
+    g.add_argument("--rollout-kv-cache-gib", type=positive_float, default=1.0, help="KV cache of the vLLM engine (GiB).")
+    g.add_argument("--rollout-tensor-parallel-size", type=positive_int, default=1)
+    g.add_argument("--rollout-engines", type=nonnegative_int, default=0,
+                   help="0: one vLLM engine inside global rank 0. N >= 1: N engines as Ray actors, placed by Ray on "
+                        "any node of the cluster (rollout/ray_engine.py); prompts are split over them.")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join with --rollout-engines (e.g. auto, or HOST:6379); default: RAY_ADDRESS "
+                        "if set, else a local Ray started by rank 0.")
+    g.add_argument("--rollout-gpus-per-engine", type=nonnegative_float, default=None,
+                   help="GPUs Ray reserves per engine (default: --rollout-tensor-parallel-size with CUDA, 0 without).")
+    g.add_argument("--weight-sync-bucket-mib", type=positive_int, default=256,
+                   help="Bucket size of the Megatron -> vLLM weight stream (MiB).")
+    g.add_argument("--vllm-log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default=None,
+                   help="vLLM's log level (default: VLLM_LOGGING_LEVEL if set, else WARNING).")
+    return parser
+
+
 def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `scope` and baseline argument groups to `parser` (Megatron's extra_args_provider contract)."""
+    """The `scope` and baseline groups (Megatron's extra_args_provider contract)."""
     group = parser.add_argument_group(title="scope", description="SCOPE on-policy distillation (arXiv 2604.10688)")
     group.add_argument("--scope-algorithm", choices=ALGORITHMS, default="scope",
                        help="Objective: SCOPE or a baseline.")
     group.add_argument("--scope-tau", type=positive_float, default=1.0,
                        help="Temperature τ of both path weightings (PPL^(±1/τ)).")
-    group.add_argument("--scope-weight-norm", choices=("mean", "sum"), default="mean",
+    group.add_argument("--scope-weight-norm", choices=WEIGHT_NORMS, default="mean",
                        help="sum: weights sum to 1 per prompt and path (the paper); "
                             "mean: they average 1 (the authors' released runs).")
     group.add_argument("--scope-student-path-weights", action=argparse.BooleanOptionalAction, default=True,
                        help="Student-perplexity weights on correct responses (off: uniform).")
     group.add_argument("--scope-teacher-path-weights", action=argparse.BooleanOptionalAction, default=True,
                        help="Teacher-perplexity weights on incorrect responses (off: uniform).")
-    group.add_argument("--scope-seq-weights", action=argparse.BooleanOptionalAction, default=True,
-                       help="Sequence-level loss (token mean per response, then weighted mean over responses); "
-                            "off: token-level (weighted token sum over all response tokens of the batch).")
-    group.add_argument("--scope-kl", choices=KL_KINDS, default="reverse",
+    group.add_argument("--scope-student-path-exponent", type=int, choices=(1, -1), default=1,
+                       help="w_stu ∝ PPL_S^(exponent/τ): 1 the paper, -1 the authors' released code.")
+    group.add_argument("--scope-teacher-path-loss", choices=TEACHER_PATH_LOSSES, default="kl",
+                       help="kl: the per-token divergence of --scope-kl; ppo: the released code's PPO clipped "
+                            "surrogate (dual clip) of the advantage log π_T - log π_old (with --scope-kl k1).")
+    group.add_argument("--loss-agg-mode", choices=LOSS_AGG_MODES, default="seq-mean-token-mean",
+                       help="seq-mean-token-mean: token mean per response, then the weighted mean over responses (the "
+                            "paper); token-mean: over all response tokens of the batch; scope-released: the released "
+                            "code's token-mean, the MLE over correct-response tokens only.")
+    group.add_argument("--logprob-temperature", type=positive_float, default=1.0,
+                       help="The student's log-probs in the loss from logits / T (the released code: the rollout "
+                            "temperature, 0.6); the teacher's stay at temperature 1.")
+    group.add_argument("--scope-kl", choices=KL_ESTIMATORS, default="reverse",
                        help="Divergence to the teacher: full-vocabulary reverse/forward/jsd from a co-located "
-                            "teacher's sharded logits; k1/k2/k3 estimators from the teacher's sampled-token "
-                            "log-probs; topk from a remote teacher's top-k log-probs.")
+                            "teacher's sharded logits; k1/k2/k3 estimators of the reverse KL from the teacher's "
+                            "sampled-token log-probs (each with the reverse KL's gradient in expectation); topk, the "
+                            "reverse KL against the teacher's top-k and tail (the best with a vLLM teacher).")
     group.add_argument("--scope-jsd-beta", type=open_unit_float, default=0.5,
                        help="Mixture weight β of the generalized JSD (--scope-kl jsd).")
     group.add_argument("--scope-topk", type=positive_int, default=None,
                        help="k of the teacher's top-k log-probs (required with --scope-kl topk).")
+    group.add_argument("--scope-topk-renormalize", action="store_true",
+                       help="With --scope-kl topk: renormalise both distributions over the teacher's k ids (NeMo-RL's "
+                            "and the SCOPE authors' convention) instead of lumping the rest of the vocabulary into "
+                            "a tail outcome (default; equals the full KL at k = V).")
     group.add_argument("--scope-group-size", type=positive_int, default=8,
                        help="G: responses sampled per prompt.")
 
@@ -90,42 +201,37 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                            help="SRPO entropy weight: incorrect tokens weighted by exp(-β H_teacher).")
     baselines.add_argument("--tropd-delta", type=positive_float, default=1.0,
                            help="TrOPD trust region: distil where |log π_S - log π_T| <= δ.")
-    baselines.add_argument("--tropd-outlier", choices=("mask", "clip", "forward"), default="mask",
+    baselines.add_argument("--tropd-outlier", choices=TROPD_OUTLIERS, default="mask",
                            help="TrOPD outside the region: drop, scale to the edge, or forward KL.")
     baselines.add_argument("--grpo-clip-eps", type=open_unit_float, default=0.2,
-                           help="PPO ratio clip ε (GRPO and SRPO's correct path).")
+                           help="PPO ratio clip ε (GRPO, SRPO's correct path, --scope-teacher-path-loss ppo).")
+    baselines.add_argument("--clip-ratio-c", type=positive_float, default=3.0,
+                           help="PPO dual clip c > 1: a negative advantage's loss is at most -c A.")
     return parser
 
 
-def validate_scope_args(args: argparse.Namespace) -> None:
-    """Reject flag combinations that cannot mean what the user asked; raises ValueError naming the flags."""
-    if args.scope_kl == "topk" and args.scope_topk is None:
-        raise ValueError("--scope-kl topk needs --scope-topk K (how many teacher log-probs per token)")
-    if args.scope_topk is not None and args.scope_kl != "topk":
-        raise ValueError(f"--scope-topk {args.scope_topk} is only used with --scope-kl topk, not {args.scope_kl}")
-    if args.scope_algorithm == "srpo" and args.scope_kl not in FULL_VOCAB_KL:
-        raise ValueError(
-            f"--scope-algorithm srpo weights tokens by the teacher's entropy, which needs its full "
-            f"distribution: use --scope-kl {'/'.join(FULL_VOCAB_KL)}, not {args.scope_kl}"
-        )
-    if args.scope_algorithm == "tropd" and args.tropd_outlier == "forward" and args.scope_kl not in FULL_VOCAB_KL:
-        raise ValueError(
-            f"--tropd-outlier forward needs full-vocabulary teacher logits: use --scope-kl "
-            f"{'/'.join(FULL_VOCAB_KL)}, not {args.scope_kl}"
-        )
-    if args.scope_algorithm in ("grpo", "sft", "exopd") and args.scope_kl != "reverse":
-        raise ValueError(f"--scope-algorithm {args.scope_algorithm} uses no KL term; drop --scope-kl {args.scope_kl}")
-    if args.scope_group_size < 2 and args.scope_algorithm in ("grpo", "srpo"):
-        raise ValueError(f"--scope-algorithm {args.scope_algorithm} normalises rewards within a group: "
-                         f"--scope-group-size must be >= 2, got {args.scope_group_size}")
+ARG_GROUPS = (add_distributed_args, add_training_args, add_checkpointing_args, add_model_args, add_data_args,
+              add_rollout_args, add_scope_args)
 
 
-def parse_scope_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
-    """Parse and validate the SCOPE flags; a bad value or combination exits with argparse's usage error."""
-    parser = add_scope_args(parser or argparse.ArgumentParser(description="SCOPE flags"))
+def build_parser(description: str = "SCOPE on-policy distillation with Megatron-core and vLLM") -> argparse.ArgumentParser:
+    """A parser with every group of `ARG_GROUPS`."""
+    parser = argparse.ArgumentParser(description=description)
+    for add_group in ARG_GROUPS:
+        add_group(parser)
+    return parser
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, RunConfig]:
+    """Parse `argv` with `parser` and build the run's configuration; a bad value or combination exits with
+    argparse's usage error naming it."""
     args = parser.parse_args(argv)
     try:
-        validate_scope_args(args)
+        return args, build_config(args)
     except ValueError as error:
         parser.error(str(error))
-    return args
+
+
+def parse_run_config(argv: list[str] | None = None) -> RunConfig:
+    """The run's configuration from the command line (every flag of `build_parser`)."""
+    return parse_config(build_parser(), argv)[1]

@@ -1,12 +1,12 @@
 """Dry-run arithmetic for a SCOPE run: parameter counts, parallel-size and length checks, per-GPU memory.
 
 Pure functions of `DecoderArch`s and the run's numbers: no process group, no GPU, no weights. They are what
-`tools/check_config.py` prints; every message names the train_scope.py / check_config.py flag it is about.
+`tools/check_config.py` prints; every message names the flag (megatron_scope.arguments or check_config.py) it is about.
 
 Notation: h hidden, L layers, a query heads, g key/value heads (query groups), d head dim, F SwiGLU width,
 V the vocabulary padded as Megatron pads it (`padded_vocab_size`; teacher and student share one padded
 vocabulary, the larger of their embedding row counts), t = TP, p = PP, D = DP = world / (t p), b the
-micro-batch size, s the padded sequence length (`rollout.batch.sequence_length_for`: prompt + response - 1,
+micro-batch size, s the padded sequence length (`rollout.batch.padded_sequence_length`: prompt + response - 1,
 rounded up to 8), n = prompts_per_step / D x G the sequences of one data-parallel rank, e the bytes of one
 element of the parameters and activations (2 with --bf16, else 4).
 
@@ -27,8 +27,12 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
     logits and gradients     3 e b s V/t         last stage: the logits shard, its log-prob gradient and its
                                                  KL gradient (before autograd sums them). GPTModel returns logits in
                                                  the parameters' dtype (no Float16Module fp32 cast here)
-    teacher top-k            12 n s k            --scope-kl topk: int64 ids + fp32 log-probs per token (last stage;
-                                                 every rank with a vLLM teacher, whose top-k comes with the batch)
+    teacher top-k            (12 k + 4) n s      --scope-kl topk: int64 ids + fp32 log-probs per token and the fp32
+                                                 tail (last stage; every rank with a vLLM teacher, whose top-k
+                                                 comes with the batch)
+    top-k tail temporaries   c b s V/t           last stage, --scope-kl topk: the student's tail outside the
+                                                 teacher's k ids from a masked copy of its shard; c = 9 with
+                                                 --bf16 (fp32 upcast, masked copy, bool mask), 5 in fp32
     teacher logits           e n s V/t           last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
                                                  SRPO): the co-located teacher's shards for the WHOLE local batch,
                                                  kept from the scoring pass to the student's backward
@@ -55,7 +59,7 @@ For MHA (g = a, a d = h) with a GELU MLP (2 F-wide tensors, F = 4h) this is Kort
 two 1-byte dropout masks. With --assume-flash-attention the s^2 terms (scores and their buffer) are dropped:
 planning for a flash-attention layer spec, which `build_gpt_model` does not build yet.
 
-Rollout engine (vLLM): on global rank 0's GPU (train_scope.py's default) or on --rollout-gpus (--rollout-engines):
+Rollout engine (vLLM): on global rank 0's GPU (the default) or on --rollout-gpus (--rollout-engines):
 
     weights            e_cfg P_hf / T_r      the HF checkpoint's dtype (vLLM dtype "auto"), T_r = rollout TP
     KV cache           --rollout-kv-cache-gib per GPU (vLLM's kv_cache_memory_bytes); one token costs
@@ -75,11 +79,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from megatron_scope.arguments import FULL_VOCAB_KL, NEEDS_KL
-from megatron_scope.megatron.model import DecoderArch, padded_vocab_size
+from megatron_scope.config import RunConfig
+from megatron_scope.hf_config import kv_cache_bytes_per_token
+from megatron_scope.megatron.model import DecoderArch, common_padded_vocab
+from megatron_scope.rollout.batch import padded_sequence_length
 
 GIB = 1 << 30
-#: vLLM's max_num_seqs as VLLMRolloutEngine starts it (VLLMEngineConfig default; no train_scope flag).
+#: vLLM's max_num_seqs as VLLMRolloutEngine starts it (VLLMEngineConfig default; no flag).
 VLLM_MAX_NUM_SEQS = 256
 #: Bytes per token of the batch tensors every rank builds (3 int64 + 4 fp32 rows; 5 with ExOPD's reference).
 BATCH_BYTES_PER_TOKEN = 40
@@ -127,21 +133,9 @@ def stage_param_count(arch: DecoderArch, tp: int, pp: int, stage: int, padded_vo
     return count
 
 
-def common_padded_vocab(archs: list[DecoderArch], tp: int, divisible_by: int = 128) -> int:
-    """One padded vocabulary for teacher and student: Megatron's padding (next multiple of 128 t) of the larger
-    embedding row count, so both models' logits shards line up for the KL."""
-    return padded_vocab_size(max(arch.vocab_size for arch in archs), tp, divisible_by)
-
-
-def sequence_length(max_prompt_tokens: int, max_new_tokens: int, multiple_of: int = 8) -> int:
-    """The trainer's padded length for the longest sequence: prompt + response - 1, rounded up to `multiple_of`."""
-    longest = max_prompt_tokens + max_new_tokens
-    return max(multiple_of, -(-(longest - 1) // multiple_of) * multiple_of)
-
-
 def kv_bytes_per_token(arch: DecoderArch, element_bytes: int) -> int:
     """K and V of one token over all layers: 2 L g d e_cfg (as VLLMRolloutEngine's ModelFacts counts it)."""
-    return 2 * arch.num_layers * arch.num_query_groups * arch.kv_channels * element_bytes
+    return kv_cache_bytes_per_token(arch.num_layers, arch.num_query_groups, arch.kv_channels, element_bytes)
 
 
 def activation_bytes_per_layer(arch: DecoderArch, seq_length: int, micro_batch_size: int, tp: int,
@@ -161,40 +155,16 @@ def activation_bytes_per_layer(arch: DecoderArch, seq_length: int, micro_batch_s
 # ---------------------------------------------------------------------------------------------- the run
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
-    """The numbers of one launch: geometry (torchrun) and the train_scope.py flags that size memory."""
+    """One launch: the run's configuration (the same object the trainer gets) and what only the launch knows."""
 
+    config: RunConfig
+    """The run's flags, built by `megatron_scope.config.build_config`."""
     nnodes: int
     """torchrun --nnodes."""
     nproc_per_node: int
     """torchrun --nproc-per-node (training ranks per node)."""
-    tensor_parallel: int
-    """--tensor-model-parallel-size."""
-    pipeline_parallel: int
-    """--pipeline-model-parallel-size."""
-    prompts_per_step: int
-    """--prompts-per-step."""
-    group_size: int
-    """--scope-group-size (G)."""
-    micro_batch_size: int
-    """--micro-batch-size."""
     max_prompt_tokens: int
     """Longest prompt in tokens (--max-prompt-tokens, or measured from --train-data)."""
-    max_new_tokens: int
-    """--max-new-tokens."""
-    bf16: bool = True
-    """--bf16: 16-bit parameters and activations."""
-    distributed_optimizer: bool = False
-    """--use-distributed-optimizer: Adam state sharded over data-parallel ranks."""
-    algorithm: str = "scope"
-    """--scope-algorithm."""
-    kl: str = "reverse"
-    """--scope-kl."""
-    topk: int | None = None
-    """--scope-topk (k of the teacher's top-k summary with --scope-kl topk)."""
-    rollout_kv_cache_gib: float = 1.0
-    """--rollout-kv-cache-gib (per engine GPU)."""
-    rollout_tensor_parallel: int = 1
-    """--rollout-tensor-parallel-size."""
     rollout_gpus: int = 0
     """GPUs running vLLM engines apart from the training ranks; 0: one engine on global rank 0's GPU."""
     rollout_element_bytes: int = 2
@@ -207,8 +177,14 @@ class RunPlan:
     """Per-process runtime overhead (CUDA context, NCCL, allocator fragmentation)."""
     flash_attention: bool = False
     """Plan for a flash-attention layer spec (no s^2 score tensors)."""
-    teacher_backend: str = "megatron"
-    """--teacher-backend: "megatron" (co-located with the student) or "vllm" (a teacher engine)."""
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.config.parallel.tensor_model_parallel_size
+
+    @property
+    def pipeline_parallel(self) -> int:
+        return self.config.parallel.pipeline_model_parallel_size
 
     @property
     def world_size(self) -> int:
@@ -217,33 +193,24 @@ class RunPlan:
     @property
     def data_parallel(self) -> int:
         """D = world / (t p) (floored; `check_parallel_sizes` rejects a remainder)."""
-        return max(1, self.world_size // (self.tensor_parallel * self.pipeline_parallel))
+        return max(1, self.world_size // self.config.parallel.model_parallel_size)
 
     @property
     def local_sequences(self) -> int:
         """n = prompts_per_step / D x G: the sequences one data-parallel rank trains on per step."""
-        return self.prompts_per_step // self.data_parallel * self.group_size
+        return self.config.local_sequences(self.data_parallel)
 
     @property
     def num_microbatches(self) -> int:
-        return max(1, self.local_sequences // self.micro_batch_size)
+        return max(1, self.local_sequences // self.config.loop.micro_batch_size)
 
     @property
     def seq_length(self) -> int:
-        return sequence_length(self.max_prompt_tokens, self.max_new_tokens)
+        return padded_sequence_length(self.max_prompt_tokens + self.config.rollout.max_new_tokens)
 
     @property
     def element_bytes(self) -> int:
-        return 2 if self.bf16 else 4
-
-    @property
-    def keeps_teacher_logits(self) -> bool:
-        """The trainer keeps the teacher's vocab shards for the local batch (ScopeLossConfig.needs_teacher_logits)."""
-        return (self.algorithm in NEEDS_KL and self.kl in FULL_VOCAB_KL) or self.algorithm == "srpo"
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.algorithm not in ("grpo", "sft")
+        return 2 if self.config.models.bf16 else 4
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -263,17 +230,7 @@ def check_parallel_sizes(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[s
             f"world size {world} (--nnodes {plan.nnodes} x --nproc-per-node {plan.nproc_per_node}) is not a multiple "
             f"of --tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp}")
         return errors  # D is undefined: the batch checks below would mislead
-    dp = world // (tp * pp)
-    if plan.prompts_per_step % dp:
-        errors.append(
-            f"--prompts-per-step {plan.prompts_per_step} is not divisible by the data-parallel size {dp} "
-            f"(= {world} ranks / (TP {tp} x PP {pp})): each data-parallel rank takes whole prompt groups")
-    else:
-        local = plan.prompts_per_step // dp * plan.group_size
-        if local % plan.micro_batch_size:
-            errors.append(
-                f"{local} sequences per data-parallel rank (--prompts-per-step {plan.prompts_per_step} / DP {dp} x "
-                f"--scope-group-size {plan.group_size}) do not split into --micro-batch-size {plan.micro_batch_size}")
+    errors += plan.config.batch_errors(world // (tp * pp))
     for name, arch in archs.items():
         where = f"the {name} (--{name}-hf)"
         if arch.num_attention_heads % tp:
@@ -289,7 +246,7 @@ def check_parallel_sizes(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[s
             errors.append(f"{where} has ffn (intermediate) size {arch.ffn_hidden_size}, not divisible by "
                           f"--tensor-model-parallel-size {tp}")
     student = archs.get("student")
-    rtp = plan.rollout_tensor_parallel
+    rtp = plan.config.rollout.tensor_parallel_size
     if student is not None and rtp > 1:
         if student.num_attention_heads % rtp:
             errors.append(f"the student (--student-hf) has {student.num_attention_heads} attention heads, not divisible "
@@ -309,12 +266,12 @@ def check_parallel_sizes(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[s
 def check_sequence_length(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[str]:
     """Errors unless max_prompt_tokens + max_new_tokens <= max_position_embeddings of every model."""
     errors = []
-    longest = plan.max_prompt_tokens + plan.max_new_tokens
+    longest = plan.max_prompt_tokens + plan.config.rollout.max_new_tokens
     for name, arch in archs.items():
         if longest > arch.max_position_embeddings:
             errors.append(
                 f"prompt ({plan.max_prompt_tokens} tokens, --max-prompt-tokens) + --max-new-tokens "
-                f"{plan.max_new_tokens} = {longest} exceeds the {name}'s max_position_embeddings "
+                f"{plan.config.rollout.max_new_tokens} = {longest} exceeds the {name}'s max_position_embeddings "
                 f"{arch.max_position_embeddings} (--{name}-hf config.json)")
     return errors
 
@@ -323,30 +280,30 @@ def check_rollout_kv_cache(plan: RunPlan, student: DecoderArch) -> tuple[list[st
     """(errors, notes) for the engine's KV cache.
 
     Error: --rollout-kv-cache-gib < 2 L g d e_cfg x max_model_len, the check VLLMRolloutEngine makes at start
-    (train_scope.py leaves max_model_len at the student's max_position_embeddings). Note: how many full
+    (the trainer leaves max_model_len at the student's max_position_embeddings). Note: how many full
     sequences (prompt + max_new_tokens) the cache decodes at once, against min(max_num_seqs, prompts x G).
     """
     errors, notes = [], []
     per_token = kv_bytes_per_token(student, plan.rollout_element_bytes)
-    cache = int(plan.rollout_kv_cache_gib * GIB)
+    cache = int(plan.config.rollout.kv_cache_gib * GIB)
     max_model_len = student.max_position_embeddings
     needed = per_token * max_model_len
     if cache < needed:
         errors.append(
-            f"--rollout-kv-cache-gib {plan.rollout_kv_cache_gib:g} cannot hold one sequence of max_model_len "
+            f"--rollout-kv-cache-gib {plan.config.rollout.kv_cache_gib:g} cannot hold one sequence of max_model_len "
             f"{max_model_len} (the student's max_position_embeddings) at {per_token} bytes/token: the vLLM engine "
             f"refuses to start below {needed / GIB:.2f} GiB")
     # Per GPU of the engine: the kv heads are split over the engine's TP (replicated when g < T_r).
     groups = student.num_query_groups
-    per_gpu_token = per_token * max(1, groups // plan.rollout_tensor_parallel) // groups
-    full = plan.max_prompt_tokens + plan.max_new_tokens
+    per_gpu_token = per_token * max(1, groups // plan.config.rollout.tensor_parallel_size) // groups
+    full = plan.max_prompt_tokens + plan.config.rollout.max_new_tokens
     concurrent = cache // max(1, per_gpu_token * full)
-    wanted = min(plan.max_num_seqs, plan.prompts_per_step * plan.group_size)
+    wanted = min(plan.max_num_seqs, plan.config.rollout.prompts_per_step * plan.config.rollout.group_size)
     if concurrent < wanted:
         notes.append(
-            f"the rollout KV cache (--rollout-kv-cache-gib {plan.rollout_kv_cache_gib:g}) holds {concurrent} full "
+            f"the rollout KV cache (--rollout-kv-cache-gib {plan.config.rollout.kv_cache_gib:g}) holds {concurrent} full "
             f"sequences ({full} tokens) at once; {wanted} would decode together (min(max_num_seqs {plan.max_num_seqs}, "
-            f"{plan.prompts_per_step * plan.group_size} per step)): {wanted * per_gpu_token * full / GIB:.1f} GiB "
+            f"{plan.config.rollout.prompts_per_step * plan.config.rollout.group_size} per step)): {wanted * per_gpu_token * full / GIB:.1f} GiB "
             "per engine GPU for that")
     return errors, notes
 
@@ -405,25 +362,25 @@ def _dtype(element_bytes: int) -> str:
 def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None, stage: int,
                          padded_vocab: int) -> list[Component]:
     tp, pp, e = plan.tensor_parallel, plan.pipeline_parallel, plan.element_bytes
-    dp, n, b, s = plan.data_parallel, plan.local_sequences, plan.micro_batch_size, plan.seq_length
+    dp, n, b, s = plan.data_parallel, plan.local_sequences, plan.config.loop.micro_batch_size, plan.seq_length
     last = stage == pp - 1
     params = stage_param_count(student, tp, pp, stage, padded_vocab)
     comps = [Component("student parameters", e * params, f"{params:,} params x {e} B ({_dtype(e)})",
                        "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"),
              Component("gradients (fp32 main_grad)", 4 * params, f"{params:,} x 4 B (Megatron DDP, grad_reduce_in_fp32)",
                        "raise --tensor-model-parallel-size / --pipeline-model-parallel-size")]
-    per_param = 12 if plan.bf16 else 8
-    shards = dp if plan.distributed_optimizer else 1
-    what = "fp32 master + exp_avg + exp_avg_sq" if plan.bf16 else "exp_avg + exp_avg_sq"
+    per_param = 12 if plan.config.models.bf16 else 8
+    shards = dp if plan.config.optimizer.use_distributed_optimizer else 1
+    what = "fp32 master + exp_avg + exp_avg_sq" if plan.config.models.bf16 else "exp_avg + exp_avg_sq"
     comps.append(Component("optimizer state (Adam)", per_param * params // shards,
                            f"{per_param} B x {params:,} / {shards} ({what}"
-                           + (", sharded over DP)" if plan.distributed_optimizer else ", not sharded)"),
+                           + (", sharded over DP)" if plan.config.optimizer.use_distributed_optimizer else ", not sharded)"),
                            "use --use-distributed-optimizer (or more data-parallel ranks with it)"))
     if teacher is not None:
         t_params = stage_param_count(teacher, tp, pp, stage, padded_vocab)
         comps.append(Component("teacher parameters", e * t_params, f"{t_params:,} params x {e} B (forward only)",
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
-    if plan.algorithm == "exopd":
+    if plan.config.loss.algorithm == "exopd":
         comps.append(Component("reference parameters (ExOPD)", e * params, f"{params:,} params x {e} B",
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
     in_flight = min(pp - stage, plan.num_microbatches)
@@ -435,7 +392,7 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
         f"{per_layer / GIB:.2f} GiB/layer (s={s}, b={b}) x {layers} layers x {in_flight} microbatch(es) in flight",
         "lower --micro-batch-size or --max-new-tokens, raise --tensor-model-parallel-size; the s^2 attention "
         "scores of megatron-core's local layer spec dominate long sequences (--assume-flash-attention shows the "
-        "estimate without them; train_scope.py has no flash-attention spec yet)"))
+        "estimate without them; the trainer builds no flash-attention spec yet)"))
     if not plan.flash_attention:
         heads = max(student.num_attention_heads, teacher.num_attention_heads if teacher else 0)
         buffer = e * (heads // tp) * s * s * b
@@ -448,20 +405,26 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
         comps.append(Component("logits + gradients", 3 * logits,
                                f"3 x [{b}, {s}, {vocab_shard}] {_dtype(e)} (logits, log-prob and KL gradients)",
                                "lower --micro-batch-size, raise --tensor-model-parallel-size"))
-        if plan.keeps_teacher_logits and teacher is not None:
+        if plan.config.loss.needs_teacher_logits and teacher is not None:
             comps.append(Component(
                 "teacher logits (local batch)", n * s * vocab_shard * e,
                 f"[{n} sequences, {s}, {vocab_shard}] {_dtype(e)}, kept for the whole local batch",
                 "use --scope-kl topk --scope-topk K (the teacher's top-k, K values per token) or k1/k3 (sampled-"
                 "token log-probs), or more data-parallel ranks (fewer sequences each)"))
     # A co-located teacher's top-k exists on the last stage; a vLLM teacher's arrives with the batch on every rank.
-    remote_topk = plan.teacher_backend == "vllm"
-    uses_topk = plan.algorithm in NEEDS_KL and plan.kl == "topk" and plan.topk
-    if uses_topk and (remote_topk or (last and teacher is not None)):
+    remote_topk = plan.config.models.teacher_backend == "vllm"
+    k = plan.config.loss.teacher_topk
+    if k and (remote_topk or (last and teacher is not None)):
         comps.append(Component(
-            "teacher top-k (local batch)", n * s * plan.topk * 12,
-            f"[{n} sequences, {s}, k={plan.topk}] int64 ids + fp32 log-probs, kept for the whole local batch",
+            "teacher top-k (local batch)", n * s * (k * 12 + 4),
+            f"[{n} sequences, {s}, k={k}] int64 ids + fp32 log-probs, + fp32 tail, kept for the whole local batch",
             "lower --scope-topk or more data-parallel ranks"))
+    if k and last and not plan.config.loss.topk_renormalize:
+        per_element = 9 if e == 2 else 5  # fp32 copy of a 16-bit shard, its masked fp32 copy, a bool mask
+        comps.append(Component(
+            "top-k tail temporaries", per_element * b * s * vocab_shard,
+            f"{per_element} B x [{b}, {s}, {vocab_shard}] (the student's tail outside the teacher's top-k)",
+            "lower --micro-batch-size, raise --tensor-model-parallel-size"))
     comps.append(Component("batch tensors", BATCH_BYTES_PER_TOKEN * n * s,
                            f"{BATCH_BYTES_PER_TOKEN} B x {n} sequences x {s} tokens", "more data-parallel ranks"))
     comps.append(Component("runtime overhead (trainer)", int(plan.overhead_gib * GIB),
@@ -470,13 +433,13 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
 
 
 def _engine_components(plan: RunPlan, model: DecoderArch, label: str = "vLLM") -> list[Component]:
-    rtp, e = plan.rollout_tensor_parallel, plan.rollout_element_bytes
+    rtp, e = plan.config.rollout.tensor_parallel_size, plan.rollout_element_bytes
     weights = hf_param_count(model) * e // rtp
     sampler = 8 * plan.max_num_seqs * model.vocab_size
     return [
         Component(f"{label} weights", weights, f"{hf_param_count(model):,} params x {e} B / rollout TP {rtp}",
                   "raise --rollout-tensor-parallel-size, or put engines on their own GPUs (--rollout-engines, Ray)"),
-        Component(f"{label} KV cache", int(plan.rollout_kv_cache_gib * GIB),
+        Component(f"{label} KV cache", int(plan.config.rollout.kv_cache_gib * GIB),
                   f"--rollout-kv-cache-gib ({kv_bytes_per_token(model, e):,} B/token over the engine)",
                   "lower --rollout-kv-cache-gib (it must still hold one max_position_embeddings sequence)"),
         Component(f"{label} runtime", int(plan.overhead_gib * GIB) + sampler,
@@ -496,12 +459,12 @@ def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | 
     pp, co_located = plan.pipeline_parallel, plan.rollout_gpus == 0
     engine = _engine_components(plan, student)
     teacher_engine = []
-    if teacher is not None and plan.teacher_backend == "vllm":
+    if teacher is not None and plan.config.models.teacher_backend == "vllm":
         teacher_engine, teacher = _engine_components(plan, teacher, "vLLM teacher"), None
     if co_located:  # both engines live in global rank 0's process
         engine = engine + teacher_engine
     first = _training_components(plan, student, teacher, 0, padded)
-    rtp = plan.rollout_tensor_parallel
+    rtp = plan.config.rollout.tensor_parallel_size
     ranks = "rank 0" if rtp == 1 or not co_located else f"ranks 0-{rtp - 1}"
     gpus = [GpuEstimate(f"{ranks} (first stage + rollout engine)" if co_located else "rank 0 (first stage)",
                         first + (engine if co_located else []))]

@@ -6,10 +6,11 @@ One iteration (every rank runs it; global rank 0 hosts the rollout engine):
      them, and broadcasts token ids, sampling log-probs and outcomes to all ranks;
   3. each data-parallel rank takes whole prompt groups (so group statistics need no communication),
      builds [n, seq] tensors and splits them into microbatches;
-  4. scoring, forward only: the student's temperature-1 log-probs (the released SCOPE code mixed sampling
-     and training temperatures; here every log-prob that enters a loss or a weight is at temperature 1),
+  4. scoring, forward only: the student's log-probs (temperature 1, or --logprob-temperature as the released
+     SCOPE code uses the rollout temperature),
      the co-located teacher's vocabulary-sharded logits or their top-k (and its sampled-token log-probs),
-     the reference model's log-probs for ExOPD; then SCOPE's path weights and GRPO advantages per group.
+     the reference model's log-probs for ExOPD (`teacher/colocated.py`); then SCOPE's path weights and GRPO
+     advantages per group (`megatron/loss_func.add_group_inputs`).
      A remote teacher (a vLLM engine, `teacher_engine`) instead scores the responses on rank 0 in step 2
      and sends its sampled-token log-probs (k1/k2/k3 estimators, SCOPE's weights) and, for --scope-kl topk,
      its top-k with the rollouts;
@@ -27,7 +28,6 @@ estimates each term.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -37,77 +37,19 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_scope.losses.objectives import group_normalized_advantages
-from megatron_scope.losses.scope import scope_sequence_weights
+from megatron_scope.config import RunConfig
 from megatron_scope.megatron import checkpointing
-from megatron_scope.megatron.loss_func import ScopeLossConfig, check_teacher_engine_objective, reduce_reports
+from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports
 from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.parallel import collective_device
-from megatron_scope.megatron.schedule import forward_backward, forward_collect
+from megatron_scope.megatron.schedule import forward_backward
 from megatron_scope.megatron.weight_export import iter_hf_weights
-from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob, vocab_parallel_log_probs, vocab_parallel_topk
 from megatron_scope.rollout.batch import RolloutGroup, build_batch, check_token_ids, sequence_length_for, split_rows
 from megatron_scope.rollout.engine import Completion, SamplingParams
+from megatron_scope.teacher.colocated import log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
 
 logger = logging.getLogger("megatron_scope.trainer")
-
-
-@dataclasses.dataclass
-class TrainerSettings:
-    """The loop's knobs (Megatron-LM flag names where one exists)."""
-
-    train_iters: int
-    """Optimizer steps to run in total (--train-iters)."""
-    prompts_per_step: int
-    """Prompts per step over all data-parallel ranks; each yields `group_size` responses."""
-    group_size: int
-    """G, responses per prompt (--scope-group-size)."""
-    micro_batch_size: int
-    """Sequences per microbatch (--micro-batch-size)."""
-    max_new_tokens: int
-    """Response length cap."""
-    temperature: float = 1.0
-    """Rollout sampling temperature."""
-    top_p: float = 1.0
-    """Rollout nucleus mass."""
-    seed: int = 1234
-    """Base seed; iteration i samples with seed + i, so a resumed run rolls out the same responses."""
-    save: str | None = None
-    """Checkpoint root (--save); None disables saving."""
-    save_interval: int = 0
-    """Save every this many iterations (and at the end); 0: only at the end."""
-    load: str | None = None
-    """Resume from the latest complete checkpoint under this root (--load)."""
-    log_interval: int = 1
-    """Log a line every this many iterations (--log-interval)."""
-    exit_interval: int = 0
-    """Save and stop once the iteration is a multiple of this (--exit-interval); 0: run to train_iters."""
-    tensorboard_dir: str | None = None
-    """TensorBoard event directory (--tensorboard-dir)."""
-    weight_sync_bucket_bytes: int = 256 << 20
-    """Bucket size of the Megatron -> engine weight stream."""
-    exit_on_nonfinite: bool = False
-    """Stop the run (instead of skipping the step) when the loss or gradient norm is NaN/Inf."""
-    progress_bar: bool = True
-    """tqdm bar with ETA on the logging rank."""
-    scope_tau: float = 1.0
-    """τ of SCOPE's path weights (--scope-tau)."""
-    scope_weight_norm: str = "mean"
-    """SCOPE weight normalisation, mean or sum (--scope-weight-norm)."""
-    use_student_weights: bool = True
-    """Student-perplexity weights on correct responses (--[no-]scope-student-path-weights)."""
-    use_teacher_weights: bool = True
-    """Teacher-perplexity weights on incorrect responses (--[no-]scope-teacher-path-weights)."""
-
-    def __post_init__(self):
-        for name in ("train_iters", "prompts_per_step", "group_size", "micro_batch_size", "max_new_tokens",
-                     "log_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainerSettings.{name} must be >= 1, got {getattr(self, name)}")
-        if self.save_interval < 0 or self.exit_interval < 0:
-            raise ValueError(f"save_interval and exit_interval must be >= 0, got {self.save_interval}, "
-                             f"{self.exit_interval}")
 
 
 class NonFiniteStepError(RuntimeError):
@@ -115,12 +57,11 @@ class NonFiniteStepError(RuntimeError):
 
 
 class ScopeTrainer:
-    """Runs `TrainerSettings.train_iters` SCOPE (or baseline) steps; see the module docstring."""
+    """Runs `config.loop.train_iters` SCOPE (or baseline) steps; see the module docstring."""
 
     def __init__(
         self,
-        settings: TrainerSettings,
-        loss_config: ScopeLossConfig,
+        config: RunConfig,
         student,
         student_arch,
         optimizer,
@@ -137,13 +78,13 @@ class ScopeTrainer:
         TP/PP as the student (co-located); `engine`: a RolloutEngine on global rank 0 (None elsewhere);
         `teacher_engine`: instead of `teacher`, a vLLM engine serving the teacher on global rank 0 (its
         `score` / `score_topk` give sampled-token log-probs and top-k); `verify(response_texts, gold_answers)`
-        -> outcomes;
-        `tokenizer` decodes responses and gives eos/pad."""
-        self.settings, self.loss_config = settings, loss_config
+        -> outcomes; `tokenizer` decodes responses, gives eos/pad and the vocabulary the loss works over."""
+        self.config = config
         self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
         self.teacher_engine = teacher_engine
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dataset, self.tokenizer, self.verify, self.engine = dataset, tokenizer, verify, engine
+        self.vocab_size = tokenizer.vocab_size
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -152,57 +93,47 @@ class ScopeTrainer:
         self.iteration = 0
         self.history: list[dict] = []
         self._check_setup()
-        if settings.save:
-            checkpointing.check_writable(settings.save)
+        if config.loop.save:
+            checkpointing.check_writable(config.loop.save)
         self._writer = None
-        if settings.tensorboard_dir and self.is_logging_rank:
+        if config.loop.tensorboard_dir and self.is_logging_rank:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(settings.tensorboard_dir)
+            self._writer = SummaryWriter(config.loop.tensorboard_dir)
 
     # ---- set-up checks: all before any rollout ----
 
     def _check_setup(self) -> None:
-        s = self.settings
-        if (self.engine is None) == (self.rank == 0):
+        config, on_rank_0 = self.config, self.rank == 0
+        if (self.engine is None) == on_rank_0:
             raise ValueError(f"the rollout engine must live on global rank 0 (rank {self.rank} "
                              f"{'has none' if self.engine is None else 'has one'})")
-        remote = [self.teacher_engine is not None]
-        dist.broadcast_object_list(remote, src=0)  # every rank learns whether rank 0 serves the teacher
-        self.remote_teacher = remote[0]
-        if self.teacher_engine is not None and self.rank != 0:
-            raise ValueError(f"the teacher engine must live on global rank 0 (rank {self.rank} has one)")
-        if self.remote_teacher:
-            if self.teacher is not None:
-                raise ValueError("a run has one teacher: a co-located Megatron teacher or a teacher engine, not both")
-            check_teacher_engine_objective(self.loss_config)
-        if s.prompts_per_step % self.dp_size:
-            raise ValueError(f"prompts_per_step {s.prompts_per_step} is not divisible by the data-parallel size "
-                             f"{self.dp_size}: each rank takes whole prompt groups")
-        local_sequences = s.prompts_per_step // self.dp_size * s.group_size
-        if local_sequences % s.micro_batch_size:
-            raise ValueError(f"{local_sequences} sequences per data-parallel rank do not split into "
-                             f"micro-batches of {s.micro_batch_size}")
-        if self.loss_config.algorithm not in ("grpo", "sft") and self.teacher is None and not self.remote_teacher:
-            # Every other objective reads the teacher's logits or its log-probs of the responses (SCOPE's
-            # teacher-path weights too).
-            raise ValueError(f"--scope-algorithm {self.loss_config.algorithm} with --scope-kl {self.loss_config.kl} "
-                             "needs a teacher (--teacher-hf)")
-        if self.loss_config.algorithm == "exopd" and self.reference is None:
+        if (self.teacher_engine is not None) != (on_rank_0 and config.remote_teacher):
+            raise ValueError(f"--teacher-backend {config.models.teacher_backend}: rank {self.rank} "
+                             f"{'has' if self.teacher_engine is not None else 'lacks'} a teacher engine (one lives on "
+                             "global rank 0 exactly when the objective reads a vLLM teacher)")
+        if (self.teacher is not None) != config.colocated_teacher:
+            raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --teacher-backend "
+                             f"{config.models.teacher_backend} {'needs' if config.colocated_teacher else 'takes no'} "
+                             "co-located teacher (--teacher-hf)")
+        if config.loss.algorithm == "exopd" and self.reference is None:
             raise ValueError("--scope-algorithm exopd needs a reference model (the initial student)")
+        errors = config.batch_errors(self.dp_size)
+        if errors:
+            raise ValueError(errors[0])
         self._check_prompts()
 
     def _check_prompts(self) -> None:
         """Every prompt fits the student's context with max_new_tokens, and its ids are in the vocabulary."""
-        context, vocab = self.arch.max_position_embeddings, self.loss_config.vocab_size
+        context, vocab, max_new_tokens = self.arch.max_position_embeddings, self.vocab_size, self.config.rollout.max_new_tokens
         source = getattr(self.dataset, "source", "the dataset")
         for prompt in getattr(self.dataset, "prompts", ()):
             ids = prompt.token_ids
             if ids is None:
                 continue
-            if len(ids) + self.settings.max_new_tokens > context:
+            if len(ids) + max_new_tokens > context:
                 raise ValueError(f"prompt {prompt.id!r} ({source}) has {len(ids)} tokens: with max_new_tokens "
-                                 f"{self.settings.max_new_tokens} it needs {len(ids) + self.settings.max_new_tokens} "
+                                 f"{max_new_tokens} it needs {len(ids) + max_new_tokens} "
                                  f"positions, more than the student's context of {context} (max_position_embeddings)")
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 raise ValueError(f"prompt {prompt.id!r} ({source}) has token ids outside the vocabulary [0, {vocab}): "
@@ -212,8 +143,8 @@ class ScopeTrainer:
 
     def _rollout(self, iteration: int) -> tuple[list[RolloutGroup], dict]:
         """Rank 0 samples and verifies; every rank receives the same groups."""
-        s = self.settings
-        prompts = self.dataset.next_batch(s.prompts_per_step)
+        group_size = self.config.rollout.group_size
+        prompts = self.dataset.next_batch(self.config.rollout.prompts_per_step)
         payload = [None]
         if self.rank == 0:
             try:
@@ -229,7 +160,7 @@ class ScopeTrainer:
         groups = []
         for i, (prompt, group) in enumerate(zip(prompts, samples)):
             completions = [Completion(list(ids), list(lps), reason) for ids, lps, reason in group]
-            outcomes = correct[i * s.group_size : (i + 1) * s.group_size]
+            outcomes = correct[i * group_size : (i + 1) * group_size]
             groups.append(RolloutGroup(prompt.id, list(prompt.token_ids), completions, outcomes,
                                        teacher_scores[i] if teacher_scores is not None else None))
         tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
@@ -247,86 +178,51 @@ class ScopeTrainer:
 
     def _sample_verify_score(self, prompts, iteration: int) -> tuple:
         """Rank 0: sample G responses per prompt, verify them, and score them with the teacher engine if any."""
-        s = self.settings
+        rollout = self.config.rollout
         start = time.perf_counter()
-        params = SamplingParams(n=s.group_size, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                top_p=s.top_p, stop_token_ids=(self.tokenizer.eos_id,), seed=s.seed + iteration,
-                                vocab_size=self.loss_config.vocab_size)  # no extra embedding rows
+        params = SamplingParams(n=rollout.group_size, max_new_tokens=rollout.max_new_tokens,
+                                temperature=rollout.temperature, top_p=rollout.top_p,
+                                stop_token_ids=(self.tokenizer.eos_id,), seed=self.config.loop.seed + iteration,
+                                vocab_size=self.vocab_size)  # no extra embedding rows
         samples = self.engine.generate([list(p.token_ids) for p in prompts], params)
         seconds = {"rollout": time.perf_counter() - start}
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
-        answers = [p.answer for p in prompts for _ in range(s.group_size)]
+        answers = [p.answer for p in prompts for _ in range(rollout.group_size)]
         correct = self.verify(texts, answers)
         teacher_scores = None
         if self.teacher_engine is not None:
             start = time.perf_counter()
-            topk = self.loss_config.topk if self.loss_config.kl == "topk" else 0
             teacher_scores = score_responses(self.teacher_engine, [p.id for p in prompts],
-                                             [p.token_ids for p in prompts], samples, topk=topk,
-                                             vocab_size=self.loss_config.vocab_size)
+                                             [p.token_ids for p in prompts], samples,
+                                             topk=self.config.loss.teacher_topk, vocab_size=self.vocab_size)
             seconds["teacher_score"] = time.perf_counter() - start
         return ([[(c.token_ids, c.log_probs, c.finish_reason) for c in group] for group in samples], correct,
                 teacher_scores, seconds)
 
-    def _scoring_pass(self, model, microbatches: list[dict], keep: str | None = None) -> list:
-        """Forward only: per microbatch (extra inputs, temperature-1 log-probs of the labels) under `model`, on
-        the last stage ([] elsewhere). Extras, by `keep`: None nothing; "logits" the vocab shard
-        {teacher_logits}; "topk" {teacher_topk_ids, teacher_topk_log_probs}, k values per token instead of V/TP.
-        """
-        group, vocab, k = parallel_state.get_tensor_model_parallel_group(), self.loss_config.vocab_size, self.loss_config.topk
-
-        def collect(batch, logits):
-            log_probs = vocab_parallel_log_probs(logits, batch["labels"], group=group, vocab_size=vocab)
-            if keep == "logits":
-                return {"teacher_logits": logits}, log_probs
-            if keep == "topk":
-                ids, top = vocab_parallel_topk(logits, k, group=group, vocab_size=vocab)
-                return {"teacher_topk_ids": ids, "teacher_topk_log_probs": top}, log_probs
-            return {}, log_probs
-
-        return forward_collect(model, microbatches, collect)
-
     def _score(self, microbatches: list[dict]) -> None:
-        """Add the loss inputs to the last stage's microbatches (forward passes run on every stage)."""
-        config = self.loss_config
-        student = self._scoring_pass(self.student, microbatches)
-        teacher = []
-        if self.teacher is not None:
-            keep = "logits" if config.needs_teacher_logits else "topk" if config.kl == "topk" else None
-            teacher = self._scoring_pass(self.teacher, microbatches, keep=keep)
-        reference = self._scoring_pass(self.reference, microbatches) if self.reference is not None else []
+        """Add the loss inputs to the last stage's microbatches (forward passes run on every stage): the student's
+        temperature-1 log-probs, a co-located teacher's view, the reference's log-probs, then the group inputs
+        (SCOPE's weights, advantages)."""
+        student = log_prob_pass(self.student, microbatches, self.vocab_size,
+                                temperature=self.config.loss.logprob_temperature)
+        teacher = teacher_pass(self.teacher, microbatches, self.config.loss, self.vocab_size) if self.teacher is not None else []
+        reference = log_prob_pass(self.reference, microbatches, self.vocab_size) if self.reference is not None else []
         if not self.is_last_stage:
             return
         for i, batch in enumerate(microbatches):
             batch["old_log_probs"] = student[i][1]
             if teacher:
-                extras, batch["teacher_log_probs"] = teacher[i]
-                batch.update(extras)
+                batch.update(teacher[i])
             if reference:
                 batch["ref_log_probs"] = reference[i][1]
-        # Group statistics over this rank's whole prompt groups.
-        cat = lambda key: torch.cat([b[key] for b in microbatches])  # noqa: E731
-        mask, correct, group_ids = cat("loss_mask"), cat("correct"), cat("group_ids")
-        if config.algorithm == "scope":
-            weights = scope_sequence_weights(
-                sequence_mean_log_prob(cat("old_log_probs"), mask),
-                sequence_mean_log_prob(cat("teacher_log_probs"), mask),
-                correct, group_ids, tau=self.settings.scope_tau, norm=self.settings.scope_weight_norm,
-                use_student_weights=self.settings.use_student_weights,
-                use_teacher_weights=self.settings.use_teacher_weights,
-            )
-        else:
-            weights = torch.ones(len(correct), device=correct.device)
-        advantages = group_normalized_advantages(correct.float(), group_ids)
-        for batch, w, a in zip(microbatches, weights.split(len(microbatches[0]["tokens"])),
-                               advantages.split(len(microbatches[0]["tokens"]))):
-            batch["seq_weights"], batch["advantages"] = w, a
+        add_group_inputs(microbatches, self.config.loss, parallel_state.get_data_parallel_group())
 
     def _sampler_mismatch(self, microbatches: list[dict]) -> float:
-        """Mean |sampler log-prob - Megatron's temperature-1 log-prob| over response tokens (data-parallel mean).
+        """Mean |sampler log-prob - Megatron's log-prob| over response tokens (data-parallel mean).
 
-        At rollout temperature 1 and top-p 1 both are log π_S(y_t) of the same weights, so this is ~0 up to
-        numerics; a large value means the engine samples from other weights than the ones being trained.
+        When --logprob-temperature equals the rollout temperature and top-p is 1 both are log π_S(y_t) of the
+        same weights, so this is ~0 up to numerics; a large value then means the engine samples from other
+        weights than the ones being trained.
         """
         diff = sum(float(((b["rollout_log_probs"] - b["old_log_probs"]).abs() * b["loss_mask"]).sum())
                    for b in microbatches)
@@ -338,7 +234,7 @@ class ScopeTrainer:
     def sync_weights(self) -> float:
         """Stream the student's weights to the engine; returns seconds."""
         start = time.perf_counter()
-        stream = iter_hf_weights(self.student, self.arch, bucket_bytes=self.settings.weight_sync_bucket_bytes)
+        stream = iter_hf_weights(self.student, self.arch, bucket_bytes=self.config.loop.weight_sync_bucket_mib << 20)
         if self.engine is not None:
             self.engine.update_weights(stream)
         else:
@@ -354,7 +250,7 @@ class ScopeTrainer:
         metrics["time/iteration_s"] = time.perf_counter() - start
         if not outcome.updated:
             logger.warning("iteration %d: skipped the optimizer step: %s", iteration, outcome.skipped_reason)
-            if self.settings.exit_on_nonfinite:
+            if self.config.loop.exit_on_nonfinite:
                 raise NonFiniteStepError(f"iteration {iteration}: {outcome.skipped_reason}")
         return metrics
 
@@ -362,15 +258,14 @@ class ScopeTrainer:
         """Steps 3-6 on this step's verified groups (the same on every rank): batch, scoring passes, the
         student's forward/backward and the optimizer step; adds loss, optimizer and time metrics to `metrics`
         and returns the step's `StepOutcome`."""
-        s = self.settings
-        check_token_ids(groups, self.loss_config.vocab_size)  # all groups: every rank raises alike
-        per_rank = s.prompts_per_step // self.dp_size
+        check_token_ids(groups, self.vocab_size)  # all groups: every rank raises alike
+        per_rank = self.config.rollout.prompts_per_step // self.dp_size
         local = groups[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
         batch = build_batch(local, sequence_length_for(groups), self.tokenizer.pad_id,
                             group_offset=self.dp_rank * per_rank)
         device = next(self.student.parameters()).device  # CUDA under NCCL: the models' and collectives' device
         batch = {key: value.to(device) for key, value in batch.items()}
-        microbatches = split_rows(batch, len(batch["tokens"]) // s.micro_batch_size)
+        microbatches = split_rows(batch, len(batch["tokens"]) // self.config.loop.micro_batch_size)
 
         score_start = time.perf_counter()
         self._score(microbatches)
@@ -378,7 +273,7 @@ class ScopeTrainer:
             metrics["rollout/logprob_abs_diff"] = self._sampler_mismatch(microbatches)
         train_start = time.perf_counter()
         self.student.zero_grad_buffer()
-        reports = forward_backward(self.student, microbatches, self.loss_config)
+        reports = forward_backward(self.student, microbatches, self.config.loss, self.vocab_size)
         loss_metrics = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.is_last_stage else {}
         loss_is_finite = math.isfinite(loss_metrics.get("loss", 0.0))
         outcome = guarded_step(self.optimizer, self.scheduler, loss_is_finite)
@@ -389,6 +284,7 @@ class ScopeTrainer:
             "optimizer/grad_norm": outcome.grad_norm,
             "optimizer/lr": self.optimizer.param_groups[0]["lr"],
             "optimizer/skipped": 0.0 if outcome.updated else 1.0,
+            "optimizer/skipped_total": sum(h["optimizer/skipped"] for h in self.history) + (not outcome.updated),
             "time/score_s": train_start - score_start,
             "time/train_s": train_seconds,
             "throughput/train_tokens_per_s": float(batch["loss_mask"].sum()) * self.dp_size / max(train_seconds, 1e-9),
@@ -404,12 +300,13 @@ class ScopeTrainer:
     # ---- the loop ----
 
     def resume(self) -> None:
-        """Restore the latest complete checkpoint under `settings.load`, if any."""
-        if not self.settings.load:
+        """Restore the latest complete checkpoint under --load, if any."""
+        load = self.config.loop.load
+        if not load:
             return
-        state = checkpointing.load_checkpoint(self.settings.load, self.student, self.optimizer)
+        state = checkpointing.load_checkpoint(load, self.student, self.optimizer)
         if state is None:
-            logger.info("no checkpoint under %s: starting from iteration 0", self.settings.load)
+            logger.info("no checkpoint under %s: starting from iteration 0", load)
             return
         self.dataset.load_state_dict(state["dataset"])  # raises if the checkpoint saw other prompts or seed
         self.scheduler.load_state_dict(state["scheduler"])
@@ -418,14 +315,14 @@ class ScopeTrainer:
 
     def save(self) -> None:
         state = {"scheduler": self.scheduler.state_dict(), "dataset": self.dataset.state_dict(),
-                 "history": self.history, "seed": self.settings.seed}
-        path = checkpointing.save_checkpoint(self.settings.save, self.iteration, self.student, self.optimizer, state,
+                 "history": self.history, "seed": self.config.loop.seed}
+        path = checkpointing.save_checkpoint(self.config.loop.save, self.iteration, self.student, self.optimizer, state,
                                              arch=self.arch)
         logger.info("saved checkpoint %s", path)
 
     def train(self) -> list[dict]:
-        """Run to `train_iters`; returns the per-iteration metrics (the logging rank's view)."""
-        s = self.settings
+        """Run to --train-iters; returns the per-iteration metrics (the logging rank's view)."""
+        s = self.config.loop
         self.resume()
         self.sync_weights()  # the engine starts from the student's current (possibly resumed) weights
         bar = None
@@ -463,12 +360,13 @@ class ScopeTrainer:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss/loss', float('nan')):.4f}",
                             acc=f"{metrics['rollout/accuracy']:.2f}")
-        if self.iteration % self.settings.log_interval == 0:
-            line = (f" iteration {self.iteration:8d}/{self.settings.train_iters:8d} |"
+        if self.iteration % self.config.loop.log_interval == 0:
+            line = (f" iteration {self.iteration:8d}/{self.config.loop.train_iters:8d} |"
                     f" elapsed time per iteration (ms): {1000 * metrics['time/iteration_s']:.1f} |"
                     f" learning rate: {metrics['optimizer/lr']:.3E} |"
                     f" loss: {metrics.get('loss/loss', float('nan')):.6E} |"
                     f" rollout accuracy: {metrics['rollout/accuracy']:.4f} |"
                     f" grad norm: {metrics['optimizer/grad_norm']:.4f} |"
-                    f" skipped: {int(metrics['optimizer/skipped'])} |")
+                    f" non-finite tokens: {metrics.get('loss/nonfinite_token_fraction', 0.0):.4f} |"
+                    f" number of skipped iterations: {int(metrics['optimizer/skipped_total'])} |")
             (bar.write if bar is not None else print)(line)

@@ -21,21 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_scope.megatron.checkpointing import (  # noqa: E402
-    DTYPES, HF_FILES_SUBDIR, METADATA_FILE, copy_non_weight_files, dtype_name, model_metadata)
+from megatron_scope.hf_config import dtype_name
+from megatron_scope.megatron.checkpointing import (
+    DTYPES, HF_FILES_SUBDIR, METADATA_FILE, copy_non_weight_files, model_metadata, require_empty_output_dir)
 
 DIST_CKPT_SUBDIR = "dist_ckpt"
-
-
-def _require_empty_output(output_dir: str) -> None:
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-        raise ValueError(f"output directory {output_dir} exists and is not empty")
 
 
 def convert(hf_dir: str, output_dir: str, params_dtype: str | None = None) -> dict:
@@ -57,7 +50,7 @@ def convert(hf_dir: str, output_dir: str, params_dtype: str | None = None) -> di
         raise ValueError(f"{hf_dir} has no config.json")
     if params_dtype is not None and params_dtype not in DTYPES:
         raise ValueError(f"params_dtype {params_dtype!r} is not one of {sorted(DTYPES)}")
-    _require_empty_output(output_dir)
+    require_empty_output_dir(output_dir)
     with open(config_path) as f:
         hf_config = json.load(f)
     arch = hf_mapping.arch_from_hf_config(hf_config)

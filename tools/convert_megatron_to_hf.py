@@ -1,5 +1,5 @@
 """Convert a Megatron checkpoint back to Hugging Face safetensors: one written by convert_hf_to_megatron.py,
-or a training checkpoint of examples/scope/train_scope.py (its root, at the latest iteration, or one
+or a training checkpoint of `python -m megatron_scope.train` (its root, at the latest iteration, or one
 iter_XXXXXXX directory).
 
     python tools/convert_megatron_to_hf.py --megatron-dir MEG_DIR --output-dir HF_OUT [--dtype bfloat16]
@@ -18,15 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_scope.megatron.checkpointing import (  # noqa: E402
-    DTYPES, HF_FILES_SUBDIR, METADATA_FILE, copy_non_weight_files, read_model_metadata)
-from tools.convert_hf_to_megatron import _require_empty_output  # noqa: E402
+from megatron_scope.megatron.checkpointing import (
+    DTYPES, HF_FILES_SUBDIR, METADATA_FILE, copy_non_weight_files, read_model_metadata, require_empty_output_dir)
 
 
 def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
@@ -50,7 +46,7 @@ def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
     dist_dir = os.path.normpath(os.path.join(directory, metadata["dist_checkpoint"]))
     if not os.path.isdir(dist_dir):
         raise ValueError(f"dist checkpoint directory {dist_dir} (named in {METADATA_FILE}) does not exist")
-    _require_empty_output(output_dir)
+    require_empty_output_dir(output_dir)
     hf_files = os.path.join(directory, HF_FILES_SUBDIR)
     if os.path.isfile(os.path.join(hf_files, "config.json")):
         with open(os.path.join(hf_files, "config.json")) as f:

@@ -18,12 +18,9 @@ import os
 import subprocess
 import sys
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_scope.eval.benchmarks import BENCHMARK_NAMES, load_benchmark  # noqa: E402
-from megatron_scope.eval.runner import DEFAULT_PROMPT_TEMPLATE, EvalConfig, evaluate, write_report  # noqa: E402
-from megatron_scope.rewards.math_verifier import MathVerifier  # noqa: E402
+from megatron_scope.eval.benchmarks import BENCHMARK_NAMES, load_benchmark
+from megatron_scope.eval.runner import DEFAULT_PROMPT_TEMPLATE, EvalConfig, evaluate, write_report
+from megatron_scope.rewards.math_verifier import MathVerifier
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import multiprocessing
 import statistics
-import sys
+from concurrent.futures import ProcessPoolExecutor
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..")))
-sys.path.insert(0, HERE)
+import demo
 
 
 def parse_args(argv=None):
@@ -37,15 +36,14 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _run(rank, world_size, args, method, seed):
+def _run(args, method, seed):
     """One (method, seed): train from the demo's student, then evaluate; returns (history, eval results)."""
-    import demo
-    import train_scope
-
+    from megatron_scope.arguments import parse_run_config
     from megatron_scope.data.tokenizer import Tokenizer
+    from megatron_scope.train import build_trainer
 
     work = args.workdir
-    trainer = train_scope.build_trainer(train_scope.parse_args(demo.distillation_flags(
+    trainer = build_trainer(parse_run_config(demo.distillation_flags(
         work, method, seed, args.iters, args.prompts_per_step, args.group_size, args.max_new_tokens, args.lr,
         extra=["--log-interval", "10"])))
     tokenizer = Tokenizer.load(f"{work}/tokenizer.model")
@@ -108,9 +106,13 @@ def _references(workdir: str) -> dict:
             for key, label in names.items() if key in results}  # JSON turned the k of Pass@k into strings
 
 
-def main(argv=None):
-    from megatron_scope.testing.multiprocess import run_on_ranks
+def run_in_fresh_process(fn, *args):
+    """`fn(*args)` in a new spawned process (its own torch.distributed world and vLLM engine)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
+
+def main(argv=None):
     args = parse_args(argv)
     for needed in ("student_hf", "teacher_hf", "tokenizer.model", "task/train.jsonl", "task/eval.jsonl"):
         if not os.path.exists(os.path.join(args.workdir, needed)):
@@ -119,7 +121,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     runs = {}
     for method in args.methods:
-        runs[method] = [run_on_ranks(_run, 1, args=(args, method, seed), timeout=3600)[0] for seed in args.seeds]
+        runs[method] = [run_in_fresh_process(_run, args, method, seed) for seed in args.seeds]
         with open(os.path.join(out, "results.json"), "w") as handle:
             json.dump({"args": vars(args), "runs": runs}, handle, indent=1)
     table = summarize(runs, args.eval_samples, _references(args.workdir))

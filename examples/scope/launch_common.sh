@@ -1,7 +1,7 @@
 # Shared by launch_paper.sh and launch_qwen3_scaling.sh (sourced after they set their model-specific
 # defaults: HERE, ROOT, the launch geometry, STUDENT_HF, TEACHER_HF, TOKENIZER, TEACHER_TOKENIZER,
 # TRAIN_DATA, SAVE_DIR, TP). Every value below is an environment variable too (default after ":=").
-# Builds the train_scope.py flags, runs tools/check_config.py with them, then torchrun (or prints it).
+# Builds the training flags, runs tools/check_config.py with them, then torchrun -m megatron_scope.train (or prints it).
 : "${PP:=1}"                          # --pipeline-model-parallel-size
 : "${MICRO_BATCH_SIZE:=1}"            # sequences per microbatch
 : "${PROMPTS_PER_STEP:=256}"          # the paper's recipe: 256 prompts x G=8, lr 5e-5, 12288 tokens, tau 1
@@ -9,20 +9,21 @@
 : "${MAX_NEW_TOKENS:=12288}"
 : "${LR:=5e-5}"
 : "${SCOPE_TAU:=1.0}"
-: "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL; k1/k3 keep no teacher logits
-: "${TEACHER_BACKEND:=megatron}"      # megatron: co-located teacher; vllm: a teacher engine (SCOPE_KL=k1/k2/k3/topk)
+: "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL; topk (+ --scope-topk K) and k1/k2/k3 keep no teacher logits
+: "${TEACHER_BACKEND:=megatron}"      # megatron: co-located teacher; vllm: a teacher engine (SCOPE_KL=topk best, or k1/k2/k3)
 : "${TRAIN_ITERS:=200}"
 : "${SAVE_INTERVAL:=10}"
 : "${SEED:=1234}"
 # --- rollout (one vLLM engine in-process on global rank 0, sharing its GPU)
 : "${ROLLOUT_KV_CACHE_GIB:=16}"       # must hold one max_position_embeddings sequence (4.4 GiB for Qwen3-1.7B)
+: "${ROLLOUT_TEMPERATURE:=1.0}"       # --rollout-temperature
 : "${ROLLOUT_TP:=1}"                  # --rollout-tensor-parallel-size
 : "${ROLLOUT_ENGINES:=0}"             # 0: vLLM inside global rank 0; N: N engines as Ray actors (--rollout-engines)
 : "${RAY_ADDRESS:=}"                  # with ROLLOUT_ENGINES > 0: the Ray cluster (e.g. auto); "" = local Ray
 # --- this script
 : "${PYTHON:=python}"
 : "${TORCHRUN:=torchrun}"
-: "${EXTRA_ARGS:=}"                   # more train_scope.py flags (also given to the check)
+: "${EXTRA_ARGS:=}"                   # more training flags (also given to the check)
 : "${CHECK_ARGS:=}"                   # check_config.py-only flags, e.g. "--max-prompt-tokens 2048"
 : "${SKIP_CHECK:=0}"                  # 1: do not run tools/check_config.py first
 : "${ALLOW_OVERCOMMIT:=0}"            # 1: the check only warns when the estimate exceeds GPU_MEMORY_GIB
@@ -36,7 +37,7 @@ ARGS=(
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
   --micro-batch-size "$MICRO_BATCH_SIZE" --bf16 --use-distributed-optimizer
   --prompts-per-step "$PROMPTS_PER_STEP" --scope-group-size "$GROUP_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
-  --rollout-temperature 1.0 --rollout-top-p 1.0
+  --rollout-temperature "$ROLLOUT_TEMPERATURE" --rollout-top-p 1.0
   --rollout-kv-cache-gib "$ROLLOUT_KV_CACHE_GIB" --rollout-tensor-parallel-size "$ROLLOUT_TP"
   --rollout-engines "$ROLLOUT_ENGINES"
   --scope-algorithm scope --scope-tau "$SCOPE_TAU" --scope-kl "$SCOPE_KL" --teacher-backend "$TEACHER_BACKEND"
@@ -65,7 +66,7 @@ fi
 
 LAUNCH=("$TORCHRUN" --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --node-rank "$NODE_RANK"
         --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
-        "$ROOT/examples/scope/train_scope.py" "${ARGS[@]}")
+        -m megatron_scope.train "${ARGS[@]}")
 if [[ "$DRY_RUN" == 1 ]]; then
   printf 'DRY_RUN=1, would run:'
   printf ' %q' "${LAUNCH[@]}"

@@ -2,7 +2,7 @@
 # SCOPE scaling study on Qwen3: a Qwen3 student (STUDENT, default Qwen3-1.7B; Qwen3-0.6B, Qwen3-4B, ...)
 # distilled from Qwen3-8B (TEACHER), with the paper's recipe otherwise (G = 8, 256 prompts per step, lr 5e-5,
 # responses up to 12288 tokens, tau = 1, bf16, distributed optimizer). Same structure as launch_paper.sh:
-# run once per node; tools/check_config.py first (SKIP_CHECK=1 skips it), then torchrun train_scope.py.
+# run once per node; tools/check_config.py first (SKIP_CHECK=1 skips it), then torchrun -m megatron_scope.train.
 #
 #   STUDENT=Qwen3-4B NNODES=4 NODE_RANK=0 MASTER_ADDR=node0 MODEL_ROOT=/models \
 #     TRAIN_DATA=/data/train.jsonl bash examples/scope/launch_qwen3_scaling.sh

@@ -3,10 +3,13 @@
 Every algorithm maps per-token statistics of a microbatch of responses ([B, T], response tokens only,
 `mask` marking them) to a per-token loss ℓ_{i,t}; sequences carry weights w_i (SCOPE's path weights,
 computed over whole prompt groups before the step by `scope_sequence_weights`; 1 otherwise). The batch loss
-is aggregated one of two ways (`--scope-seq-weights`):
+is aggregated one of two ways (`LossConfig.loss_agg_mode`, --loss-agg-mode, verl's names):
 
-  sequence level: L = Σ_i w_i · (1/|y_i|) Σ_t ℓ_{i,t}  / N_seq     (the paper's per-sequence losses)
-  token level:    L = Σ_i w_i · Σ_t ℓ_{i,t}            / N_tok
+  seq-mean-token-mean: L = Σ_i w_i · (1/|y_i|) Σ_t ℓ_{i,t}  / N_seq     (the paper's per-sequence losses)
+  token-mean:          L = Σ_i w_i · Σ_t ℓ_{i,t}            / N_tok
+  scope-released:      token-mean, with the correct responses' weights scaled by N_tok / N_tok,correct (set by
+                       `megatron.loss_func.add_group_inputs`): the MLE is a mean over correct-response tokens,
+                       the teacher path a mean over all response tokens, as the authors' released code computes
 
 N_seq / N_tok count the whole global batch (all microbatches and data-parallel ranks), so the result does not
 depend on how the batch is split. `aggregate` returns the numerator and this microbatch's share of the
@@ -23,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob
+from megatron_scope.ops.token_stats import sequence_mean_log_prob
 
 
 @dataclasses.dataclass
@@ -52,48 +55,46 @@ class TokenStats:
     """[B] group-normalised outcome advantages (GRPO, SRPO's correct path)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-    """Hyper-parameters of the baselines (see each objective for its formula)."""
-
-    clip_eps: float = 0.2
-    """PPO ratio clip ε (GRPO, SRPO)."""
-    exopd_lambda: float = 1.25
-    """ExOPD reward-extrapolation λ."""
-    srpo_beta: float = 1.0
-    """SRPO teacher-entropy temperature β."""
-    tropd_delta: float = 1.0
-    """TrOPD trust-region half-width δ on |log π_S - log π_T|."""
-    tropd_outlier: str = "mask"
-    """What TrOPD does outside the region: mask, clip or forward."""
-
-
 def _require(stats: TokenStats, algorithm: str, *names: str) -> None:
     missing = [name for name in names if getattr(stats, name) is None]
     if missing:
         raise ValueError(f"{algorithm} needs {missing} in its token statistics")
 
 
-def _ppo_clipped(stats: TokenStats, clip_eps: float) -> torch.Tensor:
-    """-min(r A, clip(r, 1-ε, 1+ε) A), r = exp(log π_S - log π_old), A per sequence (Schulman et al. 2017)."""
+def _ppo_clipped(stats: TokenStats, advantage: torch.Tensor, clip_eps: float, clip_ratio_c: float | None = None):
+    """PPO's clipped surrogate -min(r A, clip(r, 1-ε, 1+ε) A), r = exp(log π_S - log π_old) (Schulman et al. 2017);
+    with `clip_ratio_c`, dual clip (Ye et al. 2020): where A < 0 the loss is at most -c A. `advantage` broadcasts
+    to [B, T] and carries no gradient."""
     ratio = torch.exp(stats.student_log_probs - stats.old_log_probs)
-    advantage = stats.advantages[:, None].to(ratio.dtype)
-    return -torch.minimum(ratio * advantage, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantage)
+    advantage = advantage.to(ratio.dtype)
+    loss = -torch.minimum(ratio * advantage, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantage)
+    if clip_ratio_c is not None:
+        loss = torch.where(advantage < 0, torch.minimum(loss, -clip_ratio_c * advantage), loss)
+    return loss
 
 
-def scope_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
-    """SCOPE (arXiv 2604.10688, Eq. for L): MLE -log π_S(y_t) on correct responses, KL to the teacher on incorrect."""
-    _require(stats, "scope", "kl")
-    return torch.where(stats.correct[:, None], -stats.student_log_probs, stats.kl)
+def scope_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
+    """SCOPE (arXiv 2604.10688, Eq. for L): MLE -log π_S(y_t) on correct responses, a divergence to the teacher
+    on incorrect ones: the per-token KL (--scope-teacher-path-loss kl), or, as the authors' released code does,
+    PPO's dual-clipped surrogate of the per-token advantage sg(log π_T - log π_old) (ppo; its gradient at
+    r = 1 is (log π_S - log π_T) ∇ log π_S, k1's reverse-KL gradient)."""
+    if config.teacher_path_loss == "ppo":
+        _require(stats, "scope (teacher path ppo)", "teacher_log_probs", "old_log_probs")
+        advantage = (stats.teacher_log_probs - stats.old_log_probs).detach()
+        teacher_path = _ppo_clipped(stats, advantage, config.baselines.clip_eps, config.baselines.clip_ratio_c)
+    else:
+        _require(stats, "scope", "kl")
+        teacher_path = stats.kl
+    return torch.where(stats.correct[:, None], -stats.student_log_probs, teacher_path)
 
 
-def opd_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+def opd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     """OPD (Agarwal et al. 2024, GKD; Thinking Machines 2025): the per-token KL to the teacher on every response."""
     _require(stats, "opd", "kl")
     return stats.kl
 
 
-def exopd_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+def exopd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     """ExOPD / G-OPD reward extrapolation, policy-gradient form.
 
     r_t = -[(log π_S - log π_ref) - λ (log π_T - log π_ref)], a per-token reward (λ = 1 is OPD's
@@ -101,19 +102,19 @@ def exopd_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
     """
     _require(stats, "exopd", "teacher_log_probs", "ref_log_probs")
     student = stats.student_log_probs
-    reward = -((student - stats.ref_log_probs) - config.exopd_lambda * (stats.teacher_log_probs - stats.ref_log_probs))
+    reward = -((student - stats.ref_log_probs) - config.baselines.exopd_lambda * (stats.teacher_log_probs - stats.ref_log_probs))
     return -reward.detach() * student
 
 
-def srpo_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+def srpo_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     """SRPO: correct responses get GRPO's clipped surrogate with their group advantage; incorrect ones are
     distilled with entropy-aware per-token weights exp(-β H_T(t)), trusting the teacher where it is confident."""
     _require(stats, "srpo", "kl", "teacher_entropy", "old_log_probs", "advantages")
-    distill = torch.exp(-config.srpo_beta * stats.teacher_entropy) * stats.kl
-    return torch.where(stats.correct[:, None], _ppo_clipped(stats, config.clip_eps), distill)
+    distill = torch.exp(-config.baselines.srpo_beta * stats.teacher_entropy) * stats.kl
+    return torch.where(stats.correct[:, None], _ppo_clipped(stats, stats.advantages[:, None], config.baselines.clip_eps), distill)
 
 
-def tropd_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     """TrOPD: distil only inside the trust region |log π_S(y_t) - log π_T(y_t)| <= δ.
 
     Outside it (`tropd_outlier`): "mask" drops the token; "clip" scales its KL by δ/|Δ_t| so it counts as if
@@ -121,31 +122,31 @@ def tropd_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
     """
     _require(stats, "tropd", "kl", "teacher_log_probs")
     gap = (stats.student_log_probs - stats.teacher_log_probs).detach().abs()
-    inside = gap <= config.tropd_delta
-    if config.tropd_outlier == "mask":
+    inside = gap <= config.baselines.tropd_delta
+    if config.baselines.tropd_outlier == "mask":
         outlier_loss = torch.zeros_like(stats.kl)
-    elif config.tropd_outlier == "clip":
-        outlier_loss = stats.kl * (config.tropd_delta / gap.clamp_min(config.tropd_delta))
-    elif config.tropd_outlier == "forward":
+    elif config.baselines.tropd_outlier == "clip":
+        outlier_loss = stats.kl * (config.baselines.tropd_delta / gap.clamp_min(config.baselines.tropd_delta))
+    elif config.baselines.tropd_outlier == "forward":
         _require(stats, "tropd (outlier=forward)", "forward_kl")
         outlier_loss = stats.forward_kl
     else:
-        raise ValueError(f"tropd_outlier must be mask, clip or forward, got {config.tropd_outlier!r}")
+        raise ValueError(f"tropd_outlier must be mask, clip or forward, got {config.baselines.tropd_outlier!r}")
     return torch.where(inside, stats.kl, outlier_loss)
 
 
-def grpo_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+def grpo_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     """GRPO (Shao et al. 2024): PPO's clipped surrogate with the group-normalised outcome advantage."""
     _require(stats, "grpo", "old_log_probs", "advantages")
-    return _ppo_clipped(stats, config.clip_eps)
+    return _ppo_clipped(stats, stats.advantages[:, None], config.baselines.clip_eps)
 
 
-def sft_objective(stats: TokenStats, config: ObjectiveConfig) -> torch.Tensor:
+def sft_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     """SFT on the student's own correct responses (rejection sampling): -log π_S(y_t), incorrect ones dropped."""
     return torch.where(stats.correct[:, None], -stats.student_log_probs, torch.zeros_like(stats.student_log_probs))
 
 
-OBJECTIVES: dict[str, Callable[[TokenStats, ObjectiveConfig], torch.Tensor]] = {
+OBJECTIVES: dict[str, Callable[[TokenStats, LossConfig], torch.Tensor]] = {
     "scope": scope_objective,
     "opd": opd_objective,
     "exopd": exopd_objective,
@@ -173,11 +174,11 @@ def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, 
 
 
 def aggregate(
-    token_loss: torch.Tensor, mask: torch.Tensor, sequence_weights: torch.Tensor, sequence_level: bool
+    token_loss: torch.Tensor, mask: torch.Tensor, sequence_weights: torch.Tensor, loss_agg_mode: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ_i w_i · seq-or-token sum of ℓ, this microbatch's count of sequences or tokens) — see the module doc."""
     mask = mask.to(token_loss.dtype)
-    if sequence_level:
+    if loss_agg_mode == "seq-mean-token-mean":
         per_sequence = sequence_mean_log_prob(token_loss, mask)  # a masked mean over tokens; 0 when empty
         return ((sequence_weights.to(token_loss.dtype) * per_sequence).sum(),
                 torch.tensor(token_loss.shape[0], device=token_loss.device))

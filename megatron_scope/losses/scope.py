@@ -10,18 +10,19 @@ over the subset: of -mean_logp_S/τ (a correct response the student found unlike
 boundary, gets more weight) and of +mean_logp_T/τ (an incorrect response the teacher finds plausible,
 so can really correct, gets more weight). Weights carry no gradient.
 
-Normalisation `norm`: "sum" is the paper's formula (weights sum to 1 within each subset); "mean"
-multiplies by the subset's size (weights average 1), as the authors' released experiments did.
-The released code computes the student-path weight with the opposite sign (favouring confident correct
-responses); this follows the paper.
+Normalisation (`LossConfig.weight_norm`, --scope-weight-norm): "sum" is the paper's formula (weights sum to 1
+within each subset); "mean" multiplies by the subset's size (weights average 1), as the authors' released
+experiments did.
+The released code computes the student-path weight with the opposite sign, PPL_S^(-1/τ) (favouring confident
+correct responses); the paper's sign is the default and `LossConfig.student_path_exponent` = -1
+(--scope-student-path-exponent -1) gives the released one.
 """
 
 from __future__ import annotations
 
 import torch
 
-WEIGHT_NORMS = ("mean", "sum")
-
+from megatron_scope.config import LossConfig
 
 def _check_sequence_tensors(**tensors: torch.Tensor) -> int:
     lengths = {name: tuple(t.shape) for name, t in tensors.items()}
@@ -53,10 +54,7 @@ def scope_sequence_weights(
     teacher_mean_log_prob: torch.Tensor,
     correct: torch.Tensor,
     group_ids: torch.Tensor,
-    tau: float = 1.0,
-    norm: str = "mean",
-    use_student_weights: bool = True,
-    use_teacher_weights: bool = True,
+    config: LossConfig = LossConfig(),
 ) -> torch.Tensor:
     """One weight per sequence: w^stu where `correct`, w^tea where not (see the module docstring).
 
@@ -65,9 +63,9 @@ def scope_sequence_weights(
         teacher_mean_log_prob: [N] the same under the teacher.
         correct: [N] bool verifier outcome.
         group_ids: [N] int prompt id of each response; any order, need not be contiguous.
-        tau: temperature τ > 0 of both weightings.
-        norm: "sum" (weights sum to 1 per subset) or "mean" (weights average 1 per subset).
-        use_student_weights / use_teacher_weights: False gives that path uniform weights.
+        config: the SCOPE group: `tau` (temperature τ > 0 of both weightings), `weight_norm` ("sum": weights sum
+            to 1 per subset; "mean": they average 1), `student_path_weights` / `teacher_path_weights` (False gives
+            that path uniform weights).
     Returns:
         [N] float32 weights, no gradient. A subset's weights depend only on its own members.
     """
@@ -81,10 +79,7 @@ def scope_sequence_weights(
         raise ValueError(f"correct must be a bool tensor, got {correct.dtype}")
     if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
         raise ValueError(f"group_ids must be an integer tensor, got {group_ids.dtype}")
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if norm not in WEIGHT_NORMS:
-        raise ValueError(f"norm must be one of {WEIGHT_NORMS}, got {norm!r}")
+    tau, use_student_weights, use_teacher_weights = config.tau, config.student_path_weights, config.teacher_path_weights
     for name, values, used in (
         ("student_mean_log_prob", student_mean_log_prob, use_student_weights),
         ("teacher_mean_log_prob", teacher_mean_log_prob, use_teacher_weights),
@@ -95,10 +90,11 @@ def scope_sequence_weights(
 
     subsets = subset_ids(correct, group_ids)
     uniform = torch.zeros_like(subsets, dtype=torch.float64)  # a disabled path: equal scores, uniform weights
-    student_scores = -student_mean_log_prob.double() / tau if use_student_weights else uniform
+    exponent = config.student_path_exponent  # PPL^(exponent/τ) = exp(-exponent · mean log-prob / τ)
+    student_scores = -exponent * student_mean_log_prob.double() / tau if use_student_weights else uniform
     teacher_scores = teacher_mean_log_prob.double() / tau if use_teacher_weights else uniform
     weights = segment_softmax(torch.where(correct, student_scores, teacher_scores), subsets)
-    if norm == "mean":
+    if config.weight_norm == "mean":
         subset_size = torch.bincount(subsets, minlength=int(subsets.max()) + 1 if subsets.numel() else 0)
         weights = weights * subset_size[subsets]
     return weights.float()

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from megatron_scope import hf_config
+from megatron_scope.hf_config import dtype_name
 from megatron_scope.megatron import hf_mapping
 from megatron_scope.megatron.model import DecoderArch, unwrap_model
 from megatron_scope.megatron.weight_export import checked_local_params
@@ -39,12 +41,19 @@ MODEL_STATE_KEY = "model"
 METADATA_FILE = "megatron_scope_checkpoint.json"
 HF_FILES_SUBDIR = "hf_files"
 FORMAT_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The parameter dtypes a checkpoint may hold (canonical names).
+DTYPES = {name: hf_config.DTYPES[name] for name in ("float32", "bfloat16", "float16")}
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def require_empty_output_dir(output_dir: str) -> None:
+    """ValueError unless `output_dir` is absent or an empty directory (a converter never overwrites)."""
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise ValueError(f"output directory {output_dir} exists and is not empty")
 
 
 def check_writable(root: str) -> None:
@@ -176,11 +185,6 @@ def stage_hf_files(root: str, hf_dir: str) -> list[str]:
     shutil.rmtree(staged, ignore_errors=True)
     os.rename(temporary, staged)
     return copied
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """"bfloat16" for torch.bfloat16."""
-    return str(dtype).removeprefix("torch.")
 
 
 def model_metadata(model, arch: DecoderArch, dist_checkpoint: str, hf_dtype: str | None = None,

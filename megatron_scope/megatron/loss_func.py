@@ -3,7 +3,7 @@
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         logits = model(batch["tokens"], batch["position_ids"], None)      # [b, s, V/TP], last stage
-        return logits, partial(scope_loss_func, loss_config, batch)
+        return logits, partial(scope_loss_func, loss_config, vocab_size, batch)
 
 `megatron/schedule.forward_backward` wraps exactly this and first runs `check_batch` on every microbatch
 (do the same when plugging the loss into another schedule). The loss runs on the last pipeline stage. It returns `(loss_sum, count, report)` for Megatron's
@@ -12,7 +12,8 @@ all-reduces it over data-parallel ranks and divides the gradients by it, so the 
 Σ w_i L_i / N over the whole global batch, whatever the microbatching (see losses/objectives.py).
 
 Group-level inputs are computed before the step over whole prompt groups and travel in the batch:
-`seq_weights` (SCOPE's path weights, `scope_sequence_weights`) and `advantages` (GRPO/SRPO). The trainer gives
+`seq_weights` (SCOPE's path weights, `scope_sequence_weights`) and `advantages` (GRPO/SRPO), both set by
+`add_group_inputs`. The trainer gives
 each data-parallel rank whole prompt groups, so no communication is needed; a caller that spreads a group
 over ranks must all-gather the per-sequence scalars (mean log-probs, correctness, group ids: 4 floats a
 sequence) over the data-parallel group first and compute the weights from the gathered rows.
@@ -22,115 +23,77 @@ label is a response token):
     labels, loss_mask, correct [b] bool, seq_weights [b];
     teacher_logits [b, s, V/TP]                    (--scope-kl reverse/forward/jsd, SRPO, TrOPD forward)
     teacher_log_probs                              (--scope-kl k1/k2/k3; ExOPD, TrOPD; else derived from logits)
-    teacher_topk_ids, teacher_topk_log_probs [b, s, k]   (--scope-kl topk)
+    teacher_topk_ids, teacher_topk_log_probs [b, s, k], teacher_topk_tail_log_mass   (--scope-kl topk)
     old_log_probs, advantages [b]                  (GRPO, SRPO)      ref_log_probs (ExOPD)
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-
 import torch
 from megatron.core import parallel_state
 
-from megatron_scope.arguments import FULL_VOCAB_KL, NEEDS_KL, SAMPLED_KL, validate_scope_args
-from megatron_scope.losses.objectives import OBJECTIVES, ObjectiveConfig, TokenStats, aggregate
-from megatron_scope.ops.vocab_parallel import (
-    sampled_kl,
-    sequence_mean_log_prob,
-    vocab_parallel_entropy,
-    vocab_parallel_kl,
-    vocab_parallel_log_probs,
-    vocab_parallel_topk_kl,
-)
+from megatron_scope.config import FULL_VOCAB_KL, SAMPLED_KL, LossConfig
+from megatron_scope.losses.objectives import OBJECTIVES, TokenStats, aggregate, group_normalized_advantages
+from megatron_scope.losses.scope import scope_sequence_weights
+from megatron_scope.ops.token_stats import sampled_kl, sequence_mean_log_prob
+from megatron_scope.ops.topk import vocab_parallel_topk_kl
+from megatron_scope.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_probs
 
 
-@dataclasses.dataclass(frozen=True)
-class ScopeLossConfig:
-    """What the loss computes; built from the --scope-* flags by `from_args`."""
-
-    vocab_size: int
-    """True (unpadded) vocabulary: Megatron's padded logits beyond it take no probability."""
-    algorithm: str = "scope"
-    """A key of losses.objectives.OBJECTIVES."""
-    kl: str = "reverse"
-    """Divergence to the teacher: reverse, forward, jsd, k1, k2, k3 or topk."""
-    jsd_beta: float = 0.5
-    """Generalized-JSD mixture weight."""
-    topk: int | None = None
-    """k of the teacher's top-k log-probs (--scope-topk) for --scope-kl topk."""
-    sequence_level: bool = True
-    """Sequence-level (True) or token-level aggregation."""
-    objective: ObjectiveConfig = ObjectiveConfig()
-    """Baseline hyper-parameters."""
-
-    def __post_init__(self):
-        if self.algorithm not in OBJECTIVES:
-            raise ValueError(f"algorithm must be one of {sorted(OBJECTIVES)}, got {self.algorithm!r}")
-        if self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, vocab_size: int) -> "ScopeLossConfig":
-        validate_scope_args(args)
-        return cls(
-            vocab_size=vocab_size,
-            algorithm=args.scope_algorithm,
-            kl=args.scope_kl,
-            jsd_beta=args.scope_jsd_beta,
-            topk=args.scope_topk,
-            sequence_level=args.scope_seq_weights,
-            objective=ObjectiveConfig(
-                clip_eps=args.grpo_clip_eps,
-                exopd_lambda=args.exopd_lambda,
-                srpo_beta=args.srpo_beta,
-                tropd_delta=args.tropd_delta,
-                tropd_outlier=args.tropd_outlier,
-            ),
-        )
-
-    @property
-    def needs_teacher_logits(self) -> bool:
-        return (self.algorithm in NEEDS_KL and self.kl in FULL_VOCAB_KL) or self.algorithm == "srpo"
-
-
-def required_batch_keys(config: ScopeLossConfig) -> set[str]:
+def required_batch_keys(config: LossConfig) -> set[str]:
     """The microbatch keys `scope_loss_func` reads under `config`."""
     keys = {"labels", "loss_mask", "correct", "seq_weights"}
-    uses_kl = config.algorithm in NEEDS_KL
     if config.needs_teacher_logits:
         keys.add("teacher_logits")
     # The teacher's log-prob of the sampled token: the k1/k2/k3 estimators, ExOPD's reward and TrOPD's trust
     # region read it (derived from teacher_logits where those are present).
-    if (uses_kl and config.kl in SAMPLED_KL) or config.algorithm == "exopd" or (
+    if (config.uses_kl and config.kl in SAMPLED_KL) or config.algorithm == "exopd" or (
         config.algorithm == "tropd" and not config.needs_teacher_logits
     ):
         keys.add("teacher_log_probs")
-    if uses_kl and config.kl == "topk":
-        keys |= {"teacher_topk_ids", "teacher_topk_log_probs"}
+    if config.teacher_topk:
+        keys |= {"teacher_topk_ids", "teacher_topk_log_probs", "teacher_topk_tail_log_mass"}
     if config.algorithm in ("grpo", "srpo"):
         keys |= {"old_log_probs", "advantages"}
+    if config.teacher_path_loss == "ppo":  # the released teacher path: advantage log π_T - log π_old
+        keys |= {"old_log_probs", "teacher_log_probs"}
     if config.algorithm == "exopd":
         keys.add("ref_log_probs")
     return keys
 
 
-def check_teacher_engine_objective(config: ScopeLossConfig) -> None:
-    """Raise ValueError if `config` needs the teacher's vocabulary logits (a full-vocabulary KL, SRPO): a vLLM
-    teacher engine gives only the log-probs of the sampled tokens and a top-k."""
-    if config.needs_teacher_logits:
-        raise ValueError(f"--scope-algorithm {config.algorithm} with --scope-kl {config.kl} needs the teacher's "
-                         "logits over the vocabulary; a vLLM teacher (--teacher-backend vllm) gives the log-probs "
-                         "of the sampled tokens and a top-k: use --scope-kl k1, k2, k3 or topk, or a co-located "
-                         "teacher")
+@torch.no_grad()
+def add_group_inputs(microbatches: list[dict], config: LossConfig, group=None) -> None:
+    """Set each microbatch's `seq_weights` (SCOPE's path weights; 1 for the baselines) and `advantages` (GRPO's
+    group-normalised outcome), computed over all of `microbatches` (whole prompt groups) from `old_log_probs`,
+    `teacher_log_probs`, `loss_mask`, `correct` and `group_ids`. With --loss-agg-mode scope-released the correct
+    responses' weights are also scaled by N_tok / N_tok,correct, the response tokens of the global batch over
+    those of its correct responses (1 all-reduce of 2 floats over `group`, the data-parallel group)."""
+    cat = lambda key: torch.cat([b[key] for b in microbatches])  # noqa: E731
+    mask, correct, group_ids = cat("loss_mask"), cat("correct"), cat("group_ids")
+    if config.algorithm == "scope":
+        weights = scope_sequence_weights(sequence_mean_log_prob(cat("old_log_probs"), mask),
+                                         sequence_mean_log_prob(cat("teacher_log_probs"), mask),
+                                         correct, group_ids, config)
+    else:
+        weights = torch.ones(len(correct), device=correct.device)
+    if config.loss_agg_mode == "scope-released":
+        tokens = torch.stack([mask.sum(), mask[correct].sum()]).double()
+        if group is not None and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(tokens, group=group)
+        weights = torch.where(correct, weights * (tokens[0] / tokens[1].clamp_min(1)).float(), weights)
+    advantages = group_normalized_advantages(correct.float(), group_ids)
+    sizes = [len(b["tokens"]) for b in microbatches]
+    for batch, w, a in zip(microbatches, weights.split(sizes), advantages.split(sizes)):
+        batch["seq_weights"], batch["advantages"] = w, a
 
 
 PER_SEQUENCE_KEYS = ("correct", "seq_weights", "advantages")
 PER_VOCAB_KEYS = ("teacher_logits", "teacher_topk_ids", "teacher_topk_log_probs")  # a trailing vocab/k dim
+MAY_BE_NEG_INF = PER_VOCAB_KEYS + ("teacher_topk_tail_log_mass",)  # masked/impossible tokens, an empty tail
 
 
-def check_batch(batch: dict, config: ScopeLossConfig) -> None:
+def check_batch(batch: dict, config: LossConfig) -> None:
     """Raise ValueError naming the key if a microbatch lacks an input, has the wrong shape or holds NaN/Inf.
 
     Run it on every rank before `forward_backward_func` so that bad data stops the step before any
@@ -155,16 +118,15 @@ def check_batch(batch: dict, config: ScopeLossConfig) -> None:
                              f"{' + (k,)' if extra_dims else ''} to match labels {labels_shape}")
         if not value.dtype.is_floating_point:
             continue
-        if key in PER_VOCAB_KEYS:  # -inf logits/log-probs are legal there (masked or impossible tokens)
+        if key in MAY_BE_NEG_INF:
             bad = torch.isnan(value).any() or (value == torch.inf).any()
         else:
             bad = not torch.isfinite(value if key in PER_SEQUENCE_KEYS else value[response]).all()
         if bad:
-            raise ValueError(f"batch[{key!r}] holds NaN or Inf" + ("" if key in PER_VOCAB_KEYS else " on response tokens"))
+            raise ValueError(f"batch[{key!r}] holds NaN or Inf" + ("" if key in MAY_BE_NEG_INF else " on response tokens"))
 
 
-def _token_stats(config: ScopeLossConfig, batch: dict, logits: torch.Tensor, group) -> TokenStats:
-    vocab = config.vocab_size
+def _token_stats(config: LossConfig, vocab: int, batch: dict, logits: torch.Tensor, group) -> TokenStats:
     labels = batch["labels"]
     student_log_probs = vocab_parallel_log_probs(logits, labels, group=group, vocab_size=vocab)
     teacher_logits = batch.get("teacher_logits")
@@ -174,7 +136,7 @@ def _token_stats(config: ScopeLossConfig, batch: dict, logits: torch.Tensor, gro
             teacher_log_probs = vocab_parallel_log_probs(teacher_logits, labels, group=group, vocab_size=vocab)
 
     kl = forward_kl = teacher_entropy = None
-    if config.algorithm in NEEDS_KL:
+    if config.uses_kl:
         if config.kl in FULL_VOCAB_KL:
             kl = vocab_parallel_kl(logits, teacher_logits, kind=config.kl, group=group, beta=config.jsd_beta,
                                    vocab_size=vocab)
@@ -182,8 +144,10 @@ def _token_stats(config: ScopeLossConfig, batch: dict, logits: torch.Tensor, gro
             kl = sampled_kl(student_log_probs, teacher_log_probs, kind=config.kl)
         else:
             kl = vocab_parallel_topk_kl(logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"],
-                                        group=group, vocab_size=vocab)
-    if config.algorithm == "tropd" and config.objective.tropd_outlier == "forward":
+                                        group=group, vocab_size=vocab,
+                                        teacher_tail_log_mass=batch["teacher_topk_tail_log_mass"],
+                                        renormalize=config.topk_renormalize)
+    if config.algorithm == "tropd" and config.baselines.tropd_outlier == "forward":
         forward_kl = vocab_parallel_kl(logits, teacher_logits, kind="forward", group=group, vocab_size=vocab)
     if config.algorithm == "srpo":
         with torch.no_grad():
@@ -203,7 +167,7 @@ def _token_stats(config: ScopeLossConfig, batch: dict, logits: torch.Tensor, gro
 
 
 @torch.no_grad()
-def _report(stats: TokenStats, batch: dict, logits: torch.Tensor, group, config: ScopeLossConfig) -> dict:
+def _report(stats: TokenStats, batch: dict, logits: torch.Tensor, group, vocab_size: int) -> dict:
     """Per-path sums as [sum, count] tensors (summed over microbatches and ranks by `reduce_reports`)."""
     mask = stats.mask
     lengths = mask.sum(-1)
@@ -212,7 +176,7 @@ def _report(stats: TokenStats, batch: dict, logits: torch.Tensor, group, config:
         "mle": -student_mean,
         "student_ppl": torch.exp(-student_mean),
         "entropy": sequence_mean_log_prob(
-            vocab_parallel_entropy(logits.detach(), group=group, vocab_size=config.vocab_size), mask
+            vocab_parallel_entropy(logits.detach(), group=group, vocab_size=vocab_size), mask
         ),
         "response_length": lengths,
         "weight": batch["seq_weights"].to(mask.dtype),
@@ -232,20 +196,26 @@ def _report(stats: TokenStats, batch: dict, logits: torch.Tensor, group, config:
     return report
 
 
-def scope_loss_func(config: ScopeLossConfig, batch: dict, logits: torch.Tensor, group=None):
+def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, logits: torch.Tensor, group=None):
     """Megatron loss_func: `(Σ w_i L_i over this microbatch, its count of sequences or tokens, report)`.
 
-    `logits` is this rank's vocabulary shard [b, s, V/TP]; `group` defaults to Megatron's TP group.
+    `logits` is this rank's vocabulary shard [b, s, V/TP] of a vocabulary padded from `vocab_size` (the
+    tokenizer's; padded entries take no probability); `group` defaults to Megatron's TP group.
     The batch must have passed `check_batch` (`schedule.forward_backward` checks every microbatch before the
     schedule runs, so the teacher logits are not scanned twice).
     """
     if group is None and parallel_state.model_parallel_is_initialized():
         group = parallel_state.get_tensor_model_parallel_group()
-    stats = _token_stats(config, batch, logits, group)
-    token_loss = OBJECTIVES[config.algorithm](stats, config.objective)
-    loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.sequence_level)
-    report = _report(stats, batch, logits, group, config)
+    if config.logprob_temperature != 1.0:
+        logits = logits / config.logprob_temperature  # the student's distribution at temperature T
+    stats = _token_stats(config, vocab_size, batch, logits, group)
+    token_loss = OBJECTIVES[config.algorithm](stats, config)
+    loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
+    report = _report(stats, batch, logits, group, vocab_size)
     report["loss"] = torch.stack([loss_sum.detach().clone(), count.to(loss_sum.dtype)])
+    response = stats.mask > 0  # a NaN/Inf per-token loss makes the step's loss non-finite: say how many tokens
+    report["nonfinite_token_fraction"] = torch.stack([(~torch.isfinite(token_loss.detach()) & response).sum(),
+                                                      response.sum()]).to(loss_sum.dtype)
     return loss_sum, count.to(torch.int), report
 
 

@@ -76,6 +76,12 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisibl
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def common_padded_vocab(archs, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
+    """One padded vocabulary for every co-located model (student, teacher, reference): Megatron's padding of the
+    largest embedding row count, so their logits' vocab shards line up on each TP rank for the KL."""
+    return padded_vocab_size(max(arch.vocab_size for arch in archs), tensor_model_parallel_size, divisible_by)
+
+
 def transformer_config(arch: DecoderArch, params_dtype: torch.dtype = torch.float32, **overrides) -> TransformerConfig:
     """Megatron TransformerConfig for `arch` under the current parallel state (dropout off: RL/distillation)."""
     on_cpu = not torch.cuda.is_available()

@@ -7,50 +7,21 @@ import math
 
 import torch
 import torch.distributed as dist
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_scope.config import OptimizerConfig
 from megatron_scope.megatron.parallel import collective_device
 
 
-@dataclasses.dataclass
-class OptimizerSettings:
-    """Adam with warm-up then cosine decay (Megatron-LM's flags of the same names)."""
-
-    lr: float = 1e-4
-    """Peak learning rate (--lr)."""
-    min_lr: float = 0.0
-    """Final learning rate (--min-lr)."""
-    lr_warmup_iters: int = 0
-    """Linear warm-up steps (--lr-warmup-iters)."""
-    train_iters: int = 1
-    """Total optimizer steps, the decay horizon (--train-iters)."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (--weight-decay)."""
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    clip_grad: float = 1.0
-    """Global gradient-norm clip; 0 disables (--clip-grad)."""
-    use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer; needs CUDA)."""
-
-    def __post_init__(self):
-        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.train_iters < 1 or not 0 <= self.lr_warmup_iters < self.train_iters:
-            raise ValueError(f"need train_iters >= 1 and 0 <= lr_warmup_iters < train_iters (Megatron's scheduler "
-                             f"decays after warm-up), got train_iters={self.train_iters}, "
-                             f"lr_warmup_iters={self.lr_warmup_iters}")
-        if self.clip_grad < 0:
-            raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
-        if self.use_distributed_optimizer and not torch.cuda.is_available():
-            raise ValueError("--use-distributed-optimizer needs CUDA: megatron-core's distributed optimizer "
-                             "refuses CPU tensors; use the standard optimizer on CPU")
-
-
-def build_optimizer(model, settings: OptimizerSettings):
-    """(Megatron optimizer over `model`'s DDP buffers, its OptimizerParamScheduler)."""
-    config = OptimizerConfig(
+def build_optimizer(model, settings: OptimizerConfig, train_iters: int):
+    """(Megatron optimizer over `model`'s DDP buffers, its OptimizerParamScheduler: linear warm-up, then
+    `lr_decay_style` (cosine, linear: to `min_lr` at `train_iters`; constant))."""
+    if settings.use_distributed_optimizer and not torch.cuda.is_available():
+        raise ValueError("--use-distributed-optimizer needs CUDA: megatron-core's distributed optimizer "
+                         "refuses CPU tensors; use the standard optimizer on CPU")
+    megatron_config = MegatronOptimizerConfig(
         optimizer="adam",
         lr=settings.lr,
         min_lr=settings.min_lr,
@@ -62,18 +33,18 @@ def build_optimizer(model, settings: OptimizerSettings):
         params_dtype=model.config.params_dtype,
         bf16=model.config.bf16,
     )
-    optimizer = get_megatron_optimizer(config, [model])
+    optimizer = get_megatron_optimizer(megatron_config, [model])
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if settings.lr_warmup_iters else settings.lr,
         max_lr=settings.lr,
         min_lr=settings.min_lr,
         lr_warmup_steps=settings.lr_warmup_iters,
-        lr_decay_steps=settings.train_iters,
-        lr_decay_style="cosine",
+        lr_decay_steps=train_iters,
+        lr_decay_style=settings.lr_decay_style,
         start_wd=settings.weight_decay,
         end_wd=settings.weight_decay,
-        wd_incr_steps=settings.train_iters,
+        wd_incr_steps=train_iters,
         wd_incr_style="constant",
     )
     return optimizer, scheduler

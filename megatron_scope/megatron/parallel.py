@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,13 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
 from megatron_scope.megatron import cpu_compat
+
+
+def free_port() -> int:
+    """An unused TCP port on localhost (a single process's or a test's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_distributed(backend: str | None = None) -> None:
@@ -25,8 +33,6 @@ def init_distributed(backend: str | None = None) -> None:
     for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, default)
     if "MASTER_PORT" not in os.environ:
-        from megatron_scope.testing.multiprocess import free_port
-
         os.environ["MASTER_PORT"] = str(free_port())
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 

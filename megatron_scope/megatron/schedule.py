@@ -14,7 +14,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_scope.megatron.loss_func import ScopeLossConfig, check_batch, scope_loss_func
+from megatron_scope.config import LossConfig
+from megatron_scope.megatron.loss_func import check_batch, scope_loss_func
 from megatron_scope.megatron.parallel import collective_device
 
 
@@ -39,9 +40,10 @@ def raise_on_any_rank(error: Exception | None, group=None) -> None:
         raise RuntimeError(f"rank {int(flag)} rejected the batch (its error is in its log); stopping all ranks")
 
 
-def forward_backward(model, microbatches: list[dict], loss_config: ScopeLossConfig, forward_only: bool = False):
-    """Forward (and backward) of `model` over `microbatches` with the SCOPE loss; returns the per-microbatch
-    reports on the last pipeline stage ([] elsewhere).
+def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, vocab_size: int,
+                     forward_only: bool = False):
+    """Forward (and backward) of `model` over `microbatches` with the SCOPE loss over the tokenizer's `vocab_size`
+    tokens; returns the per-microbatch reports on the last pipeline stage ([] elsewhere).
 
     The last stage checks every microbatch first and all stages agree before any compute, so bad data
     stops the step before any collective. With TP > 1, `teacher_logits` is this rank's vocabulary shard.
@@ -65,7 +67,7 @@ def forward_backward(model, microbatches: list[dict], loss_config: ScopeLossConf
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         output = model(batch["tokens"], batch["position_ids"], None)
-        return output, partial(scope_loss_func, loss_config, batch, group=group)
+        return output, partial(scope_loss_func, loss_config, vocab_size, batch, group=group)
 
     return run_schedule(model, microbatches, forward_step, forward_only=forward_only)
 

@@ -1,4 +1,5 @@
-"""Float64 one-process references for `vocab_parallel.py`: full vocabulary, plain torch, no chunking.
+"""Float64 one-process references for the ops (`vocab_parallel`, `topk`, `token_stats`): full vocabulary,
+plain torch, no chunking.
 
 Written straight from the definitions (log_softmax, sum p log(p/q), ...), independent of the
 vocab-parallel formulas, so the tests can compare every op and its gradient against them. Padded
@@ -73,19 +74,28 @@ def kl(student_logits, teacher_logits, kind="reverse", beta=0.5, vocab_size=None
     raise ValueError(kind)
 
 
-def topk_kl(student_logits, topk_ids, teacher_topk_log_probs, kind="reverse", vocab_size=None):
-    """KL over the k listed ids plus one lumped 'everything else' outcome."""
+def topk_tail(logits, topk_ids, vocab_size=None):
+    """log Σ_{v ∉ topk_ids} softmax(logits)_v, from the logits outside the ids (-inf when none is left)."""
+    log_p = log_softmax(logits, vocab_size)
+    return log_p.scatter(-1, topk_ids.long(), float("-inf")).logsumexp(-1)
+
+
+def topk_kl(student_logits, topk_ids, teacher_topk_log_probs, kind="reverse", vocab_size=None,
+            teacher_tail_log_mass=None, renormalize=False):
+    """KL over the k listed ids plus one lumped 'everything else' outcome (the student's tail from its logits,
+    the teacher's given, or 1 - Σ_k q_k); `renormalize`: both renormalised over the k ids, no tail."""
     log_p = log_softmax(student_logits, vocab_size).gather(-1, topk_ids.long())
     log_q = teacher_topk_log_probs.double()
-    if topk_ids.shape[-1] == (vocab_size or student_logits.shape[-1]):  # the whole vocabulary: no tail
-        return _p_log_ratio(log_p, log_q) if kind == "reverse" else _p_log_ratio(log_q, log_p)
-    p_tail = (1 - log_p.exp().sum(-1)).clamp(min=0)
-    q_tail = (1 - log_q.exp().sum(-1)).clamp(min=0)
-    log_p_all = torch.cat([log_p, _log(p_tail).unsqueeze(-1)], dim=-1)
-    log_q_all = torch.cat([log_q, _log(q_tail).unsqueeze(-1)], dim=-1)
+    if renormalize:
+        log_p, log_q = log_p - log_p.logsumexp(-1, keepdim=True), log_q - log_q.logsumexp(-1, keepdim=True)
+    elif topk_ids.shape[-1] < (vocab_size or student_logits.shape[-1]):
+        if teacher_tail_log_mass is None:
+            teacher_tail_log_mass = _log((1 - log_q.exp().sum(-1)).clamp(min=2.0**-24))
+        log_p = torch.cat([log_p, topk_tail(student_logits, topk_ids, vocab_size).unsqueeze(-1)], dim=-1)
+        log_q = torch.cat([log_q, teacher_tail_log_mass.double().unsqueeze(-1)], dim=-1)
     if kind == "reverse":
-        return _p_log_ratio(log_p_all, log_q_all)
-    return _p_log_ratio(log_q_all, log_p_all)
+        return _p_log_ratio(log_p, log_q)
+    return _p_log_ratio(log_q, log_p)
 
 
 def sampled_kl(student_log_probs, teacher_log_probs, kind="k1"):

@@ -1,4 +1,4 @@
-"""Vocab-parallel distillation ops on logits shards: log-probs, entropy, log-sum-exp, full-vocabulary KL.
+"""Vocab-parallel ops on logits shards: log-sum-exp, log-probs, entropy, full-vocabulary KL.
 
 Under tensor parallelism (TP) each rank of `group` holds `logits[..., V/TP]`, the contiguous vocabulary
 shard [rank * V/TP, (rank + 1) * V/TP), as Megatron's `VocabParallelEmbedding` and
@@ -6,6 +6,7 @@ shard [rank * V/TP, (rank + 1) * V/TP), as Megatron's `VocabParallelEmbedding` a
 shard once per pass, all-reduces only per-token statistics (each docstring says which), and keeps for
 backward only its input shards and per-token statistics (softmaxes are recomputed in backward).
 `group=None` is one process holding the whole vocabulary and gives the same numbers as any TP size.
+The top-k ops in `topk` are built on this module's shard plumbing and follow the same conventions.
 
 Conventions shared by every function that takes logits:
 - `logits`: `[..., V/TP]`, any leading shape, fp32 / bf16 / fp16 / fp64, non-contiguous views allowed
@@ -21,10 +22,9 @@ Conventions shared by every function that takes logits:
   inputs run fused chunk kernels compiled by torch.compile (Inductor C++ on CPU, Triton on CUDA), falling
   back to eager torch if compilation fails; see `_use_compiled`.
 
-References: SCOPE, arXiv 2604.10688 (its teacher-path KL over the vocabulary and its perplexity weights
-from per-sequence mean log-probs; equation numbers to be filled in by the losses/ module that cites
-them); k1/k2/k3 estimators: J. Schulman, "Approximating KL divergence" (2020); generalized
-JSD: Agarwal et al., "On-Policy Distillation of Language Models" (GKD, arXiv 2306.13649), Eq. 3.
+References: SCOPE, arXiv 2604.10688 (its teacher-path KL over the vocabulary; equation numbers to be
+filled in by the losses/ module that cites them); generalized JSD: Agarwal et al., "On-Policy
+Distillation of Language Models" (GKD, arXiv 2306.13649), Eq. 3.
 """
 
 from __future__ import annotations
@@ -43,20 +43,13 @@ __all__ = [
     "vocab_parallel_log_probs",
     "vocab_parallel_entropy",
     "vocab_parallel_kl",
-    "sampled_kl",
-    "vocab_parallel_topk_kl",
-    "vocab_parallel_topk",
-    "sequence_mean_log_prob",
-    "sequence_perplexity",
-    "KL_KINDS",
-    "SAMPLED_KL_KINDS",
+    "FULL_VOCAB_KL",
     "BACKEND_ENV",
 ]
 
 logger = logging.getLogger(__name__)
 
-KL_KINDS = ("reverse", "forward", "jsd")
-SAMPLED_KL_KINDS = ("k1", "k2", "k3")
+FULL_VOCAB_KL = ("reverse", "forward", "jsd")
 
 #: Elements of one rank's shard processed per chunk on CPU (rows = CHUNK_ELEMENTS // local vocab, at least 1).
 #: 2^20 (4 MiB of fp32 per temporary): small next to a shard (0.8% of 4096 x 32768), large enough that
@@ -216,10 +209,6 @@ def _chunk_slices(num_rows: int, local_vocab: int, device: torch.device):
 def _rows(x: torch.Tensor, local_vocab: int) -> torch.Tensor:
     """[..., local_vocab] -> [tokens, local_vocab]: a view when the leading dims allow it."""
     return x.reshape(-1, local_vocab)
-
-
-def _accumulation_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _chunked_stats(name: str, shard: _Shard, use_compiled: bool, row_tensors, row_extras=(), kernel_args=()):
@@ -504,8 +493,8 @@ def vocab_parallel_kl(
     Memory: saves the two input shards and three [tokens] statistics; the softmaxes are recomputed
     chunk by chunk in backward, which writes the gradient into one preallocated shard-sized tensor.
     """
-    if kind not in KL_KINDS:
-        raise ValueError(f"kind={kind!r}; expected one of {KL_KINDS}")
+    if kind not in FULL_VOCAB_KL:
+        raise ValueError(f"kind={kind!r}; expected one of {FULL_VOCAB_KL}")
     if kind == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < float(beta) < 1.0):
         raise ValueError(f"beta={beta!r} must lie strictly inside (0, 1) for kind='jsd'")
     shard = _shard_of(student_logits, group, vocab_size, "student_logits")
@@ -519,174 +508,3 @@ def vocab_parallel_kl(
         _use_compiled(student_logits),
     )
     return out.view(student_logits.shape[:-1])
-
-
-def sampled_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """Single-sample estimators of KL(student || teacher) on tokens sampled from the student.
-
-    With log r = log q(x) - log p(x) (teacher over student): k1 = -log r (unbiased, high variance),
-    k2 = (log r)^2 / 2 (biased, low variance), k3 = (r - 1) - log r (unbiased, >= 0), as in
-    J. Schulman, "Approximating KL divergence" (2020). Elementwise; no communication. The gradient
-    flows into `student_log_probs` only (the teacher is detached).
-    """
-    if kind not in SAMPLED_KL_KINDS:
-        raise ValueError(f"kind={kind!r}; expected one of {SAMPLED_KL_KINDS}")
-    for name, value in (("student_log_probs", student_log_probs), ("teacher_log_probs", teacher_log_probs)):
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {getattr(value, 'dtype', type(value).__name__)}")
-    if student_log_probs.shape != teacher_log_probs.shape:
-        raise ValueError(
-            f"student_log_probs shape {tuple(student_log_probs.shape)} != "
-            f"teacher_log_probs shape {tuple(teacher_log_probs.shape)}"
-        )
-    log_ratio = teacher_log_probs.detach().to(student_log_probs.dtype) - student_log_probs
-    if kind == "k1":
-        return -log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio.square()
-    return torch.expm1(log_ratio) - log_ratio
-
-
-def _log_tail_mass(log_probs: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum_k exp(log_probs_k)): the log-mass outside the listed ids (-inf when they hold it all)."""
-    head = torch.logsumexp(log_probs, dim=-1).clamp(max=0.0)
-    return torch.log(-torch.expm1(head))
-
-
-def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """p (log p - log q), 0 where p = 0 (gradient-safe: the unused branch never meets inf)."""
-    positive = log_p > float("-inf")
-    safe_log_p = torch.where(positive, log_p, torch.zeros_like(log_p))
-    diff = torch.where(positive, safe_log_p - log_q, torch.zeros_like(log_p))
-    return torch.where(positive, torch.exp(safe_log_p) * diff, torch.zeros_like(log_p))
-
-
-@torch.no_grad()
-def vocab_parallel_topk(logits: torch.Tensor, k: int, group=None, vocab_size: int | None = None):
-    """The k most likely global ids per token and their log-probs log softmax(logits)[id], largest first.
-
-    Each rank takes the top-k of its shard (padded ids >= vocab_size excluded), the [tokens, k] candidates
-    of all ranks are all-gathered and the top-k of those kept; the normaliser is `vocab_parallel_logsumexp`.
-    Forward only (a teacher's summary for `vocab_parallel_topk_kl`): it keeps k values per token instead of
-    the [tokens, V/TP] logits. Ties between equal logits resolve to the lower id only within a rank.
-    Returns (ids int64, log_probs fp32), each `logits.shape[:-1] + (k,)`.
-    """
-    shard = _shard_of(logits, group, vocab_size)
-    full_vocab = _vocab_size_of(shard, vocab_size)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= full_vocab:
-        raise ValueError(f"k must be an int in [1, vocab_size={full_vocab}], got {k!r}")
-    rows = _rows(logits, shard.local_vocab).float()
-    local_k = min(k, shard.local_vocab)
-    values, ids = rows.masked_fill(torch.arange(shard.local_vocab, device=rows.device) >= shard.valid,
-                                   float("-inf")).topk(local_k, dim=-1)
-    ids = ids + shard.vocab_start
-    if shard.world_size > 1:
-        gathered_values = [torch.empty_like(values) for _ in range(shard.world_size)]
-        gathered_ids = [torch.empty_like(ids) for _ in range(shard.world_size)]
-        dist.all_gather(gathered_values, values.contiguous(), group=shard.group)
-        dist.all_gather(gathered_ids, ids.contiguous(), group=shard.group)
-        values, order = torch.cat(gathered_values, -1).topk(k, dim=-1)
-        ids = torch.cat(gathered_ids, -1).gather(-1, order)
-    log_probs = values - vocab_parallel_logsumexp(logits, group, vocab_size).float().reshape(-1, 1)
-    shape = tuple(logits.shape[:-1]) + (k,)
-    return ids.reshape(shape), log_probs.reshape(shape)
-
-
-def vocab_parallel_topk_kl(
-    student_logits: torch.Tensor,
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_log_probs: torch.Tensor,
-    kind: str = "reverse",
-    group=None,
-    vocab_size: int | None = None,
-) -> torch.Tensor:
-    """Per-token KL against a teacher known only by its top-k (global ids, log-probs) per token.
-
-    Tail treatment: the vocabulary outside the teacher's k ids is one lumped outcome. The teacher's
-    tail mass is 1 - sum_k q_k, the student's 1 - sum_k p_k (p from the full sharded softmax), and the
-    KL is taken between these two distributions on k + 1 outcomes: reverse
-    sum_k p_k log(p_k / q_k) + p_tail log(p_tail / q_tail), forward likewise with p and q swapped.
-    By the data-processing inequality this never exceeds the full-vocabulary KL and equals it when the
-    teacher's top-k holds all of its mass outside which the student also has none. A teacher tail of 0
-    (its k ids hold all its mass) with a student tail > 0 gives +inf for reverse (as the full KL does).
-    Shapes: ids and log-probs `[..., k]` with `[...]` = `student_logits.shape[:-1]`; returns `[...]`.
-    Communicates 2 all-reduces: [tokens] (max) and [tokens, 1 + k] (sum-exp, logits at the ids).
-    The gradient flows into `student_logits` only.
-    """
-    if kind not in ("reverse", "forward"):
-        raise ValueError(f"kind={kind!r}; expected 'reverse' or 'forward'")
-    shard = _shard_of(student_logits, group, vocab_size, "student_logits")
-    full_vocab = _vocab_size_of(shard, vocab_size)
-    if not isinstance(teacher_topk_log_probs, torch.Tensor) or not teacher_topk_log_probs.is_floating_point():
-        raise ValueError("teacher_topk_log_probs must be a floating-point tensor")
-    if teacher_topk_log_probs.dim() != student_logits.dim() or tuple(teacher_topk_log_probs.shape[:-1]) != tuple(
-        student_logits.shape[:-1]
-    ):
-        raise ValueError(
-            f"teacher_topk_log_probs shape {tuple(teacher_topk_log_probs.shape)} must be "
-            f"student_logits.shape[:-1] + (k,) = {tuple(student_logits.shape[:-1])} + (k,)"
-        )
-    _check_ids(teacher_topk_ids, teacher_topk_log_probs.shape, full_vocab, "teacher_topk_ids")
-    if teacher_topk_ids.shape[-1] > full_vocab:
-        raise ValueError(f"k={teacher_topk_ids.shape[-1]} exceeds vocab_size={full_vocab}")
-    sorted_ids = teacher_topk_ids.sort(dim=-1).values
-    if bool((sorted_ids[..., 1:] == sorted_ids[..., :-1]).any()):
-        raise ValueError("teacher_topk_ids repeats an id within a token's top-k")
-    teacher_lp = teacher_topk_log_probs.detach().to(_accumulation_dtype(student_logits))
-    if teacher_lp.numel():
-        if bool(torch.isnan(teacher_lp).any()) or float(teacher_lp.max()) > 1e-6:
-            raise ValueError(f"teacher_topk_log_probs must be <= 0 and not NaN (max {float(teacher_lp.max())})")
-        head_mass = float(torch.logsumexp(teacher_lp, dim=-1).max().exp())
-        if head_mass > 1.0 + 1e-4:
-            raise ValueError(f"teacher top-k probabilities sum to {head_mass:.6f} > 1 for some token")
-
-    student_lp = _gather_log_probs(student_logits, teacher_topk_ids, group, vocab_size, "teacher_topk_ids")
-    out_dtype = student_lp.dtype
-    # [tokens, k] only: float64 keeps 1 - sum(top-k mass) accurate when the top-k holds almost all of it
-    student_lp, teacher_lp = student_lp.double(), teacher_lp.double()
-    if kind == "reverse":
-        head = _plogp_ratio(student_lp, teacher_lp).sum(-1)
-    else:
-        head = _plogp_ratio(teacher_lp, student_lp).sum(-1)
-    if teacher_topk_ids.shape[-1] == full_vocab:
-        return head.to(out_dtype)  # k = V: no tail (its masses would be rounding noise: 0 vs 1e-17 -> inf)
-    student_tail = _log_tail_mass(student_lp)
-    teacher_tail = _log_tail_mass(teacher_lp)
-    if kind == "reverse":
-        return (head + _plogp_ratio(student_tail, teacher_tail)).to(out_dtype)
-    return (head + _plogp_ratio(teacher_tail, student_tail)).to(out_dtype)
-
-
-def _check_mask(token_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mask as bool; ValueError for a shape mismatch or values other than 0/1."""
-    if not isinstance(token_log_probs, torch.Tensor) or not token_log_probs.is_floating_point():
-        raise ValueError("token_log_probs must be a floating-point tensor")
-    if token_log_probs.dim() < 1:
-        raise ValueError(f"token_log_probs must be [..., seq], got shape {tuple(token_log_probs.shape)}")
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(token_log_probs.shape):
-        raise ValueError(
-            f"mask shape {tuple(getattr(mask, 'shape', ()))} != token_log_probs shape {tuple(token_log_probs.shape)}"
-        )
-    if mask.dtype != torch.bool:
-        if mask.numel() and not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"mask must hold only 0/1 (or be bool); found {mask[(mask != 0) & (mask != 1)][0].item()}")
-        mask = mask != 0
-    return mask
-
-
-def sequence_mean_log_prob(token_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean log-prob over each sequence's response tokens (`mask` true); `[..., seq] -> [...]`.
-
-    SCOPE's perplexity weights (arXiv 2604.10688) start from this per-sequence mean. Masked positions
-    never leak into the result (not even a NaN or -inf there); an all-masked sequence gives 0 (perplexity
-    1), never NaN. No communication (sequences are not split over TP ranks).
-    """
-    mask = _check_mask(token_log_probs, mask)
-    total = torch.where(mask, token_log_probs, torch.zeros_like(token_log_probs)).sum(-1)
-    count = mask.sum(-1).clamp(min=1).to(total.dtype)
-    return total / count
-
-
-def sequence_perplexity(token_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """exp(-mean log-prob) per sequence over its response tokens; an all-masked sequence gives 1."""
-    return torch.exp(-sequence_mean_log_prob(token_log_probs, mask))

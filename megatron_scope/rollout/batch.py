@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from megatron_scope.ops.topk import tail_log_mass_from_topk
 from megatron_scope.rollout.engine import Completion, SequenceScores
 
 
@@ -55,19 +56,26 @@ def check_token_ids(groups: Sequence[RolloutGroup], vocab_size: int) -> None:
                                  f"[0, {vocab_size}): {bad[:5]}")
 
 
+def padded_sequence_length(longest_tokens: int, multiple_of: int = 8) -> int:
+    """The batch length for sequences of at most `longest_tokens` (prompt + response): inputs and labels are
+    shifted by one, so `longest_tokens - 1` positions, rounded up to a multiple of `multiple_of`."""
+    return max(multiple_of, -(-(longest_tokens - 1) // multiple_of) * multiple_of)
+
+
 def sequence_length_for(groups: Sequence[RolloutGroup], multiple_of: int = 8) -> int:
-    """Shortest padded length (a multiple of `multiple_of`) that holds every prompt + response minus one."""
-    longest = max(len(g.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.completions)
-    return max(multiple_of, -(-(longest - 1) // multiple_of) * multiple_of)
+    """Shortest padded length that holds every prompt + response of `groups` (`padded_sequence_length`)."""
+    return padded_sequence_length(max(len(g.prompt_token_ids) + len(c.token_ids) for g in groups
+                                      for c in g.completions), multiple_of)
 
 
 def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, group_offset: int = 0) -> dict:
     """Tensors for `groups` in order, G rows per prompt: tokens, labels, loss_mask, position_ids [n, seq_length];
     correct (bool), group_ids (group_offset + index of the prompt) [n]; plus rollout_log_probs [n, seq_length]
     (the engine's sampling log-probs at the label positions, 0 elsewhere). When the groups carry a remote
-    teacher's scores: teacher_log_probs laid out the same way, and with a top-k teacher_topk_ids [n, seq, k]
-    and teacher_topk_log_probs [n, seq, k]; off the response positions those hold ids 0..k-1 with log-probs
-    -log(k + 1) (a valid top-k with a non-empty tail, so the top-k KL stays finite where the loss mask
+    teacher's scores: teacher_log_probs laid out the same way, and with a top-k teacher_topk_ids [n, seq, k],
+    teacher_topk_log_probs [n, seq, k] and teacher_topk_tail_log_mass [n, seq] (the engine gives no tail: it is
+    `ops.topk.tail_log_mass_from_topk` of the top-k); off the response positions those hold ids 0..k-1 with
+    log-probs -log(k + 1) (a valid top-k with a non-empty tail, so the top-k KL stays finite where the loss mask
     zeroes it). An empty response is legal: its row has no loss-mask position. Token ids are not checked
     here: the trainer runs `check_token_ids` on the whole step's groups first."""
     scored = {g.teacher_scores is not None for g in groups}
@@ -75,7 +83,7 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         raise ValueError("some groups carry teacher scores and some do not")
     rows = [(gi, g, c, ok) for gi, g in enumerate(groups) for c, ok in zip(g.completions, g.correct)]
     teacher_scores = [s for g in groups for s in g.teacher_scores] if scored == {True} else None
-    k = max((len(ids) for s in teacher_scores or () for ids in s.topk_ids), default=0)
+    k = max((s.topk_ids.shape[-1] for s in teacher_scores or ()), default=0)
     n = len(rows)
     tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
     labels = torch.full((n, seq_length), pad_id, dtype=torch.long)
@@ -101,10 +109,10 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
             rollout_log_probs[i, start : start + length] = torch.tensor(completion.log_probs, dtype=torch.float32)
             if teacher_log_probs is not None:
                 scores = teacher_scores[i]
-                teacher_log_probs[i, start : start + length] = torch.tensor(scores.log_probs, dtype=torch.float32)
+                teacher_log_probs[i, start : start + length] = scores.log_probs
                 if k:
-                    topk_ids[i, start : start + length] = torch.tensor(scores.topk_ids, dtype=torch.long)
-                    topk_log_probs[i, start : start + length] = torch.tensor(scores.topk_log_probs)
+                    topk_ids[i, start : start + length] = scores.topk_ids
+                    topk_log_probs[i, start : start + length] = scores.topk_log_probs
     batch = {
         "tokens": tokens,
         "labels": labels,
@@ -118,6 +126,7 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         batch["teacher_log_probs"] = teacher_log_probs
     if k:
         batch["teacher_topk_ids"], batch["teacher_topk_log_probs"] = topk_ids, topk_log_probs
+        batch["teacher_topk_tail_log_mass"] = tail_log_mass_from_topk(topk_log_probs).float()
     return batch
 
 

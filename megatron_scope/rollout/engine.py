@@ -61,14 +61,24 @@ class Completion:
 @dataclasses.dataclass
 class SequenceScores:
     """A model's temperature-1 view of one given sequence x: per position t >= 1, log p(x_t | x_<t) and the
-    model's k most likely next tokens at that position (descending log-prob)."""
+    model's k most likely next tokens at that position (descending log-prob). Tensors, so a step's scores
+    travel between processes as a few buffers rather than a Python list per position."""
 
-    log_probs: list[float]
-    """len(x) - 1 values: log p(x_t | x_<t) for t = 1 .. len(x) - 1."""
-    topk_ids: list[list[int]]
-    """len(x) - 1 lists of k token ids."""
-    topk_log_probs: list[list[float]]
-    """Their log-probs, same layout."""
+    log_probs: torch.Tensor
+    """[len(x) - 1] float32: log p(x_t | x_<t) for t = 1 .. len(x) - 1."""
+    topk_ids: torch.Tensor
+    """[len(x) - 1, k] int64 token ids (k = 0 when no top-k was asked for)."""
+    topk_log_probs: torch.Tensor
+    """[len(x) - 1, k] float32: their log-probs."""
+
+    @classmethod
+    def from_lists(cls, log_probs, topk_ids=(), topk_log_probs=()) -> "SequenceScores":
+        """From per-position Python lists (an engine's output); no top-k: empty lists."""
+        rows = len(topk_ids) if len(topk_ids) else len(log_probs)  # as many as given: a short list stays short
+        k = len(topk_ids[0]) if len(topk_ids) else 0
+        return cls(torch.tensor(log_probs, dtype=torch.float32).reshape(len(log_probs)),
+                   torch.tensor(topk_ids, dtype=torch.long).reshape(rows, k),
+                   torch.tensor(topk_log_probs, dtype=torch.float32).reshape(len(topk_log_probs) or rows, k))
 
 
 class RolloutEngineDiedError(RuntimeError):

@@ -17,6 +17,7 @@ caller as Ray errors that are also instances of the original exception class (Va
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Iterable, Sequence
 
 import ray
@@ -24,7 +25,7 @@ import torch
 
 from megatron_scope.rollout.buckets import drain, iter_buckets
 from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams, SequenceScores
-from megatron_scope.rollout.vllm_engine import VLLMEngineConfig
+from megatron_scope.rollout.vllm_engine import VLLM_LOG_LEVEL_ENV, VLLMEngineConfig, set_vllm_log_level
 
 
 class RolloutEngineActor:
@@ -34,10 +35,13 @@ class RolloutEngineActor:
         self._engine = None
         self._update = None
 
-    def start(self, config: VLLMEngineConfig) -> dict[str, Any]:
-        """Start vLLM (errors here are the engine's own construction errors); return facts the driver needs."""
+    def start(self, config: VLLMEngineConfig, vllm_log_level: str | None = None) -> dict[str, Any]:
+        """Start vLLM (errors here are the engine's own construction errors); return facts the driver needs.
+        `vllm_log_level`: the driver's VLLM_LOGGING_LEVEL (Ray workers, on other nodes or started before the
+        driver set it, do not see the driver's os.environ; None: the actor's own, else WARNING)."""
         from megatron_scope.rollout.vllm_engine import VLLMRolloutEngine
 
+        set_vllm_log_level(vllm_log_level)
         self._engine = VLLMRolloutEngine(config)
         return {"dtype": self._engine.facts.dtype, "node_id": ray.get_runtime_context().get_node_id()}
 
@@ -94,7 +98,8 @@ class RayRolloutEngine(RolloutEngine):
         actor_class = ray.remote(RolloutEngineActor)
         self._actors = [actor_class.options(**options).remote() for _ in range(num_engines)]
         try:
-            infos = ray.get([actor.start.remote(config) for actor in self._actors])
+            log_level = os.environ.get(VLLM_LOG_LEVEL_ENV)  # set_vllm_log_level's choice, when made here
+            infos = ray.get([actor.start.remote(config, log_level) for actor in self._actors])
         except BaseException:
             self.close()
             raise

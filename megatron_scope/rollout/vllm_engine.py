@@ -44,13 +44,15 @@ Contracts:
 - `sleep`/`wake`: vLLM's sleep mode (level 1 or 2) on CUDA when `enable_sleep_mode`; vLLM's CPU worker
   has no sleep mode, so there (and on GPU without `enable_sleep_mode`) both are no-ops. After a level-2
   sleep the weights are gone: `generate` refuses until `update_weights`.
+- Logging: vLLM (this process, its engine-core and worker processes) logs at WARNING unless the user set
+  VLLM_LOGGING_LEVEL or called `set_vllm_log_level` (the `--vllm-log-level` flag) before the engine starts.
+  A weight update logs nothing at WARNING (no false "Failed to load weights", see `vllm_weight_transfer`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import logging
 import os
 import re
@@ -61,6 +63,7 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
+from megatron_scope.hf_config import DTYPES, config_dtype, kv_cache_bytes_per_token, read_hf_config
 from megatron_scope.rollout.engine import (
     Completion,
     RolloutEngine,
@@ -72,12 +75,64 @@ from megatron_scope.rollout.buckets import drain, iter_buckets
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16,
-                "half": torch.float16, "bfloat16": torch.bfloat16}
 # Old checkpoints store rotary tables; vLLM computes its own and an update never sends them.
 _ROTARY_TABLE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LIVENESS_POLL_S = 0.2
 """How often a waiting call checks that vLLM's engine-core process is alive."""
+VLLM_LOG_LEVEL_ENV = "VLLM_LOGGING_LEVEL"
+"""vLLM's own variable for its log level (read when an `LLM` starts; its processes inherit it)."""
+DEFAULT_VLLM_LOG_LEVEL = "WARNING"
+"""vLLM's level when the user sets none: vLLM's default, INFO, prints about a hundred lines per engine start."""
+VLLM_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", "NOTSET")
+"""The levels vLLM accepts (its `LoggingConfig.log_level`)."""
+
+
+def set_vllm_log_level(level: str | None = None) -> str:
+    """Set vLLM's log level in this process and in every vLLM process started afterwards; return it.
+
+    `level` (any case, one of `VLLM_LOG_LEVELS`; e.g. the value of a `--vllm-log-level` flag) wins over the
+    environment. None keeps the user's VLLM_LOGGING_LEVEL when set, else `DEFAULT_VLLM_LOG_LEVEL` (WARNING).
+    An unknown level raises ValueError (naming VLLM_LOGGING_LEVEL when it came from there).
+
+    vLLM (0.32) reads VLLM_LOGGING_LEVEL when an `LLM` starts: its LoggingConfig takes the variable's value,
+    configures the "vllm" logger of this process with it and goes to the engine-core and worker processes
+    (which also inherit os.environ). So the level is written to os.environ, and also set at once on the
+    "vllm" logger and vLLM's handler on it, for a vLLM that has already logged here (an earlier engine) and
+    for records before the next start. With VLLM_CONFIGURE_LOGGING=0 or a VLLM_LOGGING_CONFIG_PATH file
+    the user configures vLLM's loggers: only the variable is set then. `VLLMRolloutEngine` calls this with
+    None before it imports vLLM, so engines log at WARNING by default.
+    """
+    chosen = level if level is not None else os.environ.get(VLLM_LOG_LEVEL_ENV) or DEFAULT_VLLM_LOG_LEVEL
+    name = str(chosen).strip().upper()
+    if name not in VLLM_LOG_LEVELS:
+        source = "" if level is not None else f" (from {VLLM_LOG_LEVEL_ENV})"
+        raise ValueError(f"vLLM log level {chosen!r}{source} is not one of {', '.join(VLLM_LOG_LEVELS)}")
+    os.environ[VLLM_LOG_LEVEL_ENV] = name
+    user_configured = (os.environ.get("VLLM_CONFIGURE_LOGGING", "1").strip() == "0"
+                       or bool(os.environ.get("VLLM_LOGGING_CONFIG_PATH")))
+    if not user_configured:
+        vllm_logger = logging.getLogger("vllm")
+        vllm_logger.setLevel(name)
+        for handler in vllm_logger.handlers:
+            if handler.get_name() == "vllm":  # vLLM's own (its dictConfig names it), not others' handlers
+                handler.setLevel(name)
+    return name
+
+
+class _ChatTemplateWarmupFilter(logging.Filter):
+    """Drops vLLM's "Chat template warmup failed" warning (with its traceback). `LLM.__init__` always renders a
+    warm-up chat message; these engines start with `skip_tokenizer_init=True` (prompts are token ids), so there
+    is no tokenizer to render with and the warm-up always fails, harmlessly: the message is not an error here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Chat template warmup failed"
+
+
+def _quiet_chat_template_warmup() -> None:
+    """Install `_ChatTemplateWarmupFilter` once on the logger of vLLM's renderer."""
+    renderer_logger = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, _ChatTemplateWarmupFilter) for f in renderer_logger.filters):
+        renderer_logger.addFilter(_ChatTemplateWarmupFilter())
 
 
 @dataclasses.dataclass
@@ -137,8 +192,8 @@ class VLLMEngineConfig:
             raise ValueError(f"VLLMEngineConfig.max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"VLLMEngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
-        if self.dtype != "auto" and self.dtype not in _DTYPE_NAMES:
-            raise ValueError(f"VLLMEngineConfig.dtype must be 'auto' or one of {sorted(_DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"VLLMEngineConfig.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.log_probs not in ("sampling", "raw"):
             raise ValueError(f"VLLMEngineConfig.log_probs must be 'sampling' or 'raw', got {self.log_probs!r}")
         if self.sleep_level not in (1, 2):
@@ -163,41 +218,27 @@ class ModelFacts:
     @classmethod
     def read(cls, model_path: str, dtype: str) -> "ModelFacts":
         """Parse config.json and the safetensors headers; clear errors name the file."""
-        if not os.path.isdir(model_path):
-            raise FileNotFoundError(f"model_path {model_path!r} is not a directory")
+        config = read_hf_config(model_path)
         config_file = os.path.join(model_path, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{config_file} not found: model_path must be a Hugging Face model directory")
-        try:
-            with open(config_file) as f:
-                config = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-        config = config.get("text_config", config)
         required = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings")
         missing = [key for key in required if not isinstance(config.get(key), int) or config[key] < 1]
         if missing:
             raise ValueError(f"{config_file}: missing or non-positive {missing}")
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        if dtype == "auto":
-            dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
-            if dtype_name not in _DTYPE_NAMES:
-                raise ValueError(f"{config_file}: dtype {dtype_name!r} is not one of {sorted(_DTYPE_NAMES)}")
-        else:
-            dtype_name = dtype
+        dtype = config_dtype(config, config_file) if dtype == "auto" else DTYPES[dtype]
         return cls(
             vocab_size=config["vocab_size"],
             max_position_embeddings=config["max_position_embeddings"],
             num_layers=config["num_hidden_layers"],
             num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
             head_dim=head_dim,
-            dtype=_DTYPE_NAMES[dtype_name],
+            dtype=dtype,
             weight_shapes=_safetensors_shapes(model_path),
         )
 
     def kv_bytes_per_token(self) -> int:
         """K and V of one token across all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return kv_cache_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype.itemsize)
 
 
 def _safetensors_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
@@ -222,6 +263,8 @@ class VLLMRolloutEngine(RolloutEngine):
     """A vLLM `LLM` behind the `RolloutEngine` interface (see the module docstring for the contracts)."""
 
     def __init__(self, config: VLLMEngineConfig):
+        set_vllm_log_level(None)  # before vLLM's import: WARNING unless the user chose a level
+        _quiet_chat_template_warmup()
         from vllm import LLM
         from vllm.config import WeightTransferConfig
         from vllm.platforms import current_platform
@@ -314,7 +357,7 @@ class VLLMRolloutEngine(RolloutEngine):
         greedy = params.temperature == 0
         samples_per_request = 1 if greedy else params.n  # vLLM refuses n > 1 when greedy
         # Rows beyond the tokenizer get vLLM's strongest bias (-100): with logits of O(10) their probability
-        # is below e^-80, and the trainer's log-probs exclude them outright (ScopeLossConfig.vocab_size).
+        # is below e^-80, and the trainer's log-probs exclude them outright (the tokenizer's vocabulary).
         excluded = range(params.vocab_size or self.facts.vocab_size, self.facts.vocab_size)
         logit_bias = {token: -100.0 for token in excluded} or None
         requests = [
@@ -357,7 +400,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Temperature-1 log-prob of each token after the first given its prefix: result[i] has len - 1 values."""
-        return [scores.log_probs for scores in self._prompt_logprobs(sequences, 0, "score")]
+        return [scores.log_probs.tolist() for scores in self._prompt_logprobs(sequences, 0, "score")]
 
     def score_topk(self, sequences: Sequence[Sequence[int]], k: int) -> list[SequenceScores]:
         """`score` plus, at every position, the k most likely next tokens and their temperature-1 log-probs
@@ -382,10 +425,10 @@ class VLLMRolloutEngine(RolloutEngine):
         for sequence, output in zip(sequences, outputs):
             steps = output.prompt_logprobs[1:]  # position 0 has no prefix; each step also holds the given token
             top = [sorted(step.items(), key=lambda item: -item[1].logprob)[:k] for step in steps] if k else []
-            results.append(SequenceScores(
-                log_probs=[step[token].logprob for token, step in zip(sequence[1:], steps)],
-                topk_ids=[[token for token, _ in entries] for entries in top],
-                topk_log_probs=[[entry.logprob for _, entry in entries] for entries in top]))
+            results.append(SequenceScores.from_lists(
+                [step[token].logprob for token, step in zip(sequence[1:], steps)],
+                [[token for token, _ in entries] for entries in top],
+                [[entry.logprob for _, entry in entries] for entries in top]))
         return results
 
     def _validated_prompts(self, prompts, max_new_tokens: int, caller: str) -> list[list[int]]:

@@ -16,8 +16,11 @@ the sender's node:
 
 Each bucket gets its own file: a layer whose tensors straddle two buckets keeps views of the first file
 until the layer is complete, so files are never reused; the sender unlinks a file once the worker has
-returned (the mapping lives until the views die). After the reload, layers that share a weight (a tied LM
-head) re-derive their kernels, which the reload alone leaves stale on CPU (`refresh_tied_embeddings`).
+returned (the mapping lives until the views die). Before the reload ends, layers that no update fills
+themselves (RotaryEmbedding's computed cache, a tied LM head) get their live tensors back, which vLLM would
+otherwise do with a false "Failed to load weights" warning (`restore_layers_without_own_weights`). After the
+reload, layers that share a weight (a tied LM head) re-derive their kernels, which the reload alone leaves
+stale on CPU (`refresh_tied_embeddings`).
 
 vLLM imports `WeightSyncWorkerExtension` by name in each worker process (`worker_extension_cls`); importing
 this module there is what registers the backend in that process.
@@ -151,11 +154,71 @@ class SharedMemoryWeightTransferEngine(WeightTransferEngine[SharedMemoryInitInfo
         """Process layers not yet processed, leave reload mode, rebuild what tied layers derived."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        restore_layers_without_own_weights(self.model)
         finalize_layerwise_reload(self.model, self.model_config)
         refresh_tied_embeddings(self.model)
 
     def shutdown(self) -> None:
         """Nothing held between updates."""
+
+
+def restore_layers_without_own_weights(model: torch.nn.Module) -> list[str]:
+    """Take out of reload mode, with their live tensors back, the layers no weight update can fill itself;
+    return their class names. Called between the last bucket and `finalize_layerwise_reload`.
+
+    `initialize_layerwise_reload` puts every module that holds parameters or buffers into reload mode: its
+    tensors move to the meta device and the module waits for `load_weights` to deliver all their elements.
+    Two kinds of module never receive any, so at `finalize_layerwise_reload` vLLM counts them as failed and
+    logs "<Class>: Failed to load weights" at WARNING on every update, before putting their old tensors back
+    (which is right for them):
+
+    - modules whose only tensors are non-persistent buffers, computed from the config when vLLM starts and in
+      no checkpoint or state dict: RotaryEmbedding's `cos_sin_cache` (every RoPE model);
+    - a tied LM head (`ParallelLMHead.tie_weights`): its parameter is the embedding's, which the model's
+      `load_weights` fills through the embedding (it skips "lm_head.*" when tied).
+
+    Restoring them here does what vLLM's fallback does, without the false warning. A module that holds a
+    parameter of its own and received nothing (a weight missing from the update) is left to vLLM, which
+    still warns. Deferred attention layers are left alone (vLLM processes them after the others).
+    """
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+    from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
+
+    modules = list(dict.fromkeys(model.modules()))
+    infos = {module: get_layerwise_info(module) for module in modules}
+    unfilled = {
+        module for module, info in infos.items()
+        if info.can_load() and info.load_numel <= 0 < info.load_numel_total and info.kernel_tensors is not None
+        and not is_deferred_attention_layer(module)
+    }  # what vLLM would report as "Failed to load weights"
+    # parameters that reach the model through a module that was (or is still being) filled
+    delivered: set[int] = set()
+    for module, info in infos.items():
+        if module in unfilled:
+            continue
+        delivered.update(id(param) for param in module._parameters.values() if param is not None)
+        if info.kernel_tensors is not None:
+            delivered.update(id(param) for param in info.kernel_tensors[0].values())
+    restored = []
+    for module in modules:
+        if module not in unfilled:
+            continue
+        info = infos[module]
+        parameters, buffers = info.kernel_tensors
+        buffers_computed = set(buffers) <= info.kernel_non_persistent_buffers
+        parameters_tied = all(id(param) in delivered for param in parameters.values())
+        if not (buffers_computed and parameters_tied):
+            continue
+        for name in get_layer_tensors(module):
+            delattr(module, name)
+        for name, param in parameters.items():
+            module.register_parameter(name, param)
+        for name, buffer in buffers.items():
+            module.register_buffer(name, buffer, persistent=False)
+        info.reset()
+        restored.append(type(module).__name__)
+    return restored
 
 
 def refresh_tied_embeddings(model: torch.nn.Module) -> None:

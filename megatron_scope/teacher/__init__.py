@@ -1,2 +1,2 @@
-"""Teacher scoring: a remote vLLM teacher's log-probs of the rollouts (remote.py); the co-located Megatron
-teacher's forward pass runs in the trainer (`ScopeTrainer._scoring_pass`)."""
+"""Teacher scoring: a co-located Megatron teacher's forward pass (colocated.py) or a remote vLLM teacher's
+log-probs and top-k of the rollouts (remote.py)."""

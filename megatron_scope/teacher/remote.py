@@ -11,8 +11,9 @@ and the sample, never a zero.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
+
+import torch
 
 from megatron_scope.rollout.engine import Completion, SequenceScores
 
@@ -33,10 +34,11 @@ def score_responses(engine, prompt_ids: Sequence[str], prompts: Sequence[Sequenc
     elif topk:
         scores = engine.score_topk(sequences, topk)
     else:
-        scores = [SequenceScores(list(values), [], []) for values in engine.score(sequences)]
+        scores = [SequenceScores.from_lists(values) for values in engine.score(sequences)]
     if len(scores) != len(sequences):
         raise RuntimeError(f"the teacher engine returned {len(scores)} scored sequences for {len(sequences)}")
-    result = [[SequenceScores([], [], []) for _ in group] for group in samples]
+    empty = SequenceScores(torch.zeros(0), torch.zeros(0, topk, dtype=torch.long), torch.zeros(0, topk))
+    result = [[empty for _ in group] for group in samples]
     for (i, j), sequence, scored in zip(where, sequences, scores):
         where_text = f"prompt {prompt_ids[i]!r}, response {j}"
         expected = len(sequence) - 1
@@ -46,19 +48,24 @@ def score_responses(engine, prompt_ids: Sequence[str], prompts: Sequence[Sequenc
                                f"{f' and {lengths[1]}/{lengths[2]} top-k lists' if topk else ''} for a sequence of "
                                f"{len(sequence)} tokens (expected {expected})")
         start = len(prompts[i]) - 1
-        response = SequenceScores(list(scored.log_probs[start:]), [list(ids) for ids in scored.topk_ids[start:]],
-                                  [list(lps) for lps in scored.topk_log_probs[start:]])
-        values = response.log_probs + [v for lps in response.topk_log_probs for v in lps]
-        if not all(math.isfinite(v) for v in values):
+        response = SequenceScores(scored.log_probs[start:], scored.topk_ids[start:], scored.topk_log_probs[start:])
+        values = torch.cat([response.log_probs, response.topk_log_probs.flatten()])
+        if not torch.isfinite(values).all():
             raise RuntimeError(f"{where_text}: the teacher engine returned a non-finite log-prob: "
-                               f"{[v for v in values if not math.isfinite(v)][:3]}")
-        for t, (ids, lps) in enumerate(zip(response.topk_ids, response.topk_log_probs)):
-            if len(ids) != topk or len(lps) != topk or len(set(ids)) != topk:
-                raise RuntimeError(f"{where_text}, token {t}: the teacher engine returned {len(set(ids))} distinct "
-                                   f"top-k ids and {len(lps)} log-probs, expected {topk}")
-            if vocab_size is not None and max(ids) >= vocab_size:
-                raise RuntimeError(f"{where_text}, token {t}: the teacher's top-{topk} holds id {max(ids)}, an "
-                                   f"embedding row past the tokenizer's {vocab_size} tokens (the checkpoint's "
+                               f"{values[~torch.isfinite(values)][:3].tolist()}")
+        if topk:
+            ids, width = response.topk_ids, response.topk_log_probs.shape[-1]
+            sorted_ids = ids.sort(dim=-1).values
+            distinct = 1 + (sorted_ids[:, 1:] != sorted_ids[:, :-1]).sum(-1)
+            bad = ((distinct != topk) | (ids.shape[-1] != topk) | (width != topk)).nonzero()
+            if len(bad):
+                t = int(bad[0, 0])
+                raise RuntimeError(f"{where_text}, token {t}: the teacher engine returned {int(distinct[t])} distinct "
+                                   f"top-k ids and {width} log-probs, expected {topk}")
+            if vocab_size is not None and len(ids) and int(ids.max()) >= vocab_size:
+                t = int((ids >= vocab_size).any(-1).nonzero()[0, 0])
+                raise RuntimeError(f"{where_text}, token {t}: the teacher's top-{topk} holds id {int(ids[t].max())}, "
+                                   f"an embedding row past the tokenizer's {vocab_size} tokens (the checkpoint's "
                                    "padding); a co-located teacher (--teacher-backend megatron) masks those rows")
         result[i][j] = response
     return result

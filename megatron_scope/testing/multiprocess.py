@@ -17,10 +17,11 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from typing import Any, Callable, Sequence
+
+from megatron_scope.megatron.parallel import free_port
 
 
 class RankFailedError(RuntimeError):
@@ -29,13 +30,6 @@ class RankFailedError(RuntimeError):
 
 class RankTimeoutError(RuntimeError):
     """At least one rank did not finish in time (a hang or a deadlocked collective)."""
-
-
-def free_port() -> int:
-    """An unused TCP port on localhost for the gloo rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(fn, rank, world_size, port, args, results, threads_per_rank):

@@ -64,7 +64,9 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
     teacher_logits = 3 * torch.randn(n, seq_length, padded, generator=g)
     labels = tokens[:, 1:]
     teacher_log_probs = torch.log_softmax(teacher_logits[..., :vocab].double(), -1).gather(-1, labels[..., None])[..., 0]
-    topk_log_probs, topk_ids = torch.log_softmax(teacher_logits[..., :vocab].double(), -1).topk(topk, dim=-1)
+    teacher_all = torch.log_softmax(teacher_logits[..., :vocab].double(), -1)
+    topk_log_probs, topk_ids = teacher_all.topk(topk, dim=-1)
+    topk_tail = teacher_all.scatter(-1, topk_ids, float("-inf")).logsumexp(-1)
     old_log_probs = teacher_log_probs.float() - 0.3 * torch.rand(n, seq_length, generator=g)
     student_mean = -3 * torch.rand(n, generator=g)
     teacher_mean = -3 * torch.rand(n, generator=g)
@@ -79,6 +81,7 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
         "teacher_log_probs": teacher_log_probs.float(),
         "teacher_topk_ids": topk_ids,
         "teacher_topk_log_probs": topk_log_probs.float(),
+        "teacher_topk_tail_log_mass": topk_tail.float(),
         "old_log_probs": old_log_probs,
         "ref_log_probs": old_log_probs - 0.1,
         "seq_weights": scope_sequence_weights(student_mean, teacher_mean, correct, group_ids),
@@ -95,3 +98,15 @@ def split_microbatches(batch: dict, num_microbatches: int, tp_rank: int = 0, tp_
     for micro in microbatches:
         micro["teacher_logits"] = micro["teacher_logits"][..., tp_rank * shard : (tp_rank + 1) * shard].contiguous()
     return microbatches
+
+
+def tiny_run_config(models: dict | None = None, loss: dict | None = None, rollout: dict | None = None,
+                    loop: dict | None = None):
+    """A RunConfig for tests that build components by hand: stand-in paths (never read) and a co-located teacher,
+    with each section's fields overridden by the given dicts."""
+    from megatron_scope.config import DataConfig, LoopConfig, LossConfig, ModelsConfig, RolloutConfig, RunConfig
+
+    return RunConfig(models=ModelsConfig(**{"student_hf": "student", "tokenizer": "tokenizer", "teacher_hf": "teacher",
+                                            **(models or {})}),
+                     data=DataConfig(train_data="prompts.jsonl"), loss=LossConfig(**(loss or {})),
+                     rollout=RolloutConfig(**(rollout or {})), loop=LoopConfig(**(loop or {})))

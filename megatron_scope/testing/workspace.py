@@ -49,3 +49,11 @@ def make_workspace(root: str, num_train: int = 64, num_eval: int = 16, seed: int
         student_hf=save_random_qwen2(os.path.join(root, "student_hf"), tokenizer.vocab_size, 2, 128, seed),
         teacher_hf=save_random_qwen2(os.path.join(root, "teacher_hf"), tokenizer.vocab_size, 2, 128, seed + 1),
     )
+
+
+def train_history(rank: int, world_size: int, argv: list[str]) -> list[dict]:
+    """One rank of `python -m megatron_scope.train <argv>` (for `run_on_ranks`): the run's metrics history."""
+    from megatron_scope.train import main
+
+    _, history = main(argv)
+    return history

@@ -11,19 +11,21 @@ from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_roll
 
 def _setup(tp, pp, seed=3):
     from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
-    from megatron_scope.megatron.optimizer import OptimizerSettings, build_optimizer
+    from megatron_scope.config import OptimizerConfig
+    from megatron_scope.megatron.optimizer import build_optimizer
     from megatron_scope.megatron.parallel import initialize_model_parallel
 
     initialize_model_parallel(tp, pp, seed=seed)
     model = wrap_with_ddp(build_gpt_model(TINY_ARCH, calculate_per_token_loss=True))
-    optimizer, scheduler = build_optimizer(model, OptimizerSettings(lr=1e-2, train_iters=4, lr_warmup_iters=1))
+    optimizer, scheduler = build_optimizer(model, OptimizerConfig(lr=1e-2, lr_warmup_iters=1), 4)
     return model, optimizer, scheduler
 
 
 def _step(model, optimizer, scheduler, step):
     from megatron.core import parallel_state
 
-    from megatron_scope.megatron.loss_func import ScopeLossConfig, reduce_reports
+    from megatron_scope.config import LossConfig
+    from megatron_scope.megatron.loss_func import reduce_reports
     from megatron_scope.megatron.optimizer import guarded_step
     from megatron_scope.megatron.schedule import forward_backward
 
@@ -31,7 +33,7 @@ def _step(model, optimizer, scheduler, step):
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     microbatches = split_microbatches(tiny_rollout_batch(seed=step), 2, tp_rank, tp_size)
     model.zero_grad_buffer()
-    reports = forward_backward(model, microbatches, ScopeLossConfig(vocab_size=TINY_ARCH.vocab_size))
+    reports = forward_backward(model, microbatches, LossConfig(), TINY_ARCH.vocab_size)
     loss = reduce_reports(reports)["loss"] if reports else None
     outcome = guarded_step(optimizer, scheduler, loss_is_finite=True)
     return loss, outcome.grad_norm, optimizer.param_groups[0]["lr"]

@@ -62,7 +62,8 @@ def _hf_named_main_grads(model):
 
 
 def test_scope_loss_and_gradients_on_cuda_equal_float64_transformers(nccl):
-    from megatron_scope.megatron.loss_func import ScopeLossConfig, reduce_reports, scope_loss_func
+    from megatron_scope.config import LossConfig
+    from megatron_scope.megatron.loss_func import reduce_reports, scope_loss_func
     from megatron_scope.megatron.schedule import forward_backward
     from megatron_scope.testing.tiny import split_microbatches, tiny_rollout_batch
 
@@ -70,17 +71,17 @@ def test_scope_loss_and_gradients_on_cuda_equal_float64_transformers(nccl):
     hf_model = tiny_hf_model(FAMILY)
     model = _student(hf_model)
     batch = tiny_rollout_batch(vocab_size=vocab)
-    config = ScopeLossConfig(vocab_size=vocab, algorithm="scope", kl="reverse")
+    config = LossConfig(algorithm="scope", kl="reverse")
     microbatches = [{k: v.cuda() for k, v in mb.items()} for mb in split_microbatches(batch, 2)]
     model.zero_grad_buffer()
-    loss = reduce_reports(forward_backward(model, microbatches, config))["loss"]
+    loss = reduce_reports(forward_backward(model, microbatches, config, vocab))["loss"]
     grads = _hf_named_main_grads(model)
 
     reference = hf_model.double()
     logits = reference(input_ids=batch["tokens"]).logits  # [n, s, vocab] float64
     logits = F.pad(logits, (0, batch["teacher_logits"].shape[-1] - vocab))  # Megatron's padded width (masked)
     batch64 = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    loss_sum, count, _ = scope_loss_func(config, batch64, logits, group=None)
+    loss_sum, count, _ = scope_loss_func(config, vocab, batch64, logits, group=None)
     reference_loss = loss_sum / count
     reference_loss.backward()
     assert loss == pytest.approx(reference_loss.detach().item(), rel=1e-5)
@@ -100,20 +101,21 @@ def test_guards_use_device_tensors_under_nccl(nccl):
 
 
 def test_one_trainer_step_runs_on_cuda(nccl):
+    from megatron_scope.config import OptimizerConfig
     from megatron_scope.data.datasets import Prompt, PromptDataset
-    from megatron_scope.megatron.loss_func import ScopeLossConfig
     from megatron_scope.megatron.model import build_gpt_model
-    from megatron_scope.megatron.optimizer import OptimizerSettings, build_optimizer
+    from megatron_scope.megatron.optimizer import build_optimizer
     from megatron_scope.megatron.weight_export import load_hf_weights
     from megatron_scope.rollout.batch import RolloutGroup
     from megatron_scope.rollout.engine import Completion
-    from megatron_scope.trainer import ScopeTrainer, TrainerSettings
+    from megatron_scope.testing.tiny import tiny_run_config
+    from megatron_scope.trainer import ScopeTrainer
 
     arch, vocab = ARCHS[FAMILY], ARCHS[FAMILY].vocab_size
     student = _student(tiny_hf_model(FAMILY, seed=0))
     teacher = build_gpt_model(arch).eval().requires_grad_(False)
     load_hf_weights(teacher, arch, {n: p.detach() for n, p in tiny_hf_model(FAMILY, seed=1).named_parameters()})
-    optimizer, scheduler = build_optimizer(student, OptimizerSettings(lr=1e-3, train_iters=2))
+    optimizer, scheduler = build_optimizer(student, OptimizerConfig(lr=1e-3), 2)
     g = torch.Generator().manual_seed(0)
     prompts = [Prompt(f"p{i}", "q", "1", tuple(torch.randint(0, vocab, (6,), generator=g).tolist())) for i in range(2)]
     groups = []
@@ -121,10 +123,12 @@ def test_one_trainer_step_runs_on_cuda(nccl):
         responses = [torch.randint(0, vocab, (3 + 2 * j,), generator=g).tolist() for j in range(4)]
         completions = [Completion(ids, [-1.0] * len(ids), "stop") for ids in responses]
         groups.append(RolloutGroup(prompt.id, list(prompt.token_ids), completions, [True, False, True, False]))
+    config = tiny_run_config(loss=dict(algorithm="scope", kl="reverse"),
+                             rollout=dict(prompts_per_step=2, group_size=4, max_new_tokens=16),
+                             loop=dict(train_iters=2, micro_batch_size=4))
     trainer = ScopeTrainer(
-        TrainerSettings(train_iters=2, prompts_per_step=2, group_size=4, micro_batch_size=4, max_new_tokens=16),
-        ScopeLossConfig(vocab_size=vocab, algorithm="scope", kl="reverse"), student, arch, optimizer, scheduler,
-        PromptDataset(prompts, source="prompts"), types.SimpleNamespace(pad_id=0, eos_id=1), None,
+        config, student, arch, optimizer, scheduler, PromptDataset(prompts, source="prompts"),
+        types.SimpleNamespace(pad_id=0, eos_id=1, vocab_size=vocab), None,
         engine=object(), teacher=teacher)  # the engine (rank 0's) is never called by `learn`
     before = [p.detach().clone() for p in student.parameters()]
     metrics = {}

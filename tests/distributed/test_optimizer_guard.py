@@ -9,19 +9,21 @@ from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_roll
 
 
 def _guard_cases(rank, world_size):
-    from megatron_scope.megatron.loss_func import ScopeLossConfig
+    from megatron_scope.config import LossConfig
     from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
-    from megatron_scope.megatron.optimizer import OptimizerSettings, build_optimizer, guarded_step
+    from megatron_scope.config import OptimizerConfig
+    from megatron_scope.megatron.optimizer import build_optimizer, guarded_step
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.megatron.schedule import forward_backward
 
     initialize_model_parallel(1, 1, seed=5)
     model = wrap_with_ddp(build_gpt_model(TINY_ARCH, calculate_per_token_loss=True))
-    optimizer, scheduler = build_optimizer(model, OptimizerSettings(lr=1e-2, train_iters=10))
+    optimizer, scheduler = build_optimizer(model, OptimizerConfig(lr=1e-2), 10)
 
     def backward():
         model.zero_grad_buffer()
-        forward_backward(model, split_microbatches(tiny_rollout_batch(), 2), ScopeLossConfig(vocab_size=TINY_ARCH.vocab_size))
+        forward_backward(model, split_microbatches(tiny_rollout_batch(), 2), LossConfig(),
+                         TINY_ARCH.vocab_size)
 
     def snapshot():
         return [p.detach().clone() for p in model.parameters()], scheduler.num_steps

@@ -17,10 +17,10 @@ from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
 
 MICROBATCHES = (1, 2, 4)
-VARIANTS = {  # name: ScopeLossConfig keyword arguments
+VARIANTS = {  # name: LossConfig keyword arguments
     "scope-reverse-seq": dict(algorithm="scope", kl="reverse"),
-    "scope-jsd-token": dict(algorithm="scope", kl="jsd", sequence_level=False),
-    "scope-topk": dict(algorithm="scope", kl="topk"),
+    "scope-jsd-token": dict(algorithm="scope", kl="jsd", loss_agg_mode="token-mean"),
+    "scope-topk": dict(algorithm="scope", kl="topk", topk=8),  # tiny_rollout_batch's k
     "srpo": dict(algorithm="srpo", kl="reverse"),
 }
 
@@ -36,15 +36,16 @@ def _build(tp, pp, seed):
 def _run(model, variant, num_microbatches):
     from megatron.core import parallel_state
 
-    from megatron_scope.megatron.loss_func import ScopeLossConfig, reduce_reports
+    from megatron_scope.config import LossConfig
+    from megatron_scope.megatron.loss_func import reduce_reports
     from megatron_scope.megatron.schedule import forward_backward
 
-    config = ScopeLossConfig(vocab_size=TINY_ARCH.vocab_size, **VARIANTS[variant])
+    config = LossConfig(**VARIANTS[variant])
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     microbatches = split_microbatches(tiny_rollout_batch(), num_microbatches, tp_rank, tp_size)
     model.zero_grad_buffer()
-    reports = forward_backward(model, microbatches, config)
+    reports = forward_backward(model, microbatches, config, TINY_ARCH.vocab_size)
     loss = reduce_reports(reports)["loss"] if parallel_state.is_pipeline_last_stage() else None
     return loss, current_grads(model)
 

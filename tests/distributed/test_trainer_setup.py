@@ -3,6 +3,7 @@ than the student's context, prompt token ids outside the vocabulary, an unwritab
 (One gloo rank; the models, optimizer and engine are stand-ins: the checks never touch them.)"""
 
 import os
+import types
 
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.tiny import TINY_ARCH
@@ -12,20 +13,21 @@ MAX_NEW_TOKENS = 16
 
 def _construct(rank, world_size, cases, save_root):
     from megatron_scope.data.datasets import Prompt, PromptDataset
-    from megatron_scope.megatron.loss_func import ScopeLossConfig
     from megatron_scope.megatron.parallel import initialize_model_parallel
-    from megatron_scope.trainer import ScopeTrainer, TrainerSettings
+    from megatron_scope.testing.tiny import tiny_run_config
+    from megatron_scope.trainer import ScopeTrainer
 
     initialize_model_parallel(1, 1, seed=0)
+    tokenizer = types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size)
     outcomes = {}
     for name, (prompt_ids, save) in cases.items():
         dataset = PromptDataset([Prompt("fine", "a", "1", (1, 2, 3)), Prompt("p7", "b", "2", tuple(prompt_ids))],
                                 source="prompts.jsonl")
-        settings = TrainerSettings(train_iters=1, prompts_per_step=2, group_size=2, micro_batch_size=2,
-                                   max_new_tokens=MAX_NEW_TOKENS, save=save and os.path.join(save_root, save))
+        config = tiny_run_config(rollout=dict(prompts_per_step=2, group_size=2, max_new_tokens=MAX_NEW_TOKENS),
+                                 loop=dict(train_iters=1, micro_batch_size=2, save=save and os.path.join(save_root, save)))
         try:
-            ScopeTrainer(settings, ScopeLossConfig(vocab_size=TINY_ARCH.vocab_size), None, TINY_ARCH, None, None,
-                         dataset, None, None, engine=object(), teacher=object())
+            ScopeTrainer(config, None, TINY_ARCH, None, None, dataset, tokenizer, None, engine=object(),
+                         teacher=object())
             outcomes[name] = None
         except Exception as error:  # noqa: BLE001 - the test compares type and message
             outcomes[name] = f"{type(error).__name__}: {error}"
@@ -56,16 +58,18 @@ def _rollout_failure(rank, world_size):
     """Rank 0's rollout raises (an engine that died, a teacher that returned nothing): every rank must raise,
     not wait in the next collective."""
     from megatron_scope.data.datasets import Prompt, PromptDataset
-    from megatron_scope.megatron.loss_func import ScopeLossConfig
     from megatron_scope.megatron.parallel import initialize_model_parallel
-    from megatron_scope.trainer import ScopeTrainer, TrainerSettings
+    from megatron_scope.testing.tiny import tiny_run_config
+    from megatron_scope.trainer import ScopeTrainer
 
     initialize_model_parallel(1, 1, seed=0)
     dataset = PromptDataset([Prompt(f"p{i}", "a", "1", (1, 2, 3)) for i in range(2)], source="prompts.jsonl")
-    settings = TrainerSettings(train_iters=1, prompts_per_step=2, group_size=2, micro_batch_size=2, max_new_tokens=4)
-    trainer = ScopeTrainer(settings, ScopeLossConfig(vocab_size=TINY_ARCH.vocab_size, kl="k3"), None, TINY_ARCH,
-                           None, None, dataset, None, None, engine=object() if rank == 0 else None,
-                           teacher_engine=object() if rank == 0 else None)
+    config = tiny_run_config(models=dict(teacher_backend="vllm"), loss=dict(kl="k3"),
+                             rollout=dict(prompts_per_step=2, group_size=2, max_new_tokens=4),
+                             loop=dict(train_iters=1, micro_batch_size=2))
+    trainer = ScopeTrainer(config, None, TINY_ARCH, None, None, dataset,
+                           types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size), None,
+                           engine=object() if rank == 0 else None, teacher_engine=object() if rank == 0 else None)
 
     def failing(prompts, iteration):
         raise RuntimeError("prompt 'p1', response 0: the teacher engine returned 0 log-probs")
@@ -74,8 +78,8 @@ def _rollout_failure(rank, world_size):
     try:
         trainer._rollout(1)
     except Exception as error:  # noqa: BLE001 - the test compares type and message
-        return trainer.remote_teacher, f"{type(error).__name__}: {error}"
-    return trainer.remote_teacher, None
+        return trainer.config.remote_teacher, f"{type(error).__name__}: {error}"
+    return trainer.config.remote_teacher, None
 
 
 def test_a_failed_rollout_on_rank_0_stops_every_rank():

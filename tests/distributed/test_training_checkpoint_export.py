@@ -39,7 +39,8 @@ def _train_and_save(rank, world_size, hf_dir, root, tokens):
     from megatron_scope.megatron import checkpointing
     from megatron_scope.megatron.hf_mapping import arch_from_hf_config
     from megatron_scope.megatron.model import build_gpt_model, unwrap_model, wrap_with_ddp
-    from megatron_scope.megatron.optimizer import OptimizerSettings, build_optimizer
+    from megatron_scope.config import OptimizerConfig
+    from megatron_scope.megatron.optimizer import build_optimizer
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights
 
@@ -49,7 +50,7 @@ def _train_and_save(rank, world_size, hf_dir, root, tokens):
     gpt = build_gpt_model(arch, padded_vocab=PADDED_VOCAB, calculate_per_token_loss=True)
     load_hf_weights(gpt, arch, SafetensorsCheckpoint(hf_dir))
     model = wrap_with_ddp(gpt)
-    optimizer, _ = build_optimizer(model, OptimizerSettings(lr=1e-3, train_iters=2))
+    optimizer, _ = build_optimizer(model, OptimizerConfig(lr=1e-3), 2)
     generator = torch.Generator().manual_seed(5)  # same draws on both ranks: replicated norms stay equal
     with torch.no_grad():
         for param in gpt.parameters():

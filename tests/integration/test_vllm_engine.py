@@ -6,13 +6,17 @@ Reference log-probs come from the same model in transformers (fp32).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megatron_scope.rollout.engine import SamplingParams
-from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+from megatron_scope.rollout.vllm_engine import VLLM_LOG_LEVEL_ENV, VLLMEngineConfig, VLLMRolloutEngine
 from tests.integration.hf_models import hf_weights, next_token_logits, random_qwen2, tiny_qwen2_config, token_log_probs
 
 TOLERANCE = 1e-4
@@ -20,6 +24,8 @@ TOPK = 5
 MAX_MODEL_LEN = 256
 PROMPTS = [[1, 2, 3, 4, 5], [7], [100, 200, 300, 400], [1, 2, 3, 4, 5]]  # 0 and 3 equal on purpose
 SEQUENCE = [3, 14, 159, 265, 358, 97, 93, 238, 462, 64, 33, 83, 279, 50, 288, 41]
+USER_LOG_LEVEL = os.environ.get(VLLM_LOG_LEVEL_ENV)
+"""The user's VLLM_LOGGING_LEVEL, read at collection (any engine started since has set the variable)."""
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +37,52 @@ def models(tmp_path_factory):
     return SimpleNamespace(path=str(path), config=config, model=model, other=random_qwen2(config, seed=1))
 
 
+@contextlib.contextmanager
+def child_output_to(path):
+    """Processes started inside write their stdout and stderr to `path`: vLLM's engine-core and worker
+    processes inherit file descriptors 1 and 2, and log there (whatever pytest's capture mode)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "ab", buffering=0) as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 @pytest.fixture(scope="module")
-def engine(models):
-    engine = VLLMRolloutEngine(
-        VLLMEngineConfig(
-            models.path,
-            kv_cache_bytes=16 << 20,
-            max_model_len=MAX_MODEL_LEN,
-            max_num_seqs=32,
-            weight_bucket_bytes=64 << 10,  # many buckets; layers straddle them
-            max_logprobs=TOPK,
+def engine_log(tmp_path_factory):
+    """Where the engine's vLLM processes log."""
+    return SimpleNamespace(path=tmp_path_factory.mktemp("vllm_log") / "engine.log")
+
+
+def log_since(engine_log, offset: int) -> list[str]:
+    with open(engine_log.path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace").splitlines()
+
+
+@pytest.fixture(scope="module")
+def engine(models, engine_log):
+    """The module's engine; what its processes print (vLLM's logs included) goes to `engine_log.path`."""
+    with child_output_to(engine_log.path):
+        engine = VLLMRolloutEngine(
+            VLLMEngineConfig(
+                models.path,
+                kv_cache_bytes=16 << 20,
+                max_model_len=MAX_MODEL_LEN,
+                max_num_seqs=32,
+                weight_bucket_bytes=64 << 10,  # many buckets; layers straddle them
+                max_logprobs=TOPK,
+            )
         )
-    )
     yield engine
     engine.close()
 
@@ -187,9 +227,9 @@ def test_score_topk_matches_transformers(engine, models):
     (scores,) = engine.score_topk([SEQUENCE], TOPK)
     reference = torch.log_softmax(next_token_logits(models.model, SEQUENCE)[:-1], dim=-1)
     values, ids = reference.topk(TOPK, dim=-1)
-    assert scores.topk_ids == ids.tolist()
-    assert (torch.tensor(scores.topk_log_probs) - values).abs().max().item() <= TOLERANCE
-    assert (torch.tensor(scores.log_probs) - reference_score(models.model, SEQUENCE)).abs().max().item() <= TOLERANCE
+    assert scores.topk_ids.tolist() == ids.tolist()
+    assert (scores.topk_log_probs - values).abs().max().item() <= TOLERANCE
+    assert (scores.log_probs - reference_score(models.model, SEQUENCE)).abs().max().item() <= TOLERANCE
     with pytest.raises(ValueError, match=rf"score_topk: k={TOPK + 1} must be in \[1, max_logprobs={TOPK}\]"):
         engine.score_topk([SEQUENCE], TOPK + 1)
 
@@ -216,6 +256,34 @@ def test_update_weights_takes_new_weights(engine, models):
 
     engine.update_weights(iter(hf_weights(models.model)))  # a generator, as weight_export yields
     assert_scores_match(engine, models.model)
+
+
+@pytest.mark.slow
+def test_weight_update_logs_no_warning(engine, models, engine_log):
+    """vLLM's layerwise reload called RoPE's computed cache (and a tied head) "Failed to load weights" at
+    every update; the backend restores them itself. The update logs nothing at WARNING or above."""
+    offset = engine_log.path.stat().st_size
+    engine.update_weights(hf_weights(models.model))  # the engine's own weights again
+    noisy = [line for line in log_since(engine_log, offset)
+             if any(level in line for level in (" WARNING ", " ERROR ", " CRITICAL "))]
+    assert noisy == [], "a weight update logged:\n" + "\n".join(noisy)
+    assert_scores_match(engine, models.model)
+
+
+@pytest.mark.slow
+def test_vllm_logs_at_warning_unless_the_user_set_a_level(engine, engine_log):
+    """In this process and in vLLM's engine-core and worker processes (their output is in the log)."""
+    expected = (USER_LOG_LEVEL or "WARNING").strip().upper()
+    assert os.environ[VLLM_LOG_LEVEL_ENV] == expected
+    vllm_logger = logging.getLogger("vllm")
+    assert vllm_logger.getEffectiveLevel() == logging.getLevelName(expected)
+    vllm_handlers = [handler for handler in vllm_logger.handlers if handler.get_name() == "vllm"]
+    assert [handler.level for handler in vllm_handlers] == [logging.getLevelName(expected)]
+    lines = log_since(engine_log, 0)
+    assert lines, f"{engine_log.path} is empty: vLLM's processes did not write there"
+    if USER_LOG_LEVEL is None:
+        info = [line for line in lines if " INFO " in line or " DEBUG " in line]
+        assert info == [], f"{len(info)} INFO/DEBUG lines from vLLM's processes, e.g.\n" + "\n".join(info[:5])
 
 
 @pytest.mark.slow

@@ -1,20 +1,25 @@
-"""The --scope-* flags: defaults, Megatron-style provider use, and parse-time rejection of bad values."""
+"""The run's flags: defaults, Megatron-style provider use, and parse-time rejection of bad values and
+combinations (megatron_scope.arguments -> megatron_scope.config)."""
 
 import argparse
 
 import pytest
 
-from megatron_scope.arguments import add_scope_args, parse_scope_args, validate_scope_args
+from megatron_scope.arguments import add_scope_args, build_parser, parse_run_config
+from megatron_scope.config import build_config
+
+REQUIRED = ["--student-hf", "s", "--teacher-hf", "t", "--tokenizer", "t", "--train-data", "d"]
 
 
 def test_defaults_follow_the_paper_and_released_runs():
-    args = parse_scope_args([])
-    assert args.scope_algorithm == "scope"
-    assert args.scope_tau == 1.0
-    assert args.scope_weight_norm == "mean"
-    assert args.scope_student_path_weights and args.scope_teacher_path_weights and args.scope_seq_weights
-    assert args.scope_kl == "reverse" and args.scope_topk is None
-    assert args.exopd_lambda == 1.25
+    loss = parse_run_config(REQUIRED).loss
+    assert loss.algorithm == "scope"
+    assert loss.tau == 1.0
+    assert loss.weight_norm == "mean"
+    assert loss.student_path_weights and loss.teacher_path_weights and loss.loss_agg_mode == "seq-mean-token-mean"
+    assert (loss.student_path_exponent, loss.teacher_path_loss, loss.logprob_temperature) == (1, "kl", 1.0)
+    assert loss.kl == "reverse" and loss.topk is None
+    assert loss.baselines.exopd_lambda == 1.25
 
 
 def test_provider_adds_to_an_existing_parser():
@@ -24,9 +29,20 @@ def test_provider_adds_to_an_existing_parser():
         ["--tensor-model-parallel-size", "2", "--scope-algorithm", "tropd", "--tropd-outlier", "clip",
          "--no-scope-teacher-path-weights", "--scope-kl", "topk", "--scope-topk", "20"]
     )
-    validate_scope_args(args)
     assert (args.tensor_model_parallel_size, args.scope_algorithm, args.tropd_outlier) == (2, "tropd", "clip")
     assert args.scope_teacher_path_weights is False and args.scope_topk == 20
+    loss = build_config(build_parser().parse_args(REQUIRED + ["--scope-algorithm", "tropd", "--tropd-outlier",
+                                                              "clip", "--scope-kl", "topk", "--scope-topk", "20"])).loss
+    assert (loss.algorithm, loss.baselines.tropd_outlier, loss.teacher_topk) == ("tropd", "clip", 20)
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_run_config(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--tensor-model-parallel-size", "--micro-batch-size", "--save", "--student-hf", "--teacher-backend",
+                 "--train-data", "--rollout-engines", "--vllm-log-level", "--scope-tau", "--grpo-clip-eps"):
+        assert flag in out, flag
 
 
 @pytest.mark.parametrize(
@@ -44,11 +60,16 @@ def test_provider_adds_to_an_existing_parser():
         (["--scope-algorithm", "grpo", "--scope-group-size", "1"], "--scope-group-size must be >= 2"),
         (["--scope-jsd-beta", "1.0"], "--scope-jsd-beta: must be in (0, 1)"),
         (["--srpo-beta", "-0.1"], "--srpo-beta: must be >= 0"),
+        (["--scope-teacher-path-loss", "ppo"], "--scope-teacher-path-loss ppo is SCOPE's released teacher path"),
+        (["--scope-topk-renormalize"], "--scope-topk-renormalize is only used with --scope-kl topk"),
+        (["--scope-student-path-exponent", "2"], "invalid choice: 2"),
+        (["--clip-ratio-c", "1.0"], "--clip-ratio-c must be > 1"),
+        (["--lr-decay-style", "step"], "invalid choice: 'step'"),
     ],
 )
 def test_bad_values_and_combinations_exit_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exited:
-        parse_scope_args(argv)
+        parse_run_config(REQUIRED + argv)
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert message in err, err

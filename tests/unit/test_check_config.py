@@ -3,6 +3,7 @@ term of a tiny run by hand, the parallel/sequence/KV/vocabulary errors, the CLI,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -12,15 +13,17 @@ import sys
 import pytest
 
 from megatron_scope import memory_estimate as me
+from megatron_scope.arguments import parse_run_config
+from megatron_scope.config import DataConfig, LoopConfig, LossConfig, ModelsConfig, OptimizerConfig, ParallelConfig, \
+    RolloutConfig, RunConfig
 from megatron_scope.megatron.hf_mapping import (
     arch_from_hf_config, hf_param_shapes, megatron_full_shape, megatron_param_names, param_mapping, tp_shard_shape)
 from megatron_scope.megatron.model import DecoderArch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-sys.path.insert(0, os.path.join(ROOT, "examples", "scope"))
-
-import check_config  # noqa: E402
+_spec = importlib.util.spec_from_file_location("check_config", os.path.join(ROOT, "tools", "check_config.py"))
+check_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_config)
 
 GIB = 1 << 30
 
@@ -127,13 +130,37 @@ TINY_TEACHER = DecoderArch(num_layers=4, hidden_size=64, num_attention_heads=4, 
                            ffn_hidden_size=128, vocab_size=1000, max_position_embeddings=64)
 
 
+#: Where each of the tiny plan's settings lives in the run configuration: (section, field).
+_CONFIG_FIELDS = {
+    "tensor_parallel": ("parallel", "tensor_model_parallel_size"),
+    "pipeline_parallel": ("parallel", "pipeline_model_parallel_size"),
+    "prompts_per_step": ("rollout", "prompts_per_step"), "group_size": ("rollout", "group_size"),
+    "max_new_tokens": ("rollout", "max_new_tokens"), "rollout_kv_cache_gib": ("rollout", "kv_cache_gib"),
+    "rollout_tensor_parallel": ("rollout", "tensor_parallel_size"), "micro_batch_size": ("loop", "micro_batch_size"),
+    "bf16": ("models", "bf16"), "teacher_backend": ("models", "teacher_backend"),
+    "distributed_optimizer": ("optimizer", "use_distributed_optimizer"), "algorithm": ("loss", "algorithm"),
+    "kl": ("loss", "kl"), "topk": ("loss", "topk"),
+}
+
+
 def _tiny_plan(**overrides) -> me.RunPlan:
-    values = dict(nnodes=1, nproc_per_node=2, tensor_parallel=1, pipeline_parallel=1, prompts_per_step=4,
-                  group_size=2, micro_batch_size=2, max_prompt_tokens=10, max_new_tokens=15, bf16=True,
-                  distributed_optimizer=True, rollout_kv_cache_gib=1.0, rollout_element_bytes=2,
-                  gpu_memory_gib=80.0, overhead_gib=0.0)
+    values = dict(tensor_parallel=1, pipeline_parallel=1, prompts_per_step=4, group_size=2, micro_batch_size=2,
+                  max_new_tokens=15, bf16=True, distributed_optimizer=True, rollout_kv_cache_gib=1.0)
     values.update(overrides)
-    return me.RunPlan(**values)
+    sections = {"models": {"student_hf": "s", "tokenizer": "t", "teacher_hf": "t"}, "data": {"train_data": "d"},
+                "parallel": {}, "rollout": {}, "loop": {}, "optimizer": {}, "loss": {}}
+    for name in list(values):
+        if name in _CONFIG_FIELDS:
+            section, field = _CONFIG_FIELDS[name]
+            sections[section][field] = values.pop(name)
+    config = RunConfig(models=ModelsConfig(**sections["models"]), data=DataConfig(**sections["data"]),
+                       parallel=ParallelConfig(**sections["parallel"]), rollout=RolloutConfig(**sections["rollout"]),
+                       loop=LoopConfig(**sections["loop"]), optimizer=OptimizerConfig(**sections["optimizer"]),
+                       loss=LossConfig(**sections["loss"]))
+    plan = dict(nnodes=1, nproc_per_node=2, max_prompt_tokens=10, rollout_element_bytes=2, gpu_memory_gib=80.0,
+                overhead_gib=0.0)
+    plan.update(values)
+    return me.RunPlan(config=config, **plan)
 
 
 def test_every_memory_term_of_a_tiny_run_by_hand():
@@ -183,7 +210,8 @@ def test_memory_terms_follow_the_flags():
     assert "teacher logits (local batch)" not in k1 and "teacher logits (local batch)" in base
     topk = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="topk", topk=8), TINY, TINY_TEACHER)[0].components}
     assert "teacher logits (local batch)" not in topk
-    assert topk["teacher top-k (local batch)"] == 9_216      # 4 sequences x 24 x k 8 x (8 + 4) B
+    assert topk["teacher top-k (local batch)"] == 9_600      # 4 sequences x 24 x (k 8 x (8 + 4) + 4) B
+    assert topk["top-k tail temporaries"] == 442_368         # 9 B x [2, 24, 1024]
     flash_gpus = me.estimate_memory(_tiny_plan(flash_attention=True), TINY, TINY_TEACHER)
     flash = {c.name: c.bytes for c in flash_gpus[0].components}
     assert "attention score buffer" not in flash
@@ -212,7 +240,7 @@ def test_a_vllm_teacher_moves_the_teacher_from_the_training_gpus_to_an_engine():
     assert vllm[1].total_bytes == base[1].total_bytes - 558_208
     topk = me.estimate_memory(_tiny_plan(kl="topk", topk=8, teacher_backend="vllm"), TINY, TINY_TEACHER)
     for gpu in topk:  # the vLLM teacher's top-k arrives with the batch on every rank
-        assert {c.name: c.bytes for c in gpu.components}["teacher top-k (local batch)"] == 9_216
+        assert {c.name: c.bytes for c in gpu.components}["teacher top-k (local batch)"] == 9_600
     separate = me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm", rollout_gpus=2), TINY, TINY_TEACHER)
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU", "teacher engine GPU"]
     assert {c.name for c in separate[2].components} == {"vLLM teacher weights", "vLLM teacher KV cache",
@@ -449,27 +477,24 @@ def test_launch_script_dry_run_passes_the_check(tmp_path, script):
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_launch_script_flags_parse_in_train_scope(tmp_path, script):
-    """The command line the script hands torchrun is accepted by train_scope.parse_args as it stands."""
-    import train_scope
-
+def test_launch_script_flags_parse_in_the_trainer(tmp_path, script):
+    """The command line the script hands torchrun is accepted by the trainer's parser as it stands."""
     env = _script_env(tmp_path, SCRIPTS[script], SKIP_CHECK="1")
     done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", script)], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     argv = json.loads((tmp_path / "argv.json").read_text())
-    entry = argv.index(os.path.join(ROOT, "examples", "scope", "train_scope.py"))
+    entry = argv.index("megatron_scope.train")
     assert argv[:entry] == ["--nnodes", "1", "--nproc-per-node", "2", "--node-rank", "0", "--master-addr",
-                            "127.0.0.1", "--master-port", "29500"]
-    args = train_scope.parse_args(argv[entry + 1:])
-    assert (args.scope_group_size, args.prompts_per_step, args.max_new_tokens, args.lr, args.scope_tau) == \
-        (8, 256, 12288, 5e-5, 1.0)
-    assert args.bf16 and args.use_distributed_optimizer and args.scope_algorithm == "scope"
-    assert args.student_hf == env["STUDENT_HF"] and args.tokenizer == env["STUDENT_HF"]
-    if hasattr(args, "prompt_template"):
-        assert args.prompt_template == ("{prompt}\nPlease reason step by step, and put your final answer within "
-                                        "\\boxed{}.")
-        assert args.apply_chat_template
+                            "127.0.0.1", "--master-port", "29500", "-m"]
+    config = parse_run_config(argv[entry + 1:])
+    assert (config.rollout.group_size, config.rollout.prompts_per_step, config.rollout.max_new_tokens,
+            config.optimizer.lr, config.loss.tau) == (8, 256, 12288, 5e-5, 1.0)
+    assert config.models.bf16 and config.optimizer.use_distributed_optimizer and config.loss.algorithm == "scope"
+    assert config.models.student_hf == env["STUDENT_HF"] and config.models.tokenizer == env["STUDENT_HF"]
+    assert config.data.prompt_template == ("{prompt}\nPlease reason step by step, and put your final answer within "
+                                           "\\boxed{}.")
+    assert config.data.apply_chat_template
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
@@ -480,3 +505,21 @@ def test_launch_script_stops_when_the_check_fails(tmp_path, script):
                           text=True, timeout=60)
     assert done.returncode == 1
     assert not (tmp_path / "argv.json").exists()  # torchrun never started
+
+
+def test_launch_paper_selects_the_released_recipe_with_one_variable(tmp_path):
+    """RECIPE=released hands torchrun the authors' released recipe; the trainer's parser accepts it."""
+    env = _script_env(tmp_path, TINY_QWEN2, SKIP_CHECK="1", RECIPE="released")
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", "launch_paper.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    config = parse_run_config(argv[argv.index("megatron_scope.train") + 1:])
+    loss = config.loss
+    assert (loss.kl, loss.teacher_path_loss, loss.student_path_exponent, loss.loss_agg_mode) == \
+        ("k1", "ppo", -1, "scope-released")
+    assert config.rollout.temperature == loss.logprob_temperature == 0.6
+    assert (config.optimizer.lr_decay_style, config.optimizer.weight_decay) == ("constant", 0.01)
+    bad = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", "launch_paper.sh")],
+                         env={**env, "RECIPE": "neither"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "RECIPE must be paper or released" in bad.stderr

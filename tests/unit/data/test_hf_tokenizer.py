@@ -3,9 +3,7 @@ prompt formats (template, chat template) that decide the rollout prompt ids. Tok
 the `tokenizers` library (WordLevel, whitespace split) and saved with transformers: no downloads."""
 
 import json
-import os
 import shutil
-import sys
 
 import pytest
 
@@ -145,15 +143,14 @@ def test_bad_formats_fail_before_reading_rows(hf_dir, tokenizer, tmp_path):
         PromptDataset.from_jsonl(missing, prompt_format=PromptFormat())
 
 
-def test_train_scope_rejects_a_bad_prompt_template(capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples", "scope"))
-    import train_scope
+def test_the_trainer_rejects_a_bad_prompt_template(capsys):
+    from megatron_scope.arguments import parse_run_config
 
-    required = ["--student-hf", "s", "--tokenizer", "t", "--train-data", "d"]
-    args = train_scope.parse_args(required + ["--prompt-template", "{prompt}\nAnswer in \\boxed{}.",
-                                              "--apply-chat-template"])
-    assert (args.prompt_template, args.apply_chat_template) == ("{prompt}\nAnswer in \\boxed{}.", True)
-    assert train_scope.parse_args(required).prompt_template == "{prompt}"
+    required = ["--student-hf", "s", "--teacher-hf", "t", "--tokenizer", "t", "--train-data", "d"]
+    data = parse_run_config(required + ["--prompt-template", "{prompt}\nAnswer in \\boxed{}.",
+                                        "--apply-chat-template"]).data
+    assert (data.prompt_template, data.apply_chat_template) == ("{prompt}\nAnswer in \\boxed{}.", True)
+    assert parse_run_config(required).data.prompt_template == "{prompt}"
     with pytest.raises(SystemExit):
-        train_scope.parse_args(required + ["--prompt-template", "Solve it."])
+        parse_run_config(required + ["--prompt-template", "Solve it."])
     assert "--prompt-template: prompt template must contain {prompt} exactly once" in capsys.readouterr().err

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from megatron_scope.config import BaselineConfig, LossConfig
 from megatron_scope.losses.objectives import (
     OBJECTIVES,
-    ObjectiveConfig,
     TokenStats,
     aggregate,
     group_normalized_advantages,
@@ -46,6 +46,12 @@ def reference_token_loss(name, s, cfg, i, t):
     ppo = -min(ratio * adv, min(max(ratio, 1 - cfg.clip_eps), 1 + cfg.clip_eps) * adv)
     if name == "scope":
         return -lp if correct else kl
+    if name == "scope-ppo":  # the released teacher path: k1 advantage through PPO's clip and dual clip
+        advantage = tlp - float(s.old_log_probs[i, t])
+        loss = -min(ratio * advantage, min(max(ratio, 1 - cfg.clip_eps), 1 + cfg.clip_eps) * advantage)
+        if advantage < 0:
+            loss = min(loss, -cfg.clip_ratio_c * advantage)
+        return -lp if correct else loss
     if name == "opd":
         return kl
     if name == "exopd":
@@ -66,14 +72,19 @@ def reference_token_loss(name, s, cfg, i, t):
     raise AssertionError(name)
 
 
-CASES = [(name, ObjectiveConfig()) for name in OBJECTIVES] + [
-    ("tropd", ObjectiveConfig(tropd_delta=0.7, tropd_outlier=outlier)) for outlier in ("mask", "clip", "forward")
-] + [("exopd", ObjectiveConfig(exopd_lambda=1.0)), ("srpo", ObjectiveConfig(srpo_beta=0.3, clip_eps=0.1))]
+CASES = [(name, BaselineConfig()) for name in OBJECTIVES] + [
+    ("tropd", BaselineConfig(tropd_delta=0.7, tropd_outlier=outlier)) for outlier in ("mask", "clip", "forward")
+] + [("exopd", BaselineConfig(exopd_lambda=1.0)), ("srpo", BaselineConfig(srpo_beta=0.3, clip_eps=0.1))] + [
+    ("scope-ppo", BaselineConfig(clip_eps=0.2, clip_ratio_c=3.0)), ("scope-ppo", BaselineConfig(clip_eps=0.05,
+                                                                                                 clip_ratio_c=1.2))]
 
 
 @pytest.mark.parametrize("name,cfg", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_objective_matches_formula(stats, name, cfg):
-    loss = OBJECTIVES[name](stats, cfg)
+    if name == "scope-ppo":
+        loss = OBJECTIVES["scope"](stats, LossConfig(kl="k1", teacher_path_loss="ppo", baselines=cfg))
+    else:
+        loss = OBJECTIVES[name](stats, LossConfig(baselines=cfg))
     expected = torch.tensor([[reference_token_loss(name, stats, cfg, i, t) for t in range(T)] for i in range(B)], dtype=torch.float64)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
 
@@ -81,16 +92,16 @@ def test_objective_matches_formula(stats, name, cfg):
 def test_exopd_gradient_is_reinforce(stats):
     student = stats.student_log_probs.clone().requires_grad_(True)
     stats.student_log_probs = student
-    cfg = ObjectiveConfig()
-    OBJECTIVES["exopd"](stats, cfg).sum().backward()
+    cfg = BaselineConfig()
+    OBJECTIVES["exopd"](stats, LossConfig(baselines=cfg)).sum().backward()
     reward = -((student - stats.ref_log_probs) - cfg.exopd_lambda * (stats.teacher_log_probs - stats.ref_log_probs))
     torch.testing.assert_close(student.grad, -reward.detach())  # d/dlogp of -sg(r) logp
 
 
 def test_tropd_separates_inside_and_outside(stats):
-    cfg = ObjectiveConfig(tropd_delta=0.5)
+    cfg = BaselineConfig(tropd_delta=0.5)
     gap = (stats.student_log_probs - stats.teacher_log_probs).abs()
-    loss = OBJECTIVES["tropd"](stats, cfg)
+    loss = OBJECTIVES["tropd"](stats, LossConfig(baselines=cfg))
     assert (gap > 0.5).any() and (gap <= 0.5).any()
     assert torch.equal(loss[gap > 0.5], torch.zeros_like(loss[gap > 0.5]))
     assert torch.equal(loss[gap <= 0.5], stats.kl[gap <= 0.5])
@@ -99,15 +110,15 @@ def test_tropd_separates_inside_and_outside(stats):
 def test_missing_statistics_are_named(stats):
     stats.kl = None
     with pytest.raises(ValueError, match=r"scope needs \['kl'\]"):
-        OBJECTIVES["scope"](stats, ObjectiveConfig())
+        OBJECTIVES["scope"](stats, LossConfig())
 
 
-@pytest.mark.parametrize("sequence_level", [True, False])
-def test_aggregate(stats, sequence_level):
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "token-mean"])
+def test_aggregate(stats, mode):
     token_loss = stats.kl
     weights = torch.tensor([0.5, 2.0, 1.5, 3.0], dtype=torch.float64)
-    total, count = aggregate(token_loss, stats.mask, weights, sequence_level)
-    if sequence_level:
+    total, count = aggregate(token_loss, stats.mask, weights, mode)
+    if mode == "seq-mean-token-mean":
         per_seq = [
             sum(float(token_loss[i, t]) for t in range(T) if stats.mask[i, t]) / max(1, int(stats.mask[i].sum()))
             for i in range(B)

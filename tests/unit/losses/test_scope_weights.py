@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
+from megatron_scope.config import LossConfig
 from megatron_scope.losses.scope import scope_sequence_weights
+
+
+def _config(tau=1.0, norm="mean", use_student_weights=True, use_teacher_weights=True) -> LossConfig:
+    """The SCOPE group with these weight settings."""
+    return LossConfig(tau=tau, weight_norm=norm, student_path_weights=use_student_weights,
+                      teacher_path_weights=use_teacher_weights)
 
 
 def paper_weights(student_mlp, teacher_mlp, correct, group_ids, tau, norm, use_student=True, use_teacher=True):
@@ -26,7 +33,8 @@ def paper_weights(student_mlp, teacher_mlp, correct, group_ids, tau, norm, use_s
 
 def _weights(student_mlp, teacher_mlp, correct, group_ids, **kwargs):
     return scope_sequence_weights(
-        torch.tensor(student_mlp), torch.tensor(teacher_mlp), torch.tensor(correct), torch.tensor(group_ids), **kwargs
+        torch.tensor(student_mlp), torch.tensor(teacher_mlp), torch.tensor(correct), torch.tensor(group_ids),
+        _config(**kwargs)
     )
 
 
@@ -107,7 +115,8 @@ def test_disabled_paths_are_uniform(norm, uniform):
 
 def test_no_gradient_and_extreme_values():
     student = torch.tensor([-1e4, -1.0, -2.0], requires_grad=True)
-    w = scope_sequence_weights(student, torch.zeros(3), torch.tensor([True, True, False]), torch.tensor([0, 0, 0]), tau=0.01)
+    w = scope_sequence_weights(student, torch.zeros(3), torch.tensor([True, True, False]), torch.tensor([0, 0, 0]),
+                               _config(tau=0.01))
     assert not w.requires_grad
     torch.testing.assert_close(w, torch.tensor([2.0, 0.0, 1.0]))
 
@@ -130,6 +139,21 @@ def test_bad_input_is_named(kwargs, match):
         correct=torch.tensor([True, False, True]),
         group_ids=torch.tensor([0, 0, 1]),
     )
+    settings = {key: kwargs.pop(key) for key in ("tau", "norm") if key in kwargs}
     inputs.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        scope_sequence_weights(**inputs)
+        scope_sequence_weights(**inputs, config=_config(**settings))
+
+
+def test_the_released_student_path_sign_favours_confident_responses():
+    """--scope-student-path-exponent -1 (the authors' released code): w_stu ∝ PPL_S^(-1/τ), the reverse order of
+    the paper's PPL_S^(+1/τ); the teacher path is the same either way."""
+    student, teacher = [-0.5, -2.0, -1.0, -3.0], [-1.0, -1.0, -0.5, -2.0]
+    correct, groups = [True, True, False, False], [0, 0, 0, 0]
+    paper = _weights(student, teacher, correct, groups)
+    released = scope_sequence_weights(torch.tensor(student), torch.tensor(teacher), torch.tensor(correct),
+                                      torch.tensor(groups), LossConfig(student_path_exponent=-1))
+    assert paper[1] > paper[0] and released[0] > released[1]  # -2.0 is the less confident correct response
+    total = math.exp(-0.5) + math.exp(-2.0)  # mean norm: exp(mean log-prob / τ) / Σ, times the subset's size 2
+    torch.testing.assert_close(released[:2], torch.tensor([2 * math.exp(-0.5) / total, 2 * math.exp(-2.0) / total]))
+    torch.testing.assert_close(released[2:], paper[2:])

@@ -4,13 +4,8 @@ import pytest
 import torch
 
 from megatron_scope.losses.scope import scope_sequence_weights
-from megatron_scope.megatron.loss_func import (
-    ScopeLossConfig,
-    check_batch,
-    check_teacher_engine_objective,
-    reduce_reports,
-    scope_loss_func,
-)
+from megatron_scope.config import LossConfig
+from megatron_scope.megatron.loss_func import check_batch, reduce_reports, scope_loss_func
 from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
 
 V = TINY_ARCH.vocab_size
@@ -50,8 +45,9 @@ def test_matches_the_paper_in_float64(batch):
     t = torch.log_softmax(batch["teacher_logits"][..., :V].double(), -1).gather(-1, batch["labels"][..., None])[..., 0]
     m = batch["loss_mask"].double()
     mean = lambda x: (x * m).sum(-1) / m.sum(-1).clamp_min(1)  # noqa: E731
-    batch["seq_weights"] = scope_sequence_weights(mean(s), mean(t), batch["correct"], batch["group_ids"], tau=0.7)
-    loss_sum, count, report = scope_loss_func(ScopeLossConfig(vocab_size=V), batch, logits)
+    batch["seq_weights"] = scope_sequence_weights(mean(s), mean(t), batch["correct"], batch["group_ids"],
+                                                  LossConfig(tau=0.7))
+    loss_sum, count, report = scope_loss_func(LossConfig(), V, batch, logits)
     assert int(count) == len(batch["correct"])
     assert float(loss_sum) / int(count) == pytest.approx(paper_loss(batch, logits), rel=1e-5)
     values = reduce_reports([report])
@@ -64,7 +60,7 @@ def test_matches_the_paper_in_float64(batch):
 
 def test_an_empty_path_is_omitted_from_the_report(batch):
     batch["correct"] = torch.ones_like(batch["correct"])  # nothing incorrect: no teacher-path statistics at all
-    _, _, report = scope_loss_func(ScopeLossConfig(vocab_size=V), batch, student_logits(batch))
+    _, _, report = scope_loss_func(LossConfig(), V, batch, student_logits(batch))
     values = reduce_reports([report])
     assert "correct/weight_max" in values and "correct/mle" in values
     assert not [key for key in values if key.startswith("incorrect/")]
@@ -73,7 +69,7 @@ def test_an_empty_path_is_omitted_from_the_report(batch):
 def test_gradient_flows_into_student_logits_only(batch):
     logits = student_logits(batch).requires_grad_(True)
     batch["teacher_logits"].requires_grad_(True)
-    loss_sum, _, _ = scope_loss_func(ScopeLossConfig(vocab_size=V), batch, logits)
+    loss_sum, _, _ = scope_loss_func(LossConfig(), V, batch, logits)
     loss_sum.backward()
     assert logits.grad is not None and logits.grad[..., V:].abs().max() == 0  # padding gets no gradient
     assert batch["teacher_logits"].grad is None
@@ -92,11 +88,11 @@ def test_gradient_flows_into_student_logits_only(batch):
 def test_bad_batches_are_named(batch, mutate, match):
     mutate(batch)
     with pytest.raises(ValueError, match=match):
-        check_batch(batch, ScopeLossConfig(vocab_size=V))
+        check_batch(batch, LossConfig())
 
 
 def test_nan_teacher_log_probs_on_response_tokens_are_rejected(batch):
-    config = ScopeLossConfig(vocab_size=V, kl="k3")
+    config = LossConfig(kl="k3")
     check_batch(batch, config)
     prompt_position = (batch["loss_mask"] == 0).nonzero()[0]
     batch["teacher_log_probs"][tuple(prompt_position)] = float("nan")  # outside the response: ignored
@@ -107,16 +103,51 @@ def test_nan_teacher_log_probs_on_response_tokens_are_rejected(batch):
         check_batch(batch, config)
 
 
-@pytest.mark.parametrize("algorithm,kl,ok", [
-    ("scope", "reverse", False), ("opd", "jsd", False), ("srpo", "k3", False),
-    ("opd", "topk", True), ("scope", "k3", True), ("opd", "k1", True), ("tropd", "k2", True), ("grpo", "reverse", True),
-    ("sft", "reverse", True),
-])
-def test_which_objectives_a_vllm_teacher_can_serve(algorithm, kl, ok):
-    """A vLLM teacher engine gives the log-probs of the sampled tokens and a top-k, not the vocabulary logits."""
-    config = ScopeLossConfig(vocab_size=V, algorithm=algorithm, kl=kl, topk=4 if kl == "topk" else None)
-    if ok:
-        check_teacher_engine_objective(config)
-    else:
-        with pytest.raises(ValueError, match=f"--scope-kl {kl} needs the teacher's logits over the vocabulary; a vLLM"):
-            check_teacher_engine_objective(config)
+def test_the_report_counts_response_tokens_whose_loss_is_not_finite(batch):
+    """A teacher top-k whose tail is exactly 0 where the student's is not makes that token's reverse KL +inf
+    (the true value): the step's loss is non-finite (the optimizer guard skips it) and the report says which
+    fraction of response tokens caused it."""
+    config = LossConfig(kl="topk", topk=8)
+    _, _, report = scope_loss_func(config, V, batch, student_logits(batch))
+    assert reduce_reports([report])["nonfinite_token_fraction"] == 0
+    incorrect = ((~batch["correct"]) & (batch["loss_mask"].sum(-1) > 0)).nonzero()[0, 0]  # the KL path
+    position = batch["loss_mask"][incorrect].nonzero()[0, 0]
+    batch["teacher_topk_tail_log_mass"][incorrect, position] = float("-inf")
+    check_batch(batch, config)  # legal input: an empty tail
+    loss_sum, _, report = scope_loss_func(config, V, batch, student_logits(batch))
+    values = reduce_reports([report])
+    assert not torch.isfinite(loss_sum)
+    assert values["nonfinite_token_fraction"] == pytest.approx(1 / float(batch["loss_mask"].sum()))
+
+
+def test_scope_released_aggregation_means_the_mle_over_correct_tokens(batch):
+    """--loss-agg-mode scope-released: the loss is Σ_incorrect w ℓ / N_tok + Σ_correct w (-log π) / N_tok,correct,
+    the released code's two token means, whatever the microbatching (add_group_inputs scales the correct rows)."""
+    from megatron_scope.megatron.loss_func import add_group_inputs
+
+    config = LossConfig(loss_agg_mode="scope-released")
+    batch["old_log_probs"] = batch["teacher_log_probs"] - 0.2
+    logits = student_logits(batch)
+    add_group_inputs([batch], config)
+    loss_sum, count, _ = scope_loss_func(config, V, batch, logits)
+    s = torch.log_softmax(logits[..., :V].double(), -1)
+    t = torch.log_softmax(batch["teacher_logits"][..., :V].double(), -1)
+    kl = (s.exp() * (s - t)).sum(-1)
+    logp = s.gather(-1, batch["labels"][..., None])[..., 0]
+    mask, correct = batch["loss_mask"].double(), batch["correct"]
+    unscaled = scope_sequence_weights(  # the path weights themselves, before the released scaling
+        *(((x * mask).sum(-1) / mask.sum(-1).clamp_min(1)) for x in (batch["old_log_probs"].double(),
+                                                                   batch["teacher_log_probs"].double())),
+        correct, batch["group_ids"], config).double()
+    teacher_path = (unscaled[~correct, None] * kl[~correct] * mask[~correct]).sum() / mask.sum()
+    student_path = (unscaled[correct, None] * -logp[correct] * mask[correct]).sum() / mask[correct].sum()
+    assert int(count) == int(mask.sum())
+    assert float(loss_sum) / int(count) == pytest.approx(float(teacher_path + student_path), rel=1e-5)
+
+
+def test_logprob_temperature_scales_the_students_logits(batch):
+    """--logprob-temperature T: the loss of logits z is the temperature-1 loss of z / T."""
+    logits = student_logits(batch)
+    hot, _, _ = scope_loss_func(LossConfig(logprob_temperature=0.6), V, batch, logits)
+    cold, _, _ = scope_loss_func(LossConfig(), V, batch, logits / 0.6)
+    assert float(hot) == pytest.approx(float(cold), rel=1e-6)

@@ -1,5 +1,7 @@
 """One-process checks of megatron_scope.ops.vocab_parallel against the float64 references.
 
+The shared op cases (`OPS`, `_case`) also run `topk.vocab_parallel_topk_kl`, and the bad-input test covers
+`topk` and `token_stats` too; their own tests are in test_topk.py and test_token_stats.py.
 TP > 1 is checked in tests/distributed/test_vocab_parallel.py against the same references.
 """
 
@@ -10,26 +12,18 @@ import pytest
 import torch
 
 from megatron_scope.ops import reference, vocab_parallel
+from megatron_scope.ops.token_stats import sampled_kl, sequence_mean_log_prob, sequence_perplexity
+from megatron_scope.ops.topk import vocab_parallel_topk_kl
 from megatron_scope.ops.vocab_parallel import (
-    sampled_kl,
-    sequence_mean_log_prob,
-    sequence_perplexity,
     vocab_parallel_entropy,
     vocab_parallel_kl,
     vocab_parallel_log_probs,
     vocab_parallel_logsumexp,
-    vocab_parallel_topk_kl,
 )
 
 VOCAB = 53  # padded to 64 in the padding cases
 PADDED = 64
 TOPK = 5
-
-
-@pytest.fixture(autouse=True)
-def eager_backend(monkeypatch):
-    """Eager kernels unless a test asks otherwise (the compiled path has its own test)."""
-    monkeypatch.setenv(vocab_parallel.BACKEND_ENV, "eager")
 
 
 def _logits(shape, seed, scale=3.0, dtype=torch.float32):
@@ -214,75 +208,6 @@ def test_kl_gradient_flows_into_student_only():
     teacher = _logits((3, PADDED), seed=2).requires_grad_()
     vocab_parallel_kl(student, teacher, "forward").sum().backward()
     assert student.grad is not None and teacher.grad is None
-
-
-@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
-def test_sampled_kl_matches_definition_and_estimates_kl(kind):
-    student_lp = torch.log_softmax(_logits((4, 9), seed=1, dtype=torch.float64), -1)
-    teacher_lp = torch.log_softmax(_logits((4, 9), seed=2, dtype=torch.float64), -1)
-    torch.testing.assert_close(sampled_kl(student_lp, teacher_lp, kind), reference.sampled_kl(student_lp, teacher_lp, kind))
-    # Monte Carlo over tokens sampled from the student: k1 and k3 are unbiased for KL(student || teacher)
-    samples = torch.multinomial(student_lp.exp(), 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
-    estimates = sampled_kl(student_lp.gather(-1, samples), teacher_lp.gather(-1, samples), kind)
-    exact = reference.kl(student_lp, teacher_lp, "reverse")
-    if kind == "k2":
-        assert torch.all(estimates >= 0)
-    else:
-        stderr = estimates.std(-1) / math.sqrt(samples.shape[-1])
-        assert torch.all((estimates.mean(-1) - exact).abs() < 5 * stderr), (estimates.mean(-1), exact)
-    if kind == "k3":
-        assert torch.all(estimates >= 0)
-    student = student_lp.clone().requires_grad_()
-    teacher = teacher_lp.clone().requires_grad_()
-    sampled_kl(student, teacher, kind).sum().backward()
-    assert student.grad is not None and teacher.grad is None
-
-
-@pytest.mark.parametrize("kind", ["reverse", "forward"])
-def test_topk_kl_with_full_support_is_the_full_kl_and_a_lower_bound_otherwise(kind):
-    student = _logits((3, 4, 16), seed=1, dtype=torch.float64)
-    teacher = _logits((3, 4, 16), seed=2, dtype=torch.float64)
-    full_ids, full_lp = _topk(teacher, None, k=16)
-    torch.testing.assert_close(vocab_parallel_topk_kl(student, full_ids, full_lp, kind),
-                               reference.kl(student, teacher, kind))
-    for k in (1, 4, 15):
-        ids, lp = _topk(teacher, None, k=k)
-        partial = vocab_parallel_topk_kl(student, ids, lp, kind)
-        assert torch.all(partial <= reference.kl(student, teacher, kind) + 1e-12)
-        assert torch.all(partial >= 0)
-
-
-def test_topk_summary_matches_reference_and_skips_padding():
-    """vocab_parallel_topk: the k largest log-probs (float64 reference), never a padded id; bad k is named."""
-    logits = 3 * torch.randn(4, 7, 40, generator=torch.Generator().manual_seed(0))
-    logits[..., 30:] = 50.0  # padded entries with the largest logits: must never be chosen
-    ids, log_probs = vocab_parallel.vocab_parallel_topk(logits, 5, vocab_size=30)
-    expected_log_probs, expected_ids = reference.log_softmax(logits, 30).topk(5, dim=-1)
-    assert torch.equal(ids, expected_ids) and ids.max() < 30
-    torch.testing.assert_close(log_probs.double(), expected_log_probs, rtol=1e-6, atol=1e-6)
-    for bad in (0, 31, 2.0):
-        with pytest.raises(ValueError, match="k must be an int in"):
-            vocab_parallel.vocab_parallel_topk(logits, bad, vocab_size=30)
-
-
-def test_sequence_reductions_mask_and_all_masked():
-    token_lp = torch.log(torch.rand(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
-    mask = torch.tensor([[1, 1, 0, 1, 0, 0], [0] * 6, [1] * 6], dtype=torch.float32)
-    poisoned = token_lp.clone()
-    poisoned[mask == 0] = float("nan")
-    poisoned[0, 5] = float("-inf")
-    poisoned.requires_grad_()
-    mean = sequence_mean_log_prob(poisoned, mask)
-    torch.testing.assert_close(mean, reference.sequence_mean_log_prob(token_lp, mask))
-    assert mean[1].item() == 0.0
-    ppl = sequence_perplexity(poisoned, mask.bool())
-    torch.testing.assert_close(ppl, torch.exp(-reference.sequence_mean_log_prob(token_lp, mask)))
-    assert ppl[1].item() == 1.0
-    (mean.sum() + ppl.sum()).backward()
-    assert not torch.isnan(poisoned.grad).any() and torch.all(poisoned.grad[mask == 0] == 0)
-    # leading dims: [2, 3, 6] -> [2, 3]
-    stacked = sequence_mean_log_prob(token_lp.expand(2, 3, 6), mask.expand(2, 3, 6))
-    assert stacked.shape == (2, 3)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_scope.ops import reference, vocab_parallel
-from megatron_scope.ops.vocab_parallel import vocab_parallel_topk_kl
+from megatron_scope.ops.topk import vocab_parallel_topk_kl
 
 from .test_vocab_parallel import OPS, PADDED, VOCAB, _case, _logits, _topk, _value_and_grad
 

@@ -7,8 +7,10 @@ import torch
 
 from megatron_scope.losses.objectives import group_normalized_advantages
 from megatron_scope.losses.scope import scope_sequence_weights
-from megatron_scope.megatron.loss_func import ScopeLossConfig, check_batch, scope_loss_func
-from megatron_scope.ops.vocab_parallel import sequence_mean_log_prob, vocab_parallel_log_probs
+from megatron_scope.config import LossConfig
+from megatron_scope.megatron.loss_func import check_batch, scope_loss_func
+from megatron_scope.ops.token_stats import sequence_mean_log_prob
+from megatron_scope.ops.vocab_parallel import vocab_parallel_log_probs
 from megatron_scope.rollout.batch import RolloutGroup, build_batch, check_token_ids, sequence_length_for
 from megatron_scope.rollout.engine import Completion
 
@@ -41,9 +43,9 @@ def score_and_loss(groups, algorithm):
                                            batch["correct"], batch["group_ids"]),
         advantages=group_normalized_advantages(batch["correct"].float(), batch["group_ids"]),
     )
-    config = ScopeLossConfig(vocab_size=V, algorithm=algorithm)
+    config = LossConfig(algorithm=algorithm)
     check_batch(batch, config)
-    loss_sum, count, _ = scope_loss_func(config, batch, student_logits)
+    loss_sum, count, _ = scope_loss_func(config, V, batch, student_logits)
     loss_sum.backward()
     return batch, loss_sum.detach(), count, student_logits.grad
 
@@ -77,8 +79,8 @@ def test_empty_responses_and_uniform_groups_give_finite_numbers(algorithm):
     # ... and contributes nothing: scaling its weight leaves the loss unchanged
     scaled = dict(batch, seq_weights=weights * torch.tensor([1.0] * 6 + [10.0, 1.0, 1.0]))
     logits = torch.zeros_like(grad)  # any logits: the empty row has no loss position
-    config = ScopeLossConfig(vocab_size=V, algorithm=algorithm)
-    assert scope_loss_func(config, scaled, logits)[0] == scope_loss_func(config, batch, logits)[0]
+    config = LossConfig(algorithm=algorithm)
+    assert scope_loss_func(config, V, scaled, logits)[0] == scope_loss_func(config, V, batch, logits)[0]
 
 
 def test_groups_of_one_get_weight_one_and_advantage_zero():

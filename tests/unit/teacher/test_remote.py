@@ -23,25 +23,24 @@ class ScriptedTeacher:
         self.fault, self.calls = fault, []
 
     def score(self, sequences):
-        return [s.log_probs for s in self.score_topk(sequences, 0)]
+        return [s.log_probs.tolist() for s in self.score_topk(sequences, 0)]
 
     def score_topk(self, sequences, k):
         self.calls.append(([list(s) for s in sequences], k))
-        scores = [SequenceScores([-(t + 1) / 10 for t in range(len(s) - 1)],
-                                 [[t + i for i in range(k)] for t in range(len(s) - 1)],
-                                 [[-1.0 - i for i in range(k)] for _ in range(len(s) - 1)]) for s in sequences]
-        spoiled = scores[1] if len(scores) > 1 else None
+        lists = [([-(t + 1) / 10 for t in range(len(s) - 1)], [[t + i for i in range(k)] for t in range(len(s) - 1)],
+                  [[-1.0 - i for i in range(k)] for _ in range(len(s) - 1)]) for s in sequences]
+        spoiled = lists[1] if len(lists) > 1 else None
         if self.fault == "drop":
-            scores = scores[:-1]
+            lists = lists[:-1]
         elif self.fault == "short":
-            spoiled.log_probs.pop()
+            spoiled[0].pop()
         elif self.fault == "nan":
-            spoiled.log_probs[-1] = math.nan
+            spoiled[0][-1] = math.nan
         elif self.fault == "repeated_id":
-            spoiled.topk_ids[-1][1] = spoiled.topk_ids[-1][0]
+            spoiled[1][-1][1] = spoiled[1][-1][0]
         elif self.fault == "padding_row":
-            spoiled.topk_ids[-1][0] = 60
-        return scores
+            spoiled[1][-1][0] = 60
+        return [SequenceScores.from_lists(*values) for values in lists]
 
 
 PROMPTS = [[1, 5, 6], [1, 7]]
@@ -59,8 +58,9 @@ def test_scores_are_the_response_tokens_log_probs():
     # the empty response is not sent; each sent sequence is prompt + response
     assert engine.calls == [([[1, 5, 6, 9, 9, 2], [1, 7, 4], [1, 7, 3, 2]], 0)]
     # positions 2..4 of a 6-token sequence predict the 3 response tokens (prompt of 3: first at index 3 - 1)
-    assert [[s.log_probs for s in group] for group in scores] == [[[-0.3, -0.4, -0.5], []], [[-0.2], [-0.2, -0.3]]]
-    assert all(s.topk_ids == [] for group in scores for s in group)
+    assert [[s.log_probs.tolist() for s in group] for group in scores] == \
+        [[pytest.approx([-0.3, -0.4, -0.5]), []], [pytest.approx([-0.2]), pytest.approx([-0.2, -0.3])]]
+    assert all(s.topk_ids.numel() == 0 for group in scores for s in group)
 
 
 def test_topk_scores_are_sliced_like_the_log_probs():
@@ -68,7 +68,8 @@ def test_topk_scores_are_sliced_like_the_log_probs():
     scores = score_responses(engine, ["a", "b"], PROMPTS, SAMPLES, topk=K, vocab_size=50)
     assert engine.calls[0][1] == K
     first = scores[0][0]
-    assert first.topk_ids == [[2, 3, 4], [3, 4, 5], [4, 5, 6]] and first.topk_log_probs == [[-1.0, -2.0, -3.0]] * 3
+    assert first.topk_ids.tolist() == [[2, 3, 4], [3, 4, 5], [4, 5, 6]]
+    assert first.topk_log_probs.tolist() == [[-1.0, -2.0, -3.0]] * 3
 
 
 def test_build_batch_lays_teacher_scores_out_like_the_sampler_log_probs():
@@ -77,10 +78,10 @@ def test_build_batch_lays_teacher_scores_out_like_the_sampler_log_probs():
     mask = batch["loss_mask"].bool()
     assert torch.equal(batch["teacher_log_probs"] != 0, mask)
     flat = [s for group in scores for s in group]
-    torch.testing.assert_close(batch["teacher_log_probs"][mask], torch.tensor([v for s in flat for v in s.log_probs]))
+    torch.testing.assert_close(batch["teacher_log_probs"][mask], torch.cat([s.log_probs for s in flat]))
     assert batch["teacher_topk_ids"].shape == batch["teacher_topk_log_probs"].shape == (4, 8, K)
-    assert batch["teacher_topk_ids"][mask].tolist() == [ids for s in flat for ids in s.topk_ids]
-    assert batch["teacher_topk_log_probs"][mask].tolist() == [lps for s in flat for lps in s.topk_log_probs]
+    assert torch.equal(batch["teacher_topk_ids"][mask], torch.cat([s.topk_ids for s in flat]))
+    assert torch.equal(batch["teacher_topk_log_probs"][mask], torch.cat([s.topk_log_probs for s in flat]))
     # off the responses: a valid top-k (ids 0..k-1, each 1/(k+1)) so the KL there is finite and masked away
     assert batch["teacher_topk_ids"][~mask].tolist() == [list(range(K))] * int((~mask).sum())
     torch.testing.assert_close(batch["teacher_topk_log_probs"][~mask], torch.full((int((~mask).sum()), K),
@@ -108,10 +109,10 @@ def test_a_teacher_that_returns_too_little_or_a_bad_topk_is_an_error(fault, mess
 
 def test_groups_must_agree_on_teacher_scores():
     with pytest.raises(ValueError, match="response 0 has 3 tokens but 2 teacher log-probs"):
-        RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [SequenceScores([-1.0] * 2, [], []),
-                                                                   SequenceScores([], [], [])])
-    scored = RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [SequenceScores([-1.0] * 3, [], []),
-                                                                        SequenceScores([], [], [])])
+        RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [SequenceScores.from_lists([-1.0] * 2),
+                                                                   SequenceScores.from_lists([])])
+    scored = RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [SequenceScores.from_lists([-1.0] * 3),
+                                                                        SequenceScores.from_lists([])])
     plain = RolloutGroup("b", PROMPTS[1], SAMPLES[1], [True, False])
     with pytest.raises(ValueError, match="some groups carry teacher scores and some do not"):
         build_batch([scored, plain], seq_length=8, pad_id=0)

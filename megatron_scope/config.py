@@ -1,0 +1,467 @@
+"""One run's configuration: a frozen tree of dataclasses built once from the parsed flags by `build_config`.
+
+    args = megatron_scope.arguments.parse_args(argv)       # every flag, argparse groups
+    config = build_config(args)                            # validated; handed whole to each component
+
+Sections follow the flag groups of `megatron_scope.arguments`: `parallel`, `models`, `data`, `loss` (the SCOPE
+group: objective, divergence, path weights, baselines' hyper-parameters), `rollout`, `optimizer`, `loop`.
+Each field's docstring names its flag. Single-section rules live in each section's `__post_init__`; rules that
+span sections in `RunConfig.__post_init__`; rules that need the world size in `RunConfig.layout_errors`.
+The dry run (tools/check_config.py) builds the same object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+# The divergences the ops compute: over the whole vocabulary from a co-located teacher's logits, and the
+# single-sample estimators from the teacher's log-prob of the sampled token.
+from megatron_scope.ops.token_stats import SAMPLED_KL
+from megatron_scope.ops.vocab_parallel import FULL_VOCAB_KL
+
+#: Objectives (--scope-algorithm): SCOPE and the baselines (losses/objectives.py).
+ALGORITHMS = ("scope", "opd", "exopd", "srpo", "tropd", "grpo", "sft")
+#: Every --scope-kl: full-vocabulary, sampled-token, or the teacher's top-k (ops.topk).
+KL_ESTIMATORS = FULL_VOCAB_KL + SAMPLED_KL + ("topk",)
+#: Objectives with a divergence to the teacher (--scope-kl applies to them).
+KL_ALGORITHMS = ("scope", "opd", "srpo", "tropd")
+#: Objectives that never read a teacher.
+TEACHER_FREE_ALGORITHMS = ("grpo", "sft")
+WEIGHT_NORMS = ("mean", "sum")
+TEACHER_BACKENDS = ("megatron", "vllm")
+REWARDS = ("synthetic", "math")
+TROPD_OUTLIERS = ("mask", "clip", "forward")
+#: How per-token losses become the step's loss (verl's names; see losses/objectives.aggregate).
+LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "scope-released")
+TEACHER_PATH_LOSSES = ("kl", "ppo")
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+
+
+def _positive(section: str, **values) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{section}.{name} must be >= 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Megatron's model parallelism (data parallelism is what the world size leaves)."""
+
+    tensor_model_parallel_size: int = 1
+    """--tensor-model-parallel-size (TP)."""
+    pipeline_model_parallel_size: int = 1
+    """--pipeline-model-parallel-size (PP)."""
+
+    def __post_init__(self):
+        _positive("ParallelConfig", tensor_model_parallel_size=self.tensor_model_parallel_size,
+                  pipeline_model_parallel_size=self.pipeline_model_parallel_size)
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelsConfig:
+    """The student, the teacher and their shared tokenizer."""
+
+    student_hf: str
+    """--student-hf: the student's initial weights, a Hugging Face directory (also seeds the rollout engine)."""
+    tokenizer: str
+    """--tokenizer: a SentencePiece model file or a Hugging Face tokenizer directory, shared by both models."""
+    teacher_hf: str | None = None
+    """--teacher-hf: the teacher's Hugging Face directory."""
+    teacher_tokenizer: str | None = None
+    """--teacher-tokenizer: checked to have the same vocabulary as --tokenizer."""
+    teacher_backend: str = "megatron"
+    """--teacher-backend: "megatron" (co-located forward-only Megatron model, the student's TP/PP) or "vllm"
+    (a vLLM engine placed like the rollout engine that scores the responses)."""
+    bf16: bool = False
+    """--bf16: bf16 parameters (GPU runs)."""
+
+    def __post_init__(self):
+        if self.teacher_backend not in TEACHER_BACKENDS:
+            raise ValueError(f"--teacher-backend must be one of {TEACHER_BACKENDS}, got {self.teacher_backend!r}")
+        if self.teacher_backend == "vllm" and not self.teacher_hf:
+            raise ValueError("--teacher-backend vllm needs --teacher-hf (the teacher's HF directory)")
+
+    @property
+    def colocated_teacher(self) -> bool:
+        """A teacher that lives as a Megatron model on every training rank."""
+        return bool(self.teacher_hf) and self.teacher_backend == "megatron"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Prompts and their verifier."""
+
+    train_data: str
+    """--train-data: JSONL rows {id, prompt, answer}."""
+    prompt_template: str = "{prompt}"
+    """--prompt-template: rollout prompt text with exactly one {prompt}."""
+    apply_chat_template: bool = False
+    """--apply-chat-template: wrap the templated prompt as one user turn (Hugging Face tokenizers)."""
+    reward: str = "math"
+    """--reward: "synthetic" (the demo task's checker) or "math" (math-verify on the last \\boxed{})."""
+
+    def __post_init__(self):
+        if self.reward not in REWARDS:
+            raise ValueError(f"--reward must be one of {REWARDS}, got {self.reward!r}")
+        try:
+            self.prompt_format()
+        except ValueError as error:  # a template without exactly one {prompt}
+            raise ValueError(f"--prompt-template: {error}") from None
+
+    def prompt_format(self):
+        from megatron_scope.data.datasets import PromptFormat
+
+        return PromptFormat(self.prompt_template, self.apply_chat_template)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """Hyper-parameters of the baselines (see each objective in losses/objectives.py for its formula)."""
+
+    clip_eps: float = 0.2
+    """--grpo-clip-eps: PPO ratio clip ε (GRPO, SRPO's correct path, SCOPE's released teacher path)."""
+    clip_ratio_c: float = 3.0
+    """--clip-ratio-c: PPO dual clip (Ye et al. 2020): a negative advantage's loss is at most -c A (c > 1)."""
+    exopd_lambda: float = 1.25
+    """--exopd-lambda: ExOPD reward-extrapolation λ (1 = OPD)."""
+    srpo_beta: float = 1.0
+    """--srpo-beta: SRPO teacher-entropy temperature β."""
+    tropd_delta: float = 1.0
+    """--tropd-delta: TrOPD trust-region half-width δ on |log π_S - log π_T|."""
+    tropd_outlier: str = "mask"
+    """--tropd-outlier: what TrOPD does outside the region: mask, clip or forward."""
+
+    def __post_init__(self):
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"--grpo-clip-eps must be in (0, 1), got {self.clip_eps}")
+        if not self.clip_ratio_c > 1:
+            raise ValueError(f"--clip-ratio-c must be > 1, got {self.clip_ratio_c}")
+        if self.srpo_beta < 0 or not self.tropd_delta > 0:
+            raise ValueError(f"need --srpo-beta >= 0 and --tropd-delta > 0, got {self.srpo_beta}, {self.tropd_delta}")
+        if self.tropd_outlier not in TROPD_OUTLIERS:
+            raise ValueError(f"--tropd-outlier must be one of {TROPD_OUTLIERS}, got {self.tropd_outlier!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The SCOPE group (--scope-*): what the loss computes and how SCOPE weights its two paths. The loss function
+    (megatron/loss_func.py) and `losses.scope.scope_sequence_weights` receive it whole."""
+
+    algorithm: str = "scope"
+    """--scope-algorithm: SCOPE or a baseline (a key of losses.objectives.OBJECTIVES)."""
+    kl: str = "reverse"
+    """--scope-kl: divergence to the teacher (reverse, forward, jsd, k1, k2, k3 or topk)."""
+    jsd_beta: float = 0.5
+    """--scope-jsd-beta: mixture weight β of the generalized JSD."""
+    topk: int | None = None
+    """--scope-topk: k of the teacher's top-k log-probs, with --scope-kl topk only."""
+    topk_renormalize: bool = False
+    """--scope-topk-renormalize: KL between the two distributions renormalised over the teacher's k ids (NeMo-RL's
+    and the SCOPE authors' convention), instead of k + 1 outcomes with the rest of the vocabulary as a tail."""
+    loss_agg_mode: str = "seq-mean-token-mean"
+    """--loss-agg-mode: "seq-mean-token-mean" (token mean per response, then the weighted mean over responses:
+    the paper's per-sequence losses), "token-mean" (weighted token sum over all response tokens of the global
+    batch), or "scope-released" (the SCOPE authors' released code: token-mean, the teacher path over all response
+    tokens and the student path's MLE over correct-response tokens only)."""
+    teacher_path_loss: str = "kl"
+    """--scope-teacher-path-loss: "kl" (the per-token divergence of --scope-kl) or "ppo" (the released code: PPO's
+    clipped surrogate, with dual clip, of the per-token advantage log π_T - log π_old; needs --scope-kl k1)."""
+    student_path_exponent: int = 1
+    """--scope-student-path-exponent: w_stu ∝ PPL_S^(exponent/τ); +1 the paper (favours high-perplexity correct
+    responses), -1 the released code (favours confident ones)."""
+    logprob_temperature: float = 1.0
+    """--logprob-temperature: the student's log-probs in the loss and before the step come from logits / T (the
+    released code uses the rollout temperature); the teacher's stay at temperature 1."""
+    tau: float = 1.0
+    """--scope-tau: temperature τ of both path weightings, PPL^(±1/τ)."""
+    weight_norm: str = "mean"
+    """--scope-weight-norm: "sum" (weights sum to 1 per prompt and path, the paper) or "mean" (they average 1,
+    the authors' released runs)."""
+    student_path_weights: bool = True
+    """--[no-]scope-student-path-weights: student-perplexity weights on correct responses (off: uniform)."""
+    teacher_path_weights: bool = True
+    """--[no-]scope-teacher-path-weights: teacher-perplexity weights on incorrect responses (off: uniform)."""
+    baselines: BaselineConfig = BaselineConfig()
+    """The baselines' hyper-parameters."""
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.kl not in KL_ESTIMATORS:
+            raise ValueError(f"--scope-kl must be one of {KL_ESTIMATORS}, got {self.kl!r}")
+        if not self.tau > 0:
+            raise ValueError(f"--scope-tau must be > 0, got {self.tau}")
+        if self.weight_norm not in WEIGHT_NORMS:
+            raise ValueError(f"--scope-weight-norm must be one of {WEIGHT_NORMS}, got {self.weight_norm!r}")
+        if not 0 < self.jsd_beta < 1:
+            raise ValueError(f"--scope-jsd-beta must be in (0, 1), got {self.jsd_beta}")
+        if self.kl == "topk" and self.topk is None:
+            raise ValueError("--scope-kl topk needs --scope-topk K (how many teacher log-probs per token)")
+        if self.topk is not None and self.kl != "topk":
+            raise ValueError(f"--scope-topk {self.topk} is only used with --scope-kl topk, not {self.kl}")
+        if self.topk_renormalize and self.kl != "topk":
+            raise ValueError(f"--scope-topk-renormalize is only used with --scope-kl topk, not {self.kl}")
+        if self.topk is not None and self.topk < 1:
+            raise ValueError(f"--scope-topk must be >= 1, got {self.topk}")
+        if self.algorithm == "srpo" and self.kl not in FULL_VOCAB_KL:
+            raise ValueError(
+                f"--scope-algorithm srpo weights tokens by the teacher's entropy, which needs its full "
+                f"distribution: use --scope-kl {'/'.join(FULL_VOCAB_KL)}, not {self.kl}")
+        if self.algorithm == "tropd" and self.baselines.tropd_outlier == "forward" and self.kl not in FULL_VOCAB_KL:
+            raise ValueError(
+                f"--tropd-outlier forward needs full-vocabulary teacher logits: use --scope-kl "
+                f"{'/'.join(FULL_VOCAB_KL)}, not {self.kl}")
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"--loss-agg-mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
+        if self.teacher_path_loss not in TEACHER_PATH_LOSSES:
+            raise ValueError(f"--scope-teacher-path-loss must be one of {TEACHER_PATH_LOSSES}, "
+                             f"got {self.teacher_path_loss!r}")
+        if self.teacher_path_loss == "ppo" and (self.algorithm != "scope" or self.kl != "k1"):
+            raise ValueError("--scope-teacher-path-loss ppo is SCOPE's released teacher path, a policy gradient of the "
+                             f"k1 advantage: use --scope-algorithm scope --scope-kl k1, not {self.algorithm}/{self.kl}")
+        if self.student_path_exponent not in (1, -1):
+            raise ValueError(f"--scope-student-path-exponent must be 1 or -1, got {self.student_path_exponent}")
+        if not self.logprob_temperature > 0:
+            raise ValueError(f"--logprob-temperature must be > 0, got {self.logprob_temperature}")
+        if self.algorithm in ("grpo", "sft", "exopd") and self.kl != "reverse":
+            raise ValueError(f"--scope-algorithm {self.algorithm} uses no KL term; drop --scope-kl {self.kl}")
+
+    @property
+    def uses_kl(self) -> bool:
+        """The objective has a divergence to the teacher."""
+        return self.algorithm in KL_ALGORITHMS
+
+    @property
+    def needs_teacher(self) -> bool:
+        """The objective reads a teacher (its logits, top-k or log-probs; SCOPE's teacher-path weights too)."""
+        return self.algorithm not in TEACHER_FREE_ALGORITHMS
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        """The loss reads the teacher's whole distribution: a full-vocabulary KL, or SRPO's teacher entropy."""
+        return (self.uses_kl and self.kl in FULL_VOCAB_KL) or self.algorithm == "srpo"
+
+    @property
+    def teacher_topk(self) -> int:
+        """k of the teacher's top-k the loss reads (0: none)."""
+        return self.topk if self.uses_kl and self.kl == "topk" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling G responses per prompt with vLLM engines."""
+
+    prompts_per_step: int = 8
+    """--prompts-per-step: prompts per step over all data-parallel ranks."""
+    group_size: int = 8
+    """--scope-group-size: G, responses sampled per prompt."""
+    max_new_tokens: int = 256
+    """--max-new-tokens: response length cap."""
+    temperature: float = 1.0
+    """--rollout-temperature."""
+    top_p: float = 1.0
+    """--rollout-top-p."""
+    kv_cache_gib: float = 1.0
+    """--rollout-kv-cache-gib: KV cache of each vLLM engine (GiB)."""
+    tensor_parallel_size: int = 1
+    """--rollout-tensor-parallel-size: vLLM's tensor parallelism."""
+    engines: int = 0
+    """--rollout-engines: 0, one engine inside global rank 0; N >= 1, N engines as Ray actors."""
+    ray_address: str | None = None
+    """--ray-address: the Ray cluster to join with --rollout-engines (None: RAY_ADDRESS, else a local Ray)."""
+    gpus_per_engine: float | None = None
+    """--rollout-gpus-per-engine: GPUs Ray reserves per engine (None: the engine's TP with CUDA, 0 without)."""
+    vllm_log_level: str | None = None
+    """--vllm-log-level: vLLM's logging level (None: VLLM_LOGGING_LEVEL if set, else WARNING)."""
+
+    def __post_init__(self):
+        _positive("RolloutConfig", prompts_per_step=self.prompts_per_step, group_size=self.group_size,
+                  max_new_tokens=self.max_new_tokens, tensor_parallel_size=self.tensor_parallel_size)
+        if self.engines < 0:
+            raise ValueError(f"--rollout-engines must be >= 0, got {self.engines}")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"--rollout-kv-cache-gib must be > 0, got {self.kv_cache_gib}")
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Adam with linear warm-up then cosine decay (Megatron-LM's flags of the same names)."""
+
+    lr: float = 5e-5
+    """--lr: peak learning rate."""
+    min_lr: float = 0.0
+    """--min-lr: final learning rate."""
+    lr_warmup_iters: int = 0
+    """--lr-warmup-iters: linear warm-up steps."""
+    weight_decay: float = 0.0
+    """--weight-decay: decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """--adam-beta1."""
+    adam_beta2: float = 0.999
+    """--adam-beta2."""
+    clip_grad: float = 1.0
+    """--clip-grad: global gradient-norm clip; 0 disables."""
+    lr_decay_style: str = "cosine"
+    """--lr-decay-style: after warm-up, cosine or linear decay to --min-lr at --train-iters, or constant."""
+    use_distributed_optimizer: bool = False
+    """--use-distributed-optimizer: shard optimizer state over data-parallel ranks (needs CUDA)."""
+
+    def __post_init__(self):
+        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.lr_warmup_iters < 0:
+            raise ValueError(f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(f"--lr-decay-style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The training loop: its length, micro-batches, checkpoints and logs (Megatron-LM's flag names)."""
+
+    train_iters: int = 10
+    """--train-iters: optimizer steps to run in total (also the LR decay horizon)."""
+    micro_batch_size: int = 4
+    """--micro-batch-size: sequences per micro-batch."""
+    seed: int = 1234
+    """--seed: base seed; iteration i samples with seed + i, so a resumed run rolls out the same responses."""
+    save: str | None = None
+    """--save: checkpoint root; None disables saving."""
+    load: str | None = None
+    """--load: resume from the latest complete checkpoint under this root."""
+    save_interval: int = 0
+    """--save-interval: save every this many iterations (and at the end); 0, only at the end."""
+    exit_interval: int = 0
+    """--exit-interval: save and stop once the iteration is a multiple of this; 0, run to train_iters."""
+    log_interval: int = 1
+    """--log-interval: one log line every this many iterations."""
+    tensorboard_dir: str | None = None
+    """--tensorboard-dir: TensorBoard event directory."""
+    exit_on_nonfinite: bool = False
+    """--exit-on-nonfinite: stop the run (instead of skipping the step) on a NaN/Inf loss or gradient norm."""
+    progress_bar: bool = True
+    """--[no-]progress-bar: a tqdm bar with ETA on the logging rank."""
+    weight_sync_bucket_mib: int = 256
+    """--weight-sync-bucket-mib: bucket size of the Megatron -> engine weight stream."""
+
+    def __post_init__(self):
+        _positive("LoopConfig", train_iters=self.train_iters, micro_batch_size=self.micro_batch_size,
+                  log_interval=self.log_interval, weight_sync_bucket_mib=self.weight_sync_bucket_mib)
+        if self.save_interval < 0 or self.exit_interval < 0:
+            raise ValueError(f"save_interval and exit_interval must be >= 0, got {self.save_interval}, "
+                             f"{self.exit_interval}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one run; built once by `build_config` and handed whole to the trainer and the dry run."""
+
+    models: ModelsConfig
+    data: DataConfig
+    parallel: ParallelConfig = ParallelConfig()
+    loss: LossConfig = LossConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loop: LoopConfig = LoopConfig()
+
+    def __post_init__(self):
+        if self.optimizer.lr_warmup_iters >= self.loop.train_iters:
+            raise ValueError(f"need --lr-warmup-iters < --train-iters (Megatron's scheduler decays after warm-up), "
+                             f"got {self.optimizer.lr_warmup_iters} >= {self.loop.train_iters}")
+        if self.rollout.group_size < 2 and self.loss.algorithm in ("grpo", "srpo"):
+            raise ValueError(f"--scope-algorithm {self.loss.algorithm} normalises rewards within a group: "
+                             f"--scope-group-size must be >= 2, got {self.rollout.group_size}")
+        if self.loss.needs_teacher and not self.models.teacher_hf:
+            raise ValueError(f"--scope-algorithm {self.loss.algorithm} reads the teacher: give --teacher-hf")
+        if self.models.teacher_backend == "vllm" and self.loss.needs_teacher_logits:
+            raise ValueError(f"--scope-algorithm {self.loss.algorithm} with --scope-kl {self.loss.kl} needs the "
+                             "teacher's logits over the vocabulary; a vLLM teacher (--teacher-backend vllm) gives the "
+                             "log-probs of the sampled tokens and a top-k: use --scope-kl k1, k2, k3 or topk, or a "
+                             "co-located teacher")
+
+    @property
+    def remote_teacher(self) -> bool:
+        """The teacher is a vLLM engine beside the rollout engine (not a Megatron model on the training ranks)."""
+        return self.loss.needs_teacher and self.models.teacher_backend == "vllm"
+
+    @property
+    def colocated_teacher(self) -> bool:
+        """The teacher is a forward-only Megatron model on every training rank."""
+        return self.loss.needs_teacher and self.models.colocated_teacher
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """D = world / (TP x PP); ValueError when the world does not split."""
+        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise ValueError(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp} x "
+                             f"--pipeline-model-parallel-size {pp} = {tp * pp}")
+        return world_size // (tp * pp)
+
+    def local_sequences(self, data_parallel_size: int) -> int:
+        """n = prompts_per_step / D x G: the sequences one data-parallel rank trains on per step."""
+        return self.rollout.prompts_per_step // data_parallel_size * self.rollout.group_size
+
+    def batch_errors(self, data_parallel_size: int) -> list[str]:
+        """Why a step cannot be split over `data_parallel_size` ranks and micro-batches ([] when it can): each rank
+        takes whole prompt groups, and its sequences split into micro-batches of --micro-batch-size."""
+        prompts, dp = self.rollout.prompts_per_step, data_parallel_size
+        if prompts % dp:
+            return [f"--prompts-per-step {prompts} is not divisible by the data-parallel size {dp}: each "
+                    "data-parallel rank takes whole prompt groups"]
+        local, micro = self.local_sequences(dp), self.loop.micro_batch_size
+        if local % micro:
+            return [f"{local} sequences per data-parallel rank (--prompts-per-step {prompts} / DP {dp} x "
+                    f"--scope-group-size {self.rollout.group_size}) do not split into --micro-batch-size {micro}"]
+        return []
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration from `megatron_scope.arguments.parse_args`'s namespace (ValueError names the flag)."""
+    return RunConfig(
+        models=ModelsConfig(student_hf=args.student_hf, tokenizer=args.tokenizer, teacher_hf=args.teacher_hf,
+                            teacher_tokenizer=args.teacher_tokenizer, teacher_backend=args.teacher_backend,
+                            bf16=args.bf16),
+        data=DataConfig(train_data=args.train_data, prompt_template=args.prompt_template,
+                        apply_chat_template=args.apply_chat_template, reward=args.reward),
+        parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                pipeline_model_parallel_size=args.pipeline_model_parallel_size),
+        loss=LossConfig(
+            algorithm=args.scope_algorithm, kl=args.scope_kl, jsd_beta=args.scope_jsd_beta, topk=args.scope_topk,
+            topk_renormalize=args.scope_topk_renormalize,
+            loss_agg_mode=args.loss_agg_mode, teacher_path_loss=args.scope_teacher_path_loss,
+            student_path_exponent=args.scope_student_path_exponent, logprob_temperature=args.logprob_temperature,
+            tau=args.scope_tau, weight_norm=args.scope_weight_norm,
+            student_path_weights=args.scope_student_path_weights,
+            teacher_path_weights=args.scope_teacher_path_weights,
+            baselines=BaselineConfig(clip_eps=args.grpo_clip_eps, clip_ratio_c=args.clip_ratio_c,
+                                     exopd_lambda=args.exopd_lambda,
+                                     srpo_beta=args.srpo_beta, tropd_delta=args.tropd_delta,
+                                     tropd_outlier=args.tropd_outlier)),
+        rollout=RolloutConfig(
+            prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
+            max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.rollout_top_p,
+            kv_cache_gib=args.rollout_kv_cache_gib, tensor_parallel_size=args.rollout_tensor_parallel_size,
+            engines=args.rollout_engines, ray_address=args.ray_address,
+            gpus_per_engine=args.rollout_gpus_per_engine, vllm_log_level=args.vllm_log_level),
+        optimizer=OptimizerConfig(
+            lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
+            lr_decay_style=args.lr_decay_style, use_distributed_optimizer=args.use_distributed_optimizer),
+        loop=LoopConfig(
+            train_iters=args.train_iters, micro_batch_size=args.micro_batch_size, seed=args.seed, save=args.save,
+            load=args.load, save_interval=args.save_interval, exit_interval=args.exit_interval,
+            log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
+            exit_on_nonfinite=args.exit_on_nonfinite, progress_bar=args.progress_bar,
+            weight_sync_bucket_mib=args.weight_sync_bucket_mib),
+    )

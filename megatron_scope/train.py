@@ -1,0 +1,157 @@
+r"""SCOPE training entry point: `torchrun ... -m megatron_scope.train` (multi-node) or `python -m megatron_scope.train`
+(one process on CPU).
+
+The paper's pair, DeepSeek-R1-Distill-Qwen-1.5B distilled from Skywork-OR1-Math-7B (both Qwen2; Qwen3-1.7B
+from Qwen3-8B works the same way), on 4 nodes of 8 GPUs:
+
+    torchrun --nproc-per-node 8 --nnodes 4 --rdzv-endpoint HOST:PORT -m megatron_scope.train \
+        --student-hf /ckpt/DeepSeek-R1-Distill-Qwen-1.5B --teacher-hf /ckpt/Skywork-OR1-Math-7B \
+        --tokenizer /ckpt/DeepSeek-R1-Distill-Qwen-1.5B --teacher-tokenizer /ckpt/Skywork-OR1-Math-7B \
+        --prompt-template $'{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}.' \
+        --apply-chat-template --train-data prompts.jsonl --reward math --bf16 \
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --micro-batch-size 4 \
+        --prompts-per-step 256 --scope-group-size 8 --max-new-tokens 12288 --rollout-kv-cache-gib 40 \
+        --lr 5e-5 --train-iters 200 --save /ckpt/scope --load /ckpt/scope --scope-tau 1.0
+    python tools/convert_megatron_to_hf.py --megatron-dir /ckpt/scope --output-dir /ckpt/scope_hf
+
+Flags: `megatron_scope.arguments` (`--help` lists them all); they become one `RunConfig` (megatron_scope.config)
+that every component below receives. The student starts from a Hugging Face directory (config.json +
+safetensors), which also seeds the vLLM engine on global rank 0; a co-located teacher has the student's TP/PP
+(forward only).
+
+Vocabulary: the tokenizer's (a SentencePiece model file or a Hugging Face tokenizer directory) is the one
+distillation works over; each checkpoint may have more embedding rows than it has tokens (151936 rows for
+the 1.5B student, 152064 for the 7B teacher, 151665 tokens). Both Megatron models are padded to one
+vocabulary (the larger row count, padded for TP) so their vocab-parallel shards line up; the weights synced
+to vLLM and exported keep each checkpoint's own row count. Checkpoints under --save carry the student's HF
+config and tokenizer files, so tools/convert_megatron_to_hf.py turns them into a Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_scope.arguments import parse_run_config
+from megatron_scope.config import RunConfig
+
+
+def read_arch(model_dir: str):
+    """The DecoderArch of a Hugging Face model directory (megatron_scope.hf_config reads its config.json)."""
+    from megatron_scope.hf_config import read_hf_config
+    from megatron_scope.megatron.hf_mapping import arch_from_hf_config
+
+    return arch_from_hf_config(read_hf_config(model_dir))
+
+
+def build_verifier(reward: str):
+    """The reward's verifier: `verify_batch(response_texts, gold_answers) -> list[bool]`."""
+    if reward == "synthetic":
+        from megatron_scope.rewards.synthetic import SyntheticTaskVerifier
+
+        return SyntheticTaskVerifier()
+    from megatron_scope.rewards.math_verifier import MathVerifier
+
+    return MathVerifier()
+
+
+def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_logprobs: int = 0):
+    """A vLLM engine of `model_dir` for global rank 0: in this process (num_ray_engines 0), or that many Ray
+    actors anywhere in the cluster; `max_logprobs`: the top-k a teacher engine must give."""
+    from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+
+    rollout = config.rollout
+    engine_config = VLLMEngineConfig(model_dir, kv_cache_bytes=int(rollout.kv_cache_gib * (1 << 30)),
+                                     tensor_parallel_size=rollout.tensor_parallel_size, seed=config.loop.seed,
+                                     max_logprobs=max_logprobs)
+    if not num_ray_engines:
+        return VLLMRolloutEngine(engine_config)
+    import ray
+
+    from megatron_scope.rollout.ray_engine import RayRolloutEngine
+
+    if not ray.is_initialized():
+        ray.init(address=rollout.ray_address, include_dashboard=False, log_to_driver=False)
+    gpus = rollout.gpus_per_engine
+    if gpus is None:
+        gpus = rollout.tensor_parallel_size if torch.cuda.is_available() else 0
+    return RayRolloutEngine(engine_config, num_engines=num_ray_engines, actor_options={"num_gpus": gpus})
+
+
+def build_trainer(config: RunConfig):
+    """Everything a SCOPE run needs, checked before the first rollout; returns the ScopeTrainer."""
+    import torch.distributed as dist
+
+    from megatron_scope.data.datasets import PromptDataset
+    from megatron_scope.data.tokenizer import check_same_tokenizer, load_tokenizer
+    from megatron_scope.megatron.checkpointing import stage_hf_files
+    from megatron_scope.megatron.model import build_gpt_model, common_padded_vocab, wrap_with_ddp
+    from megatron_scope.megatron.optimizer import build_optimizer
+    from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
+    from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights
+    from megatron_scope.rollout.vllm_engine import set_vllm_log_level
+    from megatron_scope.trainer import ScopeTrainer
+
+    models, parallel, seed = config.models, config.parallel, config.loop.seed
+    set_vllm_log_level(config.rollout.vllm_log_level)
+    init_distributed()
+    initialize_model_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, seed=seed)
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if models.bf16 else torch.float32
+
+    tokenizer = load_tokenizer(models.tokenizer)
+    if models.teacher_tokenizer:
+        check_same_tokenizer(load_tokenizer(models.teacher_tokenizer), tokenizer)
+    student_arch = read_arch(models.student_hf)
+    teacher_arch = read_arch(models.teacher_hf) if models.teacher_hf else None
+    for name, arch, hf_dir in (("student", student_arch, models.student_hf), ("teacher", teacher_arch, models.teacher_hf)):
+        if arch is not None and arch.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"the {name} ({hf_dir}) has {arch.vocab_size} embedding rows, fewer than the "
+                             f"{tokenizer.vocab_size} tokens of the tokenizer {models.tokenizer}: distillation needs "
+                             "one shared vocabulary")
+    padded_vocab = common_padded_vocab([a for a in (student_arch, teacher_arch) if a is not None],
+                                       parallel.tensor_model_parallel_size)
+    dataset = PromptDataset.from_jsonl(config.data.train_data, seed=seed, tokenizer=tokenizer,
+                                       prompt_format=config.data.prompt_format())
+
+    def load_model(arch, hf_dir, **config_overrides):
+        model = build_gpt_model(arch, params_dtype=dtype, padded_vocab=padded_vocab, **config_overrides)
+        load_hf_weights(model, arch, SafetensorsCheckpoint(hf_dir))
+        return model
+
+    student = wrap_with_ddp(load_model(student_arch, models.student_hf, calculate_per_token_loss=True),
+                            use_distributed_optimizer=config.optimizer.use_distributed_optimizer)
+    teacher = reference = None
+    if config.colocated_teacher:
+        teacher = load_model(teacher_arch, models.teacher_hf).eval().requires_grad_(False)
+    if config.loss.algorithm == "exopd":  # the reference is the initial student
+        reference = load_model(student_arch, models.student_hf).eval().requires_grad_(False)
+    optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
+
+    engine = teacher_engine = None
+    if dist.get_rank() == 0:
+        engine = start_engine(config, models.student_hf, config.rollout.engines)
+        if config.remote_teacher:
+            teacher_engine = start_engine(config, models.teacher_hf, min(config.rollout.engines, 1),
+                                          max_logprobs=config.loss.teacher_topk)
+    trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
+                           build_verifier(config.data.reward).verify_batch, engine=engine, teacher=teacher,
+                           reference=reference, teacher_engine=teacher_engine)
+    if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF
+        stage_hf_files(config.loop.save, models.student_hf)
+    return trainer
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
+    trainer = build_trainer(parse_run_config(argv))
+    try:
+        history = trainer.train()
+    finally:
+        trainer.close()
+    return trainer, history
+
+
+if __name__ == "__main__":
+    main()

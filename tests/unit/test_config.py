@@ -1,0 +1,74 @@
+"""The run configuration: every flag reaches it, each cross-flag rule refuses what it should, and the facts
+derived from it (which teacher, what the loss reads, how a step splits) are right."""
+
+import argparse
+
+import pytest
+
+from megatron_scope.arguments import build_parser
+from megatron_scope.config import build_config
+from megatron_scope.testing.tiny import tiny_run_config
+
+REQUIRED = ["--student-hf", "s", "--teacher-hf", "t", "--tokenizer", "t", "--train-data", "d"]
+
+
+class _Recording(argparse.Namespace):
+    """A namespace that records which attributes were read."""
+
+    def __getattribute__(self, name):
+        if not name.startswith("_"):
+            object.__getattribute__(self, "_read").add(name)
+        return object.__getattribute__(self, name)
+
+
+def test_every_flag_reaches_the_configuration():
+    args = build_parser().parse_args(REQUIRED, namespace=_Recording())
+    object.__setattr__(args, "_read", set())
+    build_config(args)
+    unread = set(vars(args)) - args._read - {"_read"}
+    assert not unread, f"flags parsed but never put into the RunConfig: {sorted(unread)}"
+
+
+@pytest.mark.parametrize("algorithm,kl,ok", [
+    ("scope", "reverse", False), ("opd", "jsd", False), ("srpo", "forward", False),
+    ("opd", "topk", True), ("scope", "k3", True), ("opd", "k1", True), ("tropd", "k2", True), ("grpo", "reverse", True),
+    ("sft", "reverse", True),
+])
+def test_which_objectives_a_vllm_teacher_can_serve(algorithm, kl, ok):
+    """A vLLM teacher engine gives the log-probs of the sampled tokens and a top-k, not the vocabulary logits."""
+    loss = dict(algorithm=algorithm, kl=kl, topk=4 if kl == "topk" else None)
+    if ok:
+        config = tiny_run_config(models=dict(teacher_backend="vllm"), loss=loss, rollout=dict(group_size=2))
+        assert config.remote_teacher == (algorithm not in ("grpo", "sft")) and not config.colocated_teacher
+    else:
+        with pytest.raises(ValueError, match=f"--scope-kl {kl} needs the teacher's logits over the vocabulary; a vLLM"):
+            tiny_run_config(models=dict(teacher_backend="vllm"), loss=loss)
+
+
+def test_teacher_facts():
+    assert tiny_run_config().colocated_teacher and not tiny_run_config().remote_teacher
+    with pytest.raises(ValueError, match="--scope-algorithm opd reads the teacher: give --teacher-hf"):
+        tiny_run_config(models=dict(teacher_hf=None), loss=dict(algorithm="opd"))
+    grpo = tiny_run_config(models=dict(teacher_hf=None), loss=dict(algorithm="grpo"), rollout=dict(group_size=2))
+    assert not grpo.colocated_teacher and not grpo.loss.needs_teacher
+    with pytest.raises(ValueError, match="--teacher-backend vllm needs --teacher-hf"):
+        tiny_run_config(models=dict(teacher_hf=None, teacher_backend="vllm"), loss=dict(algorithm="grpo"))
+    topk = tiny_run_config(loss=dict(kl="topk", topk=16)).loss
+    assert (topk.teacher_topk, topk.needs_teacher_logits) == (16, False)
+    assert tiny_run_config(loss=dict(algorithm="srpo", kl="reverse"), rollout=dict(group_size=2)).loss.needs_teacher_logits
+    assert tiny_run_config(loss=dict(kl="k1")).loss.teacher_topk == 0
+
+
+def test_how_a_step_splits_over_data_parallel_ranks():
+    config = tiny_run_config(rollout=dict(prompts_per_step=8, group_size=3), loop=dict(micro_batch_size=6))
+    assert config.data_parallel_size(8) == 8 and config.local_sequences(4) == 6
+    assert config.batch_errors(4) == [] and config.batch_errors(2) == []  # 12 sequences, micro-batches of 6
+    assert "--prompts-per-step 8 is not divisible by the data-parallel size 3" in config.batch_errors(3)[0]
+    assert "3 sequences per data-parallel rank" in config.batch_errors(8)[0]
+    with pytest.raises(ValueError, match="world size 6 is not a multiple of --tensor-model-parallel-size 4"):
+        build_config(build_parser().parse_args(REQUIRED + ["--tensor-model-parallel-size", "4"])).data_parallel_size(6)
+
+
+def test_warmup_must_end_before_the_last_iteration():
+    with pytest.raises(ValueError, match="need --lr-warmup-iters < --train-iters"):
+        build_config(build_parser().parse_args(REQUIRED + ["--train-iters", "5", "--lr-warmup-iters", "5"]))
