@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 from megatron_scope.config import (
-    ALGORITHMS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, TEACHER_BACKENDS, TEACHER_PATH_LOSSES,
-    TROPD_OUTLIERS, WEIGHT_NORMS, RunConfig, build_config,
+    ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, TEACHER_BACKENDS,
+    TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS, TROPD_OUTLIERS, WEIGHT_NORMS, RunConfig, build_config,
 )
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
 
@@ -111,6 +111,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "tokenizer directory (e.g. the student's HF directory).")
     g.add_argument("--teacher-tokenizer", default=None,
                    help="The teacher's tokenizer (same kinds as --tokenizer): checked to have the same vocabulary.")
+    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
+                   help="local: megatron-core's own modules; transformer_engine: TE's layer spec (TE installed).")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="sdpa",
+                   help="With --transformer-impl local: sdpa (torch scaled_dot_product_attention, flash or "
+                        "memory-efficient kernels, no stored s^2 scores) or local (megatron-core's "
+                        "DotProductAttention, which stores them).")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="Activation recompute: full layers, or core attention only (selective).")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                   help="With --recompute-granularity full: uniform or block (Megatron-LM's meanings).")
+    g.add_argument("--recompute-num-layers", type=positive_int, default=None,
+                   help="With --recompute-granularity full: layers per unit (uniform) or per stage (block).")
     return parser
 
 

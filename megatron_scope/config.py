@@ -35,6 +35,9 @@ TROPD_OUTLIERS = ("mask", "clip", "forward")
 #: How per-token losses become the step's loss (verl's names; see losses/objectives.aggregate).
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "scope-released")
 TEACHER_PATH_LOSSES = ("kl", "ppo")
+#: --transformer-impl and --attention-backend (megatron/attention.py builds the spec).
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+ATTENTION_BACKENDS = ("sdpa", "local")
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 
 
@@ -79,8 +82,34 @@ class ModelsConfig:
     (a vLLM engine placed like the rollout engine that scores the responses)."""
     bf16: bool = False
     """--bf16: bf16 parameters (GPU runs)."""
+    transformer_impl: str = "local"
+    """--transformer-impl: "local" (megatron-core's own modules) or "transformer_engine" (TE's layer spec)."""
+    attention_backend: str = "sdpa"
+    """--attention-backend (local impl): "sdpa" (torch scaled_dot_product_attention: flash or memory-efficient
+    kernels, no stored s^2 scores) or "local" (megatron-core's DotProductAttention, which stores them)."""
+    recompute_granularity: str | None = None
+    """--recompute-granularity: None, "full" (recompute whole layers in backward) or "selective" (core
+    attention only)."""
+    recompute_method: str | None = None
+    """--recompute-method (full): "uniform" or "block" (Megatron-LM's meanings)."""
+    recompute_num_layers: int | None = None
+    """--recompute-num-layers (full): layers per recompute unit (uniform) or recomputed per stage (block)."""
 
     def __post_init__(self):
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity must be full or selective, got {self.recompute_granularity!r}")
+        full = self.recompute_granularity == "full"
+        if full != (self.recompute_method is not None) or full != (self.recompute_num_layers is not None):
+            raise ValueError("--recompute-granularity full needs --recompute-method and --recompute-num-layers, and "
+                             "only it takes them (selective recomputes core attention in every layer)")
+        if self.recompute_method not in (None, "uniform", "block"):
+            raise ValueError(f"--recompute-method must be uniform or block, got {self.recompute_method!r}")
+        if self.recompute_num_layers is not None and self.recompute_num_layers < 1:
+            raise ValueError(f"--recompute-num-layers must be >= 1, got {self.recompute_num_layers}")
         if self.teacher_backend not in TEACHER_BACKENDS:
             raise ValueError(f"--teacher-backend must be one of {TEACHER_BACKENDS}, got {self.teacher_backend!r}")
         if self.teacher_backend == "vllm" and not self.teacher_hf:
@@ -90,6 +119,20 @@ class ModelsConfig:
     def colocated_teacher(self) -> bool:
         """A teacher that lives as a Megatron model on every training rank."""
         return bool(self.teacher_hf) and self.teacher_backend == "megatron"
+
+    @property
+    def stores_attention_scores(self) -> bool:
+        """Attention keeps [b, heads, s, s] scores for backward (megatron-core's DotProductAttention)."""
+        return self.transformer_impl == "local" and self.attention_backend == "local"
+
+    @property
+    def model_options(self) -> dict:
+        """`build_gpt_model` keyword arguments: the layer spec and TransformerConfig's recompute fields."""
+        options = dict(transformer_impl=self.transformer_impl, attention_backend=self.attention_backend)
+        if self.recompute_granularity:
+            options.update(recompute_granularity=self.recompute_granularity, recompute_method=self.recompute_method,
+                           recompute_num_layers=self.recompute_num_layers)
+        return options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,7 +474,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         models=ModelsConfig(student_hf=args.student_hf, tokenizer=args.tokenizer, teacher_hf=args.teacher_hf,
                             teacher_tokenizer=args.teacher_tokenizer, teacher_backend=args.teacher_backend,
-                            bf16=args.bf16),
+                            bf16=args.bf16, transformer_impl=args.transformer_impl,
+                            attention_backend=args.attention_backend, recompute_granularity=args.recompute_granularity,
+                            recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers),
         data=DataConfig(train_data=args.train_data, prompt_template=args.prompt_template,
                         apply_chat_template=args.apply_chat_template, reward=args.reward),
         parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,

@@ -56,8 +56,13 @@ SwiGLU, no dropout):
             (Korthikanti's 5 is 2 + 2 + a 1-byte dropout mask).
 
 For MHA (g = a, a d = h) with a GELU MLP (2 F-wide tensors, F = 4h) this is Korthikanti's 10 + 24/t less the
-two 1-byte dropout masks. With --assume-flash-attention the s^2 terms (scores and their buffer) are dropped:
-planning for a flash-attention layer spec, which `build_gpt_model` does not build yet.
+two 1-byte dropout masks. With --attention-backend sdpa (the default) or --transformer-impl transformer_engine
+the s^2 terms (scores and their buffer) are dropped: those kernels keep nothing s^2 for backward.
+
+Activation recompute (--recompute-granularity): "selective" recomputes core attention, so its s^2 scores are
+not kept; "full" keeps each recompute unit's input e s b h instead of its layers' activations, plus one unit's
+activations while it is recomputed: uniform units of N layers keep ceil(L/p / N) inputs and recompute N layers
+at a time; block N keeps the inputs of N layers and the full activations of the other L/p - N.
 
 Rollout engine (vLLM): on global rank 0's GPU (the default) or on --rollout-gpus (--rollout-engines):
 
@@ -175,8 +180,6 @@ class RunPlan:
     """Memory of one GPU."""
     overhead_gib: float = 2.0
     """Per-process runtime overhead (CUDA context, NCCL, allocator fragmentation)."""
-    flash_attention: bool = False
-    """Plan for a flash-attention layer spec (no s^2 score tensors)."""
 
     @property
     def tensor_parallel(self) -> int:
@@ -383,22 +386,35 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     if plan.config.loss.algorithm == "exopd":
         comps.append(Component("reference parameters (ExOPD)", e * params, f"{params:,} params x {e} B",
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
+    models = plan.config.models
     in_flight = min(pp - stage, plan.num_microbatches)
-    per_layer = activation_bytes_per_layer(student, s, b, tp, e, plan.flash_attention)
+    scores = models.stores_attention_scores and models.recompute_granularity != "selective"
+    per_layer = activation_bytes_per_layer(student, s, b, tp, e, flash_attention=not scores)
     layers = layers_per_stage(student, pp)
-    act = per_layer * layers * in_flight + (2 * e * s * b * student.hidden_size if last else 0)
+    layer_input = e * s * b * student.hidden_size  # what a recomputed layer keeps: its input hidden states
+    if models.recompute_granularity == "full" and models.recompute_method == "uniform":
+        kept, recomputing = -(-layers // models.recompute_num_layers) * layer_input, \
+            min(models.recompute_num_layers, layers) * per_layer
+        how = f"full recompute, uniform units of {models.recompute_num_layers}"
+    elif models.recompute_granularity == "full":
+        recomputed = min(models.recompute_num_layers, layers)
+        kept, recomputing = recomputed * layer_input + (layers - recomputed) * per_layer, per_layer if recomputed else 0
+        how = f"full recompute of {recomputed} layers (block)"
+    else:
+        kept, recomputing = layers * per_layer, 0
+        how = "selective recompute (core attention)" if models.recompute_granularity else "no recompute"
+    act = kept * in_flight + recomputing + (2 * e * s * b * student.hidden_size if last else 0)
     comps.append(Component(
         "student activations", act,
-        f"{per_layer / GIB:.2f} GiB/layer (s={s}, b={b}) x {layers} layers x {in_flight} microbatch(es) in flight",
-        "lower --micro-batch-size or --max-new-tokens, raise --tensor-model-parallel-size; the s^2 attention "
-        "scores of megatron-core's local layer spec dominate long sequences (--assume-flash-attention shows the "
-        "estimate without them; the trainer builds no flash-attention spec yet)"))
-    if not plan.flash_attention:
+        f"{per_layer / GIB:.2f} GiB/layer (s={s}, b={b}), {layers} layers, {how}, {in_flight} microbatch(es) in flight",
+        "lower --micro-batch-size or --max-new-tokens, raise --tensor-model-parallel-size, use "
+        "--attention-backend sdpa (no s^2 scores) and --recompute-granularity full"))
+    if models.stores_attention_scores:
         heads = max(student.num_attention_heads, teacher.num_attention_heads if teacher else 0)
         buffer = e * (heads // tp) * s * s * b
         comps.append(Component("attention score buffer", buffer,
                                f"[{b} x {heads // tp} heads, {s}, {s}] {_dtype(e)} (Megatron global buffer)",
-                               "lower --micro-batch-size or --max-new-tokens, raise --tensor-model-parallel-size"))
+                               "use --attention-backend sdpa; lower --micro-batch-size or --max-new-tokens"))
     vocab_shard = padded_vocab // tp
     if last:
         logits = b * s * vocab_shard * e

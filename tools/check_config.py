@@ -54,9 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
                         f"else {DEFAULT_PROMPT_TOKENS}).")
     g.add_argument("--overhead-gib", type=nonnegative_float, default=2.0,
                    help="Runtime overhead per process on a GPU (CUDA context, NCCL, allocator fragmentation).")
-    g.add_argument("--assume-flash-attention", action="store_true",
-                   help="Plan for a flash-attention layer spec: drop the s^2 attention-score terms "
-                        "(the trainer builds megatron-core's local spec, which materialises them).")
     g.add_argument("--allow-overcommit", action="store_true",
                    help="A run that does not fit --gpu-memory-gib only warns (exit 0).")
     g.add_argument("--json", action="store_true", help="Print the result as JSON.")
@@ -158,7 +155,7 @@ def run_check(args: argparse.Namespace) -> dict:
         config=config, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, max_prompt_tokens=max_prompt,
         rollout_gpus=args.rollout_gpus or rollout.engines * rollout.tensor_parallel_size,
         rollout_element_bytes=config_dtype(student_config).itemsize, gpu_memory_gib=args.gpu_memory_gib,
-        overhead_gib=args.overhead_gib, flash_attention=args.assume_flash_attention)
+        overhead_gib=args.overhead_gib)
     if args.rollout_gpus and not rollout.engines:
         warns.append(f"--rollout-gpus {args.rollout_gpus}: estimated for engines on separate GPUs, but without "
                      "--rollout-engines the trainer runs its engine inside global rank 0")

@@ -16,6 +16,8 @@
 : "${SEED:=1234}"
 # --- rollout (one vLLM engine in-process on global rank 0, sharing its GPU)
 : "${ROLLOUT_KV_CACHE_GIB:=16}"       # must hold one max_position_embeddings sequence (4.4 GiB for Qwen3-1.7B)
+: "${ATTENTION_BACKEND:=sdpa}"        # --attention-backend: sdpa (no stored s^2 scores) or local
+: "${RECOMPUTE:=full}"                # full (every layer, uniform units of 1), selective (core attention) or none
 : "${ROLLOUT_TEMPERATURE:=1.0}"       # --rollout-temperature
 : "${ROLLOUT_TP:=1}"                  # --rollout-tensor-parallel-size
 : "${ROLLOUT_ENGINES:=0}"             # 0: vLLM inside global rank 0; N: N engines as Ray actors (--rollout-engines)
@@ -35,7 +37,7 @@ ARGS=(
   --student-hf "$STUDENT_HF" --teacher-hf "$TEACHER_HF" --tokenizer "$TOKENIZER"
   --train-data "$TRAIN_DATA" --prompt-template "$PROMPT_TEMPLATE" --apply-chat-template --reward math
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
-  --micro-batch-size "$MICRO_BATCH_SIZE" --bf16 --use-distributed-optimizer
+  --micro-batch-size "$MICRO_BATCH_SIZE" --bf16 --use-distributed-optimizer --attention-backend "$ATTENTION_BACKEND"
   --prompts-per-step "$PROMPTS_PER_STEP" --scope-group-size "$GROUP_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
   --rollout-temperature "$ROLLOUT_TEMPERATURE" --rollout-top-p 1.0
   --rollout-kv-cache-gib "$ROLLOUT_KV_CACHE_GIB" --rollout-tensor-parallel-size "$ROLLOUT_TP"
@@ -44,6 +46,12 @@ ARGS=(
   --lr "$LR" --train-iters "$TRAIN_ITERS" --seed "$SEED"
   --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$SAVE_DIR/tensorboard"
 )
+case "$RECOMPUTE" in
+  full) ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
+  selective) ARGS+=(--recompute-granularity selective) ;;
+  none) ;;
+  *) echo "RECOMPUTE must be full, selective or none, got '$RECOMPUTE'" >&2; exit 2 ;;
+esac
 if [[ -n "$TEACHER_TOKENIZER" ]]; then
   ARGS+=(--teacher-tokenizer "$TEACHER_TOKENIZER")
 fi

@@ -10,7 +10,9 @@ optimizer and dist_checkpointing run unchanged on CPU (measured in ../shared/ENV
    CUDA never initialises), so `model_parallel_cuda_manual_seed` and the RNG tracker really fork state.
 3. Explicit devices: a `TorchFunctionMode` rewrites `device="cuda"` / `device=0` / `Tensor.cuda()` /
    `Tensor.to("cuda")` in any torch call to the CPU (the schedules build `torch.zeros(..., device="cuda")`).
-4. Type strings: the same mode answers `tensor.type()` of a CPU tensor with its CUDA name
+4. Causal masks: megatron's softmax builds them with device="cuda", also inside backward under activation
+   recompute, where the mode is not active: `get_default_causal_mask` builds them on the CPU.
+5. Type strings: the same mode answers `tensor.type()` of a CPU tensor with its CUDA name
    ("torch.FloatTensor" -> "torch.cuda.FloatTensor"), since the optimizer and gradient clipping assert on them.
 
 Call `install()` once per process before building Megatron objects; it is idempotent and returns
@@ -20,6 +22,7 @@ whether the shims are active. Pair it with `TransformerConfig(use_cpu_initializa
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -86,6 +89,12 @@ class _QuietForkWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+@functools.lru_cache(maxsize=8)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    """megatron-core's `get_default_causal_mask` on the CPU: True above the diagonal (masked out)."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
 def is_active() -> bool:
     return _mode is not None
 
@@ -123,9 +132,14 @@ def install() -> bool:
     cuda.manual_seed_all = cuda.random.manual_seed_all = seed_cpu
     cuda.default_generators = _AnyIndex()
 
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as megatron_random
+    from megatron.core.transformer import utils as transformer_utils
 
     megatron_random._lazy_call = lambda callback: callback()
+    # The softmax builds its causal mask with device="cuda"; under activation recompute that happens inside
+    # backward, where this torch-function mode is not on the stack: build it on the CPU directly.
+    transformer_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = _cpu_causal_mask
     logging.getLogger(megatron_random.__name__).addFilter(_QuietForkWarning())
     logging.getLogger().addFilter(_QuietForkWarning())
 

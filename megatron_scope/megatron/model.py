@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+
+from megatron_scope.megatron.attention import gpt_layer_spec
 
 
 @dataclasses.dataclass
@@ -124,10 +125,15 @@ def build_gpt_model(
     params_dtype: torch.dtype = torch.float32,
     make_vocab_size_divisible_by: int = 128,
     padded_vocab: int | None = None,
+    transformer_impl: str = "local",
+    attention_backend: str = "sdpa",
     **config_overrides,
 ) -> GPTModel:
-    """This rank's GPTModel stage (its TP shard of its PP stage's layers), local layer spec, rotary positions;
-    on the current CUDA device when there is one.
+    """This rank's GPTModel stage (its TP shard of its PP stage's layers), rotary positions, the layer spec of
+    `attention.gpt_layer_spec(transformer_impl, attention_backend)` (default: megatron-core's local modules with
+    torch SDPA attention, no stored s^2 scores); on the current CUDA device when there is one.
+    `config_overrides` go to TransformerConfig (e.g. recompute_granularity, recompute_method,
+    recompute_num_layers).
 
     padded_vocab: rows of the word embeddings and output layer; default `padded_vocab_size(arch.vocab_size,
     TP, make_vocab_size_divisible_by)`. Models whose logits meet in one vocab-parallel op (a student and its
@@ -143,7 +149,7 @@ def build_gpt_model(
     config = transformer_config(arch, params_dtype, **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_layernorm),
+        transformer_layer_spec=gpt_layer_spec(arch.qk_layernorm, transformer_impl, attention_backend),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

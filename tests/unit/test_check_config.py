@@ -139,13 +139,16 @@ _CONFIG_FIELDS = {
     "rollout_tensor_parallel": ("rollout", "tensor_parallel_size"), "micro_batch_size": ("loop", "micro_batch_size"),
     "bf16": ("models", "bf16"), "teacher_backend": ("models", "teacher_backend"),
     "distributed_optimizer": ("optimizer", "use_distributed_optimizer"), "algorithm": ("loss", "algorithm"),
-    "kl": ("loss", "kl"), "topk": ("loss", "topk"),
+    "kl": ("loss", "kl"), "topk": ("loss", "topk"), "attention_backend": ("models", "attention_backend"),
+    "recompute_granularity": ("models", "recompute_granularity"), "recompute_method": ("models", "recompute_method"),
+    "recompute_num_layers": ("models", "recompute_num_layers"),
 }
 
 
 def _tiny_plan(**overrides) -> me.RunPlan:
     values = dict(tensor_parallel=1, pipeline_parallel=1, prompts_per_step=4, group_size=2, micro_batch_size=2,
-                  max_new_tokens=15, bf16=True, distributed_optimizer=True, rollout_kv_cache_gib=1.0)
+                  max_new_tokens=15, bf16=True, distributed_optimizer=True, rollout_kv_cache_gib=1.0,
+                  attention_backend="local")  # megatron-core's DotProductAttention: the s^2 terms by hand below
     values.update(overrides)
     sections = {"models": {"student_hf": "s", "tokenizer": "t", "teacher_hf": "t"}, "data": {"train_data": "d"},
                 "parallel": {}, "rollout": {}, "loop": {}, "optimizer": {}, "loss": {}}
@@ -212,10 +215,24 @@ def test_memory_terms_follow_the_flags():
     assert "teacher logits (local batch)" not in topk
     assert topk["teacher top-k (local batch)"] == 9_600      # 4 sequences x 24 x (k 8 x (8 + 4) + 4) B
     assert topk["top-k tail temporaries"] == 442_368         # 9 B x [2, 24, 1024]
-    flash_gpus = me.estimate_memory(_tiny_plan(flash_attention=True), TINY, TINY_TEACHER)
+    flash_gpus = me.estimate_memory(_tiny_plan(attention_backend="sdpa"), TINY, TINY_TEACHER)
     flash = {c.name: c.bytes for c in flash_gpus[0].components}
     assert "attention score buffer" not in flash
     assert flash["student activations"] == 2 * (24_576 + 73_728) + 12_288
+    # recompute: selective drops the s^2 scores (27,648 per layer); full keeps one layer input (2 x 24 x 2 x 64 =
+    # 6,144 B) per unit and recomputes a unit at a time
+    selective = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(recompute_granularity="selective"), TINY,
+                                                               TINY_TEACHER)[0].components}
+    assert selective["student activations"] == flash["student activations"]
+    assert "attention score buffer" in selective  # the local spec still allocates its buffer
+    full = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(
+        attention_backend="sdpa", recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        TINY, TINY_TEACHER)[0].components}
+    assert full["student activations"] == 2 * 6_144 + (24_576 + 73_728) + 12_288
+    block = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(
+        attention_backend="sdpa", recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
+        TINY, TINY_TEACHER)[0].components}
+    assert block["student activations"] == 6_144 + (24_576 + 73_728) + (24_576 + 73_728) + 12_288
     # PP = 2 on 2 ranks (DP 1): the first stage keeps 2 microbatches of its 1 layer, the last stage 1 + its logits
     pp = me.estimate_memory(_tiny_plan(pipeline_parallel=2), TINY, TINY_TEACHER)
     assert [g.role for g in pp] == ["rank 0 (first stage + rollout engine)", "last pipeline stage"]
@@ -381,7 +398,7 @@ def test_cli_run_that_fits(tiny_models, capsys):
 def test_cli_run_that_does_not_fit(tiny_models, capsys):
     root, student, teacher = tiny_models
     argv = _argv(student, teacher, str(root / "x.jsonl"), "--gpu-memory-gib", "2", "--max-new-tokens", "8000",
-                 "--overhead-gib", "0")
+                 "--overhead-gib", "0", "--attention-backend", "local")
     assert check_config.main(argv) == 1
     out = capsys.readouterr().out
     error = next(line for line in out.splitlines() if line.startswith("ERROR: rank 0"))
