@@ -6,7 +6,7 @@
 Sections follow the flag groups of `megatron_scope.arguments`: `parallel`, `models`, `data`, `loss` (the SCOPE
 group: objective, divergence, path weights, baselines' hyper-parameters), `rollout`, `optimizer`, `loop`.
 Each field's docstring names its flag. Single-section rules live in each section's `__post_init__`; rules that
-span sections in `RunConfig.__post_init__`; rules that need the world size in `RunConfig.layout_errors`.
+span sections in `RunConfig.__post_init__`; rules that need the data-parallel size in `RunConfig.batch_errors`.
 The dry run (tools/check_config.py) builds the same object.
 """
 
@@ -126,9 +126,15 @@ class ModelsConfig:
         return self.transformer_impl == "local" and self.attention_backend == "local"
 
     @property
+    def layer_spec_options(self) -> dict:
+        """`build_gpt_model` keyword arguments of the layer spec (every model of the run, forward-only ones too)."""
+        return dict(transformer_impl=self.transformer_impl, attention_backend=self.attention_backend)
+
+    @property
     def model_options(self) -> dict:
-        """`build_gpt_model` keyword arguments: the layer spec and TransformerConfig's recompute fields."""
-        options = dict(transformer_impl=self.transformer_impl, attention_backend=self.attention_backend)
+        """`build_gpt_model` keyword arguments of the trained model: the layer spec and TransformerConfig's
+        recompute fields."""
+        options = self.layer_spec_options
         if self.recompute_granularity:
             options.update(recompute_granularity=self.recompute_granularity, recompute_method=self.recompute_method,
                            recompute_num_layers=self.recompute_num_layers)
@@ -442,14 +448,6 @@ class RunConfig:
     def colocated_teacher(self) -> bool:
         """The teacher is a forward-only Megatron model on every training rank."""
         return self.loss.needs_teacher and self.models.colocated_teacher
-
-    def data_parallel_size(self, world_size: int) -> int:
-        """D = world / (TP x PP); ValueError when the world does not split."""
-        tp, pp = self.parallel.tensor_model_parallel_size, self.parallel.pipeline_model_parallel_size
-        if world_size % (tp * pp):
-            raise ValueError(f"world size {world_size} is not a multiple of --tensor-model-parallel-size {tp} x "
-                             f"--pipeline-model-parallel-size {pp} = {tp * pp}")
-        return world_size // (tp * pp)
 
     def local_sequences(self, data_parallel_size: int) -> int:
         """n = prompts_per_step / D x G: the sequences one data-parallel rank trains on per step."""

@@ -123,12 +123,11 @@ def build_trainer(config: RunConfig):
     student = wrap_with_ddp(load_model(student_arch, models.student_hf, calculate_per_token_loss=True,
                                        **models.model_options),
                             use_distributed_optimizer=config.optimizer.use_distributed_optimizer)
-    forward_only = dict(transformer_impl=models.transformer_impl, attention_backend=models.attention_backend)
     teacher = reference = None
     if config.colocated_teacher:
-        teacher = load_model(teacher_arch, models.teacher_hf, **forward_only).eval().requires_grad_(False)
+        teacher = load_model(teacher_arch, models.teacher_hf, **models.layer_spec_options).eval().requires_grad_(False)
     if config.loss.algorithm == "exopd":  # the reference is the initial student
-        reference = load_model(student_arch, models.student_hf, **forward_only).eval().requires_grad_(False)
+        reference = load_model(student_arch, models.student_hf, **models.layer_spec_options).eval().requires_grad_(False)
     optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
 
     engine = teacher_engine = None

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from megatron_scope.ops.topk import FP32_TAIL_FLOOR
+
 
 def _masked_float64(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
     x = logits.double()
@@ -90,7 +92,7 @@ def topk_kl(student_logits, topk_ids, teacher_topk_log_probs, kind="reverse", vo
         log_p, log_q = log_p - log_p.logsumexp(-1, keepdim=True), log_q - log_q.logsumexp(-1, keepdim=True)
     elif topk_ids.shape[-1] < (vocab_size or student_logits.shape[-1]):
         if teacher_tail_log_mass is None:
-            teacher_tail_log_mass = _log((1 - log_q.exp().sum(-1)).clamp(min=2.0**-24))
+            teacher_tail_log_mass = _log((1 - log_q.exp().sum(-1)).clamp(min=FP32_TAIL_FLOOR))
         log_p = torch.cat([log_p, topk_tail(student_logits, topk_ids, vocab_size).unsqueeze(-1)], dim=-1)
         log_q = torch.cat([log_q, teacher_tail_log_mass.double().unsqueeze(-1)], dim=-1)
     if kind == "reverse":

@@ -14,8 +14,7 @@ import pytest
 
 from megatron_scope import memory_estimate as me
 from megatron_scope.arguments import parse_run_config
-from megatron_scope.config import DataConfig, LoopConfig, LossConfig, ModelsConfig, OptimizerConfig, ParallelConfig, \
-    RolloutConfig, RunConfig
+from megatron_scope.testing.tiny import tiny_run_config
 from megatron_scope.megatron.hf_mapping import (
     arch_from_hf_config, hf_param_shapes, megatron_full_shape, megatron_param_names, param_mapping, tp_shard_shape)
 from megatron_scope.megatron.model import DecoderArch
@@ -150,16 +149,12 @@ def _tiny_plan(**overrides) -> me.RunPlan:
                   max_new_tokens=15, bf16=True, distributed_optimizer=True, rollout_kv_cache_gib=1.0,
                   attention_backend="local")  # megatron-core's DotProductAttention: the s^2 terms by hand below
     values.update(overrides)
-    sections = {"models": {"student_hf": "s", "tokenizer": "t", "teacher_hf": "t"}, "data": {"train_data": "d"},
-                "parallel": {}, "rollout": {}, "loop": {}, "optimizer": {}, "loss": {}}
+    sections = {"parallel": {}, "rollout": {}, "loop": {}, "optimizer": {}, "loss": {}, "models": {}}
     for name in list(values):
         if name in _CONFIG_FIELDS:
             section, field = _CONFIG_FIELDS[name]
             sections[section][field] = values.pop(name)
-    config = RunConfig(models=ModelsConfig(**sections["models"]), data=DataConfig(**sections["data"]),
-                       parallel=ParallelConfig(**sections["parallel"]), rollout=RolloutConfig(**sections["rollout"]),
-                       loop=LoopConfig(**sections["loop"]), optimizer=OptimizerConfig(**sections["optimizer"]),
-                       loss=LossConfig(**sections["loss"]))
+    config = tiny_run_config(**sections)
     plan = dict(nnodes=1, nproc_per_node=2, max_prompt_tokens=10, rollout_element_bytes=2, gpu_memory_gib=80.0,
                 overhead_gib=0.0)
     plan.update(values)
