@@ -71,6 +71,15 @@ def kl_stats(student: torch.Tensor, teacher: torch.Tensor, kind: str):
     sum e^{s'} (s' - t'); forward sum e^{t'} (t' - s'); jsd zeros (it needs the global log-sum-exps,
     see `jsd_sums`). Shifted differences keep fp32 precision when logits are huge (no lse - lse).
     """
+    return _pair_stats(student, teacher, kind, with_entropy=False)
+
+
+def kl_entropy_stats(student: torch.Tensor, teacher: torch.Tensor, kind: str):
+    """`kl_stats` plus the student's sum e^{s'} s' (its entropy's numerator), in the same pass."""
+    return _pair_stats(student, teacher, kind, with_entropy=True)
+
+
+def _pair_stats(student: torch.Tensor, teacher: torch.Tensor, kind: str, with_entropy: bool):
     s = _acc(student)
     t = _acc(teacher)
     s_max = s.amax(-1)
@@ -85,7 +94,10 @@ def kl_stats(student: torch.Tensor, teacher: torch.Tensor, kind: str):
         cross = _guarded(t_exps, t_shifted - s_shifted).sum(-1)
     else:
         cross = torch.zeros_like(s_max)
-    return s_max, t_max, s_exps.sum(-1), t_exps.sum(-1), cross
+    stats = (s_max, t_max, s_exps.sum(-1), t_exps.sum(-1), cross)
+    if with_entropy:
+        stats += (_guarded(s_exps, s_shifted).sum(-1),)
+    return stats
 
 
 def _log_softmax(x, shift, log_norm):
@@ -154,6 +166,7 @@ _EAGER = {
     "entropy_stats": entropy_stats,
     "gather_stats": gather_stats,
     "kl_stats": kl_stats,
+    "kl_entropy_stats": kl_entropy_stats,
     "jsd_sums": jsd_sums,
     "kl_grad": kl_grad,
     "entropy_grad": entropy_grad,

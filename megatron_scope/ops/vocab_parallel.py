@@ -102,6 +102,11 @@ def _check_logits(logits, name: str) -> None:
 def _shard_of(logits: torch.Tensor, group, vocab_size: int | None, name: str = "logits") -> _Shard:
     """Validate `logits`, `group` and `vocab_size`; return this rank's shard geometry."""
     _check_logits(logits, name)
+    return shard_geometry(logits.shape[-1], group, vocab_size, name)
+
+
+def shard_geometry(local_vocab: int, group, vocab_size: int | None, name: str = "logits") -> _Shard:
+    """Validate `group` and `vocab_size` for `local_vocab` entries per rank; return this rank's shard geometry."""
     if group is None:
         world_size, rank = 1, 0
     else:
@@ -110,7 +115,6 @@ def _shard_of(logits: torch.Tensor, group, vocab_size: int | None, name: str = "
         world_size, rank = dist.get_world_size(group), dist.get_rank(group)
         if rank < 0:
             raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of group {group!r}")
-    local_vocab = logits.shape[-1]
     padded_vocab = local_vocab * world_size
     if vocab_size is None:
         vocab_size = padded_vocab
@@ -169,12 +173,17 @@ def _use_compiled(logits: torch.Tensor) -> bool:
     """Dispatch point. CPU and CUDA: Inductor-compiled chunk kernels (C++ / Triton) for large shards,
     eager torch otherwise; other devices always run eager.
     """
+    return use_compiled_kernels(logits.dtype, logits.device, logits.numel())
+
+
+def use_compiled_kernels(dtype: torch.dtype, device: torch.device, numel: int) -> bool:
+    """`_use_compiled` for a shard of `numel` elements of `dtype` on `device` that need not exist yet."""
     mode = _backend()
-    if mode == "eager" or logits.dtype == torch.float64 or logits.device.type not in ("cpu", "cuda"):
+    if mode == "eager" or dtype == torch.float64 or device.type not in ("cpu", "cuda"):
         return False
     if mode == "compile":
         return True
-    return not _compile_failed and logits.numel() >= COMPILE_MIN_ELEMENTS
+    return not _compile_failed and numel >= COMPILE_MIN_ELEMENTS
 
 
 def _kernel(name: str, use_compiled: bool, full_chunk: bool, *args):
@@ -263,6 +272,49 @@ _shift = _chunk_kernels._shift
 
 def _global_max(shard: _Shard, local_max: torch.Tensor) -> torch.Tensor:
     return shard.reduce(local_max.clone(), dist.ReduceOp.MAX)
+
+
+def reduce_pair_stats(shard: _Shard, kind: str, s_max, t_max, s_sum, t_sum, cross, student_extras=None):
+    """Combine per-rank statistics of a (student s, teacher t) pair of shards into global per-token ones.
+
+    Inputs ([tokens] each, relative to each rank's own row maxima, as `_chunk_kernels.kl_stats` returns):
+    s_max, t_max, s_sum = sum e^{s - shift}, t_sum, cross (reverse: sum e^{s'} (s' - t'); forward:
+    sum e^{t'} (t' - s'); jsd: unused). student_extras: None, or (sum e^{s'} s', picked) with picked [tokens, k]
+    raw logits the rank owns (0 elsewhere), for the student's entropy and the log-probs of given ids.
+    Communicates 2 all-reduces: max [2, tokens], sums [3 (+ 1 + k), tokens].
+    Returns (s_shift, s_log_norm, t_shift, t_log_norm, aux, kl, extras): aux = sum p (s' - t') (reverse),
+    sum q (t' - s') (forward), None (jsd, whose KL needs a second pass: kl None too); extras None or
+    (sum p s', picked summed over ranks) with s' relative to the global shift.
+    """
+    global_max = _global_max(shard, torch.stack([s_max, t_max]))
+    scale_s, scale_t = _rescale(s_max, global_max[0]), _rescale(t_max, global_max[1])
+    s_shift, t_shift = _shift(global_max[0]), _shift(global_max[1])
+    # the local sums use local shifts; move them to the global ones (s' changes by s_delta, s' - t' by delta)
+    s_delta = _shift(s_max) - s_shift
+    delta = s_delta - (_shift(t_max) - t_shift)
+    if kind == "reverse":
+        cross = (cross + delta * s_sum) * scale_s
+    elif kind == "forward":
+        cross = (cross - delta * t_sum) * scale_t
+    rows = [s_sum * scale_s, t_sum * scale_t, cross]
+    if student_extras is not None:
+        entropy_sum, picked = student_extras
+        rows.append((entropy_sum + s_delta * s_sum) * scale_s)
+    sums = torch.stack(rows)
+    if student_extras is not None:  # one all-reduce for the sums and the owned logits
+        sums = torch.cat([sums, picked.t()])
+    sums = shard.reduce(sums, dist.ReduceOp.SUM)
+    s_log_norm, t_log_norm = torch.log(sums[0]), torch.log(sums[1])
+    aux = kl = extras = None
+    if kind == "reverse":
+        aux = sums[2] / sums[0]
+        kl = aux - s_log_norm + t_log_norm
+    elif kind == "forward":
+        aux = sums[2] / sums[1]
+        kl = aux - t_log_norm + s_log_norm
+    if student_extras is not None:
+        extras = (sums[3] / sums[0], sums[4:].t())
+    return s_shift, s_log_norm, t_shift, t_log_norm, aux, kl, extras
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -381,24 +433,10 @@ class _VocabParallelKL(torch.autograd.Function):
     def forward(ctx, student, teacher, kind, beta, shard, use_compiled):
         """Local maxima and sums per chunk (one read of both shards; jsd: two); combine across ranks."""
         s_max, t_max, s_sum, t_sum, cross = _chunked_stats("kl_stats", shard, use_compiled, [student, teacher], (), (kind,))
-        global_max = _global_max(shard, torch.stack([s_max, t_max]))
-        scale_s, scale_t = _rescale(s_max, global_max[0]), _rescale(t_max, global_max[1])
-        s_shift, t_shift = _shift(global_max[0]), _shift(global_max[1])
-        # the local cross term uses local shifts; move it to the global ones (s' - t' changes by delta)
-        delta = (_shift(s_max) - s_shift) - (_shift(t_max) - t_shift)
-        if kind == "reverse":
-            cross = (cross + delta * s_sum) * scale_s
-        elif kind == "forward":
-            cross = (cross - delta * t_sum) * scale_t
-        sums = shard.reduce(torch.stack([s_sum * scale_s, t_sum * scale_t, cross]), dist.ReduceOp.SUM)
-        s_log_norm, t_log_norm = torch.log(sums[0]), torch.log(sums[1])
-        if kind == "reverse":
-            aux = sums[2] / sums[0]  # sum p (s' - t')
-            kl = aux - s_log_norm + t_log_norm
-        elif kind == "forward":
-            aux = sums[2] / sums[1]  # sum q (t' - s')
-            kl = aux - t_log_norm + s_log_norm
-        else:
+        s_shift, s_log_norm, t_shift, t_log_norm, aux, kl, _ = reduce_pair_stats(
+            shard, kind, s_max, t_max, s_sum, t_sum, cross
+        )
+        if kind == "jsd":
             kl_teacher_mix, kl_student_mix = _chunked_stats(
                 "jsd_sums", shard, use_compiled, [student, teacher], [s_shift, s_log_norm, t_shift, t_log_norm], (beta,)
             )
@@ -474,6 +512,14 @@ def vocab_parallel_entropy(logits: torch.Tensor, group=None, vocab_size: int | N
     return out.view(logits.shape[:-1])
 
 
+def check_kl_kind(kind: str, beta: float) -> None:
+    """ValueError unless `kind` is one of FULL_VOCAB_KL (and, for jsd, 0 < beta < 1)."""
+    if kind not in FULL_VOCAB_KL:
+        raise ValueError(f"kind={kind!r}; expected one of {FULL_VOCAB_KL}")
+    if kind == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < float(beta) < 1.0):
+        raise ValueError(f"beta={beta!r} must lie strictly inside (0, 1) for kind='jsd'")
+
+
 def vocab_parallel_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -493,10 +539,7 @@ def vocab_parallel_kl(
     Memory: saves the two input shards and three [tokens] statistics; the softmaxes are recomputed
     chunk by chunk in backward, which writes the gradient into one preallocated shard-sized tensor.
     """
-    if kind not in FULL_VOCAB_KL:
-        raise ValueError(f"kind={kind!r}; expected one of {FULL_VOCAB_KL}")
-    if kind == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < float(beta) < 1.0):
-        raise ValueError(f"beta={beta!r} must lie strictly inside (0, 1) for kind='jsd'")
+    check_kl_kind(kind, beta)
     shard = _shard_of(student_logits, group, vocab_size, "student_logits")
     _check_pair(student_logits, teacher_logits)
     out = _VocabParallelKL.apply(

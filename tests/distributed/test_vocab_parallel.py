@@ -1,4 +1,5 @@
-"""Vocab-parallel ops at TP = 2 and 4 (gloo ranks) against the one-process float64 references.
+"""Vocab-parallel ops (and the KL from hidden states, `ops.linear_kl`) at TP = 2 and 4 (gloo ranks) against the
+one-process float64 references.
 
 Each rank holds the contiguous vocabulary shard [rank V/TP, (rank + 1) V/TP) of the same global logits
 (a non-contiguous slice of them), runs every op over a process group spanning the ranks, and returns
@@ -14,7 +15,10 @@ import pytest
 import torch
 
 from megatron_scope.ops import reference
+from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_stats
 from megatron_scope.testing.multiprocess import run_on_ranks
+from tests.unit.ops.test_linear_kl import _grads as linear_grads
+from tests.unit.ops.test_linear_kl import linear_inputs, reference_outputs
 
 LEADING = (2, 5)
 PADDED = 64  # global (padded) vocabulary: 32 per rank at TP 2, 16 at TP 4
@@ -94,6 +98,9 @@ def _reference(op, student, teacher, target, topk_ids, topk_values, vocab_size):
     return reference.topk_kl(student, topk_ids, topk_values, op[5:], vocab_size)
 
 
+LINEAR_CASES = [(kind, vocab_size) for kind in ("reverse", "forward", "jsd") for vocab_size in VOCAB_SIZES]
+
+
 def _rank_job(rank, world_size, chunk_elements):
     """Every case on this rank's shard; returns {case: (per-token values, gradient shard)} and error checks."""
     import torch.distributed as dist
@@ -126,6 +133,14 @@ def _rank_job(rank, world_size, chunk_elements):
                                           teacher_tail_log_mass=tail)
         (out * weights.to(out.dtype)).sum().backward()
         results[("confident", kind)] = (out.detach(), local.grad, ids, tail)
+
+    for kind, vocab_size in LINEAR_CASES:  # the KL from hidden states: each rank holds its output-layer rows
+        h_s, w_s, h_t, w_t, target = linear_inputs(7, padded=PADDED)
+        h_s.requires_grad_()
+        local_w = w_s[shard].clone().requires_grad_()
+        stats = vocab_parallel_linear_distill_stats(h_s, local_w, h_t, w_t[shard], target, kind, group=group,
+                                                    vocab_size=vocab_size, beta=BETA)
+        results[("linear", kind, vocab_size)] = (*stats, *linear_grads(stats, h_s, local_w))
 
     errors = {}
     student = torch.zeros(*LEADING, width)
@@ -198,6 +213,21 @@ def test_vocab_parallel_ops_match_float64_reference(world_size):
         (ref_grad,) = torch.autograd.grad((ref * weights).sum(), full)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+    for kind, vocab_size in LINEAR_CASES:  # per-token outputs and the hidden-state gradient replicated, weights sharded
+        key = ("linear", kind, vocab_size)
+        *values, grad_hidden, _ = per_rank[0][0][key]
+        for results, _ in per_rank[1:]:
+            *other, other_grad_hidden, _ = results[key]
+            assert all(torch.equal(a, b) for a, b in zip(values, other)) and torch.equal(grad_hidden, other_grad_hidden)
+        grad_weight = torch.cat([results[key][-1] for results, _ in per_rank])
+        h_s, w_s, h_t, w_t, target = linear_inputs(7, padded=PADDED)
+        h_s.requires_grad_(), w_s.requires_grad_()
+        ref = reference_outputs(h_s, w_s, h_t, w_t, target, kind, vocab_size, BETA)
+        for mine, theirs in zip(values, ref):
+            torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5, msg=str(key))
+        for mine, theirs in zip((grad_hidden, grad_weight), linear_grads(ref, h_s, w_s)):
+            torch.testing.assert_close(mine.double(), theirs.double(), rtol=1e-4, atol=1e-5, msg=str(key))
 
     for _, errors in per_rank:
         assert f"vocab_size={PADDED + 1} does not fit" in errors["vocab_too_big"]

@@ -1,0 +1,127 @@
+"""One-process checks of `ops.linear_kl` (the KL from hidden states) against float64 references on the
+materialised logits. TP = 2 and 4 are in tests/distributed/test_vocab_parallel.py."""
+
+import pytest
+import torch
+
+from megatron_scope.ops import linear_kl, reference
+from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_stats, vocab_parallel_linear_kl
+from megatron_scope.ops.vocab_parallel import vocab_parallel_kl
+
+TOKENS, H_STUDENT, H_TEACHER = (3, 7), 8, 12
+PADDED, VOCAB = 64, 53
+
+
+def linear_inputs(seed, dtype=torch.float32, padded=PADDED, leading=TOKENS):
+    """(student hidden, student weight, teacher hidden, teacher weight, target) with logits of scale ~3."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    h_s, h_t = draw(*leading, H_STUDENT), draw(*leading, H_TEACHER)
+    w_s, w_t = draw(padded, H_STUDENT) * 3 / H_STUDENT**0.5, draw(padded, H_TEACHER) * 3 / H_TEACHER**0.5
+    target = torch.randint(0, 45, leading, generator=generator)  # real at every vocab_size the tests use
+    return h_s.to(dtype), w_s.to(dtype), h_t.to(dtype), w_t.to(dtype), target
+
+
+def reference_outputs(h_s, w_s, h_t, w_t, target, kind, vocab_size, beta=0.3):
+    """float64 (kl, log p_S(target), log p_T(target), H(p_S)) on materialised logits, differentiable in h_s, w_s."""
+    s = h_s.double() @ w_s.double().t()
+    t = h_t.double() @ w_t.double().t()
+    return (reference.kl(s, t, kind, beta, vocab_size), reference.log_probs(s, target, vocab_size),
+            reference.log_probs(t, target, vocab_size), reference.entropy(s, vocab_size))
+
+
+def _grads(outputs, h_s, w_s, seed=3):
+    """Gradients of sum(a * kl + b * log p_S(target)) into (h_s, w_s), random a and b."""
+    generator = torch.Generator().manual_seed(seed)
+    kl, log_probs = outputs[0], outputs[1]
+    a = torch.randn(kl.shape, generator=generator, dtype=torch.float64).to(kl.dtype)
+    b = torch.randn(kl.shape, generator=generator, dtype=torch.float64).to(kl.dtype)
+    return torch.autograd.grad((a * kl).sum() + (b * log_probs).sum(), (h_s, w_s))
+
+
+@pytest.mark.parametrize("chunking", ["one_chunk", "ragged_chunks"])
+@pytest.mark.parametrize("vocab_size", [None, VOCAB], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
+def test_matches_float64_reference(kind, vocab_size, chunking, monkeypatch):
+    if chunking == "ragged_chunks":  # 21 tokens in chunks of 4 (the last one ragged)
+        monkeypatch.setattr(linear_kl, "CHUNK_ELEMENTS", 4 * PADDED + 3)
+    else:
+        monkeypatch.setattr(linear_kl, "MIN_CHUNKS", 1)
+    h_s, w_s, h_t, w_t, target = linear_inputs(0)
+    h_s.requires_grad_(), w_s.requires_grad_()
+    ours = vocab_parallel_linear_distill_stats(h_s, w_s, h_t, w_t, target, kind, vocab_size=vocab_size, beta=0.3)
+    ref = reference_outputs(h_s, w_s, h_t, w_t, target, kind, vocab_size)
+    for name, mine, theirs in zip(ours._fields, ours, ref):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5, msg=name)
+    for mine, theirs in zip(_grads(ours, h_s, w_s), _grads(ref, h_s, w_s)):
+        torch.testing.assert_close(mine.double(), theirs.double(), rtol=1e-4, atol=1e-5)
+    assert ours.kl.shape == TOKENS
+
+
+@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
+def test_gradcheck_float64(kind, monkeypatch):
+    monkeypatch.setattr(linear_kl, "CHUNK_ELEMENTS", 2 * PADDED)  # several chunks
+    h_s, w_s, h_t, w_t, target = linear_inputs(1, torch.float64, leading=(5,))
+    def outputs(hidden, weight):
+        stats = vocab_parallel_linear_distill_stats(hidden, weight, h_t, w_t, target, kind, vocab_size=VOCAB, beta=0.3)
+        return stats.kl, stats.student_log_probs
+    assert torch.autograd.gradcheck(outputs, (h_s.requires_grad_(), w_s.requires_grad_()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_equals_kl_on_materialised_logits(dtype):
+    """Same logits dtype, same fp32 statistics: the fused op is the unfused path without the stored logits."""
+    h_s, w_s, h_t, w_t, _ = linear_inputs(2, dtype)
+    h_s.requires_grad_(), w_s.requires_grad_()
+    fused = vocab_parallel_linear_kl(h_s, w_s, h_t, w_t, vocab_size=VOCAB)
+    unfused = vocab_parallel_kl(h_s @ w_s.t(), (h_t @ w_t.t()).detach(), vocab_size=VOCAB)
+    torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
+    weights = torch.randn(TOKENS, dtype=fused.dtype)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-5}
+    for mine, theirs in zip(torch.autograd.grad((weights * fused).sum(), (h_s, w_s)),
+                            torch.autograd.grad((weights * unfused).sum(), (h_s, w_s))):
+        assert mine.dtype == dtype
+        torch.testing.assert_close(mine, theirs, **tolerance)
+
+
+def test_padded_rows_get_no_gradient_and_teacher_none():
+    h_s, w_s, h_t, w_t, _ = linear_inputs(4)
+    for tensor in (h_s, w_s, h_t, w_t):
+        tensor.requires_grad_()
+    vocab_parallel_linear_kl(h_s, w_s, h_t, w_t, vocab_size=VOCAB).sum().backward()
+    assert h_t.grad is None and w_t.grad is None
+    assert (w_s.grad[VOCAB:] == 0).all() and (w_s.grad[:VOCAB] != 0).any()
+
+
+def test_a_confident_teacher_gives_finite_values_and_gradients():
+    """Teacher logits ~ 40 apart (top-1 probability 1 - 1e-17): KL and gradients finite, equal to float64."""
+    h_s, w_s, h_t, w_t, target = linear_inputs(5)
+    w_t = w_t * 15
+    h_s.requires_grad_(), w_s.requires_grad_()
+    ours = vocab_parallel_linear_distill_stats(h_s, w_s, h_t, w_t, target, vocab_size=VOCAB)
+    ref = reference_outputs(h_s, w_s, h_t, w_t, target, "reverse", VOCAB)
+    torch.testing.assert_close(ours.kl.double(), ref[0], rtol=1e-5, atol=1e-4)
+    for mine, theirs in zip(_grads(ours, h_s, w_s), _grads(ref, h_s, w_s)):
+        assert torch.isfinite(mine).all()
+        torch.testing.assert_close(mine.double(), theirs.double(), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_raises_value_error_naming_it():
+    h_s, w_s, h_t, w_t, target = linear_inputs(6)
+    cases = {
+        "kind": dict(kind="topk"),
+        "beta": dict(kind="jsd", beta=1.0),
+        "student_weight must be the output layer's shard": dict(student_weight=w_s[0]),
+        "teacher_hidden shape": dict(teacher_hidden=h_t[..., :5]),
+        "token dimensions": dict(teacher_hidden=h_t[:2]),
+        "sharded alike": dict(teacher_weight=w_t[:32]),
+        "must share dtype": dict(student_weight=w_s.double()),
+        "vocab_size": dict(vocab_size=PADDED + 1),
+        "target holds vocabulary id": dict(target=target + VOCAB, vocab_size=VOCAB),
+        "floating-point": dict(student_hidden=target),
+    }
+    for message, override in cases.items():
+        args = dict(student_hidden=h_s, student_weight=w_s, teacher_hidden=h_t, teacher_weight=w_t, target=target)
+        args.update(override)
+        with pytest.raises(ValueError, match=message):
+            vocab_parallel_linear_distill_stats(**args)
