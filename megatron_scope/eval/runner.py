@@ -13,6 +13,7 @@ The runner talks to any `RolloutEngine` (token ids in and out) and any tokenizer
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -104,9 +105,9 @@ class SampleRecord:
     sample_index: int
     correct: bool
     status: str
-    """The verifier's status (megatron_scope.rewards.math_verifier.STATUS_*)."""
+    """The verifier's status (megatron_scope.rewards.math_verifier.STATUS_*, or rewards.synthetic's)."""
     answer: str | None
-    """The extracted boxed answer."""
+    """The extracted final answer (the boxed one for math)."""
     gold_answer: str
     finish_reason: str
     num_tokens: int
@@ -125,6 +126,9 @@ class BenchmarkResult:
     pass_at_k: dict[int, float]
     """Unbiased Pass@k averaged over problems, per requested k."""
     num_correct_per_problem: dict[str, int]
+    status_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Verdict status -> number of samples with it (e.g. the strict synthetic verifier's "wrong_steps": right
+    final answer, wrong working)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +166,7 @@ class EvalReport:
                     f"avg@{n}": result.avg_at_n,
                     **{f"pass@{k}": value for k, value in result.pass_at_k.items()},
                     "num_correct_per_problem": result.num_correct_per_problem,
+                    "statuses": result.status_counts,
                 }
                 for result in self.benchmarks
             },
@@ -262,6 +267,7 @@ def evaluate(
                 avg_at_n=avg_at_k(correct),
                 pass_at_k={k: mean_pass_at_k(correct, k) for k in config.ks},
                 num_correct_per_problem={problem.id: sum(row) for problem, row in zip(problems, correct)},
+                status_counts=dict(sorted(collections.Counter(verdict.status for verdict in verdicts).items())),
             )
         )
     return EvalReport(config=config, benchmarks=results, samples=samples)

@@ -1,15 +1,35 @@
-"""The synthetic arithmetic task's verifier, with MathVerifier's interface (so the trainer's reward and the
-eval runner use it interchangeably): the last "A: <int>" of a response must equal the gold integer."""
+"""The synthetic arithmetic task's verifiers, with MathVerifier's interface (so the trainer's reward and the
+eval runner use them interchangeably).
+
+- `SyntheticTaskVerifier` (``--reward synthetic``): the last "A: <int>" of a response must equal the gold
+  integer (the row's "answer").
+- `StrictSyntheticTaskVerifier` (``--reward synthetic-strict``): the response must also write every step of
+  the left-to-right evaluation, right, chained, none missing, extra or reordered
+  (megatron_scope.data.synthetic.check_working). Its gold is the row's reference *solution*
+  ("7+5=12 ; 12-3=9 ; A: 9"), which holds both the steps and the answer, so the verifier needs nothing but
+  (response, gold) pairs like every other verifier. The answers of the task are small and guessable; a
+  student that skips or garbles its working still hits the final answer by chance, and SCOPE would
+  reinforce those lucky guesses as "correct" (issue 15). Such a response gets `STATUS_WRONG_STEPS`, so a
+  run can count lucky guesses: the final-answer accuracy is STATUS_CORRECT + STATUS_WRONG_STEPS.
+
+`GOLD_COLUMNS` says which JSONL column (of synthetic.write_task_files' rows) holds each reward's gold.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from megatron_scope.data.synthetic import canonical_answer, extract_answer
+from megatron_scope.data.synthetic import canonical_answer, extract_answer, matches_reference, reference_steps
 from megatron_scope.rewards.math_verifier import STATUS_CORRECT, STATUS_WRONG, GoldAnswerError, Verdict
 
 STATUS_NO_ANSWER = "no_answer"
 """The response has no "A: <int>"."""
+STATUS_WRONG_STEPS = "wrong_steps"
+"""Strict verifier only: the final answer equals the gold one, but the written working is not the
+left-to-right evaluation (a step wrong, missing, extra, reordered or garbled, or text around the steps)."""
+
+GOLD_COLUMNS = {"synthetic": "answer", "synthetic-strict": "solution"}
+"""--reward -> the task row's column the verifier takes as its gold."""
 
 
 class SyntheticTaskVerifier:
@@ -36,3 +56,56 @@ class SyntheticTaskVerifier:
 
     def verify_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[bool]:
         return [verdict.correct for verdict in self.judge_batch(response_texts, gold_answers)]
+
+
+class StrictSyntheticTaskVerifier:
+    """Correct iff the response is exactly the gold reference solution's steps and final answer (whitespace
+    as lenient as the final-answer parser, content exact). Gold "answers" are reference solutions such as
+    "7+5=12 ; 12-3=9 ; A: 9", each checked to be a left-to-right evaluation (GoldAnswerError, a ValueError
+    naming it, otherwise). Statuses: STATUS_CORRECT, STATUS_WRONG_STEPS (right answer, wrong working),
+    STATUS_WRONG (wrong final answer), STATUS_NO_ANSWER. Never raises on a malformed response; linear time."""
+
+    def check_gold_answers(self, gold_answers: Sequence[str]) -> None:
+        self._reference_steps(gold_answers)
+
+    def judge_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[Verdict]:
+        if len(response_texts) != len(gold_answers):
+            raise ValueError(f"{len(response_texts)} responses but {len(gold_answers)} gold answers")
+        references = self._reference_steps(gold_answers)  # every gold checked before any response
+        verdicts = []
+        for text, gold in zip(response_texts, gold_answers):
+            steps = references[gold]
+            answer = extract_answer(text)
+            if answer is None:
+                status = STATUS_NO_ANSWER
+            elif answer != str(steps[-1].result):
+                status = STATUS_WRONG
+            else:
+                status = STATUS_CORRECT if matches_reference(text, steps) else STATUS_WRONG_STEPS
+            verdicts.append(Verdict(correct=status == STATUS_CORRECT, status=status, answer=answer))
+        return verdicts
+
+    def verify_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[bool]:
+        return [verdict.correct for verdict in self.judge_batch(response_texts, gold_answers)]
+
+    @staticmethod
+    def _reference_steps(gold_answers: Sequence[str]) -> dict:
+        """Each distinct gold solution -> its checked steps (a group's G responses share one gold)."""
+        references = {}
+        for index, gold in enumerate(gold_answers):
+            if isinstance(gold, str) and gold in references:
+                continue
+            try:
+                references[gold] = reference_steps(gold)
+            except ValueError as error:
+                raise GoldAnswerError(f"gold solution {index}: {error}") from None
+        return references
+
+
+def build_synthetic_verifier(reward: str):
+    """The verifier of a synthetic --reward ("synthetic" or "synthetic-strict")."""
+    if reward == "synthetic":
+        return SyntheticTaskVerifier()
+    if reward == "synthetic-strict":
+        return StrictSyntheticTaskVerifier()
+    raise ValueError(f"unknown synthetic reward {reward!r}; expected one of {sorted(GOLD_COLUMNS)}")

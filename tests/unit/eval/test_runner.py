@@ -207,3 +207,27 @@ def test_config_validation(kwargs, message):
 def test_template_keeps_literal_braces():
     config = EvalConfig(num_samples=1, ks=(1,), prompt_template="{problem} -> \\boxed{}")
     assert config.format_prompt("1+{x}") == "1+{x} -> \\boxed{}"
+
+
+def test_the_strict_synthetic_verifier_through_the_runner_counts_statuses():
+    """The runner takes the strict verifier (gold = reference solution) like any other; each benchmark counts
+    its verdict statuses, so a right answer reached with wrong working ("wrong_steps") is reported apart."""
+    from megatron_scope.rewards.synthetic import StrictSyntheticTaskVerifier
+
+    problems = [BenchmarkProblem("a", "Q: 7+5-3=", "7+5=12 ; 12-3=9 ; A: 9"),
+                BenchmarkProblem("b", "Q: 2*3=", "2*3=6 ; A: 6")]
+    script = {"Q: 7+5-3=": ["7+5=12 ; 12-3=9 ; A: 9", "A: 9", "7+5=12 ; 12-3=8 ; A: 8"],
+              "Q: 2*3=": ["2*3=6;A:6", "2+3=5 ; A: 6", "nothing"]}
+    tokenizer = CharTokenizer()
+    report = evaluate(ScriptedEngine(tokenizer, script), tokenizer, {"arithmetic": problems},
+                      EvalConfig(num_samples=3, ks=(1, 3), prompt_template="{problem}"), StrictSyntheticTaskVerifier(),
+                      show_progress=False)
+    result = report.benchmarks[0]
+    assert result.num_correct_per_problem == {"a": 1, "b": 1}
+    assert result.status_counts == {"correct": 2, "no_answer": 1, "wrong": 1, "wrong_steps": 2}
+    assert report.to_json()["benchmarks"]["arithmetic"]["statuses"] == result.status_counts
+    assert [s.status for s in report.samples if s.problem_id == "b"] == ["correct", "wrong_steps", "no_answer"]
+    with pytest.raises(GoldAnswerError, match="gold solution 0: reference solution '9'"):
+        evaluate(ScriptedEngine(tokenizer, script), tokenizer, {"x": [BenchmarkProblem("a", "Q: 7+5-3=", "9")]},
+                 EvalConfig(num_samples=3, ks=(1,), prompt_template="{problem}"), StrictSyntheticTaskVerifier(),
+                 show_progress=False)
