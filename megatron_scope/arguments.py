@@ -207,6 +207,12 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="With --scope-kl topk: renormalise both distributions over the teacher's k ids (NeMo-RL's "
                             "and the SCOPE authors' convention) instead of lumping the rest of the vocabulary into "
                             "a tail outcome (default; equals the full KL at k = V).")
+    group.add_argument("--scope-fused-kl", action=argparse.BooleanOptionalAction, default=True,
+                       help="A full-vocabulary KL (reverse/forward/jsd) with a co-located teacher is computed from both "
+                            "models' last hidden states and output-layer shards, one token chunk of logits at a time "
+                            "(ops.linear_kl), so neither model's [tokens, V/TP] logits are kept (SCOPE and OPD; the "
+                            "other objectives keep the student's logits and build one microbatch of the teacher's). "
+                            "--no-scope-fused-kl: materialise both models' logits per microbatch.")
     group.add_argument("--scope-group-size", type=positive_int, default=8,
                        help="G: responses sampled per prompt.")
 

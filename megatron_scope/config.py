@@ -214,6 +214,9 @@ class LossConfig:
     topk_renormalize: bool = False
     """--scope-topk-renormalize: KL between the two distributions renormalised over the teacher's k ids (NeMo-RL's
     and the SCOPE authors' convention), instead of k + 1 outcomes with the rest of the vocabulary as a tail."""
+    fused_kl: bool = True
+    """--scope-fused-kl: a full-vocabulary KL from hidden states (ops.linear_kl) where the objective allows, see
+    `fuses_student_logits`; off: both models' logits per microbatch."""
     loss_agg_mode: str = "seq-mean-token-mean"
     """--loss-agg-mode: "seq-mean-token-mean" (token mean per response, then the weighted mean over responses:
     the paper's per-sequence losses), "token-mean" (weighted token sum over all response tokens of the global
@@ -296,6 +299,13 @@ class LossConfig:
     def needs_teacher_logits(self) -> bool:
         """The loss reads the teacher's whole distribution: a full-vocabulary KL, or SRPO's teacher entropy."""
         return (self.uses_kl and self.kl in FULL_VOCAB_KL) or self.algorithm == "srpo"
+
+    @property
+    def fuses_student_logits(self) -> bool:
+        """The loss reads the student only through a full-vocabulary KL, log π_S(y_t) and its entropy (SCOPE,
+        OPD): with a co-located teacher, `ops.linear_kl` computes them from the student's last hidden states and
+        the teacher's, and neither model's logits exist beyond one chunk."""
+        return self.fused_kl and self.uses_kl and self.kl in FULL_VOCAB_KL and self.algorithm in ("scope", "opd")
 
     @property
     def teacher_topk(self) -> int:
@@ -483,7 +493,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                                 pipeline_model_parallel_size=args.pipeline_model_parallel_size),
         loss=LossConfig(
             algorithm=args.scope_algorithm, kl=args.scope_kl, jsd_beta=args.scope_jsd_beta, topk=args.scope_topk,
-            topk_renormalize=args.scope_topk_renormalize,
+            topk_renormalize=args.scope_topk_renormalize, fused_kl=args.scope_fused_kl,
             loss_agg_mode=args.loss_agg_mode, teacher_path_loss=args.scope_teacher_path_loss,
             student_path_exponent=args.scope_student_path_exponent, logprob_temperature=args.logprob_temperature,
             tau=args.scope_tau, weight_norm=args.scope_weight_norm,

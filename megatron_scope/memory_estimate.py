@@ -26,16 +26,22 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                                                  (allocated once, kept; sized for the larger of teacher/student)
     logits and gradients     3 e b s V/t         last stage: the logits shard, its log-prob gradient and its
                                                  KL gradient (before autograd sums them). GPTModel returns logits in
-                                                 the parameters' dtype (no Float16Module fp32 cast here)
+                                                 the parameters' dtype (no Float16Module fp32 cast here).
+                                                 Not with the fused KL (below)
+    fused KL                 (3e + 24) r V/t     last stage, --scope-fused-kl with a full-vocabulary KL (SCOPE, OPD):
+                             + e b s h           one chunk of r = `ops.linear_kl.chunk_rows` tokens of both models'
+                                                 logits, its gradient and fp32 temporaries; the hidden-state gradient
     teacher top-k            (12 k + 4) n s      --scope-kl topk: int64 ids + fp32 log-probs per token and the fp32
                                                  tail (last stage; every rank with a vLLM teacher, whose top-k
                                                  comes with the batch)
     top-k tail temporaries   c b s V/t           last stage, --scope-kl topk: the student's tail outside the
                                                  teacher's k ids from a masked copy of its shard; c = 9 with
                                                  --bf16 (fp32 upcast, masked copy, bool mask), 5 in fp32
-    teacher logits           e n s V/t           last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
-                                                 SRPO): the co-located teacher's shards for the WHOLE local batch,
-                                                 kept from the scoring pass to the student's backward
+    teacher hidden states    e b s h_T           last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
+                                                 SRPO): the co-located teacher's last hidden states of one
+                                                 microbatch; those of the whole local batch (e n s h_T) wait in
+                                                 pinned host memory from the scoring pass to the student's step
+    teacher logits           e b s V/t           the same without the fused KL: one microbatch's, from those states
     batch tensors            40 n s              tokens, labels, position ids (int64), loss mask and 3 log-prob
                                                  rows (fp32) of the local batch
     runtime overhead         --overhead-gib      CUDA context, NCCL buffers, allocator fragmentation
@@ -87,11 +93,15 @@ import dataclasses
 from megatron_scope.config import RunConfig
 from megatron_scope.hf_config import kv_cache_bytes_per_token
 from megatron_scope.megatron.model import DecoderArch, common_padded_vocab
+from megatron_scope.ops import linear_kl
 from megatron_scope.rollout.batch import padded_sequence_length
 
 GIB = 1 << 30
 #: vLLM's max_num_seqs as VLLMRolloutEngine starts it (VLLMEngineConfig default; no flag).
 VLLM_MAX_NUM_SEQS = 256
+#: Bytes per logit of one chunk of ops.linear_kl (by element size e): the two models' logits (2e), the chunk's
+#: logit gradient in e, and about six fp32 temporaries of its eager kernels (upcasts, log-probs, probabilities).
+FUSED_BYTES_PER_LOGIT = {2: 3 * 2 + 24, 4: 3 * 4 + 24}
 #: Bytes per token of the batch tensors every rank builds (3 int64 + 4 fp32 rows; 5 with ExOPD's reference).
 BATCH_BYTES_PER_TOKEN = 40
 
@@ -416,17 +426,29 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
                                f"[{b} x {heads // tp} heads, {s}, {s}] {_dtype(e)} (Megatron global buffer)",
                                "use --attention-backend sdpa; lower --micro-batch-size or --max-new-tokens"))
     vocab_shard = padded_vocab // tp
-    if last:
+    teacher_distribution = last and teacher is not None and plan.config.loss.needs_teacher_logits
+    if teacher_distribution:
+        comps.append(Component(
+            "teacher hidden states (microbatch)", b * s * teacher.hidden_size * e,
+            f"[{b}, {s}, {teacher.hidden_size}] {_dtype(e)}, brought from host memory for its microbatch (the "
+            f"local batch's {n} sequences wait there: teacher_hidden_host_bytes)", "lower --micro-batch-size"))
+    if teacher_distribution and plan.config.loss.fuses_student_logits:
+        rows = linear_kl.chunk_rows(b * s, vocab_shard, "cuda")
+        comps.append(Component(
+            "fused KL (chunk + hidden gradient)", rows * vocab_shard * FUSED_BYTES_PER_LOGIT[e]
+            + e * b * s * student.hidden_size,
+            f"{FUSED_BYTES_PER_LOGIT[e]} B x [{rows}, {vocab_shard}] (one chunk of both models' logits and its fp32 "
+            f"temporaries) + [{b}, {s}, {student.hidden_size}] {_dtype(e)}", "lower --micro-batch-size"))
+    elif last:
         logits = b * s * vocab_shard * e
         comps.append(Component("logits + gradients", 3 * logits,
                                f"3 x [{b}, {s}, {vocab_shard}] {_dtype(e)} (logits, log-prob and KL gradients)",
                                "lower --micro-batch-size, raise --tensor-model-parallel-size"))
-        if plan.config.loss.needs_teacher_logits and teacher is not None:
+        if teacher_distribution:
             comps.append(Component(
-                "teacher logits (local batch)", n * s * vocab_shard * e,
-                f"[{n} sequences, {s}, {vocab_shard}] {_dtype(e)}, kept for the whole local batch",
-                "use --scope-kl topk --scope-topk K (the teacher's top-k, K values per token) or k1/k3 (sampled-"
-                "token log-probs), or more data-parallel ranks (fewer sequences each)"))
+                "teacher logits (one microbatch)", logits,
+                f"[{b}, {s}, {vocab_shard}] {_dtype(e)} from its hidden states",
+                "use --scope-fused-kl (SCOPE, OPD), lower --micro-batch-size"))
     # A co-located teacher's top-k exists on the last stage; a vLLM teacher's arrives with the batch on every rank.
     remote_topk = plan.config.models.teacher_backend == "vllm"
     k = plan.config.loss.teacher_topk
@@ -446,6 +468,14 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     comps.append(Component("runtime overhead (trainer)", int(plan.overhead_gib * GIB),
                            "CUDA context, NCCL, fragmentation (--overhead-gib)", ""))
     return comps
+
+
+def teacher_hidden_host_bytes(plan: RunPlan, teacher: DecoderArch | None) -> int:
+    """Host memory per last-stage rank for the co-located teacher's last hidden states of the local batch, kept from
+    the scoring pass to the student's step (e n s h_T; 0 when the loss does not read the teacher's distribution)."""
+    if teacher is None or not plan.config.colocated_teacher or not plan.config.loss.needs_teacher_logits:
+        return 0
+    return plan.local_sequences * plan.seq_length * teacher.hidden_size * plan.element_bytes
 
 
 def _engine_components(plan: RunPlan, model: DecoderArch, label: str = "vLLM") -> list[Component]:

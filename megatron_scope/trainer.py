@@ -40,6 +40,7 @@ from megatron.core import parallel_state
 from megatron_scope.config import RunConfig
 from megatron_scope.megatron import checkpointing
 from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports
+from megatron_scope.megatron.model import output_layer_weight
 from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.parallel import collective_device
 from megatron_scope.megatron.schedule import forward_backward
@@ -273,7 +274,9 @@ class ScopeTrainer:
             metrics["rollout/logprob_abs_diff"] = self._sampler_mismatch(microbatches)
         train_start = time.perf_counter()
         self.student.zero_grad_buffer()
-        reports = forward_backward(self.student, microbatches, self.config.loss, self.vocab_size)
+        teacher_weight = output_layer_weight(self.teacher) if self.config.loss.needs_teacher_logits else None
+        reports = forward_backward(self.student, microbatches, self.config.loss, self.vocab_size,
+                                   teacher_weight=teacher_weight)
         loss_metrics = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.is_last_stage else {}
         loss_is_finite = math.isfinite(loss_metrics.get("loss", 0.0))
         outcome = guarded_step(self.optimizer, self.scheduler, loss_is_finite)

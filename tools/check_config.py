@@ -164,6 +164,11 @@ def run_check(args: argparse.Namespace) -> dict:
     kv_errors, kv_notes = me.check_rollout_kv_cache(plan, student)
     errors += kv_errors
     notes += kv_notes
+    host = me.teacher_hidden_host_bytes(plan, teacher)
+    if host:
+        notes.append(f"host memory: the co-located teacher's last hidden states of the local batch wait in pinned "
+                     f"host memory from the scoring pass to the student's step, {host / me.GIB:.1f} GiB per rank "
+                     f"({host * args.nproc_per_node / me.GIB:.1f} GiB per node of {args.nproc_per_node} ranks)")
 
     padded = me.common_padded_vocab(list(archs.values()), plan.tensor_parallel)
     result["facts"] = {
@@ -181,7 +186,7 @@ def run_check(args: argparse.Namespace) -> dict:
         "padded_vocab": padded,
         "student_params": me.hf_param_count(student),
         "teacher_params": me.hf_param_count(teacher) if teacher is not None else None,
-        "keeps_teacher_logits": config.colocated_teacher and config.loss.needs_teacher_logits,
+        "teacher_hidden_states_host_bytes": me.teacher_hidden_host_bytes(plan, teacher),
         "rollout_kv_bytes_per_token": me.kv_bytes_per_token(student, plan.rollout_element_bytes),
     }
     if plan.world_size % (plan.tensor_parallel * plan.pipeline_parallel):

@@ -21,7 +21,9 @@ sequence) over the data-parallel group first and compute the weights from the ga
 Microbatch keys ([b, s] unless noted; s covers prompt and response, `loss_mask` marks positions whose
 label is a response token):
     labels, loss_mask, correct [b] bool, seq_weights [b];
-    teacher_logits [b, s, V/TP]                    (--scope-kl reverse/forward/jsd, SRPO, TrOPD forward)
+    teacher_hidden [b, s, H_T] (the co-located teacher's last hidden states; the loss applies `teacher_weight`,
+                   its output-layer shard) or teacher_logits [b, s, V/TP]
+                                                   (--scope-kl reverse/forward/jsd, SRPO, TrOPD forward)
     teacher_log_probs                              (--scope-kl k1/k2/k3; ExOPD, TrOPD; else derived from logits)
     teacher_topk_ids, teacher_topk_log_probs [b, s, k], teacher_topk_tail_log_mass   (--scope-kl topk)
     old_log_probs, advantages [b]                  (GRPO, SRPO)      ref_log_probs (ExOPD)
@@ -35,16 +37,18 @@ from megatron.core import parallel_state
 from megatron_scope.config import FULL_VOCAB_KL, SAMPLED_KL, LossConfig
 from megatron_scope.losses.objectives import OBJECTIVES, TokenStats, aggregate, group_normalized_advantages
 from megatron_scope.losses.scope import scope_sequence_weights
+from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_stats
 from megatron_scope.ops.token_stats import sampled_kl, sequence_mean_log_prob
 from megatron_scope.ops.topk import vocab_parallel_topk_kl
 from megatron_scope.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_probs
 
 
-def required_batch_keys(config: LossConfig) -> set[str]:
-    """The microbatch keys `scope_loss_func` reads under `config`."""
+def required_batch_keys(config: LossConfig, teacher_hidden: bool = False) -> set[str]:
+    """The microbatch keys `scope_loss_func` reads under `config` (`teacher_hidden`: the teacher's distribution
+    comes as its hidden states instead of its logits)."""
     keys = {"labels", "loss_mask", "correct", "seq_weights"}
     if config.needs_teacher_logits:
-        keys.add("teacher_logits")
+        keys.add("teacher_hidden" if teacher_hidden else "teacher_logits")
     # The teacher's log-prob of the sampled token: the k1/k2/k3 estimators, ExOPD's reward and TrOPD's trust
     # region read it (derived from teacher_logits where those are present).
     if (config.uses_kl and config.kl in SAMPLED_KL) or config.algorithm == "exopd" or (
@@ -91,6 +95,7 @@ def add_group_inputs(microbatches: list[dict], config: LossConfig, group=None) -
 PER_SEQUENCE_KEYS = ("correct", "seq_weights", "advantages")
 PER_VOCAB_KEYS = ("teacher_logits", "teacher_topk_ids", "teacher_topk_log_probs")  # a trailing vocab/k dim
 MAY_BE_NEG_INF = PER_VOCAB_KEYS + ("teacher_topk_tail_log_mass",)  # masked/impossible tokens, an empty tail
+TRAILING_DIM_KEYS = PER_VOCAB_KEYS + ("teacher_hidden",)
 
 
 def check_batch(batch: dict, config: LossConfig) -> None:
@@ -99,7 +104,7 @@ def check_batch(batch: dict, config: LossConfig) -> None:
     Run it on every rank before `forward_backward_func` so that bad data stops the step before any
     collective (an error inside the last stage's loss would leave the other stages waiting).
     """
-    required = required_batch_keys(config)
+    required = required_batch_keys(config, teacher_hidden="teacher_hidden" in batch)
     missing = sorted(required - batch.keys())
     if missing:
         raise ValueError(f"{config.algorithm} (--scope-kl {config.kl}) needs batch keys {missing}")
@@ -112,7 +117,7 @@ def check_batch(batch: dict, config: LossConfig) -> None:
     for key in sorted(required - {"labels"}):
         value = batch[key]
         expected = labels_shape[:1] if key in PER_SEQUENCE_KEYS else labels_shape
-        extra_dims = 1 if key in PER_VOCAB_KEYS else 0
+        extra_dims = 1 if key in TRAILING_DIM_KEYS else 0
         if tuple(value.shape[: len(expected)]) != expected or value.dim() != len(expected) + extra_dims:
             raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)}, expected {expected}"
                              f"{' + (k,)' if extra_dims else ''} to match labels {labels_shape}")
@@ -126,10 +131,24 @@ def check_batch(batch: dict, config: LossConfig) -> None:
             raise ValueError(f"batch[{key!r}] holds NaN or Inf" + ("" if key in MAY_BE_NEG_INF else " on response tokens"))
 
 
-def _token_stats(config: LossConfig, vocab: int, batch: dict, logits: torch.Tensor, group) -> TokenStats:
+def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tensor, group, student_weight,
+                 teacher_weight) -> tuple[TokenStats, torch.Tensor]:
+    """The objectives' per-token inputs and the student's entropy (for the report)."""
     labels = batch["labels"]
+    if student_weight is not None:  # `output` is the student's last hidden states: nothing vocabulary-sized kept
+        fused = vocab_parallel_linear_distill_stats(output, student_weight, batch["teacher_hidden"], teacher_weight,
+                                                    labels, kind=config.kl, group=group, vocab_size=vocab,
+                                                    beta=config.jsd_beta)
+        stats = TokenStats(mask=batch["loss_mask"].to(fused.kl.dtype), correct=batch["correct"],
+                           student_log_probs=fused.student_log_probs, kl=fused.kl,
+                           teacher_log_probs=batch.get("teacher_log_probs", fused.teacher_log_probs),
+                           old_log_probs=batch.get("old_log_probs"), advantages=batch.get("advantages"))
+        return stats, fused.student_entropy
+    logits = output
     student_log_probs = vocab_parallel_log_probs(logits, labels, group=group, vocab_size=vocab)
     teacher_logits = batch.get("teacher_logits")
+    if teacher_logits is None and "teacher_hidden" in batch:  # this microbatch's teacher logits, no gradient
+        teacher_logits = (batch["teacher_hidden"] @ teacher_weight.t()).detach()
     teacher_log_probs = batch.get("teacher_log_probs")
     if teacher_log_probs is None and teacher_logits is not None:
         with torch.no_grad():
@@ -152,6 +171,7 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, logits: torch.Tens
     if config.algorithm == "srpo":
         with torch.no_grad():
             teacher_entropy = vocab_parallel_entropy(teacher_logits, group=group, vocab_size=vocab)
+    entropy = vocab_parallel_entropy(logits.detach(), group=group, vocab_size=vocab)
     return TokenStats(
         mask=batch["loss_mask"].to(student_log_probs.dtype),
         correct=batch["correct"],
@@ -163,11 +183,11 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, logits: torch.Tens
         old_log_probs=batch.get("old_log_probs"),
         ref_log_probs=batch.get("ref_log_probs"),
         advantages=batch.get("advantages"),
-    )
+    ), entropy
 
 
 @torch.no_grad()
-def _report(stats: TokenStats, batch: dict, logits: torch.Tensor, group, vocab_size: int) -> dict:
+def _report(stats: TokenStats, batch: dict, student_entropy: torch.Tensor) -> dict:
     """Per-path sums as [sum, count] tensors (summed over microbatches and ranks by `reduce_reports`)."""
     mask = stats.mask
     lengths = mask.sum(-1)
@@ -175,9 +195,7 @@ def _report(stats: TokenStats, batch: dict, logits: torch.Tensor, group, vocab_s
     per_sequence = {
         "mle": -student_mean,
         "student_ppl": torch.exp(-student_mean),
-        "entropy": sequence_mean_log_prob(
-            vocab_parallel_entropy(logits.detach(), group=group, vocab_size=vocab_size), mask
-        ),
+        "entropy": sequence_mean_log_prob(student_entropy, mask),
         "response_length": lengths,
         "weight": batch["seq_weights"].to(mask.dtype),
     }
@@ -196,22 +214,31 @@ def _report(stats: TokenStats, batch: dict, logits: torch.Tensor, group, vocab_s
     return report
 
 
-def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, logits: torch.Tensor, group=None):
+def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: torch.Tensor, group=None,
+                    student_weight: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None):
     """Megatron loss_func: `(Σ w_i L_i over this microbatch, its count of sequences or tokens, report)`.
 
-    `logits` is this rank's vocabulary shard [b, s, V/TP] of a vocabulary padded from `vocab_size` (the
-    tokenizer's; padded entries take no probability); `group` defaults to Megatron's TP group.
+    `output` is the student's vocabulary shard of logits [b, s, V/TP] of a vocabulary padded from `vocab_size`
+    (the tokenizer's; padded entries take no probability); or, given `student_weight` (its output-layer shard
+    [V/TP, H_S], with `config.fuses_student_logits` and `teacher_hidden` in the batch), its last hidden states
+    [b, s, H_S], and the loss applies both output layers chunk by chunk (`ops.linear_kl`). `teacher_weight`: the
+    teacher's output-layer shard [V/TP, H_T], needed with `teacher_hidden`. `group` defaults to Megatron's TP group.
     The batch must have passed `check_batch` (`schedule.forward_backward` checks every microbatch before the
-    schedule runs, so the teacher logits are not scanned twice).
+    schedule runs, so the teacher's inputs are not scanned twice).
     """
     if group is None and parallel_state.model_parallel_is_initialized():
         group = parallel_state.get_tensor_model_parallel_group()
-    if config.logprob_temperature != 1.0:
-        logits = logits / config.logprob_temperature  # the student's distribution at temperature T
-    stats = _token_stats(config, vocab_size, batch, logits, group)
+    if "teacher_hidden" in batch and teacher_weight is None:
+        raise ValueError("batch['teacher_hidden'] needs teacher_weight, the teacher's output-layer shard")
+    if student_weight is not None and not (config.fuses_student_logits and "teacher_hidden" in batch):
+        raise ValueError("student_weight (the fused KL from hidden states) needs a config whose fuses_student_logits "
+                         "is true and batch['teacher_hidden']")
+    if config.logprob_temperature != 1.0:  # the student's distribution at temperature T (logits are linear in
+        output = output / config.logprob_temperature  # the hidden states: dividing those divides the logits)
+    stats, student_entropy = _token_stats(config, vocab_size, batch, output, group, student_weight, teacher_weight)
     token_loss = OBJECTIVES[config.algorithm](stats, config)
     loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
-    report = _report(stats, batch, logits, group, vocab_size)
+    report = _report(stats, batch, student_entropy)
     report["loss"] = torch.stack([loss_sum.detach().clone(), count.to(loss_sum.dtype)])
     response = stats.mask > 0  # a NaN/Inf per-token loss makes the step's loss non-finite: say how many tokens
     report["nonfinite_token_fraction"] = torch.stack([(~torch.isfinite(token_loss.detach()) & response).sum(),

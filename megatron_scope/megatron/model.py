@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -186,3 +187,43 @@ def unwrap_model(model) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
+
+
+def output_layer_weight(model) -> torch.Tensor | None:
+    """This rank's output-layer shard [V/TP, hidden] (the word embeddings when tied); None off the last stage."""
+    gpt = unwrap_model(model)
+    if not gpt.post_process:
+        return None
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+@contextlib.contextmanager
+def returning_hidden_states(model):
+    """Inside, the model's last stage returns its last hidden states [b, s, hidden] (after the final norm: the
+    output layer's input) instead of logits, for a loss that applies the output layer itself (ops.linear_kl)."""
+    gpt = unwrap_model(model)
+    if not gpt.post_process:
+        yield
+        return
+    gpt.output_layer.forward = lambda hidden_states, *args, **kwargs: (hidden_states, None)
+    try:
+        yield
+    finally:
+        del gpt.output_layer.forward  # the class's forward again
+
+
+@contextlib.contextmanager
+def capturing_hidden_states(model, sink: list):
+    """Inside, each forward of the model's last stage appends its last hidden states [s, b, hidden] (the output
+    layer's input) to `sink`; the model still returns its logits."""
+    gpt = unwrap_model(model)
+    if not gpt.post_process:
+        yield
+        return
+    handle = gpt.output_layer.register_forward_pre_hook(lambda module, args: sink.append(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -6,6 +6,7 @@ log-probs, weights); the other stages' microbatches need just `tokens` and `posi
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Callable
 
@@ -16,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_scope.config import LossConfig
 from megatron_scope.megatron.loss_func import check_batch, scope_loss_func
+from megatron_scope.megatron.model import output_layer_weight, returning_hidden_states
 from megatron_scope.megatron.parallel import collective_device
 
 
@@ -41,7 +43,7 @@ def raise_on_any_rank(error: Exception | None, group=None) -> None:
 
 
 def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, vocab_size: int,
-                     forward_only: bool = False):
+                     forward_only: bool = False, teacher_weight: torch.Tensor | None = None):
     """Forward (and backward) of `model` over `microbatches` with the SCOPE loss over the tokenizer's `vocab_size`
     tokens; returns the per-microbatch reports on the last pipeline stage ([] elsewhere).
 
@@ -49,6 +51,9 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     stops the step before any collective. With TP > 1, `teacher_logits` is this rank's vocabulary shard.
     Gradients land in the DDP `main_grad` buffers already divided by the global loss count
     (`calculate_per_token_loss=True` in the model's config).
+    `teacher_weight`: the co-located teacher's output-layer shard, for microbatches carrying `teacher_hidden`;
+    with `loss_config.fuses_student_logits` the student then returns its last hidden states and the loss applies
+    both output layers chunk by chunk (`ops.linear_kl`): neither model's logits are kept.
     """
     _batch_shape(microbatches)  # one [micro_batch, seq] shape for all, checked before any compute
     if not model.config.calculate_per_token_loss:
@@ -63,11 +68,17 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
             error = caught
     raise_on_any_rank(error)  # all ranks: data-parallel replicas would otherwise wait in the grad all-reduce
     group = parallel_state.get_tensor_model_parallel_group()
+    fused = teacher_weight is not None and loss_config.fuses_student_logits
+    loss_func = partial(scope_loss_func, loss_config, vocab_size, group=group, teacher_weight=teacher_weight,
+                        student_weight=output_layer_weight(model) if fused else None)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
-        return output, partial(scope_loss_func, loss_config, vocab_size, batch, group=group)
+        if "teacher_hidden" in batch:  # in host memory since the scoring pass (CUDA): this microbatch's only
+            batch = {**batch, "teacher_hidden": batch["teacher_hidden"].to(batch["tokens"].device, non_blocking=True)}
+        with returning_hidden_states(model) if fused else contextlib.nullcontext():
+            output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(loss_func, batch)
 
     return run_schedule(model, microbatches, forward_step, forward_only=forward_only)
 

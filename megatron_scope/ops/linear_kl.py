@@ -61,11 +61,16 @@ class LinearDistillStats(NamedTuple):
     """H(p_S) in nats, no gradient."""
 
 
+def chunk_rows(num_rows: int, local_vocab: int, device_type: str) -> int:
+    """Token rows per chunk: at most CHUNK_ELEMENTS (CUDA_CHUNK_ELEMENTS) logits, and at least MIN_CHUNKS
+    chunks when num_rows allows."""
+    elements = CUDA_CHUNK_ELEMENTS if device_type == "cuda" else CHUNK_ELEMENTS
+    return max(1, min(elements // max(local_vocab, 1), math.ceil(num_rows / MIN_CHUNKS)))
+
+
 def _token_chunks(num_rows: int, local_vocab: int, device: torch.device):
-    """(row slice, is_full_chunk) covering [0, num_rows): at most CHUNK_ELEMENTS logits per chunk, and at
-    least MIN_CHUNKS chunks when num_rows allows."""
-    elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
-    rows = max(1, min(elements // max(local_vocab, 1), math.ceil(num_rows / MIN_CHUNKS)))
+    """(row slice, is_full_chunk) covering [0, num_rows) in chunks of `chunk_rows` rows."""
+    rows = chunk_rows(num_rows, local_vocab, device.type)
     for start in range(0, num_rows, rows):
         stop = min(start + rows, num_rows)
         yield slice(start, stop), stop - start == rows

@@ -2,16 +2,22 @@
 
 `log_prob_pass` runs any model (the student before its step, the teacher, ExOPD's reference) through the
 pipeline schedule and keeps, on the last stage, the temperature-1 log-probs of the labels and whatever of the
-teacher's distribution the loss reads (`teacher_pass`): its vocabulary shard of logits for a full-vocabulary
-KL or SRPO's entropy, its vocab-parallel top-k for --scope-kl topk, nothing more for sampled-token estimators.
-The vocabulary is never gathered: log-probs and the top-k communicate per-token statistics over the TP group.
+teacher's distribution the loss reads (`teacher_pass`): its last hidden states for a full-vocabulary KL or SRPO's
+entropy (the loss applies the teacher's output layer per microbatch or chunk: `teacher_hidden` is hidden-size
+wide where logits would be V/TP wide; on CUDA they wait in pinned host memory until the student's step), its vocab-parallel top-k for --scope-kl topk, nothing more for
+sampled-token estimators. The vocabulary is never gathered: log-probs and the top-k communicate per-token
+statistics over the TP group.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from megatron.core import parallel_state
 
 from megatron_scope.config import LossConfig
+from megatron_scope.megatron.model import capturing_hidden_states
 from megatron_scope.megatron.schedule import forward_collect
 from megatron_scope.ops.topk import vocab_parallel_topk
 from megatron_scope.ops.vocab_parallel import vocab_parallel_log_probs
@@ -20,28 +26,38 @@ from megatron_scope.ops.vocab_parallel import vocab_parallel_log_probs
 def log_prob_pass(model, microbatches: list[dict], vocab_size: int, keep: str | None = None, topk: int = 0,
                   temperature: float = 1.0) -> list:
     """Forward only: per microbatch (extra inputs, log-probs of the labels under softmax(logits / temperature))
-    under `model`, on the last stage ([] elsewhere). Extras, by `keep`: None nothing; "logits" the vocab shard
-    {teacher_logits};
-    "topk" {teacher_topk_ids, teacher_topk_log_probs, teacher_topk_tail_log_mass}, `topk` + 1 values per token
-    instead of V/TP."""
+    under `model`, on the last stage ([] elsewhere). Extras, by `keep`: None nothing; "hidden" the last hidden
+    states {teacher_hidden} [b, s, hidden] (the output layer's input); "topk" {teacher_topk_ids,
+    teacher_topk_log_probs, teacher_topk_tail_log_mass}, `topk` + 1 values per token instead of V/TP."""
     group = parallel_state.get_tensor_model_parallel_group()
+    hidden = []  # this microbatch's last hidden states, [s, b, hidden]
 
     def collect(batch, logits):
         scaled = logits / temperature if temperature != 1.0 else logits
         log_probs = vocab_parallel_log_probs(scaled, batch["labels"], group=group, vocab_size=vocab_size)
-        if keep == "logits":
-            return {"teacher_logits": logits}, log_probs
+        if keep == "hidden":
+            return {"teacher_hidden": _to_host(hidden.pop().transpose(0, 1))}, log_probs
         if keep == "topk":
             ids, top, tail = vocab_parallel_topk(logits, topk, group=group, vocab_size=vocab_size)
             return {"teacher_topk_ids": ids, "teacher_topk_log_probs": top, "teacher_topk_tail_log_mass": tail}, log_probs
         return {}, log_probs
 
-    return forward_collect(model, microbatches, collect)
+    with capturing_hidden_states(model, hidden) if keep == "hidden" else contextlib.nullcontext():
+        return forward_collect(model, microbatches, collect)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy in pinned host memory for a CUDA tensor (`schedule.forward_backward` brings each microbatch's
+    back), else a contiguous tensor: the local batch's teacher hidden states wait off the GPU until the step."""
+    if not tensor.is_cuda:
+        return tensor.contiguous()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def teacher_pass(teacher, microbatches: list[dict], config: LossConfig, vocab_size: int) -> list[dict]:
     """The teacher's loss inputs per microbatch on the last stage ([] elsewhere): teacher_log_probs and, as
-    `config` needs, teacher_logits or the top-k (see the module docstring)."""
-    keep = "logits" if config.needs_teacher_logits else "topk" if config.teacher_topk else None
+    `config` needs, teacher_hidden or the top-k (see the module docstring)."""
+    keep = "hidden" if config.needs_teacher_logits else "topk" if config.teacher_topk else None
     return [{**extras, "teacher_log_probs": log_probs}
             for extras, log_probs in log_prob_pass(teacher, microbatches, vocab_size, keep, config.teacher_topk)]

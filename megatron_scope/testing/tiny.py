@@ -38,13 +38,28 @@ def tiny_batches(num_microbatches: int, micro_batch_size: int = 2, seq_length: i
     return batches
 
 
+TINY_TEACHER_HIDDEN = 24
+"""Hidden size of the stand-in teacher whose last hidden states and output layer `tiny_rollout_batch` draws."""
+
+
+def tiny_teacher_weight(vocab_size: int | None = None) -> torch.Tensor:
+    """The stand-in teacher's output layer [padded vocab, TINY_TEACHER_HIDDEN] (logits of scale ~3)."""
+    from megatron_scope.megatron.model import padded_vocab_size
+
+    padded = padded_vocab_size(vocab_size or TINY_ARCH.vocab_size, 1)
+    generator = torch.Generator().manual_seed(1234)
+    return 3 * torch.randn(padded, TINY_TEACHER_HIDDEN, generator=generator) / TINY_TEACHER_HIDDEN**0.5
+
+
 def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length: int = 8, seq_length: int = 24,
-                       topk: int = 8, seed: int = 0, vocab_size: int | None = None) -> dict:
+                       topk: int = 8, seed: int = 0, vocab_size: int | None = None,
+                       teacher_hidden: bool = False) -> dict:
     """A deterministic rollout batch as the SCOPE loss sees it: prompt + response tokens, response mask
     (lengths vary; one response is empty), verifier outcomes, prompt group ids, full-vocabulary teacher logits
-    (Megatron-padded width, padding included), the teacher's sampled-token and top-k log-probs, old/reference
-    log-probs, SCOPE weights and GRPO advantages computed over the whole batch. `vocab_size`: default
-    TINY_ARCH's."""
+    (Megatron-padded width, padding included; `teacher_hidden`: the teacher's last hidden states instead, whose
+    logits under `tiny_teacher_weight` are those logits), the teacher's sampled-token and top-k log-probs,
+    old/reference log-probs, SCOPE weights and GRPO advantages computed over the whole batch. `vocab_size`:
+    default TINY_ARCH's."""
     from megatron_scope.losses.objectives import group_normalized_advantages
     from megatron_scope.losses.scope import scope_sequence_weights
     from megatron_scope.megatron.model import padded_vocab_size
@@ -61,7 +76,8 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
     correct = torch.rand(n, generator=g) < 0.5
     correct[:group_size] = torch.tensor([True, False] * (group_size // 2))  # both paths in group 0
     group_ids = torch.arange(10, 10 + num_prompts).repeat_interleave(group_size)[torch.randperm(n, generator=g)]
-    teacher_logits = 3 * torch.randn(n, seq_length, padded, generator=g)
+    hidden = torch.randn(n, seq_length, TINY_TEACHER_HIDDEN, generator=g)
+    teacher_logits = hidden @ tiny_teacher_weight(vocab).t()
     labels = tokens[:, 1:]
     teacher_log_probs = torch.log_softmax(teacher_logits[..., :vocab].double(), -1).gather(-1, labels[..., None])[..., 0]
     teacher_all = torch.log_softmax(teacher_logits[..., :vocab].double(), -1)
@@ -70,14 +86,15 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
     old_log_probs = teacher_log_probs.float() - 0.3 * torch.rand(n, seq_length, generator=g)
     student_mean = -3 * torch.rand(n, generator=g)
     teacher_mean = -3 * torch.rand(n, generator=g)
+    teacher = {"teacher_hidden": hidden} if teacher_hidden else {"teacher_logits": teacher_logits}
     return {
+        **teacher,
         "tokens": tokens[:, :-1].contiguous(),
         "position_ids": position.expand(n, -1).contiguous(),
         "labels": labels.contiguous(),
         "loss_mask": loss_mask,
         "correct": correct,
         "group_ids": group_ids,
-        "teacher_logits": teacher_logits,
         "teacher_log_probs": teacher_log_probs.float(),
         "teacher_topk_ids": topk_ids,
         "teacher_topk_log_probs": topk_log_probs.float(),
@@ -94,9 +111,10 @@ def split_microbatches(batch: dict, num_microbatches: int, tp_rank: int = 0, tp_
     from megatron_scope.rollout.batch import split_rows
 
     microbatches = split_rows(batch, num_microbatches)
-    shard = batch["teacher_logits"].shape[-1] // tp_size
-    for micro in microbatches:
-        micro["teacher_logits"] = micro["teacher_logits"][..., tp_rank * shard : (tp_rank + 1) * shard].contiguous()
+    if "teacher_logits" in batch:
+        shard = batch["teacher_logits"].shape[-1] // tp_size
+        for micro in microbatches:
+            micro["teacher_logits"] = micro["teacher_logits"][..., tp_rank * shard : (tp_rank + 1) * shard].contiguous()
     return microbatches
 
 

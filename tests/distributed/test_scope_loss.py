@@ -1,5 +1,7 @@
 """The SCOPE loss through Megatron's schedules: the same batch split into 1, 2 or 4 microbatches, at TP=1,
-TP=2 and PP=2, gives the same loss and gradients (rtol 1e-5), for several objectives and KL kinds."""
+TP=2 and PP=2, gives the same loss and gradients (rtol 1e-5), for several objectives and KL kinds, with the
+teacher as logits or as last hidden states + output layer (the fused KL from hidden states for SCOPE's
+reverse KL and JSD: the student's logits never exist; SRPO: one microbatch of teacher logits)."""
 
 import math
 
@@ -14,15 +16,17 @@ from megatron_scope.testing.checkpoint_compare import (
     save_weights,
 )
 from megatron_scope.testing.multiprocess import run_on_ranks
-from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
+from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch, tiny_teacher_weight
 
 MICROBATCHES = (1, 2, 4)
 VARIANTS = {  # name: LossConfig keyword arguments
     "scope-reverse-seq": dict(algorithm="scope", kl="reverse"),
-    "scope-jsd-token": dict(algorithm="scope", kl="jsd", loss_agg_mode="token-mean"),
+    "scope-reverse-seq-hidden": dict(algorithm="scope", kl="reverse"),
+    "scope-jsd-token-hidden": dict(algorithm="scope", kl="jsd", loss_agg_mode="token-mean"),
     "scope-topk": dict(algorithm="scope", kl="topk", topk=8),  # tiny_rollout_batch's k
-    "srpo": dict(algorithm="srpo", kl="reverse"),
+    "srpo-hidden": dict(algorithm="srpo", kl="reverse"),
 }
+SAME_AS = {"scope-reverse-seq-hidden": "scope-reverse-seq"}  # one teacher given two ways
 
 
 def _build(tp, pp, seed):
@@ -43,9 +47,11 @@ def _run(model, variant, num_microbatches):
     config = LossConfig(**VARIANTS[variant])
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    microbatches = split_microbatches(tiny_rollout_batch(), num_microbatches, tp_rank, tp_size)
+    hidden = variant.endswith("-hidden")
+    microbatches = split_microbatches(tiny_rollout_batch(teacher_hidden=hidden), num_microbatches, tp_rank, tp_size)
+    teacher_weight = tiny_teacher_weight().chunk(tp_size)[tp_rank] if hidden else None
     model.zero_grad_buffer()
-    reports = forward_backward(model, microbatches, config, TINY_ARCH.vocab_size)
+    reports = forward_backward(model, microbatches, config, TINY_ARCH.vocab_size, teacher_weight=teacher_weight)
     loss = reduce_reports(reports)["loss"] if parallel_state.is_pipeline_last_stage() else None
     return loss, current_grads(model)
 
@@ -65,6 +71,11 @@ def _reference(rank, world_size, ckpt_dir):
         for variant in VARIANTS
         for m in MICROBATCHES
     }
+    for variant, same in SAME_AS.items():
+        split_errors[variant, "vs", same] = max(
+            float((grads[variant, 1][k] - grads[same, 1][k]).abs().max() / grads[same, 1][k].abs().max())
+            for k in grads[same, 1]
+        )
     for variant in VARIANTS:
         save_grads(model, grads[variant, 1], f"{ckpt_dir}/grads-{variant}")
     return losses, split_errors
@@ -93,7 +104,10 @@ def test_microbatch_split_invariance_single_process(reference):
     for (variant, m), loss in losses.items():
         assert loss == pytest.approx(losses[variant, 1], rel=1e-5), (variant, m)
         assert split_errors[variant, m] < 1e-5, (variant, m, split_errors[variant, m])
-    assert len({round(losses[v, 1], 6) for v in VARIANTS}) == len(VARIANTS)  # the variants really differ
+    assert len({round(losses[v, 1], 6) for v in VARIANTS}) == len(VARIANTS) - len(SAME_AS)  # the others differ
+    for variant, same in SAME_AS.items():
+        assert losses[variant, 1] == pytest.approx(losses[same, 1], rel=1e-5), variant
+        assert split_errors[variant, "vs", same] < 1e-5, (variant, split_errors[variant, "vs", same])
     assert all(math.isfinite(loss) and loss != 0 for loss in losses.values()), losses
 
 

@@ -140,7 +140,7 @@ _CONFIG_FIELDS = {
     "distributed_optimizer": ("optimizer", "use_distributed_optimizer"), "algorithm": ("loss", "algorithm"),
     "kl": ("loss", "kl"), "topk": ("loss", "topk"), "attention_backend": ("models", "attention_backend"),
     "recompute_granularity": ("models", "recompute_granularity"), "recompute_method": ("models", "recompute_method"),
-    "recompute_num_layers": ("models", "recompute_num_layers"),
+    "recompute_num_layers": ("models", "recompute_num_layers"), "fused_kl": ("loss", "fused_kl"),
 }
 
 
@@ -182,16 +182,20 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
     assert me.activation_bytes_per_layer(TINY, 24, 2, 1, 2) == 125_952
     assert terms["student activations"] == 264_192
     assert terms["attention score buffer"] == 9_216        # 2 B x 4 heads x 24^2 x 2
-    assert terms["logits + gradients"] == 294_912          # 3 x 2 x 24 x 1024 x 2 B
-    assert terms["teacher logits (local batch)"] == 196_608  # 4 x 24 x 1024 x 2 B
+    # the fused KL (the default for SCOPE's reverse KL): no logits; one chunk of r = min(2^26 / 1024, 48 / 32) = 2
+    # tokens x 1024 x (3 x 2 + 24) B, and the hidden-state gradient 2 x 24 x 64 x 2 B
+    assert "logits + gradients" not in terms
+    assert terms["fused KL (chunk + hidden gradient)"] == 2 * 1024 * 30 + 6_144
+    assert terms["teacher hidden states (microbatch)"] == 6_144  # 2 x 24 x 64 x 2 B (4 sequences in host memory)
+    assert me.teacher_hidden_host_bytes(_tiny_plan(), TINY_TEACHER) == 12_288  # 4 x 24 x 64 x 2 B
     assert terms["batch tensors"] == 3_840                 # 40 B x 4 x 24
     assert terms["runtime overhead (trainer)"] == 0
     # engine: HF params 73,984 + 2 x 1000 x 64 + 64 = 202,048 x 2 B; KV 1 GiB; sampler 8 x 256 x 1000
     assert terms["vLLM weights"] == 404_096
     assert terms["vLLM KV cache"] == GIB
     assert terms["vLLM runtime"] == 2_048_000
-    assert gpus[0].total_bytes == 410_240 + 820_480 + 1_230_720 + 558_208 + 264_192 + 9_216 + 294_912 + 196_608 \
-        + 3_840 + 404_096 + GIB + 2_048_000
+    assert gpus[0].total_bytes == 410_240 + 820_480 + 1_230_720 + 558_208 + 264_192 + 9_216 + 6_144 \
+        + 2 * 1024 * 30 + 6_144 + 3_840 + 404_096 + GIB + 2_048_000
     assert gpus[1].total_bytes == gpus[0].total_bytes - 404_096 - GIB - 2_048_000
     assert me.kv_bytes_per_token(TINY, 2) == 256           # 2 x 2 layers x 2 kv heads x 16 x 2 B
 
@@ -204,10 +208,14 @@ def test_memory_terms_follow_the_flags():
     assert fp32["optimizer state (Adam)"] == 1_640_960      # 8 B x 205,120, no master copy, not sharded
     # fp32 activations: 4 x 24 x 2 x (256 + 768) + 4 x 4 x 576 x 2 = 196,608 + 18,432 = 215,040 per layer
     assert fp32["student activations"] == 2 * 215_040 + 2 * 4 * 24 * 2 * 64
-    k1 = {c.name for c in me.estimate_memory(_tiny_plan(kl="k1"), TINY, TINY_TEACHER)[0].components}
-    assert "teacher logits (local batch)" not in k1 and "teacher logits (local batch)" in base
+    unfused = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(fused_kl=False), TINY, TINY_TEACHER)[0].components}
+    assert unfused["logits + gradients"] == 294_912            # 3 x 2 x 24 x 1024 x 2 B
+    assert unfused["teacher logits (one microbatch)"] == 98_304  # 2 x 24 x 1024 x 2 B
+    assert unfused["teacher hidden states (microbatch)"] == base["teacher hidden states (microbatch)"]
+    k1 = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="k1"), TINY, TINY_TEACHER)[0].components}
+    assert "teacher hidden states (microbatch)" not in k1 and k1["logits + gradients"] == 294_912
     topk = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="topk", topk=8), TINY, TINY_TEACHER)[0].components}
-    assert "teacher logits (local batch)" not in topk
+    assert "teacher hidden states (microbatch)" not in topk
     assert topk["teacher top-k (local batch)"] == 9_600      # 4 sequences x 24 x (k 8 x (8 + 4) + 4) B
     assert topk["top-k tail temporaries"] == 442_368         # 9 B x [2, 24, 1024]
     flash_gpus = me.estimate_memory(_tiny_plan(attention_backend="sdpa"), TINY, TINY_TEACHER)
@@ -232,9 +240,9 @@ def test_memory_terms_follow_the_flags():
     pp = me.estimate_memory(_tiny_plan(pipeline_parallel=2), TINY, TINY_TEACHER)
     assert [g.role for g in pp] == ["rank 0 (first stage + rollout engine)", "last pipeline stage"]
     first, last = ({c.name: c.bytes for c in g.components} for g in pp)
-    assert first["student activations"] == 125_952 * 1 * 2 and "logits + gradients" not in first
+    assert first["student activations"] == 125_952 * 1 * 2 and "fused KL (chunk + hidden gradient)" not in first
     assert last["student activations"] == 125_952 + 12_288
-    assert last["teacher logits (local batch)"] == 8 * 24 * 1024 * 2  # n = 4 / 1 x 2 = 8
+    assert last["teacher hidden states (microbatch)"] == 2 * 24 * 64 * 2
     separate = me.estimate_memory(_tiny_plan(rollout_gpus=1), TINY, TINY_TEACHER)
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU"]
     assert {c.name for c in separate[1].components} == {"vLLM weights", "vLLM KV cache", "vLLM runtime"}
@@ -381,7 +389,8 @@ def test_cli_run_that_fits(tiny_models, capsys):
     assert check_config.main(_argv(student, teacher, str(root / "x.jsonl"))) == 0
     out = capsys.readouterr().out
     assert "launch: 1 node(s) x 2 = 2 ranks; TP 2 x PP 1 x DP 1" in out
-    assert "teacher logits (local batch)" in out and out.rstrip().endswith("OK")
+    assert "teacher hidden states (microbatch)" in out and "host memory: the co-located teacher" in out
+    assert out.rstrip().endswith("OK")
     assert check_config.main(_argv(student, teacher, str(root / "x.jsonl"), "--json")) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] and result["facts"]["seq_length"] == 128  # 28 + 100 - 1 rounded up to 8
@@ -535,3 +544,30 @@ def test_launch_paper_selects_the_released_recipe_with_one_variable(tmp_path):
     bad = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", "launch_paper.sh")],
                          env={**env, "RECIPE": "neither"}, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "RECIPE must be paper or released" in bad.stderr
+
+
+# Qwen3-8B / Qwen3-32B (Qwen/Qwen3-8B, Qwen/Qwen3-32B config.json): the scaling script's largest pair (issue #16).
+QWEN3_8B = {**QWEN3_1_7B, "hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
+            "num_hidden_layers": 36, "tie_word_embeddings": False}
+QWEN3_32B = {**QWEN3_8B, "hidden_size": 5120, "intermediate_size": 25600, "num_attention_heads": 64,
+             "num_hidden_layers": 64}
+
+
+@pytest.mark.parametrize("script, student, teacher", [("launch_paper.sh", R1_DISTILL_1_5B, QWEN25_7B),
+                                                      ("launch_qwen3_scaling.sh", QWEN3_8B, QWEN3_32B)],
+                         ids=["paper-1.5B-from-7B", "qwen3-8B-from-32B"])
+def test_the_launch_scripts_full_kl_runs_fit_80_gib_gpus(tmp_path, script, student, teacher):
+    """The paper's run (4 x 8 GPUs, TP 2, full reverse KL, 2048-token prompts + 12288 new) and the scaling script's
+    Qwen3-8B from Qwen3-32B (TP 4) with the memory settings the scripts pass: the dry run says they fit."""
+    env = {**os.environ, "DRY_RUN": "1", "STUDENT_HF": _model_dir(tmp_path, "student", student),
+           "TEACHER_HF": _model_dir(tmp_path, "teacher", teacher), "TOKENIZER": str(tmp_path / "absent.model"),
+           "TEACHER_TOKENIZER": "", "TRAIN_DATA": str(tmp_path / "absent.jsonl"), "PYTHON": sys.executable,
+           "CHECK_ARGS": "--max-prompt-tokens 2048 --json", "STUDENT": "Qwen3-8B", "TEACHER": "Qwen3-32B"}  # names set TP
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", script)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout[:done.stdout.index("DRY_RUN=1, would run:")])
+    gpus = result["memory"]["gpus"]
+    assert result["ok"] and all(gpu["fits"] and gpu["total_bytes"] < 80 * GIB for gpu in gpus), gpus
+    names = {c["name"] for c in gpus[0]["components"]}
+    assert "fused KL (chunk + hidden gradient)" in names and "logits + gradients" not in names

@@ -6,7 +6,7 @@ import torch
 from megatron_scope.losses.scope import scope_sequence_weights
 from megatron_scope.config import LossConfig
 from megatron_scope.megatron.loss_func import check_batch, reduce_reports, scope_loss_func
-from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
+from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch, tiny_teacher_weight
 
 V = TINY_ARCH.vocab_size
 
@@ -151,3 +151,41 @@ def test_logprob_temperature_scales_the_students_logits(batch):
     hot, _, _ = scope_loss_func(LossConfig(logprob_temperature=0.6), V, batch, logits)
     cold, _, _ = scope_loss_func(LossConfig(), V, batch, logits / 0.6)
     assert float(hot) == pytest.approx(float(cold), rel=1e-6)
+
+
+@pytest.mark.parametrize("config", [LossConfig(), LossConfig(kl="jsd", logprob_temperature=0.6),
+                                    LossConfig(algorithm="opd", kl="forward", loss_agg_mode="token-mean")],
+                         ids=["scope-reverse", "scope-jsd-T0.6", "opd-forward"])
+def test_the_fused_kl_from_hidden_states_equals_the_loss_on_logits(config):
+    """Student hidden states + output layer and the teacher's (ops.linear_kl): the loss, report and gradients of
+    the student's logits path with the teacher's logits."""
+    (with_logits,) = split_microbatches(tiny_rollout_batch(), 1)
+    (with_hidden,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
+    assert config.fuses_student_logits
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(*with_logits["labels"].shape, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(with_logits["teacher_logits"].shape[-1], 16, generator=g) / 2).requires_grad_()
+    logits_loss, count, logits_report = scope_loss_func(config, V, with_logits, hidden @ weight.t())
+    fused_loss, fused_count, fused_report = scope_loss_func(config, V, with_hidden, hidden, student_weight=weight,
+                                                            teacher_weight=tiny_teacher_weight())
+    assert int(fused_count) == int(count) and float(fused_loss) == pytest.approx(float(logits_loss), rel=1e-5)
+    expected = reduce_reports([logits_report])
+    for key, value in reduce_reports([fused_report]).items():
+        assert value == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    for mine, theirs in zip(torch.autograd.grad(fused_loss, (hidden, weight)),
+                            torch.autograd.grad(logits_loss, (hidden, weight))):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_hidden_states_without_their_output_layer_are_rejected():
+    (with_hidden,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
+    logits = torch.randn(*with_hidden["labels"].shape, tiny_teacher_weight().shape[0])
+    with pytest.raises(ValueError, match="needs teacher_weight"):
+        scope_loss_func(LossConfig(), V, with_hidden, logits)
+    with pytest.raises(ValueError, match="fuses_student_logits"):  # SRPO reads the teacher's entropy: not fused
+        scope_loss_func(LossConfig(algorithm="srpo"), V, with_hidden, logits[..., :8],
+                        student_weight=torch.zeros(logits.shape[-1], 8), teacher_weight=tiny_teacher_weight())
+    check_batch(with_hidden, LossConfig())  # teacher_hidden stands for teacher_logits
+    del with_hidden["teacher_hidden"]
+    with pytest.raises(ValueError, match="teacher_logits"):
+        check_batch(with_hidden, LossConfig())
