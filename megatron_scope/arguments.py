@@ -65,7 +65,13 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group(title="training")
-    g.add_argument("--micro-batch-size", type=positive_int, default=4, help="Sequences per microbatch.")
+    g.add_argument("--micro-batch-size", type=positive_int, default=4,
+                   help="Sequences per microbatch (with --max-tokens-per-microbatch: at most this many).")
+    g.add_argument("--max-tokens-per-microbatch", type=positive_int, default=None,
+                   help="Token-budget microbatches: whole sequences grouped by length, longest first, each microbatch "
+                        "padded only to its own longest and holding at most this many padded tokens (a longer "
+                        "sequence goes alone). Loss and gradients do not depend on the grouping. Default: "
+                        "--micro-batch-size sequences each, padded to the step's longest."),
     g.add_argument("--train-iters", type=positive_int, default=10)
     g.add_argument("--lr", type=positive_float, default=5e-5)
     g.add_argument("--min-lr", type=nonnegative_float, default=0.0)

@@ -394,7 +394,11 @@ class LoopConfig:
     train_iters: int = 10
     """--train-iters: optimizer steps to run in total (also the LR decay horizon)."""
     micro_batch_size: int = 4
-    """--micro-batch-size: sequences per micro-batch."""
+    """--micro-batch-size: sequences per micro-batch (with --max-tokens-per-microbatch: at most this many)."""
+    max_tokens_per_microbatch: int | None = None
+    """--max-tokens-per-microbatch: micro-batches of whole sequences grouped by length, longest first, each padded
+    only to its own longest and holding at most this many padded tokens (a longer sequence goes alone); None:
+    --micro-batch-size sequences each, padded to the step's longest."""
     seed: int = 1234
     """--seed: base seed; iteration i samples with seed + i, so a resumed run rolls out the same responses."""
     save: str | None = None
@@ -419,6 +423,8 @@ class LoopConfig:
     def __post_init__(self):
         _positive("LoopConfig", train_iters=self.train_iters, micro_batch_size=self.micro_batch_size,
                   log_interval=self.log_interval, weight_sync_bucket_mib=self.weight_sync_bucket_mib)
+        if self.max_tokens_per_microbatch is not None:
+            _positive("LoopConfig", max_tokens_per_microbatch=self.max_tokens_per_microbatch)
         if self.save_interval < 0 or self.exit_interval < 0:
             raise ValueError(f"save_interval and exit_interval must be >= 0, got {self.save_interval}, "
                              f"{self.exit_interval}")
@@ -473,7 +479,7 @@ class RunConfig:
             return [f"--prompts-per-step {prompts} is not divisible by the data-parallel size {dp}: each "
                     "data-parallel rank takes whole prompt groups"]
         local, micro = self.local_sequences(dp), self.loop.micro_batch_size
-        if local % micro:
+        if local % micro and self.loop.max_tokens_per_microbatch is None:
             return [f"{local} sequences per data-parallel rank (--prompts-per-step {prompts} / DP {dp} x "
                     f"--scope-group-size {self.rollout.group_size}) do not split into --micro-batch-size {micro}"]
         return []
@@ -514,7 +520,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
             lr_decay_style=args.lr_decay_style, use_distributed_optimizer=args.use_distributed_optimizer),
         loop=LoopConfig(
-            train_iters=args.train_iters, micro_batch_size=args.micro_batch_size, seed=args.seed, save=args.save,
+            train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
+            max_tokens_per_microbatch=args.max_tokens_per_microbatch, seed=args.seed, save=args.save,
             load=args.load, save_interval=args.save_interval, exit_interval=args.exit_interval,
             log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
             exit_on_nonfinite=args.exit_on_nonfinite, progress_bar=args.progress_bar,

@@ -6,8 +6,8 @@ Pure functions of `DecoderArch`s and the run's numbers: no process group, no GPU
 Notation: h hidden, L layers, a query heads, g key/value heads (query groups), d head dim, F SwiGLU width,
 V the vocabulary padded as Megatron pads it (`padded_vocab_size`; teacher and student share one padded
 vocabulary, the larger of their embedding row counts), t = TP, p = PP, D = DP = world / (t p), b the
-micro-batch size, s the padded sequence length (`rollout.batch.padded_sequence_length`: prompt + response - 1,
-rounded up to 8), n = prompts_per_step / D x G the sequences of one data-parallel rank, e the bytes of one
+micro-batch size (with --max-tokens-per-microbatch: the sequences of length s its budget holds, >= 1), s the
+padded sequence length (`rollout.batch.padded_sequence_length`: prompt + response - 1, rounded up to 8), n = prompts_per_step / D x G the sequences of one data-parallel rank, e the bytes of one
 element of the parameters and activations (2 with --bf16, else 4).
 
 Memory of one training GPU at the peak of a step (the student's backward), summed term by term:
@@ -214,8 +214,17 @@ class RunPlan:
         return self.config.local_sequences(self.data_parallel)
 
     @property
+    def micro_batch_rows(self) -> int:
+        """b: sequences of one microbatch at the worst case, every sequence at the full length s (with
+        --max-tokens-per-microbatch: as many as the budget holds, at least 1, at most --micro-batch-size)."""
+        loop = self.config.loop
+        if loop.max_tokens_per_microbatch is None:
+            return loop.micro_batch_size
+        return max(1, min(loop.micro_batch_size, loop.max_tokens_per_microbatch // self.seq_length))
+
+    @property
     def num_microbatches(self) -> int:
-        return max(1, self.local_sequences // self.config.loop.micro_batch_size)
+        return max(1, -(-self.local_sequences // self.micro_batch_rows))
 
     @property
     def seq_length(self) -> int:
@@ -375,7 +384,7 @@ def _dtype(element_bytes: int) -> str:
 def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None, stage: int,
                          padded_vocab: int) -> list[Component]:
     tp, pp, e = plan.tensor_parallel, plan.pipeline_parallel, plan.element_bytes
-    dp, n, b, s = plan.data_parallel, plan.local_sequences, plan.config.loop.micro_batch_size, plan.seq_length
+    dp, n, b, s = plan.data_parallel, plan.local_sequences, plan.micro_batch_rows, plan.seq_length
     last = stage == pp - 1
     params = stage_param_count(student, tp, pp, stage, padded_vocab)
     comps = [Component("student parameters", e * params, f"{params:,} params x {e} B ({_dtype(e)})",

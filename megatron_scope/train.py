@@ -145,7 +145,8 @@ def build_trainer(config: RunConfig):
     dataset = load_prompts(config.data, seed=seed, tokenizer=tokenizer)
 
     def load_model(arch, hf_dir, **config_overrides):
-        model = build_gpt_model(arch, params_dtype=dtype, padded_vocab=padded_vocab, **config_overrides)
+        model = build_gpt_model(arch, params_dtype=dtype, padded_vocab=padded_vocab, **config_overrides,
+                                variable_seq_lengths=config.loop.max_tokens_per_microbatch is not None)
         load_hf_weights(model, arch, SafetensorsCheckpoint(hf_dir))
         return model
 

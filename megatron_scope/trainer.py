@@ -45,7 +45,8 @@ from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.parallel import collective_device
 from megatron_scope.megatron.schedule import forward_backward
 from megatron_scope.megatron.weight_export import iter_hf_weights
-from megatron_scope.rollout.batch import RolloutGroup, build_batch, check_token_ids, sequence_length_for, split_rows
+from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
+                                          split_by_token_budget, split_rows)
 from megatron_scope.rollout.engine import Completion, SamplingParams
 from megatron_scope.teacher.colocated import log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
@@ -266,7 +267,11 @@ class ScopeTrainer:
                             group_offset=self.dp_rank * per_rank)
         device = next(self.student.parameters()).device  # CUDA under NCCL: the models' and collectives' device
         batch = {key: value.to(device) for key, value in batch.items()}
-        microbatches = split_rows(batch, len(batch["tokens"]) // self.config.loop.micro_batch_size)
+        loop = self.config.loop
+        if loop.max_tokens_per_microbatch is None:
+            microbatches = split_rows(batch, len(batch["tokens"]) // loop.micro_batch_size)
+        else:
+            microbatches = split_by_token_budget(batch, loop.max_tokens_per_microbatch, loop.micro_batch_size)
 
         score_start = time.perf_counter()
         self._score(microbatches)

@@ -179,6 +179,7 @@ def run_check(args: argparse.Namespace) -> dict:
         "sequences_per_step": rollout.sequences_per_step,
         "local_sequences": plan.local_sequences,
         "microbatches": plan.num_microbatches,
+        "micro_batch_rows": plan.micro_batch_rows,
         "max_prompt_tokens": max_prompt,
         "max_prompt_tokens_source": prompt_source,
         "seq_length": plan.seq_length,
@@ -199,12 +200,6 @@ def run_check(args: argparse.Namespace) -> dict:
         warns += [f"{message} (--allow-overcommit)" for message in fit]
     else:
         errors += fit
-    if config.colocated_teacher and config.loss.needs_teacher_logits and not any("teacher logits" in m for m in fit):
-        teacher_logits = next((c for g in gpus for c in g.components if c.name.startswith("teacher logits")), None)
-        if teacher_logits is not None and teacher_logits.bytes > 0.25 * plan.gpu_memory_gib * me.GIB:
-            warns.append(f"the full-vocabulary KL (--scope-kl {config.loss.kl}) keeps the teacher's logits for the "
-                            f"whole local batch: {teacher_logits.bytes / me.GIB:.1f} GiB ({teacher_logits.detail}); "
-                            f"{teacher_logits.advice}")
     return result
 
 
@@ -223,7 +218,7 @@ def format_report(args: argparse.Namespace, result: dict) -> str:
             lines.append(f"teacher: {facts['teacher_params']:,} parameters ({args.teacher_hf})")
         lines.append(
             f"batch: {facts['sequences_per_step']} sequences per step, {facts['local_sequences']} per data-parallel rank "
-            f"= {facts['microbatches']} microbatches of {args.micro_batch_size}; sequence {facts['seq_length']} tokens "
+            f"= {facts['microbatches']} microbatches of {facts['micro_batch_rows']}; sequence {facts['seq_length']} tokens "
             f"(prompt {facts['max_prompt_tokens']}, {facts['max_prompt_tokens_source']}; + {args.max_new_tokens} new)")
         lines.append(f"vocabulary: tokenizer {facts['tokenizer_vocab'] or 'not read'}, padded {facts['padded_vocab']} "
                      f"({facts['padded_vocab'] // facts['tensor_parallel']} per TP rank)")

@@ -73,16 +73,17 @@ def add_group_inputs(microbatches: list[dict], config: LossConfig, group=None) -
     `teacher_log_probs`, `loss_mask`, `correct` and `group_ids`. With --loss-agg-mode scope-released the correct
     responses' weights are also scaled by N_tok / N_tok,correct, the response tokens of the global batch over
     those of its correct responses (1 all-reduce of 2 floats over `group`, the data-parallel group)."""
-    cat = lambda key: torch.cat([b[key] for b in microbatches])  # noqa: E731
-    mask, correct, group_ids = cat("loss_mask"), cat("correct"), cat("group_ids")
+    per_row = lambda fn: torch.cat([fn(b) for b in microbatches])  # noqa: E731  (microbatch widths may differ)
+    correct, group_ids = per_row(lambda b: b["correct"]), per_row(lambda b: b["group_ids"])
     if config.algorithm == "scope":
-        weights = scope_sequence_weights(sequence_mean_log_prob(cat("old_log_probs"), mask),
-                                         sequence_mean_log_prob(cat("teacher_log_probs"), mask),
-                                         correct, group_ids, config)
+        student = per_row(lambda b: sequence_mean_log_prob(b["old_log_probs"], b["loss_mask"]))
+        teacher = per_row(lambda b: sequence_mean_log_prob(b["teacher_log_probs"], b["loss_mask"]))
+        weights = scope_sequence_weights(student, teacher, correct, group_ids, config)
     else:
         weights = torch.ones(len(correct), device=correct.device)
     if config.loss_agg_mode == "scope-released":
-        tokens = torch.stack([mask.sum(), mask[correct].sum()]).double()
+        response_tokens = per_row(lambda b: b["loss_mask"].sum(-1))
+        tokens = torch.stack([response_tokens.sum(), response_tokens[correct].sum()]).double()
         if group is not None and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(tokens, group=group)
         weights = torch.where(correct, weights * (tokens[0] / tokens[1].clamp_min(1)).float(), weights)

@@ -118,6 +118,8 @@ def transformer_config(arch: DecoderArch, params_dtype: torch.dtype = torch.floa
         gradient_accumulation_fusion=False,
     )
     kwargs.update(overrides)
+    if kwargs.get("variable_seq_lengths"):  # token-budget microbatches: megatron-core refuses them with its default
+        kwargs.setdefault("moe_token_dispatcher_type", "alltoall")  # MoE dispatcher (these models have no MoE)
     return TransformerConfig(**kwargs)
 
 

@@ -21,13 +21,16 @@ from megatron_scope.megatron.model import output_layer_weight, returning_hidden_
 from megatron_scope.megatron.parallel import collective_device
 
 
-def _batch_shape(microbatches: list[dict]) -> tuple[int, int]:
+def _batch_shape(microbatches: list[dict], variable: bool = False) -> tuple[int, int]:
+    """The microbatches' one [micro_batch, seq] shape (the first one's when `variable`: the model's config has
+    `variable_seq_lengths`, so pipeline stages send each tensor's shape before it)."""
     if not microbatches:
         raise ValueError("need at least one microbatch")
-    shapes = {tuple(batch["tokens"].shape) for batch in microbatches}
-    if len(shapes) != 1:
-        raise ValueError(f"all microbatches must share one [micro_batch, seq] shape, got {sorted(shapes)}")
-    return shapes.pop()
+    shapes = [tuple(batch["tokens"].shape) for batch in microbatches]
+    if len(set(shapes)) != 1 and not variable:
+        raise ValueError(f"all microbatches must share one [micro_batch, seq] shape, got {sorted(set(shapes))} "
+                         "(build the model with variable_seq_lengths=True for token-budget microbatches)")
+    return shapes[0]
 
 
 def raise_on_any_rank(error: Exception | None, group=None) -> None:
@@ -55,7 +58,7 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     with `loss_config.fuses_student_logits` the student then returns its last hidden states and the loss applies
     both output layers chunk by chunk (`ops.linear_kl`): neither model's logits are kept.
     """
-    _batch_shape(microbatches)  # one [micro_batch, seq] shape for all, checked before any compute
+    _batch_shape(microbatches, model.config.variable_seq_lengths)  # checked before any compute
     if not model.config.calculate_per_token_loss:
         raise ValueError("the SCOPE loss normalises over the global batch: build the model with "
                          "calculate_per_token_loss=True")
@@ -84,8 +87,9 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
 
 
 def run_schedule(model, microbatches: list[dict], forward_step, forward_only: bool, collect_non_loss_data=False):
-    """`get_forward_backward_func()` of the current parallel state over `microbatches` (one shared shape)."""
-    micro_batch_size, seq_length = _batch_shape(microbatches)
+    """`get_forward_backward_func()` of the current parallel state over `microbatches` (one shared shape, or any
+    shapes with the model's `variable_seq_lengths`)."""
+    micro_batch_size, seq_length = _batch_shape(microbatches, model.config.variable_seq_lengths)
     return get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),

@@ -158,7 +158,8 @@ def _check_model(hidden, weight, name: str) -> None:
             raise ValueError(f"{what} must be a floating-point torch.Tensor, got "
                              f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
     if weight.dim() != 2:
-        raise ValueError(f"{name}_weight must be the output layer's shard [V/TP, hidden], got shape {tuple(weight.shape)}")
+        raise ValueError(f"{name}_weight must be the output layer's shard [V/TP, hidden], got shape "
+                         f"{tuple(weight.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{name}_hidden shape {tuple(hidden.shape)} does not end in {name}_weight's hidden size "
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")

@@ -70,7 +70,8 @@ def sequence_length_for(groups: Sequence[RolloutGroup], multiple_of: int = 8) ->
 
 def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, group_offset: int = 0) -> dict:
     """Tensors for `groups` in order, G rows per prompt: tokens, labels, loss_mask, position_ids [n, seq_length];
-    correct (bool), group_ids (group_offset + index of the prompt) [n]; plus rollout_log_probs [n, seq_length]
+    correct (bool), group_ids (group_offset + index of the prompt), sequence_lengths (the positions a row uses:
+    prompt + response - 1) [n]; plus rollout_log_probs [n, seq_length]
     (the engine's sampling log-probs at the label positions, 0 elsewhere). When the groups carry a remote
     teacher's scores: teacher_log_probs laid out the same way, and with a top-k teacher_topk_ids [n, seq, k],
     teacher_topk_log_probs [n, seq, k] and teacher_topk_tail_log_mass [n, seq] (the engine gives no tail: it is
@@ -121,6 +122,8 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         "correct": torch.tensor([ok for *_, ok in rows], dtype=torch.bool),
         "group_ids": torch.tensor([group_offset + gi for gi, *_ in rows], dtype=torch.long),
         "rollout_log_probs": rollout_log_probs,
+        "sequence_lengths": torch.tensor([len(g.prompt_token_ids) + len(c.token_ids) - 1 for _, g, c, _ in rows],
+                                         dtype=torch.long),
     }
     if teacher_log_probs is not None:
         batch["teacher_log_probs"] = teacher_log_probs
@@ -128,6 +131,35 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         batch["teacher_topk_ids"], batch["teacher_topk_log_probs"] = topk_ids, topk_log_probs
         batch["teacher_topk_tail_log_mass"] = tail_log_mass_from_topk(topk_log_probs).float()
     return batch
+
+
+def split_by_token_budget(batch: dict, max_tokens: int, max_rows: int, multiple_of: int = 8) -> list[dict]:
+    """Micro-batches of whole rows of `batch` for a token budget: rows sorted by `sequence_lengths`, longest first
+    (stable), taken greedily while a micro-batch holds at most `max_rows` rows and rows x width <= `max_tokens`
+    padded tokens (a row longer than the budget goes alone), where width is the micro-batch's longest sequence
+    rounded up to `multiple_of` (at most the batch's width). [n, seq, ...] tensors are cut to that width, [n]
+    tensors follow their rows. Every row lands in exactly one micro-batch; losses normalised over the whole batch
+    (`calculate_per_token_loss`) do not depend on the grouping."""
+    lengths = batch["sequence_lengths"].tolist()
+    full_width = batch["tokens"].shape[1]
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))  # sorted() is stable
+    width_of = lambda i: min(padded_sequence_length(int(lengths[i]) + 1, multiple_of), full_width)  # noqa: E731
+    groups, current, width = [], [], 0
+    for i in order:
+        if current and (len(current) == max_rows or (len(current) + 1) * width > max_tokens):
+            groups.append((current, width))
+            current = []
+        if not current:
+            width = width_of(i)
+        current.append(i)
+    if current:
+        groups.append((current, width))
+    microbatches = []
+    for rows, width in groups:
+        index = torch.tensor(rows, dtype=torch.long, device=batch["tokens"].device)
+        microbatches.append({k: v[index, :width] if v.dim() >= 2 and v.shape[1] == full_width else v[index]
+                             for k, v in batch.items()})
+    return microbatches
 
 
 def split_rows(batch: dict, num_parts: int) -> list[dict]:

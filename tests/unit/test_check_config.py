@@ -141,6 +141,7 @@ _CONFIG_FIELDS = {
     "kl": ("loss", "kl"), "topk": ("loss", "topk"), "attention_backend": ("models", "attention_backend"),
     "recompute_granularity": ("models", "recompute_granularity"), "recompute_method": ("models", "recompute_method"),
     "recompute_num_layers": ("models", "recompute_num_layers"), "fused_kl": ("loss", "fused_kl"),
+    "max_tokens_per_microbatch": ("loop", "max_tokens_per_microbatch"),
 }
 
 
@@ -208,6 +209,11 @@ def test_memory_terms_follow_the_flags():
     assert fp32["optimizer state (Adam)"] == 1_640_960      # 8 B x 205,120, no master copy, not sharded
     # fp32 activations: 4 x 24 x 2 x (256 + 768) + 4 x 4 x 576 x 2 = 196,608 + 18,432 = 215,040 per layer
     assert fp32["student activations"] == 2 * 215_040 + 2 * 4 * 24 * 2 * 64
+    budget = _tiny_plan(max_tokens_per_microbatch=47)  # s = 24: one full-length sequence per microbatch at worst
+    assert (budget.micro_batch_rows, budget.num_microbatches) == (1, 4)
+    budget_terms = {c.name: c.bytes for c in me.estimate_memory(budget, TINY, TINY_TEACHER)[0].components}
+    assert budget_terms["teacher hidden states (microbatch)"] == base["teacher hidden states (microbatch)"] // 2
+    assert _tiny_plan(max_tokens_per_microbatch=480).micro_batch_rows == 2  # at most --micro-batch-size
     unfused = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(fused_kl=False), TINY, TINY_TEACHER)[0].components}
     assert unfused["logits + gradients"] == 294_912            # 3 x 2 x 24 x 1024 x 2 B
     assert unfused["teacher logits (one microbatch)"] == 98_304  # 2 x 24 x 1024 x 2 B
@@ -406,7 +412,7 @@ def test_cli_run_that_does_not_fit(tiny_models, capsys):
     assert check_config.main(argv) == 1
     out = capsys.readouterr().out
     error = next(line for line in out.splitlines() if line.startswith("ERROR: rank 0"))
-    # 16 sequences x 8032 tokens x 256 vocab/TP x 2 B = 0.25 GiB of teacher logits; the s^2 scores dominate
+    # megatron-core's local attention keeps the s^2 scores of every layer: they dominate
     assert "more than --gpu-memory-gib 2; largest term: student activations" in error
     assert check_config.main(argv + ["--allow-overcommit"]) == 0
     assert "WARNING: rank 0" in capsys.readouterr().out

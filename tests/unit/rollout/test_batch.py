@@ -11,7 +11,8 @@ from megatron_scope.config import LossConfig
 from megatron_scope.megatron.loss_func import check_batch, scope_loss_func
 from megatron_scope.ops.token_stats import sequence_mean_log_prob
 from megatron_scope.ops.vocab_parallel import vocab_parallel_log_probs
-from megatron_scope.rollout.batch import RolloutGroup, build_batch, check_token_ids, sequence_length_for
+from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
+                                          split_by_token_budget)
 from megatron_scope.rollout.engine import Completion
 
 V, PAD, EOS = 50, 0, 2
@@ -111,3 +112,48 @@ def test_log_probs_must_match_the_response():
     bad = RolloutGroup("p", [1, 5], [Completion([7, 8, EOS], [-1.0, -1.0], "stop")], [True])
     with pytest.raises(ValueError, match=r"prompt 'p': a response of 3 tokens has 2 log-probs"):
         build_batch([bad], 8, PAD)
+
+
+def test_token_budget_microbatches_hold_every_row_once_within_the_budget():
+    responses = [[7] * k + [EOS] for k in (0, 3, 17, 9, 30, 1, 12, 5)]
+    groups = [group("a", responses[:4], [True, False, True, False]),
+              group("b", responses[4:], [False, True, True, False])]
+    batch = build_batch(groups, sequence_length_for(groups), PAD)
+    batch["row"] = torch.arange(len(batch["tokens"]))
+    assert batch["sequence_lengths"].tolist() == [3 + len(r) - 1 for r in responses]
+    microbatches = split_by_token_budget(batch, max_tokens=64, max_rows=3)
+    rows = torch.cat([m["row"] for m in microbatches])
+    assert sorted(rows.tolist()) == list(range(8))  # every row exactly once
+    lengths = [int(batch["sequence_lengths"][r]) for r in rows]
+    assert lengths == sorted(lengths, reverse=True)  # longest first
+    for m in microbatches:
+        rows_here, width = m["tokens"].shape
+        assert width == -(-int(m["sequence_lengths"].max()) // 8) * 8  # padded to its own longest, multiple of 8
+        assert rows_here <= 3 and (rows_here * width <= 64 or rows_here == 1)
+        for key in ("tokens", "labels", "loss_mask", "position_ids", "rollout_log_probs"):
+            full = batch[key][m["row"]]
+            assert torch.equal(m[key], full[:, :width]), key
+            assert not full[:, width:].count_nonzero() or key in ("position_ids",), key  # only padding was cut
+    assert [tuple(m["tokens"].shape) for m in microbatches] == [(1, 40), (2, 24), (3, 16), (2, 8)]
+
+
+def test_group_inputs_do_not_depend_on_the_microbatching():
+    """SCOPE's weights and GRPO's advantages over token-budget microbatches of different widths equal those of
+    one microbatch (rows matched by their index)."""
+    from megatron_scope.megatron.loss_func import add_group_inputs
+
+    responses = [[7] * k + [EOS] for k in (0, 3, 17, 9, 30, 1, 12, 5)]
+    groups = [group("a", responses[:4], [True, False, True, False]),
+              group("b", responses[4:], [False, True, True, False])]
+    batch = build_batch(groups, sequence_length_for(groups), PAD)
+    generator = torch.Generator().manual_seed(1)
+    batch.update(row=torch.arange(8), old_log_probs=-torch.rand(batch["loss_mask"].shape, generator=generator),
+                 teacher_log_probs=-torch.rand(batch["loss_mask"].shape, generator=generator))
+    for config in (LossConfig(), LossConfig(loss_agg_mode="scope-released")):
+        whole = [dict(batch)]
+        add_group_inputs(whole, config)
+        budget = split_by_token_budget(batch, max_tokens=40, max_rows=4)
+        add_group_inputs(budget, config)
+        for key in ("seq_weights", "advantages"):
+            order = torch.cat([m["row"] for m in budget])
+            torch.testing.assert_close(torch.cat([m[key] for m in budget]), whole[0][key][order])
