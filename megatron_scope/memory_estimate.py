@@ -7,8 +7,9 @@ Notation: h hidden, L layers, a query heads, g key/value heads (query groups), d
 V the vocabulary padded as Megatron pads it (`padded_vocab_size`; teacher and student share one padded
 vocabulary, the larger of their embedding row counts), t = TP, p = PP, D = DP = world / (t p), b the
 micro-batch size (with --max-tokens-per-microbatch: the sequences of length s its budget holds, >= 1), s the
-padded sequence length (`rollout.batch.padded_sequence_length`: prompt + response - 1, rounded up to 8), n = prompts_per_step / D x G the sequences of one data-parallel rank, e the bytes of one
-element of the parameters and activations (2 with --bf16, else 4).
+padded sequence length (`rollout.batch.padded_sequence_length`: prompt + response - 1, rounded up to 8),
+n = prompts_per_step / D x G the sequences of one data-parallel rank, e the bytes of one element of the
+parameters and activations (2 with --bf16, else 4).
 
 Memory of one training GPU at the peak of a step (the student's backward), summed term by term:
 
@@ -24,13 +25,15 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                              m = min(p - stage, n / b) microbatches in flight under 1F1B (1 without PP)
     attention score buffer   e (a/t) s^2 b       Megatron's global "mpu" buffer for the baddbmm of QK^T
                                                  (allocated once, kept; sized for the larger of teacher/student)
-    logits and gradients     3 e b s V/t         last stage: the logits shard, its log-prob gradient and its
-                                                 KL gradient (before autograd sums them). GPTModel returns logits in
-                                                 the parameters' dtype (no Float16Module fp32 cast here).
-                                                 Not with the fused KL (below)
-    fused KL                 (3e + 24) r V/t     last stage, --scope-fused-kl with a full-vocabulary KL (SCOPE, OPD):
+    logits + gradient        2 e b s V/t         last stage: the logits shard and one gradient of it (autograd frees
+                                                 each op's saved inputs once its backward ran, so the KL's and the
+                                                 log-prob's gradients do not coexist: measured). GPTModel returns
+                                                 logits in the parameters' dtype. Not with the fused KL (below)
+    fused KL                 (2e + 40) r V/t     last stage, --scope-fused-kl with a full-vocabulary KL (SCOPE, OPD):
                              + e b s h           one chunk of r = `ops.linear_kl.chunk_rows` tokens of both models'
-                                                 logits, its gradient and fp32 temporaries; the hidden-state gradient
+                                                 logits and its fp32 temporaries; the hidden-state gradient
+    output-layer weight      e V/t h             last stage: the output layer's weight gradient before DDP adds it
+    gradient                                     to main_grad
     teacher top-k            (12 k + 4) n s      --scope-kl topk: int64 ids + fp32 log-probs per token and the fp32
                                                  tail (last stage; every rank with a vLLM teacher, whose top-k
                                                  comes with the batch)
@@ -49,25 +52,27 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
 Per-layer activations A (bytes, one microbatch, no recomputation, no sequence parallelism, dropout off),
 Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", Sec. 4 (their
 sbh(34 + 5as/h), or sbh(10 + 24/t + 5as/(ht)) with TP), itemised for this repo's layer (megatron-core's local
-spec: RMSNorm, unfused DotProductAttention with fp32 softmax, GQA keys/values expanded by repeat_interleave,
-SwiGLU, no dropout):
+spec: torch RMSNorm, SwiGLU, no dropout; attention: unfused DotProductAttention with fp32 softmax and GQA
+keys/values expanded by repeat_interleave (--attention-backend local), or torch SDPA with grouped K/V (sdpa)):
 
-    A = e s b [ 4h + (4 a d + q_norm (a + g) d + 4 F) / t ] + c (a/t) s^2 b
+    A = e s b [ 6h + (attention + q_norm (a + g) d + 4 F) / t ] + c (a/t) s^2 b
 
-    4h      inputs of the two RMSNorms and of the QKV and fc1 linears (replicated over TP)
-    4ad     Q, K and V (expanded to a heads) for the two attention matmuls, and the linear_proj input
+    6h      inputs of the two RMSNorms, their normalised inputs x rsqrt(mean x^2) (torch's rms_norm keeps them for
+            the weight's gradient), and the inputs of the QKV and fc1 linears (replicated over TP)
+    attention  local: 4ad, Q, K and V (expanded to a heads) for the two attention matmuls and the linear_proj
+            input; sdpa: 4ad + 3gd, rotated Q (ad) and K (gd), the QKV linear's output that V is a view of
+            ((a + 2g) d), SDPA's output (ad) and its contiguous copy fed to linear_proj (ad)
     (a+g)d  Qwen3's per-head q/k RMSNorm inputs (q_norm = 1 for Qwen3, else 0)
     4F      fc1 output [gate; up] (2F), silu(gate) (F), the product fed to fc2 (F)
     c       6 with --bf16 (the fp32 softmax output + its bf16 copy for the PV matmul), 4 in fp32
-            (Korthikanti's 5 is 2 + 2 + a 1-byte dropout mask).
+            (Korthikanti's 5 is 2 + 2 + a 1-byte dropout mask); sdpa keeps nothing s^2 (no c term).
 
-For MHA (g = a, a d = h) with a GELU MLP (2 F-wide tensors, F = 4h) this is Korthikanti's 10 + 24/t less the
-two 1-byte dropout masks. With --attention-backend sdpa (the default) or --transformer-impl transformer_engine
-the s^2 terms (scores and their buffer) are dropped: those kernels keep nothing s^2 for backward.
+tests/distributed/test_memory_calibration.py checks these terms against the memory a CPU step measures.
 
 Activation recompute (--recompute-granularity): "selective" recomputes core attention, so its s^2 scores are
 not kept; "full" keeps each recompute unit's input e s b h instead of its layers' activations, plus one unit's
-activations while it is recomputed: uniform units of N layers keep ceil(L/p / N) inputs and recompute N layers
+activations while it is recomputed (after the loss's backward has freed its vocabulary-sized terms, so only the
+excess over those adds to the peak): uniform units of N layers keep ceil(L/p / N) inputs and recompute N layers
 at a time; block N keeps the inputs of N layers and the full activations of the other L/p - N.
 
 Rollout engine (vLLM): on global rank 0's GPU (the default) or on --rollout-gpus (--rollout-engines):
@@ -99,9 +104,10 @@ from megatron_scope.rollout.batch import padded_sequence_length
 GIB = 1 << 30
 #: vLLM's max_num_seqs as VLLMRolloutEngine starts it (VLLMEngineConfig default; no flag).
 VLLM_MAX_NUM_SEQS = 256
-#: Bytes per logit of one chunk of ops.linear_kl (by element size e): the two models' logits (2e), the chunk's
-#: logit gradient in e, and about six fp32 temporaries of its eager kernels (upcasts, log-probs, probabilities).
-FUSED_BYTES_PER_LOGIT = {2: 3 * 2 + 24, 4: 3 * 4 + 24}
+#: Bytes per logit of one chunk of ops.linear_kl (by element size e): the two models' logits (2e) and 10 fp32
+#: temporaries of its backward chunk (the KL and log-prob gradients' log-probs, probabilities, differences and
+#: sums), as tests/distributed/test_memory_calibration.py measures them on CPU.
+FUSED_BYTES_PER_LOGIT = {2: 2 * 2 + 40, 4: 2 * 4 + 40}
 #: Bytes per token of the batch tensors every rank builds (3 int64 + 4 fp32 rows; 5 with ExOPD's reference).
 BATCH_BYTES_PER_TOKEN = 40
 
@@ -154,17 +160,17 @@ def kv_bytes_per_token(arch: DecoderArch, element_bytes: int) -> int:
 
 
 def activation_bytes_per_layer(arch: DecoderArch, seq_length: int, micro_batch_size: int, tp: int,
-                               element_bytes: int = 2, flash_attention: bool = False) -> int:
-    """A = e s b [4h + (4ad + q_norm (a+g) d + 4F)/t] + c (a/t) s^2 b, c = 6 (bf16) or 4 (fp32); see the module
-    docstring for each term. `flash_attention` drops the s^2 term."""
+                               element_bytes: int = 2, flash_attention: bool = False, scores: bool | None = None) -> int:
+    """A = e s b [6h + (attention + q_norm (a+g) d + 4F)/t] + c (a/t) s^2 b, c = 6 (bf16) or 4 (fp32), attention
+    4ad (local) or 4ad + 3gd (`flash_attention`: SDPA with grouped K/V); `scores` (default: not flash_attention)
+    keeps the s^2 term (selective recompute of local attention drops it). See the module docstring."""
     s, b, h, d = seq_length, micro_batch_size, arch.hidden_size, arch.kv_channels
     a, g = arch.num_attention_heads, arch.num_query_groups
-    split = 4 * a * d + ((a + g) * d if arch.qk_layernorm else 0) + 4 * arch.ffn_hidden_size
-    linear = element_bytes * s * b * (4 * h) + element_bytes * s * b * split // tp
-    if flash_attention:
-        return linear
-    scores = (6 if element_bytes == 2 else 4) * a * s * s * b // tp
-    return linear + scores
+    attention = 4 * a * d + (3 * g * d if flash_attention else 0)
+    scores = not flash_attention if scores is None else scores
+    split = attention + ((a + g) * d if arch.qk_layernorm else 0) + 4 * arch.ffn_hidden_size
+    linear = element_bytes * s * b * (6 * h) + element_bytes * s * b * split // tp
+    return linear + ((6 if element_bytes == 2 else 4) * a * s * s * b // tp if scores else 0)
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -190,6 +196,8 @@ class RunPlan:
     """Memory of one GPU."""
     overhead_gib: float = 2.0
     """Per-process runtime overhead (CUDA context, NCCL, allocator fragmentation)."""
+    device_type: str = "cuda"
+    """The training device: "cuda", or "cpu" (the CPU calibration test); sets the fused KL's chunk size."""
 
     @property
     def tensor_parallel(self) -> int:
@@ -405,10 +413,36 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     if plan.config.loss.algorithm == "exopd":
         comps.append(Component("reference parameters (ExOPD)", e * params, f"{params:,} params x {e} B",
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
+    vocab_shard = padded_vocab // tp
+    teacher_distribution = last and teacher is not None and plan.config.loss.needs_teacher_logits
+    loss_terms = []  # live together during the loss's backward
+    if last:  # Megatron's output-layer backward (or ops.linear_kl's) before DDP adds it to main_grad
+        loss_terms.append(Component("output-layer weight gradient", e * vocab_shard * student.hidden_size,
+                                    f"[{vocab_shard}, {student.hidden_size}] {_dtype(e)}",
+                                    "raise --tensor-model-parallel-size"))
+    if teacher_distribution and plan.config.loss.fuses_student_logits:
+        rows = linear_kl.chunk_rows(b * s, vocab_shard, plan.device_type)
+        loss_terms.append(Component(
+            "fused KL (chunk + hidden gradient)", rows * vocab_shard * FUSED_BYTES_PER_LOGIT[e]
+            + e * b * s * student.hidden_size,
+            f"{FUSED_BYTES_PER_LOGIT[e]} B x [{rows}, {vocab_shard}] (one chunk of both models' logits and its fp32 "
+            f"temporaries) + [{b}, {s}, {student.hidden_size}] {_dtype(e)}", "lower --micro-batch-size"))
+    elif last:
+        logits = b * s * vocab_shard * e
+        loss_terms.append(Component("logits + gradient", 2 * logits,
+                                    f"2 x [{b}, {s}, {vocab_shard}] {_dtype(e)} (the logits and one gradient: each "
+                                    "op's saved inputs go once its backward ran)",
+                                    "lower --micro-batch-size, raise --tensor-model-parallel-size"))
+        if teacher_distribution:
+            loss_terms.append(Component(
+                "teacher logits (one microbatch)", logits,
+                f"[{b}, {s}, {vocab_shard}] {_dtype(e)} from its hidden states",
+                "use --scope-fused-kl (SCOPE, OPD), lower --micro-batch-size"))
     models = plan.config.models
     in_flight = min(pp - stage, plan.num_microbatches)
     scores = models.stores_attention_scores and models.recompute_granularity != "selective"
-    per_layer = activation_bytes_per_layer(student, s, b, tp, e, flash_attention=not scores)
+    per_layer = activation_bytes_per_layer(student, s, b, tp, e, flash_attention=not models.stores_attention_scores,
+                                           scores=scores)
     layers = layers_per_stage(student, pp)
     layer_input = e * s * b * student.hidden_size  # what a recomputed layer keeps: its input hidden states
     if models.recompute_granularity == "full" and models.recompute_method == "uniform":
@@ -422,7 +456,10 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     else:
         kept, recomputing = layers * per_layer, 0
         how = "selective recompute (core attention)" if models.recompute_granularity else "no recompute"
-    act = kept * in_flight + recomputing + (2 * e * s * b * student.hidden_size if last else 0)
+    # A recomputed unit's activations exist only after the loss's backward has freed its vocabulary-sized terms:
+    # the peak holds the larger of the two.
+    loss_phase = sum(c.bytes for c in loss_terms)
+    act = kept * in_flight + max(recomputing - loss_phase, 0) + (2 * e * s * b * student.hidden_size if last else 0)
     comps.append(Component(
         "student activations", act,
         f"{per_layer / GIB:.2f} GiB/layer (s={s}, b={b}), {layers} layers, {how}, {in_flight} microbatch(es) in flight",
@@ -434,30 +471,12 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
         comps.append(Component("attention score buffer", buffer,
                                f"[{b} x {heads // tp} heads, {s}, {s}] {_dtype(e)} (Megatron global buffer)",
                                "use --attention-backend sdpa; lower --micro-batch-size or --max-new-tokens"))
-    vocab_shard = padded_vocab // tp
-    teacher_distribution = last and teacher is not None and plan.config.loss.needs_teacher_logits
+    comps += loss_terms
     if teacher_distribution:
         comps.append(Component(
             "teacher hidden states (microbatch)", b * s * teacher.hidden_size * e,
             f"[{b}, {s}, {teacher.hidden_size}] {_dtype(e)}, brought from host memory for its microbatch (the "
             f"local batch's {n} sequences wait there: teacher_hidden_host_bytes)", "lower --micro-batch-size"))
-    if teacher_distribution and plan.config.loss.fuses_student_logits:
-        rows = linear_kl.chunk_rows(b * s, vocab_shard, "cuda")
-        comps.append(Component(
-            "fused KL (chunk + hidden gradient)", rows * vocab_shard * FUSED_BYTES_PER_LOGIT[e]
-            + e * b * s * student.hidden_size,
-            f"{FUSED_BYTES_PER_LOGIT[e]} B x [{rows}, {vocab_shard}] (one chunk of both models' logits and its fp32 "
-            f"temporaries) + [{b}, {s}, {student.hidden_size}] {_dtype(e)}", "lower --micro-batch-size"))
-    elif last:
-        logits = b * s * vocab_shard * e
-        comps.append(Component("logits + gradients", 3 * logits,
-                               f"3 x [{b}, {s}, {vocab_shard}] {_dtype(e)} (logits, log-prob and KL gradients)",
-                               "lower --micro-batch-size, raise --tensor-model-parallel-size"))
-        if teacher_distribution:
-            comps.append(Component(
-                "teacher logits (one microbatch)", logits,
-                f"[{b}, {s}, {vocab_shard}] {_dtype(e)} from its hidden states",
-                "use --scope-fused-kl (SCOPE, OPD), lower --micro-batch-size"))
     # A co-located teacher's top-k exists on the last stage; a vLLM teacher's arrives with the batch on every rank.
     remote_topk = plan.config.models.teacher_backend == "vllm"
     k = plan.config.loss.teacher_topk

@@ -178,15 +178,17 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
     assert terms["optimizer state (Adam)"] == 1_230_720    # 12 B x 205,120 / DP 2
     # teacher: 4 x 36,992 + 65,536 x 2 + 64 = 279,104 params x 2 B
     assert terms["teacher parameters"] == 558_208
-    # A = 2 x 24 x 2 x [4 x 64 + (4 x 4 x 16 + 4 x 128)] + 6 x 4 x 24^2 x 2 = 24,576 + 73,728 + 27,648 = 125,952;
-    # x 2 layers x 1 microbatch + last stage 2 x 2 x 24 x 2 x 64 = 12,288  ->  264,192
-    assert me.activation_bytes_per_layer(TINY, 24, 2, 1, 2) == 125_952
-    assert terms["student activations"] == 264_192
+    # A = 2 x 24 x 2 x [6 x 64 + (4 x 4 x 16 + 4 x 128)] + 6 x 4 x 24^2 x 2 = 36,864 + 73,728 + 27,648 = 138,240;
+    # x 2 layers x 1 microbatch + last stage 2 x 2 x 24 x 2 x 64 = 12,288  ->  288,768
+    assert me.activation_bytes_per_layer(TINY, 24, 2, 1, 2) == 138_240
+    assert terms["student activations"] == 288_768
     assert terms["attention score buffer"] == 9_216        # 2 B x 4 heads x 24^2 x 2
     # the fused KL (the default for SCOPE's reverse KL): no logits; one chunk of r = min(2^26 / 1024, 48 / 32) = 2
-    # tokens x 1024 x (3 x 2 + 24) B, and the hidden-state gradient 2 x 24 x 64 x 2 B
-    assert "logits + gradients" not in terms
-    assert terms["fused KL (chunk + hidden gradient)"] == 2 * 1024 * 30 + 6_144
+    # tokens x 1024 x (2 x 2 + 40) B, and the hidden-state gradient 2 x 24 x 64 x 2 B; the output layer's weight
+    # gradient 1024 x 64 x 2 B
+    assert "logits + gradient" not in terms
+    assert terms["fused KL (chunk + hidden gradient)"] == 2 * 1024 * 44 + 6_144
+    assert terms["output-layer weight gradient"] == 131_072
     assert terms["teacher hidden states (microbatch)"] == 6_144  # 2 x 24 x 64 x 2 B (4 sequences in host memory)
     assert me.teacher_hidden_host_bytes(_tiny_plan(), TINY_TEACHER) == 12_288  # 4 x 24 x 64 x 2 B
     assert terms["batch tensors"] == 3_840                 # 40 B x 4 x 24
@@ -195,8 +197,8 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
     assert terms["vLLM weights"] == 404_096
     assert terms["vLLM KV cache"] == GIB
     assert terms["vLLM runtime"] == 2_048_000
-    assert gpus[0].total_bytes == 410_240 + 820_480 + 1_230_720 + 558_208 + 264_192 + 9_216 + 6_144 \
-        + 2 * 1024 * 30 + 6_144 + 3_840 + 404_096 + GIB + 2_048_000
+    assert gpus[0].total_bytes == 410_240 + 820_480 + 1_230_720 + 558_208 + 288_768 + 9_216 + 6_144 \
+        + 2 * 1024 * 44 + 6_144 + 131_072 + 3_840 + 404_096 + GIB + 2_048_000
     assert gpus[1].total_bytes == gpus[0].total_bytes - 404_096 - GIB - 2_048_000
     assert me.kv_bytes_per_token(TINY, 2) == 256           # 2 x 2 layers x 2 kv heads x 16 x 2 B
 
@@ -207,19 +209,19 @@ def test_memory_terms_follow_the_flags():
                                                           TINY, TINY_TEACHER)[0].components}
     assert fp32["student parameters"] == 820_480            # 4 B x 205,120
     assert fp32["optimizer state (Adam)"] == 1_640_960      # 8 B x 205,120, no master copy, not sharded
-    # fp32 activations: 4 x 24 x 2 x (256 + 768) + 4 x 4 x 576 x 2 = 196,608 + 18,432 = 215,040 per layer
-    assert fp32["student activations"] == 2 * 215_040 + 2 * 4 * 24 * 2 * 64
+    # fp32 activations: 4 x 24 x 2 x (384 + 768) + 4 x 4 x 576 x 2 = 221,184 + 18,432 = 239,616 per layer
+    assert fp32["student activations"] == 2 * 239_616 + 2 * 4 * 24 * 2 * 64
     budget = _tiny_plan(max_tokens_per_microbatch=47)  # s = 24: one full-length sequence per microbatch at worst
     assert (budget.micro_batch_rows, budget.num_microbatches) == (1, 4)
     budget_terms = {c.name: c.bytes for c in me.estimate_memory(budget, TINY, TINY_TEACHER)[0].components}
     assert budget_terms["teacher hidden states (microbatch)"] == base["teacher hidden states (microbatch)"] // 2
     assert _tiny_plan(max_tokens_per_microbatch=480).micro_batch_rows == 2  # at most --micro-batch-size
     unfused = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(fused_kl=False), TINY, TINY_TEACHER)[0].components}
-    assert unfused["logits + gradients"] == 294_912            # 3 x 2 x 24 x 1024 x 2 B
+    assert unfused["logits + gradient"] == 196_608             # 2 x 2 x 24 x 1024 x 2 B
     assert unfused["teacher logits (one microbatch)"] == 98_304  # 2 x 24 x 1024 x 2 B
     assert unfused["teacher hidden states (microbatch)"] == base["teacher hidden states (microbatch)"]
     k1 = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="k1"), TINY, TINY_TEACHER)[0].components}
-    assert "teacher hidden states (microbatch)" not in k1 and k1["logits + gradients"] == 294_912
+    assert "teacher hidden states (microbatch)" not in k1 and k1["logits + gradient"] == 196_608
     topk = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="topk", topk=8), TINY, TINY_TEACHER)[0].components}
     assert "teacher hidden states (microbatch)" not in topk
     assert topk["teacher top-k (local batch)"] == 9_600      # 4 sequences x 24 x (k 8 x (8 + 4) + 4) B
@@ -227,27 +229,34 @@ def test_memory_terms_follow_the_flags():
     flash_gpus = me.estimate_memory(_tiny_plan(attention_backend="sdpa"), TINY, TINY_TEACHER)
     flash = {c.name: c.bytes for c in flash_gpus[0].components}
     assert "attention score buffer" not in flash
-    assert flash["student activations"] == 2 * (24_576 + 73_728) + 12_288
+    # sdpa: no s^2 scores; attention keeps 4ad + 3gd = 352 per token: 96 x (384 + 352 + 512) = 119,808 per layer
+    assert flash["student activations"] == 2 * 119_808 + 12_288
     # recompute: selective drops the s^2 scores (27,648 per layer); full keeps one layer input (2 x 24 x 2 x 64 =
-    # 6,144 B) per unit and recomputes a unit at a time
+    # 6,144 B) per unit and recomputes a unit at a time, after the loss's backward freed its vocabulary terms
+    # (fused KL 96,256 + weight gradient 131,072 = 227,328 > one layer's 119,808: the recomputation adds nothing)
     selective = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(recompute_granularity="selective"), TINY,
                                                                TINY_TEACHER)[0].components}
-    assert selective["student activations"] == flash["student activations"]
+    assert selective["student activations"] == 2 * (138_240 - 27_648) + 12_288
     assert "attention score buffer" in selective  # the local spec still allocates its buffer
     full = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(
         attention_backend="sdpa", recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
         TINY, TINY_TEACHER)[0].components}
-    assert full["student activations"] == 2 * 6_144 + (24_576 + 73_728) + 12_288
+    assert full["student activations"] == 2 * 6_144 + 0 + 12_288
+    unfused_full = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(
+        attention_backend="sdpa", recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+        kl="k1", micro_batch_size=1), TINY, TINY_TEACHER)[0].components}
+    # b = 1: a layer is 59,904 B, the loss phase 2 x 24 x 1024 x 2 (logits + gradient) + 131,072 = 229,376
+    assert unfused_full["student activations"] == 2 * 3_072 + 0 + 6_144
     block = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(
         attention_backend="sdpa", recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
         TINY, TINY_TEACHER)[0].components}
-    assert block["student activations"] == 6_144 + (24_576 + 73_728) + (24_576 + 73_728) + 12_288
+    assert block["student activations"] == 6_144 + 119_808 + 0 + 12_288
     # PP = 2 on 2 ranks (DP 1): the first stage keeps 2 microbatches of its 1 layer, the last stage 1 + its logits
     pp = me.estimate_memory(_tiny_plan(pipeline_parallel=2), TINY, TINY_TEACHER)
     assert [g.role for g in pp] == ["rank 0 (first stage + rollout engine)", "last pipeline stage"]
     first, last = ({c.name: c.bytes for c in g.components} for g in pp)
-    assert first["student activations"] == 125_952 * 1 * 2 and "fused KL (chunk + hidden gradient)" not in first
-    assert last["student activations"] == 125_952 + 12_288
+    assert first["student activations"] == 138_240 * 1 * 2 and "fused KL (chunk + hidden gradient)" not in first
+    assert last["student activations"] == 138_240 + 12_288
     assert last["teacher hidden states (microbatch)"] == 2 * 24 * 64 * 2
     separate = me.estimate_memory(_tiny_plan(rollout_gpus=1), TINY, TINY_TEACHER)
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU"]
@@ -576,4 +585,4 @@ def test_the_launch_scripts_full_kl_runs_fit_80_gib_gpus(tmp_path, script, stude
     gpus = result["memory"]["gpus"]
     assert result["ok"] and all(gpu["fits"] and gpu["total_bytes"] < 80 * GIB for gpu in gpus), gpus
     names = {c["name"] for c in gpus[0]["components"]}
-    assert "fused KL (chunk + hidden gradient)" in names and "logits + gradients" not in names
+    assert "fused KL (chunk + hidden gradient)" in names and "logits + gradient" not in names
