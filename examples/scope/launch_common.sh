@@ -3,13 +3,14 @@
 # TRAIN_DATA, SAVE_DIR, TP). Every value below is an environment variable too (default after ":=").
 # Builds the training flags, runs tools/check_config.py with them, then torchrun -m megatron_scope.train (or prints it).
 : "${PP:=1}"                          # --pipeline-model-parallel-size
-: "${MICRO_BATCH_SIZE:=1}"            # sequences per microbatch
+: "${MICRO_BATCH_SIZE:=1}"            # sequences per microbatch (with MAX_TOKENS_PER_MICROBATCH: at most)
+: "${MAX_TOKENS_PER_MICROBATCH:=}"    # "" = MICRO_BATCH_SIZE sequences each; N: token-budget microbatches
 : "${PROMPTS_PER_STEP:=256}"          # the paper's recipe: 256 prompts x G=8, lr 5e-5, 12288 tokens, tau 1
 : "${GROUP_SIZE:=8}"                  # G
 : "${MAX_NEW_TOKENS:=12288}"
 : "${LR:=5e-5}"
 : "${SCOPE_TAU:=1.0}"
-: "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL; topk (+ --scope-topk K) and k1/k2/k3 keep no teacher logits
+: "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL (fused with both output layers); topk (+ --scope-topk K), k1/k2/k3
 : "${TEACHER_BACKEND:=megatron}"      # megatron: co-located teacher; vllm: a teacher engine (SCOPE_KL=topk best, or k1/k2/k3)
 : "${TRAIN_ITERS:=200}"
 : "${SAVE_INTERVAL:=10}"
@@ -54,6 +55,9 @@ case "$RECOMPUTE" in
 esac
 if [[ -n "$TEACHER_TOKENIZER" ]]; then
   ARGS+=(--teacher-tokenizer "$TEACHER_TOKENIZER")
+fi
+if [[ -n "$MAX_TOKENS_PER_MICROBATCH" ]]; then
+  ARGS+=(--max-tokens-per-microbatch "$MAX_TOKENS_PER_MICROBATCH")
 fi
 if [[ -n "$RAY_ADDRESS" ]]; then
   ARGS+=(--ray-address "$RAY_ADDRESS")
