@@ -127,7 +127,8 @@ def check_batch(batch: dict, config: LossConfig) -> None:
         if key in MAY_BE_NEG_INF:
             bad = torch.isnan(value).any() or (value == torch.inf).any()
         else:
-            bad = not torch.isfinite(value if key in PER_SEQUENCE_KEYS else value[response]).all()
+            # teacher_hidden may wait in host memory (CUDA runs): index it with a mask on its own device
+            bad = not torch.isfinite(value if key in PER_SEQUENCE_KEYS else value[response.to(value.device)]).all()
         if bad:
             raise ValueError(f"batch[{key!r}] holds NaN or Inf" + ("" if key in MAY_BE_NEG_INF else " on response tokens"))
 
