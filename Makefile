@@ -31,6 +31,7 @@ test-fast: $(STAMP)
 # Benchmarks whose results go to BENCHMARKS.md (minutes; run on a quiet machine).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_vocab_parallel.py
+	$(PY) benchmarks/bench_linear_kl.py --rounds 3
 	$(PY) benchmarks/bench_rollout.py
 
 clean-venv:
