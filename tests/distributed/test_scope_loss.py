@@ -1,7 +1,8 @@
-"""The SCOPE loss through Megatron's schedules: the same batch split into 1 or 4 microbatches (or token-budget microbatches of varying shapes), at TP=1,
-TP=2 and PP=2, gives the same loss and gradients (rtol 1e-5), for several objectives and KL kinds, with the
-teacher as logits or as last hidden states + output layer (the fused KL from hidden states for SCOPE's
-reverse KL and JSD: the student's logits never exist; SRPO: one microbatch of teacher logits)."""
+"""The SCOPE loss through Megatron's schedules: the same batch as one microbatch or as token-budget microbatches of
+varying [rows, width] (several, accumulated), at TP=1, TP=2 and PP=2, gives the same loss and gradients (rtol
+1e-5), for several objectives and KL kinds, with the teacher as logits or as last hidden states + output layer
+(the fused KL from hidden states for SCOPE's reverse KL and JSD: the student's logits never exist; SRPO: one
+microbatch of teacher logits)."""
 
 import math
 
@@ -18,7 +19,7 @@ from megatron_scope.testing.checkpoint_compare import (
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch, tiny_teacher_weight
 
-MICROBATCHES = (1, 4, "budget")  # equal splits, and token-budget microbatches of varying [rows, width]
+MICROBATCHES = (1, "budget")  # one, and token-budget microbatches of varying [rows, width]
 TOKEN_BUDGET = 48  # tiny_rollout_batch's 8 rows use 8 to 24 positions: microbatches of 2 x 24, 2 x 16, 3 x 16, ...
 VARIANTS = {  # name: LossConfig keyword arguments
     "scope-reverse-seq": dict(algorithm="scope", kl="reverse"),
@@ -54,7 +55,7 @@ def _run(model, variant, num_microbatches):
     if num_microbatches == "budget":
         microbatches = split_microbatches(batch, 1, tp_rank, tp_size)
         microbatches = split_by_token_budget(microbatches[0], TOKEN_BUDGET, max_rows=3)
-        assert len({tuple(m["tokens"].shape) for m in microbatches}) > 1
+        assert len(microbatches) >= 3 and len({tuple(m["tokens"].shape) for m in microbatches}) > 1
     else:
         microbatches = split_microbatches(batch, num_microbatches, tp_rank, tp_size)
     teacher_weight = tiny_teacher_weight().chunk(tp_size)[tp_rank] if hidden else None
