@@ -32,6 +32,7 @@ from megatron_scope.ops.vocab_parallel import (
     _check_ids,
     _kernel,
     _Shard,
+    _vocab_size_of,
     check_kl_kind,
     reduce_pair_stats,
     shard_geometry,
@@ -95,8 +96,8 @@ class _LinearKL(torch.autograd.Function):
                 kind, beta, shard: _Shard, use_compiled):
         num_rows, valid = student_hidden.shape[0], shard.valid
         w_s, w_t = student_weight[:valid], teacher_weight[:valid]
-        local = torch.zeros((num_rows, 6 + 2 * local_ids.shape[1]), dtype=torch.float32 if
-                            student_hidden.dtype != torch.float64 else torch.float64, device=student_hidden.device)
+        stats_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32  # as the kernels
+        local = torch.zeros((num_rows, 6 + 2 * local_ids.shape[1]), dtype=stats_dtype, device=student_hidden.device)
         local[:, :2] = float("-inf")  # a shard of padding only: no mass, neutral statistics
         for rows, full in _token_chunks(num_rows, valid, student_hidden.device) if valid else ():
             s, t = _logits(student_hidden[rows], w_s), _logits(teacher_hidden[rows], w_t)
@@ -203,8 +204,7 @@ def vocab_parallel_linear_distill_stats(
     if target is None:
         local_ids = torch.zeros((num_rows, 0), dtype=torch.long, device=student_hidden.device)
     else:
-        _check_ids(target, leading, shard.local_vocab * shard.world_size if vocab_size is None else vocab_size,
-                   "target")
+        _check_ids(target, leading, _vocab_size_of(shard, vocab_size), "target")
         local_ids = target.reshape(num_rows, 1).long() - shard.vocab_start
     owned = (local_ids >= 0) & (local_ids < shard.valid)
     local_ids = local_ids.clamp(0, max(shard.valid - 1, 0))
