@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 from megatron_scope.config import (
-    ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, TEACHER_BACKENDS,
-    TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS, TROPD_OUTLIERS, WEIGHT_NORMS, RunConfig, build_config,
+    ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, ROLLOUT_PLACEMENTS,
+    TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS, TROPD_OUTLIERS, WEIGHT_NORMS, RunConfig, build_config,
 )
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
 
@@ -109,7 +109,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--teacher-backend", choices=TEACHER_BACKENDS, default="megatron",
                    help="megatron: the teacher is co-located, a forward-only Megatron model with the student's TP/PP "
                         "(full-vocabulary, top-k or sampled-token KL). vllm: the teacher is a vLLM engine placed like "
-                        "the rollout engine (inside global rank 0, or one Ray actor with --rollout-engines) that "
+                        "the rollout engine (beside each co-located engine, inside global rank 0, or one Ray actor) that "
                         "scores the responses: sampled-token log-probs and, with --scope-kl topk, its top-k (for "
                         "--scope-kl k1/k2/k3/topk).")
     g.add_argument("--tokenizer", required=True,
@@ -158,10 +158,19 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--rollout-temperature", type=nonnegative_float, default=1.0)
     g.add_argument("--rollout-top-p", type=positive_float, default=1.0)
     g.add_argument("--rollout-kv-cache-gib", type=positive_float, default=1.0, help="KV cache of the vLLM engine (GiB).")
-    g.add_argument("--rollout-tensor-parallel-size", type=positive_int, default=1)
+    g.add_argument("--rollout-tensor-parallel-size", type=positive_int, default=None,
+                   help="vLLM's tensor parallelism (default: --tensor-model-parallel-size with --rollout-placement "
+                        "colocated, else 1).")
+    g.add_argument("--rollout-placement", choices=ROLLOUT_PLACEMENTS, default=None,
+                   help="colocated: one vLLM engine per data-parallel replica on the replica's own GPUs, driven by its "
+                        "first rank; it generates exactly the prompts its replica trains on, is refit from the "
+                        "replica's own shards and sleeps (CUDA) while the replica trains. rank0: one engine inside "
+                        "global rank 0 generates the whole step and every rank receives it. ray: --rollout-engines "
+                        "Ray actors anywhere in the cluster, fed from a queue. Default: ray with --rollout-engines, "
+                        "else colocated.")
     g.add_argument("--rollout-engines", type=nonnegative_int, default=0,
-                   help="0: one vLLM engine inside global rank 0. N >= 1: N engines as Ray actors, placed by Ray on "
-                        "any node of the cluster (rollout/ray_engine.py); prompts are split over them.")
+                   help="With --rollout-placement ray: N >= 1 engines as Ray actors, placed by Ray on any node of the "
+                        "cluster (rollout/ray_engine.py); prompt groups are handed out from a queue, longest first.")
     g.add_argument("--ray-address", default=None,
                    help="Ray cluster to join with --rollout-engines (e.g. auto, or HOST:6379); default: RAY_ADDRESS "
                         "if set, else a local Ray started by rank 0.")

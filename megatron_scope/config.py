@@ -30,6 +30,8 @@ KL_ALGORITHMS = ("scope", "opd", "srpo", "tropd")
 TEACHER_FREE_ALGORITHMS = ("grpo", "sft")
 WEIGHT_NORMS = ("mean", "sum")
 TEACHER_BACKENDS = ("megatron", "vllm")
+#: --rollout-placement: where the vLLM rollout engines live (RolloutConfig.placement).
+ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
 REWARDS = ("synthetic", "synthetic-strict", "math")
 TROPD_OUTLIERS = ("mask", "clip", "forward")
 #: How per-token losses become the step's loss (verl's names; see losses/objectives.aggregate).
@@ -330,9 +332,12 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0
     """--rollout-kv-cache-gib: KV cache of each vLLM engine (GiB)."""
     tensor_parallel_size: int = 1
-    """--rollout-tensor-parallel-size: vLLM's tensor parallelism."""
+    """--rollout-tensor-parallel-size: vLLM's tensor parallelism (default: the training TP when co-located)."""
+    placement: str = "colocated"
+    """--rollout-placement: "colocated", one engine per data-parallel replica, driven by the replica's first
+    rank; "rank0", one engine inside global rank 0 for the whole step; "ray", --rollout-engines Ray actors."""
     engines: int = 0
-    """--rollout-engines: 0, one engine inside global rank 0; N >= 1, N engines as Ray actors."""
+    """--rollout-engines: the number of Ray actors with --rollout-placement ray (0 otherwise)."""
     ray_address: str | None = None
     """--ray-address: the Ray cluster to join with --rollout-engines (None: RAY_ADDRESS, else a local Ray)."""
     gpus_per_engine: float | None = None
@@ -343,8 +348,11 @@ class RolloutConfig:
     def __post_init__(self):
         _positive("RolloutConfig", prompts_per_step=self.prompts_per_step, group_size=self.group_size,
                   max_new_tokens=self.max_new_tokens, tensor_parallel_size=self.tensor_parallel_size)
-        if self.engines < 0:
-            raise ValueError(f"--rollout-engines must be >= 0, got {self.engines}")
+        if self.placement not in ROLLOUT_PLACEMENTS:
+            raise ValueError(f"--rollout-placement must be one of {ROLLOUT_PLACEMENTS}, got {self.placement!r}")
+        if (self.engines > 0) != (self.placement == "ray"):
+            raise ValueError(f"--rollout-engines {self.engines} with --rollout-placement {self.placement}: Ray engines "
+                             "(--rollout-engines N >= 1) go with --rollout-placement ray and only with it")
         if not self.kv_cache_gib > 0:
             raise ValueError(f"--rollout-kv-cache-gib must be > 0, got {self.kv_cache_gib}")
 
@@ -456,6 +464,10 @@ class RunConfig:
                              "teacher's logits over the vocabulary; a vLLM teacher (--teacher-backend vllm) gives the "
                              "log-probs of the sampled tokens and a top-k: use --scope-kl k1, k2, k3 or topk, or a "
                              "co-located teacher")
+        rtp, tp = self.rollout.tensor_parallel_size, self.parallel.tensor_model_parallel_size
+        if self.rollout.placement == "colocated" and rtp > tp:
+            raise ValueError(f"--rollout-placement colocated runs each replica's engine on its first stage's "
+                             f"--tensor-model-parallel-size {tp} GPUs: --rollout-tensor-parallel-size {rtp} exceeds it")
 
     @property
     def remote_teacher(self) -> bool:
@@ -487,6 +499,7 @@ class RunConfig:
 
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from `megatron_scope.arguments.parse_args`'s namespace (ValueError names the flag)."""
+    placement = args.rollout_placement or ("ray" if args.rollout_engines else "colocated")
     return RunConfig(
         models=ModelsConfig(student_hf=args.student_hf, tokenizer=args.tokenizer, teacher_hf=args.teacher_hf,
                             teacher_tokenizer=args.teacher_tokenizer, teacher_backend=args.teacher_backend,
@@ -512,7 +525,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         rollout=RolloutConfig(
             prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
             max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.rollout_top_p,
-            kv_cache_gib=args.rollout_kv_cache_gib, tensor_parallel_size=args.rollout_tensor_parallel_size,
+            kv_cache_gib=args.rollout_kv_cache_gib, placement=placement,
+            tensor_parallel_size=args.rollout_tensor_parallel_size or (
+                args.tensor_model_parallel_size if placement == "colocated" else 1),
             engines=args.rollout_engines, ray_address=args.ray_address,
             gpus_per_engine=args.rollout_gpus_per_engine, vllm_log_level=args.vllm_log_level),
         optimizer=OptimizerConfig(

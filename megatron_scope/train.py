@@ -16,8 +16,8 @@ from Qwen3-8B works the same way), on 4 nodes of 8 GPUs:
 
 Flags: `megatron_scope.arguments` (`--help` lists them all); they become one `RunConfig` (megatron_scope.config)
 that every component below receives. The student starts from a Hugging Face directory (config.json +
-safetensors), which also seeds the vLLM engine on global rank 0; a co-located teacher has the student's TP/PP
-(forward only).
+safetensors), which also seeds the vLLM engines (by default one per data-parallel replica, sleeping while its
+replica trains: --rollout-placement); a co-located teacher has the student's TP/PP (forward only).
 
 Vocabulary: the tokenizer's (a SentencePiece model file or a Hugging Face tokenizer directory) is the one
 distillation works over; each checkpoint may have more embedding rows than it has tokens (151936 rows for
@@ -88,14 +88,24 @@ def load_prompts(data, seed: int = 0, tokenizer=None):
 
 
 def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_logprobs: int = 0):
-    """A vLLM engine of `model_dir` for global rank 0: in this process (num_ray_engines 0), or that many Ray
-    actors anywhere in the cluster; `max_logprobs`: the top-k a teacher engine must give."""
+    """A vLLM engine of `model_dir` for a rollout leader: in this process (num_ray_engines 0), or that many Ray
+    actors anywhere in the cluster; `max_logprobs`: the top-k a teacher engine must give.
+
+    An engine in this process shares the training GPUs: it sleeps while they train (vLLM sleep mode, CUDA only)
+    and runs on this rank's GPU and the next `--rollout-tensor-parallel-size - 1` (the first stage's TP group
+    of the replica under Megatron's rank order)."""
     from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
     rollout = config.rollout
+    cuda = torch.cuda.is_available()
+    devices = None
+    if cuda and not num_ray_engines:
+        first = torch.cuda.current_device()
+        devices = tuple(range(first, first + rollout.tensor_parallel_size))
     engine_config = VLLMEngineConfig(model_dir, kv_cache_bytes=int(rollout.kv_cache_gib * (1 << 30)),
                                      tensor_parallel_size=rollout.tensor_parallel_size, seed=config.loop.seed,
-                                     max_logprobs=max_logprobs)
+                                     max_logprobs=max_logprobs, enable_sleep_mode=cuda and not num_ray_engines,
+                                     devices=devices)
     if not num_ray_engines:
         return VLLMRolloutEngine(engine_config)
     import ray
@@ -121,7 +131,7 @@ def build_trainer(config: RunConfig):
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
     from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights
     from megatron_scope.rollout.vllm_engine import set_vllm_log_level
-    from megatron_scope.trainer import ScopeTrainer
+    from megatron_scope.trainer import ScopeTrainer, rollout_group
 
     models, parallel, seed = config.models, config.parallel, config.loop.seed
     set_vllm_log_level(config.rollout.vllm_log_level)
@@ -161,7 +171,7 @@ def build_trainer(config: RunConfig):
     optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
 
     engine = teacher_engine = None
-    if dist.get_rank() == 0:
+    if dist.get_rank() == rollout_group(config.rollout.placement)[1]:  # this rank leads its engine
         engine = start_engine(config, models.student_hf, config.rollout.engines)
         if config.remote_teacher:
             teacher_engine = start_engine(config, models.teacher_hf, min(config.rollout.engines, 1),

@@ -1,10 +1,14 @@
 """The on-policy distillation loop: rollout -> verify -> score -> Megatron forward/backward -> step -> sync.
 
-One iteration (every rank runs it; global rank 0 hosts the rollout engine):
+One iteration (every rank runs it; an engine's leader rank drives it, see --rollout-placement):
   1. prompts: the next `prompts_per_step` from the resumable dataset (identical on every rank);
-  2. rollout: rank 0 samples G responses per prompt from the current student with the engine, verifies
-     them, and broadcasts token ids, sampling log-probs and outcomes to all ranks;
-  3. each data-parallel rank takes whole prompt groups (so group statistics need no communication),
+  2. rollout: the leader samples G responses per prompt from the current student with its engine, verifies
+     them, puts the engine to sleep (vLLM sleep mode, CUDA) and broadcasts token ids, sampling log-probs and
+     outcomes to the ranks it serves. "colocated" (default): one engine per data-parallel replica, led by the
+     replica's first rank, generates exactly the replica's prompt groups and sends them inside the replica
+     (only per-step scalars cross replicas); "rank0" and "ray": global rank 0 gets the whole step and
+     broadcasts it to every rank. Prompt i's sample j has seed `seed + iteration + i G + j` under any placement;
+  3. each data-parallel rank takes its whole prompt groups (so group statistics need no communication),
      builds [n, seq] tensors and splits them into microbatches;
   4. scoring, forward only: the student's log-probs (temperature 1, or --logprob-temperature as the released
      SCOPE code uses the rollout temperature),
@@ -16,14 +20,13 @@ One iteration (every rank runs it; global rank 0 hosts the rollout engine):
      its top-k with the rollouts;
   5. the student's forward/backward with the selected loss (`megatron/loss_func.py`);
   6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite;
-  7. the new weights stream to the engine (`iter_hf_weights` -> `update_weights`);
+  7. the leader wakes its engine and the new weights stream to it from its own replica's shards
+     (`iter_hf_weights` with the leader as destination -> `update_weights`; nothing crosses replicas);
   8. logging (last rank: TensorBoard, progress bar, Megatron-style log lines) and checkpoints.
 
-Memory: with a full-vocabulary KL the last stage keeps the co-located teacher's logit shards for its whole
-local batch ([sequences, seq, V/TP], the parameters' dtype) between the scoring pass and the student's
-backward; at large scale use --scope-kl topk --scope-topk K (the teacher's vocab-parallel top-k: K ids and
-log-probs per token), k1/k3 (sampled-token log-probs), or more data-parallel ranks. tools/check_config.py
-estimates each term.
+A failure in a leader (its engine died, a verifier raised) reaches every rank at the end of that phase (one
+small all_gather_object per rollout and per weight sync), so no rank waits in a collective for a rank that
+stopped; the iteration is not saved. tools/check_config.py estimates each memory term.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from megatron_scope.megatron.schedule import forward_backward
 from megatron_scope.megatron.weight_export import iter_hf_weights
 from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
                                           split_by_token_budget, split_rows)
-from megatron_scope.rollout.engine import Completion, SamplingParams
+from megatron_scope.rollout.buckets import drain
+from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams
 from megatron_scope.teacher.colocated import log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
 
@@ -56,6 +60,16 @@ logger = logging.getLogger("megatron_scope.trainer")
 
 class NonFiniteStepError(RuntimeError):
     """Raised with exit_on_nonfinite when a step's loss or gradient norm is NaN/Inf."""
+
+
+def rollout_group(placement: str):
+    """(process group, global rank of its leader): the ranks that share one engine's rollouts. "colocated": this
+    rank's model-parallel replica (its TP x PP ranks), led by its lowest rank (TP rank 0 of the first stage);
+    "rank0" and "ray": every rank (group None), led by global rank 0."""
+    if placement == "colocated":
+        group = parallel_state.get_model_parallel_group()
+        return group, min(dist.get_process_group_ranks(group))
+    return None, 0
 
 
 class ScopeTrainer:
@@ -77,10 +91,11 @@ class ScopeTrainer:
         teacher_engine=None,
     ):
         """`student`: DDP-wrapped GPTModel stage; `teacher`/`reference`: GPTModel stages, forward only, same
-        TP/PP as the student (co-located); `engine`: a RolloutEngine on global rank 0 (None elsewhere);
-        `teacher_engine`: instead of `teacher`, a vLLM engine serving the teacher on global rank 0 (its
-        `score` / `score_topk` give sampled-token log-probs and top-k); `verify(response_texts, gold_answers)`
-        -> outcomes; `tokenizer` decodes responses, gives eos/pad and the vocabulary the loss works over."""
+        TP/PP as the student (co-located); `engine`: a RolloutEngine on this rank exactly when it is a rollout
+        leader (`rollout_leader`; None elsewhere); `teacher_engine`: instead of `teacher`, a vLLM engine serving
+        the teacher beside the rollout engine (its `score` / `score_topk` give sampled-token log-probs and
+        top-k); `verify(response_texts, gold_answers)` -> outcomes; `tokenizer` decodes responses, gives eos/pad
+        and the vocabulary the loss works over."""
         self.config = config
         self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
         self.teacher_engine = teacher_engine
@@ -92,6 +107,7 @@ class ScopeTrainer:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.is_logging_rank = self.rank == self.world_size - 1  # Megatron-LM logs from the last rank
+        self.rollout_group, self.rollout_leader = rollout_group(config.rollout.placement)
         self.iteration = 0
         self.history: list[dict] = []
         self._check_setup()
@@ -106,14 +122,15 @@ class ScopeTrainer:
     # ---- set-up checks: all before any rollout ----
 
     def _check_setup(self) -> None:
-        config, on_rank_0 = self.config, self.rank == 0
-        if (self.engine is None) == on_rank_0:
-            raise ValueError(f"the rollout engine must live on global rank 0 (rank {self.rank} "
+        config, leads = self.config, self.rank == self.rollout_leader
+        if (self.engine is None) == leads:
+            raise ValueError(f"--rollout-placement {config.rollout.placement}: the rollout engine of rank {self.rank} "
+                             f"must live on global rank {self.rollout_leader} (rank {self.rank} "
                              f"{'has none' if self.engine is None else 'has one'})")
-        if (self.teacher_engine is not None) != (on_rank_0 and config.remote_teacher):
+        if (self.teacher_engine is not None) != (leads and config.remote_teacher):
             raise ValueError(f"--teacher-backend {config.models.teacher_backend}: rank {self.rank} "
-                             f"{'has' if self.teacher_engine is not None else 'lacks'} a teacher engine (one lives on "
-                             "global rank 0 exactly when the objective reads a vLLM teacher)")
+                             f"{'has' if self.teacher_engine is not None else 'lacks'} a teacher engine (one lives "
+                             "beside each rollout engine exactly when the objective reads a vLLM teacher)")
         if (self.teacher is not None) != config.colocated_teacher:
             raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --teacher-backend "
                              f"{config.models.teacher_backend} {'needs' if config.colocated_teacher else 'takes no'} "
@@ -143,63 +160,97 @@ class ScopeTrainer:
 
     # ---- one iteration ----
 
-    def _rollout(self, iteration: int) -> tuple[list[RolloutGroup], dict]:
-        """Rank 0 samples and verifies; every rank receives the same groups."""
-        group_size = self.config.rollout.group_size
-        prompts = self.dataset.next_batch(self.config.rollout.prompts_per_step)
-        payload = [None]
-        if self.rank == 0:
+    def _rollout(self, iteration: int) -> tuple[list[RolloutGroup], int, dict]:
+        """The leader samples and verifies this rank's rollout share; every rank it serves receives the same
+        groups. Returns (groups, index of groups[0] in the step's batch, rollout metrics over the whole step)."""
+        per_step = self.config.rollout.prompts_per_step
+        prompts = self.dataset.next_batch(per_step)
+        first, count = (0, per_step)
+        if self.config.rollout.placement == "colocated":
+            count = per_step // self.dp_size
+            first = self.dp_rank * count
+        payload, error = [None], None
+        if self.rank == self.rollout_leader:
             try:
-                payload = [self._sample_verify_score(prompts, iteration)]
-            except Exception as error:  # every rank must stop, not only rank 0: send the error along
-                payload = [("error", f"{type(error).__name__}: {error}")]
-                dist.broadcast_object_list(payload, src=0)
-                raise
-        dist.broadcast_object_list(payload, src=0)
-        if payload[0][0] == "error":
-            raise RuntimeError(f"rank 0's rollout failed: {payload[0][1]}")
-        samples, correct, teacher_scores, seconds = payload[0]
-        groups = []
-        for i, (prompt, group) in enumerate(zip(prompts, samples)):
-            completions = [Completion(list(ids), list(lps), reason) for ids, lps, reason in group]
-            outcomes = correct[i * group_size : (i + 1) * group_size]
-            groups.append(RolloutGroup(prompt.id, list(prompt.token_ids), completions, outcomes,
-                                       teacher_scores[i] if teacher_scores is not None else None))
-        tokens = sum(len(c.token_ids) for g in groups for c in g.completions)
-        stats = {
-            "rollout/accuracy": sum(correct) / len(correct),
-            "rollout/response_length": tokens / len(correct),
-            "rollout/truncated_fraction": sum(c.finish_reason == "length" for g in groups for c in g.completions)
-            / len(correct),
-            "time/rollout_s": seconds["rollout"],
-            "throughput/rollout_tokens_per_s": tokens / max(seconds["rollout"], 1e-9),
-        }
-        if teacher_scores is not None:
-            stats["time/teacher_score_s"] = seconds["teacher_score"]
-        return groups, stats
+                payload = [self._sample_verify_score(prompts[first:first + count], first, iteration)]
+            except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
+                error = caught
+        self._raise_if_any_failed(error, "rollout")
+        dist.broadcast_object_list(payload, src=self.rollout_leader, group=self.rollout_group)
+        groups, seconds = payload[0]
+        return groups, first, self._rollout_metrics(groups, seconds)
 
-    def _sample_verify_score(self, prompts, iteration: int) -> tuple:
-        """Rank 0: sample G responses per prompt, verify them, and score them with the teacher engine if any."""
+    def _rollout_metrics(self, groups: list[RolloutGroup], seconds: dict) -> dict:
+        """Accuracy, length and truncation over the whole step (summed over replicas when co-located) and the
+        slowest engine's times."""
+        completions = [c for g in groups for c in g.completions]
+        sums = [sum(o for g in groups for o in g.correct), len(completions), sum(len(c.token_ids) for c in completions),
+                sum(c.finish_reason == "length" for c in completions)]
+        times = [seconds["rollout"], seconds.get("teacher_score", 0.0)]
+        if self.config.rollout.placement == "colocated" and self.dp_size > 1:
+            device, group = collective_device(), parallel_state.get_data_parallel_group()
+            totals = torch.tensor(sums, dtype=torch.float64, device=device)
+            slowest = torch.tensor(times, dtype=torch.float64, device=device)
+            dist.all_reduce(totals, group=group)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+            sums, times = totals.tolist(), slowest.tolist()
+        correct, samples, tokens, truncated = sums
+        stats = {
+            "rollout/accuracy": correct / samples,
+            "rollout/response_length": tokens / samples,
+            "rollout/truncated_fraction": truncated / samples,
+            "time/rollout_s": times[0],
+            "throughput/rollout_tokens_per_s": tokens / max(times[0], 1e-9),
+        }
+        if "teacher_score" in seconds:
+            stats["time/teacher_score_s"] = times[1]
+        return stats
+
+    def _sample_verify_score(self, prompts, first: int, iteration: int) -> tuple[list[RolloutGroup], dict]:
+        """The leader: sample G responses per prompt (prompt k is the step's prompt `first + k`, which fixes its
+        seeds), verify them, score them with the teacher engine if any, and let both engines sleep."""
         rollout = self.config.rollout
         start = time.perf_counter()
         params = SamplingParams(n=rollout.group_size, max_new_tokens=rollout.max_new_tokens,
                                 temperature=rollout.temperature, top_p=rollout.top_p,
                                 stop_token_ids=(self.tokenizer.eos_id,), seed=self.config.loop.seed + iteration,
                                 vocab_size=self.vocab_size)  # no extra embedding rows
-        samples = self.engine.generate([list(p.token_ids) for p in prompts], params)
+        self.engine.wake()  # asleep since the last rollout when the last step was skipped (no weight sync)
+        samples = self.engine.generate([list(p.token_ids) for p in prompts], params,
+                                       indices=range(first, first + len(prompts)))
+        self.engine.sleep()
         seconds = {"rollout": time.perf_counter() - start}
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
         answers = [p.answer for p in prompts for _ in range(rollout.group_size)]
         correct = self.verify(texts, answers)
-        teacher_scores = None
+        teacher_scores = [None] * len(prompts)
         if self.teacher_engine is not None:
             start = time.perf_counter()
+            self.teacher_engine.wake()
             teacher_scores = score_responses(self.teacher_engine, [p.id for p in prompts],
                                              [p.token_ids for p in prompts], samples,
                                              topk=self.config.loss.teacher_topk, vocab_size=self.vocab_size)
+            self.teacher_engine.sleep()
             seconds["teacher_score"] = time.perf_counter() - start
-        return ([[(c.token_ids, c.log_probs, c.finish_reason) for c in group] for group in samples], correct,
-                teacher_scores, seconds)
+        n = rollout.group_size
+        groups = [RolloutGroup(p.id, list(p.token_ids), group, correct[i * n : (i + 1) * n], teacher_scores[i])
+                  for i, (p, group) in enumerate(zip(prompts, samples))]
+        check_token_ids(groups, self.vocab_size)
+        return groups, seconds
+
+    def _raise_if_any_failed(self, error: BaseException | None, phase: str) -> None:
+        """Every rank learns whether any rank failed in `phase` (one all_gather_object of None or the error's
+        text) and raises: the failing rank its own error, the others one naming it (RolloutEngineDiedError
+        when that is what it was), so no rank waits in a collective for a rank that stopped."""
+        reports = [None] * self.world_size
+        dist.all_gather_object(reports, None if error is None else (type(error).__name__, str(error)))
+        if error is not None:
+            raise error
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        if failed:
+            rank, (name, text) = failed[0]
+            kind = RolloutEngineDiedError if name == RolloutEngineDiedError.__name__ else RuntimeError
+            raise kind(f"rank {rank}'s {phase} failed: {name}: {text}")
 
     def _score(self, microbatches: list[dict]) -> None:
         """Add the loss inputs to the last stage's microbatches (forward passes run on every stage): the student's
@@ -219,35 +270,45 @@ class ScopeTrainer:
                 batch["ref_log_probs"] = reference[i][1]
         add_group_inputs(microbatches, self.config.loss, parallel_state.get_data_parallel_group())
 
-    def _sampler_mismatch(self, microbatches: list[dict]) -> float:
-        """Mean |sampler log-prob - Megatron's log-prob| over response tokens (data-parallel mean).
+    def _sampler_mismatch(self, microbatches: list[dict]) -> tuple[float, float]:
+        """Mean |sampler log-prob - Megatron's log-prob| over response tokens: over the whole step, and the
+        largest data-parallel rank's own mean (with co-located engines: the worst engine's).
 
         When --logprob-temperature equals the rollout temperature and top-p is 1 both are log π_S(y_t) of the
-        same weights, so this is ~0 up to numerics; a large value then means the engine samples from other
+        same weights, so this is ~0 up to numerics; a large value then means an engine samples from other
         weights than the ones being trained.
         """
         diff = sum(float(((b["rollout_log_probs"] - b["old_log_probs"]).abs() * b["loss_mask"]).sum())
                    for b in microbatches)
         count = sum(float(b["loss_mask"].sum()) for b in microbatches)
-        totals = torch.tensor([diff, count], dtype=torch.float64, device=collective_device())
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        return float(totals[0] / totals[1].clamp_min(1))
+        group, device = parallel_state.get_data_parallel_group(), collective_device()
+        totals = torch.tensor([diff, count], dtype=torch.float64, device=device)
+        worst = torch.tensor([diff / max(count, 1.0)], dtype=torch.float64, device=device)
+        dist.all_reduce(totals, group=group)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+        return float(totals[0] / totals[1].clamp_min(1)), float(worst)
 
     def sync_weights(self) -> float:
-        """Stream the student's weights to the engine; returns seconds."""
+        """Wake the engine and stream the student's weights into it from this replica's own shards (every rank
+        of the replica takes part; with "rank0"/"ray" only the replica of global rank 0); returns seconds."""
         start = time.perf_counter()
-        stream = iter_hf_weights(self.student, self.arch, bucket_bytes=self.config.loop.weight_sync_bucket_mib << 20)
+        stream = iter_hf_weights(self.student, self.arch, bucket_bytes=self.config.loop.weight_sync_bucket_mib << 20,
+                                 dst_rank=self.rollout_leader)
+        error = None
         if self.engine is not None:
-            self.engine.update_weights(stream)
-        else:
-            for _ in stream:
-                pass
+            try:
+                self.engine.wake()
+                self.engine.update_weights(stream)
+            except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
+                error = caught
+        drain(stream)  # the rest of the replica is inside the stream's collectives
+        self._raise_if_any_failed(error, "weight sync")
         return time.perf_counter() - start
 
     def train_step(self, iteration: int) -> dict:
         start = time.perf_counter()
-        groups, metrics = self._rollout(iteration)
-        outcome = self.learn(groups, metrics)
+        groups, first, metrics = self._rollout(iteration)
+        outcome = self.learn(groups, metrics, first)
         metrics["time/sync_s"] = self.sync_weights() if outcome.updated else 0.0
         metrics["time/iteration_s"] = time.perf_counter() - start
         if not outcome.updated:
@@ -256,13 +317,13 @@ class ScopeTrainer:
                 raise NonFiniteStepError(f"iteration {iteration}: {outcome.skipped_reason}")
         return metrics
 
-    def learn(self, groups: list[RolloutGroup], metrics: dict):
-        """Steps 3-6 on this step's verified groups (the same on every rank): batch, scoring passes, the
-        student's forward/backward and the optimizer step; adds loss, optimizer and time metrics to `metrics`
-        and returns the step's `StepOutcome`."""
-        check_token_ids(groups, self.vocab_size)  # all groups: every rank raises alike
+    def learn(self, groups: list[RolloutGroup], metrics: dict, first: int = 0):
+        """Steps 3-6 on this rank's verified groups (`groups[0]` is the step's group `first`; they hold this
+        data-parallel rank's share): batch, scoring passes, the student's forward/backward and the optimizer
+        step; adds loss, optimizer and time metrics to `metrics` and returns the step's `StepOutcome`."""
         per_rank = self.config.rollout.prompts_per_step // self.dp_size
-        local = groups[self.dp_rank * per_rank : (self.dp_rank + 1) * per_rank]
+        start = self.dp_rank * per_rank - first
+        local = groups[start : start + per_rank]
         batch = build_batch(local, sequence_length_for(groups), self.tokenizer.pad_id,
                             group_offset=self.dp_rank * per_rank)
         device = next(self.student.parameters()).device  # CUDA under NCCL: the models' and collectives' device
@@ -276,7 +337,8 @@ class ScopeTrainer:
         score_start = time.perf_counter()
         self._score(microbatches)
         if self.is_last_stage:
-            metrics["rollout/logprob_abs_diff"] = self._sampler_mismatch(microbatches)
+            metrics["rollout/logprob_abs_diff"], metrics["rollout/logprob_abs_diff_max"] = \
+                self._sampler_mismatch(microbatches)
         train_start = time.perf_counter()
         self.student.zero_grad_buffer()
         teacher_weight = output_layer_weight(self.teacher) if self.config.loss.needs_teacher_logits else None
@@ -300,7 +362,7 @@ class ScopeTrainer:
         return outcome
 
     def close(self) -> None:
-        """Shut down the engines this rank holds (the rollout engine and a teacher engine, on global rank 0)."""
+        """Shut down the engines this rank holds (the rollout engine and a teacher engine, on a leader)."""
         for engine in (self.engine, self.teacher_engine):
             if engine is not None:
                 engine.close()

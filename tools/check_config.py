@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchrun --nproc-per-node: training ranks (GPUs) per node.")
     g.add_argument("--gpu-memory-gib", type=positive_float, default=80.0, help="Memory of one GPU.")
     g.add_argument("--rollout-gpus", type=nonnegative_int, default=0,
-                   help="GPUs running vLLM engines apart from the training ranks (default: --rollout-engines x "
-                        "--rollout-tensor-parallel-size); 0: one engine co-located on global rank 0's GPU.")
+                   help="GPUs running the Ray engines of --rollout-placement ray apart from the training ranks "
+                        "(default: --rollout-engines x --rollout-tensor-parallel-size).")
     g.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                    help="Longest prompt in tokens (default: measured from --train-data with the tokenizer, "
                         f"else {DEFAULT_PROMPT_TOKENS}).")
@@ -153,18 +153,24 @@ def run_check(args: argparse.Namespace) -> dict:
     rollout = config.rollout
     plan = me.RunPlan(
         config=config, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, max_prompt_tokens=max_prompt,
-        rollout_gpus=args.rollout_gpus or rollout.engines * rollout.tensor_parallel_size,
+        rollout_gpus=(args.rollout_gpus or rollout.engines * rollout.tensor_parallel_size)
+        if rollout.placement == "ray" else 0,
         rollout_element_bytes=config_dtype(student_config).itemsize, gpu_memory_gib=args.gpu_memory_gib,
         overhead_gib=args.overhead_gib)
-    if args.rollout_gpus and not rollout.engines:
-        warns.append(f"--rollout-gpus {args.rollout_gpus}: estimated for engines on separate GPUs, but without "
-                     "--rollout-engines the trainer runs its engine inside global rank 0")
+    if args.rollout_gpus and rollout.placement != "ray":
+        warns.append(f"--rollout-gpus {args.rollout_gpus}: estimated for engines on separate GPUs, but with "
+                     f"--rollout-placement {rollout.placement} the trainer runs its engines on training GPUs")
     errors += me.check_parallel_sizes(plan, archs)
     errors += me.check_sequence_length(plan, archs)
     kv_errors, kv_notes = me.check_rollout_kv_cache(plan, student)
     errors += kv_errors
     notes += kv_notes
     host = me.teacher_hidden_host_bytes(plan, teacher)
+    if rollout.placement != "ray":
+        engines = plan.data_parallel if rollout.placement == "colocated" else 1
+        notes.append(f"rollout: {engines} vLLM engine(s) of TP {rollout.tensor_parallel_size} on training GPUs "
+                     f"({'one per data-parallel replica' if engines > 1 or rollout.placement == 'colocated' else 'global rank 0'}), "
+                     "asleep while they train (sleep mode: weights in pinned host memory, KV cache freed)")
     if host:
         notes.append(f"host memory: the co-located teacher's last hidden states of the local batch wait in pinned "
                      f"host memory from the scoring pass to the student's step, {host / me.GIB:.1f} GiB per rank "
@@ -189,6 +195,9 @@ def run_check(args: argparse.Namespace) -> dict:
         "teacher_params": me.hf_param_count(teacher) if teacher is not None else None,
         "teacher_hidden_states_host_bytes": me.teacher_hidden_host_bytes(plan, teacher),
         "rollout_kv_bytes_per_token": me.kv_bytes_per_token(student, plan.rollout_element_bytes),
+        "rollout_placement": rollout.placement,
+        "rollout_tensor_parallel": rollout.tensor_parallel_size,
+        "rollout_gpus": plan.rollout_gpus,
     }
     if plan.world_size % (plan.tensor_parallel * plan.pipeline_parallel):
         return result  # no data-parallel size: no memory estimate
@@ -211,8 +220,9 @@ def format_report(args: argparse.Namespace, result: dict) -> str:
             f"launch: {args.nnodes} node(s) x {args.nproc_per_node} = {facts['world_size']} ranks; "
             f"TP {facts['tensor_parallel']}"
             f" x PP {facts['pipeline_parallel']} x DP {facts['data_parallel']}; rollout: "
-            + (f"{args.rollout_gpus} separate GPU(s)" if args.rollout_gpus else "vLLM on global rank 0")
-            + f" (TP {args.rollout_tensor_parallel_size})")
+            + {"ray": f"{facts['rollout_gpus']} separate GPU(s)", "rank0": "one vLLM engine on global rank 0",
+               "colocated": f"one vLLM engine per replica ({facts['data_parallel']})"}[facts["rollout_placement"]]
+            + f" (TP {facts['rollout_tensor_parallel']})")
         lines.append(f"student: {facts['student_params']:,} parameters ({args.student_hf})")
         if facts["teacher_params"] is not None:
             lines.append(f"teacher: {facts['teacher_params']:,} parameters ({args.teacher_hf})")

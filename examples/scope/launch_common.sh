@@ -15,14 +15,15 @@
 : "${TRAIN_ITERS:=200}"
 : "${SAVE_INTERVAL:=10}"
 : "${SEED:=1234}"
-# --- rollout (one vLLM engine in-process on global rank 0, sharing its GPU)
+# --- rollout (by default one vLLM engine per data-parallel replica on the replica's GPUs, asleep while it trains)
+: "${ROLLOUT_PLACEMENT:=colocated}"   # --rollout-placement: colocated, rank0, or ray (with ROLLOUT_ENGINES)
 : "${ROLLOUT_KV_CACHE_GIB:=16}"       # must hold one max_position_embeddings sequence (4.4 GiB for Qwen3-1.7B)
 : "${ATTENTION_BACKEND:=sdpa}"        # --attention-backend: sdpa (no stored s^2 scores) or local
 : "${RECOMPUTE:=full}"                # full (every layer, uniform units of 1), selective (core attention) or none
 : "${ROLLOUT_TEMPERATURE:=1.0}"       # --rollout-temperature
-: "${ROLLOUT_TP:=1}"                  # --rollout-tensor-parallel-size
-: "${ROLLOUT_ENGINES:=0}"             # 0: vLLM inside global rank 0; N: N engines as Ray actors (--rollout-engines)
-: "${RAY_ADDRESS:=}"                  # with ROLLOUT_ENGINES > 0: the Ray cluster (e.g. auto); "" = local Ray
+: "${ROLLOUT_TP:=}"                   # --rollout-tensor-parallel-size; "" = TP when colocated, else 1
+: "${ROLLOUT_ENGINES:=0}"             # with ROLLOUT_PLACEMENT=ray: N engines as Ray actors (--rollout-engines)
+: "${RAY_ADDRESS:=}"                  # with ROLLOUT_PLACEMENT=ray: the Ray cluster (e.g. auto); "" = local Ray
 # --- this script
 : "${PYTHON:=python}"
 : "${TORCHRUN:=torchrun}"
@@ -41,8 +42,7 @@ ARGS=(
   --micro-batch-size "$MICRO_BATCH_SIZE" --bf16 --use-distributed-optimizer --attention-backend "$ATTENTION_BACKEND"
   --prompts-per-step "$PROMPTS_PER_STEP" --scope-group-size "$GROUP_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
   --rollout-temperature "$ROLLOUT_TEMPERATURE" --rollout-top-p 1.0
-  --rollout-kv-cache-gib "$ROLLOUT_KV_CACHE_GIB" --rollout-tensor-parallel-size "$ROLLOUT_TP"
-  --rollout-engines "$ROLLOUT_ENGINES"
+  --rollout-kv-cache-gib "$ROLLOUT_KV_CACHE_GIB" --rollout-placement "$ROLLOUT_PLACEMENT"
   --scope-algorithm scope --scope-tau "$SCOPE_TAU" --scope-kl "$SCOPE_KL" --teacher-backend "$TEACHER_BACKEND"
   --lr "$LR" --train-iters "$TRAIN_ITERS" --seed "$SEED"
   --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$SAVE_DIR/tensorboard"
@@ -58,6 +58,12 @@ if [[ -n "$TEACHER_TOKENIZER" ]]; then
 fi
 if [[ -n "$MAX_TOKENS_PER_MICROBATCH" ]]; then
   ARGS+=(--max-tokens-per-microbatch "$MAX_TOKENS_PER_MICROBATCH")
+fi
+if [[ -n "$ROLLOUT_TP" ]]; then
+  ARGS+=(--rollout-tensor-parallel-size "$ROLLOUT_TP")
+fi
+if [[ "$ROLLOUT_ENGINES" != 0 ]]; then
+  ARGS+=(--rollout-engines "$ROLLOUT_ENGINES")
 fi
 if [[ -n "$RAY_ADDRESS" ]]; then
   ARGS+=(--ray-address "$RAY_ADDRESS")

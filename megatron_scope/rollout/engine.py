@@ -91,8 +91,12 @@ class RolloutEngine(abc.ABC):
     """Generates from the student and takes its new weights after each optimizer step."""
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        """`params.n` completions for each prompt: result[i][j] is sample j of prompts[i]."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 indices: Sequence[int] | None = None) -> list[list[Completion]]:
+        """`params.n` completions for each prompt: result[i][j] is sample j of prompts[i], drawn with seed
+        `params.seed + indices[i] * params.n + j`. `indices`: each prompt's position in the whole step's batch
+        (default 0, 1, ...), so a prompt gets the same samples whichever engine, and with which other prompts,
+        generates it."""
 
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

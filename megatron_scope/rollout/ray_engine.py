@@ -2,7 +2,7 @@
 
     ray.init(address="auto")                               # or ray.init(num_cpus=...) locally
     engine = RayRolloutEngine(config, num_engines=4, actor_options={"num_gpus": 1})
-    groups = engine.generate(prompts, params)              # prompts split over the engines
+    groups = engine.generate(prompts, params)              # prompt groups handed out from a queue
     engine.update_weights(iter_hf_weights(model, arch))    # each bucket sent once to Ray, read by every engine
 
 Each actor runs a `VLLMRolloutEngine` (see vllm_engine.py for the contracts, which carry over unchanged:
@@ -16,7 +16,7 @@ caller as Ray errors that are also instances of the original exception class (Va
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import os
 from typing import Any, Iterable, Sequence
 
@@ -45,8 +45,8 @@ class RolloutEngineActor:
         self._engine = VLLMRolloutEngine(config)
         return {"dtype": self._engine.facts.dtype, "node_id": ray.get_runtime_context().get_node_id()}
 
-    def generate(self, prompts, params: SamplingParams) -> list[list[Completion]]:
-        return self._engine.generate(prompts, params)
+    def generate(self, prompts, params: SamplingParams, indices) -> list[list[Completion]]:
+        return self._engine.generate(prompts, params, indices)
 
     def score(self, sequences) -> list[list[float]]:
         return self._engine.score(sequences)
@@ -83,9 +83,10 @@ class RolloutEngineActor:
 
 
 class RayRolloutEngine(RolloutEngine):
-    """`num_engines` vLLM engines as Ray actors; `generate` splits prompts over them in contiguous blocks.
+    """`num_engines` vLLM engines as Ray actors; `generate` hands whole prompt groups out from a queue.
 
-    Results equal one engine's: sample j of prompt i still uses seed `params.seed + i * params.n + j`.
+    Results equal one engine's: sample j of prompt i keeps seed `params.seed + i * params.n + j` whichever
+    engine draws it.
     """
 
     def __init__(self, config: VLLMEngineConfig, num_engines: int = 1, actor_options: dict | None = None):
@@ -107,16 +108,33 @@ class RayRolloutEngine(RolloutEngine):
         self.node_ids = [info["node_id"] for info in infos]
         """The Ray node each engine runs on."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        """Contiguous blocks of prompts to each engine, seeds shifted so results match one engine's."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 indices: Sequence[int] | None = None) -> list[list[Completion]]:
+        """Chunks of prompts (`queue_chunks`: longest first) from a queue: each engine takes the next chunk
+        when it finishes one, so a step waits for the slowest chunk, not the slowest fixed block."""
         prompts = [list(p) for p in prompts]
-        num_blocks = min(len(self._actors), len(prompts)) or 1
-        bounds = [len(prompts) * k // num_blocks for k in range(num_blocks + 1)]
-        futures = []
-        for actor, start, end in zip(self._actors, bounds[:-1], bounds[1:]):
-            block_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + start * params.n)
-            futures.append(actor.generate.remote(prompts[start:end], block_params))
-        return [group for block in ray.get(futures) for group in block]
+        indices = list(range(len(prompts)) if indices is None else indices)
+        if len(indices) != len(prompts):
+            raise ValueError(f"generate: {len(indices)} indices for {len(prompts)} prompts")
+        queue = collections.deque(queue_chunks([len(p) for p in prompts], len(self._actors)))
+        results: list = [None] * len(prompts)
+        running = {}  # ObjectRef -> (actor, chunk)
+
+        def hand_out(actor) -> None:
+            chunk = queue.popleft()
+            ref = actor.generate.remote([prompts[i] for i in chunk], params, [indices[i] for i in chunk])
+            running[ref] = actor, chunk
+
+        for actor in self._actors[:len(queue)]:
+            hand_out(actor)
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            actor, chunk = running.pop(ref)
+            for i, group in zip(chunk, ray.get(ref)):
+                results[i] = group
+            if queue:
+                hand_out(actor)
+        return results
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Temperature-1 log-probs of each sequence's tokens after the first (on the first engine)."""
@@ -162,6 +180,16 @@ class RayRolloutEngine(RolloutEngine):
             except ray.exceptions.RayError:
                 pass  # the actor already died (e.g. its start failed); killing it below is all that is left
             ray.kill(actor)
+
+
+def queue_chunks(prompt_lengths: Sequence[int], num_engines: int, chunks_per_engine: int = 4) -> list[list[int]]:
+    """Prompt indices in the order engines take them: sorted by prompt length, longest first (a long prompt's
+    group tends to finish last, so it starts first), cut into about `chunks_per_engine` chunks per engine
+    (several requests per call keep vLLM's batch full; several calls per engine let a fast engine take more)."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
+    num_chunks = min(len(order), num_engines * chunks_per_engine)
+    bounds = [len(order) * k // num_chunks for k in range(num_chunks + 1)] if num_chunks else [0]
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _for_transfer(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype):

@@ -16,9 +16,10 @@ Contracts:
   renormalised (vLLM's "processed_logprobs"). At temperature 0 (greedy) that is log_softmax(logits).
   "raw" returns temperature-1 log_softmax(logits) whatever the sampling parameters (vLLM's
   "raw_logprobs"). `score` always gives temperature-1 log-probs.
-- Seeds: sample j of prompt i uses seed `params.seed + i * params.n + j` (vLLM gives child j of a
-  request `seed + j`), so no two samples of one call share a random stream; the same seed, prompts and
-  weights give the same samples. `seed=None` draws from the engine's global generator.
+- Seeds: sample j of prompt i uses seed `params.seed + indices[i] * params.n + j` (vLLM gives child j of a
+  request `seed + j`; `indices` defaults to 0, 1, ...), so no two samples of a step share a random stream;
+  the same seed, prompt index and weights give the same samples whatever else the call holds. `seed=None`
+  draws from the engine's global generator.
 - Greedy (temperature 0) with n > 1: vLLM refuses it; the engine decodes once and returns n copies
   (greedy samples are identical anyway).
 - Stops: only `params.stop_token_ids` end a response (vLLM's EOS handling is off); the stop token is the
@@ -51,6 +52,7 @@ Contracts:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -163,6 +165,9 @@ class VLLMEngineConfig:
     """No torch.compile / CUDA graphs. None: eager on CPU (start time), compiled on GPU."""
     enable_sleep_mode: bool = False
     """Allow `sleep`/`wake` to free device memory (CUDA only)."""
+    devices: tuple[int, ...] | None = None
+    """CUDA devices (indices among this process's visible ones) for vLLM's `tensor_parallel_size` workers; None:
+    vLLM's choice, the first ones. A co-located engine runs on its replica's GPUs."""
     sleep_level: int = 1
     """1: weights offloaded to host, KV cache dropped; 2: both dropped (update_weights after wake)."""
     weight_bucket_bytes: int = 512 << 20
@@ -196,6 +201,9 @@ class VLLMEngineConfig:
             raise ValueError(f"VLLMEngineConfig.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.log_probs not in ("sampling", "raw"):
             raise ValueError(f"VLLMEngineConfig.log_probs must be 'sampling' or 'raw', got {self.log_probs!r}")
+        if self.devices is not None and len(self.devices) != self.tensor_parallel_size:
+            raise ValueError(f"VLLMEngineConfig.devices {self.devices} must name tensor_parallel_size "
+                             f"{self.tensor_parallel_size} devices")
         if self.sleep_level not in (1, 2):
             raise ValueError(f"VLLMEngineConfig.sleep_level must be 1 or 2, got {self.sleep_level}")
         if self.call_timeout_s is not None and not self.call_timeout_s > 0:
@@ -259,6 +267,25 @@ def _safetensors_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@contextlib.contextmanager
+def _visible_devices(devices: tuple[int, ...] | None):
+    """CUDA_VISIBLE_DEVICES narrowed to `devices` (indices into the current visible set) while vLLM spawns its
+    processes, which read it at start; this process's own CUDA context is unaffected."""
+    if devices is None:
+        yield
+        return
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = saved.split(",") if saved else [str(i) for i in range(torch.cuda.device_count())]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] for i in devices)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """A vLLM `LLM` behind the `RolloutEngine` interface (see the module docstring for the contracts)."""
 
@@ -305,7 +332,8 @@ class VLLMRolloutEngine(RolloutEngine):
         else:
             engine_args["gpu_memory_utilization"] = config.gpu_memory_utilization
         try:
-            self._llm = LLM(**engine_args)
+            with _visible_devices(config.devices):
+                self._llm = LLM(**engine_args)
         except Exception as error:
             raise RuntimeError(
                 f"vLLM failed to start on {config.model_path!r} ({type(error).__name__}: {error}); "
@@ -328,6 +356,13 @@ class VLLMRolloutEngine(RolloutEngine):
                     f"head_dim {facts.head_dim} of {config.model_path} is not supported by vLLM's CPU attention "
                     f"(supported: {CPUAttentionBackend.get_supported_head_sizes()})"
                 )
+            numa_nodes = len(glob.glob("/sys/devices/system/node/node[0-9]*")) or 1
+            if config.tensor_parallel_size > numa_nodes and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+                raise ValueError(
+                    f"tensor_parallel_size {config.tensor_parallel_size} on CPU: vLLM binds each CPU worker to a NUMA "
+                    f"node of its own and this machine has {numa_nodes}; use tensor parallelism 1 "
+                    "(--rollout-tensor-parallel-size 1) or bind the workers' threads with VLLM_CPU_OMP_THREADS_BIND"
+                )
         kv_bytes = config.kv_cache_bytes
         env_space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
         if on_cpu and env_space:
@@ -342,12 +377,17 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # ---- generation ----
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
-        """`params.n` completions per prompt; raises ValueError before any request starts on bad prompts."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 indices: Sequence[int] | None = None) -> list[list[Completion]]:
+        """`params.n` completions per prompt (seeds: module docstring); raises ValueError before any request
+        starts on bad prompts."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         self._check_ready()
         prompts = self._validated_prompts(prompts, params.max_new_tokens, "generate")
+        indices = range(len(prompts)) if indices is None else list(indices)
+        if len(indices) != len(prompts):
+            raise ValueError(f"generate: {len(indices)} indices for {len(prompts)} prompts")
         for token in params.stop_token_ids:
             if not 0 <= token < self.facts.vocab_size:
                 raise ValueError(f"stop token id {token} is outside the vocabulary [0, {self.facts.vocab_size})")
@@ -373,7 +413,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 logit_bias=logit_bias,
                 detokenize=False,
             )
-            for index in range(len(prompts))
+            for index in indices
         ]
         outputs = self._call("generate", self._llm.generate, [{"prompt_token_ids": p} for p in prompts], requests,
                              use_tqdm=False)

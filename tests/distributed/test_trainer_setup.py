@@ -54,9 +54,9 @@ def test_bad_prompts_and_unwritable_checkpoint_directory_fail_at_construction(tm
         f"PermissionError: checkpoint directory '{tmp_path}/a_file/ckpt' is not writable: ")
 
 
-def _rollout_failure(rank, world_size):
-    """Rank 0's rollout raises (an engine that died, a teacher that returned nothing): every rank must raise,
-    not wait in the next collective."""
+def _stand_in_trainer(rank, placement, leaders, engine=None, remote_teacher=True):
+    """A ScopeTrainer of one gloo rank of a DP-only world whose models are stand-ins; `leaders`: the ranks that
+    hold an engine (and, with `remote_teacher`, a vLLM teacher's engine; else a co-located teacher)."""
     from megatron_scope.data.datasets import Prompt, PromptDataset
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.testing.tiny import tiny_run_config
@@ -64,27 +64,108 @@ def _rollout_failure(rank, world_size):
 
     initialize_model_parallel(1, 1, seed=0)
     dataset = PromptDataset([Prompt(f"p{i}", "a", "1", (1, 2, 3)) for i in range(2)], source="prompts.jsonl")
-    config = tiny_run_config(models=dict(teacher_backend="vllm"), loss=dict(kl="k3"),
-                             rollout=dict(prompts_per_step=2, group_size=2, max_new_tokens=4),
-                             loop=dict(train_iters=1, micro_batch_size=2))
-    trainer = ScopeTrainer(config, None, TINY_ARCH, None, None, dataset,
-                           types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size), None,
-                           engine=object() if rank == 0 else None, teacher_engine=object() if rank == 0 else None)
+    config = tiny_run_config(models=dict(teacher_backend="vllm" if remote_teacher else "megatron"), loss=dict(kl="k3"),
+                             rollout=dict(prompts_per_step=2, group_size=2, max_new_tokens=4, placement=placement),
+                             loop=dict(train_iters=2, micro_batch_size=1))
+    tokenizer = types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size, eos_id=2, decode=lambda ids: "A: 1")
+    leads = rank in leaders
+    return ScopeTrainer(config, None, TINY_ARCH, None, None, dataset, tokenizer,
+                        lambda texts, answers: [True] * len(texts), engine=(engine or object()) if leads else None,
+                        teacher=None if remote_teacher else object(),
+                        teacher_engine=object() if leads and remote_teacher else None)
 
-    def failing(prompts, iteration):
-        raise RuntimeError("prompt 'p1', response 0: the teacher engine returned 0 log-probs")
 
-    trainer._sample_verify_score = failing
+def _rollout_failure(rank, world_size, placement, failing_rank, error_type):
+    """The rollout of `failing_rank` raises (an engine that died, a teacher that returned nothing): every rank
+    must raise, not wait in the next collective."""
+    from megatron_scope.rollout.engine import RolloutEngineDiedError
+
+    trainer = _stand_in_trainer(rank, placement, [0] if placement == "rank0" else range(world_size))
+
+    def sample(prompts, first, iteration):
+        if rank == failing_rank:
+            raise {"RuntimeError": RuntimeError, "RolloutEngineDiedError": RolloutEngineDiedError}[error_type](
+                f"{len(prompts)} prompts from the step's prompt {first}: the engine failed")
+        return [], {"rollout": 0.0}
+
+    trainer._sample_verify_score = sample
     try:
         trainer._rollout(1)
     except Exception as error:  # noqa: BLE001 - the test compares type and message
-        return trainer.config.remote_teacher, f"{type(error).__name__}: {error}"
-    return trainer.config.remote_teacher, None
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def test_a_failed_rollout_on_rank_0_stops_every_rank():
-    message = "prompt 'p1', response 0: the teacher engine returned 0 log-probs"
-    assert run_on_ranks(_rollout_failure, 2) == [
-        (True, f"RuntimeError: {message}"),
-        (True, f"RuntimeError: rank 0's rollout failed: RuntimeError: {message}"),
+    message = "2 prompts from the step's prompt 0: the engine failed"
+    assert run_on_ranks(_rollout_failure, 2, args=("rank0", 0, "RuntimeError")) == [
+        f"RuntimeError: {message}",
+        f"RuntimeError: rank 0's rollout failed: RuntimeError: {message}",
     ]
+
+
+def test_an_engine_death_in_replica_1_stops_every_rank():
+    """Co-located at DP=2: each rank leads its own engine over its own prompt (replica 1 generates the second)."""
+    message = "1 prompts from the step's prompt 1: the engine failed"
+    assert run_on_ranks(_rollout_failure, 2, args=("colocated", 1, "RolloutEngineDiedError")) == [
+        f"RolloutEngineDiedError: rank 1's rollout failed: RolloutEngineDiedError: {message}",
+        f"RolloutEngineDiedError: {message}",
+    ]
+
+
+class _RecordingEngine:
+    """A rollout engine stand-in that records the order of the calls the trainer makes."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def generate(self, prompts, params, indices):
+        from megatron_scope.rollout.engine import Completion
+
+        self.calls.append(("generate", list(indices)))
+        return [[Completion([5, 2], [-0.1, -0.2], "stop")] * params.n for _ in prompts]
+
+    def update_weights(self, stream):
+        self.calls.append(("update_weights", [name for name, _ in stream]))
+
+    def sleep(self):
+        self.calls.append(("sleep",))
+
+    def wake(self):
+        self.calls.append(("wake",))
+
+
+def _step_calls(rank, world_size):
+    """Two train_steps of a co-located DP=2 stand-in trainer (learning replaced by a recorder whose first
+    optimizer step is skipped, the weight stream by two names): the calls rank `rank`'s engine received."""
+    import torch
+
+    from megatron_scope import trainer as trainer_module
+
+    calls = []
+    trainer = _stand_in_trainer(rank, "colocated", range(world_size), engine=_RecordingEngine(calls),
+                                remote_teacher=False)
+
+    def learn(groups, metrics, first):
+        assert len(groups) == 1
+        calls.append(("learn", first))
+        return types.SimpleNamespace(updated=len(calls) > 4, skipped_reason="a test")
+
+    def weights(model, arch, bucket_bytes, dst_rank):
+        assert dst_rank == rank  # each replica refits its own engine from its own shards
+        yield from [("a", torch.zeros(1)), ("b", torch.ones(1))]
+
+    trainer.learn = learn
+    trainer_module.iter_hf_weights = weights
+    trainer.train_step(1)
+    trainer.train_step(2)
+    return calls
+
+
+def test_each_replicas_engine_sleeps_while_it_trains_and_wakes_for_its_refit():
+    """Two steps at DP=2, co-located: each engine wakes, generates its replica's prompt (seed index = the
+    prompt's place in the step), sleeps before its replica learns, wakes for the refit from its own replica's
+    shards; the first step's optimizer step is skipped: no refit, and the next rollout wakes the engine first."""
+    for rank, calls in enumerate(run_on_ranks(_step_calls, 2)):
+        step = [("wake",), ("generate", [rank]), ("sleep",), ("learn", rank)]
+        assert calls == step + step + [("wake",), ("update_weights", ["a", "b"])], rank

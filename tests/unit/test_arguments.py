@@ -22,6 +22,18 @@ def test_defaults_follow_the_paper_and_released_runs():
     assert loss.baselines.exopd_lambda == 1.25
 
 
+@pytest.mark.parametrize("argv,placement,engines,rollout_tp", [
+    ([], "colocated", 0, 1),
+    (["--tensor-model-parallel-size", "2"], "colocated", 0, 2),  # an engine spans its replica's first-stage TP group
+    (["--tensor-model-parallel-size", "2", "--rollout-tensor-parallel-size", "1"], "colocated", 0, 1),
+    (["--tensor-model-parallel-size", "2", "--rollout-placement", "rank0"], "rank0", 0, 1),
+    (["--rollout-engines", "4"], "ray", 4, 1),
+])
+def test_rollout_placement_and_its_defaults(argv, placement, engines, rollout_tp):
+    rollout = parse_run_config(REQUIRED + argv).rollout
+    assert (rollout.placement, rollout.engines, rollout.tensor_parallel_size) == (placement, engines, rollout_tp)
+
+
 def test_provider_adds_to_an_existing_parser():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -65,6 +77,11 @@ def test_help_lists_every_flag(capsys):
         (["--scope-student-path-exponent", "2"], "invalid choice: 2"),
         (["--clip-ratio-c", "1.0"], "--clip-ratio-c must be > 1"),
         (["--lr-decay-style", "step"], "invalid choice: 'step'"),
+        (["--rollout-placement", "colocated", "--rollout-engines", "2"],
+         "--rollout-engines 2 with --rollout-placement colocated: Ray engines"),
+        (["--rollout-placement", "ray"], "--rollout-engines 0 with --rollout-placement ray"),
+        (["--rollout-tensor-parallel-size", "2"],
+         "--tensor-model-parallel-size 1 GPUs: --rollout-tensor-parallel-size 2 exceeds it"),
     ],
 )
 def test_bad_values_and_combinations_exit_with_a_clear_message(argv, message, capsys):

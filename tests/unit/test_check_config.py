@@ -141,7 +141,8 @@ _CONFIG_FIELDS = {
     "kl": ("loss", "kl"), "topk": ("loss", "topk"), "attention_backend": ("models", "attention_backend"),
     "recompute_granularity": ("models", "recompute_granularity"), "recompute_method": ("models", "recompute_method"),
     "recompute_num_layers": ("models", "recompute_num_layers"), "fused_kl": ("loss", "fused_kl"),
-    "max_tokens_per_microbatch": ("loop", "max_tokens_per_microbatch"),
+    "max_tokens_per_microbatch": ("loop", "max_tokens_per_microbatch"), "placement": ("rollout", "placement"),
+    "engines": ("rollout", "engines"),
 }
 
 
@@ -163,7 +164,8 @@ def _tiny_plan(**overrides) -> me.RunPlan:
 
 
 def test_every_memory_term_of_a_tiny_run_by_hand():
-    plan = _tiny_plan()
+    """One engine inside global rank 0, every term added (as on CPU, where vLLM cannot sleep)."""
+    plan = _tiny_plan(placement="rank0", device_type="cpu")
     # DP = 2 / (1 x 1) = 2; n = 4 / 2 x 2 = 4 sequences; 2 microbatches of b = 2;
     # s = 10 + 15 - 1 = 24 (a multiple of 8); V = 1000 padded to 1024; e = 2 (bf16)
     assert (plan.data_parallel, plan.local_sequences, plan.num_microbatches, plan.seq_length) == (2, 4, 2, 24)
@@ -190,7 +192,7 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
     assert terms["fused KL (chunk + hidden gradient)"] == 2 * 1024 * 44 + 6_144
     assert terms["output-layer weight gradient"] == 131_072
     assert terms["teacher hidden states (microbatch)"] == 6_144  # 2 x 24 x 64 x 2 B (4 sequences in host memory)
-    assert me.teacher_hidden_host_bytes(_tiny_plan(), TINY_TEACHER) == 12_288  # 4 x 24 x 64 x 2 B
+    assert me.teacher_hidden_host_bytes(plan, TINY_TEACHER) == 12_288  # 4 x 24 x 64 x 2 B
     assert terms["batch tensors"] == 3_840                 # 40 B x 4 x 24
     assert terms["runtime overhead (trainer)"] == 0
     # engine: HF params 73,984 + 2 x 1000 x 64 + 64 = 202,048 x 2 B; KV 1 GiB; sampler 8 x 256 x 1000
@@ -201,6 +203,29 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
         + 2 * 1024 * 44 + 6_144 + 131_072 + 3_840 + 404_096 + GIB + 2_048_000
     assert gpus[1].total_bytes == gpus[0].total_bytes - 404_096 - GIB - 2_048_000
     assert me.kv_bytes_per_token(TINY, 2) == 256           # 2 x 2 layers x 2 kv heads x 16 x 2 B
+
+
+def test_engines_on_training_gpus_sleep_through_the_step():
+    """Co-located (the default) on CUDA: every replica's first rank runs an engine, which sleeps while the step's
+    transient terms exist, so only its weights + KV cache beyond them add; its runtime stays."""
+    additive = me.estimate_memory(_tiny_plan(placement="rank0", device_type="cpu"), TINY, TINY_TEACHER)
+    gpus = me.estimate_memory(_tiny_plan(), TINY, TINY_TEACHER)
+    assert [g.role for g in gpus] == ["each replica's first rank (first stage + rollout engine)"]  # DP 2, TP 1
+    terms = {c.name: c.bytes for c in gpus[0].components}
+    # transient: activations 288,768 + score buffer 9,216 + fused KL 96,256 + weight gradient 131,072 + teacher
+    # hidden states 6,144 = 531,456; awake: weights 404,096 + KV cache 1 GiB
+    assert terms["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 531_456
+    assert terms["vLLM runtime"] == 2_048_000 and "vLLM weights" not in terms
+    assert gpus[0].total_bytes == additive[0].total_bytes - 531_456
+    # a vLLM teacher's engine is awake only while the rollout engine sleeps: the larger of the two counts
+    vllm = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm"), TINY,
+                                                         TINY_TEACHER)[0].components}
+    assert vllm["vLLM teacher weights + KV cache beyond the step"] > 0 and vllm["vLLM teacher runtime"] == 2_048_000
+    assert "vLLM weights + KV cache beyond the step" not in vllm and vllm["vLLM runtime"] == 2_048_000
+    # TP 2 > rollout TP 1: the replica's second first-stage rank runs no engine
+    tp2 = me.estimate_memory(_tiny_plan(tensor_parallel=2, prompts_per_step=2), TINY, TINY_TEACHER)
+    assert [g.role for g in tp2] == ["each replica's first rank (first stage + rollout engine)",
+                                     "other ranks (no engine)"]
 
 
 def test_memory_terms_follow_the_flags():
@@ -253,19 +278,20 @@ def test_memory_terms_follow_the_flags():
     assert block["student activations"] == 6_144 + 119_808 + 0 + 12_288
     # PP = 2 on 2 ranks (DP 1): the first stage keeps 2 microbatches of its 1 layer, the last stage 1 + its logits
     pp = me.estimate_memory(_tiny_plan(pipeline_parallel=2), TINY, TINY_TEACHER)
-    assert [g.role for g in pp] == ["rank 0 (first stage + rollout engine)", "last pipeline stage"]
+    assert [g.role for g in pp] == ["each replica's first rank (first stage + rollout engine)", "last pipeline stage"]
     first, last = ({c.name: c.bytes for c in g.components} for g in pp)
     assert first["student activations"] == 138_240 * 1 * 2 and "fused KL (chunk + hidden gradient)" not in first
     assert last["student activations"] == 138_240 + 12_288
     assert last["teacher hidden states (microbatch)"] == 2 * 24 * 64 * 2
-    separate = me.estimate_memory(_tiny_plan(rollout_gpus=1), TINY, TINY_TEACHER)
+    separate = me.estimate_memory(_tiny_plan(rollout_gpus=1, placement="ray", engines=1), TINY, TINY_TEACHER)
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU"]
     assert {c.name for c in separate[1].components} == {"vLLM weights", "vLLM KV cache", "vLLM runtime"}
 
 
 def test_a_vllm_teacher_moves_the_teacher_from_the_training_gpus_to_an_engine():
-    base = me.estimate_memory(_tiny_plan(kl="k3"), TINY, TINY_TEACHER)
-    vllm = me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm"), TINY, TINY_TEACHER)
+    base = me.estimate_memory(_tiny_plan(kl="k3", placement="rank0", device_type="cpu"), TINY, TINY_TEACHER)
+    vllm = me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm", placement="rank0", device_type="cpu"), TINY,
+                              TINY_TEACHER)
     rank0, other = ({c.name: c.bytes for c in g.components} for g in vllm)
     assert "teacher parameters" not in rank0 and "teacher parameters" not in other
     # teacher engine: HF params 4 x 36,992 + 2 x 1000 x 64 + 64 = 276,032 x 2 B; KV 1 GiB; sampler 8 x 256 x 1000
@@ -276,7 +302,8 @@ def test_a_vllm_teacher_moves_the_teacher_from_the_training_gpus_to_an_engine():
     topk = me.estimate_memory(_tiny_plan(kl="topk", topk=8, teacher_backend="vllm"), TINY, TINY_TEACHER)
     for gpu in topk:  # the vLLM teacher's top-k arrives with the batch on every rank
         assert {c.name: c.bytes for c in gpu.components}["teacher top-k (local batch)"] == 9_600
-    separate = me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm", rollout_gpus=2), TINY, TINY_TEACHER)
+    separate = me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm", rollout_gpus=2, placement="ray",
+                                             engines=1), TINY, TINY_TEACHER)
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU", "teacher engine GPU"]
     assert {c.name for c in separate[2].components} == {"vLLM teacher weights", "vLLM teacher KV cache",
                                                          "vLLM teacher runtime"}
@@ -286,8 +313,8 @@ def test_fit_error_names_the_largest_term():
     plan = _tiny_plan(gpu_memory_gib=0.5)  # the 1 GiB KV cache alone exceeds it
     errors = me.fit_errors(plan, me.estimate_memory(plan, TINY, TINY_TEACHER))
     assert len(errors) == 1
-    assert "rank 0 (first stage + rollout engine)" in errors[0] and "--gpu-memory-gib 0.5" in errors[0]
-    assert "largest term: vLLM KV cache" in errors[0] and "--rollout-kv-cache-gib" in errors[0]
+    assert "each replica's first rank (first stage + rollout engine)" in errors[0] and "--gpu-memory-gib 0.5" in errors[0]
+    assert "largest term: vLLM weights + KV cache beyond the step" in errors[0] and "--rollout-kv-cache-gib" in errors[0]
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -333,11 +360,11 @@ def test_model_shapes_must_split_over_tp_and_pp():
 
 
 def test_rollout_tensor_parallel_checks():
-    errors = _errors(rollout_tensor_parallel=3)
+    errors = _errors(rollout_tensor_parallel=3, placement="rank0")
     assert any("--rollout-tensor-parallel-size 3" in e and "4 attention heads" in e for e in errors)
     assert any("--rollout-tensor-parallel-size 3 exceeds --nproc-per-node 2" in e for e in errors)
     assert any("--rollout-gpus 3 is not a multiple of --rollout-tensor-parallel-size 2" in e
-               for e in _errors(rollout_gpus=3, rollout_tensor_parallel=2))
+               for e in _errors(rollout_gpus=3, rollout_tensor_parallel=2, placement="ray", engines=1))
 
 
 def test_sequence_length_must_fit_both_models():
@@ -416,15 +443,15 @@ def test_cli_run_that_fits(tiny_models, capsys):
 
 def test_cli_run_that_does_not_fit(tiny_models, capsys):
     root, student, teacher = tiny_models
-    argv = _argv(student, teacher, str(root / "x.jsonl"), "--gpu-memory-gib", "2", "--max-new-tokens", "8000",
+    argv = _argv(student, teacher, str(root / "x.jsonl"), "--gpu-memory-gib", "2", "--max-new-tokens", "12000",
                  "--overhead-gib", "0", "--attention-backend", "local")
     assert check_config.main(argv) == 1
     out = capsys.readouterr().out
-    error = next(line for line in out.splitlines() if line.startswith("ERROR: rank 0"))
+    error = next(line for line in out.splitlines() if line.startswith("ERROR: each replica's first 2 ranks"))
     # megatron-core's local attention keeps the s^2 scores of every layer: they dominate
     assert "more than --gpu-memory-gib 2; largest term: student activations" in error
     assert check_config.main(argv + ["--allow-overcommit"]) == 0
-    assert "WARNING: rank 0" in capsys.readouterr().out
+    assert "WARNING: each replica's first 2 ranks" in capsys.readouterr().out
 
 
 def test_cli_reports_config_errors(tiny_models, capsys):
@@ -586,3 +613,8 @@ def test_the_launch_scripts_full_kl_runs_fit_80_gib_gpus(tmp_path, script, stude
     assert result["ok"] and all(gpu["fits"] and gpu["total_bytes"] < 80 * GIB for gpu in gpus), gpus
     names = {c["name"] for c in gpus[0]["components"]}
     assert "fused KL (chunk + hidden gradient)" in names and "logits + gradient" not in names
+    # one engine per data-parallel replica on its first stage's TP GPUs, asleep while they train; none on rank 0 alone
+    tp = result["facts"]["tensor_parallel"]
+    assert result["facts"]["rollout_placement"] == "colocated" and result["facts"]["rollout_tensor_parallel"] == tp
+    assert [gpu["role"] for gpu in gpus] == [f"each replica's first {tp} ranks (first stage + rollout engine)"]
+    assert {"vLLM weights + KV cache beyond the step", "vLLM runtime"} <= names and "vLLM weights" not in names

@@ -34,7 +34,7 @@ def _rank_one_dies(rank, world_size):
     time.sleep(600)
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 4])
 def test_results_in_rank_order(world_size):
     results = run_on_ranks(_all_reduce_rank, world_size)
     total = sum(range(world_size))
