@@ -99,8 +99,8 @@ def main(argv=None):
           "refit s | iteration s | first loss |")
     print("|---|---|---|---|---|---|---|---|")
     for placement, r in rows.items():
-        print(f"| {placement} | {r['engines']} | {r['rank0_broadcast_bytes_per_step']:,} | "
-              f"{r['weight_bytes_per_engine_per_refit']:,} | {r['rollout_s']:.2f} | {r['sync_s']:.2f} | "
+        print(f"| {placement} | {r['engines']} | {r['rank0_broadcast_bytes_per_step']:,.0f} | "
+              f"{r['weight_bytes_per_engine_per_refit']:,.0f} | {r['rollout_s']:.2f} | {r['sync_s']:.2f} | "
               f"{r['iteration_s']:.2f} | {r['first_loss']:.6f} |")
     if args.json:
         with open(args.json, "w") as handle:
