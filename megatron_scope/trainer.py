@@ -15,8 +15,8 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
      the co-located teacher's vocabulary-sharded logits or their top-k (and its sampled-token log-probs),
      the reference model's log-probs for ExOPD (`teacher/colocated.py`); then SCOPE's path weights and GRPO
      advantages per group (`megatron/loss_func.add_group_inputs`).
-     A remote teacher (a vLLM engine, `teacher_engine`) instead scores the responses on rank 0 in step 2
-     and sends its sampled-token log-probs (k1/k2/k3 estimators, SCOPE's weights) and, for --scope-kl topk,
+     A remote teacher (a vLLM engine beside each rollout engine, `teacher_engine`) instead scores the
+     responses on the leader in step 2 and sends its sampled-token log-probs (k1/k2/k3 estimators, SCOPE's weights) and, for --scope-kl topk,
      its top-k with the rollouts;
   5. the student's forward/backward with the selected loss (`megatron/loss_func.py`);
   6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite;

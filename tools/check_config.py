@@ -167,10 +167,12 @@ def run_check(args: argparse.Namespace) -> dict:
     notes += kv_notes
     host = me.teacher_hidden_host_bytes(plan, teacher)
     if rollout.placement != "ray":
-        engines = plan.data_parallel if rollout.placement == "colocated" else 1
-        notes.append(f"rollout: {engines} vLLM engine(s) of TP {rollout.tensor_parallel_size} on training GPUs "
-                     f"({'one per data-parallel replica' if engines > 1 or rollout.placement == 'colocated' else 'global rank 0'}), "
-                     "asleep while they train (sleep mode: weights in pinned host memory, KV cache freed)")
+        where = (f"one per data-parallel replica, {plan.data_parallel} in all" if rollout.placement == "colocated"
+                 else "one, on global rank 0")
+        offloaded = me.hf_param_count(student) * plan.rollout_element_bytes / rollout.tensor_parallel_size
+        notes.append(f"rollout: vLLM engines of TP {rollout.tensor_parallel_size} on training GPUs ({where}), asleep "
+                     f"while they train: each engine GPU's weights wait in pinned host memory "
+                     f"({offloaded / me.GIB:.1f} GiB), its KV cache is freed")
     if host:
         notes.append(f"host memory: the co-located teacher's last hidden states of the local batch wait in pinned "
                      f"host memory from the scoring pass to the student's step, {host / me.GIB:.1f} GiB per rank "

@@ -432,6 +432,7 @@ def test_cli_run_that_fits(tiny_models, capsys):
     out = capsys.readouterr().out
     assert "launch: 1 node(s) x 2 = 2 ranks; TP 2 x PP 1 x DP 1" in out
     assert "teacher hidden states (microbatch)" in out and "host memory: the co-located teacher" in out
+    assert "rollout: vLLM engines of TP 2 on training GPUs (one per data-parallel replica, 1 in all), asleep" in out
     assert out.rstrip().endswith("OK")
     assert check_config.main(_argv(student, teacher, str(root / "x.jsonl"), "--json")) == 0
     result = json.loads(capsys.readouterr().out)
