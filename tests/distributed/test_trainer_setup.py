@@ -116,8 +116,8 @@ def test_an_engine_death_in_replica_1_stops_every_rank():
 class _RecordingEngine:
     """A rollout engine stand-in that records the order of the calls the trainer makes."""
 
-    def __init__(self, calls):
-        self.calls = calls
+    def __init__(self, calls, dies_in_refit=False):
+        self.calls, self.dies_in_refit = calls, dies_in_refit
 
     def generate(self, prompts, params, indices):
         from megatron_scope.rollout.engine import Completion
@@ -126,6 +126,11 @@ class _RecordingEngine:
         return [[Completion([5, 2], [-0.1, -0.2], "stop")] * params.n for _ in prompts]
 
     def update_weights(self, stream):
+        from megatron_scope.rollout.engine import RolloutEngineDiedError
+
+        if self.dies_in_refit:
+            next(stream)  # the engine's process dies after the first bucket
+            raise RolloutEngineDiedError("the engine's process died during update_weights")
         self.calls.append(("update_weights", [name for name, _ in stream]))
 
     def sleep(self):
@@ -135,16 +140,17 @@ class _RecordingEngine:
         self.calls.append(("wake",))
 
 
-def _step_calls(rank, world_size):
+def _step_calls(rank, world_size, refit_dies_on=None):
     """Two train_steps of a co-located DP=2 stand-in trainer (learning replaced by a recorder whose first
-    optimizer step is skipped, the weight stream by two names): the calls rank `rank`'s engine received."""
+    optimizer step is skipped, the weight stream by two names): the calls rank `rank`'s engine received, or the
+    error the steps raised when the engine of rank `refit_dies_on` dies in its refit."""
     import torch
 
     from megatron_scope import trainer as trainer_module
 
     calls = []
-    trainer = _stand_in_trainer(rank, "colocated", range(world_size), engine=_RecordingEngine(calls),
-                                remote_teacher=False)
+    engine = _RecordingEngine(calls, dies_in_refit=rank == refit_dies_on)
+    trainer = _stand_in_trainer(rank, "colocated", range(world_size), engine=engine, remote_teacher=False)
 
     def learn(groups, metrics, first):
         assert len(groups) == 1
@@ -157,8 +163,11 @@ def _step_calls(rank, world_size):
 
     trainer.learn = learn
     trainer_module.iter_hf_weights = weights
-    trainer.train_step(1)
-    trainer.train_step(2)
+    try:
+        trainer.train_step(1)
+        trainer.train_step(2)
+    except Exception as error:  # noqa: BLE001 - the test compares type and message
+        return f"{type(error).__name__}: {error}"
     return calls
 
 
@@ -169,3 +178,11 @@ def test_each_replicas_engine_sleeps_while_it_trains_and_wakes_for_its_refit():
     for rank, calls in enumerate(run_on_ranks(_step_calls, 2)):
         step = [("wake",), ("generate", [rank]), ("sleep",), ("learn", rank)]
         assert calls == step + step + [("wake",), ("update_weights", ["a", "b"])], rank
+
+
+def test_an_engine_death_in_replica_1_during_its_refit_stops_every_rank():
+    message = "the engine's process died during update_weights"
+    assert run_on_ranks(_step_calls, 2, args=(1,)) == [
+        f"RolloutEngineDiedError: rank 1's weight sync failed: RolloutEngineDiedError: {message}",
+        f"RolloutEngineDiedError: {message}",
+    ]
