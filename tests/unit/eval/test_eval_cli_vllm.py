@@ -63,30 +63,35 @@ def _to_megatron(rank, world_size, hf_dir, megatron_dir):
     module.main(["--hf-dir", hf_dir, "--output-dir", megatron_dir])
 
 
-def test_megatron_checkpoint_gives_the_same_samples_as_its_hf_source(eval_tool, checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def hf_eval(eval_tool, checkpoint, tmp_path_factory):
+    """tools/eval.py on the HF checkpoint: the paths it wrote."""
+    return eval_tool.main(_cli_args(checkpoint, tmp_path_factory.mktemp("eval_hf")))
+
+
+def _samples(paths) -> list[dict]:
+    with open(paths["samples"]) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_megatron_checkpoint_gives_the_same_samples_as_its_hf_source(eval_tool, checkpoint, hf_eval, tmp_path):
     from megatron_scope.testing.multiprocess import run_on_ranks
 
     megatron_dir = str(tmp_path / "megatron")
     run_on_ranks(_to_megatron, 1, args=(checkpoint, megatron_dir), timeout=600)
-    samples = {}
-    for name, model in (("hf", checkpoint), ("megatron", megatron_dir)):
-        paths = eval_tool.main(_cli_args(model, tmp_path / name))
-        with open(paths["samples"]) as handle:
-            samples[name] = [json.loads(line) for line in handle]
-    assert samples["megatron"] == samples["hf"]  # same weights and seeds -> the same responses
+    megatron = _samples(eval_tool.main(_cli_args(megatron_dir, tmp_path / "megatron_eval")))
+    assert megatron == _samples(hf_eval)  # same weights and seeds -> the same responses
 
 
-def test_eval_cli_with_vllm(eval_tool, checkpoint, tmp_path):
-    paths = eval_tool.main(_cli_args(checkpoint, tmp_path))
-    with open(paths["json"]) as handle:
+def test_eval_cli_with_vllm(hf_eval):
+    with open(hf_eval["json"]) as handle:
         results = json.load(handle)
     assert set(results["benchmarks"]) == {"aime24", "minerva"}
     assert results["benchmarks"]["aime24"]["num_problems"] == 2
-    with open(paths["samples"]) as handle:
-        samples = [json.loads(line) for line in handle]
+    samples = _samples(hf_eval)
     assert len(samples) == (2 + 2) * 2
     for sample in samples:
         assert 1 <= sample["num_tokens"] <= 8
         assert sample["finish_reason"] in ("stop", "length")
         assert sample["finish_reason"] == "stop" or sample["num_tokens"] == 8
-    assert os.path.getsize(paths["plot"]) > 0
+    assert os.path.getsize(hf_eval["plot"]) > 0
