@@ -94,8 +94,8 @@ beside each rollout engine (awake only while it scores, after the rollout engine
 its own with --rollout-engines (one Ray actor); the training GPUs then hold no teacher.
 
 Not modelled: the transient forward of the teacher's scoring pass (one layer's scores; smaller than the
-student's L/p layers of saved activations), weight-sync buckets (2 x 256 MiB on each engine's leader), chunk temporaries
-of the vocab-parallel ops (a few x 4 MiB on CPU, a few x 256 MiB on CUDA).
+student's L/p layers of saved activations), weight-sync buckets (2 x 256 MiB on each engine's leader), chunk
+temporaries of the vocab-parallel ops (a few x 4 MiB on CPU, a few x 256 MiB on CUDA).
 """
 
 from __future__ import annotations

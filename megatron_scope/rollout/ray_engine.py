@@ -85,8 +85,8 @@ class RolloutEngineActor:
 class RayRolloutEngine(RolloutEngine):
     """`num_engines` vLLM engines as Ray actors; `generate` hands whole prompt groups out from a queue.
 
-    Results equal one engine's: sample j of prompt i keeps seed `params.seed + i * params.n + j` whichever
-    engine draws it.
+    Results equal one engine's: sample j of prompt i keeps seed `params.seed + indices[i] * params.n + j`
+    whichever engine draws it.
     """
 
     def __init__(self, config: VLLMEngineConfig, num_engines: int = 1, actor_options: dict | None = None):
