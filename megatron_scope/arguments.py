@@ -193,6 +193,8 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--scope-weight-norm", choices=WEIGHT_NORMS, default="mean",
                        help="sum: weights sum to 1 per prompt and path (the paper); "
                             "mean: they average 1 (the authors' released runs).")
+    group.add_argument("--scope-student-path", action=argparse.BooleanOptionalAction, default=True,
+                       help="MLE on correct responses (--no-scope-student-path: they get no loss; an ablation).")
     group.add_argument("--scope-student-path-weights", action=argparse.BooleanOptionalAction, default=True,
                        help="Student-perplexity weights on correct responses (off: uniform).")
     group.add_argument("--scope-teacher-path-weights", action=argparse.BooleanOptionalAction, default=True,

@@ -238,6 +238,9 @@ class LossConfig:
     weight_norm: str = "mean"
     """--scope-weight-norm: "sum" (weights sum to 1 per prompt and path, the paper) or "mean" (they average 1,
     the authors' released runs)."""
+    student_path: bool = True
+    """--[no-]scope-student-path: SCOPE's MLE on correct responses (off: they get no loss, an ablation that keeps only
+    the teacher path)."""
     student_path_weights: bool = True
     """--[no-]scope-student-path-weights: student-perplexity weights on correct responses (off: uniform)."""
     teacher_path_weights: bool = True
@@ -280,6 +283,9 @@ class LossConfig:
         if self.teacher_path_loss == "ppo" and (self.algorithm != "scope" or self.kl != "k1"):
             raise ValueError("--scope-teacher-path-loss ppo is SCOPE's released teacher path, a policy gradient of the "
                              f"k1 advantage: use --scope-algorithm scope --scope-kl k1, not {self.algorithm}/{self.kl}")
+        if not self.student_path and self.algorithm != "scope":
+            raise ValueError(f"--no-scope-student-path turns off SCOPE's correct-response MLE; --scope-algorithm "
+                             f"{self.algorithm} has no such path")
         if self.student_path_exponent not in (1, -1):
             raise ValueError(f"--scope-student-path-exponent must be 1 or -1, got {self.student_path_exponent}")
         if not self.logprob_temperature > 0:
@@ -516,7 +522,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             loss_agg_mode=args.loss_agg_mode, teacher_path_loss=args.scope_teacher_path_loss,
             student_path_exponent=args.scope_student_path_exponent, logprob_temperature=args.logprob_temperature,
             tau=args.scope_tau, weight_norm=args.scope_weight_norm,
-            student_path_weights=args.scope_student_path_weights,
+            student_path=args.scope_student_path, student_path_weights=args.scope_student_path_weights,
             teacher_path_weights=args.scope_teacher_path_weights,
             baselines=BaselineConfig(clip_eps=args.grpo_clip_eps, clip_ratio_c=args.clip_ratio_c,
                                      exopd_lambda=args.exopd_lambda,

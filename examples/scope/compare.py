@@ -5,7 +5,11 @@ Reuses the demo's workspace (`make demo` first: task, tokenizer, SFT'd teacher a
 rollouts, in a fresh process, and is evaluated on the held-out problems with the same sampling seed.
 
     python examples/scope/compare.py --workdir outputs/demo --methods scope opd grpo sft --seeds 0 1 2
-    python examples/scope/compare.py --workdir outputs/demo --reward synthetic-strict --methods scope opd
+    python examples/scope/compare.py --workdir outputs/demo --reward synthetic-strict \
+        --methods scope scope-released scope-no-student-weights scope-no-mle opd opd-k1
+
+A method is an algorithm (--scope-algorithm) or one of the named variants of STUDY_METHODS (an algorithm
+and extra training flags: SCOPE as the authors released it, SCOPE ablations, OPD with the k1 estimator).
 
 --reward picks the study's verifier, for the training reward and the held-out grading alike: "synthetic"
 (the final "A: <int>") or "synthetic-strict" (every written step too). The table adds the other grading's
@@ -26,12 +30,28 @@ from concurrent.futures import ProcessPoolExecutor
 
 import demo
 
+# The SCOPE authors' released recipe (machine981/SCOPE run_experiment_distill_1_5b.sh), as RECIPE=released in
+# examples/scope/launch_paper.sh: PPL_S^(-1/τ) student-path weights, the k1 advantage through PPO's clip and dual
+# clip, per-path token means, rollout and student log-probs at temperature 0.6, constant LR, weight decay 0.01.
+RELEASED_RECIPE = ["--scope-kl", "k1", "--scope-teacher-path-loss", "ppo", "--scope-student-path-exponent", "-1",
+                   "--loss-agg-mode", "scope-released", "--rollout-temperature", "0.6", "--logprob-temperature", "0.6",
+                   "--lr-decay-style", "constant", "--weight-decay", "0.01"]
+
+# method name -> (--scope-algorithm, extra flags)
+STUDY_METHODS = {
+    **{name: (name, []) for name in ("scope", "opd", "exopd", "srpo", "tropd", "grpo", "sft")},
+    "scope-released": ("scope", RELEASED_RECIPE),
+    "scope-no-student-weights": ("scope", ["--no-scope-student-path-weights"]),  # uniform MLE on correct responses
+    "scope-no-mle": ("scope", ["--no-scope-student-path"]),  # correct responses get no loss: the teacher path only
+    "opd-k1": ("opd", ["--scope-kl", "k1"]),  # the sampled-token estimator in policy-gradient form
+}
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="outputs/demo", help="A finished `make demo` directory.")
     parser.add_argument("--methods", nargs="+", default=["scope", "opd", "grpo", "sft"],
-                        choices=["scope", "opd", "exopd", "srpo", "tropd", "grpo", "sft"])
+                        choices=list(STUDY_METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--iters", type=int, default=150)
     parser.add_argument("--prompts-per-step", type=int, default=64)
@@ -62,9 +82,10 @@ def _run(args, method, seed):
     from megatron_scope.train import build_trainer
 
     work = args.workdir
+    algorithm, extra = STUDY_METHODS[method]
     trainer = build_trainer(parse_run_config(demo.distillation_flags(
-        work, method, seed, args.iters, args.prompts_per_step, args.group_size, args.max_new_tokens, args.lr,
-        extra=["--log-interval", "10"], reward=args.reward)))
+        work, algorithm, seed, args.iters, args.prompts_per_step, args.group_size, args.max_new_tokens, args.lr,
+        extra=["--log-interval", "10", *extra], reward=args.reward)))
     tokenizer = Tokenizer.load(f"{work}/tokenizer.model")
     problems = demo.held_out_problems(f"{work}/task/eval.jsonl")
     try:

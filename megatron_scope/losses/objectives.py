@@ -77,7 +77,8 @@ def scope_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     """SCOPE (arXiv 2604.10688, Eq. for L): MLE -log π_S(y_t) on correct responses, a divergence to the teacher
     on incorrect ones: the per-token KL (--scope-teacher-path-loss kl), or, as the authors' released code does,
     PPO's dual-clipped surrogate of the per-token advantage sg(log π_T - log π_old) (ppo; its gradient at
-    r = 1 is (log π_S - log π_T) ∇ log π_S, k1's reverse-KL gradient)."""
+    r = 1 is (log π_S - log π_T) ∇ log π_S, k1's reverse-KL gradient). `student_path` False (an ablation) drops the
+    MLE: correct responses get no loss."""
     if config.teacher_path_loss == "ppo":
         _require(stats, "scope (teacher path ppo)", "teacher_log_probs", "old_log_probs")
         advantage = (stats.teacher_log_probs - stats.old_log_probs).detach()
@@ -85,7 +86,8 @@ def scope_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     else:
         _require(stats, "scope", "kl")
         teacher_path = stats.kl
-    return torch.where(stats.correct[:, None], -stats.student_log_probs, teacher_path)
+    student_path = -stats.student_log_probs if config.student_path else torch.zeros_like(stats.student_log_probs)
+    return torch.where(stats.correct[:, None], student_path, teacher_path)
 
 
 def opd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:

@@ -16,7 +16,7 @@ def test_defaults_follow_the_paper_and_released_runs():
     assert loss.algorithm == "scope"
     assert loss.tau == 1.0
     assert loss.weight_norm == "mean"
-    assert loss.student_path_weights and loss.teacher_path_weights and loss.loss_agg_mode == "seq-mean-token-mean"
+    assert loss.student_path and loss.student_path_weights and loss.teacher_path_weights and loss.loss_agg_mode == "seq-mean-token-mean"
     assert (loss.student_path_exponent, loss.teacher_path_loss, loss.logprob_temperature) == (1, "kl", 1.0)
     assert loss.kl == "reverse" and loss.topk is None
     assert loss.baselines.exopd_lambda == 1.25
@@ -75,6 +75,7 @@ def test_help_lists_every_flag(capsys):
         (["--scope-teacher-path-loss", "ppo"], "--scope-teacher-path-loss ppo is SCOPE's released teacher path"),
         (["--scope-topk-renormalize"], "--scope-topk-renormalize is only used with --scope-kl topk"),
         (["--scope-student-path-exponent", "2"], "invalid choice: 2"),
+        (["--scope-algorithm", "opd", "--no-scope-student-path"], "--scope-algorithm opd has no such path"),
         (["--clip-ratio-c", "1.0"], "--clip-ratio-c must be > 1"),
         (["--lr-decay-style", "step"], "invalid choice: 'step'"),
         (["--rollout-placement", "colocated", "--rollout-engines", "2"],

@@ -46,6 +46,8 @@ def reference_token_loss(name, s, cfg, i, t):
     ppo = -min(ratio * adv, min(max(ratio, 1 - cfg.clip_eps), 1 + cfg.clip_eps) * adv)
     if name == "scope":
         return -lp if correct else kl
+    if name == "scope-no-student-path":  # the ablation: correct responses get no loss
+        return 0.0 if correct else kl
     if name == "scope-ppo":  # the released teacher path: k1 advantage through PPO's clip and dual clip
         advantage = tlp - float(s.old_log_probs[i, t])
         loss = -min(ratio * advantage, min(max(ratio, 1 - cfg.clip_eps), 1 + cfg.clip_eps) * advantage)
@@ -76,13 +78,16 @@ CASES = [(name, BaselineConfig()) for name in OBJECTIVES] + [
     ("tropd", BaselineConfig(tropd_delta=0.7, tropd_outlier=outlier)) for outlier in ("mask", "clip", "forward")
 ] + [("exopd", BaselineConfig(exopd_lambda=1.0)), ("srpo", BaselineConfig(srpo_beta=0.3, clip_eps=0.1))] + [
     ("scope-ppo", BaselineConfig(clip_eps=0.2, clip_ratio_c=3.0)), ("scope-ppo", BaselineConfig(clip_eps=0.05,
-                                                                                                 clip_ratio_c=1.2))]
+                                                                                                 clip_ratio_c=1.2)),
+    ("scope-no-student-path", BaselineConfig())]
 
 
 @pytest.mark.parametrize("name,cfg", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_objective_matches_formula(stats, name, cfg):
     if name == "scope-ppo":
         loss = OBJECTIVES["scope"](stats, LossConfig(kl="k1", teacher_path_loss="ppo", baselines=cfg))
+    elif name == "scope-no-student-path":
+        loss = OBJECTIVES["scope"](stats, LossConfig(student_path=False, baselines=cfg))
     else:
         loss = OBJECTIVES[name](stats, LossConfig(baselines=cfg))
     expected = torch.tensor([[reference_token_loss(name, stats, cfg, i, t) for t in range(T)] for i in range(B)], dtype=torch.float64)

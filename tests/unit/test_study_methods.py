@@ -1,0 +1,35 @@
+"""The mini study's methods (examples/scope/compare.py STUDY_METHODS) are valid runs that differ from their
+algorithm's default exactly as named."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "scope"))
+import compare  # noqa: E402
+import demo  # noqa: E402
+
+from megatron_scope.arguments import parse_run_config  # noqa: E402
+
+
+def _config(method):
+    algorithm, extra = compare.STUDY_METHODS[method]
+    return parse_run_config(demo.distillation_flags("w", algorithm, 0, 10, 8, 2, 16, 5e-4, extra=extra))
+
+
+@pytest.mark.parametrize("method", sorted(compare.STUDY_METHODS))
+def test_every_method_parses(method):
+    assert _config(method).loss.algorithm == compare.STUDY_METHODS[method][0]
+
+
+def test_variants_change_what_their_names_say():
+    paper, released = _config("scope"), _config("scope-released")
+    assert (paper.loss.kl, paper.loss.student_path_exponent, paper.optimizer.lr_decay_style) == ("reverse", 1, "cosine")
+    assert (released.loss.kl, released.loss.teacher_path_loss, released.loss.student_path_exponent,
+            released.loss.loss_agg_mode, released.loss.logprob_temperature, released.rollout.temperature,
+            released.optimizer.lr_decay_style, released.optimizer.weight_decay) == \
+        ("k1", "ppo", -1, "scope-released", 0.6, 0.6, "constant", 0.01)
+    assert not _config("scope-no-student-weights").loss.student_path_weights
+    assert not _config("scope-no-mle").loss.student_path and _config("scope-no-mle").loss.student_path_weights
+    assert (_config("opd-k1").loss.algorithm, _config("opd-k1").loss.kl) == ("opd", "k1")
