@@ -230,12 +230,20 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "(ops.linear_kl), so neither model's [tokens, V/TP] logits are kept (SCOPE and OPD; the "
                             "other objectives keep the student's logits and build one microbatch of the teacher's). "
                             "--no-scope-fused-kl: materialise both models' logits per microbatch.")
+    group.add_argument("--rollout-is-threshold", type=positive_float, default=None,
+                       help="Token-level truncated importance sampling (verl's rollout_is=token; the G-OPD code uses "
+                            "5): each token's loss times min(π_S(y_t) / μ(y_t), C), μ the distribution the rollout "
+                            "engine sampled from. Default: off.")
     group.add_argument("--scope-group-size", type=positive_int, default=8,
                        help="G: responses sampled per prompt.")
 
     baselines = parser.add_argument_group(title="scope baselines", description="OPD, ExOPD, SRPO, TrOPD, GRPO, SFT")
     baselines.add_argument("--exopd-lambda", type=float, default=1.25,
                            help="ExOPD reward extrapolation λ (1 = OPD).")
+    baselines.add_argument("--exopd-reference-hf", default=None,
+                           help="ExOPD's reference model π_ref, a HF directory loaded frozen beside the student (G-OPD's "
+                                "reward correction: the teacher's base model before its RL). Default: the initial "
+                                "student (--student-hf).")
     baselines.add_argument("--srpo-beta", type=nonnegative_float, default=1.0,
                            help="SRPO entropy weight: incorrect tokens weighted by exp(-β H_teacher).")
     baselines.add_argument("--tropd-delta", type=positive_float, default=1.0,

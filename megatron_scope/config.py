@@ -79,6 +79,9 @@ class ModelsConfig:
     """--teacher-hf: the teacher's Hugging Face directory."""
     teacher_tokenizer: str | None = None
     """--teacher-tokenizer: checked to have the same vocabulary as --tokenizer."""
+    reference_hf: str | None = None
+    """--exopd-reference-hf: ExOPD's reference π_ref, a frozen co-located model (G-OPD's reward correction: the
+    teacher's base model before its RL); None: the initial student (--student-hf)."""
     teacher_backend: str = "megatron"
     """--teacher-backend: "megatron" (co-located forward-only Megatron model, the student's TP/PP) or "vllm"
     (a vLLM engine placed like the rollout engine that scores the responses)."""
@@ -245,6 +248,10 @@ class LossConfig:
     """--[no-]scope-student-path-weights: student-perplexity weights on correct responses (off: uniform)."""
     teacher_path_weights: bool = True
     """--[no-]scope-teacher-path-weights: teacher-perplexity weights on incorrect responses (off: uniform)."""
+    rollout_is_threshold: float | None = None
+    """--rollout-is-threshold C: token-level truncated importance sampling (verl's rollout_is=token, as the G-OPD
+    code runs it): each token's loss times sg(min(π_S(y_t) / μ(y_t), C)), μ the distribution the engine sampled
+    from. None: off."""
     baselines: BaselineConfig = BaselineConfig()
     """The baselines' hyper-parameters."""
 
@@ -283,6 +290,8 @@ class LossConfig:
         if self.teacher_path_loss == "ppo" and (self.algorithm != "scope" or self.kl != "k1"):
             raise ValueError("--scope-teacher-path-loss ppo is SCOPE's released teacher path, a policy gradient of the "
                              f"k1 advantage: use --scope-algorithm scope --scope-kl k1, not {self.algorithm}/{self.kl}")
+        if self.rollout_is_threshold is not None and not self.rollout_is_threshold > 0:
+            raise ValueError(f"--rollout-is-threshold must be > 0, got {self.rollout_is_threshold}")
         if not self.student_path and self.algorithm != "scope":
             raise ValueError(f"--no-scope-student-path turns off SCOPE's correct-response MLE; --scope-algorithm "
                              f"{self.algorithm} has no such path")
@@ -463,6 +472,9 @@ class RunConfig:
         if self.rollout.group_size < 2 and self.loss.algorithm in ("grpo", "srpo"):
             raise ValueError(f"--scope-algorithm {self.loss.algorithm} normalises rewards within a group: "
                              f"--scope-group-size must be >= 2, got {self.rollout.group_size}")
+        if self.models.reference_hf and self.loss.algorithm != "exopd":
+            raise ValueError(f"--exopd-reference-hf is ExOPD's reference model; --scope-algorithm "
+                             f"{self.loss.algorithm} reads none")
         if self.loss.needs_teacher and not self.models.teacher_hf:
             raise ValueError(f"--scope-algorithm {self.loss.algorithm} reads the teacher: give --teacher-hf")
         if self.models.teacher_backend == "vllm" and self.loss.needs_teacher_logits:
@@ -509,6 +521,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         models=ModelsConfig(student_hf=args.student_hf, tokenizer=args.tokenizer, teacher_hf=args.teacher_hf,
                             teacher_tokenizer=args.teacher_tokenizer, teacher_backend=args.teacher_backend,
+                            reference_hf=args.exopd_reference_hf,
                             bf16=args.bf16, transformer_impl=args.transformer_impl,
                             attention_backend=args.attention_backend, recompute_granularity=args.recompute_granularity,
                             recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers),
@@ -523,6 +536,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             student_path_exponent=args.scope_student_path_exponent, logprob_temperature=args.logprob_temperature,
             tau=args.scope_tau, weight_norm=args.scope_weight_norm,
             student_path=args.scope_student_path, student_path_weights=args.scope_student_path_weights,
+            rollout_is_threshold=args.rollout_is_threshold,
             teacher_path_weights=args.scope_teacher_path_weights,
             baselines=BaselineConfig(clip_eps=args.grpo_clip_eps, clip_ratio_c=args.clip_ratio_c,
                                      exopd_lambda=args.exopd_lambda,

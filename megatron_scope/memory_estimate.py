@@ -20,7 +20,7 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                                                  D' = D with --use-distributed-optimizer, else 1
     teacher parameters       e P_teacher         co-located (--teacher-backend megatron), same TP/PP as the
                                                  student, forward only
-    reference parameters     e P                 ExOPD's frozen initial student
+    reference parameters     e P_ref             ExOPD's frozen π_ref (--exopd-reference-hf, else the student)
     activations              A m (L/p) [+ 2 e s b h on the last stage: final-norm and output-layer inputs]
                              m = min(p - stage, n / b) microbatches in flight under 1F1B (1 without PP)
     attention score buffer   e (a/t) s^2 b       Megatron's global "mpu" buffer for the baddbmm of QK^T
@@ -251,6 +251,10 @@ class RunPlan:
 
 
 # ---------------------------------------------------------------------------------------------- checks
+MODEL_FLAGS = {"student": "--student-hf", "teacher": "--teacher-hf", "reference": "--exopd-reference-hf"}
+"""The flag naming each model of `archs`."""
+
+
 def check_parallel_sizes(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[str]:
     """Errors (one message per problem, naming flags and values) for the parallel layout.
 
@@ -269,7 +273,7 @@ def check_parallel_sizes(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[s
         return errors  # D is undefined: the batch checks below would mislead
     errors += plan.config.batch_errors(world // (tp * pp))
     for name, arch in archs.items():
-        where = f"the {name} (--{name}-hf)"
+        where = f"the {name} ({MODEL_FLAGS[name]})"
         if arch.num_attention_heads % tp:
             errors.append(f"{where} has {arch.num_attention_heads} attention heads, not divisible by "
                           f"--tensor-model-parallel-size {tp}")
@@ -309,7 +313,7 @@ def check_sequence_length(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[
             errors.append(
                 f"prompt ({plan.max_prompt_tokens} tokens, --max-prompt-tokens) + --max-new-tokens "
                 f"{plan.config.rollout.max_new_tokens} = {longest} exceeds the {name}'s max_position_embeddings "
-                f"{arch.max_position_embeddings} (--{name}-hf config.json)")
+                f"{arch.max_position_embeddings} ({MODEL_FLAGS[name]} config.json)")
     return errors
 
 
@@ -352,7 +356,7 @@ def check_vocabulary(tokenizer_vocab: int | None, archs: dict[str, DecoderArch])
     if tokenizer_vocab is not None:
         for name, arch in archs.items():
             if arch.vocab_size < tokenizer_vocab:
-                errors.append(f"the {name}'s vocabulary ({arch.vocab_size} rows, --{name}-hf config.json) does not "
+                errors.append(f"the {name}'s vocabulary ({arch.vocab_size} rows, {MODEL_FLAGS[name]} config.json) does not "
                               f"cover the tokenizer's {tokenizer_vocab} tokens (--tokenizer)")
         return errors, notes
     sizes = {name: arch.vocab_size for name, arch in archs.items()}
@@ -397,7 +401,7 @@ def _dtype(element_bytes: int) -> str:
 
 
 def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None, stage: int,
-                         padded_vocab: int) -> list[Component]:
+                         padded_vocab: int, reference: DecoderArch | None = None) -> list[Component]:
     tp, pp, e = plan.tensor_parallel, plan.pipeline_parallel, plan.element_bytes
     dp, n, b, s = plan.data_parallel, plan.local_sequences, plan.micro_batch_rows, plan.seq_length
     last = stage == pp - 1
@@ -418,7 +422,9 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
         comps.append(Component("teacher parameters", e * t_params, f"{t_params:,} params x {e} B (forward only)",
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
     if plan.config.loss.algorithm == "exopd":
-        comps.append(Component("reference parameters (ExOPD)", e * params, f"{params:,} params x {e} B",
+        r_params = stage_param_count(reference or student, tp, pp, stage, padded_vocab)
+        comps.append(Component("reference parameters (ExOPD)", e * r_params, f"{r_params:,} params x {e} B"
+                               + ("" if reference else " (the initial student)"),
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
     vocab_shard = padded_vocab // tp
     teacher_distribution = last and teacher is not None and plan.config.loss.needs_teacher_logits
@@ -551,21 +557,22 @@ def _engines_on_training_gpus(plan: RunPlan, training: list[Component], engines:
         "; ".join(c.advice for c in largest if c.advice))]
 
 
-def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None) -> list[GpuEstimate]:
+def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None,
+                    reference: DecoderArch | None = None) -> list[GpuEstimate]:
     """Per-GPU memory of every kind of GPU in the launch (see the module docstring for each term).
 
     Kinds: the first-stage GPUs that run an engine (every replica's first T_r ranks with --rollout-placement
     colocated, ranks 0..T_r-1 with rank0), the other first-stage ranks (PP = 1), the last pipeline stage (PP > 1),
     and one rollout GPU and teacher-engine GPU (ray).
     """
-    archs = [student] + ([teacher] if teacher is not None else [])
+    archs = [arch for arch in (student, teacher, reference) if arch is not None]
     padded = common_padded_vocab(archs, plan.tensor_parallel)
     pp, placement = plan.pipeline_parallel, plan.config.rollout.placement
     engines = [_engine_components(plan, student)]
     if teacher is not None and plan.config.models.teacher_backend == "vllm":
         engines.append(_engine_components(plan, teacher, "vLLM teacher"))
         teacher = None
-    first = _training_components(plan, student, teacher, 0, padded)
+    first = _training_components(plan, student, teacher, 0, padded, reference)
     rtp = plan.config.rollout.tensor_parallel_size
     if placement == "ray":
         gpus = [GpuEstimate("rank 0 (first stage)", first)]
@@ -576,7 +583,7 @@ def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | 
                             first + _engines_on_training_gpus(plan, first, engines))]
     others = plan.world_size > rtp if placement == "rank0" else plan.tensor_parallel > rtp
     if pp > 1:
-        gpus.append(GpuEstimate("last pipeline stage", _training_components(plan, student, teacher, pp - 1, padded)))
+        gpus.append(GpuEstimate("last pipeline stage", _training_components(plan, student, teacher, pp - 1, padded, reference)))
     elif placement != "ray" and others:
         gpus.append(GpuEstimate("other ranks (no engine)", first))
     if placement == "ray":

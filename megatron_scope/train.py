@@ -145,12 +145,15 @@ def build_trainer(config: RunConfig):
         check_same_tokenizer(load_tokenizer(models.teacher_tokenizer), tokenizer)
     student_arch = read_arch(models.student_hf)
     teacher_arch = read_arch(models.teacher_hf) if models.teacher_hf else None
-    for name, arch, hf_dir in (("student", student_arch, models.student_hf), ("teacher", teacher_arch, models.teacher_hf)):
+    reference_hf = models.reference_hf or models.student_hf  # ExOPD's π_ref: G-OPD's reward correction, or the student
+    reference_arch = read_arch(reference_hf) if config.loss.algorithm == "exopd" else None
+    for name, arch, hf_dir in (("student", student_arch, models.student_hf), ("teacher", teacher_arch, models.teacher_hf),
+                               ("reference", reference_arch, reference_hf)):
         if arch is not None and arch.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the {name} ({hf_dir}) has {arch.vocab_size} embedding rows, fewer than the "
                              f"{tokenizer.vocab_size} tokens of the tokenizer {models.tokenizer}: distillation needs "
                              "one shared vocabulary")
-    padded_vocab = common_padded_vocab([a for a in (student_arch, teacher_arch) if a is not None],
+    padded_vocab = common_padded_vocab([a for a in (student_arch, teacher_arch, reference_arch) if a is not None],
                                        parallel.tensor_model_parallel_size)
     dataset = load_prompts(config.data, seed=seed, tokenizer=tokenizer)
 
@@ -166,8 +169,8 @@ def build_trainer(config: RunConfig):
     teacher = reference = None
     if config.colocated_teacher:
         teacher = load_model(teacher_arch, models.teacher_hf, **models.layer_spec_options).eval().requires_grad_(False)
-    if config.loss.algorithm == "exopd":  # the reference is the initial student
-        reference = load_model(student_arch, models.student_hf, **models.layer_spec_options).eval().requires_grad_(False)
+    if reference_arch is not None:
+        reference = load_model(reference_arch, reference_hf, **models.layer_spec_options).eval().requires_grad_(False)
     optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
 
     engine = teacher_engine = None

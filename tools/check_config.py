@@ -104,13 +104,16 @@ def run_check(args: argparse.Namespace) -> dict:
     try:
         config = build_config(args)  # the trainer's own configuration: its flag-combination rules
         student_config, student = read_model(config.models.student_hf, "--student-hf")
-        teacher = None
+        teacher = reference = None
         if config.models.teacher_hf:
             _, teacher = read_model(config.models.teacher_hf, "--teacher-hf")
+        if config.models.reference_hf:
+            _, reference = read_model(config.models.reference_hf, "--exopd-reference-hf")
     except ValueError as error:
         errors.append(str(error))
         return result
-    archs = {"student": student, **({"teacher": teacher} if teacher is not None else {})}
+    archs = {"student": student, **({"teacher": teacher} if teacher is not None else {}),
+             **({"reference": reference} if reference is not None else {})}
 
     # Tokenizers: the trainer's loader and identity check when the files are here.
     tokenizer_vocab, tokenizer = None, None
@@ -203,7 +206,7 @@ def run_check(args: argparse.Namespace) -> dict:
     }
     if plan.world_size % (plan.tensor_parallel * plan.pipeline_parallel):
         return result  # no data-parallel size: no memory estimate
-    gpus = me.estimate_memory(plan, student, teacher)
+    gpus = me.estimate_memory(plan, student, teacher, reference)
     result["memory"] = me.estimate_to_dict(plan, gpus)
     result["_table"] = me.format_table(plan, gpus)
     fit = me.fit_errors(plan, gpus)

@@ -159,6 +159,20 @@ OBJECTIVES: dict[str, Callable[[TokenStats, LossConfig], torch.Tensor]] = {
 }
 
 
+IS_LOG_RATIO_BOUND = 20.0
+"""|log π_S - log μ| is clamped here before exp (verl's SAFETY_BOUND), so a weight never overflows."""
+
+
+@torch.no_grad()
+def truncated_is_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Token-level truncated importance weights (verl's rollout_is="token", the G-OPD recipe's correction):
+    w_t = min(exp(clamp(log π_S(y_t) - log μ(y_t), ±20)), C), π_S the trained policy before the step, μ the
+    distribution the rollout engine sampled y_t from (they differ by the engine's numerics, bf16 kernels, or a
+    stale engine). No gradient; the objective's per-token loss is multiplied by it."""
+    log_ratio = (old_log_probs - rollout_log_probs).clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND)
+    return torch.exp(log_ratio).clamp_max(threshold)
+
+
 @torch.no_grad()
 def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO's outcome advantage A_i = (r_i - mean_g r) / (std_g r + ε) within each prompt group (unbiased std;

@@ -27,15 +27,24 @@ label is a response token):
     teacher_log_probs                              (--scope-kl k1/k2/k3; ExOPD, TrOPD; else derived from logits)
     teacher_topk_ids, teacher_topk_log_probs [b, s, k], teacher_topk_tail_log_mass   (--scope-kl topk)
     old_log_probs, advantages [b]                  (GRPO, SRPO)      ref_log_probs (ExOPD)
+    rollout_log_probs                              (--rollout-is-threshold: the sampler's log-probs)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_scope.config import FULL_VOCAB_KL, SAMPLED_KL, LossConfig
-from megatron_scope.losses.objectives import OBJECTIVES, TokenStats, aggregate, group_normalized_advantages
+from megatron_scope.losses.objectives import (
+    OBJECTIVES,
+    TokenStats,
+    aggregate,
+    group_normalized_advantages,
+    truncated_is_weights,
+)
 from megatron_scope.losses.scope import scope_sequence_weights
 from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_stats
 from megatron_scope.ops.token_stats import sampled_kl, sequence_mean_log_prob
@@ -63,6 +72,8 @@ def required_batch_keys(config: LossConfig, teacher_hidden: bool = False) -> set
         keys |= {"old_log_probs", "teacher_log_probs"}
     if config.algorithm == "exopd":
         keys.add("ref_log_probs")
+    if config.rollout_is_threshold is not None:  # w_t = min(π_S / μ, C) from the step's two views of y_t
+        keys |= {"old_log_probs", "rollout_log_probs"}
     return keys
 
 
@@ -239,8 +250,16 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
         output = output / config.logprob_temperature  # the hidden states: dividing those divides the logits)
     stats, student_entropy = _token_stats(config, vocab_size, batch, output, group, student_weight, teacher_weight)
     token_loss = OBJECTIVES[config.algorithm](stats, config)
+    if config.rollout_is_threshold is not None:
+        is_weights = truncated_is_weights(batch["old_log_probs"], batch["rollout_log_probs"], config.rollout_is_threshold)
+        token_loss = token_loss * is_weights.to(token_loss.dtype)
     loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
     report = _report(stats, batch, student_entropy)
+    if config.rollout_is_threshold is not None:  # the weights' mean and how often C cut them, over response tokens
+        tokens = stats.mask.sum()
+        report["is_weight"] = torch.stack([(is_weights * stats.mask).sum(), tokens])
+        truncated = (batch["old_log_probs"] - batch["rollout_log_probs"]) > math.log(config.rollout_is_threshold)
+        report["is_truncated_fraction"] = torch.stack([(truncated * stats.mask).sum(), tokens])
     report["loss"] = torch.stack([loss_sum.detach().clone(), count.to(loss_sum.dtype)])
     response = stats.mask > 0  # a NaN/Inf per-token loss makes the step's loss non-finite: say how many tokens
     report["nonfinite_token_fraction"] = torch.stack([(~torch.isfinite(token_loss.detach()) & response).sum(),

@@ -76,6 +76,8 @@ def test_help_lists_every_flag(capsys):
         (["--scope-topk-renormalize"], "--scope-topk-renormalize is only used with --scope-kl topk"),
         (["--scope-student-path-exponent", "2"], "invalid choice: 2"),
         (["--scope-algorithm", "opd", "--no-scope-student-path"], "--scope-algorithm opd has no such path"),
+        (["--exopd-reference-hf", "base"], "--exopd-reference-hf is ExOPD's reference model; --scope-algorithm scope"),
+        (["--rollout-is-threshold", "0"], "--rollout-is-threshold: must be > 0"),
         (["--clip-ratio-c", "1.0"], "--clip-ratio-c must be > 1"),
         (["--lr-decay-style", "step"], "invalid choice: 'step'"),
         (["--rollout-placement", "colocated", "--rollout-engines", "2"],

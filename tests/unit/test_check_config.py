@@ -619,3 +619,13 @@ def test_the_launch_scripts_full_kl_runs_fit_80_gib_gpus(tmp_path, script, stude
     assert result["facts"]["rollout_placement"] == "colocated" and result["facts"]["rollout_tensor_parallel"] == tp
     assert [gpu["role"] for gpu in gpus] == [f"each replica's first {tp} ranks (first stage + rollout engine)"]
     assert {"vLLM weights + KV cache beyond the step", "vLLM runtime"} <= names and "vLLM weights" not in names
+
+
+def test_exopds_reference_counts_its_own_parameters():
+    """ExOPD's frozen π_ref is the initial student unless --exopd-reference-hf names another model (G-OPD's reward
+    correction), whose parameters are then the ones counted."""
+    plan = _tiny_plan(algorithm="exopd", kl="reverse")
+    terms = lambda *archs: {c.name: c.bytes for c in me.estimate_memory(plan, *archs)[0].components}  # noqa: E731
+    student_ref, teacher_ref = terms(TINY, TINY_TEACHER), terms(TINY, TINY_TEACHER, TINY_TEACHER)
+    assert student_ref["reference parameters (ExOPD)"] == student_ref["student parameters"]
+    assert teacher_ref["reference parameters (ExOPD)"] == teacher_ref["teacher parameters"]

@@ -11,6 +11,7 @@ from megatron_scope.losses.objectives import (
     TokenStats,
     aggregate,
     group_normalized_advantages,
+    truncated_is_weights,
 )
 
 B, T = 4, 6
@@ -145,3 +146,12 @@ def test_group_normalized_advantages():
     torch.testing.assert_close(adv[:3], expected_g9)
     torch.testing.assert_close(adv[3:5], torch.tensor([1.0, -1.0]) / (math.sqrt(0.5) + 1e-6) * 0.5)
     assert adv[5:].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_truncated_is_weights():
+    """w = min(exp(clamp(log π_S - log μ, ±20)), C), finite for any gap (verl's token-level TIS)."""
+    old = torch.tensor([-1.0, -1.0, -1.0, -60.0, -1.0, -1.0])
+    rollout = torch.tensor([-1.0, -1.5, -0.2, -1.0, -80.0, -1.0 + 1e-8])
+    weights = truncated_is_weights(old, rollout, threshold=2.0)
+    expected = [1.0, math.exp(0.5), math.exp(-0.8), math.exp(-20.0), 2.0, 1.0]
+    torch.testing.assert_close(weights, torch.tensor(expected), rtol=1e-6, atol=0)

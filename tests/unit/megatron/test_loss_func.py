@@ -189,3 +189,31 @@ def test_teacher_hidden_states_without_their_output_layer_are_rejected():
     del with_hidden["teacher_hidden"]
     with pytest.raises(ValueError, match="teacher_logits"):
         check_batch(with_hidden, LossConfig())
+
+
+def test_rollout_is_weights_multiply_each_tokens_loss(batch):
+    """--rollout-is-threshold C: each token's loss times sg(min(π_S / μ, C)) (token-mean over OPD's full KL, so
+    the loss is Σ_i s_i Σ_t w_t KL_t / N_tok with s_i the sequence weights), the weights' mean and truncated fraction reported, no gradient through w."""
+    threshold = 1.3
+    g = torch.Generator().manual_seed(3)
+    batch["old_log_probs"] = batch["teacher_log_probs"] - 0.2
+    batch["rollout_log_probs"] = batch["old_log_probs"] + 0.5 * torch.randn(batch["old_log_probs"].shape, generator=g)
+    config = LossConfig(algorithm="opd", loss_agg_mode="token-mean", rollout_is_threshold=threshold)
+    logits = student_logits(batch).requires_grad_(True)
+    loss_sum, count, report = scope_loss_func(config, V, batch, logits)
+    s = torch.log_softmax(logits[..., :V].double(), -1)
+    t = torch.log_softmax(batch["teacher_logits"][..., :V].double(), -1)
+    kl = (s.exp() * (s - t)).sum(-1)
+    mask = batch["loss_mask"].double()
+    weights = torch.exp(batch["old_log_probs"].double() - batch["rollout_log_probs"].double()).clamp_max(threshold)
+    expected = (batch["seq_weights"].double()[:, None] * weights * kl * mask).sum()
+    assert float(loss_sum) == pytest.approx(float(expected), rel=1e-5) and int(count) == int(mask.sum())
+    values = reduce_reports([report])
+    assert values["is_weight"] == pytest.approx(float((weights * mask).sum() / mask.sum()), rel=1e-6)
+    truncated = float(((weights == threshold).double() * mask).sum() / mask.sum())
+    assert values["is_truncated_fraction"] == pytest.approx(truncated) and 0 < truncated < 1
+    (grad,) = torch.autograd.grad(loss_sum, logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match=r"needs batch keys \['rollout_log_probs'\]"):
+        check_batch({k: v for k, v in batch.items() if k != "rollout_log_probs"}, config)

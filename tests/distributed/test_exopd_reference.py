@@ -1,0 +1,74 @@
+"""ExOPD's reward correction and the rollout IS correction through the trainer at TP=2 (real Megatron models
+loaded from HF checkpoints; the rollout is a stand-in, so no vLLM engine starts).
+
+With --exopd-reference-hf set to the teacher's own checkpoint (an architecture other than the student's), the
+reference's log-probs must be the teacher's bit for bit: proof that π_ref is the model the flag names, loaded
+at the run's TP. --rollout-is-threshold's reported mean weight must be min(π_S / μ, C) averaged over the step's
+response tokens."""
+
+import math
+import os
+import types
+
+import pytest
+import torch
+
+from megatron_scope.testing.multiprocess import run_on_ranks
+from megatron_scope.testing.workspace import make_workspace, save_random_qwen2
+
+pytestmark = pytest.mark.slow
+THRESHOLD = 1.5
+
+
+def _one_step(rank, world_size, ws, reference_hf):
+    from megatron_scope import train
+    from megatron_scope.arguments import parse_run_config
+    from megatron_scope.rollout.batch import RolloutGroup
+    from megatron_scope.rollout.engine import Completion
+
+    train.start_engine = lambda *args, **kwargs: types.SimpleNamespace(close=lambda: None)  # no rollout here
+    trainer = train.build_trainer(parse_run_config([
+        "--student-hf", ws.student_hf, "--teacher-hf", reference_hf, "--exopd-reference-hf", reference_hf,
+        "--tokenizer", ws.tokenizer, "--train-data", ws.train_jsonl, "--scope-algorithm", "exopd",
+        "--rollout-is-threshold", str(THRESHOLD), "--train-iters", "1", "--prompts-per-step", "2",
+        "--scope-group-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "8", "--lr", "1e-3",
+        "--tensor-model-parallel-size", "2", "--rollout-tensor-parallel-size", "1"]))
+    generator = torch.Generator().manual_seed(0)
+    groups = []
+    for p in range(2):  # stand-in rollouts: random tokens, sampler log-probs around the random student's
+        completions = []
+        for _ in range(2):
+            tokens = torch.randint(3, trainer.vocab_size, (6,), generator=generator).tolist()
+            log_probs = (-math.log(trainer.vocab_size) + torch.randn(6, generator=generator)).tolist()
+            completions.append(Completion(tokens, log_probs, "length"))
+        groups.append(RolloutGroup(f"p{p}", [1, 5 + p, 7], completions, [p == 0, False]))
+    scored = []
+    score = trainer._score
+    trainer._score = lambda microbatches: (score(microbatches), scored.extend(microbatches))
+    metrics = {}
+    try:
+        outcome = trainer.learn(groups, metrics)
+    finally:
+        trainer.close()
+    same_as_teacher = all(torch.equal(b["ref_log_probs"], b["teacher_log_probs"]) for b in scored)
+    mask = torch.cat([b["loss_mask"].flatten() for b in scored])
+    ratio = torch.cat([(b["old_log_probs"] - b["rollout_log_probs"]).flatten() for b in scored]).double()
+    expected_weight = float((ratio.exp().clamp_max(THRESHOLD) * mask).sum() / mask.sum())
+    expected_truncated = float(((ratio.exp() > THRESHOLD) * mask).sum() / mask.sum())
+    return (same_as_teacher, outcome.updated, metrics["loss/loss"], metrics["loss/is_weight"], expected_weight,
+            metrics["loss/is_truncated_fraction"], expected_truncated)
+
+
+def test_exopd_reference_model_and_rollout_is_weights_at_tp2(tmp_path):
+    ws = make_workspace(str(tmp_path))
+    from megatron_scope.data.tokenizer import Tokenizer
+
+    vocab = Tokenizer.load(ws.tokenizer).vocab_size
+    # the teacher's "base model": another architecture than the student's (3 layers, hidden 256)
+    reference_hf = save_random_qwen2(os.path.join(ws.root, "reference_hf"), vocab, 3, 256, seed=5)
+    results = run_on_ranks(_one_step, 2, args=(ws, reference_hf), timeout=600)
+    for same_as_teacher, updated, loss, is_weight, expected_weight, truncated, expected_truncated in results:
+        assert same_as_teacher and updated and torch.isfinite(torch.tensor(loss))
+        assert is_weight == pytest.approx(expected_weight, rel=1e-6)
+        assert truncated == pytest.approx(expected_truncated, rel=1e-6) and 0 < truncated < 1
+    assert results[0][2] == results[1][2]  # both TP ranks report the same loss
