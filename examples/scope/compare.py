@@ -146,6 +146,10 @@ def plot(runs: dict, path: str) -> None:
     plt.close(fig)
 
 
+REFERENCE_LABELS = {"student_before": "student before (all methods start here)", "teacher": "teacher"}
+"""metrics.json's result key -> the table's row label."""
+
+
 def _references(workdir: str, reward: str = "synthetic") -> dict:
     """The demo's own evaluations of the starting student and the teacher (metrics.json), if there, graded by
     `reward` (a metrics.json without both gradings was graded by the final answer: used for "synthetic" only)."""
@@ -154,9 +158,8 @@ def _references(workdir: str, reward: str = "synthetic") -> dict:
         return {}
     with open(path) as handle:
         results = json.load(handle)["results"]
-    names = {"student_before": "student before (all methods start here)", "teacher": "teacher"}
     references = {}
-    for key, label in names.items():
+    for key, label in REFERENCE_LABELS.items():
         if key not in results:
             continue
         result = results[key]
@@ -172,6 +175,38 @@ def _references(workdir: str, reward: str = "synthetic") -> dict:
     return references
 
 
+def _evaluate(args, hf_dir: str, label: str) -> dict:
+    """`demo.evaluate_model` of the HF checkpoint `hf_dir` in a vLLM engine of its own (demo's sampling seed)."""
+    from megatron_scope.data.tokenizer import Tokenizer
+    from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+
+    engine = VLLMRolloutEngine(VLLMEngineConfig(hf_dir, kv_cache_bytes=1 << 30, seed=0))
+    try:
+        return demo.evaluate_model(engine, Tokenizer.load(f"{args.workdir}/tokenizer.model"),
+                                   demo.held_out_problems(f"{args.workdir}/task/eval.jsonl"), args.eval_samples,
+                                   args.max_new_tokens, label, reward=args.reward)
+    finally:
+        engine.close()
+
+
+def references(args, out: str) -> dict:
+    """The starting student's and the teacher's evaluations graded by --reward: the demo's (metrics.json) where
+    it graded them so, else evaluated here once and kept in <out>/references.json."""
+    found = _references(args.workdir, args.reward)
+    path = os.path.join(out, "references.json")
+    if len(found) < len(REFERENCE_LABELS):
+        if os.path.exists(path):
+            with open(path) as handle:
+                found = {label: {**r, "pass": {int(k): v for k, v in r["pass"].items()}}
+                         for label, r in json.load(handle).items()}
+        else:
+            found = {label: run_in_fresh_process(_evaluate, args, os.path.join(args.workdir, hf), label)
+                     for hf, label in zip(("student_hf", "teacher_hf"), REFERENCE_LABELS.values())}
+            with open(path, "w") as handle:
+                json.dump(found, handle, indent=1)
+    return found
+
+
 def run_in_fresh_process(fn, *args):
     """`fn(*args)` in a new spawned process (its own torch.distributed world and vLLM engine)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -185,12 +220,13 @@ def main(argv=None):
             raise FileNotFoundError(f"{args.workdir}/{needed} is missing: run `make demo` first")
     out = output_dir(args)
     os.makedirs(out, exist_ok=True)
+    reference_results = references(args, out)
     runs = {}
     for method in args.methods:
         runs[method] = [run_in_fresh_process(_run, args, method, seed) for seed in args.seeds]
         with open(os.path.join(out, "results.json"), "w") as handle:
             json.dump({"args": vars(args), "runs": runs}, handle, indent=1)
-    table = summarize(runs, args.eval_samples, _references(args.workdir, args.reward), args.reward)
+    table = summarize(runs, args.eval_samples, reference_results, args.reward)
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(table + "\n")
     plot(runs, os.path.join(out, "compare.png"))
