@@ -14,7 +14,8 @@ import argparse
 
 from megatron_scope.config import (
     ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, ROLLOUT_PLACEMENTS,
-    TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS, TROPD_OUTLIERS, WEIGHT_NORMS, RunConfig, build_config,
+    TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS, TROPD_OUTLIERS, TROPD_TRUST_REGIONS, WEIGHT_NORMS,
+    RunConfig, build_config,
 )
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
 
@@ -246,10 +247,15 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                 "student (--student-hf).")
     baselines.add_argument("--srpo-beta", type=nonnegative_float, default=1.0,
                            help="SRPO entropy weight: incorrect tokens weighted by exp(-β H_teacher).")
+    baselines.add_argument("--tropd-trust-region", choices=TROPD_TRUST_REGIONS, default="sampled",
+                           help="TrOPD's trust region: sampled (the paper's: token y is inside with probability "
+                                "min(π_T(y)/π_S(y), 1), one draw per token) or threshold (|log π_S - log π_T| <= δ).")
     baselines.add_argument("--tropd-delta", type=positive_float, default=1.0,
-                           help="TrOPD trust region: distil where |log π_S - log π_T| <= δ.")
+                           help="δ of the threshold trust region and of the clip outliers.")
     baselines.add_argument("--tropd-outlier", choices=TROPD_OUTLIERS, default="mask",
-                           help="TrOPD outside the region: drop, scale to the edge, or forward KL.")
+                           help="TrOPD outside the region: mask (no loss), clip (the KL scaled by δ / max(|log π_S - "
+                                "log π_T|, δ)), or forward (KL(π_T‖π_S): over the vocabulary with a full --scope-kl, else over "
+                                "the teacher's top-k with --scope-topk K; the paper's best, K = 64).")
     baselines.add_argument("--grpo-clip-eps", type=open_unit_float, default=0.2,
                            help="PPO ratio clip ε (GRPO, SRPO's correct path, --scope-teacher-path-loss ppo).")
     baselines.add_argument("--clip-ratio-c", type=positive_float, default=3.0,

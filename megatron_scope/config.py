@@ -34,6 +34,7 @@ TEACHER_BACKENDS = ("megatron", "vllm")
 ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
 REWARDS = ("synthetic", "synthetic-strict", "math")
 TROPD_OUTLIERS = ("mask", "clip", "forward")
+TROPD_TRUST_REGIONS = ("sampled", "threshold")
 #: How per-token losses become the step's loss (verl's names; see losses/objectives.aggregate).
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "scope-released")
 TEACHER_PATH_LOSSES = ("kl", "ppo")
@@ -187,8 +188,12 @@ class BaselineConfig:
     """--exopd-lambda: ExOPD reward-extrapolation λ (1 = OPD)."""
     srpo_beta: float = 1.0
     """--srpo-beta: SRPO teacher-entropy temperature β."""
+    tropd_trust_region: str = "sampled"
+    """--tropd-trust-region: "sampled" (the TrOPD paper's: token y_t is inside with probability min(π_T(y_t) /
+    π_S(y_t), 1), one draw per token, as speculative decoding accepts a draft token) or "threshold" (inside iff
+    |log π_S - log π_T| <= δ, a fixed two-sided test)."""
     tropd_delta: float = 1.0
-    """--tropd-delta: TrOPD trust-region half-width δ on |log π_S - log π_T|."""
+    """--tropd-delta: δ of the threshold trust region and of the clip outliers' scaling."""
     tropd_outlier: str = "mask"
     """--tropd-outlier: what TrOPD does outside the region: mask, clip or forward."""
 
@@ -199,6 +204,8 @@ class BaselineConfig:
             raise ValueError(f"--clip-ratio-c must be > 1, got {self.clip_ratio_c}")
         if self.srpo_beta < 0 or not self.tropd_delta > 0:
             raise ValueError(f"need --srpo-beta >= 0 and --tropd-delta > 0, got {self.srpo_beta}, {self.tropd_delta}")
+        if self.tropd_trust_region not in TROPD_TRUST_REGIONS:
+            raise ValueError(f"--tropd-trust-region must be one of {TROPD_TRUST_REGIONS}, got {self.tropd_trust_region!r}")
         if self.tropd_outlier not in TROPD_OUTLIERS:
             raise ValueError(f"--tropd-outlier must be one of {TROPD_OUTLIERS}, got {self.tropd_outlier!r}")
 
@@ -268,9 +275,11 @@ class LossConfig:
             raise ValueError(f"--scope-jsd-beta must be in (0, 1), got {self.jsd_beta}")
         if self.kl == "topk" and self.topk is None:
             raise ValueError("--scope-kl topk needs --scope-topk K (how many teacher log-probs per token)")
-        if self.topk is not None and self.kl != "topk":
-            raise ValueError(f"--scope-topk {self.topk} is only used with --scope-kl topk, not {self.kl}")
-        if self.topk_renormalize and self.kl != "topk":
+        topk_outliers = self.tropd_forward_outliers and self.kl not in FULL_VOCAB_KL
+        if self.topk is not None and self.kl != "topk" and not topk_outliers:
+            raise ValueError(f"--scope-topk {self.topk} is only used with --scope-kl topk (or by --tropd-outlier "
+                             f"forward without a full-vocabulary --scope-kl), not {self.kl}")
+        if self.topk_renormalize and self.topk is None:
             raise ValueError(f"--scope-topk-renormalize is only used with --scope-kl topk, not {self.kl}")
         if self.topk is not None and self.topk < 1:
             raise ValueError(f"--scope-topk must be >= 1, got {self.topk}")
@@ -278,10 +287,11 @@ class LossConfig:
             raise ValueError(
                 f"--scope-algorithm srpo weights tokens by the teacher's entropy, which needs its full "
                 f"distribution: use --scope-kl {'/'.join(FULL_VOCAB_KL)}, not {self.kl}")
-        if self.algorithm == "tropd" and self.baselines.tropd_outlier == "forward" and self.kl not in FULL_VOCAB_KL:
+        if self.tropd_forward_outliers and self.kl not in FULL_VOCAB_KL and self.topk is None:
             raise ValueError(
-                f"--tropd-outlier forward needs full-vocabulary teacher logits: use --scope-kl "
-                f"{'/'.join(FULL_VOCAB_KL)}, not {self.kl}")
+                f"--tropd-outlier forward needs the teacher's distribution: full-vocabulary logits (--scope-kl "
+                f"{'/'.join(FULL_VOCAB_KL)}) or its top-k (--scope-topk K, the paper's K = 64), not --scope-kl "
+                f"{self.kl} alone")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"--loss-agg-mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.teacher_path_loss not in TEACHER_PATH_LOSSES:
@@ -325,9 +335,14 @@ class LossConfig:
         return self.fused_kl and self.uses_kl and self.kl in FULL_VOCAB_KL and self.algorithm in ("scope", "opd")
 
     @property
+    def tropd_forward_outliers(self) -> bool:
+        """TrOPD with forward-KL outliers."""
+        return self.algorithm == "tropd" and self.baselines.tropd_outlier == "forward"
+
+    @property
     def teacher_topk(self) -> int:
-        """k of the teacher's top-k the loss reads (0: none)."""
-        return self.topk if self.uses_kl and self.kl == "topk" else 0
+        """k of the teacher's top-k the loss reads (0: none): the top-k KL's, or TrOPD's top-k forward-KL outliers'."""
+        return (self.topk or 0) if self.uses_kl and (self.kl == "topk" or self.tropd_forward_outliers) else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,7 +556,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             baselines=BaselineConfig(clip_eps=args.grpo_clip_eps, clip_ratio_c=args.clip_ratio_c,
                                      exopd_lambda=args.exopd_lambda,
                                      srpo_beta=args.srpo_beta, tropd_delta=args.tropd_delta,
-                                     tropd_outlier=args.tropd_outlier)),
+                                     tropd_trust_region=args.tropd_trust_region, tropd_outlier=args.tropd_outlier)),
         rollout=RolloutConfig(
             prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
             max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.rollout_top_p,

@@ -53,6 +53,8 @@ class TokenStats:
     """log π_ref(y_t) of the reference (the initial student), no gradient (ExOPD)."""
     advantages: torch.Tensor | None = None
     """[B] group-normalised outcome advantages (GRPO, SRPO's correct path)."""
+    trust_uniform: torch.Tensor | None = None
+    """U(0, 1) draws, one per token, no gradient (TrOPD's sampled trust region)."""
 
 
 def _require(stats: TokenStats, algorithm: str, *names: str) -> None:
@@ -117,14 +119,25 @@ def srpo_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
 
 
 def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
-    """TrOPD: distil only inside the trust region |log π_S(y_t) - log π_T(y_t)| <= δ.
+    """TrOPD (Xing et al. 2026, arXiv 2606.01249): the on-policy divergence (--scope-kl; the paper's is k1)
+    only inside a trust region, another loss on the outliers.
 
-    Outside it (`tropd_outlier`): "mask" drops the token; "clip" scales its KL by δ/|Δ_t| so it counts as if
-    it sat on the region's edge; "forward" uses the mode-covering forward KL(π_T‖π_S) there instead.
+    Trust region (`tropd_trust_region`): "sampled", the paper's §3.2 acceptance test, M_t ~ Bernoulli(min(
+    π_T(y_t) / π_S(y_t), 1)) with π_S the policy that sampled (old log-probs), drawn as u_t < min(...) from the
+    trainer's `trust_uniform`: a token the teacher finds at least as likely is always inside, and one it finds
+    r times less likely is inside with probability 1/r. "threshold": inside iff |log π_S - log π_T| <= δ.
+    Outliers (`tropd_outlier`): "mask" drops the token; "clip" scales its KL by δ / max(|Δ_t|, δ), Δ_t = log π_S -
+    log π_T (as if it sat no farther than δ); "forward" uses the forward KL(π_T‖π_S) there instead (the paper's best, over the teacher's top-k
+    with K = 64, `stats.forward_kl`).
     """
     _require(stats, "tropd", "kl", "teacher_log_probs")
     gap = (stats.student_log_probs - stats.teacher_log_probs).detach().abs()
-    inside = gap <= config.baselines.tropd_delta
+    if config.baselines.tropd_trust_region == "sampled":
+        _require(stats, "tropd (sampled trust region)", "trust_uniform", "old_log_probs")
+        acceptance = torch.exp((stats.teacher_log_probs - stats.old_log_probs).clamp_max(0))
+        inside = stats.trust_uniform < acceptance
+    else:
+        inside = gap <= config.baselines.tropd_delta
     if config.baselines.tropd_outlier == "mask":
         outlier_loss = torch.zeros_like(stats.kl)
     elif config.baselines.tropd_outlier == "clip":

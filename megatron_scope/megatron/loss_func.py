@@ -27,6 +27,7 @@ label is a response token):
     teacher_log_probs                              (--scope-kl k1/k2/k3; ExOPD, TrOPD; else derived from logits)
     teacher_topk_ids, teacher_topk_log_probs [b, s, k], teacher_topk_tail_log_mass   (--scope-kl topk)
     old_log_probs, advantages [b]                  (GRPO, SRPO)      ref_log_probs (ExOPD)
+    trust_uniform                                  (TrOPD's sampled trust region: one U(0, 1) draw per token)
     rollout_log_probs                              (--rollout-is-threshold: the sampler's log-probs)
 """
 
@@ -66,6 +67,8 @@ def required_batch_keys(config: LossConfig, teacher_hidden: bool = False) -> set
         keys.add("teacher_log_probs")
     if config.teacher_topk:
         keys |= {"teacher_topk_ids", "teacher_topk_log_probs", "teacher_topk_tail_log_mass"}
+    if config.algorithm == "tropd" and config.baselines.tropd_trust_region == "sampled":
+        keys |= {"trust_uniform", "old_log_probs"}
     if config.algorithm in ("grpo", "srpo"):
         keys |= {"old_log_probs", "advantages"}
     if config.teacher_path_loss == "ppo":  # the released teacher path: advantage log π_T - log π_old
@@ -179,8 +182,13 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
                                         group=group, vocab_size=vocab,
                                         teacher_tail_log_mass=batch["teacher_topk_tail_log_mass"],
                                         renormalize=config.topk_renormalize)
-    if config.algorithm == "tropd" and config.baselines.tropd_outlier == "forward":
+    if config.tropd_forward_outliers and teacher_logits is not None:
         forward_kl = vocab_parallel_kl(logits, teacher_logits, kind="forward", group=group, vocab_size=vocab)
+    elif config.tropd_forward_outliers:  # KL(π_T‖π_S) over the teacher's top-k and the tail (a vLLM teacher too)
+        forward_kl = vocab_parallel_topk_kl(logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"],
+                                            kind="forward", group=group, vocab_size=vocab,
+                                            teacher_tail_log_mass=batch["teacher_topk_tail_log_mass"],
+                                            renormalize=config.topk_renormalize)
     if config.algorithm == "srpo":
         with torch.no_grad():
             teacher_entropy = vocab_parallel_entropy(teacher_logits, group=group, vocab_size=vocab)
@@ -196,6 +204,7 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
         old_log_probs=batch.get("old_log_probs"),
         ref_log_probs=batch.get("ref_log_probs"),
         advantages=batch.get("advantages"),
+        trust_uniform=batch.get("trust_uniform"),
     ), entropy
 
 

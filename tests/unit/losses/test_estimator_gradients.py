@@ -56,8 +56,47 @@ def test_expected_gradient_is_the_reverse_kl_gradient(algorithm, kl, seed):
     released = algorithm == "scope-released"
     config = LossConfig(algorithm="scope" if released else algorithm, kl=kl, topk=V if kl == "topk" else None,
                         teacher_path_loss="ppo" if released else "kl",
-                        baselines=BaselineConfig(tropd_delta=1e9, exopd_lambda=1.0))  # TrOPD: every token inside
+                        baselines=BaselineConfig(tropd_trust_region="threshold", tropd_delta=1e9,
+                                                 exopd_lambda=1.0))  # TrOPD: every token inside
     expected = _reverse_kl_gradient(student, teacher)
     got = _expected_gradient(config, student, teacher)
     assert expected.abs().max() > 1e-2  # the two distributions are clearly apart
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("outlier", ["mask", "forward"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tropd_sampled_trust_region_expected_gradient(outlier, seed):
+    """TrOPD's sampled trust region (k1 inside, outliers masked or given the top-k forward KL at k = V): over the
+    token y ~ π_S and the acceptance draw u, E[∇ℓ] = Σ_y π_S(y) [a(y) (log π_S(y) - log π_T(y)) ∇ log π_S(y)
+    + (1 - a(y)) ∇ℓ_out], a(y) = min(π_T(y) / π_S(y), 1). Exact: each token appears twice, with u = 0 (always
+    inside) weighted by a(y) and with u = 1 (never inside) weighted by 1 - a(y)."""
+    student, teacher = _logits(2 * seed), _logits(2 * seed + 1, scale=3.0)
+    config = LossConfig(algorithm="tropd", kl="k1", topk=V if outlier == "forward" else None,
+                        baselines=BaselineConfig(tropd_trust_region="sampled", tropd_outlier=outlier))
+    s, t = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    accept = torch.exp((t - s).clamp_max(0))
+    ids = torch.arange(V).repeat(2)
+    rows = 2 * V
+    z = student.clone().requires_grad_(True)
+    batch = {
+        "labels": ids[:, None], "loss_mask": torch.ones(rows, 1, dtype=torch.float64),
+        "correct": torch.zeros(rows, dtype=torch.bool),
+        "seq_weights": rows * s.exp()[ids] * torch.cat([accept, 1 - accept]),
+        "trust_uniform": torch.cat([torch.zeros(V), torch.ones(V)]).double()[:, None],
+        "teacher_log_probs": t[ids][:, None], "old_log_probs": s[ids][:, None],
+        "teacher_topk_ids": torch.arange(V).expand(rows, 1, V), "teacher_topk_log_probs": t.expand(rows, 1, V),
+        "teacher_topk_tail_log_mass": torch.full((rows, 1), float("-inf"), dtype=torch.float64),
+    }
+    loss_sum, count, _ = scope_loss_func(config, V, batch, z.expand(rows, 1, V))
+    (loss_sum / count).backward()
+
+    leaf = student.clone().requires_grad_(True)
+    w = torch.log_softmax(leaf, -1)
+    inside = (s.exp() * accept * (s - t)).detach() @ w  # Σ_y π_S a (log π_S - log π_T) · log π_S(y), sg on the factor
+    outside = 0.0
+    if outlier == "forward":
+        outside = (s.exp() * (1 - accept)).sum().detach() * (t.exp() * (t - w)).sum()
+    (expected,) = torch.autograd.grad(inside + outside, leaf)
+    assert expected.abs().max() > 1e-2
+    torch.testing.assert_close(z.grad, expected, rtol=1e-9, atol=1e-12)

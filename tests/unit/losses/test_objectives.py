@@ -35,6 +35,7 @@ def stats():
         old_log_probs=-3 * rand(B, T),
         ref_log_probs=-3 * rand(B, T),
         advantages=torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=torch.float64),
+        trust_uniform=rand(B, T),
     )
 
 
@@ -65,9 +66,13 @@ def reference_token_loss(name, s, cfg, i, t):
         return ppo if correct else math.exp(-cfg.srpo_beta * float(s.teacher_entropy[i, t])) * kl
     if name == "tropd":
         gap = abs(lp - tlp)
-        if gap <= cfg.tropd_delta:
+        if cfg.tropd_trust_region == "sampled":  # accepted with probability min(π_T / π_S_old, 1)
+            inside = float(s.trust_uniform[i, t]) < min(math.exp(tlp - float(s.old_log_probs[i, t])), 1.0)
+        else:
+            inside = gap <= cfg.tropd_delta
+        if inside:
             return kl
-        return {"mask": 0.0, "clip": kl * cfg.tropd_delta / gap, "forward": float(s.forward_kl[i, t])}[cfg.tropd_outlier]
+        return {"mask": 0.0, "clip": kl * cfg.tropd_delta / max(gap, cfg.tropd_delta), "forward": float(s.forward_kl[i, t])}[cfg.tropd_outlier]
     if name == "grpo":
         return ppo
     if name == "sft":
@@ -76,7 +81,8 @@ def reference_token_loss(name, s, cfg, i, t):
 
 
 CASES = [(name, BaselineConfig()) for name in OBJECTIVES] + [
-    ("tropd", BaselineConfig(tropd_delta=0.7, tropd_outlier=outlier)) for outlier in ("mask", "clip", "forward")
+    ("tropd", BaselineConfig(tropd_trust_region=region, tropd_delta=0.7, tropd_outlier=outlier))
+    for region in ("sampled", "threshold") for outlier in ("mask", "clip", "forward")
 ] + [("exopd", BaselineConfig(exopd_lambda=1.0)), ("srpo", BaselineConfig(srpo_beta=0.3, clip_eps=0.1))] + [
     ("scope-ppo", BaselineConfig(clip_eps=0.2, clip_ratio_c=3.0)), ("scope-ppo", BaselineConfig(clip_eps=0.05,
                                                                                                  clip_ratio_c=1.2)),
@@ -105,12 +111,17 @@ def test_exopd_gradient_is_reinforce(stats):
 
 
 def test_tropd_separates_inside_and_outside(stats):
-    cfg = BaselineConfig(tropd_delta=0.5)
+    cfg = BaselineConfig(tropd_trust_region="threshold", tropd_delta=0.5)
     gap = (stats.student_log_probs - stats.teacher_log_probs).abs()
     loss = OBJECTIVES["tropd"](stats, LossConfig(baselines=cfg))
     assert (gap > 0.5).any() and (gap <= 0.5).any()
     assert torch.equal(loss[gap > 0.5], torch.zeros_like(loss[gap > 0.5]))
     assert torch.equal(loss[gap <= 0.5], stats.kl[gap <= 0.5])
+    accept = torch.exp((stats.teacher_log_probs - stats.old_log_probs).clamp_max(0))
+    inside = stats.trust_uniform < accept
+    loss = OBJECTIVES["tropd"](stats, LossConfig())  # the paper's sampled region, outliers masked
+    assert inside.any() and (~inside).any()
+    assert torch.equal(loss[~inside], torch.zeros_like(loss[~inside])) and torch.equal(loss[inside], stats.kl[inside])
 
 
 def test_missing_statistics_are_named(stats):

@@ -1,10 +1,11 @@
-"""ExOPD's reward correction and the rollout IS correction through the trainer at TP=2 (real Megatron models
-loaded from HF checkpoints; the rollout is a stand-in, so no vLLM engine starts).
+"""One trainer step of the baselines' paper features at TP=2 (real Megatron models loaded from HF checkpoints; the
+rollout is a stand-in, so no vLLM engine starts).
 
-With --exopd-reference-hf set to the teacher's own checkpoint (an architecture other than the student's), the
-reference's log-probs must be the teacher's bit for bit: proof that π_ref is the model the flag names, loaded
-at the run's TP. --rollout-is-threshold's reported mean weight must be min(π_S / μ, C) averaged over the step's
-response tokens."""
+ExOPD: with --exopd-reference-hf set to the teacher's own checkpoint (an architecture other than the student's),
+the reference's log-probs must be the teacher's bit for bit: proof that π_ref is the model the flag names, loaded
+at the run's TP; --rollout-is-threshold's reported mean weight must be min(π_S / μ, C) averaged over the step's
+response tokens. TrOPD: the sampled trust region's draws are the same on both TP ranks, and the outliers' top-k
+forward KL runs on the co-located teacher's top-k."""
 
 import math
 import os
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 THRESHOLD = 1.5
 
 
-def _one_step(rank, world_size, ws, reference_hf):
+def _one_step(rank, world_size, ws, reference_hf, algorithm_flags):
     from megatron_scope import train
     from megatron_scope.arguments import parse_run_config
     from megatron_scope.rollout.batch import RolloutGroup
@@ -28,9 +29,8 @@ def _one_step(rank, world_size, ws, reference_hf):
 
     train.start_engine = lambda *args, **kwargs: types.SimpleNamespace(close=lambda: None)  # no rollout here
     trainer = train.build_trainer(parse_run_config([
-        "--student-hf", ws.student_hf, "--teacher-hf", reference_hf, "--exopd-reference-hf", reference_hf,
-        "--tokenizer", ws.tokenizer, "--train-data", ws.train_jsonl, "--scope-algorithm", "exopd",
-        "--rollout-is-threshold", str(THRESHOLD), "--train-iters", "1", "--prompts-per-step", "2",
+        "--student-hf", ws.student_hf, "--teacher-hf", reference_hf, *algorithm_flags,
+        "--tokenizer", ws.tokenizer, "--train-data", ws.train_jsonl, "--train-iters", "1", "--prompts-per-step", "2",
         "--scope-group-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "8", "--lr", "1e-3",
         "--tensor-model-parallel-size", "2", "--rollout-tensor-parallel-size", "1"]))
     generator = torch.Generator().manual_seed(0)
@@ -50,6 +50,9 @@ def _one_step(rank, world_size, ws, reference_hf):
         outcome = trainer.learn(groups, metrics)
     finally:
         trainer.close()
+    if "--exopd-reference-hf" not in algorithm_flags:  # TrOPD: its draws and the teacher's top-k in the batch
+        return (outcome.updated, metrics["loss/loss"], [b["trust_uniform"] for b in scored],
+                all(b["teacher_topk_ids"].shape[-1] == 8 for b in scored))
     same_as_teacher = all(torch.equal(b["ref_log_probs"], b["teacher_log_probs"]) for b in scored)
     mask = torch.cat([b["loss_mask"].flatten() for b in scored])
     ratio = torch.cat([(b["old_log_probs"] - b["rollout_log_probs"]).flatten() for b in scored]).double()
@@ -59,16 +62,30 @@ def _one_step(rank, world_size, ws, reference_hf):
             metrics["loss/is_truncated_fraction"], expected_truncated)
 
 
-def test_exopd_reference_model_and_rollout_is_weights_at_tp2(tmp_path):
-    ws = make_workspace(str(tmp_path))
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(str(tmp_path_factory.mktemp("baseline_steps_ws")))
+
+
+def test_exopd_reference_model_and_rollout_is_weights_at_tp2(ws):
     from megatron_scope.data.tokenizer import Tokenizer
 
     vocab = Tokenizer.load(ws.tokenizer).vocab_size
     # the teacher's "base model": another architecture than the student's (3 layers, hidden 256)
     reference_hf = save_random_qwen2(os.path.join(ws.root, "reference_hf"), vocab, 3, 256, seed=5)
-    results = run_on_ranks(_one_step, 2, args=(ws, reference_hf), timeout=600)
+    flags = ["--scope-algorithm", "exopd", "--exopd-reference-hf", reference_hf,
+             "--rollout-is-threshold", str(THRESHOLD)]
+    results = run_on_ranks(_one_step, 2, args=(ws, reference_hf, flags), timeout=600)
     for same_as_teacher, updated, loss, is_weight, expected_weight, truncated, expected_truncated in results:
         assert same_as_teacher and updated and torch.isfinite(torch.tensor(loss))
         assert is_weight == pytest.approx(expected_weight, rel=1e-6)
         assert truncated == pytest.approx(expected_truncated, rel=1e-6) and 0 < truncated < 1
     assert results[0][2] == results[1][2]  # both TP ranks report the same loss
+
+
+def test_tropd_sampled_trust_region_with_top_k_forward_outliers_at_tp2(ws):
+    flags = ["--scope-algorithm", "tropd", "--scope-kl", "k1", "--tropd-outlier", "forward", "--scope-topk", "8"]
+    (updated0, loss0, draws0, topk0), (updated1, loss1, draws1, topk1) = run_on_ranks(
+        _one_step, 2, args=(ws, ws.teacher_hf, flags), timeout=600)
+    assert updated0 and updated1 and topk0 and topk1 and loss0 == loss1 and torch.isfinite(torch.tensor(loss0))
+    assert all(torch.equal(a, b) for a, b in zip(draws0, draws1, strict=True))  # one draw per token, TP-replicated
