@@ -254,8 +254,8 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                            help="δ of the threshold trust region and of the clip outliers.")
     baselines.add_argument("--tropd-outlier", choices=TROPD_OUTLIERS, default="mask",
                            help="TrOPD outside the region: mask (no loss), clip (the KL scaled by δ / max(|log π_S - "
-                                "log π_T|, δ)), or forward (KL(π_T‖π_S): over the vocabulary with a full --scope-kl, else over "
-                                "the teacher's top-k with --scope-topk K; the paper's best, K = 64).")
+                                "log π_T|, δ)), or forward (KL(π_T‖π_S): over the vocabulary with a full --scope-kl, "
+                                "else over the teacher's top-k with --scope-topk K; the paper's best, K = 64).")
     baselines.add_argument("--grpo-clip-eps", type=open_unit_float, default=0.2,
                            help="PPO ratio clip ε (GRPO, SRPO's correct path, --scope-teacher-path-loss ppo).")
     baselines.add_argument("--clip-ratio-c", type=positive_float, default=3.0,

@@ -205,7 +205,8 @@ class BaselineConfig:
         if self.srpo_beta < 0 or not self.tropd_delta > 0:
             raise ValueError(f"need --srpo-beta >= 0 and --tropd-delta > 0, got {self.srpo_beta}, {self.tropd_delta}")
         if self.tropd_trust_region not in TROPD_TRUST_REGIONS:
-            raise ValueError(f"--tropd-trust-region must be one of {TROPD_TRUST_REGIONS}, got {self.tropd_trust_region!r}")
+            raise ValueError(f"--tropd-trust-region must be one of {TROPD_TRUST_REGIONS}, "
+                             f"got {self.tropd_trust_region!r}")
         if self.tropd_outlier not in TROPD_OUTLIERS:
             raise ValueError(f"--tropd-outlier must be one of {TROPD_OUTLIERS}, got {self.tropd_outlier!r}")
 

@@ -136,7 +136,8 @@ class ScopeTrainer:
                              f"{config.models.teacher_backend} {'needs' if config.colocated_teacher else 'takes no'} "
                              "co-located teacher (--teacher-hf)")
         if config.loss.algorithm == "exopd" and self.reference is None:
-            raise ValueError("--scope-algorithm exopd needs a reference model (--exopd-reference-hf, or the initial student)")
+            raise ValueError("--scope-algorithm exopd needs a reference model (--exopd-reference-hf, or the initial "
+                             "student)")
         errors = config.batch_errors(self.dp_size)
         if errors:
             raise ValueError(errors[0])

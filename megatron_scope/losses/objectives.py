@@ -126,9 +126,9 @@ def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     π_T(y_t) / π_S(y_t), 1)) with π_S the policy that sampled (old log-probs), drawn as u_t < min(...) from the
     trainer's `trust_uniform`: a token the teacher finds at least as likely is always inside, and one it finds
     r times less likely is inside with probability 1/r. "threshold": inside iff |log π_S - log π_T| <= δ.
-    Outliers (`tropd_outlier`): "mask" drops the token; "clip" scales its KL by δ / max(|Δ_t|, δ), Δ_t = log π_S -
-    log π_T (as if it sat no farther than δ); "forward" uses the forward KL(π_T‖π_S) there instead (the paper's best, over the teacher's top-k
-    with K = 64, `stats.forward_kl`).
+    Outliers (`tropd_outlier`): "mask" drops the token; "clip" scales its KL by δ / max(|Δ_t|, δ), Δ_t =
+    log π_S - log π_T (as if it sat no farther than δ); "forward" uses the forward KL(π_T‖π_S) there instead
+    (`stats.forward_kl`; the paper's best, over the teacher's top-k with K = 64).
     """
     _require(stats, "tropd", "kl", "teacher_log_probs")
     gap = (stats.student_log_probs - stats.teacher_log_probs).detach().abs()

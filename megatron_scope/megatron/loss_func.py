@@ -260,7 +260,8 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
     stats, student_entropy = _token_stats(config, vocab_size, batch, output, group, student_weight, teacher_weight)
     token_loss = OBJECTIVES[config.algorithm](stats, config)
     if config.rollout_is_threshold is not None:
-        is_weights = truncated_is_weights(batch["old_log_probs"], batch["rollout_log_probs"], config.rollout_is_threshold)
+        is_weights = truncated_is_weights(batch["old_log_probs"], batch["rollout_log_probs"],
+                                          config.rollout_is_threshold)
         token_loss = token_loss * is_weights.to(token_loss.dtype)
     loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
     report = _report(stats, batch, student_entropy)
