@@ -11,12 +11,12 @@ rollouts, in a fresh process, and is evaluated on the held-out problems with the
 A method is an algorithm (--scope-algorithm) or one of the named variants of STUDY_METHODS (an algorithm
 and extra training flags: SCOPE as the authors released it, SCOPE ablations, OPD with the k1 estimator).
 
---reward picks the study's verifier, for the training reward and the held-out grading alike: "synthetic"
-(the final "A: <int>") or "synthetic-strict" (every written step too). The table adds the other grading's
+--reward picks the study's verifier, for the training reward and the held-out grading alike: "synthetic-strict"
+(every written step too, the demo's default) or "synthetic" (the final "A: <int>" only). The table adds the other grading's
 Avg@n, so a gap between them counts the right answers reached with wrong working.
 
 Writes <out>/results.json, results.md (mean ± std over seeds) and compare.png; <out> is --out, by default
-<workdir>/compare (--reward synthetic) or <workdir>/compare-<reward>.
+<workdir>/compare-<reward>.
 """
 
 from __future__ import annotations
@@ -59,20 +59,20 @@ def parse_args(argv=None):
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--lr", type=float, default=5e-4, help="Distillation learning rate (Adam, cosine to lr/10).")
-    parser.add_argument("--reward", choices=demo.SYNTHETIC_REWARDS, default="synthetic",
-                        help="The study's verifier (training reward and held-out grading): synthetic (final answer) "
-                             "or synthetic-strict (every written step too).")
+    parser.add_argument("--reward", choices=demo.SYNTHETIC_REWARDS, default="synthetic-strict",
+                        help="The study's verifier (training reward and held-out grading): synthetic-strict (every "
+                             "written step too) or synthetic (the final answer only).")
     parser.add_argument("--out", default=None,
-                        help="Output directory; default <workdir>/compare, or <workdir>/compare-<reward> for a "
-                             "reward other than synthetic (so studies do not overwrite each other).")
+                        help="Output directory; default <workdir>/compare-<reward> (so studies do not overwrite "
+                             "each other).")
     return parser.parse_args(argv)
 
 
 def output_dir(args) -> str:
-    """Where the study writes: --out, else <workdir>/compare (synthetic) or <workdir>/compare-<reward>."""
+    """Where the study writes: --out, else <workdir>/compare-<reward>."""
     if args.out:
         return args.out
-    return os.path.join(args.workdir, "compare" if args.reward == "synthetic" else f"compare-{args.reward}")
+    return os.path.join(args.workdir, f"compare-{args.reward}")
 
 
 def _run(args, method, seed):

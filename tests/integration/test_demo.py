@@ -40,10 +40,10 @@ def test_demo_and_compare_run_and_write_their_outputs(tmp_path):
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(out, "tensorboard")))
 
     _run_script("compare.py", "--workdir", out, "--methods", "scope-released", "--seeds", "0", "--iters", "1", *TOY)
-    with open(os.path.join(out, "compare", "results.md")) as handle:
+    with open(os.path.join(out, "compare-synthetic-strict", "results.md")) as handle:
         table = handle.read().splitlines()
     assert [row.split(" | ")[0] for row in table[2:]] == [
         "| student before (all methods start here)", "| teacher", "| scope-released"]
     assert table[2].split(" | ")[1] == f"{results['student_before']['avg']:.3f}"
-    with open(os.path.join(out, "compare", "compare.png"), "rb") as handle:
+    with open(os.path.join(out, "compare-synthetic-strict", "compare.png"), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
