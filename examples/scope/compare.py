@@ -11,9 +11,9 @@ rollouts, in a fresh process, and is evaluated on the held-out problems with the
 A method is an algorithm (--scope-algorithm) or one of the named variants of STUDY_METHODS (an algorithm
 and extra training flags: SCOPE as the authors released it, SCOPE ablations, OPD with the k1 estimator).
 
---reward picks the study's verifier, for the training reward and the held-out grading alike: "synthetic-strict"
-(every written step too, the demo's default) or "synthetic" (the final "A: <int>" only). The table adds the other grading's
-Avg@n, so a gap between them counts the right answers reached with wrong working.
+--reward picks the study's verifier, for the training reward and the held-out grading alike:
+"synthetic-strict" (every written step too, the demo's default) or "synthetic" (the final "A: <int>" only). The
+table adds the other grading's Avg@n, so a gap between them counts the right answers reached with wrong working.
 
 Writes <out>/results.json, results.md (mean ± std over seeds) and compare.png; <out> is --out, by default
 <workdir>/compare-<reward>.
