@@ -336,6 +336,11 @@ class LossConfig:
         return self.fused_kl and self.uses_kl and self.kl in FULL_VOCAB_KL and self.algorithm in ("scope", "opd")
 
     @property
+    def tropd_sampled_trust_region(self) -> bool:
+        """TrOPD with the paper's sampled trust region (the trainer draws one U(0, 1) per token for it)."""
+        return self.algorithm == "tropd" and self.baselines.tropd_trust_region == "sampled"
+
+    @property
     def tropd_forward_outliers(self) -> bool:
         """TrOPD with forward-KL outliers."""
         return self.algorithm == "tropd" and self.baselines.tropd_outlier == "forward"

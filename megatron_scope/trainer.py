@@ -269,15 +269,14 @@ class ScopeTrainer:
                 batch.update(teacher[i])
             if reference:
                 batch["ref_log_probs"] = reference[i][1]
-        loss = self.config.loss
-        if loss.algorithm == "tropd" and loss.baselines.tropd_trust_region == "sampled":
+        if self.config.loss.tropd_sampled_trust_region:
             # TrOPD's acceptance draws: one per token, the same on every TP rank of this replica, new each step
             generator = torch.Generator().manual_seed(
                 (self.config.loop.seed * 1_000_003 + self.iteration) * 1_009 + self.dp_rank)
             for batch in microbatches:
                 batch["trust_uniform"] = torch.rand(batch["labels"].shape, generator=generator).to(
                     batch["labels"].device)
-        add_group_inputs(microbatches, loss, parallel_state.get_data_parallel_group())
+        add_group_inputs(microbatches, self.config.loss, parallel_state.get_data_parallel_group())
 
     def _sampler_mismatch(self, microbatches: list[dict]) -> tuple[float, float]:
         """Mean |sampler log-prob - Megatron's log-prob| over response tokens: over the whole step, and the

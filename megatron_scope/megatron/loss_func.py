@@ -67,7 +67,7 @@ def required_batch_keys(config: LossConfig, teacher_hidden: bool = False) -> set
         keys.add("teacher_log_probs")
     if config.teacher_topk:
         keys |= {"teacher_topk_ids", "teacher_topk_log_probs", "teacher_topk_tail_log_mass"}
-    if config.algorithm == "tropd" and config.baselines.tropd_trust_region == "sampled":
+    if config.tropd_sampled_trust_region:
         keys |= {"trust_uniform", "old_log_probs"}
     if config.algorithm in ("grpo", "srpo"):
         keys |= {"old_log_probs", "advantages"}
