@@ -14,7 +14,8 @@ import argparse
 
 from megatron_scope.config import (
     ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, ROLLOUT_PLACEMENTS,
-    TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS, TROPD_OUTLIERS, TROPD_TRUST_REGIONS, WEIGHT_NORMS,
+    SRPO_REPROMPT_TEMPLATE, SRPO_TEACHERS, TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS, TROPD_OUTLIERS,
+    TROPD_TRUST_REGIONS, WEIGHT_NORMS,
     RunConfig, build_config,
 )
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
@@ -246,7 +247,18 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                 "reward correction: the teacher's base model before its RL). Default: the initial "
                                 "student (--student-hf).")
     baselines.add_argument("--srpo-beta", type=nonnegative_float, default=1.0,
-                           help="SRPO entropy weight: incorrect tokens weighted by exp(-β H_teacher).")
+                           help="SRPO's entropy-aware weight: a distilled token weighs exp(-β H_teacher), normalised to "
+                                "mean 1 over the step's distilled tokens.")
+    baselines.add_argument("--srpo-teacher", choices=SRPO_TEACHERS, default="ema",
+                           help="SRPO's teacher for failed samples: ema (an EMA copy of the student, SDPO's default) or "
+                                "current (the student itself), re-prompted with a successful sibling (SRPO/SDPO's "
+                                "self-teacher); external: the --teacher-hf model on the original prompt.")
+    baselines.add_argument("--srpo-ema-rate", type=open_unit_float, default=0.05,
+                           help="The EMA self-teacher's update rate r: θ_T <- (1 - r) θ_T + r θ_S after each step.")
+    baselines.add_argument("--srpo-reprompt-template", default=SRPO_REPROMPT_TEMPLATE,
+                           help="The self-teacher's prompt, with {prompt} (the rollout prompt's text after "
+                                "--prompt-template) and {solution} (a successful sibling's response); it is "
+                                "then formatted as a rollout prompt (BOS, or --apply-chat-template). Default: SDPO's.")
     baselines.add_argument("--tropd-trust-region", choices=TROPD_TRUST_REGIONS, default="sampled",
                            help="TrOPD's trust region: sampled (the paper's: token y is inside with probability "
                                 "min(π_T(y)/π_S(y), 1), one draw per token) or threshold (|log π_S - log π_T| <= δ).")

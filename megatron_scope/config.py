@@ -35,6 +35,10 @@ ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
 REWARDS = ("synthetic", "synthetic-strict", "math")
 TROPD_OUTLIERS = ("mask", "clip", "forward")
 TROPD_TRUST_REGIONS = ("sampled", "threshold")
+#: --srpo-teacher: SRPO's self-teacher (an EMA of the student, or the current student) or an external teacher.
+SRPO_TEACHERS = ("ema", "current", "external")
+#: SDPO's re-prompt (lasgroup/SDPO, actor.yaml: reprompt_template with its solution_template filled in).
+SRPO_REPROMPT_TEMPLATE = "{prompt}\nCorrect solution:\n\n{solution}\n\nCorrectly solve the original question."
 #: How per-token losses become the step's loss (verl's names; see losses/objectives.aggregate).
 LOSS_AGG_MODES = ("seq-mean-token-mean", "token-mean", "scope-released")
 TEACHER_PATH_LOSSES = ("kl", "ppo")
@@ -188,6 +192,16 @@ class BaselineConfig:
     """--exopd-lambda: ExOPD reward-extrapolation λ (1 = OPD)."""
     srpo_beta: float = 1.0
     """--srpo-beta: SRPO teacher-entropy temperature β."""
+    srpo_teacher: str = "ema"
+    """--srpo-teacher: whom SRPO's failed samples are distilled toward. "ema" (SDPO's default) and "current": the
+    self-teacher, the student (an EMA copy of it, or itself) re-prompted with a successful sibling; "external": the
+    --teacher-hf model on the original prompt (not SRPO's method; kept as a distillation variant)."""
+    srpo_ema_rate: float = 0.05
+    """--srpo-ema-rate: the EMA self-teacher's update rate r, θ_T <- (1 - r) θ_T + r θ_S after each step (SDPO's
+    teacher_update_rate)."""
+    srpo_reprompt_template: str = SRPO_REPROMPT_TEMPLATE
+    """--srpo-reprompt-template: the self-teacher's prompt, with {prompt} (the rollout prompt's text, after
+    --prompt-template) and {solution} (the sibling's response text)."""
     tropd_trust_region: str = "sampled"
     """--tropd-trust-region: "sampled" (the TrOPD paper's: token y_t is inside with probability min(π_T(y_t) /
     π_S(y_t), 1), one draw per token, as speculative decoding accepts a draft token) or "threshold" (inside iff
@@ -209,6 +223,14 @@ class BaselineConfig:
                              f"got {self.tropd_trust_region!r}")
         if self.tropd_outlier not in TROPD_OUTLIERS:
             raise ValueError(f"--tropd-outlier must be one of {TROPD_OUTLIERS}, got {self.tropd_outlier!r}")
+        if self.srpo_teacher not in SRPO_TEACHERS:
+            raise ValueError(f"--srpo-teacher must be one of {SRPO_TEACHERS}, got {self.srpo_teacher!r}")
+        if not 0 < self.srpo_ema_rate < 1:
+            raise ValueError(f"--srpo-ema-rate must be in (0, 1), got {self.srpo_ema_rate}")
+        for placeholder in ("{prompt}", "{solution}"):
+            if placeholder not in self.srpo_reprompt_template:
+                raise ValueError(f"--srpo-reprompt-template must contain {placeholder}, got "
+                                 f"{self.srpo_reprompt_template!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,13 +341,19 @@ class LossConfig:
         return self.algorithm in KL_ALGORITHMS
 
     @property
+    def self_teacher(self) -> bool:
+        """SRPO distils toward the student itself (or its EMA) re-prompted with a successful sibling."""
+        return self.algorithm == "srpo" and self.baselines.srpo_teacher != "external"
+
+    @property
     def needs_teacher(self) -> bool:
-        """The objective reads a teacher (its logits, top-k or log-probs; SCOPE's teacher-path weights too)."""
-        return self.algorithm not in TEACHER_FREE_ALGORITHMS
+        """The objective reads an external teacher (its logits, top-k or log-probs; SCOPE's teacher-path weights
+        too)."""
+        return self.algorithm not in TEACHER_FREE_ALGORITHMS and not self.self_teacher
 
     @property
     def needs_teacher_logits(self) -> bool:
-        """The loss reads the teacher's whole distribution: a full-vocabulary KL, or SRPO's teacher entropy."""
+        """The loss reads the (self-)teacher's whole distribution: a full-vocabulary KL, or SRPO's teacher entropy."""
         return (self.uses_kl and self.kl in FULL_VOCAB_KL) or self.algorithm == "srpo"
 
     @property
@@ -498,6 +526,10 @@ class RunConfig:
                              f"{self.loss.algorithm} reads none")
         if self.loss.needs_teacher and not self.models.teacher_hf:
             raise ValueError(f"--scope-algorithm {self.loss.algorithm} reads the teacher: give --teacher-hf")
+        if self.loss.self_teacher and (self.models.teacher_hf or self.models.teacher_backend != "megatron"):
+            raise ValueError(f"--srpo-teacher {self.loss.baselines.srpo_teacher} distils toward the student itself "
+                             "and reads no external teacher: drop --teacher-hf/--teacher-backend, or use "
+                             "--srpo-teacher external")
         if self.models.teacher_backend == "vllm" and self.loss.needs_teacher_logits:
             raise ValueError(f"--scope-algorithm {self.loss.algorithm} with --scope-kl {self.loss.kl} needs the "
                              "teacher's logits over the vocabulary; a vLLM teacher (--teacher-backend vllm) gives the "
@@ -561,7 +593,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             teacher_path_weights=args.scope_teacher_path_weights,
             baselines=BaselineConfig(clip_eps=args.grpo_clip_eps, clip_ratio_c=args.clip_ratio_c,
                                      exopd_lambda=args.exopd_lambda,
-                                     srpo_beta=args.srpo_beta, tropd_delta=args.tropd_delta,
+                                     srpo_beta=args.srpo_beta, srpo_teacher=args.srpo_teacher,
+                                     srpo_ema_rate=args.srpo_ema_rate,
+                                     srpo_reprompt_template=args.srpo_reprompt_template, tropd_delta=args.tropd_delta,
                                      tropd_trust_region=args.tropd_trust_region, tropd_outlier=args.tropd_outlier)),
         rollout=RolloutConfig(
             prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,

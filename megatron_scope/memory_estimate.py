@@ -21,6 +21,7 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
     teacher parameters       e P_teacher         co-located (--teacher-backend megatron), same TP/PP as the
                                                  student, forward only
     reference parameters     e P_ref             ExOPD's frozen π_ref (--exopd-reference-hf, else the student)
+    SRPO EMA teacher         4 P                 --srpo-teacher ema: a float32 copy of the student's stage
     activations              A m (L/p) [+ 2 e s b h on the last stage: final-norm and output-layer inputs]
                              m = min(p - stage, n / b) microbatches in flight under 1F1B (1 without PP)
     attention score buffer   e (a/t) s^2 b       Megatron's global "mpu" buffer for the baddbmm of QK^T
@@ -43,7 +44,8 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
     teacher hidden states    e b s h_T           last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
                                                  SRPO): the co-located teacher's last hidden states of one
                                                  microbatch; those of the whole local batch (e n s h_T) wait in
-                                                 pinned host memory from the scoring pass to the student's step
+                                                 pinned host memory from the scoring pass to the student's step.
+                                                 SRPO's self-teacher: h_T = h, and e = 4 for the EMA teacher
     teacher logits           e b s V/t           the same without the fused KL: one microbatch's, from those states
     batch tensors            40 n s              tokens, labels, position ids (int64), loss mask and 3 log-prob
                                                  rows (fp32) of the local batch
@@ -426,8 +428,13 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
         comps.append(Component("reference parameters (ExOPD)", e * r_params, f"{r_params:,} params x {e} B"
                                + ("" if reference else " (the initial student)"),
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
+    if plan.config.loss.self_teacher and plan.config.loss.baselines.srpo_teacher == "ema":
+        comps.append(Component("SRPO EMA teacher parameters", 4 * params, f"{params:,} params x 4 B (float32 EMA)",
+                               "use --srpo-teacher current, or raise --tensor-model-parallel-size"))
     vocab_shard = padded_vocab // tp
-    teacher_distribution = last and teacher is not None and plan.config.loss.needs_teacher_logits
+    distribution = _distribution_source(plan, student, teacher)  # whose full distribution the loss reads
+    teacher_distribution = last and distribution is not None
+    t_e = _distribution_bytes(plan)
     loss_terms = []  # live together during the loss's backward
     if last:  # Megatron's output-layer backward (or ops.linear_kl's) before DDP adds it to main_grad
         loss_terms.append(Component("output-layer weight gradient", e * vocab_shard * student.hidden_size,
@@ -448,8 +455,8 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
                                     "lower --micro-batch-size, raise --tensor-model-parallel-size"))
         if teacher_distribution:
             loss_terms.append(Component(
-                "teacher logits (one microbatch)", logits,
-                f"[{b}, {s}, {vocab_shard}] {_dtype(e)} from its hidden states",
+                "teacher logits (one microbatch)", b * s * vocab_shard * t_e,
+                f"[{b}, {s}, {vocab_shard}] {_dtype(t_e)} from its hidden states",
                 "use --scope-fused-kl (SCOPE, OPD), lower --micro-batch-size"))
     models = plan.config.models
     in_flight = min(pp - stage, plan.num_microbatches)
@@ -487,8 +494,8 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     comps += loss_terms
     if teacher_distribution:
         comps.append(Component(
-            "teacher hidden states (microbatch)", b * s * teacher.hidden_size * e,
-            f"[{b}, {s}, {teacher.hidden_size}] {_dtype(e)}, brought from host memory for its microbatch (the "
+            "teacher hidden states (microbatch)", b * s * distribution.hidden_size * t_e,
+            f"[{b}, {s}, {distribution.hidden_size}] {_dtype(t_e)}, brought from host memory for its microbatch (the "
             f"local batch's {n} sequences wait there: teacher_hidden_host_bytes)", "lower --micro-batch-size"))
     # A co-located teacher's top-k exists on the last stage; a vLLM teacher's arrives with the batch on every rank.
     remote_topk = plan.config.models.teacher_backend == "vllm"
@@ -517,12 +524,29 @@ STEP_TERMS = ("student activations", "attention score buffer", "logits + gradien
               "top-k tail temporaries")
 
 
-def teacher_hidden_host_bytes(plan: RunPlan, teacher: DecoderArch | None) -> int:
-    """Host memory per last-stage rank for the co-located teacher's last hidden states of the local batch, kept from
+def _distribution_source(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None) -> DecoderArch | None:
+    """The model whose hidden states carry the full distribution the loss reads: the co-located teacher, SRPO's
+    self-teacher (the student's architecture), or None."""
+    if not plan.config.loss.needs_teacher_logits:
+        return None
+    if plan.config.loss.self_teacher:
+        return student
+    return teacher if plan.config.colocated_teacher else None
+
+
+def _distribution_bytes(plan: RunPlan) -> int:
+    """Bytes per element of those hidden states: float32 for SRPO's EMA teacher, else the run's."""
+    ema = plan.config.loss.self_teacher and plan.config.loss.baselines.srpo_teacher == "ema"
+    return 4 if ema else plan.element_bytes
+
+
+def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None) -> int:
+    """Host memory per last-stage rank for the (self-)teacher's last hidden states of the local batch, kept from
     the scoring pass to the student's step (e n s h_T; 0 when the loss does not read the teacher's distribution)."""
-    if teacher is None or not plan.config.colocated_teacher or not plan.config.loss.needs_teacher_logits:
+    source = _distribution_source(plan, student, teacher)
+    if source is None:
         return 0
-    return plan.local_sequences * plan.seq_length * teacher.hidden_size * plan.element_bytes
+    return plan.local_sequences * plan.seq_length * source.hidden_size * _distribution_bytes(plan)
 
 
 def _engine_components(plan: RunPlan, model: DecoderArch, label: str = "vLLM") -> list[Component]:

@@ -131,6 +131,7 @@ def build_trainer(config: RunConfig):
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
     from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights
     from megatron_scope.rollout.vllm_engine import set_vllm_log_level
+    from megatron_scope.teacher.self_teacher import EmaTeacher
     from megatron_scope.trainer import ScopeTrainer, rollout_group
 
     models, parallel, seed = config.models, config.parallel, config.loop.seed
@@ -157,8 +158,8 @@ def build_trainer(config: RunConfig):
                                        parallel.tensor_model_parallel_size)
     dataset = load_prompts(config.data, seed=seed, tokenizer=tokenizer)
 
-    def load_model(arch, hf_dir, **config_overrides):
-        model = build_gpt_model(arch, params_dtype=dtype, padded_vocab=padded_vocab, **config_overrides,
+    def load_model(arch, hf_dir, params_dtype=dtype, **config_overrides):
+        model = build_gpt_model(arch, params_dtype=params_dtype, padded_vocab=padded_vocab, **config_overrides,
                                 variable_seq_lengths=config.loop.max_tokens_per_microbatch is not None)
         load_hf_weights(model, arch, SafetensorsCheckpoint(hf_dir))
         return model
@@ -171,6 +172,11 @@ def build_trainer(config: RunConfig):
         teacher = load_model(teacher_arch, models.teacher_hf, **models.layer_spec_options).eval().requires_grad_(False)
     if reference_arch is not None:
         reference = load_model(reference_arch, reference_hf, **models.layer_spec_options).eval().requires_grad_(False)
+    ema_teacher = None
+    if config.loss.self_teacher and config.loss.baselines.srpo_teacher == "ema":  # SRPO's EMA self-teacher, fp32
+        ema_teacher = EmaTeacher(load_model(student_arch, models.student_hf, params_dtype=torch.float32,
+                                            **models.layer_spec_options).eval().requires_grad_(False),
+                                 config.loss.baselines.srpo_ema_rate)
     optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
 
     engine = teacher_engine = None
@@ -181,7 +187,7 @@ def build_trainer(config: RunConfig):
                                           max_logprobs=config.loss.teacher_topk)
     trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
                            build_verifier(config.data.reward).verify_batch, engine=engine, teacher=teacher,
-                           reference=reference, teacher_engine=teacher_engine)
+                           reference=reference, teacher_engine=teacher_engine, ema_teacher=ema_teacher)
     if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF
         stage_hf_files(config.loop.save, models.student_hf)
     return trainer

@@ -42,6 +42,7 @@ from megatron.core import parallel_state
 
 from megatron_scope.config import RunConfig
 from megatron_scope.megatron import checkpointing
+from megatron_scope.losses.objectives import srpo_distill_weights
 from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports
 from megatron_scope.megatron.model import output_layer_weight
 from megatron_scope.megatron.optimizer import guarded_step
@@ -54,6 +55,7 @@ from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams
 from megatron_scope.teacher.colocated import log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
+from megatron_scope.teacher.self_teacher import SelfTeacherRow, route_group, reprompt_builder, self_teacher_pass
 
 logger = logging.getLogger("megatron_scope.trainer")
 
@@ -89,16 +91,24 @@ class ScopeTrainer:
         teacher=None,
         reference=None,
         teacher_engine=None,
+        ema_teacher=None,
     ):
         """`student`: DDP-wrapped GPTModel stage; `teacher`/`reference`: GPTModel stages, forward only, same
         TP/PP as the student (co-located); `engine`: a RolloutEngine on this rank exactly when it is a rollout
         leader (`rollout_leader`; None elsewhere); `teacher_engine`: instead of `teacher`, a vLLM engine serving
         the teacher beside the rollout engine (its `score` / `score_topk` give sampled-token log-probs and
-        top-k); `verify(response_texts, gold_answers)` -> outcomes; `tokenizer` decodes responses, gives eos/pad
+        top-k); `ema_teacher`: SRPO's EMA self-teacher (`teacher.self_teacher.EmaTeacher`, --srpo-teacher ema);
+        `verify(response_texts, gold_answers)` -> outcomes; `tokenizer` decodes responses, gives eos/pad
         and the vocabulary the loss works over."""
         self.config = config
         self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
-        self.teacher_engine = teacher_engine
+        self.teacher_engine, self.ema_teacher = teacher_engine, ema_teacher
+        # SRPO's self-teacher: the EMA copy, or the student itself (--srpo-teacher current)
+        self.self_teacher = None
+        if config.loss.self_teacher:
+            self.self_teacher = ema_teacher.model if ema_teacher is not None else student
+            self.build_reprompt = reprompt_builder(tokenizer, config.data.prompt_format(),
+                                                   config.loss.baselines.srpo_reprompt_template)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.dataset, self.tokenizer, self.verify, self.engine = dataset, tokenizer, verify, engine
         self.vocab_size = tokenizer.vocab_size
@@ -135,6 +145,9 @@ class ScopeTrainer:
             raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --teacher-backend "
                              f"{config.models.teacher_backend} {'needs' if config.colocated_teacher else 'takes no'} "
                              "co-located teacher (--teacher-hf)")
+        if (self.ema_teacher is not None) != (config.loss.self_teacher and config.loss.baselines.srpo_teacher == "ema"):
+            raise ValueError(f"--srpo-teacher {config.loss.baselines.srpo_teacher}: the trainer "
+                             f"{'got' if self.ema_teacher is not None else 'lacks'} an EMA teacher")
         if config.loss.algorithm == "exopd" and self.reference is None:
             raise ValueError("--scope-algorithm exopd needs a reference model (--exopd-reference-hf, or the initial "
                              "student)")
@@ -142,6 +155,8 @@ class ScopeTrainer:
         if errors:
             raise ValueError(errors[0])
         self._check_prompts()
+        if self.self_teacher is not None:
+            self._check_reprompts()
 
     def _check_prompts(self) -> None:
         """Every prompt fits the student's context with max_new_tokens, and its ids are in the vocabulary."""
@@ -158,6 +173,24 @@ class ScopeTrainer:
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 raise ValueError(f"prompt {prompt.id!r} ({source}) has token ids outside the vocabulary [0, {vocab}): "
                                  f"{[t for t in ids if not 0 <= t < vocab][:5]}")
+
+    def _check_reprompts(self) -> None:
+        """SRPO's re-prompt tokenizes for every prompt (its template's text too: ValueError naming what the tokenizer
+        cannot encode), and a warning when even an empty demonstration leaves no room for two responses of
+        --max-new-tokens (such failures go to GRPO; `srpo/reprompt_too_long_fraction` counts them)."""
+        template = self.config.loss.baselines.srpo_reprompt_template
+        longest = 0
+        for prompt in getattr(self.dataset, "prompts", ()):
+            try:
+                longest = max(longest, len(self.build_reprompt(prompt.prompt, "")))
+            except ValueError as error:
+                raise ValueError(f"--srpo-reprompt-template {template!r} for prompt {prompt.id!r}: {error}") from None
+        room = self.arch.max_position_embeddings - longest
+        if longest and room < 2 * self.config.rollout.max_new_tokens:
+            logger.warning("SRPO: the longest re-prompt (%d tokens with an empty demonstration) leaves %d of %d "
+                           "positions for a demonstration and a response of up to --max-new-tokens %d each; failures "
+                           "whose re-prompt does not fit are trained with GRPO", longest, room,
+                           self.arch.max_position_embeddings, self.config.rollout.max_new_tokens)
 
     # ---- one iteration ----
 
@@ -187,6 +220,11 @@ class ScopeTrainer:
         completions = [c for g in groups for c in g.completions]
         sums = [sum(o for g in groups for o in g.correct), len(completions), sum(len(c.token_ids) for c in completions),
                 sum(c.finish_reason == "length" for c in completions)]
+        if self.self_teacher is not None:  # SRPO's routing: distilled, no demonstration, re-prompt too long
+            routes = [(ok, prompt is not None, any(g.correct)) for g in groups
+                      for ok, prompt in zip(g.correct, g.self_teacher_prompts)]
+            sums += [sum(d for _, d, _ in routes), sum(not ok and not sibling for ok, _, sibling in routes),
+                     sum(not ok and sibling and not d for ok, d, sibling in routes)]
         times = [seconds["rollout"], seconds.get("teacher_score", 0.0)]
         if self.config.rollout.placement == "colocated" and self.dp_size > 1:
             device, group = collective_device(), parallel_state.get_data_parallel_group()
@@ -195,7 +233,7 @@ class ScopeTrainer:
             dist.all_reduce(totals, group=group)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
             sums, times = totals.tolist(), slowest.tolist()
-        correct, samples, tokens, truncated = sums
+        correct, samples, tokens, truncated = sums[:4]
         stats = {
             "rollout/accuracy": correct / samples,
             "rollout/response_length": tokens / samples,
@@ -205,6 +243,10 @@ class ScopeTrainer:
         }
         if "teacher_score" in seconds:
             stats["time/teacher_score_s"] = times[1]
+        if self.self_teacher is not None:
+            stats["srpo/distilled_fraction"] = sums[4] / samples
+            stats["srpo/failed_without_demonstration_fraction"] = sums[5] / samples
+            stats["srpo/reprompt_too_long_fraction"] = sums[6] / samples
         return stats
 
     def _sample_verify_score(self, prompts, first: int, iteration: int) -> tuple[list[RolloutGroup], dict]:
@@ -234,7 +276,14 @@ class ScopeTrainer:
             self.teacher_engine.sleep()
             seconds["teacher_score"] = time.perf_counter() - start
         n = rollout.group_size
-        groups = [RolloutGroup(p.id, list(p.token_ids), group, correct[i * n : (i + 1) * n], teacher_scores[i])
+        self_teacher_prompts = [None] * len(prompts)
+        if self.self_teacher is not None:
+            self_teacher_prompts = [
+                route_group(p.prompt, [c.token_ids for c in group], texts[i * n : (i + 1) * n],
+                            correct[i * n : (i + 1) * n], self.build_reprompt, self.arch.max_position_embeddings)
+                for i, (p, group) in enumerate(zip(prompts, samples))]
+        groups = [RolloutGroup(p.id, list(p.token_ids), group, correct[i * n : (i + 1) * n], teacher_scores[i],
+                               self_teacher_prompts[i])
                   for i, (p, group) in enumerate(zip(prompts, samples))]
         check_token_ids(groups, self.vocab_size)
         return groups, seconds
@@ -253,13 +302,20 @@ class ScopeTrainer:
             kind = RolloutEngineDiedError if name == RolloutEngineDiedError.__name__ else RuntimeError
             raise kind(f"rank {rank}'s {phase} failed: {name}: {text}")
 
-    def _score(self, microbatches: list[dict]) -> None:
+    def _score(self, microbatches: list[dict], self_teacher_rows: list[SelfTeacherRow] | None = None) -> None:
         """Add the loss inputs to the last stage's microbatches (forward passes run on every stage): the student's
-        temperature-1 log-probs, a co-located teacher's view, the reference's log-probs, then the group inputs
-        (SCOPE's weights, advantages)."""
+        temperature-1 log-probs, a co-located teacher's or SRPO's self-teacher's view (`self_teacher_rows`: the
+        local batch's rows), the reference's log-probs, then the group inputs (SCOPE's weights, advantages) and
+        SRPO's entropy-aware weights."""
         student = log_prob_pass(self.student, microbatches, self.vocab_size,
                                 temperature=self.config.loss.logprob_temperature)
-        teacher = teacher_pass(self.teacher, microbatches, self.config.loss, self.vocab_size) if self.teacher is not None else []
+        if self.self_teacher is not None:
+            teacher = self_teacher_pass(self.self_teacher, microbatches, self_teacher_rows,
+                                        self.config.loop.micro_batch_size, self.vocab_size, self.tokenizer.pad_id)
+        elif self.teacher is not None:
+            teacher = teacher_pass(self.teacher, microbatches, self.config.loss, self.vocab_size)
+        else:
+            teacher = []
         reference = log_prob_pass(self.reference, microbatches, self.vocab_size) if self.reference is not None else []
         if not self.is_last_stage:
             return
@@ -277,6 +333,13 @@ class ScopeTrainer:
                 batch["trust_uniform"] = torch.rand(batch["labels"].shape, generator=generator).to(
                     batch["labels"].device)
         add_group_inputs(microbatches, self.config.loss, parallel_state.get_data_parallel_group())
+        if self.config.loss.algorithm == "srpo":
+            weights = srpo_distill_weights([b.pop("teacher_entropy") for b in microbatches],
+                                           [b["loss_mask"] * b["distilled"][:, None] for b in microbatches],
+                                           self.config.loss.baselines.srpo_beta,
+                                           parallel_state.get_data_parallel_group())
+            for batch, w in zip(microbatches, weights):
+                batch["distill_weights"] = w
 
     def _sampler_mismatch(self, microbatches: list[dict]) -> tuple[float, float]:
         """Mean |sampler log-prob - Megatron's log-prob| over response tokens: over the whole step, and the
@@ -334,6 +397,14 @@ class ScopeTrainer:
         local = groups[start : start + per_rank]
         batch = build_batch(local, sequence_length_for(groups), self.tokenizer.pad_id,
                             group_offset=self.dp_rank * per_rank)
+        self_teacher_rows = None
+        if self.self_teacher is not None:  # SRPO: failed responses with a demonstration; each row's place in the batch
+            self_teacher_rows = [SelfTeacherRow(prompt, len(g.prompt_token_ids), c.token_ids) for g in local
+                                 for c, prompt in zip(g.completions, g.self_teacher_prompts)]
+            batch["distilled"] = torch.tensor([row.teacher_prompt is not None for row in self_teacher_rows])
+            batch["row_index"] = torch.arange(len(self_teacher_rows))
+        elif self.config.loss.algorithm == "srpo":  # the external teacher: every failed response
+            batch["distilled"] = ~batch["correct"]
         device = next(self.student.parameters()).device  # CUDA under NCCL: the models' and collectives' device
         batch = {key: value.to(device) for key, value in batch.items()}
         loop = self.config.loop
@@ -343,18 +414,22 @@ class ScopeTrainer:
             microbatches = split_by_token_budget(batch, loop.max_tokens_per_microbatch, loop.micro_batch_size)
 
         score_start = time.perf_counter()
-        self._score(microbatches)
+        self._score(microbatches, self_teacher_rows)
         if self.is_last_stage:
             metrics["rollout/logprob_abs_diff"], metrics["rollout/logprob_abs_diff_max"] = \
                 self._sampler_mismatch(microbatches)
         train_start = time.perf_counter()
         self.student.zero_grad_buffer()
-        teacher_weight = output_layer_weight(self.teacher) if self.config.loss.needs_teacher_logits else None
+        teacher_weight = None
+        if self.config.loss.needs_teacher_logits:
+            teacher_weight = output_layer_weight(self.self_teacher if self.self_teacher is not None else self.teacher)
         reports = forward_backward(self.student, microbatches, self.config.loss, self.vocab_size,
                                    teacher_weight=teacher_weight)
         loss_metrics = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.is_last_stage else {}
         loss_is_finite = math.isfinite(loss_metrics.get("loss", 0.0))
         outcome = guarded_step(self.optimizer, self.scheduler, loss_is_finite)
+        if outcome.updated and self.ema_teacher is not None:
+            self.ema_teacher.update(self.student)
         train_seconds = time.perf_counter() - train_start
 
         metrics.update({f"loss/{k}": v for k, v in loss_metrics.items()})
@@ -382,7 +457,7 @@ class ScopeTrainer:
         load = self.config.loop.load
         if not load:
             return
-        state = checkpointing.load_checkpoint(load, self.student, self.optimizer)
+        state = checkpointing.load_checkpoint(load, self.student, self.optimizer, self._extra_models())
         if state is None:
             logger.info("no checkpoint under %s: starting from iteration 0", load)
             return
@@ -391,11 +466,15 @@ class ScopeTrainer:
         self.iteration, self.history = state["iteration"], state["history"]
         logger.info("resumed from iteration %d (RNG restored: %s)", self.iteration, state["rng_restored"])
 
+    def _extra_models(self) -> dict:
+        """Trained state a checkpoint keeps beside the student's: SRPO's EMA teacher."""
+        return {"srpo_ema_teacher": self.ema_teacher.model} if self.ema_teacher is not None else {}
+
     def save(self) -> None:
         state = {"scheduler": self.scheduler.state_dict(), "dataset": self.dataset.state_dict(),
                  "history": self.history, "seed": self.config.loop.seed}
         path = checkpointing.save_checkpoint(self.config.loop.save, self.iteration, self.student, self.optimizer, state,
-                                             arch=self.arch)
+                                             arch=self.arch, extra_models=self._extra_models())
         logger.info("saved checkpoint %s", path)
 
     def train(self) -> list[dict]:

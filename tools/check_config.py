@@ -168,7 +168,7 @@ def run_check(args: argparse.Namespace) -> dict:
     kv_errors, kv_notes = me.check_rollout_kv_cache(plan, student)
     errors += kv_errors
     notes += kv_notes
-    host = me.teacher_hidden_host_bytes(plan, teacher)
+    host = me.teacher_hidden_host_bytes(plan, student, teacher)
     if rollout.placement != "ray":
         where = (f"one per data-parallel replica, {plan.data_parallel} in all" if rollout.placement == "colocated"
                  else "one, on global rank 0")
@@ -177,7 +177,7 @@ def run_check(args: argparse.Namespace) -> dict:
                      f"while they train: each engine GPU's weights wait in pinned host memory "
                      f"({offloaded / me.GIB:.1f} GiB), its KV cache is freed")
     if host:
-        notes.append(f"host memory: the co-located teacher's last hidden states of the local batch wait in pinned "
+        notes.append(f"host memory: the (self-)teacher's last hidden states of the local batch wait in pinned "
                      f"host memory from the scoring pass to the student's step, {host / me.GIB:.1f} GiB per rank "
                      f"({host * args.nproc_per_node / me.GIB:.1f} GiB per node of {args.nproc_per_node} ranks)")
 
@@ -198,7 +198,7 @@ def run_check(args: argparse.Namespace) -> dict:
         "padded_vocab": padded,
         "student_params": me.hf_param_count(student),
         "teacher_params": me.hf_param_count(teacher) if teacher is not None else None,
-        "teacher_hidden_states_host_bytes": me.teacher_hidden_host_bytes(plan, teacher),
+        "teacher_hidden_states_host_bytes": me.teacher_hidden_host_bytes(plan, student, teacher),
         "rollout_kv_bytes_per_token": me.kv_bytes_per_token(student, plan.rollout_element_bytes),
         "rollout_placement": rollout.placement,
         "rollout_tensor_parallel": rollout.tensor_parallel_size,

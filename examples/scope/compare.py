@@ -44,6 +44,8 @@ STUDY_METHODS = {
     "scope-no-student-weights": ("scope", ["--no-scope-student-path-weights"]),  # uniform MLE on correct responses
     "scope-no-mle": ("scope", ["--no-scope-student-path"]),  # correct responses get no loss: the teacher path only
     "opd-k1": ("opd", ["--scope-kl", "k1"]),  # the sampled-token estimator in policy-gradient form
+    "srpo-current": ("srpo", ["--srpo-teacher", "current"]),  # the self-teacher without EMA ("srpo": EMA, SDPO's)
+    "srpo-external": ("srpo", ["--srpo-teacher", "external"]),  # failures distilled toward the external teacher
 }
 
 
@@ -94,7 +96,8 @@ def _run(args, method, seed):
                                      f"{method} seed {seed}", reward=args.reward)
     finally:
         trainer.close()
-    return [{k: h[k] for k in ("iteration", "rollout/accuracy", "loss/loss")} for h in history], result
+    kept = lambda key: key in ("iteration", "rollout/accuracy", "loss/loss") or key.startswith("srpo/")  # noqa: E731
+    return [{k: v for k, v in h.items() if kept(k)} for h in history], result
 
 
 def summarize(runs: dict, n: int, references: dict | None = None, reward: str | None = None) -> str:

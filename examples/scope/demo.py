@@ -155,11 +155,17 @@ def evaluate_model(engine, tokenizer, problems, num_samples: int, max_new_tokens
     return result
 
 
+# SRPO's self-teacher prompt in the task's own notation: the demo's tokenizer covers only the task alphabet (no
+# letters or newlines for SDPO's English template), so the demonstration is the solved problem, then the problem again.
+SRPO_REPROMPT_TEMPLATE = "{prompt} {solution} ; {prompt}"
+
+
 def distillation_flags(workdir: str, algorithm: str, seed: int, iters: int, prompts_per_step: int, group_size: int,
                        max_new_tokens: int, lr: float, extra=(), reward: str = "synthetic") -> list[str]:
     """Training flags (megatron_scope.arguments) for distilling the demo's student (`workdir` laid out by this script): Adam (beta2
     0.98, as its SFT) at `lr` with a 20-iteration warm-up and cosine decay to lr/10, rewarded by `reward`
-    (SYNTHETIC_REWARDS); GRPO and SFT run without the teacher."""
+    (SYNTHETIC_REWARDS); GRPO, SFT and SRPO with its self-teacher (unless `extra` says --srpo-teacher external) run
+    without the teacher, the self-teacher with SRPO_REPROMPT_TEMPLATE."""
     flags = ["--student-hf", f"{workdir}/student_hf", "--tokenizer", f"{workdir}/tokenizer.model",
              "--train-data", f"{workdir}/task/train.jsonl", "--reward", reward, "--scope-algorithm", algorithm,
              "--train-iters", str(iters), "--prompts-per-step", str(prompts_per_step),
@@ -167,9 +173,14 @@ def distillation_flags(workdir: str, algorithm: str, seed: int, iters: int, prom
              "--micro-batch-size", str(math.gcd(prompts_per_step * group_size, 16)),
              "--max-new-tokens", str(max_new_tokens), "--lr", str(lr), "--min-lr", str(lr / 10),
              "--lr-warmup-iters", str(min(20, iters - 1)), "--adam-beta2", "0.98", "--seed", str(seed), "--rollout-kv-cache-gib", "1"]
-    if algorithm not in ("grpo", "sft"):
+    extra = list(extra)
+    srpo_teacher = extra[extra.index("--srpo-teacher") + 1] if "--srpo-teacher" in extra else "ema"
+    self_taught = algorithm == "srpo" and srpo_teacher != "external"
+    if algorithm not in ("grpo", "sft") and not self_taught:
         flags += ["--teacher-hf", f"{workdir}/teacher_hf"]
-    return flags + list(extra)
+    if self_taught:
+        flags += ["--srpo-reprompt-template", SRPO_REPROMPT_TEMPLATE]
+    return flags + extra
 
 
 def held_out_problems(eval_jsonl: str) -> list:

@@ -43,8 +43,10 @@ class TokenStats:
     """Per-token divergence to the teacher (--scope-kl), with gradient into the student."""
     teacher_log_probs: torch.Tensor | None = None
     """log π_T(y_t) of the sampled token, no gradient."""
-    teacher_entropy: torch.Tensor | None = None
-    """H(π_T(·|y_<t)) in nats, no gradient (SRPO)."""
+    distilled: torch.Tensor | None = None
+    """[B] bool: the response is distilled (SRPO's routing; the rest get GRPO's surrogate)."""
+    distill_weights: torch.Tensor | None = None
+    """SRPO's entropy-aware per-token weights on distilled responses, no gradient (`srpo_distill_weights`)."""
     forward_kl: torch.Tensor | None = None
     """KL(π_T ‖ π_S) per token, with gradient (TrOPD's forward-KL outliers)."""
     old_log_probs: torch.Tensor | None = None
@@ -111,11 +113,29 @@ def exopd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
 
 
 def srpo_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
-    """SRPO: correct responses get GRPO's clipped surrogate with their group advantage; incorrect ones are
-    distilled with entropy-aware per-token weights exp(-β H_T(t)), trusting the teacher where it is confident."""
-    _require(stats, "srpo", "kl", "teacher_entropy", "old_log_probs", "advantages")
-    distill = torch.exp(-config.baselines.srpo_beta * stats.teacher_entropy) * stats.kl
-    return torch.where(stats.correct[:, None], _ppo_clipped(stats, stats.advantages[:, None], config.baselines.clip_eps), distill)
+    """SRPO (Li et al. 2026, arXiv 2604.02288), sample routing: a `distilled` response (a failed one; with the
+    self-teacher, a failed one with a successful sibling) gets the divergence to the teacher's distribution (--scope-kl;
+    SDPO's is a JSD) times the entropy-aware weight w_t (`srpo_distill_weights`); every other response (the correct
+    ones, and failures with nothing to distil from) GRPO's clipped surrogate with its group advantage."""
+    _require(stats, "srpo", "kl", "distilled", "distill_weights", "old_log_probs", "advantages")
+    grpo = _ppo_clipped(stats, stats.advantages[:, None], config.baselines.clip_eps)
+    return torch.where(stats.distilled[:, None], stats.distill_weights * stats.kl, grpo)
+
+
+@torch.no_grad()
+def srpo_distill_weights(teacher_entropy: list[torch.Tensor], distilled_tokens: list[torch.Tensor], beta: float,
+                         group=None) -> list[torch.Tensor]:
+    """SRPO's entropy-aware dynamic weights, per microbatch: w_t = exp(-β H_t) / mean_u exp(-β H_u), H_t the
+    (self-)teacher's entropy at token t in nats and u over the distilled response tokens of the whole step (all
+    microbatches; an all-reduce of two floats over `group`, the data-parallel group): confident targets weigh more,
+    and the distilled tokens' weights average 1. `distilled_tokens[i]` [B, T] marks them; weights are 0 elsewhere."""
+    masks = [m.to(torch.float64) for m in distilled_tokens]
+    raw = [torch.exp(-beta * h.double()) * m for h, m in zip(teacher_entropy, masks)]
+    totals = torch.stack([sum(r.sum() for r in raw), sum(m.sum() for m in masks)])
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(totals, group=group)
+    scale = (totals[1] / totals[0]).nan_to_num(0.0)  # no distilled token anywhere: every weight is 0 anyway
+    return [(r * scale).float() for r in raw]
 
 
 def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:

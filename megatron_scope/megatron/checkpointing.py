@@ -101,14 +101,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict:
+def _sharded_state(model, optimizer, is_loading: bool, extra_models: dict | None = None) -> dict:
     # The GPTModel itself: DDP's sharded keys gain a "module." prefix that its load_state_dict lacks.
     model_state = unwrap_model(model).sharded_state_dict()
-    return {MODEL_STATE_KEY: model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
+    sharded = {MODEL_STATE_KEY: model_state, "optimizer": optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
+    for name, extra in (extra_models or {}).items():  # e.g. SRPO's EMA teacher: its own key prefix in the checkpoint
+        sharded[name] = unwrap_model(extra).sharded_state_dict(prefix=f"{name}.")
+    return sharded
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, state: dict, arch: DecoderArch | None = None) -> str:
-    """Save model, optimizer, every rank's RNG and `state` (rank 0's: step, scheduler, data position, ...).
+def save_checkpoint(root: str, iteration: int, model, optimizer, state: dict, arch: DecoderArch | None = None,
+                    extra_models: dict | None = None) -> str:
+    """Save model, optimizer, `extra_models` ({name: model stage}, trained state beside the student's, e.g. SRPO's
+    EMA teacher), every rank's RNG and `state` (rank 0's: step, scheduler, data position, ...).
 
     With `arch` (the model's DecoderArch; checked against the model first), the iteration directory also
     gets megatron_scope_checkpoint.json and a copy of the files `stage_hf_files` put under `root`, so it
@@ -123,10 +128,11 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, state: dict, ar
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), partial)
+    dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False, extra_models=extra_models), partial)
     torch.save(_rng_state(), os.path.join(partial, f"rng_rank{rank:05d}.pt"))
     if rank == 0:
-        torch.save(dict(state, iteration=iteration, world_size=dist.get_world_size()), os.path.join(partial, STATE_FILE))
+        torch.save(dict(state, iteration=iteration, world_size=dist.get_world_size(),
+                        extra_models=sorted(extra_models or ())), os.path.join(partial, STATE_FILE))
         if arch is not None:
             _describe_model(partial, os.path.join(root, HF_FILES_SUBDIR), model, arch)
     dist.barrier()
@@ -141,17 +147,25 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, state: dict, ar
     return final
 
 
-def load_checkpoint(root: str, model, optimizer) -> dict | None:
-    """Load the latest complete checkpoint under `root` into `model` and `optimizer` (at any TP/PP) and return
-    its saved state, or None when there is none. RNG states are restored when the world size matches."""
+def load_checkpoint(root: str, model, optimizer, extra_models: dict | None = None) -> dict | None:
+    """Load the latest complete checkpoint under `root` into `model`, `optimizer` and `extra_models` (at any TP/PP;
+    ValueError when the checkpoint lacks one of those) and return its saved state, or None when there is none. RNG
+    states are restored when the world size matches."""
     iteration = latest_iteration(root)
     if iteration is None:
         return None
     directory = checkpoint_dir(root, iteration)
-    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), directory)
+    state = torch.load(os.path.join(directory, STATE_FILE), weights_only=False)
+    missing = sorted(set(extra_models or ()) - set(state.get("extra_models", ())))
+    if missing:
+        raise ValueError(f"checkpoint {directory} holds no {missing} (saved by a run without them): this run cannot "
+                         "resume from it")
+    loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True, extra_models=extra_models),
+                                     directory)
     unwrap_model(model).load_state_dict(loaded[MODEL_STATE_KEY])
     optimizer.load_state_dict(loaded["optimizer"])
-    state = torch.load(os.path.join(directory, STATE_FILE), weights_only=False)
+    for name, extra in (extra_models or {}).items():
+        unwrap_model(extra).load_state_dict({key.removeprefix(f"{name}."): value for key, value in loaded[name].items()})
     rng_file = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")
     state["rng_restored"] = state["world_size"] == dist.get_world_size() and os.path.isfile(rng_file)
     if state["rng_restored"]:

@@ -27,6 +27,9 @@ label is a response token):
     teacher_log_probs                              (--scope-kl k1/k2/k3; ExOPD, TrOPD; else derived from logits)
     teacher_topk_ids, teacher_topk_log_probs [b, s, k], teacher_topk_tail_log_mass   (--scope-kl topk)
     old_log_probs, advantages [b]                  (GRPO, SRPO)      ref_log_probs (ExOPD)
+    distilled [b] bool, distill_weights            (SRPO: which responses are distilled, and their tokens' entropy-
+                                                   aware weights; teacher_hidden is then the self-teacher's, re-laid
+                                                   into the student's positions, with the student's output layer)
     trust_uniform                                  (TrOPD's sampled trust region: one U(0, 1) draw per token)
     rollout_log_probs                              (--rollout-is-threshold: the sampler's log-probs)
 """
@@ -71,6 +74,8 @@ def required_batch_keys(config: LossConfig, teacher_hidden: bool = False) -> set
         keys |= {"trust_uniform", "old_log_probs"}
     if config.algorithm in ("grpo", "srpo"):
         keys |= {"old_log_probs", "advantages"}
+    if config.algorithm == "srpo":  # the routing and the entropy-aware weights (the trainer's `_score`)
+        keys |= {"distilled", "distill_weights"}
     if config.teacher_path_loss == "ppo":  # the released teacher path: advantage log π_T - log π_old
         keys |= {"old_log_probs", "teacher_log_probs"}
     if config.algorithm == "exopd":
@@ -107,7 +112,7 @@ def add_group_inputs(microbatches: list[dict], config: LossConfig, group=None) -
         batch["seq_weights"], batch["advantages"] = w, a
 
 
-PER_SEQUENCE_KEYS = ("correct", "seq_weights", "advantages")
+PER_SEQUENCE_KEYS = ("correct", "seq_weights", "advantages", "distilled")
 PER_VOCAB_KEYS = ("teacher_logits", "teacher_topk_ids", "teacher_topk_log_probs")  # a trailing vocab/k dim
 MAY_BE_NEG_INF = PER_VOCAB_KEYS + ("teacher_topk_tail_log_mass",)  # masked/impossible tokens, an empty tail
 TRAILING_DIM_KEYS = PER_VOCAB_KEYS + ("teacher_hidden",)
@@ -126,8 +131,9 @@ def check_batch(batch: dict, config: LossConfig) -> None:
     labels_shape = tuple(batch["labels"].shape)
     if len(labels_shape) != 2:
         raise ValueError(f"batch['labels'] must be [batch, seq], got shape {labels_shape}")
-    if batch["correct"].dtype != torch.bool:
-        raise ValueError(f"batch['correct'] must be bool verifier outcomes, got {batch['correct'].dtype}")
+    for key in ("correct", "distilled"):
+        if key in required and batch[key].dtype != torch.bool:
+            raise ValueError(f"batch[{key!r}] must be bool (one per response), got {batch[key].dtype}")
     response = batch["loss_mask"] > 0
     for key in sorted(required - {"labels"}):
         value = batch[key]
@@ -170,7 +176,7 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
         with torch.no_grad():
             teacher_log_probs = vocab_parallel_log_probs(teacher_logits, labels, group=group, vocab_size=vocab)
 
-    kl = forward_kl = teacher_entropy = None
+    kl = forward_kl = None
     if config.uses_kl:
         if config.kl in FULL_VOCAB_KL:
             kl = vocab_parallel_kl(logits, teacher_logits, kind=config.kl, group=group, beta=config.jsd_beta,
@@ -189,9 +195,6 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
                                             kind="forward", group=group, vocab_size=vocab,
                                             teacher_tail_log_mass=batch["teacher_topk_tail_log_mass"],
                                             renormalize=config.topk_renormalize)
-    if config.algorithm == "srpo":
-        with torch.no_grad():
-            teacher_entropy = vocab_parallel_entropy(teacher_logits, group=group, vocab_size=vocab)
     entropy = vocab_parallel_entropy(logits.detach(), group=group, vocab_size=vocab)
     return TokenStats(
         mask=batch["loss_mask"].to(student_log_probs.dtype),
@@ -199,7 +202,8 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
         student_log_probs=student_log_probs,
         kl=kl,
         teacher_log_probs=teacher_log_probs,
-        teacher_entropy=teacher_entropy,
+        distilled=batch.get("distilled"),
+        distill_weights=batch.get("distill_weights"),
         forward_kl=forward_kl,
         old_log_probs=batch.get("old_log_probs"),
         ref_log_probs=batch.get("ref_log_probs"),

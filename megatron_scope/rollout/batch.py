@@ -21,13 +21,15 @@ from megatron_scope.rollout.engine import Completion, SequenceScores
 @dataclasses.dataclass
 class RolloutGroup:
     """The G responses sampled for one prompt, with their verifier outcomes (and a remote teacher's scores of
-    each response, `teacher.remote.score_responses`, when the teacher is a vLLM engine)."""
+    each response, `teacher.remote.score_responses`, when the teacher is a vLLM engine; SRPO's self-teacher
+    prompt of each response, `teacher.self_teacher.route_group`, None where it is not distilled)."""
 
     prompt_id: str
     prompt_token_ids: list[int]
     completions: list[Completion]
     correct: list[bool]
     teacher_scores: list[SequenceScores] | None = None
+    self_teacher_prompts: list[list[int] | None] | None = None
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -35,6 +37,9 @@ class RolloutGroup:
         if len(self.completions) != len(self.correct):
             raise ValueError(f"prompt {self.prompt_id!r}: {len(self.completions)} completions but "
                              f"{len(self.correct)} verifier outcomes")
+        if self.self_teacher_prompts is not None and len(self.self_teacher_prompts) != len(self.completions):
+            raise ValueError(f"prompt {self.prompt_id!r}: {len(self.completions)} completions but "
+                             f"{len(self.self_teacher_prompts)} self-teacher prompts")
         if self.teacher_scores is not None:
             for j, (completion, scores) in enumerate(zip(self.completions, self.teacher_scores, strict=True)):
                 if len(scores.log_probs) != len(completion.token_ids):
@@ -49,6 +54,7 @@ def check_token_ids(groups: Sequence[RolloutGroup], vocab_size: int) -> None:
     for group in groups:
         sources = [("prompt", group.prompt_token_ids)]
         sources += [(f"response {j}", c.token_ids) for j, c in enumerate(group.completions)]
+        sources += [(f"self-teacher prompt {j}", ids) for j, ids in enumerate(group.self_teacher_prompts or ()) if ids]
         for what, ids in sources:
             if ids and (min(ids) < 0 or max(ids) >= vocab_size):
                 bad = [t for t in ids if not 0 <= t < vocab_size]

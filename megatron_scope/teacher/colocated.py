@@ -20,30 +20,41 @@ from megatron_scope.config import LossConfig
 from megatron_scope.megatron.model import capturing_hidden_states
 from megatron_scope.megatron.schedule import forward_collect
 from megatron_scope.ops.topk import vocab_parallel_topk
-from megatron_scope.ops.vocab_parallel import vocab_parallel_log_probs
+from megatron_scope.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
 
 
 def log_prob_pass(model, microbatches: list[dict], vocab_size: int, keep: str | None = None, topk: int = 0,
-                  temperature: float = 1.0) -> list:
+                  temperature: float = 1.0, entropy: bool = False) -> list:
     """Forward only: per microbatch (extra inputs, log-probs of the labels under softmax(logits / temperature))
     under `model`, on the last stage ([] elsewhere). Extras, by `keep`: None nothing; "hidden" the last hidden
     states {teacher_hidden} [b, s, hidden] (the output layer's input); "topk" {teacher_topk_ids,
-    teacher_topk_log_probs, teacher_topk_tail_log_mass}, `topk` + 1 values per token instead of V/TP."""
+    teacher_topk_log_probs, teacher_topk_tail_log_mass}, `topk` + 1 values per token instead of V/TP; with
+    `entropy`, also {teacher_entropy} [b, s], the entropy of softmax(logits) in nats (SRPO's weights)."""
     group = parallel_state.get_tensor_model_parallel_group()
     hidden = []  # this microbatch's last hidden states, [s, b, hidden]
 
     def collect(batch, logits):
         scaled = logits / temperature if temperature != 1.0 else logits
         log_probs = vocab_parallel_log_probs(scaled, batch["labels"], group=group, vocab_size=vocab_size)
+        extras = {}
         if keep == "hidden":
-            return {"teacher_hidden": _to_host(hidden.pop().transpose(0, 1))}, log_probs
-        if keep == "topk":
+            extras["teacher_hidden"] = _to_host(hidden.pop().transpose(0, 1))
+        elif keep == "topk":
             ids, top, tail = vocab_parallel_topk(logits, topk, group=group, vocab_size=vocab_size)
-            return {"teacher_topk_ids": ids, "teacher_topk_log_probs": top, "teacher_topk_tail_log_mass": tail}, log_probs
-        return {}, log_probs
+            extras.update(teacher_topk_ids=ids, teacher_topk_log_probs=top, teacher_topk_tail_log_mass=tail)
+        if entropy:
+            extras["teacher_entropy"] = vocab_parallel_entropy(logits, group=group, vocab_size=vocab_size)
+        return extras, log_probs
 
     with capturing_hidden_states(model, hidden) if keep == "hidden" else contextlib.nullcontext():
         return forward_collect(model, microbatches, collect)
+
+
+def host_zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros where `_to_host` keeps a tensor of `device`: pinned host memory for CUDA, else `device`."""
+    if device.type != "cuda":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
@@ -60,4 +71,5 @@ def teacher_pass(teacher, microbatches: list[dict], config: LossConfig, vocab_si
     `config` needs, teacher_hidden or the top-k (see the module docstring)."""
     keep = "hidden" if config.needs_teacher_logits else "topk" if config.teacher_topk else None
     return [{**extras, "teacher_log_probs": log_probs}
-            for extras, log_probs in log_prob_pass(teacher, microbatches, vocab_size, keep, config.teacher_topk)]
+            for extras, log_probs in log_prob_pass(teacher, microbatches, vocab_size, keep, config.teacher_topk,
+                                                   entropy=config.algorithm == "srpo")]

@@ -58,9 +58,10 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
     (lengths vary; one response is empty), verifier outcomes, prompt group ids, full-vocabulary teacher logits
     (Megatron-padded width, padding included; `teacher_hidden`: the teacher's last hidden states instead, whose
     logits under `tiny_teacher_weight` are those logits), the teacher's sampled-token and top-k log-probs,
-    old/reference log-probs, SCOPE weights and GRPO advantages computed over the whole batch. `vocab_size`:
+    old/reference log-probs, SCOPE weights, GRPO advantages and SRPO's routing and weights computed over the whole
+    batch. `vocab_size`:
     default TINY_ARCH's."""
-    from megatron_scope.losses.objectives import group_normalized_advantages
+    from megatron_scope.losses.objectives import group_normalized_advantages, srpo_distill_weights
     from megatron_scope.losses.scope import scope_sequence_weights
     from megatron_scope.megatron.model import padded_vocab_size
 
@@ -87,6 +88,8 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
     student_mean = -3 * torch.rand(n, generator=g)
     teacher_mean = -3 * torch.rand(n, generator=g)
     teacher = {"teacher_hidden": hidden} if teacher_hidden else {"teacher_logits": teacher_logits}
+    teacher_entropy = -(teacher_all.exp() * teacher_all).sum(-1).float()
+    distilled = ~correct  # SRPO's routing with an external teacher
     return {
         **teacher,
         "tokens": tokens[:, :-1].contiguous(),
@@ -104,6 +107,8 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
         "ref_log_probs": old_log_probs - 0.1,
         "seq_weights": scope_sequence_weights(student_mean, teacher_mean, correct, group_ids),
         "advantages": group_normalized_advantages(correct.float(), group_ids),
+        "distilled": distilled,
+        "distill_weights": srpo_distill_weights([teacher_entropy], [loss_mask * distilled[:, None]], beta=1.0)[0],
     }
 
 

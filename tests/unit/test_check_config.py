@@ -192,7 +192,7 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
     assert terms["fused KL (chunk + hidden gradient)"] == 2 * 1024 * 44 + 6_144
     assert terms["output-layer weight gradient"] == 131_072
     assert terms["teacher hidden states (microbatch)"] == 6_144  # 2 x 24 x 64 x 2 B (4 sequences in host memory)
-    assert me.teacher_hidden_host_bytes(plan, TINY_TEACHER) == 12_288  # 4 x 24 x 64 x 2 B
+    assert me.teacher_hidden_host_bytes(plan, TINY, TINY_TEACHER) == 12_288  # 4 x 24 x 64 x 2 B
     assert terms["batch tensors"] == 3_840                 # 40 B x 4 x 24
     assert terms["runtime overhead (trainer)"] == 0
     # engine: HF params 73,984 + 2 x 1000 x 64 + 64 = 202,048 x 2 B; KV 1 GiB; sampler 8 x 256 x 1000
@@ -431,7 +431,7 @@ def test_cli_run_that_fits(tiny_models, capsys):
     assert check_config.main(_argv(student, teacher, str(root / "x.jsonl"))) == 0
     out = capsys.readouterr().out
     assert "launch: 1 node(s) x 2 = 2 ranks; TP 2 x PP 1 x DP 1" in out
-    assert "teacher hidden states (microbatch)" in out and "host memory: the co-located teacher" in out
+    assert "teacher hidden states (microbatch)" in out and "host memory: the (self-)teacher" in out
     assert "rollout: vLLM engines of TP 2 on training GPUs (one per data-parallel replica, 1 in all), asleep" in out
     assert out.rstrip().endswith("OK")
     assert check_config.main(_argv(student, teacher, str(root / "x.jsonl"), "--json")) == 0
@@ -629,3 +629,24 @@ def test_exopds_reference_counts_its_own_parameters():
     student_ref, teacher_ref = terms(TINY, TINY_TEACHER), terms(TINY, TINY_TEACHER, TINY_TEACHER)
     assert student_ref["reference parameters (ExOPD)"] == student_ref["student parameters"]
     assert teacher_ref["reference parameters (ExOPD)"] == teacher_ref["teacher parameters"]
+
+
+@pytest.mark.parametrize("teacher,bytes_per_element", [("ema", 4), ("current", 2)])
+def test_srpo_self_teacher_memory_terms_by_hand(teacher, bytes_per_element):
+    """SRPO's self-teacher: no teacher parameters; the EMA teacher is a float32 copy of the student's stage; the
+    distribution the loss reads comes from hidden states of the student's width, float32 for the EMA teacher."""
+    from megatron_scope.config import BaselineConfig
+
+    config = tiny_run_config(models=dict(teacher_hf=None, bf16=True), rollout=dict(prompts_per_step=4, group_size=2,
+                                                                               max_new_tokens=15, kv_cache_gib=1.0),
+                             loop=dict(micro_batch_size=2), optimizer=dict(use_distributed_optimizer=True),
+                             loss=dict(algorithm="srpo", baselines=BaselineConfig(srpo_teacher=teacher)))
+    plan = me.RunPlan(config=config, nnodes=1, nproc_per_node=2, max_prompt_tokens=10, rollout_element_bytes=2,
+                      gpu_memory_gib=80.0, overhead_gib=0.0, device_type="cpu")
+    terms = {c.name: c.bytes for c in me.estimate_memory(plan, TINY)[0].components}
+    assert "teacher parameters" not in terms
+    assert terms.get("SRPO EMA teacher parameters") == (4 * 205_120 if teacher == "ema" else None)
+    # b = 2, s = 24, h = 64 (the student's)
+    assert terms["teacher hidden states (microbatch)"] == 2 * 24 * 64 * bytes_per_element
+    assert terms["teacher logits (one microbatch)"] == 2 * 24 * 1024 * bytes_per_element
+    assert me.teacher_hidden_host_bytes(plan, TINY, None) == 4 * 24 * 64 * bytes_per_element

@@ -6,7 +6,7 @@ import argparse
 import pytest
 
 from megatron_scope.arguments import build_parser
-from megatron_scope.config import build_config
+from megatron_scope.config import BaselineConfig, build_config
 from megatron_scope.testing.tiny import tiny_run_config
 
 REQUIRED = ["--student-hf", "s", "--teacher-hf", "t", "--tokenizer", "t", "--train-data", "d"]
@@ -37,6 +37,8 @@ def test_every_flag_reaches_the_configuration():
 def test_which_objectives_a_vllm_teacher_can_serve(algorithm, kl, ok):
     """A vLLM teacher engine gives the log-probs of the sampled tokens and a top-k, not the vocabulary logits."""
     loss = dict(algorithm=algorithm, kl=kl, topk=4 if kl == "topk" else None)
+    if algorithm == "srpo":  # SRPO with an external teacher (its default self-teacher reads no teacher at all)
+        loss["baselines"] = BaselineConfig(srpo_teacher="external")
     if ok:
         config = tiny_run_config(models=dict(teacher_backend="vllm"), loss=loss, rollout=dict(group_size=2))
         assert config.remote_teacher == (algorithm not in ("grpo", "sft")) and not config.colocated_teacher
@@ -55,7 +57,9 @@ def test_teacher_facts():
         tiny_run_config(models=dict(teacher_hf=None, teacher_backend="vllm"), loss=dict(algorithm="grpo"))
     topk = tiny_run_config(loss=dict(kl="topk", topk=16)).loss
     assert (topk.teacher_topk, topk.needs_teacher_logits) == (16, False)
-    assert tiny_run_config(loss=dict(algorithm="srpo", kl="reverse"), rollout=dict(group_size=2)).loss.needs_teacher_logits
+    external = BaselineConfig(srpo_teacher="external")
+    srpo = tiny_run_config(loss=dict(algorithm="srpo", kl="reverse", baselines=external), rollout=dict(group_size=2))
+    assert srpo.loss.needs_teacher_logits and srpo.colocated_teacher and not srpo.loss.self_teacher
     assert tiny_run_config(loss=dict(kl="k1")).loss.teacher_topk == 0
 
 
@@ -70,3 +74,17 @@ def test_how_a_step_splits_over_data_parallel_ranks():
 def test_warmup_must_end_before_the_last_iteration():
     with pytest.raises(ValueError, match="need --lr-warmup-iters < --train-iters"):
         build_config(build_parser().parse_args(REQUIRED + ["--train-iters", "5", "--lr-warmup-iters", "5"]))
+
+
+@pytest.mark.parametrize("teacher", ["ema", "current"])
+def test_srpo_self_teacher_reads_no_external_teacher(teacher):
+    """SRPO's self-teacher is the student (or its EMA): its full distribution comes from the student's own layers,
+    so it needs no --teacher-hf, and one given is refused rather than silently unused."""
+    loss = dict(algorithm="srpo", baselines=BaselineConfig(srpo_teacher=teacher))
+    config = tiny_run_config(models=dict(teacher_hf=None), loss=loss, rollout=dict(group_size=2))
+    assert config.loss.self_teacher and config.loss.needs_teacher_logits
+    assert not (config.loss.needs_teacher or config.colocated_teacher or config.remote_teacher)
+    with pytest.raises(ValueError, match=f"--srpo-teacher {teacher} distils toward the student itself"):
+        tiny_run_config(loss=loss, rollout=dict(group_size=2))
+    with pytest.raises(ValueError, match="--srpo-reprompt-template must contain {solution}"):
+        BaselineConfig(srpo_reprompt_template="{prompt} with no demonstration")

@@ -33,3 +33,10 @@ def test_variants_change_what_their_names_say():
     assert not _config("scope-no-student-weights").loss.student_path_weights
     assert not _config("scope-no-mle").loss.student_path and _config("scope-no-mle").loss.student_path_weights
     assert (_config("opd-k1").loss.algorithm, _config("opd-k1").loss.kl) == ("opd", "k1")
+
+
+def test_srpo_runs_with_its_self_teacher_unless_told_external():
+    srpo, current, external = _config("srpo"), _config("srpo-current"), _config("srpo-external")
+    assert (srpo.loss.baselines.srpo_teacher, srpo.models.teacher_hf) == ("ema", None)
+    assert (current.loss.baselines.srpo_teacher, current.models.teacher_hf) == ("current", None)
+    assert (external.loss.baselines.srpo_teacher, external.models.teacher_hf) == ("external", "w/teacher_hf")

@@ -11,6 +11,7 @@ from megatron_scope.losses.objectives import (
     TokenStats,
     aggregate,
     group_normalized_advantages,
+    srpo_distill_weights,
     truncated_is_weights,
 )
 
@@ -30,7 +31,8 @@ def stats():
         student_log_probs=-3 * rand(B, T),
         kl=rand(B, T),
         teacher_log_probs=-3 * rand(B, T),
-        teacher_entropy=2 * rand(B, T),
+        distilled=torch.tensor([False, True, False, False]),  # response 3 failed without a demonstration: GRPO
+        distill_weights=2 * rand(B, T),
         forward_kl=rand(B, T),
         old_log_probs=-3 * rand(B, T),
         ref_log_probs=-3 * rand(B, T),
@@ -62,8 +64,8 @@ def reference_token_loss(name, s, cfg, i, t):
         ref = float(s.ref_log_probs[i, t])
         reward = -((lp - ref) - cfg.exopd_lambda * (tlp - ref))
         return -reward * lp
-    if name == "srpo":
-        return ppo if correct else math.exp(-cfg.srpo_beta * float(s.teacher_entropy[i, t])) * kl
+    if name == "srpo":  # routed: distilled responses get w_t KL, every other one GRPO's surrogate
+        return float(s.distill_weights[i, t]) * kl if bool(s.distilled[i]) else ppo
     if name == "tropd":
         gap = abs(lp - tlp)
         if cfg.tropd_trust_region == "sampled":  # accepted with probability min(π_T / π_S_old, 1)
@@ -166,3 +168,22 @@ def test_truncated_is_weights():
     weights = truncated_is_weights(old, rollout, threshold=2.0)
     expected = [1.0, math.exp(0.5), math.exp(-0.8), math.exp(-20.0), 2.0, 1.0]
     torch.testing.assert_close(weights, torch.tensor(expected), rtol=1e-6, atol=0)
+
+
+def test_srpo_distill_weights_are_exp_minus_beta_entropy_with_mean_one_over_distilled_tokens():
+    """w_t = exp(-β H_t) / mean over the step's distilled tokens (all microbatches), 0 elsewhere; H may be as large
+    as log V or 0 (a one-hot teacher)."""
+    g = torch.Generator().manual_seed(1)
+    entropies = [torch.rand(3, 5, generator=g) * 12, torch.rand(2, 7, generator=g) * 12]
+    entropies[0][0, 0] = 0.0
+    masks = [(torch.rand(3, 5, generator=g) < 0.6).float(), (torch.rand(2, 7, generator=g) < 0.6).float()]
+    weights = srpo_distill_weights(entropies, masks, beta=0.7)
+    raw = [torch.exp(-0.7 * h.double()) * m for h, m in zip(entropies, masks)]
+    mean = sum(r.sum() for r in raw) / sum(m.sum() for m in masks)
+    for w, r in zip(weights, raw):
+        torch.testing.assert_close(w.double(), r / mean, rtol=1e-6, atol=0)
+    distilled = torch.cat([w[m > 0] for w, m in zip(weights, masks)])
+    assert distilled.double().mean().item() == pytest.approx(1.0, rel=1e-6)
+    assert all((w[m == 0] == 0).all() for w, m in zip(weights, masks))
+    nothing = srpo_distill_weights(entropies, [torch.zeros_like(m) for m in masks], beta=0.7)
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in nothing)  # no distilled token: 0, not NaN

@@ -79,7 +79,7 @@ def test_gradient_flows_into_student_logits_only(batch):
     "mutate,match",
     [
         (lambda b: b.pop("correct"), r"needs batch keys \['correct'\]"),
-        (lambda b: b.update(correct=b["correct"].long()), "must be bool verifier outcomes"),
+        (lambda b: b.update(correct=b["correct"].long()), r"must be bool \(one per response\)"),
         (lambda b: b["teacher_logits"].__setitem__((0, 10, 3), float("nan")), r"batch\['teacher_logits'\] holds NaN"),
         (lambda b: b.update(seq_weights=b["seq_weights"][:-1]), r"batch\['seq_weights'\] has shape \(7,\)"),
         (lambda b: b.update(loss_mask=b["loss_mask"][:, :-2]), r"batch\['loss_mask'\] has shape \(8, 22\)"),
