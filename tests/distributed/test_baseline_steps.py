@@ -44,7 +44,7 @@ def _one_step(rank, world_size, ws, reference_hf, algorithm_flags):
         groups.append(RolloutGroup(f"p{p}", [1, 5 + p, 7], completions, [p == 0, False]))
     scored = []
     score = trainer._score
-    trainer._score = lambda microbatches: (score(microbatches), scored.extend(microbatches))
+    trainer._score = lambda microbatches, *rows: (score(microbatches, *rows), scored.extend(microbatches))
     metrics = {}
     try:
         outcome = trainer.learn(groups, metrics)
