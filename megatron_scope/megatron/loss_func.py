@@ -202,8 +202,8 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
         student_log_probs=student_log_probs,
         kl=kl,
         teacher_log_probs=teacher_log_probs,
-        distilled=batch.get("distilled"),
-        distill_weights=batch.get("distill_weights"),
+        distilled=batch["distilled"] if config.algorithm == "srpo" else None,
+        distill_weights=batch["distill_weights"] if config.algorithm == "srpo" else None,
         forward_kl=forward_kl,
         old_log_probs=batch.get("old_log_probs"),
         ref_log_probs=batch.get("ref_log_probs"),
@@ -225,11 +225,18 @@ def _report(stats: TokenStats, batch: dict, student_entropy: torch.Tensor) -> di
         "response_length": lengths,
         "weight": batch["seq_weights"].to(mask.dtype),
     }
+    teacher_view = {}
     if stats.teacher_log_probs is not None:
-        per_sequence["teacher_ppl"] = torch.exp(-sequence_mean_log_prob(stats.teacher_log_probs, mask))
+        teacher_view["teacher_ppl"] = torch.exp(-sequence_mean_log_prob(stats.teacher_log_probs, mask))
     if stats.kl is not None:
-        per_sequence["kl"] = sequence_mean_log_prob(stats.kl.detach(), mask)
+        teacher_view["kl"] = sequence_mean_log_prob(stats.kl.detach(), mask)
     report = {"correct_fraction": torch.stack([stats.correct.sum().to(mask.dtype), mask.new_tensor(len(lengths))])}
+    if stats.distilled is not None:  # SRPO: a teacher's view exists on the distilled responses only
+        count = stats.distilled.sum().to(mask.dtype)
+        report.update({f"distilled/{name}": torch.stack([values[stats.distilled].sum(), count])
+                       for name, values in teacher_view.items()})
+    else:
+        per_sequence.update(teacher_view)
     for path, members in (("correct", stats.correct), ("incorrect", ~stats.correct)):
         count = members.sum().to(mask.dtype)
         for name, values in per_sequence.items():

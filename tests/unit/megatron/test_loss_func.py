@@ -58,6 +58,19 @@ def test_matches_the_paper_in_float64(batch):
         assert key in values and values[key] == values[key], key  # present and not NaN
 
 
+def test_srpo_reports_the_teachers_view_over_distilled_responses_only(batch):
+    """SRPO's self-teacher gives nothing on responses it does not distil: the KL and teacher perplexity are reported
+    over the distilled ones ("distilled/..."), not per verifier path; with every failure distilled they are SCOPE's
+    incorrect-path values of the same batch."""
+    logits = torch.randn(*batch["labels"].shape, batch["teacher_logits"].shape[-1],
+                         generator=torch.Generator().manual_seed(0))
+    srpo = reduce_reports([scope_loss_func(LossConfig(algorithm="srpo"), V, batch, logits)[2]])
+    scope = reduce_reports([scope_loss_func(LossConfig(), V, batch, logits)[2]])
+    assert "incorrect/kl" not in srpo and "correct/teacher_ppl" not in srpo
+    assert srpo["distilled/kl"] == pytest.approx(scope["incorrect/kl"], rel=1e-6)
+    assert srpo["distilled/teacher_ppl"] == pytest.approx(scope["incorrect/teacher_ppl"], rel=1e-6)
+
+
 def test_an_empty_path_is_omitted_from_the_report(batch):
     batch["correct"] = torch.ones_like(batch["correct"])  # nothing incorrect: no teacher-path statistics at all
     _, _, report = scope_loss_func(LossConfig(), V, batch, student_logits(batch))
