@@ -13,13 +13,15 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
   4. scoring, forward only: the student's log-probs (temperature 1, or --logprob-temperature as the released
      SCOPE code uses the rollout temperature),
      the co-located teacher's vocabulary-sharded logits or their top-k (and its sampled-token log-probs),
-     the reference model's log-probs for ExOPD (`teacher/colocated.py`); then SCOPE's path weights and GRPO
-     advantages per group (`megatron/loss_func.add_group_inputs`).
+     the reference model's log-probs for ExOPD (`teacher/colocated.py`), or SRPO's self-teacher re-reading the
+     failed responses it distils (`teacher/self_teacher.py`; the leader routed them in step 2); then SCOPE's path
+     weights and GRPO advantages per group (`megatron/loss_func.add_group_inputs`) and SRPO's entropy-aware weights.
      A remote teacher (a vLLM engine beside each rollout engine, `teacher_engine`) instead scores the
      responses on the leader in step 2 and sends its sampled-token log-probs (k1/k2/k3 estimators, SCOPE's weights) and, for --scope-kl topk,
      its top-k with the rollouts;
   5. the student's forward/backward with the selected loss (`megatron/loss_func.py`);
-  6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite;
+  6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite (then SRPO's EMA
+     teacher's update);
   7. the leader wakes its engine and the new weights stream to it from its own replica's shards
      (`iter_hf_weights` with the leader as destination -> `update_weights`; nothing crosses replicas);
   8. logging (last rank: TensorBoard, progress bar, Megatron-style log lines) and checkpoints.
