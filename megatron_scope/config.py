@@ -346,6 +346,11 @@ class LossConfig:
         return self.algorithm == "srpo" and self.baselines.srpo_teacher != "external"
 
     @property
+    def ema_teacher(self) -> bool:
+        """SRPO's self-teacher is an EMA copy of the student (--srpo-teacher ema), a model the run keeps and saves."""
+        return self.self_teacher and self.baselines.srpo_teacher == "ema"
+
+    @property
     def needs_teacher(self) -> bool:
         """The objective reads an external teacher (its logits, top-k or log-probs; SCOPE's teacher-path weights
         too)."""

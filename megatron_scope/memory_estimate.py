@@ -428,7 +428,7 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
         comps.append(Component("reference parameters (ExOPD)", e * r_params, f"{r_params:,} params x {e} B"
                                + ("" if reference else " (the initial student)"),
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
-    if plan.config.loss.self_teacher and plan.config.loss.baselines.srpo_teacher == "ema":
+    if plan.config.loss.ema_teacher:
         comps.append(Component("SRPO EMA teacher parameters", 4 * params, f"{params:,} params x 4 B (float32 EMA)",
                                "use --srpo-teacher current, or raise --tensor-model-parallel-size"))
     vocab_shard = padded_vocab // tp
@@ -536,8 +536,7 @@ def _distribution_source(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
 
 def _distribution_bytes(plan: RunPlan) -> int:
     """Bytes per element of those hidden states: float32 for SRPO's EMA teacher, else the run's."""
-    ema = plan.config.loss.self_teacher and plan.config.loss.baselines.srpo_teacher == "ema"
-    return 4 if ema else plan.element_bytes
+    return 4 if plan.config.loss.ema_teacher else plan.element_bytes
 
 
 def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None) -> int:

@@ -173,7 +173,7 @@ def build_trainer(config: RunConfig):
     if reference_arch is not None:
         reference = load_model(reference_arch, reference_hf, **models.layer_spec_options).eval().requires_grad_(False)
     ema_teacher = None
-    if config.loss.self_teacher and config.loss.baselines.srpo_teacher == "ema":  # SRPO's EMA self-teacher, fp32
+    if config.loss.ema_teacher:  # SRPO's EMA self-teacher, fp32
         ema_teacher = EmaTeacher(load_model(student_arch, models.student_hf, params_dtype=torch.float32,
                                             **models.layer_spec_options).eval().requires_grad_(False),
                                  config.loss.baselines.srpo_ema_rate)

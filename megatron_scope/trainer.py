@@ -147,7 +147,7 @@ class ScopeTrainer:
             raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --teacher-backend "
                              f"{config.models.teacher_backend} {'needs' if config.colocated_teacher else 'takes no'} "
                              "co-located teacher (--teacher-hf)")
-        if (self.ema_teacher is not None) != (config.loss.self_teacher and config.loss.baselines.srpo_teacher == "ema"):
+        if (self.ema_teacher is not None) != config.loss.ema_teacher:
             raise ValueError(f"--srpo-teacher {config.loss.baselines.srpo_teacher}: the trainer "
                              f"{'got' if self.ema_teacher is not None else 'lacks'} an EMA teacher")
         if config.loss.algorithm == "exopd" and self.reference is None:
