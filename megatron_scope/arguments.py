@@ -56,6 +56,13 @@ def open_unit_float(text: str) -> float:
     return value
 
 
+def unit_interval_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group(title="distributed")
     g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
@@ -246,6 +253,10 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                            help="ExOPD's reference model π_ref, a HF directory loaded frozen beside the student (G-OPD's "
                                 "reward correction: the teacher's base model before its RL). Default: the initial "
                                 "student (--student-hf).")
+    baselines.add_argument("--exopd-reference-backend", choices=TEACHER_BACKENDS, default="megatron",
+                           help="ExOPD's reference as a co-located forward-only Megatron model (megatron) or a vLLM "
+                                "engine placed like --teacher-backend vllm's that scores the responses (vllm: no "
+                                "training-GPU memory for it; ExOPD reads only its sampled-token log-probs).")
     baselines.add_argument("--srpo-beta", type=nonnegative_float, default=1.0,
                            help="SRPO's entropy-aware weight: a distilled token weighs exp(-β H_teacher), normalised to "
                                 "mean 1 over the step's distilled tokens.")
@@ -268,6 +279,13 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                            help="TrOPD outside the region: mask (no loss), clip (the KL scaled by δ / max(|log π_S - "
                                 "log π_T|, δ)), or forward (KL(π_T‖π_S): over the vocabulary with a full --scope-kl, "
                                 "else over the teacher's top-k with --scope-topk K; the paper's best, K = 64).")
+    baselines.add_argument("--tropd-prefix-fraction", type=unit_interval_float, default=0.0,
+                           help="TrOPD's off-policy guidance: the fraction of each step's prompts whose G responses "
+                                "continue teacher-written prefixes (a vLLM engine of --teacher-hf writes G responses; "
+                                "each keeps its first floor(α L) tokens, α annealed from 1 to 0 by a cosine over "
+                                "--train-iters); prefix tokens are imitated with forward KL. 0: off.")
+    baselines.add_argument("--tropd-prefix-beta", type=nonnegative_float, default=0.001,
+                           help="β of the forward-KL imitation of the teacher's prefix tokens (the paper's 0.001).")
     baselines.add_argument("--grpo-clip-eps", type=open_unit_float, default=0.2,
                            help="PPO ratio clip ε (GRPO, SRPO's correct path, --scope-teacher-path-loss ppo).")
     baselines.add_argument("--clip-ratio-c", type=positive_float, default=3.0,

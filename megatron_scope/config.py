@@ -90,6 +90,9 @@ class ModelsConfig:
     teacher_backend: str = "megatron"
     """--teacher-backend: "megatron" (co-located forward-only Megatron model, the student's TP/PP) or "vllm"
     (a vLLM engine placed like the rollout engine that scores the responses)."""
+    reference_backend: str = "megatron"
+    """--exopd-reference-backend: ExOPD's reference as a co-located Megatron model ("megatron") or a vLLM engine
+    beside the rollout engine that scores the responses ("vllm"; ExOPD reads only its sampled-token log-probs)."""
     bf16: bool = False
     """--bf16: bf16 parameters (GPU runs)."""
     transformer_impl: str = "local"
@@ -122,6 +125,9 @@ class ModelsConfig:
             raise ValueError(f"--recompute-num-layers must be >= 1, got {self.recompute_num_layers}")
         if self.teacher_backend not in TEACHER_BACKENDS:
             raise ValueError(f"--teacher-backend must be one of {TEACHER_BACKENDS}, got {self.teacher_backend!r}")
+        if self.reference_backend not in TEACHER_BACKENDS:
+            raise ValueError(f"--exopd-reference-backend must be one of {TEACHER_BACKENDS}, got "
+                             f"{self.reference_backend!r}")
         if self.teacher_backend == "vllm" and not self.teacher_hf:
             raise ValueError("--teacher-backend vllm needs --teacher-hf (the teacher's HF directory)")
 
@@ -210,6 +216,11 @@ class BaselineConfig:
     """--tropd-delta: δ of the threshold trust region and of the clip outliers' scaling."""
     tropd_outlier: str = "mask"
     """--tropd-outlier: what TrOPD does outside the region: mask, clip or forward."""
+    tropd_prefix_fraction: float = 0.0
+    """--tropd-prefix-fraction: TrOPD's off-policy guidance, the fraction of each step's prompts whose responses
+    continue a teacher-written prefix (`rollout.guidance`); 0: off."""
+    tropd_prefix_beta: float = 0.001
+    """--tropd-prefix-beta: β of the forward-KL imitation of the teacher's prefix tokens (the paper's 0.001)."""
 
     def __post_init__(self):
         if not 0 < self.clip_eps < 1:
@@ -223,6 +234,9 @@ class BaselineConfig:
                              f"got {self.tropd_trust_region!r}")
         if self.tropd_outlier not in TROPD_OUTLIERS:
             raise ValueError(f"--tropd-outlier must be one of {TROPD_OUTLIERS}, got {self.tropd_outlier!r}")
+        if not 0 <= self.tropd_prefix_fraction <= 1 or self.tropd_prefix_beta < 0:
+            raise ValueError(f"need --tropd-prefix-fraction in [0, 1] and --tropd-prefix-beta >= 0, got "
+                             f"{self.tropd_prefix_fraction}, {self.tropd_prefix_beta}")
         if self.srpo_teacher not in SRPO_TEACHERS:
             raise ValueError(f"--srpo-teacher must be one of {SRPO_TEACHERS}, got {self.srpo_teacher!r}")
         if not 0 < self.srpo_ema_rate < 1:
@@ -332,6 +346,9 @@ class LossConfig:
             raise ValueError(f"--scope-student-path-exponent must be 1 or -1, got {self.student_path_exponent}")
         if not self.logprob_temperature > 0:
             raise ValueError(f"--logprob-temperature must be > 0, got {self.logprob_temperature}")
+        if self.baselines.tropd_prefix_fraction and self.algorithm != "tropd":
+            raise ValueError(f"--tropd-prefix-fraction is TrOPD's off-policy guidance; --scope-algorithm "
+                             f"{self.algorithm} has none")
         if self.algorithm in ("grpo", "sft", "exopd") and self.kl != "reverse":
             raise ValueError(f"--scope-algorithm {self.algorithm} uses no KL term; drop --scope-kl {self.kl}")
 
@@ -377,6 +394,11 @@ class LossConfig:
     def tropd_forward_outliers(self) -> bool:
         """TrOPD with forward-KL outliers."""
         return self.algorithm == "tropd" and self.baselines.tropd_outlier == "forward"
+
+    @property
+    def tropd_guidance(self) -> bool:
+        """TrOPD's off-policy guidance: some responses continue teacher-written prefixes (a teacher engine writes them)."""
+        return self.algorithm == "tropd" and self.baselines.tropd_prefix_fraction > 0
 
     @property
     def teacher_topk(self) -> int:
@@ -526,9 +548,9 @@ class RunConfig:
         if self.rollout.group_size < 2 and self.loss.algorithm in ("grpo", "srpo"):
             raise ValueError(f"--scope-algorithm {self.loss.algorithm} normalises rewards within a group: "
                              f"--scope-group-size must be >= 2, got {self.rollout.group_size}")
-        if self.models.reference_hf and self.loss.algorithm != "exopd":
-            raise ValueError(f"--exopd-reference-hf is ExOPD's reference model; --scope-algorithm "
-                             f"{self.loss.algorithm} reads none")
+        if (self.models.reference_hf or self.models.reference_backend != "megatron") and self.loss.algorithm != "exopd":
+            raise ValueError(f"--exopd-reference-hf/--exopd-reference-backend name ExOPD's reference model; "
+                             f"--scope-algorithm {self.loss.algorithm} reads none")
         if self.loss.needs_teacher and not self.models.teacher_hf:
             raise ValueError(f"--scope-algorithm {self.loss.algorithm} reads the teacher: give --teacher-hf")
         if self.loss.self_teacher and (self.models.teacher_hf or self.models.teacher_backend != "megatron"):
@@ -555,6 +577,22 @@ class RunConfig:
         """The teacher is a forward-only Megatron model on every training rank."""
         return self.loss.needs_teacher and self.models.colocated_teacher
 
+    @property
+    def remote_reference(self) -> bool:
+        """ExOPD's reference is a vLLM engine beside the rollout engine (no Megatron model of it)."""
+        return self.loss.algorithm == "exopd" and self.models.reference_backend == "vllm"
+
+    @property
+    def colocated_reference(self) -> bool:
+        """ExOPD's reference is a forward-only Megatron model on every training rank."""
+        return self.loss.algorithm == "exopd" and self.models.reference_backend == "megatron"
+
+    @property
+    def teacher_engine(self) -> bool:
+        """A vLLM engine of the teacher lives beside each rollout engine: it scores the responses (a vLLM teacher)
+        and writes TrOPD's guidance prefixes (with a co-located teacher too, then only for that)."""
+        return self.remote_teacher or self.loss.tropd_guidance
+
     def local_sequences(self, data_parallel_size: int) -> int:
         """n = prompts_per_step / D x G: the sequences one data-parallel rank trains on per step."""
         return self.rollout.prompts_per_step // data_parallel_size * self.rollout.group_size
@@ -579,7 +617,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         models=ModelsConfig(student_hf=args.student_hf, tokenizer=args.tokenizer, teacher_hf=args.teacher_hf,
                             teacher_tokenizer=args.teacher_tokenizer, teacher_backend=args.teacher_backend,
-                            reference_hf=args.exopd_reference_hf,
+                            reference_hf=args.exopd_reference_hf, reference_backend=args.exopd_reference_backend,
                             bf16=args.bf16, transformer_impl=args.transformer_impl,
                             attention_backend=args.attention_backend, recompute_granularity=args.recompute_granularity,
                             recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers),
@@ -601,7 +639,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                                      srpo_beta=args.srpo_beta, srpo_teacher=args.srpo_teacher,
                                      srpo_ema_rate=args.srpo_ema_rate,
                                      srpo_reprompt_template=args.srpo_reprompt_template, tropd_delta=args.tropd_delta,
-                                     tropd_trust_region=args.tropd_trust_region, tropd_outlier=args.tropd_outlier)),
+                                     tropd_trust_region=args.tropd_trust_region, tropd_outlier=args.tropd_outlier,
+                                     tropd_prefix_fraction=args.tropd_prefix_fraction,
+                                     tropd_prefix_beta=args.tropd_prefix_beta)),
         rollout=RolloutConfig(
             prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
             max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.rollout_top_p,

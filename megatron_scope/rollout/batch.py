@@ -22,7 +22,9 @@ from megatron_scope.rollout.engine import Completion, SequenceScores
 class RolloutGroup:
     """The G responses sampled for one prompt, with their verifier outcomes (and a remote teacher's scores of
     each response, `teacher.remote.score_responses`, when the teacher is a vLLM engine; SRPO's self-teacher
-    prompt of each response, `teacher.self_teacher.route_group`, None where it is not distilled)."""
+    prompt of each response, `teacher.self_teacher.route_group`, None where it is not distilled; with TrOPD's
+    guidance, how many first tokens of each response the teacher wrote, `rollout.guidance`; ExOPD's reference's scores
+    of each response when a vLLM engine serves it)."""
 
     prompt_id: str
     prompt_token_ids: list[int]
@@ -30,6 +32,8 @@ class RolloutGroup:
     correct: list[bool]
     teacher_scores: list[SequenceScores] | None = None
     self_teacher_prompts: list[list[int] | None] | None = None
+    prefix_lengths: list[int] | None = None
+    reference_scores: list[SequenceScores] | None = None
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -40,11 +44,16 @@ class RolloutGroup:
         if self.self_teacher_prompts is not None and len(self.self_teacher_prompts) != len(self.completions):
             raise ValueError(f"prompt {self.prompt_id!r}: {len(self.completions)} completions but "
                              f"{len(self.self_teacher_prompts)} self-teacher prompts")
-        if self.teacher_scores is not None:
-            for j, (completion, scores) in enumerate(zip(self.completions, self.teacher_scores, strict=True)):
+        if self.prefix_lengths is not None and (
+                len(self.prefix_lengths) != len(self.completions)
+                or any(not 0 <= k <= len(c.token_ids) for k, c in zip(self.prefix_lengths, self.completions))):
+            raise ValueError(f"prompt {self.prompt_id!r}: prefix lengths {self.prefix_lengths} do not fit responses of "
+                             f"{[len(c.token_ids) for c in self.completions]} tokens")
+        for model, scored in (("teacher", self.teacher_scores), ("reference", self.reference_scores)):
+            for j, (completion, scores) in enumerate(zip(self.completions, scored or (), strict=scored is not None)):
                 if len(scores.log_probs) != len(completion.token_ids):
                     raise ValueError(f"prompt {self.prompt_id!r}: response {j} has {len(completion.token_ids)} "
-                                     f"tokens but {len(scores.log_probs)} teacher log-probs")
+                                     f"tokens but {len(scores.log_probs)} {model} log-probs")
 
 
 def check_token_ids(groups: Sequence[RolloutGroup], vocab_size: int) -> None:
@@ -83,11 +92,16 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
     teacher_topk_log_probs [n, seq, k] and teacher_topk_tail_log_mass [n, seq] (the engine gives no tail: it is
     `ops.topk.tail_log_mass_from_topk` of the top-k); off the response positions those hold ids 0..k-1 with
     log-probs -log(k + 1) (a valid top-k with a non-empty tail, so the top-k KL stays finite where the loss mask
-    zeroes it). An empty response is legal: its row has no loss-mask position. Token ids are not checked
-    here: the trainer runs `check_token_ids` on the whole step's groups first."""
+    zeroes it). When the groups carry a reference's scores (ExOPD's, served by vLLM): ref_log_probs laid out the same
+    way. When the groups carry prefix lengths (TrOPD's guidance): prefix_mask [n, seq] bool, True at the
+    label positions of the teacher-written tokens. An empty response is legal: its row has no loss-mask position.
+    Token ids are not checked here: the trainer runs `check_token_ids` on the whole step's groups first."""
     scored = {g.teacher_scores is not None for g in groups}
     if len(scored) > 1:
         raise ValueError("some groups carry teacher scores and some do not")
+    for what in ("prefix_lengths", "reference_scores"):
+        if len({getattr(g, what) is not None for g in groups}) > 1:
+            raise ValueError(f"some groups carry {what.replace('_', ' ')} and some do not")
     rows = [(gi, g, c, ok) for gi, g in enumerate(groups) for c, ok in zip(g.completions, g.correct)]
     teacher_scores = [s for g in groups for s in g.teacher_scores] if scored == {True} else None
     k = max((s.topk_ids.shape[-1] for s in teacher_scores or ()), default=0)
@@ -97,6 +111,9 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
     loss_mask = torch.zeros(n, seq_length)
     rollout_log_probs = torch.zeros(n, seq_length)
     teacher_log_probs = torch.zeros(n, seq_length) if teacher_scores is not None else None
+    reference_scores = ([s for g in groups for s in g.reference_scores]
+                        if groups and groups[0].reference_scores is not None else None)
+    ref_log_probs = torch.zeros(n, seq_length) if reference_scores is not None else None
     if k:
         topk_ids = torch.arange(k).expand(n, seq_length, k).clone()
         topk_log_probs = torch.full((n, seq_length, k), -math.log(k + 1))
@@ -114,6 +131,8 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         loss_mask[i, start : start + length] = 1.0
         if length:
             rollout_log_probs[i, start : start + length] = torch.tensor(completion.log_probs, dtype=torch.float32)
+            if ref_log_probs is not None:
+                ref_log_probs[i, start : start + length] = reference_scores[i].log_probs
             if teacher_log_probs is not None:
                 scores = teacher_scores[i]
                 teacher_log_probs[i, start : start + length] = scores.log_probs
@@ -133,6 +152,13 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
     }
     if teacher_log_probs is not None:
         batch["teacher_log_probs"] = teacher_log_probs
+    if ref_log_probs is not None:
+        batch["ref_log_probs"] = ref_log_probs
+    if groups and groups[0].prefix_lengths is not None:
+        prefix = torch.tensor([g.prefix_lengths[j] for g in groups for j in range(len(g.completions))])
+        start = torch.tensor([len(g.prompt_token_ids) - 1 for g in groups for _ in g.completions])
+        position = torch.arange(seq_length)
+        batch["prefix_mask"] = (position >= start[:, None]) & (position < (start + prefix)[:, None])
     if k:
         batch["teacher_topk_ids"], batch["teacher_topk_log_probs"] = topk_ids, topk_log_probs
         batch["teacher_topk_tail_log_mass"] = tail_log_mass_from_topk(topk_log_probs).float()

@@ -91,12 +91,13 @@ class RolloutEngine(abc.ABC):
     """Generates from the student and takes its new weights after each optimizer step."""
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 indices: Sequence[int] | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, indices: Sequence[int] | None = None,
+                 max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
         """`params.n` completions for each prompt: result[i][j] is sample j of prompts[i], drawn with seed
         `params.seed + indices[i] * params.n + j`. `indices`: each prompt's position in the whole step's batch
         (default 0, 1, ...), so a prompt gets the same samples whichever engine, and with which other prompts,
-        generates it."""
+        generates it. `max_new_tokens`: each prompt's own response cap, in [1, params.max_new_tokens] (default:
+        params.max_new_tokens for all)."""
 
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -45,8 +45,8 @@ class RolloutEngineActor:
         self._engine = VLLMRolloutEngine(config)
         return {"dtype": self._engine.facts.dtype, "node_id": ray.get_runtime_context().get_node_id()}
 
-    def generate(self, prompts, params: SamplingParams, indices) -> list[list[Completion]]:
-        return self._engine.generate(prompts, params, indices)
+    def generate(self, prompts, params: SamplingParams, indices, max_new_tokens=None) -> list[list[Completion]]:
+        return self._engine.generate(prompts, params, indices, max_new_tokens)
 
     def score(self, sequences) -> list[list[float]]:
         return self._engine.score(sequences)
@@ -108,21 +108,24 @@ class RayRolloutEngine(RolloutEngine):
         self.node_ids = [info["node_id"] for info in infos]
         """The Ray node each engine runs on."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 indices: Sequence[int] | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, indices: Sequence[int] | None = None,
+                 max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
         """Chunks of prompts (`queue_chunks`: longest first) from a queue: each engine takes the next chunk
         when it finishes one, so a step waits for the slowest chunk, not the slowest fixed block."""
         prompts = [list(p) for p in prompts]
         indices = list(range(len(prompts)) if indices is None else indices)
-        if len(indices) != len(prompts):
-            raise ValueError(f"generate: {len(indices)} indices for {len(prompts)} prompts")
+        caps = [params.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
+        if not len(indices) == len(caps) == len(prompts):
+            raise ValueError(f"generate: {len(indices)} indices and {len(caps)} max_new_tokens for {len(prompts)} "
+                             "prompts")
         queue = collections.deque(queue_chunks([len(p) for p in prompts], len(self._actors)))
         results: list = [None] * len(prompts)
         running = {}  # ObjectRef -> (actor, chunk)
 
         def hand_out(actor) -> None:
             chunk = queue.popleft()
-            ref = actor.generate.remote([prompts[i] for i in chunk], params, [indices[i] for i in chunk])
+            ref = actor.generate.remote([prompts[i] for i in chunk], params, [indices[i] for i in chunk],
+                                        [caps[i] for i in chunk])
             running[ref] = actor, chunk
 
         for actor in self._actors[:len(queue)]:

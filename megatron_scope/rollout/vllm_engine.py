@@ -377,17 +377,22 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # ---- generation ----
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                 indices: Sequence[int] | None = None) -> list[list[Completion]]:
-        """`params.n` completions per prompt (seeds: module docstring); raises ValueError before any request
-        starts on bad prompts."""
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, indices: Sequence[int] | None = None,
+                 max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
+        """`params.n` completions per prompt (seeds: module docstring), at most `max_new_tokens[i]` tokens for
+        prompt i (default params.max_new_tokens); raises ValueError before any request starts on bad prompts."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         self._check_ready()
-        prompts = self._validated_prompts(prompts, params.max_new_tokens, "generate")
+        caps = [params.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
         indices = range(len(prompts)) if indices is None else list(indices)
-        if len(indices) != len(prompts):
-            raise ValueError(f"generate: {len(indices)} indices for {len(prompts)} prompts")
+        if not len(indices) == len(caps) == len(prompts):
+            raise ValueError(f"generate: {len(indices)} indices and {len(caps)} max_new_tokens for {len(prompts)} "
+                             "prompts")
+        if any(not 1 <= cap <= params.max_new_tokens for cap in caps):
+            raise ValueError(f"generate: max_new_tokens must lie in [1, {params.max_new_tokens}], got "
+                             f"{[cap for cap in caps if not 1 <= cap <= params.max_new_tokens][:5]}")
+        prompts = self._validated_prompts(prompts, caps, "generate")
         for token in params.stop_token_ids:
             if not 0 <= token < self.facts.vocab_size:
                 raise ValueError(f"stop token id {token} is outside the vocabulary [0, {self.facts.vocab_size})")
@@ -403,7 +408,7 @@ class VLLMRolloutEngine(RolloutEngine):
         requests = [
             VLLMSamplingParams(
                 n=samples_per_request,
-                max_tokens=params.max_new_tokens,
+                max_tokens=cap,
                 temperature=params.temperature,
                 top_p=params.top_p,
                 stop_token_ids=list(params.stop_token_ids),
@@ -413,7 +418,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 logit_bias=logit_bias,
                 detokenize=False,
             )
-            for index in indices
+            for index, cap in zip(indices, caps)
         ]
         outputs = self._call("generate", self._llm.generate, [{"prompt_token_ids": p} for p in prompts], requests,
                              use_tqdm=False)
@@ -454,7 +459,7 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm import SamplingParams as VLLMSamplingParams
 
         self._check_ready()
-        sequences = self._validated_prompts(sequences, 1, caller)
+        sequences = self._validated_prompts(sequences, [1] * len(sequences), caller)
         for index, sequence in enumerate(sequences):
             if len(sequence) < 2:
                 raise ValueError(f"{caller}: sequence {index} has {len(sequence)} token(s); need at least 2")
@@ -471,11 +476,13 @@ class VLLMRolloutEngine(RolloutEngine):
                 [[entry.logprob for _, entry in entries] for entries in top]))
         return results
 
-    def _validated_prompts(self, prompts, max_new_tokens: int, caller: str) -> list[list[int]]:
+    def _validated_prompts(self, prompts, max_new_tokens: Sequence[int], caller: str) -> list[list[int]]:
+        """`prompts` as lists, each checked to be non-empty, in the vocabulary, and to fit max_model_len with its
+        `max_new_tokens`."""
         if isinstance(prompts, (str, bytes)) or not len(prompts):
             raise ValueError(f"{caller}: prompts must be a non-empty sequence of token-id sequences")
         checked, too_long = [], []
-        for index, prompt in enumerate(prompts):
+        for index, (prompt, cap) in enumerate(zip(prompts, max_new_tokens, strict=True)):
             tokens = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
             if not tokens:
                 raise ValueError(f"{caller}: prompt {index} is empty")
@@ -484,13 +491,13 @@ class VLLMRolloutEngine(RolloutEngine):
                 raise ValueError(
                     f"{caller}: prompt {index} has token ids outside [0, {self.facts.vocab_size}): {bad[:5]}"
                 )
-            if len(tokens) + max_new_tokens > self.max_model_len:
-                too_long.append(f"prompt {index} ({len(tokens)} tokens)")
+            if len(tokens) + cap > self.max_model_len:
+                too_long.append(f"prompt {index} ({len(tokens)} tokens + max_new_tokens {cap})")
             checked.append(tokens)
         if too_long:
             raise ValueError(
-                f"{caller}: {len(too_long)} prompt(s) do not fit max_model_len={self.max_model_len} with "
-                f"max_new_tokens={max_new_tokens}: {', '.join(too_long[:5])}"
+                f"{caller}: {len(too_long)} prompt(s) do not fit max_model_len={self.max_model_len}: "
+                f"{', '.join(too_long[:5])}"
             )
         return checked
 

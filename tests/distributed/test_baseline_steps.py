@@ -4,8 +4,8 @@ rollout is a stand-in, so no vLLM engine starts).
 ExOPD: with --exopd-reference-hf set to the teacher's own checkpoint (an architecture other than the student's),
 the reference's log-probs must be the teacher's bit for bit: proof that π_ref is the model the flag names, loaded
 at the run's TP; --rollout-is-threshold's reported mean weight must be min(π_S / μ, C) averaged over the step's
-response tokens. TrOPD: the sampled trust region's draws are the same on both TP ranks, and the outliers' top-k
-forward KL runs on the co-located teacher's top-k."""
+response tokens. TrOPD with guidance prefixes: the sampled trust region's draws are the same on both TP ranks,
+the outliers' top-k forward KL runs on the co-located teacher's top-k, and TP=2 gives one process's step."""
 
 import math
 import os
@@ -32,7 +32,7 @@ def _one_step(rank, world_size, ws, reference_hf, algorithm_flags):
         "--student-hf", ws.student_hf, "--teacher-hf", reference_hf, *algorithm_flags,
         "--tokenizer", ws.tokenizer, "--train-data", ws.train_jsonl, "--train-iters", "1", "--prompts-per-step", "2",
         "--scope-group-size", "2", "--micro-batch-size", "2", "--max-new-tokens", "8", "--lr", "1e-3",
-        "--tensor-model-parallel-size", "2", "--rollout-tensor-parallel-size", "1"]))
+        "--tensor-model-parallel-size", str(world_size), "--rollout-tensor-parallel-size", "1"]))
     generator = torch.Generator().manual_seed(0)
     groups = []
     for p in range(2):  # stand-in rollouts: random tokens, sampler log-probs around the random student's
@@ -41,7 +41,9 @@ def _one_step(rank, world_size, ws, reference_hf, algorithm_flags):
             tokens = torch.randint(3, trainer.vocab_size, (6,), generator=generator).tolist()
             log_probs = (-math.log(trainer.vocab_size) + torch.randn(6, generator=generator)).tolist()
             completions.append(Completion(tokens, log_probs, "length"))
-        groups.append(RolloutGroup(f"p{p}", [1, 5 + p, 7], completions, [p == 0, False]))
+        guided = "--tropd-prefix-fraction" in algorithm_flags  # prompt 1's responses start with 2 and 4 teacher tokens
+        groups.append(RolloutGroup(f"p{p}", [1, 5 + p, 7], completions, [p == 0, False],
+                                   prefix_lengths=([2, 4] if p else [0, 0]) if guided else None))
     scored = []
     score = trainer._score
     trainer._score = lambda microbatches, *rows: (score(microbatches, *rows), scored.extend(microbatches))
@@ -50,9 +52,10 @@ def _one_step(rank, world_size, ws, reference_hf, algorithm_flags):
         outcome = trainer.learn(groups, metrics)
     finally:
         trainer.close()
-    if "--exopd-reference-hf" not in algorithm_flags:  # TrOPD: its draws and the teacher's top-k in the batch
+    if "--exopd-reference-hf" not in algorithm_flags:  # TrOPD: its draws, the teacher's top-k, the prefix tokens
         return (outcome.updated, metrics["loss/loss"], [b["trust_uniform"] for b in scored],
-                all(b["teacher_topk_ids"].shape[-1] == 8 for b in scored))
+                all(b["teacher_topk_ids"].shape[-1] == 8 for b in scored), metrics["loss/prefix_token_fraction"],
+                metrics["optimizer/grad_norm"])
     same_as_teacher = all(torch.equal(b["ref_log_probs"], b["teacher_log_probs"]) for b in scored)
     mask = torch.cat([b["loss_mask"].flatten() for b in scored])
     ratio = torch.cat([(b["old_log_probs"] - b["rollout_log_probs"]).flatten() for b in scored]).double()
@@ -83,9 +86,16 @@ def test_exopd_reference_model_and_rollout_is_weights_at_tp2(ws):
     assert results[0][2] == results[1][2]  # both TP ranks report the same loss
 
 
-def test_tropd_sampled_trust_region_with_top_k_forward_outliers_at_tp2(ws):
-    flags = ["--scope-algorithm", "tropd", "--scope-kl", "k1", "--tropd-outlier", "forward", "--scope-topk", "8"]
-    (updated0, loss0, draws0, topk0), (updated1, loss1, draws1, topk1) = run_on_ranks(
+def test_tropd_with_top_k_forward_outliers_and_guidance_prefixes_at_tp2_equals_one_process(ws):
+    """The sampled trust region, top-k forward-KL outliers and guided responses (prompt 1's start with 2 and 4
+    teacher-written tokens, imitated with forward KL): TP=2 gives the single process's loss and gradient norm."""
+    flags = ["--scope-algorithm", "tropd", "--scope-kl", "k1", "--tropd-outlier", "forward", "--scope-topk", "8",
+             "--tropd-prefix-fraction", "0.5", "--tropd-prefix-beta", "0.5"]
+    (single,) = run_on_ranks(_one_step, 1, args=(ws, ws.teacher_hf, flags), timeout=600)
+    (updated0, loss0, draws0, topk0, prefix0, norm0), (updated1, loss1, draws1, topk1, prefix1, norm1) = run_on_ranks(
         _one_step, 2, args=(ws, ws.teacher_hf, flags), timeout=600)
     assert updated0 and updated1 and topk0 and topk1 and loss0 == loss1 and torch.isfinite(torch.tensor(loss0))
     assert all(torch.equal(a, b) for a, b in zip(draws0, draws1, strict=True))  # one draw per token, TP-replicated
+    assert prefix0 == prefix1 == single[4] == 6 / 24  # 2 + 4 of the step's 4 x 6 response tokens
+    assert loss0 == pytest.approx(single[1], rel=1e-5) and norm0 == pytest.approx(single[5], rel=1e-4)
+

@@ -10,6 +10,9 @@ co-located Megatron teacher.
 - Ray-placed engines (--rollout-engines 2) give the in-process engine's first iteration;
 - a vLLM teacher at DP=2 with the rank0 placement (--teacher-backend vllm, top-k with k = V) gives the
   co-located teacher's first iteration;
+- ExOPD's reference served by vLLM gives the co-located reference's first iteration;
+- TrOPD's guidance: a teacher engine writes prefixes that the student's engine continues, each token's log-prob
+  from the model that sampled it;
 - bad set-ups fail before any rollout.
 """
 
@@ -132,6 +135,36 @@ def test_ray_rollout_engines_give_the_same_run(workspace, straight_run):
         assert ray_run[0][key] == history[0][key], key
     assert ray_run[0]["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
     assert ray_run[0]["optimizer/grad_norm"] == pytest.approx(history[0]["optimizer/grad_norm"], rel=1e-4)
+
+
+def test_tropd_guidance_continues_the_teachers_prefixes(workspace):
+    """--tropd-prefix-fraction 0.5 beside a co-located teacher: a vLLM engine of the teacher writes G responses for
+    every second prompt; at the first iteration (α = 1) each keeps all but its stop token and the student's engine
+    continues it. The prefix tokens' sampling log-probs are the teacher engine's and equal the co-located teacher's
+    view at the positions the prefix mask names; the continuations' equal the student's (the sampler parity
+    skips the prefixes)."""
+    (run,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 1, extra=[
+        "--scope-algorithm", "tropd", "--scope-kl", "k1", "--tropd-prefix-fraction", "0.5"]),), timeout=900)
+    metrics = run[0]
+    assert metrics["tropd/prefix_alpha"] == 1.0 and 0 < metrics["tropd/guided_fraction"] <= 0.5
+    assert 0 < metrics["loss/prefix_token_fraction"] < 1 and math.isfinite(metrics["loss/loss"])
+    assert metrics["loss/prefix_teacher_logprob_abs_diff"] < PARITY_ATOL, metrics["loss/prefix_teacher_logprob_abs_diff"]
+    assert metrics["rollout/logprob_abs_diff_max"] < PARITY_ATOL, metrics["rollout/logprob_abs_diff_max"]
+    assert metrics["loss/prefix_forward_kl_k1"] > 0  # random student, random teacher: the teacher's tokens are its own
+
+
+def test_exopd_reference_served_by_vllm_gives_the_colocated_references_run(workspace):
+    """--exopd-reference-backend vllm: a vLLM engine of --exopd-reference-hf (here the teacher's checkpoint, another
+    model than the initial student) scores the responses on the leader; the first iteration's loss and gradient
+    norm equal those with the same reference as a co-located Megatron model."""
+    extra = ["--scope-algorithm", "exopd", "--exopd-reference-hf", workspace.teacher_hf]
+    runs = [run_on_ranks(train_history, 1, args=(_flags(workspace, 1, extra=extra + backend),), timeout=900)[0][0]
+            for backend in ([], ["--exopd-reference-backend", "vllm"])]
+    colocated, served = runs
+    assert served["time/reference_score_s"] > 0 and "time/reference_score_s" not in colocated
+    assert served["rollout/accuracy"] == colocated["rollout/accuracy"]
+    for key in ("loss/loss", "optimizer/grad_norm"):
+        assert served[key] == pytest.approx(colocated[key], rel=1e-4), key
 
 
 def test_vllm_teacher_gives_the_colocated_teachers_run(workspace, straight_run):

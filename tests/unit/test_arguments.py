@@ -78,6 +78,8 @@ def test_help_lists_every_flag(capsys):
         (["--scope-algorithm", "opd", "--no-scope-student-path"], "--scope-algorithm opd has no such path"),
         (["--exopd-reference-hf", "base"], "--exopd-reference-hf is ExOPD's reference model; --scope-algorithm scope"),
         (["--rollout-is-threshold", "0"], "--rollout-is-threshold: must be > 0"),
+        (["--tropd-prefix-fraction", "0.5"], "--tropd-prefix-fraction is TrOPD's off-policy guidance; --scope-algorithm"),
+        (["--scope-algorithm", "tropd", "--tropd-prefix-fraction", "1.5"], "--tropd-prefix-fraction: must be in [0, 1]"),
         (["--clip-ratio-c", "1.0"], "--clip-ratio-c must be > 1"),
         (["--lr-decay-style", "step"], "invalid choice: 'step'"),
         (["--rollout-placement", "colocated", "--rollout-engines", "2"],

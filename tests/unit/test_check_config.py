@@ -142,7 +142,8 @@ _CONFIG_FIELDS = {
     "recompute_granularity": ("models", "recompute_granularity"), "recompute_method": ("models", "recompute_method"),
     "recompute_num_layers": ("models", "recompute_num_layers"), "fused_kl": ("loss", "fused_kl"),
     "max_tokens_per_microbatch": ("loop", "max_tokens_per_microbatch"), "placement": ("rollout", "placement"),
-    "engines": ("rollout", "engines"),
+    "engines": ("rollout", "engines"), "baselines": ("loss", "baselines"),
+    "reference_backend": ("models", "reference_backend"),
 }
 
 
@@ -307,6 +308,37 @@ def test_a_vllm_teacher_moves_the_teacher_from_the_training_gpus_to_an_engine():
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU", "teacher engine GPU"]
     assert {c.name for c in separate[2].components} == {"vLLM teacher weights", "vLLM teacher KV cache",
                                                          "vLLM teacher runtime"}
+
+
+def test_tropd_guidance_adds_a_teacher_engine_beside_the_colocated_teacher():
+    """The guidance prefixes' writer: the vLLM teacher's three terms on the engine's GPU, the co-located teacher
+    staying on every training GPU."""
+    from megatron_scope.config import BaselineConfig
+
+    plain = me.estimate_memory(_tiny_plan(algorithm="tropd", kl="k1", placement="rank0", device_type="cpu"), TINY,
+                               TINY_TEACHER)
+    guided = me.estimate_memory(_tiny_plan(algorithm="tropd", kl="k1", placement="rank0", device_type="cpu",
+                                           baselines=BaselineConfig(tropd_prefix_fraction=0.5)), TINY, TINY_TEACHER)
+    rank0, other = ({c.name: c.bytes for c in g.components} for g in guided)
+    assert rank0["teacher parameters"] == other["teacher parameters"] == 558_208
+    assert rank0["vLLM teacher weights"] == 552_064 and rank0["vLLM teacher KV cache"] == GIB
+    assert guided[0].total_bytes == plain[0].total_bytes + 552_064 + GIB + 2_048_000
+    assert guided[1].total_bytes == plain[1].total_bytes
+
+
+def test_a_vllm_reference_moves_exopds_reference_from_the_training_gpus_to_an_engine():
+    local = me.estimate_memory(_tiny_plan(algorithm="exopd", placement="rank0", device_type="cpu"), TINY,
+                               TINY_TEACHER, TINY_TEACHER)
+    remote = me.estimate_memory(_tiny_plan(algorithm="exopd", placement="rank0", device_type="cpu",
+                                           reference_backend="vllm"), TINY, TINY_TEACHER, TINY_TEACHER)
+    local0, remote0, remote1 = ({c.name: c.bytes for c in g.components} for g in (local[0], *remote))
+    assert local0["reference parameters (ExOPD)"] == 558_208  # the 4-layer reference, like the teacher
+    assert "reference parameters (ExOPD)" not in remote0 and "reference parameters (ExOPD)" not in remote1
+    assert remote0["vLLM reference weights"] == 552_064 and remote0["vLLM reference KV cache"] == GIB
+    assert remote[0].total_bytes == local[0].total_bytes - 558_208 + 552_064 + GIB + 2_048_000
+    separate = me.estimate_memory(_tiny_plan(algorithm="exopd", reference_backend="vllm", rollout_gpus=2,
+                                             placement="ray", engines=1), TINY, TINY_TEACHER, TINY_TEACHER)
+    assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU", "reference engine GPU"]
 
 
 def test_fit_error_names_the_largest_term():

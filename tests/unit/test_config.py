@@ -88,3 +88,25 @@ def test_srpo_self_teacher_reads_no_external_teacher(teacher):
         tiny_run_config(loss=loss, rollout=dict(group_size=2))
     with pytest.raises(ValueError, match="--srpo-reprompt-template must contain {solution}"):
         BaselineConfig(srpo_reprompt_template="{prompt} with no demonstration")
+
+
+@pytest.mark.parametrize("backend", ["megatron", "vllm"])
+def test_tropd_guidance_runs_a_teacher_engine_beside_either_teacher(backend):
+    """TrOPD's guidance prefixes come from a vLLM engine of the teacher: the same engine that scores with
+    --teacher-backend vllm, and one of its own beside a co-located teacher."""
+    guided = dict(algorithm="tropd", kl="k1", baselines=BaselineConfig(tropd_prefix_fraction=0.5))
+    config = tiny_run_config(models=dict(teacher_backend=backend), loss=guided)
+    assert config.loss.tropd_guidance and config.teacher_engine
+    assert config.colocated_teacher == (backend == "megatron") and config.remote_teacher == (backend == "vllm")
+    plain = tiny_run_config(models=dict(teacher_backend=backend), loss=dict(algorithm="tropd", kl="k1"))
+    assert not plain.loss.tropd_guidance and plain.teacher_engine == (backend == "vllm")
+
+
+def test_exopd_reference_served_by_vllm_is_not_loaded_on_the_training_ranks():
+    remote = tiny_run_config(models=dict(reference_backend="vllm"), loss=dict(algorithm="exopd"))
+    assert remote.remote_reference and not remote.colocated_reference
+    local = tiny_run_config(loss=dict(algorithm="exopd"))
+    assert local.colocated_reference and not local.remote_reference
+    assert not (tiny_run_config().colocated_reference or tiny_run_config().remote_reference)  # SCOPE reads none
+    with pytest.raises(ValueError, match="--exopd-reference-backend name ExOPD's reference model; --scope-algorithm"):
+        tiny_run_config(models=dict(reference_backend="vllm"))

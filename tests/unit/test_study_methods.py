@@ -33,6 +33,9 @@ def test_variants_change_what_their_names_say():
     assert not _config("scope-no-student-weights").loss.student_path_weights
     assert not _config("scope-no-mle").loss.student_path and _config("scope-no-mle").loss.student_path_weights
     assert (_config("opd-k1").loss.algorithm, _config("opd-k1").loss.kl) == ("opd", "k1")
+    guided, tropd = _config("tropd-guided"), _config("tropd")
+    assert guided.loss.tropd_guidance and guided.teacher_engine and not tropd.loss.tropd_guidance
+    assert guided.loss.kl == tropd.loss.kl
 
 
 def test_srpo_runs_with_its_self_teacher_unless_told_external():

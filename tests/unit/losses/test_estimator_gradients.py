@@ -100,3 +100,32 @@ def test_tropd_sampled_trust_region_expected_gradient(outlier, seed):
     (expected,) = torch.autograd.grad(inside + outside, leaf)
     assert expected.abs().max() > 1e-2
     torch.testing.assert_close(z.grad, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tropd_guidance_prefix_expected_gradient_is_the_forward_kl_gradient(seed):
+    """TrOPD's guidance prefix: tokens the teacher wrote (y ~ π_T, each row weighted by π_T(y)) get
+    β (sg(log π_T) - log π_S) through the loss function Megatron calls; E[∇ℓ] = β ∇ KL(π_T ‖ π_S). The rollout IS
+    correction leaves them alone (the sampler log-probs there are the teacher's, far from the student's)."""
+    beta = 0.25
+    student, teacher = _logits(2 * seed), _logits(2 * seed + 1, scale=3.0)
+    s, t = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    config = LossConfig(algorithm="tropd", kl="k1", rollout_is_threshold=1.5,
+                        baselines=BaselineConfig(tropd_prefix_fraction=0.5, tropd_prefix_beta=beta))
+    ids = torch.arange(V)
+    z = student.clone().requires_grad_(True)
+    batch = {
+        "labels": ids[:, None], "loss_mask": torch.ones(V, 1, dtype=torch.float64),
+        "correct": torch.zeros(V, dtype=torch.bool), "seq_weights": V * t.exp(),
+        "teacher_log_probs": t[ids][:, None], "old_log_probs": s[ids][:, None], "rollout_log_probs": t[ids][:, None],
+        "trust_uniform": torch.zeros(V, 1, dtype=torch.float64), "prefix_mask": torch.ones(V, 1, dtype=torch.bool),
+    }
+    loss_sum, count, report = scope_loss_func(config, V, batch, z.expand(V, 1, V))
+    (loss_sum / count).backward()
+
+    leaf = student.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(beta * (t.exp() * (t - torch.log_softmax(leaf, -1))).sum(), leaf)
+    assert expected.abs().max() > 1e-2
+    torch.testing.assert_close(z.grad, expected, rtol=1e-9, atol=1e-12)
+    assert float(report["prefix_token_fraction"][0]) == V and float(report["prefix_forward_kl_k1"][1]) == V
+    assert float(report["prefix_teacher_logprob_abs_diff"][0]) == 0  # the sampler's log-probs are the teacher's

@@ -66,6 +66,10 @@ def reference_token_loss(name, s, cfg, i, t):
         return -reward * lp
     if name == "srpo":  # routed: distilled responses get w_t KL, every other one GRPO's surrogate
         return float(s.distill_weights[i, t]) * kl if bool(s.distilled[i]) else ppo
+    if name == "tropd-guided":  # the teacher's prefix tokens: forward KL's k1 on the teacher's samples
+        if bool(s.prefix[i, t]):
+            return cfg.tropd_prefix_beta * (tlp - lp)
+        name = "tropd"
     if name == "tropd":
         gap = abs(lp - tlp)
         if cfg.tropd_trust_region == "sampled":  # accepted with probability min(π_T / π_S_old, 1)
@@ -88,7 +92,9 @@ CASES = [(name, BaselineConfig()) for name in OBJECTIVES] + [
 ] + [("exopd", BaselineConfig(exopd_lambda=1.0)), ("srpo", BaselineConfig(srpo_beta=0.3, clip_eps=0.1))] + [
     ("scope-ppo", BaselineConfig(clip_eps=0.2, clip_ratio_c=3.0)), ("scope-ppo", BaselineConfig(clip_eps=0.05,
                                                                                                  clip_ratio_c=1.2)),
-    ("scope-no-student-path", BaselineConfig())]
+    ("scope-no-student-path", BaselineConfig())] + [
+    ("tropd-guided", BaselineConfig(tropd_prefix_beta=0.3, tropd_trust_region=region, tropd_delta=0.7,
+                                    tropd_outlier="clip")) for region in ("sampled", "threshold")]
 
 
 @pytest.mark.parametrize("name,cfg", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
@@ -97,6 +103,10 @@ def test_objective_matches_formula(stats, name, cfg):
         loss = OBJECTIVES["scope"](stats, LossConfig(kl="k1", teacher_path_loss="ppo", baselines=cfg))
     elif name == "scope-no-student-path":
         loss = OBJECTIVES["scope"](stats, LossConfig(student_path=False, baselines=cfg))
+    elif name == "tropd-guided":  # rows 0 and 1 start with 2 and 3 teacher-written tokens
+        stats.prefix = torch.zeros(B, T, dtype=torch.bool)
+        stats.prefix[0, :2], stats.prefix[1, :3] = True, True
+        loss = OBJECTIVES["tropd"](stats, LossConfig(algorithm="tropd", baselines=cfg))
     else:
         loss = OBJECTIVES[name](stats, LossConfig(baselines=cfg))
     expected = torch.tensor([[reference_token_loss(name, stats, cfg, i, t) for t in range(T)] for i in range(B)], dtype=torch.float64)

@@ -157,3 +157,17 @@ def test_group_inputs_do_not_depend_on_the_microbatching():
         for key in ("seq_weights", "advantages"):
             order = torch.cat([m["row"] for m in budget])
             torch.testing.assert_close(torch.cat([m[key] for m in budget]), whole[0][key][order])
+
+
+def test_a_served_references_scores_become_ref_log_probs_at_the_response_positions():
+    from megatron_scope.rollout.engine import SequenceScores
+
+    scores = [SequenceScores.from_lists([-0.5, -1.5]), SequenceScores.from_lists([-2.0])]
+    group = RolloutGroup("a", [1, 5], [Completion([7, 8], [0.0] * 2, "stop"), Completion([9], [0.0], "stop")],
+                         [True, False], reference_scores=scores)
+    batch = build_batch([group], 8, pad_id=0)
+    expected = torch.zeros(2, 8)
+    expected[0, 1:3], expected[1, 1] = torch.tensor([-0.5, -1.5]), -2.0
+    assert torch.equal(batch["ref_log_probs"], expected) and "teacher_log_probs" not in batch
+    with pytest.raises(ValueError, match="response 1 has 1 tokens but 2 reference log-probs"):
+        RolloutGroup("a", [1], group.completions, [True, False], reference_scores=[scores[0], scores[0]])

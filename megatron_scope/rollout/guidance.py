@@ -1,0 +1,90 @@
+"""TrOPD's off-policy guidance (Xing et al. 2026, arXiv 2606.01249): some responses start with a teacher's prefix.
+
+Prompt i of a step (its index in the whole step's batch) is guided when floor((i + 1) f) > floor(i f), f the
+--tropd-prefix-fraction: a share f of every step's prompts, spread evenly over the batch (and so over the
+data-parallel engines). For a guided prompt the teacher's engine samples G responses at temperature 1 and top-p 1
+(its tokens are draws from π_T, so imitating them is an unbiased forward-KL gradient, `objectives.tropd_objective`);
+response j keeps the first
+
+    k_j = min(floor(α_t L_j), max_new_tokens - 1),    α_t = (1 + cos(π (t - 1) / T)) / 2
+
+tokens of the teacher's j-th (L_j: its length without the stop token; t the iteration, T --train-iters: α
+anneals from 1 at the first step toward 0), and the student's engine continues from prompt + prefix with at
+most max_new_tokens - k_j new tokens and sample j's own seed. The response is prefix + continuation: verified,
+scored and trained whole; its first k_j tokens carry the teacher's sampling log-probs (`Completion.log_probs`
+holds the log-prob of each token under whichever model sampled it) and are imitated with forward KL, the rest
+get the on-policy loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams
+
+
+def guidance_alpha(iteration: int, train_iters: int) -> float:
+    """α_t = (1 + cos(π (t - 1) / T)) / 2: the share of a teacher response kept as the prefix at iteration t >= 1."""
+    return (1 + math.cos(math.pi * (iteration - 1) / train_iters)) / 2
+
+
+def is_guided(index: int, fraction: float) -> bool:
+    """Whether the step's prompt `index` is guided: floor((i + 1) f) > floor(i f) (a share f, spread evenly)."""
+    return math.floor((index + 1) * fraction) > math.floor(index * fraction)
+
+
+def teacher_prefix(response: Completion, alpha: float, max_new_tokens: int, stop_token_ids: Sequence[int]) -> Completion:
+    """The first min(floor(α L), max_new_tokens - 1) tokens of a teacher response (L: its length without a final
+    stop token) and their log-probs, so the student always writes at least one token."""
+    length = len(response.token_ids)
+    if length and response.finish_reason == "stop" and response.token_ids[-1] in stop_token_ids:
+        length -= 1
+    keep = min(math.floor(alpha * length), max_new_tokens - 1)
+    return Completion(list(response.token_ids[:keep]), list(response.log_probs[:keep]), "prefix")
+
+
+def guided_generate(engine: RolloutEngine, teacher_engine: RolloutEngine, prompts: Sequence[Sequence[int]],
+                    indices: Sequence[int], params: SamplingParams, fraction: float,
+                    alpha: float) -> tuple[list[list[Completion]], list[list[int]]]:
+    """`engine.generate(prompts, params, indices)` with the guided prompts' responses continuing the teacher's
+    prefixes (module docstring). One engine is awake at a time (vLLM sleep mode on GPUs they share): the
+    teacher's while it writes, then `engine`, left awake. Returns (samples, prefix lengths: result[i][j] tokens
+    of samples[i][j] are the teacher's, 0 for unguided prompts)."""
+    n = params.n
+    guided = [i for i, index in enumerate(indices) if is_guided(index, fraction)]
+    unguided = [i for i in range(len(prompts)) if i not in set(guided)]
+    prefixes = []
+    if guided:
+        engine.sleep()
+        teacher_engine.wake()
+        try:
+            written = teacher_engine.generate([prompts[i] for i in guided],
+                                              dataclasses.replace(params, temperature=1.0, top_p=1.0),
+                                              indices=[indices[i] for i in guided])
+        finally:
+            teacher_engine.sleep()
+        prefixes = [teacher_prefix(response, alpha, params.max_new_tokens, params.stop_token_ids)
+                    for group in written for response in group]
+    engine.wake()
+    samples: list = [None] * len(prompts)
+    prefix_lengths = [[0] * n for _ in prompts]
+    if unguided:
+        for i, group in zip(unguided, engine.generate([prompts[i] for i in unguided], params,
+                                                      indices=[indices[i] for i in unguided])):
+            samples[i] = group
+    if not guided:
+        return samples, prefix_lengths
+    rows = [(i, j) for i in guided for j in range(n)]
+    # sample j of prompt i has seed `seed + indices[i] n + j` (the engine's contract): with n = 1 its index is i n + j
+    continuations = engine.generate([list(prompts[i]) + p.token_ids for (i, _), p in zip(rows, prefixes)],
+                                    dataclasses.replace(params, n=1), indices=[indices[i] * n + j for i, j in rows],
+                                    max_new_tokens=[params.max_new_tokens - len(p.token_ids) for p in prefixes])
+    for i in guided:
+        samples[i] = [None] * n
+    for (i, j), prefix, (continuation,) in zip(rows, prefixes, continuations):
+        samples[i][j] = Completion(prefix.token_ids + continuation.token_ids, prefix.log_probs + continuation.log_probs,
+                                   continuation.finish_reason)
+        prefix_lengths[i][j] = len(prefix.token_ids)
+    return samples, prefix_lengths
