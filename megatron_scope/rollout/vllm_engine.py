@@ -492,7 +492,7 @@ class VLLMRolloutEngine(RolloutEngine):
                     f"{caller}: prompt {index} has token ids outside [0, {self.facts.vocab_size}): {bad[:5]}"
                 )
             if len(tokens) + cap > self.max_model_len:
-                too_long.append(f"prompt {index} ({len(tokens)} tokens + max_new_tokens {cap})")
+                too_long.append(f"prompt {index} ({len(tokens)} tokens) with max_new_tokens {cap}")
             checked.append(tokens)
         if too_long:
             raise ValueError(

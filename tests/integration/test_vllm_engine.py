@@ -327,6 +327,11 @@ def test_bad_prompts_are_rejected_before_any_request(engine, models):
         engine.generate([[1], []], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="stop token id 777"):
         engine.generate([[1]], SamplingParams(max_new_tokens=2, stop_token_ids=(777,)))
+    with pytest.raises(ValueError, match=r"max_new_tokens must lie in \[1, 8\], got \[9\]"):
+        engine.generate([[1, 2], [1, 2]], SamplingParams(max_new_tokens=8), max_new_tokens=[8, 9])
+    # a per-prompt cap (TrOPD's continuations): the long prompt fits with 3 new tokens, and gets at most 3
+    capped = engine.generate([[1, 2], too_long], SamplingParams(max_new_tokens=8, seed=0), max_new_tokens=[8, 3])
+    assert len(capped[0][0].token_ids) == 8 and len(capped[1][0].token_ids) == 3
     # the engine is fine afterwards
     assert len(engine.generate([too_long[:10]], SamplingParams(max_new_tokens=8))[0][0].token_ids) == 8
 
