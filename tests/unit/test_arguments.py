@@ -76,7 +76,7 @@ def test_help_lists_every_flag(capsys):
         (["--scope-topk-renormalize"], "--scope-topk-renormalize is only used with --scope-kl topk"),
         (["--scope-student-path-exponent", "2"], "invalid choice: 2"),
         (["--scope-algorithm", "opd", "--no-scope-student-path"], "--scope-algorithm opd has no such path"),
-        (["--exopd-reference-hf", "base"], "--exopd-reference-hf is ExOPD's reference model; --scope-algorithm scope"),
+        (["--exopd-reference-hf", "base"], "--exopd-reference-hf/--exopd-reference-backend name ExOPD's reference model; --scope-algorithm scope"),
         (["--rollout-is-threshold", "0"], "--rollout-is-threshold: must be > 0"),
         (["--tropd-prefix-fraction", "0.5"], "--tropd-prefix-fraction is TrOPD's off-policy guidance; --scope-algorithm"),
         (["--scope-algorithm", "tropd", "--tropd-prefix-fraction", "1.5"], "--tropd-prefix-fraction: must be in [0, 1]"),
