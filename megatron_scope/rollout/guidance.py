@@ -54,7 +54,7 @@ def guided_generate(engine: RolloutEngine, teacher_engine: RolloutEngine, prompt
     of samples[i][j] are the teacher's, 0 for unguided prompts)."""
     n = params.n
     guided = [i for i, index in enumerate(indices) if is_guided(index, fraction)]
-    unguided = [i for i in range(len(prompts)) if i not in set(guided)]
+    unguided = [i for i, index in enumerate(indices) if not is_guided(index, fraction)]
     prefixes = []
     if guided:
         engine.sleep()
