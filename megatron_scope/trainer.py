@@ -47,7 +47,7 @@ from megatron.core import parallel_state
 from megatron_scope.config import RunConfig
 from megatron_scope.megatron import checkpointing
 from megatron_scope.losses.objectives import srpo_distill_weights
-from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports
+from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports, sampled_by_student
 from megatron_scope.megatron.model import output_layer_weight
 from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.parallel import collective_device
@@ -293,23 +293,21 @@ class ScopeTrainer:
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
         answers = [p.answer for p in prompts for _ in range(rollout.group_size)]
         correct = self.verify(texts, answers)
-        teacher_scores = [None] * len(prompts)
+        def scored_by(engine, timer: str, topk: int = 0):
+            """`engine`'s view of every response (`score_responses`), the engine awake only meanwhile."""
+            begin = time.perf_counter()
+            engine.wake()
+            scores = score_responses(engine, [p.id for p in prompts], [p.token_ids for p in prompts], samples,
+                                     topk=topk, vocab_size=self.vocab_size)
+            engine.sleep()
+            seconds[timer] = time.perf_counter() - begin
+            return scores
+
+        teacher_scores = reference_scores = [None] * len(prompts)
         if self.config.remote_teacher:
-            start = time.perf_counter()
-            self.teacher_engine.wake()
-            teacher_scores = score_responses(self.teacher_engine, [p.id for p in prompts],
-                                             [p.token_ids for p in prompts], samples,
-                                             topk=self.config.loss.teacher_topk, vocab_size=self.vocab_size)
-            self.teacher_engine.sleep()
-            seconds["teacher_score"] = time.perf_counter() - start
-        reference_scores = [None] * len(prompts)
+            teacher_scores = scored_by(self.teacher_engine, "teacher_score", self.config.loss.teacher_topk)
         if self.reference_engine is not None:  # ExOPD's reference, served by vLLM: its sampled-token log-probs
-            start = time.perf_counter()
-            self.reference_engine.wake()
-            reference_scores = score_responses(self.reference_engine, [p.id for p in prompts],
-                                               [p.token_ids for p in prompts], samples)
-            self.reference_engine.sleep()
-            seconds["reference_score"] = time.perf_counter() - start
+            reference_scores = scored_by(self.reference_engine, "reference_score")
         n = rollout.group_size
         self_teacher_prompts = [None] * len(prompts)
         if self.self_teacher is not None:
@@ -384,8 +382,7 @@ class ScopeTrainer:
         same weights, so this is ~0 up to numerics; a large value then means an engine samples from other
         weights than the ones being trained.
         """
-        sampled = [b["loss_mask"] * ~b["prefix_mask"] if "prefix_mask" in b else b["loss_mask"]
-                   for b in microbatches]  # TrOPD's prefix tokens were sampled by the teacher
+        sampled = [sampled_by_student(b) for b in microbatches]  # TrOPD's prefix tokens were sampled by the teacher
         diff = sum(float(((b["rollout_log_probs"] - b["old_log_probs"]).abs() * mask).sum())
                    for b, mask in zip(microbatches, sampled))
         count = sum(float(mask.sum()) for mask in sampled)

@@ -116,6 +116,12 @@ def add_group_inputs(microbatches: list[dict], config: LossConfig, group=None) -
         batch["seq_weights"], batch["advantages"] = w, a
 
 
+def sampled_by_student(batch: dict) -> torch.Tensor:
+    """The loss mask without TrOPD's teacher-written prefix tokens: the response tokens the student's engine drew."""
+    mask = batch["loss_mask"]
+    return mask * ~batch["prefix_mask"] if "prefix_mask" in batch else mask
+
+
 PER_SEQUENCE_KEYS = ("correct", "seq_weights", "advantages", "distilled")
 PER_VOCAB_KEYS = ("teacher_logits", "teacher_topk_ids", "teacher_topk_log_probs")  # a trailing vocab/k dim
 MAY_BE_NEG_INF = PER_VOCAB_KEYS + ("teacher_topk_tail_log_mass",)  # masked/impossible tokens, an empty tail
@@ -284,7 +290,7 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
     loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
     report = _report(stats, batch, student_entropy)
     if config.rollout_is_threshold is not None:  # the weights' mean and how often C cut them, over sampled tokens
-        sampled = stats.mask if stats.prefix is None else stats.mask * ~stats.prefix  # drawn by the student's engine
+        sampled = sampled_by_student(batch)
         tokens = sampled.sum()
         report["is_weight"] = torch.stack([(is_weights * sampled).sum(), tokens])
         truncated = (batch["old_log_probs"] - batch["rollout_log_probs"]) > math.log(config.rollout_is_threshold)
