@@ -64,6 +64,24 @@ from megatron_scope.teacher.self_teacher import SelfTeacherRow, route_group, rep
 
 logger = logging.getLogger("megatron_scope.trainer")
 
+# The log line's method-specific numbers, where the run has them (all are in TensorBoard and the history).
+METHOD_LOG_METRICS = (("srpo/distilled_fraction", "SRPO distilled fraction"),
+                      ("tropd/guided_fraction", "TrOPD guided fraction"),
+                      ("loss/is_truncated_fraction", "IS truncated fraction"))
+
+
+def log_line(iteration: int, train_iters: int, metrics: dict) -> str:
+    """One iteration's line, in Megatron-LM's training_log layout; a loss no token reached prints NAN."""
+    return (f" iteration {iteration:8d}/{train_iters:8d} |"
+            f" elapsed time per iteration (ms): {1000 * metrics['time/iteration_s']:.1f} |"
+            f" learning rate: {metrics['optimizer/lr']:.3E} |"
+            f" loss: {metrics.get('loss/loss', float('nan')):.6E} |"
+            f" rollout accuracy: {metrics['rollout/accuracy']:.4f} |"
+            + "".join(f" {label}: {metrics[key]:.4f} |" for key, label in METHOD_LOG_METRICS if key in metrics)
+            + f" grad norm: {metrics['optimizer/grad_norm']:.4f} |"
+            f" non-finite tokens: {metrics.get('loss/nonfinite_token_fraction', 0.0):.4f} |"
+            f" number of skipped iterations: {int(metrics['optimizer/skipped_total'])} |")
+
 
 class NonFiniteStepError(RuntimeError):
     """Raised with exit_on_nonfinite when a step's loss or gradient norm is NaN/Inf."""
@@ -324,16 +342,22 @@ class ScopeTrainer:
     def _raise_if_any_failed(self, error: BaseException | None, phase: str) -> None:
         """Every rank learns whether any rank failed in `phase` (one all_gather_object of None or the error's
         text) and raises: the failing rank its own error, the others one naming it (RolloutEngineDiedError
-        when that is what it was), so no rank waits in a collective for a rank that stopped."""
+        when that is what it was), so no rank waits in a collective for a rank that stopped.
+
+        Each rank logs the error it raises before a last barrier: a traceback prints only after `close` has shut
+        the rank's engines down (seconds), and torchrun SIGTERMs the ranks still running once one has exited."""
         reports = [None] * self.world_size
         dist.all_gather_object(reports, None if error is None else (type(error).__name__, str(error)))
-        if error is not None:
-            raise error
         failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-        if failed:
+        if not failed:
+            return
+        if error is None:
             rank, (name, text) = failed[0]
             kind = RolloutEngineDiedError if name == RolloutEngineDiedError.__name__ else RuntimeError
-            raise kind(f"rank {rank}'s {phase} failed: {name}: {text}")
+            error = kind(f"rank {rank}'s {phase} failed: {name}: {text}")
+        logger.error("rank %d stops: %s: %s", self.rank, type(error).__name__, error)
+        dist.barrier()
+        raise error
 
     def _score(self, microbatches: list[dict], self_teacher_rows: list[SelfTeacherRow] | None = None) -> None:
         """Add the loss inputs to the last stage's microbatches (forward passes run on every stage): the student's
@@ -552,12 +576,5 @@ class ScopeTrainer:
             bar.set_postfix(loss=f"{metrics.get('loss/loss', float('nan')):.4f}",
                             acc=f"{metrics['rollout/accuracy']:.2f}")
         if self.iteration % self.config.loop.log_interval == 0:
-            line = (f" iteration {self.iteration:8d}/{self.config.loop.train_iters:8d} |"
-                    f" elapsed time per iteration (ms): {1000 * metrics['time/iteration_s']:.1f} |"
-                    f" learning rate: {metrics['optimizer/lr']:.3E} |"
-                    f" loss: {metrics.get('loss/loss', float('nan')):.6E} |"
-                    f" rollout accuracy: {metrics['rollout/accuracy']:.4f} |"
-                    f" grad norm: {metrics['optimizer/grad_norm']:.4f} |"
-                    f" non-finite tokens: {metrics.get('loss/nonfinite_token_fraction', 0.0):.4f} |"
-                    f" number of skipped iterations: {int(metrics['optimizer/skipped_total'])} |")
+            line = log_line(self.iteration, self.config.loop.train_iters, metrics)
             (bar.write if bar is not None else print)(line)

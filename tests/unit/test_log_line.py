@@ -1,0 +1,24 @@
+"""The iteration log line: Megatron-LM's layout, the skipped steps and non-finite tokens a user must see, and the
+method's routing numbers where the run has them."""
+
+from megatron_scope.trainer import log_line
+
+BASE = {"time/iteration_s": 1.5, "optimizer/lr": 5e-5, "loss/loss": 0.25, "rollout/accuracy": 0.5,
+        "optimizer/grad_norm": 2.0, "loss/nonfinite_token_fraction": 0.125, "optimizer/skipped_total": 3.0}
+
+
+def test_log_line_layout():
+    assert log_line(7, 100, BASE) == (
+        " iteration        7/     100 | elapsed time per iteration (ms): 1500.0 | learning rate: 5.000E-05 |"
+        " loss: 2.500000E-01 | rollout accuracy: 0.5000 | grad norm: 2.0000 | non-finite tokens: 0.1250 |"
+        " number of skipped iterations: 3 |")
+
+
+def test_log_line_shows_the_methods_routing_and_a_loss_no_token_reached():
+    metrics = {**BASE, "srpo/distilled_fraction": 0.375, "tropd/guided_fraction": 0.5,
+               "loss/is_truncated_fraction": 0.0625}
+    del metrics["loss/loss"]
+    line = log_line(1, 2, metrics)
+    assert " loss: NAN |" in line
+    assert (" rollout accuracy: 0.5000 | SRPO distilled fraction: 0.3750 | TrOPD guided fraction: 0.5000 |"
+            " IS truncated fraction: 0.0625 | grad norm:") in line
