@@ -87,6 +87,20 @@ class RolloutEngineDiedError(RuntimeError):
     checkpoint."""
 
 
+def per_prompt_plan(prompts: Sequence, params: SamplingParams, indices: Sequence[int] | None,
+                    max_new_tokens: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    """`generate`'s `indices` and `max_new_tokens` with their defaults (0, 1, ... and params.max_new_tokens),
+    checked: one of each per prompt, every cap in [1, params.max_new_tokens]."""
+    indices = list(range(len(prompts)) if indices is None else indices)
+    caps = [params.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
+    if not len(indices) == len(caps) == len(prompts):
+        raise ValueError(f"generate: {len(indices)} indices and {len(caps)} max_new_tokens for {len(prompts)} prompts")
+    if any(not 1 <= cap <= params.max_new_tokens for cap in caps):
+        raise ValueError(f"generate: max_new_tokens must lie in [1, {params.max_new_tokens}], got "
+                         f"{[cap for cap in caps if not 1 <= cap <= params.max_new_tokens][:5]}")
+    return indices, caps
+
+
 class RolloutEngine(abc.ABC):
     """Generates from the student and takes its new weights after each optimizer step."""
 

@@ -24,7 +24,7 @@ import ray
 import torch
 
 from megatron_scope.rollout.buckets import drain, iter_buckets
-from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams, SequenceScores
+from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams, SequenceScores, per_prompt_plan
 from megatron_scope.rollout.vllm_engine import VLLM_LOG_LEVEL_ENV, VLLMEngineConfig, set_vllm_log_level
 
 
@@ -113,11 +113,7 @@ class RayRolloutEngine(RolloutEngine):
         """Chunks of prompts (`queue_chunks`: longest first) from a queue: each engine takes the next chunk
         when it finishes one, so a step waits for the slowest chunk, not the slowest fixed block."""
         prompts = [list(p) for p in prompts]
-        indices = list(range(len(prompts)) if indices is None else indices)
-        caps = [params.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
-        if not len(indices) == len(caps) == len(prompts):
-            raise ValueError(f"generate: {len(indices)} indices and {len(caps)} max_new_tokens for {len(prompts)} "
-                             "prompts")
+        indices, caps = per_prompt_plan(prompts, params, indices, max_new_tokens)
         queue = collections.deque(queue_chunks([len(p) for p in prompts], len(self._actors)))
         results: list = [None] * len(prompts)
         running = {}  # ObjectRef -> (actor, chunk)

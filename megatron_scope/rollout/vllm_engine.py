@@ -72,6 +72,7 @@ from megatron_scope.rollout.engine import (
     RolloutEngineDiedError,
     SamplingParams,
     SequenceScores,
+    per_prompt_plan,
 )
 from megatron_scope.rollout.buckets import drain, iter_buckets
 
@@ -384,14 +385,7 @@ class VLLMRolloutEngine(RolloutEngine):
         from vllm import SamplingParams as VLLMSamplingParams
 
         self._check_ready()
-        caps = [params.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
-        indices = range(len(prompts)) if indices is None else list(indices)
-        if not len(indices) == len(caps) == len(prompts):
-            raise ValueError(f"generate: {len(indices)} indices and {len(caps)} max_new_tokens for {len(prompts)} "
-                             "prompts")
-        if any(not 1 <= cap <= params.max_new_tokens for cap in caps):
-            raise ValueError(f"generate: max_new_tokens must lie in [1, {params.max_new_tokens}], got "
-                             f"{[cap for cap in caps if not 1 <= cap <= params.max_new_tokens][:5]}")
+        indices, caps = per_prompt_plan(prompts, params, indices, max_new_tokens)
         prompts = self._validated_prompts(prompts, caps, "generate")
         for token in params.stop_token_ids:
             if not 0 <= token < self.facts.vocab_size:

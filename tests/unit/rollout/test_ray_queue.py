@@ -1,4 +1,5 @@
-"""The Ray engines' work queue: every prompt exactly once, longest prompts first, several chunks per engine."""
+"""The Ray engines' work queue: every prompt exactly once, longest prompts first, several chunks per engine; the
+per-prompt indices and caps both engines check."""
 
 import pytest
 
@@ -19,3 +20,16 @@ def test_chunks_cover_every_prompt_once_longest_first():
 def test_chunk_count(num_prompts, num_engines, expected):
     chunks = queue_chunks([1] * num_prompts, num_engines)
     assert len(chunks) == expected and sum(map(len, chunks)) == num_prompts
+
+
+def test_per_prompt_plan_defaults_and_refusals():
+    """The per-prompt seeds' indices and caps both engines (vLLM, Ray) check before any request starts."""
+    from megatron_scope.rollout.engine import SamplingParams, per_prompt_plan
+
+    params = SamplingParams(max_new_tokens=8)
+    assert per_prompt_plan([[1], [2]], params, None, None) == ([0, 1], [8, 8])
+    assert per_prompt_plan([[1], [2]], params, (5, 3), (1, 8)) == ([5, 3], [1, 8])
+    with pytest.raises(ValueError, match=r"generate: 1 indices and 2 max_new_tokens for 2 prompts"):
+        per_prompt_plan([[1], [2]], params, [0], None)
+    with pytest.raises(ValueError, match=r"max_new_tokens must lie in \[1, 8\], got \[0, 9\]"):
+        per_prompt_plan([[1], [2], [3]], params, None, [0, 8, 9])
