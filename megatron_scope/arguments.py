@@ -275,10 +275,11 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                 "min(π_T(y)/π_S(y), 1), one draw per token) or threshold (|log π_S - log π_T| <= δ).")
     baselines.add_argument("--tropd-delta", type=positive_float, default=1.0,
                            help="δ of the threshold trust region and of the clip outliers.")
-    baselines.add_argument("--tropd-outlier", choices=TROPD_OUTLIERS, default="mask",
-                           help="TrOPD outside the region: mask (no loss), clip (the KL scaled by δ / max(|log π_S - "
-                                "log π_T|, δ)), or forward (KL(π_T‖π_S): over the vocabulary with a full --scope-kl, "
-                                "else over the teacher's top-k with --scope-topk K; the paper's best, K = 64).")
+    baselines.add_argument("--tropd-outlier", choices=TROPD_OUTLIERS, default="forward",
+                           help="TrOPD outside the region: forward (the paper's: KL(π_T‖π_S), over the vocabulary "
+                                "with a full --scope-kl, else over the teacher's top-k with --scope-topk K, the "
+                                "paper's K = 64), or its ablations mask (no loss) and clip (the KL scaled by "
+                                "δ / max(|log π_S - log π_T|, δ)).")
     baselines.add_argument("--tropd-prefix-fraction", type=unit_interval_float, default=0.0,
                            help="TrOPD's off-policy guidance: the fraction of each step's prompts whose G responses "
                                 "continue teacher-written prefixes (a vLLM engine of --teacher-hf writes G responses; "

@@ -214,8 +214,9 @@ class BaselineConfig:
     |log π_S - log π_T| <= δ, a fixed two-sided test)."""
     tropd_delta: float = 1.0
     """--tropd-delta: δ of the threshold trust region and of the clip outliers' scaling."""
-    tropd_outlier: str = "mask"
-    """--tropd-outlier: what TrOPD does outside the region: mask, clip or forward."""
+    tropd_outlier: str = "forward"
+    """--tropd-outlier: what TrOPD does outside the region: forward (the paper's TrOPD: KL(π_T‖π_S), over the
+    vocabulary with a full-vocabulary --scope-kl, else over the teacher's top-k), mask or clip (its ablations)."""
     tropd_prefix_fraction: float = 0.0
     """--tropd-prefix-fraction: TrOPD's off-policy guidance, the fraction of each step's prompts whose responses
     continue a teacher-written prefix (`rollout.guidance`); 0: off."""
@@ -328,7 +329,7 @@ class LossConfig:
             raise ValueError(
                 f"--tropd-outlier forward needs the teacher's distribution: full-vocabulary logits (--scope-kl "
                 f"{'/'.join(FULL_VOCAB_KL)}) or its top-k (--scope-topk K, the paper's K = 64), not --scope-kl "
-                f"{self.kl} alone")
+                f"{self.kl} alone (or --tropd-outlier mask/clip, the paper's ablations)")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"--loss-agg-mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         if self.teacher_path_loss not in TEACHER_PATH_LOSSES:

@@ -48,7 +48,7 @@ STUDY_METHODS = {
     "srpo-current": ("srpo", ["--srpo-teacher", "current"]),  # the self-teacher without EMA ("srpo": EMA, SDPO's)
     "srpo-external": ("srpo", ["--srpo-teacher", "external"]),  # failures distilled toward the external teacher
     "tropd-guided": ("tropd", ["--tropd-prefix-fraction", "0.5"]),  # half the prompts continue teacher prefixes
-    "tropd-forward": ("tropd", ["--tropd-outlier", "forward"]),  # outliers get KL(π_T‖π_S) instead of no loss
+    "tropd-mask": ("tropd", ["--tropd-outlier", "mask"]),  # outliers get no loss ("tropd": the paper's forward KL)
 }
 
 

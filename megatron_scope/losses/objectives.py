@@ -148,9 +148,10 @@ def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     π_T(y_t) / π_S(y_t), 1)) with π_S the policy that sampled (old log-probs), drawn as u_t < min(...) from the
     trainer's `trust_uniform`: a token the teacher finds at least as likely is always inside, and one it finds
     r times less likely is inside with probability 1/r. "threshold": inside iff |log π_S - log π_T| <= δ.
-    Outliers (`tropd_outlier`): "mask" drops the token; "clip" scales its KL by δ / max(|Δ_t|, δ), Δ_t =
-    log π_S - log π_T (as if it sat no farther than δ); "forward" uses the forward KL(π_T‖π_S) there instead
-    (`stats.forward_kl`; the paper's best, over the teacher's top-k with K = 64).
+    Outliers (`tropd_outlier`): "forward", the paper's §3.3 outlier estimation, uses the forward KL(π_T‖π_S)
+    there instead (`stats.forward_kl`; the paper's over the teacher's top-k with K = 64); its ablations: "mask"
+    drops the token, "clip" scales its KL by δ / max(|Δ_t|, δ), Δ_t = log π_S - log π_T (as if it sat no farther
+    than δ).
     Off-policy guidance (`stats.prefix`, the teacher-written first tokens of a guided response): forward KL by
     its k1 estimate on the teacher's own samples, β (sg(log π_T(y_t)) - log π_S(y_t)) (--tropd-prefix-beta); its
     gradient -β ∇ log π_S(y_t) has expectation β ∇ KL(π_T ‖ π_S) over y_t ~ π_T (the teacher sampled at

@@ -138,13 +138,15 @@ def test_ray_rollout_engines_give_the_same_run(workspace, straight_run):
 
 
 def test_tropd_guidance_continues_the_teachers_prefixes(workspace):
-    """--tropd-prefix-fraction 0.5 beside a co-located teacher: a vLLM engine of the teacher writes G responses for
+    """The paper's TrOPD (k1 inside the region, the forward KL over the teacher's top-k on outliers) with
+    --tropd-prefix-fraction 0.5 beside a co-located teacher: a vLLM engine of the teacher writes G responses for
     every second prompt; at the first iteration (α = 1) each keeps all but its stop token and the student's engine
     continues it. The prefix tokens' sampling log-probs are the teacher engine's and equal the co-located teacher's
     view at the positions the prefix mask names; the continuations' equal the student's (the sampler parity
     skips the prefixes)."""
     (run,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 1, extra=[
-        "--scope-algorithm", "tropd", "--scope-kl", "k1", "--tropd-prefix-fraction", "0.5"]),), timeout=900)
+        "--scope-algorithm", "tropd", "--scope-kl", "k1", "--scope-topk", "8", "--tropd-prefix-fraction", "0.5"]),),
+        timeout=900)
     metrics = run[0]
     assert metrics["tropd/prefix_alpha"] == 1.0 and 0 < metrics["tropd/guided_fraction"] <= 0.5
     assert 0 < metrics["loss/prefix_token_fraction"] < 1 and math.isfinite(metrics["loss/loss"])

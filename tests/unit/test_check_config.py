@@ -315,9 +315,9 @@ def test_tropd_guidance_adds_a_teacher_engine_beside_the_colocated_teacher():
     staying on every training GPU."""
     from megatron_scope.config import BaselineConfig
 
-    plain = me.estimate_memory(_tiny_plan(algorithm="tropd", kl="k1", placement="rank0", device_type="cpu"), TINY,
+    plain = me.estimate_memory(_tiny_plan(algorithm="tropd", kl="k1", topk=8, placement="rank0", device_type="cpu"), TINY,
                                TINY_TEACHER)
-    guided = me.estimate_memory(_tiny_plan(algorithm="tropd", kl="k1", placement="rank0", device_type="cpu",
+    guided = me.estimate_memory(_tiny_plan(algorithm="tropd", kl="k1", topk=8, placement="rank0", device_type="cpu",
                                            baselines=BaselineConfig(tropd_prefix_fraction=0.5)), TINY, TINY_TEACHER)
     rank0, other = ({c.name: c.bytes for c in g.components} for g in guided)
     assert rank0["teacher parameters"] == other["teacher parameters"] == 558_208

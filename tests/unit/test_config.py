@@ -36,7 +36,8 @@ def test_every_flag_reaches_the_configuration():
 ])
 def test_which_objectives_a_vllm_teacher_can_serve(algorithm, kl, ok):
     """A vLLM teacher engine gives the log-probs of the sampled tokens and a top-k, not the vocabulary logits."""
-    loss = dict(algorithm=algorithm, kl=kl, topk=4 if kl == "topk" else None)
+    # TrOPD's outliers get the forward KL over the teacher's top-k (the paper's)
+    loss = dict(algorithm=algorithm, kl=kl, topk=4 if kl == "topk" or algorithm == "tropd" else None)
     if algorithm == "srpo":  # SRPO with an external teacher (its default self-teacher reads no teacher at all)
         loss["baselines"] = BaselineConfig(srpo_teacher="external")
     if ok:
@@ -90,15 +91,28 @@ def test_srpo_self_teacher_reads_no_external_teacher(teacher):
         BaselineConfig(srpo_reprompt_template="{prompt} with no demonstration")
 
 
+def test_tropd_is_the_papers_by_default_and_its_sampled_estimators_need_the_teachers_top_k():
+    """TrOPD's outliers get the forward KL (arXiv 2606.01249 §3.3): over the vocabulary with the default full
+    reverse KL; a sampled estimator alone cannot give it, and the error names both ways out."""
+    config = tiny_run_config(loss=dict(algorithm="tropd"))
+    assert config.loss.baselines.tropd_outlier == "forward" and config.loss.tropd_forward_outliers
+    assert config.loss.teacher_topk == 0  # the co-located teacher's full logits
+    assert tiny_run_config(loss=dict(algorithm="tropd", kl="k1", topk=64)).loss.teacher_topk == 64
+    with pytest.raises(ValueError, match=r"--tropd-outlier forward needs the teacher's distribution: .*--scope-topk K, "
+                                         r"the paper's K = 64\), not --scope-kl k1 alone \(or --tropd-outlier mask/clip"):
+        tiny_run_config(loss=dict(algorithm="tropd", kl="k1"))
+    assert tiny_run_config(loss=dict(algorithm="tropd", kl="k1", baselines=BaselineConfig(tropd_outlier="mask")))
+
+
 @pytest.mark.parametrize("backend", ["megatron", "vllm"])
 def test_tropd_guidance_runs_a_teacher_engine_beside_either_teacher(backend):
     """TrOPD's guidance prefixes come from a vLLM engine of the teacher: the same engine that scores with
     --teacher-backend vllm, and one of its own beside a co-located teacher."""
-    guided = dict(algorithm="tropd", kl="k1", baselines=BaselineConfig(tropd_prefix_fraction=0.5))
+    guided = dict(algorithm="tropd", kl="k1", topk=4, baselines=BaselineConfig(tropd_prefix_fraction=0.5))
     config = tiny_run_config(models=dict(teacher_backend=backend), loss=guided)
     assert config.loss.tropd_guidance and config.teacher_engine
     assert config.colocated_teacher == (backend == "megatron") and config.remote_teacher == (backend == "vllm")
-    plain = tiny_run_config(models=dict(teacher_backend=backend), loss=dict(algorithm="tropd", kl="k1"))
+    plain = tiny_run_config(models=dict(teacher_backend=backend), loss=dict(algorithm="tropd", kl="k1", topk=4))
     assert not plain.loss.tropd_guidance and plain.teacher_engine == (backend == "vllm")
 
 

@@ -36,8 +36,8 @@ def test_variants_change_what_their_names_say():
     guided, tropd = _config("tropd-guided"), _config("tropd")
     assert guided.loss.tropd_guidance and guided.teacher_engine and not tropd.loss.tropd_guidance
     assert guided.loss.kl == tropd.loss.kl
-    forward = _config("tropd-forward")
-    assert (tropd.loss.baselines.tropd_outlier, forward.loss.baselines.tropd_outlier) == ("mask", "forward")
+    masked = _config("tropd-mask")
+    assert (tropd.loss.baselines.tropd_outlier, masked.loss.baselines.tropd_outlier) == ("forward", "mask")
 
 
 def test_srpo_runs_with_its_self_teacher_unless_told_external():

@@ -56,8 +56,8 @@ def test_expected_gradient_is_the_reverse_kl_gradient(algorithm, kl, seed):
     released = algorithm == "scope-released"
     config = LossConfig(algorithm="scope" if released else algorithm, kl=kl, topk=V if kl == "topk" else None,
                         teacher_path_loss="ppo" if released else "kl",
-                        baselines=BaselineConfig(tropd_trust_region="threshold", tropd_delta=1e9,
-                                                 exopd_lambda=1.0))  # TrOPD: every token inside
+                        baselines=BaselineConfig(tropd_trust_region="threshold", tropd_delta=1e9, tropd_outlier="mask",
+                                                 exopd_lambda=1.0))  # TrOPD: every token inside, no outlier
     expected = _reverse_kl_gradient(student, teacher)
     got = _expected_gradient(config, student, teacher)
     assert expected.abs().max() > 1e-2  # the two distributions are clearly apart
@@ -111,7 +111,8 @@ def test_tropd_guidance_prefix_expected_gradient_is_the_forward_kl_gradient(seed
     student, teacher = _logits(2 * seed), _logits(2 * seed + 1, scale=3.0)
     s, t = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
     config = LossConfig(algorithm="tropd", kl="k1", rollout_is_threshold=1.5,
-                        baselines=BaselineConfig(tropd_prefix_fraction=0.5, tropd_prefix_beta=beta))
+                        baselines=BaselineConfig(tropd_prefix_fraction=0.5, tropd_prefix_beta=beta,
+                                                 tropd_outlier="mask"))  # every token is a prefix token
     ids = torch.arange(V)
     z = student.clone().requires_grad_(True)
     batch = {

@@ -123,7 +123,7 @@ def test_exopd_gradient_is_reinforce(stats):
 
 
 def test_tropd_separates_inside_and_outside(stats):
-    cfg = BaselineConfig(tropd_trust_region="threshold", tropd_delta=0.5)
+    cfg = BaselineConfig(tropd_trust_region="threshold", tropd_delta=0.5, tropd_outlier="mask")
     gap = (stats.student_log_probs - stats.teacher_log_probs).abs()
     loss = OBJECTIVES["tropd"](stats, LossConfig(baselines=cfg))
     assert (gap > 0.5).any() and (gap <= 0.5).any()
@@ -131,9 +131,9 @@ def test_tropd_separates_inside_and_outside(stats):
     assert torch.equal(loss[gap <= 0.5], stats.kl[gap <= 0.5])
     accept = torch.exp((stats.teacher_log_probs - stats.old_log_probs).clamp_max(0))
     inside = stats.trust_uniform < accept
-    loss = OBJECTIVES["tropd"](stats, LossConfig())  # the paper's sampled region, outliers masked
+    loss = OBJECTIVES["tropd"](stats, LossConfig())  # the paper's: sampled region, forward KL on the outliers
     assert inside.any() and (~inside).any()
-    assert torch.equal(loss[~inside], torch.zeros_like(loss[~inside])) and torch.equal(loss[inside], stats.kl[inside])
+    assert torch.equal(loss[~inside], stats.forward_kl[~inside]) and torch.equal(loss[inside], stats.kl[inside])
 
 
 def test_missing_statistics_are_named(stats):
