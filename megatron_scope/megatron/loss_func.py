@@ -298,12 +298,12 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
     if stats.prefix is not None:  # guidance: the prefix tokens' share, their forward-KL k1 estimate, and how far
         # the teacher engine's sampling log-probs lie from the teacher's view here (~0: both are the teacher's)
         prefix = (stats.mask > 0) & stats.prefix
-        count = prefix.sum().to(stats.mask.dtype)
+        prefix_tokens = prefix.sum().to(stats.mask.dtype)
         k1 = torch.where(prefix, stats.teacher_log_probs - stats.student_log_probs.detach(), 0.0)
         engine_gap = torch.where(prefix, (batch["rollout_log_probs"] - stats.teacher_log_probs).abs(), 0.0)
-        report["prefix_token_fraction"] = torch.stack([count, stats.mask.sum()])
-        report["prefix_forward_kl_k1"] = torch.stack([k1.sum(), count])
-        report["prefix_teacher_logprob_abs_diff"] = torch.stack([engine_gap.sum(), count])
+        report["prefix_token_fraction"] = torch.stack([prefix_tokens, stats.mask.sum()])
+        report["prefix_forward_kl_k1"] = torch.stack([k1.sum(), prefix_tokens])
+        report["prefix_teacher_logprob_abs_diff"] = torch.stack([engine_gap.sum(), prefix_tokens])
     report["loss"] = torch.stack([loss_sum.detach().clone(), count.to(loss_sum.dtype)])
     response = stats.mask > 0  # a NaN/Inf per-token loss makes the step's loss non-finite: say how many tokens
     report["nonfinite_token_fraction"] = torch.stack([(~torch.isfinite(token_loss.detach()) & response).sum(),

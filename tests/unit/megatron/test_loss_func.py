@@ -230,3 +230,41 @@ def test_rollout_is_weights_multiply_each_tokens_loss(batch):
     torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match=r"needs batch keys \['rollout_log_probs'\]"):
         check_batch({k: v for k, v in batch.items() if k != "rollout_log_probs"}, config)
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["seq-mean-token-mean", "token-mean"])
+def test_tropd_guidance_keeps_the_aggregations_count_and_loss(batch, loss_agg_mode):
+    """A guided batch (row 0 starts with 2 teacher-written tokens) is normalised like any other: by its sequences
+    (seq-mean-token-mean) or its response tokens (token-mean), never by its prefix tokens; the prefix tokens'
+    loss is β (sg(log π_T) - log π_S), the others' the trust region's (every token inside: the reverse KL)."""
+    from megatron_scope.config import BaselineConfig
+
+    beta = 0.5
+    config = LossConfig(algorithm="tropd", loss_agg_mode=loss_agg_mode,
+                        baselines=BaselineConfig(tropd_prefix_fraction=0.5, tropd_prefix_beta=beta,
+                                                 tropd_trust_region="threshold", tropd_delta=1e9))
+    prefix = torch.zeros_like(batch["loss_mask"], dtype=torch.bool)
+    first = batch["loss_mask"][0].nonzero()[:2, 0]
+    prefix[0, first] = True
+    batch.update(prefix_mask=prefix, old_log_probs=batch["teacher_log_probs"].clone(),
+                 rollout_log_probs=batch["teacher_log_probs"].clone(),
+                 trust_uniform=torch.zeros_like(batch["teacher_log_probs"]))
+    logits = student_logits(batch)
+    loss_sum, count, report = scope_loss_func(config, V, batch, logits)
+    mask = batch["loss_mask"].double()
+    s = torch.log_softmax(logits[..., :V].double(), -1)
+    t = torch.log_softmax(batch["teacher_logits"][..., :V].double(), -1)
+    kl = (s.exp() * (s - t)).sum(-1)
+    logp = s.gather(-1, batch["labels"][..., None])[..., 0]
+    token_loss = torch.where(prefix, beta * (batch["teacher_log_probs"].double() - logp), kl) * mask
+    weights = batch["seq_weights"].double()
+    if loss_agg_mode == "token-mean":
+        expected_count, expected = int(mask.sum()), float((weights[:, None] * token_loss).sum())
+    else:
+        expected_count = len(batch["correct"])
+        expected = float((weights * token_loss.sum(-1) / mask.sum(-1).clamp_min(1)).sum())
+    assert int(count) == expected_count and int(prefix.sum()) == 2
+    assert float(loss_sum) == pytest.approx(expected, rel=1e-5)
+    values = reduce_reports([report])
+    assert values["loss"] == pytest.approx(expected / expected_count, rel=1e-5)
+    assert values["prefix_token_fraction"] == pytest.approx(2 / float(mask.sum()))
