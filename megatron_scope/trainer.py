@@ -67,6 +67,7 @@ logger = logging.getLogger("megatron_scope.trainer")
 # The log line's method-specific numbers, where the run has them (all are in TensorBoard and the history).
 METHOD_LOG_METRICS = (("srpo/distilled_fraction", "SRPO distilled fraction"),
                       ("tropd/guided_fraction", "TrOPD guided fraction"),
+                      ("loss/tropd_outlier_fraction", "TrOPD outlier fraction"),
                       ("loss/is_truncated_fraction", "IS truncated fraction"))
 
 

@@ -140,6 +140,16 @@ def srpo_distill_weights(teacher_entropy: list[torch.Tensor], distilled_tokens: 
     return [(r * scale).float() for r in raw]
 
 
+def tropd_inside(stats: TokenStats, config: LossConfig) -> torch.Tensor:
+    """TrOPD's trust region (bool per token; `tropd_objective` says which test)."""
+    if config.baselines.tropd_trust_region == "sampled":
+        _require(stats, "tropd (sampled trust region)", "trust_uniform", "old_log_probs")
+        acceptance = torch.exp((stats.teacher_log_probs - stats.old_log_probs).clamp_max(0))
+        return stats.trust_uniform < acceptance
+    gap = (stats.student_log_probs - stats.teacher_log_probs).detach().abs()
+    return gap <= config.baselines.tropd_delta
+
+
 def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     """TrOPD (Xing et al. 2026, arXiv 2606.01249): the on-policy divergence (--scope-kl; the paper's is k1)
     only inside a trust region, another loss on the outliers.
@@ -159,12 +169,7 @@ def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     """
     _require(stats, "tropd", "kl", "teacher_log_probs")
     gap = (stats.student_log_probs - stats.teacher_log_probs).detach().abs()
-    if config.baselines.tropd_trust_region == "sampled":
-        _require(stats, "tropd (sampled trust region)", "trust_uniform", "old_log_probs")
-        acceptance = torch.exp((stats.teacher_log_probs - stats.old_log_probs).clamp_max(0))
-        inside = stats.trust_uniform < acceptance
-    else:
-        inside = gap <= config.baselines.tropd_delta
+    inside = tropd_inside(stats, config)
     if config.baselines.tropd_outlier == "mask":
         outlier_loss = torch.zeros_like(stats.kl)
     elif config.baselines.tropd_outlier == "clip":

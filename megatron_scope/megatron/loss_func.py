@@ -49,6 +49,7 @@ from megatron_scope.losses.objectives import (
     TokenStats,
     aggregate,
     group_normalized_advantages,
+    tropd_inside,
     truncated_is_weights,
 )
 from megatron_scope.losses.scope import scope_sequence_weights
@@ -295,6 +296,10 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
         report["is_weight"] = torch.stack([(is_weights * sampled).sum(), tokens])
         truncated = (batch["old_log_probs"] - batch["rollout_log_probs"]) > math.log(config.rollout_is_threshold)
         report["is_truncated_fraction"] = torch.stack([(truncated * sampled).sum(), tokens])
+    if config.algorithm == "tropd":  # the share of the student's tokens outside the trust region (the outliers)
+        sampled = sampled_by_student(batch)
+        outside = (~tropd_inside(stats, config)).to(sampled.dtype) * sampled
+        report["tropd_outlier_fraction"] = torch.stack([outside.sum(), sampled.sum()])
     if stats.prefix is not None:  # guidance: the prefix tokens' share, their forward-KL k1 estimate, and how far
         # the teacher engine's sampling log-probs lie from the teacher's view here (~0: both are the teacher's)
         prefix = (stats.mask > 0) & stats.prefix

@@ -16,9 +16,9 @@ def test_log_line_layout():
 
 def test_log_line_shows_the_methods_routing_and_a_loss_no_token_reached():
     metrics = {**BASE, "srpo/distilled_fraction": 0.375, "tropd/guided_fraction": 0.5,
-               "loss/is_truncated_fraction": 0.0625}
+               "loss/tropd_outlier_fraction": 0.25, "loss/is_truncated_fraction": 0.0625}
     del metrics["loss/loss"]
     line = log_line(1, 2, metrics)
     assert " loss: NAN |" in line
     assert (" rollout accuracy: 0.5000 | SRPO distilled fraction: 0.3750 | TrOPD guided fraction: 0.5000 |"
-            " IS truncated fraction: 0.0625 | grad norm:") in line
+            " TrOPD outlier fraction: 0.2500 | IS truncated fraction: 0.0625 | grad norm:") in line

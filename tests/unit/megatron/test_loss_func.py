@@ -268,3 +268,25 @@ def test_tropd_guidance_keeps_the_aggregations_count_and_loss(batch, loss_agg_mo
     values = reduce_reports([report])
     assert values["loss"] == pytest.approx(expected / expected_count, rel=1e-5)
     assert values["prefix_token_fraction"] == pytest.approx(2 / float(mask.sum()))
+
+
+def test_tropd_reports_the_share_of_tokens_outside_its_trust_region(batch):
+    """The threshold region |log π_S - log π_T| <= δ: the reported outlier fraction is the share of response tokens
+    outside it, and those tokens' loss is the forward KL (the default outliers)."""
+    from megatron_scope.config import BaselineConfig
+
+    config = LossConfig(algorithm="tropd", loss_agg_mode="token-mean",
+                        baselines=BaselineConfig(tropd_trust_region="threshold", tropd_delta=0.5))
+    logits = student_logits(batch)
+    loss_sum, count, report = scope_loss_func(config, V, batch, logits)
+    s = torch.log_softmax(logits[..., :V].double(), -1)
+    t = torch.log_softmax(batch["teacher_logits"][..., :V].double(), -1)
+    mask = batch["loss_mask"].double()
+    gap = (s.gather(-1, batch["labels"][..., None])[..., 0] - batch["teacher_log_probs"].double()).abs()
+    outside = (gap > 0.5).double() * mask
+    assert 0 < float(outside.sum()) < float(mask.sum())
+    assert reduce_reports([report])["tropd_outlier_fraction"] == pytest.approx(float(outside.sum() / mask.sum()))
+    reverse, forward = (s.exp() * (s - t)).sum(-1), (t.exp() * (t - s)).sum(-1)
+    token_loss = torch.where(gap > 0.5, forward, reverse) * mask
+    expected = float((batch["seq_weights"].double()[:, None] * token_loss).sum())
+    assert int(count) == int(mask.sum()) and float(loss_sum) == pytest.approx(expected, rel=1e-5)
