@@ -168,11 +168,11 @@ def tropd_objective(stats: TokenStats, config: LossConfig) -> torch.Tensor:
     temperature 1). The continuation after the prefix gets the on-policy loss above.
     """
     _require(stats, "tropd", "kl", "teacher_log_probs")
-    gap = (stats.student_log_probs - stats.teacher_log_probs).detach().abs()
     inside = tropd_inside(stats, config)
     if config.baselines.tropd_outlier == "mask":
         outlier_loss = torch.zeros_like(stats.kl)
     elif config.baselines.tropd_outlier == "clip":
+        gap = (stats.student_log_probs - stats.teacher_log_probs).detach().abs()
         outlier_loss = stats.kl * (config.baselines.tropd_delta / gap.clamp_min(config.baselines.tropd_delta))
     elif config.baselines.tropd_outlier == "forward":
         _require(stats, "tropd (outlier=forward)", "forward_kl")

@@ -290,16 +290,15 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
         token_loss = token_loss * is_weights.to(token_loss.dtype)
     loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
     report = _report(stats, batch, student_entropy)
+    sampled = sampled_by_student(batch)  # the response tokens the student's engine drew
+    tokens = sampled.sum()
     if config.rollout_is_threshold is not None:  # the weights' mean and how often C cut them, over sampled tokens
-        sampled = sampled_by_student(batch)
-        tokens = sampled.sum()
         report["is_weight"] = torch.stack([(is_weights * sampled).sum(), tokens])
         truncated = (batch["old_log_probs"] - batch["rollout_log_probs"]) > math.log(config.rollout_is_threshold)
         report["is_truncated_fraction"] = torch.stack([(truncated * sampled).sum(), tokens])
     if config.algorithm == "tropd":  # the share of the student's tokens outside the trust region (the outliers)
-        sampled = sampled_by_student(batch)
         outside = (~tropd_inside(stats, config)).to(sampled.dtype) * sampled
-        report["tropd_outlier_fraction"] = torch.stack([outside.sum(), sampled.sum()])
+        report["tropd_outlier_fraction"] = torch.stack([outside.sum(), tokens])
     if stats.prefix is not None:  # guidance: the prefix tokens' share, their forward-KL k1 estimate, and how far
         # the teacher engine's sampling log-probs lie from the teacher's view here (~0: both are the teacher's)
         prefix = (stats.mask > 0) & stats.prefix
