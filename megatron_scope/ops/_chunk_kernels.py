@@ -150,8 +150,11 @@ def entropy_grad(logits, grad_out, shift, log_norm, mean_shifted):
 
 
 def softmax_grad(logits, grad_out, shift, log_norm):
-    """d lse / d logits = p, times grad_out."""
-    return grad_out.unsqueeze(-1) * torch.exp(_log_softmax(_acc(logits), shift, log_norm))
+    """d lse / d logits = p, times grad_out; 0 on a row with no finite logit (lse = -inf, an empty sum: a student
+    masked to -inf outside a teacher's top-k has such a tail, and no finite change of a -inf logit moves it)."""
+    probs = torch.exp(_log_softmax(_acc(logits), shift, log_norm))
+    empty = torch.isneginf(log_norm).unsqueeze(-1)
+    return grad_out.unsqueeze(-1) * torch.where(empty, torch.zeros_like(probs), probs)
 
 
 def gather_grad(logits, grad_out, shift, log_norm, local_ids, owned):

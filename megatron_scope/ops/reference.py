@@ -77,9 +77,12 @@ def kl(student_logits, teacher_logits, kind="reverse", beta=0.5, vocab_size=None
 
 
 def topk_tail(logits, topk_ids, vocab_size=None):
-    """log Σ_{v ∉ topk_ids} softmax(logits)_v, from the logits outside the ids (-inf when none is left)."""
-    log_p = log_softmax(logits, vocab_size)
-    return log_p.scatter(-1, topk_ids.long(), float("-inf")).logsumexp(-1)
+    """log Σ_{v ∉ topk_ids} softmax(logits)_v, from the logits outside the ids (-inf, with zero gradient, when none
+    is left or all of them are -inf)."""
+    rest = log_softmax(logits, vocab_size).scatter(-1, topk_ids.long(), float("-inf"))
+    empty = torch.isneginf(rest).all(-1)
+    safe = torch.where(empty.unsqueeze(-1), torch.zeros_like(rest), rest)
+    return torch.where(empty, float("-inf"), safe.logsumexp(-1))
 
 
 def topk_kl(student_logits, topk_ids, teacher_topk_log_probs, kind="reverse", vocab_size=None,

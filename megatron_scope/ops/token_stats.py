@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sampled_kl", "sequence_mean_log_prob", "sequence_perplexity", "SAMPLED_KL"]
+__all__ = ["sampled_kl", "sequence_mean_log_prob", "sequence_perplexity", "SAMPLED_KL", "LOG_RATIO_FLOOR"]
 
 SAMPLED_KL = ("k1", "k2", "k3")
+
+#: `sampled_kl` floors log r = log π_T(y) - log π_S(y) here. A teacher log-prob of -inf (a token the teacher cannot
+#: emit: the true KL is +inf) then counts as a ratio of e^-100 (below fp32's smallest subnormal, 2^-149 = e^-103.3),
+#: so every estimate stays finite (k1 <= 100, k2 <= 5000, k3 < 100) and the gradient is at most 100 ∇ log π_S(y),
+#: pushing the student off that token hard but never with NaN (verl's `kl_penalty` clamps its estimates likewise).
+LOG_RATIO_FLOOR = -100.0
 
 
 def sampled_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
@@ -37,7 +43,8 @@ def sampled_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor,
           gradient (verl's "k3+").
     The returned tensor has the estimator's value and this gradient (value + g - sg(g), g the surrogate), so
     losses and reports read the estimate while backward gets the unbiased reverse-KL gradient. The gradient
-    flows into `student_log_probs` only (the teacher is detached). Elementwise; no communication.
+    flows into `student_log_probs` only (the teacher is detached). log r is floored at LOG_RATIO_FLOOR (-100), so a
+    teacher log-prob of -inf gives a finite value and gradient, never NaN. Elementwise; no communication.
     """
     if kind not in SAMPLED_KL:
         raise ValueError(f"kind={kind!r}; expected one of {SAMPLED_KL}")
@@ -50,7 +57,7 @@ def sampled_kl(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor,
             f"teacher_log_probs shape {tuple(teacher_log_probs.shape)}"
         )
     student = student_log_probs.detach()
-    log_ratio = teacher_log_probs.detach().to(student.dtype) - student
+    log_ratio = (teacher_log_probs.detach().to(student.dtype) - student).clamp(min=LOG_RATIO_FLOOR)
     if kind == "k1":
         value = -log_ratio
     elif kind == "k2":

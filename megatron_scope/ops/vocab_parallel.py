@@ -16,7 +16,8 @@ Conventions shared by every function that takes logits:
   `make_vocab_size_divisible_by x TP`; global ids >= vocab_size take no probability (as if -inf) and
   get zero gradient. None: every column is a real token.
 - Logits must be finite or -inf (a -inf entry has probability 0 and contributes exactly 0); a row
-  with no finite logit is not a distribution and gives NaN.
+  with no finite logit is not a distribution and gives NaN, except in `vocab_parallel_logsumexp`: -inf with a
+  zero gradient (the empty tail of a student masked outside a teacher's top-k).
 - Work is chunked over tokens (`CHUNK_ELEMENTS` per chunk on CPU, `CUDA_CHUNK_ELEMENTS` on CUDA) so
   temporaries stay chunk-sized; gradients are written chunk by chunk into one preallocated tensor. Large
   inputs run fused chunk kernels compiled by torch.compile (Inductor C++ on CPU, Triton on CUDA), falling

@@ -61,6 +61,25 @@ def _confident_inputs():
     return student.float(), teacher.float(), weights
 
 
+MASKED_CASES = (("reverse", "positive"), ("reverse", "zero"), ("forward", "zero"))  # where the KL is finite
+MASKED_K = 4
+
+
+def _masked_inputs(teacher_tail: str):
+    """test_topk's student masked to -inf outside the teacher's top-4 (ids 0-3: rank 0's shard); the teacher's
+    tail is positive, or zero (the teacher -inf there too)."""
+    from tests.unit.ops.test_topk import masked_outside_topk
+
+    student, teacher = masked_outside_topk(seed=12, shape=(*LEADING, PADDED), k=MASKED_K)
+    if teacher_tail == "zero":
+        teacher[..., MASKED_K:] = float("-inf")
+    return student, teacher
+
+
+def _masked_weights():
+    return torch.randn(*LEADING, generator=torch.Generator().manual_seed(13))
+
+
 def _cases():
     for dtype in (torch.float32, torch.bfloat16):
         for vocab_size in VOCAB_SIZES:
@@ -133,6 +152,14 @@ def _rank_job(rank, world_size, chunk_elements):
                                           teacher_tail_log_mass=tail)
         (out * weights.to(out.dtype)).sum().backward()
         results[("confident", kind)] = (out.detach(), local.grad, ids, tail)
+
+    for kind, teacher_tail in MASKED_CASES:  # a student of -inf outside the top-k: ranks >= 1 hold only -inf
+        student, teacher = _masked_inputs(teacher_tail)
+        ids, log_q, tail = topk.vocab_parallel_topk(teacher[..., shard], MASKED_K, group=group)
+        local = student[..., shard].requires_grad_()
+        out = topk.vocab_parallel_topk_kl(local, ids, log_q, kind=kind, group=group, teacher_tail_log_mass=tail)
+        (out * _masked_weights()).sum().backward()
+        results[("masked", kind, teacher_tail)] = (out.detach(), local.grad, ids)
 
     for kind, vocab_size in LINEAR_CASES:  # the KL from hidden states: each rank holds its output-layer rows
         h_s, w_s, h_t, w_t, target = linear_inputs(7, padded=PADDED)
@@ -211,6 +238,19 @@ def test_vocab_parallel_ops_match_float64_reference(world_size):
         ref = reference.topk_kl(full, ids, reference.log_softmax(teacher, 53).gather(-1, ids), kind, 53,
                                 teacher_tail_log_mass=exact_tail)
         (ref_grad,) = torch.autograd.grad((ref * weights).sum(), full)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+    for kind, teacher_tail in MASKED_CASES:  # finite, float64's values, zero gradient on the -inf entries
+        student, teacher = _masked_inputs(teacher_tail)
+        out, _, ids = per_rank[0][0][("masked", kind, teacher_tail)]
+        grad = torch.cat([results[("masked", kind, teacher_tail)][1] for results, _ in per_rank], dim=-1)
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all(), (kind, teacher_tail)
+        assert torch.all(grad[..., MASKED_K:] == 0), (kind, teacher_tail)
+        full = student.double().requires_grad_()
+        ref = reference.topk_kl(full, ids, reference.log_softmax(teacher).gather(-1, ids), kind,
+                                teacher_tail_log_mass=reference.topk_tail(teacher, ids))
+        (ref_grad,) = torch.autograd.grad((ref * _masked_weights().double()).sum(), full)
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
 

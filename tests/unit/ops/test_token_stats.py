@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_scope.ops import reference
-from megatron_scope.ops.token_stats import sampled_kl, sequence_mean_log_prob, sequence_perplexity
+from megatron_scope.ops.token_stats import LOG_RATIO_FLOOR, sampled_kl, sequence_mean_log_prob, sequence_perplexity
 
 from .test_vocab_parallel import _logits
 
@@ -31,6 +31,21 @@ def test_sampled_kl_matches_definition_and_estimates_kl(kind):
     teacher = teacher_lp.clone().requires_grad_()
     sampled_kl(student, teacher, kind).sum().backward()
     assert student.grad is not None and teacher.grad is None
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_sampled_kl_floors_the_log_ratio_so_a_minus_inf_teacher_stays_finite(kind):
+    """A teacher log-prob of -inf (a token it cannot emit) and one far below the student's: log r is floored at
+    LOG_RATIO_FLOOR, so value and gradient are the estimator's at log r = -100 (float64 by hand), never NaN; log r
+    above the floor is untouched."""
+    student = torch.tensor([-1.0, -2.0, -3.0], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([float("-inf"), -150.0, -4.0], dtype=torch.float64)
+    value = sampled_kl(student, teacher, kind)
+    value.sum().backward()
+    log_r = torch.tensor([LOG_RATIO_FLOOR, LOG_RATIO_FLOOR, -1.0], dtype=torch.float64)
+    expected = {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": torch.expm1(log_r) - log_r}[kind]
+    torch.testing.assert_close(value.detach(), expected)
+    torch.testing.assert_close(student.grad, -log_r)  # the reverse-KL gradient -log r ∇ log π_S for every estimator
 
 
 def test_sequence_reductions_mask_and_all_masked():

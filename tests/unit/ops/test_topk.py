@@ -25,7 +25,8 @@ def test_topk_kl_with_full_support_is_the_full_kl_and_a_lower_bound_otherwise(ki
     for k in (1, 4, 15):
         ids, lp = _topk(teacher, None, k=k)
         partial = vocab_parallel_topk_kl(student, ids, lp, kind)
-        assert torch.all(partial <= reference.kl(student, teacher, kind) + 1e-12)
+        full = reference.kl(student, teacher, kind)  # equal at k = V - 1 (one tail entry), up to float64 rounding
+        assert torch.all(partial <= full + 1e-12 * (1 + full.abs())), (partial - full).max()
         assert torch.all(partial >= 0)
 
 
@@ -86,6 +87,44 @@ def test_the_tail_from_the_top_k_alone_is_floored_at_fp32_rounding():
     kl = vocab_parallel_topk_kl(student, torch.tensor([[0, 1]]), log_q.float())
     kl.sum().backward()
     assert torch.isfinite(kl).all() and torch.isfinite(student.grad).all()
+
+
+def masked_outside_topk(seed: int, shape=(3, 4, 32), k: int = 4):
+    """(student, teacher) fp32 logits over `shape`; the teacher's top-k ids are 0..k-1 (its logits there raised by
+    20), and the student is -inf everywhere else, so its tail outside the teacher's top-k has probability 0."""
+    generator = torch.Generator().manual_seed(seed)
+    student = 2 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    teacher = 2 * torch.randn(shape, generator=generator, dtype=torch.float64)
+    teacher[..., :k] += 20.0
+    student[..., k:] = float("-inf")
+    return student.float(), teacher.float()
+
+
+@pytest.mark.parametrize("teacher_tail", ["positive", "zero"])
+@pytest.mark.parametrize("kind", ["reverse", "forward"])
+def test_topk_kl_with_a_student_masked_outside_the_top_k(kind, teacher_tail):
+    """Student logits of -inf outside the teacher's top-k: wherever the KL is finite (reverse; forward when the
+    teacher's tail is 0 too) value and gradient equal float64 and the -inf entries get exactly zero gradient;
+    forward against a teacher with tail mass is +inf, as the full KL, never NaN."""
+    student, teacher = masked_outside_topk(seed=1)
+    if teacher_tail == "zero":
+        teacher[..., 4:] = float("-inf")
+    ids, log_q, tail = topk.vocab_parallel_topk(teacher, 4)
+    x = student.clone().requires_grad_()
+    kl = vocab_parallel_topk_kl(x, ids, log_q, kind, teacher_tail_log_mass=tail)
+    if kind == "forward" and teacher_tail == "positive":
+        assert torch.all(kl == float("inf"))
+        return
+    weights = _logits(kl.shape, seed=5, scale=1.0)
+    (kl * weights).sum().backward()
+    x64 = student.double().requires_grad_()
+    expected = reference.topk_kl(x64, ids, reference.log_softmax(teacher).gather(-1, ids), kind,
+                                 teacher_tail_log_mass=reference.topk_tail(teacher, ids))
+    (expected * weights.double()).sum().backward()
+    assert torch.isfinite(kl).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(x.grad[..., 4:] == 0)
 
 
 @pytest.mark.parametrize("kind", ["reverse", "forward"])
