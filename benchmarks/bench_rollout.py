@@ -62,6 +62,7 @@ def hf_generate_tokens_per_s(model, prompts: torch.Tensor, n: int, new_tokens: i
 
 def bench_model(name: str, args) -> dict:
     from megatron_scope.rollout.engine import SamplingParams
+    from megatron_scope.rollout.seeds import StepSeeds
     from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
 
     model = build_model(name, seed=0)
@@ -79,11 +80,11 @@ def bench_model(name: str, args) -> dict:
             weight_bucket_bytes=args.bucket_mib << 20))
         result["vllm_start_s"] = time.perf_counter() - start
         try:
-            params = SamplingParams(n=args.n, max_new_tokens=args.new_tokens, temperature=1.0, seed=0)
+            params = SamplingParams(n=args.n, max_new_tokens=args.new_tokens, temperature=1.0)
             prompt_lists = prompts.tolist()
             engine.generate(prompt_lists[:1], SamplingParams(max_new_tokens=2))  # warm-up
             start = time.perf_counter()
-            groups = engine.generate(prompt_lists, params)
+            groups = engine.generate(prompt_lists, params, StepSeeds(0, 0).groups(range(args.prompts), args.n, "rollout"))
             elapsed = time.perf_counter() - start
             generated = sum(len(c.token_ids) for g in groups for c in g)
             assert generated == args.prompts * args.n * args.new_tokens, generated

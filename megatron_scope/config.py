@@ -500,7 +500,8 @@ class LoopConfig:
     only to its own longest and holding at most this many padded tokens (a longer sequence goes alone); None:
     --micro-batch-size sequences each, padded to the step's longest."""
     seed: int = 1234
-    """--seed: base seed; iteration i samples with seed + i, so a resumed run rolls out the same responses."""
+    """--seed: the run's seed; every draw's seed is a hash of it and of what the draw is (`rollout.seeds`), so a
+    resumed run rolls out the same responses."""
     save: str | None = None
     """--save: checkpoint root; None disables saving."""
     load: str | None = None

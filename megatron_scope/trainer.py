@@ -7,7 +7,8 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
      outcomes to the ranks it serves. "colocated" (default): one engine per data-parallel replica, led by the
      replica's first rank, generates exactly the replica's prompt groups and sends them inside the replica
      (only per-step scalars cross replicas); "rank0" and "ray": global rank 0 gets the whole step and
-     broadcasts it to every rank. Prompt i's sample j has seed `seed + iteration + i G + j` under any placement.
+     broadcasts it to every rank. The step's prompt i's sample j has seed hash(--seed, iteration, i, j, "rollout")
+     (`rollout/seeds.py`) under any placement.
      With TrOPD's guidance the teacher's engine first writes prefixes for a share of the prompts, and their
      responses continue them (`rollout/guidance.py`);
   3. each data-parallel rank takes its whole prompt groups (so group statistics need no communication),
@@ -58,6 +59,7 @@ from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token
 from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
+from megatron_scope.rollout.seeds import StepSeeds
 from megatron_scope.teacher.colocated import log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
 from megatron_scope.teacher.self_teacher import SelfTeacherRow, route_group, reprompt_builder, self_teacher_pass
@@ -296,17 +298,18 @@ class ScopeTrainer:
         start = time.perf_counter()
         params = SamplingParams(n=rollout.group_size, max_new_tokens=rollout.max_new_tokens,
                                 temperature=rollout.temperature, top_p=rollout.top_p,
-                                stop_token_ids=(self.tokenizer.eos_id,), seed=self.config.loop.seed + iteration,
+                                stop_token_ids=(self.tokenizer.eos_id,),
                                 vocab_size=self.vocab_size)  # no extra embedding rows
         prompt_ids, indices = [list(p.token_ids) for p in prompts], range(first, first + len(prompts))
+        seeds = StepSeeds(self.config.loop.seed, iteration)
         prefix_lengths = [None] * len(prompts)
         if self.config.loss.tropd_guidance:  # some responses continue a teacher's prefix (it wakes each engine)
             samples, prefix_lengths = guided_generate(
-                self.engine, self.teacher_engine, prompt_ids, indices, params,
+                self.engine, self.teacher_engine, prompt_ids, indices, params, seeds,
                 self.config.loss.baselines.tropd_prefix_fraction, guidance_alpha(iteration, self.config.loop.train_iters))
         else:
             self.engine.wake()  # asleep since the last rollout when the last step was skipped (no weight sync)
-            samples = self.engine.generate(prompt_ids, params, indices=indices)
+            samples = self.engine.generate(prompt_ids, params, seeds=seeds.groups(indices, params.n, "rollout"))
         self.engine.sleep()
         seconds = {"rollout": time.perf_counter() - start}
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]

@@ -25,6 +25,7 @@ from megatron_scope.eval.benchmarks import BenchmarkProblem
 from megatron_scope.eval.metrics import avg_at_k, mean_pass_at_k
 from megatron_scope.rewards.math_verifier import MathVerifier
 from megatron_scope.rollout.engine import RolloutEngine, SamplingParams
+from megatron_scope.rollout.seeds import StepSeeds
 
 PROBLEM_PLACEHOLDER = "{problem}"
 
@@ -49,9 +50,8 @@ class EvalConfig:
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]."""
     seed: int | None = 0
-    """Base sampling seed. A generate call starting at problem i of a benchmark gets seed + i * n, so
-    with the vLLM engine's convention (sample j of prompt p of a call uses call seed + p * n + j) sample
-    j of problem i always uses seed + i * n + j, whatever prompts_per_call is. None: unseeded."""
+    """Run seed: sample j of a benchmark's problem i is seeded with hash(seed, 0, i, j, "evaluation")
+    (`rollout.seeds`), whatever prompts_per_call is. None: unseeded."""
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end a response, e.g. the tokenizer's EOS."""
     prompts_per_call: int = 32
@@ -89,7 +89,6 @@ class EvalConfig:
             temperature=self.temperature,
             top_p=self.top_p,
             stop_token_ids=self.stop_token_ids,
-            seed=self.seed,
         )
 
     def format_prompt(self, problem: str) -> str:
@@ -224,9 +223,10 @@ def evaluate(
         ]
 
     params = config.sampling_params()
+    seeds = None if config.seed is None else StepSeeds(config.seed, 0)
     results, samples = [], []
     for name, problems in checked.items():
-        completions = _sample(engine, encoded[name], params, config.prompts_per_call, name, show_progress)
+        completions = _sample(engine, encoded[name], params, seeds, config.prompts_per_call, name, show_progress)
         responses, golds, meta = [], [], []
         for problem_index, (problem, problem_completions) in enumerate(zip(problems, completions)):
             for sample_index, completion in enumerate(problem_completions):
@@ -283,16 +283,16 @@ def _encode(tokenizer, prompt: str, benchmark: str, problem_id: str) -> list[int
     return token_ids
 
 
-def _sample(engine, prompts, params, prompts_per_call, name, show_progress):
-    """params.n completions per prompt, checked for shape, with a progress bar over samples."""
+def _sample(engine, prompts, params, seeds: StepSeeds | None, prompts_per_call, name, show_progress):
+    """params.n completions per prompt (sample j of problem i seeded by `seeds.seed(i, j, "evaluation")`, None:
+    unseeded), checked for shape, with a progress bar over samples."""
     completions = []
     with tqdm(total=len(prompts) * params.n, desc=f"sampling {name}", unit="sample", disable=not show_progress) as bar:
         for start in range(0, len(prompts), prompts_per_call):
             batch = prompts[start : start + prompts_per_call]
-            call_params = params
-            if params.seed is not None:  # the problem's index, not its place in a call, picks its seeds
-                call_params = dataclasses.replace(params, seed=params.seed + start * params.n)
-            outputs = engine.generate(batch, call_params)
+            problems = range(start, start + len(batch))  # the problem's index, not its place in a call, picks its seeds
+            outputs = engine.generate(batch, params, None if seeds is None else seeds.groups(problems, params.n,
+                                                                                              "evaluation"))
             if len(outputs) != len(batch) or any(len(per_prompt) != params.n for per_prompt in outputs):
                 shape = [len(per_prompt) for per_prompt in outputs]
                 raise RuntimeError(

@@ -27,8 +27,6 @@ class SamplingParams:
     """Nucleus sampling mass in (0, 1]."""
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end a response (kept as its last token); add the tokenizer's EOS here."""
-    seed: int | None = None
-    """Base seed: the same seed, prompts and weights give the same responses."""
     vocab_size: int | None = None
     """Sample only ids below this: the tokenizer's vocabulary, when the checkpoint has more embedding rows
     than tokens (Qwen2.5: 151936 or 152064 rows, 151665 tokens). None: every row of the model."""
@@ -87,31 +85,34 @@ class RolloutEngineDiedError(RuntimeError):
     checkpoint."""
 
 
-def per_prompt_plan(prompts: Sequence, params: SamplingParams, indices: Sequence[int] | None,
-                    max_new_tokens: Sequence[int] | None) -> tuple[list[int], list[int]]:
-    """`generate`'s `indices` and `max_new_tokens` with their defaults (0, 1, ... and params.max_new_tokens),
-    checked: one of each per prompt, every cap in [1, params.max_new_tokens]."""
-    indices = list(range(len(prompts)) if indices is None else indices)
+def per_prompt_plan(prompts: Sequence, params: SamplingParams, seeds: Sequence[Sequence[int]] | None,
+                    max_new_tokens: Sequence[int] | None) -> tuple[list[list[int | None]], list[int]]:
+    """`generate`'s `seeds` and `max_new_tokens` with their defaults (unseeded, params.max_new_tokens), checked: one
+    of each per prompt, `params.n` seeds per prompt, every cap in [1, params.max_new_tokens]."""
+    seeds = [[None] * params.n for _ in prompts] if seeds is None else [list(group) for group in seeds]
     caps = [params.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
-    if not len(indices) == len(caps) == len(prompts):
-        raise ValueError(f"generate: {len(indices)} indices and {len(caps)} max_new_tokens for {len(prompts)} prompts")
+    if not len(seeds) == len(caps) == len(prompts):
+        raise ValueError(f"generate: {len(seeds)} seed groups and {len(caps)} max_new_tokens for {len(prompts)} prompts")
+    if any(len(group) != params.n for group in seeds):
+        raise ValueError(f"generate: every prompt needs n={params.n} seeds, got "
+                         f"{[len(group) for group in seeds if len(group) != params.n][:5]}")
     if any(not 1 <= cap <= params.max_new_tokens for cap in caps):
         raise ValueError(f"generate: max_new_tokens must lie in [1, {params.max_new_tokens}], got "
                          f"{[cap for cap in caps if not 1 <= cap <= params.max_new_tokens][:5]}")
-    return indices, caps
+    return seeds, caps
 
 
 class RolloutEngine(abc.ABC):
     """Generates from the student and takes its new weights after each optimizer step."""
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, indices: Sequence[int] | None = None,
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[Sequence[int]] | None = None,
                  max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
-        """`params.n` completions for each prompt: result[i][j] is sample j of prompts[i], drawn with seed
-        `params.seed + indices[i] * params.n + j`. `indices`: each prompt's position in the whole step's batch
-        (default 0, 1, ...), so a prompt gets the same samples whichever engine, and with which other prompts,
-        generates it. `max_new_tokens`: each prompt's own response cap, in [1, params.max_new_tokens] (default:
-        params.max_new_tokens for all)."""
+        """`params.n` completions for each prompt: result[i][j] is sample j of prompts[i], drawn with its own random
+        generator seeded with `seeds[i][j]` (`rollout.seeds`: a hash of what the draw is), so a prompt gets the same
+        samples whichever engine, and with which other prompts, generates it; None: unseeded. `max_new_tokens`:
+        each prompt's own response cap, in [1, params.max_new_tokens] (default: params.max_new_tokens for all)."""
 
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

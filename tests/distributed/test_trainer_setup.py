@@ -119,10 +119,10 @@ class _RecordingEngine:
     def __init__(self, calls, dies_in_refit=False):
         self.calls, self.dies_in_refit = calls, dies_in_refit
 
-    def generate(self, prompts, params, indices):
+    def generate(self, prompts, params, seeds):
         from megatron_scope.rollout.engine import Completion
 
-        self.calls.append(("generate", list(indices)))
+        self.calls.append(("generate", seeds))
         return [[Completion([5, 2], [-0.1, -0.2], "stop")] * params.n for _ in prompts]
 
     def update_weights(self, stream):
@@ -172,12 +172,17 @@ def _step_calls(rank, world_size, refit_dies_on=None):
 
 
 def test_each_replicas_engine_sleeps_while_it_trains_and_wakes_for_its_refit():
-    """Two steps at DP=2, co-located: each engine wakes, generates its replica's prompt (seed index = the
-    prompt's place in the step), sleeps before its replica learns, wakes for the refit from its own replica's
+    """Two steps at DP=2, co-located: each engine wakes, generates its replica's prompt (seeded by the iteration and
+    the prompt's place in the step), sleeps before its replica learns, wakes for the refit from its own replica's
     shards; the first step's optimizer step is skipped: no refit, and the next rollout wakes the engine first."""
+    from megatron_scope.rollout.seeds import StepSeeds
+    from megatron_scope.testing.tiny import tiny_run_config
+
+    run_seed = tiny_run_config().loop.seed
     for rank, calls in enumerate(run_on_ranks(_step_calls, 2)):
-        step = [("wake",), ("generate", [rank]), ("sleep",), ("learn", rank)]
-        assert calls == step + step + [("wake",), ("update_weights", ["a", "b"])], rank
+        steps = [[("wake",), ("generate", StepSeeds(run_seed, iteration).groups([rank], 2, "rollout")), ("sleep",),
+                  ("learn", rank)] for iteration in (1, 2)]
+        assert calls == steps[0] + steps[1] + [("wake",), ("update_weights", ["a", "b"])], rank
 
 
 def test_an_engine_death_in_replica_1_during_its_refit_stops_every_rank():

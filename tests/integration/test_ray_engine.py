@@ -13,6 +13,7 @@ ray = pytest.importorskip("ray")
 
 from megatron_scope.rollout.engine import SamplingParams  # noqa: E402
 from megatron_scope.rollout.ray_engine import RayRolloutEngine  # noqa: E402
+from megatron_scope.rollout.seeds import StepSeeds  # noqa: E402
 from megatron_scope.rollout.vllm_engine import VLLMEngineConfig  # noqa: E402
 from tests.integration.hf_models import hf_weights, random_qwen2, tiny_qwen2_config, token_log_probs  # noqa: E402
 
@@ -51,7 +52,8 @@ def assert_scores_match(engine, model):
 def test_generate_through_ray_matches_transformers(setup):
     engine, model, _ = setup
     prompts = [[1, 2, 3], [9]]
-    groups = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=5, temperature=1.0, seed=0))
+    groups = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=5, temperature=1.0),
+                             StepSeeds(0, 0).groups(range(len(prompts)), 2, "rollout"))
     assert [len(g) for g in groups] == [2, 2]
     for prompt, group in zip(prompts, groups):
         for completion in group:

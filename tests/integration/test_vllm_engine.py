@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from megatron_scope.rollout.engine import SamplingParams
+from megatron_scope.rollout.seeds import StepSeeds
 from megatron_scope.rollout.vllm_engine import VLLM_LOG_LEVEL_ENV, VLLMEngineConfig, VLLMRolloutEngine
 from tests.integration.hf_models import hf_weights, next_token_logits, random_qwen2, tiny_qwen2_config, token_log_probs
 
@@ -87,6 +88,11 @@ def engine(models, engine_log):
     engine.close()
 
 
+def seeded(prompts, n, run_seed):
+    """The "rollout" seeds of a step holding `prompts` (`rollout.seeds`)."""
+    return StepSeeds(run_seed, 0).groups(range(len(prompts)), n, "rollout")
+
+
 def reference_score(model, sequence):
     return token_log_probs(model, sequence[:1], sequence[1:])
 
@@ -146,7 +152,7 @@ def test_unsupported_head_dim_on_cpu_fails_before_start(tmp_path):
 
 @pytest.mark.slow
 def test_generate_shapes_log_probs_and_finish_reasons(engine):
-    groups = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=6, temperature=1.0, seed=0))
+    groups = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=6, temperature=1.0), seeded(PROMPTS, 3, 0))
     assert len(groups) == len(PROMPTS)
     for group in groups:
         assert len(group) == 3
@@ -172,23 +178,27 @@ def test_stop_token_ends_the_response_and_is_kept(engine):
 
 @pytest.mark.slow
 def test_same_seed_same_samples_other_seed_other_samples(engine):
-    params = SamplingParams(n=4, max_new_tokens=8, temperature=1.0, seed=1234)
-    first = engine.generate(PROMPTS, params)
-    again = engine.generate(PROMPTS, params)
+    params = SamplingParams(n=4, max_new_tokens=8, temperature=1.0)
+    seeds = seeded(PROMPTS, 4, 1234)
+    first = engine.generate(PROMPTS, params, seeds)
+    again = engine.generate(PROMPTS, params, seeds)
     assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in again]
     assert [[c.log_probs for c in g] for g in first] == [[c.log_probs for c in g] for g in again]
-    other = engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=8, temperature=1.0, seed=99))
+    other = engine.generate(PROMPTS, params, seeded(PROMPTS, 4, 99))
     assert [[c.token_ids for c in g] for g in first] != [[c.token_ids for c in g] for g in other]
     # every sample of the call has its own random stream: within a group and across equal prompts
     assert len({tuple(c.token_ids) for c in first[0]}) == 4
     assert [c.token_ids for c in first[0]] != [c.token_ids for c in first[3]]
+    # a sample is its seed's, whatever else the call holds: prompt 2 alone, its samples reordered
+    (alone,) = engine.generate(PROMPTS[2:3], params, [seeds[2][::-1]])
+    assert [c.token_ids for c in alone] == [c.token_ids for c in first[2]][::-1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
 def test_sampled_log_probs_are_under_the_sampling_distribution(engine, models, temperature, top_p):
-    params = SamplingParams(n=2, max_new_tokens=8, temperature=temperature, top_p=top_p, seed=5)
-    groups = engine.generate(PROMPTS[:3], params)
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=temperature, top_p=top_p)
+    groups = engine.generate(PROMPTS[:3], params, seeded(PROMPTS[:3], 2, 5))
     for prompt, group in zip(PROMPTS, groups):
         for completion in group:
             expected = token_log_probs(models.model, prompt, completion.token_ids, temperature, top_p)
@@ -200,8 +210,8 @@ def test_vocab_size_excludes_extra_embedding_rows(engine, models):
     """Ids at or above SamplingParams.vocab_size (rows beyond the tokenizer) are never sampled, and the
     sampling log-probs are those of the distribution renormalised over the first vocab_size ids."""
     limit = 12
-    params = SamplingParams(n=4, max_new_tokens=8, seed=3, vocab_size=limit)
-    groups = engine.generate(PROMPTS[:2], params)
+    params = SamplingParams(n=4, max_new_tokens=8, vocab_size=limit)
+    groups = engine.generate(PROMPTS[:2], params, seeded(PROMPTS[:2], 4, 3))
     for prompt, group in zip(PROMPTS, groups):
         for completion in group:
             assert max(completion.token_ids) < limit, completion.token_ids
@@ -209,7 +219,7 @@ def test_vocab_size_excludes_extra_embedding_rows(engine, models):
             expected = logits.log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
             diff = (torch.tensor(completion.log_probs) - expected).abs().max().item()
             assert diff <= TOLERANCE, f"log-probs differ from the truncated distribution by {diff}"
-    unrestricted = engine.generate(PROMPTS[:2], SamplingParams(n=4, max_new_tokens=8, seed=3))
+    unrestricted = engine.generate(PROMPTS[:2], SamplingParams(n=4, max_new_tokens=8), seeded(PROMPTS[:2], 4, 3))
     assert max(t for group in unrestricted for c in group for t in c.token_ids) >= limit  # the limit did something
     with pytest.raises(ValueError, match="exceeds the model's"):
         engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, vocab_size=models.config.vocab_size + 1))
@@ -243,13 +253,13 @@ def test_update_weights_takes_new_weights(engine, models):
     assert_scores_match(engine, models.model)
     before = (reference_score(models.model, SEQUENCE) - reference_score(models.other, SEQUENCE)).abs().max()
     assert before > 0.1, "the two random models are too alike for this test to tell them apart"
-    params = SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=3)
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=1.0)
     prompts = PROMPTS + [SEQUENCE * 13]  # 208 tokens: whole KV blocks (CPU blocks are large) get cached
-    engine.generate(prompts, params)  # fills the prefix cache with the old weights' KV
+    engine.generate(prompts, params, seeded(prompts, 2, 3))  # fills the prefix cache with the old weights' KV
 
     engine.update_weights(hf_weights(models.other))
     assert_scores_match(engine, models.other)
-    for prompt, group in zip(prompts, engine.generate(prompts, params)):
+    for prompt, group in zip(prompts, engine.generate(prompts, params, seeded(prompts, 2, 3))):
         for completion in group:
             expected = token_log_probs(models.other, prompt, completion.token_ids)
             assert (torch.tensor(completion.log_probs) - expected).abs().max() <= TOLERANCE
@@ -330,7 +340,7 @@ def test_bad_prompts_are_rejected_before_any_request(engine, models):
     with pytest.raises(ValueError, match=r"max_new_tokens must lie in \[1, 8\], got \[9\]"):
         engine.generate([[1, 2], [1, 2]], SamplingParams(max_new_tokens=8), max_new_tokens=[8, 9])
     # a per-prompt cap (TrOPD's continuations): the long prompt fits with 3 new tokens, and gets at most 3
-    capped = engine.generate([[1, 2], too_long], SamplingParams(max_new_tokens=8, seed=0), max_new_tokens=[8, 3])
+    capped = engine.generate([[1, 2], too_long], SamplingParams(max_new_tokens=8), max_new_tokens=[8, 3])
     assert len(capped[0][0].token_ids) == 8 and len(capped[1][0].token_ids) == 3
     # the engine is fine afterwards
     assert len(engine.generate([too_long[:10]], SamplingParams(max_new_tokens=8))[0][0].token_ids) == 8

@@ -28,12 +28,12 @@ class ScriptedEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.script = script
         self.eos_token_id = eos_token_id
-        self.calls = []  # (decoded prompts, SamplingParams) per generate call
+        self.calls = []  # (decoded prompts, SamplingParams, seeds) per generate call
         self.closed = False
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, seeds=None, max_new_tokens=None):
         decoded = [self.tokenizer.decode(list(prompt)) for prompt in prompts]
-        self.calls.append((decoded, params))
+        self.calls.append((decoded, params, seeds))
         outputs = []
         for text in decoded:
             matches = [problem for problem in self.script if problem in text]

@@ -52,7 +52,7 @@ def test_cli_writes_the_report(eval_tool, monkeypatch, model_dir, tmp_path, caps
     assert results["sampling"] == {"max_new_tokens": 1024, "temperature": 0.6, "top_p": 0.95, "seed": 0}
     assert os.path.getsize(paths["plot"]) > 0
     assert engine.closed
-    prompts, params = engine.calls[0]
+    prompts, params, _ = engine.calls[0]
     assert prompts[0].startswith("Compute $12 \\cdot 13$.\nPlease reason step by step")
     assert params.stop_token_ids == (256,)  # the tokenizer's EOS
     assert "| aime24 | 2 | 75.00 | 75.00 | 100.00 |" in capsys.readouterr().out
@@ -61,7 +61,7 @@ def test_cli_writes_the_report(eval_tool, monkeypatch, model_dir, tmp_path, caps
 def test_cli_chat_template(eval_tool, monkeypatch, model_dir, tmp_path):
     extra = ["--chat-template", "--prompt-template", "Q: {problem}"]
     engine, _ = run_tool(eval_tool, monkeypatch, model_dir, tmp_path, *extra)
-    prompts, _ = engine.calls[0]
+    prompts, _, _ = engine.calls[0]
     assert prompts[0] == "<|user|>Q: Compute $12 \\cdot 13$.<|assistant|>"
 
 

@@ -9,6 +9,7 @@ import pytest
 from megatron_scope.eval.benchmarks import BenchmarkProblem, load_benchmark
 from megatron_scope.eval.runner import EvalConfig, evaluate, write_report
 from megatron_scope.rewards.math_verifier import GoldAnswerError, MathVerifier
+from megatron_scope.rollout.seeds import StepSeeds
 from tests.unit.eval.scripted_engine import CharTokenizer, ScriptedEngine
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "data", "eval")
@@ -101,12 +102,15 @@ def test_scores_match_the_scripted_correct_counts(evaluated):
 
 def test_engine_receives_templated_prompts_in_batches(evaluated, benchmarks):
     engine, _, _, _ = evaluated
-    assert [len(prompts) for prompts, _ in engine.calls] == [3, 1, 2]  # prompts_per_call = 3
-    first_prompts, params = engine.calls[0]
+    assert [len(prompts) for prompts, _, _ in engine.calls] == [3, 1, 2]  # prompts_per_call = 3
+    first_prompts, params, _ = engine.calls[0]
     assert first_prompts[0] == TEMPLATE.replace("{problem}", benchmarks["math500"][0].problem)
-    assert (params.n, params.seed, params.stop_token_ids) == (4, 7, (0,))
-    # a call starting at problem i gets seed + i * n: seeds follow the problem, not the batching
-    assert [params.seed for _, params in engine.calls] == [7, 7 + 3 * 4, 7]
+    assert (params.n, params.stop_token_ids) == (4, (0,))
+    # sample j of a benchmark's problem i: the "evaluation" stream's seed of (7, 0, i, j), whatever the batching
+    seeds = StepSeeds(7, 0)
+    assert [call[2] for call in engine.calls] == [seeds.groups(range(0, 3), 4, "evaluation"),
+                                                  seeds.groups(range(3, 4), 4, "evaluation"),
+                                                  seeds.groups(range(0, 2), 4, "evaluation")]
 
 
 def test_per_sample_records(evaluated):
@@ -158,8 +162,8 @@ def test_bad_gold_answer_fails_before_any_sampling(verifier):
 
 def test_engine_returning_the_wrong_shape_is_an_error(verifier):
     class ShortEngine(ScriptedEngine):
-        def generate(self, prompts, params):
-            return super().generate(prompts, params)[:-1]
+        def generate(self, prompts, params, seeds=None, max_new_tokens=None):
+            return super().generate(prompts, params, seeds)[:-1]
 
     tokenizer = CharTokenizer()
     engine = ShortEngine(tokenizer, {"q1": ["\\boxed{1}"], "q2": ["\\boxed{2}"]})

@@ -9,6 +9,7 @@ import torch
 from megatron_scope.rollout.batch import RolloutGroup, build_batch
 from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate, is_guided, teacher_prefix
+from megatron_scope.rollout.seeds import StepSeeds
 
 EOS = 2
 
@@ -39,22 +40,22 @@ def test_prefix_keeps_floor_alpha_of_the_response_without_its_stop_token():
 
 
 class RecordingEngine(RolloutEngine):
-    """Writes response j of a prompt as [base + seed] x 3 + [EOS], seed = params.seed + index n + j (the engine
-    contract), truncated to its cap; records each call, and refuses to wake while its peer is awake."""
+    """Writes sample j of a prompt as [base + its seed's call-order number] x 3 + [EOS], truncated to its cap (so a
+    test can tell which seed drew which tokens); records each call, and refuses to wake while its peer is awake."""
 
     def __init__(self, base, generated):
         self.base, self.calls, self.awake, self.generated, self.peer = base, [], False, generated, None
 
-    def generate(self, prompts, params, indices=None, max_new_tokens=None):
+    def generate(self, prompts, params, seeds=None, max_new_tokens=None):
         assert self.awake
         self.generated.append(self.base)
         caps = max_new_tokens or [params.max_new_tokens] * len(prompts)
-        self.calls.append((prompts, params, list(indices), list(caps)))
+        self.calls.append((prompts, params, seeds, list(caps)))
         out = []
-        for prompt, index, cap in zip(prompts, indices, caps):
+        for i, (prompt, cap) in enumerate(zip(prompts, caps)):
             group = []
             for j in range(params.n):
-                tokens = ([self.base + params.seed + index * params.n + j] * 3 + [EOS])[:cap]
+                tokens = ([self.base + 10 * i + j] * 3 + [EOS])[:cap]
                 group.append(Completion(tokens, [-1.0 * self.base] * len(tokens), "stop" if EOS in tokens else "length"))
             out.append(group)
         return out
@@ -75,25 +76,96 @@ def test_guided_prompts_continue_the_teachers_prefixes_with_their_own_seeds_and_
     student, teacher = RecordingEngine(100, generated), RecordingEngine(500, generated)
     student.peer, teacher.peer = teacher, student  # they share GPUs: one awake at a time
     student.wake()  # awake after the weight sync
-    params = SamplingParams(n=2, max_new_tokens=6, temperature=0.7, top_p=0.9, stop_token_ids=(EOS,), seed=0)
+    params = SamplingParams(n=2, max_new_tokens=6, temperature=0.7, top_p=0.9, stop_token_ids=(EOS,))
     prompts = [[1, 10], [1, 11], [1, 12], [1, 13]]
-    samples, prefixes = guided_generate(student, teacher, prompts, [4, 5, 6, 7], params, 0.5, alpha=0.7)
+    seeds = StepSeeds(0, 3)
+    samples, prefixes = guided_generate(student, teacher, prompts, [4, 5, 6, 7], params, seeds, 0.5, alpha=0.7)
     # step indices 5 and 7 are guided (f = 0.5): local prompts 1 and 3
     assert prefixes == [[0, 0], [2, 2], [0, 0], [2, 2]]  # floor(0.7 x 3) of the teacher's 3 tokens
-    (teacher_prompts, teacher_params, teacher_indices, _), = teacher.calls
-    assert teacher_prompts == [[1, 11], [1, 13]] and teacher_indices == [5, 7]
+    (teacher_prompts, teacher_params, teacher_seeds, _), = teacher.calls
+    assert teacher_prompts == [[1, 11], [1, 13]]
+    assert teacher_seeds == seeds.groups([5, 7], 2, "teacher_prefix")
     assert (teacher_params.temperature, teacher_params.top_p, teacher_params.n) == (1.0, 1.0, 2)  # draws from π_T
     assert not teacher.awake and student.awake  # the teacher's put back to sleep, the student's left awake
     assert generated == [500, 100, 100]  # the teacher writes first
     unguided, continued = student.calls
-    assert unguided[0] == [[1, 10], [1, 12]] and unguided[2] == [4, 6]
-    assert continued[0][0] == [1, 11, 510, 510] and continued[1].n == 1
-    assert continued[2] == [10, 11, 14, 15] and continued[3] == [4, 4, 4, 4]  # sample j of prompt i: i n + j
-    # sample j keeps its unguided seed: the teacher's tokens, then the student's own stream for sample j
-    assert samples[1][1] == Completion([511, 511, 111, 111, 111, EOS], [-500.0] * 2 + [-100.0] * 4, "stop")
-    assert samples[0][1].token_ids == [109, 109, 109, EOS]  # seed 0 + 4 n + 1
+    assert unguided[0] == [[1, 10], [1, 12]] and unguided[2] == seeds.groups([4, 6], 2, "rollout")
+    assert continued[0][0] == [1, 11, 500, 500] and continued[1].n == 1
+    # sample j of guided prompt i continues with its own "continuation" seed, never the teacher's sample's seed
+    assert continued[2] == [[seeds.seed(i, j, "continuation")] for i in (5, 7) for j in (0, 1)]
+    assert continued[3] == [4, 4, 4, 4]  # max_new_tokens minus the prefix's 2 tokens
+    assert samples[1][1] == Completion([501, 501, 110, 110, 110, EOS], [-500.0] * 2 + [-100.0] * 4, "stop")
+    assert samples[0][1].token_ids == [101, 101, 101, EOS]
     group = RolloutGroup("p1", prompts[1], samples[1], [False, True], prefix_lengths=prefixes[1])
     assert group.prefix_lengths == [2, 2]
+
+
+class MarkovEngine(RolloutEngine):
+    """A tiny model sampled as vLLM samples: each request draws its tokens from its own torch generator seeded with its
+    seed. Tokens 0..3 (no stop token); the next token's distribution depends on the last token only
+    (`TRANSITIONS[last]`, the prompt's last token for the first)."""
+
+    def __init__(self):
+        self.awake = False
+
+    def generate(self, prompts, params, seeds=None, max_new_tokens=None):
+        caps = max_new_tokens or [params.max_new_tokens] * len(prompts)
+        out = []
+        for prompt, group, cap in zip(prompts, seeds, caps):
+            completions = []
+            for seed in group:
+                generator, tokens, log_probs = torch.Generator().manual_seed(seed), [], []
+                for _ in range(cap):
+                    probs = TRANSITIONS[(tokens or prompt)[-1]]
+                    token = int(torch.multinomial(probs, 1, generator=generator))
+                    tokens.append(token)
+                    log_probs.append(math.log(probs[token]))
+                completions.append(Completion(tokens, log_probs, "length"))
+            out.append(completions)
+        return out
+
+    def update_weights(self, named_tensors):
+        raise NotImplementedError
+
+    def wake(self):
+        self.awake = True
+
+    def sleep(self):
+        self.awake = False
+
+
+TRANSITIONS = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.3, 0.3, 0.2, 0.2], [0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]],
+                           dtype=torch.float64)
+
+
+def _joint_chi_square(seeds) -> float:
+    """Pearson's χ² of the (teacher's prefix token, continuation's first token) pairs of 2000 guided prompts x 2
+    samples against π_T(y1) π_S(z | y1), teacher and student the same chain (the case where shared noise shows
+    most); 15 degrees of freedom."""
+    engine, teacher = MarkovEngine(), MarkovEngine()
+    prompts, indices = [[3]] * 2000, list(range(2000))
+    params = SamplingParams(n=2, max_new_tokens=2)  # the teacher writes 2 tokens; α = 0.5 keeps 1, the student adds 1
+    samples, prefix_lengths = guided_generate(engine, teacher, prompts, indices, params, seeds, 1.0, alpha=0.5)
+    assert all(k == 1 for row in prefix_lengths for k in row)
+    counts = torch.zeros(4, 4, dtype=torch.float64)
+    for group in samples:
+        for completion in group:
+            counts[completion.token_ids[0], completion.token_ids[1]] += 1
+    expected = counts.sum() * TRANSITIONS[3][:, None] * TRANSITIONS
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_a_continuation_is_drawn_independently_of_its_teacher_prefix():
+    """The joint draw (prefix, continuation's first token) has the distribution π_T(prefix) π_S(· | prefix): χ² with 15
+    degrees of freedom below its 0.999 quantile (37.7). Merging the streams (the continuation seeded as the
+    teacher's sample, the old `seed + i n + j` overlap) fails the same test by far."""
+    assert _joint_chi_square(StepSeeds(0, 1)) < 37.7
+
+    class MergedStreams(StepSeeds):
+        def seed(self, prompt_index, sample_index, stream):
+            return super().seed(prompt_index, sample_index, "rollout")
+
+    assert _joint_chi_square(MergedStreams(0, 1)) > 1000
 
 
 def test_prefix_mask_marks_the_teachers_tokens_at_their_label_positions():

@@ -1,5 +1,5 @@
 """The Ray engines' work queue: every prompt exactly once, longest prompts first, several chunks per engine; the
-per-prompt indices and caps both engines check."""
+per-sample seeds and per-prompt caps both engines check."""
 
 import pytest
 
@@ -23,13 +23,15 @@ def test_chunk_count(num_prompts, num_engines, expected):
 
 
 def test_per_prompt_plan_defaults_and_refusals():
-    """The per-prompt seeds' indices and caps both engines (vLLM, Ray) check before any request starts."""
+    """The per-sample seeds and per-prompt caps both engines (vLLM, Ray) check before any request starts."""
     from megatron_scope.rollout.engine import SamplingParams, per_prompt_plan
 
-    params = SamplingParams(max_new_tokens=8)
-    assert per_prompt_plan([[1], [2]], params, None, None) == ([0, 1], [8, 8])
-    assert per_prompt_plan([[1], [2]], params, (5, 3), (1, 8)) == ([5, 3], [1, 8])
-    with pytest.raises(ValueError, match=r"generate: 1 indices and 2 max_new_tokens for 2 prompts"):
-        per_prompt_plan([[1], [2]], params, [0], None)
+    params = SamplingParams(n=2, max_new_tokens=8)
+    assert per_prompt_plan([[1], [2]], params, None, None) == ([[None, None], [None, None]], [8, 8])
+    assert per_prompt_plan([[1], [2]], params, ((5, 6), (3, 4)), (1, 8)) == ([[5, 6], [3, 4]], [1, 8])
+    with pytest.raises(ValueError, match=r"generate: 1 seed groups and 2 max_new_tokens for 2 prompts"):
+        per_prompt_plan([[1], [2]], params, [[0, 1]], None)
+    with pytest.raises(ValueError, match=r"every prompt needs n=2 seeds, got \[1\]"):
+        per_prompt_plan([[1], [2]], params, [[0, 1], [2]], None)
     with pytest.raises(ValueError, match=r"max_new_tokens must lie in \[1, 8\], got \[0, 9\]"):
         per_prompt_plan([[1], [2], [3]], params, None, [0, 8, 9])
