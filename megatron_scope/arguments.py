@@ -156,6 +156,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "synthetic-strict (also every written step, which must be the prompt's left-to-right "
                         "evaluation, against the rows' solution; a right answer with wrong working is wrong), or "
                         "math (math-verify on the last \\boxed{}).")
+    g.add_argument("--max-verifier-error-fraction", type=float, default=0.05,
+                   help="Stop the run, naming the verifier and its first error, when more than this share of a "
+                        "step's responses end in the verifier's own error (counted as verifier/verifier_error).")
     return parser
 
 

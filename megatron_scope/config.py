@@ -171,10 +171,16 @@ class DataConfig:
     """--reward: "synthetic" (the demo task's final "A: <int>"), "synthetic-strict" (the demo task's working too:
     every step of the left-to-right evaluation, right and in order, graded against the rows' "solution" column)
     or "math" (math-verify on the last \\boxed{})."""
+    max_verifier_error_fraction: float = 0.05
+    """--max-verifier-error-fraction: the run stops with an error naming the verifier and its first message when
+    more than this share of a step's responses ended in the verifier's own error (STATUS_VERIFIER_ERROR), which
+    would otherwise count as incorrect answers."""
 
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"--reward must be one of {REWARDS}, got {self.reward!r}")
+        if not 0 <= self.max_verifier_error_fraction <= 1:
+            raise ValueError(f"--max-verifier-error-fraction must lie in [0, 1], got {self.max_verifier_error_fraction}")
         try:
             self.prompt_format()
         except ValueError as error:  # a template without exactly one {prompt}
@@ -624,7 +630,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                             attention_backend=args.attention_backend, recompute_granularity=args.recompute_granularity,
                             recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers),
         data=DataConfig(train_data=args.train_data, prompt_template=args.prompt_template,
-                        apply_chat_template=args.apply_chat_template, reward=args.reward),
+                        apply_chat_template=args.apply_chat_template, reward=args.reward,
+                        max_verifier_error_fraction=args.max_verifier_error_fraction),
         parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                 pipeline_model_parallel_size=args.pipeline_model_parallel_size),
         loss=LossConfig(

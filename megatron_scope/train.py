@@ -46,7 +46,7 @@ def read_arch(model_dir: str):
 
 
 def build_verifier(reward: str):
-    """The reward's verifier: `verify_batch(response_texts, gold_answers) -> list[bool]`."""
+    """The reward's verifier (`rewards.base.Verifier`)."""
     if reward in ("synthetic", "synthetic-strict"):
         from megatron_scope.rewards.synthetic import build_synthetic_verifier
 
@@ -188,7 +188,7 @@ def build_trainer(config: RunConfig):
         if config.remote_reference:  # ExOPD's reference served by vLLM
             reference_engine = start_engine(config, reference_hf, min(config.rollout.engines, 1))
     trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
-                           build_verifier(config.data.reward).verify_batch, engine=engine, teacher=teacher,
+                           build_verifier(config.data.reward), engine=engine, teacher=teacher,
                            reference=reference, teacher_engine=teacher_engine, ema_teacher=ema_teacher,
                            reference_engine=reference_engine)
     if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF

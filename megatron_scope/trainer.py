@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,6 +59,7 @@ from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token
 from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
+from megatron_scope.rewards.base import STATUS_CORRECT, STATUS_VERIFIER_ERROR, Verdict, Verifier
 from megatron_scope.rollout.seeds import StepSeeds
 from megatron_scope.teacher.colocated import log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
@@ -80,14 +81,32 @@ def log_line(iteration: int, train_iters: int, metrics: dict) -> str:
             f" learning rate: {metrics['optimizer/lr']:.3E} |"
             f" loss: {metrics.get('loss/loss', float('nan')):.6E} |"
             f" rollout accuracy: {metrics['rollout/accuracy']:.4f} |"
+            + verdict_counts(metrics)
             + "".join(f" {label}: {metrics[key]:.4f} |" for key, label in METHOD_LOG_METRICS if key in metrics)
             + f" grad norm: {metrics['optimizer/grad_norm']:.4f} |"
             f" non-finite tokens: {metrics.get('loss/nonfinite_token_fraction', 0.0):.4f} |"
             f" number of skipped iterations: {int(metrics['optimizer/skipped_total'])} |")
 
 
+def verdict_counts(metrics: dict) -> str:
+    """The log line's field of the step's verifier statuses other than correct that occurred, e.g.
+    " verdicts: wrong 40, no_answer 3, verifier_error 1 |" ("" when every response was correct)."""
+    counts = [(key.removeprefix("verifier/"), int(value)) for key, value in metrics.items()
+              if key.startswith("verifier/") and key != f"verifier/{STATUS_CORRECT}" and value]
+    return f" verdicts: {', '.join(f'{status} {count}' for status, count in counts)} |" if counts else ""
+
+
 class NonFiniteStepError(RuntimeError):
     """Raised with exit_on_nonfinite when a step's loss or gradient norm is NaN/Inf."""
+
+
+class VerifierError(RuntimeError):
+    """Too many of a step's responses ended in the verifier's own error (--max-verifier-error-fraction)."""
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """`text`, cut to `limit` characters with a marker saying how many were left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def rollout_group(placement: str):
@@ -112,7 +131,7 @@ class ScopeTrainer:
         scheduler,
         dataset,
         tokenizer,
-        verify: Callable[[Sequence[str], Sequence[str]], list[bool]],
+        verifier: Verifier,
         engine=None,
         teacher=None,
         reference=None,
@@ -127,8 +146,8 @@ class ScopeTrainer:
         top-k; it also writes TrOPD's guidance prefixes); `reference_engine`: instead of `reference`, a vLLM engine
         serving ExOPD's reference beside the rollout engine (its `score`); `ema_teacher`: SRPO's EMA self-teacher
         (`teacher.self_teacher.EmaTeacher`, --srpo-teacher ema);
-        `verify(response_texts, gold_answers)` -> outcomes; `tokenizer` decodes responses, gives eos/pad
-        and the vocabulary the loss works over."""
+        `verifier` grades the responses (`rewards.base.Verifier`: its statuses are counted every step);
+        `tokenizer` decodes responses, gives eos/pad and the vocabulary the loss works over."""
         self.config = config
         self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
         self.teacher_engine, self.ema_teacher, self.reference_engine = teacher_engine, ema_teacher, reference_engine
@@ -139,7 +158,8 @@ class ScopeTrainer:
             self.build_reprompt = reprompt_builder(tokenizer, config.data.prompt_format(),
                                                    config.loss.baselines.srpo_reprompt_template)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.dataset, self.tokenizer, self.verify, self.engine = dataset, tokenizer, verify, engine
+        self.dataset, self.tokenizer, self.verifier, self.engine = dataset, tokenizer, verifier, engine
+        self._logged_verifier_errors: set[str] = set()  # each distinct error is logged once per run
         self.vocab_size = tokenizer.vocab_size
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -250,9 +270,11 @@ class ScopeTrainer:
         return groups, first, self._rollout_metrics(groups, seconds, iteration)
 
     def _rollout_metrics(self, groups: list[RolloutGroup], seconds: dict, iteration: int) -> dict:
-        """Accuracy, length and truncation over the whole step (summed over replicas when co-located) and the
-        slowest engine's times."""
+        """Accuracy, length, truncation and the count of each verifier status over the whole step (summed over
+        replicas when co-located) and the slowest engine's times; stops the run when the verifier failed on too
+        many responses (`_check_verifier_errors`)."""
         completions = [c for g in groups for c in g.completions]
+        statuses = self.verifier.statuses
         sums = [sum(o for g in groups for o in g.correct), len(completions), sum(len(c.token_ids) for c in completions),
                 sum(c.finish_reason == "length" for c in completions)]
         if self.config.loss.tropd_guidance:  # TrOPD's guided responses (a prefix of at least one token)
@@ -262,6 +284,7 @@ class ScopeTrainer:
                       for ok, prompt in zip(g.correct, g.self_teacher_prompts)]
             sums += [sum(d for _, d, _ in routes), sum(not ok and not sibling for ok, _, sibling in routes),
                      sum(not ok and sibling and not d for ok, d, sibling in routes)]
+        sums += [sum(v.status == status for g in groups for v in g.verdicts) for status in statuses]  # last
         times = [seconds["rollout"], seconds.get("teacher_score", 0.0), seconds.get("reference_score", 0.0)]
         if self.config.rollout.placement == "colocated" and self.dp_size > 1:
             device, group = collective_device(), parallel_state.get_data_parallel_group()
@@ -271,6 +294,8 @@ class ScopeTrainer:
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
             sums, times = totals.tolist(), slowest.tolist()
         correct, samples, tokens, truncated = sums[:4]
+        counts = dict(zip(statuses, sums[len(sums) - len(statuses):]))
+        self._check_verifier_errors(groups, counts.get(STATUS_VERIFIER_ERROR, 0.0), samples, iteration)
         stats = {
             "rollout/accuracy": correct / samples,
             "rollout/response_length": tokens / samples,
@@ -278,6 +303,7 @@ class ScopeTrainer:
             "time/rollout_s": times[0],
             "throughput/rollout_tokens_per_s": tokens / max(times[0], 1e-9),
         }
+        stats.update({f"verifier/{status}": float(count) for status, count in counts.items()})
         if "teacher_score" in seconds:
             stats["time/teacher_score_s"] = times[1]
         if "reference_score" in seconds:
@@ -314,7 +340,9 @@ class ScopeTrainer:
         seconds = {"rollout": time.perf_counter() - start}
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
         answers = [p.answer for p in prompts for _ in range(rollout.group_size)]
-        correct = self.verify(texts, answers)
+        verdicts = self.verifier.judge_batch(texts, answers)
+        self._check_verdicts(verdicts, texts, answers)
+        correct = [verdict.correct for verdict in verdicts]
         def scored_by(engine, timer: str, topk: int = 0):
             """`engine`'s view of every response (`score_responses`), the engine awake only meanwhile."""
             begin = time.perf_counter()
@@ -338,10 +366,46 @@ class ScopeTrainer:
                             correct[i * n : (i + 1) * n], self.build_reprompt, self.arch.max_position_embeddings)
                 for i, (p, group) in enumerate(zip(prompts, samples))]
         groups = [RolloutGroup(p.id, list(p.token_ids), group, correct[i * n : (i + 1) * n], teacher_scores[i],
-                               self_teacher_prompts[i], prefix_lengths[i], reference_scores[i])
+                               self_teacher_prompts[i], prefix_lengths[i], reference_scores[i],
+                               verdicts[i * n : (i + 1) * n])
                   for i, (p, group) in enumerate(zip(prompts, samples))]
         check_token_ids(groups, self.vocab_size)
         return groups, seconds
+
+    def _check_verdicts(self, verdicts: Sequence[Verdict], texts: Sequence[str], answers: Sequence[str]) -> None:
+        """The leader: one verdict per response, each status one of the verifier's; a WARNING the first time each
+        distinct verifier error occurs, with the answer (or the response) and the gold, truncated."""
+        name, statuses = self.verifier.name, self.verifier.statuses
+        if len(verdicts) != len(texts):
+            raise RuntimeError(f"verifier {name}: {len(verdicts)} verdicts for {len(texts)} responses")
+        unknown = sorted({v.status for v in verdicts} - set(statuses))
+        if unknown:
+            raise RuntimeError(f"verifier {name} returned status(es) {unknown} outside its statuses {statuses}")
+        for verdict, text, gold in zip(verdicts, texts, answers):
+            if verdict.status == STATUS_VERIFIER_ERROR and verdict.error not in self._logged_verifier_errors:
+                self._logged_verifier_errors.add(verdict.error)
+                answer = verdict.answer if verdict.answer is not None else text
+                logger.warning("verifier %s failed (%s) on answer %r, gold %r; such answers count as incorrect "
+                               "(verifier/verifier_error), and the run stops when they exceed "
+                               "--max-verifier-error-fraction of a step", name, verdict.error, _clip(answer),
+                               _clip(gold))
+
+    def _check_verifier_errors(self, groups: list[RolloutGroup], errors: float, samples: float, iteration: int) -> None:
+        """Every rank: stop the run (VerifierError naming the verifier and the step's first error message) when more
+        than --max-verifier-error-fraction of the step's responses ended in the verifier's own error. `errors` and
+        `samples` are the step's totals, the same on every rank."""
+        limit = self.config.data.max_verifier_error_fraction
+        if errors <= limit * samples:
+            return
+        first = next((v.error for g in groups for v in g.verdicts if v.status == STATUS_VERIFIER_ERROR), None)
+        if self.config.rollout.placement == "colocated" and self.dp_size > 1:  # each replica verified its own share
+            firsts = [None] * self.dp_size
+            dist.all_gather_object(firsts, first, group=parallel_state.get_data_parallel_group())
+            first = next(message for message in firsts if message is not None)
+        self._raise_if_any_failed(VerifierError(
+            f"verifier {self.verifier.name}: {int(errors)} of {int(samples)} responses of iteration {iteration} "
+            f"({errors / samples:.1%}) ended in the verifier's own error, more than --max-verifier-error-fraction "
+            f"{limit}; the first: {first}"), "verification")
 
     def _raise_if_any_failed(self, error: BaseException | None, phase: str) -> None:
         """Every rank learns whether any rank failed in `phase` (one all_gather_object of None or the error's

@@ -39,15 +39,15 @@ import time
 import weakref
 from typing import Sequence
 
-logger = logging.getLogger(__name__)
+from megatron_scope.rewards.base import (STATUS_CORRECT, STATUS_VERIFIER_ERROR, STATUS_WRONG, GoldAnswerError, Verdict,
+                                         Verifier)
+
 
 BOX_COMMANDS = ("\\boxed", "\\fbox")
 """LaTeX commands whose argument is taken as the final answer."""
 
-# Verdict statuses. Only STATUS_CORRECT means correct.
-STATUS_CORRECT = "correct"
-STATUS_WRONG = "wrong"
-"""Parsed, compared, not equivalent."""
+# Verdict statuses (STATUS_CORRECT, STATUS_WRONG and STATUS_VERIFIER_ERROR: rewards.base). Only STATUS_CORRECT means
+# correct.
 STATUS_NO_BOXED_ANSWER = "no_boxed_answer"
 """No box, an unclosed box, or an empty one."""
 STATUS_ANSWER_TOO_LONG = "answer_too_long"
@@ -56,26 +56,8 @@ STATUS_UNPARSEABLE_ANSWER = "unparseable_answer"
 STATUS_TIMEOUT = "timeout"
 """The worker passed the hard deadline and was killed."""
 STATUS_WORKER_DIED = "worker_died"
-STATUS_VERIFIER_ERROR = "verifier_error"
-"""math-verify raised inside the worker (it normally swallows its own errors)."""
 _STATUS_GOLD_OK = "gold_ok"
 _STATUS_GOLD_UNPARSEABLE = "gold_unparseable"
-
-
-class GoldAnswerError(ValueError):
-    """A gold answer is empty or math-verify cannot parse it: a data problem, never graded as 'wrong'."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """The grade of one response."""
-
-    correct: bool
-    """The response's last boxed answer is equivalent to the gold answer."""
-    status: str
-    """One of the STATUS_* constants of this module (why it is correct or not)."""
-    answer: str | None
-    """The extracted boxed content, or None when there was none (or it was too long)."""
 
 
 def extract_last_boxed(text: str, max_answer_chars: int = 1000) -> str | None:
@@ -158,11 +140,10 @@ def _worker_main(conn, parse_timeout_seconds: int, compare_timeout_seconds: int)
             return
         answer, gold = request
         try:
-            status = _grade_in_this_process(answer, gold, parsed_golds, parse_timeout_seconds, compare_timeout_seconds)
-        except Exception:  # noqa: BLE001 - a verifier bug must grade one answer wrong, not kill training
-            logger.debug("math-verify raised", exc_info=True)
-            status = STATUS_VERIFIER_ERROR
-        conn.send(status)
+            reply = _grade_in_this_process(answer, gold, parsed_golds, parse_timeout_seconds, compare_timeout_seconds)
+        except Exception as error:  # noqa: BLE001 - a verifier bug grades one answer wrong, and the caller counts it
+            reply = (STATUS_VERIFIER_ERROR, f"{type(error).__name__}: {error}")
+        conn.send(reply)
 
 
 def _grade_in_this_process(answer, gold, parsed_golds, parse_timeout_seconds, compare_timeout_seconds) -> str:
@@ -228,13 +209,17 @@ def _shutdown_workers(workers: list) -> None:
         workers[slot] = None
 
 
-class MathVerifier:
+class MathVerifier(Verifier):
     """Grades responses against gold answers in `num_workers` spawned processes with a hard deadline.
 
     Thread-safe (calls are serialised by a lock); use as a context manager or call `close()`; workers
     are daemon processes and are also stopped when the verifier is garbage-collected or Python exits.
     Workers start on first use (~1-2 s each) and are reused across calls.
     """
+
+    name = "math"
+    statuses = (STATUS_CORRECT, STATUS_WRONG, STATUS_NO_BOXED_ANSWER, STATUS_ANSWER_TOO_LONG, STATUS_UNPARSEABLE_ANSWER,
+                STATUS_TIMEOUT, STATUS_WORKER_DIED, STATUS_VERIFIER_ERROR)
 
     def __init__(
         self,
@@ -282,10 +267,6 @@ class MathVerifier:
         """True iff the response's last boxed answer is equivalent to `gold_answer`."""
         return self.judge_batch([response_text], [gold_answer])[0].correct
 
-    def verify_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[bool]:
-        """`verify` for each (response, gold) pair, graded in parallel by the workers."""
-        return [verdict.correct for verdict in self.judge_batch(response_texts, gold_answers)]
-
     def judge_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[Verdict]:
         """A `Verdict` for each (response, gold) pair.
 
@@ -296,7 +277,7 @@ class MathVerifier:
         golds = self._validate_batch(response_texts, gold_answers)
         extracted = [_extract(text, self.max_answer_chars) for text in response_texts]
         jobs = [(index, answer, golds[index]) for index, (answer, _) in enumerate(extracted) if answer is not None]
-        statuses = self._run_jobs(jobs)
+        statuses, errors = self._run_jobs(jobs)
         bad_golds = sorted({golds[index] for index, status in statuses.items() if status == _STATUS_GOLD_UNPARSEABLE})
         if bad_golds:
             raise GoldAnswerError(f"math-verify cannot parse gold answer(s) {bad_golds!r}")
@@ -306,7 +287,8 @@ class MathVerifier:
                 verdicts.append(Verdict(correct=False, status=failure, answer=None))
             else:
                 status = statuses[index]
-                verdicts.append(Verdict(correct=status == STATUS_CORRECT, status=status, answer=answer))
+                verdicts.append(Verdict(correct=status == STATUS_CORRECT, status=status, answer=answer,
+                                        error=errors.get(index)))
         return verdicts
 
     def check_gold_answers(self, gold_answers: Sequence[str]) -> None:
@@ -316,7 +298,7 @@ class MathVerifier:
         """
         golds = self._validate_batch([""] * len(gold_answers), gold_answers)
         unique_golds = sorted(set(golds))
-        statuses = self._run_jobs([(index, None, gold) for index, gold in enumerate(unique_golds)])
+        statuses, _ = self._run_jobs([(index, None, gold) for index, gold in enumerate(unique_golds)])
         bad = [unique_golds[index] for index, status in sorted(statuses.items()) if status == _STATUS_GOLD_UNPARSEABLE]
         if bad:
             raise GoldAnswerError(f"math-verify cannot parse gold answer(s) {bad!r}")
@@ -394,11 +376,13 @@ class MathVerifier:
         self._workers[slot].kill()
         self._workers[slot] = None
 
-    def _run_jobs(self, jobs: list[tuple[int, str | None, str]]) -> dict[int, str]:
-        """Grade (index, answer, gold) jobs on the workers; {index: status}. Holds the lock throughout."""
+    def _run_jobs(self, jobs: list[tuple[int, str | None, str]]) -> tuple[dict[int, str], dict[int, str]]:
+        """Grade (index, answer, gold) jobs on the workers; ({index: status}, {index: the error text of a
+        STATUS_VERIFIER_ERROR}). Holds the lock throughout."""
         statuses: dict[int, str] = {}
+        errors: dict[int, str] = {}
         if not jobs:
-            return statuses
+            return statuses, errors
         with self._lock:
             if self._closed:
                 raise RuntimeError("this MathVerifier is closed")
@@ -429,7 +413,10 @@ class MathVerifier:
                     worker = self._workers[slot]
                     if worker.conn in ready:
                         try:
-                            statuses[index] = worker.conn.recv()
+                            reply = worker.conn.recv()
+                            if isinstance(reply, tuple):  # (STATUS_VERIFIER_ERROR, "<Type>: <message>")
+                                reply, errors[index] = reply
+                            statuses[index] = reply
                         except (EOFError, OSError):
                             statuses[index] = STATUS_WORKER_DIED
                             self.num_worker_deaths += 1
@@ -440,7 +427,7 @@ class MathVerifier:
                         self.num_timeouts += 1
                         self._kill_worker(slot)
                         del busy[slot]
-        return statuses
+        return statuses, errors
 
 
 _default_verifier: MathVerifier | None = None

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from megatron_scope.data.synthetic import canonical_answer, extract_answer, matches_reference, reference_steps
-from megatron_scope.rewards.math_verifier import STATUS_CORRECT, STATUS_WRONG, GoldAnswerError, Verdict
+from megatron_scope.rewards.base import (STATUS_CORRECT, STATUS_VERIFIER_ERROR, STATUS_WRONG, GoldAnswerError,
+                                         PerAnswerVerifier, Verdict)
 
 STATUS_NO_ANSWER = "no_answer"
 """The response has no "A: <int>"."""
@@ -32,8 +33,11 @@ GOLD_COLUMNS = {"synthetic": "answer", "synthetic-strict": "solution"}
 """--reward -> the task row's column the verifier takes as its gold."""
 
 
-class SyntheticTaskVerifier:
+class SyntheticTaskVerifier(PerAnswerVerifier):
     """Exact integer match of the last "A: <int>"; never raises on a malformed response."""
+
+    name = "synthetic"
+    statuses = (STATUS_CORRECT, STATUS_WRONG, STATUS_NO_ANSWER, STATUS_VERIFIER_ERROR)
 
     def check_gold_answers(self, gold_answers: Sequence[str]) -> None:
         for index, gold in enumerate(gold_answers):
@@ -42,64 +46,46 @@ class SyntheticTaskVerifier:
             except ValueError as error:
                 raise GoldAnswerError(f"gold answer {index}: {error}") from None
 
-    def judge_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[Verdict]:
-        if len(response_texts) != len(gold_answers):
-            raise ValueError(f"{len(response_texts)} responses but {len(gold_answers)} gold answers")
-        self.check_gold_answers(gold_answers)
-        verdicts = []
-        for text, gold in zip(response_texts, gold_answers):
-            answer = extract_answer(text)
-            correct = answer is not None and answer == canonical_answer(gold)
-            status = STATUS_NO_ANSWER if answer is None else STATUS_CORRECT if correct else STATUS_WRONG
-            verdicts.append(Verdict(correct=correct, status=status, answer=answer))
-        return verdicts
-
-    def verify_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[bool]:
-        return [verdict.correct for verdict in self.judge_batch(response_texts, gold_answers)]
+    def judge(self, response_text: str, gold_answer: str) -> Verdict:
+        answer = extract_answer(response_text)
+        correct = answer is not None and answer == canonical_answer(gold_answer)
+        status = STATUS_NO_ANSWER if answer is None else STATUS_CORRECT if correct else STATUS_WRONG
+        return Verdict(correct=correct, status=status, answer=answer)
 
 
-class StrictSyntheticTaskVerifier:
+class StrictSyntheticTaskVerifier(PerAnswerVerifier):
     """Correct iff the response is exactly the gold reference solution's steps and final answer (whitespace
     as lenient as the final-answer parser, content exact). Gold "answers" are reference solutions such as
     "7+5=12 ; 12-3=9 ; A: 9", each checked to be a left-to-right evaluation (GoldAnswerError, a ValueError
     naming it, otherwise). Statuses: STATUS_CORRECT, STATUS_WRONG_STEPS (right answer, wrong working),
     STATUS_WRONG (wrong final answer), STATUS_NO_ANSWER. Never raises on a malformed response; linear time."""
 
+    name = "synthetic-strict"
+    statuses = (STATUS_CORRECT, STATUS_WRONG, STATUS_WRONG_STEPS, STATUS_NO_ANSWER, STATUS_VERIFIER_ERROR)
+
+    def __init__(self):
+        self._references: dict[str, list] = {}  # each distinct gold solution -> its checked steps
+
     def check_gold_answers(self, gold_answers: Sequence[str]) -> None:
-        self._reference_steps(gold_answers)
-
-    def judge_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[Verdict]:
-        if len(response_texts) != len(gold_answers):
-            raise ValueError(f"{len(response_texts)} responses but {len(gold_answers)} gold answers")
-        references = self._reference_steps(gold_answers)  # every gold checked before any response
-        verdicts = []
-        for text, gold in zip(response_texts, gold_answers):
-            steps = references[gold]
-            answer = extract_answer(text)
-            if answer is None:
-                status = STATUS_NO_ANSWER
-            elif answer != str(steps[-1].result):
-                status = STATUS_WRONG
-            else:
-                status = STATUS_CORRECT if matches_reference(text, steps) else STATUS_WRONG_STEPS
-            verdicts.append(Verdict(correct=status == STATUS_CORRECT, status=status, answer=answer))
-        return verdicts
-
-    def verify_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[bool]:
-        return [verdict.correct for verdict in self.judge_batch(response_texts, gold_answers)]
-
-    @staticmethod
-    def _reference_steps(gold_answers: Sequence[str]) -> dict:
-        """Each distinct gold solution -> its checked steps (a group's G responses share one gold)."""
-        references = {}
         for index, gold in enumerate(gold_answers):
-            if isinstance(gold, str) and gold in references:
+            if isinstance(gold, str) and gold in self._references:
                 continue
             try:
-                references[gold] = reference_steps(gold)
+                self._references[gold] = reference_steps(gold)
             except ValueError as error:
                 raise GoldAnswerError(f"gold solution {index}: {error}") from None
-        return references
+
+    def judge(self, response_text: str, gold_answer: str) -> Verdict:
+        self.check_gold_answers([gold_answer])
+        steps = self._references[gold_answer]
+        answer = extract_answer(response_text)
+        if answer is None:
+            status = STATUS_NO_ANSWER
+        elif answer != str(steps[-1].result):
+            status = STATUS_WRONG
+        else:
+            status = STATUS_CORRECT if matches_reference(response_text, steps) else STATUS_WRONG_STEPS
+        return Verdict(correct=status == STATUS_CORRECT, status=status, answer=answer)
 
 
 def build_synthetic_verifier(reward: str):

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from megatron_scope.ops.topk import tail_log_mass_from_topk
+from megatron_scope.rewards.base import Verdict
 from megatron_scope.rollout.engine import Completion, SequenceScores
 
 
@@ -24,7 +25,8 @@ class RolloutGroup:
     each response, `teacher.remote.score_responses`, when the teacher is a vLLM engine; SRPO's self-teacher
     prompt of each response, `teacher.self_teacher.route_group`, None where it is not distilled; with TrOPD's
     guidance, how many first tokens of each response the teacher wrote, `rollout.guidance`; ExOPD's reference's scores
-    of each response when a vLLM engine serves it)."""
+    of each response when a vLLM engine serves it; the verifier's verdict on each response, whose `correct` is
+    `correct`'s)."""
 
     prompt_id: str
     prompt_token_ids: list[int]
@@ -34,6 +36,7 @@ class RolloutGroup:
     self_teacher_prompts: list[list[int] | None] | None = None
     prefix_lengths: list[int] | None = None
     reference_scores: list[SequenceScores] | None = None
+    verdicts: list[Verdict] | None = None
 
     def __post_init__(self):
         if not self.prompt_token_ids:
@@ -41,6 +44,9 @@ class RolloutGroup:
         if len(self.completions) != len(self.correct):
             raise ValueError(f"prompt {self.prompt_id!r}: {len(self.completions)} completions but "
                              f"{len(self.correct)} verifier outcomes")
+        if self.verdicts is not None and [v.correct for v in self.verdicts] != list(self.correct):
+            raise ValueError(f"prompt {self.prompt_id!r}: the verdicts' outcomes "
+                             f"{[v.correct for v in self.verdicts]} are not `correct` {list(self.correct)}")
         if self.self_teacher_prompts is not None and len(self.self_teacher_prompts) != len(self.completions):
             raise ValueError(f"prompt {self.prompt_id!r}: {len(self.completions)} completions but "
                              f"{len(self.self_teacher_prompts)} self-teacher prompts")

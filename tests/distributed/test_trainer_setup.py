@@ -54,24 +54,28 @@ def test_bad_prompts_and_unwritable_checkpoint_directory_fail_at_construction(tm
         f"PermissionError: checkpoint directory '{tmp_path}/a_file/ckpt' is not writable: ")
 
 
-def _stand_in_trainer(rank, placement, leaders, engine=None, remote_teacher=True):
+def _stand_in_trainer(rank, placement, leaders, engine=None, remote_teacher=True, verifier=None, prompts=2,
+                      group_size=2):
     """A ScopeTrainer of one gloo rank of a DP-only world whose models are stand-ins; `leaders`: the ranks that
-    hold an engine (and, with `remote_teacher`, a vLLM teacher's engine; else a co-located teacher)."""
+    hold an engine (and, with `remote_teacher`, a vLLM teacher's engine; else a co-located teacher). Prompt i's gold
+    answer is "i"; the tokenizer decodes a response [t, ...] as "A: t"; the verifier (default: the synthetic task's)
+    grades it."""
     from megatron_scope.data.datasets import Prompt, PromptDataset
     from megatron_scope.megatron.parallel import initialize_model_parallel
+    from megatron_scope.rewards.synthetic import SyntheticTaskVerifier
     from megatron_scope.testing.tiny import tiny_run_config
     from megatron_scope.trainer import ScopeTrainer
 
     initialize_model_parallel(1, 1, seed=0)
-    dataset = PromptDataset([Prompt(f"p{i}", "a", "1", (1, 2, 3)) for i in range(2)], source="prompts.jsonl")
+    dataset = PromptDataset([Prompt(f"p{i}", "a", str(i), (1, 2, 3)) for i in range(prompts)], source="prompts.jsonl")
     config = tiny_run_config(models=dict(teacher_backend="vllm" if remote_teacher else "megatron"), loss=dict(kl="k3"),
-                             rollout=dict(prompts_per_step=2, group_size=2, max_new_tokens=4, placement=placement),
+                             rollout=dict(prompts_per_step=prompts, group_size=group_size, max_new_tokens=4,
+                                          placement=placement),
                              loop=dict(train_iters=2, micro_batch_size=1))
-    tokenizer = types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size, eos_id=2, decode=lambda ids: "A: 1")
+    tokenizer = types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size, eos_id=2, decode=lambda ids: f"A: {ids[0]}")
     leads = rank in leaders
-    return ScopeTrainer(config, None, TINY_ARCH, None, None, dataset, tokenizer,
-                        lambda texts, answers: [True] * len(texts), engine=(engine or object()) if leads else None,
-                        teacher=None if remote_teacher else object(),
+    return ScopeTrainer(config, None, TINY_ARCH, None, None, dataset, tokenizer, verifier or SyntheticTaskVerifier(),
+                        engine=(engine or object()) if leads else None, teacher=None if remote_teacher else object(),
                         teacher_engine=object() if leads and remote_teacher else None)
 
 
@@ -123,7 +127,7 @@ class _RecordingEngine:
         from megatron_scope.rollout.engine import Completion
 
         self.calls.append(("generate", seeds))
-        return [[Completion([5, 2], [-0.1, -0.2], "stop")] * params.n for _ in prompts]
+        return [[Completion([5 + j, 2], [-0.1, -0.2], "stop") for j in range(params.n)] for _ in prompts]
 
     def update_weights(self, stream):
         from megatron_scope.rollout.engine import RolloutEngineDiedError

@@ -124,3 +124,9 @@ def test_exopd_reference_served_by_vllm_is_not_loaded_on_the_training_ranks():
     assert not (tiny_run_config().colocated_reference or tiny_run_config().remote_reference)  # SCOPE reads none
     with pytest.raises(ValueError, match="--exopd-reference-backend name ExOPD's reference model; --scope-algorithm"):
         tiny_run_config(models=dict(reference_backend="vllm"))
+
+
+def test_the_verifier_error_limit_is_a_fraction():
+    assert build_config(build_parser().parse_args(REQUIRED)).data.max_verifier_error_fraction == 0.05
+    with pytest.raises(ValueError, match=r"--max-verifier-error-fraction must lie in \[0, 1\], got 1.5"):
+        build_config(build_parser().parse_args(REQUIRED + ["--max-verifier-error-fraction", "1.5"]))

@@ -22,3 +22,11 @@ def test_log_line_shows_the_methods_routing_and_a_loss_no_token_reached():
     assert " loss: NAN |" in line
     assert (" rollout accuracy: 0.5000 | SRPO distilled fraction: 0.3750 | TrOPD guided fraction: 0.5000 |"
             " TrOPD outlier fraction: 0.2500 | IS truncated fraction: 0.0625 | grad norm:") in line
+
+
+def test_log_line_shows_the_verdicts_other_than_correct_that_occurred():
+    metrics = {**BASE, "verifier/correct": 50.0, "verifier/wrong": 40.0, "verifier/no_answer": 0.0,
+               "verifier/verifier_error": 1.0}
+    assert " rollout accuracy: 0.5000 | verdicts: wrong 40, verifier_error 1 | grad norm:" in log_line(1, 2, metrics)
+    all_correct = {**BASE, "verifier/correct": 91.0, "verifier/wrong": 0.0}
+    assert " rollout accuracy: 0.5000 | grad norm:" in log_line(1, 2, all_correct)

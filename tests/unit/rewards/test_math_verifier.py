@@ -208,3 +208,37 @@ def test_module_level_functions_share_one_verifier():
     assert math_verifier.verify_batch(["\\boxed{1}", "\\boxed{2}"], ["1", "1"]) == [True, False]
     assert math_verifier.default_verifier() is math_verifier.default_verifier()
     math_verifier.default_verifier().close()
+
+
+def test_an_exception_inside_math_verify_is_a_counted_verdict_with_its_message(monkeypatch):
+    """math-verify raising in the worker grades that answer STATUS_VERIFIER_ERROR and sends back the exception's type
+    and message (`Verdict.error`); the other answers of the call are graded as usual. The worker loop runs in a thread
+    of this process (timeouts off: signal.alarm needs the main thread), serving the verifier through a real pipe."""
+    import multiprocessing
+    import types
+
+    from megatron_scope.rewards.base import STATUS_VERIFIER_ERROR
+
+    real = math_verifier._grade_in_this_process
+
+    def grade(answer, gold, *args):
+        if answer == "boom":
+            raise RecursionError("maximum recursion depth exceeded in latex2sympy")
+        return real(answer, gold, {}, None, None)
+
+    monkeypatch.setattr(math_verifier, "_grade_in_this_process", grade)
+    parent, child = multiprocessing.Pipe(duplex=True)
+    worker = threading.Thread(target=math_verifier._worker_main, args=(child, None, None), daemon=True)
+    worker.start()
+    assert parent.recv() == "ready"
+    verifier = MathVerifier(num_workers=1)
+    verifier._workers[0] = math_verifier._Worker(types.SimpleNamespace(is_alive=lambda: False, join=lambda timeout: None,
+                                                                       kill=lambda: None), parent)
+    verdicts = verifier.judge_batch(["\\boxed{boom}", "\\boxed{4}", "\\boxed{5}"], ["4", "4", "4"])
+    assert [(v.status, v.error) for v in verdicts] == [
+        (STATUS_VERIFIER_ERROR, "RecursionError: maximum recursion depth exceeded in latex2sympy"),
+        (STATUS_CORRECT, None), (STATUS_WRONG, None)]
+    assert not verdicts[0].correct and verdicts[0].answer == "boom"
+    verifier.close()
+    worker.join(5)
+    assert not worker.is_alive()
