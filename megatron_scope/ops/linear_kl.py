@@ -17,11 +17,18 @@ Under TP the hidden states are replicated on every rank (as in front of Megatron
 sequence parallelism); the hidden-state gradient is summed over the group here, as the output layer's
 `copy_to_tensor_model_parallel_region` would, so every rank returns the full gradient.
 Precision: the logits have the inputs' dtype (as Megatron's output layer produces them); statistics and
-the logit gradient are fp32; the weight gradient accumulates over token chunks in the weight's dtype.
+the logit gradient are fp32, rounded once to the logits' dtype before the two gradient matmuls (as autograd
+rounds the gradient of materialised logits). The weight gradient accumulates over all token chunks in fp32
+(fp64 for fp64 weights) and is cast to the weight's dtype once, as one matmul over all tokens would round it.
+
+Memory: for bf16/fp16 weights the backward holds one fp32 [V/TP, hidden_S] accumulator, 4 bytes per element
+of the local weight shard (0.87 GiB for a 151936 x 1536 output layer at TP 1), beside the returned gradient
+in the weight's dtype; fp32 and fp64 weights accumulate straight into the returned gradient.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
@@ -40,6 +47,8 @@ from megatron_scope.ops.vocab_parallel import (
 )
 
 __all__ = ["LinearDistillStats", "vocab_parallel_linear_distill_stats", "vocab_parallel_linear_kl"]
+
+logger = logging.getLogger(__name__)
 
 #: Most elements of one [rows, V/TP] logits chunk: 2^24 (64 MiB of fp32) on CPU, 2^26 on CUDA.
 CHUNK_ELEMENTS = 1 << 24
@@ -82,13 +91,47 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return hidden @ weight.t()
 
 
+#: Whether this torch's CUDA addmm takes a bf16/fp16 product into an fp32 `out` (torch.addmm's `out_dtype`);
+#: None until first tried.
+_cuda_mixed_addmm: bool | None = None
+
+
+def _accumulate_weight_grad(accumulator: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """accumulator += grad_logits^T hidden, the sum and every product in the accumulator's dtype.
+
+    bf16/fp16 operands into an fp32 accumulator: on CUDA one cuBLAS matmul with fp32 output (addmm's
+    `out_dtype`), else (CPU, or a torch without it) on operands upcast to fp32. The two agree up to summation
+    order: a product of two bf16 (fp16) values is exact in fp32.
+    """
+    global _cuda_mixed_addmm
+    if grad_logits.dtype == accumulator.dtype:
+        accumulator.addmm_(grad_logits.t(), hidden)
+        return
+    if accumulator.is_cuda and _cuda_mixed_addmm is not False:
+        try:
+            torch.addmm(accumulator, grad_logits.t(), hidden, out_dtype=accumulator.dtype, out=accumulator)
+            _cuda_mixed_addmm = True
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, NotImplementedError) as error:
+            if _cuda_mixed_addmm:  # it worked before: a real failure, not a missing feature
+                raise
+            _cuda_mixed_addmm = False
+            logger.warning("torch.addmm(out_dtype=%s) is not available (%s); the fused KL's weight gradient "
+                           "multiplies fp32 upcasts of its %s operands instead (same result, slower)",
+                           accumulator.dtype, error, grad_logits.dtype)
+    accumulator.addmm_(grad_logits.t().to(accumulator.dtype), hidden.to(accumulator.dtype))
+
+
 class _LinearKL(torch.autograd.Function):
     """Statistics of s = h_S W_S^T and t = h_T W_T^T per token chunk; backward recomputes each chunk.
 
     Forward inputs are 2-D ([tokens, hidden], [V/TP, hidden]) plus local target ids [tokens, k] (k = 0 or 1)
     and their ownership mask. Communicates the all-reduces of `reduce_pair_stats` (jsd: one more), and in
     backward one all-reduce of the student's hidden-state gradient [tokens, hidden_S].
-    Saves the four inputs and 5 [tokens] statistics.
+    Saves the four inputs and 5 [tokens] statistics; backward accumulates the weight gradient in fp32 (one
+    [V/TP, hidden_S] buffer for bf16/fp16 weights) and casts it to the weight's dtype once.
     """
 
     @staticmethod
@@ -129,13 +172,17 @@ class _LinearKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kl, grad_log_probs, _grad_teacher_log_probs, _grad_entropy):
-        """Per chunk: d/ds of (g_kl KL + g_lp log p_S(target)), then h_S and W_S gradients from it."""
+        """Per chunk: d/ds of (g_kl KL + g_lp log p_S(target)), then h_S and W_S gradients (the latter summed
+        over chunks in fp32) from it."""
         (student_hidden, student_weight, teacher_hidden, teacher_weight,
          s_shift, s_log_norm, t_shift, t_log_norm, aux, local_ids, owned) = ctx.saved_tensors
         shard, valid = ctx.shard, ctx.shard.valid
         w_s, w_t = student_weight[:valid], teacher_weight[:valid]
         grad_hidden = torch.zeros_like(student_hidden)
         grad_weight = torch.zeros_like(student_weight)  # padded rows keep 0
+        accumulate_in_place = student_weight.dtype in (torch.float32, torch.float64)
+        grad_weight_acc = grad_weight[:valid] if accumulate_in_place else grad_weight.new_zeros(
+            (valid, grad_weight.shape[1]), dtype=torch.float32)
         if grad_kl is None:
             grad_kl = s_shift.new_zeros(s_shift.shape)
         with_target = grad_log_probs is not None and local_ids.shape[1] > 0
@@ -148,7 +195,10 @@ class _LinearKL(torch.autograd.Function):
                                       s_shift[rows], s_log_norm[rows], local_ids[rows], owned[rows])
             grad = grad.to(student_weight.dtype)
             grad_hidden[rows] = grad @ w_s
-            grad_weight[:valid].addmm_(grad.t(), student_hidden[rows])
+            _accumulate_weight_grad(grad_weight_acc, grad, student_hidden[rows])
+        if not accumulate_in_place:
+            grad_weight[:valid].copy_(grad_weight_acc)  # the one rounding to the weight's dtype
+            del grad_weight_acc
         shard.reduce(grad_hidden, dist.ReduceOp.SUM)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 

@@ -6,7 +6,7 @@ import torch
 
 from megatron_scope.ops import linear_kl, reference
 from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_stats, vocab_parallel_linear_kl
-from megatron_scope.ops.vocab_parallel import vocab_parallel_kl
+from megatron_scope.ops.vocab_parallel import vocab_parallel_kl, vocab_parallel_log_probs
 
 TOKENS, H_STUDENT, H_TEACHER = (3, 7), 8, 12
 PADDED, VOCAB = 64, 53
@@ -30,13 +30,13 @@ def reference_outputs(h_s, w_s, h_t, w_t, target, kind, vocab_size, beta=0.3):
             reference.log_probs(t, target, vocab_size), reference.entropy(s, vocab_size))
 
 
-def _grads(outputs, h_s, w_s, seed=3):
-    """Gradients of sum(a * kl + b * log p_S(target)) into (h_s, w_s), random a and b."""
+def _grads(outputs, *inputs, seed=3):
+    """Gradients of sum(a * kl + b * log p_S(target)) into `inputs` (h_s, w_s, ...), random a and b."""
     generator = torch.Generator().manual_seed(seed)
     kl, log_probs = outputs[0], outputs[1]
-    a = torch.randn(kl.shape, generator=generator, dtype=torch.float64).to(kl.dtype)
-    b = torch.randn(kl.shape, generator=generator, dtype=torch.float64).to(kl.dtype)
-    return torch.autograd.grad((a * kl).sum() + (b * log_probs).sum(), (h_s, w_s))
+    a = torch.randn(kl.shape, generator=generator, dtype=torch.float64).to(kl.device, kl.dtype)
+    b = torch.randn(kl.shape, generator=generator, dtype=torch.float64).to(kl.device, kl.dtype)
+    return torch.autograd.grad((a * kl).sum() + (b * log_probs).sum(), inputs)
 
 
 @pytest.mark.parametrize("chunking", ["one_chunk", "ragged_chunks"])
@@ -125,3 +125,48 @@ def test_bad_input_raises_value_error_naming_it():
         args.update(override)
         with pytest.raises(ValueError, match=message):
             vocab_parallel_linear_distill_stats(**args)
+
+
+def _relative_error(value: torch.Tensor, reference_value: torch.Tensor) -> float:
+    """||value - reference|| / ||reference|| (Frobenius), in float64."""
+    return ((value.cpu().double() - reference_value).norm() / reference_value.norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_weight_gradient_accumulates_in_fp32_over_chunks(kind, device, monkeypatch):
+    """bf16 inputs, 1024 tokens in 256 chunks of 4 rows: the fused op's bf16 weight gradient is no less accurate
+    against float64 than the unfused bf16 path's (bf16 logits, the `vocab_parallel` ops, autograd's one matmul over
+    all tokens), and much more accurate than the 256 chunk products summed in bf16 (the op before its fp32
+    accumulator, here from the unfused path's logit gradient).
+
+    Relative error norms on CPU: fused 4.2-5.6e-3, unfused 4.5-6.0e-3, bf16-summed 1.6-1.9e-2. The factor 1.05:
+    fused and unfused multiply the same bf16 logit gradients (up to the unfused path adding its two terms in bf16)
+    and differ in fp32 summation order, so a few entries may round to the neighbouring bf16 value either way.
+    """
+    rows = 4
+    monkeypatch.setattr(linear_kl, "CHUNK_ELEMENTS", rows * PADDED)
+    monkeypatch.setattr(linear_kl, "CUDA_CHUNK_ELEMENTS", rows * PADDED)
+    h_s, w_s, h_t, w_t, target = (x.to(device) for x in linear_inputs(8, torch.bfloat16, leading=(1024,)))
+    h_s.requires_grad_(), w_s.requires_grad_()
+    h_ref, w_ref = h_s.detach().cpu().double().requires_grad_(), w_s.detach().cpu().double().requires_grad_()
+    ref = reference_outputs(h_ref, w_ref, h_t.cpu(), w_t.cpu(), target.cpu(), kind, VOCAB)
+    _, ref_grad_weight = _grads(ref, h_ref, w_ref)
+
+    fused = vocab_parallel_linear_distill_stats(h_s, w_s, h_t, w_t, target, kind, vocab_size=VOCAB, beta=0.3)
+    _, fused_grad_weight = _grads(fused, h_s, w_s)
+
+    student_logits = h_s @ w_s.t()
+    unfused = (vocab_parallel_kl(student_logits, h_t @ w_t.t(), kind, vocab_size=VOCAB, beta=0.3),
+               vocab_parallel_log_probs(student_logits, target, vocab_size=VOCAB))
+    _, unfused_grad_weight, grad_logits = _grads(unfused, h_s, w_s, student_logits)
+    bf16_summed = torch.zeros_like(w_s)
+    for start in range(0, h_s.shape[0], rows):
+        bf16_summed.addmm_(grad_logits[start:start + rows].t(), h_s.detach()[start:start + rows])
+
+    assert fused_grad_weight.dtype == torch.bfloat16 and torch.all(fused_grad_weight[VOCAB:] == 0)
+    fused_error = _relative_error(fused_grad_weight, ref_grad_weight)
+    unfused_error = _relative_error(unfused_grad_weight, ref_grad_weight)
+    bf16_summed_error = _relative_error(bf16_summed, ref_grad_weight)
+    assert fused_error <= 1.05 * unfused_error, (fused_error, unfused_error)
+    assert bf16_summed_error >= 2 * fused_error, (bf16_summed_error, fused_error)
