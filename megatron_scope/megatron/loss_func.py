@@ -24,6 +24,9 @@ label is a response token):
     teacher_hidden [b, s, H_T] (the co-located teacher's last hidden states; the loss applies `teacher_weight`,
                    its output-layer shard) or teacher_logits [b, s, V/TP]
                                                    (--scope-kl reverse/forward/jsd, SRPO, TrOPD forward)
+    teacher_hidden_nonfinite [b] bool              (optional, with teacher_hidden: the scoring pass's check, on the
+                                                   device, for NaN/Inf at response positions; `check_batch` reads it
+                                                   instead of scanning teacher_hidden, and scans where it is absent)
     teacher_log_probs                              (--scope-kl k1/k2/k3; ExOPD, TrOPD; else derived from logits)
     teacher_topk_ids, teacher_topk_log_probs [b, s, k], teacher_topk_tail_log_mass   (--scope-kl topk)
     old_log_probs, advantages [b]                  (GRPO, SRPO)      ref_log_probs (ExOPD)
@@ -129,11 +132,20 @@ MAY_BE_NEG_INF = PER_VOCAB_KEYS + ("teacher_topk_tail_log_mass",)  # masked/impo
 TRAILING_DIM_KEYS = PER_VOCAB_KEYS + ("teacher_hidden",)
 
 
+def nonfinite_sequences(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[b] bool: whether each sequence of `values` [b, s, ...] holds NaN or Inf at a response position (loss_mask
+    [b, s] > 0), computed on `values`' device (only the mask moves there)."""
+    nonfinite = ~torch.isfinite(values).reshape(*loss_mask.shape, -1).all(-1)  # [b, s]
+    return (nonfinite & (loss_mask.to(values.device) > 0)).any(-1)
+
+
 def check_batch(batch: dict, config: LossConfig) -> None:
     """Raise ValueError naming the key if a microbatch lacks an input, has the wrong shape or holds NaN/Inf.
 
     Run it on every rank before `forward_backward_func` so that bad data stops the step before any
     collective (an error inside the last stage's loss would leave the other stages waiting).
+    `teacher_hidden`'s values are not read when `teacher_hidden_nonfinite` comes with them (the scoring pass
+    checked them on the device; this reads [b] flags), only scanned where it does not.
     """
     required = required_batch_keys(config, teacher_hidden="teacher_hidden" in batch)
     missing = sorted(required - batch.keys())
@@ -153,15 +165,32 @@ def check_batch(batch: dict, config: LossConfig) -> None:
         if tuple(value.shape[: len(expected)]) != expected or value.dim() != len(expected) + extra_dims:
             raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)}, expected {expected}"
                              f"{' + (k,)' if extra_dims else ''} to match labels {labels_shape}")
+        if key == "teacher_hidden":
+            _check_teacher_hidden(batch, labels_shape[0])
+            continue
         if not value.dtype.is_floating_point:
             continue
         if key in MAY_BE_NEG_INF:
             bad = torch.isnan(value).any() or (value == torch.inf).any()
         else:
-            # teacher_hidden may wait in host memory (CUDA runs): index it with a mask on its own device
-            bad = not torch.isfinite(value if key in PER_SEQUENCE_KEYS else value[response.to(value.device)]).all()
+            bad = not torch.isfinite(value if key in PER_SEQUENCE_KEYS else value[response]).all()
         if bad:
             raise ValueError(f"batch[{key!r}] holds NaN or Inf" + ("" if key in MAY_BE_NEG_INF else " on response tokens"))
+
+
+def _check_teacher_hidden(batch: dict, num_sequences: int) -> None:
+    """NaN/Inf in `teacher_hidden` at response positions, read from `teacher_hidden_nonfinite` (the scoring pass's
+    [b] flags) or, without it (a batch built elsewhere), scanned on teacher_hidden's own device."""
+    flags = batch.get("teacher_hidden_nonfinite")
+    if flags is None:
+        flags = nonfinite_sequences(batch["teacher_hidden"], batch["loss_mask"])
+    elif tuple(flags.shape) != (num_sequences,):
+        raise ValueError(f"batch['teacher_hidden_nonfinite'] has shape {tuple(flags.shape)}, expected "
+                         f"({num_sequences},): one flag per sequence")
+    bad = flags.nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"batch['teacher_hidden'] holds NaN or Inf on response tokens of sequences {bad} "
+                         f"(of {num_sequences} in this microbatch)")
 
 
 def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tensor, group, student_weight,

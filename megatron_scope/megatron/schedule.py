@@ -51,7 +51,9 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     tokens; returns the per-microbatch reports on the last pipeline stage ([] elsewhere).
 
     The last stage checks every microbatch first and all stages agree before any compute, so bad data
-    stops the step before any collective. With TP > 1, `teacher_logits` is this rank's vocabulary shard.
+    stops the step before any collective (teacher_hidden through the scoring pass's `teacher_hidden_nonfinite`:
+    [b] bools read to the host per microbatch, not a scan of its values). With TP > 1, `teacher_logits` is this
+    rank's vocabulary shard.
     Gradients land in the DDP `main_grad` buffers already divided by the global loss count
     (`calculate_per_token_loss=True` in the model's config).
     `teacher_weight`: the co-located teacher's output-layer shard, for microbatches carrying `teacher_hidden`;
@@ -77,7 +79,9 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        if "teacher_hidden" in batch:  # in host memory since the scoring pass (CUDA): this microbatch's only
+        if "teacher_hidden" in batch:  # in pinned host memory since the scoring pass (CUDA), whose copy there was
+            # complete when it returned (`teacher.colocated.log_prob_pass`); this copy back is ordered before the
+            # loss on the current stream
             batch = {**batch, "teacher_hidden": batch["teacher_hidden"].to(batch["tokens"].device, non_blocking=True)}
         with returning_hidden_states(model) if fused else contextlib.nullcontext():
             output = model(batch["tokens"], batch["position_ids"], None)

@@ -290,3 +290,43 @@ def test_tropd_reports_the_share_of_tokens_outside_its_trust_region(batch):
     token_loss = torch.where(gap > 0.5, forward, reverse) * mask
     expected = float((batch["seq_weights"].double()[:, None] * token_loss).sum())
     assert int(count) == int(mask.sum()) and float(loss_sum) == pytest.approx(expected, rel=1e-5)
+
+
+def test_teacher_hidden_states_are_checked_through_their_per_sequence_flags():
+    """check_batch reads the scoring pass's `teacher_hidden_nonfinite` [b] flags and never teacher_hidden's values:
+    hidden states full of NaN with no flag set pass; a flag names its sequences."""
+    (batch,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
+    n = len(batch["labels"])
+    batch["teacher_hidden"] = torch.full_like(batch["teacher_hidden"], float("nan"))
+    batch["teacher_hidden_nonfinite"] = torch.zeros(n, dtype=torch.bool)
+    check_batch(batch, LossConfig())
+    batch["teacher_hidden_nonfinite"][[2, 5]] = True
+    with pytest.raises(ValueError, match=r"batch\['teacher_hidden'\] holds NaN or Inf on response tokens of "
+                                         r"sequences \[2, 5\] \(of 8"):
+        check_batch(batch, LossConfig())
+    batch["teacher_hidden_nonfinite"] = torch.zeros(n - 1, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"batch\['teacher_hidden_nonfinite'\] has shape \(7,\), expected \(8,\)"):
+        check_batch(batch, LossConfig())
+
+
+def test_nonfinite_sequences_look_at_response_positions_only():
+    """The scoring pass's check (and check_batch's own where a batch has no flags): NaN or Inf in any hidden unit
+    at a response position flags its sequence; at a prompt or padding position it does not."""
+    from megatron_scope.megatron.loss_func import nonfinite_sequences
+
+    (batch,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
+    hidden, mask = batch["teacher_hidden"], batch["loss_mask"]
+    assert not nonfinite_sequences(hidden, mask).any()
+    row = 2
+    assert mask[row].any() and not mask[1].any() and not mask[0, 0]
+    hidden[0, 0, 1] = float("nan")  # row 0's prompt
+    hidden[1, 5, 0] = float("inf")  # row 1 has no response: padding
+    last = int(mask[3].nonzero()[-1, 0])
+    hidden[3, last + 1:, 2] = float("-inf")  # row 3 after its response
+    check_batch(batch, LossConfig())  # no flags: scanned, and nothing on response tokens
+    assert not nonfinite_sequences(hidden, mask).any()
+    hidden[row, int(mask[row].nonzero()[0, 0]), -1] = float("nan")
+    assert nonfinite_sequences(hidden, mask).nonzero().flatten().tolist() == [row]
+    with pytest.raises(ValueError, match=r"batch\['teacher_hidden'\] holds NaN or Inf on response tokens of "
+                                         r"sequences \[2\]"):
+        check_batch(batch, LossConfig())

@@ -1,0 +1,102 @@
+"""The co-located teacher's scoring pass with hidden states (`teacher.colocated.teacher_pass`), on a tiny Megatron
+teacher whose last hidden states are poisoned in the first microbatch: NaN at a response position of row 2, Inf in
+row 1 (whose response is empty) and NaN at a prompt position of row 0. Only row 2 is flagged, on the device, in
+`teacher_hidden_nonfinite`, and `check_batch` names that sequence; the second microbatch passes. The hidden states
+come back complete (equal to the device's, NaN included): on CPU under gloo, and on CUDA in pinned host memory."""
+
+import pytest
+import torch
+
+from megatron_scope.testing.multiprocess import run_on_ranks
+from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
+
+POISONED_ROW = 2  # of the first microbatch (rows 0-3 of tiny_rollout_batch)
+
+
+def _score(device: str) -> dict:
+    """teacher_pass over two microbatches on `device` (the process group and TP = PP = 1 set up)."""
+    from megatron_scope.config import LossConfig
+    from megatron_scope.megatron.loss_func import check_batch
+    from megatron_scope.megatron.model import build_gpt_model, unwrap_model
+    from megatron_scope.teacher.colocated import teacher_pass
+
+    teacher = build_gpt_model(TINY_ARCH)
+    microbatches = [{k: v.to(device) for k, v in mb.items()} for mb in split_microbatches(tiny_rollout_batch(), 2)]
+    first = microbatches[0]
+    assert not first["loss_mask"][1].any() and first["loss_mask"][POISONED_ROW].any() and not first["loss_mask"][0, 0]
+    response = int(first["loss_mask"][POISONED_ROW].nonzero()[0, 0])
+    made = []  # the hidden states the teacher made, [b, s, H] on the device
+
+    def poison(module, args):  # the output layer's input [s, b, H]: the first microbatch only
+        hidden = args[0].clone()
+        if not made:
+            hidden[response, POISONED_ROW, 3] = float("nan")
+            hidden[2, 1, 0] = float("inf")  # row 1: no response position
+            hidden[0, 0, 5] = float("nan")  # row 0's prompt
+        made.append(hidden.transpose(0, 1).clone())
+        return (hidden, *args[1:])
+
+    handle = unwrap_model(teacher).output_layer.register_forward_pre_hook(poison)
+    try:
+        scored = teacher_pass(teacher, microbatches, LossConfig(), TINY_ARCH.vocab_size)
+    finally:
+        handle.remove()
+    errors = []
+    for batch, extras in zip(microbatches, scored):
+        try:
+            check_batch({**batch, **extras}, LossConfig())
+            errors.append(None)
+        except ValueError as error:
+            errors.append(str(error))
+    flags = [extras["teacher_hidden_nonfinite"] for extras in scored]
+    hidden = [extras["teacher_hidden"] for extras in scored]
+    return {
+        "flags": [f.cpu().tolist() for f in flags],
+        "flags_on_device": all(f.device.type == device and f.dtype == torch.bool for f in flags),
+        "pinned": [h.is_pinned() for h in hidden] if device == "cuda" else None,
+        "hidden_as_made": all(torch.equal(h.to(device).isnan(), m.isnan()) and torch.equal(h.to(device).nan_to_num(),
+                                                                                           m.nan_to_num())
+                              for h, m in zip(hidden, made)),
+        "errors": errors,
+    }
+
+
+def _on_cpu(rank, world_size):
+    from megatron_scope.megatron.parallel import initialize_model_parallel
+
+    initialize_model_parallel(1, 1, seed=0)
+    return _score("cpu")
+
+
+def _check(result: dict) -> None:
+    expected = [False] * 4
+    expected[POISONED_ROW] = True
+    assert result["flags"] == [expected, [False] * 4]
+    assert result["flags_on_device"] and result["hidden_as_made"]
+    first, second = result["errors"]
+    assert first is not None and f"batch['teacher_hidden'] holds NaN or Inf on response tokens of sequences " \
+                                 f"[{POISONED_ROW}]" in first, first
+    assert second is None
+
+
+def test_teacher_hidden_states_are_checked_per_sequence_on_their_device():
+    (result,) = run_on_ranks(_on_cpu, 1, timeout=300)
+    _check(result)
+
+
+@pytest.mark.gpu
+def test_teacher_hidden_states_reach_pinned_host_memory_complete_and_checked_on_cuda():
+    import torch.distributed as dist
+
+    from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
+
+    ours = not dist.is_initialized()
+    init_distributed()  # NCCL
+    try:
+        initialize_model_parallel(1, 1, seed=0)
+        result = _score("cuda")
+    finally:
+        if ours:
+            dist.destroy_process_group()
+    _check(result)
+    assert result["pinned"] == [True, True]
