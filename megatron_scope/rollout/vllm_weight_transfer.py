@@ -16,11 +16,13 @@ the sender's node:
 
 Each bucket gets its own file: a layer whose tensors straddle two buckets keeps views of the first file
 until the layer is complete, so files are never reused; the sender unlinks a file once the worker has
-returned (the mapping lives until the views die). Before the reload ends, layers that no update fills
-themselves (RotaryEmbedding's computed cache, a tied LM head) get their live tensors back, which vLLM would
-otherwise do with a false "Failed to load weights" warning (`restore_layers_without_own_weights`). After the
-reload, layers that share a weight (a tied LM head) re-derive their kernels, which the reload alone leaves
-stale on CPU (`refresh_tied_embeddings`).
+returned (the mapping lives until the views die). What that keeps in /dev/shm at once, and the checks that
+refuse a refit with a clear error before a write could run out of room there (SIGBUS), are in
+`shared_memory`. Before the reload ends, layers that no update fills themselves (RotaryEmbedding's computed
+cache, a tied LM head) get their live tensors back, which vLLM would otherwise do with a false "Failed to
+load weights" warning (`restore_layers_without_own_weights`). After the reload, layers that share a weight
+(a tied LM head) re-derive their kernels, which the reload alone leaves stale on CPU
+(`refresh_tied_embeddings`).
 
 vLLM imports `WeightSyncWorkerExtension` by name in each worker process (`worker_extension_cls`); importing
 this module there is what registers the backend in that process.
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import uuid
 from typing import Any, Sequence
 
@@ -42,7 +43,9 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+from megatron_scope.rollout import shared_memory
 from megatron_scope.rollout.buckets import aligned_nbytes
+from megatron_scope.rollout.shared_memory import shared_memory_dir  # noqa: F401 - re-exported
 
 BACKEND_NAME = "scope_shm"
 WORKER_EXTENSION = f"{__name__}.WeightSyncWorkerExtension"
@@ -52,11 +55,6 @@ _DTYPES = {
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
                   torch.int8, torch.uint8, torch.bool)
 }
-
-
-def shared_memory_dir() -> str:
-    """Where bucket files go: /dev/shm (RAM) when it exists, else the temp directory."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 @dataclasses.dataclass
@@ -90,9 +88,13 @@ class SharedMemoryUpdateInfo(WeightTransferUpdateInfo):
 
 
 def write_bucket(named_tensors: Sequence[tuple[str, torch.Tensor]], directory: str | None = None) -> dict[str, Any]:
-    """Pack tensors into a new file; return the `update_weights` payload (the caller unlinks the file)."""
-    path = os.path.join(directory or shared_memory_dir(), f"scope-weights-{uuid.uuid4().hex}.bin")
+    """Pack tensors into a new file in `directory` (default `shared_memory.shared_memory_dir()`); return the
+    `update_weights` payload (the caller unlinks the file). Raises `shared_memory.SharedMemoryTooSmallError`,
+    creating nothing, when the directory has no room for the file."""
+    directory = directory or shared_memory.shared_memory_dir()
+    path = os.path.join(directory, f"scope-weights-{uuid.uuid4().hex}.bin")
     total = max(sum(aligned_nbytes(t) for _, t in named_tensors), 1)
+    shared_memory.check_bucket_room(total, directory)
     buffer = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
     names, dtype_names, shapes, offsets = [], [], [], []
     offset = 0

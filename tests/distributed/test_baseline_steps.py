@@ -27,7 +27,8 @@ def _one_step(rank, world_size, ws, reference_hf, algorithm_flags):
     from megatron_scope.rollout.batch import RolloutGroup
     from megatron_scope.rollout.engine import Completion
 
-    train.start_engine = lambda *args, **kwargs: types.SimpleNamespace(close=lambda: None)  # no rollout here
+    idle_engine = types.SimpleNamespace(sleep=lambda level: None, close=lambda: None)  # no rollout here
+    train.start_engine = lambda *args, **kwargs: idle_engine
     trainer = train.build_trainer(parse_run_config([
         "--student-hf", ws.student_hf, "--teacher-hf", reference_hf, *algorithm_flags,
         "--tokenizer", ws.tokenizer, "--train-data", ws.train_jsonl, "--train-iters", "1", "--prompts-per-step", "2",

@@ -31,7 +31,8 @@ def _one_step(rank, world_size, ws, teacher, save):
     from megatron_scope.rollout.engine import Completion
     from megatron_scope.teacher.colocated import log_prob_pass
 
-    train.start_engine = lambda *args, **kwargs: types.SimpleNamespace(close=lambda: None)  # no rollout here
+    idle_engine = types.SimpleNamespace(sleep=lambda level: None, close=lambda: None)  # no rollout here
+    train.start_engine = lambda *args, **kwargs: idle_engine
     trainer = train.build_trainer(parse_run_config([
         "--student-hf", ws.student_hf, "--scope-algorithm", "srpo", "--srpo-teacher", teacher,
         "--srpo-ema-rate", str(RATE), "--srpo-reprompt-template", "{prompt} {solution} ; {prompt}",  # task alphabet

@@ -137,17 +137,18 @@ class _RecordingEngine:
             raise RolloutEngineDiedError("the engine's process died during update_weights")
         self.calls.append(("update_weights", [name for name, _ in stream]))
 
-    def sleep(self):
-        self.calls.append(("sleep",))
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
 
-    def wake(self):
-        self.calls.append(("wake",))
+    def wake(self, tags=None):
+        self.calls.append(("wake", tags))
 
 
 def _step_calls(rank, world_size, refit_dies_on=None):
     """Two train_steps of a co-located DP=2 stand-in trainer (learning replaced by a recorder whose first
-    optimizer step is skipped, the weight stream by two names): the calls rank `rank`'s engine received, or the
-    error the steps raised when the engine of rank `refit_dies_on` dies in its refit."""
+    optimizer step is skipped, the weight stream by two names, PyTorch's cache frees recorded): the calls rank
+    `rank`'s engine received, or the error the steps raised when the engine of rank `refit_dies_on` dies in its
+    refit."""
     import torch
 
     from megatron_scope import trainer as trainer_module
@@ -155,11 +156,12 @@ def _step_calls(rank, world_size, refit_dies_on=None):
     calls = []
     engine = _RecordingEngine(calls, dies_in_refit=rank == refit_dies_on)
     trainer = _stand_in_trainer(rank, "colocated", range(world_size), engine=engine, remote_teacher=False)
+    trainer_module.free_cached_device_memory = lambda: calls.append(("free",))
 
     def learn(groups, metrics, first):
         assert len(groups) == 1
         calls.append(("learn", first))
-        return types.SimpleNamespace(updated=len(calls) > 4, skipped_reason="a test")
+        return types.SimpleNamespace(updated=sum(call[0] == "learn" for call in calls) > 1, skipped_reason="a test")
 
     def weights(model, arch, bucket_bytes, dst_rank):
         assert dst_rank == rank  # each replica refits its own engine from its own shards
@@ -176,17 +178,20 @@ def _step_calls(rank, world_size, refit_dies_on=None):
 
 
 def test_each_replicas_engine_sleeps_while_it_trains_and_wakes_for_its_refit():
-    """Two steps at DP=2, co-located: each engine wakes, generates its replica's prompt (seeded by the iteration and
-    the prompt's place in the step), sleeps before its replica learns, wakes for the refit from its own replica's
-    shards; the first step's optimizer step is skipped: no refit, and the next rollout wakes the engine first."""
+    """Two steps at DP=2, co-located, each in vLLM's RL order: free PyTorch's cached memory -> wake the KV cache ->
+    generate the replica's prompt (seeded by the iteration and the prompt's place in the step) -> sleep at level 2
+    before the replica learns -> free -> wake the weights only -> refit from the replica's own shards. The first
+    step's optimizer step is skipped, and the refit still follows: a level-2 sleep kept no weights."""
     from megatron_scope.rollout.seeds import StepSeeds
     from megatron_scope.testing.tiny import tiny_run_config
 
     run_seed = tiny_run_config().loop.seed
     for rank, calls in enumerate(run_on_ranks(_step_calls, 2)):
-        steps = [[("wake",), ("generate", StepSeeds(run_seed, iteration).groups([rank], 2, "rollout")), ("sleep",),
-                  ("learn", rank)] for iteration in (1, 2)]
-        assert calls == steps[0] + steps[1] + [("wake",), ("update_weights", ["a", "b"])], rank
+        steps = [[("free",), ("wake", ["kv_cache"]), ("generate", StepSeeds(run_seed, iteration).groups([rank], 2,
+                                                                                                         "rollout")),
+                  ("sleep", 2), ("learn", rank), ("free",), ("wake", ["weights"]), ("update_weights", ["a", "b"])]
+                 for iteration in (1, 2)]
+        assert calls == steps[0] + steps[1], rank
 
 
 def test_an_engine_death_in_replica_1_during_its_refit_stops_every_rank():

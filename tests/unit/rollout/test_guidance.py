@@ -63,11 +63,12 @@ class RecordingEngine(RolloutEngine):
     def update_weights(self, named_tensors):
         raise NotImplementedError
 
-    def wake(self):
+    def wake(self, tags=None):
         assert not self.peer.awake, "two engines awake at once"
         self.awake = True
 
-    def sleep(self):
+    def sleep(self, level=1):
+        assert level == 1, "an engine that sleeps mid-rollout keeps its weights"
         self.awake = False
 
 
@@ -127,10 +128,10 @@ class MarkovEngine(RolloutEngine):
     def update_weights(self, named_tensors):
         raise NotImplementedError
 
-    def wake(self):
+    def wake(self, tags=None):
         self.awake = True
 
-    def sleep(self):
+    def sleep(self, level=1):
         self.awake = False
 
 
