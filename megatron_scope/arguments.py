@@ -177,6 +177,12 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="vLLM's gpu_memory_utilization; with --rollout-kv-cache-gib it only sets vLLM's start-up check "
                         "(free device memory >= total x this). Default on CUDA: the share free when the engine "
                         "starts, less 2 GiB for its CUDA contexts.")
+    g.add_argument("--rl-offload-optimizer-during-inference", action="store_true",
+                   help="While the engines generate, keep the optimizer's state and fp32 main parameters in host "
+                        "memory and free the gradient buffers (megatron-core's offload), for a larger KV cache.")
+    g.add_argument("--rl-offload-teacher-during-inference", action="store_true",
+                   help="While the engines generate, keep the forward-only models on the training GPUs (a co-located "
+                        "teacher, ExOPD's reference, SRPO's EMA teacher) in pinned host memory.")
     g.add_argument("--weight-transfer-bucket-mib", type=positive_int, default=512,
                    help="MiB per file of the shared-memory weight refit into a vLLM engine; /dev/shm must hold about "
                         "twice max(this, the model's largest tensor), checked before the first refit.")

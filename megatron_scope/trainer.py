@@ -2,9 +2,11 @@
 
 One iteration (every rank runs it; an engine's leader rank drives it, see --rollout-placement):
   1. prompts: the next `prompts_per_step` from the resumable dataset (identical on every rank);
-  2. rollout: every rank of the rollout group frees PyTorch's cached device memory; the leader wakes its engine's
-     KV cache, samples G responses per prompt from the current student, verifies them, puts the engine to sleep
-     at level 2 (vLLM sleep mode, CUDA; a refit always follows) and broadcasts token ids, sampling log-probs and
+  2. rollout: with --rl-offload-*-during-inference the optimizer state, gradient buffers and forward-only models
+     leave the GPUs (`megatron/offload.py`; back after the rollout); every rank of the rollout group frees
+     PyTorch's cached device memory; the leader wakes its engine's KV cache, samples G responses per prompt from
+     the current student, verifies them, puts the engine to sleep at level 2 (vLLM sleep mode, CUDA; a refit
+     always follows) and broadcasts token ids, sampling log-probs and
      outcomes to the ranks it serves. "colocated" (default): one engine per data-parallel replica, led by the
      replica's first rank, generates exactly the replica's prompt groups and sends them inside the replica
      (only per-step scalars cross replicas); "rank0" and "ray": global rank 0 gets the whole step and
@@ -39,6 +41,7 @@ stopped; the iteration is not saved. tools/check_config.py estimates each memory
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -53,6 +56,7 @@ from megatron_scope.megatron import checkpointing
 from megatron_scope.losses.objectives import srpo_distill_weights
 from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports, sampled_by_student
 from megatron_scope.megatron.model import output_layer_weight
+from megatron_scope.megatron.offload import RolloutOffload
 from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.parallel import collective_device
 from megatron_scope.megatron.schedule import forward_backward
@@ -167,6 +171,12 @@ class ScopeTrainer:
             self.build_reprompt = reprompt_builder(tokenizer, config.data.prompt_format(),
                                                    config.loss.baselines.srpo_reprompt_template)
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.rollout_offload = None  # training state that waits off the GPUs while the engines generate
+        if config.rollout.offload_optimizer or config.rollout.offload_teacher:
+            frozen = [m for m in (teacher, reference, ema_teacher.model if ema_teacher is not None else None)
+                      if m is not None]
+            self.rollout_offload = RolloutOffload(student, optimizer, frozen, config.rollout.offload_optimizer,
+                                                  config.rollout.offload_teacher)
         self.dataset, self.tokenizer, self.verifier, self.engine = dataset, tokenizer, verifier, engine
         self._logged_verifier_errors: set[str] = set()  # each distinct error is logged once per run
         self.vocab_size = tokenizer.vocab_size
@@ -523,9 +533,31 @@ class ScopeTrainer:
         self._raise_if_any_failed(error, "weight sync")
         return time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def awake_engine(self):
+        """The rollout engine, refit from the student's current weights and awake, for a caller's own `generate`
+        calls between steps (evaluation); asleep at level 2 again afterwards. Every rank of the replica enters it
+        (the refit's collectives); the engine is None on ranks that do not lead one."""
+        self.sync_weights()
+        self._free_device_memory()
+        if self.engine is not None:
+            self.engine.wake(["kv_cache"])
+        try:
+            yield self.engine
+        finally:
+            if self.engine is not None:
+                self.engine.sleep(level=2)
+
     def train_step(self, iteration: int) -> dict:
         start = time.perf_counter()
-        groups, first, metrics = self._rollout(iteration)
+        if self.rollout_offload is not None:
+            self.rollout_offload.offload()
+            try:
+                groups, first, metrics = self._rollout(iteration)
+            finally:
+                self.rollout_offload.restore()
+        else:
+            groups, first, metrics = self._rollout(iteration)
         outcome = self.learn(groups, metrics, first)
         metrics["time/sync_s"] = self.sync_weights()  # also after a skipped step: the engine slept at level 2
         metrics["time/iteration_s"] = time.perf_counter() - start

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"else {DEFAULT_PROMPT_TOKENS}).")
     g.add_argument("--overhead-gib", type=nonnegative_float, default=2.0,
                    help="Runtime overhead per process on a GPU (CUDA context, NCCL, allocator fragmentation).")
+    g.add_argument("--host-memory-gib", type=positive_float, default=None,
+                   help="Host memory of one node: an error when the pinned host memory a node holds at once (teacher "
+                        "hidden states, offloaded training state, level-1 engine weights) exceeds it; unset: reported.")
     g.add_argument("--allow-overcommit", action="store_true",
                    help="A run that does not fit --gpu-memory-gib only warns (exit 0).")
     g.add_argument("--json", action="store_true", help="Print the result as JSON.")
@@ -172,10 +175,9 @@ def run_check(args: argparse.Namespace) -> dict:
     if rollout.placement != "ray":
         where = (f"one per data-parallel replica, {plan.data_parallel} in all" if rollout.placement == "colocated"
                  else "one, on global rank 0")
-        offloaded = me.hf_param_count(student) * plan.rollout_element_bytes / rollout.tensor_parallel_size
         notes.append(f"rollout: vLLM engines of TP {rollout.tensor_parallel_size} on training GPUs ({where}), asleep "
-                     f"while they train: each engine GPU's weights wait in pinned host memory "
-                     f"({offloaded / me.GIB:.1f} GiB), its KV cache is freed")
+                     "while they train: the rollout engine at level 2 (weights dropped, a refit follows every step), "
+                     "a vLLM teacher or reference at level 1 (weights in pinned host memory); KV caches freed")
     if host:
         notes.append(f"host memory: the (self-)teacher's last hidden states of the local batch wait in pinned "
                      f"host memory from the scoring pass to the student's step, {host / me.GIB:.1f} GiB per rank "
@@ -207,6 +209,18 @@ def run_check(args: argparse.Namespace) -> dict:
     if plan.world_size % (plan.tensor_parallel * plan.pipeline_parallel):
         return result  # no data-parallel size: no memory estimate
     gpus = me.estimate_memory(plan, student, teacher, reference)
+    errors += me.check_engine_start(plan, 1 + config.teacher_engine + config.remote_reference)
+    host_terms = me.host_memory_per_node(plan, student, teacher, reference)
+    host_total = sum(c.bytes for c in host_terms)
+    result["host_memory_per_node"] = {"total_bytes": host_total,
+                                      "components": [{"name": c.name, "bytes": c.bytes} for c in host_terms]}
+    if host_terms:
+        summary = (f"pinned host memory per node of {args.nproc_per_node} ranks: {host_total / me.GIB:.1f} GiB ("
+                   + ", ".join(f"{c.name} {c.bytes / me.GIB:.1f}" for c in host_terms) + ")")
+        if args.host_memory_gib is not None and host_total > args.host_memory_gib * me.GIB:
+            errors.append(f"{summary}: more than --host-memory-gib {args.host_memory_gib:g}")
+        else:
+            notes.append(summary)
     result["memory"] = me.estimate_to_dict(plan, gpus)
     result["_table"] = me.format_table(plan, gpus)
     fit = me.fit_errors(plan, gpus)

@@ -95,8 +95,9 @@ def _run(args, method, seed):
     problems = demo.held_out_problems(f"{work}/task/eval.jsonl")
     try:
         history = trainer.train()
-        result = demo.evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples, args.max_new_tokens,
-                                     f"{method} seed {seed}", reward=args.reward)
+        with trainer.awake_engine() as engine:
+            result = demo.evaluate_model(engine, tokenizer, problems, args.eval_samples, args.max_new_tokens,
+                                         f"{method} seed {seed}", reward=args.reward)
     finally:
         trainer.close()
     kept = lambda key: key in ("iteration", "rollout/accuracy", "loss/loss") or key.startswith(("srpo/", "tropd/"))  # noqa: E731

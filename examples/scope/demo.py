@@ -264,11 +264,13 @@ def main(argv=None) -> dict:
                         "--tensorboard-dir", os.path.join(args.out, "tensorboard"), "--log-interval", "5"],
         reward=args.reward)))
     try:
-        results["student_before"] = evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples,
-                                                   args.max_new_tokens, "student before SCOPE", reward=args.reward)
+        with trainer.awake_engine() as engine:  # refit from the student, awake while it evaluates
+            results["student_before"] = evaluate_model(engine, tokenizer, problems, args.eval_samples,
+                                                       args.max_new_tokens, "student before SCOPE", reward=args.reward)
         history = trainer.train()
-        results["student_after"] = evaluate_model(trainer.engine, tokenizer, problems, args.eval_samples,
-                                                  args.max_new_tokens, "student after SCOPE", reward=args.reward)
+        with trainer.awake_engine() as engine:
+            results["student_after"] = evaluate_model(engine, tokenizer, problems, args.eval_samples,
+                                                      args.max_new_tokens, "student after SCOPE", reward=args.reward)
     finally:
         trainer.close()
 

@@ -18,6 +18,8 @@
 # --- rollout (by default one vLLM engine per data-parallel replica on the replica's GPUs, asleep while it trains)
 : "${ROLLOUT_PLACEMENT:=colocated}"   # --rollout-placement: colocated, rank0, or ray (with ROLLOUT_ENGINES)
 : "${ROLLOUT_KV_CACHE_GIB:=16}"       # must hold one max_position_embeddings sequence (4.4 GiB for Qwen3-1.7B)
+: "${OFFLOAD_DURING_ROLLOUT:=1}"      # 1: optimizer state, gradient buffers and the teacher wait in host memory
+                                      # while the engines generate (--rl-offload-*-during-inference): KV cache room
 : "${ATTENTION_BACKEND:=sdpa}"        # --attention-backend: sdpa (no stored s^2 scores) or local
 : "${RECOMPUTE:=full}"                # full (every layer, uniform units of 1), selective (core attention) or none
 : "${ROLLOUT_TEMPERATURE:=1.0}"       # --rollout-temperature
@@ -29,6 +31,8 @@
 : "${TORCHRUN:=torchrun}"
 : "${EXTRA_ARGS:=}"                   # more training flags (also given to the check)
 : "${CHECK_ARGS:=}"                   # check_config.py-only flags, e.g. "--max-prompt-tokens 2048"
+: "${HOST_MEMORY_GIB:=1024}"          # host memory of one node: the check fails when the pinned host memory a node
+                                      # holds (teacher hidden states, offloaded state, level-1 engines) exceeds it
 : "${SKIP_CHECK:=0}"                  # 1: do not run tools/check_config.py first
 : "${ALLOW_OVERCOMMIT:=0}"            # 1: the check only warns when the estimate exceeds GPU_MEMORY_GIB
 : "${DRY_RUN:=0}"                     # 1: run the check, print the torchrun command, do not train
@@ -53,6 +57,12 @@ case "$RECOMPUTE" in
   none) ;;
   *) echo "RECOMPUTE must be full, selective or none, got '$RECOMPUTE'" >&2; exit 2 ;;
 esac
+if [[ "$OFFLOAD_DURING_ROLLOUT" == 1 ]]; then
+  ARGS+=(--rl-offload-optimizer-during-inference)
+  if [[ "$TEACHER_BACKEND" == megatron ]]; then
+    ARGS+=(--rl-offload-teacher-during-inference)
+  fi
+fi
 if [[ -n "$TEACHER_TOKENIZER" ]]; then
   ARGS+=(--teacher-tokenizer "$TEACHER_TOKENIZER")
 fi
@@ -75,6 +85,7 @@ ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
 if [[ "$SKIP_CHECK" != 1 ]]; then
   CHECK=("$PYTHON" "$ROOT/tools/check_config.py" "${ARGS[@]}"
          --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --gpu-memory-gib "$GPU_MEMORY_GIB"
+         --host-memory-gib "$HOST_MEMORY_GIB"
          ${CHECK_EXTRA[@]+"${CHECK_EXTRA[@]}"})
   if [[ "$ALLOW_OVERCOMMIT" == 1 ]]; then
     CHECK+=(--allow-overcommit)

@@ -36,4 +36,9 @@ case "$STUDENT" in
   *) DEFAULT_TP=4 ;;
 esac
 : "${TP:=$DEFAULT_TP}"                # --tensor-model-parallel-size
+# Qwen3-8B: with the training state in host memory while the engine generates (OFFLOAD_DURING_ROLLOUT=1), a
+# 48 GiB KV cache per engine GPU decodes 97 full-length sequences together (16 GiB: 32); the dry run checks it fits
+case "$STUDENT" in
+  Qwen3-8B) : "${ROLLOUT_KV_CACHE_GIB:=48}" ;;
+esac
 source "$HERE/launch_common.sh"

@@ -38,6 +38,29 @@ def tiny_batches(num_microbatches: int, micro_batch_size: int = 2, seq_length: i
     return batches
 
 
+def lm_optimizer_step(student, optimizer) -> None:
+    """One Megatron optimizer step of the DDP-wrapped `student` on the language-model loss of two `tiny_batches`."""
+    from functools import partial
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def loss_func(loss_mask, per_token_loss):
+        loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum()
+        return loss, {"lm loss": loss.detach().clone()}
+
+    def forward_step(data_iterator, model):
+        device = next(model.parameters()).device
+        batch = {key: value.to(device) for key, value in next(data_iterator).items()}
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(loss_func, batch["loss_mask"])
+
+    student.zero_grad_buffer()
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(tiny_batches(2, seq_length=16)),
+                                model=[student], num_microbatches=2, seq_length=16, micro_batch_size=2,
+                                forward_only=False)
+    optimizer.step()
+
+
 TINY_TEACHER_HIDDEN = 24
 """Hidden size of the stand-in teacher whose last hidden states and output layer `tiny_rollout_batch` draws."""
 

@@ -157,6 +157,8 @@ def _step_calls(rank, world_size, refit_dies_on=None):
     engine = _RecordingEngine(calls, dies_in_refit=rank == refit_dies_on)
     trainer = _stand_in_trainer(rank, "colocated", range(world_size), engine=engine, remote_teacher=False)
     trainer_module.free_cached_device_memory = lambda: calls.append(("free",))
+    trainer.rollout_offload = types.SimpleNamespace(offload=lambda: calls.append(("offload",)),  # the flags' hooks
+                                                    restore=lambda: calls.append(("restore",)))
 
     def learn(groups, metrics, first):
         assert len(groups) == 1
@@ -178,18 +180,19 @@ def _step_calls(rank, world_size, refit_dies_on=None):
 
 
 def test_each_replicas_engine_sleeps_while_it_trains_and_wakes_for_its_refit():
-    """Two steps at DP=2, co-located, each in vLLM's RL order: free PyTorch's cached memory -> wake the KV cache ->
-    generate the replica's prompt (seeded by the iteration and the prompt's place in the step) -> sleep at level 2
-    before the replica learns -> free -> wake the weights only -> refit from the replica's own shards. The first
-    step's optimizer step is skipped, and the refit still follows: a level-2 sleep kept no weights."""
+    """Two steps at DP=2, co-located, each in vLLM's RL order: training state off the GPUs (--rl-offload-*) -> free
+    PyTorch's cached memory -> wake the KV cache -> generate the replica's prompt (seeded by the iteration and the
+    prompt's place in the step) -> sleep at level 2 -> training state back before the replica learns -> free ->
+    wake the weights only -> refit from the replica's own shards. The first step's optimizer step is skipped, and
+    the refit still follows: a level-2 sleep kept no weights."""
     from megatron_scope.rollout.seeds import StepSeeds
     from megatron_scope.testing.tiny import tiny_run_config
 
     run_seed = tiny_run_config().loop.seed
     for rank, calls in enumerate(run_on_ranks(_step_calls, 2)):
-        steps = [[("free",), ("wake", ["kv_cache"]), ("generate", StepSeeds(run_seed, iteration).groups([rank], 2,
-                                                                                                         "rollout")),
-                  ("sleep", 2), ("learn", rank), ("free",), ("wake", ["weights"]), ("update_weights", ["a", "b"])]
+        steps = [[("offload",), ("free",), ("wake", ["kv_cache"]),
+                  ("generate", StepSeeds(run_seed, iteration).groups([rank], 2, "rollout")), ("sleep", 2),
+                  ("restore",), ("learn", rank), ("free",), ("wake", ["weights"]), ("update_weights", ["a", "b"])]
                  for iteration in (1, 2)]
         assert calls == steps[0] + steps[1], rank
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from functools import partial
 
 import pytest
 import torch
@@ -42,6 +41,7 @@ def first_run(rank, world_size, root: str, cuda: bool) -> dict:
     from megatron_scope.rollout.engine import DeviceResidency, SamplingParams
     from megatron_scope.rollout.seeds import StepSeeds
     from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+    from megatron_scope.testing.tiny import lm_optimizer_step
     from megatron_scope.trainer import free_cached_device_memory
     from tests.integration.test_megatron_to_vllm import _megatron_log_probs
 
@@ -70,7 +70,7 @@ def first_run(rank, world_size, root: str, cuda: bool) -> dict:
         free, total = torch.cuda.mem_get_info()
         asleep_gib = (total - free - torch.cuda.memory_reserved()) / 2**30
     before = _megatron_log_probs(unwrap_model(student), PROMPTS[0] + PROMPTS[1])
-    _optimizer_step(student, optimizer)  # weights vLLM has never seen
+    lm_optimizer_step(student, optimizer)  # weights vLLM has never seen
     step_change = max(abs(a - b) for a, b in zip(before, _megatron_log_probs(unwrap_model(student),
                                                                              PROMPTS[0] + PROMPTS[1])))
 
@@ -96,28 +96,6 @@ def first_run(rank, world_size, root: str, cuda: bool) -> dict:
     teacher.close()
     engine.close()
     return {"max_logprob_diff": max(diffs), "step_change": step_change, "asleep_gib": asleep_gib, "refused": refused}
-
-
-def _optimizer_step(student, optimizer) -> None:
-    """One Megatron optimizer step (Adam) on the language-model loss of two tiny microbatches."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_scope.testing.tiny import tiny_batches
-
-    def loss_func(loss_mask, per_token_loss):
-        loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum()
-        return loss, {"lm loss": loss.detach().clone()}
-
-    def forward_step(data_iterator, model):
-        batch = {key: value.to(next(model.parameters()).device) for key, value in next(data_iterator).items()}
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        return output, partial(loss_func, batch["loss_mask"])
-
-    student.zero_grad_buffer()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(tiny_batches(2, seq_length=16)),
-                                model=[student], num_microbatches=2, seq_length=16, micro_batch_size=2,
-                                forward_only=False)
-    optimizer.step()
 
 
 def _check(result: dict) -> None:

@@ -46,10 +46,13 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def straight_run(workspace):
-    """2 iterations without interruption (of 3 scheduled: --exit-interval 2), TP=1, saving after each."""
+    """2 iterations without interruption (of 3 scheduled: --exit-interval 2), TP=1, saving after each; the training
+    state (gradient buffers, optimizer, co-located teacher) offloaded during each rollout, which the runs compared
+    with this one (resumed, other layouts) do not do: their equality shows the offload changes nothing."""
     save = os.path.join(workspace.root, "ckpt_straight")
     (history,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 3, extra=[
-        "--save", save, "--save-interval", "1", "--exit-interval", "2"]),), timeout=900)
+        "--save", save, "--save-interval", "1", "--exit-interval", "2", "--rl-offload-optimizer-during-inference",
+        "--rl-offload-teacher-during-inference"]),), timeout=900)
     return history, save
 
 

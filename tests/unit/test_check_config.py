@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -144,6 +145,8 @@ _CONFIG_FIELDS = {
     "max_tokens_per_microbatch": ("loop", "max_tokens_per_microbatch"), "placement": ("rollout", "placement"),
     "engines": ("rollout", "engines"), "baselines": ("loss", "baselines"),
     "reference_backend": ("models", "reference_backend"),
+    "offload_optimizer": ("rollout", "offload_optimizer"), "offload_teacher": ("rollout", "offload_teacher"),
+    "rollout_gpu_memory_utilization": ("rollout", "gpu_memory_utilization"),
 }
 
 
@@ -223,10 +226,41 @@ def test_engines_on_training_gpus_sleep_through_the_step():
                                                          TINY_TEACHER)[0].components}
     assert vllm["vLLM teacher weights + KV cache beyond the step"] > 0 and vllm["vLLM teacher runtime"] == 2_048_000
     assert "vLLM weights + KV cache beyond the step" not in vllm and vllm["vLLM runtime"] == 2_048_000
+    # --rl-offload-*-during-inference: gradients 820,480 + Adam state (distributed, DP 2) 1,230,720 + the teacher's
+    # 558,208 B wait in host memory while the engine generates: its KV cache reuses them too
+    offloaded = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(offload_optimizer=True, offload_teacher=True),
+                                                              TINY, TINY_TEACHER)[0].components}
+    assert offloaded["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 531_456 - 820_480 - 1_230_720 \
+        - 558_208
     # TP 2 > rollout TP 1: the replica's second first-stage rank runs no engine
     tp2 = me.estimate_memory(_tiny_plan(tensor_parallel=2, prompts_per_step=2), TINY, TINY_TEACHER)
     assert [g.role for g in tp2] == ["each replica's first rank (first stage + rollout engine)",
                                      "other ranks (no engine)"]
+
+
+def test_host_memory_per_node_by_hand():
+    """The tiny run's node (2 ranks): the teacher's hidden states of each rank's local batch (12,288 B), and with
+    the offload flags the Adam state (1,230,720 B) and the teacher's parameters (558,208 B) per rank; a vLLM
+    teacher's engine (one per replica: 2 on the node) keeps its weights there while it sleeps at level 1."""
+    names = lambda plan, teacher=TINY_TEACHER: {c.name: c.bytes for c in me.host_memory_per_node(plan, TINY, teacher)}
+    assert names(_tiny_plan()) == {"teacher hidden states (local batch)": 2 * 12_288}
+    assert names(_tiny_plan(offload_optimizer=True, offload_teacher=True)) == {
+        "teacher hidden states (local batch)": 2 * 12_288, "optimizer state (Adam) (offloaded)": 2 * 1_230_720,
+        "teacher parameters (offloaded)": 2 * 558_208}
+    vllm_teacher = names(_tiny_plan(kl="k3", teacher_backend="vllm"))
+    # the teacher's HF parameters: 4 x 36,992 + 2 x 1000 x 64 + 64 = 276,032 x 2 B per engine
+    assert vllm_teacher == {"vLLM teacher weights (asleep, level 1)": 2 * 276_032 * 2}
+
+
+def test_the_engines_start_up_check():
+    """With --rollout-gpu-memory-utilization, the last engine to start must find GPU x utilization free: the
+    GPU less the trainer's and the earlier engines' runtimes; unset, the trainer asks for what is free."""
+    plan = lambda utilization: _tiny_plan(overhead_gib=2.0, rollout_gpu_memory_utilization=utilization)
+    assert me.check_engine_start(plan(None), engines=3) == []
+    assert me.check_engine_start(plan(0.9), engines=3) == []  # 72 GiB of the 74 left
+    (error,) = me.check_engine_start(plan(0.95), engines=3)
+    assert error.startswith("--rollout-gpu-memory-utilization 0.95 asks vLLM to find 76.0 GiB free at start-up, but "
+                            "the last of 3 engine(s) starting on a training GPU finds about 74.0 GiB")
 
 
 def test_memory_terms_follow_the_flags():
@@ -251,7 +285,7 @@ def test_memory_terms_follow_the_flags():
     topk = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="topk", topk=8), TINY, TINY_TEACHER)[0].components}
     assert "teacher hidden states (microbatch)" not in topk
     assert topk["teacher top-k (local batch)"] == 9_600      # 4 sequences x 24 x (k 8 x (8 + 4) + 4) B
-    assert topk["top-k tail temporaries"] == 442_368         # 9 B x [2, 24, 1024]
+    assert topk["top-k tail temporaries"] == 638_976         # 13 B x [2, 24, 1024]
     flash_gpus = me.estimate_memory(_tiny_plan(attention_backend="sdpa"), TINY, TINY_TEACHER)
     flash = {c.name: c.bytes for c in flash_gpus[0].components}
     assert "attention score buffer" not in flash
@@ -651,6 +685,14 @@ def test_the_launch_scripts_full_kl_runs_fit_80_gib_gpus(tmp_path, script, stude
     assert result["facts"]["rollout_placement"] == "colocated" and result["facts"]["rollout_tensor_parallel"] == tp
     assert [gpu["role"] for gpu in gpus] == [f"each replica's first {tp} ranks (first stage + rollout engine)"]
     assert {"vLLM weights + KV cache beyond the step", "vLLM runtime"} <= names and "vLLM weights" not in names
+    # with the training state offloaded while the engines generate, 8B <- 32B's KV cache decodes >= 96 full-length
+    # sequences together (the paper's run: 83 in its 16 GiB)
+    (decoding,) = [note for note in result["notes"] if "would decode together" in note]
+    assert int(re.search(r"holds (\d+) full sequences", decoding).group(1)) >= (96 if script != "launch_paper.sh" else 83)
+    assert "--rl-offload-optimizer-during-inference" in done.stdout and "--rl-offload-teacher-during-inference" in \
+        done.stdout
+    # the pinned host memory of a node fits the script's HOST_MEMORY_GIB (1024): 160 and 425 GiB
+    assert 0 < result["host_memory_per_node"]["total_bytes"] < 1024 * GIB
 
 
 def test_exopds_reference_counts_its_own_parameters():

@@ -130,3 +130,10 @@ def test_the_verifier_error_limit_is_a_fraction():
     assert build_config(build_parser().parse_args(REQUIRED)).data.max_verifier_error_fraction == 0.05
     with pytest.raises(ValueError, match=r"--max-verifier-error-fraction must lie in \[0, 1\], got 1.5"):
         build_config(build_parser().parse_args(REQUIRED + ["--max-verifier-error-fraction", "1.5"]))
+
+
+def test_offloading_the_teacher_needs_one_on_the_training_gpus():
+    assert tiny_run_config(rollout=dict(offload_teacher=True, offload_optimizer=True)).rollout.offload_teacher
+    with pytest.raises(ValueError, match="--rl-offload-teacher-during-inference: --scope-algorithm grpo keeps no "
+                                         "forward-only model on the training GPUs"):
+        tiny_run_config(models=dict(teacher_hf=None), loss=dict(algorithm="grpo"), rollout=dict(offload_teacher=True))
