@@ -78,8 +78,9 @@ class SelfTeacherRow(NamedTuple):
 def self_teacher_pass(model, microbatches: list[dict], rows: Sequence[SelfTeacherRow], micro_batch_size: int,
                       vocab_size: int, pad_id: int) -> list[dict]:
     """The self-teacher's view of the student's microbatches on the last stage ([] elsewhere): per microbatch
-    teacher_hidden [b, s, H] (host memory on CUDA), teacher_log_probs and teacher_entropy [b, s], at the student's
-    positions; 0 on rows that are not distilled and off the response. `microbatches[i]["row_index"]` names each
+    teacher_hidden [b, s, H] (host memory on CUDA) with teacher_hidden_nonfinite [b] (NaN/Inf on the response,
+    checked on the device), teacher_log_probs and teacher_entropy [b, s], at the student's positions; 0 on rows that
+    are not distilled and off the response. `microbatches[i]["row_index"]` names each
     row's index in `rows`. The distilled rows run through `model` (every stage) in microbatches of
     `micro_batch_size` rows padded to one width; nothing runs when no row is distilled."""
     distilled = [i for i, row in enumerate(rows) if row.teacher_prompt is not None]
@@ -91,25 +92,28 @@ def self_teacher_pass(model, microbatches: list[dict], rows: Sequence[SelfTeache
         for chunk in chunks:
             tokens = torch.full((micro_batch_size, width), pad_id, dtype=torch.long)
             labels = tokens.clone()
+            response = torch.zeros(micro_batch_size, width)  # the response's positions: where hidden states are checked
             for position, i in enumerate(chunk):
                 sequence = torch.tensor(list(rows[i].teacher_prompt) + list(rows[i].response))
                 tokens[position, :len(sequence) - 1], labels[position, :len(sequence) - 1] = sequence[:-1], sequence[1:]
+                teacher_start = len(rows[i].teacher_prompt) - 1
+                response[position, teacher_start:teacher_start + len(rows[i].response)] = 1.0
             teacher_batches.append({"tokens": tokens.to(device), "labels": labels.to(device),
-                                    "position_ids": torch.arange(width, device=device).expand(micro_batch_size, -1)})
+                                    "position_ids": torch.arange(width, device=device).expand(micro_batch_size, -1),
+                                    "loss_mask": response.to(device)})
     views = log_prob_pass(model, teacher_batches, vocab_size, keep="hidden", entropy=True) if chunks else []
     if not parallel_state.is_pipeline_last_stage():
         return []
     where = {}  # row -> (its teacher microbatch, position there)
     for c, chunk in enumerate(chunks):
         where.update({i: (c, position) for position, i in enumerate(chunk)})
-    if views and device.type == "cuda":  # the hidden states reach host memory by non-blocking copies
-        torch.cuda.current_stream().synchronize()
     weight = output_layer_weight(model)  # [V/TP, H]: the hidden size and dtype of the zeros when nothing ran
     dtype = views[0][0]["teacher_hidden"].dtype if views else weight.dtype
     outputs = []
     for batch in microbatches:
         b, s = batch["labels"].shape
         out = {"teacher_hidden": host_zeros((b, s, weight.shape[-1]), dtype, device),
+               "teacher_hidden_nonfinite": torch.zeros(b, dtype=torch.bool, device=device),  # checked on the device
                "teacher_log_probs": torch.zeros(b, s, device=device),
                "teacher_entropy": torch.zeros(b, s, device=device)}
         for position, i in enumerate(batch["row_index"].tolist()):
@@ -120,6 +124,7 @@ def self_teacher_pass(model, microbatches: list[dict], rows: Sequence[SelfTeache
             start, teacher_start, length = row.prompt_length - 1, len(row.teacher_prompt) - 1, len(row.response)
             out["teacher_hidden"][position, start:start + length] = \
                 extras["teacher_hidden"][source, teacher_start:teacher_start + length]
+            out["teacher_hidden_nonfinite"][position] = extras["teacher_hidden_nonfinite"][source]
             out["teacher_log_probs"][position, start:start + length] = log_probs[source, teacher_start:teacher_start + length]
             out["teacher_entropy"][position, start:start + length] = \
                 extras["teacher_entropy"][source, teacher_start:teacher_start + length]

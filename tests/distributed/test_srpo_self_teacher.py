@@ -82,6 +82,7 @@ def _one_step(rank, world_size, ws, teacher, save):
             "weights average 1": abs(float(batch["distill_weights"][batch["loss_mask"] * batch["distilled"][:, None] > 0]
                                            .mean()) - 1) < 1e-5,
             "updated": outcome.updated,
+            "hidden states checked on the device": batch["teacher_hidden_nonfinite"].tolist() == [False] * 4,
         }
         if teacher == "ema":
             ema = dict(unwrap_model(trainer.ema_teacher.model).named_parameters())
