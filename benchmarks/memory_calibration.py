@@ -1,5 +1,5 @@
 """Measured against estimated step memory on CPU, per configuration of tests/distributed/test_memory_calibration.py
-(the test asserts each within 25%; this prints the pairs for BENCHMARKS.md).
+at TP = 1 and for some at TP = 2 (the test asserts them within 25%; this prints the pairs for BENCHMARKS.md).
 
     PYTHONPATH=. .venv/bin/python benchmarks/memory_calibration.py
 """
@@ -17,3 +17,9 @@ if __name__ == "__main__":
     for name in calibration.CONFIGS:
         estimate = calibration._estimate(name)
         print(f"| {name} | {measured[name] / 2**20:.1f} | {estimate / 2**20:.1f} | {measured[name] / estimate:.2f} |")
+    print("\n| TP = 2 configuration | measured MiB per rank | estimated MiB | ratios |\n|---|---|---|---|")
+    for name in ("s2048-b1-unfused", "s2048-b1-selective-fused", "s1024-b1-topk64"):
+        ranks = run_on_ranks(calibration._measure, 2, args=((name,),), timeout=900)
+        estimate = calibration._estimate(name, tp=2)
+        print(f"| {name} | {', '.join(f'{r[name] / 2**20:.1f}' for r in ranks)} | {estimate / 2**20:.1f} | "
+              f"{', '.join(f'{r[name] / estimate:.2f}' for r in ranks)} |")
