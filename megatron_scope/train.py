@@ -130,8 +130,8 @@ def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_lo
                                      tensor_parallel_size=rollout.tensor_parallel_size, seed=config.loop.seed,
                                      max_logprobs=max_logprobs, enable_sleep_mode=cuda and not num_ray_engines,
                                      devices=devices, weight_bucket_bytes=rollout.weight_transfer_bucket_mib << 20)
-    if name == "rollout":  # the engine every step refits: /dev/shm must hold a refit, checked before it starts
-        check_refit_shared_memory(engine_config)
+    if name == "rollout" and not num_ray_engines:  # every step refits it through this node's /dev/shm: checked
+        check_refit_shared_memory(engine_config)   # before it starts (a Ray actor checks its own node's per refit)
     if not num_ray_engines:
         return VLLMRolloutEngine(engine_config, residency=residency, name=name)
     import ray
