@@ -30,7 +30,6 @@ the response). Workers start with the "spawn" method, so an entry script that us
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection

@@ -45,7 +45,6 @@ from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from megatron_scope.rollout import shared_memory
 from megatron_scope.rollout.buckets import aligned_nbytes
-from megatron_scope.rollout.shared_memory import shared_memory_dir  # noqa: F401 - re-exported
 
 BACKEND_NAME = "scope_shm"
 WORKER_EXTENSION = f"{__name__}.WeightSyncWorkerExtension"

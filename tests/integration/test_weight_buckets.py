@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from megatron_scope.rollout import shared_memory
 from megatron_scope.rollout.buckets import aligned_nbytes, iter_buckets
 
 
@@ -32,7 +33,7 @@ def test_bucket_file_round_trip_is_exact_and_zero_copy():
     ]
     payload = vllm_weight_transfer.write_bucket(named)
     try:
-        assert os.path.dirname(payload["path"]) == vllm_weight_transfer.shared_memory_dir()
+        assert os.path.dirname(payload["path"]) == shared_memory.shared_memory_dir()
         assert all(offset % 64 == 0 for offset in payload["offsets"])
         loaded = vllm_weight_transfer.read_bucket(vllm_weight_transfer.SharedMemoryUpdateInfo(**payload))
     finally:

@@ -9,7 +9,6 @@ import torch
 
 from megatron_scope import train
 from megatron_scope.config import RolloutConfig
-from megatron_scope.rollout.engine import DeviceResidency
 from megatron_scope.testing.tiny import tiny_run_config
 
 
