@@ -530,8 +530,10 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
 STEP_TERMS = ("student activations", "attention score buffer", "logits + gradient", "fused KL (chunk + hidden gradient)",
               "teacher logits (one microbatch)", "output-layer weight gradient", "teacher hidden states (microbatch)",
               "top-k tail temporaries")
-#: Terms that leave the GPUs while the engines generate, by flag (`megatron/offload.py`).
-OFFLOADED_OPTIMIZER_TERMS = ("gradients (fp32 main_grad)", "optimizer state (Adam)")
+#: Terms that leave the GPUs while the engines generate, by flag (`megatron/offload.py`): the gradient buffers are
+#: freed, the others copied to host memory.
+FREED_GRADIENT_TERMS = ("gradients (fp32 main_grad)",)
+OFFLOADED_OPTIMIZER_TERMS = ("optimizer state (Adam)",)
 OFFLOADED_FROZEN_TERMS = ("teacher parameters", "reference parameters (ExOPD)", "SRPO EMA teacher parameters")
 
 
@@ -539,7 +541,7 @@ def rollout_free_terms(plan: RunPlan) -> tuple[str, ...]:
     """The training terms whose memory a generating engine on the same GPU reuses: the step's transient terms, and
     what --rl-offload-optimizer-during-inference / --rl-offload-teacher-during-inference move to host memory."""
     rollout = plan.config.rollout
-    return (STEP_TERMS + (OFFLOADED_OPTIMIZER_TERMS if rollout.offload_optimizer else ())
+    return (STEP_TERMS + (FREED_GRADIENT_TERMS + OFFLOADED_OPTIMIZER_TERMS if rollout.offload_optimizer else ())
             + (OFFLOADED_FROZEN_TERMS if rollout.offload_teacher else ()))
 
 
@@ -659,7 +661,7 @@ def host_memory_per_node(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     if hidden:
         comps.append(Component("teacher hidden states (local batch)", n * hidden,
                                f"{n} ranks x {hidden / GIB:.2f} GiB, from the scoring pass to the step", ""))
-    offloaded = (("optimizer state (Adam)",) if rollout.offload_optimizer else ()) + \
+    offloaded = (OFFLOADED_OPTIMIZER_TERMS if rollout.offload_optimizer else ()) + \
         (OFFLOADED_FROZEN_TERMS if rollout.offload_teacher else ())
     for name in offloaded:
         if training.get(name):

@@ -151,7 +151,7 @@ def start_engines(config: RunConfig, reference_hf: str):
     asleep once started, sharing one `DeviceResidency` (at most one awake on this leader's GPUs)."""
     import torch.distributed as dist
 
-    from megatron_scope.rollout.engine import DeviceResidency
+    from megatron_scope.rollout.engine import DeviceResidency, close_engines
     from megatron_scope.trainer import rollout_group
 
     models, engines = config.models, [None, None, None]
@@ -176,13 +176,6 @@ def start_engines(config: RunConfig, reference_hf: str):
     return engines
 
 
-def close_engines(engines) -> None:
-    """Shut down each engine of `engines` that is not None."""
-    for engine in engines:
-        if engine is not None:
-            engine.close()
-
-
 def build_trainer(config: RunConfig):
     """Everything a SCOPE run needs, checked before the first rollout; returns the ScopeTrainer."""
     import torch.distributed as dist
@@ -193,6 +186,7 @@ def build_trainer(config: RunConfig):
     from megatron_scope.megatron.optimizer import build_optimizer
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
     from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights
+    from megatron_scope.rollout.engine import close_engines
     from megatron_scope.rollout.vllm_engine import set_vllm_log_level
     from megatron_scope.teacher.self_teacher import EmaTeacher
     from megatron_scope.trainer import ScopeTrainer

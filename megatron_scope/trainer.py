@@ -64,7 +64,7 @@ from megatron_scope.megatron.weight_export import iter_hf_weights
 from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
                                           split_by_token_budget, split_rows)
 from megatron_scope.rollout.buckets import drain
-from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams
+from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams, close_engines
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
 from megatron_scope.rewards.base import STATUS_CORRECT, STATUS_VERIFIER_ERROR, Verdict, Verifier
 from megatron_scope.rollout.seeds import StepSeeds
@@ -171,12 +171,11 @@ class ScopeTrainer:
             self.build_reprompt = reprompt_builder(tokenizer, config.data.prompt_format(),
                                                    config.loss.baselines.srpo_reprompt_template)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.rollout_offload = None  # training state that waits off the GPUs while the engines generate
-        if config.rollout.offload_optimizer or config.rollout.offload_teacher:
-            frozen = [m for m in (teacher, reference, ema_teacher.model if ema_teacher is not None else None)
-                      if m is not None]
-            self.rollout_offload = RolloutOffload(student, optimizer, frozen, config.rollout.offload_optimizer,
-                                                  config.rollout.offload_teacher)
+        frozen = [m for m in (teacher, reference, ema_teacher.model if ema_teacher is not None else None)
+                  if m is not None]
+        # training state that waits off the GPUs while the engines generate (nothing without the flags)
+        self.rollout_offload = RolloutOffload(student, optimizer, frozen, config.rollout.offload_optimizer,
+                                              config.rollout.offload_teacher)
         self.dataset, self.tokenizer, self.verifier, self.engine = dataset, tokenizer, verifier, engine
         self._logged_verifier_errors: set[str] = set()  # each distinct error is logged once per run
         self.vocab_size = tokenizer.vocab_size
@@ -550,14 +549,11 @@ class ScopeTrainer:
 
     def train_step(self, iteration: int) -> dict:
         start = time.perf_counter()
-        if self.rollout_offload is not None:
-            self.rollout_offload.offload()
-            try:
-                groups, first, metrics = self._rollout(iteration)
-            finally:
-                self.rollout_offload.restore()
-        else:
+        self.rollout_offload.offload()
+        try:
             groups, first, metrics = self._rollout(iteration)
+        finally:
+            self.rollout_offload.restore()
         outcome = self.learn(groups, metrics, first)
         metrics["time/sync_s"] = self.sync_weights()  # also after a skipped step: the engine slept at level 2
         metrics["time/iteration_s"] = time.perf_counter() - start
@@ -625,9 +621,7 @@ class ScopeTrainer:
 
     def close(self) -> None:
         """Shut down the engines this rank holds (the rollout engine, and a teacher's and a reference's, on a leader)."""
-        for engine in (self.engine, self.teacher_engine, self.reference_engine):
-            if engine is not None:
-                engine.close()
+        close_engines((self.engine, self.teacher_engine, self.reference_engine))
 
     # ---- the loop ----
 

@@ -47,7 +47,8 @@ class FrozenModelOffload:
 
 class RolloutOffload:
     """What --rl-offload-optimizer-during-inference and --rl-offload-teacher-during-inference move off the GPUs
-    between a step's end and the next step's scoring (`offload` before the engines wake, `restore` after)."""
+    between a step's end and the next step's scoring (`offload` before the engines wake, `restore` after); without
+    either flag both do nothing."""
 
     def __init__(self, student, optimizer, frozen_models, offload_optimizer: bool, offload_frozen: bool):
         """`student`: the DDP-wrapped student; `optimizer`: its Megatron optimizer; `frozen_models`: the

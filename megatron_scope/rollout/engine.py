@@ -127,6 +127,13 @@ class DeviceResidency:
             self.awake = None
 
 
+def close_engines(engines) -> None:
+    """Shut down each engine of `engines` that is not None."""
+    for engine in engines:
+        if engine is not None:
+            engine.close()
+
+
 class RolloutEngine(abc.ABC):
     """Generates from the student and takes its new weights after each optimizer step."""
 
