@@ -15,7 +15,7 @@ import argparse
 from megatron_scope.config import (
     ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, ROLLOUT_PLACEMENTS,
     SRPO_REPROMPT_TEMPLATE, SRPO_TEACHERS, TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS, TROPD_OUTLIERS,
-    TROPD_TRUST_REGIONS, WEIGHT_NORMS,
+    TROPD_TRUST_REGIONS, WEIGHT_NORMS, WEIGHT_TRANSFERS,
     RunConfig, build_config,
 )
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
@@ -183,9 +183,14 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--rl-offload-teacher-during-inference", action="store_true",
                    help="While the engines generate, keep the forward-only models on the training GPUs (a co-located "
                         "teacher, ExOPD's reference, SRPO's EMA teacher) in pinned host memory.")
+    g.add_argument("--weight-transfer-backend", choices=WEIGHT_TRANSFERS, default="auto",
+                   help="How a refit reaches a vLLM engine's workers: ipc, vLLM's CUDA IPC backend (device buffers on "
+                        "the engine's GPUs, no host copy); shared_memory, files in /dev/shm (CPU, or the fallback); "
+                        "auto: ipc on CUDA, else shared_memory.")
     g.add_argument("--weight-transfer-bucket-mib", type=positive_int, default=512,
-                   help="MiB per file of the shared-memory weight refit into a vLLM engine; /dev/shm must hold about "
-                        "twice max(this, the model's largest tensor), checked before the first refit.")
+                   help="MiB per refit bucket into a vLLM engine: a device buffer of max(this, the largest tensor) on "
+                        "each of the engine's GPUs (ipc), or a file in /dev/shm, which must then hold about twice "
+                        "max(this, the model's largest tensor), checked before the first refit (shared_memory).")
     g.add_argument("--rollout-tensor-parallel-size", type=positive_int, default=None,
                    help="vLLM's tensor parallelism (default: --tensor-model-parallel-size with --rollout-placement "
                         "colocated, else 1).")

@@ -32,6 +32,8 @@ WEIGHT_NORMS = ("mean", "sum")
 TEACHER_BACKENDS = ("megatron", "vllm")
 #: --rollout-placement: where the vLLM rollout engines live (RolloutConfig.placement).
 ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
+WEIGHT_TRANSFERS = ("auto", "ipc", "shared_memory")
+"""--weight-transfer-backend choices (`rollout.vllm_engine.VLLMEngineConfig.weight_transfer`)."""
 REWARDS = ("synthetic", "synthetic-strict", "math")
 TROPD_OUTLIERS = ("mask", "clip", "forward")
 TROPD_TRUST_REGIONS = ("sampled", "threshold")
@@ -437,9 +439,13 @@ class RolloutConfig:
     """--rollout-gpu-memory-utilization: vLLM's `gpu_memory_utilization`, which with a given KV cache only sets its
     start-up check (free device memory >= total x this). None: on CUDA, the share free when the engine starts, less
     a margin for its own CUDA contexts (`train.engine_memory_utilization`), so it starts beside the trainer."""
+    weight_transfer_backend: str = "auto"
+    """--weight-transfer-backend: "ipc" (vLLM's CUDA IPC backend), "shared_memory" (/dev/shm files) or "auto" (ipc on
+    CUDA, else shared_memory); see `rollout.vllm_weight_transfer`."""
     weight_transfer_bucket_mib: int = 512
-    """--weight-transfer-bucket-mib: bytes per file of the shared-memory refit into a vLLM engine (MiB); /dev/shm
-    must hold about twice max(this, the largest tensor) (`rollout.shared_memory`)."""
+    """--weight-transfer-bucket-mib: bytes per refit bucket into a vLLM engine (MiB): a device buffer of max(this,
+    the largest tensor) on each of the engine's GPUs (ipc), or a file in /dev/shm, which must hold about twice
+    max(this, the largest tensor) (shared_memory; `rollout.shared_memory`)."""
     offload_optimizer: bool = False
     """--rl-offload-optimizer-during-inference (Megatron-LM's flag): the optimizer's state and fp32 main parameters
     wait in host memory, and the gradient buffers are freed, while the engines generate (`megatron.offload`)."""
@@ -472,6 +478,9 @@ class RolloutConfig:
             raise ValueError(f"--rollout-kv-cache-gib must be > 0, got {self.kv_cache_gib}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"--rollout-gpu-memory-utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
+        if self.weight_transfer_backend not in WEIGHT_TRANSFERS:
+            raise ValueError(f"--weight-transfer-backend must be one of {WEIGHT_TRANSFERS}, got "
+                             f"{self.weight_transfer_backend!r}")
         if self.weight_transfer_bucket_mib < 1:
             raise ValueError(f"--weight-transfer-bucket-mib must be >= 1, got {self.weight_transfer_bucket_mib}")
 
@@ -686,6 +695,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             prompts_per_step=args.prompts_per_step, group_size=args.scope_group_size,
             max_new_tokens=args.max_new_tokens, temperature=args.rollout_temperature, top_p=args.rollout_top_p,
             kv_cache_gib=args.rollout_kv_cache_gib, gpu_memory_utilization=args.rollout_gpu_memory_utilization,
+            weight_transfer_backend=args.weight_transfer_backend,
             weight_transfer_bucket_mib=args.weight_transfer_bucket_mib, placement=placement,
             offload_optimizer=args.rl_offload_optimizer_during_inference,
             offload_teacher=args.rl_offload_teacher_during_inference,

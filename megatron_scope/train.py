@@ -116,7 +116,12 @@ def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_lo
     runs on this rank's GPU and the next `--rollout-tensor-parallel-size - 1` (the first stage's TP group of the
     replica under Megatron's rank order), and shares `residency` with this leader's other engines (at most one
     awake)."""
-    from megatron_scope.rollout.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine, check_refit_shared_memory
+    from megatron_scope.rollout.vllm_engine import (
+        VLLMEngineConfig,
+        VLLMRolloutEngine,
+        check_refit_shared_memory,
+        resolve_weight_transfer,
+    )
 
     rollout = config.rollout
     cuda = torch.cuda.is_available()
@@ -129,9 +134,11 @@ def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_lo
                                                                                       is not None),
                                      tensor_parallel_size=rollout.tensor_parallel_size, seed=config.loop.seed,
                                      max_logprobs=max_logprobs, enable_sleep_mode=cuda and not num_ray_engines,
-                                     devices=devices, weight_bucket_bytes=rollout.weight_transfer_bucket_mib << 20)
-    if name == "rollout" and not num_ray_engines:  # every step refits it through this node's /dev/shm: checked
-        check_refit_shared_memory(engine_config)   # before it starts (a Ray actor checks its own node's per refit)
+                                     devices=devices, weight_transfer=rollout.weight_transfer_backend,
+                                     weight_bucket_bytes=rollout.weight_transfer_bucket_mib << 20)
+    if name == "rollout" and not num_ray_engines and resolve_weight_transfer(engine_config) == "shared_memory":
+        check_refit_shared_memory(engine_config)  # every step refits it through this node's /dev/shm: checked before
+        # it starts (a Ray actor checks its own node's per refit)
     if not num_ray_engines:
         return VLLMRolloutEngine(engine_config, residency=residency, name=name)
     import ray

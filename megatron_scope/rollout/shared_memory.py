@@ -167,7 +167,8 @@ def check_refit_room(bucket_bytes: int, largest_tensor_bytes: int,
         f"{_mib(largest_tensor_bytes)}){held}. Writing past the end of {directory} would kill the process with "
         f"SIGBUS and no traceback. Give the container at least {-(-needed // _MIB)} MiB of shared memory (docker "
         f"run --shm-size={-(-needed // _MIB)}m; on Kubernetes an emptyDir with medium: Memory mounted at "
-        f"/dev/shm){smaller}.{_leftovers(directory)}"
+        f"/dev/shm){smaller}. On CUDA, --weight-transfer-backend ipc (auto's choice there) needs no shared "
+        f"memory.{_leftovers(directory)}"
     )
 
 

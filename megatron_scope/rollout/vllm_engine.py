@@ -77,6 +77,7 @@ from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
+from megatron_scope.config import WEIGHT_TRANSFERS
 from megatron_scope.hf_config import DTYPES, config_dtype, kv_cache_bytes_per_token, read_hf_config
 from megatron_scope.rollout import shared_memory
 from megatron_scope.rollout.buckets import drain, iter_buckets
@@ -185,9 +186,13 @@ class VLLMEngineConfig:
     devices: tuple[int, ...] | None = None
     """CUDA devices (indices among this process's visible ones) for vLLM's `tensor_parallel_size` workers; None:
     vLLM's choice, the first ones. A co-located engine runs on its replica's GPUs."""
+    weight_transfer: Literal["auto", "ipc", "shared_memory"] = "auto"
+    """How `update_weights` reaches vLLM's workers (`vllm_weight_transfer`): "ipc", vLLM's CUDA IPC backend (device
+    buffers, no host copy); "shared_memory", files in /dev/shm; "auto": "ipc" on CUDA, else "shared_memory"."""
     weight_bucket_bytes: int = 512 << 20
     """Bytes per weight bucket in `update_weights` (a larger single tensor travels alone); the flag
-    --weight-transfer-bucket-mib sets it. Each bucket is a file in /dev/shm and a refit keeps up to
+    --weight-transfer-bucket-mib sets it. With "ipc" each GPU of the engine holds one buffer of max(bucket, largest
+    tensor) during a refit. With "shared_memory" each bucket is a file in /dev/shm and a refit keeps up to
     `shared_memory.refit_shm_peak_bytes` there at once (twice max(bucket, largest tensor), plus a padded
     vocabulary's files); every update checks the room first (`check_refit_shared_memory`)."""
     max_logprobs: int = 0
@@ -214,6 +219,9 @@ class VLLMEngineConfig:
             raise ValueError(f"VLLMEngineConfig.max_model_len must be >= 2, got {self.max_model_len}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"VLLMEngineConfig.dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.weight_transfer not in WEIGHT_TRANSFERS:
+            raise ValueError(f"VLLMEngineConfig.weight_transfer must be one of {WEIGHT_TRANSFERS}, got "
+                             f"{self.weight_transfer!r}")
         if self.log_probs not in ("sampling", "raw"):
             raise ValueError(f"VLLMEngineConfig.log_probs must be 'sampling' or 'raw', got {self.log_probs!r}")
         if self.devices is not None and len(self.devices) != self.tensor_parallel_size:
@@ -260,6 +268,19 @@ class ModelFacts:
     def kv_bytes_per_token(self) -> int:
         """K and V of one token across all layers."""
         return kv_cache_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype.itemsize)
+
+
+def resolve_weight_transfer(config: VLLMEngineConfig, cuda: bool | None = None) -> str:
+    """"ipc" or "shared_memory": the backend an engine of `config` refits through in this process ("auto": "ipc"
+    where CUDA is available (`cuda`, default: torch's answer), else "shared_memory"). ValueError for "ipc" without
+    CUDA."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if config.weight_transfer == "auto":
+        return "ipc" if cuda else "shared_memory"
+    if config.weight_transfer == "ipc" and not cuda:
+        raise ValueError("weight transfer 'ipc' (--weight-transfer-backend ipc) needs CUDA; this process has none "
+                         "(use 'shared_memory')")
+    return config.weight_transfer
 
 
 def check_refit_shared_memory(config: VLLMEngineConfig, facts: ModelFacts | None = None,
@@ -345,6 +366,7 @@ class VLLMRolloutEngine(RolloutEngine):
         on_cpu = current_platform.is_cpu()
         self._check_resources(on_cpu)
         self._sleep_supported = config.enable_sleep_mode and current_platform.is_cuda()
+        self._transport = self._weight_transport(resolve_weight_transfer(config))
         if config.enable_sleep_mode and not self._sleep_supported:
             logger.warning("enable_sleep_mode: vLLM has no sleep mode on %s; sleep() and wake() do nothing",
                            current_platform.device_name)
@@ -366,13 +388,15 @@ class VLLMRolloutEngine(RolloutEngine):
             logprobs_mode="processed_logprobs" if config.log_probs == "sampling" else "raw_logprobs",
             max_logprobs=config.max_logprobs,
             worker_extension_cls=vllm_weight_transfer.WORKER_EXTENSION,
-            weight_transfer_config=WeightTransferConfig(backend=vllm_weight_transfer.BACKEND_NAME),
+            weight_transfer_config=WeightTransferConfig(backend=self._transport.backend),
             enable_sleep_mode=self._sleep_supported,
         )
         if config.kv_cache_bytes is not None:
             engine_args["kv_cache_memory_bytes"] = config.kv_cache_bytes
         if config.gpu_memory_utilization is not None:
             engine_args["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if self._transport.backend == vllm_weight_transfer.IPC_BACKEND:  # the handles' tuples cross vLLM's RPC
+            os.environ[vllm_weight_transfer.INSECURE_SERIALIZATION_ENV] = "1"
         if residency is not None:
             residency.acquire(name)  # awake from its start until its first sleep: no other engine may be
         try:
@@ -385,7 +409,22 @@ class VLLMRolloutEngine(RolloutEngine):
                 f"vLLM failed to start on {config.model_path!r} ({type(error).__name__}: {error}); "
                 "in multiprocess mode the worker's own error is in the log above"
             ) from error
-        self._call("init_weight_transfer_engine", self._llm.init_weight_transfer_engine, {"init_info": {}})
+        self._call("init_weight_transfer_engine", self._llm.init_weight_transfer_engine,
+                   {"init_info": self._transport.init_info})
+
+    def _weight_transport(self, backend: str):
+        """The sender of `backend` (`vllm_weight_transfer`): IPC buffers on the engine's GPUs, sized for the largest
+        bucket (at most the whole model), or shared-memory files."""
+        from megatron_scope.rollout import vllm_weight_transfer
+
+        if backend == "shared_memory":
+            return vllm_weight_transfer.SharedMemoryBuckets()
+        config, facts = self.config, self.facts
+        largest, _ = shared_memory.refit_tensor_bytes(facts.weight_shapes, facts.dtype.itemsize, facts.vocab_size)
+        model = shared_memory.packed_model_bytes(facts.weight_shapes, facts.dtype.itemsize)
+        devices = config.devices or tuple(range(config.tensor_parallel_size))
+        return vllm_weight_transfer.CudaIPCBuckets([torch.device("cuda", d) for d in devices],
+                                                   min(max(config.weight_bucket_bytes, largest), model))
 
     def _check_resources(self, on_cpu: bool) -> None:
         facts, config = self.facts, self.config
@@ -580,7 +619,8 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RuntimeError("the engine is closed")
         if "weights" in self._sleeping:
             raise RuntimeError(f"the {self.name} engine's weights sleep: call wake(['weights']) before update_weights")
-        check_refit_shared_memory(self.config, self.facts)  # before any file is written or vLLM call made
+        if self._transport.backend != "ipc":  # before any file is written or vLLM call made
+            check_refit_shared_memory(self.config, self.facts)
         return WeightUpdateSession(self)
 
     # ---- lifecycle ----
@@ -709,9 +749,7 @@ class WeightUpdateSession:
         self._done = False
 
     def load(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
-        """Check and send one bucket (it becomes one file in shared memory)."""
-        from megatron_scope.rollout import vllm_weight_transfer
-
+        """Check and send one bucket (a file in shared memory, or the engine's IPC buffers)."""
         if self._done:
             raise RuntimeError("this weight update is already finished")
         bucket = [(name, self._checked(name, tensor)) for name, tensor in named_tensors]
@@ -721,12 +759,9 @@ class WeightUpdateSession:
         if not self._started:
             engine._call("start_weight_update", engine._llm.start_weight_update)
             self._started = True
-        payload = vllm_weight_transfer.write_bucket(bucket)
         engine._weights_valid = False  # until finish() has seen every tensor
-        try:
+        with engine._transport.payload(bucket) as payload:
             engine._call("update_weights", engine._llm.update_weights, {"update_info": payload})
-        finally:
-            os.unlink(payload["path"])
 
     def finish(self) -> None:
         """Require every checkpoint tensor, end the update and drop KV computed with the old weights."""
@@ -748,11 +783,14 @@ class WeightUpdateSession:
             return
         self._done = True
         engine = self._engine
-        if self._started and engine._died is None:  # a dead engine takes no calls (and needs no cleanup)
-            engine._call("finish_weight_update", engine._llm.finish_weight_update)
-            if not engine._call("reset_prefix_cache", engine._llm.reset_prefix_cache):  # KV of the old weights
-                engine._weights_valid = False
-                raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+        try:
+            if self._started and engine._died is None:  # a dead engine takes no calls (and needs no cleanup)
+                engine._call("finish_weight_update", engine._llm.finish_weight_update)
+                if not engine._call("reset_prefix_cache", engine._llm.reset_prefix_cache):  # KV of the old weights
+                    engine._weights_valid = False
+                    raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+        finally:
+            engine._transport.release()  # after the workers let go of what they mapped
 
     def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):

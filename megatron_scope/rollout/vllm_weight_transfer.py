@@ -1,21 +1,29 @@
-"""A shared-memory weight-transfer backend for vLLM's RL weight-update API (the vLLM-version-specific part).
+"""Weight transfer into vLLM engines through vLLM's RL weight-update API (the vLLM-version-specific part).
 
 vLLM 0.32 moves trainer weights into its workers through `vllm.distributed.weight_transfer`: a worker-side
 `WeightTransferEngine`, chosen by `WeightTransferConfig(backend=...)` from `WeightTransferEngineFactory`,
-driven by `LLM.start_weight_update` / `update_weights` / `finish_weight_update`. Its built-in backends need
-CUDA (NCCL, CUDA IPC). This module registers "scope_shm", which works on CPU and GPU alike for engines on
-the sender's node:
+driven by `LLM.start_weight_update` / `update_weights` / `finish_weight_update`. An engine here refits through
+one of two backends (`VLLMEngineConfig.weight_transfer`), each with its sender in this module, used by
+`vllm_engine.WeightUpdateSession` one bucket at a time:
 
-- the sender packs a bucket of (name, tensor) pairs into one file under /dev/shm and sends only metadata
-  (path, names, dtypes, shapes, byte offsets) through `update_weights`, so nothing is serialised as lists
-  even with vLLM's multiprocess engine;
-- every worker (any vLLM TP size) maps the file and hands zero-copy views to the model's own
-  `load_weights`, inside vLLM's layerwise reload (`start_weight_update` / `finish_weight_update`), which
-  restores the loader state of parameters that vLLM post-processed at start (calling `load_weights`
-  directly fails on those with "'Parameter' object has no attribute 'weight_loader'").
+- "ipc", vLLM's own CUDA IPC backend in packed mode (`CudaIPCBuckets`, the default on CUDA): every bucket is
+  packed into one device buffer per GPU of the engine, exported once per refit as a CUDA IPC handle; each worker
+  maps the buffer of its own GPU (looked up by the GPU's UUID) and loads clones of the tensors. Nothing passes
+  through host memory. vLLM's trainer-side `IPCTrainerWeightTransferEngine` all-gathers handles over the *default*
+  process group, which in a Megatron job holds every rank; here one process (the engine's leader) holds the
+  whole bucket and copies it to each GPU of the engine itself, so no other rank takes part. The handles are
+  tuples that vLLM's RPC sends only with `VLLM_ALLOW_INSECURE_SERIALIZATION=1` (as vLLM's `rlhf_ipc.py` example
+  sets), which the engine sets before vLLM starts.
+- "scope_shm", registered here (`SharedMemoryBuckets`; CPU, where vLLM has no IPC, and any engine on the
+  sender's node): the sender packs a bucket of (name, tensor) pairs into one file under /dev/shm and sends only
+  metadata (path, names, dtypes, shapes, byte offsets) through `update_weights`, so nothing is serialised as
+  lists even with vLLM's multiprocess engine; every worker (any vLLM TP size) maps the file and hands zero-copy
+  views to the model's own `load_weights`, inside vLLM's layerwise reload (`start_weight_update` /
+  `finish_weight_update`), which restores the loader state of parameters that vLLM post-processed at start
+  (calling `load_weights` directly fails on those with "'Parameter' object has no attribute 'weight_loader'").
 
-Each bucket gets its own file: a layer whose tensors straddle two buckets keeps views of the first file
-until the layer is complete, so files are never reused; the sender unlinks a file once the worker has
+Each shared-memory bucket gets its own file: a layer whose tensors straddle two buckets keeps views of the first
+file until the layer is complete, so files are never reused; the sender unlinks a file once the worker has
 returned (the mapping lives until the views die). What that keeps in /dev/shm at once, and the checks that
 refuse a refit with a clear error before a write could run out of room there (SIGBUS), are in
 `shared_memory`. Before the reload ends, layers that no update fills themselves (RotaryEmbedding's computed
@@ -30,10 +38,11 @@ this module there is what registers the backend in that process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import uuid
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from vllm.distributed.weight_transfer.base import (
@@ -47,6 +56,10 @@ from megatron_scope.rollout import shared_memory
 from megatron_scope.rollout.buckets import aligned_nbytes
 
 BACKEND_NAME = "scope_shm"
+IPC_BACKEND = "ipc"
+"""vLLM's built-in CUDA IPC backend (`vllm.distributed.weight_transfer.ipc_engine`)."""
+INSECURE_SERIALIZATION_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+"""Lets vLLM's RPC pickle what msgpack cannot carry: the IPC handles' tuples (set for "ipc" before vLLM starts)."""
 WORKER_EXTENSION = f"{__name__}.WeightSyncWorkerExtension"
 
 _DTYPES = {
@@ -130,6 +143,113 @@ def read_bucket(info: SharedMemoryUpdateInfo) -> list[tuple[str, torch.Tensor]]:
             raise ValueError(f"{name}: bytes [{offset}, {offset + nbytes}) lie outside {info.path} ({size} bytes)")
         weights.append((name, buffer[offset : offset + nbytes].view(dtype).view(shape)))
     return weights
+
+
+class SharedMemoryBuckets:
+    """Sender side of "scope_shm": each bucket becomes a file in `shared_memory.shared_memory_dir()`, unlinked once
+    the workers have loaded it."""
+
+    backend = BACKEND_NAME
+    init_info: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def payload(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> Iterator[dict[str, Any]]:
+        """The `update_weights` payload of one bucket, valid inside the `with` block."""
+        payload = write_bucket(named_tensors)
+        try:
+            yield payload
+        finally:
+            os.unlink(payload["path"])
+
+    def release(self) -> None:
+        """Nothing outlives a bucket."""
+
+
+def export_cuda_ipc(buffer: torch.Tensor) -> tuple[str, tuple]:
+    """(UUID of the buffer's GPU, `rebuild_cuda_tensor` arguments): what vLLM's IPC worker looks a buffer up by and
+    maps it from. The arguments do not keep the buffer alive."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(buffer)
+    return str(torch.cuda.get_device_properties(buffer.device).uuid), args
+
+
+def pack_bucket(buffer: torch.Tensor, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> dict[str, list]:
+    """Copy the tensors back to back into the uint8 `buffer`; return the metadata of vLLM's packed IPC update
+    (names, dtype_names, shapes, tensor_sizes), which `packed_tensor.unpack_tensor` splits the bytes by.
+
+    vLLM's packed layout has no padding, so every tensor of a bucket must share one dtype (each then starts at a
+    multiple of its element size); the engine casts every tensor to its own dtype before bucketing."""
+    dtypes = {tensor.dtype for _, tensor in named_tensors}
+    if len(dtypes) > 1:
+        raise ValueError(f"a packed IPC bucket takes one dtype, got {sorted(map(str, dtypes))}")
+    total = sum(tensor.numel() * tensor.element_size() for _, tensor in named_tensors)
+    if total > buffer.numel():
+        raise ValueError(f"a bucket of {total} bytes does not fit the {buffer.numel()}-byte IPC buffer")
+    meta: dict[str, list] = {"names": [], "dtype_names": [], "shapes": [], "tensor_sizes": []}
+    offset = 0
+    for name, tensor in named_tensors:
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        buffer[offset : offset + flat.numel()].copy_(flat, non_blocking=True)
+        meta["names"].append(name)
+        meta["dtype_names"].append(str(tensor.dtype).removeprefix("torch."))
+        meta["shapes"].append(list(tensor.shape))
+        meta["tensor_sizes"].append(flat.numel())
+        offset += flat.numel()
+    return meta
+
+
+class CudaIPCBuckets:
+    """Sender side of vLLM's "ipc" backend (packed) for an engine whose workers run on `devices` of this node,
+    driven by the one process that holds each whole bucket (the engine's leader; module docstring).
+
+    A refit allocates one uint8 buffer of `capacity_bytes` (>= the largest bucket) per device and exports each once;
+    every bucket is packed into the first, copied device to device into the others, and sent as metadata plus the
+    same {GPU UUID: handle} map (vLLM's worker keeps one mapping per export across the chunks of an update).
+    `release`, after `finish_weight_update` (where the workers drop their mappings), frees the buffers, so the KV
+    cache that wakes next finds the memory free."""
+
+    backend = IPC_BACKEND
+    init_info: dict[str, Any] = {"packed": True}
+
+    def __init__(self, devices: Sequence[torch.device], capacity_bytes: int):
+        if not devices:
+            raise ValueError("CudaIPCBuckets needs at least one device")
+        if capacity_bytes < 1:
+            raise ValueError(f"capacity_bytes must be >= 1, got {capacity_bytes}")
+        self.devices, self.capacity_bytes = list(devices), capacity_bytes
+        self._buffers: list[torch.Tensor] = []
+        self._handles: dict[str, tuple] = {}
+
+    @contextlib.contextmanager
+    def payload(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> Iterator[dict[str, Any]]:
+        """The `update_weights` payload of one bucket (vLLM's `IPCWeightTransferUpdateInfo` fields); the buffers
+        hold its bytes until the next bucket."""
+        if not self._buffers:
+            buffers = [torch.empty(self.capacity_bytes, dtype=torch.uint8, device=d) for d in self.devices]
+            handles = dict(export_cuda_ipc(buffer) for buffer in buffers)
+            if len(handles) != len(buffers):
+                raise ValueError(f"the engine's devices {self.devices} are not distinct GPUs")
+            self._buffers, self._handles = buffers, handles
+        first, *others = self._buffers
+        meta = pack_bucket(first, named_tensors)
+        size = sum(meta["tensor_sizes"])
+        for buffer in others:
+            buffer[:size].copy_(first[:size], non_blocking=True)
+        for device in self.devices:  # every byte written before a worker reads it (vLLM's producer does the same)
+            _synchronize(device)
+        yield {**meta, "ipc_handles": self._handles}
+
+    def release(self) -> None:
+        """Free the buffers and let CUDA reclaim what the workers mapped."""
+        self._buffers, self._handles = [], {}
+        if torch.cuda.is_available():
+            torch.cuda.ipc_collect()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class SharedMemoryWeightTransferEngine(WeightTransferEngine[SharedMemoryInitInfo, SharedMemoryUpdateInfo]):

