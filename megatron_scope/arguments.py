@@ -185,8 +185,10 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "teacher, ExOPD's reference, SRPO's EMA teacher) in pinned host memory.")
     g.add_argument("--weight-transfer-backend", choices=WEIGHT_TRANSFERS, default="auto",
                    help="How a refit reaches a vLLM engine's workers: ipc, vLLM's CUDA IPC backend (device buffers on "
-                        "the engine's GPUs, no host copy); shared_memory, files in /dev/shm (CPU, or the fallback); "
-                        "auto: ipc on CUDA, else shared_memory.")
+                        "the engine's GPUs, no host copy); nccl, vLLM's NCCL backend, a broadcast from the rollout "
+                        "leader's GPU to Ray engines (--rollout-placement ray); shared_memory, files in /dev/shm "
+                        "(CPU, or the fallback); auto: on CUDA nccl for Ray engines and ipc otherwise, else "
+                        "shared_memory.")
     g.add_argument("--weight-transfer-bucket-mib", type=positive_int, default=512,
                    help="MiB per refit bucket into a vLLM engine: a device buffer of max(this, the largest tensor) on "
                         "each of the engine's GPUs (ipc), or a file in /dev/shm, which must then hold about twice "

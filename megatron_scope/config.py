@@ -32,7 +32,7 @@ WEIGHT_NORMS = ("mean", "sum")
 TEACHER_BACKENDS = ("megatron", "vllm")
 #: --rollout-placement: where the vLLM rollout engines live (RolloutConfig.placement).
 ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
-WEIGHT_TRANSFERS = ("auto", "ipc", "shared_memory")
+WEIGHT_TRANSFERS = ("auto", "ipc", "shared_memory", "nccl")
 """--weight-transfer-backend choices (`rollout.vllm_engine.VLLMEngineConfig.weight_transfer`)."""
 REWARDS = ("synthetic", "synthetic-strict", "math")
 TROPD_OUTLIERS = ("mask", "clip", "forward")
@@ -440,8 +440,9 @@ class RolloutConfig:
     start-up check (free device memory >= total x this). None: on CUDA, the share free when the engine starts, less
     a margin for its own CUDA contexts (`train.engine_memory_utilization`), so it starts beside the trainer."""
     weight_transfer_backend: str = "auto"
-    """--weight-transfer-backend: "ipc" (vLLM's CUDA IPC backend), "shared_memory" (/dev/shm files) or "auto" (ipc on
-    CUDA, else shared_memory); see `rollout.vllm_weight_transfer`."""
+    """--weight-transfer-backend: "ipc" (vLLM's CUDA IPC backend), "shared_memory" (/dev/shm files), "nccl" (vLLM's
+    NCCL backend, Ray engines only) or "auto" (on CUDA nccl for Ray engines and ipc otherwise, else shared_memory);
+    see `rollout.vllm_weight_transfer`."""
     weight_transfer_bucket_mib: int = 512
     """--weight-transfer-bucket-mib: bytes per refit bucket into a vLLM engine (MiB): a device buffer of max(this,
     the largest tensor) on each of the engine's GPUs (ipc), or a file in /dev/shm, which must hold about twice
@@ -481,6 +482,10 @@ class RolloutConfig:
         if self.weight_transfer_backend not in WEIGHT_TRANSFERS:
             raise ValueError(f"--weight-transfer-backend must be one of {WEIGHT_TRANSFERS}, got "
                              f"{self.weight_transfer_backend!r}")
+        if self.weight_transfer_backend == "nccl" and self.placement != "ray":
+            raise ValueError(f"--weight-transfer-backend nccl broadcasts to Ray engines on GPUs of their own "
+                             f"(--rollout-placement ray), not to an engine in this process (--rollout-placement "
+                             f"{self.placement}: use ipc)")
         if self.weight_transfer_bucket_mib < 1:
             raise ValueError(f"--weight-transfer-bucket-mib must be >= 1, got {self.weight_transfer_bucket_mib}")
 

@@ -102,7 +102,9 @@ its own with --rollout-engines (one Ray actor); the training GPUs then hold no t
 reference with --exopd-reference-backend vllm is a third such engine (and the training GPUs hold no reference).
 
 Not modelled: the transient forward of the teacher's scoring pass (one layer's scores; smaller than the
-student's L/p layers of saved activations), weight-sync buckets (2 x 256 MiB on each engine's leader), chunk
+student's L/p layers of saved activations), weight-sync buckets (2 x 256 MiB on each engine's leader), the refit's
+IPC buffer and vLLM's clone of one bucket on each engine GPU (2 max(--weight-transfer-bucket-mib, largest tensor):
+they exist while the KV cache sleeps, so they fit in its room whenever the KV cache is at least that), chunk
 temporaries of the vocab-parallel ops (a few x 4 MiB on CPU, a few x 256 MiB on CUDA).
 """
 

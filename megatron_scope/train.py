@@ -129,12 +129,15 @@ def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_lo
     if cuda and not num_ray_engines:
         first = torch.cuda.current_device()
         devices = tuple(range(first, first + rollout.tensor_parallel_size))
+    weight_transfer = rollout.weight_transfer_backend
+    if weight_transfer == "auto" and cuda and num_ray_engines:  # GPU to GPU: vLLM's NCCL broadcast (ray_engine)
+        weight_transfer = "nccl"
     engine_config = VLLMEngineConfig(model_dir, kv_cache_bytes=int(rollout.kv_cache_gib * (1 << 30)),
                                      gpu_memory_utilization=engine_memory_utilization(rollout, on_these_gpus=devices
                                                                                       is not None),
                                      tensor_parallel_size=rollout.tensor_parallel_size, seed=config.loop.seed,
                                      max_logprobs=max_logprobs, enable_sleep_mode=cuda and not num_ray_engines,
-                                     devices=devices, weight_transfer=rollout.weight_transfer_backend,
+                                     devices=devices, weight_transfer=weight_transfer,
                                      weight_bucket_bytes=rollout.weight_transfer_bucket_mib << 20)
     if name == "rollout" and not num_ray_engines and resolve_weight_transfer(engine_config) == "shared_memory":
         check_refit_shared_memory(engine_config)  # every step refits it through this node's /dev/shm: checked before

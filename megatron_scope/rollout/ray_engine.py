@@ -9,9 +9,16 @@ Each actor runs a `VLLMRolloutEngine` (see vllm_engine.py for the contracts, whi
 seeds, log-probs, bad-input errors). `config.model_path` must exist on the actor's node. Placement is
 Ray's: pass `actor_options` (num_gpus, resources, scheduling_strategy such as a placement group or
 NodeAffinitySchedulingStrategy) to put engines on other nodes. Weights travel in buckets of
-`config.weight_bucket_bytes`: one `ray.put` per bucket, then every actor loads it through its own
-shared-memory sync; one bucket is in flight while the next is packed. Errors raised in an actor reach the
-caller as Ray errors that are also instances of the original exception class (ValueError, ...).
+`config.weight_bucket_bytes`, by `config.weight_transfer`:
+- "nccl" (what `train.start_engine` picks for Ray engines on CUDA): GPU to GPU. This process (the rollout leader,
+  on its CUDA device) opens vLLM's NCCL weight-transfer group with every engine's workers at the first refit and
+  broadcasts each bucket while every engine receives it (`vllm_weight_transfer.NCCLBroadcast`); names and shapes
+  are checked here before anything is broadcast (`WeightChecklist`: a worker that refused would leave the
+  broadcast waiting; an engine that dies mid-broadcast does too, as in vLLM's own trainer engine);
+- otherwise through host memory: one `ray.put` per bucket, then every actor loads it into its engine (CUDA IPC or
+  shared memory there); one bucket is in flight while the next is packed.
+Errors raised in an actor reach the caller as Ray errors that are also instances of the original exception class
+(ValueError, ...).
 """
 
 from __future__ import annotations
@@ -25,7 +32,12 @@ import torch
 
 from megatron_scope.rollout.buckets import drain, iter_buckets
 from megatron_scope.rollout.engine import Completion, RolloutEngine, SamplingParams, SequenceScores, per_prompt_plan
-from megatron_scope.rollout.vllm_engine import VLLM_LOG_LEVEL_ENV, VLLMEngineConfig, set_vllm_log_level
+from megatron_scope.rollout.vllm_engine import (
+    VLLM_LOG_LEVEL_ENV,
+    VLLMEngineConfig,
+    WeightChecklist,
+    set_vllm_log_level,
+)
 
 
 class RolloutEngineActor:
@@ -43,7 +55,8 @@ class RolloutEngineActor:
 
         set_vllm_log_level(vllm_log_level)
         self._engine = VLLMRolloutEngine(config)
-        return {"dtype": self._engine.facts.dtype, "node_id": ray.get_runtime_context().get_node_id()}
+        return {"dtype": self._engine.facts.dtype, "node_id": ray.get_runtime_context().get_node_id(),
+                "weight_shapes": self._engine.facts.weight_shapes, "gpu_ids": ray.get_gpu_ids()}
 
     def generate(self, prompts, params: SamplingParams, seeds, max_new_tokens=None) -> list[list[Completion]]:
         return self._engine.generate(prompts, params, seeds, max_new_tokens)
@@ -61,6 +74,12 @@ class RolloutEngineActor:
 
     def load_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         self._update.load(named_tensors)
+
+    def join_weight_broadcast(self, init_info: dict) -> None:
+        self._engine.join_weight_broadcast(init_info)
+
+    def receive_weights(self, names: list[str], dtype_names: list[str], shapes: list[list[int]]) -> None:
+        self._update.receive(names, dtype_names, shapes)
 
     def finish_weight_update(self) -> None:
         update, self._update = self._update, None
@@ -104,8 +123,12 @@ class RayRolloutEngine(RolloutEngine):
             self.close()
             raise
         self._dtype = infos[0]["dtype"]
+        self._weight_shapes = infos[0]["weight_shapes"]
+        self._broadcast = None  # vllm_weight_transfer.NCCLBroadcast, opened at the first "nccl" refit
         self.node_ids = [info["node_id"] for info in infos]
         """The Ray node each engine runs on."""
+        self.gpu_ids = [info["gpu_ids"] for info in infos]
+        """The GPUs Ray gave each engine (ids on its node)."""
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[Sequence[int]] | None = None,
@@ -148,6 +171,9 @@ class RayRolloutEngine(RolloutEngine):
 
         On an error the rest of the stream is consumed before raising (see `VLLMRolloutEngine.update_weights`).
         """
+        if self.config.weight_transfer == "nccl":
+            self._broadcast_weights(iter(named_tensors))
+            return
         source = iter(named_tensors)
         in_flight: list = []
         try:
@@ -164,6 +190,46 @@ class RayRolloutEngine(RolloutEngine):
             raise
         ray.get([actor.finish_weight_update.remote() for actor in self._actors])
 
+    def _broadcast_weights(self, source) -> None:
+        """The "nccl" refit (module docstring), from this process's CUDA device."""
+        dtype_name = str(self._dtype).removeprefix("torch.")
+        checklist = WeightChecklist(self._weight_shapes, self.config.model_path)
+        try:
+            self._open_broadcast()
+            ray.get([actor.begin_weight_update.remote() for actor in self._actors])
+            on_device = _on_device(source, self._dtype, self._broadcast.device)
+            for bucket in iter_buckets(on_device, self.config.weight_bucket_bytes):
+                for name, tensor in bucket:
+                    checklist.check(name, tuple(tensor.shape), tensor.is_floating_point(), tensor.dtype)
+                names = [name for name, _ in bucket]
+                shapes = [list(tensor.shape) for _, tensor in bucket]
+                receiving = [actor.receive_weights.remote(names, [dtype_name] * len(names), shapes)
+                             for actor in self._actors]
+                refused, _ = ray.wait(receiving, num_returns=len(receiving), timeout=0)
+                ray.get(refused)  # an engine that already answered refused: raise before the broadcast waits for it
+                self._broadcast.send(bucket)
+                ray.get(receiving)
+            checklist.check_complete()
+        except Exception:
+            ray.get([actor.abort_weight_update.remote() for actor in self._actors])
+            drain(source)
+            raise
+        ray.get([actor.finish_weight_update.remote() for actor in self._actors])
+
+    def _open_broadcast(self) -> None:
+        """vLLM's NCCL weight-transfer group of this process (rank 0) and every engine's workers, once."""
+        if self._broadcast is not None:
+            return
+        from megatron_scope.rollout.vllm_weight_transfer import NCCLBroadcast
+
+        broadcast = NCCLBroadcast([self.config.tensor_parallel_size] * len(self._actors),
+                                  self.config.weight_bucket_bytes, master_address=ray.util.get_node_ip_address())
+        joining = [actor.join_weight_broadcast.remote(info)
+                   for actor, info in zip(self._actors, broadcast.worker_init_infos())]
+        broadcast.open()  # both sides rendezvous together
+        ray.get(joining)
+        self._broadcast = broadcast
+
     def sleep(self, level: int = 1) -> None:
         ray.get([actor.sleep.remote(level) for actor in self._actors])
 
@@ -172,6 +238,9 @@ class RayRolloutEngine(RolloutEngine):
 
     def close(self) -> None:
         """Shut every engine down and end its actor."""
+        if getattr(self, "_broadcast", None) is not None:
+            self._broadcast.close()
+            self._broadcast = None
         actors, self._actors = self._actors, []
         for actor in actors:
             try:
@@ -189,6 +258,14 @@ def queue_chunks(prompt_lengths: Sequence[int], num_engines: int, chunks_per_eng
     num_chunks = min(len(order), num_engines * chunks_per_engine)
     bounds = [len(order) * k // num_chunks for k in range(num_chunks + 1)] if num_chunks else [0]
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _on_device(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device):
+    """Floating-point tensors on `device` in the engines' dtype (what the NCCL broadcast sends)."""
+    for name, tensor in named_tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            tensor = tensor.detach().to(device, dtype)
+        yield name, tensor
 
 
 def _for_transfer(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype):

@@ -9,7 +9,9 @@ Prompts are token ids (vLLM starts without a tokenizer). vLLM runs in its defaul
 its workers never share torch.distributed state with a Megatron trainer in the calling process (with
 VLLM_ENABLE_V1_MULTIPROCESSING=0 vLLM would initialise torch.distributed in this process). Scripts that
 create an engine need an `if __name__ == "__main__":` guard: vLLM starts its processes with spawn. Weights
-travel through vLLM's RL weight-update API with the "scope_shm" backend (`vllm_weight_transfer`).
+travel through vLLM's RL weight-update API (`vllm_weight_transfer`): vLLM's CUDA IPC backend on GPUs, the
+"scope_shm" shared-memory backend on CPU, vLLM's NCCL backend when a driver elsewhere broadcasts
+(`VLLMEngineConfig.weight_transfer`).
 
 Contracts:
 - Log-probs (`VLLMEngineConfig.log_probs`): "sampling" (default) returns each sampled token's log-prob
@@ -186,9 +188,10 @@ class VLLMEngineConfig:
     devices: tuple[int, ...] | None = None
     """CUDA devices (indices among this process's visible ones) for vLLM's `tensor_parallel_size` workers; None:
     vLLM's choice, the first ones. A co-located engine runs on its replica's GPUs."""
-    weight_transfer: Literal["auto", "ipc", "shared_memory"] = "auto"
-    """How `update_weights` reaches vLLM's workers (`vllm_weight_transfer`): "ipc", vLLM's CUDA IPC backend (device
-    buffers, no host copy); "shared_memory", files in /dev/shm; "auto": "ipc" on CUDA, else "shared_memory"."""
+    weight_transfer: Literal["auto", "ipc", "shared_memory", "nccl"] = "auto"
+    """How weights reach vLLM's workers (`vllm_weight_transfer`): "ipc", vLLM's CUDA IPC backend (device buffers, no
+    host copy); "shared_memory", files in /dev/shm; "nccl", vLLM's NCCL backend, broadcast by a driver elsewhere
+    (`RayRolloutEngine`; this engine only receives); "auto": "ipc" on CUDA, else "shared_memory"."""
     weight_bucket_bytes: int = 512 << 20
     """Bytes per weight bucket in `update_weights` (a larger single tensor travels alone); the flag
     --weight-transfer-bucket-mib sets it. With "ipc" each GPU of the engine holds one buffer of max(bucket, largest
@@ -271,15 +274,15 @@ class ModelFacts:
 
 
 def resolve_weight_transfer(config: VLLMEngineConfig, cuda: bool | None = None) -> str:
-    """"ipc" or "shared_memory": the backend an engine of `config` refits through in this process ("auto": "ipc"
-    where CUDA is available (`cuda`, default: torch's answer), else "shared_memory"). ValueError for "ipc" without
-    CUDA."""
+    """"ipc", "nccl" or "shared_memory": the backend an engine of `config` refits through in this process ("auto":
+    "ipc" where CUDA is available (`cuda`, default: torch's answer), else "shared_memory"). ValueError for "ipc" or
+    "nccl" without CUDA."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if config.weight_transfer == "auto":
         return "ipc" if cuda else "shared_memory"
-    if config.weight_transfer == "ipc" and not cuda:
-        raise ValueError("weight transfer 'ipc' (--weight-transfer-backend ipc) needs CUDA; this process has none "
-                         "(use 'shared_memory')")
+    if config.weight_transfer in ("ipc", "nccl") and not cuda:
+        raise ValueError(f"weight transfer {config.weight_transfer!r} (--weight-transfer-backend "
+                         f"{config.weight_transfer}) needs CUDA; this process has none (use 'shared_memory')")
     return config.weight_transfer
 
 
@@ -409,16 +412,19 @@ class VLLMRolloutEngine(RolloutEngine):
                 f"vLLM failed to start on {config.model_path!r} ({type(error).__name__}: {error}); "
                 "in multiprocess mode the worker's own error is in the log above"
             ) from error
-        self._call("init_weight_transfer_engine", self._llm.init_weight_transfer_engine,
-                   {"init_info": self._transport.init_info})
+        if self._transport.init_info is not None:  # "nccl" joins the driver's group later
+            self._call("init_weight_transfer_engine", self._llm.init_weight_transfer_engine,
+                       {"init_info": self._transport.init_info})
 
     def _weight_transport(self, backend: str):
-        """The sender of `backend` (`vllm_weight_transfer`): IPC buffers on the engine's GPUs, sized for the largest
-        bucket (at most the whole model), or shared-memory files."""
+        """The sending side of `backend` (`vllm_weight_transfer`): IPC buffers on the engine's GPUs, sized for the
+        largest bucket (at most the whole model); shared-memory files; for "nccl" only a receiver (a driver sends)."""
         from megatron_scope.rollout import vllm_weight_transfer
 
         if backend == "shared_memory":
             return vllm_weight_transfer.SharedMemoryBuckets()
+        if backend == "nccl":
+            return vllm_weight_transfer.NCCLReceiver()
         config, facts = self.config, self.facts
         largest, _ = shared_memory.refit_tensor_bytes(facts.weight_shapes, facts.dtype.itemsize, facts.vocab_size)
         model = shared_memory.packed_model_bytes(facts.weight_shapes, facts.dtype.itemsize)
@@ -619,9 +625,17 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RuntimeError("the engine is closed")
         if "weights" in self._sleeping:
             raise RuntimeError(f"the {self.name} engine's weights sleep: call wake(['weights']) before update_weights")
-        if self._transport.backend != "ipc":  # before any file is written or vLLM call made
+        if self._transport.backend == "scope_shm":  # before any file is written or vLLM call made
             check_refit_shared_memory(self.config, self.facts)
         return WeightUpdateSession(self)
+
+    def join_weight_broadcast(self, init_info: dict) -> None:
+        """Join the group of a driver's `vllm_weight_transfer.NCCLBroadcast` (its `worker_init_infos` entry for this
+        engine); returns once the driver has opened it too."""
+        if self._transport.backend != "nccl":
+            raise RuntimeError(f"join_weight_broadcast: the {self.name} engine refits through "
+                               f"{self._transport.backend!r}, not 'nccl'")
+        self._call("init_weight_transfer_engine", self._llm.init_weight_transfer_engine, {"init_info": init_info})
 
     # ---- lifecycle ----
 
@@ -738,13 +752,41 @@ class VLLMRolloutEngine(RolloutEngine):
         self.close()
 
 
+class WeightChecklist:
+    """What a complete weight update delivers: every checkpoint tensor once, with its shape, floating point. Checked
+    before a tensor is sent (by the engine, or for a broadcast by its driver, `RayRolloutEngine`)."""
+
+    def __init__(self, expected: dict[str, tuple[int, ...]], model_path: str):
+        self.expected, self.model_path = expected, model_path
+        self.received: set[str] = set()
+
+    def check(self, name: str, shape: tuple[int, ...], floating: bool, dtype: object = None) -> None:
+        """ValueError naming what is wrong with one (name, tensor) of the update."""
+        expected = self.expected.get(name)
+        if expected is None:
+            raise ValueError(f"update_weights: {name!r} is not a tensor of the checkpoint in {self.model_path}")
+        if shape != expected:
+            raise ValueError(f"update_weights: {name!r} has shape {shape}, the checkpoint's is {expected}")
+        if name in self.received:
+            raise ValueError(f"update_weights: {name!r} was sent twice")
+        if not floating:
+            raise ValueError(f"update_weights: {name!r} has dtype {dtype}, expected a floating-point tensor")
+        self.received.add(name)
+
+    def check_complete(self) -> None:
+        """ValueError unless every checkpoint tensor was received."""
+        missing = sorted(set(self.expected) - self.received)
+        if missing:
+            raise ValueError(
+                f"update_weights ended without {len(missing)} of {len(self.expected)} tensors, e.g. {missing[:5]}")
+
+
 class WeightUpdateSession:
     """One weight update: `load` buckets, then `finish` (or `abort`). Validates before sending."""
 
     def __init__(self, engine: VLLMRolloutEngine):
         self._engine = engine
-        self._expected = engine.facts.weight_shapes
-        self._received: set[str] = set()
+        self._checklist = WeightChecklist(engine.facts.weight_shapes, engine.config.model_path)
         self._started = False
         self._done = False
 
@@ -763,14 +805,31 @@ class WeightUpdateSession:
         with engine._transport.payload(bucket) as payload:
             engine._call("update_weights", engine._llm.update_weights, {"update_info": payload})
 
+    def receive(self, names: Sequence[str], dtype_names: Sequence[str], shapes: Sequence[Sequence[int]]) -> None:
+        """Receive one bucket broadcast by a driver ("nccl"; `vllm_weight_transfer.NCCLBroadcast`): checked like
+        `load`, then vLLM's workers take the bytes inside `update_weights`, which returns once they have."""
+        if self._done:
+            raise RuntimeError("this weight update is already finished")
+        dtype = str(self._engine.facts.dtype).removeprefix("torch.")
+        for name, dtype_name, shape in zip(names, dtype_names, shapes, strict=True):
+            self._checklist.check(name, tuple(shape), floating=True)
+            if dtype_name != dtype:
+                raise ValueError(f"update_weights: {name!r} arrives as {dtype_name}, the engine runs {dtype}")
+        engine = self._engine
+        if not self._started:
+            engine._call("start_weight_update", engine._llm.start_weight_update)
+            self._started = True
+        engine._weights_valid = False  # until finish() has seen every tensor
+        update_info = {"names": list(names), "dtype_names": list(dtype_names), "shapes": [list(s) for s in shapes]}
+        engine._call("update_weights", engine._llm.update_weights, {"update_info": update_info})
+
     def finish(self) -> None:
         """Require every checkpoint tensor, end the update and drop KV computed with the old weights."""
-        missing = sorted(set(self._expected) - self._received)
-        if missing:
+        try:
+            self._checklist.check_complete()
+        except ValueError:
             self.abort()
-            raise ValueError(
-                f"update_weights ended without {len(missing)} of {len(self._expected)} tensors, e.g. {missing[:5]}"
-            )
+            raise
         self._end()
         self._engine._weights_valid = True
 
@@ -795,17 +854,5 @@ class WeightUpdateSession:
     def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"update_weights: {name!r} is a {type(tensor).__name__}, not a tensor")
-        shape = self._expected.get(name)
-        if shape is None:
-            raise ValueError(
-                f"update_weights: {name!r} is not a tensor of the checkpoint in {self._engine.config.model_path}"
-            )
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, the checkpoint's is {shape}")
-        if name in self._received:
-            raise ValueError(f"update_weights: {name!r} was sent twice")
-        if not tensor.is_floating_point():
-            raise ValueError(f"update_weights: {name!r} has dtype {tensor.dtype}, expected a floating-point tensor")
-        self._received.add(name)
+        self._checklist.check(name, tuple(tensor.shape), tensor.is_floating_point(), tensor.dtype)
         return tensor.detach().to(self._engine.facts.dtype)
-

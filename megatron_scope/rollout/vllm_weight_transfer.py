@@ -3,8 +3,16 @@
 vLLM 0.32 moves trainer weights into its workers through `vllm.distributed.weight_transfer`: a worker-side
 `WeightTransferEngine`, chosen by `WeightTransferConfig(backend=...)` from `WeightTransferEngineFactory`,
 driven by `LLM.start_weight_update` / `update_weights` / `finish_weight_update`. An engine here refits through
-one of two backends (`VLLMEngineConfig.weight_transfer`), each with its sender in this module, used by
-`vllm_engine.WeightUpdateSession` one bucket at a time:
+one of three backends (`VLLMEngineConfig.weight_transfer`), each with its sender in this module, one bucket per
+`update_weights`:
+
+- "nccl", vLLM's own NCCL backend in packed mode (`NCCLBroadcast`, the default for Ray engines on CUDA): the
+  driver that holds the weights (the rollout leader, on its GPU) is rank 0 of a group whose other ranks are every
+  engine's workers (engine k's from 1 + the TP sizes of the engines before it, since each engine is its own vLLM
+  instance, not a data-parallel rank of one); each bucket is broadcast with vLLM's `packed_nccl_broadcast_producer`
+  while every worker receives it in `update_weights` (the metadata travels by Ray). GPU to GPU across nodes.
+  The driver checks every name and shape before it broadcasts anything: a worker that refused a bucket would
+  leave the broadcast waiting forever.
 
 - "ipc", vLLM's own CUDA IPC backend in packed mode (`CudaIPCBuckets`, the default on CUDA): every bucket is
   packed into one device buffer per GPU of the engine, exported once per refit as a CUDA IPC handle; each worker
@@ -58,6 +66,8 @@ from megatron_scope.rollout.buckets import aligned_nbytes
 BACKEND_NAME = "scope_shm"
 IPC_BACKEND = "ipc"
 """vLLM's built-in CUDA IPC backend (`vllm.distributed.weight_transfer.ipc_engine`)."""
+NCCL_BACKEND = "nccl"
+"""vLLM's built-in NCCL backend (`vllm.distributed.weight_transfer.nccl_engine`)."""
 INSECURE_SERIALIZATION_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"
 """Lets vLLM's RPC pickle what msgpack cannot carry: the IPC handles' tuples (set for "ipc" before vLLM starts)."""
 WORKER_EXTENSION = f"{__name__}.WeightSyncWorkerExtension"
@@ -245,6 +255,83 @@ class CudaIPCBuckets:
         self._buffers, self._handles = [], {}
         if torch.cuda.is_available():
             torch.cuda.ipc_collect()
+
+
+class NCCLBroadcast:
+    """Driver side of vLLM's "nccl" backend (packed) to engines on other GPUs (module docstring): rank 0 of a group of
+    1 + sum(`engine_world_sizes`) ranks, rendezvous at `master_address:master_port` (a TCP store this side serves).
+
+        broadcast = NCCLBroadcast([2, 2], bucket_bytes, master_address=ip)
+        joins = [actor.join_weight_broadcast.remote(info) for actor, info in zip(actors, broadcast.worker_init_infos())]
+        broadcast.open(); ray.get(joins)               # both sides rendezvous together
+        ... per bucket: every engine's update_weights(names, dtype_names, shapes) runs while broadcast.send(bucket)
+
+    Both sides cut a bucket into the same chunks of vLLM's packed layout (`buffer_bytes`, `num_buffers`, shipped
+    to the workers in their init info)."""
+
+    backend = NCCL_BACKEND
+
+    def __init__(self, engine_world_sizes: Sequence[int], buffer_bytes: int, master_address: str,
+                 master_port: int | None = None, num_buffers: int = 2):
+        if not engine_world_sizes or min(engine_world_sizes) < 1:
+            raise ValueError(f"engine_world_sizes must name >= 1 worker per engine, got {list(engine_world_sizes)}")
+        if buffer_bytes < 1 or num_buffers < 1:
+            raise ValueError(f"buffer_bytes and num_buffers must be >= 1, got {buffer_bytes} and {num_buffers}")
+        if master_port is None:
+            from vllm.utils.network_utils import get_open_port
+
+            master_port = get_open_port()
+        self.master_address, self.master_port = master_address, master_port
+        self.world_size = 1 + sum(engine_world_sizes)
+        self.rank_offsets = [1 + sum(engine_world_sizes[:k]) for k in range(len(engine_world_sizes))]
+        self.buffer_bytes, self.num_buffers = buffer_bytes, num_buffers
+        self.device: torch.device | None = None
+        """Where the bytes leave from (this process's CUDA device, once open)."""
+        self._group = None
+
+    def worker_init_infos(self) -> list[dict[str, Any]]:
+        """Each engine's `init_weight_transfer_engine` payload (vLLM's `NCCLWeightTransferInitInfo`)."""
+        from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_payload
+
+        return [worker_init_payload(NCCLWeightTransferInitInfo(
+            master_address=self.master_address, master_port=self.master_port, rank_offset=offset,
+            world_size=self.world_size, packed=True, packed_buffer_size_bytes=self.buffer_bytes,
+            packed_num_buffers=self.num_buffers)) for offset in self.rank_offsets]
+
+    def open(self) -> None:
+        """Join the group as rank 0 on this process's CUDA device (blocks until every worker joins)."""
+        from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+        self._group = trainer_init({"master_address": self.master_address, "master_port": self.master_port,
+                                    "world_size": self.world_size})
+        self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def send(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Broadcast one bucket (CUDA tensors of one dtype) to every worker; returns once it has left."""
+        from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+        if self._group is None:
+            raise RuntimeError("NCCLBroadcast.open() must run before send()")
+        packed_nccl_broadcast_producer(iterator=iter(named_tensors), group=self._group, src=0,
+                                       post_iter_func=lambda item: item[1], buffer_size_bytes=self.buffer_bytes,
+                                       num_buffers=self.num_buffers)
+
+    def close(self) -> None:
+        if self._group is not None:
+            self._group.destroy()
+            self._group = None
+
+
+class NCCLReceiver:
+    """Engine side of "nccl": the workers join the driver's group when it opens it (`VLLMRolloutEngine.
+    join_weight_broadcast`) and receive each bucket inside `update_weights`; nothing is held between buckets."""
+
+    backend = NCCL_BACKEND
+    init_info = None
+    """Sent by the driver (`NCCLBroadcast.worker_init_infos`), not at start."""
+
+    def release(self) -> None:
+        """Nothing to free."""
 
 
 def _synchronize(device: torch.device) -> None:

@@ -1,7 +1,9 @@
 """RayRolloutEngine: one vLLM engine in a Ray actor on a local Ray, a tied-embedding GQA model.
 
 Checks the interface end to end through Ray: generation, the parity of log-probs with transformers before
-and after a weight update streamed in buckets, and that errors raised in the actor reach the caller.
+and after a weight update streamed in buckets, and that errors raised in the actor reach the caller. The refit by
+vLLM's NCCL backend (Ray engines on GPUs of their own): its protocol on CPU over recording actors, and on two GPUs
+for real (`pytest -m gpu`).
 """
 
 from __future__ import annotations
@@ -84,3 +86,122 @@ def test_actor_errors_reach_the_caller(setup, tmp_path):
     assert_scores_match(engine, model)  # nothing was sent: the old weights are intact
     with pytest.raises(FileNotFoundError, match="missing_model"):
         RayRolloutEngine(VLLMEngineConfig(str(tmp_path / "missing_model"), kv_cache_bytes=1 << 24))
+
+
+# ------------------------------------------------------------------------------------------ the NCCL refit's protocol
+class RecordingEngineActor:
+    """The actor side of a "nccl" refit (`RolloutEngineActor`'s method names), recording each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def join_weight_broadcast(self, init_info):
+        self.calls.append(("join", init_info))
+
+    def begin_weight_update(self):
+        self.calls.append("begin")
+
+    def receive_weights(self, names, dtype_names, shapes):
+        self.calls.append(("receive", names, dtype_names, shapes))
+
+    def abort_weight_update(self):
+        self.calls.append("abort")
+
+    def finish_weight_update(self):
+        self.calls.append("finish")
+
+    def close(self):
+        pass
+
+    def recorded(self):
+        return self.calls
+
+
+NCCL_SHAPES = {"model.embed_tokens.weight": (64, 32), "model.layers.0.mlp.up_proj.weight": (48, 32),
+               "model.norm.weight": (32,)}
+
+
+@pytest.fixture
+def nccl_engine(ray_session, monkeypatch):
+    """A RayRolloutEngine of two TP = 2 engines refitting by "nccl", over recording actors (no vLLM) and a recording
+    broadcast: vLLM's real worker init infos, the bytes kept instead of sent through NCCL (CPU)."""
+    from megatron_scope.rollout import vllm_weight_transfer
+
+    class RecordingBroadcast(vllm_weight_transfer.NCCLBroadcast):
+        sent: list = []
+
+        def open(self):
+            self.device = torch.device("cpu")
+
+        def send(self, named_tensors):
+            RecordingBroadcast.sent.append([(name, tensor.clone()) for name, tensor in named_tensors])
+
+    monkeypatch.setattr(vllm_weight_transfer, "NCCLBroadcast", RecordingBroadcast)
+    engine = RayRolloutEngine.__new__(RayRolloutEngine)
+    engine.config = VLLMEngineConfig("/models/student", kv_cache_bytes=1 << 20, tensor_parallel_size=2,
+                                     weight_transfer="nccl", weight_bucket_bytes=7 << 10)
+    engine._dtype, engine._weight_shapes, engine._broadcast = torch.bfloat16, NCCL_SHAPES, None
+    engine._actors = [ray.remote(RecordingEngineActor).options(num_cpus=0).remote() for _ in range(2)]
+    yield engine, RecordingBroadcast.sent
+    engine.close()
+
+
+def test_an_nccl_refit_joins_once_then_broadcasts_each_checked_bucket_while_every_engine_receives(nccl_engine):
+    engine, sent = nccl_engine
+    generator = torch.Generator().manual_seed(0)
+    weights = [(name, torch.randn(shape, generator=generator)) for name, shape in NCCL_SHAPES.items()]
+    engine.update_weights(iter(weights))
+    engine.update_weights(iter(weights))
+    calls = [ray.get(actor.recorded.remote()) for actor in engine._actors]
+    joins = [[c[1] for c in engine_calls if c[0] == "join"] for engine_calls in calls]
+    assert [len(j) for j in joins] == [1, 1]  # the group is opened at the first refit only
+    assert [j[0]["rank_offset"] for j in joins] == [1, 3] and {j[0]["world_size"] for j in joins} == {5}
+    assert all(j[0]["packed"] and j[0]["packed_buffer_size_bytes"] == 7 << 10 for j in joins)
+    # 4 KiB + 3 KiB in bf16 fill one 7 KiB bucket; the norm takes the next
+    buckets = [["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"], ["model.norm.weight"]]
+    receives = [("receive", names, ["bfloat16"] * len(names), [list(NCCL_SHAPES[n]) for n in names]) for names in buckets]
+    assert calls[0][1:] == calls[1][1:] == ["begin", *receives, "finish"] * 2
+    assert [[name for name, _ in bucket] for bucket in sent] == buckets * 2
+    for name, tensor in (pair for bucket in sent for pair in bucket):  # what left: the engine's dtype, same values
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, dict(weights)[name].to(torch.bfloat16))
+
+
+def test_a_bad_tensor_is_refused_before_its_bucket_is_broadcast_and_the_engines_abort(nccl_engine):
+    engine, sent = nccl_engine
+    consumed = []
+
+    def stream():
+        for name, shape in NCCL_SHAPES.items():
+            consumed.append(name)
+            yield name, torch.zeros(shape if name != "model.norm.weight" else (31,))
+
+    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(31,\), the checkpoint's is \(32,\)"):
+        engine.update_weights(stream())
+    assert consumed == list(NCCL_SHAPES)  # drained: the other trainer ranks are inside the stream's collectives
+    assert [[name for name, _ in bucket] for bucket in sent] == [list(NCCL_SHAPES)[:2]]  # the bad bucket never left
+    calls = ray.get(engine._actors[0].recorded.remote())
+    assert calls[-1] == "abort" and "finish" not in calls
+    with pytest.raises(ValueError, match=r"update_weights ended without 1 of 3 tensors, e.g. \['model.norm.weight'\]"):
+        engine.update_weights(iter([(name, torch.zeros(shape)) for name, shape in NCCL_SHAPES.items()][:2]))
+
+
+@pytest.mark.gpu
+def test_an_nccl_refit_on_a_gpu_of_its_own_reaches_the_weights_vllm_scores_with(ray_session, tmp_path):
+    """Two GPUs: the engine on the one Ray gives it, this process (the trainer's leader) broadcasting from another."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices: the engine's and the trainer's")
+    config = tiny_qwen2_config(num_kv_heads=1, num_layers=2, tie_word_embeddings=True)
+    random_qwen2(config, seed=10).save_pretrained(tmp_path)
+    engine = RayRolloutEngine(VLLMEngineConfig(str(tmp_path), kv_cache_bytes=8 << 20, max_model_len=64,
+                                               max_num_seqs=16, weight_transfer="nccl", weight_bucket_bytes=48 << 10),
+                              actor_options={"num_gpus": 1})
+    try:
+        (engine_gpus,) = engine.gpu_ids
+        torch.cuda.set_device(next(d for d in range(torch.cuda.device_count()) if str(d) not in map(str, engine_gpus)))
+        other = random_qwen2(config, seed=11)
+        engine.update_weights((name, tensor.cuda()) for name, tensor in hf_weights(other))
+        assert_scores_match(engine, other)
+        engine.update_weights((name, tensor.cuda()) for name, tensor in hf_weights(other))  # the group is reused
+        assert_scores_match(engine, other)
+    finally:
+        engine.close()

@@ -1,9 +1,13 @@
-"""The refit through vLLM's CUDA IPC backend (packed), as far as it runs without a GPU: the packing against vLLM's
-own unpacking (`packed_tensor.unpack_tensor`, what its IPC worker applies to the mapped buffer), and the protocol of
-`CudaIPCBuckets` inside `WeightUpdateSession` against a recording `LLM` that parses each payload as vLLM's
-`IPCWeightTransferUpdateInfo` and reads every engine device's buffer the way a worker on that GPU would. Exporting a
-buffer (`export_cuda_ipc`) is the one CUDA call, replaced here by a registry of the buffers; the real export runs in
-`pytest -m gpu tests/integration/test_first_gpu_run.py`."""
+"""The refit through vLLM's CUDA IPC and NCCL backends, as far as it runs without a GPU.
+
+IPC (packed): the packing against vLLM's own unpacking (`packed_tensor.unpack_tensor`, what its IPC worker applies
+to the mapped buffer), and the protocol of `CudaIPCBuckets` inside `WeightUpdateSession` against a recording `LLM`
+that parses each payload as vLLM's `IPCWeightTransferUpdateInfo` and reads every engine device's buffer the way a
+worker on that GPU would. Exporting a buffer (`export_cuda_ipc`) is the one CUDA call, replaced here by a registry of
+the buffers; the real export runs in `pytest -m gpu tests/integration/test_first_gpu_run.py`.
+
+NCCL: the workers' ranks in the group (vLLM's `NCCLWeightTransferInitInfo`) and the engine side of a broadcast
+bucket; the driver's protocol is in tests/integration/test_ray_engine.py, the real broadcast in its `-m gpu` test."""
 
 from __future__ import annotations
 
@@ -134,7 +138,7 @@ def test_the_auto_backend_is_ipc_on_cuda_and_shared_memory_elsewhere():
     with pytest.raises(ValueError, match="'ipc' .*--weight-transfer-backend ipc.* needs CUDA"):
         resolve_weight_transfer(ipc, cuda=False)
     with pytest.raises(ValueError, match="weight_transfer must be one of"):
-        VLLMEngineConfig("/models/student", kv_cache_bytes=1 << 20, weight_transfer="nccl")
+        VLLMEngineConfig("/models/student", kv_cache_bytes=1 << 20, weight_transfer="gloo")
 
 
 def test_the_ipc_buffers_need_distinct_gpus(monkeypatch):
@@ -143,3 +147,62 @@ def test_the_ipc_buffers_need_distinct_gpus(monkeypatch):
     with pytest.raises(ValueError, match="are not distinct GPUs"):
         with buckets.payload([("a", torch.zeros(2))]):
             pass
+
+
+def test_each_engines_workers_take_their_own_ranks_after_the_driver():
+    broadcast = transfer.NCCLBroadcast([2, 1, 4], buffer_bytes=1 << 20, master_address="10.0.0.1", master_port=29555)
+    infos = broadcast.worker_init_infos()
+    assert broadcast.world_size == 8 and [info["rank_offset"] for info in infos] == [1, 3, 4]
+    from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+
+    parsed = [NCCLWeightTransferInitInfo(**info) for info in infos]  # what vLLM's worker parses
+    assert {(p.master_address, p.master_port, p.world_size, p.packed, p.packed_buffer_size_bytes) for p in parsed} == {
+        ("10.0.0.1", 29555, 8, True, 1 << 20)}
+    with pytest.raises(RuntimeError, match=r"open\(\) must run before send"):
+        broadcast.send([("w", torch.zeros(2))])
+    with pytest.raises(ValueError, match="engine_world_sizes must name >= 1 worker per engine"):
+        transfer.NCCLBroadcast([2, 0], 1, master_address="10.0.0.1", master_port=1)
+
+
+class RecordingNCCLLLM(StandInLLM):
+    """vLLM's `LLM` receiving a broadcast: records what `update_weights` is told to expect."""
+
+    def update_weights(self, request):
+        self.calls.append(("update_weights", request["update_info"]))
+
+
+def test_an_engine_receives_a_checked_broadcast_bucket(monkeypatch, tmp_path):
+    engine = stand_in_engine(monkeypatch, tmp_path, free=1 << 20)  # no /dev/shm room needed: nothing is written
+    engine._llm, engine._transport = RecordingNCCLLLM(), transfer.NCCLReceiver()
+    session = engine.begin_weight_update()
+    with pytest.raises(ValueError, match="'model.norm.weight' arrives as bfloat16, the engine runs float32"):
+        session.receive(["model.norm.weight"], ["bfloat16"], [[1024]])
+    assert engine._llm.calls == []  # refused before vLLM was told to receive anything
+    session = engine.begin_weight_update()
+    session.receive(["model.embed_tokens.weight"], ["float32"], [[512, 1024]])
+    session.receive(["model.norm.weight"], ["float32"], [[1024]])
+    session.finish()
+    assert engine._llm.calls == [
+        "start_weight_update",
+        ("update_weights", {"names": ["model.embed_tokens.weight"], "dtype_names": ["float32"], "shapes": [[512, 1024]]}),
+        ("update_weights", {"names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[1024]]}),
+        "finish_weight_update",
+        "reset_prefix_cache",
+    ]
+    assert engine._weights_valid
+    with pytest.raises(RuntimeError, match="refits through 'scope_shm', not 'nccl'"):
+        engine._transport = transfer.SharedMemoryBuckets()
+        engine.join_weight_broadcast({})
+
+
+def test_nccl_is_for_ray_engines_on_cuda():
+    from megatron_scope.config import RolloutConfig
+
+    nccl = VLLMEngineConfig("/models/student", kv_cache_bytes=1 << 20, weight_transfer="nccl")
+    with pytest.raises(ValueError, match="'nccl' .*needs CUDA"):
+        resolve_weight_transfer(nccl, cuda=False)
+    assert resolve_weight_transfer(nccl, cuda=True) == "nccl"
+    with pytest.raises(ValueError, match="--weight-transfer-backend nccl broadcasts to Ray engines .*--rollout-placement "
+                                         "colocated: use ipc"):
+        RolloutConfig(weight_transfer_backend="nccl")
+    RolloutConfig(weight_transfer_backend="nccl", placement="ray", engines=2)
