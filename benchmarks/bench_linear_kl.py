@@ -10,6 +10,9 @@ per-token weight w (so the per-token output's upstream gradient is not all ones)
 W_S only:
 - `fused`: `vocab_parallel_linear_kl(h_S, W_S, h_T, W_T, "reverse", group)`: no [tokens, V/TP] logits
   beyond one token chunk; 6 matmuls (the backward recomputes both logit chunks).
+- `fused_loss`: `vocab_parallel_linear_distill_loss(h_S, W_S, h_T, W_T, w, kind="reverse", group=group)`, the
+  same sum with its per-token coefficients w given up front (as the SCOPE and OPD losses give them): the gradient
+  is taken in the forward pass while each chunk's logits exist; 4 matmuls, the backward only scales.
 - `materialised` (issue 16's (a)): s = Megatron's output layer (h_S, W_S) (the column-parallel linear's
   autograd function, `linear_with_grad_accumulation_and_async_allreduce`: s = h_S W_S^T, its backward
   computes dW = ds^T h_S), t = h_T W_T^T without grad, then `vocab_parallel_kl(s, t, "reverse", group)`:
@@ -57,7 +60,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_vocab_parallel as bvp  # noqa: E402  (its timing/memory helpers)
 
-METHODS = ("fused", "materialised", "megatron_ce")
+METHODS = ("fused", "fused_loss", "materialised", "megatron_ce")
 #: (label, tokens, student hidden, teacher hidden, local vocabulary V/TP): issue 16's shapes.
 FULL_SHAPES = (
     ("TP=1", 4096, 1536, 3584, 151936),
@@ -102,6 +105,12 @@ def _step_fn(method: str, group):
         def step(x):
             (vocab_parallel_linear_kl(x.h_s, x.w_s, x.h_t, x.w_t, "reverse", group) * x.w).sum().backward()
 
+    elif method == "fused_loss":
+        from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_loss
+
+        def step(x):
+            vocab_parallel_linear_distill_loss(x.h_s, x.w_s, x.h_t, x.w_t, x.w, kind="reverse", group=group)[0].backward()
+
     elif method == "materialised":
         from megatron_scope.ops.vocab_parallel import vocab_parallel_kl
 
@@ -124,7 +133,7 @@ def _step_fn(method: str, group):
 
 def _warm_compile(method: str, step, group, tokens: int, local_vocab: int, rank: int):
     """Build the compiled chunk kernels `method` will use (if any) on inputs of the same chunk shape."""
-    if method == "fused":
+    if method in ("fused", "fused_loss"):
         # The chunk shape depends on tokens and V/TP only: the same ones with hidden size 8 are cheap.
         step(_inputs(tokens, 8, 8, local_vocab, seed=99))
     elif method == "materialised":

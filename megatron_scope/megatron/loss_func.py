@@ -56,7 +56,7 @@ from megatron_scope.losses.objectives import (
     truncated_is_weights,
 )
 from megatron_scope.losses.scope import scope_sequence_weights
-from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_stats
+from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_loss
 from megatron_scope.ops.token_stats import sampled_kl, sequence_mean_log_prob
 from megatron_scope.ops.topk import vocab_parallel_topk_kl
 from megatron_scope.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_probs
@@ -193,19 +193,56 @@ def _check_teacher_hidden(batch: dict, num_sequences: int) -> None:
                          f"(of {num_sequences} in this microbatch)")
 
 
+def _loss_sum(config: LossConfig, stats: TokenStats, batch: dict):
+    """(Σ w_i L_i, its count, the per-token loss, the truncated IS weights or None) of one microbatch."""
+    token_loss = OBJECTIVES[config.algorithm](stats, config)
+    is_weights = None
+    if config.rollout_is_threshold is not None:  # the teacher's prefix tokens need none: weight 1
+        is_weights = truncated_is_weights(batch["old_log_probs"], batch["rollout_log_probs"],
+                                          config.rollout_is_threshold)
+        if stats.prefix is not None:
+            is_weights = is_weights.masked_fill(stats.prefix, 1.0)
+        token_loss = token_loss * is_weights.to(token_loss.dtype)
+    loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
+    return loss_sum, count, token_loss, is_weights
+
+
+def _fused_stats(config: LossConfig, batch: dict, **per_token) -> TokenStats:
+    """The fused objectives' (SCOPE's, OPD's) token statistics, from `per_token` kl and student_log_probs."""
+    return TokenStats(mask=batch["loss_mask"].to(per_token["kl"].dtype), correct=batch["correct"],
+                      teacher_log_probs=batch.get("teacher_log_probs", per_token.pop("teacher_log_probs", None)),
+                      old_log_probs=batch.get("old_log_probs"), advantages=batch.get("advantages"), **per_token)
+
+
+def _fused_coefficients(config: LossConfig, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d L / d KL_t, d L / d log π_S(y_t)) per token for L = this microbatch's loss sum, read off the loss itself by
+    autograd at KL = log π_S = 0. The objectives that fuse (`LossConfig.fuses_student_logits`: SCOPE with its KL
+    teacher path, OPD) are linear in both, with coefficients set by the batch alone (routing, sequence weights,
+    masks, normalisers, truncated IS weights), so these are exact everywhere (SCOPE's PPO teacher path, which is
+    not, needs a sampled KL and never fuses)."""
+    shape, dtype = batch["labels"].shape, torch.float32
+    kl = torch.zeros(shape, dtype=dtype, device=batch["labels"].device, requires_grad=True)
+    log_probs = torch.zeros_like(kl, requires_grad=True)
+    with torch.enable_grad():
+        loss_sum = _loss_sum(config, _fused_stats(config, batch, kl=kl, student_log_probs=log_probs), batch)[0]
+        grads = torch.autograd.grad(loss_sum, (kl, log_probs), allow_unused=True)
+    return tuple(torch.zeros_like(kl) if grad is None else grad for grad in grads)
+
+
 def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tensor, group, student_weight,
-                 teacher_weight) -> tuple[TokenStats, torch.Tensor]:
-    """The objectives' per-token inputs and the student's entropy (for the report)."""
+                 teacher_weight) -> tuple[TokenStats, torch.Tensor, torch.Tensor | None]:
+    """The objectives' per-token inputs, the student's entropy (for the report) and, for the fused KL from hidden
+    states, the loss sum whose gradient the fused op computed in its forward pass (`ops.linear_kl`; the statistics
+    then carry no gradient); None otherwise."""
     labels = batch["labels"]
     if student_weight is not None:  # `output` is the student's last hidden states: nothing vocabulary-sized kept
-        fused = vocab_parallel_linear_distill_stats(output, student_weight, batch["teacher_hidden"], teacher_weight,
-                                                    labels, kind=config.kl, group=group, vocab_size=vocab,
-                                                    beta=config.jsd_beta)
-        stats = TokenStats(mask=batch["loss_mask"].to(fused.kl.dtype), correct=batch["correct"],
-                           student_log_probs=fused.student_log_probs, kl=fused.kl,
-                           teacher_log_probs=batch.get("teacher_log_probs", fused.teacher_log_probs),
-                           old_log_probs=batch.get("old_log_probs"), advantages=batch.get("advantages"))
-        return stats, fused.student_entropy
+        kl_coef, log_prob_coef = _fused_coefficients(config, batch)
+        loss_sum, fused = vocab_parallel_linear_distill_loss(
+            output, student_weight, batch["teacher_hidden"], teacher_weight, kl_coef, labels, log_prob_coef,
+            kind=config.kl, group=group, vocab_size=vocab, beta=config.jsd_beta)
+        stats = _fused_stats(config, batch, kl=fused.kl, student_log_probs=fused.student_log_probs,
+                             teacher_log_probs=fused.teacher_log_probs)
+        return stats, fused.student_entropy, loss_sum
     logits = output
     student_log_probs = vocab_parallel_log_probs(logits, labels, group=group, vocab_size=vocab)
     teacher_logits = batch.get("teacher_logits")
@@ -250,7 +287,7 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
         advantages=batch.get("advantages"),
         trust_uniform=batch.get("trust_uniform"),
         prefix=batch.get("prefix_mask"),
-    ), entropy
+    ), entropy, None
 
 
 @torch.no_grad()
@@ -309,15 +346,11 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
                          "is true and batch['teacher_hidden']")
     if config.logprob_temperature != 1.0:  # the student's distribution at temperature T (logits are linear in
         output = output / config.logprob_temperature  # the hidden states: dividing those divides the logits)
-    stats, student_entropy = _token_stats(config, vocab_size, batch, output, group, student_weight, teacher_weight)
-    token_loss = OBJECTIVES[config.algorithm](stats, config)
-    if config.rollout_is_threshold is not None:  # the teacher's prefix tokens need none: weight 1
-        is_weights = truncated_is_weights(batch["old_log_probs"], batch["rollout_log_probs"],
-                                          config.rollout_is_threshold)
-        if stats.prefix is not None:
-            is_weights = is_weights.masked_fill(stats.prefix, 1.0)
-        token_loss = token_loss * is_weights.to(token_loss.dtype)
-    loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
+    stats, student_entropy, fused_loss_sum = _token_stats(config, vocab_size, batch, output, group, student_weight,
+                                                          teacher_weight)
+    loss_sum, count, token_loss, is_weights = _loss_sum(config, stats, batch)
+    if fused_loss_sum is not None:  # the value from the statistics, the gradient from the fused op (the same sum)
+        loss_sum = loss_sum.detach() + (fused_loss_sum - fused_loss_sum.detach()).to(loss_sum.dtype)
     report = _report(stats, batch, student_entropy)
     sampled = sampled_by_student(batch)  # the response tokens the student's engine drew
     tokens = sampled.sum()

@@ -46,7 +46,12 @@ from megatron_scope.ops.vocab_parallel import (
     use_compiled_kernels,
 )
 
-__all__ = ["LinearDistillStats", "vocab_parallel_linear_distill_stats", "vocab_parallel_linear_kl"]
+__all__ = [
+    "LinearDistillStats",
+    "vocab_parallel_linear_distill_loss",
+    "vocab_parallel_linear_distill_stats",
+    "vocab_parallel_linear_kl",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +129,99 @@ def _accumulate_weight_grad(accumulator: torch.Tensor, grad_logits: torch.Tensor
     accumulator.addmm_(grad_logits.t().to(accumulator.dtype), hidden.to(accumulator.dtype))
 
 
+class _ChunkStats(NamedTuple):
+    """Global per-token statistics of one token chunk (every TP rank holds the same)."""
+
+    s_shift: torch.Tensor
+    s_log_norm: torch.Tensor
+    t_shift: torch.Tensor
+    t_log_norm: torch.Tensor
+    aux: torch.Tensor
+    kl: torch.Tensor
+    student_log_probs: torch.Tensor  # [rows, k]
+    teacher_log_probs: torch.Tensor  # [rows, k]
+    entropy: torch.Tensor
+
+
+def _chunk_statistics(s, t, local_ids, owned, kind: str, beta: float, shard: _Shard, use_compiled: bool,
+                      full: bool, stats_dtype: torch.dtype) -> _ChunkStats:
+    """A chunk's statistics from this rank's logits chunks s, t ([rows, valid]; None for a shard of padding only,
+    which takes no mass), combined over the TP group: 2 all-reduces (jsd: 3) of [<= 8, rows]."""
+    rows, k = local_ids.shape
+    if s is None:
+        local = torch.zeros((rows, 6), dtype=stats_dtype, device=local_ids.device)
+        local[:, :2] = float("-inf")  # no mass, neutral statistics
+        picked = torch.zeros((rows, 2 * k), dtype=stats_dtype, device=local_ids.device)
+    else:
+        local = torch.stack(_kernel("kl_entropy_stats", use_compiled, full, s, t, kind), -1).to(stats_dtype)
+        picked = torch.cat([s.gather(-1, local_ids), t.gather(-1, local_ids)], -1).to(stats_dtype)
+        picked = torch.where(owned.repeat(1, 2), picked, 0.0)
+    s_max, t_max, s_sum, t_sum, cross, entropy_sum = local.unbind(-1)
+    s_shift, s_log_norm, t_shift, t_log_norm, aux, kl, (mean_shifted, picked) = reduce_pair_stats(
+        shard, kind, s_max, t_max, s_sum, t_sum, cross, (entropy_sum, picked)
+    )
+    if kind == "jsd":  # its sums need the global log-normalisers: a second look at the same chunk
+        if s is None:
+            mix = local.new_zeros((2, rows))
+        else:
+            mix = torch.stack(_kernel("jsd_sums", use_compiled, full, s, t, s_shift, s_log_norm, t_shift,
+                                      t_log_norm, beta)).to(stats_dtype)
+        mix = shard.reduce(mix, dist.ReduceOp.SUM)
+        aux = mix[1]  # KL(p || m)
+        kl = beta * mix[0] + (1.0 - beta) * mix[1]
+    return _ChunkStats(s_shift, s_log_norm, t_shift, t_log_norm, aux, kl,
+                       picked[:, :k] - (s_shift + s_log_norm).unsqueeze(-1),
+                       picked[:, k:] - (t_shift + t_log_norm).unsqueeze(-1), s_log_norm - mean_shifted)
+
+
+def _chunk_passes(student_hidden, student_weight, teacher_hidden, teacher_weight, local_ids, owned, kind: str,
+                  beta: float, shard: _Shard, use_compiled: bool):
+    """(rows, full, s, t, statistics) per token chunk, in the same chunks on every TP rank (sized by the shard's
+    width, not its valid columns, since each chunk communicates)."""
+    valid = shard.valid
+    w_s, w_t = student_weight[:valid], teacher_weight[:valid]
+    stats_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32  # as the kernels
+    for rows, full in _token_chunks(student_hidden.shape[0], shard.local_vocab, student_hidden.device):
+        s = t = None
+        if valid:
+            s, t = _logits(student_hidden[rows], w_s), _logits(teacher_hidden[rows], w_t)
+        yield rows, full, s, t, _chunk_statistics(s, t, local_ids[rows], owned[rows], kind, beta, shard,
+                                                  use_compiled, full, stats_dtype)
+
+
+def _collect(outputs: dict, rows: slice, stats: _ChunkStats, num_rows: int) -> None:
+    """Write one chunk's statistics into the per-token tensors of `outputs` (allocated at the first chunk)."""
+    for name, value in stats._asdict().items():
+        if name not in outputs:
+            outputs[name] = value.new_empty((num_rows, *value.shape[1:]))
+        outputs[name][rows] = value
+
+
+def _logit_grad(s, t, stats: _ChunkStats, grad_kl, grad_log_probs, local_ids, owned, kind, beta, use_compiled,
+                full, dtype) -> torch.Tensor:
+    """d/ds of (grad_kl KL + grad_log_probs log p_S(target)) for one chunk, fp32, rounded once to `dtype`."""
+    grad = _kernel("kl_grad", use_compiled, full, s, t, grad_kl.contiguous(), stats.s_shift, stats.s_log_norm,
+                   stats.t_shift, stats.t_log_norm, stats.aux, kind, beta)
+    if grad_log_probs is not None:
+        grad = grad + _kernel("gather_grad", use_compiled, full, s, grad_log_probs.contiguous(), stats.s_shift,
+                              stats.s_log_norm, local_ids, owned)
+    return grad.to(dtype)
+
+
+def _weight_grad_accumulator(student_weight: torch.Tensor, valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the returned weight gradient, zero; the fp32 accumulator over its valid rows: a view of it for fp32/fp64
+    weights, a buffer of its own for bf16/fp16)."""
+    grad_weight = torch.zeros_like(student_weight)  # padded rows keep 0
+    if student_weight.dtype in (torch.float32, torch.float64):
+        return grad_weight, grad_weight[:valid]
+    return grad_weight, grad_weight.new_zeros((valid, grad_weight.shape[1]), dtype=torch.float32)
+
+
 class _LinearKL(torch.autograd.Function):
     """Statistics of s = h_S W_S^T and t = h_T W_T^T per token chunk; backward recomputes each chunk.
 
     Forward inputs are 2-D ([tokens, hidden], [V/TP, hidden]) plus local target ids [tokens, k] (k = 0 or 1)
-    and their ownership mask. Communicates the all-reduces of `reduce_pair_stats` (jsd: one more), and in
+    and their ownership mask. Communicates per chunk the all-reduces of `reduce_pair_stats` (jsd: one more), and in
     backward one all-reduce of the student's hidden-state gradient [tokens, hidden_S].
     Saves the four inputs and 5 [tokens] statistics; backward accumulates the weight gradient in fp32 (one
     [V/TP, hidden_S] buffer for bf16/fp16 weights) and casts it to the weight's dtype once.
@@ -137,38 +230,15 @@ class _LinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, local_ids, owned,
                 kind, beta, shard: _Shard, use_compiled):
-        num_rows, valid = student_hidden.shape[0], shard.valid
-        w_s, w_t = student_weight[:valid], teacher_weight[:valid]
-        stats_dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32  # as the kernels
-        local = torch.zeros((num_rows, 6 + 2 * local_ids.shape[1]), dtype=stats_dtype, device=student_hidden.device)
-        local[:, :2] = float("-inf")  # a shard of padding only: no mass, neutral statistics
-        for rows, full in _token_chunks(num_rows, valid, student_hidden.device) if valid else ():
-            s, t = _logits(student_hidden[rows], w_s), _logits(teacher_hidden[rows], w_t)
-            local[rows, :6] = torch.stack(_kernel("kl_entropy_stats", use_compiled, full, s, t, kind), -1)
-            picked = torch.cat([s.gather(-1, local_ids[rows]), t.gather(-1, local_ids[rows])], -1)
-            local[rows, 6:] = torch.where(owned[rows].repeat(1, 2), picked.to(local.dtype), 0.0)
-        s_max, t_max, s_sum, t_sum, cross, entropy_sum = local[:, :6].unbind(-1)
-        s_shift, s_log_norm, t_shift, t_log_norm, aux, kl, (mean_shifted, picked) = reduce_pair_stats(
-            shard, kind, s_max, t_max, s_sum, t_sum, cross, (entropy_sum, local[:, 6:])
-        )
-        if kind == "jsd":  # its sums need the global log-normalisers: a second pass over recomputed logits
-            mix = local.new_zeros((2, num_rows))
-            for rows, full in _token_chunks(num_rows, valid, student_hidden.device) if valid else ():
-                s, t = _logits(student_hidden[rows], w_s), _logits(teacher_hidden[rows], w_t)
-                mix[:, rows] = torch.stack(_kernel("jsd_sums", use_compiled, full, s, t, s_shift[rows],
-                                                   s_log_norm[rows], t_shift[rows], t_log_norm[rows], beta))
-            mix = shard.reduce(mix, dist.ReduceOp.SUM)
-            aux = mix[1]  # KL(p || m)
-            kl = beta * mix[0] + (1.0 - beta) * mix[1]
-        k = local_ids.shape[1]
-        student_log_probs = picked[:, :k] - (s_shift + s_log_norm).unsqueeze(-1)
-        teacher_log_probs = picked[:, k:] - (t_shift + t_log_norm).unsqueeze(-1)
-        entropy = s_log_norm - mean_shifted
-        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                              s_shift, s_log_norm, t_shift, t_log_norm, aux, local_ids, owned)
+        out: dict = {}
+        for rows, _, _, _, stats in _chunk_passes(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                  local_ids, owned, kind, beta, shard, use_compiled):
+            _collect(out, rows, stats, student_hidden.shape[0])
+        ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, out["s_shift"],
+                              out["s_log_norm"], out["t_shift"], out["t_log_norm"], out["aux"], local_ids, owned)
         ctx.kind, ctx.beta, ctx.shard, ctx.use_compiled = kind, beta, shard, use_compiled
-        ctx.mark_non_differentiable(teacher_log_probs, entropy)
-        return kl, student_log_probs, teacher_log_probs, entropy
+        ctx.mark_non_differentiable(out["teacher_log_probs"], out["entropy"])
+        return out["kl"], out["student_log_probs"], out["teacher_log_probs"], out["entropy"]
 
     @staticmethod
     def backward(ctx, grad_kl, grad_log_probs, _grad_teacher_log_probs, _grad_entropy):
@@ -179,28 +249,79 @@ class _LinearKL(torch.autograd.Function):
         shard, valid = ctx.shard, ctx.shard.valid
         w_s, w_t = student_weight[:valid], teacher_weight[:valid]
         grad_hidden = torch.zeros_like(student_hidden)
-        grad_weight = torch.zeros_like(student_weight)  # padded rows keep 0
-        accumulate_in_place = student_weight.dtype in (torch.float32, torch.float64)
-        grad_weight_acc = grad_weight[:valid] if accumulate_in_place else grad_weight.new_zeros(
-            (valid, grad_weight.shape[1]), dtype=torch.float32)
+        grad_weight, accumulator = _weight_grad_accumulator(student_weight, valid)
         if grad_kl is None:
             grad_kl = s_shift.new_zeros(s_shift.shape)
-        with_target = grad_log_probs is not None and local_ids.shape[1] > 0
-        for rows, full in _token_chunks(student_hidden.shape[0], valid, student_hidden.device) if valid else ():
+        if grad_log_probs is None or local_ids.shape[1] == 0:
+            grad_log_probs = None
+        for rows, full in _token_chunks(student_hidden.shape[0], shard.local_vocab, student_hidden.device):
+            if not valid:
+                break
             s, t = _logits(student_hidden[rows], w_s), _logits(teacher_hidden[rows], w_t)
-            grad = _kernel("kl_grad", ctx.use_compiled, full, s, t, grad_kl[rows].contiguous(), s_shift[rows],
-                           s_log_norm[rows], t_shift[rows], t_log_norm[rows], aux[rows], ctx.kind, ctx.beta)
-            if with_target:
-                grad = grad + _kernel("gather_grad", ctx.use_compiled, full, s, grad_log_probs[rows].contiguous(),
-                                      s_shift[rows], s_log_norm[rows], local_ids[rows], owned[rows])
-            grad = grad.to(student_weight.dtype)
+            stats = _ChunkStats(s_shift[rows], s_log_norm[rows], t_shift[rows], t_log_norm[rows], aux[rows],
+                                None, None, None, None)
+            grad = _logit_grad(s, t, stats, grad_kl[rows], None if grad_log_probs is None else grad_log_probs[rows],
+                               local_ids[rows], owned[rows], ctx.kind, ctx.beta, ctx.use_compiled, full,
+                               student_weight.dtype)
             grad_hidden[rows] = grad @ w_s
-            _accumulate_weight_grad(grad_weight_acc, grad, student_hidden[rows])
-        if not accumulate_in_place:
-            grad_weight[:valid].copy_(grad_weight_acc)  # the one rounding to the weight's dtype
-            del grad_weight_acc
+            _accumulate_weight_grad(accumulator, grad, student_hidden[rows])
+        if accumulator.data_ptr() != grad_weight.data_ptr():
+            grad_weight[:valid].copy_(accumulator)  # the one rounding to the weight's dtype
         shard.reduce(grad_hidden, dist.ReduceOp.SUM)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+class _LinearKLLoss(torch.autograd.Function):
+    """L = sum_i (a_i KL_i + b_i log p_S(target_i)) for coefficients a, b fixed before the call, with its gradient
+    computed in the forward pass while each chunk's logits exist: 4 matmuls per chunk (the two logit chunks, then
+    the h_S and W_S gradients), where `_LinearKL` needs 6 (its backward recomputes both logit chunks because the
+    per-token upstream gradient is unknown until then). Backward only scales the stored gradients by dL's upstream
+    scalar. The weight gradient stays an fp32 accumulator (bf16/fp16 weights) until then and is cast once.
+
+    Communicates what `_LinearKL`'s forward does plus one all-reduce of the hidden-state gradient [tokens, hidden_S]
+    in the forward. Returns (L, KL, log p_S(target), log p_T(target), entropy), all but L without gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, local_ids, owned, kl_coef,
+                log_prob_coef, kind, beta, shard: _Shard, use_compiled, with_grad: bool):
+        num_rows, valid = student_hidden.shape[0], shard.valid
+        out: dict = {}
+        grad_hidden = accumulator = None
+        if with_grad:
+            grad_hidden = torch.zeros_like(student_hidden)
+            grad_weight, accumulator = _weight_grad_accumulator(student_weight, valid)
+        with_target = local_ids.shape[1] > 0
+        for rows, full, s, t, stats in _chunk_passes(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                     local_ids, owned, kind, beta, shard, use_compiled):
+            _collect(out, rows, stats, num_rows)
+            if with_grad and s is not None:
+                grad = _logit_grad(s, t, stats, kl_coef[rows], log_prob_coef[rows] if with_target else None,
+                                   local_ids[rows], owned[rows], kind, beta, use_compiled, full, student_weight.dtype)
+                grad_hidden[rows] = grad @ student_weight[:valid]
+                _accumulate_weight_grad(accumulator, grad, student_hidden[rows])
+        kl, student_log_probs = out["kl"], out["student_log_probs"]
+        loss = (kl_coef.to(kl.dtype) * kl).sum()
+        if with_target:
+            loss = loss + (log_prob_coef.to(kl.dtype) * student_log_probs).sum()
+        if with_grad:
+            shard.reduce(grad_hidden, dist.ReduceOp.SUM)
+            ctx.save_for_backward(grad_hidden, grad_weight, accumulator)
+        ctx.valid = valid
+        ctx.mark_non_differentiable(kl, student_log_probs, out["teacher_log_probs"], out["entropy"])
+        return loss, kl, student_log_probs, out["teacher_log_probs"], out["entropy"]
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        grad_hidden, grad_weight, accumulator = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if accumulator.data_ptr() == grad_weight.data_ptr():  # fp32/fp64 weights: accumulated in place
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        else:
+            scaled = grad_weight.clone()
+            scaled[:ctx.valid] = accumulator * grad_loss.to(accumulator.dtype)  # the one rounding
+            grad_weight = scaled
+        return grad_hidden, grad_weight, *([None] * 11)
 
 
 def _check_model(hidden, weight, name: str) -> None:
@@ -219,24 +340,9 @@ def _check_model(hidden, weight, name: str) -> None:
                          f"({weight.dtype}, {weight.device}) must share dtype and device")
 
 
-def vocab_parallel_linear_distill_stats(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    target: torch.Tensor | None = None,
-    kind: str = "reverse",
-    group=None,
-    vocab_size: int | None = None,
-    beta: float = 0.5,
-) -> LinearDistillStats:
-    """Per-token KL, log p(target) of both models and the student's entropy, from hidden states.
-
-    student_hidden [..., H_S] and teacher_hidden [..., H_T] (same leading shape, hidden sizes may differ),
-    student_weight [V/TP, H_S] and teacher_weight [V/TP, H_T] (this rank's output-layer shards), target
-    [...] global vocabulary ids or None; `kind`, `group`, `vocab_size`, `beta` as in `vocab_parallel_kl`.
-    Gradients flow into `student_hidden` and `student_weight` only, from `kl` and `student_log_probs`.
-    """
+def _prepare(student_hidden, student_weight, teacher_hidden, teacher_weight, target, kind, group, vocab_size,
+             beta):
+    """Validate the inputs; return (shard, leading shape, local target ids [tokens, k], owned, use_compiled)."""
     check_kl_kind(kind, beta)
     _check_model(student_hidden, student_weight, "student")
     _check_model(teacher_hidden, teacher_weight, "teacher")
@@ -259,15 +365,84 @@ def vocab_parallel_linear_distill_stats(
     owned = (local_ids >= 0) & (local_ids < shard.valid)
     local_ids = local_ids.clamp(0, max(shard.valid - 1, 0))
     use_compiled = use_compiled_kernels(student_hidden.dtype, student_hidden.device, num_rows * shard.local_vocab)
-    kl, student_log_probs, teacher_log_probs, entropy = _LinearKL.apply(
+    return shard, leading, local_ids, owned, use_compiled
+
+
+def _stats_of(leading, kl, student_log_probs, teacher_log_probs, entropy, with_target: bool) -> LinearDistillStats:
+    if not with_target:
+        return LinearDistillStats(kl.view(leading), None, None, entropy.view(leading))
+    return LinearDistillStats(kl.view(leading), student_log_probs.view(leading), teacher_log_probs.view(leading),
+                              entropy.view(leading))
+
+
+def vocab_parallel_linear_distill_stats(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    target: torch.Tensor | None = None,
+    kind: str = "reverse",
+    group=None,
+    vocab_size: int | None = None,
+    beta: float = 0.5,
+) -> LinearDistillStats:
+    """Per-token KL, log p(target) of both models and the student's entropy, from hidden states.
+
+    student_hidden [..., H_S] and teacher_hidden [..., H_T] (same leading shape, hidden sizes may differ),
+    student_weight [V/TP, H_S] and teacher_weight [V/TP, H_T] (this rank's output-layer shards), target
+    [...] global vocabulary ids or None; `kind`, `group`, `vocab_size`, `beta` as in `vocab_parallel_kl`.
+    Gradients flow into `student_hidden` and `student_weight` only, from `kl` and `student_log_probs`, whatever
+    the caller makes of them (the backward recomputes the logits: 6 matmuls; `vocab_parallel_linear_distill_loss`
+    needs 4 where the loss is linear in them with known coefficients).
+    """
+    shard, leading, local_ids, owned, use_compiled = _prepare(student_hidden, student_weight, teacher_hidden,
+                                                              teacher_weight, target, kind, group, vocab_size, beta)
+    num_rows = local_ids.shape[0]
+    outputs = _LinearKL.apply(
         student_hidden.reshape(num_rows, -1), student_weight, teacher_hidden.reshape(num_rows, -1), teacher_weight,
         local_ids, owned, kind, float(beta), shard, use_compiled,
     )
-    if target is None:
-        student_log_probs = teacher_log_probs = None
-    else:
-        student_log_probs, teacher_log_probs = student_log_probs.view(leading), teacher_log_probs.view(leading)
-    return LinearDistillStats(kl.view(leading), student_log_probs, teacher_log_probs, entropy.view(leading))
+    return _stats_of(leading, *outputs, with_target=target is not None)
+
+
+def vocab_parallel_linear_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    kl_coef: torch.Tensor,
+    target: torch.Tensor | None = None,
+    log_prob_coef: torch.Tensor | None = None,
+    kind: str = "reverse",
+    group=None,
+    vocab_size: int | None = None,
+    beta: float = 0.5,
+) -> tuple[torch.Tensor, LinearDistillStats]:
+    """(L, the per-token statistics without gradient): L = sum_i a_i KL_i + b_i log p_S(target_i) for per-token
+    coefficients a = `kl_coef` and b = `log_prob_coef` (shape: the hidden states' leading dims; constants, no
+    gradient) that the caller knows before the call: a loss linear in KL and log p_S (SCOPE's and OPD's, whose
+    coefficients are sequence weights, masks and normalisers). Its gradient into `student_hidden` and
+    `student_weight` is computed in the forward pass while each logits chunk exists (4 matmuls per chunk, as
+    materialised logits need); backward only scales it. Inputs otherwise as `vocab_parallel_linear_distill_stats`,
+    whose statistics it returns."""
+    shard, leading, local_ids, owned, use_compiled = _prepare(student_hidden, student_weight, teacher_hidden,
+                                                              teacher_weight, target, kind, group, vocab_size, beta)
+    num_rows = local_ids.shape[0]
+    coefficients = {"kl_coef": kl_coef} if target is None else {"kl_coef": kl_coef, "log_prob_coef": log_prob_coef}
+    for name, value in coefficients.items():
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(leading):
+            raise ValueError(f"{name} must be a tensor of the hidden states' leading shape {tuple(leading)}, got "
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    if target is None and log_prob_coef is not None:
+        raise ValueError("log_prob_coef weights log p_S(target): give target too")
+    with_grad = torch.is_grad_enabled() and (student_hidden.requires_grad or student_weight.requires_grad)
+    log_prob_coef = kl_coef.new_zeros(leading) if log_prob_coef is None else log_prob_coef
+    loss, *outputs = _LinearKLLoss.apply(
+        student_hidden.reshape(num_rows, -1), student_weight, teacher_hidden.reshape(num_rows, -1), teacher_weight,
+        local_ids, owned, kl_coef.detach().reshape(num_rows), log_prob_coef.detach().reshape(num_rows, 1), kind,
+        float(beta), shard, use_compiled, with_grad,
+    )
+    return loss, _stats_of(leading, *outputs, with_target=target is not None)
 
 
 def vocab_parallel_linear_kl(

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from megatron_scope.ops import reference
-from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_stats
+from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_loss, vocab_parallel_linear_distill_stats
 from megatron_scope.testing.multiprocess import run_on_ranks
 from tests.unit.ops.test_linear_kl import _grads as linear_grads
-from tests.unit.ops.test_linear_kl import linear_inputs, reference_outputs
+from tests.unit.ops.test_linear_kl import coefficients, linear_inputs, reference_outputs
 
 LEADING = (2, 5)
 PADDED = 64  # global (padded) vocabulary: 32 per rank at TP 2, 16 at TP 4
@@ -168,6 +168,19 @@ def _rank_job(rank, world_size, chunk_elements):
         stats = vocab_parallel_linear_distill_stats(h_s, local_w, h_t, w_t[shard], target, kind, group=group,
                                                     vocab_size=vocab_size, beta=BETA)
         results[("linear", kind, vocab_size)] = (*stats, *linear_grads(stats, h_s, local_w))
+        a, b = coefficients(target.to(torch.float32))  # the same L, its gradient in the forward pass
+        h_s, local_w = h_s.detach().requires_grad_(), local_w.detach().requires_grad_()
+        loss, _ = vocab_parallel_linear_distill_loss(h_s, local_w, h_t, w_t[shard], a, target, b, kind, group=group,
+                                                     vocab_size=vocab_size, beta=BETA)
+        results[("linear_loss", kind, vocab_size)] = (loss.detach(), *torch.autograd.grad(loss, (h_s, local_w)))
+
+    for kind in ("reverse", "jsd"):  # 33 real entries: at TP 4 rank 3 holds padding only, rank 2 one real entry
+        h_s, w_s, h_t, w_t, target = linear_inputs(8, padded=PADDED)
+        a, b = coefficients(target.to(torch.float32))
+        h_s, local_w = h_s.requires_grad_(), w_s[shard].clone().requires_grad_()
+        loss, _ = vocab_parallel_linear_distill_loss(h_s, local_w, h_t, w_t[shard], a, target % 33, b, kind,
+                                                     group=group, vocab_size=33, beta=BETA)
+        results[("linear_loss_33", kind)] = (loss.detach(), *torch.autograd.grad(loss, (h_s, local_w)))
 
     errors = {}
     student = torch.zeros(*LEADING, width)
@@ -268,6 +281,26 @@ def test_vocab_parallel_ops_match_float64_reference(world_size):
             torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5, msg=str(key))
         for mine, theirs in zip((grad_hidden, grad_weight), linear_grads(ref, h_s, w_s)):
             torch.testing.assert_close(mine.double(), theirs.double(), rtol=1e-4, atol=1e-5, msg=str(key))
+
+    for kind, vocab_size in LINEAR_CASES:  # the forward-pass gradient: the recomputing backward's, bit for bit
+        for results, _ in per_rank:
+            loss, grad_hidden, grad_weight = results[("linear_loss", kind, vocab_size)]
+            *_, expected_hidden, expected_weight = results[("linear", kind, vocab_size)]
+            assert torch.equal(grad_hidden, expected_hidden) and torch.equal(grad_weight, expected_weight), kind
+
+    for kind in ("reverse", "jsd"):  # shards of padding only take part in every chunk's reductions
+        h_s, w_s, h_t, w_t, target = linear_inputs(8, padded=PADDED)
+        h_s.requires_grad_(), w_s.requires_grad_()
+        a, b = (c.double() for c in coefficients(target.to(torch.float32)))
+        ref = reference_outputs(h_s, w_s, h_t, w_t, target % 33, kind, 33, BETA)
+        ref_loss = (a * ref[0]).sum() + (b * ref[1]).sum()
+        ref_grads = torch.autograd.grad(ref_loss, (h_s, w_s))
+        loss, grad_hidden, _ = per_rank[0][0][("linear_loss_33", kind)]
+        grad_weight = torch.cat([results[("linear_loss_33", kind)][2] for results, _ in per_rank])
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+        for mine, theirs in zip((grad_hidden, grad_weight), ref_grads):
+            torch.testing.assert_close(mine.double(), theirs.double(), rtol=1e-4, atol=1e-5, msg=kind)
+        assert torch.all(grad_weight[33:] == 0)
 
     for _, errors in per_rank:
         assert f"vocab_size={PADDED + 1} does not fit" in errors["vocab_too_big"]

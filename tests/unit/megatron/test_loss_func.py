@@ -167,15 +167,23 @@ def test_logprob_temperature_scales_the_students_logits(batch):
 
 
 @pytest.mark.parametrize("config", [LossConfig(), LossConfig(kl="jsd", logprob_temperature=0.6),
-                                    LossConfig(algorithm="opd", kl="forward", loss_agg_mode="token-mean")],
-                         ids=["scope-reverse", "scope-jsd-T0.6", "opd-forward"])
+                                    LossConfig(algorithm="opd", kl="forward", loss_agg_mode="token-mean"),
+                                    LossConfig(loss_agg_mode="scope-released"),
+                                    LossConfig(algorithm="opd", rollout_is_threshold=1.3)],
+                         ids=["scope-reverse", "scope-jsd-T0.6", "opd-forward", "scope-released", "opd-rollout-is"])
 def test_the_fused_kl_from_hidden_states_equals_the_loss_on_logits(config):
-    """Student hidden states + output layer and the teacher's (ops.linear_kl): the loss, report and gradients of
-    the student's logits path with the teacher's logits."""
+    """Student hidden states + output layer and the teacher's (ops.linear_kl, its gradient taken in the forward pass
+    with the coefficients the loss itself gives): the loss, report and gradients of the student's logits path with
+    the teacher's logits."""
     (with_logits,) = split_microbatches(tiny_rollout_batch(), 1)
     (with_hidden,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
     assert config.fuses_student_logits
     g = torch.Generator().manual_seed(5)
+    if config.rollout_is_threshold is not None:  # truncated IS weights: per-token coefficients of the batch
+        old = with_logits["teacher_log_probs"] - 0.2
+        rollout = old + 0.5 * torch.randn(old.shape, generator=g)
+        for b in (with_logits, with_hidden):
+            b["old_log_probs"], b["rollout_log_probs"] = old, rollout
     hidden = torch.randn(*with_logits["labels"].shape, 16, generator=g, requires_grad=True)
     weight = (torch.randn(with_logits["teacher_logits"].shape[-1], 16, generator=g) / 2).requires_grad_()
     logits_loss, count, logits_report = scope_loss_func(config, V, with_logits, hidden @ weight.t())

@@ -5,7 +5,11 @@ import pytest
 import torch
 
 from megatron_scope.ops import linear_kl, reference
-from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_stats, vocab_parallel_linear_kl
+from megatron_scope.ops.linear_kl import (
+    vocab_parallel_linear_distill_loss,
+    vocab_parallel_linear_distill_stats,
+    vocab_parallel_linear_kl,
+)
 from megatron_scope.ops.vocab_parallel import vocab_parallel_kl, vocab_parallel_log_probs
 
 TOKENS, H_STUDENT, H_TEACHER = (3, 7), 8, 12
@@ -30,23 +34,34 @@ def reference_outputs(h_s, w_s, h_t, w_t, target, kind, vocab_size, beta=0.3):
             reference.log_probs(t, target, vocab_size), reference.entropy(s, vocab_size))
 
 
-def _grads(outputs, *inputs, seed=3):
-    """Gradients of sum(a * kl + b * log p_S(target)) into `inputs` (h_s, w_s, ...), random a and b."""
+def coefficients(like: torch.Tensor, seed=3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random per-token (a, b) of `like`'s shape, dtype and device."""
     generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like.device, like.dtype)
+    b = torch.randn(like.shape, generator=generator, dtype=torch.float64).to(like.device, like.dtype)
+    return a, b
+
+
+def _grads(outputs, *inputs, seed=3):
+    """Gradients of sum(a * kl + b * log p_S(target)) into `inputs` (h_s, w_s, ...), `coefficients(kl)`."""
     kl, log_probs = outputs[0], outputs[1]
-    a = torch.randn(kl.shape, generator=generator, dtype=torch.float64).to(kl.device, kl.dtype)
-    b = torch.randn(kl.shape, generator=generator, dtype=torch.float64).to(kl.device, kl.dtype)
+    a, b = coefficients(kl, seed)
     return torch.autograd.grad((a * kl).sum() + (b * log_probs).sum(), inputs)
+
+
+def set_chunking(monkeypatch, chunking: str) -> None:
+    """"one_chunk": all 21 tokens at once; "ragged_chunks": chunks of 4 rows, the last one of 1."""
+    monkeypatch.setattr(linear_kl, "MIN_CHUNKS", 1)
+    if chunking == "ragged_chunks":
+        monkeypatch.setattr(linear_kl, "CHUNK_ELEMENTS", 4 * PADDED + 3)
+    assert linear_kl.chunk_rows(21, PADDED, "cpu") == (4 if chunking == "ragged_chunks" else 21)
 
 
 @pytest.mark.parametrize("chunking", ["one_chunk", "ragged_chunks"])
 @pytest.mark.parametrize("vocab_size", [None, VOCAB], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
 def test_matches_float64_reference(kind, vocab_size, chunking, monkeypatch):
-    if chunking == "ragged_chunks":  # 21 tokens in chunks of 4 (the last one ragged)
-        monkeypatch.setattr(linear_kl, "CHUNK_ELEMENTS", 4 * PADDED + 3)
-    else:
-        monkeypatch.setattr(linear_kl, "MIN_CHUNKS", 1)
+    set_chunking(monkeypatch, chunking)
     h_s, w_s, h_t, w_t, target = linear_inputs(0)
     h_s.requires_grad_(), w_s.requires_grad_()
     ours = vocab_parallel_linear_distill_stats(h_s, w_s, h_t, w_t, target, kind, vocab_size=vocab_size, beta=0.3)
@@ -170,3 +185,59 @@ def test_bf16_weight_gradient_accumulates_in_fp32_over_chunks(kind, device, monk
     bf16_summed_error = _relative_error(bf16_summed, ref_grad_weight)
     assert fused_error <= 1.05 * unfused_error, (fused_error, unfused_error)
     assert bf16_summed_error >= 2 * fused_error, (bf16_summed_error, fused_error)
+
+
+# ------------------------------------------------------------------ the loss with its gradient in the forward pass
+@pytest.mark.parametrize("chunking", ["one_chunk", "ragged_chunks"])
+@pytest.mark.parametrize("vocab_size", [None, VOCAB], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd"])
+def test_the_loss_op_matches_float64_reference(kind, vocab_size, chunking, monkeypatch):
+    """L = sum a KL + b log p_S(target), its statistics and its gradients against float64 on materialised logits."""
+    set_chunking(monkeypatch, chunking)
+    h_s, w_s, h_t, w_t, target = linear_inputs(0)
+    h_s.requires_grad_(), w_s.requires_grad_()
+    a, b = coefficients(target.to(torch.float32))
+    loss, stats = vocab_parallel_linear_distill_loss(h_s, w_s, h_t, w_t, a, target, b, kind, vocab_size=vocab_size,
+                                                     beta=0.3)
+    ref = reference_outputs(h_s, w_s, h_t, w_t, target, kind, vocab_size)
+    for name, mine, theirs in zip(stats._fields, stats, ref):
+        assert not mine.requires_grad, name
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-5, msg=name)
+    ref_loss = (a.double() * ref[0]).sum() + (b.double() * ref[1]).sum()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    mine = torch.autograd.grad(loss, (h_s, w_s))
+    for ours, theirs in zip(mine, torch.autograd.grad(ref_loss, (h_s, w_s))):
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["reverse", "jsd"])
+def test_the_loss_ops_gradient_is_the_per_token_ops_bit_for_bit(kind, dtype, monkeypatch):
+    """Same logit chunks, same logit gradients, same fp32 accumulation: the forward-pass gradient (4 matmuls) is the
+    recomputing backward's (6) exactly, also in bf16; an upstream gradient other than 1 scales it."""
+    set_chunking(monkeypatch, "ragged_chunks")
+    h_s, w_s, h_t, w_t, target = linear_inputs(1, dtype)
+    a, b = coefficients(target.to(torch.float32))
+    expected = _grads(vocab_parallel_linear_distill_stats(h_s.requires_grad_(), w_s.requires_grad_(), h_t, w_t,
+                                                          target, kind), h_s, w_s)
+    loss, _ = vocab_parallel_linear_distill_loss(h_s, w_s, h_t, w_t, a, target, b, kind)
+    for ours, theirs in zip(torch.autograd.grad(loss, (h_s, w_s)), expected):
+        assert ours.dtype == dtype and torch.equal(ours, theirs)
+    loss, _ = vocab_parallel_linear_distill_loss(h_s, w_s, h_t, w_t, a, target, b, kind)
+    for ours, theirs in zip(torch.autograd.grad(3 * loss, (h_s, w_s)), expected):
+        torch.testing.assert_close(ours.float(), 3 * theirs.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                                   atol=1e-6)
+
+
+def test_the_loss_op_without_target_or_gradient_and_its_bad_coefficients():
+    h_s, w_s, h_t, w_t, target = linear_inputs(2)
+    a, b = coefficients(target.to(torch.float32))
+    with torch.no_grad():
+        loss, stats = vocab_parallel_linear_distill_loss(h_s, w_s, h_t, w_t, a)
+    assert stats.student_log_probs is None and stats.teacher_log_probs is None
+    torch.testing.assert_close(loss, (a * vocab_parallel_linear_kl(h_s, w_s, h_t, w_t)).sum())
+    with pytest.raises(ValueError, match=r"kl_coef must be a tensor of the hidden states' leading shape \(3, 7\), "
+                                         r"got \(21,\)"):
+        vocab_parallel_linear_distill_loss(h_s, w_s, h_t, w_t, a.flatten(), target, b)
+    with pytest.raises(ValueError, match="log_prob_coef weights log p_S\\(target\\): give target too"):
+        vocab_parallel_linear_distill_loss(h_s, w_s, h_t, w_t, a, None, b)
