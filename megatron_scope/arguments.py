@@ -69,6 +69,12 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard optimizer state over data-parallel ranks (CUDA only).")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="Reduce the data-parallel gradients bucket by bucket during the last microbatch's backward "
+                        "(megatron-core DDP), instead of all at once after it.")
+    g.add_argument("--ddp-bucket-size", type=positive_int, default=None,
+                   help="Parameters per gradient-reduction bucket (default: megatron-core's, max(40M, 1M x DP) "
+                        "with --overlap-grad-reduce).")
     g.add_argument("--distributed-timeout-minutes", type=positive_int, default=30,
                    help="Timeout of every process group's collectives (torch.distributed's and megatron-core's), "
                         "e.g. while other ranks wait for leaders that start or compile vLLM engines.")

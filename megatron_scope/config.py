@@ -516,6 +516,12 @@ class OptimizerConfig:
     """--lr-decay-style: after warm-up, cosine or linear decay to --min-lr at --train-iters, or constant."""
     use_distributed_optimizer: bool = False
     """--use-distributed-optimizer: shard optimizer state over data-parallel ranks (needs CUDA)."""
+    overlap_grad_reduce: bool = False
+    """--overlap-grad-reduce (Megatron-LM's flag): the data-parallel gradient reduction runs bucket by bucket during
+    the last microbatch's backward instead of after it (megatron-core DDP's `overlap_grad_reduce`)."""
+    ddp_bucket_size: int | None = None
+    """--ddp-bucket-size (Megatron-LM's flag): parameters per gradient-reduction bucket (None: megatron-core's
+    default)."""
 
     def __post_init__(self):
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -711,7 +717,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
-            lr_decay_style=args.lr_decay_style, use_distributed_optimizer=args.use_distributed_optimizer),
+            lr_decay_style=args.lr_decay_style, use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=args.overlap_grad_reduce, ddp_bucket_size=args.ddp_bucket_size),
         loop=LoopConfig(
             train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
             max_tokens_per_microbatch=args.max_tokens_per_microbatch, seed=args.seed, save=args.save,

@@ -239,7 +239,9 @@ def build_trainer(config: RunConfig):
 
         student = wrap_with_ddp(load_model(student_arch, models.student_hf, calculate_per_token_loss=True,
                                            **models.model_options),
-                                use_distributed_optimizer=config.optimizer.use_distributed_optimizer)
+                                use_distributed_optimizer=config.optimizer.use_distributed_optimizer,
+                                overlap_grad_reduce=config.optimizer.overlap_grad_reduce,
+                                bucket_size=config.optimizer.ddp_bucket_size)
         teacher = reference = None
         if config.colocated_teacher:
             teacher = load_model(teacher_arch, models.teacher_hf, **models.layer_spec_options)

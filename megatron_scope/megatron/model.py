@@ -167,16 +167,23 @@ def build_gpt_model(
     return model
 
 
-def wrap_with_ddp(model: GPTModel, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+def wrap_with_ddp(model: GPTModel, use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+                  bucket_size: int | None = None) -> DistributedDataParallel:
     """Megatron's DistributedDataParallel (fp32 `main_grad` buffers), with `finalize_model_grads` hooked
     into the pipeline schedules: data-parallel and embedding gradient all-reduces, and the division by
-    the all-reduced loss count when `config.calculate_per_token_loss` is set."""
+    the all-reduced loss count when `config.calculate_per_token_loss` is set. With `overlap_grad_reduce`, each
+    gradient bucket's reduction starts as soon as the last microbatch's backward has filled it (the schedules'
+    `grad_sync_func`, as Megatron-LM sets it) and `finalize_model_grads` waits for them; `bucket_size`: parameters
+    per bucket (None: megatron-core's default, max(40M, 1M x DP) with overlap, one bucket without)."""
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer
+        grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+        overlap_grad_reduce=overlap_grad_reduce, bucket_size=bucket_size,
     )
     wrapped = DistributedDataParallel(model.config, ddp_config, model)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = wrapped.no_sync
+    if overlap_grad_reduce:
+        model.config.grad_sync_func = wrapped.start_grad_sync
     return wrapped
 
 

@@ -4,14 +4,19 @@ Each rank of the tensor-parallel `group` holds its vocabulary shard of both mode
 (Megatron's `ColumnParallelLinear` output layer or the tied word embeddings: `[V/TP, hidden]`, rows
 [rank * V/TP, (rank + 1) * V/TP)). The logits s = h_S W_S^T and t = h_T W_T^T exist one token chunk at a
 time (`[rows, V/TP]`): the forward computes each chunk's statistics with `vocab_parallel`'s chunk kernels
-and combines them across ranks exactly as `vocab_parallel_kl` does; the backward recomputes each chunk,
-turns it into the chunk's logit gradient and multiplies that into the hidden-state and weight gradients.
-The result equals `vocab_parallel_kl(h_S W_S^T, h_T W_T^T)` on materialised logits (same logit dtype,
-same fp32 statistics), with memory of one chunk instead of two [tokens, V/TP] shards and their gradient.
+and combines them across ranks as `vocab_parallel_kl` does, chunk by chunk (every rank cuts the same chunks);
+the chunk's logit gradient is then multiplied into the hidden-state and weight gradients. The result equals
+`vocab_parallel_kl(h_S W_S^T, h_T W_T^T)` on materialised logits (same logit dtype, same fp32 statistics), with
+memory of one chunk instead of two [tokens, V/TP] shards and their gradient.
 
-Cost: the forward does the two logit matmuls, the backward recomputes them and adds the two gradient
-matmuls (h_S and W_S): 6 matmuls against 4 for materialised logits, because the per-token output's
-upstream gradient is unknown until backward (Liger-Kernel's fused losses reach 4 by returning a scalar).
+Two entry points, by when the gradient is taken:
+- `vocab_parallel_linear_distill_stats` (and `vocab_parallel_linear_kl`): per-token outputs with gradient,
+  whatever the caller makes of them. The per-token upstream gradient is known only in backward, which
+  recomputes both logit chunks: 6 matmuls against 4 for materialised logits.
+- `vocab_parallel_linear_distill_loss`: L = sum_i a_i KL_i + b_i log p_S(target_i) with coefficients a, b given
+  up front (a loss linear in both, as SCOPE's and OPD's are). The gradient is taken in the forward pass while
+  each chunk exists, as Liger-Kernel's fused losses do: 4 matmuls; backward scales it by L's upstream gradient.
+  Its gradients equal the first entry point's bit for bit (same chunks, same kernels, same accumulation).
 
 Under TP the hidden states are replicated on every rank (as in front of Megatron's output layer without
 sequence parallelism); the hidden-state gradient is summed over the group here, as the output layer's

@@ -48,6 +48,16 @@ def test_provider_adds_to_an_existing_parser():
     assert (loss.algorithm, loss.baselines.tropd_outlier, loss.teacher_topk) == ("tropd", "clip", 20)
 
 
+def test_weight_transfer_and_gradient_reduction_flags():
+    run = parse_run_config(REQUIRED)
+    assert run.rollout.weight_transfer_backend == "auto"
+    assert not run.optimizer.overlap_grad_reduce and run.optimizer.ddp_bucket_size is None
+    run = parse_run_config(REQUIRED + ["--weight-transfer-backend", "nccl", "--rollout-engines", "2",
+                                       "--overlap-grad-reduce", "--ddp-bucket-size", "40000000"])
+    assert run.rollout.weight_transfer_backend == "nccl"
+    assert run.optimizer.overlap_grad_reduce and run.optimizer.ddp_bucket_size == 40_000_000
+
+
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit):
         parse_run_config(["--help"])
@@ -87,6 +97,9 @@ def test_help_lists_every_flag(capsys):
         (["--rollout-placement", "ray"], "--rollout-engines 0 with --rollout-placement ray"),
         (["--rollout-tensor-parallel-size", "2"],
          "--tensor-model-parallel-size 1 GPUs: --rollout-tensor-parallel-size 2 exceeds it"),
+        (["--weight-transfer-backend", "nccl"], "--weight-transfer-backend nccl broadcasts to Ray engines"),
+        (["--weight-transfer-backend", "gloo"], "invalid choice: 'gloo'"),
+        (["--ddp-bucket-size", "0"], "--ddp-bucket-size: must be >= 1"),
     ],
 )
 def test_bad_values_and_combinations_exit_with_a_clear_message(argv, message, capsys):
