@@ -121,7 +121,7 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
                         if groups and groups[0].reference_scores is not None else None)
     ref_log_probs = torch.zeros(n, seq_length) if reference_scores is not None else None
     if k:
-        topk_ids = torch.arange(k).expand(n, seq_length, k).clone()
+        topk_ids = torch.arange(k, dtype=torch.int32).expand(n, seq_length, k).clone()
         topk_log_probs = torch.full((n, seq_length, k), -math.log(k + 1))
     for i, (_, group, completion, _) in enumerate(rows):
         sequence = group.prompt_token_ids + list(completion.token_ids)

@@ -65,7 +65,7 @@ class SequenceScores:
     log_probs: torch.Tensor
     """[len(x) - 1] float32: log p(x_t | x_<t) for t = 1 .. len(x) - 1."""
     topk_ids: torch.Tensor
-    """[len(x) - 1, k] int64 token ids (k = 0 when no top-k was asked for)."""
+    """[len(x) - 1, k] int32 token ids (k = 0 when no top-k was asked for)."""
     topk_log_probs: torch.Tensor
     """[len(x) - 1, k] float32: their log-probs."""
 
@@ -75,7 +75,7 @@ class SequenceScores:
         rows = len(topk_ids) if len(topk_ids) else len(log_probs)  # as many as given: a short list stays short
         k = len(topk_ids[0]) if len(topk_ids) else 0
         return cls(torch.tensor(log_probs, dtype=torch.float32).reshape(len(log_probs)),
-                   torch.tensor(topk_ids, dtype=torch.long).reshape(rows, k),
+                   torch.tensor(topk_ids, dtype=torch.int32).reshape(rows, k),
                    torch.tensor(topk_log_probs, dtype=torch.float32).reshape(len(topk_log_probs) or rows, k))
 
 

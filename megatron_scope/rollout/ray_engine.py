@@ -61,11 +61,11 @@ class RolloutEngineActor:
     def generate(self, prompts, params: SamplingParams, seeds, max_new_tokens=None) -> list[list[Completion]]:
         return self._engine.generate(prompts, params, seeds, max_new_tokens)
 
-    def score(self, sequences) -> list[list[float]]:
-        return self._engine.score(sequences)
+    def score(self, sequences, first=None) -> list[list[float]]:
+        return self._engine.score(sequences, first)
 
-    def score_topk(self, sequences, k: int) -> list[SequenceScores]:
-        return self._engine.score_topk(sequences, k)
+    def score_topk(self, sequences, k: int, first=None) -> list[SequenceScores]:
+        return self._engine.score_topk(sequences, k, first)
 
     def begin_weight_update(self) -> None:
         if self._update is not None:
@@ -158,13 +158,15 @@ class RayRolloutEngine(RolloutEngine):
                 hand_out(actor)
         return results
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Temperature-1 log-probs of each sequence's tokens after the first (on the first engine)."""
-        return ray.get(self._actors[0].score.remote([list(s) for s in sequences]))
+    def score(self, sequences: Sequence[Sequence[int]], first: Sequence[int] | None = None) -> list[list[float]]:
+        """Temperature-1 log-probs of each sequence's tokens from position `first[i]` on (default 1; on the first
+        engine)."""
+        return ray.get(self._actors[0].score.remote([list(s) for s in sequences], first))
 
-    def score_topk(self, sequences: Sequence[Sequence[int]], k: int) -> list[SequenceScores]:
+    def score_topk(self, sequences: Sequence[Sequence[int]], k: int,
+                   first: Sequence[int] | None = None) -> list[SequenceScores]:
         """`score` plus each position's top-k next tokens (on the first engine)."""
-        return ray.get(self._actors[0].score_topk.remote([list(s) for s in sequences], k))
+        return ray.get(self._actors[0].score_topk.remote([list(s) for s in sequences], k, first))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Bucket, `ray.put` once, load on every engine; validated in each engine before it sends to vLLM.

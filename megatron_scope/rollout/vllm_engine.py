@@ -316,6 +316,25 @@ def _safetensors_shapes(model_path: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _scores_from_flat(sequence: Sequence[int], flat, k: int, first: int, where: str) -> SequenceScores:
+    """Positions first .. len - 1 of vLLM's flat prompt log-probs as tensors. vLLM lays each position out as k + 1
+    entries: the given token's (id, log-prob), then its top k in rank order (a given token among the top k appears
+    twice, unlike in vLLM's dict layout)."""
+    width, rows = k + 1, len(sequence) - first
+    starts = torch.tensor(flat.start_indices[first:])
+    ends = torch.tensor(flat.end_indices[first:])
+    if len(starts) != rows or not bool((ends - starts == width).all()) or not bool((starts[1:] == ends[:-1]).all()):
+        raise RuntimeError(f"{where}: vLLM's prompt log-probs do not hold {width} entries at each of its {rows} "
+                           "positions")
+    low, high = int(starts[0]), int(ends[-1])
+    ids = torch.tensor(flat.token_ids[low:high], dtype=torch.int32).view(rows, width)
+    values = torch.tensor(flat.logprobs[low:high], dtype=torch.float32).view(rows, width)
+    if not torch.equal(ids[:, 0], torch.tensor(sequence[first:], dtype=torch.int32)):
+        raise RuntimeError(f"{where}: vLLM's prompt log-probs are not those of the given tokens")
+    top_values, order = values[:, 1:].sort(dim=-1, descending=True, stable=True)
+    return SequenceScores(values[:, 0].contiguous(), ids[:, 1:].gather(-1, order), top_values)
+
+
 @contextlib.contextmanager
 def _visible_devices(devices: tuple[int, ...] | None):
     """CUDA_VISIBLE_DEVICES narrowed to `devices` (indices into the current visible set) while vLLM spawns its
@@ -494,7 +513,7 @@ class VLLMRolloutEngine(RolloutEngine):
         requests = [
             VLLMSamplingParams(max_tokens=cap, temperature=params.temperature, top_p=params.top_p,
                                stop_token_ids=list(params.stop_token_ids), ignore_eos=True, seed=seed, logprobs=0,
-                               logit_bias=logit_bias, detokenize=False)
+                               logit_bias=logit_bias, detokenize=False, flat_logprobs=True)
             for group, cap in zip(seeds, caps) for seed in group[:draws]
         ]
         outputs = self._call("generate", self._llm.generate,
@@ -507,48 +526,51 @@ class VLLMRolloutEngine(RolloutEngine):
                 if sample.finish_reason not in ("stop", "length"):
                     raise RuntimeError(f"prompt {index} sample {j}: vLLM finished with {sample.finish_reason!r}")
                 token_ids = list(sample.token_ids)
-                log_probs = [step[token].logprob for token, step in zip(token_ids, sample.logprobs)]
-                if len(log_probs) != len(token_ids):
-                    raise RuntimeError(f"prompt {index}: {len(log_probs)} log-probs for {len(token_ids)} tokens")
-                completions.append(Completion(token_ids, log_probs, sample.finish_reason))
+                flat = sample.logprobs  # vLLM's FlatLogprobs: one entry per position, the sampled token's (logprobs=0)
+                if flat.token_ids != token_ids or len(flat.logprobs) != len(token_ids):
+                    raise RuntimeError(f"prompt {index} sample {j}: vLLM returned {len(flat.logprobs)} log-probs for "
+                                       f"{len(token_ids)} tokens, or for other tokens")
+                completions.append(Completion(token_ids, list(flat.logprobs), sample.finish_reason))
             if greedy:
                 completions = [dataclasses.replace(completions[0], token_ids=list(completions[0].token_ids),
                                                    log_probs=list(completions[0].log_probs)) for _ in range(params.n)]
             results.append(completions)
         return results
 
-    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Temperature-1 log-prob of each token after the first given its prefix: result[i] has len - 1 values."""
-        return [scores.log_probs.tolist() for scores in self._prompt_logprobs(sequences, 0, "score")]
+    def score(self, sequences: Sequence[Sequence[int]], first: Sequence[int] | None = None) -> list[list[float]]:
+        """Temperature-1 log-prob of each token from position `first[i]` on (default 1: every token after the first)
+        given its prefix: result[i] has len - first[i] values."""
+        return [scores.log_probs.tolist() for scores in self._prompt_logprobs(sequences, 0, "score", first)]
 
-    def score_topk(self, sequences: Sequence[Sequence[int]], k: int) -> list[SequenceScores]:
-        """`score` plus, at every position, the k most likely next tokens and their temperature-1 log-probs
+    def score_topk(self, sequences: Sequence[Sequence[int]], k: int,
+                   first: Sequence[int] | None = None) -> list[SequenceScores]:
+        """`score` plus, at each of those positions, the k most likely next tokens and their temperature-1 log-probs
         (vLLM's prompt log-probs; k <= `VLLMEngineConfig.max_logprobs`)."""
         if not 1 <= k <= self.config.max_logprobs:
             raise ValueError(f"score_topk: k={k} must be in [1, max_logprobs={self.config.max_logprobs}] "
                              "(VLLMEngineConfig.max_logprobs)")
-        return self._prompt_logprobs(sequences, k, "score_topk")
+        return self._prompt_logprobs(sequences, k, "score_topk", first)
 
-    def _prompt_logprobs(self, sequences, k: int, caller: str) -> list[SequenceScores]:
+    def _prompt_logprobs(self, sequences, k: int, caller: str, first: Sequence[int] | None) -> list[SequenceScores]:
+        """vLLM's prompt log-probs in its flat layout (`FlatLogprobs`: a few lists per sequence, not a dict per
+        position), read straight into tensors from position `first[i]` on."""
         from vllm import SamplingParams as VLLMSamplingParams
 
         self._check_ready()
         sequences = self._validated_prompts(sequences, [1] * len(sequences), caller)
-        for index, sequence in enumerate(sequences):
-            if len(sequence) < 2:
-                raise ValueError(f"{caller}: sequence {index} has {len(sequence)} token(s); need at least 2")
-        request = VLLMSamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, ignore_eos=True)
+        first = [1] * len(sequences) if first is None else [int(f) for f in first]
+        if len(first) != len(sequences):
+            raise ValueError(f"{caller}: {len(first)} first positions for {len(sequences)} sequences")
+        for index, (sequence, start) in enumerate(zip(sequences, first)):
+            if not 1 <= start < len(sequence):
+                raise ValueError(f"{caller}: sequence {index} of {len(sequence)} token(s) has no position {start} "
+                                 "to score (need 1 <= first < its length)")
+        request = VLLMSamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, ignore_eos=True,
+                                     flat_logprobs=True)
         outputs = self._call(caller, self._llm.generate, [{"prompt_token_ids": s} for s in sequences], request,
                              use_tqdm=False)
-        results = []
-        for sequence, output in zip(sequences, outputs):
-            steps = output.prompt_logprobs[1:]  # position 0 has no prefix; each step also holds the given token
-            top = [sorted(step.items(), key=lambda item: -item[1].logprob)[:k] for step in steps] if k else []
-            results.append(SequenceScores.from_lists(
-                [step[token].logprob for token, step in zip(sequence[1:], steps)],
-                [[token for token, _ in entries] for entries in top],
-                [[entry.logprob for _, entry in entries] for entries in top]))
-        return results
+        return [_scores_from_flat(sequence, output.prompt_logprobs, k, start, f"{caller}: sequence {index}")
+                for index, (sequence, output, start) in enumerate(zip(sequences, outputs, first))]
 
     def _validated_prompts(self, prompts, max_new_tokens: Sequence[int], caller: str) -> list[list[int]]:
         """`prompts` as lists, each checked to be non-empty, in the vocabulary, and to fit max_model_len with its

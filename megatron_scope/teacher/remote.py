@@ -1,8 +1,8 @@
 """A remote teacher's view of the rollouts, from a vLLM engine: its log-prob of every sampled response token
 and, for --scope-kl topk, its top-k next tokens at every response position.
 
-For prompt p and response r the engine scores the sequence x = p + r (`RolloutEngine.score` /
-`score_topk`: one temperature-1 value per token after the first), and the last |r| positions are the
+For prompt p and response r the engine scores the sequence x = p + r from position |p| on (`RolloutEngine.score`
+/ `score_topk` with `first`: one temperature-1 value per response token, nothing kept for the prompt), the
 teacher's view of the response: log π_T(r_t | p, r_<t), the input of the sampled-token KL estimators
 (k1/k2/k3) and of SCOPE's teacher-path perplexity weights, and the top-k (ids, log π_T) of the top-k KL.
 A teacher that returns too few, too many or non-finite values for a sequence is an error naming the prompt
@@ -31,24 +31,24 @@ def score_responses(engine, prompt_ids: Sequence[str], prompts: Sequence[Sequenc
                 where.append((i, j))
     if not sequences:
         scores = []
-    elif topk:
-        scores = engine.score_topk(sequences, topk)
     else:
-        scores = [SequenceScores.from_lists(values) for values in engine.score(sequences)]
+        first = [len(prompts[i]) for i, _ in where]  # the response's positions only
+        if topk:
+            scores = engine.score_topk(sequences, topk, first)
+        else:
+            scores = [SequenceScores.from_lists(values) for values in engine.score(sequences, first)]
     if len(scores) != len(sequences):
         raise RuntimeError(f"the teacher engine returned {len(scores)} scored sequences for {len(sequences)}")
-    empty = SequenceScores(torch.zeros(0), torch.zeros(0, topk, dtype=torch.long), torch.zeros(0, topk))
+    empty = SequenceScores(torch.zeros(0), torch.zeros(0, topk, dtype=torch.int32), torch.zeros(0, topk))
     result = [[empty for _ in group] for group in samples]
-    for (i, j), sequence, scored in zip(where, sequences, scores):
+    for (i, j), sequence, response in zip(where, sequences, scores):
         where_text = f"prompt {prompt_ids[i]!r}, response {j}"
-        expected = len(sequence) - 1
-        lengths = [len(scored.log_probs)] + ([len(scored.topk_ids), len(scored.topk_log_probs)] if topk else [])
+        expected = len(sequence) - len(prompts[i])
+        lengths = [len(response.log_probs)] + ([len(response.topk_ids), len(response.topk_log_probs)] if topk else [])
         if any(length != expected for length in lengths):
             raise RuntimeError(f"{where_text}: the teacher engine returned {lengths[0]} log-probs"
-                               f"{f' and {lengths[1]}/{lengths[2]} top-k lists' if topk else ''} for a sequence of "
-                               f"{len(sequence)} tokens (expected {expected})")
-        start = len(prompts[i]) - 1
-        response = SequenceScores(scored.log_probs[start:], scored.topk_ids[start:], scored.topk_log_probs[start:])
+                               f"{f' and {lengths[1]}/{lengths[2]} top-k lists' if topk else ''} for a response of "
+                               f"{expected} tokens")
         values = torch.cat([response.log_probs, response.topk_log_probs.flatten()])
         if not torch.isfinite(values).all():
             raise RuntimeError(f"{where_text}: the teacher engine returned a non-finite log-prob: "

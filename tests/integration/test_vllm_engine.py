@@ -243,6 +243,26 @@ def test_score_topk_matches_transformers(engine, models):
         engine.score_topk([SEQUENCE], TOPK + 1)
 
 
+@pytest.mark.slow
+def test_scores_from_a_later_position_with_the_given_token_among_the_top_k(engine, models):
+    """`first`: only positions first .. len - 1 come back (a teacher scores the response, not the prompt). A given
+    token that is also the most likely one appears twice in vLLM's flat layout, once as given, once in the top k."""
+    prefix = SEQUENCE[:4]
+    greedy = prefix + [int(next_token_logits(models.model, prefix)[-1].argmax())]
+    (scores,) = engine.score_topk([greedy, SEQUENCE], TOPK, first=[4, 9])[:1]
+    reference = torch.log_softmax(next_token_logits(models.model, greedy)[:-1], dim=-1)[3:]
+    assert scores.topk_ids.dtype == torch.int32 and scores.topk_ids.shape == (1, TOPK)
+    assert scores.topk_ids.tolist() == reference.topk(TOPK, dim=-1).indices.tolist()
+    assert int(scores.topk_ids[0, 0]) == greedy[-1]  # the given token is the top one
+    assert abs(float(scores.log_probs[0]) - float(reference[0, greedy[-1]])) <= TOLERANCE
+    tail = engine.score([SEQUENCE], first=[9])[0]
+    assert len(tail) == len(SEQUENCE) - 9
+    assert max(abs(a - b) for a, b in zip(tail, reference_score(models.model, SEQUENCE)[8:].tolist())) <= TOLERANCE
+    with pytest.raises(ValueError, match=rf"score: sequence 0 of {len(SEQUENCE)} token\(s\) has no position "
+                                         rf"{len(SEQUENCE)} to score"):
+        engine.score([SEQUENCE], first=[len(SEQUENCE)])
+
+
 # ---------------------------------------------------------------- weight updates
 
 

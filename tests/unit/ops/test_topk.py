@@ -138,3 +138,17 @@ def test_renormalized_topk_kl_compares_the_distributions_within_the_top_k(kind):
     same = teacher.clone().scatter(-1, ids, teacher.gather(-1, ids) + 2.0)
     zero = vocab_parallel_topk_kl(same, ids, lp, kind, renormalize=True)
     torch.testing.assert_close(zero, torch.zeros_like(zero), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["reverse", "forward"])
+def test_int32_ids_as_a_vllm_teacher_sends_them_give_the_int64_results(kind):
+    """A vLLM teacher's top-k ids travel as int32 (`SequenceScores`): values and gradients are those of int64 ids."""
+    generator = torch.Generator().manual_seed(4)
+    student = torch.randn(3, 5, 64, generator=generator, requires_grad=True)
+    ids, log_q, tail = topk.vocab_parallel_topk(torch.randn(3, 5, 64, generator=generator), 8, vocab_size=60)
+    results = []
+    for dtype in (torch.int64, torch.int32):
+        out = vocab_parallel_topk_kl(student, ids.to(dtype), log_q, kind=kind, vocab_size=60,
+                                     teacher_tail_log_mass=tail)
+        results.append((out, *torch.autograd.grad(out.sum(), student)))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

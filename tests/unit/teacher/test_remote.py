@@ -15,20 +15,22 @@ K = 3
 
 
 class ScriptedTeacher:
-    """`RolloutEngine.score`/`score_topk`'s contract (len(sequence) - 1 values each): log-prob -position/10,
-    top-k ids (position, position + 1, ...) with log-probs -1, -2, ...; or a scripted fault that spoils the
-    second sequence (`drop` returns one sequence fewer)."""
+    """`RolloutEngine.score`/`score_topk`'s contract (len(sequence) - first values each): at position p log-prob
+    -p/10, top-k ids (p - 1, p, ...) with log-probs -1, -2, ...; or a scripted fault that spoils the second
+    sequence (`drop` returns one sequence fewer)."""
 
     def __init__(self, fault=None):
         self.fault, self.calls = fault, []
 
-    def score(self, sequences):
-        return [s.log_probs.tolist() for s in self.score_topk(sequences, 0)]
+    def score(self, sequences, first=None):
+        return [s.log_probs.tolist() for s in self.score_topk(sequences, 0, first)]
 
-    def score_topk(self, sequences, k):
-        self.calls.append(([list(s) for s in sequences], k))
-        lists = [([-(t + 1) / 10 for t in range(len(s) - 1)], [[t + i for i in range(k)] for t in range(len(s) - 1)],
-                  [[-1.0 - i for i in range(k)] for _ in range(len(s) - 1)]) for s in sequences]
+    def score_topk(self, sequences, k, first=None):
+        first = first or [1] * len(sequences)
+        self.calls.append(([list(s) for s in sequences], k, list(first)))
+        positions = [range(f, len(s)) for s, f in zip(sequences, first)]
+        lists = [([-p / 10 for p in ps], [[p - 1 + i for i in range(k)] for p in ps], [[-1.0 - i for i in range(k)]
+                                                                                      for _ in ps]) for ps in positions]
         spoiled = lists[1] if len(lists) > 1 else None
         if self.fault == "drop":
             lists = lists[:-1]
@@ -55,8 +57,8 @@ def _groups(scores):
 def test_scores_are_the_response_tokens_log_probs():
     engine = ScriptedTeacher()
     scores = score_responses(engine, ["a", "b"], PROMPTS, SAMPLES)
-    # the empty response is not sent; each sent sequence is prompt + response
-    assert engine.calls == [([[1, 5, 6, 9, 9, 2], [1, 7, 4], [1, 7, 3, 2]], 0)]
+    # the empty response is not sent; each sent sequence is prompt + response, scored from the response on
+    assert engine.calls == [([[1, 5, 6, 9, 9, 2], [1, 7, 4], [1, 7, 3, 2]], 0, [3, 2, 2])]
     # positions 2..4 of a 6-token sequence predict the 3 response tokens (prompt of 3: first at index 3 - 1)
     assert [[s.log_probs.tolist() for s in group] for group in scores] == \
         [[pytest.approx([-0.3, -0.4, -0.5]), []], [pytest.approx([-0.2]), pytest.approx([-0.2, -0.3])]]
@@ -95,8 +97,8 @@ def test_build_batch_lays_teacher_scores_out_like_the_sampler_log_probs():
 
 @pytest.mark.parametrize("fault,message", [
     ("drop", r"returned 2 scored sequences for 3"),
-    ("short", r"prompt 'b', response 0: the teacher engine returned 1 log-probs and 2/2 top-k lists for a sequence "
-              r"of 3 tokens \(expected 2\)"),
+    ("short", r"prompt 'b', response 0: the teacher engine returned 0 log-probs and 1/1 top-k lists for a response "
+              r"of 1 tokens"),
     ("nan", r"prompt 'b', response 0: the teacher engine returned a non-finite log-prob"),
     ("repeated_id", r"prompt 'b', response 0, token 0: the teacher engine returned 2 distinct top-k ids"),
     ("padding_row", r"prompt 'b', response 0, token 0: the teacher's top-3 holds id 60, an embedding row past the "
