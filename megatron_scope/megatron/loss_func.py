@@ -207,7 +207,7 @@ def _loss_sum(config: LossConfig, stats: TokenStats, batch: dict):
     return loss_sum, count, token_loss, is_weights
 
 
-def _fused_stats(config: LossConfig, batch: dict, **per_token) -> TokenStats:
+def _fused_stats(batch: dict, **per_token) -> TokenStats:
     """The fused objectives' (SCOPE's, OPD's) token statistics, from `per_token` kl and student_log_probs."""
     return TokenStats(mask=batch["loss_mask"].to(per_token["kl"].dtype), correct=batch["correct"],
                       teacher_log_probs=batch.get("teacher_log_probs", per_token.pop("teacher_log_probs", None)),
@@ -220,11 +220,10 @@ def _fused_coefficients(config: LossConfig, batch: dict) -> tuple[torch.Tensor, 
     teacher path, OPD) are linear in both, with coefficients set by the batch alone (routing, sequence weights,
     masks, normalisers, truncated IS weights), so these are exact everywhere (SCOPE's PPO teacher path, which is
     not, needs a sampled KL and never fuses)."""
-    shape, dtype = batch["labels"].shape, torch.float32
-    kl = torch.zeros(shape, dtype=dtype, device=batch["labels"].device, requires_grad=True)
+    kl = torch.zeros(batch["labels"].shape, device=batch["labels"].device, requires_grad=True)
     log_probs = torch.zeros_like(kl, requires_grad=True)
     with torch.enable_grad():
-        loss_sum = _loss_sum(config, _fused_stats(config, batch, kl=kl, student_log_probs=log_probs), batch)[0]
+        loss_sum = _loss_sum(config, _fused_stats(batch, kl=kl, student_log_probs=log_probs), batch)[0]
         grads = torch.autograd.grad(loss_sum, (kl, log_probs), allow_unused=True)
     return tuple(torch.zeros_like(kl) if grad is None else grad for grad in grads)
 
@@ -240,7 +239,7 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
         loss_sum, fused = vocab_parallel_linear_distill_loss(
             output, student_weight, batch["teacher_hidden"], teacher_weight, kl_coef, labels, log_prob_coef,
             kind=config.kl, group=group, vocab_size=vocab, beta=config.jsd_beta)
-        stats = _fused_stats(config, batch, kl=fused.kl, student_log_probs=fused.student_log_probs,
+        stats = _fused_stats(batch, kl=fused.kl, student_log_probs=fused.student_log_probs,
                              teacher_log_probs=fused.teacher_log_probs)
         return stats, fused.student_entropy, loss_sum
     logits = output
