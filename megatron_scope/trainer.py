@@ -62,7 +62,7 @@ from megatron_scope.megatron.parallel import collective_device
 from megatron_scope.megatron.schedule import forward_backward
 from megatron_scope.megatron.weight_export import iter_hf_weights
 from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
-                                          split_by_token_budget, split_rows)
+                                          split_by_token_budget, split_rows, token_counts)
 from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams, close_engines
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
@@ -90,6 +90,8 @@ def log_line(iteration: int, train_iters: int, metrics: dict) -> str:
             f" rollout accuracy: {metrics['rollout/accuracy']:.4f} |"
             + verdict_counts(metrics)
             + "".join(f" {label}: {metrics[key]:.4f} |" for key, label in METHOD_LOG_METRICS if key in metrics)
+            + (f" padded token fraction: {metrics['tokens/padding_fraction']:.4f} |"
+               if "tokens/padding_fraction" in metrics else "")
             + f" grad norm: {metrics['optimizer/grad_norm']:.4f} |"
             f" non-finite tokens: {metrics.get('loss/nonfinite_token_fraction', 0.0):.4f} |"
             f" number of skipped iterations: {int(metrics['optimizer/skipped_total'])} |")
@@ -506,6 +508,13 @@ class ScopeTrainer:
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
         return float(totals[0] / totals[1].clamp_min(1)), float(worst)
 
+    def _token_counts(self, batch: dict, microbatches: list[dict]) -> dict:
+        """`token_counts` summed over the data-parallel replicas, and the share of padding."""
+        counts = torch.stack(token_counts(batch, microbatches)).to(collective_device(), torch.float64)
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        real, padded = counts.tolist()
+        return {"tokens/real": real, "tokens/padded": padded, "tokens/padding_fraction": 1.0 - real / max(padded, 1.0)}
+
     def _free_device_memory(self) -> None:
         """Every rank that shares the engine's GPUs returns PyTorch's cached blocks to the device before the engine
         wakes (vLLM allocates outside PyTorch's allocator, in its own processes); the barrier over the rollout group
@@ -587,6 +596,7 @@ class ScopeTrainer:
             microbatches = split_rows(batch, len(batch["tokens"]) // loop.micro_batch_size)
         else:
             microbatches = split_by_token_budget(batch, loop.max_tokens_per_microbatch, loop.micro_batch_size)
+        metrics.update(self._token_counts(batch, microbatches))
 
         score_start = time.perf_counter()
         self._score(microbatches, self_teacher_rows)

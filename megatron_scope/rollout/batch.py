@@ -200,6 +200,15 @@ def split_by_token_budget(batch: dict, max_tokens: int, max_rows: int, multiple_
     return microbatches
 
 
+def token_counts(batch: dict, microbatches: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real, padded) token positions of a step, 0-d tensors on the batch's device (no host sync): the positions its
+    rows use (prompt + response - 1 each, `sequence_lengths`), and the ones its microbatches compute, rows x width
+    each, which every forward, backward and output layer runs over."""
+    real = batch["sequence_lengths"].sum()
+    padded = torch.tensor(sum(microbatch["tokens"].numel() for microbatch in microbatches), device=real.device)
+    return real, padded
+
+
 def split_rows(batch: dict, num_parts: int) -> list[dict]:
     """Split every [n, ...] tensor of `batch` into `num_parts` equal consecutive row blocks."""
     n = len(batch["tokens"])

@@ -64,6 +64,8 @@ def test_trains_and_logs(straight_run):
         assert metrics["optimizer/skipped_total"] == 0 and metrics["loss/nonfinite_token_fraction"] == 0
         assert 0 <= metrics["rollout/accuracy"] <= 1 and metrics["rollout/response_length"] > 0
         assert metrics["loss/incorrect/kl"] > 0  # random student vs random teacher: clearly apart
+        assert 0 < metrics["tokens/real"] <= metrics["tokens/padded"]  # the step's positions, padding included
+        assert metrics["tokens/padding_fraction"] == pytest.approx(1 - metrics["tokens/real"] / metrics["tokens/padded"])
     assert history[0]["loss/loss"] != history[1]["loss/loss"]  # the second rollout came from new weights
     assert history[1]["rollout/logprob_abs_diff_max"] < PARITY_ATOL  # ... the weights Megatron trained
     assert sorted(os.listdir(save)) == ["hf_files", "iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt"]

@@ -30,3 +30,8 @@ def test_log_line_shows_the_verdicts_other_than_correct_that_occurred():
     assert " rollout accuracy: 0.5000 | verdicts: wrong 40, verifier_error 1 | grad norm:" in log_line(1, 2, metrics)
     all_correct = {**BASE, "verifier/correct": 91.0, "verifier/wrong": 0.0}
     assert " rollout accuracy: 0.5000 | grad norm:" in log_line(1, 2, all_correct)
+
+
+def test_log_line_shows_the_steps_padding_where_known():
+    line = log_line(1, 2, {**BASE, "tokens/padding_fraction": 0.4375})
+    assert " rollout accuracy: 0.5000 | padded token fraction: 0.4375 | grad norm:" in line

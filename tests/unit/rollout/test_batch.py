@@ -12,7 +12,7 @@ from megatron_scope.megatron.loss_func import check_batch, scope_loss_func
 from megatron_scope.ops.token_stats import sequence_mean_log_prob
 from megatron_scope.ops.vocab_parallel import vocab_parallel_log_probs
 from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
-                                          split_by_token_budget)
+                                          split_by_token_budget, split_rows, token_counts)
 from megatron_scope.rollout.engine import Completion
 
 V, PAD, EOS = 50, 0, 2
@@ -135,6 +135,10 @@ def test_token_budget_microbatches_hold_every_row_once_within_the_budget():
             assert torch.equal(m[key], full[:, :width]), key
             assert not full[:, width:].count_nonzero() or key in ("position_ids",), key  # only padding was cut
     assert [tuple(m["tokens"].shape) for m in microbatches] == [(1, 40), (2, 24), (3, 16), (2, 8)]
+    # the step's token counts: the rows' own positions, and what each microbatching computes
+    real = sum(3 + len(r) - 1 for r in responses)
+    assert [int(x) for x in token_counts(batch, microbatches)] == [real, 40 + 48 + 48 + 16]
+    assert [int(x) for x in token_counts(batch, split_rows(batch, 4))] == [real, 8 * batch["tokens"].shape[1]]
 
 
 def test_group_inputs_do_not_depend_on_the_microbatching():
