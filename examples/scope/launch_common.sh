@@ -3,11 +3,15 @@
 # TRAIN_DATA, SAVE_DIR, TP). Every value below is an environment variable too (default after ":=").
 # Builds the training flags, runs tools/check_config.py with them, then torchrun -m megatron_scope.train (or prints it).
 : "${PP:=1}"                          # --pipeline-model-parallel-size
-: "${MICRO_BATCH_SIZE:=1}"            # sequences per microbatch (with MAX_TOKENS_PER_MICROBATCH: at most)
-: "${MAX_TOKENS_PER_MICROBATCH:=}"    # "" = MICRO_BATCH_SIZE sequences each; N: token-budget microbatches
 : "${PROMPTS_PER_STEP:=256}"          # the paper's recipe: 256 prompts x G=8, lr 5e-5, 12288 tokens, tau 1
 : "${GROUP_SIZE:=8}"                  # G
 : "${MAX_NEW_TOKENS:=12288}"
+: "${MICRO_BATCH_SIZE:=8}"            # at most this many sequences per microbatch
+: "${MAX_TOKENS_PER_MICROBATCH=$MAX_NEW_TOKENS}"  # token-budget microbatches: longest rows first, each microbatch
+                                      # padded only to its own longest row and within this many padded tokens (a
+                                      # longer row goes alone); set it empty for MICRO_BATCH_SIZE rows each, padded
+                                      # to the replica's longest response (about half of a step's tokens at the
+                                      # paper's length distribution: the step's tokens/padding_fraction says)
 : "${LR:=5e-5}"
 : "${SCOPE_TAU:=1.0}"
 : "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL (fused with both output layers); topk (+ --scope-topk K), k1/k2/k3
