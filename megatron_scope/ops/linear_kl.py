@@ -285,6 +285,8 @@ class _LinearKLLoss(torch.autograd.Function):
 
     Communicates what `_LinearKL`'s forward does plus one all-reduce of the hidden-state gradient [tokens, hidden_S]
     in the forward. Returns (L, KL, log p_S(target), log p_T(target), entropy), all but L without gradient.
+    Memory: from forward to backward it holds the hidden-state gradient and the weight gradient (fp32/fp64 weights)
+    or its fp32 accumulator (bf16/fp16); backward scales them in place and returns them, so it runs once.
     """
 
     @staticmethod
@@ -292,10 +294,15 @@ class _LinearKLLoss(torch.autograd.Function):
                 log_prob_coef, kind, beta, shard: _Shard, use_compiled, with_grad: bool):
         num_rows, valid = student_hidden.shape[0], shard.valid
         out: dict = {}
-        grad_hidden = accumulator = None
+        grad_hidden = weight_grad = accumulator = None
         if with_grad:
             grad_hidden = torch.zeros_like(student_hidden)
-            grad_weight, accumulator = _weight_grad_accumulator(student_weight, valid)
+            if student_weight.dtype in (torch.float32, torch.float64):  # the returned gradient; padded rows keep 0
+                weight_grad = torch.zeros_like(student_weight)
+                accumulator = weight_grad[:valid]
+            else:  # the returned gradient is made in backward, rounded once
+                weight_grad = accumulator = student_weight.new_zeros((valid, student_weight.shape[1]),
+                                                                     dtype=torch.float32)
         with_target = local_ids.shape[1] > 0
         for rows, full, s, t, stats in _chunk_passes(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                                      local_ids, owned, kind, beta, shard, use_compiled):
@@ -311,22 +318,25 @@ class _LinearKLLoss(torch.autograd.Function):
             loss = loss + (log_prob_coef.to(kl.dtype) * student_log_probs).sum()
         if with_grad:
             shard.reduce(grad_hidden, dist.ReduceOp.SUM)
-            ctx.save_for_backward(grad_hidden, grad_weight, accumulator)
-        ctx.valid = valid
+            ctx.save_for_backward(grad_hidden, weight_grad)
+        ctx.valid, ctx.weight_like, ctx.consumed = valid, (student_weight.shape, student_weight.dtype), False
         ctx.mark_non_differentiable(kl, student_log_probs, out["teacher_log_probs"], out["entropy"])
         return loss, kl, student_log_probs, out["teacher_log_probs"], out["entropy"]
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
-        grad_hidden, grad_weight, accumulator = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if accumulator.data_ptr() == grad_weight.data_ptr():  # fp32/fp64 weights: accumulated in place
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-        else:
-            scaled = grad_weight.clone()
-            scaled[:ctx.valid] = accumulator * grad_loss.to(accumulator.dtype)  # the one rounding
-            grad_weight = scaled
-        return grad_hidden, grad_weight, *([None] * 11)
+        if ctx.consumed:
+            raise RuntimeError("vocab_parallel_linear_distill_loss: its gradient was computed in the forward pass and "
+                               "is scaled in place; a second backward (retain_graph) is not supported")
+        ctx.consumed = True
+        grad_hidden, weight_grad = ctx.saved_tensors
+        grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        weight_grad.mul_(grad_loss.to(weight_grad.dtype))
+        shape, dtype = ctx.weight_like
+        if weight_grad.dtype != dtype:  # an fp32 accumulator of a bf16/fp16 weight's valid rows
+            accumulated, weight_grad = weight_grad, torch.zeros(shape, dtype=dtype, device=weight_grad.device)
+            weight_grad[:ctx.valid] = accumulated  # the one rounding
+        return grad_hidden, weight_grad, *([None] * 11)
 
 
 def _check_model(hidden, weight, name: str) -> None:

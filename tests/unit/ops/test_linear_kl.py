@@ -224,7 +224,10 @@ def test_the_loss_ops_gradient_is_the_per_token_ops_bit_for_bit(kind, dtype, mon
     for ours, theirs in zip(torch.autograd.grad(loss, (h_s, w_s)), expected):
         assert ours.dtype == dtype and torch.equal(ours, theirs)
     loss, _ = vocab_parallel_linear_distill_loss(h_s, w_s, h_t, w_t, a, target, b, kind)
-    for ours, theirs in zip(torch.autograd.grad(3 * loss, (h_s, w_s)), expected):
+    grads = torch.autograd.grad(3 * loss, (h_s, w_s), retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second backward \\(retain_graph\\) is not supported"):
+        torch.autograd.grad(loss, (h_s, w_s))  # its stored gradient was scaled in place
+    for ours, theirs in zip(grads, expected):
         torch.testing.assert_close(ours.float(), 3 * theirs.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
                                    atol=1e-6)
 
