@@ -42,6 +42,7 @@ label is a response token):
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -145,8 +146,18 @@ def check_batch(batch: dict, config: LossConfig) -> None:
     Run it on every rank before `forward_backward_func` so that bad data stops the step before any
     collective (an error inside the last stage's loss would leave the other stages waiting).
     `teacher_hidden`'s values are not read when `teacher_hidden_nonfinite` comes with them (the scoring pass
-    checked them on the device; this reads [b] flags), only scanned where it does not.
+    checked them on the device; this reads [b] flags), only scanned where it does not. Reads the device once per
+    check; `schedule.forward_backward` reads a whole step's checks at once (`batch_value_checks`).
     """
+    for bad, message in batch_value_checks(batch, config):
+        if bool(bad):
+            raise ValueError(message())
+
+
+def batch_value_checks(batch: dict, config: LossConfig) -> list[tuple[torch.Tensor, Callable[[], str]]]:
+    """Check a microbatch's keys, shapes and dtypes (ValueError naming the key; nothing read from the device) and
+    return its value checks, each (a 0-d bool tensor on the values' device, True where they hold NaN/Inf: computed
+    without a device-to-host read; the ValueError message to raise then)."""
     required = required_batch_keys(config, teacher_hidden="teacher_hidden" in batch)
     missing = sorted(required - batch.keys())
     if missing:
@@ -158,6 +169,7 @@ def check_batch(batch: dict, config: LossConfig) -> None:
         if key in required and batch[key].dtype != torch.bool:
             raise ValueError(f"batch[{key!r}] must be bool (one per response), got {batch[key].dtype}")
     response = batch["loss_mask"] > 0
+    checks = []
     for key in sorted(required - {"labels"}):
         value = batch[key]
         expected = labels_shape[:1] if key in PER_SEQUENCE_KEYS else labels_shape
@@ -166,19 +178,22 @@ def check_batch(batch: dict, config: LossConfig) -> None:
             raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)}, expected {expected}"
                              f"{' + (k,)' if extra_dims else ''} to match labels {labels_shape}")
         if key == "teacher_hidden":
-            _check_teacher_hidden(batch, labels_shape[0])
+            checks.append(_teacher_hidden_check(batch, labels_shape[0]))
             continue
         if not value.dtype.is_floating_point:
             continue
         if key in MAY_BE_NEG_INF:
-            bad = torch.isnan(value).any() or (value == torch.inf).any()
+            bad = (torch.isnan(value) | (value == torch.inf)).any()
+        elif key in PER_SEQUENCE_KEYS:
+            bad = ~torch.isfinite(value).all()
         else:
-            bad = not torch.isfinite(value if key in PER_SEQUENCE_KEYS else value[response]).all()
-        if bad:
-            raise ValueError(f"batch[{key!r}] holds NaN or Inf" + ("" if key in MAY_BE_NEG_INF else " on response tokens"))
+            bad = (~torch.isfinite(value) & response.to(value.device)).any()
+        message = f"batch[{key!r}] holds NaN or Inf" + ("" if key in MAY_BE_NEG_INF else " on response tokens")
+        checks.append((bad, lambda message=message: message))
+    return checks
 
 
-def _check_teacher_hidden(batch: dict, num_sequences: int) -> None:
+def _teacher_hidden_check(batch: dict, num_sequences: int) -> tuple[torch.Tensor, Callable[[], str]]:
     """NaN/Inf in `teacher_hidden` at response positions, read from `teacher_hidden_nonfinite` (the scoring pass's
     [b] flags) or, without it (a batch built elsewhere), scanned on teacher_hidden's own device."""
     flags = batch.get("teacher_hidden_nonfinite")
@@ -187,10 +202,12 @@ def _check_teacher_hidden(batch: dict, num_sequences: int) -> None:
     elif tuple(flags.shape) != (num_sequences,):
         raise ValueError(f"batch['teacher_hidden_nonfinite'] has shape {tuple(flags.shape)}, expected "
                          f"({num_sequences},): one flag per sequence")
-    bad = flags.nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"batch['teacher_hidden'] holds NaN or Inf on response tokens of sequences {bad} "
-                         f"(of {num_sequences} in this microbatch)")
+
+    def message() -> str:
+        return (f"batch['teacher_hidden'] holds NaN or Inf on response tokens of sequences "
+                f"{flags.nonzero().flatten().tolist()} (of {num_sequences} in this microbatch)")
+
+    return flags.any(), message
 
 
 def _loss_sum(config: LossConfig, stats: TokenStats, batch: dict):

@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_scope.config import LossConfig
-from megatron_scope.megatron.loss_func import check_batch, scope_loss_func
+from megatron_scope.megatron.loss_func import batch_value_checks, scope_loss_func
 from megatron_scope.megatron.model import output_layer_weight, returning_hidden_states
 from megatron_scope.megatron.parallel import collective_device
 
@@ -45,15 +45,27 @@ def raise_on_any_rank(error: Exception | None, group=None) -> None:
         raise RuntimeError(f"rank {int(flag)} rejected the batch (its error is in its log); stopping all ranks")
 
 
+def _check_microbatches(microbatches: list[dict], loss_config: LossConfig) -> None:
+    """`check_batch` over a step's microbatches with one device read for all their value checks: the first failing
+    check, in microbatch then key order, raises its ValueError."""
+    checks = [check for batch in microbatches for check in batch_value_checks(batch, loss_config)]
+    if not checks:
+        return
+    device = checks[0][0].device
+    failed = torch.stack([bad.to(device) for bad, _ in checks]).nonzero().flatten().tolist()  # the one read
+    if failed:
+        raise ValueError(checks[failed[0]][1]())
+
+
 def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, vocab_size: int,
                      forward_only: bool = False, teacher_weight: torch.Tensor | None = None):
     """Forward (and backward) of `model` over `microbatches` with the SCOPE loss over the tokenizer's `vocab_size`
     tokens; returns the per-microbatch reports on the last pipeline stage ([] elsewhere).
 
     The last stage checks every microbatch first and all stages agree before any compute, so bad data
-    stops the step before any collective (teacher_hidden through the scoring pass's `teacher_hidden_nonfinite`:
-    [b] bools read to the host per microbatch, not a scan of its values). With TP > 1, `teacher_logits` is this
-    rank's vocabulary shard.
+    stops the step before any collective: shapes and keys on the host, NaN/Inf flags computed on the device and
+    read once for the whole step (teacher_hidden through the scoring pass's `teacher_hidden_nonfinite` [b] bools,
+    not a scan of its values). With TP > 1, `teacher_logits` is this rank's vocabulary shard.
     Gradients land in the DDP `main_grad` buffers already divided by the global loss count
     (`calculate_per_token_loss=True` in the model's config).
     `teacher_weight`: the co-located teacher's output-layer shard, for microbatches carrying `teacher_hidden`;
@@ -67,8 +79,7 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     error = None
     if parallel_state.is_pipeline_last_stage():
         try:
-            for batch in microbatches:
-                check_batch(batch, loss_config)
+            _check_microbatches(microbatches, loss_config)
         except ValueError as caught:
             error = caught
     raise_on_any_rank(error)  # all ranks: data-parallel replicas would otherwise wait in the grad all-reduce

@@ -116,6 +116,23 @@ def test_nan_teacher_log_probs_on_response_tokens_are_rejected(batch):
         check_batch(batch, config)
 
 
+def test_a_steps_checks_read_once_raise_the_first_failing_microbatchs_error():
+    """`schedule._check_microbatches`: every microbatch's value checks in one read; the first failing one (microbatch,
+    then key order) raises check_batch's own error; NaN outside the responses passes."""
+    from megatron_scope.megatron.schedule import _check_microbatches
+
+    config = LossConfig(kl="k3")
+    first, second, third, _ = split_microbatches(tiny_rollout_batch(), 4)
+    first["teacher_log_probs"][tuple((first["loss_mask"] == 0).nonzero()[0])] = float("nan")  # a prompt position
+    _check_microbatches([first, second, third], config)
+    third["seq_weights"][0] = float("inf")
+    second["teacher_log_probs"][tuple(second["loss_mask"].nonzero()[0])] = float("nan")
+    with pytest.raises(ValueError, match=r"batch\['teacher_log_probs'\] holds NaN or Inf on response tokens"):
+        _check_microbatches([first, second, third], config)
+    with pytest.raises(ValueError, match=r"batch\['seq_weights'\] holds NaN or Inf"):
+        _check_microbatches([first, third], config)
+
+
 def test_the_report_counts_response_tokens_whose_loss_is_not_finite(batch):
     """A teacher top-k whose tail is exactly 0 where the student's is not makes that token's reverse KL +inf
     (the true value): the step's loss is non-finite (the optimizer guard skips it) and the report says which
