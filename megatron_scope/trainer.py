@@ -498,12 +498,12 @@ class ScopeTrainer:
         weights than the ones being trained.
         """
         sampled = [sampled_by_student(b) for b in microbatches]  # TrOPD's prefix tokens were sampled by the teacher
-        diff = sum(float(((b["rollout_log_probs"] - b["old_log_probs"]).abs() * mask).sum())
-                   for b, mask in zip(microbatches, sampled))
-        count = sum(float(mask.sum()) for mask in sampled)
+        diff = torch.stack([((b["rollout_log_probs"] - b["old_log_probs"]).abs() * mask).sum().double()
+                            for b, mask in zip(microbatches, sampled)]).sum()
+        count = torch.stack([mask.sum().double() for mask in sampled]).sum()  # no host read before the reduction
         group, device = parallel_state.get_data_parallel_group(), collective_device()
-        totals = torch.tensor([diff, count], dtype=torch.float64, device=device)
-        worst = torch.tensor([diff / max(count, 1.0)], dtype=torch.float64, device=device)
+        totals = torch.stack([diff, count]).to(device)
+        worst = (diff / count.clamp_min(1.0)).reshape(1).to(device)
         dist.all_reduce(totals, group=group)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
         return float(totals[0] / totals[1].clamp_min(1)), float(worst)

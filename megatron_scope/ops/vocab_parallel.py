@@ -149,7 +149,7 @@ def _check_ids(ids: torch.Tensor, expected_shape: tuple, vocab_size: int, name: 
     if tuple(ids.shape) != tuple(expected_shape):
         raise ValueError(f"{name} shape {tuple(ids.shape)} != expected {tuple(expected_shape)}")
     if ids.numel():
-        low, high = int(ids.min()), int(ids.max())
+        low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one device read
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"{name} holds vocabulary id {bad}, outside [0, {vocab_size}) (vocab_size={vocab_size})")
