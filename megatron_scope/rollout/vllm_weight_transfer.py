@@ -13,7 +13,6 @@ one of three backends (`VLLMEngineConfig.weight_transfer`), each with its sender
   while every worker receives it in `update_weights` (the metadata travels by Ray). GPU to GPU across nodes.
   The driver checks every name and shape before it broadcasts anything: a worker that refused a bucket would
   leave the broadcast waiting forever.
-
 - "ipc", vLLM's own CUDA IPC backend in packed mode (`CudaIPCBuckets`, the default on CUDA): every bucket is
   packed into one device buffer per GPU of the engine, exported once per refit as a CUDA IPC handle; each worker
   maps the buffer of its own GPU (looked up by the GPU's UUID) and loads clones of the tensors. Nothing passes
