@@ -67,6 +67,11 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     g = parser.add_argument_group(title="distributed")
     g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's sequence parallelism: norms, residuals and the embedding's output are split "
+                        "along the sequence over the TP ranks (activation memory / TP outside the tensor-parallel "
+                        "regions); widths become multiples of TP. Ignored (with a warning) at TP 1, as Megatron-LM "
+                        "does.")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard optimizer state over data-parallel ranks (CUDA only).")
     g.add_argument("--overlap-grad-reduce", action="store_true",

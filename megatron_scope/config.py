@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 
 # The divergences the ops compute: over the whole vocabulary from a co-located teacher's logits, and the
 # single-sample estimators from the teacher's log-prob of the sampled token.
@@ -64,6 +65,10 @@ class ParallelConfig:
     """--tensor-model-parallel-size (TP)."""
     pipeline_model_parallel_size: int = 1
     """--pipeline-model-parallel-size (PP)."""
+    sequence_parallel: bool = False
+    """--sequence-parallel: Megatron's sequence parallelism (TP > 1) for every model of the run; each TP rank keeps
+    [s/TP, b, hidden] activations between the tensor-parallel regions and 1/TP of a co-located teacher's hidden
+    states."""
     distributed_timeout_minutes: int = 30
     """--distributed-timeout-minutes: the timeout of every process group's collectives (init_process_group's and
     megatron-core's groups), Megatron-LM's flag."""
@@ -72,6 +77,9 @@ class ParallelConfig:
         _positive("ParallelConfig", tensor_model_parallel_size=self.tensor_model_parallel_size,
                   pipeline_model_parallel_size=self.pipeline_model_parallel_size,
                   distributed_timeout_minutes=self.distributed_timeout_minutes)
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1 (build_config drops it at "
+                             "TP 1, as Megatron-LM does)")
 
     @property
     def model_parallel_size(self) -> int:
@@ -669,6 +677,15 @@ class RunConfig:
         return []
 
 
+def _sequence_parallel(args: argparse.Namespace) -> bool:
+    """--sequence-parallel where TP > 1; at TP 1 it is dropped with a warning, as Megatron-LM's arguments do (there
+    is nothing to split the sequence over, and launch scripts pass it at every TP)."""
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        logging.getLogger(__name__).warning("--sequence-parallel is ignored at --tensor-model-parallel-size 1")
+        return False
+    return args.sequence_parallel
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from `megatron_scope.arguments.parse_args`'s namespace (ValueError names the flag)."""
     placement = args.rollout_placement or ("ray" if args.rollout_engines else "colocated")
@@ -684,6 +701,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                         max_verifier_error_fraction=args.max_verifier_error_fraction),
         parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                 pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                                sequence_parallel=_sequence_parallel(args),
                                 distributed_timeout_minutes=args.distributed_timeout_minutes),
         loss=LossConfig(
             algorithm=args.scope_algorithm, kl=args.scope_kl, jsd_beta=args.scope_jsd_beta, topk=args.scope_topk,

@@ -233,7 +233,8 @@ def build_trainer(config: RunConfig):
     try:
         def load_model(arch, hf_dir, params_dtype=dtype, **config_overrides):
             model = build_gpt_model(arch, params_dtype=params_dtype, padded_vocab=padded_vocab, **config_overrides,
-                                    variable_seq_lengths=config.loop.max_tokens_per_microbatch is not None)
+                                    variable_seq_lengths=config.loop.max_tokens_per_microbatch is not None,
+                                    sequence_parallel=parallel.sequence_parallel)
             load_hf_weights(model, arch, SafetensorsCheckpoint(hf_dir))
             return model
 

@@ -62,7 +62,7 @@ from megatron_scope.megatron.parallel import collective_device
 from megatron_scope.megatron.schedule import forward_backward
 from megatron_scope.megatron.weight_export import iter_hf_weights
 from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
-                                          split_by_token_budget, split_rows, token_counts)
+                                          sequence_multiple, split_by_token_budget, split_rows, token_counts)
 from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams, close_engines
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
@@ -579,7 +579,8 @@ class ScopeTrainer:
         per_rank = self.config.rollout.prompts_per_step // self.dp_size
         start = self.dp_rank * per_rank - first
         local = groups[start : start + per_rank]
-        batch = build_batch(local, sequence_length_for(groups), self.tokenizer.pad_id,
+        multiple = sequence_multiple(self.config.parallel.tensor_model_parallel_size)  # widths split over TP (SP)
+        batch = build_batch(local, sequence_length_for(groups, multiple), self.tokenizer.pad_id,
                             group_offset=self.dp_rank * per_rank)
         self_teacher_rows = None
         if self.self_teacher is not None:  # SRPO: failed responses with a demonstration; each row's place in the batch
@@ -595,7 +596,8 @@ class ScopeTrainer:
         if loop.max_tokens_per_microbatch is None:
             microbatches = split_rows(batch, len(batch["tokens"]) // loop.micro_batch_size)
         else:
-            microbatches = split_by_token_budget(batch, loop.max_tokens_per_microbatch, loop.micro_batch_size)
+            microbatches = split_by_token_budget(batch, loop.max_tokens_per_microbatch, loop.micro_batch_size,
+                                                 multiple)
         metrics.update(self._token_counts(batch, microbatches))
 
         score_start = time.perf_counter()

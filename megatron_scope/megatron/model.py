@@ -13,7 +13,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from megatron_scope.megatron.attention import gpt_layer_spec
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+from megatron_scope.megatron.attention import gpt_block_spec
 
 
 @dataclasses.dataclass
@@ -136,7 +138,8 @@ def build_gpt_model(
     `attention.gpt_layer_spec(transformer_impl, attention_backend)` (default: megatron-core's local modules with
     torch SDPA attention, no stored s^2 scores); on the current CUDA device when there is one.
     `config_overrides` go to TransformerConfig (e.g. recompute_granularity, recompute_method,
-    recompute_num_layers).
+    recompute_num_layers, sequence_parallel: each TP rank then keeps [s/TP, b, hidden] activations between the
+    layers' tensor-parallel regions, and sequence lengths must be multiples of TP).
 
     padded_vocab: rows of the word embeddings and output layer; default `padded_vocab_size(arch.vocab_size,
     TP, make_vocab_size_divisible_by)`. Models whose logits meet in one vocab-parallel op (a student and its
@@ -152,7 +155,7 @@ def build_gpt_model(
     config = transformer_config(arch, params_dtype, **config_overrides)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(arch.qk_layernorm, transformer_impl, attention_backend),
+        transformer_layer_spec=gpt_block_spec(config, arch.qk_layernorm, transformer_impl, attention_backend),
         vocab_size=padded_vocab,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -211,22 +214,49 @@ def output_layer_weight(model) -> torch.Tensor | None:
 @contextlib.contextmanager
 def returning_hidden_states(model):
     """Inside, the model's last stage returns its last hidden states [b, s, hidden] (after the final norm: the
-    output layer's input) instead of logits, for a loss that applies the output layer itself (ops.linear_kl)."""
+    output layer's input) instead of logits, for a loss that applies the output layer itself (ops.linear_kl).
+    Under sequence parallelism they are all-gathered over the TP group as the output layer's input is (the loss
+    returns the gradient summed over TP, as `ops.linear_kl` does: the backward keeps this rank's slice of it)."""
     gpt = unwrap_model(model)
     if not gpt.post_process:
         yield
         return
-    gpt.output_layer.forward = lambda hidden_states, *args, **kwargs: (hidden_states, None)
+    if gpt.config.sequence_parallel:
+        gpt.output_layer.forward = lambda hidden_states, *args, **kwargs: (
+            gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False), None)
+    else:
+        gpt.output_layer.forward = lambda hidden_states, *args, **kwargs: (hidden_states, None)
     try:
         yield
     finally:
         del gpt.output_layer.forward  # the class's forward again
 
 
+def sequence_parallel(model) -> bool:
+    """Whether `model` runs with Megatron's sequence parallelism (activations split along the sequence over TP)."""
+    return unwrap_model(model).config.sequence_parallel
+
+
+def sequence_slice(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """This TP rank's contiguous slice of `tensor` along `dim` (the sequence): the part sequence parallelism gives it."""
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    if tensor.shape[dim] % tp:
+        raise ValueError(f"sequence length {tensor.shape[dim]} is not a multiple of the tensor-parallel size {tp}")
+    return tensor.narrow(dim, rank * (tensor.shape[dim] // tp), tensor.shape[dim] // tp)
+
+
+@torch.no_grad()
+def gather_sequence_slices(tensor: torch.Tensor) -> torch.Tensor:
+    """[b, s/TP, ...] sequence slices of the TP group's ranks -> [b, s, ...] (1 all-gather over TP; no gradient)."""
+    gathered = gather_from_sequence_parallel_region(tensor.transpose(0, 1).contiguous())
+    return gathered.transpose(0, 1)
+
+
 @contextlib.contextmanager
 def capturing_hidden_states(model, sink: list):
     """Inside, each forward of the model's last stage appends its last hidden states [s, b, hidden] (the output
-    layer's input) to `sink`; the model still returns its logits."""
+    layer's input; under sequence parallelism this TP rank's slice [s/TP, b, hidden]) to `sink`; the model still
+    returns its logits."""
     gpt = unwrap_model(model)
     if not gpt.post_process:
         yield

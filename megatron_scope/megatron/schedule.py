@@ -17,7 +17,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_scope.config import LossConfig
 from megatron_scope.megatron.loss_func import batch_value_checks, scope_loss_func
-from megatron_scope.megatron.model import output_layer_weight, returning_hidden_states
+from megatron_scope.megatron.model import (
+    gather_sequence_slices,
+    output_layer_weight,
+    returning_hidden_states,
+    sequence_parallel,
+)
 from megatron_scope.megatron.parallel import collective_device
 
 
@@ -45,10 +50,10 @@ def raise_on_any_rank(error: Exception | None, group=None) -> None:
         raise RuntimeError(f"rank {int(flag)} rejected the batch (its error is in its log); stopping all ranks")
 
 
-def _check_microbatches(microbatches: list[dict], loss_config: LossConfig) -> None:
+def _check_microbatches(microbatches: list[dict], loss_config: LossConfig, sequence_shards: int = 1) -> None:
     """`check_batch` over a step's microbatches with one device read for all their value checks: the first failing
     check, in microbatch then key order, raises its ValueError."""
-    checks = [check for batch in microbatches for check in batch_value_checks(batch, loss_config)]
+    checks = [check for batch in microbatches for check in batch_value_checks(batch, loss_config, sequence_shards)]
     if not checks:
         return
     device = checks[0][0].device
@@ -65,7 +70,9 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     The last stage checks every microbatch first and all stages agree before any compute, so bad data
     stops the step before any collective: shapes and keys on the host, NaN/Inf flags computed on the device and
     read once for the whole step (teacher_hidden through the scoring pass's `teacher_hidden_nonfinite` [b] bools,
-    not a scan of its values). With TP > 1, `teacher_logits` is this rank's vocabulary shard.
+    not a scan of its values). With TP > 1, `teacher_logits` is this rank's vocabulary shard; under sequence
+    parallelism `teacher_hidden` may be this rank's sequence slice [b, s/TP, hidden] (as `teacher.colocated` keeps
+    it), all-gathered over TP per microbatch on the device.
     Gradients land in the DDP `main_grad` buffers already divided by the global loss count
     (`calculate_per_token_loss=True` in the model's config).
     `teacher_weight`: the co-located teacher's output-layer shard, for microbatches carrying `teacher_hidden`;
@@ -77,9 +84,11 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
         raise ValueError("the SCOPE loss normalises over the global batch: build the model with "
                          "calculate_per_token_loss=True")
     error = None
+    split = sequence_parallel(model)
     if parallel_state.is_pipeline_last_stage():
         try:
-            _check_microbatches(microbatches, loss_config)
+            _check_microbatches(microbatches, loss_config,
+                                parallel_state.get_tensor_model_parallel_world_size() if split else 1)
         except ValueError as caught:
             error = caught
     raise_on_any_rank(error)  # all ranks: data-parallel replicas would otherwise wait in the grad all-reduce
@@ -93,7 +102,10 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
         if "teacher_hidden" in batch:  # in pinned host memory since the scoring pass (CUDA), whose copy there was
             # complete when it returned (`teacher.colocated.log_prob_pass`); this copy back is ordered before the
             # loss on the current stream
-            batch = {**batch, "teacher_hidden": batch["teacher_hidden"].to(batch["tokens"].device, non_blocking=True)}
+            hidden = batch["teacher_hidden"].to(batch["tokens"].device, non_blocking=True)
+            if hidden.shape[1] != batch["labels"].shape[1]:  # this rank's sequence slice
+                hidden = gather_sequence_slices(hidden)
+            batch = {**batch, "teacher_hidden": hidden}
         with returning_hidden_states(model) if fused else contextlib.nullcontext():
             output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(loss_func, batch)

@@ -77,6 +77,11 @@ def check_token_ids(groups: Sequence[RolloutGroup], vocab_size: int) -> None:
                                  f"[0, {vocab_size}): {bad[:5]}")
 
 
+def sequence_multiple(tensor_model_parallel_size: int = 1) -> int:
+    """What every batch width is a multiple of: 8 and TP (sequence parallelism splits positions over TP ranks)."""
+    return math.lcm(8, tensor_model_parallel_size)
+
+
 def padded_sequence_length(longest_tokens: int, multiple_of: int = 8) -> int:
     """The batch length for sequences of at most `longest_tokens` (prompt + response): inputs and labels are
     shifted by one, so `longest_tokens - 1` positions, rounded up to a multiple of `multiple_of`."""

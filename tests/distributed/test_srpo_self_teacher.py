@@ -1,5 +1,6 @@
 """One SRPO trainer step with the self-teacher (real Megatron models loaded from an HF checkpoint; a stand-in rollout,
-so no vLLM engine starts): --srpo-teacher ema at TP=2 and current at TP=1 on the same groups.
+so no vLLM engine starts): --srpo-teacher ema at TP=2 with --sequence-parallel (the self-teacher's hidden states
+re-laid into the student's rows, then split along the sequence) and current at TP=1 on the same groups.
 
 Both teachers are the initial student at the first step, so the two runs must give the same loss. In each: the
 self-teacher's log-probs at a failed response re-read under a re-prompt equal the student's own forward of the
@@ -39,7 +40,8 @@ def _one_step(rank, world_size, ws, teacher, save):
         "--tokenizer", ws.tokenizer, "--train-data", ws.train_jsonl,
         "--train-iters", "1", "--prompts-per-step", "2", "--scope-group-size", "2", "--micro-batch-size", "4",
         "--max-new-tokens", "8", "--lr", "1e-3", "--tensor-model-parallel-size", str(world_size),
-        "--rollout-tensor-parallel-size", "1", *(["--save", save] if save else [])]))
+        "--rollout-tensor-parallel-size", "1", *(["--save", save] if save else []),
+        *(["--sequence-parallel"] if world_size > 1 else [])]))
     generator = torch.Generator().manual_seed(0)
     completions = [Completion(torch.randint(3, trainer.vocab_size, (length,), generator=generator).tolist(),
                               [-math.log(trainer.vocab_size)] * length, "stop") for length in (5, 6, 4, 6)]
@@ -83,6 +85,8 @@ def _one_step(rank, world_size, ws, teacher, save):
                                            .mean()) - 1) < 1e-5,
             "updated": outcome.updated,
             "hidden states checked on the device": batch["teacher_hidden_nonfinite"].tolist() == [False] * 4,
+            "each TP rank keeps its sequence slice":
+                batch["teacher_hidden"].shape[1] * world_size == batch["labels"].shape[1],
         }
         if teacher == "ema":
             ema = dict(unwrap_model(trainer.ema_teacher.model).named_parameters())
@@ -107,7 +111,7 @@ def ws(tmp_path_factory):
     return make_workspace(str(tmp_path_factory.mktemp("srpo_ws")))
 
 
-def test_srpo_self_teacher_step_ema_at_tp2_equals_current_at_tp1(ws, tmp_path):
+def test_srpo_self_teacher_step_ema_at_tp2_sequence_parallel_equals_current_at_tp1(ws, tmp_path):
     (current,) = run_on_ranks(_one_step, 1, args=(ws, "current", None), timeout=600)
     ema = run_on_ranks(_one_step, 2, args=(ws, "ema", str(tmp_path / "ckpt")), timeout=600)
     for checks, loss in [current, *ema]:

@@ -58,6 +58,19 @@ def test_weight_transfer_and_gradient_reduction_flags():
     assert run.optimizer.overlap_grad_reduce and run.optimizer.ddp_bucket_size == 40_000_000
 
 
+def test_sequence_parallel_needs_tensor_parallelism(caplog):
+    from megatron_scope.config import ParallelConfig
+
+    assert not parse_run_config(REQUIRED).parallel.sequence_parallel
+    assert parse_run_config(REQUIRED + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]).parallel \
+        .sequence_parallel
+    with caplog.at_level("WARNING"):  # dropped at TP 1, as Megatron-LM drops it, and said
+        assert not parse_run_config(REQUIRED + ["--sequence-parallel"]).parallel.sequence_parallel
+    assert "--sequence-parallel is ignored" in caplog.text
+    with pytest.raises(ValueError, match="--sequence-parallel needs --tensor-model-parallel-size > 1"):
+        ParallelConfig(sequence_parallel=True)
+
+
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit):
         parse_run_config(["--help"])

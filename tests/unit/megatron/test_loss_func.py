@@ -355,3 +355,23 @@ def test_nonfinite_sequences_look_at_response_positions_only():
     with pytest.raises(ValueError, match=r"batch\['teacher_hidden'\] holds NaN or Inf on response tokens of "
                                          r"sequences \[2\]"):
         check_batch(batch, LossConfig())
+
+
+def test_a_sequence_parallel_ranks_slice_of_teacher_hidden_states_is_checked_as_a_slice():
+    """Under sequence parallelism (`sequence_shards` = TP) teacher_hidden may be one rank's [b, s/TP, H] slice (checked
+    through the scoring pass's flags, which cover the whole sequence); any other width is named."""
+    from megatron_scope.megatron.loss_func import batch_value_checks
+
+    (batch,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
+    seq = batch["labels"].shape[1]
+    assert batch_value_checks(batch, LossConfig(), sequence_shards=2)  # the full width still passes
+    flags = torch.zeros(len(batch["labels"]), dtype=torch.bool)
+    flags[3] = True
+    half = {**batch, "teacher_hidden": batch["teacher_hidden"][:, : seq // 2].contiguous(),
+            "teacher_hidden_nonfinite": flags}
+    assert [bool(bad) for bad, _ in batch_value_checks(half, LossConfig(), sequence_shards=2)].count(True) == 1
+    with pytest.raises(ValueError, match=r"batch\['teacher_hidden'\] has shape"):
+        batch_value_checks(half, LossConfig())  # not sequence-parallel: a half-width tensor is wrong
+    third = {**batch, "teacher_hidden": batch["teacher_hidden"][:, : seq // 3].contiguous()}
+    with pytest.raises(ValueError, match=r"batch\['teacher_hidden'\] has shape"):
+        batch_value_checks(third, LossConfig(), sequence_shards=2)

@@ -175,3 +175,10 @@ def test_a_served_references_scores_become_ref_log_probs_at_the_response_positio
     assert torch.equal(batch["ref_log_probs"], expected) and "teacher_log_probs" not in batch
     with pytest.raises(ValueError, match="response 1 has 1 tokens but 2 reference log-probs"):
         RolloutGroup("a", [1], group.completions, [True, False], reference_scores=[scores[0], scores[0]])
+
+
+def test_widths_are_multiples_of_tensor_parallelism_for_sequence_parallelism():
+    from megatron_scope.rollout.batch import padded_sequence_length, sequence_multiple
+
+    assert [sequence_multiple(tp) for tp in (1, 2, 4, 8, 3, 6)] == [8, 8, 8, 8, 24, 24]
+    assert padded_sequence_length(30, sequence_multiple(3)) == 48 and padded_sequence_length(30, 8) == 32
