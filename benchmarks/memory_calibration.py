@@ -18,8 +18,9 @@ if __name__ == "__main__":
         estimate = calibration._estimate(name)
         print(f"| {name} | {measured[name] / 2**20:.1f} | {estimate / 2**20:.1f} | {measured[name] / estimate:.2f} |")
     print("\n| TP = 2 configuration | measured MiB per rank | estimated MiB | ratios |\n|---|---|---|---|")
-    for name in ("s2048-b1-unfused", "s2048-b1-selective-fused", "s1024-b1-topk64"):
-        ranks = run_on_ranks(calibration._measure, 2, args=((name,),), timeout=900)
-        estimate = calibration._estimate(name, tp=2)
-        print(f"| {name} | {', '.join(f'{r[name] / 2**20:.1f}' for r in ranks)} | {estimate / 2**20:.1f} | "
-              f"{', '.join(f'{r[name] / estimate:.2f}' for r in ranks)} |")
+    for name, split in (("s2048-b1-unfused", False), ("s2048-b1-unfused", True), ("s2048-b1-selective-fused", False),
+                        ("s2048-b1-selective-fused", True), ("s1024-b1-topk64", False)):
+        ranks = run_on_ranks(calibration._measure, 2, args=((name,), split), timeout=900)
+        estimate = calibration._estimate(name, tp=2, sequence_parallel=split)
+        print(f"| {name}{' sequence-parallel' if split else ''} | {', '.join(f'{r[name] / 2**20:.1f}' for r in ranks)} "
+              f"| {estimate / 2**20:.1f} | {', '.join(f'{r[name] / estimate:.2f}' for r in ranks)} |")

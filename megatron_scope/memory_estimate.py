@@ -23,7 +23,9 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
     reference parameters     e P_ref             ExOPD's frozen π_ref (--exopd-reference-hf, else the student),
                                                  co-located (--exopd-reference-backend megatron)
     SRPO EMA teacher         4 P                 --srpo-teacher ema: a float32 copy of the student's stage
-    activations              A m (L/p) [+ 2 e s b h on the last stage: final-norm and output-layer inputs]
+    activations              A m (L/p) [+ 2 e s b h on the last stage: final-norm and output-layer inputs;
+                                                 with --sequence-parallel e s b h / t each, but the fused KL keeps
+                                                 the all-gathered e s b h]
                              m = min(p - stage, n / b) microbatches in flight under 1F1B (1 without PP)
     attention score buffer   e (a/t) s^2 b       Megatron's global "mpu" buffer for the baddbmm of QK^T
                                                  (allocated once, kept; sized for the larger of teacher/student)
@@ -43,10 +45,14 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                                                  teacher's k ids from a masked copy of its shard; c = 13 with
                                                  --bf16 (fp32 upcast, masked copy, bool mask, and in backward
                                                  the tail log-sum-exp's fp32 gradient), 9 in fp32
-    teacher hidden states    e b s h_T           last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
+    teacher hidden states    e b s h_T (1 + 1/t) last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
                                                  SRPO): the co-located teacher's last hidden states of one
-                                                 microbatch; those of the whole local batch (e n s h_T) wait in
-                                                 pinned host memory from the scoring pass to the student's step.
+                                                 microbatch, all-gathered from the TP ranks' sequence slices, and on
+                                                 CUDA the next microbatch's slice, copied ahead on a side stream
+                                                 (2 e b s h_T at t = 1); each rank's slices of the whole local batch
+                                                 wait in one pinned host buffer from the scoring pass to the step:
+                                                 e n s h_T / t (+ < 512 B alignment per microbatch; exact: page-locked
+                                                 with cudaHostRegister, no allocator rounding).
                                                  SRPO's self-teacher: h_T = h, and e = 4 for the EMA teacher
     teacher logits           e b s V/t           the same without the fused KL: one microbatch's, from those states
     batch tensors            40 n s              tokens, labels, position ids (int64), loss mask and 3 log-prob
@@ -62,7 +68,9 @@ keys/values expanded by repeat_interleave (--attention-backend local), or torch 
     A = e s b [ 6h + (attention + q_norm (a + g) d + 4 F) / t ] + c (a/t) s^2 b
 
     6h      inputs of the two RMSNorms, their normalised inputs x rsqrt(mean x^2) (torch's rms_norm keeps them for
-            the weight's gradient), and the inputs of the QKV and fc1 linears (replicated over TP)
+            the weight's gradient), and the inputs of the QKV and fc1 linears (replicated over TP; 6h/t with
+            --sequence-parallel, where each rank keeps its s/t positions and the linears save their sequence shard,
+            all-gathering it again in backward: Korthikanti's sbh(34/t + 5as/(ht)))
     attention  local: 4ad, Q, K and V (expanded to a heads) for the two attention matmuls and the linear_proj
             input; sdpa: 4ad + 3gd, rotated Q (ad) and K (gd), the QKV linear's output that V is a view of
             ((a + 2g) d), SDPA's output (ad) and its contiguous copy fed to linear_proj (ad)
@@ -77,7 +85,12 @@ Activation recompute (--recompute-granularity): "selective" recomputes core atte
 not kept; "full" keeps each recompute unit's input e s b h instead of its layers' activations, plus one unit's
 activations while it is recomputed (after the loss's backward has freed its vocabulary-sized terms, so only the
 excess over those adds to the peak): uniform units of N layers keep ceil(L/p / N) inputs and recompute N layers
-at a time; block N keeps the inputs of N layers and the full activations of the other L/p - N.
+at a time; block N keeps the inputs of N layers and the full activations of the other L/p - N. A layer's input is
+e s b h, / t with --sequence-parallel.
+
+`least_recompute` searches, for a launch, the cheapest setting that fits: none, selective (only where attention
+stores s^2 scores: with SDPA it saves nothing), then full recompute of the fewest layers per stage (block N,
+N = 1 .. L/p); `step_flops` counts what each costs (the student's forward, backward and recomputed forward).
 
 Rollout engine (vLLM), by --rollout-placement: "colocated" (one engine on the first T_r GPUs of every
 data-parallel replica's first stage), "rank0" (one on global rank 0's), or "ray" (--rollout-gpus of their own):
@@ -177,16 +190,18 @@ def kv_bytes_per_token(arch: DecoderArch, element_bytes: int) -> int:
 
 
 def activation_bytes_per_layer(arch: DecoderArch, seq_length: int, micro_batch_size: int, tp: int,
-                               element_bytes: int = 2, flash_attention: bool = False, scores: bool | None = None) -> int:
-    """A = e s b [6h + (attention + q_norm (a+g) d + 4F)/t] + c (a/t) s^2 b, c = 6 (bf16) or 4 (fp32), attention
-    4ad (local) or 4ad + 3gd (`flash_attention`: SDPA with grouped K/V); `scores` (default: not flash_attention)
-    keeps the s^2 term (selective recompute of local attention drops it). See the module docstring."""
+                               element_bytes: int = 2, flash_attention: bool = False, scores: bool | None = None,
+                               sequence_parallel: bool = False) -> int:
+    """A = e s b [6h (/t with `sequence_parallel`) + (attention + q_norm (a+g) d + 4F)/t] + c (a/t) s^2 b, c = 6
+    (bf16) or 4 (fp32), attention 4ad (local) or 4ad + 3gd (`flash_attention`: SDPA with grouped K/V); `scores`
+    (default: not flash_attention) keeps the s^2 term (selective recompute of local attention drops it). See the
+    module docstring."""
     s, b, h, d = seq_length, micro_batch_size, arch.hidden_size, arch.kv_channels
     a, g = arch.num_attention_heads, arch.num_query_groups
     attention = 4 * a * d + (3 * g * d if flash_attention else 0)
     scores = not flash_attention if scores is None else scores
     split = attention + ((a + g) * d if arch.qk_layernorm else 0) + 4 * arch.ffn_hidden_size
-    linear = element_bytes * s * b * (6 * h) + element_bytes * s * b * split // tp
+    linear = element_bytes * s * b * (6 * h) // (tp if sequence_parallel else 1) + element_bytes * s * b * split // tp
     return linear + ((6 if element_bytes == 2 else 4) * a * s * s * b // tp if scores else 0)
 
 
@@ -467,12 +482,14 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
                 f"[{b}, {s}, {vocab_shard}] {_dtype(t_e)} from its hidden states",
                 "use --scope-fused-kl (SCOPE, OPD), lower --micro-batch-size"))
     models = plan.config.models
+    split = plan.config.parallel.sequence_parallel
+    sequence_shards = tp if split else 1
     in_flight = min(pp - stage, plan.num_microbatches)
     scores = models.stores_attention_scores and models.recompute_granularity != "selective"
     per_layer = activation_bytes_per_layer(student, s, b, tp, e, flash_attention=not models.stores_attention_scores,
-                                           scores=scores)
+                                           scores=scores, sequence_parallel=split)
     layers = layers_per_stage(student, pp)
-    layer_input = e * s * b * student.hidden_size  # what a recomputed layer keeps: its input hidden states
+    layer_input = e * s * b * student.hidden_size // sequence_shards  # what a recomputed layer keeps: its input
     if models.recompute_granularity == "full" and models.recompute_method == "uniform":
         kept, recomputing = -(-layers // models.recompute_num_layers) * layer_input, \
             min(models.recompute_num_layers, layers) * per_layer
@@ -487,10 +504,14 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     # A recomputed unit's activations exist only after the loss's backward has freed its vocabulary-sized terms:
     # the peak holds the larger of the two.
     loss_phase = sum(c.bytes for c in loss_terms)
-    act = kept * in_flight + max(recomputing - loss_phase, 0) + (2 * e * s * b * student.hidden_size if last else 0)
+    hidden = e * s * b * student.hidden_size
+    fused = teacher_distribution and plan.config.loss.fuses_student_logits  # keeps the all-gathered hidden states
+    final = hidden // sequence_shards + (hidden if fused else hidden // sequence_shards)  # final-norm, output inputs
+    act = kept * in_flight + max(recomputing - loss_phase, 0) + (final if last else 0)
     comps.append(Component(
         "student activations", act,
-        f"{per_layer / GIB:.2f} GiB/layer (s={s}, b={b}), {layers} layers, {how}, {in_flight} microbatch(es) in flight",
+        f"{per_layer / GIB:.2f} GiB/layer (s={s}, b={b}{', sequence-parallel' if split else ''}), {layers} layers, "
+        f"{how}, {in_flight} microbatch(es) in flight",
         "lower --micro-batch-size or --max-new-tokens, raise --tensor-model-parallel-size, use "
         "--attention-backend sdpa (no s^2 scores) and --recompute-granularity full"))
     if models.stores_attention_scores:
@@ -501,10 +522,14 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
                                "use --attention-backend sdpa; lower --micro-batch-size or --max-new-tokens"))
     comps += loss_terms
     if teacher_distribution:
+        states = b * s * distribution.hidden_size * t_e
+        ahead = states // tp if plan.device_type == "cuda" else 0  # the next microbatch's slice, prefetched
         comps.append(Component(
-            "teacher hidden states (microbatch)", b * s * distribution.hidden_size * t_e,
-            f"[{b}, {s}, {distribution.hidden_size}] {_dtype(t_e)}, brought from host memory for its microbatch (the "
-            f"local batch's {n} sequences wait there: teacher_hidden_host_bytes)", "lower --micro-batch-size"))
+            "teacher hidden states (microbatch)", states + ahead,
+            f"[{b}, {s}, {distribution.hidden_size}] {_dtype(t_e)} gathered from the TP ranks' slices"
+            + (f" + the next microbatch's 1/{tp} slice, prefetched" if ahead else "")
+            + f" (the local batch's {n} sequences wait in host memory: teacher_hidden_host_bytes)",
+            "lower --micro-batch-size"))
     # A co-located teacher's top-k exists on the last stage; a vLLM teacher's arrives with the batch on every rank.
     remote_topk = plan.config.models.teacher_backend == "vllm"
     k = plan.config.loss.teacher_topk
@@ -564,11 +589,17 @@ def _distribution_bytes(plan: RunPlan) -> int:
 
 def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None) -> int:
     """Host memory per last-stage rank for the (self-)teacher's last hidden states of the local batch, kept from
-    the scoring pass to the student's step (e n s h_T; 0 when the loss does not read the teacher's distribution)."""
+    the scoring pass to the student's step: this TP rank's sequence slices, e n s h_T / t, in one buffer whose
+    microbatch tensors start at 512-byte offsets (`teacher.colocated.HostBuffer`); 0 when the loss does not read
+    the teacher's distribution."""
     source = _distribution_source(plan, student, teacher)
     if source is None:
         return 0
-    return plan.local_sequences * plan.seq_length * source.hidden_size * _distribution_bytes(plan)
+    rows = plan.micro_batch_rows
+    per_microbatch = rows * (plan.seq_length // plan.tensor_parallel) * source.hidden_size * _distribution_bytes(plan)
+    aligned = -(-per_microbatch // 512) * 512
+    full, rest = divmod(plan.local_sequences, rows)
+    return full * aligned + (-(-per_microbatch * rest // rows // 512) * 512 if rest else 0)
 
 
 def _engine_components(plan: RunPlan, model: DecoderArch, label: str = "vLLM") -> list[Component]:
@@ -714,6 +745,70 @@ def fit_errors(plan: RunPlan, gpus: list[GpuEstimate]) -> list[str]:
                 f"largest term: {big.name} {big.bytes / GIB:.1f} GiB ({big.detail})"
                 + (f"; to lower it: {big.advice}" if big.advice else ""))
     return errors
+
+
+def step_flops(plan: RunPlan, student: DecoderArch) -> tuple[int, int]:
+    """(training FLOPs without recomputation, FLOPs the run's recompute setting adds) of the student's step on one
+    GPU of the last pipeline stage, every local sequence at the full length s (an upper bound with token-budget
+    microbatches). Forward per token: 2 P_layer for each of the L/p layers' linears plus 2 a d s for causal attention
+    (Q K^T and P V over s/2 keys on average), and 2 V h for the output layer, all / t; the step is 3 forwards
+    (backward = 2); full recompute adds the forward of its layers, selective the attention's 2 a d s."""
+    tp, s, arch = plan.tensor_parallel, plan.seq_length, student
+    tokens = plan.local_sequences * s
+    attention = 2 * arch.num_attention_heads * arch.kv_channels * s
+    layer = 2 * layer_param_count(arch, 1) + attention
+    layers = layers_per_stage(arch, plan.pipeline_parallel)
+    vocab = common_padded_vocab([arch], tp)
+    forward = tokens * (layers * layer + 2 * vocab * arch.hidden_size) // tp
+    models = plan.config.models
+    if models.recompute_granularity == "full":
+        recomputed = layers if models.recompute_method == "uniform" else min(models.recompute_num_layers, layers)
+        extra = tokens * recomputed * layer // tp
+    elif models.recompute_granularity == "selective":
+        extra = tokens * layers * attention // tp
+    else:
+        extra = 0
+    return 3 * forward, extra
+
+
+def recompute_candidates(plan: RunPlan, student: DecoderArch) -> list[dict]:
+    """Recompute settings from the least compute to the most: none; selective where attention stores s^2 scores
+    (SDPA keeps none, so it would save nothing there); full recompute of N = 1 .. L/p layers per stage (block)."""
+    candidates = [dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)]
+    if plan.config.models.stores_attention_scores:
+        candidates.append(dict(recompute_granularity="selective", recompute_method=None, recompute_num_layers=None))
+    candidates += [dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=n)
+                   for n in range(1, layers_per_stage(student, plan.pipeline_parallel) + 1)]
+    return candidates
+
+
+def with_recompute(plan: RunPlan, options: dict) -> RunPlan:
+    """`plan` with the student's recompute fields replaced by `options` (ModelsConfig's recompute_* fields)."""
+    models = dataclasses.replace(plan.config.models, **options)
+    return dataclasses.replace(plan, config=dataclasses.replace(plan.config, models=models))
+
+
+def least_recompute(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None,
+                    reference: DecoderArch | None = None) -> tuple[RunPlan, list[GpuEstimate]] | None:
+    """The first of `recompute_candidates` with which every GPU of the launch fits --gpu-memory-gib: (its plan, its
+    estimate); None if even full recompute of every layer does not fit."""
+    for options in recompute_candidates(plan, student):
+        candidate = with_recompute(plan, options)
+        gpus = estimate_memory(candidate, student, teacher, reference)
+        if not fit_errors(candidate, gpus):
+            return candidate, gpus
+    return None
+
+
+def recompute_flags(models) -> list[str]:
+    """The training flags of a ModelsConfig's recompute setting ([] for none)."""
+    if models.recompute_granularity is None:
+        return []
+    flags = ["--recompute-granularity", models.recompute_granularity]
+    if models.recompute_granularity == "full":
+        flags += ["--recompute-method", models.recompute_method, "--recompute-num-layers",
+                  str(models.recompute_num_layers)]
+    return flags
 
 
 def estimate_to_dict(plan: RunPlan, gpus: list[GpuEstimate]) -> dict:

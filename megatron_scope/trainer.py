@@ -68,7 +68,7 @@ from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
 from megatron_scope.rewards.base import STATUS_CORRECT, STATUS_VERIFIER_ERROR, Verdict, Verifier
 from megatron_scope.rollout.seeds import StepSeeds
-from megatron_scope.teacher.colocated import log_prob_pass, teacher_pass
+from megatron_scope.teacher.colocated import HostBuffer, log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
 from megatron_scope.teacher.self_teacher import SelfTeacherRow, route_group, reprompt_builder, self_teacher_pass
 
@@ -173,6 +173,8 @@ class ScopeTrainer:
             self.build_reprompt = reprompt_builder(tokenizer, config.data.prompt_format(),
                                                    config.loss.baselines.srpo_reprompt_template)
         self.optimizer, self.scheduler = optimizer, scheduler
+        # the co-located teacher's hidden states of a step, from its scoring pass to the step: one buffer, every step
+        self.teacher_hidden_buffer = HostBuffer(pinned=torch.cuda.is_available())  # the models live on CUDA then
         frozen = [m for m in (teacher, reference, ema_teacher.model if ema_teacher is not None else None)
                   if m is not None]
         # training state that waits off the GPUs while the engines generate (nothing without the flags)
@@ -461,7 +463,8 @@ class ScopeTrainer:
             teacher = self_teacher_pass(self.self_teacher, microbatches, self_teacher_rows,
                                         self.config.loop.micro_batch_size, self.vocab_size, self.tokenizer.pad_id)
         elif self.teacher is not None:
-            teacher = teacher_pass(self.teacher, microbatches, self.config.loss, self.vocab_size)
+            teacher = teacher_pass(self.teacher, microbatches, self.config.loss, self.vocab_size,
+                                   self.teacher_hidden_buffer)
         else:
             teacher = []
         reference = log_prob_pass(self.reference, microbatches, self.vocab_size) if self.reference is not None else []
@@ -632,8 +635,10 @@ class ScopeTrainer:
         return outcome
 
     def close(self) -> None:
-        """Shut down the engines this rank holds (the rollout engine, and a teacher's and a reference's, on a leader)."""
+        """Shut down the engines this rank holds (the rollout engine, and a teacher's and a reference's, on a leader)
+        and free the teacher's host buffer."""
         close_engines((self.engine, self.teacher_engine, self.reference_engine))
+        self.teacher_hidden_buffer.release()
 
     # ---- the loop ----
 

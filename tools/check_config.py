@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-overcommit", action="store_true",
                    help="A run that does not fit --gpu-memory-gib only warns (exit 0).")
     g.add_argument("--json", action="store_true", help="Print the result as JSON.")
+    g.add_argument("--print-least-recompute", action="store_true",
+                   help="Print only the recompute flags of the least recomputation with which the launch fits "
+                        "(nothing for none) and exit 0; exit 1 with the check's report when even full recompute of "
+                        "every layer does not fit (the launch scripts' RECOMPUTE=auto).")
     return parser
 
 
@@ -221,6 +225,21 @@ def run_check(args: argparse.Namespace) -> dict:
             errors.append(f"{summary}: more than --host-memory-gib {args.host_memory_gib:g}")
         else:
             notes.append(summary)
+    least = me.least_recompute(plan, student, teacher, reference)
+    train, extra = me.step_flops(plan, student)
+    if least is None:
+        result["least_recompute"] = None
+        notes.append("least recompute: none fits --gpu-memory-gib, not even full recompute of every layer")
+    else:
+        chosen, _ = least
+        chosen_train, chosen_extra = me.step_flops(chosen, student)
+        flags = me.recompute_flags(chosen.config.models)
+        result["least_recompute"] = {"flags": flags, "step_flops_per_gpu": chosen_train + chosen_extra,
+                                     "recompute_flops_per_gpu": chosen_extra}
+        notes.append(f"least recompute that fits: {' '.join(flags) or 'none'} (student step {(chosen_train + chosen_extra) / 1e15:.0f} "
+                     f"PFLOP per GPU at full length, {chosen_extra / chosen_train:+.0%} for recompute); as given "
+                     f"({' '.join(me.recompute_flags(config.models)) or 'none'}): {(train + extra) / 1e15:.0f} PFLOP, "
+                     f"{extra / train:+.0%}")
     result["memory"] = me.estimate_to_dict(plan, gpus)
     result["_table"] = me.format_table(plan, gpus)
     fit = me.fit_errors(plan, gpus)
@@ -264,6 +283,13 @@ def format_report(args: argparse.Namespace, result: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run_check(args)
+    if args.print_least_recompute:
+        least = result.get("least_recompute")
+        if least is None:
+            print(format_report(args, result), file=sys.stderr)
+            return 1
+        print(" ".join(least["flags"]))
+        return 0
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")} | {"ok": not result["errors"]},
                          indent=2))

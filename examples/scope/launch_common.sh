@@ -3,6 +3,7 @@
 # TRAIN_DATA, SAVE_DIR, TP). Every value below is an environment variable too (default after ":=").
 # Builds the training flags, runs tools/check_config.py with them, then torchrun -m megatron_scope.train (or prints it).
 : "${PP:=1}"                          # --pipeline-model-parallel-size
+: "${SEQUENCE_PARALLEL:=1}"           # 1: --sequence-parallel (norm and residual activations / TP; ignored at TP 1)
 : "${PROMPTS_PER_STEP:=256}"          # the paper's recipe: 256 prompts x G=8, lr 5e-5, 12288 tokens, tau 1
 : "${GROUP_SIZE:=8}"                  # G
 : "${MAX_NEW_TOKENS:=12288}"
@@ -25,7 +26,9 @@
 : "${OFFLOAD_DURING_ROLLOUT:=1}"      # 1: optimizer state, gradient buffers and the teacher wait in host memory
                                       # while the engines generate (--rl-offload-*-during-inference): KV cache room
 : "${ATTENTION_BACKEND:=sdpa}"        # --attention-backend: sdpa (no stored s^2 scores) or local
-: "${RECOMPUTE:=full}"                # full (every layer, uniform units of 1), selective (core attention) or none
+: "${RECOMPUTE:=auto}"                # auto: the least that fits GPU_MEMORY_GIB (tools/check_config.py
+                                      # --print-least-recompute: none, selective, or full recompute of the fewest
+                                      # layers); full (every layer), selective (core attention) or none
 : "${ROLLOUT_TEMPERATURE:=1.0}"       # --rollout-temperature
 : "${ROLLOUT_TP:=}"                   # --rollout-tensor-parallel-size; "" = TP when colocated, else 1
 : "${ROLLOUT_ENGINES:=0}"             # with ROLLOUT_PLACEMENT=ray: N engines as Ray actors (--rollout-engines)
@@ -55,12 +58,9 @@ ARGS=(
   --lr "$LR" --train-iters "$TRAIN_ITERS" --seed "$SEED"
   --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$SAVE_DIR/tensorboard"
 )
-case "$RECOMPUTE" in
-  full) ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
-  selective) ARGS+=(--recompute-granularity selective) ;;
-  none) ;;
-  *) echo "RECOMPUTE must be full, selective or none, got '$RECOMPUTE'" >&2; exit 2 ;;
-esac
+if [[ "$SEQUENCE_PARALLEL" == 1 ]]; then
+  ARGS+=(--sequence-parallel)
+fi
 if [[ "$OFFLOAD_DURING_ROLLOUT" == 1 ]]; then
   ARGS+=(--rl-offload-optimizer-during-inference)
   if [[ "$TEACHER_BACKEND" == megatron ]]; then
@@ -85,12 +85,21 @@ fi
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a CHECK_EXTRA <<< "$CHECK_ARGS"
 ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
+GEOMETRY=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --gpu-memory-gib "$GPU_MEMORY_GIB"
+          --host-memory-gib "$HOST_MEMORY_GIB" ${CHECK_EXTRA[@]+"${CHECK_EXTRA[@]}"})
+
+case "$RECOMPUTE" in
+  auto) read -r -a RECOMPUTE_FLAGS <<< "$("$PYTHON" "$ROOT/tools/check_config.py" "${ARGS[@]}" "${GEOMETRY[@]}" \
+                                          --print-least-recompute)"
+        ARGS+=(${RECOMPUTE_FLAGS[@]+"${RECOMPUTE_FLAGS[@]}"}) ;;
+  full) ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
+  selective) ARGS+=(--recompute-granularity selective) ;;
+  none) ;;
+  *) echo "RECOMPUTE must be auto, full, selective or none, got '$RECOMPUTE'" >&2; exit 2 ;;
+esac
 
 if [[ "$SKIP_CHECK" != 1 ]]; then
-  CHECK=("$PYTHON" "$ROOT/tools/check_config.py" "${ARGS[@]}"
-         --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --gpu-memory-gib "$GPU_MEMORY_GIB"
-         --host-memory-gib "$HOST_MEMORY_GIB"
-         ${CHECK_EXTRA[@]+"${CHECK_EXTRA[@]}"})
+  CHECK=("$PYTHON" "$ROOT/tools/check_config.py" "${ARGS[@]}" "${GEOMETRY[@]}")
   if [[ "$ALLOW_OVERCOMMIT" == 1 ]]; then
     CHECK+=(--allow-overcommit)
   fi

@@ -22,8 +22,8 @@ Microbatch keys ([b, s] unless noted; s covers prompt and response, `loss_mask` 
 label is a response token):
     labels, loss_mask, correct [b] bool, seq_weights [b];
     teacher_hidden [b, s, H_T] (the co-located teacher's last hidden states; the loss applies `teacher_weight`,
-                   its output-layer shard; under sequence parallelism `schedule.forward_backward` also takes this
-                   TP rank's sequence slice [b, s/TP, H_T] and all-gathers it) or teacher_logits [b, s, V/TP]
+                   its output-layer shard; `schedule.forward_backward` also takes this TP rank's sequence slice
+                   [b, s/TP, H_T] and all-gathers it) or teacher_logits [b, s, V/TP]
                                                    (--scope-kl reverse/forward/jsd, SRPO, TrOPD forward)
     teacher_hidden_nonfinite [b] bool              (optional, with teacher_hidden: the scoring pass's check, on the
                                                    device, for NaN/Inf at response positions; `check_batch` reads it
@@ -160,8 +160,8 @@ def batch_value_checks(batch: dict, config: LossConfig,
                        sequence_shards: int = 1) -> list[tuple[torch.Tensor, Callable[[], str]]]:
     """Check a microbatch's keys, shapes and dtypes (ValueError naming the key; nothing read from the device) and
     return its value checks, each (a 0-d bool tensor on the values' device, True where they hold NaN/Inf: computed
-    without a device-to-host read; the ValueError message to raise then). `sequence_shards`: TP under sequence
-    parallelism, where `teacher_hidden` may also be one rank's sequence slice [b, s / sequence_shards, H]."""
+    without a device-to-host read; the ValueError message to raise then). `sequence_shards`: TP, where `teacher_hidden`
+    may also be one rank's sequence slice [b, s / sequence_shards, H]."""
     required = required_batch_keys(config, teacher_hidden="teacher_hidden" in batch)
     missing = sorted(required - batch.keys())
     if missing:
@@ -180,7 +180,7 @@ def batch_value_checks(batch: dict, config: LossConfig,
         if key == "teacher_hidden" and sequence_shards > 1 and value.shape[1:2] != labels_shape[1:]:
             if labels_shape[1] % sequence_shards:
                 raise ValueError(f"labels {labels_shape} are {labels_shape[1]} positions wide, not a multiple of the "
-                                 f"tensor-parallel size {sequence_shards} that sequence parallelism splits them into")
+                                 f"tensor-parallel size {sequence_shards} that teacher_hidden's slices split them into")
             expected = (labels_shape[0], labels_shape[1] // sequence_shards)  # one TP rank's sequence slice
         extra_dims = 1 if key in TRAILING_DIM_KEYS else 0
         if tuple(value.shape[: len(expected)]) != expected or value.dim() != len(expected) + extra_dims:
@@ -206,7 +206,7 @@ def _teacher_hidden_check(batch: dict, num_sequences: int) -> tuple[torch.Tensor
     """NaN/Inf in `teacher_hidden` at response positions, read from `teacher_hidden_nonfinite` (the scoring pass's
     [b] flags) or, without it (a batch built elsewhere), scanned on teacher_hidden's own device."""
     flags = batch.get("teacher_hidden_nonfinite")
-    if flags is None:  # a sequence slice (sequence parallelism) is scanned against its slice of the mask
+    if flags is None:  # a TP rank's sequence slice is scanned against its slice of the mask
         hidden, mask = batch["teacher_hidden"], batch["loss_mask"]
         flags = nonfinite_sequences(hidden, mask if hidden.shape[1] == mask.shape[1] else sequence_slice(mask))
     elif tuple(flags.shape) != (num_sequences,):

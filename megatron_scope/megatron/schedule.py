@@ -17,12 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_scope.config import LossConfig
 from megatron_scope.megatron.loss_func import batch_value_checks, scope_loss_func
-from megatron_scope.megatron.model import (
-    gather_sequence_slices,
-    output_layer_weight,
-    returning_hidden_states,
-    sequence_parallel,
-)
+from megatron_scope.megatron.model import gather_sequence_slices, output_layer_weight, returning_hidden_states
 from megatron_scope.megatron.parallel import collective_device
 
 
@@ -70,9 +65,9 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     The last stage checks every microbatch first and all stages agree before any compute, so bad data
     stops the step before any collective: shapes and keys on the host, NaN/Inf flags computed on the device and
     read once for the whole step (teacher_hidden through the scoring pass's `teacher_hidden_nonfinite` [b] bools,
-    not a scan of its values). With TP > 1, `teacher_logits` is this rank's vocabulary shard; under sequence
-    parallelism `teacher_hidden` may be this rank's sequence slice [b, s/TP, hidden] (as `teacher.colocated` keeps
-    it), all-gathered over TP per microbatch on the device.
+    not a scan of its values). With TP > 1, `teacher_logits` is this rank's vocabulary shard and `teacher_hidden`
+    may be this rank's sequence slice [b, s/TP, hidden] (as `teacher.colocated` keeps it), all-gathered over TP per
+    microbatch on the device (`TeacherHiddenLoader`).
     Gradients land in the DDP `main_grad` buffers already divided by the global loss count
     (`calculate_per_token_loss=True` in the model's config).
     `teacher_weight`: the co-located teacher's output-layer shard, for microbatches carrying `teacher_hidden`;
@@ -84,11 +79,9 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
         raise ValueError("the SCOPE loss normalises over the global batch: build the model with "
                          "calculate_per_token_loss=True")
     error = None
-    split = sequence_parallel(model)
     if parallel_state.is_pipeline_last_stage():
         try:
-            _check_microbatches(microbatches, loss_config,
-                                parallel_state.get_tensor_model_parallel_world_size() if split else 1)
+            _check_microbatches(microbatches, loss_config, parallel_state.get_tensor_model_parallel_world_size())
         except ValueError as caught:
             error = caught
     raise_on_any_rank(error)  # all ranks: data-parallel replicas would otherwise wait in the grad all-reduce
@@ -97,20 +90,69 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     loss_func = partial(scope_loss_func, loss_config, vocab_size, group=group, teacher_weight=teacher_weight,
                         student_weight=output_layer_weight(model) if fused else None)
 
+    teacher_hidden = TeacherHiddenLoader(microbatches)
+
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        if "teacher_hidden" in batch:  # in pinned host memory since the scoring pass (CUDA), whose copy there was
-            # complete when it returned (`teacher.colocated.log_prob_pass`); this copy back is ordered before the
-            # loss on the current stream
-            hidden = batch["teacher_hidden"].to(batch["tokens"].device, non_blocking=True)
-            if hidden.shape[1] != batch["labels"].shape[1]:  # this rank's sequence slice
-                hidden = gather_sequence_slices(hidden)
-            batch = {**batch, "teacher_hidden": hidden}
+        if "teacher_hidden" in batch:
+            batch = {**batch, "teacher_hidden": teacher_hidden.next()}
         with returning_hidden_states(model) if fused else contextlib.nullcontext():
             output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(loss_func, batch)
 
-    return run_schedule(model, microbatches, forward_step, forward_only=forward_only)
+    try:
+        return run_schedule(model, microbatches, forward_step, forward_only=forward_only)
+    finally:
+        teacher_hidden.close()
+
+
+class TeacherHiddenLoader:
+    """Each microbatch's `teacher_hidden` on the device, in microbatch order, all-gathered over TP where it is a TP
+    rank's sequence slice [b, s/TP, H] (1 all-gather per microbatch).
+
+    On CUDA they wait in pinned host memory since the scoring pass, whose copies there were complete when it
+    returned (`teacher.colocated.log_prob_pass`). The copy of microbatch i + 1 is issued on a side stream when
+    microbatch i is taken, so it overlaps i's forward and backward; the compute stream waits for it only when it
+    takes i + 1 (device memory: one microbatch's gathered states and the next one's slice). `close` makes the
+    compute stream wait for the side stream, so the host memory may be written again after it."""
+
+    def __init__(self, microbatches: list[dict]):
+        self.host = [batch.get("teacher_hidden") for batch in microbatches]
+        self.labels_width = [batch["labels"].shape[1] for batch in microbatches]
+        self.device = microbatches[0]["tokens"].device if microbatches else torch.device("cpu")
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.index, self.pending = 0, {}
+
+    def _start(self, i: int) -> None:
+        if i >= len(self.host) or self.host[i] is None or i in self.pending:
+            return
+        if self.stream is None:
+            self.pending[i] = (self.host[i].to(self.device), None)
+            return
+        with torch.cuda.stream(self.stream):
+            states = self.host[i].to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        self.pending[i] = (states, copied)
+
+    def next(self) -> torch.Tensor:
+        i = self.index
+        self._start(i)
+        states, copied = self.pending.pop(i)
+        if copied is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(copied)
+            states.record_stream(current)  # made on the side stream, used (and freed) on this one
+        self.index += 1
+        self._start(self.index)  # the next microbatch's copy overlaps this one's compute
+        if states.shape[1] != self.labels_width[i]:  # this TP rank's sequence slice
+            states = gather_sequence_slices(states)
+        return states
+
+    def close(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self.pending.clear()
 
 
 def run_schedule(model, microbatches: list[dict], forward_step, forward_only: bool, collect_non_loss_data=False):

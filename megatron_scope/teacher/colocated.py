@@ -8,9 +8,9 @@ wide where logits would be V/TP wide; on CUDA they wait in pinned host memory un
 vocab-parallel top-k for --scope-kl topk, nothing more for sampled-token estimators. The vocabulary is never
 gathered: log-probs and the top-k communicate per-token statistics over the TP group.
 
-Under sequence parallelism each TP rank keeps its own slice of the sequence, [b, s/TP, hidden] (the slice the
-model's last norm computed there), so a rank holds 1/TP of the hidden states; the loss all-gathers them per
-microbatch (`schedule.forward_backward`).
+Each TP rank keeps its own slice of the sequence, [b, s/TP, hidden] (under sequence parallelism the slice the
+model's last norm computed there), so a rank holds 1/TP of the hidden states; the step all-gathers each microbatch's
+on the device (`schedule.forward_backward`). The trainer keeps them in one `HostBuffer`, reused every step.
 
 Hidden states are checked where they are made: `teacher_hidden_nonfinite` [b] bool flags, on the device, each
 sequence with NaN/Inf at a response position, so `check_batch` never scans the host copy. The copies to host
@@ -21,6 +21,7 @@ after each), so the CPU may read them and the step may copy them back without ra
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from megatron.core import parallel_state
@@ -39,39 +40,47 @@ from megatron_scope.ops.vocab_parallel import vocab_parallel_entropy, vocab_para
 
 
 def log_prob_pass(model, microbatches: list[dict], vocab_size: int, keep: str | None = None, topk: int = 0,
-                  temperature: float = 1.0, entropy: bool = False, full_sequence: bool = False) -> list:
+                  temperature: float = 1.0, entropy: bool = False, full_sequence: bool = False,
+                  host_buffer: "HostBuffer | None" = None) -> list:
     """Forward only: per microbatch (extra inputs, log-probs of the labels under softmax(logits / temperature))
     under `model`, on the last stage ([] elsewhere). Extras, by `keep`: None nothing; "hidden" the last hidden
-    states {teacher_hidden} [b, s, hidden] (the output layer's input; under sequence parallelism this TP rank's
-    slice [b, s/TP, hidden] unless `full_sequence`; pinned host memory on CUDA, the copy complete when this
-    returns) and, where the microbatch has a loss_mask, {teacher_hidden_nonfinite} [b] bool on the device: NaN/Inf
-    at a response position of the whole sequence; "topk" {teacher_topk_ids, teacher_topk_log_probs,
-    teacher_topk_tail_log_mass}, `topk` + 1 values per token instead of V/TP; with `entropy`, also
-    {teacher_entropy} [b, s], the entropy of softmax(logits) in nats (SRPO's weights)."""
+    states {teacher_hidden} (the output layer's input): this TP rank's sequence slice [b, s/TP, hidden] (all of
+    [b, s, hidden] at TP 1 or with `full_sequence`), in `host_buffer` (or fresh host tensors; pinned on CUDA, the
+    copy complete when this returns) and, where the microbatch has a loss_mask, {teacher_hidden_nonfinite} [b]
+    bool on the device: NaN/Inf at a response position of the whole sequence; "topk" {teacher_topk_ids,
+    teacher_topk_log_probs, teacher_topk_tail_log_mass}, `topk` + 1 values per token instead of V/TP; with
+    `entropy`, also {teacher_entropy} [b, s], the entropy of softmax(logits) in nats (SRPO's weights)."""
     group = parallel_state.get_tensor_model_parallel_group()
-    split = sequence_parallel(model)
-    hidden = []  # this microbatch's last hidden states, [s, b, hidden] ([s/TP, b, hidden] when split)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    model_split = sequence_parallel(model)  # the model itself hands over [s/TP, b, hidden]
+    keep_slice = tp > 1 and not full_sequence
+    hidden = []  # this microbatch's last hidden states, [s, b, hidden] ([s/TP, b, hidden] under model_split)
     copies = []  # CUDA events recorded after each non-blocking copy of hidden states to host memory
+    destinations = []  # the host tensors the microbatches' hidden states land in, in order
 
     def collect(batch, logits):
         scaled = logits / temperature if temperature != 1.0 else logits
         log_probs = vocab_parallel_log_probs(scaled, batch["labels"], group=group, vocab_size=vocab_size)
         extras = {}
         if keep == "hidden":
-            states = hidden.pop().transpose(0, 1)  # [b, s, hidden] ([b, s/TP, hidden] when split), on the device
-            if split and full_sequence:
-                states, split_here = gather_sequence_slices(states), False
-            else:
-                split_here = split
+            states = hidden.pop().transpose(0, 1)  # on the device that made them
+            if model_split and full_sequence:
+                states = gather_sequence_slices(states)
+            is_slice = model_split and not full_sequence
             if "loss_mask" in batch:  # checked here, before the copy: no host scan later
-                mask = sequence_slice(batch["loss_mask"]) if split_here else batch["loss_mask"]
-                flags = nonfinite_sequences(states, mask)
-                if split_here:  # NaN/Inf anywhere in the sequence: 1 all-reduce of [b] over TP, no host read
+                flags = nonfinite_sequences(states, sequence_slice(batch["loss_mask"]) if is_slice else batch["loss_mask"])
+                if is_slice:  # NaN/Inf anywhere in the sequence: 1 all-reduce of [b] over TP, no host read
                     flags = flags.to(torch.int32)
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
                     flags = flags.bool()
                 extras["teacher_hidden_nonfinite"] = flags
-            extras["teacher_hidden"] = _to_host(states, copies)
+            if keep_slice and not is_slice:  # every rank computed the whole sequence: keep this rank's 1/TP
+                states = sequence_slice(states)
+            if host_buffer is not None and not destinations:  # the whole pass's tensors, carved out at once
+                shapes = [(len(b["labels"]), b["labels"].shape[1] // (tp if keep_slice else 1), states.shape[-1])
+                          for b in microbatches]
+                destinations.extend(host_buffer.tensors(shapes, states.dtype))
+            extras["teacher_hidden"] = _to_host(states, copies, destinations.pop(0) if destinations else None)
         elif keep == "topk":
             ids, top, tail = vocab_parallel_topk(logits, topk, group=group, vocab_size=vocab_size)
             extras.update(teacher_topk_ids=ids, teacher_topk_log_probs=top, teacher_topk_tail_log_mass=tail)
@@ -93,13 +102,14 @@ def host_zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.zeros(shape, dtype=dtype, pin_memory=True)
 
 
-def _to_host(tensor: torch.Tensor, copies: list) -> torch.Tensor:
-    """A contiguous copy in pinned host memory for a CUDA tensor (`schedule.forward_backward` brings each microbatch's
-    back), else a contiguous tensor: the local batch's teacher hidden states wait off the GPU until the step.
-    The copy is non-blocking: a CUDA event recorded after it is appended to `copies`; wait on it before any read."""
+def _to_host(tensor: torch.Tensor, copies: list, destination: torch.Tensor | None = None) -> torch.Tensor:
+    """A contiguous copy in pinned host memory for a CUDA tensor (`destination`, or a new pinned tensor;
+    `schedule.forward_backward` brings each microbatch's back), else a contiguous tensor (copied into `destination`
+    when given): the local batch's teacher hidden states wait off the GPU until the step. The CUDA copy is
+    non-blocking: a CUDA event recorded after it is appended to `copies`; wait on it before any read."""
     if not tensor.is_cuda:
-        return tensor.contiguous()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return tensor.contiguous() if destination is None else destination.copy_(tensor)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) if destination is None else destination
     host.copy_(tensor, non_blocking=True)  # issued on the source device's current stream
     copied = torch.cuda.Event()
     copied.record(torch.cuda.current_stream(tensor.device))
@@ -107,10 +117,59 @@ def _to_host(tensor: torch.Tensor, copies: list) -> torch.Tensor:
     return host
 
 
-def teacher_pass(teacher, microbatches: list[dict], config: LossConfig, vocab_size: int) -> list[dict]:
+class HostBuffer:
+    """One host buffer for a step's teacher hidden states, reused every step and grown only when a step needs more:
+    page-locked (pinned) with `cudaHostRegister` when `pinned`, so it takes exactly its bytes (torch's caching host
+    allocator rounds each pinned block up to a power of two and keeps it). `tensors` hands out views of it; they
+    stay valid until the next call, which reuses the memory (the step that reads them ends before the next scoring
+    pass: each copy back is ordered on the device before the next pass's copies out)."""
+
+    ALIGNMENT = 512
+    """Bytes each tensor's offset is a multiple of."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self._memory: torch.Tensor | None = None  # flat uint8
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._memory is None else self._memory.numel()
+
+    def tensors(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Views of the buffer, one per shape, of `dtype` (the buffer grows to their total when it is smaller)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        sizes = [math.prod(shape) * itemsize for shape in shapes]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + -(-size // self.ALIGNMENT) * self.ALIGNMENT)
+        if offsets[-1] > self.nbytes:
+            self._allocate(offsets[-1])
+        return [self._memory[start:start + size].view(dtype).view(shape)
+                for start, size, shape in zip(offsets, sizes, shapes)]
+
+    def _allocate(self, nbytes: int) -> None:
+        self.release()  # the old buffer goes first: at most one exists
+        memory = torch.empty(nbytes, dtype=torch.uint8)
+        if self.pinned:
+            status = torch.cuda.cudart().cudaHostRegister(memory.data_ptr(), nbytes, 0)
+            if int(status) != 0:
+                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes for the teacher's hidden states failed "
+                                   f"(cudaError {int(status)}): not enough page-lockable host memory")
+        self._memory = memory
+
+    def release(self) -> None:
+        """Unpin and free the buffer (tensors handed out before must not be used after)."""
+        if self._memory is not None and self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._memory.data_ptr())
+        self._memory = None
+
+
+def teacher_pass(teacher, microbatches: list[dict], config: LossConfig, vocab_size: int,
+                 host_buffer: HostBuffer | None = None) -> list[dict]:
     """The teacher's loss inputs per microbatch on the last stage ([] elsewhere): teacher_log_probs and, as
-    `config` needs, teacher_hidden with teacher_hidden_nonfinite, or the top-k (see `log_prob_pass`)."""
+    `config` needs, teacher_hidden (in `host_buffer` when given) with teacher_hidden_nonfinite, or the top-k (see
+    `log_prob_pass`)."""
     keep = "hidden" if config.needs_teacher_logits else "topk" if config.teacher_topk else None
     return [{**extras, "teacher_log_probs": log_probs}
             for extras, log_probs in log_prob_pass(teacher, microbatches, vocab_size, keep, config.teacher_topk,
-                                                   entropy=config.algorithm == "srpo")]
+                                                   entropy=config.algorithm == "srpo", host_buffer=host_buffer)]

@@ -28,7 +28,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER, PromptFormat, prompt_token_ids
-from megatron_scope.megatron.model import output_layer_weight, sequence_parallel, sequence_slice, unwrap_model
+from megatron_scope.megatron.model import output_layer_weight, sequence_slice, unwrap_model
 from megatron_scope.rollout.batch import padded_sequence_length, sequence_multiple
 from megatron_scope.teacher.colocated import host_zeros, log_prob_pass
 
@@ -78,12 +78,12 @@ class SelfTeacherRow(NamedTuple):
 def self_teacher_pass(model, microbatches: list[dict], rows: Sequence[SelfTeacherRow], micro_batch_size: int,
                       vocab_size: int, pad_id: int) -> list[dict]:
     """The self-teacher's view of the student's microbatches on the last stage ([] elsewhere): per microbatch
-    teacher_hidden [b, s, H] (host memory on CUDA; under sequence parallelism this TP rank's slice [b, s/TP, H]) with
+    teacher_hidden: this TP rank's sequence slice [b, s/TP, H] (host memory on CUDA) with
     teacher_hidden_nonfinite [b] (NaN/Inf on the response, checked on the device), teacher_log_probs and
     teacher_entropy [b, s], at the student's positions; 0 on rows that are not distilled and off the response.
     `microbatches[i]["row_index"]` names each row's index in `rows`. The distilled rows run through `model` (every
-    stage) in microbatches of `micro_batch_size` rows padded to one width (a multiple of TP under sequence
-    parallelism); nothing runs when no row is distilled."""
+    stage) in microbatches of `micro_batch_size` rows padded to one width (a multiple of TP); nothing runs when no
+    row is distilled."""
     distilled = [i for i, row in enumerate(rows) if row.teacher_prompt is not None]
     chunks = [distilled[k:k + micro_batch_size] for k in range(0, len(distilled), micro_batch_size)]
     device = microbatches[0]["tokens"].device
@@ -131,7 +131,7 @@ def self_teacher_pass(model, microbatches: list[dict], rows: Sequence[SelfTeache
             out["teacher_log_probs"][position, start:start + length] = log_probs[source, teacher_start:teacher_start + length]
             out["teacher_entropy"][position, start:start + length] = \
                 extras["teacher_entropy"][source, teacher_start:teacher_start + length]
-        if sequence_parallel(model):  # keep this TP rank's sequence slice, as a co-located teacher's pass does
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:  # this TP rank's slice, as teacher_pass keeps
             full = out["teacher_hidden"]
             out["teacher_hidden"] = host_zeros((b, s // parallel_state.get_tensor_model_parallel_world_size(),
                                                 full.shape[-1]), dtype, device)

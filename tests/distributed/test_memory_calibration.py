@@ -44,7 +44,7 @@ def _teacher_arch():
     return dataclasses.replace(_arch(), hidden_size=384, num_attention_heads=6, num_query_groups=2)
 
 
-def _plan(seq, mbs, recompute, kl, fused, tp=1):
+def _plan(seq, mbs, recompute, kl, fused, tp=1, sequence_parallel=False):
     from megatron_scope.memory_estimate import RunPlan
     from megatron_scope.testing.tiny import tiny_run_config
 
@@ -54,14 +54,14 @@ def _plan(seq, mbs, recompute, kl, fused, tp=1):
     config = tiny_run_config(models=models, loss=dict(kl=kl, fused_kl=fused, topk=TOPK if kl == "topk" else None),
                              rollout=dict(prompts_per_step=1, group_size=mbs, max_new_tokens=seq - 1),
                              loop=dict(micro_batch_size=mbs), optimizer=dict(use_distributed_optimizer=False),
-                             parallel=dict(tensor_model_parallel_size=tp))
+                             parallel=dict(tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel))
     return RunPlan(config, nnodes=1, nproc_per_node=tp, max_prompt_tokens=2, overhead_gib=0.0, device_type="cpu")
 
 
-def _estimate(name, tp=1):
+def _estimate(name, tp=1, sequence_parallel=False):
     from megatron_scope import memory_estimate as me
 
-    plan = _plan(*CONFIGS[name], tp=tp)
+    plan = _plan(*CONFIGS[name], tp=tp, sequence_parallel=sequence_parallel)
     assert plan.seq_length == CONFIGS[name][0]
     gpu = me.estimate_memory(plan, _arch(), _teacher_arch())[0]  # the step's terms are alike on every first-stage rank
     return sum(c.bytes for c in gpu.components if c.name in STEP_TERMS)
@@ -72,9 +72,9 @@ def _status_bytes(key):
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith(key + ":"))
 
 
-def _measure(rank, world_size, names=tuple(CONFIGS)):
+def _measure(rank, world_size, names=tuple(CONFIGS), sequence_parallel=False):
     """Each named configuration's measured step peak on this rank (TP = world_size, each rank its vocabulary
-    shard of the teacher's output layer)."""
+    shard of the teacher's output layer; `sequence_parallel`: Megatron's, TP > 1)."""
     import gc
 
     import torch
@@ -92,7 +92,7 @@ def _measure(rank, world_size, names=tuple(CONFIGS)):
     students, measured = {}, {}
     for name in names:
         seq, mbs, recompute, kl, fused = CONFIGS[name]
-        overrides = dict(recompute_granularity=recompute)
+        overrides = dict(recompute_granularity=recompute, sequence_parallel=sequence_parallel)
         if recompute == "full":
             overrides.update(recompute_method="uniform", recompute_num_layers=1)
         if recompute not in students:
@@ -141,18 +141,20 @@ def measured(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_tp2_ranks_step_memory_matches_the_estimate():
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sequence-parallel"])
+def test_a_tp2_ranks_step_memory_matches_the_estimate(sequence_parallel):
     """Out of sample: each rank of TP = 2 (its vocabulary shard of both output layers, its heads), the unfused
-    full-vocabulary KL at 2048 tokens: both ranks' measured peaks within the tolerance of the estimate for a TP = 2
-    rank (measured 1.10 and 1.09 of it; BENCHMARKS.md)."""
+    full-vocabulary KL at 2048 tokens, without and with sequence parallelism (each rank's norm, residual and linear
+    inputs for its 1024 positions): both ranks' measured peaks within the tolerance of the estimate for a TP = 2
+    rank (measured 1.10 and 1.09 of it without; BENCHMARKS.md has both)."""
     import os
 
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        ranks = run_on_ranks(_measure, 2, args=(("s2048-b1-unfused",),), timeout=900)
+        ranks = run_on_ranks(_measure, 2, args=(("s2048-b1-unfused",), sequence_parallel), timeout=900)
     finally:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
-    estimate = _estimate("s2048-b1-unfused", tp=2)
+    estimate = _estimate("s2048-b1-unfused", tp=2, sequence_parallel=sequence_parallel)
     for measured in ranks:
         assert abs(measured["s2048-b1-unfused"] - estimate) <= TOLERANCE * estimate, (ranks, estimate)
 

@@ -1,6 +1,6 @@
 """--sequence-parallel: the same SCOPE step with and without Megatron's sequence parallelism, at TP = 2 and
 TP = 2 x PP = 2 (gloo): a tiny student and a co-located tiny teacher (`teacher_pass` keeps each TP rank's
-sequence slice of the teacher's hidden states, half of them; the loss all-gathers them), both through the fused KL
+sequence slice of the teacher's hidden states, half of them, in a reused `HostBuffer`; the loss all-gathers them), both through the fused KL
 from hidden states and through materialised logits. Same loss, same gradients on every rank after
 `finalize_model_grads` (whose TP sum of the norms' gradients is what makes sequence parallelism correct: the test
 also shows that without that sum the norms' gradients differ), same exported weights."""
@@ -27,7 +27,7 @@ def _step(rank, world_size, tp, pp, sequence_parallel, fused):
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.megatron.schedule import forward_backward
     from megatron_scope.megatron.weight_export import iter_hf_weights
-    from megatron_scope.teacher.colocated import teacher_pass
+    from megatron_scope.teacher.colocated import HostBuffer, teacher_pass
 
     initialize_model_parallel(tp, pp, seed=3)
     options = dict(sequence_parallel=sequence_parallel)
@@ -37,7 +37,7 @@ def _step(rank, world_size, tp, pp, sequence_parallel, fused):
     microbatches = split_microbatches(tiny_rollout_batch(seed=4), 2)
     for batch in microbatches:  # the teacher's view replaces the stand-in's hidden states and logits
         del batch["teacher_logits"], batch["teacher_log_probs"]
-    scored = teacher_pass(teacher, microbatches, config, TINY_ARCH.vocab_size)
+    scored = teacher_pass(teacher, microbatches, config, TINY_ARCH.vocab_size, HostBuffer(pinned=False))
     last = parallel_state.is_pipeline_last_stage()
     hidden_widths = []
     if last:
@@ -74,7 +74,8 @@ def test_sequence_parallel_gives_the_same_step(tp, pp, fused):
     for rank, (ours, theirs) in enumerate(zip(split, plain)):
         if theirs["loss"] is not None:
             assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5), rank
-            assert theirs["hidden_widths"] == [seq_length] * 2 and ours["hidden_widths"] == [seq_length // tp] * 2
+            # each TP rank keeps its sequence slice of the teacher's hidden states, with or without it
+            assert theirs["hidden_widths"] == ours["hidden_widths"] == [seq_length // tp] * 2
         assert ours["grads"].keys() == theirs["grads"].keys()
         for name, grad in ours["grads"].items():
             torch.testing.assert_close(grad, theirs["grads"][name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")

@@ -4,6 +4,7 @@ term of a tiny run by hand, the parallel/sequence/KV/vocabulary errors, the CLI,
 from __future__ import annotations
 
 import importlib.util
+import dataclasses
 import json
 import math
 import os
@@ -147,6 +148,7 @@ _CONFIG_FIELDS = {
     "reference_backend": ("models", "reference_backend"),
     "offload_optimizer": ("rollout", "offload_optimizer"), "offload_teacher": ("rollout", "offload_teacher"),
     "rollout_gpu_memory_utilization": ("rollout", "gpu_memory_utilization"),
+    "sequence_parallel": ("parallel", "sequence_parallel"),
 }
 
 
@@ -217,8 +219,9 @@ def test_engines_on_training_gpus_sleep_through_the_step():
     assert [g.role for g in gpus] == ["each replica's first rank (first stage + rollout engine)"]  # DP 2, TP 1
     terms = {c.name: c.bytes for c in gpus[0].components}
     # transient: activations 288,768 + score buffer 9,216 + fused KL 96,256 + weight gradient 131,072 + teacher
-    # hidden states 6,144 = 531,456; awake: weights 404,096 + KV cache 1 GiB
-    assert terms["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 531_456
+    # hidden states 2 x 6,144 (this microbatch's and the next one's, prefetched) = 537,600; awake: weights 404,096 +
+    # KV cache 1 GiB
+    assert terms["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 537_600
     assert terms["vLLM runtime"] == 2_048_000 and "vLLM weights" not in terms
     assert gpus[0].total_bytes == additive[0].total_bytes - 531_456
     # a vLLM teacher's engine is awake only while the rollout engine sleeps: the larger of the two counts
@@ -230,7 +233,7 @@ def test_engines_on_training_gpus_sleep_through_the_step():
     # 558,208 B wait in host memory while the engine generates: its KV cache reuses them too
     offloaded = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(offload_optimizer=True, offload_teacher=True),
                                                               TINY, TINY_TEACHER)[0].components}
-    assert offloaded["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 531_456 - 820_480 - 1_230_720 \
+    assert offloaded["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 537_600 - 820_480 - 1_230_720 \
         - 558_208
     # TP 2 > rollout TP 1: the replica's second first-stage rank runs no engine
     tp2 = me.estimate_memory(_tiny_plan(tensor_parallel=2, prompts_per_step=2), TINY, TINY_TEACHER)
@@ -317,7 +320,7 @@ def test_memory_terms_follow_the_flags():
     first, last = ({c.name: c.bytes for c in g.components} for g in pp)
     assert first["student activations"] == 138_240 * 1 * 2 and "fused KL (chunk + hidden gradient)" not in first
     assert last["student activations"] == 138_240 + 12_288
-    assert last["teacher hidden states (microbatch)"] == 2 * 24 * 64 * 2
+    assert last["teacher hidden states (microbatch)"] == 2 * (2 * 24 * 64 * 2)  # this microbatch and the next (CUDA)
     separate = me.estimate_memory(_tiny_plan(rollout_gpus=1, placement="ray", engines=1), TINY, TINY_TEACHER)
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU"]
     assert {c.name for c in separate[1].components} == {"vLLM weights", "vLLM KV cache", "vLLM runtime"}
@@ -662,16 +665,26 @@ QWEN3_32B = {**QWEN3_8B, "hidden_size": 5120, "intermediate_size": 25600, "num_a
              "num_hidden_layers": 64}
 
 
-@pytest.mark.parametrize("script, student, teacher", [("launch_paper.sh", R1_DISTILL_1_5B, QWEN25_7B),
-                                                      ("launch_qwen3_scaling.sh", QWEN3_8B, QWEN3_32B)],
-                         ids=["paper-1.5B-from-7B", "qwen3-8B-from-32B"])
-def test_the_launch_scripts_full_kl_runs_fit_80_gib_gpus(tmp_path, script, student, teacher):
+QWEN3_14B = {**QWEN3_8B, "hidden_size": 5120, "intermediate_size": 17408, "num_attention_heads": 40,
+             "num_hidden_layers": 40}
+
+
+@pytest.mark.parametrize("script, student, teacher, names, decoding, recompute", [
+    ("launch_paper.sh", R1_DISTILL_1_5B, QWEN25_7B, ("Qwen3-8B", "Qwen3-32B"), 83, ""),
+    ("launch_qwen3_scaling.sh", QWEN3_8B, QWEN3_32B, ("Qwen3-8B", "Qwen3-32B"), 96, ""),
+    ("launch_qwen3_scaling.sh", QWEN3_14B, QWEN3_32B, ("Qwen3-14B", "Qwen3-32B"), None,
+     "--recompute-granularity full --recompute-method block --recompute-num-layers 3"),
+], ids=["paper-1.5B-from-7B", "qwen3-8B-from-32B", "qwen3-14B-from-32B"])
+def test_the_launch_scripts_full_kl_runs_fit_80_gib_gpus(tmp_path, script, student, teacher, names, decoding,
+                                                         recompute):
     """The paper's run (4 x 8 GPUs, TP 2, full reverse KL, 2048-token prompts + 12288 new) and the scaling script's
-    Qwen3-8B from Qwen3-32B (TP 4) with the memory settings the scripts pass: the dry run says they fit."""
+    Qwen3-8B and Qwen3-14B from Qwen3-32B (TP 4) with the memory settings the scripts pass (sequence parallelism, the
+    least recompute that fits: none, none, and 3 of 14B's 40 layers): the dry run says they fit, and each node's
+    pinned host memory, the teacher's hidden states included, stays within 256 GiB."""
     env = {**os.environ, "DRY_RUN": "1", "STUDENT_HF": _model_dir(tmp_path, "student", student),
            "TEACHER_HF": _model_dir(tmp_path, "teacher", teacher), "TOKENIZER": str(tmp_path / "absent.model"),
            "TEACHER_TOKENIZER": "", "TRAIN_DATA": str(tmp_path / "absent.jsonl"), "PYTHON": sys.executable,
-           "CHECK_ARGS": "--max-prompt-tokens 2048 --json", "STUDENT": "Qwen3-8B", "TEACHER": "Qwen3-32B"}  # names set TP
+           "CHECK_ARGS": "--max-prompt-tokens 2048 --json", "STUDENT": names[0], "TEACHER": names[1]}  # names set TP
     done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", script)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -687,12 +700,64 @@ def test_the_launch_scripts_full_kl_runs_fit_80_gib_gpus(tmp_path, script, stude
     assert {"vLLM weights + KV cache beyond the step", "vLLM runtime"} <= names and "vLLM weights" not in names
     # with the training state offloaded while the engines generate, 8B <- 32B's KV cache decodes >= 96 full-length
     # sequences together (the paper's run: 83 in its 16 GiB)
-    (decoding,) = [note for note in result["notes"] if "would decode together" in note]
-    assert int(re.search(r"holds (\d+) full sequences", decoding).group(1)) >= (96 if script != "launch_paper.sh" else 83)
-    assert "--rl-offload-optimizer-during-inference" in done.stdout and "--rl-offload-teacher-during-inference" in \
-        done.stdout
-    # the pinned host memory of a node fits the script's HOST_MEMORY_GIB (1024): 160 and 425 GiB
-    assert 0 < result["host_memory_per_node"]["total_bytes"] < 1024 * GIB
+    if decoding is not None:
+        (note,) = [note for note in result["notes"] if "would decode together" in note]
+        assert int(re.search(r"holds (\d+) full sequences", note).group(1)) >= decoding
+    launch = done.stdout[done.stdout.index("DRY_RUN=1, would run:"):]
+    assert "--rl-offload-optimizer-during-inference" in launch and "--rl-offload-teacher-during-inference" in launch
+    assert "--sequence-parallel" in launch
+    # RECOMPUTE=auto: the least recompute that fits, passed to the run and reported
+    assert result["least_recompute"]["flags"] == recompute.split()
+    assert (recompute in launch) if recompute else "--recompute" not in launch
+    # the pinned host memory of a node: 111, 215 and 233 GiB (the teacher's states: each TP rank's slices)
+    assert 0 < result["host_memory_per_node"]["total_bytes"] <= 256 * GIB
+
+
+def test_sequence_parallelism_divides_the_replicated_activations_by_tp():
+    """TP = 2 with and without --sequence-parallel: each layer's 6h term (norm inputs and outputs, the QKV and fc1
+    inputs) is / t, and on the last stage the final norm's input; the fused KL still keeps the all-gathered hidden
+    states; a recomputed layer keeps its sequence shard of the input."""
+    def activations(**flags):
+        return {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(tensor_parallel=2, **flags), TINY,
+                                                            TINY_TEACHER)[0].components}["student activations"]
+
+    # e s b = 2 x 24 x 2 = 96 per hidden unit; h = 64: 6h = 36,864 B per layer, half of it saved on 2 layers;
+    # last stage: the final norm's input 6,144 B, half saved (the fused KL's gathered input is not)
+    assert activations() - activations(sequence_parallel=True) == 2 * 36_864 // 2 + 6_144 // 2
+    full = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    # 2 kept layer inputs of 6,144 B each, halved, and the final norm's input (the recomputed layer's activations
+    # fit in the room the loss's backward freed: not in the peak either way)
+    assert activations(**full) - activations(sequence_parallel=True, **full) == 2 * 6_144 // 2 + 6_144 // 2
+
+
+def test_least_recompute_is_the_cheapest_setting_that_fits():
+    """none, then selective (only where attention stores s^2 scores), then full recompute of 1 .. L/p layers
+    (block): the first whose every GPU fits, and what each costs in step FLOPs."""
+    plan = _tiny_plan(device_type="cpu", placement="rank0")
+    assert [c["recompute_granularity"] for c in me.recompute_candidates(plan, TINY)] == [None, "selective", "full",
+                                                                                        "full"]
+    assert [c["recompute_granularity"] for c in me.recompute_candidates(_tiny_plan(attention_backend="sdpa"),
+                                                                       TINY)] == [None, "full", "full"]
+    totals = {}
+    for options in me.recompute_candidates(plan, TINY):
+        candidate = me.with_recompute(plan, options)
+        totals[tuple(me.recompute_flags(candidate.config.models))] = \
+            max(g.total_bytes for g in me.estimate_memory(candidate, TINY, TINY_TEACHER))
+    block1 = ("--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1")
+    assert totals[()] > totals[("--recompute-granularity", "selective")] > totals[block1]
+    between = (totals[block1] + totals[("--recompute-granularity", "selective")]) / 2 / GIB  # selective misses
+    chosen, gpus = me.least_recompute(dataclasses.replace(plan, gpu_memory_gib=between), TINY, TINY_TEACHER)
+    assert me.recompute_flags(chosen.config.models) == list(block1) and max(g.total_bytes for g in gpus) <= between * GIB
+    assert me.least_recompute(dataclasses.replace(plan, gpu_memory_gib=1e-3), TINY, TINY_TEACHER) is None
+    # step FLOPs on one GPU: n s = 4 x 24 = 96 tokens; per layer 2 P + 2 a d s; output layer 2 V h; x 3; recompute
+    # adds the forward of its layers (selective: the attention's 2 a d s)
+    layer = 2 * me.layer_param_count(TINY) + 2 * 4 * 16 * 24
+    forward = 96 * (2 * layer + 2 * 1024 * 64)
+    assert me.step_flops(plan, TINY) == (3 * forward, 0)
+    assert me.step_flops(chosen, TINY) == (3 * forward, 96 * layer)
+    selective = me.with_recompute(plan, dict(recompute_granularity="selective", recompute_method=None,
+                                             recompute_num_layers=None))
+    assert me.step_flops(selective, TINY) == (3 * forward, 96 * 2 * 2 * 4 * 16 * 24)
 
 
 def test_exopds_reference_counts_its_own_parameters():
