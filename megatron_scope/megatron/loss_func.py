@@ -38,6 +38,9 @@ label is a response token):
     prefix_mask bool                               (TrOPD's guidance: the teacher-written tokens, imitated with
                                                    forward KL; the rollout IS weight is 1 there)
     rollout_log_probs                              (--rollout-is-threshold: the sampler's log-probs)
+    response_positions [m] int64                   (optional, the fused KL: the flat indices into [b * s] where
+                                                   loss_mask > 0; both output layers then run on those rows only;
+                                                   `schedule.forward_backward` sets it)
 """
 
 from __future__ import annotations
@@ -263,9 +266,18 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
     labels = batch["labels"]
     if student_weight is not None:  # `output` is the student's last hidden states: nothing vocabulary-sized kept
         kl_coef, log_prob_coef = _fused_coefficients(config, batch)
+        inputs = (output, batch["teacher_hidden"], kl_coef, labels, log_prob_coef)
+        positions = batch.get("response_positions")
+        if positions is not None:  # both output layers on the response positions only (the coefficients are 0
+            # elsewhere, so the loss and its gradient are the same); the statistics are 0 off the response
+            inputs = tuple(value.flatten(0, 1).index_select(0, positions) for value in inputs)
+        student_hidden, teacher_hidden, kl_coef, targets, log_prob_coef = inputs
         loss_sum, fused = vocab_parallel_linear_distill_loss(
-            output, student_weight, batch["teacher_hidden"], teacher_weight, kl_coef, labels, log_prob_coef,
+            student_hidden, student_weight, teacher_hidden, teacher_weight, kl_coef, targets, log_prob_coef,
             kind=config.kl, group=group, vocab_size=vocab, beta=config.jsd_beta)
+        if positions is not None:
+            fused = type(fused)(*(None if value is None else value.new_zeros(labels.numel()).index_copy_(
+                0, positions, value).view(labels.shape) for value in fused))
         stats = _fused_stats(batch, kl=fused.kl, student_log_probs=fused.student_log_probs,
                              teacher_log_probs=fused.teacher_log_probs)
         return stats, fused.student_entropy, loss_sum

@@ -72,7 +72,8 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     (`calculate_per_token_loss=True` in the model's config).
     `teacher_weight`: the co-located teacher's output-layer shard, for microbatches carrying `teacher_hidden`;
     with `loss_config.fuses_student_logits` the student then returns its last hidden states and the loss applies
-    both output layers chunk by chunk (`ops.linear_kl`): neither model's logits are kept.
+    both output layers chunk by chunk (`ops.linear_kl`), on the response positions only: neither model's logits
+    are kept, and none are computed for prompt or padding positions.
     """
     _batch_shape(microbatches, model.config.variable_seq_lengths)  # checked before any compute
     if not model.config.calculate_per_token_loss:
@@ -91,11 +92,15 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
                         student_weight=output_layer_weight(model) if fused else None)
 
     teacher_hidden = TeacherHiddenLoader(microbatches)
+    last = parallel_state.is_pipeline_last_stage()
+    positions = iter(response_positions(microbatches) if fused and last else [])
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         if "teacher_hidden" in batch:
             batch = {**batch, "teacher_hidden": teacher_hidden.next()}
+        if fused and last:  # the fused KL's output layers run on the response positions only
+            batch = {**batch, "response_positions": next(positions)}
         with returning_hidden_states(model) if fused else contextlib.nullcontext():
             output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(loss_func, batch)
@@ -104,6 +109,18 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
         return run_schedule(model, microbatches, forward_step, forward_only=forward_only)
     finally:
         teacher_hidden.close()
+
+
+def response_positions(microbatches: list[dict]) -> list[torch.Tensor]:
+    """Per microbatch, the flat indices into [b * s] of its response positions (loss_mask > 0), for one device read
+    (their counts) for all microbatches. A microbatch without any gets position 0 (its loss coefficients are 0
+    there, as everywhere off the response), so that the fused op has a row to run the TP group's collectives on."""
+    masks = [batch["loss_mask"].flatten() > 0 for batch in microbatches]
+    if not masks:
+        return []
+    counts = torch.stack([mask.sum() for mask in masks]).tolist()
+    return [torch.nonzero_static(mask, size=max(count, 1), fill_value=0).flatten()
+            for mask, count in zip(masks, counts)]
 
 
 class TeacherHiddenLoader:

@@ -1,5 +1,5 @@
 """--sequence-parallel: the same SCOPE step with and without Megatron's sequence parallelism, at TP = 2 and
-TP = 2 x PP = 2 (gloo): a tiny student and a co-located tiny teacher (`teacher_pass` keeps each TP rank's
+TP = 2 x PP = 2 (gloo; token-budget microbatches of three widths): a tiny student and a co-located tiny teacher (`teacher_pass` keeps each TP rank's
 sequence slice of the teacher's hidden states, half of them, in a reused `HostBuffer`; the loss all-gathers them), both through the fused KL
 from hidden states and through materialised logits. Same loss, same gradients on every rank after
 `finalize_model_grads` (whose TP sum of the norms' gradients is what makes sequence parallelism correct: the test
@@ -10,6 +10,7 @@ import torch
 
 from megatron_scope.megatron.model import DecoderArch
 from megatron_scope.testing.multiprocess import run_on_ranks
+from megatron_scope.rollout.batch import split_by_token_budget
 from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch
 
 pytestmark = pytest.mark.slow
@@ -30,11 +31,13 @@ def _step(rank, world_size, tp, pp, sequence_parallel, fused):
     from megatron_scope.teacher.colocated import HostBuffer, teacher_pass
 
     initialize_model_parallel(tp, pp, seed=3)
-    options = dict(sequence_parallel=sequence_parallel)
+    # with PP: token-budget microbatches of different widths (the stages exchange each tensor's shape)
+    options = dict(sequence_parallel=sequence_parallel, variable_seq_lengths=pp > 1)
     student = wrap_with_ddp(build_gpt_model(TINY_ARCH, calculate_per_token_loss=True, **options))
     teacher = build_gpt_model(TEACHER_ARCH, **options).eval().requires_grad_(False)
     config = LossConfig(fused_kl=fused)
-    microbatches = split_microbatches(tiny_rollout_batch(seed=4), 2)
+    batch = tiny_rollout_batch(seed=4)
+    microbatches = split_by_token_budget(batch, 48, 4) if pp > 1 else split_microbatches(batch, 2)
     for batch in microbatches:  # the teacher's view replaces the stand-in's hidden states and logits
         del batch["teacher_logits"], batch["teacher_log_probs"]
     scored = teacher_pass(teacher, microbatches, config, TINY_ARCH.vocab_size, HostBuffer(pinned=False))
@@ -61,7 +64,7 @@ def _step(rank, world_size, tp, pp, sequence_parallel, fused):
                                                                                             False))
     exported = {name: tensor.clone() for name, tensor in iter_hf_weights(student, TINY_ARCH)}  # rank 0 only
     return {"loss": reduce_reports(reports)["loss"] if last else None, "grads": grads, "unfinished": unfinished,
-            "hidden_widths": hidden_widths, "marked": marked,
+            "hidden_widths": hidden_widths, "marked": marked, "widths": [b["labels"].shape[1] for b in microbatches],
             "exported": exported}
 
 
@@ -70,12 +73,12 @@ def test_sequence_parallel_gives_the_same_step(tp, pp, fused):
     world = tp * pp
     plain = run_on_ranks(_step, world, args=(tp, pp, False, fused), timeout=300)
     split = run_on_ranks(_step, world, args=(tp, pp, True, fused), timeout=300)
-    seq_length = tiny_rollout_batch()["tokens"].shape[1]
     for rank, (ours, theirs) in enumerate(zip(split, plain)):
         if theirs["loss"] is not None:
             assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5), rank
             # each TP rank keeps its sequence slice of the teacher's hidden states, with or without it
-            assert theirs["hidden_widths"] == ours["hidden_widths"] == [seq_length // tp] * 2
+            assert theirs["hidden_widths"] == ours["hidden_widths"] == [width // tp for width in ours["widths"]]
+            assert len(set(ours["widths"])) == (1 if pp == 1 else 3), ours["widths"]
         assert ours["grads"].keys() == theirs["grads"].keys()
         for name, grad in ours["grads"].items():
             torch.testing.assert_close(grad, theirs["grads"][name], rtol=1e-4, atol=1e-6, msg=f"rank {rank}: {name}")

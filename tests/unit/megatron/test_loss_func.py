@@ -188,12 +188,19 @@ def test_logprob_temperature_scales_the_students_logits(batch):
                                     LossConfig(loss_agg_mode="scope-released"),
                                     LossConfig(algorithm="opd", rollout_is_threshold=1.3)],
                          ids=["scope-reverse", "scope-jsd-T0.6", "opd-forward", "scope-released", "opd-rollout-is"])
-def test_the_fused_kl_from_hidden_states_equals_the_loss_on_logits(config):
+@pytest.mark.parametrize("response_only", [False, True], ids=["every-position", "response-positions"])
+def test_the_fused_kl_from_hidden_states_equals_the_loss_on_logits(config, response_only):
     """Student hidden states + output layer and the teacher's (ops.linear_kl, its gradient taken in the forward pass
-    with the coefficients the loss itself gives): the loss, report and gradients of the student's logits path with
-    the teacher's logits."""
+    with the coefficients the loss itself gives), over every position or (`response_positions`, as
+    `schedule.forward_backward` sets them) the response positions only: the loss, report and gradients of the
+    student's logits path with the teacher's logits."""
+    from megatron_scope.megatron.schedule import response_positions
+
     (with_logits,) = split_microbatches(tiny_rollout_batch(), 1)
     (with_hidden,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
+    if response_only:
+        (with_hidden["response_positions"],) = response_positions([with_hidden])
+        assert 0 < len(with_hidden["response_positions"]) == int(with_hidden["loss_mask"].sum())
     assert config.fuses_student_logits
     g = torch.Generator().manual_seed(5)
     if config.rollout_is_threshold is not None:  # truncated IS weights: per-token coefficients of the batch
@@ -375,3 +382,20 @@ def test_a_sequence_parallel_ranks_slice_of_teacher_hidden_states_is_checked_as_
     third = {**batch, "teacher_hidden": batch["teacher_hidden"][:, : seq // 3].contiguous()}
     with pytest.raises(ValueError, match=r"batch\['teacher_hidden'\] has shape"):
         batch_value_checks(third, LossConfig(), sequence_shards=2)
+
+
+def test_the_fused_kl_on_a_microbatch_without_response_tokens_runs_one_row_of_zero_weight():
+    """`response_positions` of a microbatch with no response token is position 0 (coefficient 0): the fused op still
+    runs (on every TP rank alike) and the loss and its gradients are 0."""
+    from megatron_scope.megatron.schedule import response_positions
+
+    (batch,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
+    batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+    (batch["response_positions"],) = response_positions([batch])
+    assert batch["response_positions"].tolist() == [0]
+    hidden = torch.randn(*batch["labels"].shape, 16, requires_grad=True)
+    weight = torch.randn(512, 16, requires_grad=True)
+    loss, _, _ = scope_loss_func(LossConfig(), V, batch, hidden, student_weight=weight,
+                                 teacher_weight=tiny_teacher_weight())
+    loss.backward()
+    assert float(loss) == 0 and not hidden.grad.any() and not weight.grad.any()
