@@ -107,14 +107,16 @@ def main(argv=None):
     parser.add_argument("--max-response", type=int, default=512)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "bench_step_settings.json"))
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
+                                                       "bench_step_settings.json"))
     args = parser.parse_args(argv)
     ranks = run_on_ranks(_run, 2, args=(args,), timeout=3600)
     first = ranks[0]
     print(f"TP = 2 (2 gloo ranks, 1 thread each); {args.rows} rows, prompt {args.prompt}, responses up to "
           f"{args.max_response}; {first['microbatches']} token-budget microbatches, {first['real']} real / "
           f"{first['padded']} padded token positions ({first['padded'] / first['real']:.2f}); {args.rounds} rounds")
-    print("| sequence parallel | recompute | fwd+bwd median s | time vs none | extra peak MiB (rank 0) | peak vs none |")
+    print("| sequence parallel | recompute | fwd+bwd median s | time vs none | extra peak MiB (rank 0) "
+          "| peak vs none |")
     print("|---|---|---|---|---|---|")
     base_time = base_peak = None
     rows = []

@@ -236,8 +236,9 @@ def run_check(args: argparse.Namespace) -> dict:
         flags = me.recompute_flags(chosen.config.models)
         result["least_recompute"] = {"flags": flags, "step_flops_per_gpu": chosen_train + chosen_extra,
                                      "recompute_flops_per_gpu": chosen_extra}
-        notes.append(f"least recompute that fits: {' '.join(flags) or 'none'} (student step {(chosen_train + chosen_extra) / 1e15:.0f} "
-                     f"PFLOP per GPU at full length, {chosen_extra / chosen_train:+.0%} for recompute); as given "
+        notes.append(f"least recompute that fits: {' '.join(flags) or 'none'} (student step "
+                     f"{(chosen_train + chosen_extra) / 1e15:.0f} PFLOP per GPU at full length, "
+                     f"{chosen_extra / chosen_train:+.0%} for recompute); as given "
                      f"({' '.join(me.recompute_flags(config.models)) or 'none'}): {(train + extra) / 1e15:.0f} PFLOP, "
                      f"{extra / train:+.0%}")
     result["memory"] = me.estimate_to_dict(plan, gpus)

@@ -145,6 +145,24 @@ def nonfinite_sequences(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.
     return (nonfinite & (loss_mask.to(values.device) > 0)).any(-1)
 
 
+def response_positions(microbatches: list[dict]) -> list[torch.Tensor]:
+    """Per microbatch, the flat indices into [b * s] of its response positions (loss_mask > 0), for one device read
+    (their counts) for all microbatches. A microbatch without any gets position 0 (its loss coefficients are 0
+    there, as everywhere off the response), so that the fused op has a row to run the TP group's collectives on."""
+    masks = [batch["loss_mask"].flatten() > 0 for batch in microbatches]
+    if not masks:
+        return []
+    counts = torch.stack([mask.sum() for mask in masks]).tolist()
+    return [torch.nonzero_static(mask, size=max(count, 1), fill_value=0).flatten()
+            for mask, count in zip(masks, counts)]
+
+
+def spread_rows(values: torch.Tensor, positions: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Per-row `values` [m, ...] of the flat `positions` (into prod(shape)) laid out as [*shape, ...], 0 elsewhere."""
+    flat = values.new_zeros((math.prod(shape), *values.shape[1:]))
+    return flat.index_copy_(0, positions, values).view(*shape, *values.shape[1:])
+
+
 def check_batch(batch: dict, config: LossConfig) -> None:
     """Raise ValueError naming the key if a microbatch lacks an input, has the wrong shape or holds NaN/Inf.
 
@@ -276,8 +294,8 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
             student_hidden, student_weight, teacher_hidden, teacher_weight, kl_coef, targets, log_prob_coef,
             kind=config.kl, group=group, vocab_size=vocab, beta=config.jsd_beta)
         if positions is not None:
-            fused = type(fused)(*(None if value is None else value.new_zeros(labels.numel()).index_copy_(
-                0, positions, value).view(labels.shape) for value in fused))
+            fused = type(fused)(*(None if value is None else spread_rows(value, positions, labels.shape)
+                                  for value in fused))
         stats = _fused_stats(batch, kl=fused.kl, student_log_probs=fused.student_log_probs,
                              teacher_log_probs=fused.teacher_log_probs)
         return stats, fused.student_entropy, loss_sum

@@ -238,7 +238,8 @@ def sequence_parallel(model) -> bool:
 
 
 def sequence_slice(tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """This TP rank's contiguous slice of `tensor` along `dim` (the sequence): the part sequence parallelism gives it."""
+    """This TP rank's contiguous slice of `tensor` along `dim` (the sequence): the part sequence parallelism gives
+    it."""
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     if tensor.shape[dim] % tp:
         raise ValueError(f"sequence length {tensor.shape[dim]} is not a multiple of the tensor-parallel size {tp}")

@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_scope.config import LossConfig
-from megatron_scope.megatron.loss_func import batch_value_checks, scope_loss_func
+from megatron_scope.megatron.loss_func import batch_value_checks, response_positions, scope_loss_func
 from megatron_scope.megatron.model import gather_sequence_slices, output_layer_weight, returning_hidden_states
 from megatron_scope.megatron.parallel import collective_device
 
@@ -111,18 +111,6 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
         teacher_hidden.close()
 
 
-def response_positions(microbatches: list[dict]) -> list[torch.Tensor]:
-    """Per microbatch, the flat indices into [b * s] of its response positions (loss_mask > 0), for one device read
-    (their counts) for all microbatches. A microbatch without any gets position 0 (its loss coefficients are 0
-    there, as everywhere off the response), so that the fused op has a row to run the TP group's collectives on."""
-    masks = [batch["loss_mask"].flatten() > 0 for batch in microbatches]
-    if not masks:
-        return []
-    counts = torch.stack([mask.sum() for mask in masks]).tolist()
-    return [torch.nonzero_static(mask, size=max(count, 1), fill_value=0).flatten()
-            for mask, count in zip(masks, counts)]
-
-
 class TeacherHiddenLoader:
     """Each microbatch's `teacher_hidden` on the device, in microbatch order, all-gathered over TP where it is a TP
     rank's sequence slice [b, s/TP, H] (1 all-gather per microbatch).
@@ -189,14 +177,17 @@ def run_schedule(model, microbatches: list[dict], forward_step, forward_only: bo
 
 
 @torch.no_grad()
-def forward_collect(model, microbatches: list[dict], collect: Callable[[dict, torch.Tensor], object]) -> list:
-    """Forward only; on the last stage returns `collect(batch, logits_shard)` per microbatch ([] elsewhere).
+def forward_collect(model, microbatches: list[dict], collect: Callable[[dict, torch.Tensor], object],
+                    hidden_states: bool = False) -> list:
+    """Forward only; on the last stage returns `collect(batch, output)` per microbatch ([] elsewhere), the output
+    being the logits shard, or with `hidden_states` the last hidden states [b, s, hidden] (`returning_hidden_states`).
 
-    Used for the student's temperature-1 log-probs before the step and the co-located teacher's logits.
+    Used for the student's temperature-1 log-probs before the step and the co-located teacher's view.
     """
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None)
-        return output, lambda logits, non_loss_data=True: collect(batch, logits)
+        with returning_hidden_states(model) if hidden_states else contextlib.nullcontext():
+            output = model(batch["tokens"], batch["position_ids"], None)
+        return output, lambda output, non_loss_data=True: collect(batch, output)
 
     return run_schedule(model, microbatches, forward_step, forward_only=True, collect_non_loss_data=True)

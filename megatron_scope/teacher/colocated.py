@@ -27,10 +27,11 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_scope.config import LossConfig
-from megatron_scope.megatron.loss_func import nonfinite_sequences
+from megatron_scope.megatron.loss_func import nonfinite_sequences, response_positions, spread_rows
 from megatron_scope.megatron.model import (
     capturing_hidden_states,
     gather_sequence_slices,
+    output_layer_weight,
     sequence_parallel,
     sequence_slice,
 )
@@ -41,9 +42,11 @@ from megatron_scope.ops.vocab_parallel import vocab_parallel_entropy, vocab_para
 
 def log_prob_pass(model, microbatches: list[dict], vocab_size: int, keep: str | None = None, topk: int = 0,
                   temperature: float = 1.0, entropy: bool = False, full_sequence: bool = False,
-                  host_buffer: "HostBuffer | None" = None) -> list:
+                  host_buffer: HostBuffer | None = None) -> list:
     """Forward only: per microbatch (extra inputs, log-probs of the labels under softmax(logits / temperature))
-    under `model`, on the last stage ([] elsewhere). Extras, by `keep`: None nothing; "hidden" the last hidden
+    under `model`, on the last stage ([] elsewhere). Where every microbatch has a loss_mask (and not with "topk"),
+    the output layer runs on the response positions only, and log-probs and entropy are 0 elsewhere. Extras, by
+    `keep`: None nothing; "hidden" the last hidden
     states {teacher_hidden} (the output layer's input): this TP rank's sequence slice [b, s/TP, hidden] (all of
     [b, s, hidden] at TP 1 or with `full_sequence`), in `host_buffer` (or fresh host tensors; pinned on CUDA, the
     copy complete when this returns) and, where the microbatch has a loss_mask, {teacher_hidden_nonfinite} [b]
@@ -57,10 +60,23 @@ def log_prob_pass(model, microbatches: list[dict], vocab_size: int, keep: str | 
     hidden = []  # this microbatch's last hidden states, [s, b, hidden] ([s/TP, b, hidden] under model_split)
     copies = []  # CUDA events recorded after each non-blocking copy of hidden states to host memory
     destinations = []  # the host tensors the microbatches' hidden states land in, in order
+    responses_only = (keep != "topk" and parallel_state.is_pipeline_last_stage() and bool(microbatches)
+                      and all("loss_mask" in batch for batch in microbatches))
+    positions = iter(response_positions(microbatches) if responses_only else [])
+    weight = output_layer_weight(model) if responses_only else None
 
-    def collect(batch, logits):
+    def collect(batch, output):
+        labels = batch["labels"]
+        if responses_only:  # `output` is the last hidden states: the output layer on the response rows only
+            rows = next(positions)
+            logits = output.flatten(0, 1).index_select(0, rows) @ weight.t()  # [m, V/TP], in the model's dtype
+            labels = labels.flatten().index_select(0, rows)
+        else:
+            logits = output
         scaled = logits / temperature if temperature != 1.0 else logits
-        log_probs = vocab_parallel_log_probs(scaled, batch["labels"], group=group, vocab_size=vocab_size)
+        log_probs = vocab_parallel_log_probs(scaled, labels, group=group, vocab_size=vocab_size)
+        if responses_only:
+            log_probs = spread_rows(log_probs, rows, batch["labels"].shape)
         extras = {}
         if keep == "hidden":
             states = hidden.pop().transpose(0, 1)  # on the device that made them
@@ -68,7 +84,8 @@ def log_prob_pass(model, microbatches: list[dict], vocab_size: int, keep: str | 
                 states = gather_sequence_slices(states)
             is_slice = model_split and not full_sequence
             if "loss_mask" in batch:  # checked here, before the copy: no host scan later
-                flags = nonfinite_sequences(states, sequence_slice(batch["loss_mask"]) if is_slice else batch["loss_mask"])
+                mask = sequence_slice(batch["loss_mask"]) if is_slice else batch["loss_mask"]
+                flags = nonfinite_sequences(states, mask)
                 if is_slice:  # NaN/Inf anywhere in the sequence: 1 all-reduce of [b] over TP, no host read
                     flags = flags.to(torch.int32)
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
@@ -86,10 +103,12 @@ def log_prob_pass(model, microbatches: list[dict], vocab_size: int, keep: str | 
             extras.update(teacher_topk_ids=ids, teacher_topk_log_probs=top, teacher_topk_tail_log_mass=tail)
         if entropy:
             extras["teacher_entropy"] = vocab_parallel_entropy(logits, group=group, vocab_size=vocab_size)
+            if responses_only:
+                extras["teacher_entropy"] = spread_rows(extras["teacher_entropy"], rows, batch["labels"].shape)
         return extras, log_probs
 
     with capturing_hidden_states(model, hidden) if keep == "hidden" else contextlib.nullcontext():
-        views = forward_collect(model, microbatches, collect)
+        views = forward_collect(model, microbatches, collect, hidden_states=responses_only)
     for copied in copies:  # nobody reads the host copies (on the CPU, or back to the device) before they land
         copied.synchronize()
     return views

@@ -1,9 +1,10 @@
 """--sequence-parallel: the same SCOPE step with and without Megatron's sequence parallelism, at TP = 2 and
-TP = 2 x PP = 2 (gloo; token-budget microbatches of three widths): a tiny student and a co-located tiny teacher (`teacher_pass` keeps each TP rank's
-sequence slice of the teacher's hidden states, half of them, in a reused `HostBuffer`; the loss all-gathers them), both through the fused KL
-from hidden states and through materialised logits. Same loss, same gradients on every rank after
-`finalize_model_grads` (whose TP sum of the norms' gradients is what makes sequence parallelism correct: the test
-also shows that without that sum the norms' gradients differ), same exported weights."""
+TP = 2 x PP = 2 (gloo; token-budget microbatches of three widths): a tiny student and a co-located tiny teacher
+(`teacher_pass` keeps each TP rank's sequence slice of the teacher's hidden states, half of them, in a reused
+`HostBuffer`; the loss all-gathers them), both through the fused KL from hidden states and through materialised
+logits. Same loss, same gradients on every rank after `finalize_model_grads` (whose TP sum of the norms' gradients
+is what makes sequence parallelism correct: the test also shows that without that sum the norms' gradients
+differ), same exported weights."""
 
 import pytest
 import torch
@@ -85,6 +86,7 @@ def test_sequence_parallel_gives_the_same_step(tp, pp, fused):
         norms = [name for name in ours["grads"] if "layernorm" in name and "q_layernorm" not in name]
         assert norms and ours["marked"] == sorted(norms) and not theirs["marked"], rank
         # each rank's share of a norm's gradient before finalize_model_grads' TP sum: not yet the gradient
-        assert ours["unfinished"] and any(not torch.allclose(ours["unfinished"][name], theirs["grads"][name], rtol=1e-3) for name in norms)
+        assert ours["unfinished"] and any(not torch.allclose(ours["unfinished"][name], theirs["grads"][name],
+                                                             rtol=1e-3) for name in norms)
         assert ours["exported"].keys() == theirs["exported"].keys()
         assert all(torch.equal(ours["exported"][k], theirs["exported"][k]) for k in theirs["exported"])

@@ -100,3 +100,38 @@ def test_teacher_hidden_states_reach_pinned_host_memory_complete_and_checked_on_
             dist.destroy_process_group()
     _check(result)
     assert result["pinned"] == [True, True]
+
+
+def _response_only(rank, world_size):
+    """log_prob_pass with loss masks (the output layer on the response positions only) and without (the model's
+    logits over every position), at TP = world_size with sequence parallelism: this rank's view of both."""
+    import torch
+
+    from megatron_scope.megatron.model import build_gpt_model
+    from megatron_scope.megatron.parallel import initialize_model_parallel
+    from megatron_scope.teacher.colocated import log_prob_pass
+
+    initialize_model_parallel(world_size, 1, seed=0)
+    model = build_gpt_model(TINY_ARCH, sequence_parallel=world_size > 1)
+    with_masks = split_microbatches(tiny_rollout_batch(), 2)
+    without = [{k: v for k, v in batch.items() if k != "loss_mask"} for batch in with_masks]
+    masked = log_prob_pass(model, with_masks, TINY_ARCH.vocab_size, temperature=0.7, entropy=True)
+    full = log_prob_pass(model, without, TINY_ARCH.vocab_size, temperature=0.7, entropy=True)
+    return [{"mask": batch["loss_mask"], "log_probs": (ours[1], theirs[1]),
+             "entropy": (ours[0]["teacher_entropy"], theirs[0]["teacher_entropy"])}
+            for batch, ours, theirs in zip(with_masks, masked, full)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2], ids=["tp1", "tp2-sequence-parallel"])
+def test_forward_passes_apply_the_output_layer_on_response_positions_only(world_size):
+    """The log-probs (at temperature 0.7) and entropies of a pass with loss masks equal those from the logits over
+    every position at the response positions, and are 0 elsewhere."""
+    import torch
+
+    for rank_views in run_on_ranks(_response_only, world_size, timeout=300):
+        for view in rank_views:
+            response = view["mask"] > 0
+            assert response.any() and not response.all()
+            for ours, theirs in (view["log_probs"], view["entropy"]):
+                torch.testing.assert_close(ours[response], theirs[response], rtol=1e-5, atol=1e-5)
+                assert not ours[~response].any() and theirs[~response].abs().sum() > 0

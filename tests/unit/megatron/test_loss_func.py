@@ -194,7 +194,7 @@ def test_the_fused_kl_from_hidden_states_equals_the_loss_on_logits(config, respo
     with the coefficients the loss itself gives), over every position or (`response_positions`, as
     `schedule.forward_backward` sets them) the response positions only: the loss, report and gradients of the
     student's logits path with the teacher's logits."""
-    from megatron_scope.megatron.schedule import response_positions
+    from megatron_scope.megatron.loss_func import response_positions
 
     (with_logits,) = split_microbatches(tiny_rollout_batch(), 1)
     (with_hidden,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
@@ -387,7 +387,7 @@ def test_a_sequence_parallel_ranks_slice_of_teacher_hidden_states_is_checked_as_
 def test_the_fused_kl_on_a_microbatch_without_response_tokens_runs_one_row_of_zero_weight():
     """`response_positions` of a microbatch with no response token is position 0 (coefficient 0): the fused op still
     runs (on every TP rank alike) and the loss and its gradients are 0."""
-    from megatron_scope.megatron.schedule import response_positions
+    from megatron_scope.megatron.loss_func import response_positions
 
     (batch,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
     batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
