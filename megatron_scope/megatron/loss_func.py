@@ -64,7 +64,7 @@ from megatron_scope.losses.scope import scope_sequence_weights
 from megatron_scope.megatron.model import sequence_slice
 from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_loss
 from megatron_scope.ops.token_stats import sampled_kl, sequence_mean_log_prob
-from megatron_scope.ops.topk import vocab_parallel_topk_kl
+from megatron_scope.ops.topk import topk_value_checks, vocab_parallel_topk_kl
 from megatron_scope.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_log_probs
 
 
@@ -163,7 +163,7 @@ def spread_rows(values: torch.Tensor, positions: torch.Tensor, shape: torch.Size
     return flat.index_copy_(0, positions, values).view(*shape, *values.shape[1:])
 
 
-def check_batch(batch: dict, config: LossConfig) -> None:
+def check_batch(batch: dict, config: LossConfig, vocab_size: int | None = None) -> None:
     """Raise ValueError naming the key if a microbatch lacks an input, has the wrong shape or holds NaN/Inf.
 
     Run it on every rank before `forward_backward_func` so that bad data stops the step before any
@@ -172,17 +172,19 @@ def check_batch(batch: dict, config: LossConfig) -> None:
     checked them on the device; this reads [b] flags), only scanned where it does not. Reads the device once per
     check; `schedule.forward_backward` reads a whole step's checks at once (`batch_value_checks`).
     """
-    for bad, message in batch_value_checks(batch, config):
+    for bad, message in batch_value_checks(batch, config, vocab_size=vocab_size):
         if bool(bad):
             raise ValueError(message())
 
 
-def batch_value_checks(batch: dict, config: LossConfig,
-                       sequence_shards: int = 1) -> list[tuple[torch.Tensor, Callable[[], str]]]:
+def batch_value_checks(batch: dict, config: LossConfig, sequence_shards: int = 1,
+                       vocab_size: int | None = None) -> list[tuple[torch.Tensor, Callable[[], str]]]:
     """Check a microbatch's keys, shapes and dtypes (ValueError naming the key; nothing read from the device) and
     return its value checks, each (a 0-d bool tensor on the values' device, True where they hold NaN/Inf: computed
     without a device-to-host read; the ValueError message to raise then). `sequence_shards`: TP, where `teacher_hidden`
-    may also be one rank's sequence slice [b, s / sequence_shards, H]."""
+    may also be one rank's sequence slice [b, s / sequence_shards, H]. With `vocab_size` (the tokenizer's), a
+    teacher's top-k is checked too (`ops.topk.topk_value_checks`: ids in range and distinct, log-probs and tail
+    <= 0, head mass <= 1), so the loss need not check it again (`scope_loss_func(..., checked=True)`)."""
     required = required_batch_keys(config, teacher_hidden="teacher_hidden" in batch)
     missing = sorted(required - batch.keys())
     if missing:
@@ -220,6 +222,9 @@ def batch_value_checks(batch: dict, config: LossConfig,
             bad = (~torch.isfinite(value) & response.to(value.device)).any()
         message = f"batch[{key!r}] holds NaN or Inf" + ("" if key in MAY_BE_NEG_INF else " on response tokens")
         checks.append((bad, lambda message=message: message))
+    if vocab_size is not None and config.teacher_topk:
+        checks += topk_value_checks(batch["teacher_topk_ids"], batch["teacher_topk_log_probs"],
+                                    batch["teacher_topk_tail_log_mass"], vocab_size)
     return checks
 
 
@@ -277,7 +282,7 @@ def _fused_coefficients(config: LossConfig, batch: dict) -> tuple[torch.Tensor, 
 
 
 def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tensor, group, student_weight,
-                 teacher_weight) -> tuple[TokenStats, torch.Tensor, torch.Tensor | None]:
+                 teacher_weight, checked: bool = False) -> tuple[TokenStats, torch.Tensor, torch.Tensor | None]:
     """The objectives' per-token inputs, the student's entropy (for the report) and, for the fused KL from hidden
     states, the loss sum whose gradient the fused op computed in its forward pass (`ops.linear_kl`; the statistics
     then carry no gradient); None otherwise."""
@@ -320,14 +325,14 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
             kl = vocab_parallel_topk_kl(logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"],
                                         group=group, vocab_size=vocab,
                                         teacher_tail_log_mass=batch["teacher_topk_tail_log_mass"],
-                                        renormalize=config.topk_renormalize)
+                                        renormalize=config.topk_renormalize, validate=not checked)
     if config.tropd_forward_outliers and teacher_logits is not None:
         forward_kl = vocab_parallel_kl(logits, teacher_logits, kind="forward", group=group, vocab_size=vocab)
     elif config.tropd_forward_outliers:  # KL(π_T‖π_S) over the teacher's top-k and the tail (a vLLM teacher too)
         forward_kl = vocab_parallel_topk_kl(logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"],
                                             kind="forward", group=group, vocab_size=vocab,
                                             teacher_tail_log_mass=batch["teacher_topk_tail_log_mass"],
-                                            renormalize=config.topk_renormalize)
+                                            renormalize=config.topk_renormalize, validate=not checked)
     entropy = vocab_parallel_entropy(logits.detach(), group=group, vocab_size=vocab)
     return TokenStats(
         mask=batch["loss_mask"].to(student_log_probs.dtype),
@@ -382,7 +387,8 @@ def _report(stats: TokenStats, batch: dict, student_entropy: torch.Tensor) -> di
 
 
 def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: torch.Tensor, group=None,
-                    student_weight: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None):
+                    student_weight: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+                    checked: bool = False):
     """Megatron loss_func: `(Σ w_i L_i over this microbatch, its count of sequences or tokens, report)`.
 
     `output` is the student's vocabulary shard of logits [b, s, V/TP] of a vocabulary padded from `vocab_size`
@@ -391,7 +397,8 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
     [b, s, H_S], and the loss applies both output layers chunk by chunk (`ops.linear_kl`). `teacher_weight`: the
     teacher's output-layer shard [V/TP, H_T], needed with `teacher_hidden`. `group` defaults to Megatron's TP group.
     The batch must have passed `check_batch` (`schedule.forward_backward` checks every microbatch before the
-    schedule runs, so the teacher's inputs are not scanned twice).
+    schedule runs, so the teacher's inputs are not scanned twice); `checked`: it passed with the vocabulary, so the
+    teacher's top-k is not read from the device again here.
     """
     if group is None and parallel_state.model_parallel_is_initialized():
         group = parallel_state.get_tensor_model_parallel_group()
@@ -403,7 +410,7 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
     if config.logprob_temperature != 1.0:  # the student's distribution at temperature T (logits are linear in
         output = output / config.logprob_temperature  # the hidden states: dividing those divides the logits)
     stats, student_entropy, fused_loss_sum = _token_stats(config, vocab_size, batch, output, group, student_weight,
-                                                          teacher_weight)
+                                                          teacher_weight, checked)
     loss_sum, count, token_loss, is_weights = _loss_sum(config, stats, batch)
     if fused_loss_sum is not None:  # the value from the statistics, the gradient from the fused op (the same sum)
         loss_sum = loss_sum.detach() + (fused_loss_sum - fused_loss_sum.detach()).to(loss_sum.dtype)

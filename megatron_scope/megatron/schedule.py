@@ -45,10 +45,12 @@ def raise_on_any_rank(error: Exception | None, group=None) -> None:
         raise RuntimeError(f"rank {int(flag)} rejected the batch (its error is in its log); stopping all ranks")
 
 
-def _check_microbatches(microbatches: list[dict], loss_config: LossConfig, sequence_shards: int = 1) -> None:
+def _check_microbatches(microbatches: list[dict], loss_config: LossConfig, sequence_shards: int = 1,
+                        vocab_size: int | None = None) -> None:
     """`check_batch` over a step's microbatches with one device read for all their value checks: the first failing
     check, in microbatch then key order, raises its ValueError."""
-    checks = [check for batch in microbatches for check in batch_value_checks(batch, loss_config, sequence_shards)]
+    checks = [check for batch in microbatches
+              for check in batch_value_checks(batch, loss_config, sequence_shards, vocab_size)]
     if not checks:
         return
     device = checks[0][0].device
@@ -82,14 +84,15 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     error = None
     if parallel_state.is_pipeline_last_stage():
         try:
-            _check_microbatches(microbatches, loss_config, parallel_state.get_tensor_model_parallel_world_size())
+            _check_microbatches(microbatches, loss_config, parallel_state.get_tensor_model_parallel_world_size(),
+                                vocab_size)
         except ValueError as caught:
             error = caught
     raise_on_any_rank(error)  # all ranks: data-parallel replicas would otherwise wait in the grad all-reduce
     group = parallel_state.get_tensor_model_parallel_group()
     fused = teacher_weight is not None and loss_config.fuses_student_logits
     loss_func = partial(scope_loss_func, loss_config, vocab_size, group=group, teacher_weight=teacher_weight,
-                        student_weight=output_layer_weight(model) if fused else None)
+                        student_weight=output_layer_weight(model) if fused else None, checked=True)
 
     teacher_hidden = TeacherHiddenLoader(microbatches)
     last = parallel_state.is_pipeline_last_stage()

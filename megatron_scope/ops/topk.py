@@ -14,11 +14,12 @@ Logits shards, `group` and `vocab_size` follow the conventions of `vocab_paralle
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
 from megatron_scope.ops.vocab_parallel import (
-    _check_ids,
     _gather_log_probs,
     _rows,
     _shard_of,
@@ -115,6 +116,33 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, group=None, vocab_size: in
     return ids.reshape(shape), log_probs.reshape(shape), tail
 
 
+def topk_value_checks(ids: torch.Tensor, log_probs: torch.Tensor, tail_log_mass: torch.Tensor | None,
+                      vocab_size: int) -> list[tuple[torch.Tensor, Callable[[], str]]]:
+    """A teacher's top-k checked on its device without a read: (0-d bool flag, True where it is wrong; the
+    ValueError message then) for ids outside [0, vocab_size), an id repeated within a token's top-k, log-probs
+    that are NaN or > 0, top-k probabilities summing to more than 1, a tail log-mass that is NaN or > 0."""
+    checks = []
+    if ids.numel():
+        low, high = ids.min(), ids.max()
+        checks.append(((low < 0) | (high >= vocab_size), lambda: (
+            f"teacher_topk_ids holds vocabulary id {int(low) if int(low) < 0 else int(high)}, outside "
+            f"[0, {vocab_size}) (vocab_size={vocab_size})")))
+        ordered = ids.sort(dim=-1).values
+        checks.append(((ordered[..., 1:] == ordered[..., :-1]).any(),
+                       lambda: "teacher_topk_ids repeats an id within a token's top-k"))
+    if log_probs.numel():
+        values = log_probs.detach().float()
+        largest, head = values.max(), torch.logsumexp(values, dim=-1).max().exp()
+        checks.append((torch.isnan(values).any() | (largest > 1e-6), lambda: (
+            f"teacher_topk_log_probs must be <= 0 and not NaN (max {float(largest)})")))
+        checks.append((head > 1.0 + 1e-4, lambda: f"teacher top-k probabilities sum to {float(head):.6f} > 1 for "
+                                                  "some token"))
+    if tail_log_mass is not None and tail_log_mass.numel():
+        checks.append((torch.isnan(tail_log_mass).any() | (tail_log_mass > 1e-6).any(), lambda: (
+            f"teacher_tail_log_mass must be <= 0, not NaN (max {float(tail_log_mass.max())})")))
+    return checks
+
+
 def vocab_parallel_topk_kl(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
@@ -125,6 +153,7 @@ def vocab_parallel_topk_kl(
     *,
     teacher_tail_log_mass: torch.Tensor | None = None,
     renormalize: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Per-token KL against a teacher known only by its top-k (global ids, log-probs) per token.
 
@@ -142,7 +171,8 @@ def vocab_parallel_topk_kl(
     returns `[...]`. Communicates the all-reduces of `vocab_parallel_log_probs` at the k ids ([tokens] max,
     [tokens, 1 + k] sums) and, for the tail, 2 more of [tokens] over a masked copy of the student's shard (an
     fp32 copy of a 16-bit shard first, so the gradient is rounded once). The gradient flows into
-    `student_logits` only.
+    `student_logits` only. `validate`: read `topk_value_checks` from the device (once) and raise the first failing
+    one; False where the caller has checked them (`schedule.forward_backward` does, once per step).
     """
     if kind not in ("reverse", "forward"):
         raise ValueError(f"kind={kind!r}; expected 'reverse' or 'forward'")
@@ -157,25 +187,23 @@ def vocab_parallel_topk_kl(
             f"teacher_topk_log_probs shape {tuple(teacher_topk_log_probs.shape)} must be "
             f"student_logits.shape[:-1] + (k,) = {tuple(student_logits.shape[:-1])} + (k,)"
         )
-    _check_ids(teacher_topk_ids, teacher_topk_log_probs.shape, full_vocab, "teacher_topk_ids")
+    if not isinstance(teacher_topk_ids, torch.Tensor) or teacher_topk_ids.is_floating_point() or tuple(
+        teacher_topk_ids.shape
+    ) != tuple(teacher_topk_log_probs.shape):
+        raise ValueError(f"teacher_topk_ids must be an integer tensor of shape {tuple(teacher_topk_log_probs.shape)}, "
+                         f"got {getattr(teacher_topk_ids, 'dtype', type(teacher_topk_ids).__name__)} "
+                         f"{tuple(getattr(teacher_topk_ids, 'shape', ()))}")
     if teacher_topk_ids.shape[-1] > full_vocab:
         raise ValueError(f"k={teacher_topk_ids.shape[-1]} exceeds vocab_size={full_vocab}")
-    sorted_ids = teacher_topk_ids.sort(dim=-1).values
-    if bool((sorted_ids[..., 1:] == sorted_ids[..., :-1]).any()):
-        raise ValueError("teacher_topk_ids repeats an id within a token's top-k")
-    teacher_lp = teacher_topk_log_probs.detach().to(_accumulation_dtype(student_logits))
-    if teacher_lp.numel():
-        if bool(torch.isnan(teacher_lp).any()) or float(teacher_lp.max()) > 1e-6:
-            raise ValueError(f"teacher_topk_log_probs must be <= 0 and not NaN (max {float(teacher_lp.max())})")
-        head_mass = float(torch.logsumexp(teacher_lp, dim=-1).max().exp())
-        if head_mass > 1.0 + 1e-4:
-            raise ValueError(f"teacher top-k probabilities sum to {head_mass:.6f} > 1 for some token")
-    if teacher_tail_log_mass is not None and (
-        tuple(teacher_tail_log_mass.shape) != tuple(student_logits.shape[:-1])
-        or bool(torch.isnan(teacher_tail_log_mass).any()) or bool((teacher_tail_log_mass > 1e-6).any())
-    ):
+    if teacher_tail_log_mass is not None and tuple(teacher_tail_log_mass.shape) != tuple(student_logits.shape[:-1]):
         raise ValueError(f"teacher_tail_log_mass must be <= 0, not NaN, of shape {tuple(student_logits.shape[:-1])}; "
                          f"got shape {tuple(teacher_tail_log_mass.shape)}")
+    if validate:
+        checks = topk_value_checks(teacher_topk_ids, teacher_topk_log_probs, teacher_tail_log_mass, full_vocab)
+        failed = torch.stack([bad for bad, _ in checks]).nonzero().flatten().tolist() if checks else []  # one read
+        if failed:
+            raise ValueError(checks[failed[0]][1]())
+    teacher_lp = teacher_topk_log_probs.detach().to(_accumulation_dtype(student_logits))
 
     if student_logits.dtype in (torch.bfloat16, torch.float16):
         # one upcast: the head and tail gradients then add in fp32 and are rounded to 16 bits once

@@ -133,6 +133,27 @@ def test_a_steps_checks_read_once_raise_the_first_failing_microbatchs_error():
         _check_microbatches([first, third], config)
 
 
+def test_a_steps_checks_cover_the_teachers_top_k_given_the_vocabulary():
+    """With the vocabulary, the step's one read also checks the top-k (ids in range and distinct, log-probs <= 0,
+    head mass <= 1), so the loss (`checked=True`) reads nothing of it again; the op alone still checks by default."""
+    from megatron_scope.megatron.schedule import _check_microbatches
+    from megatron_scope.ops.topk import vocab_parallel_topk_kl
+
+    config = LossConfig(kl="topk", topk=8)
+    first, second = split_microbatches(tiny_rollout_batch(topk=8), 2)
+    _check_microbatches([first, second], config, vocab_size=V)
+    second["teacher_topk_ids"][1, 2, 0] = V  # outside the tokenizer's vocabulary
+    _check_microbatches([first, second], config)  # without the vocabulary: the loss's op checks it
+    with pytest.raises(ValueError, match=rf"teacher_topk_ids holds vocabulary id {V}, outside \[0, {V}\)"):
+        _check_microbatches([first, second], config, vocab_size=V)
+    logits = torch.zeros(*second["labels"].shape, 512)
+    with pytest.raises(ValueError, match=rf"teacher_topk_ids holds vocabulary id {V}"):
+        vocab_parallel_topk_kl(logits, second["teacher_topk_ids"], second["teacher_topk_log_probs"], vocab_size=V)
+    second["teacher_topk_ids"][1, 2, 0] = second["teacher_topk_ids"][1, 2, 1]
+    with pytest.raises(ValueError, match="repeats an id"):
+        _check_microbatches([first, second], config, vocab_size=V)
+
+
 def test_the_report_counts_response_tokens_whose_loss_is_not_finite(batch):
     """A teacher top-k whose tail is exactly 0 where the student's is not makes that token's reverse KL +inf
     (the true value): the step's loss is non-finite (the optimizer guard skips it) and the report says which

@@ -288,7 +288,8 @@ def test_bad_input_raises_value_error_naming_it():
         vocab_parallel_topk_kl(s[0, :2], torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), 0.5))
     with pytest.raises(ValueError, match="sum to 1.2"):
         vocab_parallel_topk_kl(s[0, :2], torch.tensor([[0, 1], [2, 3]]), torch.full((2, 2), math.log(0.6)))
-    with pytest.raises(ValueError, match=r"teacher_topk_ids shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must be an integer tensor of shape \(2, 2\), got "
+                                         r"torch.int64 \(2, 3\)"):
         vocab_parallel_topk_kl(s[0, :2], torch.zeros(2, 3, dtype=torch.long), torch.full((2, 2), -3.0))
     with pytest.raises(ValueError, match="mask must hold only 0/1"):
         sequence_mean_log_prob(torch.zeros(2, 3), torch.full((2, 3), 0.5))
