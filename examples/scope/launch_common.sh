@@ -89,8 +89,9 @@ GEOMETRY=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --gpu-memory-gib
           --host-memory-gib "$HOST_MEMORY_GIB" ${CHECK_EXTRA[@]+"${CHECK_EXTRA[@]}"})
 
 case "$RECOMPUTE" in
-  auto) read -r -a RECOMPUTE_FLAGS <<< "$("$PYTHON" "$ROOT/tools/check_config.py" "${ARGS[@]}" "${GEOMETRY[@]}" \
-                                          --print-least-recompute)"
+  auto) # the dry run's search (config.json files only; also with SKIP_CHECK=1); nothing fits: its report, exit 1
+        LEAST=$("$PYTHON" "$ROOT/tools/check_config.py" "${ARGS[@]}" "${GEOMETRY[@]}" --print-least-recompute)
+        read -r -a RECOMPUTE_FLAGS <<< "$LEAST"
         ARGS+=(${RECOMPUTE_FLAGS[@]+"${RECOMPUTE_FLAGS[@]}"}) ;;
   full) ARGS+=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
   selective) ARGS+=(--recompute-granularity selective) ;;
