@@ -82,7 +82,8 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
         raise ValueError("the SCOPE loss normalises over the global batch: build the model with "
                          "calculate_per_token_loss=True")
     error = None
-    if parallel_state.is_pipeline_last_stage():
+    last = parallel_state.is_pipeline_last_stage()
+    if last:
         try:
             _check_microbatches(microbatches, loss_config, parallel_state.get_tensor_model_parallel_world_size(),
                                 vocab_size)
@@ -95,7 +96,6 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
                         student_weight=output_layer_weight(model) if fused else None, checked=True)
 
     teacher_hidden = TeacherHiddenLoader(microbatches)
-    last = parallel_state.is_pipeline_last_stage()
     positions = iter(response_positions(microbatches) if fused and last else [])
 
     def forward_step(data_iterator, model):

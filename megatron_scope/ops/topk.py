@@ -24,6 +24,7 @@ from megatron_scope.ops.vocab_parallel import (
     _rows,
     _shard_of,
     _vocab_size_of,
+    id_range_check,
     vocab_parallel_logsumexp,
 )
 
@@ -123,10 +124,7 @@ def topk_value_checks(ids: torch.Tensor, log_probs: torch.Tensor, tail_log_mass:
     that are NaN or > 0, top-k probabilities summing to more than 1, a tail log-mass that is NaN or > 0."""
     checks = []
     if ids.numel():
-        low, high = ids.min(), ids.max()
-        checks.append(((low < 0) | (high >= vocab_size), lambda: (
-            f"teacher_topk_ids holds vocabulary id {int(low) if int(low) < 0 else int(high)}, outside "
-            f"[0, {vocab_size}) (vocab_size={vocab_size})")))
+        checks.append(id_range_check(ids, vocab_size, "teacher_topk_ids"))
         ordered = ids.sort(dim=-1).values
         checks.append(((ordered[..., 1:] == ordered[..., :-1]).any(),
                        lambda: "teacher_topk_ids repeats an id within a token's top-k"))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -149,10 +150,21 @@ def _check_ids(ids: torch.Tensor, expected_shape: tuple, vocab_size: int, name: 
     if tuple(ids.shape) != tuple(expected_shape):
         raise ValueError(f"{name} shape {tuple(ids.shape)} != expected {tuple(expected_shape)}")
     if ids.numel():
-        low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one device read
-        if low < 0 or high >= vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name} holds vocabulary id {bad}, outside [0, {vocab_size}) (vocab_size={vocab_size})")
+        outside, message = id_range_check(ids, vocab_size, name)
+        if bool(outside):  # one device read
+            raise ValueError(message())
+
+
+def id_range_check(ids: torch.Tensor, vocab_size: int, name: str) -> tuple[torch.Tensor, Callable[[], str]]:
+    """(0-d bool on the ids' device, True where some id of the non-empty `ids` lies outside [0, vocab_size); the
+    ValueError message then, naming the first bad extreme): nothing is read from the device until one of them is."""
+    low, high = ids.min(), ids.max()
+
+    def message() -> str:
+        bad = int(low) if int(low) < 0 else int(high)
+        return f"{name} holds vocabulary id {bad}, outside [0, {vocab_size}) (vocab_size={vocab_size})"
+
+    return (low < 0) | (high >= vocab_size), message
 
 
 def _vocab_size_of(shard: _Shard, vocab_size: int | None) -> int:

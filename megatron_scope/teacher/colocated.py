@@ -156,8 +156,7 @@ class HostBuffer:
 
     def tensors(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
         """Views of the buffer, one per shape, of `dtype` (the buffer grows to their total when it is smaller)."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        sizes = [math.prod(shape) * itemsize for shape in shapes]
+        sizes = [math.prod(shape) * dtype.itemsize for shape in shapes]
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + -(-size // self.ALIGNMENT) * self.ALIGNMENT)

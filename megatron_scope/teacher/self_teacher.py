@@ -28,7 +28,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER, PromptFormat, prompt_token_ids
-from megatron_scope.megatron.model import output_layer_weight, sequence_slice, unwrap_model
+from megatron_scope.megatron.model import output_layer_weight, unwrap_model
 from megatron_scope.rollout.batch import padded_sequence_length, sequence_multiple
 from megatron_scope.teacher.colocated import host_zeros, log_prob_pass
 
@@ -112,10 +112,13 @@ def self_teacher_pass(model, microbatches: list[dict], rows: Sequence[SelfTeache
         where.update({i: (c, position) for position, i in enumerate(chunk)})
     weight = output_layer_weight(model)  # [V/TP, H]: the hidden size and dtype of the zeros when nothing ran
     dtype = views[0][0]["teacher_hidden"].dtype if views else weight.dtype
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     outputs = []
     for batch in microbatches:
         b, s = batch["labels"].shape
-        out = {"teacher_hidden": host_zeros((b, s, weight.shape[-1]), dtype, device),
+        width = s // tp  # this TP rank's slice of the student's positions, [low, low + width), as teacher_pass keeps
+        low = tp_rank * width
+        out = {"teacher_hidden": host_zeros((b, width, weight.shape[-1]), dtype, device),
                "teacher_hidden_nonfinite": torch.zeros(b, dtype=torch.bool, device=device),  # checked on the device
                "teacher_log_probs": torch.zeros(b, s, device=device),
                "teacher_entropy": torch.zeros(b, s, device=device)}
@@ -125,17 +128,14 @@ def self_teacher_pass(model, microbatches: list[dict], rows: Sequence[SelfTeache
             extras, log_probs = views[where[i][0]]
             row, source = rows[i], where[i][1]
             start, teacher_start, length = row.prompt_length - 1, len(row.teacher_prompt) - 1, len(row.response)
-            out["teacher_hidden"][position, start:start + length] = \
-                extras["teacher_hidden"][source, teacher_start:teacher_start + length]
+            first, stop = max(start, low), min(start + length, low + width)  # the response's part in the slice
+            if first < stop:
+                out["teacher_hidden"][position, first - low:stop - low] = \
+                    extras["teacher_hidden"][source, teacher_start + first - start:teacher_start + stop - start]
             out["teacher_hidden_nonfinite"][position] = extras["teacher_hidden_nonfinite"][source]
             out["teacher_log_probs"][position, start:start + length] = log_probs[source, teacher_start:teacher_start + length]
             out["teacher_entropy"][position, start:start + length] = \
                 extras["teacher_entropy"][source, teacher_start:teacher_start + length]
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:  # this TP rank's slice, as teacher_pass keeps
-            full = out["teacher_hidden"]
-            out["teacher_hidden"] = host_zeros((b, s // parallel_state.get_tensor_model_parallel_world_size(),
-                                                full.shape[-1]), dtype, device)
-            out["teacher_hidden"].copy_(sequence_slice(full))
         outputs.append(out)
     return outputs
 
