@@ -28,7 +28,7 @@ hidden 3584 (a 7B teacher) for H_S = 1536, 5120 for H_S = 4096. Every method's w
 in the vocabulary shard (matmuls and softmax passes alike), so `--vocab-divisor` (default 8) divides the
 local vocabulary to fit the run into ~25 minutes on one core: ratios between methods and memory in shard
 units keep their meaning, and the fused op keeps about the issue's token chunking (rows per chunk:
-min(CHUNK_ELEMENTS / (V/TP), ceil(tokens / MIN_CHUNKS)): 128, 128, 64 rows here against 110, 128, 64 at
+min(CHUNK_ELEMENTS / (V/TP), ceil(tokens / MIN_CHUNKS)): 256, 256, 128 rows here against 110, 220, 110 at
 the full vocabulary). Dividing the tokens instead would shrink each chunk's matmul to 16-32 rows, which
 runs at about half the GEMM throughput of 110-256 rows on this CPU and would misstate the fused op's time.
 

@@ -120,8 +120,9 @@ def jsd_sums(student, teacher, s_shift, s_log_norm, t_shift, t_log_norm, beta: f
     return kl_teacher_mix, kl_student_mix
 
 
-def kl_grad(student, teacher, grad_out, s_shift, s_log_norm, t_shift, t_log_norm, aux, kind: str, beta: float):
-    """d KL / d student chunk (fp32), times grad_out [rows].
+def _kl_grad_and_probs(student, teacher, grad_out, s_shift, s_log_norm, t_shift, t_log_norm, aux, kind: str,
+                       beta: float):
+    """(grad_out * d KL / d student chunk, the student's probabilities p), both fp32.
 
     reverse: p (s' - t' - aux), aux = sum p (s' - t') (shifted logits);  forward: p - q;
     jsd: (1 - beta) p (log p - log m - aux), aux = KL(p || m).
@@ -133,12 +134,30 @@ def kl_grad(student, teacher, grad_out, s_shift, s_log_norm, t_shift, t_log_norm
     g = grad_out.unsqueeze(-1)
     if kind == "reverse":
         diff = (s - s_shift.unsqueeze(-1)) - (t - t_shift.unsqueeze(-1))
-        return g * _guarded(probs, diff - aux.unsqueeze(-1))
+        return g * _guarded(probs, diff - aux.unsqueeze(-1)), probs
     t_logp = _log_softmax(t, t_shift, t_log_norm)
     if kind == "forward":
-        return g * (probs - torch.exp(t_logp))
+        return g * (probs - torch.exp(t_logp)), probs
     log_mix = _jsd_log_mixture(s_logp, t_logp, beta)
-    return (g * (1.0 - beta)) * _guarded(probs, s_logp - log_mix - aux.unsqueeze(-1))
+    return (g * (1.0 - beta)) * _guarded(probs, s_logp - log_mix - aux.unsqueeze(-1)), probs
+
+
+def kl_grad(student, teacher, grad_out, s_shift, s_log_norm, t_shift, t_log_norm, aux, kind: str, beta: float):
+    """d KL / d student chunk (fp32), times grad_out [rows] (`_kl_grad_and_probs`)."""
+    return _kl_grad_and_probs(student, teacher, grad_out, s_shift, s_log_norm, t_shift, t_log_norm, aux, kind,
+                              beta)[0]
+
+
+def kl_target_grad_(student, teacher, kl_coef, target_coef_sum, s_shift, s_log_norm, t_shift, t_log_norm, aux,
+                    kind: str, beta: float) -> None:
+    """Overwrite the student chunk with a dKL/ds - (sum_k b_k) p (fp32 inside, rounded once to its dtype).
+
+    That is d/ds of a KL + sum_k b_k log p[id_k] (a = kl_coef, target_coef_sum = sum_k b_k, per row) less the
+    one-hot terms b_k e_{id_k}, which touch one column per target and which the caller applies sparsely. Writing
+    over the logits it reads saves one chunk-sized buffer (they are not needed after)."""
+    grad, probs = _kl_grad_and_probs(student, teacher, kl_coef, s_shift, s_log_norm, t_shift, t_log_norm, aux,
+                                     kind, beta)
+    student.copy_(grad - target_coef_sum.unsqueeze(-1) * probs)
 
 
 def entropy_grad(logits, grad_out, shift, log_norm, mean_shifted):
@@ -172,6 +191,7 @@ _EAGER = {
     "kl_entropy_stats": kl_entropy_stats,
     "jsd_sums": jsd_sums,
     "kl_grad": kl_grad,
+    "kl_target_grad_": kl_target_grad_,
     "entropy_grad": entropy_grad,
     "softmax_grad": softmax_grad,
     "gather_grad": gather_grad,

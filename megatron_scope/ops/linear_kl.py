@@ -63,9 +63,10 @@ logger = logging.getLogger(__name__)
 #: Most elements of one [rows, V/TP] logits chunk: 2^24 (64 MiB of fp32) on CPU, 2^26 on CUDA.
 CHUNK_ELEMENTS = 1 << 24
 CUDA_CHUNK_ELEMENTS = 1 << 26
-#: At least this many chunks (when there are enough tokens), so a chunk's ~6 logit-sized temporaries stay
-#: a fraction (~6/32) of one [tokens, V/TP] fp32 shard whatever the token count.
-MIN_CHUNKS = 32
+#: At least this many chunks (when there are enough tokens), so a chunk's logits s, t (its gradient is written
+#: over s) stay a fraction (~2/16) of one [tokens, V/TP] fp32 shard whatever the token count, while 128-row
+#: chunks of 2048 tokens keep the matmuls near full speed (64 rows lost ~30% on CPU: BENCHMARKS.md).
+MIN_CHUNKS = 16
 
 
 class LinearDistillStats(NamedTuple):
@@ -202,15 +203,28 @@ def _collect(outputs: dict, rows: slice, stats: _ChunkStats, num_rows: int) -> N
         outputs[name][rows] = value
 
 
-def _logit_grad(s, t, stats: _ChunkStats, grad_kl, grad_log_probs, local_ids, owned, kind, beta, use_compiled,
-                full, dtype) -> torch.Tensor:
-    """d/ds of (grad_kl KL + grad_log_probs log p_S(target)) for one chunk, fp32, rounded once to `dtype`."""
-    grad = _kernel("kl_grad", use_compiled, full, s, t, grad_kl.contiguous(), stats.s_shift, stats.s_log_norm,
-                   stats.t_shift, stats.t_log_norm, stats.aux, kind, beta)
-    if grad_log_probs is not None:
-        grad = grad + _kernel("gather_grad", use_compiled, full, s, grad_log_probs.contiguous(), stats.s_shift,
-                              stats.s_log_norm, local_ids, owned)
-    return grad.to(dtype)
+def _chunk_input_grads(s, t, stats: _ChunkStats, kl_coef, target_coef, local_ids, owned, hidden, weight,
+                       accumulator, kind, beta, use_compiled, full) -> torch.Tensor:
+    """One chunk's share of the student's input gradients of L = sum_i a_i KL_i + sum_ik b_ik log p_S(id_ik)
+    (a = kl_coef [rows], b = target_coef [rows, k] or None): returns dL/d hidden [rows, H] and adds dL/dW to
+    `accumulator` (fp32 for bf16/fp16 weights).
+
+    The logit gradient g = a dKL/ds + sum_k b_k (e_{id_k} - p) is taken without its one-hot terms
+    (`kl_target_grad_`, written over s: a chunk's peak is s, t and nothing more), and the one-hot terms, one
+    column per target, are applied to the products directly: g W gains b W[id], and g^T h gains b h in row id
+    (owned ids only). 2 matmuls.
+    """
+    target_coef_sum = kl_coef.new_zeros(kl_coef.shape) if target_coef is None else target_coef.sum(-1)
+    _kernel("kl_target_grad_", use_compiled, full, s, t, kl_coef.contiguous(), target_coef_sum.contiguous(),
+            stats.s_shift, stats.s_log_norm, stats.t_shift, stats.t_log_norm, stats.aux, kind, beta)
+    _accumulate_weight_grad(accumulator, s, hidden)
+    if target_coef is None:
+        return s @ weight
+    coef = torch.where(owned, target_coef, 0.0).to(accumulator.dtype)  # [rows, k]
+    accumulator.index_add_(0, local_ids.reshape(-1),
+                           (coef.unsqueeze(-1) * hidden.unsqueeze(1).to(accumulator.dtype)).flatten(0, 1))
+    one_hot_term = (coef.unsqueeze(-1) * weight[local_ids].to(accumulator.dtype)).sum(1)
+    return torch.addmm(one_hot_term.to(weight.dtype), s, weight)
 
 
 def _weight_grad_accumulator(student_weight: torch.Tensor, valid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,9 +250,10 @@ class _LinearKL(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, local_ids, owned,
                 kind, beta, shard: _Shard, use_compiled):
         out: dict = {}
-        for rows, _, _, _, stats in _chunk_passes(student_hidden, student_weight, teacher_hidden, teacher_weight,
+        for rows, _, s, t, stats in _chunk_passes(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                                   local_ids, owned, kind, beta, shard, use_compiled):
             _collect(out, rows, stats, student_hidden.shape[0])
+            del s, t  # before the next chunk's logits exist
         ctx.save_for_backward(student_hidden, student_weight, teacher_hidden, teacher_weight, out["s_shift"],
                               out["s_log_norm"], out["t_shift"], out["t_log_norm"], out["aux"], local_ids, owned)
         ctx.kind, ctx.beta, ctx.shard, ctx.use_compiled = kind, beta, shard, use_compiled
@@ -265,11 +280,11 @@ class _LinearKL(torch.autograd.Function):
             s, t = _logits(student_hidden[rows], w_s), _logits(teacher_hidden[rows], w_t)
             stats = _ChunkStats(s_shift[rows], s_log_norm[rows], t_shift[rows], t_log_norm[rows], aux[rows],
                                 None, None, None, None)
-            grad = _logit_grad(s, t, stats, grad_kl[rows], None if grad_log_probs is None else grad_log_probs[rows],
-                               local_ids[rows], owned[rows], ctx.kind, ctx.beta, ctx.use_compiled, full,
-                               student_weight.dtype)
-            grad_hidden[rows] = grad @ w_s
-            _accumulate_weight_grad(accumulator, grad, student_hidden[rows])
+            grad_hidden[rows] = _chunk_input_grads(
+                s, t, stats, grad_kl[rows], None if grad_log_probs is None else grad_log_probs[rows],
+                local_ids[rows], owned[rows], student_hidden[rows], w_s, accumulator, ctx.kind, ctx.beta,
+                ctx.use_compiled, full)
+            del s, t  # before the next chunk's logits exist
         if accumulator.data_ptr() != grad_weight.data_ptr():
             grad_weight[:valid].copy_(accumulator)  # the one rounding to the weight's dtype
         shard.reduce(grad_hidden, dist.ReduceOp.SUM)
@@ -308,10 +323,11 @@ class _LinearKLLoss(torch.autograd.Function):
                                                      local_ids, owned, kind, beta, shard, use_compiled):
             _collect(out, rows, stats, num_rows)
             if with_grad and s is not None:
-                grad = _logit_grad(s, t, stats, kl_coef[rows], log_prob_coef[rows] if with_target else None,
-                                   local_ids[rows], owned[rows], kind, beta, use_compiled, full, student_weight.dtype)
-                grad_hidden[rows] = grad @ student_weight[:valid]
-                _accumulate_weight_grad(accumulator, grad, student_hidden[rows])
+                grad_hidden[rows] = _chunk_input_grads(
+                    s, t, stats, kl_coef[rows], log_prob_coef[rows] if with_target else None, local_ids[rows],
+                    owned[rows], student_hidden[rows], student_weight[:valid], accumulator, kind, beta,
+                    use_compiled, full)
+            del s, t  # before the next chunk's logits exist
         kl, student_log_probs = out["kl"], out["student_log_probs"]
         loss = (kl_coef.to(kl.dtype) * kl).sum()
         if with_target:

@@ -191,11 +191,11 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
     assert me.activation_bytes_per_layer(TINY, 24, 2, 1, 2) == 138_240
     assert terms["student activations"] == 288_768
     assert terms["attention score buffer"] == 9_216        # 2 B x 4 heads x 24^2 x 2
-    # the fused KL (the default for SCOPE's reverse KL): no logits; one chunk of r = min(2^26 / 1024, 48 / 32) = 2
+    # the fused KL (the default for SCOPE's reverse KL): no logits; one chunk of r = min(2^26 / 1024, 48 / 16) = 3
     # tokens x 1024 x (2 x 2 + 40) B, and the hidden-state gradient 2 x 24 x 64 x 2 B; the output layer's weight
     # gradient 1024 x 64 x 2 B
     assert "logits + gradient" not in terms
-    assert terms["fused KL (chunk + hidden gradient)"] == 2 * 1024 * 44 + 6_144
+    assert terms["fused KL (chunk + hidden gradient)"] == 3 * 1024 * 44 + 6_144
     assert terms["output-layer weight gradient"] == 131_072
     assert terms["teacher hidden states (microbatch)"] == 6_144  # 2 x 24 x 64 x 2 B (4 sequences in host memory)
     assert me.teacher_hidden_host_bytes(plan, TINY, TINY_TEACHER) == 12_288  # 4 x 24 x 64 x 2 B
@@ -206,7 +206,7 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
     assert terms["vLLM KV cache"] == GIB
     assert terms["vLLM runtime"] == 2_048_000
     assert gpus[0].total_bytes == 410_240 + 820_480 + 1_230_720 + 558_208 + 288_768 + 9_216 + 6_144 \
-        + 2 * 1024 * 44 + 6_144 + 131_072 + 3_840 + 404_096 + GIB + 2_048_000
+        + 3 * 1024 * 44 + 6_144 + 131_072 + 3_840 + 404_096 + GIB + 2_048_000
     assert gpus[1].total_bytes == gpus[0].total_bytes - 404_096 - GIB - 2_048_000
     assert me.kv_bytes_per_token(TINY, 2) == 256           # 2 x 2 layers x 2 kv heads x 16 x 2 B
 
@@ -218,12 +218,12 @@ def test_engines_on_training_gpus_sleep_through_the_step():
     gpus = me.estimate_memory(_tiny_plan(), TINY, TINY_TEACHER)
     assert [g.role for g in gpus] == ["each replica's first rank (first stage + rollout engine)"]  # DP 2, TP 1
     terms = {c.name: c.bytes for c in gpus[0].components}
-    # transient: activations 288,768 + score buffer 9,216 + fused KL 96,256 + weight gradient 131,072 + teacher
-    # hidden states 2 x 6,144 (this microbatch's and the next one's, prefetched) = 537,600; awake: weights 404,096 +
+    # transient: activations 288,768 + score buffer 9,216 + fused KL 141,312 + weight gradient 131,072 + teacher
+    # hidden states 2 x 6,144 (this microbatch's and the next one's, prefetched) = 582,656; awake: weights 404,096 +
     # KV cache 1 GiB
-    assert terms["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 537_600
+    assert terms["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 582_656
     assert terms["vLLM runtime"] == 2_048_000 and "vLLM weights" not in terms
-    assert gpus[0].total_bytes == additive[0].total_bytes - 531_456
+    assert gpus[0].total_bytes == additive[0].total_bytes - 576_512
     # a vLLM teacher's engine is awake only while the rollout engine sleeps: the larger of the two counts
     vllm = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm"), TINY,
                                                          TINY_TEACHER)[0].components}
@@ -233,7 +233,7 @@ def test_engines_on_training_gpus_sleep_through_the_step():
     # 558,208 B wait in host memory while the engine generates: its KV cache reuses them too
     offloaded = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(offload_optimizer=True, offload_teacher=True),
                                                               TINY, TINY_TEACHER)[0].components}
-    assert offloaded["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 537_600 - 820_480 - 1_230_720 \
+    assert offloaded["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 582_656 - 820_480 - 1_230_720 \
         - 558_208
     # TP 2 > rollout TP 1: the replica's second first-stage rank runs no engine
     tp2 = me.estimate_memory(_tiny_plan(tensor_parallel=2, prompts_per_step=2), TINY, TINY_TEACHER)

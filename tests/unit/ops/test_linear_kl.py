@@ -4,7 +4,7 @@ materialised logits. TP = 2 and 4 are in tests/distributed/test_vocab_parallel.p
 import pytest
 import torch
 
-from megatron_scope.ops import linear_kl, reference
+from megatron_scope.ops import linear_kl, reference, vocab_parallel
 from megatron_scope.ops.linear_kl import (
     vocab_parallel_linear_distill_loss,
     vocab_parallel_linear_distill_stats,
@@ -230,6 +230,38 @@ def test_the_loss_ops_gradient_is_the_per_token_ops_bit_for_bit(kind, dtype, mon
     for ours, theirs in zip(grads, expected):
         torch.testing.assert_close(ours.float(), 3 * theirs.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
                                    atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["reverse", "jsd"])
+def test_the_compiled_kernels_write_the_logit_gradient_over_the_logits(kind, dtype, monkeypatch):
+    """Inductor-compiled full chunks (the logit gradient written over the logits chunk it reads) and an eager ragged
+    chunk: both entry points equal each other bit for bit, the eager kernels' gradients (bf16: up to its rounding)
+    and, in fp32, the float64 reference; padded vocabulary rows get none."""
+    set_chunking(monkeypatch, "ragged_chunks")
+    h_s, w_s, h_t, w_t, target = linear_inputs(4, dtype)
+    h_s.requires_grad_(), w_s.requires_grad_()
+    a, b = coefficients(target.to(torch.float32))
+
+    def loss_grads():
+        loss, _ = vocab_parallel_linear_distill_loss(h_s, w_s, h_t, w_t, a, target, b, kind, vocab_size=VOCAB,
+                                                     beta=0.3)
+        return torch.autograd.grad(loss, (h_s, w_s))
+
+    eager = loss_grads()
+    monkeypatch.setenv(vocab_parallel.BACKEND_ENV, "compile")
+    compiled = loss_grads()
+    stats = vocab_parallel_linear_distill_stats(h_s, w_s, h_t, w_t, target, kind, vocab_size=VOCAB, beta=0.3)
+    reference_grads = _grads(reference_outputs(h_s, w_s, h_t, w_t, target, kind, VOCAB), h_s, w_s)
+    for ours, theirs, eager_grad, reference_grad in zip(compiled, _grads(stats, h_s, w_s), eager, reference_grads):
+        assert ours.dtype == dtype and torch.equal(ours, theirs)
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(ours.float(), eager_grad.float(), rtol=2**-7, atol=1e-2)
+        else:
+            torch.testing.assert_close(ours, eager_grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.double(), reference_grad.double(), rtol=1e-4, atol=1e-5)
+    assert torch.count_nonzero(compiled[1][VOCAB:]) == 0
 
 
 def test_the_loss_op_without_target_or_gradient_and_its_bad_coefficients():
