@@ -45,13 +45,14 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                                                  teacher's k ids from a masked copy of its shard; c = 13 with
                                                  --bf16 (fp32 upcast, masked copy, bool mask, and in backward
                                                  the tail log-sum-exp's fp32 gradient), 9 in fp32
-    teacher hidden states    e b s h_T (1 + 1/t) last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
-                                                 SRPO): the co-located teacher's last hidden states of one
-                                                 microbatch, all-gathered from the TP ranks' sequence slices, and on
-                                                 CUDA the next microbatch's slice, copied ahead on a side stream
-                                                 (2 e b s h_T at t = 1); each rank's slices of the whole local batch
+    teacher hidden states    e b R h_T (1 + 1/t) last stage, full-vocabulary KL (--scope-kl reverse/forward/jsd,
+                                                 SRPO): the co-located teacher's last hidden states at the response
+                                                 positions of one microbatch (at most R = --max-new-tokens per
+                                                 sequence), all-gathered from the TP ranks' shares of those rows, and
+                                                 on CUDA the next microbatch's share, copied ahead on a side stream
+                                                 (2 e b R h_T at t = 1); each rank's shares of the whole local batch
                                                  wait in one pinned host buffer from the scoring pass to the step:
-                                                 e n s h_T / t (+ < 512 B alignment per microbatch; exact: page-locked
+                                                 e n R h_T / t (+ < 512 B alignment per microbatch; exact: page-locked
                                                  with cudaHostRegister, no allocator rounding).
                                                  SRPO's self-teacher: h_T = h, and e = 4 for the EMA teacher
     teacher logits           e b s V/t           the same without the fused KL: one microbatch's, from those states
@@ -522,12 +523,13 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
                                "use --attention-backend sdpa; lower --micro-batch-size or --max-new-tokens"))
     comps += loss_terms
     if teacher_distribution:
-        states = b * s * distribution.hidden_size * t_e
-        ahead = states // tp if plan.device_type == "cuda" else 0  # the next microbatch's slice, prefetched
+        response = plan.config.rollout.max_new_tokens
+        states = b * response * distribution.hidden_size * t_e
+        ahead = states // tp if plan.device_type == "cuda" else 0  # the next microbatch's share, prefetched
         comps.append(Component(
             "teacher hidden states (microbatch)", states + ahead,
-            f"[{b}, {s}, {distribution.hidden_size}] {_dtype(t_e)} gathered from the TP ranks' slices"
-            + (f" + the next microbatch's 1/{tp} slice, prefetched" if ahead else "")
+            f"[{b} x {response} response rows, {distribution.hidden_size}] {_dtype(t_e)} gathered from the TP "
+            "ranks' shares" + (f" + the next microbatch's 1/{tp} share, prefetched" if ahead else "")
             + f" (the local batch's {n} sequences wait in host memory: teacher_hidden_host_bytes)",
             "lower --micro-batch-size"))
     # A co-located teacher's top-k exists on the last stage; a vLLM teacher's arrives with the batch on every rank.
@@ -589,17 +591,20 @@ def _distribution_bytes(plan: RunPlan) -> int:
 
 def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None) -> int:
     """Host memory per last-stage rank for the (self-)teacher's last hidden states of the local batch, kept from
-    the scoring pass to the student's step: this TP rank's sequence slices, e n s h_T / t, in one buffer whose
-    microbatch tensors start at 512-byte offsets (`teacher.colocated.HostBuffer`); 0 when the loss does not read
-    the teacher's distribution."""
+    the scoring pass to the student's step: this TP rank's share of the response rows (at most R = --max-new-tokens
+    per sequence), e n R h_T / t, in one buffer whose microbatch tensors start at 512-byte offsets
+    (`teacher.colocated.HostBuffer`); 0 when the loss does not read the teacher's distribution."""
     source = _distribution_source(plan, student, teacher)
     if source is None:
         return 0
-    rows = plan.micro_batch_rows
-    per_microbatch = rows * (plan.seq_length // plan.tensor_parallel) * source.hidden_size * _distribution_bytes(plan)
-    aligned = -(-per_microbatch // 512) * 512
+    rows, response, tp = plan.micro_batch_rows, plan.config.rollout.max_new_tokens, plan.tensor_parallel
+    row_bytes = source.hidden_size * _distribution_bytes(plan)
+
+    def share_bytes(sequences: int) -> int:  # one microbatch's share, aligned
+        return -(-(-(-sequences * response // tp) * row_bytes) // 512) * 512
+
     full, rest = divmod(plan.local_sequences, rows)
-    return full * aligned + (-(-per_microbatch * rest // rows // 512) * 512 if rest else 0)
+    return full * share_bytes(rows) + (share_bytes(rest) if rest else 0)
 
 
 def _engine_components(plan: RunPlan, model: DecoderArch, label: str = "vLLM") -> list[Component]:

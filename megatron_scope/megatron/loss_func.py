@@ -21,13 +21,14 @@ sequence) over the data-parallel group first and compute the weights from the ga
 Microbatch keys ([b, s] unless noted; s covers prompt and response, `loss_mask` marks positions whose
 label is a response token):
     labels, loss_mask, correct [b] bool, seq_weights [b];
-    teacher_hidden [b, s, H_T] (the co-located teacher's last hidden states; the loss applies `teacher_weight`,
-                   its output-layer shard; `schedule.forward_backward` also takes this TP rank's sequence slice
-                   [b, s/TP, H_T] and all-gathers it) or teacher_logits [b, s, V/TP]
-                                                   (--scope-kl reverse/forward/jsd, SRPO, TrOPD forward)
-    teacher_hidden_nonfinite [b] bool              (optional, with teacher_hidden: the scoring pass's check, on the
-                                                   device, for NaN/Inf at response positions; `check_batch` reads it
-                                                   instead of scanning teacher_hidden, and scans where it is absent)
+    teacher_hidden (the co-located teacher's last hidden states; the loss applies `teacher_weight`, its output-layer
+                   shard): [b, s, H_T], or the response rows [m, H_T] only (the m positions where loss_mask > 0, in
+                   flat [b * s] order: what the scoring pass keeps; `schedule.forward_backward` also takes this TP
+                   rank's share of them, rows [r c, (r + 1) c) with c = `row_share(m, TP)`, and all-gathers it)
+                   or teacher_logits [b, s, V/TP]  (--scope-kl reverse/forward/jsd, SRPO, TrOPD forward)
+    teacher_hidden_nonfinite [b] bool              (with teacher_hidden; optional with [b, s, H_T]: the scoring pass's
+                                                   check, on the device, for NaN/Inf at response positions;
+                                                   `check_batch` reads it instead of scanning teacher_hidden)
     teacher_log_probs                              (--scope-kl k1/k2/k3; ExOPD, TrOPD; else derived from logits)
     teacher_topk_ids, teacher_topk_log_probs [b, s, k], teacher_topk_tail_log_mass   (--scope-kl topk)
     old_log_probs, advantages [b]                  (GRPO, SRPO)      ref_log_probs (ExOPD)
@@ -38,9 +39,9 @@ label is a response token):
     prefix_mask bool                               (TrOPD's guidance: the teacher-written tokens, imitated with
                                                    forward KL; the rollout IS weight is 1 there)
     rollout_log_probs                              (--rollout-is-threshold: the sampler's log-probs)
-    response_positions [m] int64                   (optional, the fused KL: the flat indices into [b * s] where
-                                                   loss_mask > 0; both output layers then run on those rows only;
-                                                   `schedule.forward_backward` sets it)
+    response_positions [m] int64                   (optional: the flat indices into [b * s] where loss_mask > 0,
+                                                   `response_positions`; the output layers from hidden states then
+                                                   run on those rows only; `schedule.forward_backward` sets it)
 """
 
 from __future__ import annotations
@@ -61,7 +62,6 @@ from megatron_scope.losses.objectives import (
     truncated_is_weights,
 )
 from megatron_scope.losses.scope import scope_sequence_weights
-from megatron_scope.megatron.model import sequence_slice
 from megatron_scope.ops.linear_kl import vocab_parallel_linear_distill_loss
 from megatron_scope.ops.token_stats import sampled_kl, sequence_mean_log_prob
 from megatron_scope.ops.topk import topk_value_checks, vocab_parallel_topk_kl
@@ -145,6 +145,16 @@ def nonfinite_sequences(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.
     return (nonfinite & (loss_mask.to(values.device) > 0)).any(-1)
 
 
+def nonfinite_response_rows(rows: torch.Tensor, positions: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """[b] bool: whether each sequence holds NaN or Inf in `rows` [m, ...], the values at the flat `positions` [m]
+    into loss_mask [b, s] (`response_positions`; a row off the response, an empty microbatch's, does not count),
+    computed on the rows' device."""
+    b, s = loss_mask.shape
+    on_response = loss_mask.to(rows.device).flatten().index_select(0, positions) > 0
+    bad = (~torch.isfinite(rows).reshape(len(positions), -1).all(-1) & on_response).to(torch.int32)
+    return torch.zeros(b, dtype=torch.int32, device=rows.device).index_add_(0, positions // s, bad) > 0
+
+
 def response_positions(microbatches: list[dict]) -> list[torch.Tensor]:
     """Per microbatch, the flat indices into [b * s] of its response positions (loss_mask > 0), for one device read
     (their counts) for all microbatches. A microbatch without any gets position 0 (its loss coefficients are 0
@@ -155,6 +165,12 @@ def response_positions(microbatches: list[dict]) -> list[torch.Tensor]:
     counts = torch.stack([mask.sum() for mask in masks]).tolist()
     return [torch.nonzero_static(mask, size=max(count, 1), fill_value=0).flatten()
             for mask, count in zip(masks, counts)]
+
+
+def row_share(num_rows: int, shares: int) -> int:
+    """Rows per share when `num_rows` rows are split into `shares` equal contiguous shares (the last ones padded):
+    ceil(num_rows / shares); how the TP ranks split a microbatch's response rows of teacher hidden states."""
+    return -(-num_rows // shares)
 
 
 def spread_rows(values: torch.Tensor, positions: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -177,12 +193,13 @@ def check_batch(batch: dict, config: LossConfig, vocab_size: int | None = None) 
             raise ValueError(message())
 
 
-def batch_value_checks(batch: dict, config: LossConfig, sequence_shards: int = 1,
+def batch_value_checks(batch: dict, config: LossConfig, row_shares: int = 1,
                        vocab_size: int | None = None) -> list[tuple[torch.Tensor, Callable[[], str]]]:
     """Check a microbatch's keys, shapes and dtypes (ValueError naming the key; nothing read from the device) and
-    return its value checks, each (a 0-d bool tensor on the values' device, True where they hold NaN/Inf: computed
-    without a device-to-host read; the ValueError message to raise then). `sequence_shards`: TP, where `teacher_hidden`
-    may also be one rank's sequence slice [b, s / sequence_shards, H]. With `vocab_size` (the tokenizer's), a
+    return its value checks, each (a 0-d bool tensor on the values' device, True where they hold NaN/Inf or a count
+    is wrong: computed without a device-to-host read; the ValueError message to raise then). A 2-D `teacher_hidden`
+    is a share of the response rows: of `row_shares` (TP) equal shares, `row_share(m, row_shares)` rows each
+    (m = the positions where loss_mask > 0, at least 1). With `vocab_size` (the tokenizer's), a
     teacher's top-k is checked too (`ops.topk.topk_value_checks`: ids in range and distinct, log-probs and tail
     <= 0, head mass <= 1), so the loss need not check it again (`scope_loss_func(..., checked=True)`)."""
     required = required_batch_keys(config, teacher_hidden="teacher_hidden" in batch)
@@ -200,11 +217,9 @@ def batch_value_checks(batch: dict, config: LossConfig, sequence_shards: int = 1
     for key in sorted(required - {"labels"}):
         value = batch[key]
         expected = labels_shape[:1] if key in PER_SEQUENCE_KEYS else labels_shape
-        if key == "teacher_hidden" and sequence_shards > 1 and value.shape[1:2] != labels_shape[1:]:
-            if labels_shape[1] % sequence_shards:
-                raise ValueError(f"labels {labels_shape} are {labels_shape[1]} positions wide, not a multiple of the "
-                                 f"tensor-parallel size {sequence_shards} that teacher_hidden's slices split them into")
-            expected = (labels_shape[0], labels_shape[1] // sequence_shards)  # one TP rank's sequence slice
+        if key == "teacher_hidden" and value.dim() == 2:  # a share of the response rows
+            checks.append(_response_rows_check(value.shape[0], response, row_shares))
+            expected = value.shape[:1]
         extra_dims = 1 if key in TRAILING_DIM_KEYS else 0
         if tuple(value.shape[: len(expected)]) != expected or value.dim() != len(expected) + extra_dims:
             raise ValueError(f"batch[{key!r}] has shape {tuple(value.shape)}, expected {expected}"
@@ -228,13 +243,25 @@ def batch_value_checks(batch: dict, config: LossConfig, sequence_shards: int = 1
     return checks
 
 
+def _response_rows_check(rows: int, response: torch.Tensor, shares: int) -> tuple[torch.Tensor, Callable[[], str]]:
+    """Whether `rows` is not one share of the response rows, row_share(m, shares) with m = max(response.sum(), 1)
+    (`response_positions` gives an empty microbatch one row), as a device flag."""
+    count = response.sum().clamp(min=1)
+    wrong = (count <= (rows - 1) * shares) | (count > rows * shares)
+    return wrong, lambda: (f"batch['teacher_hidden'] has {rows} rows, not {'one share' if shares > 1 else 'the count'} "
+                           f"of the microbatch's {int(count)} response positions (loss_mask > 0)"
+                           + (f" split over {shares} tensor-parallel ranks" if shares > 1 else ""))
+
+
 def _teacher_hidden_check(batch: dict, num_sequences: int) -> tuple[torch.Tensor, Callable[[], str]]:
     """NaN/Inf in `teacher_hidden` at response positions, read from `teacher_hidden_nonfinite` (the scoring pass's
     [b] flags) or, without it (a batch built elsewhere), scanned on teacher_hidden's own device."""
     flags = batch.get("teacher_hidden_nonfinite")
-    if flags is None:  # a TP rank's sequence slice is scanned against its slice of the mask
-        hidden, mask = batch["teacher_hidden"], batch["loss_mask"]
-        flags = nonfinite_sequences(hidden, mask if hidden.shape[1] == mask.shape[1] else sequence_slice(mask))
+    if flags is None:
+        if batch["teacher_hidden"].dim() == 2:
+            raise ValueError("batch['teacher_hidden'] as response rows [m, H] needs batch['teacher_hidden_nonfinite'] "
+                             "(the scoring pass's per-sequence check; give [b, s, H] to have it scanned here)")
+        flags = nonfinite_sequences(batch["teacher_hidden"], batch["loss_mask"])
     elif tuple(flags.shape) != (num_sequences,):
         raise ValueError(f"batch['teacher_hidden_nonfinite'] has shape {tuple(flags.shape)}, expected "
                          f"({num_sequences},): one flag per sequence")
@@ -287,14 +314,20 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
     states, the loss sum whose gradient the fused op computed in its forward pass (`ops.linear_kl`; the statistics
     then carry no gradient); None otherwise."""
     labels = batch["labels"]
+    positions = batch.get("response_positions")
+    teacher_rows = "teacher_hidden" in batch and batch["teacher_hidden"].dim() == 2  # the response rows only
+    if teacher_rows and positions is None:
+        positions = response_positions([batch])[0]
     if student_weight is not None:  # `output` is the student's last hidden states: nothing vocabulary-sized kept
         kl_coef, log_prob_coef = _fused_coefficients(config, batch)
-        inputs = (output, batch["teacher_hidden"], kl_coef, labels, log_prob_coef)
-        positions = batch.get("response_positions")
+        student_hidden, teacher_hidden, targets = output, batch["teacher_hidden"], labels
         if positions is not None:  # both output layers on the response positions only (the coefficients are 0
             # elsewhere, so the loss and its gradient are the same); the statistics are 0 off the response
-            inputs = tuple(value.flatten(0, 1).index_select(0, positions) for value in inputs)
-        student_hidden, teacher_hidden, kl_coef, targets, log_prob_coef = inputs
+            student_hidden, kl_coef, targets, log_prob_coef = (
+                value.flatten(0, 1).index_select(0, positions)
+                for value in (student_hidden, kl_coef, targets, log_prob_coef))
+            if not teacher_rows:
+                teacher_hidden = teacher_hidden.flatten(0, 1).index_select(0, positions)
         loss_sum, fused = vocab_parallel_linear_distill_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, kl_coef, targets, log_prob_coef,
             kind=config.kl, group=group, vocab_size=vocab, beta=config.jsd_beta)
@@ -308,7 +341,10 @@ def _token_stats(config: LossConfig, vocab: int, batch: dict, output: torch.Tens
     student_log_probs = vocab_parallel_log_probs(logits, labels, group=group, vocab_size=vocab)
     teacher_logits = batch.get("teacher_logits")
     if teacher_logits is None and "teacher_hidden" in batch:  # this microbatch's teacher logits, no gradient
-        teacher_logits = (batch["teacher_hidden"] @ teacher_weight.t()).detach()
+        with torch.no_grad():
+            teacher_logits = batch["teacher_hidden"] @ teacher_weight.t()
+            if teacher_rows:  # 0 off the response (a uniform teacher where the loss mask is 0)
+                teacher_logits = spread_rows(teacher_logits, positions, labels.shape)
     teacher_log_probs = batch.get("teacher_log_probs")
     if teacher_log_probs is None and teacher_logits is not None:
         with torch.no_grad():

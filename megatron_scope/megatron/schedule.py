@@ -17,7 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_scope.config import LossConfig
 from megatron_scope.megatron.loss_func import batch_value_checks, response_positions, scope_loss_func
-from megatron_scope.megatron.model import gather_sequence_slices, output_layer_weight, returning_hidden_states
+from megatron_scope.megatron.model import output_layer_weight, returning_hidden_states
 from megatron_scope.megatron.parallel import collective_device
 
 
@@ -45,12 +45,12 @@ def raise_on_any_rank(error: Exception | None, group=None) -> None:
         raise RuntimeError(f"rank {int(flag)} rejected the batch (its error is in its log); stopping all ranks")
 
 
-def _check_microbatches(microbatches: list[dict], loss_config: LossConfig, sequence_shards: int = 1,
+def _check_microbatches(microbatches: list[dict], loss_config: LossConfig, row_shares: int = 1,
                         vocab_size: int | None = None) -> None:
     """`check_batch` over a step's microbatches with one device read for all their value checks: the first failing
     check, in microbatch then key order, raises its ValueError."""
     checks = [check for batch in microbatches
-              for check in batch_value_checks(batch, loss_config, sequence_shards, vocab_size)]
+              for check in batch_value_checks(batch, loss_config, row_shares, vocab_size)]
     if not checks:
         return
     device = checks[0][0].device
@@ -67,15 +67,16 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     The last stage checks every microbatch first and all stages agree before any compute, so bad data
     stops the step before any collective: shapes and keys on the host, NaN/Inf flags computed on the device and
     read once for the whole step (teacher_hidden through the scoring pass's `teacher_hidden_nonfinite` [b] bools,
-    not a scan of its values). With TP > 1, `teacher_logits` is this rank's vocabulary shard and `teacher_hidden`
-    may be this rank's sequence slice [b, s/TP, hidden] (as `teacher.colocated` keeps it), all-gathered over TP per
-    microbatch on the device (`TeacherHiddenLoader`).
+    not a scan of its values). With TP > 1, `teacher_logits` is this rank's vocabulary shard and a 2-D `teacher_hidden`
+    this rank's share of the response rows (as `teacher.colocated` keeps them), all-gathered over TP per microbatch
+    on the device (`TeacherHiddenLoader`).
     Gradients land in the DDP `main_grad` buffers already divided by the global loss count
     (`calculate_per_token_loss=True` in the model's config).
     `teacher_weight`: the co-located teacher's output-layer shard, for microbatches carrying `teacher_hidden`;
     with `loss_config.fuses_student_logits` the student then returns its last hidden states and the loss applies
     both output layers chunk by chunk (`ops.linear_kl`), on the response positions only: neither model's logits
-    are kept, and none are computed for prompt or padding positions.
+    are kept, and none are computed for prompt or padding positions (nor, from teacher hidden states, the teacher's
+    on the logits path).
     """
     _batch_shape(microbatches, model.config.variable_seq_lengths)  # checked before any compute
     if not model.config.calculate_per_token_loss:
@@ -95,15 +96,17 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     loss_func = partial(scope_loss_func, loss_config, vocab_size, group=group, teacher_weight=teacher_weight,
                         student_weight=output_layer_weight(model) if fused else None, checked=True)
 
-    teacher_hidden = TeacherHiddenLoader(microbatches)
-    positions = iter(response_positions(microbatches) if fused and last else [])
+    with_positions = last and (fused or any("teacher_hidden" in batch for batch in microbatches))
+    positions = response_positions(microbatches) if with_positions else []
+    teacher_hidden = TeacherHiddenLoader(microbatches, [len(rows) for rows in positions])
+    positions = iter(positions)
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        if with_positions:  # output layers from hidden states run on the response positions only
+            batch = {**batch, "response_positions": next(positions)}
         if "teacher_hidden" in batch:
             batch = {**batch, "teacher_hidden": teacher_hidden.next()}
-        if fused and last:  # the fused KL's output layers run on the response positions only
-            batch = {**batch, "response_positions": next(positions)}
         with returning_hidden_states(model) if fused else contextlib.nullcontext():
             output = model(batch["tokens"], batch["position_ids"], None)
         return output, partial(loss_func, batch)
@@ -115,18 +118,21 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
 
 
 class TeacherHiddenLoader:
-    """Each microbatch's `teacher_hidden` on the device, in microbatch order, all-gathered over TP where it is a TP
-    rank's sequence slice [b, s/TP, H] (1 all-gather per microbatch).
+    """Each microbatch's `teacher_hidden` on the device, in microbatch order; where it is this TP rank's share of
+    the microbatch's m response rows ([row_share(m, TP), H], TP > 1), all-gathered over TP and cut to [m, H]
+    (1 all-gather per microbatch).
 
     On CUDA they wait in pinned host memory since the scoring pass, whose copies there were complete when it
     returned (`teacher.colocated.log_prob_pass`). The copy of microbatch i + 1 is issued on a side stream when
     microbatch i is taken, so it overlaps i's forward and backward; the compute stream waits for it only when it
-    takes i + 1 (device memory: one microbatch's gathered states and the next one's slice). `close` makes the
+    takes i + 1 (device memory: one microbatch's gathered states and the next one's share). `close` makes the
     compute stream wait for the side stream, so the host memory may be written again after it."""
 
-    def __init__(self, microbatches: list[dict]):
+    def __init__(self, microbatches: list[dict], response_rows: list[int]):
+        """`response_rows`: each microbatch's m (`loss_func.response_positions`), where it has teacher_hidden."""
         self.host = [batch.get("teacher_hidden") for batch in microbatches]
-        self.labels_width = [batch["labels"].shape[1] for batch in microbatches]
+        self.response_rows = response_rows
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.device = microbatches[0]["tokens"].device if microbatches else torch.device("cpu")
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.index, self.pending = 0, {}
@@ -153,14 +159,22 @@ class TeacherHiddenLoader:
             states.record_stream(current)  # made on the side stream, used (and freed) on this one
         self.index += 1
         self._start(self.index)  # the next microbatch's copy overlaps this one's compute
-        if states.shape[1] != self.labels_width[i]:  # this TP rank's sequence slice
-            states = gather_sequence_slices(states)
+        if states.dim() == 2 and self.tp > 1:  # this TP rank's share of the response rows
+            states = _gather_rows(states)[: self.response_rows[i]]
         return states
 
     def close(self) -> None:
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.pending.clear()
+
+
+@torch.no_grad()
+def _gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """[c, ...] row shares of the TP group's ranks -> [TP * c, ...], rank order (1 all-gather)."""
+    gathered = rows.new_empty((rows.shape[0] * parallel_state.get_tensor_model_parallel_world_size(), *rows.shape[1:]))
+    dist.all_gather_into_tensor(gathered, rows.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return gathered
 
 
 def run_schedule(model, microbatches: list[dict], forward_step, forward_only: bool, collect_non_loss_data=False):

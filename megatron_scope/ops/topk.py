@@ -14,6 +14,7 @@ Logits shards, `group` and `vocab_size` follow the conventions of `vocab_paralle
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -38,6 +39,15 @@ def _accumulation_dtype(logits: torch.Tensor) -> torch.dtype:
 #: The smallest tail mass `tail_log_mass_from_topk` reports: fp32's unit roundoff. A top-k of fp32 log-probs
 #: (vLLM's) cannot tell a smaller tail from 0, and a teacher tail of exactly 0 makes the reverse KL +inf.
 FP32_TAIL_FLOOR = 2.0**-24
+
+
+def uniform_topk(shape: tuple, k: int, ids_dtype: torch.dtype = torch.int64, device=None):
+    """(ids, log_probs, tail_log_mass) of a top-k where no teacher scored (prompt and padding positions): ids
+    0..k-1 and the uniform distribution over the k + 1 outcomes (the k ids and the tail), so it passes
+    `topk_value_checks`; the loss mask zeroes whatever a loss makes of it."""
+    ids = torch.arange(k, dtype=ids_dtype, device=device).expand(*shape, k).clone()
+    log_probs = torch.full((*shape, k), -math.log(k + 1), device=device)
+    return ids, log_probs, torch.full(shape, -math.log(k + 1), device=device)
 
 
 def tail_log_mass_from_topk(topk_log_probs: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_scope.ops.topk import tail_log_mass_from_topk
+from megatron_scope.ops.topk import tail_log_mass_from_topk, uniform_topk
 from megatron_scope.rewards.base import Verdict
 from megatron_scope.rollout.engine import Completion, SequenceScores
 
@@ -126,8 +126,7 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
                         if groups and groups[0].reference_scores is not None else None)
     ref_log_probs = torch.zeros(n, seq_length) if reference_scores is not None else None
     if k:
-        topk_ids = torch.arange(k, dtype=torch.int32).expand(n, seq_length, k).clone()
-        topk_log_probs = torch.full((n, seq_length, k), -math.log(k + 1))
+        topk_ids, topk_log_probs, _ = uniform_topk((n, seq_length), k, torch.int32)
     for i, (_, group, completion, _) in enumerate(rows):
         sequence = group.prompt_token_ids + list(completion.token_ids)
         if len(sequence) - 1 > seq_length:

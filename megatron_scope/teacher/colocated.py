@@ -8,9 +8,9 @@ wide where logits would be V/TP wide; on CUDA they wait in pinned host memory un
 vocab-parallel top-k for --scope-kl topk, nothing more for sampled-token estimators. The vocabulary is never
 gathered: log-probs and the top-k communicate per-token statistics over the TP group.
 
-Each TP rank keeps its own slice of the sequence, [b, s/TP, hidden] (under sequence parallelism the slice the
-model's last norm computed there), so a rank holds 1/TP of the hidden states; the step all-gathers each microbatch's
-on the device (`schedule.forward_backward`). The trainer keeps them in one `HostBuffer`, reused every step.
+Hidden states are kept at the response positions only (loss_mask > 0: no prompt, no padding), and each TP rank
+keeps its own share of those rows, 1/TP of them; the step all-gathers each microbatch's on the device
+(`schedule.forward_backward`). The trainer keeps them in one `HostBuffer`, reused every step.
 
 Hidden states are checked where they are made: `teacher_hidden_nonfinite` [b] bool flags, on the device, each
 sequence with NaN/Inf at a response position, so `check_batch` never scans the host copy. The copies to host
@@ -20,95 +20,82 @@ after each), so the CPU may read them and the step may copy them back without ra
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from megatron.core import parallel_state
 
 from megatron_scope.config import LossConfig
-from megatron_scope.megatron.loss_func import nonfinite_sequences, response_positions, spread_rows
-from megatron_scope.megatron.model import (
-    capturing_hidden_states,
-    gather_sequence_slices,
-    output_layer_weight,
-    sequence_parallel,
-    sequence_slice,
-)
+from megatron_scope.megatron.loss_func import nonfinite_response_rows, response_positions, row_share, spread_rows
+from megatron_scope.megatron.model import output_layer_weight
 from megatron_scope.megatron.schedule import forward_collect
-from megatron_scope.ops.topk import vocab_parallel_topk
+from megatron_scope.ops.topk import uniform_topk, vocab_parallel_topk
 from megatron_scope.ops.vocab_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
 
 
 def log_prob_pass(model, microbatches: list[dict], vocab_size: int, keep: str | None = None, topk: int = 0,
-                  temperature: float = 1.0, entropy: bool = False, full_sequence: bool = False,
+                  temperature: float = 1.0, entropy: bool = False, all_rows: bool = False,
                   host_buffer: HostBuffer | None = None) -> list:
     """Forward only: per microbatch (extra inputs, log-probs of the labels under softmax(logits / temperature))
-    under `model`, on the last stage ([] elsewhere). Where every microbatch has a loss_mask (and not with "topk"),
-    the output layer runs on the response positions only, and log-probs and entropy are 0 elsewhere. Extras, by
-    `keep`: None nothing; "hidden" the last hidden
-    states {teacher_hidden} (the output layer's input): this TP rank's sequence slice [b, s/TP, hidden] (all of
-    [b, s, hidden] at TP 1 or with `full_sequence`), in `host_buffer` (or fresh host tensors; pinned on CUDA, the
-    copy complete when this returns) and, where the microbatch has a loss_mask, {teacher_hidden_nonfinite} [b]
-    bool on the device: NaN/Inf at a response position of the whole sequence; "topk" {teacher_topk_ids,
-    teacher_topk_log_probs, teacher_topk_tail_log_mass}, `topk` + 1 values per token instead of V/TP; with
-    `entropy`, also {teacher_entropy} [b, s], the entropy of softmax(logits) in nats (SRPO's weights)."""
+    under `model`, on the last stage ([] elsewhere). Where every microbatch has a loss_mask, the output layer runs on
+    its m response rows only (`loss_func.response_positions`) and the outputs are 0 off the response (the top-k
+    `ops.topk.uniform_topk`). Extras, by `keep`: None nothing; "hidden" (needs the loss_mask) the last hidden states
+    (the output layer's input) at the response rows {teacher_hidden}: this TP rank's share [row_share(m, TP),
+    hidden] of them (all [m, hidden] at TP 1 or with `all_rows`), in `host_buffer` (or fresh host tensors; pinned on
+    CUDA, the copy complete when this returns), and {teacher_hidden_nonfinite} [b] bool on the device: NaN/Inf at a
+    response position of the sequence; "topk" {teacher_topk_ids, teacher_topk_log_probs,
+    teacher_topk_tail_log_mass}, `topk` + 1 values per token instead of V/TP; with `entropy`, also
+    {teacher_entropy} [b, s], the entropy of softmax(logits) in nats (SRPO's weights)."""
     group = parallel_state.get_tensor_model_parallel_group()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    model_split = sequence_parallel(model)  # the model itself hands over [s/TP, b, hidden]
-    keep_slice = tp > 1 and not full_sequence
-    hidden = []  # this microbatch's last hidden states, [s, b, hidden] ([s/TP, b, hidden] under model_split)
-    copies = []  # CUDA events recorded after each non-blocking copy of hidden states to host memory
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    last = parallel_state.is_pipeline_last_stage()
+    responses_only = last and bool(microbatches) and all("loss_mask" in batch for batch in microbatches)
+    if keep == "hidden" and last and microbatches and not responses_only:
+        raise ValueError("log_prob_pass(keep='hidden') keeps the response rows' hidden states: every microbatch needs "
+                         "a loss_mask")
+    positions = response_positions(microbatches) if responses_only else []
+    shares = tp if keep == "hidden" and not all_rows else 1  # each TP rank keeps 1/shares of the response rows
     destinations = []  # the host tensors the microbatches' hidden states land in, in order
-    responses_only = (keep != "topk" and parallel_state.is_pipeline_last_stage() and bool(microbatches)
-                      and all("loss_mask" in batch for batch in microbatches))
-    positions = iter(response_positions(microbatches) if responses_only else [])
+    if keep == "hidden" and host_buffer is not None and positions:  # the whole pass's tensors, carved out at once
+        hidden_size = output_layer_weight(model).shape[1]
+        destinations = host_buffer.tensors([(row_share(len(rows), shares), hidden_size) for rows in positions],
+                                           output_layer_weight(model).dtype)
+    copies = []  # CUDA events recorded after each non-blocking copy of hidden states to host memory
     weight = output_layer_weight(model) if responses_only else None
+    positions = iter(positions)
 
     def collect(batch, output):
-        labels = batch["labels"]
+        labels, shape = batch["labels"], batch["labels"].shape
         if responses_only:  # `output` is the last hidden states: the output layer on the response rows only
             rows = next(positions)
-            logits = output.flatten(0, 1).index_select(0, rows) @ weight.t()  # [m, V/TP], in the model's dtype
+            states = output.flatten(0, 1).index_select(0, rows)  # [m, hidden]
+            logits = states @ weight.t()  # [m, V/TP], in the model's dtype
             labels = labels.flatten().index_select(0, rows)
         else:
             logits = output
+        spread = (lambda values: spread_rows(values, rows, shape)) if responses_only else (lambda values: values)
         scaled = logits / temperature if temperature != 1.0 else logits
-        log_probs = vocab_parallel_log_probs(scaled, labels, group=group, vocab_size=vocab_size)
-        if responses_only:
-            log_probs = spread_rows(log_probs, rows, batch["labels"].shape)
+        log_probs = spread(vocab_parallel_log_probs(scaled, labels, group=group, vocab_size=vocab_size))
         extras = {}
-        if keep == "hidden":
-            states = hidden.pop().transpose(0, 1)  # on the device that made them
-            if model_split and full_sequence:
-                states = gather_sequence_slices(states)
-            is_slice = model_split and not full_sequence
-            if "loss_mask" in batch:  # checked here, before the copy: no host scan later
-                mask = sequence_slice(batch["loss_mask"]) if is_slice else batch["loss_mask"]
-                flags = nonfinite_sequences(states, mask)
-                if is_slice:  # NaN/Inf anywhere in the sequence: 1 all-reduce of [b] over TP, no host read
-                    flags = flags.to(torch.int32)
-                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
-                    flags = flags.bool()
-                extras["teacher_hidden_nonfinite"] = flags
-            if keep_slice and not is_slice:  # every rank computed the whole sequence: keep this rank's 1/TP
-                states = sequence_slice(states)
-            if host_buffer is not None and not destinations:  # the whole pass's tensors, carved out at once
-                shapes = [(len(b["labels"]), b["labels"].shape[1] // (tp if keep_slice else 1), states.shape[-1])
-                          for b in microbatches]
-                destinations.extend(host_buffer.tensors(shapes, states.dtype))
+        if keep == "hidden":  # checked here, before the copy: no host scan later
+            extras["teacher_hidden_nonfinite"] = nonfinite_response_rows(states, rows, batch["loss_mask"])
+            if shares > 1:  # this rank's share, the last ones padded with zero rows
+                share = row_share(len(rows), shares)
+                states = states[tp_rank * share:(tp_rank + 1) * share]
+                states = torch.cat([states, states.new_zeros(share - len(states), states.shape[1])])
             extras["teacher_hidden"] = _to_host(states, copies, destinations.pop(0) if destinations else None)
         elif keep == "topk":
             ids, top, tail = vocab_parallel_topk(logits, topk, group=group, vocab_size=vocab_size)
+            if responses_only:
+                neutral = uniform_topk(tuple(shape), topk, ids.dtype, ids.device)
+                ids, top, tail = (value.flatten(0, 1).index_copy_(0, rows, mine).view_as(value)
+                                  for value, mine in zip(neutral, (ids, top, tail)))
             extras.update(teacher_topk_ids=ids, teacher_topk_log_probs=top, teacher_topk_tail_log_mass=tail)
         if entropy:
-            extras["teacher_entropy"] = vocab_parallel_entropy(logits, group=group, vocab_size=vocab_size)
-            if responses_only:
-                extras["teacher_entropy"] = spread_rows(extras["teacher_entropy"], rows, batch["labels"].shape)
+            extras["teacher_entropy"] = spread(vocab_parallel_entropy(logits, group=group, vocab_size=vocab_size))
         return extras, log_probs
 
-    with capturing_hidden_states(model, hidden) if keep == "hidden" else contextlib.nullcontext():
-        views = forward_collect(model, microbatches, collect, hidden_states=responses_only)
+    views = forward_collect(model, microbatches, collect, hidden_states=responses_only)
     for copied in copies:  # nobody reads the host copies (on the CPU, or back to the device) before they land
         copied.synchronize()
     return views

@@ -21,6 +21,7 @@ smaller than 1/(2r) of its last bit) and saved with the checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Callable, NamedTuple, Sequence
 
@@ -28,6 +29,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER, PromptFormat, prompt_token_ids
+from megatron_scope.megatron.loss_func import row_share
 from megatron_scope.megatron.model import output_layer_weight, unwrap_model
 from megatron_scope.rollout.batch import padded_sequence_length, sequence_multiple
 from megatron_scope.teacher.colocated import host_zeros, log_prob_pass
@@ -78,9 +80,10 @@ class SelfTeacherRow(NamedTuple):
 def self_teacher_pass(model, microbatches: list[dict], rows: Sequence[SelfTeacherRow], micro_batch_size: int,
                       vocab_size: int, pad_id: int) -> list[dict]:
     """The self-teacher's view of the student's microbatches on the last stage ([] elsewhere): per microbatch
-    teacher_hidden: this TP rank's sequence slice [b, s/TP, H] (host memory on CUDA) with
-    teacher_hidden_nonfinite [b] (NaN/Inf on the response, checked on the device), teacher_log_probs and
-    teacher_entropy [b, s], at the student's positions; 0 on rows that are not distilled and off the response.
+    teacher_hidden at the student's response rows, this TP rank's share [row_share(m, TP), H] of them (host memory
+    on CUDA; as `teacher.colocated.log_prob_pass` keeps a teacher's), with teacher_hidden_nonfinite [b] (NaN/Inf on
+    the response, checked on the device), teacher_log_probs and teacher_entropy [b, s], at the student's positions;
+    0 on rows that are not distilled and off the response.
     `microbatches[i]["row_index"]` names each row's index in `rows`. The distilled rows run through `model` (every
     stage) in microbatches of `micro_batch_size` rows padded to one width (a multiple of TP); nothing runs when no
     row is distilled."""
@@ -103,35 +106,41 @@ def self_teacher_pass(model, microbatches: list[dict], rows: Sequence[SelfTeache
             teacher_batches.append({"tokens": tokens.to(device), "labels": labels.to(device),
                                     "position_ids": torch.arange(width, device=device).expand(micro_batch_size, -1),
                                     "loss_mask": response.to(device)})
-    views = (log_prob_pass(model, teacher_batches, vocab_size, keep="hidden", entropy=True, full_sequence=True)
+    views = (log_prob_pass(model, teacher_batches, vocab_size, keep="hidden", entropy=True, all_rows=True)
              if chunks else [])
     if not parallel_state.is_pipeline_last_stage():
         return []
-    where = {}  # row -> (its teacher microbatch, position there)
+    where = {}  # row -> (its teacher microbatch, its position there, its first row of that one's response rows)
     for c, chunk in enumerate(chunks):
-        where.update({i: (c, position) for position, i in enumerate(chunk)})
+        offsets = [0, *itertools.accumulate(len(rows[i].response) for i in chunk)]
+        where.update({i: (c, position, offsets[position]) for position, i in enumerate(chunk)})
     weight = output_layer_weight(model)  # [V/TP, H]: the hidden size and dtype of the zeros when nothing ran
     dtype = views[0][0]["teacher_hidden"].dtype if views else weight.dtype
     tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     outputs = []
     for batch in microbatches:
         b, s = batch["labels"].shape
-        width = s // tp  # this TP rank's slice of the student's positions, [low, low + width), as teacher_pass keeps
-        low = tp_rank * width
-        out = {"teacher_hidden": host_zeros((b, width, weight.shape[-1]), dtype, device),
+        row_index = batch["row_index"].tolist()
+        share = row_share(max(sum(len(rows[i].response) for i in row_index), 1), tp)
+        low = tp_rank * share  # this TP rank's share of the response rows, [low, low + share)
+        out = {"teacher_hidden": host_zeros((share, weight.shape[-1]), dtype, device),
                "teacher_hidden_nonfinite": torch.zeros(b, dtype=torch.bool, device=device),  # checked on the device
                "teacher_log_probs": torch.zeros(b, s, device=device),
                "teacher_entropy": torch.zeros(b, s, device=device)}
-        for position, i in enumerate(batch["row_index"].tolist()):
+        offset = 0  # this row's first response row in the microbatch
+        for position, i in enumerate(row_index):
+            row = rows[i]
+            length = len(row.response)
+            offset, first_row = offset + length, offset
             if i not in where:
                 continue
-            extras, log_probs = views[where[i][0]]
-            row, source = rows[i], where[i][1]
-            start, teacher_start, length = row.prompt_length - 1, len(row.teacher_prompt) - 1, len(row.response)
-            first, stop = max(start, low), min(start + length, low + width)  # the response's part in the slice
+            c, source, teacher_first_row = where[i]
+            extras, log_probs = views[c]
+            first, stop = max(first_row, low), min(first_row + length, low + share)  # its rows in this share
             if first < stop:
-                out["teacher_hidden"][position, first - low:stop - low] = \
-                    extras["teacher_hidden"][source, teacher_start + first - start:teacher_start + stop - start]
+                out["teacher_hidden"][first - low:stop - low] = \
+                    extras["teacher_hidden"][teacher_first_row + first - first_row:teacher_first_row + stop - first_row]
+            start, teacher_start = row.prompt_length - 1, len(row.teacher_prompt) - 1
             out["teacher_hidden_nonfinite"][position] = extras["teacher_hidden_nonfinite"][source]
             out["teacher_log_probs"][position, start:start + length] = log_probs[source, teacher_start:teacher_start + length]
             out["teacher_entropy"][position, start:start + length] = \

@@ -1,7 +1,7 @@
 """--sequence-parallel: the same SCOPE step with and without Megatron's sequence parallelism, at TP = 2 and
 TP = 2 x PP = 2 (gloo; token-budget microbatches of three widths): a tiny student and a co-located tiny teacher
-(`teacher_pass` keeps each TP rank's sequence slice of the teacher's hidden states, half of them, in a reused
-`HostBuffer`; the loss all-gathers them), both through the fused KL from hidden states and through materialised
+(`teacher_pass` keeps each TP rank's share of the teacher's hidden states at the response rows, half of them, in a
+reused `HostBuffer`; the step all-gathers them), both through the fused KL from hidden states and through materialised
 logits. Same loss, same gradients on every rank after `finalize_model_grads` (whose TP sum of the norms' gradients
 is what makes sequence parallelism correct: the test also shows that without that sum the norms' gradients
 differ), same exported weights."""
@@ -24,7 +24,7 @@ def _step(rank, world_size, tp, pp, sequence_parallel, fused):
     from megatron.core import parallel_state
 
     from megatron_scope.config import LossConfig
-    from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports
+    from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports, row_share
     from megatron_scope.megatron.model import build_gpt_model, output_layer_weight, unwrap_model, wrap_with_ddp
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.megatron.schedule import forward_backward
@@ -43,11 +43,12 @@ def _step(rank, world_size, tp, pp, sequence_parallel, fused):
         del batch["teacher_logits"], batch["teacher_log_probs"]
     scored = teacher_pass(teacher, microbatches, config, TINY_ARCH.vocab_size, HostBuffer(pinned=False))
     last = parallel_state.is_pipeline_last_stage()
-    hidden_widths = []
+    hidden_rows = []  # (rows kept, one TP share of the response rows)
     if last:
         for batch, extras in zip(microbatches, scored):
             batch.update(extras)
-            hidden_widths.append(batch["teacher_hidden"].shape[1])
+            response_rows = max(int((batch["loss_mask"] > 0).sum()), 1)  # an empty microbatch keeps one row
+            hidden_rows.append((batch["teacher_hidden"].shape[0], row_share(response_rows, tp)))
         add_group_inputs(microbatches, config)
     student.zero_grad_buffer()
     unfinished = {}  # the gradients as the schedule hands them to finalize_model_grads
@@ -65,7 +66,7 @@ def _step(rank, world_size, tp, pp, sequence_parallel, fused):
                                                                                             False))
     exported = {name: tensor.clone() for name, tensor in iter_hf_weights(student, TINY_ARCH)}  # rank 0 only
     return {"loss": reduce_reports(reports)["loss"] if last else None, "grads": grads, "unfinished": unfinished,
-            "hidden_widths": hidden_widths, "marked": marked, "widths": [b["labels"].shape[1] for b in microbatches],
+            "hidden_rows": hidden_rows, "marked": marked, "widths": [b["labels"].shape[1] for b in microbatches],
             "exported": exported}
 
 
@@ -77,8 +78,8 @@ def test_sequence_parallel_gives_the_same_step(tp, pp, fused):
     for rank, (ours, theirs) in enumerate(zip(split, plain)):
         if theirs["loss"] is not None:
             assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5), rank
-            # each TP rank keeps its sequence slice of the teacher's hidden states, with or without it
-            assert theirs["hidden_widths"] == ours["hidden_widths"] == [width // tp for width in ours["widths"]]
+            # each TP rank keeps its share of the teacher's hidden states at the response rows, with or without it
+            assert theirs["hidden_rows"] == ours["hidden_rows"] and all(kept == share for kept, share in ours["hidden_rows"])
             assert len(set(ours["widths"])) == (1 if pp == 1 else 3), ours["widths"]
         assert ours["grads"].keys() == theirs["grads"].keys()
         for name, grad in ours["grads"].items():

@@ -1,6 +1,6 @@
 """One SRPO trainer step with the self-teacher (real Megatron models loaded from an HF checkpoint; a stand-in rollout,
 so no vLLM engine starts): --srpo-teacher ema at TP=2 with --sequence-parallel (the self-teacher's hidden states
-re-laid into the student's rows, then split along the sequence) and current at TP=1 on the same groups.
+re-laid into the student's response rows, each TP rank keeping its share of them) and current at TP=1 on the same groups.
 
 Both teachers are the initial student at the first step, so the two runs must give the same loss. In each: the
 self-teacher's log-probs at a failed response re-read under a re-prompt equal the student's own forward of the
@@ -8,6 +8,7 @@ re-prompt + response at the shifted positions; with the original prompt as "re-p
 old log-probs; rows that are not distilled get nothing; SRPO's weights average 1 over the distilled tokens. With
 ema, the teacher after the step is (1 - r) θ_0 + r θ_1, and it survives a checkpoint round trip."""
 
+import itertools
 import math
 import types
 
@@ -23,10 +24,22 @@ PROMPTS = ([1, 5, 7], [1, 6, 7, 9])
 REPROMPT = [1, 11, 12, 5, 7, 13, 14, 15, 16]  # a longer stand-in re-prompt for row 1 (prompt 0's failure)
 
 
+def hidden_of_rows(batch: dict, rows: list[int], rank: int) -> torch.Tensor:
+    """The rows of this TP rank's share of teacher_hidden (the response rows, in flat order) that belong to the
+    sequences `rows`."""
+    lengths = (batch["loss_mask"] > 0).sum(1).tolist()
+    offsets = [0, *itertools.accumulate(lengths)]
+    share = batch["teacher_hidden"]
+    low = rank * len(share)
+    return torch.cat([share[max(offsets[i], low) - low:max(min(offsets[i + 1], low + len(share)) - low, 0)]
+                      for i in rows])
+
+
 def _one_step(rank, world_size, ws, teacher, save):
     from megatron_scope import train
     from megatron_scope.arguments import parse_run_config
     from megatron_scope.megatron import checkpointing
+    from megatron_scope.megatron.loss_func import row_share
     from megatron_scope.megatron.model import unwrap_model
     from megatron_scope.rollout.batch import RolloutGroup
     from megatron_scope.rollout.engine import Completion
@@ -80,13 +93,14 @@ def _one_step(rank, world_size, ws, teacher, save):
             "row 2 re-read under its own prompt": torch.allclose(batch["teacher_log_probs"][2, response[2]],
                                                                  batch["old_log_probs"][2, response[2]], atol=1e-5),
             "nothing on rows not distilled": not batch["teacher_log_probs"][[0, 3]].any()
-            and not batch["teacher_hidden"][[0, 3]].any() and not batch["distill_weights"][[0, 3]].any(),
+            and not hidden_of_rows(batch, [0, 3], rank).any() and not batch["distill_weights"][[0, 3]].any(),
+            "hidden states on the distilled rows": bool(hidden_of_rows(batch, [1, 2], rank).abs().sum() > 0),
             "weights average 1": abs(float(batch["distill_weights"][batch["loss_mask"] * batch["distilled"][:, None] > 0]
                                            .mean()) - 1) < 1e-5,
             "updated": outcome.updated,
             "hidden states checked on the device": batch["teacher_hidden_nonfinite"].tolist() == [False] * 4,
-            "each TP rank keeps its sequence slice":
-                batch["teacher_hidden"].shape[1] * world_size == batch["labels"].shape[1],
+            "each TP rank keeps its share of the response rows":
+                len(batch["teacher_hidden"]) == row_share(int(batch["loss_mask"].sum()), world_size),
         }
         if teacher == "ema":
             ema = dict(unwrap_model(trainer.ema_teacher.model).named_parameters())

@@ -197,15 +197,17 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
     assert "logits + gradient" not in terms
     assert terms["fused KL (chunk + hidden gradient)"] == 3 * 1024 * 44 + 6_144
     assert terms["output-layer weight gradient"] == 131_072
-    assert terms["teacher hidden states (microbatch)"] == 6_144  # 2 x 24 x 64 x 2 B (4 sequences in host memory)
-    assert me.teacher_hidden_host_bytes(plan, TINY, TINY_TEACHER) == 12_288  # 4 x 24 x 64 x 2 B
+    # the teacher's hidden states at the response rows, at most 15 (--max-new-tokens) a sequence
+    assert terms["teacher hidden states (microbatch)"] == 3_840  # 2 x 15 x 64 x 2 B (4 sequences in host memory)
+    # 2 microbatches of 2 x 15 x 64 x 2 B = 3,840, each rounded up to a 512-byte offset
+    assert me.teacher_hidden_host_bytes(plan, TINY, TINY_TEACHER) == 2 * 4_096
     assert terms["batch tensors"] == 3_840                 # 40 B x 4 x 24
     assert terms["runtime overhead (trainer)"] == 0
     # engine: HF params 73,984 + 2 x 1000 x 64 + 64 = 202,048 x 2 B; KV 1 GiB; sampler 8 x 256 x 1000
     assert terms["vLLM weights"] == 404_096
     assert terms["vLLM KV cache"] == GIB
     assert terms["vLLM runtime"] == 2_048_000
-    assert gpus[0].total_bytes == 410_240 + 820_480 + 1_230_720 + 558_208 + 288_768 + 9_216 + 6_144 \
+    assert gpus[0].total_bytes == 410_240 + 820_480 + 1_230_720 + 558_208 + 288_768 + 9_216 + 3_840 \
         + 3 * 1024 * 44 + 6_144 + 131_072 + 3_840 + 404_096 + GIB + 2_048_000
     assert gpus[1].total_bytes == gpus[0].total_bytes - 404_096 - GIB - 2_048_000
     assert me.kv_bytes_per_token(TINY, 2) == 256           # 2 x 2 layers x 2 kv heads x 16 x 2 B
@@ -219,11 +221,11 @@ def test_engines_on_training_gpus_sleep_through_the_step():
     assert [g.role for g in gpus] == ["each replica's first rank (first stage + rollout engine)"]  # DP 2, TP 1
     terms = {c.name: c.bytes for c in gpus[0].components}
     # transient: activations 288,768 + score buffer 9,216 + fused KL 141,312 + weight gradient 131,072 + teacher
-    # hidden states 2 x 6,144 (this microbatch's and the next one's, prefetched) = 582,656; awake: weights 404,096 +
+    # hidden states 2 x 3,840 (this microbatch's and the next one's, prefetched) = 578,048; awake: weights 404,096 +
     # KV cache 1 GiB
-    assert terms["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 582_656
+    assert terms["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 578_048
     assert terms["vLLM runtime"] == 2_048_000 and "vLLM weights" not in terms
-    assert gpus[0].total_bytes == additive[0].total_bytes - 576_512
+    assert gpus[0].total_bytes == additive[0].total_bytes - 574_208
     # a vLLM teacher's engine is awake only while the rollout engine sleeps: the larger of the two counts
     vllm = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm"), TINY,
                                                          TINY_TEACHER)[0].components}
@@ -233,7 +235,7 @@ def test_engines_on_training_gpus_sleep_through_the_step():
     # 558,208 B wait in host memory while the engine generates: its KV cache reuses them too
     offloaded = {c.name: c.bytes for c in me.estimate_memory(_tiny_plan(offload_optimizer=True, offload_teacher=True),
                                                               TINY, TINY_TEACHER)[0].components}
-    assert offloaded["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 582_656 - 820_480 - 1_230_720 \
+    assert offloaded["vLLM weights + KV cache beyond the step"] == 404_096 + GIB - 578_048 - 820_480 - 1_230_720 \
         - 558_208
     # TP 2 > rollout TP 1: the replica's second first-stage rank runs no engine
     tp2 = me.estimate_memory(_tiny_plan(tensor_parallel=2, prompts_per_step=2), TINY, TINY_TEACHER)
@@ -246,9 +248,9 @@ def test_host_memory_per_node_by_hand():
     the offload flags the Adam state (1,230,720 B) and the teacher's parameters (558,208 B) per rank; a vLLM
     teacher's engine (one per replica: 2 on the node) keeps its weights there while it sleeps at level 1."""
     names = lambda plan, teacher=TINY_TEACHER: {c.name: c.bytes for c in me.host_memory_per_node(plan, TINY, teacher)}
-    assert names(_tiny_plan()) == {"teacher hidden states (local batch)": 2 * 12_288}
+    assert names(_tiny_plan()) == {"teacher hidden states (local batch)": 2 * 8_192}
     assert names(_tiny_plan(offload_optimizer=True, offload_teacher=True)) == {
-        "teacher hidden states (local batch)": 2 * 12_288, "optimizer state (Adam) (offloaded)": 2 * 1_230_720,
+        "teacher hidden states (local batch)": 2 * 8_192, "optimizer state (Adam) (offloaded)": 2 * 1_230_720,
         "teacher parameters (offloaded)": 2 * 558_208}
     vllm_teacher = names(_tiny_plan(kl="k3", teacher_backend="vllm"))
     # the teacher's HF parameters: 4 x 36,992 + 2 x 1000 x 64 + 64 = 276,032 x 2 B per engine
@@ -320,7 +322,7 @@ def test_memory_terms_follow_the_flags():
     first, last = ({c.name: c.bytes for c in g.components} for g in pp)
     assert first["student activations"] == 138_240 * 1 * 2 and "fused KL (chunk + hidden gradient)" not in first
     assert last["student activations"] == 138_240 + 12_288
-    assert last["teacher hidden states (microbatch)"] == 2 * (2 * 24 * 64 * 2)  # this microbatch and the next (CUDA)
+    assert last["teacher hidden states (microbatch)"] == 2 * (2 * 15 * 64 * 2)  # this microbatch and the next (CUDA)
     separate = me.estimate_memory(_tiny_plan(rollout_gpus=1, placement="ray", engines=1), TINY, TINY_TEACHER)
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU"]
     assert {c.name for c in separate[1].components} == {"vLLM weights", "vLLM KV cache", "vLLM runtime"}
@@ -786,7 +788,7 @@ def test_srpo_self_teacher_memory_terms_by_hand(teacher, bytes_per_element):
     terms = {c.name: c.bytes for c in me.estimate_memory(plan, TINY)[0].components}
     assert "teacher parameters" not in terms
     assert terms.get("SRPO EMA teacher parameters") == (4 * 205_120 if teacher == "ema" else None)
-    # b = 2, s = 24, h = 64 (the student's)
-    assert terms["teacher hidden states (microbatch)"] == 2 * 24 * 64 * bytes_per_element
+    # b = 2, s = 24, h = 64 (the student's); hidden states at the response rows, at most 15 a sequence
+    assert terms["teacher hidden states (microbatch)"] == 2 * 15 * 64 * bytes_per_element
     assert terms["teacher logits (one microbatch)"] == 2 * 24 * 1024 * bytes_per_element
-    assert me.teacher_hidden_host_bytes(plan, TINY, None) == 4 * 24 * 64 * bytes_per_element
+    assert me.teacher_hidden_host_bytes(plan, TINY, None) == 2 * (-(-2 * 15 * 64 * bytes_per_element // 512) * 512)

@@ -209,19 +209,22 @@ def test_logprob_temperature_scales_the_students_logits(batch):
                                     LossConfig(loss_agg_mode="scope-released"),
                                     LossConfig(algorithm="opd", rollout_is_threshold=1.3)],
                          ids=["scope-reverse", "scope-jsd-T0.6", "opd-forward", "scope-released", "opd-rollout-is"])
-@pytest.mark.parametrize("response_only", [False, True], ids=["every-position", "response-positions"])
-def test_the_fused_kl_from_hidden_states_equals_the_loss_on_logits(config, response_only):
+@pytest.mark.parametrize("layout", ["every-position", "response-positions", "teacher-response-rows"])
+def test_the_fused_kl_from_hidden_states_equals_the_loss_on_logits(config, layout):
     """Student hidden states + output layer and the teacher's (ops.linear_kl, its gradient taken in the forward pass
     with the coefficients the loss itself gives), over every position or (`response_positions`, as
-    `schedule.forward_backward` sets them) the response positions only: the loss, report and gradients of the
+    `schedule.forward_backward` sets them) the response positions only, the teacher's hidden states [b, s, H] or
+    only their response rows [m, H] (as the scoring pass keeps them): the loss, report and gradients of the
     student's logits path with the teacher's logits."""
     from megatron_scope.megatron.loss_func import response_positions
 
     (with_logits,) = split_microbatches(tiny_rollout_batch(), 1)
     (with_hidden,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
-    if response_only:
+    if layout != "every-position":
         (with_hidden["response_positions"],) = response_positions([with_hidden])
         assert 0 < len(with_hidden["response_positions"]) == int(with_hidden["loss_mask"].sum())
+    if layout == "teacher-response-rows":
+        with_hidden["teacher_hidden"] = with_hidden["teacher_hidden"].flatten(0, 1)[with_hidden["response_positions"]]
     assert config.fuses_student_logits
     g = torch.Generator().manual_seed(5)
     if config.rollout_is_threshold is not None:  # truncated IS weights: per-token coefficients of the batch
@@ -385,24 +388,50 @@ def test_nonfinite_sequences_look_at_response_positions_only():
         check_batch(batch, LossConfig())
 
 
-def test_a_sequence_parallel_ranks_slice_of_teacher_hidden_states_is_checked_as_a_slice():
-    """Under sequence parallelism (`sequence_shards` = TP) teacher_hidden may be one rank's [b, s/TP, H] slice (checked
-    through the scoring pass's flags, which cover the whole sequence); any other width is named."""
-    from megatron_scope.megatron.loss_func import batch_value_checks
+def test_teacher_hidden_states_at_the_response_rows_are_checked_as_one_ranks_share():
+    """teacher_hidden [c, H]: one of `row_shares` (TP) equal shares of the m response rows, c = ceil(m / TP), checked
+    on the device with the scoring pass's flags (required: the rows alone cannot name their sequences); a row count
+    that is no share is named."""
+    from megatron_scope.megatron.loss_func import batch_value_checks, response_positions, row_share
 
     (batch,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
-    seq = batch["labels"].shape[1]
-    assert batch_value_checks(batch, LossConfig(), sequence_shards=2)  # the full width still passes
+    (positions,) = response_positions([batch])
+    rows = batch["teacher_hidden"].flatten(0, 1)[positions]
+    m = len(rows)
     flags = torch.zeros(len(batch["labels"]), dtype=torch.bool)
+    for shares in (1, 2, 3):
+        c = row_share(m, shares)
+        share = {**batch, "teacher_hidden": rows[:c], "teacher_hidden_nonfinite": flags}
+        assert not any(bool(bad) for bad, _ in batch_value_checks(share, LossConfig(), row_shares=shares))
+        wrong = {**share, "teacher_hidden": rows[:c - 1]}
+        failed = [message() for bad, message in batch_value_checks(wrong, LossConfig(), row_shares=shares) if bad]
+        assert failed == [f"batch['teacher_hidden'] has {len(wrong['teacher_hidden'])} rows, not "
+                          f"{'one share' if shares > 1 else 'the count'} of the microbatch's {m} response positions "
+                          "(loss_mask > 0)" + (f" split over {shares} tensor-parallel ranks" if shares > 1 else "")]
     flags[3] = True
-    half = {**batch, "teacher_hidden": batch["teacher_hidden"][:, : seq // 2].contiguous(),
-            "teacher_hidden_nonfinite": flags}
-    assert [bool(bad) for bad, _ in batch_value_checks(half, LossConfig(), sequence_shards=2)].count(True) == 1
-    with pytest.raises(ValueError, match=r"batch\['teacher_hidden'\] has shape"):
-        batch_value_checks(half, LossConfig())  # not sequence-parallel: a half-width tensor is wrong
-    third = {**batch, "teacher_hidden": batch["teacher_hidden"][:, : seq // 3].contiguous()}
-    with pytest.raises(ValueError, match=r"batch\['teacher_hidden'\] has shape"):
-        batch_value_checks(third, LossConfig(), sequence_shards=2)
+    with pytest.raises(ValueError, match=r"NaN or Inf on response tokens of sequences \[3\]"):
+        check_batch({**batch, "teacher_hidden": rows, "teacher_hidden_nonfinite": flags}, LossConfig())
+    with pytest.raises(ValueError, match=r"as response rows \[m, H\] needs batch\['teacher_hidden_nonfinite'\]"):
+        check_batch({**batch, "teacher_hidden": rows}, LossConfig())
+
+
+def test_teacher_hidden_response_rows_on_the_logits_path_equal_the_full_states():
+    """Without the fused KL the teacher's logits come from its hidden states: the response rows [m, H] alone give the
+    loss, report and gradients of [b, s, H] (off the response nothing reads them)."""
+    from megatron_scope.megatron.loss_func import response_positions
+
+    config = LossConfig(fused_kl=False)
+    (full,) = split_microbatches(tiny_rollout_batch(teacher_hidden=True), 1)
+    (positions,) = response_positions([full])
+    rows = {**full, "teacher_hidden": full["teacher_hidden"].flatten(0, 1)[positions]}
+    logits = torch.randn(*full["labels"].shape, tiny_teacher_weight().shape[0], requires_grad=True)
+    results = [scope_loss_func(config, V, batch, logits, teacher_weight=tiny_teacher_weight()) for batch in (full, rows)]
+    (full_loss, full_count, full_report), (rows_loss, rows_count, rows_report) = results
+    assert int(rows_count) == int(full_count) and float(rows_loss) == pytest.approx(float(full_loss), rel=1e-6)
+    expected = reduce_reports([full_report])
+    for key, value in reduce_reports([rows_report]).items():
+        assert value == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(torch.autograd.grad(rows_loss, logits)[0], torch.autograd.grad(full_loss, logits)[0])
 
 
 def test_the_fused_kl_on_a_microbatch_without_response_tokens_runs_one_row_of_zero_weight():
