@@ -148,7 +148,7 @@ def run(args, lr: float, seed: int, tok: Tokenizer, problems: list[dict], rows_b
                                                               dtype=torch.float32)
     model.eval()  # no dropout anywhere; gradients still flow
     optimizer = torch.optim.Adam(model.parameters(), lr=0.0, betas=BETAS, eps=ADAM_EPS, weight_decay=0.0)
-    dataset = PromptDataset.from_jsonl(os.path.join(args.workdir, "task/train.jsonl"), seed=seed, tokenizer=tok,
+    dataset = PromptDataset.from_file(os.path.join(args.workdir, "task/train.jsonl"), seed=seed, tokenizer=tok,
                                        keys={"answer": GOLD_COLUMNS[args.train_reward]})
     train_verifier, strict = build_synthetic_verifier(args.train_reward), StrictSyntheticTaskVerifier()
     evals = {0: evaluate(model, problems, tok, args.eval_seed)}

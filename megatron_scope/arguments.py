@@ -117,9 +117,17 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--save", default=None, help="Checkpoint root (Megatron-LM's iter_XXXXXXX layout).")
     g.add_argument("--load", default=None, help="Resume from the latest complete checkpoint under this root.")
     g.add_argument("--save-interval", type=nonnegative_int, default=0)
+    g.add_argument("--save-hf", action="store_true",
+                   help="Each checkpoint also holds the student as a Hugging Face model (iter_XXXXXXX/hf_model: "
+                        "safetensors, config.json, tokenizer), loadable by transformers and vLLM.")
     g.add_argument("--exit-interval", type=nonnegative_int, default=0, help="Save and exit after this many iterations.")
     g.add_argument("--log-interval", type=positive_int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None,
+                   help="Weights & Biases project: every scalar TensorBoard gets and the run's whole configuration "
+                        "(WANDB_MODE=offline: written to disk only).")
+    g.add_argument("--wandb-exp-name", default=None, help="The W&B run's name (required with --wandb-project).")
+    g.add_argument("--wandb-save-dir", default=None, help="Where W&B writes the run (default: <--save>/wandb).")
     g.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=True,
                    help="A progress bar with ETA on the logging rank.")
     return parser
@@ -158,7 +166,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group(title="data")
     g.add_argument("--train-data", required=True,
-                   help="JSONL rows {id, prompt, answer} (and solution, with --reward synthetic-strict).")
+                   help="Rows {id, prompt, answer} (and solution, with --reward synthetic-strict) of a JSONL file, a "
+                        "parquet file or a Hugging Face datasets directory (save_to_disk; a DatasetDict's split "
+                        "directory); the key flags name other columns.")
+    g.add_argument("--input-key", default="prompt", help="The column holding the prompt text.")
+    g.add_argument("--label-key", default=None,
+                   help="The column holding the verifier's gold (default: answer; solution for --reward "
+                        "synthetic-strict).")
+    g.add_argument("--id-key", default="id", help="The column of each row's unique id ('': rows are numbered).")
+    g.add_argument("--data-source-key", default=None,
+                   help="The column naming each row's data source; rollout accuracy is then reported per source.")
     g.add_argument("--prompt-template", default=PROMPT_PLACEHOLDER,
                    help="Rollout prompt text with exactly one {prompt}, replaced by the row's prompt, e.g. (bash) "
                         "$'{prompt}\\nPlease reason step by step, and put your final answer within \\\\boxed{}.'")

@@ -176,7 +176,18 @@ class DataConfig:
     """Prompts and their verifier."""
 
     train_data: str
-    """--train-data: JSONL rows {id, prompt, answer} (and solution, with --reward synthetic-strict)."""
+    """--train-data: rows {id, prompt, answer} (and solution, with --reward synthetic-strict) of a JSONL file, a
+    parquet file or a Hugging Face `datasets` directory (`data.datasets.read_rows`)."""
+    input_key: str = "prompt"
+    """--input-key: the column holding the prompt text."""
+    label_key: str | None = None
+    """--label-key: the column holding the gold the verifier takes; None: "answer" ("solution" for --reward
+    synthetic-strict, whose gold is the reference working)."""
+    id_key: str | None = "id"
+    """--id-key: the column holding each row's unique id; None (--id-key ''): rows are numbered (line-<n>, row-<n>)."""
+    data_source_key: str | None = None
+    """--data-source-key: the column naming each row's data source (verl's data_source), reported per source; None:
+    one source."""
     prompt_template: str = "{prompt}"
     """--prompt-template: rollout prompt text with exactly one {prompt}."""
     apply_chat_template: bool = False
@@ -204,6 +215,14 @@ class DataConfig:
         from megatron_scope.data.datasets import PromptFormat
 
         return PromptFormat(self.prompt_template, self.apply_chat_template)
+
+    def dataset_keys(self) -> dict[str, str | None]:
+        """`PromptDataset.from_file`'s keys: each field's column."""
+        from megatron_scope.rewards.synthetic import GOLD_COLUMNS
+
+        gold = self.label_key or GOLD_COLUMNS.get(self.reward, "answer")
+        return {"id": self.id_key, "prompt": self.input_key, "answer": gold,
+                "data_source": self.data_source_key}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -563,12 +582,21 @@ class LoopConfig:
     """--load: resume from the latest complete checkpoint under this root."""
     save_interval: int = 0
     """--save-interval: save every this many iterations (and at the end); 0, only at the end."""
+    save_hf: bool = False
+    """--save-hf: each checkpoint also holds the student as a Hugging Face model (iter_XXXXXXX/hf_model)."""
     exit_interval: int = 0
     """--exit-interval: save and stop once the iteration is a multiple of this; 0, run to train_iters."""
     log_interval: int = 1
     """--log-interval: one log line every this many iterations."""
     tensorboard_dir: str | None = None
     """--tensorboard-dir: TensorBoard event directory."""
+    wandb_project: str | None = None
+    """--wandb-project: log every scalar TensorBoard gets, and this RunConfig as the run's config, to Weights &
+    Biases (the logging rank; WANDB_MODE=offline writes the run to disk only). None: no W&B."""
+    wandb_exp_name: str | None = None
+    """--wandb-exp-name: the W&B run's name (required with --wandb-project, as in Megatron-LM)."""
+    wandb_save_dir: str | None = None
+    """--wandb-save-dir: where W&B writes the run; None: <--save>/wandb."""
     exit_on_nonfinite: bool = False
     """--exit-on-nonfinite: stop the run (instead of skipping the step) on a NaN/Inf loss or gradient norm."""
     progress_bar: bool = True
@@ -584,6 +612,14 @@ class LoopConfig:
         if self.save_interval < 0 or self.exit_interval < 0:
             raise ValueError(f"save_interval and exit_interval must be >= 0, got {self.save_interval}, "
                              f"{self.exit_interval}")
+        if self.save_hf and not self.save:
+            raise ValueError("--save-hf writes a Hugging Face model into each checkpoint: give --save")
+        if self.wandb_project is None and (self.wandb_exp_name or self.wandb_save_dir):
+            raise ValueError("--wandb-exp-name/--wandb-save-dir configure the W&B run of --wandb-project: give it")
+        if self.wandb_project is not None and not self.wandb_exp_name:
+            raise ValueError("--wandb-project needs --wandb-exp-name (the run's name)")
+        if self.wandb_project is not None and not (self.wandb_save_dir or self.save):
+            raise ValueError("--wandb-project needs --wandb-save-dir, or --save (its default is <--save>/wandb)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -696,9 +732,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                             bf16=args.bf16, transformer_impl=args.transformer_impl,
                             attention_backend=args.attention_backend, recompute_granularity=args.recompute_granularity,
                             recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers),
-        data=DataConfig(train_data=args.train_data, prompt_template=args.prompt_template,
-                        apply_chat_template=args.apply_chat_template, reward=args.reward,
-                        max_verifier_error_fraction=args.max_verifier_error_fraction),
+        data=DataConfig(train_data=args.train_data, input_key=args.input_key, label_key=args.label_key,
+                        id_key=args.id_key or None, data_source_key=args.data_source_key,
+                        prompt_template=args.prompt_template, apply_chat_template=args.apply_chat_template,
+                        reward=args.reward, max_verifier_error_fraction=args.max_verifier_error_fraction),
         parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                 pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                                 sequence_parallel=_sequence_parallel(args),
@@ -740,8 +777,9 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         loop=LoopConfig(
             train_iters=args.train_iters, micro_batch_size=args.micro_batch_size,
             max_tokens_per_microbatch=args.max_tokens_per_microbatch, seed=args.seed, save=args.save,
-            load=args.load, save_interval=args.save_interval, exit_interval=args.exit_interval,
-            log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir,
+            load=args.load, save_interval=args.save_interval, save_hf=args.save_hf, exit_interval=args.exit_interval,
+            log_interval=args.log_interval, tensorboard_dir=args.tensorboard_dir, wandb_project=args.wandb_project,
+            wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
             exit_on_nonfinite=args.exit_on_nonfinite, progress_bar=args.progress_bar,
             weight_sync_bucket_mib=args.weight_sync_bucket_mib),
     )

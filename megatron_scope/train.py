@@ -60,23 +60,21 @@ def build_verifier(reward: str):
 def load_prompts(data, seed: int = 0, tokenizer=None):
     """The training prompts of `data` (a DataConfig), each `Prompt.answer` the gold its reward's verifier takes.
 
-    --reward synthetic: the rows' "answer", checked to be an integer. --reward synthetic-strict: the rows'
-    reference "solution" ("7+5=12 ; 12-3=9 ; A: 9"), checked to be its prompt's left-to-right evaluation, so
-    the verifier grades every written step with only (response, gold) pairs. --reward math: the rows' "answer"
-    (math-verify parses it at the first rollout). Bad rows raise DatasetFormatError / ValueError naming the file
-    and line or the prompt, before the run starts.
+    The gold is the --label-key column (`DataConfig.dataset_keys`). --reward synthetic: the rows' "answer", checked
+    to be an integer. --reward synthetic-strict: the rows' reference "solution" ("7+5=12 ; 12-3=9 ; A: 9"), checked
+    to be its prompt's left-to-right evaluation, so the verifier grades every written step with only (response,
+    gold) pairs. --reward math: the rows' "answer" (math-verify parses it at the first rollout). Bad rows raise
+    DatasetFormatError / ValueError naming the file and line or row, or the prompt, before the run starts.
     """
     from megatron_scope.data import synthetic
     from megatron_scope.data.datasets import DatasetFormatError, PromptDataset
 
-    keys, check_answer = None, None
+    check_answer = None
     if data.reward == "synthetic":
         check_answer = synthetic.canonical_answer
     elif data.reward == "synthetic-strict":
-        from megatron_scope.rewards.synthetic import GOLD_COLUMNS
-
-        keys, check_answer = {"answer": GOLD_COLUMNS[data.reward]}, synthetic.reference_steps
-    dataset = PromptDataset.from_jsonl(data.train_data, seed=seed, tokenizer=tokenizer, keys=keys,
+        check_answer = synthetic.reference_steps
+    dataset = PromptDataset.from_file(data.train_data, seed=seed, tokenizer=tokenizer, keys=data.dataset_keys(),
                                        check_answer=check_answer,
                                        prompt_format=data.prompt_format() if tokenizer is not None else None)
     if data.reward == "synthetic-strict":

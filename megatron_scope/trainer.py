@@ -71,6 +71,7 @@ from megatron_scope.rollout.seeds import StepSeeds
 from megatron_scope.teacher.colocated import HostBuffer, log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
 from megatron_scope.teacher.self_teacher import SelfTeacherRow, route_group, reprompt_builder, self_teacher_pass
+from megatron_scope.tracking import ScalarWriters
 
 logger = logging.getLogger("megatron_scope.trainer")
 
@@ -194,11 +195,7 @@ class ScopeTrainer:
         self._check_setup()
         if config.loop.save:
             checkpointing.check_writable(config.loop.save)
-        self._writer = None
-        if config.loop.tensorboard_dir and self.is_logging_rank:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(config.loop.tensorboard_dir)
+        self._writers = ScalarWriters(config) if self.is_logging_rank else None  # TensorBoard, W&B
 
     # ---- set-up checks: all before any rollout ----
 
@@ -639,6 +636,8 @@ class ScopeTrainer:
         and free the teacher's host buffer."""
         close_engines((self.engine, self.teacher_engine, self.reference_engine))
         self.teacher_hidden_buffer.release()
+        if self._writers is not None:
+            self._writers.close()
 
     # ---- the loop ----
 
@@ -664,7 +663,8 @@ class ScopeTrainer:
         state = {"scheduler": self.scheduler.state_dict(), "dataset": self.dataset.state_dict(),
                  "history": self.history, "seed": self.config.loop.seed}
         path = checkpointing.save_checkpoint(self.config.loop.save, self.iteration, self.student, self.optimizer, state,
-                                             arch=self.arch, extra_models=self._extra_models())
+                                             arch=self.arch, extra_models=self._extra_models(),
+                                             save_hf=self.config.loop.save_hf)
         logger.info("saved checkpoint %s", path)
 
     def train(self) -> list[dict]:
@@ -692,17 +692,14 @@ class ScopeTrainer:
                 break
         if bar is not None:
             bar.close()
-        if self._writer is not None:
-            self._writer.flush()
+        if self._writers is not None:
+            self._writers.flush()
         return self.history
 
     def _log(self, metrics: dict, bar) -> None:
         if not self.is_logging_rank:
             return
-        if self._writer is not None:
-            for key, value in metrics.items():
-                if key != "iteration":
-                    self._writer.add_scalar(key, value, self.iteration)
+        self._writers.add_scalars({key: value for key, value in metrics.items() if key != "iteration"}, self.iteration)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss/loss', float('nan')):.4f}",

@@ -98,8 +98,8 @@ def measure_prompts(config, tokenizer) -> int:
     """Longest prompt of --train-data in tokens, as the trainer's dataset tokenizes it (template included)."""
     from megatron_scope.data.datasets import PromptDataset
 
-    dataset = PromptDataset.from_jsonl(config.data.train_data, seed=config.loop.seed, tokenizer=tokenizer,
-                                       prompt_format=config.data.prompt_format())
+    dataset = PromptDataset.from_file(config.data.train_data, seed=config.loop.seed, tokenizer=tokenizer,
+                                      keys=config.data.dataset_keys(), prompt_format=config.data.prompt_format())
     return max(len(prompt.token_ids) for prompt in dataset.prompts)
 
 

@@ -22,7 +22,8 @@ import os
 import torch
 
 from megatron_scope.megatron.checkpointing import (
-    DTYPES, HF_FILES_SUBDIR, METADATA_FILE, copy_non_weight_files, read_model_metadata, require_empty_output_dir)
+    DTYPES, HF_FILES_SUBDIR, METADATA_FILE, hf_model_config, read_model_metadata, require_empty_output_dir,
+    write_hf_model)
 
 
 def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
@@ -33,10 +34,9 @@ def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_scope.megatron import hf_mapping
     from megatron_scope.megatron.model import DecoderArch, build_gpt_model
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
-    from megatron_scope.megatron.weight_export import iter_hf_weights, save_safetensors_checkpoint
+    from megatron_scope.megatron.weight_export import iter_hf_weights
 
     directory, metadata = read_model_metadata(megatron_dir)
     if dtype is not None and dtype not in DTYPES:
@@ -48,13 +48,11 @@ def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
         raise ValueError(f"dist checkpoint directory {dist_dir} (named in {METADATA_FILE}) does not exist")
     require_empty_output_dir(output_dir)
     hf_files = os.path.join(directory, HF_FILES_SUBDIR)
-    if os.path.isfile(os.path.join(hf_files, "config.json")):
+    config = hf_model_config(hf_files, arch, hf_dtype)  # None: the staged original is copied
+    if config is None and dtype is not None:  # the copied config names the source dtype: say the new one
         with open(os.path.join(hf_files, "config.json")) as f:
             config = json.load(f)
-        if hf_mapping.arch_from_hf_config(config) != arch:
-            raise ValueError(f"{hf_files}/config.json does not describe the checkpoint's arch {arch}")
-    else:
-        config = hf_mapping.hf_config_from_arch(arch, metadata["hf_model_type"], hf_dtype)
+        config.update({key: dtype for key in ("dtype", "torch_dtype") if key in config})
 
     init_distributed()
     if torch.distributed.get_world_size() != 1:
@@ -67,16 +65,7 @@ def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
     loaded = dist_checkpointing.load({key: sharded} if key else sharded, dist_dir)
     model.load_state_dict(loaded[key] if key else loaded)
 
-    os.makedirs(output_dir, exist_ok=True)
-    if os.path.isdir(hf_files):
-        copy_non_weight_files(hf_files, output_dir)
-    config_path = os.path.join(output_dir, "config.json")
-    if not os.path.isfile(config_path) or dtype is not None:
-        if dtype is not None:  # the copied config names the source dtype: say the new one
-            config.update({key: dtype for key in ("dtype", "torch_dtype") if key in config})
-        with open(config_path, "w") as f:
-            json.dump(config, f, indent=2, default=lambda value: str(value).removeprefix("torch."))
-    return save_safetensors_checkpoint(iter_hf_weights(model, arch), output_dir, max_shard_bytes, dtype=hf_dtype)
+    return write_hf_model(output_dir, iter_hf_weights(model, arch), hf_files, config, hf_dtype, max_shard_bytes)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -122,8 +122,14 @@ def parse_benchmark_args(values: list[str]) -> dict[str, str]:
 
 
 def megatron_to_hf(megatron_dir: str, output_dir: str) -> str:
-    """Convert a Megatron checkpoint to `output_dir`/hf_model with tools/convert_megatron_to_hf.py, in its own
+    """The HF model of a Megatron checkpoint: the one a training checkpoint saved with --save-hf holds
+    (iter_XXXXXXX/hf_model), else `output_dir`/hf_model converted with tools/convert_megatron_to_hf.py in its own
     process (its own process group, away from the vLLM engine's); returns that directory."""
+    from megatron_scope.megatron.checkpointing import HF_MODEL_SUBDIR, read_model_metadata
+
+    saved = os.path.join(read_model_metadata(megatron_dir)[0], HF_MODEL_SUBDIR)
+    if os.path.isfile(os.path.join(saved, "config.json")):
+        return saved
     hf_dir = os.path.join(output_dir, "hf_model")
     converter = os.path.join(os.path.dirname(os.path.abspath(__file__)), "convert_megatron_to_hf.py")
     subprocess.run([sys.executable, converter, "--megatron-dir", megatron_dir, "--output-dir", hf_dir], check=True)

@@ -6,9 +6,11 @@ prompt ids = BOS + pieces of the prompt text (`prompt_token_ids`); response ids 
 text in a template (e.g. "{prompt}\\nPlease reason step by step, ...") and, for chat models, wraps it as one
 user turn with the tokenizer's chat template (which then writes its own BOS, if any).
 
-`PromptDataset` reads JSONL rows {"id", "prompt", "answer"} (other keys are ignored; `keys` maps other
-column names, e.g. the math benchmarks' {"prompt": "problem"}). Every malformed row raises
-`DatasetFormatError` naming the file and the 1-based line, before the dataset exists. Order: epoch e is a
+`PromptDataset` reads rows {"id", "prompt", "answer"} and optionally a data source (other keys are ignored; `keys`
+maps other column names, e.g. the math benchmarks' {"prompt": "problem"}, as --input-key, --label-key, --id-key and
+--data-source-key do) from a JSONL file, a parquet file or a Hugging Face `datasets` directory (`save_to_disk`;
+`read_rows`). Every malformed row raises `DatasetFormatError` naming the file and the 1-based line or row, before the
+dataset exists. Order: epoch e is a
 permutation of the rows drawn from (seed, e) alone; `next_batch` walks it and never crosses an epoch
 boundary (a batch that does not fit in the rest of the epoch starts the next one), so a prompt appears at
 most once per batch. `state_dict()` holds (epoch, index): a resumed run sees exactly the prompts the
@@ -28,8 +30,8 @@ import torch
 
 from megatron_scope.data.tokenizer import HFTokenizer, Tokenizer
 
-DEFAULT_KEYS = {"id": "id", "prompt": "prompt", "answer": "answer"}
-"""Column of each field in a prompt row."""
+DEFAULT_KEYS = {"id": "id", "prompt": "prompt", "answer": "answer", "data_source": None}
+"""Column of each field in a prompt row (id None: rows are numbered; data_source None: no source)."""
 
 PROMPT_PLACEHOLDER = "{prompt}"
 
@@ -49,6 +51,8 @@ class Prompt:
     """The gold answer the verifier compares with."""
     token_ids: tuple[int, ...] | None = None
     """`prompt_token_ids(tokenizer, prompt, prompt_format)` when the dataset was given a tokenizer, else None."""
+    data_source: str | None = None
+    """The row's data source (its --data-source-key column), e.g. a benchmark or domain; None without one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +113,42 @@ def read_jsonl_rows(path: str | os.PathLike, error: type[ValueError] = None) -> 
             yield line_number, row
 
 
+def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, str, dict]]:
+    """(where, row name, row) per row of a JSONL file, a parquet file (.parquet) or a Hugging Face `datasets`
+    directory (`Dataset.save_to_disk`; a `DatasetDict`'s split is its subdirectory): where names the file and the
+    1-based line ("<path>: line 3") or row ("<path>: row 3"), the row name is "line-3" or "row-3"."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        import datasets
+
+        try:
+            table = datasets.load_from_disk(path)
+        except FileNotFoundError as error:
+            raise DatasetFormatError(f"{path}: not a Hugging Face datasets directory ({error})") from None
+        if isinstance(table, datasets.DatasetDict):
+            raise DatasetFormatError(f"{path}: a DatasetDict with splits {sorted(table)}: give one split's directory, "
+                                     f"e.g. {os.path.join(path, sorted(table)[0])}")
+        rows = iter(table)
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"dataset file {path!r} does not exist")
+        rows = iter(pyarrow.parquet.read_table(path).to_pylist())
+    else:
+        for line_number, row in read_jsonl_rows(path):
+            yield f"{path}: line {line_number}", f"line-{line_number}", row
+        return
+    for number, row in enumerate(rows, start=1):
+        yield f"{path}: row {number}", f"row-{number}", row
+
+
 def _string_field(row: dict, key: str, field: str, where: str, allow_int: bool) -> str:
     if key not in row:
         raise DatasetFormatError(f"{where}: missing key {key!r} ({field}); the row has {sorted(row)}")
     value = row[key]
+    if value is None:  # a column of a parquet file or datasets directory without a value in this row
+        raise DatasetFormatError(f"{where}: {key!r} ({field}) is null")
     if allow_int and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
@@ -143,14 +179,15 @@ class PromptDataset:
         self.index = 0
         digest = hashlib.sha256()
         for prompt in self.prompts:
-            digest.update(json.dumps([prompt.id, prompt.prompt, prompt.answer]).encode())
+            fields = [prompt.id, prompt.prompt, prompt.answer]
+            digest.update(json.dumps(fields if prompt.data_source is None else [*fields, prompt.data_source]).encode())
         self.content_digest = digest.hexdigest()
-        """SHA-256 of the ids, prompts and answers in file order (a resume must find the same data)."""
+        """SHA-256 of the ids, prompts, answers and data sources in file order (a resume must find the same data)."""
         self._order_epoch = -1
         self._order: list[int] = []
 
     @classmethod
-    def from_jsonl(
+    def from_file(
         cls,
         path: str | os.PathLike,
         seed: int = 0,
@@ -159,11 +196,12 @@ class PromptDataset:
         check_answer: Callable[[str], object] | None = None,
         prompt_format: PromptFormat | None = None,
     ) -> "PromptDataset":
-        """Load `path`. keys: {"id", "prompt", "answer"} -> column name, merged over DEFAULT_KEYS; an id
-        column of None numbers the rows "line-<n>". With a tokenizer, each prompt is encoded here
-        (`prompt_token_ids` with `prompt_format`), and one it cannot encode is a DatasetFormatError naming
-        the line. check_answer (e.g. synthetic.canonical_answer) is called on each answer; its ValueError
-        names the line too. `Prompt.prompt` keeps the row's own text."""
+        """Load `path` (`read_rows`: JSONL, parquet or a `datasets` directory). keys: {"id", "prompt", "answer",
+        "data_source"} -> column name, merged over DEFAULT_KEYS; an id column of None numbers the rows ("line-<n>",
+        "row-<n>"). With a tokenizer, each prompt is encoded here (`prompt_token_ids` with `prompt_format`), and
+        one it cannot encode is a DatasetFormatError naming the row. check_answer (e.g.
+        synthetic.canonical_answer) is called on each answer; its ValueError names the row too. `Prompt.prompt`
+        keeps the row's own text."""
         path = os.fspath(path)
         keys = {**DEFAULT_KEYS, **(keys or {})}
         unknown = set(keys) - set(DEFAULT_KEYS)
@@ -174,30 +212,32 @@ class PromptDataset:
                 raise ValueError("prompt_format needs a tokenizer: it only shapes the prompts' token ids")
             prompt_format.check(tokenizer)
         prompts: list[Prompt] = []
-        id_lines: dict[str, int] = {}
-        for line_number, row in read_jsonl_rows(path):
-            where = f"{path}: line {line_number}"
+        id_rows: dict[str, str] = {}
+        for where, row_name, row in read_rows(path):
             if keys["id"] is None:
-                prompt_id = f"line-{line_number}"
+                prompt_id = row_name
             else:
                 prompt_id = _string_field(row, keys["id"], "id", where, allow_int=True).strip()
             text = _string_field(row, keys["prompt"], "prompt", where, allow_int=False)
             answer = _string_field(row, keys["answer"], "answer", where, allow_int=True).strip()
+            source = None
+            if keys["data_source"] is not None:
+                source = _string_field(row, keys["data_source"], "data source", where, allow_int=False).strip()
             if check_answer is not None:
                 try:
                     check_answer(answer)
                 except ValueError as error:
                     raise DatasetFormatError(f"{where}: bad answer: {error}") from None
-            if prompt_id in id_lines:
-                raise DatasetFormatError(f"{where}: id {prompt_id!r} repeats the id of line {id_lines[prompt_id]}")
-            id_lines[prompt_id] = line_number
+            if prompt_id in id_rows:
+                raise DatasetFormatError(f"{where}: id {prompt_id!r} repeats the id of {id_rows[prompt_id]}")
+            id_rows[prompt_id] = where.rpartition(": ")[2]
             token_ids = None
             if tokenizer is not None:
                 try:
                     token_ids = tuple(prompt_token_ids(tokenizer, text, prompt_format))
                 except ValueError as error:
                     raise DatasetFormatError(f"{where}: prompt cannot be tokenized: {error}") from None
-            prompts.append(Prompt(prompt_id, text, answer, token_ids))
+            prompts.append(Prompt(prompt_id, text, answer, token_ids, source))
         if not prompts:
             raise DatasetFormatError(f"{path}: no rows")
         return cls(prompts, seed=seed, source=path)

@@ -6,6 +6,8 @@
                        scope_state.pt             step, scheduler, data position, rollout seed (rank 0)
                        rng_rank00003.pt           each rank's torch / Megatron-tracker RNG states
                        megatron_scope_checkpoint.json, hf_files/   with `arch`: what converts it to HF
+                       hf_model/                  with `save_hf`: the student as a Hugging Face model
+                                                  (safetensors, config.json, tokenizer), for transformers or vLLM
 
 A checkpoint is written under `iter_XXXXXXX.tmp`, renamed once every rank has finished, and only then
 named in the tracker (replaced atomically), so a run killed mid-save never resumes from a partial one.
@@ -33,13 +35,14 @@ from megatron_scope import hf_config
 from megatron_scope.hf_config import dtype_name
 from megatron_scope.megatron import hf_mapping
 from megatron_scope.megatron.model import DecoderArch, unwrap_model
-from megatron_scope.megatron.weight_export import checked_local_params
+from megatron_scope.megatron.weight_export import checked_local_params, iter_hf_weights, save_safetensors_checkpoint
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 STATE_FILE = "scope_state.pt"
 MODEL_STATE_KEY = "model"
 METADATA_FILE = "megatron_scope_checkpoint.json"
 HF_FILES_SUBDIR = "hf_files"
+HF_MODEL_SUBDIR = "hf_model"
 FORMAT_VERSION = 1
 #: The parameter dtypes a checkpoint may hold (canonical names).
 DTYPES = {name: hf_config.DTYPES[name] for name in ("float32", "bfloat16", "float16")}
@@ -111,14 +114,18 @@ def _sharded_state(model, optimizer, is_loading: bool, extra_models: dict | None
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, state: dict, arch: DecoderArch | None = None,
-                    extra_models: dict | None = None) -> str:
+                    extra_models: dict | None = None, save_hf: bool = False) -> str:
     """Save model, optimizer, `extra_models` ({name: model stage}, trained state beside the student's, e.g. SRPO's
     EMA teacher), every rank's RNG and `state` (rank 0's: step, scheduler, data position, ...).
 
     With `arch` (the model's DecoderArch; checked against the model first), the iteration directory also
     gets megatron_scope_checkpoint.json and a copy of the files `stage_hf_files` put under `root`, so it
-    converts to a Hugging Face model with tools/convert_megatron_to_hf.py.
+    converts to a Hugging Face model with tools/convert_megatron_to_hf.py; with `save_hf` too, it holds that
+    model already, in hf_model/ (what the converter would write, streamed from the live model: every rank
+    takes part, rank 0 writes), inside the same atomic rename.
     """
+    if save_hf and arch is None:
+        raise ValueError("save_hf writes the model as a Hugging Face model: give its arch")
     if arch is not None:
         checked_local_params(model, arch)
     final = checkpoint_dir(root, iteration)
@@ -135,6 +142,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, state: dict, ar
                         extra_models=sorted(extra_models or ())), os.path.join(partial, STATE_FILE))
         if arch is not None:
             _describe_model(partial, os.path.join(root, HF_FILES_SUBDIR), model, arch)
+    if save_hf:
+        _save_hf_model(partial, model, arch)
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -235,6 +244,48 @@ def _describe_model(directory: str, staged_hf_files: str, model, arch: DecoderAr
     hf_dtype = config_dtype if config_dtype in DTYPES else None
     with open(os.path.join(directory, METADATA_FILE), "w") as handle:
         json.dump(model_metadata(model, arch, ".", hf_dtype, model_state_key=MODEL_STATE_KEY), handle, indent=2)
+
+
+def hf_model_config(hf_files: str, arch: DecoderArch, dtype: torch.dtype) -> dict | None:
+    """The config.json of an HF export of `arch`: None where `hf_files` holds the original's (checked against
+    `arch`; it is copied as it is), else one generated from `arch` for `dtype`."""
+    path = os.path.join(hf_files, "config.json")
+    if not os.path.isfile(path):
+        return hf_mapping.hf_config_from_arch(arch, hf_mapping.model_type_of(arch), dtype)
+    with open(path) as handle:
+        config = json.load(handle)
+    if hf_mapping.arch_from_hf_config(config) != arch:
+        raise ValueError(f"{path} does not describe the checkpoint's arch {arch}")
+    return None
+
+
+def write_hf_model(output_dir: str, named_tensors, hf_files: str, config: dict | None, dtype: torch.dtype,
+                   max_shard_bytes: int = 4 << 30) -> list[str]:
+    """A Hugging Face model directory: the non-weight files of `hf_files` (config, tokenizer, generation config),
+    `config` as config.json where given (replacing the copied one), and `named_tensors` (HF names) as safetensors
+    of `dtype`; returns the safetensors file names."""
+    os.makedirs(output_dir, exist_ok=True)
+    if os.path.isdir(hf_files):
+        copy_non_weight_files(hf_files, output_dir)
+    if config is not None:
+        with open(os.path.join(output_dir, "config.json"), "w") as handle:
+            json.dump(config, handle, indent=2, default=lambda value: str(value).removeprefix("torch."))
+    return save_safetensors_checkpoint(named_tensors, output_dir, max_shard_bytes, dtype=dtype)
+
+
+def _save_hf_model(directory: str, model, arch: DecoderArch) -> None:
+    """`directory`/hf_model from the live `model` (every rank; rank 0 writes), in the dtype and with the files its
+    metadata and hf_files/ name (`_describe_model` wrote them)."""
+    stream = iter_hf_weights(model, arch)
+    if dist.get_rank() != 0:
+        for _ in stream:
+            pass
+        return
+    with open(os.path.join(directory, METADATA_FILE)) as handle:
+        dtype = DTYPES[json.load(handle)["hf_dtype"]]
+    hf_files = os.path.join(directory, HF_FILES_SUBDIR)
+    write_hf_model(os.path.join(directory, HF_MODEL_SUBDIR), stream, hf_files, hf_model_config(hf_files, arch, dtype),
+                   dtype)
 
 
 def read_model_metadata(path: str) -> tuple[str, dict]:

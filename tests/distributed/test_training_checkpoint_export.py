@@ -1,9 +1,10 @@
 """A training checkpoint (checkpointing.save_checkpoint with the model's arch, Megatron-LM layout) converts to
 a Hugging Face model: a TP=2 student padded beyond its own rows (as when a teacher has more) is saved after
-its weights moved away from the HF source; tools/convert_megatron_to_hf.py on the checkpoint root and
-tools/eval.py's conversion of an iteration directory both give a transformers model whose logits equal the
-Megatron model's, with the source's config, tokenizer and own embedding row count. A checkpoint saved without
-the arch, or a wrong arch, fails with an error naming it."""
+its weights moved away from the HF source; tools/convert_megatron_to_hf.py on the checkpoint root and the
+Hugging Face model the checkpoint holds (saved with `save_hf`, --save-hf: what tools/eval.py takes for the iteration
+directory) are the same tensors, and give a transformers model whose logits equal the Megatron model's, with the
+source's config, tokenizer and own embedding row count. A checkpoint saved without the arch, or a wrong arch, fails
+with an error naming it."""
 
 import dataclasses
 import importlib.util
@@ -65,7 +66,7 @@ def _train_and_save(rank, world_size, hf_dir, root, tokens):
                                       arch=dataclasses.replace(arch, ffn_hidden_size=2 * arch.ffn_hidden_size))
     except ValueError as error:
         wrong_arch_error = (str(error), os.path.exists(checkpointing.checkpoint_dir(root, 2) + ".tmp"))
-    checkpointing.save_checkpoint(root, 2, model, optimizer, {"step": 2}, arch=arch)
+    checkpointing.save_checkpoint(root, 2, model, optimizer, {"step": 2}, arch=arch, save_hf=True)
 
     with torch.no_grad():
         shard = unwrap_model(model)(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).contiguous()
@@ -99,6 +100,7 @@ def exported(tmp_path_factory):
     from_root = str(work / "hf_from_root")
     (no_metadata_error,) = run_on_ranks(_convert_root, 1, args=(root, from_root, checkpoint_dir(root, 1)), timeout=600)
     from_iteration = _tool("eval").megatron_to_hf(checkpoint_dir(root, 2), str(work / "eval_out"))
+    assert from_iteration == os.path.join(checkpoint_dir(root, 2), "hf_model")  # saved with the checkpoint
     return {"hf_dir": str(hf_dir), "root": root, "tokens": tokens, "logits": logits, "wrong_arch": wrong_arch,
             "no_metadata": no_metadata_error, "outputs": {"root": from_root, "iteration": from_iteration}}
 
@@ -140,6 +142,16 @@ def test_converted_model_carries_the_source_config_and_tokenizer(exported, sourc
         with open(os.path.join(exported["hf_dir"], name)) as a, open(os.path.join(output, name)) as b:
             assert json.load(a) == json.load(b), name
     check_same_tokenizer(load_tokenizer(output), load_tokenizer(exported["hf_dir"]))
+
+
+def test_the_saved_hf_model_is_the_converted_one(exported):
+    from safetensors.torch import load_file
+
+    saved, converted = (load_file(os.path.join(exported["outputs"][source], "model.safetensors"))
+                        for source in ("iteration", "root"))
+    assert saved.keys() == converted.keys()
+    assert all(torch.equal(saved[name], converted[name]) for name in saved)
+    assert sorted(os.listdir(exported["outputs"]["iteration"])) == sorted(os.listdir(exported["outputs"]["root"]))
 
 
 def test_checkpoints_without_or_with_a_wrong_arch_fail_by_name(exported):

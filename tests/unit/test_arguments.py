@@ -76,7 +76,8 @@ def test_help_lists_every_flag(capsys):
         parse_run_config(["--help"])
     out = capsys.readouterr().out
     for flag in ("--tensor-model-parallel-size", "--micro-batch-size", "--save", "--student-hf", "--teacher-backend",
-                 "--train-data", "--rollout-engines", "--vllm-log-level", "--scope-tau", "--grpo-clip-eps"):
+                 "--train-data", "--rollout-engines", "--vllm-log-level", "--scope-tau", "--grpo-clip-eps",
+                 "--wandb-project", "--wandb-exp-name", "--wandb-save-dir"):
         assert flag in out, flag
 
 
@@ -113,6 +114,10 @@ def test_help_lists_every_flag(capsys):
         (["--weight-transfer-backend", "nccl"], "--weight-transfer-backend nccl broadcasts to Ray engines"),
         (["--weight-transfer-backend", "gloo"], "invalid choice: 'gloo'"),
         (["--ddp-bucket-size", "0"], "--ddp-bucket-size: must be >= 1"),
+        (["--save-hf"], "--save-hf writes a Hugging Face model into each checkpoint: give --save"),
+        (["--wandb-exp-name", "run"], "--wandb-exp-name/--wandb-save-dir configure the W&B run of --wandb-project"),
+        (["--wandb-project", "p", "--save", "s"], "--wandb-project needs --wandb-exp-name"),
+        (["--wandb-project", "p", "--wandb-exp-name", "run"], "--wandb-project needs --wandb-save-dir, or --save"),
     ],
 )
 def test_bad_values_and_combinations_exit_with_a_clear_message(argv, message, capsys):

@@ -23,7 +23,7 @@ def write_jsonl(path, rows_or_lines):
 
 
 def test_loads_the_task_file_with_token_ids(task_files, tokenizer):
-    dataset = PromptDataset.from_jsonl(task_files.eval_jsonl, seed=0, tokenizer=tokenizer)
+    dataset = PromptDataset.from_file(task_files.eval_jsonl, seed=0, tokenizer=tokenizer)
     assert len(dataset) == 200
     first = dataset.prompts[0]
     assert first.id == "eval-1-0" and first.prompt.startswith("Q: ") and first.answer.lstrip("-").isdigit()
@@ -49,32 +49,68 @@ BAD_ROWS = [
 def test_each_bad_row_names_file_and_line(tmp_path, bad_line, message):
     path = write_jsonl(tmp_path / "prompts.jsonl", [ROWS[0], bad_line, ROWS[1]])
     with pytest.raises(DatasetFormatError, match=f"prompts.jsonl: {message}"):
-        PromptDataset.from_jsonl(path)
+        PromptDataset.from_file(path)
 
 
 def test_missing_empty_and_untokenizable_files(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
-        PromptDataset.from_jsonl(tmp_path / "nothing.jsonl")
+        PromptDataset.from_file(tmp_path / "nothing.jsonl")
     (tmp_path / "blank.jsonl").write_text("\n  \n")
     with pytest.raises(DatasetFormatError, match="blank.jsonl: no rows"):
-        PromptDataset.from_jsonl(tmp_path / "blank.jsonl")
+        PromptDataset.from_file(tmp_path / "blank.jsonl")
     path = write_jsonl(tmp_path / "p.jsonl", [ROWS[0], ROWS[1], {"id": "z", "prompt": "What is 2+2?", "answer": "4"}])
     with pytest.raises(DatasetFormatError, match=r"p.jsonl: line 3: prompt cannot be tokenized.*'W'"):
-        PromptDataset.from_jsonl(path, tokenizer=tokenizer)
+        PromptDataset.from_file(path, tokenizer=tokenizer)
     path = write_jsonl(tmp_path / "a.jsonl", [ROWS[0], dict(ROWS[1], answer="two")])
-    PromptDataset.from_jsonl(path)
+    PromptDataset.from_file(path)
     with pytest.raises(DatasetFormatError, match=r"a.jsonl: line 2: bad answer: gold answer .*'two'"):
-        PromptDataset.from_jsonl(path, check_answer=canonical_answer)
+        PromptDataset.from_file(path, check_answer=canonical_answer)
     with pytest.raises(ValueError, match="unknown fields"):
-        PromptDataset.from_jsonl(path, keys={"question": "q"})
+        PromptDataset.from_file(path, keys={"question": "q"})
     with pytest.raises(DatasetFormatError, match="repeats the id"):
         PromptDataset([Prompt("a", "x", "1"), Prompt("a", "y", "2")])
 
 
+def _other_columns(rows: list[dict]) -> list[dict]:
+    """ROWS as a dataset with other column names (DeepMath's layout: question, final_answer) and a source column."""
+    return [{"question": r["prompt"], "final_answer": int(r["answer"]), "domain": "even" if i % 2 == 0 else "odd"}
+            for i, r in enumerate(rows)]
+
+
+def test_parquet_and_datasets_directories_read_through_the_key_flags(tmp_path):
+    """A parquet file and a Hugging Face `datasets` directory with other column names, no id column and a data
+    source column give JSONL's prompts (rows numbered "row-<n>"); bad rows name the file, the row and the key."""
+    import datasets
+    import pyarrow
+    import pyarrow.parquet
+
+    keys = {"id": None, "prompt": "question", "answer": "final_answer", "data_source": "domain"}
+    rows = _other_columns(ROWS)
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "train.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "train_hf"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "splits"))
+    expected = [Prompt(f"row-{i + 1}", r["prompt"], r["answer"], None, "even" if i % 2 == 0 else "odd")
+                for i, r in enumerate(ROWS)]
+    for path in (tmp_path / "train.parquet", tmp_path / "train_hf", tmp_path / "splits" / "train"):
+        dataset = PromptDataset.from_file(path, keys=keys)
+        assert list(dataset.prompts) == expected, path
+    assert PromptDataset.from_file(tmp_path / "train_hf", keys=keys).content_digest != \
+        PromptDataset.from_file(tmp_path / "train_hf", keys=dict(keys, data_source=None)).content_digest
+    with pytest.raises(DatasetFormatError, match=r"splits: a DatasetDict with splits \['train'\]: give one split's "
+                                                 r"directory, e.g. .*splits/train"):
+        PromptDataset.from_file(tmp_path / "splits", keys=keys)
+    bad = rows[:2] + [{"question": "Q: 9+1=", "domain": "odd"}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(DatasetFormatError, match=r"bad.parquet: row 3: 'final_answer' \(answer\) is null"):
+        PromptDataset.from_file(tmp_path / "bad.parquet", keys=keys)
+    with pytest.raises(DatasetFormatError, match=r"train.parquet: row 1: missing key 'source' \(data source\)"):
+        PromptDataset.from_file(tmp_path / "train.parquet", keys=dict(keys, data_source="source"))
+
+
 def test_math_benchmark_rows_through_a_key_mapping():
-    aime = PromptDataset.from_jsonl("tests/data/eval/aime24.jsonl", keys={"prompt": "problem"})
+    aime = PromptDataset.from_file("tests/data/eval/aime24.jsonl", keys={"prompt": "problem"})
     assert aime.prompts[0] == Prompt("60", "Find the remainder when $7^{2024}$ is divided by $100$.", "001")
-    no_ids = PromptDataset.from_jsonl("tests/data/eval/aime25_opencompass.jsonl", keys={"id": None, "prompt": "question"})
+    no_ids = PromptDataset.from_file("tests/data/eval/aime25_opencompass.jsonl", keys={"id": None, "prompt": "question"})
     assert no_ids.prompts[0] == Prompt("line-1", "Compute $25^2 - 24^2$.", "49")
 
 
@@ -97,28 +133,28 @@ def test_order_is_a_seeded_permutation_per_epoch_and_batches_stay_in_an_epoch():
 def test_resume_sees_exactly_the_uninterrupted_prompts(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", ROWS)
     sizes = [3, 7, 7, 5, 8, 2, 9, 4, 6, 7, 1, 20]
-    uninterrupted = PromptDataset.from_jsonl(path, seed=11)
+    uninterrupted = PromptDataset.from_file(path, seed=11)
     expected = [[p.id for p in uninterrupted.next_batch(n)] for n in sizes]
     for stop in range(len(sizes)):
-        first = PromptDataset.from_jsonl(path, seed=11)
+        first = PromptDataset.from_file(path, seed=11)
         seen = [[p.id for p in first.next_batch(n)] for n in sizes[:stop]]
         state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
-        resumed = PromptDataset.from_jsonl(path, seed=11)
+        resumed = PromptDataset.from_file(path, seed=11)
         resumed.load_state_dict(state)
         seen += [[p.id for p in resumed.next_batch(n)] for n in sizes[stop:]]
         assert seen == expected, stop
 
 
 def test_state_for_other_data_is_rejected_without_changing_position(tmp_path):
-    dataset = PromptDataset.from_jsonl(write_jsonl(tmp_path / "p.jsonl", ROWS), seed=3)
+    dataset = PromptDataset.from_file(write_jsonl(tmp_path / "p.jsonl", ROWS), seed=3)
     dataset.next_batch(5)
     state = dataset.state_dict()
-    changed = PromptDataset.from_jsonl(write_jsonl(tmp_path / "q.jsonl", ROWS[:-1] + [dict(ROWS[-1], answer="0")]), seed=3)
+    changed = PromptDataset.from_file(write_jsonl(tmp_path / "q.jsonl", ROWS[:-1] + [dict(ROWS[-1], answer="0")]), seed=3)
     for target, bad, match in [
         (changed, state, "content_digest"),
-        (PromptDataset.from_jsonl(tmp_path / "p.jsonl", seed=4), state, "seed=3"),
-        (PromptDataset.from_jsonl(tmp_path / "p.jsonl", seed=3), dict(state, index=21), "index=21"),
-        (PromptDataset.from_jsonl(tmp_path / "p.jsonl", seed=3), {"epoch": 1}, "lacks"),
+        (PromptDataset.from_file(tmp_path / "p.jsonl", seed=4), state, "seed=3"),
+        (PromptDataset.from_file(tmp_path / "p.jsonl", seed=3), dict(state, index=21), "index=21"),
+        (PromptDataset.from_file(tmp_path / "p.jsonl", seed=3), {"epoch": 1}, "lacks"),
     ]:
         with pytest.raises(ValueError, match=match):
             target.load_state_dict(bad)

@@ -120,12 +120,12 @@ def test_the_dataset_holds_exactly_the_formatted_ids(hf_dir, tmp_path):
     path.write_text("\n".join(json.dumps({"id": i, "prompt": p, "answer": "3"})
                               for i, p in enumerate(["Q: 1 + 2 =", "Q: 2 + 1 ="])) + "\n")
     fmt = PromptFormat("{prompt}\nAnswer in \\boxed{}.", chat=True)
-    dataset = PromptDataset.from_jsonl(path, tokenizer=tok, prompt_format=fmt)
+    dataset = PromptDataset.from_file(path, tokenizer=tok, prompt_format=fmt)
     for prompt in dataset.prompts:
         assert list(prompt.token_ids) == prompt_token_ids(tok, prompt.prompt, fmt)
         assert prompt.token_ids[:2] == (IDS["<s>"], IDS["<|user|>"]) and prompt.token_ids[-1] == IDS["<|assistant|>"]
     assert dataset.prompts[0].prompt == "Q: 1 + 2 ="  # the row's own text is kept
-    unformatted = PromptDataset.from_jsonl(path, tokenizer=tok)
+    unformatted = PromptDataset.from_file(path, tokenizer=tok)
     assert list(unformatted.prompts[0].token_ids) == prompt_token_ids(tok, "Q: 1 + 2 =")
 
 
@@ -135,12 +135,12 @@ def test_bad_formats_fail_before_reading_rows(hf_dir, tokenizer, tmp_path):
             PromptFormat(template)
     missing = tmp_path / "missing.jsonl"  # never opened: the format is checked first
     with pytest.raises(ValueError, match="needs a Hugging Face tokenizer directory; .*arith.model is a SentencePiece"):
-        PromptDataset.from_jsonl(missing, tokenizer=tokenizer, prompt_format=PromptFormat(chat=True))
+        PromptDataset.from_file(missing, tokenizer=tokenizer, prompt_format=PromptFormat(chat=True))
     bare = load_tokenizer(save_word_tokenizer(tmp_path / "bare", chat_template=None))
     with pytest.raises(ValueError, match="the tokenizer of .*bare has no chat template"):
-        PromptDataset.from_jsonl(missing, tokenizer=bare, prompt_format=PromptFormat(chat=True))
+        PromptDataset.from_file(missing, tokenizer=bare, prompt_format=PromptFormat(chat=True))
     with pytest.raises(ValueError, match="prompt_format needs a tokenizer"):
-        PromptDataset.from_jsonl(missing, prompt_format=PromptFormat())
+        PromptDataset.from_file(missing, prompt_format=PromptFormat())
 
 
 def test_the_trainer_rejects_a_bad_prompt_template(capsys):

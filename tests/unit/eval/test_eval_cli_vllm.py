@@ -83,6 +83,42 @@ def test_megatron_checkpoint_gives_the_same_samples_as_its_hf_source(eval_tool, 
     assert megatron == _samples(hf_eval)  # same weights and seeds -> the same responses
 
 
+def _training_checkpoint(rank, world_size, hf_dir, root):
+    """A training checkpoint (model and optimizer, Megatron-LM's layout) of the HF model's weights, saved as
+    --save-hf saves one: with the student as a Hugging Face model in iter_0000001/hf_model."""
+    import json
+
+    from megatron_scope.config import OptimizerConfig
+    from megatron_scope.megatron import checkpointing
+    from megatron_scope.megatron.hf_mapping import arch_from_hf_config
+    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
+    from megatron_scope.megatron.optimizer import build_optimizer
+    from megatron_scope.megatron.parallel import initialize_model_parallel
+    from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights
+
+    initialize_model_parallel(1, 1, seed=0)
+    with open(os.path.join(hf_dir, "config.json")) as handle:
+        arch = arch_from_hf_config(json.load(handle))
+    gpt = build_gpt_model(arch, calculate_per_token_loss=True)
+    load_hf_weights(gpt, arch, SafetensorsCheckpoint(hf_dir))
+    model = wrap_with_ddp(gpt)
+    optimizer, _ = build_optimizer(model, OptimizerConfig(lr=1e-3), 2)
+    checkpointing.stage_hf_files(root, hf_dir)
+    return checkpointing.save_checkpoint(root, 1, model, optimizer, {"step": 1}, arch=arch, save_hf=True)
+
+
+def test_a_training_checkpoints_saved_hf_model_loads_in_vllm(eval_tool, checkpoint, hf_eval, tmp_path):
+    """--save-hf's Hugging Face model (tools/eval.py takes it for the iteration directory, no conversion) loads in
+    vLLM and gives the HF source's samples."""
+    from megatron_scope.testing.multiprocess import run_on_ranks
+
+    (iteration,) = run_on_ranks(_training_checkpoint, 1, args=(checkpoint, str(tmp_path / "ckpt")), timeout=600)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(os.path.join(iteration, "hf_model")))
+    saved = _samples(eval_tool.main(_cli_args(iteration, tmp_path / "saved_eval")))
+    assert not os.path.exists(tmp_path / "saved_eval" / "hf_model")  # nothing was converted
+    assert saved == _samples(hf_eval)
+
+
 def test_eval_cli_with_vllm(hf_eval):
     with open(hf_eval["json"]) as handle:
         results = json.load(handle)
