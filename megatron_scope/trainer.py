@@ -89,6 +89,10 @@ def log_line(iteration: int, train_iters: int, metrics: dict) -> str:
             f" learning rate: {metrics['optimizer/lr']:.3E} |"
             f" loss: {metrics.get('loss/loss', float('nan')):.6E} |"
             f" rollout accuracy: {metrics['rollout/accuracy']:.4f} |"
+            + "".join(f" {key.removeprefix('rollout/')}: {value:.4f} |" for key, value in metrics.items()
+                      if key.startswith("rollout/accuracy/"))
+            + f" response length min/mean/max: {metrics['rollout/response_length_min']:.0f}/"
+            f"{metrics['rollout/response_length']:.1f}/{metrics['rollout/response_length_max']:.0f} |"
             + verdict_counts(metrics)
             + "".join(f" {label}: {metrics[key]:.4f} |" for key, label in METHOD_LOG_METRICS if key in metrics)
             + (f" padded token fraction: {metrics['tokens/padding_fraction']:.4f} |"
@@ -182,6 +186,9 @@ class ScopeTrainer:
         self.rollout_offload = RolloutOffload(student, optimizer, frozen, config.rollout.offload_optimizer,
                                               config.rollout.offload_teacher)
         self.dataset, self.tokenizer, self.verifier, self.engine = dataset, tokenizer, verifier, engine
+        prompts = getattr(dataset, "prompts", ())
+        self.data_source_of = {p.id: p.data_source for p in prompts if p.data_source is not None}
+        self.data_sources = sorted(set(self.data_source_of.values()))  # every rank sums them in this order
         self._logged_verifier_errors: set[str] = set()  # each distinct error is logged once per run
         self.vocab_size = tokenizer.vocab_size
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -290,13 +297,17 @@ class ScopeTrainer:
         return groups, first, self._rollout_metrics(groups, seconds, iteration)
 
     def _rollout_metrics(self, groups: list[RolloutGroup], seconds: dict, iteration: int) -> dict:
-        """Accuracy, length, truncation and the count of each verifier status over the whole step (summed over
-        replicas when co-located) and the slowest engine's times; stops the run when the verifier failed on too
-        many responses (`_check_verifier_errors`)."""
+        """Accuracy (and per data source), length (mean, min, max), truncation and the count of each verifier status
+        over the whole step (summed over replicas when co-located) and the slowest engine's times; stops the run
+        when the verifier failed on too many responses (`_check_verifier_errors`)."""
         completions = [c for g in groups for c in g.completions]
         statuses = self.verifier.statuses
         sums = [sum(o for g in groups for o in g.correct), len(completions), sum(len(c.token_ids) for c in completions),
                 sum(c.finish_reason == "length" for c in completions)]
+        for source in self.data_sources:  # correct and sampled responses of each source
+            mine = [g for g in groups if self.data_source_of[g.prompt_id] == source]
+            sums += [sum(o for g in mine for o in g.correct), sum(len(g.correct) for g in mine)]
+        extra = len(sums)  # the method's counts start here
         if self.config.loss.tropd_guidance:  # TrOPD's guided responses (a prefix of at least one token)
             sums.append(sum(k > 0 for g in groups for k in g.prefix_lengths))
         if self.self_teacher is not None:  # SRPO's routing: distilled, no demonstration, re-prompt too long
@@ -305,7 +316,9 @@ class ScopeTrainer:
             sums += [sum(d for _, d, _ in routes), sum(not ok and not sibling for ok, _, sibling in routes),
                      sum(not ok and sibling and not d for ok, d, sibling in routes)]
         sums += [sum(v.status == status for g in groups for v in g.verdicts) for status in statuses]  # last
-        times = [seconds["rollout"], seconds.get("teacher_score", 0.0), seconds.get("reference_score", 0.0)]
+        lengths = [len(c.token_ids) for c in completions]
+        times = [seconds["rollout"], seconds.get("teacher_score", 0.0), seconds.get("reference_score", 0.0),
+                 max(lengths), -min(lengths)]  # reduced with MAX, so the last is minus the shortest
         if self.config.rollout.placement == "colocated" and self.dp_size > 1:
             device, group = collective_device(), parallel_state.get_data_parallel_group()
             totals = torch.tensor(sums, dtype=torch.float64, device=device)
@@ -319,6 +332,8 @@ class ScopeTrainer:
         stats = {
             "rollout/accuracy": correct / samples,
             "rollout/response_length": tokens / samples,
+            "rollout/response_length_min": -times[4],
+            "rollout/response_length_max": times[3],
             "rollout/truncated_fraction": truncated / samples,
             "time/rollout_s": times[0],
             "throughput/rollout_tokens_per_s": tokens / max(times[0], 1e-9),
@@ -328,13 +343,16 @@ class ScopeTrainer:
             stats["time/teacher_score_s"] = times[1]
         if "reference_score" in seconds:
             stats["time/reference_score_s"] = times[2]
+        for i, source in enumerate(self.data_sources):  # a source none of the step's prompts came from: NaN
+            source_correct, source_samples = sums[4 + 2 * i:6 + 2 * i]
+            stats[f"rollout/accuracy/{source}"] = source_correct / source_samples if source_samples else float("nan")
         if self.config.loss.tropd_guidance:
-            stats["tropd/guided_fraction"] = sums[4] / samples
+            stats["tropd/guided_fraction"] = sums[extra] / samples
             stats["tropd/prefix_alpha"] = guidance_alpha(iteration, self.config.loop.train_iters)
         if self.self_teacher is not None:
-            stats["srpo/distilled_fraction"] = sums[4] / samples
-            stats["srpo/failed_without_demonstration_fraction"] = sums[5] / samples
-            stats["srpo/reprompt_too_long_fraction"] = sums[6] / samples
+            stats["srpo/distilled_fraction"] = sums[extra] / samples
+            stats["srpo/failed_without_demonstration_fraction"] = sums[extra + 1] / samples
+            stats["srpo/reprompt_too_long_fraction"] = sums[extra + 2] / samples
         return stats
 
     def _sample_verify_score(self, prompts, first: int, iteration: int) -> tuple[list[RolloutGroup], dict]:

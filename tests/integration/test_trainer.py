@@ -8,7 +8,8 @@ co-located Megatron teacher.
   per replica, with token-budget microbatches) give the same first-iteration loss and gradient norm as TP=1
   with the full KL (the first rollout is identical everywhere: same seeds, same initial weights), and every
   engine samples from the trained weights after the refit;
-- Ray-placed engines (--rollout-engines 2) give the in-process engine's first iteration;
+- Ray-placed engines (--rollout-engines 2), reading a parquet copy of the prompts through the key flags, give the
+  in-process engine's first iteration, with accuracy per data source;
 - a vLLM teacher at DP=2 with the rank0 placement (--teacher-backend vllm, top-k with k = V) gives the
   co-located teacher's first iteration;
 - ExOPD's reference served by vLLM gives the co-located reference's first iteration;
@@ -158,15 +159,36 @@ def test_vocabulary_mismatch_fails_before_rollout(workspace, tmp_path):
         run_on_ranks(train_history, 1, args=(argv,), timeout=300)
 
 
-def test_ray_rollout_engines_give_the_same_run(workspace, straight_run):
-    """--rollout-engines 2: the engines live in Ray actors (a local Ray here) and split the prompts; the first
-    iteration's rollouts, loss and gradient norm equal the in-process engine's."""
+def test_ray_rollout_engines_and_a_parquet_dataset_give_the_same_run(workspace, straight_run, tmp_path):
+    """--rollout-engines 2: the engines live in Ray actors (a local Ray here) and split the prompts; the prompts come
+    from a parquet copy of the training file with other column names and a data-source column (--input-key,
+    --label-key, --id-key, --data-source-key). The first iteration's rollouts, loss and gradient norm equal the
+    in-process engine's on the JSONL file, and its accuracy per data source averages to the whole step's."""
+    import pyarrow
+    import pyarrow.parquet
+
+    from megatron_scope.data.datasets import PromptDataset, read_jsonl_rows
+
     history, _ = straight_run
-    (ray_run,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 1, extra=["--rollout-engines", "2"]),), timeout=900)
+    rows = [{"uid": row["id"], "question": row["prompt"], "gold": row["answer"], "kind": f"kind{line % 2}"}
+            for line, row in read_jsonl_rows(workspace.train_jsonl)]
+    parquet = str(tmp_path / "train.parquet")
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), parquet)
+    argv = _flags(workspace, 1, extra=["--rollout-engines", "2", "--input-key", "question", "--label-key", "gold",
+                                       "--id-key", "uid", "--data-source-key", "kind"])
+    argv[argv.index("--train-data") + 1] = parquet
+    (ray_run,) = run_on_ranks(train_history, 1, args=(argv,), timeout=900)
     for key in ("rollout/accuracy", "rollout/response_length"):
         assert ray_run[0][key] == history[0][key], key
     assert ray_run[0]["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
     assert ray_run[0]["optimizer/grad_norm"] == pytest.approx(history[0]["optimizer/grad_norm"], rel=1e-4)
+    keys = {"id": "uid", "prompt": "question", "answer": "gold", "data_source": "kind"}
+    step = PromptDataset.from_file(parquet, seed=7, keys=keys).next_batch(4)  # the first iteration's prompts
+    counts = {kind: sum(p.data_source == kind for p in step) for kind in ("kind0", "kind1")}
+    per_source = sum(ray_run[0][f"rollout/accuracy/{kind}"] * count for kind, count in counts.items() if count)
+    assert per_source / len(step) == pytest.approx(ray_run[0]["rollout/accuracy"], rel=1e-12)
+    assert 1 <= ray_run[0]["rollout/response_length_min"] <= ray_run[0]["rollout/response_length"] \
+        <= ray_run[0]["rollout/response_length_max"] <= 20
 
 
 def test_tropd_guidance_continues_the_teachers_prefixes(workspace):
