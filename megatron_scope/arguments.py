@@ -186,7 +186,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="Verifier: synthetic (the arithmetic task's final 'A: <int>' against the rows' answer), "
                         "synthetic-strict (also every written step, which must be the prompt's left-to-right "
                         "evaluation, against the rows' solution; a right answer with wrong working is wrong), or "
-                        "math (math-verify on the last \\boxed{}).")
+                        "math (math-verify on the last \\boxed{}), or custom (--custom-reward-function).")
+    g.add_argument("--custom-reward-function", default=None, metavar="MODULE:FUNCTION",
+                   help="With --reward custom: function(response_text, gold_answer) -> True, False or a status it "
+                        "declares in its `statuses` attribute; 'module:function' or 'file.py:function'. It runs in "
+                        "worker processes with a deadline per answer (megatron_scope/rewards/custom.py).")
     g.add_argument("--max-verifier-error-fraction", type=float, default=0.05,
                    help="Stop the run, naming the verifier and its first error, when more than this share of a "
                         "step's responses end in the verifier's own error (counted as verifier/verifier_error).")

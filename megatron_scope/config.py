@@ -35,7 +35,7 @@ TEACHER_BACKENDS = ("megatron", "vllm")
 ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
 WEIGHT_TRANSFERS = ("auto", "ipc", "shared_memory", "nccl")
 """--weight-transfer-backend choices (`rollout.vllm_engine.VLLMEngineConfig.weight_transfer`)."""
-REWARDS = ("synthetic", "synthetic-strict", "math")
+REWARDS = ("synthetic", "synthetic-strict", "math", "custom")
 TROPD_OUTLIERS = ("mask", "clip", "forward")
 TROPD_TRUST_REGIONS = ("sampled", "threshold")
 #: --srpo-teacher: SRPO's self-teacher (an EMA of the student, or the current student) or an external teacher.
@@ -195,7 +195,10 @@ class DataConfig:
     reward: str = "math"
     """--reward: "synthetic" (the demo task's final "A: <int>"), "synthetic-strict" (the demo task's working too:
     every step of the left-to-right evaluation, right and in order, graded against the rows' "solution" column)
-    or "math" (math-verify on the last \\boxed{})."""
+    or "math" (math-verify on the last \\boxed{}), or "custom" (--custom-reward-function)."""
+    custom_reward_function: str | None = None
+    """--custom-reward-function: with --reward custom, the grading function "module:function" or "file.py:function"
+    (`rewards.custom`)."""
     max_verifier_error_fraction: float = 0.05
     """--max-verifier-error-fraction: the run stops with an error naming the verifier and its first message when
     more than this share of a step's responses ended in the verifier's own error (STATUS_VERIFIER_ERROR), which
@@ -204,6 +207,8 @@ class DataConfig:
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"--reward must be one of {REWARDS}, got {self.reward!r}")
+        if (self.reward == "custom") != (self.custom_reward_function is not None):
+            raise ValueError("--reward custom and --custom-reward-function go together: the function is the verifier")
         if not 0 <= self.max_verifier_error_fraction <= 1:
             raise ValueError(f"--max-verifier-error-fraction must lie in [0, 1], got {self.max_verifier_error_fraction}")
         try:
@@ -735,7 +740,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         data=DataConfig(train_data=args.train_data, input_key=args.input_key, label_key=args.label_key,
                         id_key=args.id_key or None, data_source_key=args.data_source_key,
                         prompt_template=args.prompt_template, apply_chat_template=args.apply_chat_template,
-                        reward=args.reward, max_verifier_error_fraction=args.max_verifier_error_fraction),
+                        reward=args.reward, custom_reward_function=args.custom_reward_function,
+                        max_verifier_error_fraction=args.max_verifier_error_fraction),
         parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                 pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                                 sequence_parallel=_sequence_parallel(args),

@@ -46,12 +46,16 @@ def read_arch(model_dir: str):
     return arch_from_hf_config(read_hf_config(model_dir))
 
 
-def build_verifier(reward: str):
-    """The reward's verifier (`rewards.base.Verifier`)."""
-    if reward in ("synthetic", "synthetic-strict"):
+def build_verifier(data):
+    """The verifier of `data`'s --reward (a DataConfig; `rewards.base.Verifier`)."""
+    if data.reward in ("synthetic", "synthetic-strict"):
         from megatron_scope.rewards.synthetic import build_synthetic_verifier
 
-        return build_synthetic_verifier(reward)
+        return build_synthetic_verifier(data.reward)
+    if data.reward == "custom":
+        from megatron_scope.rewards.custom import CustomVerifier
+
+        return CustomVerifier(data.custom_reward_function)
     from megatron_scope.rewards.math_verifier import MathVerifier
 
     return MathVerifier()
@@ -256,7 +260,7 @@ def build_trainer(config: RunConfig):
         optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
 
         trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
-                               build_verifier(config.data.reward), engine=engine, teacher=teacher,
+                               build_verifier(config.data), engine=engine, teacher=teacher,
                                reference=reference, teacher_engine=teacher_engine, ema_teacher=ema_teacher,
                                reference_engine=reference_engine)
         if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF

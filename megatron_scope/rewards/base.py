@@ -61,6 +61,15 @@ class Verifier(abc.ABC):
     def verify_batch(self, response_texts: Sequence[str], gold_answers: Sequence[str]) -> list[bool]:
         return [verdict.correct for verdict in self.judge_batch(response_texts, gold_answers)]
 
+    def close(self) -> None:
+        """Release what the verifier holds (worker processes); it cannot be used afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
 
 class PerAnswerVerifier(Verifier):
     """A Verifier from a function of one (response, gold) pair: `judge`; an exception it raises becomes that answer's

@@ -18,28 +18,25 @@ Grading rule:
 Why worker processes: math-verify bounds its parse and compare time with ``signal.alarm``, which
 (a) works only in the main thread (elsewhere it raises ValueError: a Ray threaded actor, a data-loader
 thread), (b) replaces the host process's SIGALRM handler while it runs, and (c) cannot interrupt a long
-call inside a C extension. So every math-verify call here runs in a spawned worker process, in that
-process's main thread, and the calling process installs no signal handler. The caller enforces a hard
-wall-clock deadline per answer: a worker past it is killed (and restarted on the next use) and the answer
-counts wrong; a worker that dies (segfault, OOM kill) is treated the same. Per answer, one pipe
-round trip carries the extracted answer and the gold string out and a status string back (bytes, not
-the response). Workers start with the "spawn" method, so an entry script that uses the verifier needs an
-``if __name__ == "__main__":`` guard (as for vLLM and dist_checkpointing).
+call inside a C extension. So every math-verify call here runs in a spawned worker process
+(`rewards.workers.GradingPool`), in that process's main thread, and the calling process installs no signal
+handler. The caller enforces a hard wall-clock deadline per answer: a worker past it is killed (and restarted on
+the next use) and the answer counts wrong; a worker that dies (segfault, OOM kill) is treated the same. Per
+answer, one pipe round trip carries the extracted answer and the gold string out and a status string back
+(bytes, not the response). Workers start with the "spawn" method, so an entry script that uses the verifier needs
+an ``if __name__ == "__main__":`` guard (as for vLLM and dist_checkpointing).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import multiprocessing
-import multiprocessing.connection
 import threading
-import time
-import weakref
 from typing import Sequence
 
 from megatron_scope.rewards.base import (STATUS_CORRECT, STATUS_VERIFIER_ERROR, STATUS_WRONG, GoldAnswerError, Verdict,
                                          Verifier)
+from megatron_scope.rewards.workers import STATUS_TIMEOUT, STATUS_WORKER_DIED, GradingPool, serve
 
 
 BOX_COMMANDS = ("\\boxed", "\\fbox")
@@ -52,9 +49,6 @@ STATUS_NO_BOXED_ANSWER = "no_boxed_answer"
 STATUS_ANSWER_TOO_LONG = "answer_too_long"
 STATUS_UNPARSEABLE_ANSWER = "unparseable_answer"
 """math-verify extracted nothing from the boxed content."""
-STATUS_TIMEOUT = "timeout"
-"""The worker passed the hard deadline and was killed."""
-STATUS_WORKER_DIED = "worker_died"
 _STATUS_GOLD_OK = "gold_ok"
 _STATUS_GOLD_UNPARSEABLE = "gold_unparseable"
 
@@ -129,20 +123,8 @@ def _worker_main(conn, parse_timeout_seconds: int, compare_timeout_seconds: int)
     # Warm up before signalling ready: the first parse imports latex2sympy's ANTLR grammar (~1 s, more
     # under load), which must not count against the first real answer's timeouts.
     _grade_in_this_process("\\frac{1}{2}", "0.5", {}, None, None)
-    conn.send("ready")
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            return
-        answer, gold = request
-        try:
-            reply = _grade_in_this_process(answer, gold, parsed_golds, parse_timeout_seconds, compare_timeout_seconds)
-        except Exception as error:  # noqa: BLE001 - a verifier bug grades one answer wrong, and the caller counts it
-            reply = (STATUS_VERIFIER_ERROR, f"{type(error).__name__}: {error}")
-        conn.send(reply)
+    serve(conn, lambda request: _grade_in_this_process(*request, parsed_golds, parse_timeout_seconds,
+                                                       compare_timeout_seconds))
 
 
 def _grade_in_this_process(answer, gold, parsed_golds, parse_timeout_seconds, compare_timeout_seconds) -> str:
@@ -179,35 +161,6 @@ def _grade_in_this_process(answer, gold, parsed_golds, parse_timeout_seconds, co
 # Caller side.
 
 
-class _Worker:
-    def __init__(self, process, conn):
-        self.process = process
-        self.conn = conn
-
-    def kill(self) -> None:
-        try:
-            self.conn.close()
-        except OSError:
-            pass
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(timeout=5)
-
-
-def _shutdown_workers(workers: list) -> None:
-    """Stop every worker: a polite None, then kill whatever is still running (also used at gc/exit)."""
-    for slot, worker in enumerate(workers):
-        if worker is None:
-            continue
-        try:
-            worker.conn.send(None)
-        except OSError:
-            pass
-        worker.process.join(timeout=1)
-        worker.kill()
-        workers[slot] = None
-
-
 class MathVerifier(Verifier):
     """Grades responses against gold answers in `num_workers` spawned processes with a hard deadline.
 
@@ -237,28 +190,14 @@ class MathVerifier(Verifier):
             max_answer_chars: a boxed answer longer than this counts wrong without being parsed.
             worker_start_timeout_seconds: a worker that does not report ready in time is an error.
         """
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-            raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
-        if not timeout_seconds > 0:
-            raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds!r}")
         if isinstance(max_answer_chars, bool) or not isinstance(max_answer_chars, int) or max_answer_chars < 1:
             raise ValueError(f"max_answer_chars must be an int >= 1, got {max_answer_chars!r}")
-        if not worker_start_timeout_seconds > 0:
-            raise ValueError(f"worker_start_timeout_seconds must be > 0, got {worker_start_timeout_seconds!r}")
-        self.num_workers = num_workers
-        self.timeout_seconds = float(timeout_seconds)
         self.max_answer_chars = max_answer_chars
-        self.worker_start_timeout_seconds = float(worker_start_timeout_seconds)
-        self._inner_timeout_seconds = max(1, int(self.timeout_seconds / 2))
-        self._context = multiprocessing.get_context("spawn")
-        self._workers: list[_Worker | None] = [None] * num_workers
-        self._lock = threading.Lock()
-        self._closed = False
-        self.num_timeouts = 0
-        """Answers whose worker was killed at the deadline, over this verifier's life."""
-        self.num_worker_deaths = 0
-        """Workers that died while grading, over this verifier's life."""
-        self._finalizer = weakref.finalize(self, _shutdown_workers, self._workers)
+        inner_timeout_seconds = max(1, int(timeout_seconds / 2)) if timeout_seconds > 0 else 1
+        self.pool = GradingPool(_worker_main, (inner_timeout_seconds, inner_timeout_seconds), num_workers,
+                                timeout_seconds, worker_start_timeout_seconds, "math",
+                                start_hint="is math-verify installed?")
+        """The worker processes; `pool.num_timeouts` and `pool.num_worker_deaths` count over its life."""
 
     # -- public API ----------------------------------------------------------------------------------
 
@@ -276,7 +215,7 @@ class MathVerifier(Verifier):
         golds = self._validate_batch(response_texts, gold_answers)
         extracted = [_extract(text, self.max_answer_chars) for text in response_texts]
         jobs = [(index, answer, golds[index]) for index, (answer, _) in enumerate(extracted) if answer is not None]
-        statuses, errors = self._run_jobs(jobs)
+        statuses, errors = self.pool.run([(index, (answer, gold)) for index, answer, gold in jobs])
         bad_golds = sorted({golds[index] for index, status in statuses.items() if status == _STATUS_GOLD_UNPARSEABLE})
         if bad_golds:
             raise GoldAnswerError(f"math-verify cannot parse gold answer(s) {bad_golds!r}")
@@ -297,7 +236,7 @@ class MathVerifier(Verifier):
         """
         golds = self._validate_batch([""] * len(gold_answers), gold_answers)
         unique_golds = sorted(set(golds))
-        statuses, _ = self._run_jobs([(index, None, gold) for index, gold in enumerate(unique_golds)])
+        statuses, _ = self.pool.run([(index, (None, gold)) for index, gold in enumerate(unique_golds)])
         bad = [unique_golds[index] for index, status in sorted(statuses.items()) if status == _STATUS_GOLD_UNPARSEABLE]
         if bad:
             raise GoldAnswerError(f"math-verify cannot parse gold answer(s) {bad!r}")
@@ -307,15 +246,7 @@ class MathVerifier(Verifier):
 
     def close(self) -> None:
         """Stop the workers; the verifier cannot be used afterwards."""
-        with self._lock:
-            self._closed = True
-            self._finalizer()
-
-    def __enter__(self) -> "MathVerifier":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+        self.pool.close()
 
     # -- internals -----------------------------------------------------------------------------------
 
@@ -337,97 +268,6 @@ class MathVerifier(Verifier):
             golds.append(normalized)
         return golds
 
-    def _start_missing_workers(self) -> None:
-        """Spawn every missing worker and wait until each has imported math-verify."""
-        started = []
-        for slot, worker in enumerate(self._workers):
-            if worker is None:
-                parent_conn, child_conn = self._context.Pipe(duplex=True)
-                process = self._context.Process(
-                    target=_worker_main,
-                    args=(child_conn, self._inner_timeout_seconds, self._inner_timeout_seconds),
-                    name=f"math-verifier-{slot}",
-                    daemon=True,
-                )
-                process.start()
-                child_conn.close()
-                self._workers[slot] = _Worker(process, parent_conn)
-                started.append(slot)
-        deadline = time.monotonic() + self.worker_start_timeout_seconds
-        for slot in started:
-            worker = self._workers[slot]
-            ready = worker.conn.poll(max(0.0, deadline - time.monotonic()))
-            message = None
-            if ready:
-                try:
-                    message = worker.conn.recv()
-                except (EOFError, OSError):
-                    message = None
-            if message != "ready":
-                exit_code = worker.process.exitcode
-                _shutdown_workers(self._workers)
-                raise RuntimeError(
-                    f"math-verify worker {slot} did not start within {self.worker_start_timeout_seconds} s "
-                    f"(exit code {exit_code}); is math-verify installed?"
-                )
-
-    def _kill_worker(self, slot: int) -> None:
-        self._workers[slot].kill()
-        self._workers[slot] = None
-
-    def _run_jobs(self, jobs: list[tuple[int, str | None, str]]) -> tuple[dict[int, str], dict[int, str]]:
-        """Grade (index, answer, gold) jobs on the workers; ({index: status}, {index: the error text of a
-        STATUS_VERIFIER_ERROR}). Holds the lock throughout."""
-        statuses: dict[int, str] = {}
-        errors: dict[int, str] = {}
-        if not jobs:
-            return statuses, errors
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this MathVerifier is closed")
-            pending = collections.deque(jobs)
-            busy: dict[int, tuple[int, float]] = {}  # slot -> (job index, deadline)
-            while pending or busy:
-                if pending and any(self._workers[slot] is None for slot in range(self.num_workers) if slot not in busy):
-                    self._start_missing_workers()
-                for slot in range(self.num_workers):
-                    if slot in busy or not pending:
-                        continue
-                    index, answer, gold = pending.popleft()
-                    try:
-                        self._workers[slot].conn.send((answer, gold))
-                    except OSError:  # the worker died while idle: restart it and retry the job
-                        self._kill_worker(slot)
-                        pending.appendleft((index, answer, gold))
-                        continue
-                    busy[slot] = (index, time.monotonic() + self.timeout_seconds)
-                if not busy:
-                    continue
-                earliest_deadline = min(deadline for _, deadline in busy.values())
-                ready = multiprocessing.connection.wait(
-                    [self._workers[slot].conn for slot in busy], timeout=max(0.0, earliest_deadline - time.monotonic())
-                )
-                now = time.monotonic()
-                for slot, (index, deadline) in list(busy.items()):
-                    worker = self._workers[slot]
-                    if worker.conn in ready:
-                        try:
-                            reply = worker.conn.recv()
-                            if isinstance(reply, tuple):  # (STATUS_VERIFIER_ERROR, "<Type>: <message>")
-                                reply, errors[index] = reply
-                            statuses[index] = reply
-                        except (EOFError, OSError):
-                            statuses[index] = STATUS_WORKER_DIED
-                            self.num_worker_deaths += 1
-                            self._kill_worker(slot)
-                        del busy[slot]
-                    elif now >= deadline:
-                        statuses[index] = STATUS_TIMEOUT
-                        self.num_timeouts += 1
-                        self._kill_worker(slot)
-                        del busy[slot]
-        return statuses, errors
-
 
 _default_verifier: MathVerifier | None = None
 _default_verifier_lock = threading.Lock()
@@ -437,7 +277,7 @@ def default_verifier() -> MathVerifier:
     """The process-wide verifier behind `verify` and `verify_batch` (one worker, 10 s deadline)."""
     global _default_verifier
     with _default_verifier_lock:
-        if _default_verifier is None or _default_verifier._closed:
+        if _default_verifier is None or _default_verifier.pool.closed:
             _default_verifier = MathVerifier()
         return _default_verifier
 

@@ -8,8 +8,9 @@ co-located Megatron teacher.
   per replica, with token-budget microbatches) give the same first-iteration loss and gradient norm as TP=1
   with the full KL (the first rollout is identical everywhere: same seeds, same initial weights), and every
   engine samples from the trained weights after the refit;
-- Ray-placed engines (--rollout-engines 2), reading a parquet copy of the prompts through the key flags, give the
-  in-process engine's first iteration, with accuracy per data source;
+- Ray-placed engines (--rollout-engines 2), reading a parquet copy of the prompts through the key flags and grading
+  with a plug-in verifier (--reward custom), give the in-process engine's first iteration, with accuracy per data
+  source;
 - a vLLM teacher at DP=2 with the rank0 placement (--teacher-backend vllm, top-k with k = V) gives the
   co-located teacher's first iteration;
 - ExOPD's reference served by vLLM gives the co-located reference's first iteration;
@@ -29,6 +30,7 @@ from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.workspace import make_workspace, train_history
 
 pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARITY_ATOL = 1e-4  # |vLLM's sampling log-prob - Megatron's| of fp32 weights (measured: below 1e-5)
 
 
@@ -159,11 +161,14 @@ def test_vocabulary_mismatch_fails_before_rollout(workspace, tmp_path):
         run_on_ranks(train_history, 1, args=(argv,), timeout=300)
 
 
-def test_ray_rollout_engines_and_a_parquet_dataset_give_the_same_run(workspace, straight_run, tmp_path):
+def test_ray_rollout_engines_a_parquet_dataset_and_a_custom_verifier_give_the_same_run(workspace, straight_run,
+                                                                                       tmp_path):
     """--rollout-engines 2: the engines live in Ray actors (a local Ray here) and split the prompts; the prompts come
     from a parquet copy of the training file with other column names and a data-source column (--input-key,
-    --label-key, --id-key, --data-source-key). The first iteration's rollouts, loss and gradient norm equal the
-    in-process engine's on the JSONL file, and its accuracy per data source averages to the whole step's."""
+    --label-key, --id-key, --data-source-key), graded by a plug-in (--reward custom, tests/data/custom_reward.py: the
+    synthetic reward written as a user's function, run in worker processes). The first iteration's rollouts, loss
+    and gradient norm equal the in-process engine's on the JSONL file with the built-in verifier, and its accuracy per
+    data source averages to the whole step's."""
     import pyarrow
     import pyarrow.parquet
 
@@ -177,6 +182,8 @@ def test_ray_rollout_engines_and_a_parquet_dataset_give_the_same_run(workspace, 
     argv = _flags(workspace, 1, extra=["--rollout-engines", "2", "--input-key", "question", "--label-key", "gold",
                                        "--id-key", "uid", "--data-source-key", "kind"])
     argv[argv.index("--train-data") + 1] = parquet
+    argv[argv.index("--reward") + 1] = "custom"
+    argv += ["--custom-reward-function", os.path.join(ROOT, "tests", "data", "custom_reward.py") + ":judge"]
     (ray_run,) = run_on_ranks(train_history, 1, args=(argv,), timeout=900)
     for key in ("rollout/accuracy", "rollout/response_length"):
         assert ray_run[0][key] == history[0][key], key
@@ -189,6 +196,9 @@ def test_ray_rollout_engines_and_a_parquet_dataset_give_the_same_run(workspace, 
     assert per_source / len(step) == pytest.approx(ray_run[0]["rollout/accuracy"], rel=1e-12)
     assert 1 <= ray_run[0]["rollout/response_length_min"] <= ray_run[0]["rollout/response_length"] \
         <= ray_run[0]["rollout/response_length_max"] <= 20
+    for status in ("correct", "wrong", "no_answer"):  # the plug-in's statuses, counted as the built-in's were
+        assert ray_run[0][f"verifier/{status}"] == history[0][f"verifier/{status}"], status
+    assert ray_run[0]["verifier/timeout"] == ray_run[0]["verifier/worker_died"] == 0
 
 
 def test_tropd_guidance_continues_the_teachers_prefixes(workspace):

@@ -114,6 +114,8 @@ def test_help_lists_every_flag(capsys):
         (["--weight-transfer-backend", "nccl"], "--weight-transfer-backend nccl broadcasts to Ray engines"),
         (["--weight-transfer-backend", "gloo"], "invalid choice: 'gloo'"),
         (["--ddp-bucket-size", "0"], "--ddp-bucket-size: must be >= 1"),
+        (["--reward", "custom"], "--reward custom and --custom-reward-function go together"),
+        (["--custom-reward-function", "m:f"], "--reward custom and --custom-reward-function go together"),
         (["--save-hf"], "--save-hf writes a Hugging Face model into each checkpoint: give --save"),
         (["--wandb-exp-name", "run"], "--wandb-exp-name/--wandb-save-dir configure the W&B run of --wandb-project"),
         (["--wandb-project", "p", "--save", "s"], "--wandb-project needs --wandb-exp-name"),

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from megatron_scope.rewards import math_verifier
+from megatron_scope.rewards import math_verifier, workers
 from megatron_scope.rewards.math_verifier import (
     STATUS_ANSWER_TOO_LONG,
     STATUS_CORRECT,
@@ -183,15 +183,15 @@ def test_hard_deadline_kills_a_slow_worker_and_recovers():
         elapsed = time.perf_counter() - start
         assert verdict.status == STATUS_TIMEOUT and verdict.correct is False
         assert elapsed < 5  # the status proves the hard deadline fired; this only catches a hang
-        assert fast.num_timeouts == 1
+        assert fast.pool.num_timeouts == 1
         assert fast.verify("\\boxed{2}", "2")  # a fresh worker takes over
 
 
 def test_recovers_from_a_dead_worker():
     with MathVerifier(num_workers=1, timeout_seconds=20.0) as single:
         assert single.verify("\\boxed{1}", "1")
-        single._workers[0].process.kill()
-        single._workers[0].process.join()
+        single.pool.workers[0].process.kill()
+        single.pool.workers[0].process.join()
         assert single.verify("\\boxed{2}", "2")
         assert single.verify("\\boxed{3}", "3")
 
@@ -232,8 +232,8 @@ def test_an_exception_inside_math_verify_is_a_counted_verdict_with_its_message(m
     worker.start()
     assert parent.recv() == "ready"
     verifier = MathVerifier(num_workers=1)
-    verifier._workers[0] = math_verifier._Worker(types.SimpleNamespace(is_alive=lambda: False, join=lambda timeout: None,
-                                                                       kill=lambda: None), parent)
+    verifier.pool.workers[0] = workers.Worker(types.SimpleNamespace(is_alive=lambda: False, join=lambda timeout: None,
+                                                                    kill=lambda: None), parent)
     verdicts = verifier.judge_batch(["\\boxed{boom}", "\\boxed{4}", "\\boxed{5}"], ["4", "4", "4"])
     assert [(v.status, v.error) for v in verdicts] == [
         (STATUS_VERIFIER_ERROR, "RecursionError: maximum recursion depth exceeded in latex2sympy"),

@@ -78,17 +78,20 @@ def test_batch_lengths_must_match():
 
 
 def test_every_reward_has_a_verifier_and_the_flag_reaches_the_configuration():
+    from megatron_scope.rewards.custom import CustomVerifier
+
     assert "synthetic-strict" in REWARDS
-    assert isinstance(build_verifier("synthetic"), SyntheticTaskVerifier)
-    assert isinstance(build_verifier("synthetic-strict"), StrictSyntheticTaskVerifier)
-    args = build_parser().parse_args(["--student-hf", "s", "--teacher-hf", "t", "--tokenizer", "t",
-                                      "--train-data", "d", "--reward", "synthetic-strict"])
-    assert build_config(args).data.reward == "synthetic-strict"
+    assert isinstance(build_verifier(_data_config("d", "synthetic")), SyntheticTaskVerifier)
+    assert isinstance(build_verifier(_data_config("d", "synthetic-strict")), StrictSyntheticTaskVerifier)
+    assert _data_config("d", "synthetic-strict").reward == "synthetic-strict"
+    custom = _data_config("d", "custom", "--custom-reward-function", "tests/data/custom_reward.py:judge")
+    with build_verifier(custom) as verifier:
+        assert isinstance(verifier, CustomVerifier) and verifier.statuses[:3] == ("correct", "wrong", "no_answer")
 
 
-def _data_config(path, reward):
+def _data_config(path, reward, *extra):
     args = build_parser().parse_args(["--student-hf", "s", "--teacher-hf", "t", "--tokenizer", "t",
-                                      "--train-data", str(path), "--reward", reward])
+                                      "--train-data", str(path), "--reward", reward, *extra])
     return build_config(args).data
 
 
@@ -99,7 +102,7 @@ def test_training_prompts_carry_the_gold_of_their_reward(tmp_path):
     for reward, column in GOLD_COLUMNS.items():
         dataset = load_prompts(_data_config(files.train_jsonl, reward))
         assert [p.answer for p in dataset.prompts] == [row[column] for row in rows]
-        verifier = build_verifier(reward)
+        verifier = build_verifier(_data_config(files.train_jsonl, reward))
         assert verifier.verify_batch([row["solution"] for row in rows], [p.answer for p in dataset.prompts]) == [
             True] * len(rows)
 
