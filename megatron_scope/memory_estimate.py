@@ -128,6 +128,7 @@ import dataclasses
 
 from megatron_scope.config import RunConfig
 from megatron_scope.hf_config import kv_cache_bytes_per_token
+from megatron_scope.megatron.loss_func import row_share
 from megatron_scope.megatron.model import DecoderArch, common_padded_vocab
 from megatron_scope.ops import linear_kl
 from megatron_scope.rollout.batch import padded_sequence_length
@@ -600,8 +601,8 @@ def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher: Deco
     rows, response, tp = plan.micro_batch_rows, plan.config.rollout.max_new_tokens, plan.tensor_parallel
     row_bytes = source.hidden_size * _distribution_bytes(plan)
 
-    def share_bytes(sequences: int) -> int:  # one microbatch's share, aligned
-        return -(-(-(-sequences * response // tp) * row_bytes) // 512) * 512
+    def share_bytes(sequences: int) -> int:  # one microbatch's share of its response rows, at a 512-byte offset
+        return row_share(row_share(sequences * response, tp) * row_bytes, 512) * 512
 
     full, rest = divmod(plan.local_sequences, rows)
     return full * share_bytes(rows) + (share_bytes(rest) if rest else 0)

@@ -301,8 +301,9 @@ class ScopeTrainer:
         over the whole step (summed over replicas when co-located) and the slowest engine's times; stops the run
         when the verifier failed on too many responses (`_check_verifier_errors`)."""
         completions = [c for g in groups for c in g.completions]
+        lengths = [len(c.token_ids) for c in completions]
         statuses = self.verifier.statuses
-        sums = [sum(o for g in groups for o in g.correct), len(completions), sum(len(c.token_ids) for c in completions),
+        sums = [sum(o for g in groups for o in g.correct), len(completions), sum(lengths),
                 sum(c.finish_reason == "length" for c in completions)]
         for source in self.data_sources:  # correct and sampled responses of each source
             mine = [g for g in groups if self.data_source_of[g.prompt_id] == source]
@@ -316,7 +317,6 @@ class ScopeTrainer:
             sums += [sum(d for _, d, _ in routes), sum(not ok and not sibling for ok, _, sibling in routes),
                      sum(not ok and sibling and not d for ok, d, sibling in routes)]
         sums += [sum(v.status == status for g in groups for v in g.verdicts) for status in statuses]  # last
-        lengths = [len(c.token_ids) for c in completions]
         times = [seconds["rollout"], seconds.get("teacher_score", 0.0), seconds.get("reference_score", 0.0),
                  max(lengths), -min(lengths)]  # reduced with MAX, so the last is minus the shortest
         if self.config.rollout.placement == "colocated" and self.dp_size > 1:

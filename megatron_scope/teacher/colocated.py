@@ -55,13 +55,12 @@ def log_prob_pass(model, microbatches: list[dict], vocab_size: int, keep: str | 
                          "a loss_mask")
     positions = response_positions(microbatches) if responses_only else []
     shares = tp if keep == "hidden" and not all_rows else 1  # each TP rank keeps 1/shares of the response rows
+    weight = output_layer_weight(model) if responses_only else None  # [V/TP, hidden]
     destinations = []  # the host tensors the microbatches' hidden states land in, in order
     if keep == "hidden" and host_buffer is not None and positions:  # the whole pass's tensors, carved out at once
-        hidden_size = output_layer_weight(model).shape[1]
-        destinations = host_buffer.tensors([(row_share(len(rows), shares), hidden_size) for rows in positions],
-                                           output_layer_weight(model).dtype)
+        destinations = host_buffer.tensors([(row_share(len(rows), shares), weight.shape[1]) for rows in positions],
+                                           weight.dtype)
     copies = []  # CUDA events recorded after each non-blocking copy of hidden states to host memory
-    weight = output_layer_weight(model) if responses_only else None
     positions = iter(positions)
 
     def collect(batch, output):
