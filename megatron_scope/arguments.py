@@ -19,6 +19,7 @@ from megatron_scope.config import (
     RunConfig, build_config,
 )
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
+from megatron_scope.eval.benchmarks import BENCHMARK_NAMES
 
 
 def positive_float(text: str) -> float:
@@ -163,19 +164,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    g = parser.add_argument_group(title="data")
-    g.add_argument("--train-data", required=True,
-                   help="Rows {id, prompt, answer} (and solution, with --reward synthetic-strict) of a JSONL file, a "
-                        "parquet file or a Hugging Face datasets directory (save_to_disk; a DatasetDict's split "
-                        "directory); the key flags name other columns.")
+def add_row_args(g) -> None:
+    """How rows become prompts and how responses are graded: the flags training and tools/eval.py share."""
     g.add_argument("--input-key", default="prompt", help="The column holding the prompt text.")
     g.add_argument("--label-key", default=None,
                    help="The column holding the verifier's gold (default: answer; solution for --reward "
                         "synthetic-strict).")
     g.add_argument("--id-key", default="id", help="The column of each row's unique id ('': rows are numbered).")
-    g.add_argument("--data-source-key", default=None,
-                   help="The column naming each row's data source; rollout accuracy is then reported per source.")
     g.add_argument("--prompt-template", default=PROMPT_PLACEHOLDER,
                    help="Rollout prompt text with exactly one {prompt}, replaced by the row's prompt, e.g. (bash) "
                         "$'{prompt}\\nPlease reason step by step, and put your final answer within \\\\boxed{}.'")
@@ -191,6 +186,46 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="With --reward custom: function(response_text, gold_answer) -> True, False or a status it "
                         "declares in its `statuses` attribute; 'module:function' or 'file.py:function'. It runs in "
                         "worker processes with a deadline per answer (megatron_scope/rewards/custom.py).")
+    g.add_argument("--reward-by-source", action="append", default=[], metavar="SOURCE=VERIFIER",
+                   help="The verifier (a --reward choice) of one data source's responses: a training row's "
+                        "--data-source-key value or an --eval-data set's NAME; repeat for several. Others get --reward's.")
+
+
+def add_validation_args(parser: argparse.ArgumentParser, training: bool = True) -> argparse.ArgumentParser:
+    """--eval-*: held-out sets and how they are sampled (training's validation; tools/eval.py with training=False,
+    where the sets are required and the sampling flags default to the rollout flags' defaults)."""
+    g = parser.add_argument_group(title="validation")
+    g.add_argument("--eval-data", action="append", default=[], required=not training, metavar="NAME=PATH",
+                   help="A held-out set; repeat for several. NAME one of " + ", ".join(BENCHMARK_NAMES) + " reads its "
+                        "known layouts; any other NAME reads a JSONL/parquet/datasets file with the key flags. NAME is "
+                        "the set's data source (--reward-by-source) and its metrics' prefix (eval/NAME/avg@n).")
+    g.add_argument("--eval-samples-per-prompt", type=positive_int, default=1,
+                   help="n responses per problem: Avg@n and unbiased Pass@k for k = 1, 2, 4, ... and n.")
+    g.add_argument("--eval-temperature", type=nonnegative_float, default=None,
+                   help="Default: --rollout-temperature." if training else "Default: 1.0.")
+    g.add_argument("--eval-top-p", type=positive_float, default=None,
+                   help="Default: --rollout-top-p." if training else "Default: 1.0.")
+    g.add_argument("--eval-max-new-tokens", type=positive_int, default=None,
+                   help="Default: --max-new-tokens." if training else "Default: 256.")
+    if training:
+        g.add_argument("--eval-interval", type=nonnegative_int, default=0,
+                       help="Evaluate every this many iterations with the student's engines (every replica's, the "
+                            "problems split across them); 0: after the last iteration only. Evaluation after the "
+                            "last iteration always runs when --eval-data is given.")
+        g.add_argument("--eval-at-start", action="store_true", help="Also evaluate before the first step.")
+    return parser
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group(title="data")
+    g.add_argument("--train-data", required=True,
+                   help="Rows {id, prompt, answer} (and solution, with --reward synthetic-strict) of a JSONL file, a "
+                        "parquet file or a Hugging Face datasets directory (save_to_disk; a DatasetDict's split "
+                        "directory); the key flags name other columns.")
+    add_row_args(g)
+    g.add_argument("--data-source-key", default=None,
+                   help="The column naming each row's data source; rollout accuracy is then reported per source and "
+                        "--reward-by-source picks its verifier.")
     g.add_argument("--max-verifier-error-fraction", type=float, default=0.05,
                    help="Stop the run, naming the verifier and its first error, when more than this share of a "
                         "step's responses end in the verifier's own error (counted as verifier/verifier_error).")
@@ -353,7 +388,7 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 ARG_GROUPS = (add_distributed_args, add_training_args, add_checkpointing_args, add_model_args, add_data_args,
-              add_rollout_args, add_scope_args)
+              add_validation_args, add_rollout_args, add_scope_args)
 
 
 def build_parser(description: str = "SCOPE on-policy distillation with Megatron-core and vLLM") -> argparse.ArgumentParser:

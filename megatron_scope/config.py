@@ -175,8 +175,8 @@ class ModelsConfig:
 class DataConfig:
     """Prompts and their verifier."""
 
-    train_data: str
-    """--train-data: rows {id, prompt, answer} (and solution, with --reward synthetic-strict) of a JSONL file, a
+    train_data: str | None
+    """--train-data (None in tools/eval.py): rows {id, prompt, answer} (and solution, with --reward synthetic-strict) of a JSONL file, a
     parquet file or a Hugging Face `datasets` directory (`data.datasets.read_rows`)."""
     input_key: str = "prompt"
     """--input-key: the column holding the prompt text."""
@@ -199,6 +199,10 @@ class DataConfig:
     custom_reward_function: str | None = None
     """--custom-reward-function: with --reward custom, the grading function "module:function" or "file.py:function"
     (`rewards.custom`)."""
+    reward_by_source: tuple[tuple[str, str], ...] = ()
+    """--reward-by-source SOURCE=VERIFIER (repeatable): the verifier (a --reward name) of the responses to one data
+    source's prompts (the --data-source-key column of a training row; an --eval-data set's NAME); others get
+    --reward's. Every verifier reads the same gold column."""
     max_verifier_error_fraction: float = 0.05
     """--max-verifier-error-fraction: the run stops with an error naming the verifier and its first message when
     more than this share of a step's responses ended in the verifier's own error (STATUS_VERIFIER_ERROR), which
@@ -207,14 +211,27 @@ class DataConfig:
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"--reward must be one of {REWARDS}, got {self.reward!r}")
-        if (self.reward == "custom") != (self.custom_reward_function is not None):
-            raise ValueError("--reward custom and --custom-reward-function go together: the function is the verifier")
+        sources = [source for source, _ in self.reward_by_source]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"--reward-by-source names a data source twice: {sources}")
+        for source, reward in self.reward_by_source:
+            if not source or reward not in REWARDS:
+                raise ValueError(f"--reward-by-source {source}={reward}: expected SOURCE=VERIFIER with VERIFIER one of "
+                                 f"{REWARDS}")
+        if ("custom" in self.rewards) != (self.custom_reward_function is not None):
+            raise ValueError("--reward custom (or --reward-by-source SOURCE=custom) and --custom-reward-function go "
+                             "together: the function is the verifier")
         if not 0 <= self.max_verifier_error_fraction <= 1:
             raise ValueError(f"--max-verifier-error-fraction must lie in [0, 1], got {self.max_verifier_error_fraction}")
         try:
             self.prompt_format()
         except ValueError as error:  # a template without exactly one {prompt}
             raise ValueError(f"--prompt-template: {error}") from None
+
+    @property
+    def rewards(self) -> tuple[str, ...]:
+        """Every verifier the run grades with: --reward's, then --reward-by-source's."""
+        return tuple(dict.fromkeys([self.reward, *(reward for _, reward in self.reward_by_source)]))
 
     def prompt_format(self):
         from megatron_scope.data.datasets import PromptFormat
@@ -628,6 +645,61 @@ class LoopConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """Held-out evaluation during training (Megatron-LM's --eval-interval): the student's engines sample
+    --eval-samples-per-prompt responses per problem of each --eval-data set, graded by the set's verifier, and Avg@n
+    and unbiased Pass@k per set are logged (`eval.runner`); tools/eval.py reads the same flags."""
+
+    data: tuple[tuple[str, str], ...] = ()
+    """--eval-data NAME=PATH (repeatable): a benchmark of `eval.benchmarks.BENCHMARK_NAMES` in its known layouts, or
+    any other NAME for a file read with the key flags (--input-key, --label-key, --id-key). NAME is the set's data
+    source (--reward-by-source) and its metrics' prefix, eval/NAME/."""
+    interval: int = 0
+    """--eval-interval: evaluate every this many iterations (and after the last); 0: after the last only."""
+    at_start: bool = False
+    """--eval-at-start: also evaluate before the first step (at the resumed iteration when resuming)."""
+    samples_per_prompt: int = 1
+    """--eval-samples-per-prompt: n, the responses sampled per problem."""
+    temperature: float = 1.0
+    """--eval-temperature (default: --rollout-temperature)."""
+    top_p: float = 1.0
+    """--eval-top-p (default: --rollout-top-p)."""
+    max_new_tokens: int = 256
+    """--eval-max-new-tokens (default: --max-new-tokens)."""
+
+    def __post_init__(self):
+        names = [name for name, _ in self.data]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--eval-data names a set twice: {names}")
+        for name, path in self.data:
+            if not name or not path or "/" in name:
+                raise ValueError(f"--eval-data {name}={path}: expected NAME=PATH, NAME without '/'")
+        if self.interval < 0:
+            raise ValueError(f"--eval-interval must be >= 0, got {self.interval}")
+        if (self.interval or self.at_start) and not self.data:
+            raise ValueError("--eval-interval/--eval-at-start evaluate the --eval-data sets: give at least one")
+        _positive("ValidationConfig", samples_per_prompt=self.samples_per_prompt, max_new_tokens=self.max_new_tokens)
+        self.sampling_params()  # temperature, top_p
+
+    @property
+    def ks(self) -> tuple[int, ...]:
+        """The k of each reported Pass@k: the powers of two below n, and n."""
+        n = self.samples_per_prompt
+        return tuple(sorted({1 << i for i in range(n.bit_length()) if 1 << i < n} | {n}))
+
+    def sampling_params(self, stop_token_ids=(), vocab_size: int | None = None):
+        from megatron_scope.rollout.engine import SamplingParams
+
+        return SamplingParams(n=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
+                              temperature=self.temperature, top_p=self.top_p, stop_token_ids=tuple(stop_token_ids),
+                              vocab_size=vocab_size)
+
+    def due(self, iteration: int, train_iters: int) -> bool:
+        """Whether the run evaluates after `iteration`."""
+        return bool(self.data) and (iteration == train_iters or bool(self.interval) and iteration % self.interval == 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Every setting of one run; built once by `build_config` and handed whole to the trainer and the dry run."""
 
@@ -638,6 +710,7 @@ class RunConfig:
     rollout: RolloutConfig = RolloutConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     loop: LoopConfig = LoopConfig()
+    validation: ValidationConfig = ValidationConfig()
 
     def __post_init__(self):
         if self.optimizer.lr_warmup_iters >= self.loop.train_iters:
@@ -727,6 +800,39 @@ def _sequence_parallel(args: argparse.Namespace) -> bool:
     return args.sequence_parallel
 
 
+def named_values(flag: str, values) -> tuple[tuple[str, str], ...]:
+    """NAME=VALUE strings of a repeatable flag as (name, value) pairs; ValueError naming the flag for another form."""
+    pairs = []
+    for text in values or ():
+        name, separator, value = text.partition("=")
+        if not separator or not name or not value:
+            raise ValueError(f"{flag} {text!r}: expected NAME=VALUE")
+        pairs.append((name, value))
+    return tuple(pairs)
+
+
+def build_validation_config(args: argparse.Namespace) -> ValidationConfig:
+    """The --eval-* flags (tools/eval.py parses the same ones); unset sampling flags take the rollout's."""
+    def given(value, default):
+        return default if value is None else value
+
+    return ValidationConfig(data=named_values("--eval-data", args.eval_data), interval=args.eval_interval,
+                            at_start=args.eval_at_start, samples_per_prompt=args.eval_samples_per_prompt,
+                            temperature=given(args.eval_temperature, args.rollout_temperature),
+                            top_p=given(args.eval_top_p, args.rollout_top_p),
+                            max_new_tokens=given(args.eval_max_new_tokens, args.max_new_tokens))
+
+
+def build_data_config(args: argparse.Namespace, train_data: str | None) -> DataConfig:
+    """The data flags' section (tools/eval.py builds it too, without training data)."""
+    return DataConfig(train_data=train_data, input_key=args.input_key, label_key=args.label_key,
+                      id_key=args.id_key or None, data_source_key=getattr(args, "data_source_key", None),
+                      prompt_template=args.prompt_template, apply_chat_template=args.apply_chat_template,
+                      reward=args.reward, custom_reward_function=args.custom_reward_function,
+                      reward_by_source=named_values("--reward-by-source", args.reward_by_source),
+                      max_verifier_error_fraction=getattr(args, "max_verifier_error_fraction", 0.05))
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from `megatron_scope.arguments.parse_args`'s namespace (ValueError names the flag)."""
     placement = args.rollout_placement or ("ray" if args.rollout_engines else "colocated")
@@ -737,11 +843,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                             bf16=args.bf16, transformer_impl=args.transformer_impl,
                             attention_backend=args.attention_backend, recompute_granularity=args.recompute_granularity,
                             recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers),
-        data=DataConfig(train_data=args.train_data, input_key=args.input_key, label_key=args.label_key,
-                        id_key=args.id_key or None, data_source_key=args.data_source_key,
-                        prompt_template=args.prompt_template, apply_chat_template=args.apply_chat_template,
-                        reward=args.reward, custom_reward_function=args.custom_reward_function,
-                        max_verifier_error_fraction=args.max_verifier_error_fraction),
+        data=build_data_config(args, args.train_data),
         parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                 pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                                 sequence_parallel=_sequence_parallel(args),
@@ -788,4 +890,5 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
             exit_on_nonfinite=args.exit_on_nonfinite, progress_bar=args.progress_bar,
             weight_sync_bucket_mib=args.weight_sync_bucket_mib),
+        validation=build_validation_config(args),
     )

@@ -36,6 +36,7 @@ import torch
 
 from megatron_scope.arguments import parse_run_config
 from megatron_scope.config import RunConfig
+from megatron_scope.rewards.routing import build_verifier
 
 
 def read_arch(model_dir: str):
@@ -46,43 +47,32 @@ def read_arch(model_dir: str):
     return arch_from_hf_config(read_hf_config(model_dir))
 
 
-def build_verifier(data):
-    """The verifier of `data`'s --reward (a DataConfig; `rewards.base.Verifier`)."""
-    if data.reward in ("synthetic", "synthetic-strict"):
-        from megatron_scope.rewards.synthetic import build_synthetic_verifier
-
-        return build_synthetic_verifier(data.reward)
-    if data.reward == "custom":
-        from megatron_scope.rewards.custom import CustomVerifier
-
-        return CustomVerifier(data.custom_reward_function)
-    from megatron_scope.rewards.math_verifier import MathVerifier
-
-    return MathVerifier()
-
-
 def load_prompts(data, seed: int = 0, tokenizer=None):
     """The training prompts of `data` (a DataConfig), each `Prompt.answer` the gold its reward's verifier takes.
 
-    The gold is the --label-key column (`DataConfig.dataset_keys`). --reward synthetic: the rows' "answer", checked
-    to be an integer. --reward synthetic-strict: the rows' reference "solution" ("7+5=12 ; 12-3=9 ; A: 9"), checked
-    to be its prompt's left-to-right evaluation, so the verifier grades every written step with only (response,
-    gold) pairs. --reward math: the rows' "answer" (math-verify parses it at the first rollout). Bad rows raise
-    DatasetFormatError / ValueError naming the file and line or row, or the prompt, before the run starts.
+    The gold is the --label-key column (`DataConfig.dataset_keys`), checked for the verifier of the row's data
+    source (--reward-by-source, else --reward). synthetic: the rows' "answer", checked to be an integer.
+    synthetic-strict: the rows' reference "solution" ("7+5=12 ; 12-3=9 ; A: 9"), checked to be its prompt's
+    left-to-right evaluation, so the verifier grades every written step with only (response, gold) pairs. math:
+    the rows' "answer" (math-verify parses it at the first rollout). Bad rows raise DatasetFormatError /
+    ValueError naming the file and line or row, or the prompt, before the run starts.
     """
     from megatron_scope.data import synthetic
     from megatron_scope.data.datasets import DatasetFormatError, PromptDataset
 
-    check_answer = None
-    if data.reward == "synthetic":
-        check_answer = synthetic.canonical_answer
-    elif data.reward == "synthetic-strict":
-        check_answer = synthetic.reference_steps
+    checks = {"synthetic": synthetic.canonical_answer, "synthetic-strict": synthetic.reference_steps}
+    reward_of = dict(data.reward_by_source)
+
+    def check_answer(answer: str, source: str | None) -> None:
+        check = checks.get(reward_of.get(source, data.reward))
+        if check is not None:
+            check(answer)
+
     dataset = PromptDataset.from_file(data.train_data, seed=seed, tokenizer=tokenizer, keys=data.dataset_keys(),
                                        check_answer=check_answer,
                                        prompt_format=data.prompt_format() if tokenizer is not None else None)
-    if data.reward == "synthetic-strict":
-        for prompt in dataset.prompts:
+    for prompt in dataset.prompts:
+        if reward_of.get(prompt.data_source, data.reward) == "synthetic-strict":
             try:
                 synthetic.check_solution_of_prompt(prompt.prompt, prompt.answer)
             except ValueError as error:
@@ -193,6 +183,8 @@ def build_trainer(config: RunConfig):
     import torch.distributed as dist
 
     from megatron_scope.data.tokenizer import check_same_tokenizer, load_tokenizer
+    from megatron_scope.eval.benchmarks import load_eval_sets
+    from megatron_scope.eval.runner import prepare_sets
     from megatron_scope.megatron.checkpointing import stage_hf_files
     from megatron_scope.megatron.model import build_gpt_model, common_padded_vocab, wrap_with_ddp
     from megatron_scope.megatron.optimizer import build_optimizer
@@ -227,11 +219,22 @@ def build_trainer(config: RunConfig):
     padded_vocab = common_padded_vocab([a for a in (student_arch, teacher_arch, reference_arch) if a is not None],
                                        parallel.tensor_model_parallel_size)
     dataset = load_prompts(config.data, seed=seed, tokenizer=tokenizer)
+    verifier = build_verifier(config.data)
+    try:  # the held-out sets, checked (gold answers by their verifiers) and encoded before any engine starts
+        eval_sets = prepare_sets(load_eval_sets(config.validation.data, config.data), tokenizer,
+                                 config.data.prompt_format(), verifier) if config.validation.data else []
+    except BaseException:
+        verifier.close()
+        raise
 
     # vLLM's GPU worker starts only where free memory >= total x gpu_memory_utilization: the engines start before
     # Megatron allocates, one at a time, each asleep before the next starts (the rollout engine at level 2: the
     # first weight sync refits it from the student's, possibly resumed, weights)
-    engine, teacher_engine, reference_engine = start_engines(config, reference_hf)
+    try:
+        engine, teacher_engine, reference_engine = start_engines(config, reference_hf)
+    except BaseException:
+        verifier.close()
+        raise
     try:
         def load_model(arch, hf_dir, params_dtype=dtype, **config_overrides):
             model = build_gpt_model(arch, params_dtype=params_dtype, padded_vocab=padded_vocab, **config_overrides,
@@ -260,18 +263,22 @@ def build_trainer(config: RunConfig):
         optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
 
         trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
-                               build_verifier(config.data), engine=engine, teacher=teacher,
-                               reference=reference, teacher_engine=teacher_engine, ema_teacher=ema_teacher,
-                               reference_engine=reference_engine)
+                               verifier, engine=engine, teacher=teacher, reference=reference,
+                               teacher_engine=teacher_engine, ema_teacher=ema_teacher,
+                               reference_engine=reference_engine, eval_sets=eval_sets)
         if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF
             stage_hf_files(config.loop.save, models.student_hf)
-    except BaseException:  # the trainer closes the engines from here on; until then, this does
+    except BaseException:  # the trainer closes the engines and the verifier from here on; until then, this does
         close_engines((engine, teacher_engine, reference_engine))
+        verifier.close()
         raise
     return trainer
 
 
 def main(argv=None):
+    from megatron_scope.quiet import quiet_python_warnings
+
+    quiet_python_warnings()  # before megatron-core's import-time fallback warnings
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
     trainer = build_trainer(parse_run_config(argv))
     try:

@@ -31,7 +31,9 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
   7. after a free of cached device memory, the leader wakes its engine's weights (not yet its KV cache) and the
      new weights stream to it from its own replica's shards (`iter_hf_weights` with the leader as destination ->
      `update_weights`; nothing crosses replicas), also after a skipped step;
-  8. logging (last rank: TensorBoard, progress bar, Megatron-style log lines) and checkpoints.
+  8. logging (last rank: TensorBoard, progress bar, Megatron-style log lines), validation (--eval-interval: the
+     engines sample the --eval-data sets, each replica's engine a part of every set; Avg@n / Pass@k per set,
+     `validate`) and checkpoints.
 
 Engines on one leader's GPUs (rollout, teacher, reference) share a `DeviceResidency`: at most one is awake.
 A failure in a leader (its engine died, a verifier raised) reaches every rank at the end of that phase (one
@@ -52,6 +54,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_scope.config import RunConfig
+from megatron_scope.eval.runner import EvalConfig, EvalSet, SampleRecord, build_report, sample_and_grade
 from megatron_scope.megatron import checkpointing
 from megatron_scope.losses.objectives import srpo_distill_weights
 from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports, sampled_by_student
@@ -67,6 +70,7 @@ from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams, close_engines
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
 from megatron_scope.rewards.base import STATUS_CORRECT, STATUS_VERIFIER_ERROR, Verdict, Verifier
+from megatron_scope.rewards.routing import RoutedVerifier
 from megatron_scope.rollout.seeds import StepSeeds
 from megatron_scope.teacher.colocated import HostBuffer, log_prob_pass, teacher_pass
 from megatron_scope.teacher.remote import score_responses
@@ -100,6 +104,14 @@ def log_line(iteration: int, train_iters: int, metrics: dict) -> str:
             + f" grad norm: {metrics['optimizer/grad_norm']:.4f} |"
             f" non-finite tokens: {metrics.get('loss/nonfinite_token_fraction', 0.0):.4f} |"
             f" number of skipped iterations: {int(metrics['optimizer/skipped_total'])} |")
+
+
+def validation_line(iteration: int, metrics: dict) -> str:
+    """An evaluation's line, in the layout of Megatron-LM's "validation loss at iteration N" block."""
+    fields = "".join(f" {key.removeprefix('eval/')}: {value:.4f} |" for key, value in metrics.items()
+                     if key.startswith("eval/"))
+    rule = "-" * 100
+    return f"{rule}\n validation at iteration {iteration} |{fields}\n{rule}"
 
 
 def verdict_counts(metrics: dict) -> str:
@@ -158,6 +170,7 @@ class ScopeTrainer:
         teacher_engine=None,
         ema_teacher=None,
         reference_engine=None,
+        eval_sets: Sequence[EvalSet] = (),
     ):
         """`student`: DDP-wrapped GPTModel stage; `teacher`/`reference`: GPTModel stages, forward only, same
         TP/PP as the student (co-located); `engine`: a RolloutEngine on this rank exactly when it is a rollout
@@ -167,7 +180,8 @@ class ScopeTrainer:
         serving ExOPD's reference beside the rollout engine (its `score`); `ema_teacher`: SRPO's EMA self-teacher
         (`teacher.self_teacher.EmaTeacher`, --srpo-teacher ema);
         `verifier` grades the responses (`rewards.base.Verifier`: its statuses are counted every step);
-        `tokenizer` decodes responses, gives eos/pad and the vocabulary the loss works over."""
+        `tokenizer` decodes responses, gives eos/pad and the vocabulary the loss works over; `eval_sets`: the
+        --eval-data sets (`eval.runner.prepare_sets`), which `validate` samples."""
         self.config = config
         self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
         self.teacher_engine, self.ema_teacher, self.reference_engine = teacher_engine, ema_teacher, reference_engine
@@ -199,6 +213,11 @@ class ScopeTrainer:
         self.rollout_group, self.rollout_leader = rollout_group(config.rollout.placement)
         self.iteration = 0
         self.history: list[dict] = []
+        self.eval_sets = list(eval_sets)
+        self.eval_config = EvalConfig.of_run(config.validation, config.data, config.loop.seed,
+                                             stop_token_ids=(tokenizer.eos_id,), vocab_size=self.vocab_size)
+        self.evaluations: list[dict] = []
+        """Every validation's metrics with its "iteration" (before that iteration's step: after iteration - 1)."""
         self._check_setup()
         if config.loop.save:
             checkpointing.check_writable(config.loop.save)
@@ -236,6 +255,7 @@ class ScopeTrainer:
         if errors:
             raise ValueError(errors[0])
         self._check_prompts()
+        self._check_eval_sets()
         if self.self_teacher is not None:
             self._check_reprompts()
 
@@ -254,6 +274,28 @@ class ScopeTrainer:
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 raise ValueError(f"prompt {prompt.id!r} ({source}) has token ids outside the vocabulary [0, {vocab}): "
                                  f"{[t for t in ids if not 0 <= t < vocab][:5]}")
+
+    def _check_eval_sets(self) -> None:
+        """The --eval-data sets are the configured ones, their prompts fit the context with --eval-max-new-tokens,
+        and every --reward-by-source source is a training row's or an eval set's."""
+        names = [name for name, _ in self.config.validation.data]
+        if [s.name for s in self.eval_sets] != names:
+            raise ValueError(f"--eval-data names sets {names}; the trainer got {[s.name for s in self.eval_sets]}")
+        context, max_new_tokens = self.arch.max_position_embeddings, self.config.validation.max_new_tokens
+        for eval_set in self.eval_sets:
+            for problem, ids in zip(eval_set.problems, eval_set.prompt_token_ids):
+                if len(ids) + max_new_tokens > context:
+                    raise ValueError(f"--eval-data {eval_set.name}: problem {problem.id!r} has {len(ids)} prompt "
+                                     f"tokens: with --eval-max-new-tokens {max_new_tokens} it needs "
+                                     f"{len(ids) + max_new_tokens} positions, more than the student's {context}")
+                if min(ids) < 0 or max(ids) >= self.vocab_size:
+                    raise ValueError(f"--eval-data {eval_set.name}: problem {problem.id!r} has token ids outside the "
+                                     f"vocabulary [0, {self.vocab_size})")
+        sources = set(self.data_sources) | set(names)
+        unknown = [source for source, _ in self.config.data.reward_by_source if source not in sources]
+        if unknown:
+            raise ValueError(f"--reward-by-source names data source(s) {unknown} that no training row (--data-source-key "
+                             f"{self.config.data.data_source_key}) and no --eval-data set has; known: {sorted(sources)}")
 
     def _check_reprompts(self) -> None:
         """SRPO's re-prompt tokenizes for every prompt (its template's text too: ValueError naming what the tokenizer
@@ -379,7 +421,11 @@ class ScopeTrainer:
         seconds = {"rollout": time.perf_counter() - start}
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
         answers = [p.answer for p in prompts for _ in range(rollout.group_size)]
-        verdicts = self.verifier.judge_batch(texts, answers)
+        if isinstance(self.verifier, RoutedVerifier):  # each response graded by its prompt's source's verifier
+            sources = [self.data_source_of.get(p.id) for p in prompts for _ in range(rollout.group_size)]
+            verdicts = self.verifier.judge_batch(texts, answers, sources)
+        else:
+            verdicts = self.verifier.judge_batch(texts, answers)
         self._check_verdicts(verdicts, texts, answers)
         correct = [verdict.correct for verdict in verdicts]
         def scored_by(engine, timer: str, topk: int = 0):
@@ -574,6 +620,51 @@ class ScopeTrainer:
             if self.engine is not None:
                 self.engine.sleep(level=2)
 
+    def validate(self) -> dict:
+        """Evaluate the student's current weights on the --eval-data sets and return {eval/<set>/avg@n,
+        eval/<set>/pass@k, time/eval_s} (every rank). Each rollout engine samples and grades its part of every set
+        (co-located: replica r of D takes part r of D; one engine otherwise), each problem seeded by its index in its
+        set (`eval.runner.sample_and_grade`), so the numbers are tools/eval.py's on this checkpoint with the same
+        flags. The engine's KV cache wakes (the training state offloaded as for a rollout) and it sleeps at level 2
+        afterwards, then is refit: every rank of a replica enters."""
+        start = time.perf_counter()
+        part = (self.dp_rank, self.dp_size) if self.config.rollout.placement == "colocated" else (0, 1)
+        records, error = [], None
+        self.rollout_offload.offload()
+        try:
+            self._free_device_memory()
+            if self.engine is not None:
+                try:
+                    self.engine.wake(["kv_cache"])
+                    records = sample_and_grade(self.engine, self.tokenizer, self.eval_sets, self.eval_config,
+                                               self.verifier, part, show_progress=False)
+                    self.engine.sleep(level=2)
+                except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
+                    error = caught
+            self._raise_if_any_failed(error, "validation")
+        finally:
+            self.rollout_offload.restore()
+        # each problem's grades, without the response texts, to every rank
+        grades = [(r.benchmark, r.problem_id, r.sample_index, r.correct, r.status) for r in records]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, grades)
+        samples = [SampleRecord(benchmark=name, problem_id=problem, sample_index=index, correct=correct, status=status,
+                                answer=None, gold_answer="", finish_reason="", num_tokens=0, response="")
+                   for part_grades in gathered for name, problem, index, correct, status in part_grades]
+        report = build_report(self.eval_sets, samples, self.eval_config)
+        metrics = {key: value for result in report.benchmarks for key, value in result.metrics().items()}
+        self.sync_weights()  # the engine slept at level 2: the next rollout needs the weights back
+        metrics["time/eval_s"] = time.perf_counter() - start
+        return metrics
+
+    def _validate_and_log(self, bar=None) -> None:
+        """`validate` at the current iteration: recorded in `evaluations`, TensorBoard/W&B and one log line."""
+        metrics = self.validate()
+        self.evaluations.append({"iteration": self.iteration, **metrics})
+        if self.is_logging_rank:
+            self._writers.add_scalars(metrics, self.iteration)
+            (bar.write if bar is not None else print)(validation_line(self.iteration, metrics))
+
     def train_step(self, iteration: int) -> dict:
         start = time.perf_counter()
         self.rollout_offload.offload()
@@ -651,8 +742,9 @@ class ScopeTrainer:
 
     def close(self) -> None:
         """Shut down the engines this rank holds (the rollout engine, and a teacher's and a reference's, on a leader)
-        and free the teacher's host buffer."""
+        and the verifier's workers, and free the teacher's host buffer."""
         close_engines((self.engine, self.teacher_engine, self.reference_engine))
+        self.verifier.close()
         self.teacher_hidden_buffer.release()
         if self._writers is not None:
             self._writers.close()
@@ -671,6 +763,7 @@ class ScopeTrainer:
         self.dataset.load_state_dict(state["dataset"])  # raises if the checkpoint saw other prompts or seed
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration, self.history = state["iteration"], state["history"]
+        self.evaluations = state.get("evaluations", [])
         logger.info("resumed from iteration %d (RNG restored: %s)", self.iteration, state["rng_restored"])
 
     def _extra_models(self) -> dict:
@@ -679,17 +772,21 @@ class ScopeTrainer:
 
     def save(self) -> None:
         state = {"scheduler": self.scheduler.state_dict(), "dataset": self.dataset.state_dict(),
-                 "history": self.history, "seed": self.config.loop.seed}
+                 "history": self.history, "evaluations": self.evaluations, "seed": self.config.loop.seed}
         path = checkpointing.save_checkpoint(self.config.loop.save, self.iteration, self.student, self.optimizer, state,
                                              arch=self.arch, extra_models=self._extra_models(),
                                              save_hf=self.config.loop.save_hf)
         logger.info("saved checkpoint %s", path)
 
     def train(self) -> list[dict]:
-        """Run to --train-iters; returns the per-iteration metrics (the logging rank's view)."""
+        """Run to --train-iters; returns the per-iteration metrics (the logging rank's view; validations are in
+        `evaluations`)."""
         s = self.config.loop
         self.resume()
         self.sync_weights()  # the engine starts from the student's current (possibly resumed) weights
+        if s.train_iters > self.iteration and self.config.validation.at_start and not any(
+                e["iteration"] == self.iteration for e in self.evaluations):  # not again after a resume
+            self._validate_and_log()
         bar = None
         if s.progress_bar and self.is_logging_rank:
             from tqdm import tqdm
@@ -701,6 +798,8 @@ class ScopeTrainer:
             metrics["iteration"] = self.iteration
             self.history.append(metrics)
             self._log(metrics, bar)
+            if self.config.validation.due(self.iteration, s.train_iters):
+                self._validate_and_log(bar)
             exiting = bool(s.exit_interval) and self.iteration % s.exit_interval == 0
             if s.save and (self.iteration == s.train_iters or exiting
                            or (s.save_interval and self.iteration % s.save_interval == 0)):

@@ -1,14 +1,18 @@
-"""Evaluate a Hugging Face checkpoint on math benchmarks: Avg@n and unbiased Pass@k (SCOPE, arXiv 2604.10688).
+"""Evaluate a Hugging Face checkpoint, or a training checkpoint, on held-out sets: Avg@n and unbiased Pass@k (SCOPE,
+arXiv 2604.10688).
 
     python tools/eval.py --model /path/to/hf_checkpoint \\
-        --benchmark aime24=data/aime24.jsonl --benchmark math500=data/math500.jsonl \\
-        --n 16 --k 1 2 4 8 16 --max-new-tokens 4096 --temperature 0.6 --top-p 0.95 \\
-        --gpu-memory-utilization 0.85 --output-dir out/eval
+        --eval-data aime24=data/aime24.jsonl --eval-data math500=data/math500.parquet \\
+        --prompt-template $'{prompt}\\nPlease reason step by step, and put your final answer within \\\\boxed{}.' \\
+        --apply-chat-template --reward math --eval-samples-per-prompt 16 --eval-max-new-tokens 4096 \\
+        --eval-temperature 0.6 --eval-top-p 0.95 --gpu-memory-utilization 0.85 --output-dir out/eval
 
-The checkpoint directory holds the model and its tokenizer files. Benchmarks are local JSONL/parquet files
-in their public schemas (megatron_scope/eval/benchmarks.py); nothing is downloaded. Writes results.json,
-results.md, samples.jsonl and accuracy_vs_k.png to --output-dir and prints the markdown table.
-Megatron checkpoints: convert to Hugging Face format first (not supported directly yet).
+The sets, prompt template, verifiers and sampling flags are the training run's own (--eval-data, --prompt-template,
+--apply-chat-template, --reward, --reward-by-source, the key flags, --eval-*, --seed; `megatron_scope.arguments`):
+given a run's flags, this gives the numbers its validation logged for the same checkpoint. --model is a Hugging Face
+directory (model + tokenizer), a training checkpoint's iteration directory or root (its --save-hf model, else
+converted to HF under --output-dir first). Files are local; nothing is downloaded. Writes results.json, results.md,
+samples.jsonl and accuracy_vs_k.png to --output-dir and prints the markdown table.
 """
 
 from __future__ import annotations
@@ -18,44 +22,34 @@ import os
 import subprocess
 import sys
 
-from megatron_scope.eval.benchmarks import BENCHMARK_NAMES, load_benchmark
-from megatron_scope.eval.runner import DEFAULT_PROMPT_TEMPLATE, EvalConfig, evaluate, write_report
-from megatron_scope.rewards.math_verifier import MathVerifier
+from megatron_scope.arguments import add_row_args, add_validation_args
+from megatron_scope.config import build_data_config, build_validation_config
+from megatron_scope.eval.benchmarks import load_eval_sets
+from megatron_scope.eval.runner import EvalConfig, prepare_sets, sample_and_grade, build_report, write_report
+from megatron_scope.rewards.routing import build_verifier
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True,
-                        help="Hugging Face checkpoint directory (model + tokenizer), or a Megatron checkpoint written "
-                             "by tools/convert_hf_to_megatron.py (converted to HF under --output-dir first)")
-    parser.add_argument(
-        "--benchmark",
-        action="append",
-        required=True,
-        metavar="NAME=PATH",
-        help=f"a benchmark file; NAME is one of {', '.join(BENCHMARK_NAMES)}; repeat for several",
-    )
-    parser.add_argument("--n", type=int, required=True, help="responses sampled per problem")
-    parser.add_argument("--k", type=int, nargs="+", required=True, help="the k of each reported Pass@k")
+                        help="Hugging Face checkpoint directory (model + tokenizer), or a training checkpoint (an "
+                             "iter_XXXXXXX directory or the --save root: its latest iteration)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the run's --tokenizer (a SentencePiece model file or an HF tokenizer directory); "
+                             "default: the model directory's")
     parser.add_argument("--output-dir", required=True)
-    template = parser.add_mutually_exclusive_group()
-    template.add_argument("--prompt-template", help="prompt text containing {problem} once")
-    template.add_argument("--prompt-template-file", help="a file holding the prompt template")
-    parser.add_argument(
-        "--chat-template",
-        action="store_true",
-        help="wrap the formatted prompt as one user turn with the tokenizer's chat template",
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    add_row_args(parser.add_argument_group(title="data"))
+    add_validation_args(parser, training=False)
+    # the training flags' defaults that the --eval-* sampling flags fall back to
+    parser.set_defaults(rollout_temperature=1.0, rollout_top_p=1.0, max_new_tokens=256, eval_interval=0,
+                        eval_at_start=False)
+    parser.add_argument("--k", type=int, nargs="+", default=None,
+                        help="the k of each reported Pass@k (default: 1, 2, 4, ... below n, and n)")
+    parser.add_argument("--seed", type=int, default=1234, help="the run's --seed (the same default)")
     parser.add_argument(
         "--stop-token-id", type=int, action="append", default=[], help="extra stop token (the EOS is always one)"
     )
     parser.add_argument("--prompts-per-call", type=int, default=32, help="problems per engine.generate call")
-    parser.add_argument("--verify-workers", type=int, default=2, help="math-verify worker processes")
-    parser.add_argument("--verify-timeout", type=float, default=10.0, help="hard seconds per graded answer")
     engine = parser.add_argument_group("vLLM engine")
     memory = engine.add_mutually_exclusive_group(required=True)
     memory.add_argument("--kv-cache-gib", type=float, help="KV cache size in GiB")
@@ -88,39 +82,6 @@ def build_engine(model_dir: str, args: argparse.Namespace):
     )
 
 
-class _PromptTokenizer:
-    """encode/decode over a transformers tokenizer; with a chat template, the prompt becomes one user turn."""
-
-    def __init__(self, hf_tokenizer, use_chat_template: bool):
-        self.hf_tokenizer = hf_tokenizer
-        self.use_chat_template = use_chat_template
-
-    def encode(self, text: str) -> list[int]:
-        if self.use_chat_template:
-            text = self.hf_tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-            return list(self.hf_tokenizer.encode(text, add_special_tokens=False))  # the template has them
-        return list(self.hf_tokenizer.encode(text))
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.hf_tokenizer.decode(token_ids, skip_special_tokens=True)
-
-
-def parse_benchmark_args(values: list[str]) -> dict[str, str]:
-    benchmarks = {}
-    for value in values:
-        name, separator, path = value.partition("=")
-        if not separator or not name or not path:
-            raise ValueError(f"--benchmark {value!r}: expected NAME=PATH")
-        if name not in BENCHMARK_NAMES:
-            raise ValueError(f"--benchmark {value!r}: unknown benchmark {name!r}; known: {', '.join(BENCHMARK_NAMES)}")
-        if name in benchmarks:
-            raise ValueError(f"--benchmark {name!r} given twice")
-        benchmarks[name] = path
-    return benchmarks
-
-
 def megatron_to_hf(megatron_dir: str, output_dir: str) -> str:
     """The HF model of a Megatron checkpoint: the one a training checkpoint saved with --save-hf holds
     (iter_XXXXXXX/hf_model), else `output_dir`/hf_model converted with tools/convert_megatron_to_hf.py in its own
@@ -138,50 +99,33 @@ def megatron_to_hf(megatron_dir: str, output_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, str]:
     args = build_parser().parse_args(argv)
+    data, validation = build_data_config(args, train_data=None), build_validation_config(args)  # checked first
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model!r} is not a directory")
     # A converted Megatron checkpoint or a training iteration directory (metadata file), or a training root.
     if any(os.path.isfile(os.path.join(args.model, name))
            for name in ("megatron_scope_checkpoint.json", "latest_checkpointed_iteration.txt")):
         args.model = megatron_to_hf(args.model, args.output_dir)
-    template = DEFAULT_PROMPT_TEMPLATE
-    if args.prompt_template is not None:
-        template = args.prompt_template
-    elif args.prompt_template_file is not None:
-        with open(args.prompt_template_file, encoding="utf-8") as handle:
-            template = handle.read()
 
-    from transformers import AutoTokenizer
+    from megatron_scope.data.tokenizer import load_tokenizer
 
-    hf_tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if hf_tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {args.model!r} has no EOS token; cannot stop responses")
-    if args.chat_template and not getattr(hf_tokenizer, "chat_template", None):
-        raise ValueError(f"--chat-template given but the tokenizer of {args.model!r} has no chat template")
-    stop_token_ids = tuple(dict.fromkeys([hf_tokenizer.eos_token_id, *args.stop_token_id]))
-
-    config = EvalConfig(  # validates n, k, template and sampling before anything expensive
-        num_samples=args.n,
-        ks=tuple(args.k),
-        prompt_template=template,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_token_ids=stop_token_ids,
-        prompts_per_call=args.prompts_per_call,
-    )
-    benchmarks = {name: load_benchmark(name, path) for name, path in parse_benchmark_args(args.benchmark).items()}
-    tokenizer = _PromptTokenizer(hf_tokenizer, args.chat_template)
-
-    with MathVerifier(num_workers=args.verify_workers, timeout_seconds=args.verify_timeout) as verifier:
-        for name, problems in benchmarks.items():  # fail on bad gold answers before starting the engine
-            verifier.check_gold_answers([problem.gold_answer for problem in problems])
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if tokenizer.eos_id is None:
+        raise ValueError(f"the tokenizer {args.tokenizer or args.model!r} has no EOS token; cannot stop responses")
+    options = {"prompts_per_call": args.prompts_per_call}
+    if args.k is not None:
+        options["ks"] = tuple(args.k)
+    config = EvalConfig.of_run(validation, data, args.seed, stop_token_ids=(tokenizer.eos_id, *args.stop_token_id),
+                               vocab_size=tokenizer.vocab_size, **options)
+    with build_verifier(data) as verifier:
+        # sets, gold answers and prompts checked before the engine starts
+        sets = prepare_sets(load_eval_sets(validation.data, data), tokenizer, config.prompt_format, verifier)
         engine = build_engine(args.model, args)
         try:
-            report = evaluate(engine, tokenizer, benchmarks, config, verifier, show_progress=not args.no_progress)
+            samples = sample_and_grade(engine, tokenizer, sets, config, verifier, show_progress=not args.no_progress)
         finally:
             engine.close()
+    report = build_report(sets, samples, config)
     paths = write_report(report, args.output_dir)
     print(report.to_markdown())
     print("wrote " + ", ".join(paths.values()))

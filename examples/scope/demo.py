@@ -11,7 +11,9 @@
    answers are small and guessable, and under the final-answer check the correct path's MLE learns lucky
    guesses with wrong working (BENCHMARKS.md, "Own-sample MLE outside this code");
 4. Avg@k and Pass@k of the student on held-out problems before and after (and of the teacher), graded the
-   same way (metrics.json records both gradings), a summary table, metrics.json and a PNG of the curves.
+   same way (metrics.json records both gradings), a summary table, metrics.json and a PNG of the curves; during
+   SCOPE the trainer validates on the same held-out problems every --eval-interval iterations (--eval-data,
+   the held-out curve of the plot).
 
     python examples/scope/demo.py [--out outputs/demo] [--scope-iters 40] [--reward synthetic]
 """
@@ -56,6 +58,9 @@ def parse_args(argv=None):
                         help="Distinct prompts per step: on-policy steps need many (see BENCHMARKS.md).")
     parser.add_argument("--group-size", type=int, default=2)
     parser.add_argument("--eval-samples", type=int, default=8, help="n responses per held-out problem.")
+    parser.add_argument("--eval-interval", type=int, default=25,
+                        help="Validate on the held-out problems every this many SCOPE iterations (and before the "
+                             "first and after the last).")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--lr", type=float, default=5e-4, help="Distillation learning rate (Adam, cosine to lr/10).")
     parser.add_argument("--reward", choices=SYNTHETIC_REWARDS, default="synthetic-strict",
@@ -63,21 +68,6 @@ def parse_args(argv=None):
                              "final answer) or synthetic (the final 'A: <int>' only). Both gradings are recorded in "
                              "metrics.json.")
     return parser.parse_args(argv)
-
-
-class _PromptEncoder:
-    """The eval runner's tokenizer view: prompts encoded exactly as the training prompts are."""
-
-    def __init__(self, tokenizer):
-        from megatron_scope.data.datasets import prompt_token_ids
-
-        self._tokenizer, self._encode = tokenizer, prompt_token_ids
-
-    def encode(self, text: str) -> list[int]:
-        return self._encode(self._tokenizer, text)
-
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode(ids)
 
 
 def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed: int) -> str:
@@ -133,9 +123,9 @@ def evaluate_model(engine, tokenizer, problems, num_samples: int, max_new_tokens
     if reward not in SYNTHETIC_REWARDS:
         raise ValueError(f"reward must be one of {SYNTHETIC_REWARDS}, got {reward!r}")
     ks = tuple(k for k in (1, 2, 4, 8, 16) if k <= num_samples)
-    config = EvalConfig(num_samples=num_samples, ks=ks, prompt_template="{problem}", max_new_tokens=max_new_tokens,
-                        temperature=1.0, seed=seed, stop_token_ids=(tokenizer.eos_id,))
-    report = evaluate(engine, _PromptEncoder(tokenizer), {"arithmetic": problems}, config,
+    config = EvalConfig(num_samples=num_samples, ks=ks, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+                        stop_token_ids=(tokenizer.eos_id,))  # prompts encoded as the training prompts are
+    report = evaluate(engine, tokenizer, {"arithmetic": problems}, config,
                       StrictSyntheticTaskVerifier(), show_progress=False)
     accepted = {"synthetic": (STATUS_CORRECT, STATUS_WRONG_STEPS), "synthetic-strict": (STATUS_CORRECT,)}
     by_reward = {}
@@ -192,7 +182,7 @@ def held_out_problems(eval_jsonl: str) -> list:
         return [BenchmarkProblem(row["id"], row["prompt"], row["solution"]) for row in map(json.loads, handle)]
 
 
-def plot(history: list[dict], results: dict, n: int, path: str) -> None:
+def plot(history: list[dict], evaluations: list[dict], results: dict, n: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,6 +192,8 @@ def plot(history: list[dict], results: dict, n: int, path: str) -> None:
     steps = [h["iteration"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     axes[0].plot(steps, [h["rollout/accuracy"] for h in history], marker="o", label="student rollouts (train prompts)")
+    axes[0].plot([e["iteration"] for e in evaluations], [e[f"eval/heldout/avg@{n}"] for e in evaluations], marker="s",
+                 color="tab:orange", label=f"student Avg@{n}, held out (validation)")
     axes[0].axhline(results["teacher"]["avg"], color="tab:green", ls="--", label=f"teacher Avg@{n} (held out)")
     axes[0].axhline(results["student_before"]["avg"], color="tab:gray", ls=":", label=f"student before, Avg@{n}")
     axes[0].set(xlabel="SCOPE iteration", ylabel="accuracy", title="Accuracy during SCOPE", ylim=(0, 1))
@@ -224,6 +216,9 @@ def plot(history: list[dict], results: dict, n: int, path: str) -> None:
 
 
 def main(argv=None) -> dict:
+    from megatron_scope.quiet import quiet_python_warnings
+
+    quiet_python_warnings()  # others' known import-time warnings (megatron_scope/quiet.py says why each is harmless)
     args = parse_args(argv)
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
@@ -261,7 +256,9 @@ def main(argv=None) -> dict:
     trainer = build_trainer(parse_run_config(distillation_flags(
         args.out, "scope", args.seed, args.scope_iters, args.prompts_per_step, args.group_size, args.max_new_tokens,
         args.lr, extra=["--save", os.path.join(args.out, "checkpoints"),
-                        "--tensorboard-dir", os.path.join(args.out, "tensorboard"), "--log-interval", "5"],
+                        "--tensorboard-dir", os.path.join(args.out, "tensorboard"), "--log-interval", "5",
+                        "--eval-data", f"heldout={files.eval_jsonl}", "--eval-at-start",
+                        "--eval-samples-per-prompt", str(args.eval_samples), "--eval-interval", str(args.eval_interval)],
         reward=args.reward)))
     try:
         with trainer.awake_engine() as engine:  # refit from the student, awake while it evaluates
@@ -275,9 +272,9 @@ def main(argv=None) -> dict:
         trainer.close()
 
     png = os.path.join(args.out, "scope_demo.png")
-    plot(history, results, args.eval_samples, png)
+    plot(history, trainer.evaluations, results, args.eval_samples, png)
     with open(os.path.join(args.out, "metrics.json"), "w") as handle:
-        json.dump({"results": results, "history": history}, handle, indent=1)
+        json.dump({"results": results, "history": history, "evaluations": trainer.evaluations}, handle, indent=1)
     n = args.eval_samples
     rows = [("teacher", results["teacher"]), ("student before", results["student_before"]),
             ("student after", results["student_after"])]

@@ -33,6 +33,11 @@
 : "${ROLLOUT_TP:=}"                   # --rollout-tensor-parallel-size; "" = TP when colocated, else 1
 : "${ROLLOUT_ENGINES:=0}"             # with ROLLOUT_PLACEMENT=ray: N engines as Ray actors (--rollout-engines)
 : "${RAY_ADDRESS:=}"                  # with ROLLOUT_PLACEMENT=ray: the Ray cluster (e.g. auto); "" = local Ray
+# --- validation during training (the SCOPE authors validate on AIME as they train)
+: "${EVAL_DATA:=}"                    # space-separated NAME=PATH (--eval-data each), e.g. "aime24=/data/aime24.jsonl
+                                      # math500=/data/math500.parquet"; "" = no validation
+: "${EVAL_INTERVAL:=10}"              # --eval-interval (and after the last iteration)
+: "${EVAL_SAMPLES:=16}"               # --eval-samples-per-prompt: Avg@16 and Pass@1..16
 # --- this script
 : "${PYTHON:=python}"
 : "${TORCHRUN:=torchrun}"
@@ -75,6 +80,12 @@ if [[ -n "$MAX_TOKENS_PER_MICROBATCH" ]]; then
 fi
 if [[ -n "$ROLLOUT_TP" ]]; then
   ARGS+=(--rollout-tensor-parallel-size "$ROLLOUT_TP")
+fi
+if [[ -n "$EVAL_DATA" ]]; then
+  for eval_set in $EVAL_DATA; do
+    ARGS+=(--eval-data "$eval_set")
+  done
+  ARGS+=(--eval-interval "$EVAL_INTERVAL" --eval-samples-per-prompt "$EVAL_SAMPLES")
 fi
 if [[ "$ROLLOUT_ENGINES" != 0 ]]; then
   ARGS+=(--rollout-engines "$ROLLOUT_ENGINES")

@@ -193,14 +193,14 @@ class PromptDataset:
         seed: int = 0,
         tokenizer: Tokenizer | HFTokenizer | None = None,
         keys: Mapping[str, str | None] | None = None,
-        check_answer: Callable[[str], object] | None = None,
+        check_answer: Callable[[str, str | None], object] | None = None,
         prompt_format: PromptFormat | None = None,
     ) -> "PromptDataset":
         """Load `path` (`read_rows`: JSONL, parquet or a `datasets` directory). keys: {"id", "prompt", "answer",
         "data_source"} -> column name, merged over DEFAULT_KEYS; an id column of None numbers the rows ("line-<n>",
         "row-<n>"). With a tokenizer, each prompt is encoded here (`prompt_token_ids` with `prompt_format`), and
-        one it cannot encode is a DatasetFormatError naming the row. check_answer (e.g.
-        synthetic.canonical_answer) is called on each answer; its ValueError names the row too. `Prompt.prompt`
+        one it cannot encode is a DatasetFormatError naming the row. check_answer(answer, data_source) (e.g. a
+        wrapper of synthetic.canonical_answer) is called on each row; its ValueError names the row too. `Prompt.prompt`
         keeps the row's own text."""
         path = os.fspath(path)
         keys = {**DEFAULT_KEYS, **(keys or {})}
@@ -225,7 +225,7 @@ class PromptDataset:
                 source = _string_field(row, keys["data_source"], "data source", where, allow_int=False).strip()
             if check_answer is not None:
                 try:
-                    check_answer(answer)
+                    check_answer(answer, source)
                 except ValueError as error:
                     raise DatasetFormatError(f"{where}: bad answer: {error}") from None
             if prompt_id in id_rows:

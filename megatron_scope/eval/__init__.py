@@ -7,9 +7,11 @@ from megatron_scope.eval.benchmarks import (
     BenchmarkProblem,
     iter_benchmark,
     load_benchmark,
+    load_eval_sets,
 )
 from megatron_scope.eval.metrics import avg_at_k, mean_pass_at_k, pass_at_k
-from megatron_scope.eval.runner import EvalConfig, EvalReport, evaluate, plot_accuracy_vs_k, write_report
+from megatron_scope.eval.runner import (EvalConfig, EvalReport, EvalSet, build_report, evaluate, plot_accuracy_vs_k,
+                                        prepare_sets, sample_and_grade, write_report)
 
 __all__ = [
     "BENCHMARK_NAMES",
@@ -18,12 +20,17 @@ __all__ = [
     "BenchmarkProblem",
     "EvalConfig",
     "EvalReport",
+    "EvalSet",
+    "build_report",
     "avg_at_k",
     "evaluate",
     "iter_benchmark",
     "load_benchmark",
+    "load_eval_sets",
     "mean_pass_at_k",
     "pass_at_k",
     "plot_accuracy_vs_k",
+    "prepare_sets",
+    "sample_and_grade",
     "write_report",
 ]

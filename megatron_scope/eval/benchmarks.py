@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 from megatron_scope.data.datasets import read_jsonl_rows
 from megatron_scope.rewards.math_verifier import normalize_gold_answer
@@ -99,6 +99,23 @@ BENCHMARK_NAMES = tuple(BENCHMARK_SCHEMAS)
 def load_benchmark(name: str, path: str | os.PathLike) -> list[BenchmarkProblem]:
     """All problems of benchmark `name` (one of BENCHMARK_NAMES) from the JSONL or parquet file `path`."""
     return list(iter_benchmark(name, path))
+
+
+def load_eval_sets(sets: Sequence[tuple[str, str]], data) -> dict[str, list[BenchmarkProblem]]:
+    """The problems of each --eval-data NAME=PATH: a benchmark of BENCHMARK_NAMES in its known layouts, any other
+    NAME read as training reads --train-data (JSONL, parquet or a `datasets` directory; the key flags of `data`, a
+    `config.DataConfig`, name the id, prompt and gold columns)."""
+    from megatron_scope.data.datasets import PromptDataset
+
+    keys = {**data.dataset_keys(), "data_source": None}
+    problems = {}
+    for name, path in sets:
+        if name in BENCHMARK_SCHEMAS:
+            problems[name] = load_benchmark(name, path)
+        else:
+            rows = PromptDataset.from_file(path, keys=keys).prompts
+            problems[name] = [BenchmarkProblem(row.id, row.prompt, row.answer) for row in rows]
+    return problems
 
 
 def iter_benchmark(name: str, path: str | os.PathLike) -> Iterator[BenchmarkProblem]:

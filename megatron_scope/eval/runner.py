@@ -1,14 +1,18 @@
 """Evaluation runner: sample n responses per problem, verify them, report Avg@n and Pass@k per benchmark.
 
 The protocol of SCOPE's evaluation (arXiv 2604.10688, Sec. 4): for each benchmark problem, n responses
-are sampled from the model; each is graded by the same math verifier as the training reward
-(megatron_scope.rewards.math_verifier); the report gives Avg@n (mean accuracy over the n samples) and
-Pass@k for several k (unbiased estimator, see megatron_scope.eval.metrics), per benchmark and as the
-unweighted mean over benchmarks, as a markdown table, JSON, a per-sample JSONL, and a plot of accuracy
-against k.
+are sampled from the model; each is graded by the same verifier as the training reward (the set's data
+source's, `rewards.routing`); the report gives Avg@n (mean accuracy over the n samples) and Pass@k for
+several k (unbiased estimator, see megatron_scope.eval.metrics), per benchmark and as the unweighted mean
+over benchmarks, as a markdown table, JSON, a per-sample JSONL, and a plot of accuracy against k.
 
-The runner talks to any `RolloutEngine` (token ids in and out) and any tokenizer with
-`encode(str) -> list[int]` and `decode(list[int]) -> str`.
+Training's validation (--eval-interval, `trainer.ScopeTrainer.validate`) and tools/eval.py run the same
+three steps: `prepare_sets` (checks, prompts encoded as training encodes its own), `sample_and_grade` (one
+part of the problems per engine, seeded by the problem's index in its set) and `build_report`; the same
+flags on the same weights give the same numbers.
+
+The runner talks to any `RolloutEngine` (token ids in and out) and the project's tokenizers
+(`data.tokenizer`: `encode(text, add_bos)`, `decode(ids)`).
 """
 
 from __future__ import annotations
@@ -21,16 +25,13 @@ from typing import Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from megatron_scope.data.datasets import PromptFormat, prompt_token_ids
 from megatron_scope.eval.benchmarks import BenchmarkProblem
 from megatron_scope.eval.metrics import avg_at_k, mean_pass_at_k
-from megatron_scope.rewards.math_verifier import MathVerifier
+from megatron_scope.rewards.base import Verifier
+from megatron_scope.rewards.routing import RoutedVerifier
 from megatron_scope.rollout.engine import RolloutEngine, SamplingParams
 from megatron_scope.rollout.seeds import StepSeeds
-
-PROBLEM_PLACEHOLDER = "{problem}"
-
-DEFAULT_PROMPT_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."
-"""The Qwen2.5-Math style instruction; the verifier grades the last \\boxed{} answer."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +42,9 @@ class EvalConfig:
     """n: responses sampled per problem."""
     ks: tuple[int, ...]
     """The k of each reported Pass@k; each in [1, num_samples]."""
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    """Prompt text with exactly one "{problem}", replaced literally (other braces such as \\boxed{} are kept)."""
+    prompt_format: PromptFormat = PromptFormat()
+    """How a problem becomes the prompt's token ids: training's --prompt-template (one "{prompt}", replaced
+    literally) and --apply-chat-template (`data.datasets.prompt_token_ids`)."""
     max_new_tokens: int = 1024
     """Response length cap."""
     temperature: float = 1.0
@@ -51,9 +53,11 @@ class EvalConfig:
     """Nucleus sampling mass in (0, 1]."""
     seed: int | None = 0
     """Run seed: sample j of a benchmark's problem i is seeded with hash(seed, 0, i, j, "evaluation")
-    (`rollout.seeds`), whatever prompts_per_call is. None: unseeded."""
+    (`rollout.seeds`), whatever prompts_per_call is and whichever engine samples it. None: unseeded."""
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end a response, e.g. the tokenizer's EOS."""
+    vocab_size: int | None = None
+    """Sample only ids below this (the tokenizer's vocabulary, as training's rollouts); None: every row."""
     prompts_per_call: int = 32
     """Problems per RolloutEngine.generate call; the progress bar advances per call."""
     verify_chunk_size: int = 256
@@ -71,16 +75,20 @@ class EvalConfig:
                 raise ValueError(f"EvalConfig.ks: k={k!r} must be an int in [1, num_samples={self.num_samples}]")
         if len(set(self.ks)) != len(self.ks) or list(self.ks) != sorted(self.ks):
             raise ValueError(f"EvalConfig.ks must be strictly increasing, got {self.ks}")
-        if self.prompt_template.count(PROBLEM_PLACEHOLDER) != 1:
-            raise ValueError(
-                f"EvalConfig.prompt_template must contain {PROBLEM_PLACEHOLDER!r} exactly once, got "
-                f"{self.prompt_template!r}"
-            )
         for name in ("prompts_per_call", "verify_chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EvalConfig.{name} must be an int >= 1, got {value!r}")
         self.sampling_params()  # SamplingParams validates max_new_tokens, temperature, top_p
+
+    @classmethod
+    def of_run(cls, validation, data, seed: int, stop_token_ids, vocab_size: int | None, **options) -> "EvalConfig":
+        """The runner's settings of a run's `config.ValidationConfig` and `config.DataConfig` (its prompt format),
+        as training's validation and tools/eval.py both use them; `options` sets the other fields (ks too)."""
+        options.setdefault("ks", validation.ks)
+        return cls(num_samples=validation.samples_per_prompt, prompt_format=data.prompt_format(),
+                   max_new_tokens=validation.max_new_tokens, temperature=validation.temperature,
+                   top_p=validation.top_p, seed=seed, stop_token_ids=stop_token_ids, vocab_size=vocab_size, **options)
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -89,10 +97,23 @@ class EvalConfig:
             temperature=self.temperature,
             top_p=self.top_p,
             stop_token_ids=self.stop_token_ids,
+            vocab_size=self.vocab_size,
         )
 
-    def format_prompt(self, problem: str) -> str:
-        return self.prompt_template.replace(PROBLEM_PLACEHOLDER, problem)
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """One benchmark, checked and encoded: its problems and each one's prompt token ids."""
+
+    name: str
+    """Its report name, and the data source whose verifier grades it (`rewards.routing.RoutedVerifier`)."""
+    problems: tuple[BenchmarkProblem, ...]
+    prompt_token_ids: tuple[tuple[int, ...], ...]
+
+    def part(self, index: int, count: int) -> range:
+        """The problems of part `index` of `count` near-equal contiguous parts (one per engine)."""
+        size = len(self.problems)
+        return range(size * index // count, size * (index + 1) // count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +150,11 @@ class BenchmarkResult:
     """Verdict status -> number of samples with it (e.g. the strict synthetic verifier's "wrong_steps": right
     final answer, wrong working)."""
 
+    def metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """Its scalars for the training log: {prefix}/{name}/avg@n and /pass@k."""
+        return {f"{prefix}/{self.name}/avg@{self.num_samples}": self.avg_at_n,
+                **{f"{prefix}/{self.name}/pass@{k}": value for k, value in self.pass_at_k.items()}}
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalReport:
@@ -158,7 +184,8 @@ class EvalReport:
                 "top_p": self.config.top_p,
                 "seed": self.config.seed,
             },
-            "prompt_template": self.config.prompt_template,
+            "prompt_template": self.config.prompt_format.template,
+            "apply_chat_template": self.config.prompt_format.chat,
             "benchmarks": {
                 result.name: {
                     "num_problems": result.num_problems,
@@ -193,18 +220,26 @@ def evaluate(
     tokenizer,
     benchmarks: Mapping[str, Sequence[BenchmarkProblem]],
     config: EvalConfig,
-    verifier: MathVerifier,
+    verifier: Verifier,
     show_progress: bool = True,
 ) -> EvalReport:
     """Sample `config.num_samples` responses per problem of every benchmark, grade them, score them.
 
-    Everything that can be checked is checked before the first generate call: benchmark contents,
-    duplicate ids, gold answers parseable by math-verify, prompts encodable.
-    """
+    Everything that can be checked is checked before the first generate call (`prepare_sets`)."""
+    sets = prepare_sets(benchmarks, tokenizer, config.prompt_format, verifier)
+    return build_report(sets, sample_and_grade(engine, tokenizer, sets, config, verifier, show_progress=show_progress),
+                        config)
+
+
+def prepare_sets(benchmarks: Mapping[str, Sequence[BenchmarkProblem]], tokenizer, prompt_format: PromptFormat,
+                 verifier: Verifier) -> list[EvalSet]:
+    """Check and encode: benchmark contents, duplicate ids, gold answers each set's verifier can grade against
+    (GoldAnswerError), prompts encodable with `prompt_format` (`data.datasets.prompt_token_ids`, exactly as
+    training encodes its prompts)."""
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate")
-    checked: dict[str, list[BenchmarkProblem]] = {}
-    encoded: dict[str, list[list[int]]] = {}
+    prompt_format.check(tokenizer)
+    sets = []
     for name, raw_problems in benchmarks.items():
         if len(raw_problems) == 0:
             raise ValueError(f"benchmark {name!r} has no problems")
@@ -216,38 +251,45 @@ def evaluate(
                 raise ValueError(f"benchmark {name!r}: duplicate problem id {raw[0]!r}")
             seen.add(raw[0])
             problems.append(BenchmarkProblem(*raw))
-        checked[name] = problems
-        verifier.check_gold_answers([problem.gold_answer for problem in problems])
-        encoded[name] = [
-            _encode(tokenizer, config.format_prompt(problem.problem), name, problem.id) for problem in problems
-        ]
+        _grader(verifier, name).check_gold_answers([problem.gold_answer for problem in problems])
+        encoded = tuple(tuple(_encode(tokenizer, problem, prompt_format, name)) for problem in problems)
+        sets.append(EvalSet(name, tuple(problems), encoded))
+    return sets
 
+
+def sample_and_grade(engine: RolloutEngine, tokenizer, sets: Sequence[EvalSet], config: EvalConfig,
+                     verifier: Verifier, part: tuple[int, int] = (0, 1), show_progress: bool = True
+                     ) -> list[SampleRecord]:
+    """Sample and grade part `part[0]` of `part[1]` of each set's problems (`EvalSet.part`; one part per engine:
+    each problem's seeds are its index in the whole set, so the parts' records are the one engine's records)."""
     params = config.sampling_params()
     seeds = None if config.seed is None else StepSeeds(config.seed, 0)
-    results, samples = [], []
-    for name, problems in checked.items():
-        completions = _sample(engine, encoded[name], params, seeds, config.prompts_per_call, name, show_progress)
+    samples = []
+    for eval_set in sets:
+        indices = eval_set.part(*part)
+        if not indices:
+            continue
+        completions = _sample(engine, eval_set.prompt_token_ids, indices, params, seeds, config.prompts_per_call,
+                              eval_set.name, show_progress)
         responses, golds, meta = [], [], []
-        for problem_index, (problem, problem_completions) in enumerate(zip(problems, completions)):
+        for index, problem_completions in zip(indices, completions):
             for sample_index, completion in enumerate(problem_completions):
                 responses.append(tokenizer.decode(list(completion.token_ids)))
-                golds.append(problem.gold_answer)
-                meta.append((problem_index, problem, sample_index, completion))
-        verdicts = []
+                golds.append(eval_set.problems[index].gold_answer)
+                meta.append((eval_set.problems[index], sample_index, completion))
+        grader, verdicts = _grader(verifier, eval_set.name), []
         for start in tqdm(
             range(0, len(responses), config.verify_chunk_size),
-            desc=f"verifying {name}",
+            desc=f"verifying {eval_set.name}",
             unit="chunk",
             disable=not show_progress,
         ):
             end = start + config.verify_chunk_size
-            verdicts.extend(verifier.judge_batch(responses[start:end], golds[start:end]))
-        correct: list[list[bool]] = [[] for _ in problems]
-        for (problem_index, problem, sample_index, completion), verdict, response in zip(meta, verdicts, responses):
-            correct[problem_index].append(verdict.correct)
+            verdicts.extend(grader.judge_batch(responses[start:end], golds[start:end]))
+        for (problem, sample_index, completion), verdict, response in zip(meta, verdicts, responses):
             samples.append(
                 SampleRecord(
-                    benchmark=name,
+                    benchmark=eval_set.name,
                     problem_id=problem.id,
                     sample_index=sample_index,
                     correct=verdict.correct,
@@ -259,38 +301,68 @@ def evaluate(
                     response=response,
                 )
             )
+    return samples
+
+
+def build_report(sets: Sequence[EvalSet], samples: Sequence[SampleRecord], config: EvalConfig) -> EvalReport:
+    """Avg@n, Pass@k and status counts per set from every sample of it (in any order: the parts of several
+    engines concatenated); ValueError when a problem lacks samples or has too many."""
+    results = []
+    for eval_set in sets:
+        correct: dict[str, list[bool]] = {problem.id: [] for problem in eval_set.problems}
+        statuses = collections.Counter()
+        for sample in samples:
+            if sample.benchmark == eval_set.name:
+                correct[sample.problem_id].append(sample.correct)
+                statuses[sample.status] += 1
+        incomplete = [pid for pid, row in correct.items() if len(row) != config.num_samples]
+        if incomplete:
+            raise ValueError(f"benchmark {eval_set.name!r}: problem {incomplete[0]!r} has "
+                             f"{len(correct[incomplete[0]])} samples, expected {config.num_samples}")
+        rows = list(correct.values())
         results.append(
             BenchmarkResult(
-                name=name,
-                num_problems=len(problems),
+                name=eval_set.name,
+                num_problems=len(rows),
                 num_samples=config.num_samples,
-                avg_at_n=avg_at_k(correct),
-                pass_at_k={k: mean_pass_at_k(correct, k) for k in config.ks},
-                num_correct_per_problem={problem.id: sum(row) for problem, row in zip(problems, correct)},
-                status_counts=dict(sorted(collections.Counter(verdict.status for verdict in verdicts).items())),
+                avg_at_n=avg_at_k(rows),
+                pass_at_k={k: mean_pass_at_k(rows, k) for k in config.ks},
+                num_correct_per_problem={pid: sum(row) for pid, row in correct.items()},
+                status_counts=dict(sorted(statuses.items())),
             )
         )
-    return EvalReport(config=config, benchmarks=results, samples=samples)
+    order = {eval_set.name: i for i, eval_set in enumerate(sets)}
+    samples = sorted(samples, key=lambda s: order[s.benchmark])  # stable: each set's samples in problem order
+    return EvalReport(config=config, benchmarks=results, samples=list(samples))
 
 
-def _encode(tokenizer, prompt: str, benchmark: str, problem_id: str) -> list[int]:
-    token_ids = list(tokenizer.encode(prompt))
+def _grader(verifier: Verifier, name: str) -> Verifier:
+    """The verifier of benchmark `name`: its data source's, when `verifier` routes by source."""
+    return verifier.of(name) if isinstance(verifier, RoutedVerifier) else verifier
+
+
+def _encode(tokenizer, problem: BenchmarkProblem, prompt_format: PromptFormat, benchmark: str) -> list[int]:
+    try:
+        token_ids = list(prompt_token_ids(tokenizer, problem.problem, prompt_format))
+    except ValueError as error:
+        raise ValueError(f"benchmark {benchmark!r} problem {problem.id!r}: cannot encode its prompt: {error}") from None
     if not token_ids or not all(isinstance(token, int) for token in token_ids):
         raise ValueError(
-            f"benchmark {benchmark!r} problem {problem_id!r}: tokenizer.encode returned {token_ids[:8]!r}..., "
+            f"benchmark {benchmark!r} problem {problem.id!r}: the tokenizer returned {token_ids[:8]!r}..., "
             "expected a non-empty list of ints"
         )
     return token_ids
 
 
-def _sample(engine, prompts, params, seeds: StepSeeds | None, prompts_per_call, name, show_progress):
-    """params.n completions per prompt (sample j of problem i seeded by `seeds.seed(i, j, "evaluation")`, None:
-    unseeded), checked for shape, with a progress bar over samples."""
+def _sample(engine, prompts, indices: range, params, seeds: StepSeeds | None, prompts_per_call, name,
+            show_progress):
+    """params.n completions per prompt of `indices` (sample j of problem i seeded by `seeds.seed(i, j,
+    "evaluation")`, None: unseeded), checked for shape, with a progress bar over samples."""
     completions = []
-    with tqdm(total=len(prompts) * params.n, desc=f"sampling {name}", unit="sample", disable=not show_progress) as bar:
-        for start in range(0, len(prompts), prompts_per_call):
-            batch = prompts[start : start + prompts_per_call]
-            problems = range(start, start + len(batch))  # the problem's index, not its place in a call, picks its seeds
+    with tqdm(total=len(indices) * params.n, desc=f"sampling {name}", unit="sample", disable=not show_progress) as bar:
+        for start in range(0, len(indices), prompts_per_call):
+            problems = indices[start : start + prompts_per_call]  # the problem's index, not its place, picks its seeds
+            batch = [list(prompts[i]) for i in problems]
             outputs = engine.generate(batch, params, None if seeds is None else seeds.groups(problems, params.n,
                                                                                               "evaluation"))
             if len(outputs) != len(batch) or any(len(per_prompt) != params.n for per_prompt in outputs):

@@ -59,8 +59,9 @@ Contracts:
   are gone: `generate` refuses until `update_weights`. With a `DeviceResidency` shared by the engines of one
   process, an engine is awake from its start until its first sleep and refuses to start or wake while another
   is awake.
-- Logging: vLLM (this process, its engine-core and worker processes) logs at WARNING unless the user set
-  VLLM_LOGGING_LEVEL or called `set_vllm_log_level` (the `--vllm-log-level` flag) before the engine starts.
+- Logging: vLLM (this process, its engine-core and worker processes) logs at WARNING, without its known harmless
+  start-up warnings (`megatron_scope.quiet`), unless the user set VLLM_LOGGING_LEVEL or called `set_vllm_log_level`
+  (the `--vllm-log-level` flag) before the engine starts.
   A weight update logs nothing at WARNING (no false "Failed to load weights", see `vllm_weight_transfer`).
 """
 
@@ -112,31 +113,41 @@ def set_vllm_log_level(level: str | None = None) -> str:
     """Set vLLM's log level in this process and in every vLLM process started afterwards; return it.
 
     `level` (any case, one of `VLLM_LOG_LEVELS`; e.g. the value of a `--vllm-log-level` flag) wins over the
-    environment. None keeps the user's VLLM_LOGGING_LEVEL when set, else `DEFAULT_VLLM_LOG_LEVEL` (WARNING).
+    environment. None keeps the user's VLLM_LOGGING_LEVEL when set, else `DEFAULT_VLLM_LOG_LEVEL` (WARNING) with
+    vLLM's known harmless start-up warnings filtered out (`megatron_scope.quiet`); a level the user chose shows them.
     An unknown level raises ValueError (naming VLLM_LOGGING_LEVEL when it came from there).
 
     vLLM (0.32) reads VLLM_LOGGING_LEVEL when an `LLM` starts: its LoggingConfig takes the variable's value,
     configures the "vllm" logger of this process with it and goes to the engine-core and worker processes
     (which also inherit os.environ). So the level is written to os.environ, and also set at once on the
     "vllm" logger and vLLM's handler on it, for a vLLM that has already logged here (an earlier engine) and
-    for records before the next start. With VLLM_CONFIGURE_LOGGING=0 or a VLLM_LOGGING_CONFIG_PATH file
+    for records before the next start. With VLLM_CONFIGURE_LOGGING=0 or the user's VLLM_LOGGING_CONFIG_PATH file
     the user configures vLLM's loggers: only the variable is set then. `VLLMRolloutEngine` calls this with
     None before it imports vLLM, so engines log at WARNING by default.
     """
-    chosen = level if level is not None else os.environ.get(VLLM_LOG_LEVEL_ENV) or DEFAULT_VLLM_LOG_LEVEL
+    from megatron_scope.quiet import is_quiet_vllm_logging_config, quiet_vllm_warnings
+
+    ours = is_quiet_vllm_logging_config(os.environ.get("VLLM_LOGGING_CONFIG_PATH"))
+    user_level = os.environ.get(VLLM_LOG_LEVEL_ENV) or None if not ours else None
+    chosen = level if level is not None else user_level or DEFAULT_VLLM_LOG_LEVEL
     name = str(chosen).strip().upper()
     if name not in VLLM_LOG_LEVELS:
         source = "" if level is not None else f" (from {VLLM_LOG_LEVEL_ENV})"
         raise ValueError(f"vLLM log level {chosen!r}{source} is not one of {', '.join(VLLM_LOG_LEVELS)}")
     os.environ[VLLM_LOG_LEVEL_ENV] = name
+    if ours and (level is not None):  # the user chose a level after all: vLLM's default configuration again
+        del os.environ["VLLM_LOGGING_CONFIG_PATH"]
     user_configured = (os.environ.get("VLLM_CONFIGURE_LOGGING", "1").strip() == "0"
-                       or bool(os.environ.get("VLLM_LOGGING_CONFIG_PATH")))
-    if not user_configured:
-        vllm_logger = logging.getLogger("vllm")
-        vllm_logger.setLevel(name)
-        for handler in vllm_logger.handlers:
-            if handler.get_name() == "vllm":  # vLLM's own (its dictConfig names it), not others' handlers
-                handler.setLevel(name)
+                       or bool(os.environ.get("VLLM_LOGGING_CONFIG_PATH")) and not ours)
+    if user_configured:
+        return name
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.setLevel(name)
+    for handler in vllm_logger.handlers:
+        if handler.get_name() == "vllm":  # vLLM's own (its dictConfig names it), not others' handlers
+            handler.setLevel(name)
+    if level is None and user_level is None:
+        quiet_vllm_warnings(name)
     return name
 
 

@@ -148,15 +148,18 @@ def split_microbatches(batch: dict, num_microbatches: int, tp_rank: int = 0, tp_
 
 
 def tiny_run_config(models: dict | None = None, loss: dict | None = None, rollout: dict | None = None,
-                    loop: dict | None = None, parallel: dict | None = None, optimizer: dict | None = None):
+                    loop: dict | None = None, parallel: dict | None = None, optimizer: dict | None = None,
+                    data: dict | None = None, validation: dict | None = None):
     """A RunConfig for tests that build components by hand: stand-in paths (never read) and a co-located teacher,
     with each section's fields overridden by the given dicts."""
     from megatron_scope.config import (
         DataConfig, LoopConfig, LossConfig, ModelsConfig, OptimizerConfig, ParallelConfig, RolloutConfig, RunConfig,
+        ValidationConfig,
     )
 
     return RunConfig(models=ModelsConfig(**{"student_hf": "student", "tokenizer": "tokenizer", "teacher_hf": "teacher",
                                             **(models or {})}),
-                     data=DataConfig(train_data="prompts.jsonl"), loss=LossConfig(**(loss or {})),
+                     data=DataConfig(**{"train_data": "prompts.jsonl", **(data or {})}), loss=LossConfig(**(loss or {})),
                      rollout=RolloutConfig(**(rollout or {})), loop=LoopConfig(**(loop or {})),
-                     parallel=ParallelConfig(**(parallel or {})), optimizer=OptimizerConfig(**(optimizer or {})))
+                     parallel=ParallelConfig(**(parallel or {})), optimizer=OptimizerConfig(**(optimizer or {})),
+                     validation=ValidationConfig(**(validation or {})))

@@ -57,3 +57,39 @@ def train_history(rank: int, world_size: int, argv: list[str]) -> list[dict]:
 
     _, history = main(argv)
     return history
+
+
+def sft_hf_model(rank: int, world_size: int, hf_dir: str, train_jsonl: str, tokenizer_path: str, out_dir: str,
+                 iters: int, lr: float = 2e-3, seed: int = 0) -> str:
+    """One rank (for `run_on_ranks`): `hf_dir` fine-tuned for `iters` steps on the task's reference solutions with
+    Megatron (`megatron.sft`) and exported to `out_dir`, so it solves some of the task (accuracy far from 0)."""
+    from megatron_scope.config import OptimizerConfig
+    from megatron_scope.data.datasets import build_sft_tensors, load_sft_pairs
+    from megatron_scope.data.tokenizer import load_tokenizer
+    from megatron_scope.hf_config import read_hf_config
+    from megatron_scope.megatron.hf_mapping import arch_from_hf_config
+    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
+    from megatron_scope.megatron.optimizer import build_optimizer
+    from megatron_scope.megatron.parallel import initialize_model_parallel
+    from megatron_scope.megatron.sft import train_sft
+    from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, export_hf_checkpoint, load_hf_weights
+
+    initialize_model_parallel(1, 1, seed=seed)
+    arch = arch_from_hf_config(read_hf_config(hf_dir))
+    gpt = build_gpt_model(arch, calculate_per_token_loss=True)
+    load_hf_weights(gpt, arch, SafetensorsCheckpoint(hf_dir))
+    model = wrap_with_ddp(gpt)
+    optimizer, scheduler = build_optimizer(model, OptimizerConfig(lr=lr, min_lr=lr / 10, lr_warmup_iters=iters // 10,
+                                                                  adam_beta2=0.98), iters)
+    data = build_sft_tensors(load_sft_pairs(train_jsonl), load_tokenizer(tokenizer_path), seq_length=48)
+    train_sft(model, optimizer, scheduler, data, iters, global_batch_size=64, micro_batch_size=32, seed=seed)
+    export_hf_checkpoint(model, arch, out_dir)
+    return out_dir
+
+
+def train_and_evaluations(rank: int, world_size: int, argv: list[str]) -> tuple[list[dict], list[dict]]:
+    """One rank of `python -m megatron_scope.train <argv>`: (the metrics history, the validations' metrics)."""
+    from megatron_scope.train import main
+
+    trainer, history = main(argv)
+    return history, trainer.evaluations

@@ -1,5 +1,6 @@
 """ScopeTrainer's set-up checks fail at construction, before any rollout, naming the problem: a prompt longer
-than the student's context, prompt token ids outside the vocabulary, an unwritable checkpoint directory.
+than the student's context, prompt token ids outside the vocabulary, an unwritable checkpoint directory, an eval
+set's problem that does not fit with --eval-max-new-tokens, a --reward-by-source source nothing has.
 (One gloo rank; the models, optimizer and engine are stand-ins: the checks never touch them.)"""
 
 import os
@@ -13,21 +14,27 @@ MAX_NEW_TOKENS = 16
 
 def _construct(rank, world_size, cases, save_root):
     from megatron_scope.data.datasets import Prompt, PromptDataset
+    from megatron_scope.eval.benchmarks import BenchmarkProblem
+    from megatron_scope.eval.runner import EvalSet
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.testing.tiny import tiny_run_config
     from megatron_scope.trainer import ScopeTrainer
 
     initialize_model_parallel(1, 1, seed=0)
-    tokenizer = types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size)
+    tokenizer = types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size, eos_id=2)
     outcomes = {}
-    for name, (prompt_ids, save) in cases.items():
+    for name, (prompt_ids, save, *eval_case) in cases.items():
         dataset = PromptDataset([Prompt("fine", "a", "1", (1, 2, 3)), Prompt("p7", "b", "2", tuple(prompt_ids))],
                                 source="prompts.jsonl")
+        eval_ids, routes = eval_case or ([1], ())
+        eval_sets = [EvalSet("heldout", (BenchmarkProblem("q3", "c", "3"),), (tuple(eval_ids),))]
         config = tiny_run_config(rollout=dict(prompts_per_step=2, group_size=2, max_new_tokens=MAX_NEW_TOKENS),
-                                 loop=dict(train_iters=1, micro_batch_size=2, save=save and os.path.join(save_root, save)))
+                                 loop=dict(train_iters=1, micro_batch_size=2, save=save and os.path.join(save_root, save)),
+                                 data=dict(reward_by_source=routes),
+                                 validation=dict(data=(("heldout", "h.jsonl"),), max_new_tokens=2 * MAX_NEW_TOKENS))
         try:
             ScopeTrainer(config, None, TINY_ARCH, None, None, dataset, tokenizer, None, engine=object(),
-                         teacher=object())
+                         teacher=object(), eval_sets=eval_sets)
             outcomes[name] = None
         except Exception as error:  # noqa: BLE001 - the test compares type and message
             outcomes[name] = f"{type(error).__name__}: {error}"
@@ -42,6 +49,10 @@ def test_bad_prompts_and_unwritable_checkpoint_directory_fail_at_construction(tm
         "too_long": ([1] * (context - MAX_NEW_TOKENS + 1), None),
         "unknown_ids": ([1, TINY_ARCH.vocab_size, 7, -2], None),
         "unwritable": ([1, 2], "a_file/ckpt"),
+        "eval_at_the_limit": ([1], None, [1] * (context - 2 * MAX_NEW_TOKENS), (("heldout", "math"),)),
+        "eval_too_long": ([1], None, [1] * (context - 2 * MAX_NEW_TOKENS + 1), ()),
+        "eval_unknown_ids": ([1], None, [3, TINY_ARCH.vocab_size], ()),
+        "unknown_source": ([1], None, [1], (("gsm8k", "math"),)),
     }
     (outcomes,) = run_on_ranks(_construct, 1, args=(cases, str(tmp_path)), timeout=300)
     assert outcomes["at_the_limit"] is None and os.path.isdir(tmp_path / "ckpt")
@@ -52,6 +63,15 @@ def test_bad_prompts_and_unwritable_checkpoint_directory_fail_at_construction(tm
         "ValueError: prompt 'p7' (prompts.jsonl) has token ids outside the vocabulary [0, 500): [500, -2]")
     assert outcomes["unwritable"].startswith(
         f"PermissionError: checkpoint directory '{tmp_path}/a_file/ckpt' is not writable: ")
+    assert outcomes["eval_at_the_limit"] is None
+    assert outcomes["eval_too_long"] == (
+        "ValueError: --eval-data heldout: problem 'q3' has 225 prompt tokens: with --eval-max-new-tokens 32 it needs "
+        "257 positions, more than the student's 256")
+    assert outcomes["eval_unknown_ids"] == (
+        "ValueError: --eval-data heldout: problem 'q3' has token ids outside the vocabulary [0, 500)")
+    assert outcomes["unknown_source"] == (
+        "ValueError: --reward-by-source names data source(s) ['gsm8k'] that no training row (--data-source-key "
+        "None) and no --eval-data set has; known: ['heldout']")
 
 
 def _stand_in_trainer(rank, placement, leaders, engine=None, remote_teacher=True, verifier=None, prompts=2,

@@ -35,6 +35,10 @@ def test_demo_and_compare_run_and_write_their_outputs(tmp_path):
         assert 0 <= result["avg"] <= 1 and sorted(map(int, result["pass"])) == [1, 2]
     assert "SCOPE demo summary (held-out problems, 2 samples each)" in summary and "student after" in summary
     assert [h["iteration"] for h in metrics["history"]] == [1, 2]
+    # validation during SCOPE: before the first step and after the last, on the held-out problems, graded strictly
+    assert [e["iteration"] for e in metrics["evaluations"]] == [0, 2]
+    assert all(0 <= e["eval/heldout/avg@2"] <= e["eval/heldout/pass@2"] <= 1 for e in metrics["evaluations"])
+    assert " validation at iteration 2 | heldout/avg@2: " in summary
     with open(os.path.join(out, "scope_demo.png"), "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(out, "tensorboard")))

@@ -260,3 +260,58 @@ def test_vllm_teacher_gives_the_colocated_teachers_run(workspace, straight_run):
     full_kl = build_parser().parse_args(_flags(workspace, 1, extra=["--teacher-backend", "vllm"]))
     with pytest.raises(ValueError, match=r"--scope-kl reverse needs the teacher's logits over the vocabulary"):
         build_config(full_kl)
+
+
+@pytest.fixture(scope="module")
+def solving_student(workspace):
+    """The workspace's student after 300 SFT steps on 2000 of the task's reference solutions: it solves a good
+    share of the task (held-out accuracy far from 0), so equal evaluations compare real numbers."""
+    from megatron_scope.data.synthetic import write_task_files
+    from megatron_scope.testing.workspace import sft_hf_model
+
+    files = write_task_files(os.path.join(workspace.root, "sft_task"), 2000, 1, seed=11)
+    (directory,) = run_on_ranks(sft_hf_model, 1, args=(workspace.student_hf, files.train_jsonl, workspace.tokenizer,
+                                                       os.path.join(workspace.root, "solving_student_hf"), 300),
+                                timeout=900)
+    return directory
+
+
+def test_validation_during_training_equals_tools_eval_on_the_same_checkpoints(workspace, solving_student, tmp_path):
+    """GRPO at DP=2 from a student that solves part of the task, validating on the held-out split before the first
+    step and after each (--eval-at-start --eval-interval 1; each replica's engine samples its half of the problems):
+    at iteration 0 and at the last checkpoint (its --save-hf model), tools/eval.py with the run's own flags logs the
+    same Avg@4 and Pass@1/2/4. The held-out accuracy moves during training, and a set named after a benchmark-free
+    file is read through the key flags."""
+    import importlib.util
+    import json
+
+    from megatron_scope.testing.workspace import train_and_evaluations
+
+    save = str(tmp_path / "ckpt")
+    shared = ["--eval-data", f"heldout={workspace.eval_jsonl}", "--eval-samples-per-prompt", "4", "--reward",
+              "synthetic", "--seed", "7", "--eval-max-new-tokens", "40"]
+    argv = _flags(workspace, 2, extra=["--scope-algorithm", "grpo", "--lr", "2e-4", "--eval-interval", "1",
+                                       "--eval-at-start", "--save", save, "--save-hf", "--save-interval", "2",
+                                       *shared])
+    argv[argv.index("--student-hf") + 1] = solving_student
+    results = run_on_ranks(train_and_evaluations, 2, args=(argv,), timeout=900)
+    history, evaluations = results[-1]
+    assert [{k: v for k, v in e.items() if k != "time/eval_s"} for e in results[0][1]] == \
+        [{k: v for k, v in e.items() if k != "time/eval_s"} for e in evaluations]  # every rank holds the numbers
+    assert [e["iteration"] for e in evaluations] == [0, 1, 2] and len(history) == 2
+    keys = ["eval/heldout/avg@4", "eval/heldout/pass@1", "eval/heldout/pass@2", "eval/heldout/pass@4"]
+    assert all(key in evaluations[0] for key in keys) and evaluations[0]["time/eval_s"] > 0
+    assert evaluations[0]["eval/heldout/avg@4"] > 0.2  # far from 0: the comparison below means something
+    assert evaluations[0]["eval/heldout/avg@4"] == evaluations[0]["eval/heldout/pass@1"]
+    assert evaluations[2]["eval/heldout/avg@4"] != evaluations[0]["eval/heldout/avg@4"]  # the training moved it
+
+    spec = importlib.util.spec_from_file_location("eval_tool", os.path.join(ROOT, "tools", "eval.py"))
+    eval_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_tool)
+    for iteration, model in ((0, solving_student), (2, os.path.join(save, "iter_0000002"))):
+        paths = eval_tool.main(["--model", model, "--tokenizer", workspace.tokenizer, "--kv-cache-gib", "1",
+                                "--output-dir", str(tmp_path / f"eval_{iteration}"), "--no-progress", *shared])
+        with open(paths["json"]) as handle:
+            offline = json.load(handle)["benchmarks"]["heldout"]
+        logged = evaluations[iteration]
+        assert [offline[key.removeprefix("eval/heldout/")] for key in keys] == [logged[key] for key in keys], iteration

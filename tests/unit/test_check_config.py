@@ -613,8 +613,9 @@ def test_launch_script_dry_run_passes_the_check(tmp_path, script):
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_launch_script_flags_parse_in_the_trainer(tmp_path, script):
-    """The command line the script hands torchrun is accepted by the trainer's parser as it stands."""
-    env = _script_env(tmp_path, SCRIPTS[script], SKIP_CHECK="1")
+    """The command line the script hands torchrun is accepted by the trainer's parser as it stands (EVAL_DATA's sets
+    validated every EVAL_INTERVAL iterations)."""
+    env = _script_env(tmp_path, SCRIPTS[script], SKIP_CHECK="1", EVAL_DATA="aime24=/d/aime24.jsonl math500=/d/m.parquet")
     done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", script)], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -630,6 +631,8 @@ def test_launch_script_flags_parse_in_the_trainer(tmp_path, script):
     assert config.data.prompt_template == ("{prompt}\nPlease reason step by step, and put your final answer within "
                                            "\\boxed{}.")
     assert config.data.apply_chat_template
+    assert config.validation.data == (("aime24", "/d/aime24.jsonl"), ("math500", "/d/m.parquet"))
+    assert (config.validation.interval, config.validation.samples_per_prompt) == (10, 16)
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

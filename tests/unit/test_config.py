@@ -137,3 +137,20 @@ def test_offloading_the_teacher_needs_one_on_the_training_gpus():
     with pytest.raises(ValueError, match="--rl-offload-teacher-during-inference: --scope-algorithm grpo keeps no "
                                          "forward-only model on the training GPUs"):
         tiny_run_config(models=dict(teacher_hf=None), loss=dict(algorithm="grpo"), rollout=dict(offload_teacher=True))
+
+
+def test_validation_samples_like_the_rollout_unless_told_and_reports_pass_at_powers_of_two():
+    """--eval-temperature/--eval-top-p/--eval-max-new-tokens default to the rollout's; Pass@k is reported for the
+    powers of two below n, and n; evaluation runs every --eval-interval iterations and after the last."""
+    from megatron_scope.arguments import parse_run_config
+
+    flags = REQUIRED + ["--rollout-temperature", "0.7", "--max-new-tokens", "99", "--eval-data", "heldout=h.jsonl",
+                        "--eval-samples-per-prompt", "12", "--eval-interval", "4"]
+    validation = parse_run_config(flags).validation
+    assert (validation.temperature, validation.top_p, validation.max_new_tokens) == (0.7, 1.0, 99)
+    assert validation.data == (("heldout", "h.jsonl"),) and validation.ks == (1, 2, 4, 8, 12)
+    assert [i for i in range(1, 11) if validation.due(i, 10)] == [4, 8, 10]
+    told = parse_run_config(flags + ["--eval-temperature", "0", "--eval-top-p", "0.9", "--eval-max-new-tokens", "5"])
+    assert told.validation.sampling_params().temperature == 0 and told.validation.top_p == 0.9
+    assert told.validation.max_new_tokens == 5 and parse_run_config(REQUIRED).validation.due(10, 10) is False
+    assert parse_run_config(flags[:-6] + ["--eval-samples-per-prompt", "1"]).validation.ks == (1,)

@@ -64,7 +64,7 @@ def test_missing_empty_and_untokenizable_files(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", [ROWS[0], dict(ROWS[1], answer="two")])
     PromptDataset.from_file(path)
     with pytest.raises(DatasetFormatError, match=r"a.jsonl: line 2: bad answer: gold answer .*'two'"):
-        PromptDataset.from_file(path, check_answer=canonical_answer)
+        PromptDataset.from_file(path, check_answer=lambda answer, source: canonical_answer(answer))
     with pytest.raises(ValueError, match="unknown fields"):
         PromptDataset.from_file(path, keys={"question": "q"})
     with pytest.raises(DatasetFormatError, match="repeats the id"):

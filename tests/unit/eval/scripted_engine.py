@@ -14,8 +14,8 @@ from megatron_scope.rollout.engine import Completion, RolloutEngine
 class CharTokenizer:
     """encode/decode by Unicode code point: the minimal tokenizer interface the runner needs."""
 
-    def encode(self, text: str) -> list[int]:
-        return [ord(char) for char in text]
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        return [ord(char) for char in text]  # no BOS: the prompt is exactly the templated text
 
     def decode(self, token_ids: list[int]) -> str:
         return "".join(chr(token) for token in token_ids)

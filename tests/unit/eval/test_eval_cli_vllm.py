@@ -43,12 +43,11 @@ def checkpoint(tmp_path_factory, model_dir):
 def _cli_args(model, output_dir):
     return [
         "--model", model,
-        "--benchmark", f"aime24={os.path.join(DATA, 'aime24_maxwell.jsonl')}",
-        "--benchmark", f"minerva={os.path.join(DATA, 'minerva.jsonl')}",
-        "--n", "2", "--k", "1", "2",
-        "--max-new-tokens", "8", "--prompt-template", "Q: {problem} A:",
-        "--kv-cache-gib", "0.05", "--max-model-len", "256",
-        "--verify-workers", "1", "--no-progress",
+        "--eval-data", f"aime24={os.path.join(DATA, 'aime24_maxwell.jsonl')}",
+        "--eval-data", f"minerva={os.path.join(DATA, 'minerva.jsonl')}",
+        "--eval-samples-per-prompt", "2", "--k", "1", "2",
+        "--eval-max-new-tokens", "8", "--prompt-template", "Q: {prompt} A:",
+        "--kv-cache-gib", "0.05", "--max-model-len", "256", "--no-progress",
         "--output-dir", str(output_dir),
     ]  # fmt: skip
 

@@ -121,3 +121,46 @@ def test_the_chat_template_warmup_failure_is_dropped_and_nothing_else(caplog):
         finally:
             renderer.propagate = propagate
     assert [r.getMessage() for r in caplog.records if r.name == "vllm.renderers.base"] == ["something else"]
+
+
+def test_known_start_up_warnings_are_filtered_until_the_user_chooses_a_level():
+    """At the default level vLLM's processes get a logging configuration (VLLM_LOGGING_CONFIG_PATH: vLLM's default
+    one at WARNING with the filter on its handler) that drops exactly the known start-up messages; a level the user
+    chooses restores vLLM's own configuration, which shows them."""
+    import json
+
+    from megatron_scope.quiet import KNOWN_VLLM_WARNINGS, KnownVllmWarnings
+
+    assert set_vllm_log_level(None) == "WARNING"
+    with open(os.environ["VLLM_LOGGING_CONFIG_PATH"]) as handle:
+        config = json.load(handle)
+    assert config["handlers"]["vllm"]["filters"] == ["known_vllm_warnings"]
+    assert config["filters"]["known_vllm_warnings"]["()"] == "megatron_scope.quiet.KnownVllmWarnings"
+    assert config["handlers"]["vllm"]["level"] == config["loggers"]["vllm"]["level"] == "WARNING"
+    assert set_vllm_log_level(None) == "WARNING"  # an engine's own call keeps the filter (not the user's level)
+    assert os.environ.get("VLLM_LOGGING_CONFIG_PATH")
+
+    def kept(message):
+        return KnownVllmWarnings().filter(logging.LogRecord("vllm.x", logging.WARNING, "f.py", 1, message, (), None))
+
+    assert not any(kept(message) for message in KNOWN_VLLM_WARNINGS)
+    assert kept("Failed to load weights") and kept("Triton is installed")  # others, and only the start, print
+
+    assert set_vllm_log_level("info") == "INFO"
+    assert "VLLM_LOGGING_CONFIG_PATH" not in os.environ
+
+
+@pytest.mark.parametrize("options, shown", [([], False), (["-W", "default"], True)])
+def test_megatron_cores_import_time_fallback_warnings_are_quiet_unless_python_is_asked(options, shown):
+    """megatron-core warns at import that Apex and Transformer Engine are missing (the local modules are what this
+    code runs); `quiet_python_warnings` drops exactly those messages, and Python's own -W shows them again."""
+    import subprocess
+    import sys
+
+    code = ("from megatron_scope.quiet import quiet_python_warnings; quiet_python_warnings(); "
+            "import megatron.core.models.gpt.gpt_layer_specs, megatron.core.optimizer")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    done = subprocess.run([sys.executable, *options, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert ("Apex is not installed. Falling back to Torch Norm" in done.stderr) == shown, done.stderr[-2000:]
+    assert ("Transformer Engine and Apex are not installed" in done.stderr) == shown
