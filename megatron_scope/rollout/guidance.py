@@ -53,11 +53,11 @@ def guided_generate(engine: RolloutEngine, teacher_engine: RolloutEngine, prompt
                     alpha: float) -> tuple[list[list[Completion]], list[list[int]]]:
     """`engine.generate` of the step's prompts `indices` (their places in the whole step's batch) with the guided
     prompts' responses continuing the teacher's prefixes (module docstring). One engine is awake at a time (vLLM
-    sleep mode on GPUs they share): the teacher's while it writes, then `engine`, left awake. Returns (samples,
+    sleep mode on GPUs they share): the teacher's while it writes, then `engine`, left awake, which draws every sample
+    of the step in one call (one request per sample: the unguided ones and the continuations). Returns (samples,
     prefix lengths: result[i][j] tokens of samples[i][j] are the teacher's, 0 for unguided prompts)."""
     n = params.n
     guided = [i for i, index in enumerate(indices) if is_guided(index, fraction)]
-    unguided = [i for i, index in enumerate(indices) if not is_guided(index, fraction)]
     prefixes = []
     if guided:
         engine.sleep()
@@ -71,23 +71,30 @@ def guided_generate(engine: RolloutEngine, teacher_engine: RolloutEngine, prompt
         prefixes = [teacher_prefix(response, alpha, params.max_new_tokens, params.stop_token_ids)
                     for group in written for response in group]
     engine.wake()
-    samples: list = [None] * len(prompts)
+    # One call for the whole step: every unguided sample and every guided sample's continuation is one request with
+    # its own seed and cap, so the step waits for one tail of long responses, not two in series.
+    prefix_of = dict(zip([(i, j) for i in guided for j in range(n)], prefixes))
+    rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    requests, row_seeds, caps = [], [], []
+    for i, j in rows:
+        prefix = prefix_of.get((i, j))
+        if prefix is None:
+            requests.append(list(prompts[i]))
+            row_seeds.append([seeds.seed(indices[i], j, "rollout")])
+            caps.append(params.max_new_tokens)
+        else:  # its own "continuation" seed, never the teacher's sample's
+            requests.append(list(prompts[i]) + prefix.token_ids)
+            row_seeds.append([seeds.seed(indices[i], j, "continuation")])
+            caps.append(params.max_new_tokens - len(prefix.token_ids))
+    outputs = engine.generate(requests, dataclasses.replace(params, n=1), seeds=row_seeds, max_new_tokens=caps)
+    samples = [[None] * n for _ in prompts]
     prefix_lengths = [[0] * n for _ in prompts]
-    if unguided:
-        unguided_seeds = seeds.groups([indices[i] for i in unguided], n, "rollout")
-        for i, group in zip(unguided, engine.generate([prompts[i] for i in unguided], params, seeds=unguided_seeds)):
-            samples[i] = group
-    if not guided:
-        return samples, prefix_lengths
-    rows = [(i, j) for i in guided for j in range(n)]
-    continuations = engine.generate([list(prompts[i]) + p.token_ids for (i, _), p in zip(rows, prefixes)],
-                                    dataclasses.replace(params, n=1),
-                                    seeds=[[seeds.seed(indices[i], j, "continuation")] for i, j in rows],
-                                    max_new_tokens=[params.max_new_tokens - len(p.token_ids) for p in prefixes])
-    for i in guided:
-        samples[i] = [None] * n
-    for (i, j), prefix, (continuation,) in zip(rows, prefixes, continuations):
-        samples[i][j] = Completion(prefix.token_ids + continuation.token_ids, prefix.log_probs + continuation.log_probs,
-                                   continuation.finish_reason)
-        prefix_lengths[i][j] = len(prefix.token_ids)
+    for (i, j), (completion,) in zip(rows, outputs):
+        prefix = prefix_of.get((i, j))
+        if prefix is None:
+            samples[i][j] = completion
+        else:
+            samples[i][j] = Completion(prefix.token_ids + completion.token_ids,
+                                       prefix.log_probs + completion.log_probs, completion.finish_reason)
+            prefix_lengths[i][j] = len(prefix.token_ids)
     return samples, prefix_lengths

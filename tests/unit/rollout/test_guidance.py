@@ -88,15 +88,17 @@ def test_guided_prompts_continue_the_teachers_prefixes_with_their_own_seeds_and_
     assert teacher_seeds == seeds.groups([5, 7], 2, "teacher_prefix")
     assert (teacher_params.temperature, teacher_params.top_p, teacher_params.n) == (1.0, 1.0, 2)  # draws from π_T
     assert not teacher.awake and student.awake  # the teacher's put back to sleep, the student's left awake
-    assert generated == [500, 100, 100]  # the teacher writes first
-    unguided, continued = student.calls
-    assert unguided[0] == [[1, 10], [1, 12]] and unguided[2] == seeds.groups([4, 6], 2, "rollout")
-    assert continued[0][0] == [1, 11, 500, 500] and continued[1].n == 1
-    # sample j of guided prompt i continues with its own "continuation" seed, never the teacher's sample's seed
-    assert continued[2] == [[seeds.seed(i, j, "continuation")] for i in (5, 7) for j in (0, 1)]
-    assert continued[3] == [4, 4, 4, 4]  # max_new_tokens minus the prefix's 2 tokens
-    assert samples[1][1] == Completion([501, 501, 110, 110, 110, EOS], [-500.0] * 2 + [-100.0] * 4, "stop")
-    assert samples[0][1].token_ids == [101, 101, 101, EOS]
+    assert generated == [500, 100]  # the teacher writes first; then the student draws the whole step in one call
+    (requests, request_params, request_seeds, caps), = student.calls
+    assert request_params.n == 1  # one request per sample, in prompt order: sample j of prompt i is row 2 i + j
+    assert requests == [[1, 10], [1, 10], [1, 11, 500, 500], [1, 11, 501, 501], [1, 12], [1, 12],
+                        [1, 13, 510, 510], [1, 13, 511, 511]]
+    # an unguided sample keeps its "rollout" seed; a continuation its own "continuation" seed, never the teacher's
+    assert request_seeds == [[seeds.seed(index, j, "continuation" if index in (5, 7) else "rollout")]
+                             for index in (4, 5, 6, 7) for j in (0, 1)]
+    assert caps == [6, 6, 4, 4, 6, 6, 4, 4]  # max_new_tokens minus the prefix's 2 tokens
+    assert samples[1][1] == Completion([501, 501, 130, 130, 130, EOS], [-500.0] * 2 + [-100.0] * 4, "stop")
+    assert samples[0][1].token_ids == [110, 110, 110, EOS]
     group = RolloutGroup("p1", prompts[1], samples[1], [False, True], prefix_lengths=prefixes[1])
     assert group.prefix_lengths == [2, 2]
 
