@@ -186,6 +186,12 @@ def add_row_args(g) -> None:
                    help="With --reward custom: function(response_text, gold_answer) -> True, False or a status it "
                         "declares in its `statuses` attribute; 'module:function' or 'file.py:function'. It runs in "
                         "worker processes with a deadline per answer (megatron_scope/rewards/custom.py).")
+    g.add_argument("--verifier-workers", type=positive_int, default=1,
+                   help="Worker processes grading in parallel (math and custom verifiers; the synthetic ones grade "
+                        "in-process).")
+    g.add_argument("--verifier-timeout", type=positive_float, default=10.0,
+                   help="Hard seconds per graded answer (math and custom verifiers): past it the worker is killed "
+                        "and the answer counts wrong, with status timeout.")
     g.add_argument("--reward-by-source", action="append", default=[], metavar="SOURCE=VERIFIER",
                    help="The verifier (a --reward choice) of one data source's responses: a training row's "
                         "--data-source-key value or an --eval-data set's NAME; repeat for several. Others get --reward's.")

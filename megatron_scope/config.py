@@ -199,6 +199,10 @@ class DataConfig:
     custom_reward_function: str | None = None
     """--custom-reward-function: with --reward custom, the grading function "module:function" or "file.py:function"
     (`rewards.custom`)."""
+    verifier_workers: int = 1
+    """--verifier-workers: worker processes of the math and custom verifiers (`rewards.workers.GradingPool`)."""
+    verifier_timeout: float = 10.0
+    """--verifier-timeout: hard seconds per graded answer in those workers."""
     reward_by_source: tuple[tuple[str, str], ...] = ()
     """--reward-by-source SOURCE=VERIFIER (repeatable): the verifier (a --reward name) of the responses to one data
     source's prompts (the --data-source-key column of a training row; an --eval-data set's NAME); others get
@@ -211,6 +215,9 @@ class DataConfig:
     def __post_init__(self):
         if self.reward not in REWARDS:
             raise ValueError(f"--reward must be one of {REWARDS}, got {self.reward!r}")
+        _positive("DataConfig", verifier_workers=self.verifier_workers)
+        if not self.verifier_timeout > 0:
+            raise ValueError(f"--verifier-timeout must be > 0, got {self.verifier_timeout}")
         sources = [source for source, _ in self.reward_by_source]
         if len(set(sources)) != len(sources):
             raise ValueError(f"--reward-by-source names a data source twice: {sources}")
@@ -829,6 +836,7 @@ def build_data_config(args: argparse.Namespace, train_data: str | None) -> DataC
                       id_key=args.id_key or None, data_source_key=getattr(args, "data_source_key", None),
                       prompt_template=args.prompt_template, apply_chat_template=args.apply_chat_template,
                       reward=args.reward, custom_reward_function=args.custom_reward_function,
+                      verifier_workers=args.verifier_workers, verifier_timeout=args.verifier_timeout,
                       reward_by_source=named_values("--reward-by-source", args.reward_by_source),
                       max_verifier_error_fraction=getattr(args, "max_verifier_error_fraction", 0.05))
 

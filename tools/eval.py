@@ -25,7 +25,7 @@ import sys
 from megatron_scope.arguments import add_row_args, add_validation_args
 from megatron_scope.config import build_data_config, build_validation_config
 from megatron_scope.eval.benchmarks import load_eval_sets
-from megatron_scope.eval.runner import EvalConfig, prepare_sets, sample_and_grade, build_report, write_report
+from megatron_scope.eval.runner import EvalConfig, build_report, prepare_sets, sample_and_grade, write_report
 from megatron_scope.rewards.routing import build_verifier
 
 

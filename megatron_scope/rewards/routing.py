@@ -12,8 +12,9 @@ from typing import Mapping, Sequence
 from megatron_scope.rewards.base import Verdict, Verifier
 
 
-def verifier_of_reward(reward: str, custom_reward_function: str | None = None) -> Verifier:
-    """A new verifier of one --reward name (config.REWARDS)."""
+def verifier_of_reward(reward: str, data) -> Verifier:
+    """A new verifier of one --reward name (config.REWARDS) with `data`'s settings (a `config.DataConfig`: the custom
+    function, the worker processes and their deadline)."""
     if reward in ("synthetic", "synthetic-strict"):
         from megatron_scope.rewards.synthetic import build_synthetic_verifier
 
@@ -21,17 +22,18 @@ def verifier_of_reward(reward: str, custom_reward_function: str | None = None) -
     if reward == "custom":
         from megatron_scope.rewards.custom import CustomVerifier
 
-        return CustomVerifier(custom_reward_function)
+        return CustomVerifier(data.custom_reward_function, num_workers=data.verifier_workers,
+                              timeout_seconds=data.verifier_timeout)
     if reward == "math":
         from megatron_scope.rewards.math_verifier import MathVerifier
 
-        return MathVerifier()
+        return MathVerifier(num_workers=data.verifier_workers, timeout_seconds=data.verifier_timeout)
     raise ValueError(f"unknown reward {reward!r}")
 
 
 def build_verifier(data) -> Verifier:
     """The verifier of `data` (a `config.DataConfig`): --reward's, or with --reward-by-source a RoutedVerifier."""
-    instances = {reward: verifier_of_reward(reward, data.custom_reward_function) for reward in data.rewards}
+    instances = {reward: verifier_of_reward(reward, data) for reward in data.rewards}
     if not data.reward_by_source:
         return instances[data.reward]
     return RoutedVerifier(instances[data.reward], {source: instances[reward] for source, reward in data.reward_by_source})

@@ -47,6 +47,18 @@ def test_without_routes_the_run_has_one_verifier():
     assert type(verifier) is StrictSyntheticTaskVerifier
 
 
+def test_the_worker_verifiers_take_the_worker_flags():
+    """--verifier-workers and --verifier-timeout reach the math and custom verifiers' pools (every route's)."""
+    flags = ["--reward", "math", "--verifier-workers", "3", "--verifier-timeout", "2.5", "--reward-by-source",
+             "code=custom", "--custom-reward-function", "tests/data/custom_reward.py:judge"]
+    with build_verifier(_data(*flags)) as verifier:
+        for source in (None, "code"):
+            pool = verifier.of(source).pool
+            assert (pool.num_workers, pool.timeout_seconds) == (3, 2.5)
+    with pytest.raises(SystemExit):
+        _data("--verifier-workers", "0")
+
+
 def test_training_rows_are_checked_for_their_own_sources_verifier(tmp_path):
     """A row of a source graded by the math verifier may have a non-integer gold; the synthetic sources' rows must
     have an integer one (the row named in the error)."""
