@@ -176,8 +176,8 @@ class DataConfig:
     """Prompts and their verifier."""
 
     train_data: str | None
-    """--train-data (None in tools/eval.py): rows {id, prompt, answer} (and solution, with --reward synthetic-strict) of a JSONL file, a
-    parquet file or a Hugging Face `datasets` directory (`data.datasets.read_rows`)."""
+    """--train-data (None in tools/eval.py): rows {id, prompt, answer} (and solution, with --reward synthetic-strict)
+    of a JSONL file, a parquet file or a Hugging Face `datasets` directory (`data.datasets.read_rows`)."""
     input_key: str = "prompt"
     """--input-key: the column holding the prompt text."""
     label_key: str | None = None
@@ -694,12 +694,12 @@ class ValidationConfig:
         n = self.samples_per_prompt
         return tuple(sorted({1 << i for i in range(n.bit_length()) if 1 << i < n} | {n}))
 
-    def sampling_params(self, stop_token_ids=(), vocab_size: int | None = None):
+    def sampling_params(self):
+        """The engine's sampling settings (the runner adds the stop tokens and the vocabulary bound)."""
         from megatron_scope.rollout.engine import SamplingParams
 
         return SamplingParams(n=self.samples_per_prompt, max_new_tokens=self.max_new_tokens,
-                              temperature=self.temperature, top_p=self.top_p, stop_token_ids=tuple(stop_token_ids),
-                              vocab_size=vocab_size)
+                              temperature=self.temperature, top_p=self.top_p)
 
     def due(self, iteration: int, train_iters: int) -> bool:
         """Whether the run evaluates after `iteration`."""
@@ -833,12 +833,12 @@ def build_validation_config(args: argparse.Namespace) -> ValidationConfig:
 def build_data_config(args: argparse.Namespace, train_data: str | None) -> DataConfig:
     """The data flags' section (tools/eval.py builds it too, without training data)."""
     return DataConfig(train_data=train_data, input_key=args.input_key, label_key=args.label_key,
-                      id_key=args.id_key or None, data_source_key=getattr(args, "data_source_key", None),
+                      id_key=args.id_key or None, data_source_key=args.data_source_key,
                       prompt_template=args.prompt_template, apply_chat_template=args.apply_chat_template,
                       reward=args.reward, custom_reward_function=args.custom_reward_function,
                       verifier_workers=args.verifier_workers, verifier_timeout=args.verifier_timeout,
                       reward_by_source=named_values("--reward-by-source", args.reward_by_source),
-                      max_verifier_error_fraction=getattr(args, "max_verifier_error_fraction", 0.05))
+                      max_verifier_error_fraction=args.max_verifier_error_fraction)
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:

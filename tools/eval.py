@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True)
     add_row_args(parser.add_argument_group(title="data"))
     add_validation_args(parser, training=False)
-    # the training flags' defaults that the --eval-* sampling flags fall back to
+    # training's defaults of the flags the --eval-* sampling flags fall back to, and of training-only ones
     parser.set_defaults(rollout_temperature=1.0, rollout_top_p=1.0, max_new_tokens=256, eval_interval=0,
-                        eval_at_start=False)
+                        eval_at_start=False, data_source_key=None, max_verifier_error_fraction=0.05)
     parser.add_argument("--k", type=int, nargs="+", default=None,
                         help="the k of each reported Pass@k (default: 1, 2, 4, ... below n, and n)")
     parser.add_argument("--seed", type=int, default=1234, help="the run's --seed (the same default)")
