@@ -14,8 +14,8 @@ import argparse
 
 from megatron_scope.config import (
     ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, ROLLOUT_PLACEMENTS,
-    SRPO_REPROMPT_TEMPLATE, SRPO_TEACHERS, TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS, TROPD_OUTLIERS,
-    TROPD_TRUST_REGIONS, WEIGHT_NORMS, WEIGHT_TRANSFERS,
+    ROLLOUT_SCHEDULES, SRPO_REPROMPT_TEMPLATE, SRPO_TEACHERS, TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS,
+    TROPD_OUTLIERS, TROPD_TRUST_REGIONS, WEIGHT_NORMS, WEIGHT_TRANSFERS,
     RunConfig, build_config,
 )
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
@@ -276,6 +276,10 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "global rank 0 generates the whole step and every rank receives it. ray: --rollout-engines "
                         "Ray actors anywhere in the cluster, fed from a queue. Default: ray with --rollout-engines, "
                         "else colocated.")
+    g.add_argument("--rollout-schedule", choices=ROLLOUT_SCHEDULES, default="sync",
+                   help="sync: generate, train, refit, in series. one-step-off: the engines sample step k+1's "
+                        "responses from the weights before step k while step k trains (each response one optimizer "
+                        "step stale; --rollout-is-threshold corrects for it); needs --rollout-placement ray.")
     g.add_argument("--rollout-engines", type=nonnegative_int, default=0,
                    help="With --rollout-placement ray: N >= 1 engines as Ray actors, placed by Ray on any node of the "
                         "cluster (rollout/ray_engine.py); prompt groups are handed out from a queue, longest first.")

@@ -33,6 +33,7 @@ WEIGHT_NORMS = ("mean", "sum")
 TEACHER_BACKENDS = ("megatron", "vllm")
 #: --rollout-placement: where the vLLM rollout engines live (RolloutConfig.placement).
 ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
+ROLLOUT_SCHEDULES = ("sync", "one-step-off")
 WEIGHT_TRANSFERS = ("auto", "ipc", "shared_memory", "nccl")
 """--weight-transfer-backend choices (`rollout.vllm_engine.VLLMEngineConfig.weight_transfer`)."""
 REWARDS = ("synthetic", "synthetic-strict", "math", "custom")
@@ -522,6 +523,11 @@ class RolloutConfig:
     """--rollout-gpus-per-engine: GPUs Ray reserves per engine (None: the engine's TP with CUDA, 0 without)."""
     vllm_log_level: str | None = None
     """--vllm-log-level: vLLM's logging level (None: VLLM_LOGGING_LEVEL if set, else WARNING)."""
+    schedule: str = "sync"
+    """--rollout-schedule: "sync", each step trains on responses the engines sample from its own weights (generate,
+    then train, then refit); "one-step-off", the engines sample step k+1's responses from the weights before step k
+    while step k trains, so generation overlaps training and every response is one optimizer step stale (verl's
+    one-step-off trainer). Needs engines with devices of their own (--rollout-placement ray)."""
 
     def __post_init__(self):
         _positive("RolloutConfig", prompts_per_step=self.prompts_per_step, group_size=self.group_size,
@@ -544,6 +550,16 @@ class RolloutConfig:
                              f"{self.placement}: use ipc)")
         if self.weight_transfer_bucket_mib < 1:
             raise ValueError(f"--weight-transfer-bucket-mib must be >= 1, got {self.weight_transfer_bucket_mib}")
+        if self.schedule not in ROLLOUT_SCHEDULES:
+            raise ValueError(f"--rollout-schedule must be one of {ROLLOUT_SCHEDULES}, got {self.schedule!r}")
+        if self.schedule != "sync" and self.placement != "ray":
+            raise ValueError(f"--rollout-schedule {self.schedule} generates while the trainer trains, which needs engines "
+                             f"on devices of their own (--rollout-placement ray with --rollout-engines N); "
+                             f"--rollout-placement {self.placement} engines share the trainer's GPUs")
+        if self.schedule != "sync" and (self.offload_optimizer or self.offload_teacher):
+            raise ValueError(f"--rollout-schedule {self.schedule} trains while the engines generate: the training state "
+                             "cannot wait in host memory meanwhile (drop --rl-offload-optimizer-during-inference and "
+                             "--rl-offload-teacher-during-inference; the engines have devices of their own)")
 
     @property
     def sequences_per_step(self) -> int:
@@ -884,7 +900,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             tensor_parallel_size=args.rollout_tensor_parallel_size or (
                 args.tensor_model_parallel_size if placement == "colocated" else 1),
             engines=args.rollout_engines, ray_address=args.ray_address,
-            gpus_per_engine=args.rollout_gpus_per_engine, vllm_log_level=args.vllm_log_level),
+            gpus_per_engine=args.rollout_gpus_per_engine, vllm_log_level=args.vllm_log_level,
+            schedule=args.rollout_schedule),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,

@@ -35,6 +35,12 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
      engines sample the --eval-data sets, each replica's engine a part of every set; Avg@n / Pass@k per set,
      `validate`) and checkpoints.
 
+--rollout-schedule one-step-off (Ray engines only: they have devices of their own and never sleep): step k's rollout
+was produced during step k - 1, and while steps 3-6 run, the leader's producer thread runs step 2 for step k + 1 from
+the weights before step k; step 7 waits for it. Each group carries the version of the weights that sampled it
+(`RolloutGroup.weight_version`), staleness and the sampler-vs-learner gap are logged, and a checkpoint holds the
+rollout produced for the next step (`prefetched`), so a resume trains as the uninterrupted run.
+
 Engines on one leader's GPUs (rollout, teacher, reference) share a `DeviceResidency`: at most one is awake.
 A failure in a leader (its engine died, a verifier raised) reaches every rank at the end of that phase (one
 small all_gather_object per rollout and per weight sync), so no rank waits in a collective for a rank that
@@ -43,7 +49,9 @@ stopped; the iteration is not saved. tools/check_config.py estimates each memory
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -56,7 +64,7 @@ from megatron.core import parallel_state
 from megatron_scope.config import RunConfig
 from megatron_scope.eval.runner import EvalConfig, EvalSet, SampleRecord, build_report, sample_and_grade
 from megatron_scope.megatron import checkpointing
-from megatron_scope.losses.objectives import srpo_distill_weights
+from megatron_scope.losses.objectives import IS_LOG_RATIO_BOUND, srpo_distill_weights
 from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports, sampled_by_student
 from megatron_scope.megatron.model import output_layer_weight
 from megatron_scope.megatron.offload import RolloutOffload
@@ -120,6 +128,26 @@ def verdict_counts(metrics: dict) -> str:
     counts = [(key.removeprefix("verifier/"), int(value)) for key, value in metrics.items()
               if key.startswith("verifier/") and key != f"verifier/{STATUS_CORRECT}" and value]
     return f" verdicts: {', '.join(f'{status} {count}' for status, count in counts)} |" if counts else ""
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's verified prompt groups as a rank holds them: `groups[0]` is the step's group `first` (the replica's
+    share when co-located, else the whole step); `seconds`: the leader's phase times ("busy": all of them)."""
+
+    iteration: int
+    groups: list[RolloutGroup]
+    first: int
+    seconds: dict
+
+
+@dataclasses.dataclass
+class RolloutInFlight:
+    """A step's rollout on its way: its prompts are drawn; on the leader, `future` gives (groups, seconds)."""
+
+    iteration: int
+    first: int
+    future: concurrent.futures.Future | None
 
 
 class NonFiniteStepError(RuntimeError):
@@ -218,6 +246,11 @@ class ScopeTrainer:
                                              stop_token_ids=(tokenizer.eos_id,), vocab_size=self.vocab_size)
         self.evaluations: list[dict] = []
         """Every validation's metrics with its "iteration" (before that iteration's step: after iteration - 1)."""
+        self.prefetched: Rollout | None = None
+        """With --rollout-schedule one-step-off, the next step's rollout, produced during the last one (checkpointed)."""
+        self._producer = None  # the leader's thread that produces the next rollout while this one trains
+        if config.rollout.schedule == "one-step-off" and engine is not None:
+            self._producer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
         self._check_setup()
         if config.loop.save:
             checkpointing.check_writable(config.loop.save)
@@ -317,36 +350,66 @@ class ScopeTrainer:
 
     # ---- one iteration ----
 
-    def _rollout(self, iteration: int) -> tuple[list[RolloutGroup], int, dict]:
-        """The leader samples and verifies this rank's rollout share; every rank it serves receives the same
-        groups. Returns (groups, index of groups[0] in the step's batch, rollout metrics over the whole step)."""
+    def _rollout(self, iteration: int) -> Rollout:
+        """The sync schedule's rollout of step `iteration`: the training state offloaded (--rl-offload-*), cached
+        device memory freed, the leader produces its share while every rank it serves waits."""
+        self.rollout_offload.offload()
+        try:
+            self._free_device_memory()
+            return self._finish_rollout(self._start_rollout(iteration, background=False))
+        finally:
+            self.rollout_offload.restore()
+
+    def _start_rollout(self, iteration: int, background: bool) -> RolloutInFlight:
+        """Every rank draws step `iteration`'s prompts; the leader samples, verifies and scores its share
+        (`_sample_verify_score`) from the engine's weights, those of iteration `self.iteration`: here, or with
+        `background` in the producer thread while this thread trains (one-step-off)."""
         per_step = self.config.rollout.prompts_per_step
         prompts = self.dataset.next_batch(per_step)
         first, count = (0, per_step)
         if self.config.rollout.placement == "colocated":
             count = per_step // self.dp_size
             first = self.dp_rank * count
-        payload, error = [None], None
-        self._free_device_memory()
+        future = None
         if self.rank == self.rollout_leader:
+            work = (self._sample_verify_score, prompts[first:first + count], first, iteration, self.iteration)
+            if background:
+                future = self._producer.submit(*work)
+            else:
+                future = concurrent.futures.Future()
+                try:
+                    future.set_result(work[0](*work[1:]))
+                except Exception as caught:  # noqa: BLE001 - every rank raises it in _finish_rollout
+                    future.set_exception(caught)
+        return RolloutInFlight(iteration, first, future)
+
+    def _finish_rollout(self, in_flight: RolloutInFlight) -> Rollout:
+        """Every rank the leader serves: wait for the leader's share and receive it (all raise if the leader
+        failed)."""
+        payload, error = [None], None
+        if in_flight.future is not None:
             try:
-                payload = [self._sample_verify_score(prompts[first:first + count], first, iteration)]
+                payload = [in_flight.future.result()]
             except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
                 error = caught
         self._raise_if_any_failed(error, "rollout")
         dist.broadcast_object_list(payload, src=self.rollout_leader, group=self.rollout_group)
         groups, seconds = payload[0]
-        return groups, first, self._rollout_metrics(groups, seconds, iteration)
+        return Rollout(in_flight.iteration, groups, in_flight.first, seconds)
 
-    def _rollout_metrics(self, groups: list[RolloutGroup], seconds: dict, iteration: int) -> dict:
-        """Accuracy (and per data source), length (mean, min, max), truncation and the count of each verifier status
-        over the whole step (summed over replicas when co-located) and the slowest engine's times; stops the run
-        when the verifier failed on too many responses (`_check_verifier_errors`)."""
+    def _rollout_metrics(self, rollout: Rollout) -> dict:
+        """Accuracy (and per data source), length (mean, min, max), truncation, the staleness of the weights that
+        sampled (optimizer steps behind the ones it trains: min, mean, max) and the count of each verifier status over
+        the whole step (summed over replicas when co-located) and the slowest engine's times; stops the run when the
+        verifier failed on too many responses (`_check_verifier_errors`)."""
+        groups, seconds, iteration = rollout.groups, rollout.seconds, rollout.iteration
         completions = [c for g in groups for c in g.completions]
         lengths = [len(c.token_ids) for c in completions]
+        staleness = [self.iteration - g.weight_version for g in groups]
         statuses = self.verifier.statuses
         sums = [sum(o for g in groups for o in g.correct), len(completions), sum(lengths),
-                sum(c.finish_reason == "length" for c in completions)]
+                sum(c.finish_reason == "length" for c in completions),
+                sum(s * len(g.completions) for s, g in zip(staleness, groups))]
         for source in self.data_sources:  # correct and sampled responses of each source
             mine = [g for g in groups if self.data_source_of[g.prompt_id] == source]
             sums += [sum(o for g in mine for o in g.correct), sum(len(g.correct) for g in mine)]
@@ -360,7 +423,7 @@ class ScopeTrainer:
                      sum(not ok and sibling and not d for ok, d, sibling in routes)]
         sums += [sum(v.status == status for g in groups for v in g.verdicts) for status in statuses]  # last
         times = [seconds["rollout"], seconds.get("teacher_score", 0.0), seconds.get("reference_score", 0.0),
-                 max(lengths), -min(lengths)]  # reduced with MAX, so the last is minus the shortest
+                 max(lengths), -min(lengths), max(staleness), -min(staleness)]  # reduced with MAX: minus the least
         if self.config.rollout.placement == "colocated" and self.dp_size > 1:
             device, group = collective_device(), parallel_state.get_data_parallel_group()
             totals = torch.tensor(sums, dtype=torch.float64, device=device)
@@ -368,7 +431,7 @@ class ScopeTrainer:
             dist.all_reduce(totals, group=group)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
             sums, times = totals.tolist(), slowest.tolist()
-        correct, samples, tokens, truncated = sums[:4]
+        correct, samples, tokens, truncated, stale = sums[:5]
         counts = dict(zip(statuses, sums[len(sums) - len(statuses):]))
         self._check_verifier_errors(groups, counts.get(STATUS_VERIFIER_ERROR, 0.0), samples, iteration)
         stats = {
@@ -377,6 +440,9 @@ class ScopeTrainer:
             "rollout/response_length_min": -times[4],
             "rollout/response_length_max": times[3],
             "rollout/truncated_fraction": truncated / samples,
+            "rollout/staleness_min": -times[6],
+            "rollout/staleness_mean": stale / samples,
+            "rollout/staleness_max": times[5],
             "time/rollout_s": times[0],
             "throughput/rollout_tokens_per_s": tokens / max(times[0], 1e-9),
         }
@@ -386,7 +452,7 @@ class ScopeTrainer:
         if "reference_score" in seconds:
             stats["time/reference_score_s"] = times[2]
         for i, source in enumerate(self.data_sources):  # a source none of the step's prompts came from: NaN
-            source_correct, source_samples = sums[4 + 2 * i:6 + 2 * i]
+            source_correct, source_samples = sums[5 + 2 * i:7 + 2 * i]
             stats[f"rollout/accuracy/{source}"] = source_correct / source_samples if source_samples else float("nan")
         if self.config.loss.tropd_guidance:
             stats["tropd/guided_fraction"] = sums[extra] / samples
@@ -397,9 +463,11 @@ class ScopeTrainer:
             stats["srpo/reprompt_too_long_fraction"] = sums[extra + 2] / samples
         return stats
 
-    def _sample_verify_score(self, prompts, first: int, iteration: int) -> tuple[list[RolloutGroup], dict]:
+    def _sample_verify_score(self, prompts, first: int, iteration: int,
+                             weight_version: int) -> tuple[list[RolloutGroup], dict]:
         """The leader: sample G responses per prompt (prompt k is the step's prompt `first + k`, which fixes its
-        seeds), verify them, score them with the teacher engine if any, and let both engines sleep."""
+        seeds) from the engine's weights (those of iteration `weight_version`), verify them, score them with the
+        teacher engine if any, and let both engines sleep."""
         rollout = self.config.rollout
         start = time.perf_counter()
         params = SamplingParams(n=rollout.group_size, max_new_tokens=rollout.max_new_tokens,
@@ -417,7 +485,8 @@ class ScopeTrainer:
         else:
             self.engine.wake(["kv_cache"])  # its weights woke for the refit
             samples = self.engine.generate(prompt_ids, params, seeds=seeds.groups(indices, params.n, "rollout"))
-        self.engine.sleep(level=2)  # a refit follows every step, a skipped one included: nothing to keep
+        if self.config.rollout.schedule == "sync":  # a refit follows every step, a skipped one included: nothing to
+            self.engine.sleep(level=2)  # keep (one-step-off: Ray engines keep their own devices and generate again)
         seconds = {"rollout": time.perf_counter() - start}
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
         answers = [p.answer for p in prompts for _ in range(rollout.group_size)]
@@ -453,9 +522,10 @@ class ScopeTrainer:
                 for i, (p, group) in enumerate(zip(prompts, samples))]
         groups = [RolloutGroup(p.id, list(p.token_ids), group, correct[i * n : (i + 1) * n], teacher_scores[i],
                                self_teacher_prompts[i], prefix_lengths[i], reference_scores[i],
-                               verdicts[i * n : (i + 1) * n])
+                               verdicts[i * n : (i + 1) * n], weight_version)
                   for i, (p, group) in enumerate(zip(prompts, samples))]
         check_token_ids(groups, self.vocab_size)
+        seconds["busy"] = time.perf_counter() - start
         return groups, seconds
 
     def _check_verdicts(self, verdicts: Sequence[Verdict], texts: Sequence[str], answers: Sequence[str]) -> None:
@@ -553,24 +623,36 @@ class ScopeTrainer:
             for batch, w in zip(microbatches, weights):
                 batch["distill_weights"] = w
 
-    def _sampler_mismatch(self, microbatches: list[dict]) -> tuple[float, float]:
-        """Mean |sampler log-prob - Megatron's log-prob| over response tokens: over the whole step, and the
-        largest data-parallel rank's own mean (with co-located engines: the worst engine's).
+    def _sampler_gap(self, microbatches: list[dict]) -> dict:
+        """How far the sampler μ (the engine's log-probs) lies from the learner π (Megatron's `old_log_probs`, the
+        weights about to be updated) on the response tokens the student's engine drew, over the whole step:
+        mean |log μ - log π| (and the largest data-parallel rank's own mean: with co-located engines the worst
+        engine's), the KL(μ || π) estimates k1 = E_μ[log μ - log π] and k3 = E_μ[r - 1 - log r] with r = π / μ
+        (Schulman's estimators), and the importance weights' effective sample size as a fraction of the tokens,
+        (Σ r)² / (N Σ r²).
 
-        When --logprob-temperature equals the rollout temperature and top-p is 1 both are log π_S(y_t) of the
-        same weights, so this is ~0 up to numerics; a large value then means an engine samples from other
-        weights than the ones being trained.
+        When --logprob-temperature equals the rollout temperature and top-p is 1, the sync schedule samples from the
+        weights it trains and all are ~0 (ESS 1) up to numerics: a large gap then means an engine samples from other
+        weights than the ones being trained. With --rollout-schedule one-step-off they measure one step's drift.
         """
         sampled = [sampled_by_student(b) for b in microbatches]  # TrOPD's prefix tokens were sampled by the teacher
-        diff = torch.stack([((b["rollout_log_probs"] - b["old_log_probs"]).abs() * mask).sum().double()
-                            for b, mask in zip(microbatches, sampled)]).sum()
-        count = torch.stack([mask.sum().double() for mask in sampled]).sum()  # no host read before the reduction
+        sums = []  # per microbatch: Σ|d|, Σ d, Σ k3, Σ r, Σ r², count, with d = log μ - log π
+        for batch, mask in zip(microbatches, sampled):
+            gap = ((batch["rollout_log_probs"] - batch["old_log_probs"]) * mask).double()
+            ratio = torch.exp((-gap).clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND)) * mask
+            sums.append(torch.stack([gap.abs().sum(), gap.sum(), ((ratio - 1 + gap) * mask).sum(), ratio.sum(),
+                                     (ratio * ratio).sum(), mask.sum().double()]))
+        totals = torch.stack(sums).sum(0)  # no host read before the reduction
         group, device = parallel_state.get_data_parallel_group(), collective_device()
-        totals = torch.stack([diff, count]).to(device)
-        worst = (diff / count.clamp_min(1.0)).reshape(1).to(device)
+        worst = (totals[0] / totals[5].clamp_min(1.0)).reshape(1).to(device)
+        totals = totals.to(device)
         dist.all_reduce(totals, group=group)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
-        return float(totals[0] / totals[1].clamp_min(1)), float(worst)
+        abs_gap, k1, k3, ratio, ratio_squared, count = totals.tolist()
+        count = max(count, 1.0)
+        return {"rollout/logprob_abs_diff": abs_gap / count, "rollout/logprob_abs_diff_max": float(worst),
+                "rollout/sampler_kl_k1": k1 / count, "rollout/sampler_kl_k3": k3 / count,
+                "rollout/is_ess_fraction": ratio * ratio / max(count * ratio_squared, 1e-300)}
 
     def _token_counts(self, batch: dict, microbatches: list[dict]) -> dict:
         """`token_counts` summed over the data-parallel replicas, and the share of padding."""
@@ -666,15 +748,30 @@ class ScopeTrainer:
             (bar.write if bar is not None else print)(validation_line(self.iteration, metrics))
 
     def train_step(self, iteration: int) -> dict:
+        """One iteration under --rollout-schedule: "sync" produces step `iteration`'s rollout, learns from it and
+        refits; "one-step-off" learns from the rollout produced during the previous iteration (or produces it now,
+        at the first) while the engines produce the next step's from the weights before this step's update, then
+        refits once both are done."""
         start = time.perf_counter()
-        self.rollout_offload.offload()
-        try:
-            groups, first, metrics = self._rollout(iteration)
-        finally:
-            self.rollout_offload.restore()
-        outcome = self.learn(groups, metrics, first)
+        rollout, self.prefetched = self.prefetched, None
+        produced = None  # the rollout the engines produced during this iteration
+        if rollout is None:
+            rollout = produced = self._rollout(iteration)
+        trainer_idle = time.perf_counter() - start
+        ahead = None
+        if self.config.rollout.schedule == "one-step-off" and iteration < self.config.loop.train_iters:
+            ahead = self._start_rollout(iteration + 1, background=True)
+        metrics = self._rollout_metrics(rollout)
+        outcome = self.learn(rollout.groups, metrics, rollout.first)
+        if ahead is not None:
+            waiting = time.perf_counter()
+            self.prefetched = produced = self._finish_rollout(ahead)
+            trainer_idle += time.perf_counter() - waiting
         metrics["time/sync_s"] = self.sync_weights()  # also after a skipped step: the engine slept at level 2
         metrics["time/iteration_s"] = time.perf_counter() - start
+        metrics["time/trainer_idle_s"] = trainer_idle
+        busy = produced.seconds["busy"] if produced is not None else 0.0
+        metrics["time/engine_idle_s"] = max(metrics["time/iteration_s"] - busy - metrics["time/sync_s"], 0.0)
         if not outcome.updated:
             logger.warning("iteration %d: skipped the optimizer step: %s", iteration, outcome.skipped_reason)
             if self.config.loop.exit_on_nonfinite:
@@ -712,8 +809,7 @@ class ScopeTrainer:
         score_start = time.perf_counter()
         self._score(microbatches, self_teacher_rows)
         if self.is_last_stage:
-            metrics["rollout/logprob_abs_diff"], metrics["rollout/logprob_abs_diff_max"] = \
-                self._sampler_mismatch(microbatches)
+            metrics.update(self._sampler_gap(microbatches))
         train_start = time.perf_counter()
         self.student.zero_grad_buffer()
         teacher_weight = None
@@ -742,7 +838,10 @@ class ScopeTrainer:
 
     def close(self) -> None:
         """Shut down the engines this rank holds (the rollout engine, and a teacher's and a reference's, on a leader)
-        and the verifier's workers, and free the teacher's host buffer."""
+        and the verifier's workers (after the producer thread's rollout in progress, if any), and free the teacher's
+        host buffer."""
+        if self._producer is not None:
+            self._producer.shutdown(wait=True, cancel_futures=True)
         close_engines((self.engine, self.teacher_engine, self.reference_engine))
         self.verifier.close()
         self.teacher_hidden_buffer.release()
@@ -764,6 +863,14 @@ class ScopeTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration, self.history = state["iteration"], state["history"]
         self.evaluations = state.get("evaluations", [])
+        self.prefetched = state.get("prefetched_rollout")
+        if self.prefetched is not None and (self.config.rollout.placement == "colocated" or len(
+                self.prefetched.groups) != self.config.rollout.prompts_per_step):
+            raise ValueError(f"{load}: the checkpoint holds iteration {self.prefetched.iteration}'s rollout, "
+                             f"{len(self.prefetched.groups)} prompt groups produced by Ray engines (--rollout-schedule "
+                             f"one-step-off); resume with --rollout-placement ray and --prompts-per-step "
+                             f"{len(self.prefetched.groups)} (this run: {self.config.rollout.placement}, "
+                             f"{self.config.rollout.prompts_per_step})")
         logger.info("resumed from iteration %d (RNG restored: %s)", self.iteration, state["rng_restored"])
 
     def _extra_models(self) -> dict:
@@ -772,7 +879,8 @@ class ScopeTrainer:
 
     def save(self) -> None:
         state = {"scheduler": self.scheduler.state_dict(), "dataset": self.dataset.state_dict(),
-                 "history": self.history, "evaluations": self.evaluations, "seed": self.config.loop.seed}
+                 "history": self.history, "evaluations": self.evaluations, "seed": self.config.loop.seed,
+                 "prefetched_rollout": self.prefetched}
         path = checkpointing.save_checkpoint(self.config.loop.save, self.iteration, self.student, self.optimizer, state,
                                              arch=self.arch, extra_models=self._extra_models(),
                                              save_hf=self.config.loop.save_hf)

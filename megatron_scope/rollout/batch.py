@@ -26,7 +26,7 @@ class RolloutGroup:
     prompt of each response, `teacher.self_teacher.route_group`, None where it is not distilled; with TrOPD's
     guidance, how many first tokens of each response the teacher wrote, `rollout.guidance`; ExOPD's reference's scores
     of each response when a vLLM engine serves it; the verifier's verdict on each response, whose `correct` is
-    `correct`'s)."""
+    `correct`'s; the version of the weights that sampled them)."""
 
     prompt_id: str
     prompt_token_ids: list[int]
@@ -37,6 +37,8 @@ class RolloutGroup:
     prefix_lengths: list[int] | None = None
     reference_scores: list[SequenceScores] | None = None
     verdicts: list[Verdict] | None = None
+    weight_version: int = 0
+    """The student weights the responses were sampled from: those after this many optimizer steps (iterations)."""
 
     def __post_init__(self):
         if not self.prompt_token_ids:

@@ -75,11 +75,11 @@ def test_bad_prompts_and_unwritable_checkpoint_directory_fail_at_construction(tm
 
 
 def _stand_in_trainer(rank, placement, leaders, engine=None, remote_teacher=True, verifier=None, prompts=2,
-                      group_size=2):
+                      group_size=2, train_iters=2, **rollout):
     """A ScopeTrainer of one gloo rank of a DP-only world whose models are stand-ins; `leaders`: the ranks that
     hold an engine (and, with `remote_teacher`, a vLLM teacher's engine; else a co-located teacher). Prompt i's gold
     answer is "i"; the tokenizer decodes a response [t, ...] as "A: t"; the verifier (default: the synthetic task's)
-    grades it."""
+    grades it; `rollout`: more RolloutConfig fields."""
     from megatron_scope.data.datasets import Prompt, PromptDataset
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.rewards.synthetic import SyntheticTaskVerifier
@@ -90,8 +90,8 @@ def _stand_in_trainer(rank, placement, leaders, engine=None, remote_teacher=True
     dataset = PromptDataset([Prompt(f"p{i}", "a", str(i), (1, 2, 3)) for i in range(prompts)], source="prompts.jsonl")
     config = tiny_run_config(models=dict(teacher_backend="vllm" if remote_teacher else "megatron"), loss=dict(kl="k3"),
                              rollout=dict(prompts_per_step=prompts, group_size=group_size, max_new_tokens=4,
-                                          placement=placement),
-                             loop=dict(train_iters=2, micro_batch_size=1))
+                                          placement=placement, **rollout),
+                             loop=dict(train_iters=train_iters, micro_batch_size=1))
     tokenizer = types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size, eos_id=2, decode=lambda ids: f"A: {ids[0]}")
     leads = rank in leaders
     return ScopeTrainer(config, None, TINY_ARCH, None, None, dataset, tokenizer, verifier or SyntheticTaskVerifier(),
@@ -106,7 +106,7 @@ def _rollout_failure(rank, world_size, placement, failing_rank, error_type):
 
     trainer = _stand_in_trainer(rank, placement, [0] if placement == "rank0" else range(world_size))
 
-    def sample(prompts, first, iteration):
+    def sample(prompts, first, iteration, weight_version):
         if rank == failing_rank:
             raise {"RuntimeError": RuntimeError, "RolloutEngineDiedError": RolloutEngineDiedError}[error_type](
                 f"{len(prompts)} prompts from the step's prompt {first}: the engine failed")
@@ -140,13 +140,14 @@ def test_an_engine_death_in_replica_1_stops_every_rank():
 class _RecordingEngine:
     """A rollout engine stand-in that records the order of the calls the trainer makes."""
 
-    def __init__(self, calls, dies_in_refit=False):
-        self.calls, self.dies_in_refit = calls, dies_in_refit
+    def __init__(self, calls, dies_in_refit=False, before_generating=lambda seeds: None):
+        self.calls, self.dies_in_refit, self.before_generating = calls, dies_in_refit, before_generating
 
     def generate(self, prompts, params, seeds):
         from megatron_scope.rollout.engine import Completion
 
         self.calls.append(("generate", seeds))
+        self.before_generating(seeds)
         return [[Completion([5 + j, 2], [-0.1, -0.2], "stop") for j in range(params.n)] for _ in prompts]
 
     def update_weights(self, stream):
@@ -159,6 +160,9 @@ class _RecordingEngine:
 
     def sleep(self, level=1):
         self.calls.append(("sleep", level))
+
+    def close(self):
+        pass
 
     def wake(self, tags=None):
         self.calls.append(("wake", tags))
@@ -223,3 +227,88 @@ def test_an_engine_death_in_replica_1_during_its_refit_stops_every_rank():
         f"RolloutEngineDiedError: rank 1's weight sync failed: RolloutEngineDiedError: {message}",
         f"RolloutEngineDiedError: {message}",
     ]
+
+
+def _one_step_off_calls(rank, world_size, failing_iteration=None):
+    """Three train_steps of a one-step-off stand-in trainer with one Ray-placed engine (global rank 0 leads): the
+    calls made from the trainer's thread and from the producer's, or the error the steps raised when generating
+    iteration `failing_iteration`'s rollout fails. Learning waits until the producer has generated the next step's
+    rollout, and that generation waits until learning has begun: a trainer that ran them in series would hit a
+    deadline in one of them."""
+    import threading
+
+    import torch
+
+    from megatron_scope import trainer as trainer_module
+    from megatron_scope.rollout.seeds import StepSeeds
+    from megatron_scope.testing.tiny import tiny_run_config
+
+    calls = {"main": [], "producer": []}
+    learning, generated = threading.Event(), threading.Event()
+    seed = tiny_run_config().loop.seed
+
+    class ThreadRecords(list):  # the engine's calls, each in the list of the thread that made it
+        def append(self, call):
+            calls["main" if threading.current_thread() is threading.main_thread() else "producer"].append(call)
+
+    def before_generating(seeds):
+        iteration = next(k for k in (1, 2, 3) if seeds == StepSeeds(seed, k).groups([0, 1], 2, "rollout"))
+        if iteration == failing_iteration:
+            generated.set()
+            raise RuntimeError(f"the engine failed on iteration {iteration}'s rollout")
+        if iteration > 1:  # the producer: step iteration - 1 is learning meanwhile
+            assert learning.wait(timeout=30), "the next step's rollout did not overlap learning"
+            learning.clear()
+            generated.set()
+
+    engine = _RecordingEngine(ThreadRecords(), before_generating=before_generating) if rank == 0 else None
+    trainer = _stand_in_trainer(rank, "ray", [0], engine=engine, remote_teacher=False, train_iters=3, engines=1,
+                                schedule="one-step-off")
+    trainer_module.free_cached_device_memory = lambda: calls["main"].append(("free",))
+
+    def learn(groups, metrics, first):
+        calls["main"].append(("learn", [g.weight_version for g in groups], metrics["rollout/staleness_mean"]))
+        if trainer.iteration + 1 < 3:  # a next step's rollout is being produced
+            learning.set()
+            if rank == 0:
+                assert generated.wait(timeout=30), "learning did not overlap the next step's rollout"
+                generated.clear()
+        return types.SimpleNamespace(updated=True, skipped_reason=None)
+
+    trainer.learn = learn
+    trainer_module.iter_hf_weights = lambda model, arch, bucket_bytes, dst_rank: iter([("w", torch.zeros(1))])
+    try:
+        for iteration in (1, 2, 3):
+            trainer.iteration = iteration - 1
+            trainer.train_step(iteration)
+    except Exception as error:  # noqa: BLE001 - the test compares type and message
+        return f"{type(error).__name__}: {error}"
+    finally:
+        trainer.close()
+    return calls
+
+
+def test_one_step_off_generates_the_next_step_while_this_one_learns():
+    """--rollout-schedule one-step-off at DP=2 with a Ray-placed engine (led by rank 0): step 1's rollout is
+    produced first; then each step's learning overlaps the producer thread's rollout of the next step, sampled from
+    the weights before that step (version k - 1 for step k + 1), and the refit waits for it; nothing sleeps (the
+    engines have devices of their own). Every rank learns from version-stamped groups, staleness 0 then 1."""
+    from megatron_scope.rollout.seeds import StepSeeds
+    from megatron_scope.testing.tiny import tiny_run_config
+
+    seeds = [StepSeeds(tiny_run_config().loop.seed, k).groups([0, 1], 2, "rollout") for k in (1, 2, 3)]
+    refit = [("free",), ("wake", ["weights"]), ("update_weights", ["w"])]
+    leader, other = run_on_ranks(_one_step_off_calls, 2)
+    assert leader["main"] == [("free",), ("wake", ["kv_cache"]), ("generate", seeds[0]),
+                              ("learn", [0, 0], 0.0), *refit, ("learn", [0, 0], 1.0), *refit, ("learn", [1, 1], 1.0),
+                              *refit]
+    assert leader["producer"] == [("wake", ["kv_cache"]), ("generate", seeds[1]), ("wake", ["kv_cache"]),
+                                  ("generate", seeds[2])]
+    assert other["main"] == [("free",), ("learn", [0, 0], 0.0), ("free",), ("learn", [0, 0], 1.0), ("free",),
+                             ("learn", [1, 1], 1.0), ("free",)] and other["producer"] == []
+
+
+def test_a_failed_background_rollout_stops_every_rank_after_the_step_it_overlapped():
+    message = "the engine failed on iteration 2's rollout"
+    assert run_on_ranks(_one_step_off_calls, 2, args=(2,)) == [
+        f"RuntimeError: {message}", f"RuntimeError: rank 0's rollout failed: RuntimeError: {message}"]

@@ -10,7 +10,9 @@ co-located Megatron teacher.
   engine samples from the trained weights after the refit;
 - Ray-placed engines (--rollout-engines 2), reading a parquet copy of the prompts through the key flags and grading
   with a plug-in verifier (--reward custom), give the in-process engine's first iteration, with accuracy per data
-  source;
+  source; under --rollout-schedule one-step-off the second step trains on responses sampled from the initial weights
+  (their log-probs are those weights', the version stamped 0), and a resume from the first checkpoint, which holds
+  that rollout, trains the second step exactly as the uninterrupted run;
 - a vLLM teacher at DP=2 with the rank0 placement (--teacher-backend vllm, top-k with k = V) gives the
   co-located teacher's first iteration;
 - ExOPD's reference served by vLLM gives the co-located reference's first iteration;
@@ -161,30 +163,43 @@ def test_vocabulary_mismatch_fails_before_rollout(workspace, tmp_path):
         run_on_ranks(train_history, 1, args=(argv,), timeout=300)
 
 
-def test_ray_rollout_engines_a_parquet_dataset_and_a_custom_verifier_give_the_same_run(workspace, straight_run,
-                                                                                       tmp_path):
-    """--rollout-engines 2: the engines live in Ray actors (a local Ray here) and split the prompts; the prompts come
-    from a parquet copy of the training file with other column names and a data-source column (--input-key,
-    --label-key, --id-key, --data-source-key), graded by a plug-in (--reward custom, tests/data/custom_reward.py: the
-    synthetic reward written as a user's function, run in worker processes). The first iteration's rollouts, loss
-    and gradient norm equal the in-process engine's on the JSONL file with the built-in verifier, and its accuracy per
-    data source averages to the whole step's."""
+@pytest.fixture(scope="module")
+def one_step_off_run(workspace, tmp_path_factory):
+    """--rollout-engines 2: the engines live in Ray actors (a local Ray here) and split the prompts, under
+    --rollout-schedule one-step-off (each step's responses generated while the previous step trains), 2 of 3
+    iterations (--exit-interval 2), saving after each with --save-hf. The prompts come from a parquet copy of the
+    training file with other column names and a data-source column (--input-key, --label-key, --id-key,
+    --data-source-key), graded by a plug-in (--reward custom, tests/data/custom_reward.py: the synthetic reward
+    written as a user's function, run in worker processes). Returns (history, argv, the parquet file, --save)."""
     import pyarrow
     import pyarrow.parquet
 
-    from megatron_scope.data.datasets import PromptDataset, read_jsonl_rows
+    from megatron_scope.data.datasets import read_jsonl_rows
 
-    history, _ = straight_run
+    root = tmp_path_factory.mktemp("one_step_off")
     rows = [{"uid": row["id"], "question": row["prompt"], "gold": row["answer"], "kind": f"kind{line % 2}"}
             for line, row in read_jsonl_rows(workspace.train_jsonl)]
-    parquet = str(tmp_path / "train.parquet")
+    parquet, save = str(root / "train.parquet"), str(root / "ckpt")
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), parquet)
-    argv = _flags(workspace, 1, extra=["--rollout-engines", "2", "--input-key", "question", "--label-key", "gold",
-                                       "--id-key", "uid", "--data-source-key", "kind"])
+    argv = _flags(workspace, 3, extra=["--rollout-engines", "2", "--input-key", "question", "--label-key", "gold",
+                                       "--id-key", "uid", "--data-source-key", "kind",
+                                       "--rollout-schedule", "one-step-off", "--exit-interval", "2"])
     argv[argv.index("--train-data") + 1] = parquet
     argv[argv.index("--reward") + 1] = "custom"
     argv += ["--custom-reward-function", os.path.join(ROOT, "tests", "data", "custom_reward.py") + ":judge"]
-    (ray_run,) = run_on_ranks(train_history, 1, args=(argv,), timeout=900)
+    (history,) = run_on_ranks(train_history, 1, args=(argv + ["--save", save, "--save-interval", "1", "--save-hf"],),
+                              timeout=900)
+    return history, argv, parquet, save
+
+
+def test_ray_rollout_engines_a_parquet_dataset_and_a_custom_verifier_give_the_same_run(straight_run, one_step_off_run):
+    """The Ray run's first iteration (its rollout produced before any step, as sync's is) equals the in-process
+    engine's on the JSONL file with the built-in verifier: rollouts, loss, gradient norm and per-status counts; its
+    accuracy per data source averages to the whole step's."""
+    from megatron_scope.data.datasets import PromptDataset
+
+    history, _ = straight_run
+    ray_run, _, parquet, _ = one_step_off_run
     for key in ("rollout/accuracy", "rollout/response_length"):
         assert ray_run[0][key] == history[0][key], key
     assert ray_run[0]["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
@@ -199,6 +214,75 @@ def test_ray_rollout_engines_a_parquet_dataset_and_a_custom_verifier_give_the_sa
     for status in ("correct", "wrong", "no_answer"):  # the plug-in's statuses, counted as the built-in's were
         assert ray_run[0][f"verifier/{status}"] == history[0][f"verifier/{status}"], status
     assert ray_run[0]["verifier/timeout"] == ray_run[0]["verifier/worker_died"] == 0
+
+
+def _prefetched(save: str, iteration: int):
+    """The next step's rollout held by the checkpoint of `iteration` (one-step-off)."""
+    state = torch.load(os.path.join(save, f"iter_{iteration:07d}", "scope_state.pt"), weights_only=False)
+    return state["prefetched_rollout"], state
+
+
+def test_one_step_off_trains_on_responses_of_the_weights_one_step_before(workspace, one_step_off_run):
+    """Step 2 trains θ_1 on responses the engines sampled from θ_0 while step 1 trained: stamped version 0,
+    staleness 1, and their sampling log-probs are θ_0's (HF's own forward of the initial student), not θ_1's
+    (iteration 1's --save-hf model); the step's sampler-vs-learner gap says so. Step 1's responses are fresh."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_scope.data.tokenizer import load_tokenizer
+
+    history, _, _, save = one_step_off_run
+    first, second = history
+    assert (first["rollout/staleness_min"], first["rollout/staleness_max"]) == (0, 0)
+    assert second["rollout/staleness_min"] == second["rollout/staleness_mean"] == second["rollout/staleness_max"] == 1
+    assert first["rollout/logprob_abs_diff_max"] < PARITY_ATOL
+    assert first["rollout/is_ess_fraction"] == pytest.approx(1, abs=1e-6)
+    assert second["rollout/logprob_abs_diff"] > 10 * PARITY_ATOL and second["rollout/sampler_kl_k3"] > 0
+    assert second["rollout/is_ess_fraction"] < 1
+    for key in ("time/trainer_idle_s", "time/engine_idle_s"):
+        assert 0 <= second[key] <= second["time/iteration_s"], key
+
+    rollout, _ = _prefetched(save, 1)
+    assert rollout.iteration == 2 and {g.weight_version for g in rollout.groups} == {0}
+    vocab = load_tokenizer(workspace.tokenizer).vocab_size
+    gaps = {}
+    for name, path in (("theta_0", workspace.student_hf), ("theta_1", os.path.join(save, "iter_0000001", "hf_model"))):
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        gap = 0.0
+        for group in rollout.groups:
+            for completion in group.completions:
+                with torch.no_grad():
+                    logits = model(torch.tensor([group.prompt_token_ids + completion.token_ids])).logits[0, :, :vocab]
+                start = len(group.prompt_token_ids) - 1
+                expected = logits[start:-1].log_softmax(-1).gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+                gap = max(gap, (torch.tensor(completion.log_probs) - expected).abs().max().item())
+        gaps[name] = gap
+    assert gaps["theta_0"] < PARITY_ATOL < 10 * PARITY_ATOL < gaps["theta_1"], gaps
+
+
+def test_one_step_off_resumes_exactly(workspace, one_step_off_run, tmp_path):
+    """A process loading iteration 1's checkpoint, which holds the rollout of iteration 2 produced during iteration 1,
+    trains iteration 2 exactly as the uninterrupted run did, and its iteration-2 checkpoint holds the same data
+    position and the same rollout of iteration 3 (sampled from the same θ_1 with the same seeds)."""
+    history, argv, _, straight_save = one_step_off_run
+    save = str(tmp_path / "ckpt")
+    shutil.copytree(straight_save, save)
+    shutil.rmtree(os.path.join(save, "iter_0000002"))
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as handle:
+        handle.write("1")
+    (resumed,) = run_on_ranks(train_history, 1, args=(argv + ["--save", save, "--load", save],), timeout=900)
+    assert [h["iteration"] for h in resumed] == [1, 2]
+    for key in ("rollout/accuracy", "rollout/response_length", "rollout/staleness_mean"):
+        assert resumed[1][key] == history[1][key], key
+    for key in ("loss/loss", "optimizer/grad_norm", "rollout/logprob_abs_diff"):
+        assert resumed[1][key] == pytest.approx(history[1][key], rel=1e-5), key
+    (theirs, their_state), (ours, our_state) = _prefetched(straight_save, 2), _prefetched(save, 2)
+    assert our_state["dataset"] == their_state["dataset"] and ours.iteration == theirs.iteration == 3
+    for mine, other in zip(ours.groups, theirs.groups, strict=True):
+        assert (mine.prompt_id, mine.weight_version, mine.correct) == (other.prompt_id, other.weight_version,
+                                                                       other.correct)
+        for a, b in zip(mine.completions, other.completions, strict=True):
+            assert a.token_ids == b.token_ids
+            assert a.log_probs == pytest.approx(b.log_probs, abs=1e-5)
 
 
 def test_tropd_guidance_continues_the_teachers_prefixes(workspace):

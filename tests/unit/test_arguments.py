@@ -34,6 +34,12 @@ def test_rollout_placement_and_its_defaults(argv, placement, engines, rollout_tp
     assert (rollout.placement, rollout.engines, rollout.tensor_parallel_size) == (placement, engines, rollout_tp)
 
 
+def test_rollout_schedule():
+    assert parse_run_config(REQUIRED).rollout.schedule == "sync"
+    assert parse_run_config(REQUIRED + ["--rollout-engines", "2", "--rollout-schedule", "one-step-off"]).rollout \
+        .schedule == "one-step-off"
+
+
 def test_provider_adds_to_an_existing_parser():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -113,6 +119,13 @@ def test_help_lists_every_flag(capsys):
          "--tensor-model-parallel-size 1 GPUs: --rollout-tensor-parallel-size 2 exceeds it"),
         (["--weight-transfer-backend", "nccl"], "--weight-transfer-backend nccl broadcasts to Ray engines"),
         (["--weight-transfer-backend", "gloo"], "invalid choice: 'gloo'"),
+        (["--rollout-schedule", "one-step-off"], "--rollout-schedule one-step-off generates while the trainer trains, "
+         "which needs engines on devices of their own (--rollout-placement ray with --rollout-engines N); "
+         "--rollout-placement colocated engines share"),
+        (["--rollout-schedule", "one-step-off", "--rollout-placement", "rank0"], "--rollout-placement rank0 engines"),
+        (["--rollout-schedule", "one-step-off", "--rollout-engines", "1", "--rl-offload-optimizer-during-inference"],
+         "the training state cannot wait in host memory meanwhile"),
+        (["--rollout-schedule", "async"], "invalid choice: 'async'"),
         (["--ddp-bucket-size", "0"], "--ddp-bucket-size: must be >= 1"),
         (["--reward", "custom"], "and --custom-reward-function go together"),
         (["--custom-reward-function", "m:f"], "and --custom-reward-function go together"),
