@@ -14,7 +14,7 @@ import argparse
 
 from megatron_scope.config import (
     ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, ROLLOUT_PLACEMENTS,
-    ROLLOUT_SCHEDULES, SRPO_REPROMPT_TEMPLATE, SRPO_TEACHERS, TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS,
+    ROLLOUT_IS_LEVELS, ROLLOUT_RS_LEVELS, ROLLOUT_SCHEDULES, SRPO_REPROMPT_TEMPLATE, SRPO_TEACHERS, TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS,
     TROPD_OUTLIERS, TROPD_TRUST_REGIONS, WEIGHT_NORMS, WEIGHT_TRANSFERS,
     RunConfig, build_config,
 )
@@ -283,6 +283,10 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--rollout-engines", type=nonnegative_int, default=0,
                    help="With --rollout-placement ray: N >= 1 engines as Ray actors, placed by Ray on any node of the "
                         "cluster (rollout/ray_engine.py); prompt groups are handed out from a queue, longest first.")
+    g.add_argument("--teacher-engines", type=positive_int, default=1,
+                   help="With --rollout-placement ray: N Ray actors serving a vLLM teacher (--teacher-backend vllm, "
+                        "TrOPD's guidance) and ExOPD's vLLM reference, each scoring a shard of about equal tokens of "
+                        "every step's responses (default 1).")
     g.add_argument("--ray-address", default=None,
                    help="Ray cluster to join with --rollout-engines (e.g. auto, or HOST:6379); default: RAY_ADDRESS "
                         "if set, else a local Ray started by rank 0.")
@@ -346,6 +350,19 @@ def add_scope_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Token-level truncated importance sampling (verl's rollout_is=token; the G-OPD code uses "
                             "5): each token's loss times min(π_S(y_t) / μ(y_t), C), μ the distribution the rollout "
                             "engine sampled from. Default: off.")
+    group.add_argument("--rollout-is", choices=ROLLOUT_IS_LEVELS, default="token",
+                       help="The level of --rollout-is-threshold's weights (verl's rollout_is): token, each token's "
+                            "own ratio; sequence, the product of its response's ratios (also corrects which prefixes a "
+                            "stale sampler visits; higher variance).")
+    group.add_argument("--rollout-rs", choices=ROLLOUT_RS_LEVELS, default=None,
+                       help="Rejection (verl's rollout_rs): tokens whose ratio π_S / μ lies outside "
+                            "[--rollout-rs-threshold-lower, --rollout-rs-threshold] leave the loss and its normaliser; "
+                            "token: per token; sequence: the whole response by the product of its ratios; geometric: by "
+                            "their geometric mean. Default: off.")
+    group.add_argument("--rollout-rs-threshold", type=positive_float, default=None,
+                       help="The rejection band's upper end (> 1), with --rollout-rs.")
+    group.add_argument("--rollout-rs-threshold-lower", type=positive_float, default=None,
+                       help="The rejection band's lower end (< 1); default: 1 / --rollout-rs-threshold.")
     group.add_argument("--scope-group-size", type=positive_int, default=8,
                        help="G: responses sampled per prompt.")
 

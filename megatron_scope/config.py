@@ -34,6 +34,8 @@ TEACHER_BACKENDS = ("megatron", "vllm")
 #: --rollout-placement: where the vLLM rollout engines live (RolloutConfig.placement).
 ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
 ROLLOUT_SCHEDULES = ("sync", "one-step-off")
+ROLLOUT_IS_LEVELS = ("token", "sequence")
+ROLLOUT_RS_LEVELS = ("token", "sequence", "geometric")
 WEIGHT_TRANSFERS = ("auto", "ipc", "shared_memory", "nccl")
 """--weight-transfer-backend choices (`rollout.vllm_engine.VLLMEngineConfig.weight_transfer`)."""
 REWARDS = ("synthetic", "synthetic-strict", "math", "custom")
@@ -363,9 +365,21 @@ class LossConfig:
     teacher_path_weights: bool = True
     """--[no-]scope-teacher-path-weights: teacher-perplexity weights on incorrect responses (off: uniform)."""
     rollout_is_threshold: float | None = None
-    """--rollout-is-threshold C: token-level truncated importance sampling (verl's rollout_is=token, as the G-OPD
-    code runs it): each token's loss times sg(min(π_S(y_t) / μ(y_t), C)), μ the distribution the engine sampled
-    from. None: off."""
+    """--rollout-is-threshold C: truncated importance sampling (at the token level, verl's rollout_is=token, as the
+    G-OPD code runs it): each token's loss times sg(min(π_S(y_t) / μ(y_t), C)), μ the distribution the engine sampled
+    from (`rollout_is`: the level). None: off."""
+    rollout_is: str = "token"
+    """--rollout-is: the level of --rollout-is-threshold's weights (verl's rollout_is): "token", each token's own
+    ratio; "sequence", the product of the ratios of its response's sampled tokens, which also corrects which
+    prefixes a stale sampler visits."""
+    rollout_rs: str | None = None
+    """--rollout-rs: rejection of tokens whose ratio π_S / μ lies outside [--rollout-rs-threshold-lower,
+    --rollout-rs-threshold] (verl's rollout_rs): "token", per token; "sequence", the whole response by the product of
+    its ratios; "geometric", by their geometric mean. Rejected tokens leave the loss and its normaliser. None: off."""
+    rollout_rs_threshold: float | None = None
+    """--rollout-rs-threshold: the band's upper end (> 1)."""
+    rollout_rs_threshold_lower: float | None = None
+    """--rollout-rs-threshold-lower: the band's lower end, in (0, 1) (None: 1 / the upper end, verl's default)."""
     baselines: BaselineConfig = BaselineConfig()
     """The baselines' hyper-parameters."""
 
@@ -409,6 +423,20 @@ class LossConfig:
                              f"k1 advantage: use --scope-algorithm scope --scope-kl k1, not {self.algorithm}/{self.kl}")
         if self.rollout_is_threshold is not None and not self.rollout_is_threshold > 0:
             raise ValueError(f"--rollout-is-threshold must be > 0, got {self.rollout_is_threshold}")
+        if self.rollout_is not in ROLLOUT_IS_LEVELS:
+            raise ValueError(f"--rollout-is must be one of {ROLLOUT_IS_LEVELS}, got {self.rollout_is!r}")
+        if self.rollout_is != "token" and self.rollout_is_threshold is None:
+            raise ValueError(f"--rollout-is {self.rollout_is} sets the level of --rollout-is-threshold's weights: "
+                             "give --rollout-is-threshold C")
+        if self.rollout_rs is not None and self.rollout_rs not in ROLLOUT_RS_LEVELS:
+            raise ValueError(f"--rollout-rs must be one of {ROLLOUT_RS_LEVELS}, got {self.rollout_rs!r}")
+        if (self.rollout_rs is None) != (self.rollout_rs_threshold is None) or (
+                self.rollout_rs is None and self.rollout_rs_threshold_lower is not None):
+            raise ValueError("--rollout-rs LEVEL and --rollout-rs-threshold go together (--rollout-rs-threshold-lower "
+                             "only with them)")
+        if self.rollout_rs is not None and not (0 < self.rejection_band[0] < 1 < self.rejection_band[1]):
+            raise ValueError(f"the rejection band [--rollout-rs-threshold-lower, --rollout-rs-threshold] must hold 1 "
+                             f"inside and have a lower end > 0, got {list(self.rejection_band)}")
         if not self.student_path and self.algorithm != "scope":
             raise ValueError(f"--no-scope-student-path turns off SCOPE's correct-response MLE; --scope-algorithm "
                              f"{self.algorithm} has no such path")
@@ -442,6 +470,12 @@ class LossConfig:
         """The objective reads an external teacher (its logits, top-k or log-probs; SCOPE's teacher-path weights
         too)."""
         return self.algorithm not in TEACHER_FREE_ALGORITHMS and not self.self_teacher
+
+    @property
+    def rejection_band(self) -> tuple[float, float]:
+        """(lower, upper) of --rollout-rs's band of π_S / μ."""
+        lower = self.rollout_rs_threshold_lower
+        return (1 / self.rollout_rs_threshold if lower is None else lower), self.rollout_rs_threshold
 
     @property
     def needs_teacher_logits(self) -> bool:
@@ -517,6 +551,9 @@ class RolloutConfig:
     rank; "rank0", one engine inside global rank 0 for the whole step; "ray", --rollout-engines Ray actors."""
     engines: int = 0
     """--rollout-engines: the number of Ray actors with --rollout-placement ray (0 otherwise)."""
+    teacher_engines: int = 1
+    """--teacher-engines: with --rollout-placement ray, the Ray actors that serve a vLLM teacher (and ExOPD's vLLM
+    reference), each scoring a shard of every step's responses."""
     ray_address: str | None = None
     """--ray-address: the Ray cluster to join with --rollout-engines (None: RAY_ADDRESS, else a local Ray)."""
     gpus_per_engine: float | None = None
@@ -537,6 +574,10 @@ class RolloutConfig:
         if (self.engines > 0) != (self.placement == "ray"):
             raise ValueError(f"--rollout-engines {self.engines} with --rollout-placement {self.placement}: Ray engines "
                              "(--rollout-engines N >= 1) go with --rollout-placement ray and only with it")
+        if self.teacher_engines < 1 or (self.teacher_engines > 1 and self.placement != "ray"):
+            raise ValueError(f"--teacher-engines {self.teacher_engines}: N >= 1 Ray actors of a vLLM teacher go with "
+                             f"--rollout-placement ray (got {self.placement}); other placements put one beside each "
+                             "rollout engine")
         if not self.kv_cache_gib > 0:
             raise ValueError(f"--rollout-kv-cache-gib must be > 0, got {self.kv_cache_gib}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
@@ -879,7 +920,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             student_path_exponent=args.scope_student_path_exponent, logprob_temperature=args.logprob_temperature,
             tau=args.scope_tau, weight_norm=args.scope_weight_norm,
             student_path=args.scope_student_path, student_path_weights=args.scope_student_path_weights,
-            rollout_is_threshold=args.rollout_is_threshold,
+            rollout_is_threshold=args.rollout_is_threshold, rollout_is=args.rollout_is, rollout_rs=args.rollout_rs,
+            rollout_rs_threshold=args.rollout_rs_threshold, rollout_rs_threshold_lower=args.rollout_rs_threshold_lower,
             teacher_path_weights=args.scope_teacher_path_weights,
             baselines=BaselineConfig(clip_eps=args.grpo_clip_eps, clip_ratio_c=args.clip_ratio_c,
                                      exopd_lambda=args.exopd_lambda,
@@ -899,7 +941,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
             offload_teacher=args.rl_offload_teacher_during_inference,
             tensor_parallel_size=args.rollout_tensor_parallel_size or (
                 args.tensor_model_parallel_size if placement == "colocated" else 1),
-            engines=args.rollout_engines, ray_address=args.ray_address,
+            engines=args.rollout_engines, teacher_engines=args.teacher_engines, ray_address=args.ray_address,
             gpus_per_engine=args.rollout_gpus_per_engine, vllm_log_level=args.vllm_log_level,
             schedule=args.rollout_schedule),
         optimizer=OptimizerConfig(

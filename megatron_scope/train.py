@@ -160,16 +160,17 @@ def start_engines(config: RunConfig, reference_hf: str):
     if dist.get_rank() != rollout_group(config.rollout.placement)[1]:  # not a leader
         return engines
     residency = DeviceResidency()
+    ray_teacher_engines = config.rollout.teacher_engines if config.rollout.engines else 0  # 0: in this process
     try:
         engines[0] = start_engine(config, models.student_hf, config.rollout.engines, residency=residency)
         engines[0].sleep(level=2)
         if config.teacher_engine:  # a vLLM teacher, or the writer of TrOPD's guidance prefixes
-            engines[1] = start_engine(config, models.teacher_hf, min(config.rollout.engines, 1),
+            engines[1] = start_engine(config, models.teacher_hf, ray_teacher_engines,
                                       max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0,
                                       residency=residency, name="teacher")
             engines[1].sleep(level=1)
         if config.remote_reference:  # ExOPD's reference served by vLLM
-            engines[2] = start_engine(config, reference_hf, min(config.rollout.engines, 1), residency=residency,
+            engines[2] = start_engine(config, reference_hf, ray_teacher_engines, residency=residency,
                                       name="reference")
             engines[2].sleep(level=1)
     except BaseException:

@@ -91,7 +91,8 @@ logger = logging.getLogger("megatron_scope.trainer")
 METHOD_LOG_METRICS = (("srpo/distilled_fraction", "SRPO distilled fraction"),
                       ("tropd/guided_fraction", "TrOPD guided fraction"),
                       ("loss/tropd_outlier_fraction", "TrOPD outlier fraction"),
-                      ("loss/is_truncated_fraction", "IS truncated fraction"))
+                      ("loss/is_truncated_fraction", "IS truncated fraction"),
+                      ("loss/rs_rejected_fraction", "RS rejected fraction"))
 
 
 def log_line(iteration: int, train_iters: int, metrics: dict) -> str:

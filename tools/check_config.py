@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu-memory-gib", type=positive_float, default=80.0, help="Memory of one GPU.")
     g.add_argument("--rollout-gpus", type=nonnegative_int, default=0,
                    help="GPUs running the Ray engines of --rollout-placement ray apart from the training ranks "
-                        "(default: --rollout-engines x --rollout-tensor-parallel-size).")
+                        "(default: the rollout engines, and --teacher-engines for a vLLM teacher and for a vLLM "
+                        "reference each, x --rollout-tensor-parallel-size).")
     g.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                    help="Longest prompt in tokens (default: measured from --train-data with the tokenizer, "
                         f"else {DEFAULT_PROMPT_TOKENS}).")
@@ -161,9 +162,10 @@ def run_check(args: argparse.Namespace) -> dict:
                             "is not here): pass --max-prompt-tokens")
 
     rollout = config.rollout
+    ray_engines = rollout.engines + rollout.teacher_engines * (config.teacher_engine + config.remote_reference)
     plan = me.RunPlan(
         config=config, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, max_prompt_tokens=max_prompt,
-        rollout_gpus=(args.rollout_gpus or rollout.engines * rollout.tensor_parallel_size)
+        rollout_gpus=(args.rollout_gpus or ray_engines * rollout.tensor_parallel_size)
         if rollout.placement == "ray" else 0,
         rollout_element_bytes=config_dtype(student_config).itemsize, gpu_memory_gib=args.gpu_memory_gib,
         overhead_gib=args.overhead_gib)
@@ -182,6 +184,15 @@ def run_check(args: argparse.Namespace) -> dict:
         notes.append(f"rollout: vLLM engines of TP {rollout.tensor_parallel_size} on training GPUs ({where}), asleep "
                      "while they train: the rollout engine at level 2 (weights dropped, a refit follows every step), "
                      "a vLLM teacher or reference at level 1 (weights in pinned host memory); KV caches freed")
+    else:
+        notes.append(f"rollout: {ray_engines} Ray engine(s) of TP {rollout.tensor_parallel_size} on "
+                     f"{plan.rollout_gpus} GPUs of their own (each engine's weights and KV cache resident there, the "
+                     f"training GPUs hold none), {plan.world_size} GPUs train; --rollout-schedule {rollout.schedule}: "
+                     + ("the engines generate step k+1 while the trainer trains step k, so a step takes about "
+                        "max(rollout, training) + refit and each response is one optimizer step stale"
+                        if rollout.schedule == "one-step-off" else
+                        "the engines idle while the trainer trains and the trainer while they generate (a step takes "
+                        "rollout + training + refit; --rollout-schedule one-step-off overlaps them)"))
     if host:
         notes.append(f"host memory: the (self-)teacher's last hidden states of the local batch wait in pinned "
                      f"host memory from the scoring pass to the student's step, {host / me.GIB:.1f} GiB per rank "

@@ -38,6 +38,9 @@ RELEASED_RECIPE = ["--scope-kl", "k1", "--scope-teacher-path-loss", "ppo", "--sc
                    "--loss-agg-mode", "scope-released", "--rollout-temperature", "0.6", "--logprob-temperature", "0.6",
                    "--lr-decay-style", "constant", "--weight-decay", "0.01"]
 
+ONE_STEP_OFF = ["--rollout-engines", "1", "--rollout-schedule", "one-step-off"]
+SEQUENCE_IS = ["--rollout-is", "sequence", "--rollout-is-threshold", "5"]
+
 # method name -> (--scope-algorithm, extra flags)
 STUDY_METHODS = {
     **{name: (name, []) for name in ("scope", "opd", "exopd", "srpo", "tropd", "grpo", "sft")},
@@ -49,6 +52,12 @@ STUDY_METHODS = {
     "srpo-external": ("srpo", ["--srpo-teacher", "external"]),  # failures distilled toward the external teacher
     "tropd-guided": ("tropd", ["--tropd-prefix-fraction", "0.5"]),  # half the prompts continue teacher prefixes
     "tropd-mask": ("tropd", ["--tropd-outlier", "mask"]),  # outliers get no loss ("tropd": the paper's forward KL)
+    # one Ray engine generating step k+1 from the weights before step k while step k trains (issue 29), uncorrected
+    # or with sequence-level truncated IS against the stale sampler
+    "scope-one-step-off": ("scope", ONE_STEP_OFF),
+    "scope-one-step-off-seq-is": ("scope", [*ONE_STEP_OFF, *SEQUENCE_IS]),
+    "opd-one-step-off": ("opd", ONE_STEP_OFF),
+    "opd-one-step-off-seq-is": ("opd", [*ONE_STEP_OFF, *SEQUENCE_IS]),
 }
 
 

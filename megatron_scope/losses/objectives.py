@@ -22,6 +22,7 @@ prompt's group may be spread over microbatches and ranks.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -213,13 +214,40 @@ IS_LOG_RATIO_BOUND = 20.0
 
 
 @torch.no_grad()
-def truncated_is_weights(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Token-level truncated importance weights (verl's rollout_is="token", the G-OPD recipe's correction):
-    w_t = min(exp(clamp(log π_S(y_t) - log μ(y_t), ±20)), C), π_S the trained policy before the step, μ the
-    distribution the rollout engine sampled y_t from (they differ by the engine's numerics, bf16 kernels, or a
-    stale engine). No gradient; the objective's per-token loss is multiplied by it."""
-    log_ratio = (old_log_probs - rollout_log_probs).clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND)
-    return torch.exp(log_ratio).clamp_max(threshold)
+def rollout_log_ratios(old_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, sampled: torch.Tensor,
+                       level: str = "token") -> torch.Tensor:
+    """log(π_S / μ) on each token of [n, s] responses, π_S the trained policy before the step (`old_log_probs`), μ the
+    distribution the rollout engine sampled from (they differ by the engine's numerics, bf16 kernels, or a stale
+    engine), at verl's levels: "token", log π_S(y_t) - log μ(y_t); "sequence", their sum over the response's
+    `sampled` tokens, log Π_t π_S(y_t) / μ(y_t), on every token of it; "geometric", their mean. 0 where `sampled` is
+    0 (padding, tokens another model wrote)."""
+    sampled = sampled.bool()
+    per_token = torch.where(sampled, old_log_probs - rollout_log_probs, 0.0)
+    if level == "token":
+        return per_token
+    total = per_token.sum(-1, keepdim=True)
+    if level == "geometric":
+        total = total / sampled.sum(-1, keepdim=True).clamp_min(1)
+    elif level != "sequence":
+        raise ValueError(f"level must be token, sequence or geometric, got {level!r}")
+    return torch.where(sampled, total, 0.0)
+
+
+@torch.no_grad()
+def truncated_is_weights(log_ratios: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Truncated importance weights (verl's rollout_is; the G-OPD recipe's at the token level):
+    w = min(exp(clamp(log π_S / μ, ±20)), C) of `rollout_log_ratios`. No gradient; the objective's per-token loss is
+    multiplied by it. At the sequence level and C = ∞, E_μ[w ℓ_t] = E_π_S[ℓ_t] for any per-token loss ℓ_t of the
+    response's tokens (the future ratios average to 1), so a stale sampler's prefixes are corrected too."""
+    return torch.exp(log_ratios.clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND)).clamp_max(threshold)
+
+
+@torch.no_grad()
+def rejection_keep_mask(log_ratios: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
+    """verl's rollout_rs: True where π_S / μ of `rollout_log_ratios` lies inside band = (lower, upper), compared in
+    log space (a token with ratio 0, log-ratio 0 outside the sampled tokens, is kept)."""
+    lower, upper = band
+    return (log_ratios >= math.log(lower)) & (log_ratios <= math.log(upper))
 
 
 @torch.no_grad()

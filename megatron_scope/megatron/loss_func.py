@@ -58,6 +58,8 @@ from megatron_scope.losses.objectives import (
     TokenStats,
     aggregate,
     group_normalized_advantages,
+    rejection_keep_mask,
+    rollout_log_ratios,
     tropd_inside,
     truncated_is_weights,
 )
@@ -94,8 +96,8 @@ def required_batch_keys(config: LossConfig, teacher_hidden: bool = False) -> set
         keys |= {"old_log_probs", "teacher_log_probs"}
     if config.algorithm == "exopd":
         keys.add("ref_log_probs")
-    if config.rollout_is_threshold is not None:  # w_t = min(π_S / μ, C) from the step's two views of y_t
-        keys |= {"old_log_probs", "rollout_log_probs"}
+    if config.rollout_is_threshold is not None or config.rollout_rs is not None:  # π_S / μ from the step's two
+        keys |= {"old_log_probs", "rollout_log_probs"}  # views of y_t
     return keys
 
 
@@ -273,18 +275,32 @@ def _teacher_hidden_check(batch: dict, num_sequences: int) -> tuple[torch.Tensor
     return flags.any(), message
 
 
+def rollout_correction(config: LossConfig, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(truncated IS weights, rejection keep-mask) of --rollout-is-threshold/--rollout-is and --rollout-rs, each None
+    when off, from the step's two views of each token: π_S (`old_log_probs`) and the sampler μ (`rollout_log_probs`).
+    Tokens the student's engine did not draw (TrOPD's teacher prefix) get weight 1, are kept, and stay out of the
+    sequence-level products."""
+    sampled = sampled_by_student(batch)
+    weights = keep = None
+    if config.rollout_is_threshold is not None:
+        log_ratios = rollout_log_ratios(batch["old_log_probs"], batch["rollout_log_probs"], sampled, config.rollout_is)
+        weights = torch.where(sampled.bool(), truncated_is_weights(log_ratios, config.rollout_is_threshold), 1.0)
+    if config.rollout_rs is not None:
+        log_ratios = rollout_log_ratios(batch["old_log_probs"], batch["rollout_log_probs"], sampled, config.rollout_rs)
+        keep = rejection_keep_mask(log_ratios, config.rejection_band)
+    return weights, keep
+
+
 def _loss_sum(config: LossConfig, stats: TokenStats, batch: dict):
-    """(Σ w_i L_i, its count, the per-token loss, the truncated IS weights or None) of one microbatch."""
+    """(Σ w_i L_i, its count, the per-token loss, the truncated IS weights or None, the rejection keep-mask or None)
+    of one microbatch; rejected tokens leave both the sum and the count."""
     token_loss = OBJECTIVES[config.algorithm](stats, config)
-    is_weights = None
-    if config.rollout_is_threshold is not None:  # the teacher's prefix tokens need none: weight 1
-        is_weights = truncated_is_weights(batch["old_log_probs"], batch["rollout_log_probs"],
-                                          config.rollout_is_threshold)
-        if stats.prefix is not None:
-            is_weights = is_weights.masked_fill(stats.prefix, 1.0)
+    is_weights, keep = rollout_correction(config, batch)
+    if is_weights is not None:
         token_loss = token_loss * is_weights.to(token_loss.dtype)
-    loss_sum, count = aggregate(token_loss, stats.mask, batch["seq_weights"], config.loss_agg_mode)
-    return loss_sum, count, token_loss, is_weights
+    mask = stats.mask if keep is None else stats.mask * keep.to(stats.mask.dtype)
+    loss_sum, count = aggregate(token_loss, mask, batch["seq_weights"], config.loss_agg_mode)
+    return loss_sum, count, token_loss, is_weights, keep
 
 
 def _fused_stats(batch: dict, **per_token) -> TokenStats:
@@ -447,7 +463,7 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
         output = output / config.logprob_temperature  # the hidden states: dividing those divides the logits)
     stats, student_entropy, fused_loss_sum = _token_stats(config, vocab_size, batch, output, group, student_weight,
                                                           teacher_weight, checked)
-    loss_sum, count, token_loss, is_weights = _loss_sum(config, stats, batch)
+    loss_sum, count, token_loss, is_weights, keep = _loss_sum(config, stats, batch)
     if fused_loss_sum is not None:  # the value from the statistics, the gradient from the fused op (the same sum)
         loss_sum = loss_sum.detach() + (fused_loss_sum - fused_loss_sum.detach()).to(loss_sum.dtype)
     report = _report(stats, batch, student_entropy)
@@ -455,8 +471,10 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
     tokens = sampled.sum()
     if config.rollout_is_threshold is not None:  # the weights' mean and how often C cut them, over sampled tokens
         report["is_weight"] = torch.stack([(is_weights * sampled).sum(), tokens])
-        truncated = (batch["old_log_probs"] - batch["rollout_log_probs"]) > math.log(config.rollout_is_threshold)
+        truncated = is_weights >= config.rollout_is_threshold
         report["is_truncated_fraction"] = torch.stack([(truncated * sampled).sum(), tokens])
+    if keep is not None:  # the share of the student's tokens --rollout-rs rejected
+        report["rs_rejected_fraction"] = torch.stack([(~keep * sampled).sum(), tokens])
     if config.algorithm == "tropd":  # the share of the student's tokens outside the trust region (the outliers)
         outside = (~tropd_inside(stats, config)).to(sampled.dtype) * sampled
         report["tropd_outlier_fraction"] = torch.stack([outside.sum(), tokens])

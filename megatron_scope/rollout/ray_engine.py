@@ -159,14 +159,23 @@ class RayRolloutEngine(RolloutEngine):
         return results
 
     def score(self, sequences: Sequence[Sequence[int]], first: Sequence[int] | None = None) -> list[list[float]]:
-        """Temperature-1 log-probs of each sequence's tokens from position `first[i]` on (default 1; on the first
-        engine)."""
-        return ray.get(self._actors[0].score.remote([list(s) for s in sequences], first))
+        """Temperature-1 log-probs of each sequence's tokens from position `first[i]` on (default 1), every engine
+        scoring one contiguous shard of about equal tokens (`token_shards`) at once."""
+        return self._sharded("score", sequences, first)
 
     def score_topk(self, sequences: Sequence[Sequence[int]], k: int,
                    first: Sequence[int] | None = None) -> list[SequenceScores]:
-        """`score` plus each position's top-k next tokens (on the first engine)."""
-        return ray.get(self._actors[0].score_topk.remote([list(s) for s in sequences], k, first))
+        """`score` plus each position's top-k next tokens."""
+        return self._sharded("score_topk", sequences, first, k)
+
+    def _sharded(self, method: str, sequences: Sequence[Sequence[int]], first: Sequence[int] | None, *args) -> list:
+        """The actors' `method` on their shards of `sequences` (with their `first`), results in the input's order."""
+        sequences = [list(s) for s in sequences]
+        shards = token_shards([len(s) for s in sequences], len(self._actors))
+        calls = [getattr(actor, method).remote([sequences[i] for i in shard], *args,
+                                               None if first is None else [first[i] for i in shard])
+                 for actor, shard in zip(self._actors, shards)]
+        return [result for part in ray.get(calls) for result in part]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Bucket, `ray.put` once, load on every engine; validated in each engine before it sends to vLLM.
@@ -260,6 +269,19 @@ def queue_chunks(prompt_lengths: Sequence[int], num_engines: int, chunks_per_eng
     num_chunks = min(len(order), num_engines * chunks_per_engine)
     bounds = [len(order) * k // num_chunks for k in range(num_chunks + 1)] if num_chunks else [0]
     return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def token_shards(lengths: Sequence[int], num_engines: int) -> list[range]:
+    """Contiguous index ranges, at most `num_engines` non-empty ones, of about equal total length: shard k ends
+    where the running token count first reaches k/num_engines of the total (a prompt group's sequences, adjacent,
+    mostly share an engine and its prefix cache)."""
+    total, bounds, running = sum(lengths), [0], 0
+    for i, length in enumerate(lengths):
+        running += length
+        while len(bounds) < num_engines and running * num_engines >= total * len(bounds):
+            bounds.append(i + 1)
+    bounds.append(len(lengths))
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def _on_device(named_tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, device: torch.device):

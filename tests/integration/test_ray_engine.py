@@ -205,3 +205,49 @@ def test_an_nccl_refit_on_a_gpu_of_its_own_reaches_the_weights_vllm_scores_with(
         assert_scores_match(engine, other)
     finally:
         engine.close()
+
+
+class ScoringActor:
+    """Stands in for an engine's scoring: log-prob -token at each scored position (top-k: the token, k times);
+    records the sequences it was given."""
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, sequences, first=None):
+        self.seen.append(sequences)
+        return [[-float(t) for t in s[(1 if first is None else f):]] for s, f in zip(sequences, first or sequences)]
+
+    def score_topk(self, sequences, k, first=None):
+        from megatron_scope.rollout.engine import SequenceScores
+
+        return [SequenceScores.from_lists(scores, [[t] * k for t in s[1:]], [[0.0] * k for _ in s[1:]])
+                for s, scores in zip(sequences, self.score(sequences, first))]
+
+    def recorded(self):
+        return self.seen
+
+    def close(self):
+        pass
+
+
+def test_scoring_is_sharded_over_every_engine_by_tokens(ray_session):
+    """A vLLM teacher of 3 Ray engines (--teacher-engines 3): each scores one contiguous shard of about equal tokens
+    at once, and the results come back in the input's order, as one engine gives them; with fewer sequences than
+    engines the rest get none."""
+    from megatron_scope.rollout.ray_engine import token_shards
+
+    engine = RayRolloutEngine.__new__(RayRolloutEngine)
+    engine._actors = [ray.remote(ScoringActor).options(num_cpus=0).remote() for _ in range(3)]
+    lengths = [30, 2, 2, 9, 9, 9, 3, 30, 5, 1]
+    sequences = [list(range(i, i + n)) for i, n in enumerate(lengths)]
+    first = [1 + i % 3 for i in range(len(sequences))]
+    assert engine.score(sequences, first) == [[-float(t) for t in s[f:]] for s, f in zip(sequences, first)]
+    seen = [shard for actor in engine._actors for shard in ray.get(actor.recorded.remote())]
+    assert [s for shard in seen for s in shard] == sequences and len(seen) == 3  # contiguous, in order, once each
+    assert max(sum(map(len, shard)) for shard in seen) <= sum(lengths) / 3 + max(lengths)
+    topk = engine.score_topk(sequences[:2], 2)
+    assert [scores.log_probs.tolist() for scores in topk] == [[-float(t) for t in s[1:]] for s in sequences[:2]]
+    assert topk[1].topk_ids.tolist() == [[t, t] for t in sequences[1][1:]]
+    assert token_shards([4, 4], 3) == [range(0, 1), range(1, 2)] and token_shards([], 3) == []
+    engine.close()

