@@ -296,6 +296,25 @@ def test_sequence_level_weights_and_rejection(batch, is_level, rs_level):
     assert float(loss_sum) == pytest.approx(float(expected), rel=1e-5) and int(count) == int((mask * keep).sum())
 
 
+@pytest.mark.parametrize("algorithm", ["scope", "opd", "exopd", "srpo", "tropd", "grpo", "sft"])
+def test_every_objective_reduces_to_its_uncorrected_form_when_the_sampler_is_the_learner(batch, algorithm):
+    """μ = π_S (a fresh, exact sampler): sequence-level IS and any rejection band change neither the loss nor its
+    gradient, for every objective (issue 29's "each loss path reduces to its sync form")."""
+    batch["rollout_log_probs"] = batch["old_log_probs"].clone()
+    batch["trust_uniform"] = torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(0))  # TrOPD
+    plain = LossConfig(algorithm=algorithm)
+    corrected = LossConfig(algorithm=algorithm, rollout_is_threshold=2.0, rollout_is="sequence",
+                           rollout_rs="sequence", rollout_rs_threshold=1.01)
+    results = []
+    for config in (plain, corrected):
+        logits = student_logits(batch).requires_grad_(True)
+        loss_sum, count, report = scope_loss_func(config, V, batch, logits)
+        results.append((float(loss_sum), int(count), torch.autograd.grad(loss_sum, logits)[0]))
+    assert results[0][:2] == pytest.approx(results[1][:2], rel=1e-6)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-6, atol=1e-9)
+    assert reduce_reports([report])["rs_rejected_fraction"] == 0 and reduce_reports([report])["is_weight"] == 1
+
+
 def test_rollout_is_weights_multiply_each_tokens_loss(batch):
     """--rollout-is-threshold C: each token's loss times sg(min(π_S / μ, C)) (token-mean over OPD's full KL, so
     the loss is Σ_i s_i Σ_t w_t KL_t / N_tok with s_i the sequence weights), the weights' mean and truncated fraction reported, no gradient through w."""
