@@ -639,7 +639,7 @@ class ScopeTrainer:
         sampled = [sampled_by_student(b) for b in microbatches]  # TrOPD's prefix tokens were sampled by the teacher
         sums = []  # per microbatch: Σ|d|, Σ d, Σ k3, Σ r, Σ r², count, with d = log μ - log π
         for batch, mask in zip(microbatches, sampled):
-            gap = ((batch["rollout_log_probs"] - batch["old_log_probs"]) * mask).double()
+            gap = torch.where(mask.bool(), batch["rollout_log_probs"] - batch["old_log_probs"], 0.0).double()
             ratio = torch.exp((-gap).clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND)) * mask
             sums.append(torch.stack([gap.abs().sum(), gap.sum(), ((ratio - 1 + gap) * mask).sum(), ratio.sum(),
                                      (ratio * ratio).sum(), mask.sum().double()]))
@@ -755,9 +755,10 @@ class ScopeTrainer:
         refits once both are done."""
         start = time.perf_counter()
         rollout, self.prefetched = self.prefetched, None
-        produced = None  # the rollout the engines produced during this iteration
+        produced = []  # the rollouts the engines produced during this iteration
         if rollout is None:
-            rollout = produced = self._rollout(iteration)
+            rollout = self._rollout(iteration)
+            produced.append(rollout)
         trainer_idle = time.perf_counter() - start
         ahead = None
         if self.config.rollout.schedule == "one-step-off" and iteration < self.config.loop.train_iters:
@@ -766,12 +767,13 @@ class ScopeTrainer:
         outcome = self.learn(rollout.groups, metrics, rollout.first)
         if ahead is not None:
             waiting = time.perf_counter()
-            self.prefetched = produced = self._finish_rollout(ahead)
+            self.prefetched = self._finish_rollout(ahead)
+            produced.append(self.prefetched)
             trainer_idle += time.perf_counter() - waiting
-        metrics["time/sync_s"] = self.sync_weights()  # also after a skipped step: the engine slept at level 2
+        metrics["time/sync_s"] = self.sync_weights()  # also after a skipped step
         metrics["time/iteration_s"] = time.perf_counter() - start
         metrics["time/trainer_idle_s"] = trainer_idle
-        busy = produced.seconds["busy"] if produced is not None else 0.0
+        busy = sum(r.seconds["busy"] for r in produced)
         metrics["time/engine_idle_s"] = max(metrics["time/iteration_s"] - busy - metrics["time/sync_s"], 0.0)
         if not outcome.updated:
             logger.warning("iteration %d: skipped the optimizer step: %s", iteration, outcome.skipped_reason)
@@ -860,18 +862,18 @@ class ScopeTrainer:
         if state is None:
             logger.info("no checkpoint under %s: starting from iteration 0", load)
             return
+        prefetched = state.get("prefetched_rollout")
+        if prefetched is not None and (self.config.rollout.placement == "colocated" or len(
+                prefetched.groups) != self.config.rollout.prompts_per_step):
+            raise ValueError(f"{load}: the checkpoint holds iteration {prefetched.iteration}'s rollout, "
+                             f"{len(prefetched.groups)} prompt groups produced by Ray engines (--rollout-schedule "
+                             f"one-step-off); resume with --rollout-placement ray and --prompts-per-step "
+                             f"{len(prefetched.groups)} (this run: {self.config.rollout.placement}, "
+                             f"{self.config.rollout.prompts_per_step})")
         self.dataset.load_state_dict(state["dataset"])  # raises if the checkpoint saw other prompts or seed
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration, self.history = state["iteration"], state["history"]
-        self.evaluations = state.get("evaluations", [])
-        self.prefetched = state.get("prefetched_rollout")
-        if self.prefetched is not None and (self.config.rollout.placement == "colocated" or len(
-                self.prefetched.groups) != self.config.rollout.prompts_per_step):
-            raise ValueError(f"{load}: the checkpoint holds iteration {self.prefetched.iteration}'s rollout, "
-                             f"{len(self.prefetched.groups)} prompt groups produced by Ray engines (--rollout-schedule "
-                             f"one-step-off); resume with --rollout-placement ray and --prompts-per-step "
-                             f"{len(self.prefetched.groups)} (this run: {self.config.rollout.placement}, "
-                             f"{self.config.rollout.prompts_per_step})")
+        self.evaluations, self.prefetched = state.get("evaluations", []), prefetched
         logger.info("resumed from iteration %d (RNG restored: %s)", self.iteration, state["rng_restored"])
 
     def _extra_models(self) -> dict:
