@@ -274,7 +274,7 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "first rank; it generates exactly the prompts its replica trains on, is refit from the "
                         "replica's own shards and sleeps (CUDA) while the replica trains. rank0: one engine inside "
                         "global rank 0 generates the whole step and every rank receives it. ray: --rollout-engines "
-                        "Ray actors anywhere in the cluster, fed from a queue. Default: ray with --rollout-engines, "
+                        "Ray actors anywhere in the cluster, each given its share of the step's prompts at once. Default: ray with --rollout-engines, "
                         "else colocated.")
     g.add_argument("--rollout-schedule", choices=ROLLOUT_SCHEDULES, default="sync",
                    help="sync: generate, train, refit, in series. one-step-off: the engines sample step k+1's "
@@ -282,7 +282,7 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "step stale; --rollout-is-threshold corrects for it); needs --rollout-placement ray.")
     g.add_argument("--rollout-engines", type=nonnegative_int, default=0,
                    help="With --rollout-placement ray: N >= 1 engines as Ray actors, placed by Ray on any node of the "
-                        "cluster (rollout/ray_engine.py); prompt groups are handed out from a queue, longest first.")
+                        "cluster (rollout/ray_engine.py); each gets its share of every step's prompt groups in one call.")
     g.add_argument("--teacher-engines", type=positive_int, default=1,
                    help="With --rollout-placement ray: N Ray actors serving a vLLM teacher (--teacher-backend vllm, "
                         "TrOPD's guidance) and ExOPD's vLLM reference, each scoring a shard of about equal tokens of "

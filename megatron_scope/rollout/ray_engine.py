@@ -2,7 +2,7 @@
 
     ray.init(address="auto")                               # or ray.init(num_cpus=...) locally
     engine = RayRolloutEngine(config, num_engines=4, actor_options={"num_gpus": 1})
-    groups = engine.generate(prompts, params)              # prompt groups handed out from a queue
+    groups = engine.generate(prompts, params)              # each engine gets its whole share of prompt groups
     engine.update_weights(iter_hf_weights(model, arch))    # each bucket sent once to Ray, read by every engine
 
 Each actor runs a `VLLMRolloutEngine` (see vllm_engine.py for the contracts, which carry over unchanged:
@@ -23,7 +23,6 @@ Errors raised in an actor reach the caller as Ray errors that are also instances
 
 from __future__ import annotations
 
-import collections
 import os
 from typing import Any, Iterable, Sequence
 
@@ -102,7 +101,7 @@ class RolloutEngineActor:
 
 
 class RayRolloutEngine(RolloutEngine):
-    """`num_engines` vLLM engines as Ray actors; `generate` hands whole prompt groups out from a queue.
+    """`num_engines` vLLM engines as Ray actors; `generate` gives each engine its whole share of prompt groups.
 
     Results equal one engine's: sample j of prompt i keeps its seed `seeds[i][j]` whichever engine draws it.
     """
@@ -133,29 +132,18 @@ class RayRolloutEngine(RolloutEngine):
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[Sequence[int]] | None = None,
                  max_new_tokens: Sequence[int] | None = None) -> list[list[Completion]]:
-        """Chunks of prompts (`queue_chunks`: longest first) from a queue: each engine takes the next chunk
-        when it finishes one, so a step waits for the slowest chunk, not the slowest fixed block."""
+        """Every engine gets its whole share of the prompts in one call (`engine_shares`), so each one's vLLM batch holds
+        all its requests at once and a step waits for one tail of long responses per engine, not one per chunk in
+        series; shares are dealt longest prompt first, so their prompt tokens balance."""
         prompts = [list(p) for p in prompts]
         seeds, caps = per_prompt_plan(prompts, params, seeds, max_new_tokens)
-        queue = collections.deque(queue_chunks([len(p) for p in prompts], len(self._actors)))
+        shares = engine_shares([len(p) for p in prompts], len(self._actors))
+        calls = [actor.generate.remote([prompts[i] for i in share], params, [seeds[i] for i in share],
+                                       [caps[i] for i in share]) for actor, share in zip(self._actors, shares)]
         results: list = [None] * len(prompts)
-        running = {}  # ObjectRef -> (actor, chunk)
-
-        def hand_out(actor) -> None:
-            chunk = queue.popleft()
-            ref = actor.generate.remote([prompts[i] for i in chunk], params, [seeds[i] for i in chunk],
-                                        [caps[i] for i in chunk])
-            running[ref] = actor, chunk
-
-        for actor in self._actors[:len(queue)]:
-            hand_out(actor)
-        while running:
-            (ref,), _ = ray.wait(list(running), num_returns=1)
-            actor, chunk = running.pop(ref)
-            for i, group in zip(chunk, ray.get(ref)):
+        for share, groups in zip(shares, ray.get(calls)):
+            for i, group in zip(share, groups):
                 results[i] = group
-            if queue:
-                hand_out(actor)
         return results
 
     def score(self, sequences: Sequence[Sequence[int]], first: Sequence[int] | None = None) -> list[list[float]]:
@@ -261,14 +249,12 @@ class RayRolloutEngine(RolloutEngine):
             ray.kill(actor)
 
 
-def queue_chunks(prompt_lengths: Sequence[int], num_engines: int, chunks_per_engine: int = 4) -> list[list[int]]:
-    """Prompt indices in the order engines take them: sorted by prompt length, longest first (a long prompt's
-    group tends to finish last, so it starts first), cut into about `chunks_per_engine` chunks per engine
-    (several requests per call keep vLLM's batch full; several calls per engine let a fast engine take more)."""
+def engine_shares(prompt_lengths: Sequence[int], num_engines: int) -> list[list[int]]:
+    """Each engine's prompt indices: sorted by prompt length, longest first, dealt round-robin (engine e takes
+    places e, e + N, ...), so every share has about 1/N of the prompts and of their tokens, longest first within
+    it; at most `num_engines` non-empty shares."""
     order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
-    num_chunks = min(len(order), num_engines * chunks_per_engine)
-    bounds = [len(order) * k // num_chunks for k in range(num_chunks + 1)] if num_chunks else [0]
-    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [order[e::num_engines] for e in range(min(num_engines, len(order)))]
 
 
 def token_shards(lengths: Sequence[int], num_engines: int) -> list[range]:

@@ -1,25 +1,24 @@
-"""The Ray engines' work queue: every prompt exactly once, longest prompts first, several chunks per engine; the
-per-sample seeds and per-prompt caps both engines check."""
+"""The Ray engines' shares of a step: every prompt exactly once, one share per engine dealt longest prompt first;
+the per-sample seeds and per-prompt caps both engines check."""
 
 import pytest
 
-from megatron_scope.rollout.ray_engine import queue_chunks
+from megatron_scope.rollout.ray_engine import engine_shares
 
 
-def test_chunks_cover_every_prompt_once_longest_first():
+def test_each_engine_gets_one_share_dealt_longest_first():
     lengths = [3, 9, 1, 9, 4, 7, 2, 8, 5, 6]
-    chunks = queue_chunks(lengths, num_engines=2, chunks_per_engine=2)
-    assert len(chunks) == 4 and all(chunks)
-    order = [i for chunk in chunks for i in chunk]
-    assert sorted(order) == list(range(len(lengths)))
-    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
-    assert order[:2] == [1, 3]  # equal lengths keep their batch order
+    shares = engine_shares(lengths, num_engines=3)
+    assert shares == [[1, 5, 4, 2], [3, 9, 0], [7, 8, 6]]  # 9 9 8 | 7 6 5 | 4 3 2 | 1; equal lengths keep batch order
+    assert sorted(i for share in shares for i in share) == list(range(len(lengths)))
+    totals = [sum(lengths[i] for i in share) for share in shares]
+    assert max(totals) - min(totals) <= max(lengths)
 
 
-@pytest.mark.parametrize("num_prompts,num_engines,expected", [(0, 2, 0), (3, 4, 3), (8, 2, 8), (100, 3, 12)])
-def test_chunk_count(num_prompts, num_engines, expected):
-    chunks = queue_chunks([1] * num_prompts, num_engines)
-    assert len(chunks) == expected and sum(map(len, chunks)) == num_prompts
+@pytest.mark.parametrize("num_prompts,num_engines,expected", [(0, 2, 0), (3, 4, 3), (8, 2, 2), (100, 3, 3)])
+def test_share_count(num_prompts, num_engines, expected):
+    shares = engine_shares([1] * num_prompts, num_engines)
+    assert len(shares) == expected and sum(map(len, shares)) == num_prompts and all(shares)
 
 
 def test_per_prompt_plan_defaults_and_refusals():
