@@ -2,8 +2,7 @@
 co-located Megatron teacher.
 
 - W&B (offline mode) gets the run's config and every scalar; --save-hf puts an HF model in each checkpoint;
-- exact resume: a process loading the straight run's first checkpoint (a half-written save beside it) trains its
-  second iteration alike; --exit-interval stops both runs before --train-iters;
+- --exit-interval stops a run before --train-iters;
 - parallel layouts with co-located engines (TP=2 with the vocab-parallel top-k at k = V; PP=2 x DP=2, an engine
   per replica, with token-budget microbatches) give the same first-iteration loss and gradient norm as TP=1
   with the full KL (the first rollout is identical everywhere: same seeds, same initial weights), and every
@@ -11,8 +10,9 @@ co-located Megatron teacher.
 - Ray-placed engines (--rollout-engines 2), reading a parquet copy of the prompts through the key flags and grading
   with a plug-in verifier (--reward custom), give the in-process engine's first iteration, with accuracy per data
   source; under --rollout-schedule one-step-off the second step trains on responses sampled from the initial weights
-  (their log-probs are those weights', the version stamped 0), and a resume from the first checkpoint, which holds
-  that rollout, trains the second step exactly as the uninterrupted run;
+  (their log-probs are those weights', the version stamped 0), and a process resuming from the first checkpoint
+  (a half-written save beside it), which holds that rollout, trains the second step exactly as the uninterrupted
+  run (exact resume: weights, optimizer, data position, RNG, the rollout in flight);
 - a vLLM teacher at DP=2 with the rank0 placement (--teacher-backend vllm, top-k with k = V) gives the
   co-located teacher's first iteration;
 - ExOPD's reference served by vLLM gives the co-located reference's first iteration;
@@ -54,7 +54,7 @@ def workspace(tmp_path_factory):
 def straight_run(workspace):
     """2 iterations without interruption (of 3 scheduled: --exit-interval 2), TP=1, saving after each; the training
     state (gradient buffers, optimizer, co-located teacher) offloaded during each rollout, which the runs compared
-    with this one (resumed, other layouts) do not do: their equality shows the offload changes nothing."""
+    with this one (other layouts, Ray engines) do not do: their equality shows the offload changes nothing."""
     save = os.path.join(workspace.root, "ckpt_straight")
     os.environ["WANDB_MODE"] = "offline"  # read by the spawned rank's wandb: the run is written to disk only
     try:
@@ -101,34 +101,6 @@ def test_the_wandb_run_has_the_config_and_every_scalar(straight_run):
         assert scalars.keys() <= logged.keys()
         for key, value in scalars.items():
             assert logged[key] == pytest.approx(value, rel=1e-12), key
-
-
-def test_resume_reproduces_the_uninterrupted_run(workspace, straight_run):
-    """A fresh process loading the straight run's first checkpoint (iteration 2's removed, and a half-written
-    iteration 2 planted beside it, as a run killed inside save_checkpoint leaves) trains iteration 2 exactly as the
-    uninterrupted run did: weights, optimizer, data position and RNG all restored, the partial save ignored."""
-    history, straight_save = straight_run
-    save = os.path.join(workspace.root, "ckpt_resume")
-    shutil.copytree(straight_save, save)
-    shutil.rmtree(os.path.join(save, "iter_0000002"))
-    with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as handle:
-        handle.write("1")
-    os.makedirs(os.path.join(save, "iter_0000002.tmp"))
-    with open(os.path.join(save, "iter_0000002.tmp", "scope_state.pt"), "wb") as handle:
-        handle.write(b"\x80\x02half-written")
-    with open(os.path.join(save, "latest_checkpointed_iteration.txt.tmp"), "w") as handle:
-        handle.write("2")
-    (resumed,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 3, extra=[
-        "--save", save, "--load", save, "--exit-interval", "2"]),), timeout=900)
-    assert [h["iteration"] for h in resumed] == [1, 2]  # history restored from the checkpoint, then one step
-    for key in ("loss/loss", "optimizer/grad_norm", "rollout/accuracy", "rollout/response_length"):
-        assert resumed[1][key] == pytest.approx(history[1][key], rel=1e-5), key
-    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as handle:
-        assert handle.read().strip() == "2"
-    assert not [name for name in os.listdir(save) if name.endswith(".tmp")]
-    state = [torch.load(os.path.join(root, "iter_0000002", "scope_state.pt"), weights_only=False)
-             for root in (save, straight_save)]
-    assert state[0]["dataset"] == state[1]["dataset"]
 
 
 @pytest.mark.parametrize("tp,pp,world_size", [(2, 1, 2), (1, 2, 4)], ids=["tp2-topk", "pp2-dp2-token-budget"])
@@ -260,21 +232,34 @@ def test_one_step_off_trains_on_responses_of_the_weights_one_step_before(workspa
 
 
 def test_one_step_off_resumes_exactly(workspace, one_step_off_run, tmp_path):
-    """A process loading iteration 1's checkpoint, which holds the rollout of iteration 2 produced during iteration 1,
-    trains iteration 2 exactly as the uninterrupted run did, and its iteration-2 checkpoint holds the same data
-    position and the same rollout of iteration 3 (sampled from the same θ_1 with the same seeds)."""
+    """A fresh process loading iteration 1's checkpoint (iteration 2's removed, and a half-written iteration 2
+    planted beside it, as a run killed inside save_checkpoint leaves), which holds the rollout of iteration 2 produced
+    during iteration 1, trains iteration 2 exactly as the uninterrupted run did: weights, optimizer, data position,
+    RNG and the rollout in flight restored, the partial save ignored. Its iteration-2 checkpoint holds the same data
+    position and the same rollout of iteration 3, sampled from the same θ_1 with the same seeds, here by one Ray
+    engine instead of two (samples do not depend on the engine count)."""
     history, argv, _, straight_save = one_step_off_run
     save = str(tmp_path / "ckpt")
     shutil.copytree(straight_save, save)
     shutil.rmtree(os.path.join(save, "iter_0000002"))
     with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as handle:
         handle.write("1")
+    os.makedirs(os.path.join(save, "iter_0000002.tmp"))
+    with open(os.path.join(save, "iter_0000002.tmp", "scope_state.pt"), "wb") as handle:
+        handle.write(b"\x80\x02half-written")
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt.tmp"), "w") as handle:
+        handle.write("2")
+    argv = list(argv)
+    argv[argv.index("--rollout-engines") + 1] = "1"
     (resumed,) = run_on_ranks(train_history, 1, args=(argv + ["--save", save, "--load", save],), timeout=900)
-    assert [h["iteration"] for h in resumed] == [1, 2]
+    assert [h["iteration"] for h in resumed] == [1, 2]  # history restored from the checkpoint, then one step
     for key in ("rollout/accuracy", "rollout/response_length", "rollout/staleness_mean"):
         assert resumed[1][key] == history[1][key], key
     for key in ("loss/loss", "optimizer/grad_norm", "rollout/logprob_abs_diff"):
         assert resumed[1][key] == pytest.approx(history[1][key], rel=1e-5), key
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as handle:
+        assert handle.read().strip() == "2"
+    assert not [name for name in os.listdir(save) if name.endswith(".tmp")]
     (theirs, their_state), (ours, our_state) = _prefetched(straight_save, 2), _prefetched(save, 2)
     assert our_state["dataset"] == their_state["dataset"] and ours.iteration == theirs.iteration == 3
     for mine, other in zip(ours.groups, theirs.groups, strict=True):
@@ -363,8 +348,8 @@ def solving_student(workspace):
 def test_validation_during_training_equals_tools_eval_on_the_same_checkpoints(workspace, solving_student, tmp_path):
     """GRPO at DP=2 from a student that solves part of the task, validating on the held-out split before the first
     step and after each (--eval-at-start --eval-interval 1; each replica's engine samples its half of the problems):
-    at iteration 0 and at the last checkpoint (its --save-hf model), tools/eval.py with the run's own flags logs the
-    same Avg@4 and Pass@1/2/4. The held-out accuracy moves during training, and a set named after a benchmark-free
+    on the last checkpoint (its --save-hf model), tools/eval.py with the run's own flags gives the logged Avg@4 and
+    Pass@1/2/4 exactly. The held-out accuracy moves during training, and a set named after a benchmark-free
     file is read through the key flags."""
     import importlib.util
     import json
@@ -392,10 +377,8 @@ def test_validation_during_training_equals_tools_eval_on_the_same_checkpoints(wo
     spec = importlib.util.spec_from_file_location("eval_tool", os.path.join(ROOT, "tools", "eval.py"))
     eval_tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_tool)
-    for iteration, model in ((0, solving_student), (2, os.path.join(save, "iter_0000002"))):
-        paths = eval_tool.main(["--model", model, "--tokenizer", workspace.tokenizer, "--kv-cache-gib", "1",
-                                "--output-dir", str(tmp_path / f"eval_{iteration}"), "--no-progress", *shared])
-        with open(paths["json"]) as handle:
-            offline = json.load(handle)["benchmarks"]["heldout"]
-        logged = evaluations[iteration]
-        assert [offline[key.removeprefix("eval/heldout/")] for key in keys] == [logged[key] for key in keys], iteration
+    paths = eval_tool.main(["--model", os.path.join(save, "iter_0000002"), "--tokenizer", workspace.tokenizer,
+                            "--kv-cache-gib", "1", "--output-dir", str(tmp_path / "eval"), "--no-progress", *shared])
+    with open(paths["json"]) as handle:
+        offline = json.load(handle)["benchmarks"]["heldout"]
+    assert [offline[key.removeprefix("eval/heldout/")] for key in keys] == [evaluations[2][key] for key in keys]
