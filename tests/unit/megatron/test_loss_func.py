@@ -207,8 +207,11 @@ def test_logprob_temperature_scales_the_students_logits(batch):
 @pytest.mark.parametrize("config", [LossConfig(), LossConfig(kl="jsd", logprob_temperature=0.6),
                                     LossConfig(algorithm="opd", kl="forward", loss_agg_mode="token-mean"),
                                     LossConfig(loss_agg_mode="scope-released"),
-                                    LossConfig(algorithm="opd", rollout_is_threshold=1.3)],
-                         ids=["scope-reverse", "scope-jsd-T0.6", "opd-forward", "scope-released", "opd-rollout-is"])
+                                    LossConfig(algorithm="opd", rollout_is_threshold=1.3),
+                                    LossConfig(rollout_is_threshold=3.0, rollout_is="sequence", rollout_rs="token",
+                                               rollout_rs_threshold=1.5)],
+                         ids=["scope-reverse", "scope-jsd-T0.6", "opd-forward", "scope-released", "opd-rollout-is",
+                              "scope-sequence-is-token-rs"])
 @pytest.mark.parametrize("layout", ["every-position", "response-positions", "teacher-response-rows"])
 def test_the_fused_kl_from_hidden_states_equals_the_loss_on_logits(config, layout):
     """Student hidden states + output layer and the teacher's (ops.linear_kl, its gradient taken in the forward pass
@@ -227,7 +230,7 @@ def test_the_fused_kl_from_hidden_states_equals_the_loss_on_logits(config, layou
         with_hidden["teacher_hidden"] = with_hidden["teacher_hidden"].flatten(0, 1)[with_hidden["response_positions"]]
     assert config.fuses_student_logits
     g = torch.Generator().manual_seed(5)
-    if config.rollout_is_threshold is not None:  # truncated IS weights: per-token coefficients of the batch
+    if config.rollout_is_threshold is not None:  # IS weights and rejection: per-token coefficients of the batch
         old = with_logits["teacher_log_probs"] - 0.2
         rollout = old + 0.5 * torch.randn(old.shape, generator=g)
         for b in (with_logits, with_hidden):
