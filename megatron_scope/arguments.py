@@ -279,7 +279,12 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--rollout-schedule", choices=ROLLOUT_SCHEDULES, default="sync",
                    help="sync: generate, train, refit, in series. one-step-off: the engines sample step k+1's "
                         "responses from the weights before step k while step k trains (each response one optimizer "
-                        "step stale; --rollout-is-threshold corrects for it); needs --rollout-placement ray.")
+                        "step stale; --rollout-is-threshold corrects for it). async: the engines produce each step's "
+                        "rollout as soon as --max-staleness admits it, up to η steps ahead of training. The last two "
+                        "need --rollout-placement ray.")
+    g.add_argument("--max-staleness", type=nonnegative_int, default=None,
+                   help="With --rollout-schedule async: η, the most optimizer steps a response may lag the weights "
+                        "that train on it (0: the sync schedule's order; 1: one-step-off's bound, reached greedily).")
     g.add_argument("--rollout-engines", type=nonnegative_int, default=0,
                    help="With --rollout-placement ray: N >= 1 engines as Ray actors, placed by Ray on any node of the "
                         "cluster (rollout/ray_engine.py); each gets its share of every step's prompt groups in one call.")

@@ -33,7 +33,7 @@ WEIGHT_NORMS = ("mean", "sum")
 TEACHER_BACKENDS = ("megatron", "vllm")
 #: --rollout-placement: where the vLLM rollout engines live (RolloutConfig.placement).
 ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
-ROLLOUT_SCHEDULES = ("sync", "one-step-off")
+ROLLOUT_SCHEDULES = ("sync", "one-step-off", "async")
 ROLLOUT_IS_LEVELS = ("token", "sequence")
 ROLLOUT_RS_LEVELS = ("token", "sequence", "geometric")
 WEIGHT_TRANSFERS = ("auto", "ipc", "shared_memory", "nccl")
@@ -564,7 +564,11 @@ class RolloutConfig:
     """--rollout-schedule: "sync", each step trains on responses the engines sample from its own weights (generate,
     then train, then refit); "one-step-off", the engines sample step k+1's responses from the weights before step k
     while step k trains, so generation overlaps training and every response is one optimizer step stale (verl's
-    one-step-off trainer). Needs engines with devices of their own (--rollout-placement ray)."""
+    one-step-off trainer); "async", the engines produce each step's rollout as soon as --max-staleness admits it
+    (`rollout/producer.py`). The last two need engines with devices of their own (--rollout-placement ray)."""
+    max_staleness: int | None = None
+    """--max-staleness η: with --rollout-schedule async, the most optimizer steps a response may lag the weights that
+    train on it (None with the other schedules, whose bound is fixed: `staleness_bound`)."""
 
     def __post_init__(self):
         _positive("RolloutConfig", prompts_per_step=self.prompts_per_step, group_size=self.group_size,
@@ -593,6 +597,12 @@ class RolloutConfig:
             raise ValueError(f"--weight-transfer-bucket-mib must be >= 1, got {self.weight_transfer_bucket_mib}")
         if self.schedule not in ROLLOUT_SCHEDULES:
             raise ValueError(f"--rollout-schedule must be one of {ROLLOUT_SCHEDULES}, got {self.schedule!r}")
+        if (self.max_staleness is None) == (self.schedule == "async"):
+            raise ValueError(f"--max-staleness {self.max_staleness} with --rollout-schedule {self.schedule}: "
+                             "--rollout-schedule async needs --max-staleness η and only it takes one (sync's bound is 0, "
+                             "one-step-off's 1)")
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ValueError(f"--max-staleness must be >= 0, got {self.max_staleness}")
         if self.schedule != "sync" and self.placement != "ray":
             raise ValueError(f"--rollout-schedule {self.schedule} generates while the trainer trains, which needs engines "
                              f"on devices of their own (--rollout-placement ray with --rollout-engines N); "
@@ -605,6 +615,11 @@ class RolloutConfig:
     @property
     def sequences_per_step(self) -> int:
         return self.prompts_per_step * self.group_size
+
+    @property
+    def staleness_bound(self) -> int:
+        """η: the most optimizer steps a response may lag the weights that train on it under the schedule."""
+        return {"sync": 0, "one-step-off": 1}.get(self.schedule, self.max_staleness)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -943,7 +958,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                 args.tensor_model_parallel_size if placement == "colocated" else 1),
             engines=args.rollout_engines, teacher_engines=args.teacher_engines, ray_address=args.ray_address,
             gpus_per_engine=args.rollout_gpus_per_engine, vllm_log_level=args.vllm_log_level,
-            schedule=args.rollout_schedule),
+            schedule=args.rollout_schedule, max_staleness=args.max_staleness),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,

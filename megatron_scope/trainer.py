@@ -35,11 +35,13 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
      engines sample the --eval-data sets, each replica's engine a part of every set; Avg@n / Pass@k per set,
      `validate`) and checkpoints.
 
---rollout-schedule one-step-off (Ray engines only: they have devices of their own and never sleep): step k's rollout
-was produced during step k - 1, and while steps 3-6 run, the leader's producer thread runs step 2 for step k + 1 from
-the weights before step k; step 7 waits for it. Each group carries the version of the weights that sampled it
-(`RolloutGroup.weight_version`), staleness and the sampler-vs-learner gap are logged, and a checkpoint holds the
-rollout produced for the next step (`prefetched`), so a resume trains as the uninterrupted run.
+--rollout-schedule one-step-off and async (Ray engines only: they have devices of their own and never sleep): the
+leader's producer thread (`rollout/producer.py`) runs step 2 for the coming steps while steps 3-6 run, each step's
+rollout as soon as the staleness bound η admits it (one-step-off: step k + 1's from the weights before step k; async:
+up to --max-staleness steps ahead, greedily); step 7 waits for the rollout in progress. Each group carries the version
+of the weights that sampled it (`RolloutGroup.weight_version`), staleness and the sampler-vs-learner gap are logged,
+and a checkpoint holds the rollouts produced for the coming steps (`buffer`), so nothing is lost or produced twice on
+resume (one-step-off resumes exactly as the uninterrupted run).
 
 Engines on one leader's GPUs (rollout, teacher, reference) share a `DeviceResidency`: at most one is awake.
 A failure in a leader (its engine died, a verifier raised) reaches every rank at the end of that phase (one
@@ -49,6 +51,7 @@ stopped; the iteration is not saved. tools/check_config.py estimates each memory
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -77,6 +80,7 @@ from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token
 from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams, close_engines
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
+from megatron_scope.rollout.producer import RolloutProducer
 from megatron_scope.rewards.base import STATUS_CORRECT, STATUS_VERIFIER_ERROR, Verdict, Verifier
 from megatron_scope.rewards.routing import RoutedVerifier
 from megatron_scope.rollout.seeds import StepSeeds
@@ -134,7 +138,8 @@ def verdict_counts(metrics: dict) -> str:
 @dataclasses.dataclass
 class Rollout:
     """One step's verified prompt groups as a rank holds them: `groups[0]` is the step's group `first` (the replica's
-    share when co-located, else the whole step); `seconds`: the leader's phase times ("busy": all of them)."""
+    share when co-located, else the whole step); `seconds`: the leader's phase times ("busy": all of them; with a
+    producer, "engine_idle": the engines' wait for admission before it)."""
 
     iteration: int
     groups: list[RolloutGroup]
@@ -247,11 +252,10 @@ class ScopeTrainer:
                                              stop_token_ids=(tokenizer.eos_id,), vocab_size=self.vocab_size)
         self.evaluations: list[dict] = []
         """Every validation's metrics with its "iteration" (before that iteration's step: after iteration - 1)."""
-        self.prefetched: Rollout | None = None
-        """With --rollout-schedule one-step-off, the next step's rollout, produced during the last one (checkpointed)."""
-        self._producer = None  # the leader's thread that produces the next rollout while this one trains
-        if config.rollout.schedule == "one-step-off" and engine is not None:
-            self._producer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout")
+        self.buffer: collections.deque[Rollout] = collections.deque()
+        """Rollouts of the coming steps restored from a checkpoint (one-step-off and async produce ahead); every rank
+        holds them, and the steps consume them first."""
+        self._producer: RolloutProducer | None = None  # the leader's, with one-step-off and async (`_produce`)
         self._check_setup()
         if config.loop.save:
             checkpointing.check_writable(config.loop.save)
@@ -357,14 +361,13 @@ class ScopeTrainer:
         self.rollout_offload.offload()
         try:
             self._free_device_memory()
-            return self._finish_rollout(self._start_rollout(iteration, background=False))
+            return self._finish_rollout(self._start_rollout(iteration))
         finally:
             self.rollout_offload.restore()
 
-    def _start_rollout(self, iteration: int, background: bool) -> RolloutInFlight:
+    def _start_rollout(self, iteration: int) -> RolloutInFlight:
         """Every rank draws step `iteration`'s prompts; the leader samples, verifies and scores its share
-        (`_sample_verify_score`) from the engine's weights, those of iteration `self.iteration`: here, or with
-        `background` in the producer thread while this thread trains (one-step-off)."""
+        (`_sample_verify_score`) from the engine's weights, those of iteration `self.iteration`."""
         per_step = self.config.rollout.prompts_per_step
         prompts = self.dataset.next_batch(per_step)
         first, count = (0, per_step)
@@ -373,16 +376,35 @@ class ScopeTrainer:
             first = self.dp_rank * count
         future = None
         if self.rank == self.rollout_leader:
-            work = (self._sample_verify_score, prompts[first:first + count], first, iteration, self.iteration)
-            if background:
-                future = self._producer.submit(*work)
-            else:
-                future = concurrent.futures.Future()
-                try:
-                    future.set_result(work[0](*work[1:]))
-                except Exception as caught:  # noqa: BLE001 - every rank raises it in _finish_rollout
-                    future.set_exception(caught)
+            future = concurrent.futures.Future()
+            try:
+                future.set_result(self._sample_verify_score(prompts[first:first + count], first, iteration,
+                                                            self.iteration))
+            except Exception as caught:  # noqa: BLE001 - every rank raises it in _finish_rollout
+                future.set_exception(caught)
         return RolloutInFlight(iteration, first, future)
+
+    def _produce(self, iteration: int, weight_version: int, engine_idle_s: float) -> tuple[list[RolloutGroup], dict]:
+        """The producer's rollout of step `iteration` (one-step-off, async; the leader of Ray engines, which serves the
+        whole step): its prompts drawn here, in iteration order, then `_sample_verify_score`."""
+        prompts = self.dataset.next_batch(self.config.rollout.prompts_per_step)
+        groups, seconds = self._sample_verify_score(prompts, 0, iteration, weight_version)
+        return groups, {**seconds, "engine_idle": engine_idle_s}
+
+    def _start_producer(self, iteration: int) -> None:
+        """The leader's producer, started at this run's first step `iteration` (the engines hold the weights of
+        version iteration - 1), from the first step the restored `buffer` does not cover."""
+        rollout = self.config.rollout
+        self._producer = RolloutProducer(self._produce, rollout.staleness_bound, first=iteration + len(self.buffer),
+                                         last=self.config.loop.train_iters, version=iteration - 1,
+                                         ordered=rollout.schedule == "one-step-off")
+
+    def _holding_engines(self, new_version: int | None = None):
+        """The engines for the trainer's own use (a refit to `new_version`, a validation, a checkpoint's snapshot),
+        free of the producer's rollouts (`RolloutProducer.holding_engines`); no wait without a producer."""
+        if self._producer is None:
+            return contextlib.nullcontext()
+        return self._producer.holding_engines(new_version)
 
     def _finish_rollout(self, in_flight: RolloutInFlight) -> Rollout:
         """Every rank the leader serves: wait for the leader's share and receive it (all raise if the leader
@@ -452,6 +474,10 @@ class ScopeTrainer:
             stats["time/teacher_score_s"] = times[1]
         if "reference_score" in seconds:
             stats["time/reference_score_s"] = times[2]
+        if self.config.rollout.schedule != "sync":  # Ray engines: every rank holds the whole step
+            bound = self.config.rollout.staleness_bound
+            stats["rollout/staleness_at_bound_fraction"] = sum(
+                len(g.completions) for g, lag in zip(groups, staleness) if lag == bound) / samples
         for i, source in enumerate(self.data_sources):  # a source none of the step's prompts came from: NaN
             source_correct, source_samples = sums[5 + 2 * i:7 + 2 * i]
             stats[f"rollout/accuracy/{source}"] = source_correct / source_samples if source_samples else float("nan")
@@ -669,10 +695,11 @@ class ScopeTrainer:
         free_cached_device_memory()
         dist.barrier(group=self.rollout_group)
 
-    def sync_weights(self) -> float:
+    def sync_weights(self, version: int | None = None) -> float:
         """Wake the engine's weights (its KV cache wakes for the next rollout, after the refit) and stream the
         student's weights into them from this replica's own shards (every rank of the replica takes part; with
-        "rank0"/"ray" only the replica of global rank 0); returns seconds."""
+        "rank0"/"ray" only the replica of global rank 0); with a producer, once its rollout in progress has ended,
+        and `version` (the optimizer steps the weights have taken) admits the rollouts it allows. Returns seconds."""
         start = time.perf_counter()
         self._free_device_memory()
         stream = iter_hf_weights(self.student, self.arch, bucket_bytes=self.config.loop.weight_sync_bucket_mib << 20,
@@ -680,8 +707,9 @@ class ScopeTrainer:
         error = None
         if self.engine is not None:
             try:
-                self.engine.wake(["weights"])
-                self.engine.update_weights(stream)
+                with self._holding_engines(version):
+                    self.engine.wake(["weights"])
+                    self.engine.update_weights(stream)
             except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
                 error = caught
         drain(stream)  # the rest of the replica is inside the stream's collectives
@@ -709,19 +737,24 @@ class ScopeTrainer:
         (co-located: replica r of D takes part r of D; one engine otherwise), each problem seeded by its index in its
         set (`eval.runner.sample_and_grade`), so the numbers are tools/eval.py's on this checkpoint with the same
         flags. The engine's KV cache wakes (the training state offloaded as for a rollout) and it sleeps at level 2
-        afterwards, then is refit: every rank of a replica enters."""
+        afterwards, then is refit: every rank of a replica enters. With a producer (one-step-off, async) the Ray
+        engines, awake on devices of their own, are held from its rollouts meanwhile and hold the current weights
+        throughout: neither sleep nor refit."""
         start = time.perf_counter()
         part = (self.dp_rank, self.dp_size) if self.config.rollout.placement == "colocated" else (0, 1)
         records, error = [], None
+        sync = self.config.rollout.schedule == "sync"
         self.rollout_offload.offload()
         try:
             self._free_device_memory()
             if self.engine is not None:
                 try:
-                    self.engine.wake(["kv_cache"])
-                    records = sample_and_grade(self.engine, self.tokenizer, self.eval_sets, self.eval_config,
-                                               self.verifier, part, show_progress=False)
-                    self.engine.sleep(level=2)
+                    with self._holding_engines():
+                        self.engine.wake(["kv_cache"])
+                        records = sample_and_grade(self.engine, self.tokenizer, self.eval_sets, self.eval_config,
+                                                   self.verifier, part, show_progress=False)
+                        if sync:
+                            self.engine.sleep(level=2)
                 except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
                     error = caught
             self._raise_if_any_failed(error, "validation")
@@ -736,7 +769,8 @@ class ScopeTrainer:
                    for part_grades in gathered for name, problem, index, correct, status in part_grades]
         report = build_report(self.eval_sets, samples, self.eval_config)
         metrics = {key: value for result in report.benchmarks for key, value in result.metrics().items()}
-        self.sync_weights()  # the engine slept at level 2: the next rollout needs the weights back
+        if sync:
+            self.sync_weights()  # the engine slept at level 2: the next rollout needs the weights back
         metrics["time/eval_s"] = time.perf_counter() - start
         return metrics
 
@@ -750,31 +784,34 @@ class ScopeTrainer:
 
     def train_step(self, iteration: int) -> dict:
         """One iteration under --rollout-schedule: "sync" produces step `iteration`'s rollout, learns from it and
-        refits; "one-step-off" learns from the rollout produced during the previous iteration (or produces it now,
-        at the first) while the engines produce the next step's from the weights before this step's update, then
-        refits once both are done."""
+        refits; "one-step-off" and "async" learn from the rollout the producer made ahead (waiting for it if it is not
+        done) while the producer goes on with the coming steps', then refit once the rollout in progress has ended.
+        A rollout restored from a checkpoint (`buffer`) comes first under any schedule.
+
+        time/trainer_idle_s: waiting for the rollout (sync: all of it); time/engine_idle_s: sync, the iteration less
+        the engines' work and the refit; with a producer, its wait for admission before this rollout."""
         start = time.perf_counter()
-        rollout, self.prefetched = self.prefetched, None
-        produced = []  # the rollouts the engines produced during this iteration
-        if rollout is None:
+        producing = self.config.rollout.schedule != "sync"
+        if producing and self.engine is not None and self._producer is None:
+            self._start_producer(iteration)
+        if self.buffer:
+            rollout = self.buffer.popleft()
+        elif not producing:
             rollout = self._rollout(iteration)
-            produced.append(rollout)
+        else:
+            future = self._producer.result(iteration) if self.engine is not None else None
+            rollout = self._finish_rollout(RolloutInFlight(iteration, 0, future))
         trainer_idle = time.perf_counter() - start
-        ahead = None
-        if self.config.rollout.schedule == "one-step-off" and iteration < self.config.loop.train_iters:
-            ahead = self._start_rollout(iteration + 1, background=True)
         metrics = self._rollout_metrics(rollout)
         outcome = self.learn(rollout.groups, metrics, rollout.first)
-        if ahead is not None:
-            waiting = time.perf_counter()
-            self.prefetched = self._finish_rollout(ahead)
-            produced.append(self.prefetched)
-            trainer_idle += time.perf_counter() - waiting
-        metrics["time/sync_s"] = self.sync_weights()  # also after a skipped step
+        metrics["time/sync_s"] = self.sync_weights(version=iteration)  # also after a skipped step
         metrics["time/iteration_s"] = time.perf_counter() - start
         metrics["time/trainer_idle_s"] = trainer_idle
-        busy = sum(r.seconds["busy"] for r in produced)
-        metrics["time/engine_idle_s"] = max(metrics["time/iteration_s"] - busy - metrics["time/sync_s"], 0.0)
+        if "engine_idle" in rollout.seconds:
+            metrics["time/engine_idle_s"] = rollout.seconds["engine_idle"]
+        else:
+            metrics["time/engine_idle_s"] = max(
+                metrics["time/iteration_s"] - rollout.seconds["busy"] - metrics["time/sync_s"], 0.0)
         if not outcome.updated:
             logger.warning("iteration %d: skipped the optimizer step: %s", iteration, outcome.skipped_reason)
             if self.config.loop.exit_on_nonfinite:
@@ -844,7 +881,7 @@ class ScopeTrainer:
         and the verifier's workers (after the producer thread's rollout in progress, if any), and free the teacher's
         host buffer."""
         if self._producer is not None:
-            self._producer.shutdown(wait=True, cancel_futures=True)
+            self._producer.close()
         close_engines((self.engine, self.teacher_engine, self.reference_engine))
         self.verifier.close()
         self.teacher_hidden_buffer.release()
@@ -862,28 +899,52 @@ class ScopeTrainer:
         if state is None:
             logger.info("no checkpoint under %s: starting from iteration 0", load)
             return
-        prefetched = state.get("prefetched_rollout")
-        if prefetched is not None and (self.config.rollout.placement == "colocated" or len(
-                prefetched.groups) != self.config.rollout.prompts_per_step):
-            raise ValueError(f"{load}: the checkpoint holds iteration {prefetched.iteration}'s rollout, "
-                             f"{len(prefetched.groups)} prompt groups produced by Ray engines (--rollout-schedule "
-                             f"one-step-off); resume with --rollout-placement ray and --prompts-per-step "
-                             f"{len(prefetched.groups)} (this run: {self.config.rollout.placement}, "
-                             f"{self.config.rollout.prompts_per_step})")
+        buffer = state.get("rollout_buffer", [])
+        self._check_buffer(load, buffer, state["iteration"])
         self.dataset.load_state_dict(state["dataset"])  # raises if the checkpoint saw other prompts or seed
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration, self.history = state["iteration"], state["history"]
-        self.evaluations, self.prefetched = state.get("evaluations", []), prefetched
+        self.evaluations, self.buffer = state.get("evaluations", []), collections.deque(buffer)
         logger.info("resumed from iteration %d (RNG restored: %s)", self.iteration, state["rng_restored"])
+
+    def _check_buffer(self, load: str, buffer: list[Rollout], iteration: int) -> None:
+        """Before any state changes on resume: the rollouts a checkpoint of `iteration` holds for the coming steps can
+        be consumed by this run: whole steps (a leader that serves every rank: not co-located), the step's prompt
+        count, and each response within this schedule's staleness bound at the step it goes to."""
+        rollout = self.config.rollout
+        for j, produced in enumerate(buffer, start=iteration + 1):
+            lag = max(j - 1 - g.weight_version for g in produced.groups)
+            fits = rollout.placement != "colocated" and len(produced.groups) == rollout.prompts_per_step
+            if produced.iteration != j or not fits or lag > rollout.staleness_bound:
+                raise ValueError(
+                    f"{load}: the checkpoint holds iteration {produced.iteration}'s rollout ({len(produced.groups)} "
+                    f"prompt groups, from weights {lag} steps before the step that trains on it), produced ahead by "
+                    f"one leader for every rank; this run (--rollout-placement {rollout.placement}, --prompts-per-step "
+                    f"{rollout.prompts_per_step}, --rollout-schedule {rollout.schedule}, staleness bound "
+                    f"{rollout.staleness_bound}) cannot train on it: resume with --rollout-placement ray or rank0, "
+                    f"--prompts-per-step {len(produced.groups)} and a schedule whose bound is at least {lag} "
+                    "(--rollout-schedule async --max-staleness)")
 
     def _extra_models(self) -> dict:
         """Trained state a checkpoint keeps beside the student's: SRPO's EMA teacher."""
         return {"srpo_ema_teacher": self.ema_teacher.model} if self.ema_teacher is not None else {}
 
     def save(self) -> None:
-        state = {"scheduler": self.scheduler.state_dict(), "dataset": self.dataset.state_dict(),
-                 "history": self.history, "evaluations": self.evaluations, "seed": self.config.loop.seed,
-                 "prefetched_rollout": self.prefetched}
+        """A checkpoint of the current iteration; with a producer, its finished rollouts of the coming steps and the
+        data position after them, snapshotted while it is held (after its rollout in progress). A rollout ahead that
+        failed stops every rank here, with its error, before anything is written."""
+        ahead, error = [], None
+        with self._holding_engines():
+            try:
+                ahead = [Rollout(j, groups, 0, seconds) for j, (groups, seconds) in
+                         (self._producer.produced() if self._producer is not None else [])]
+            except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
+                error = caught
+            dataset = self.dataset.state_dict()
+        self._raise_if_any_failed(error, "rollout")
+        state = {"scheduler": self.scheduler.state_dict(), "dataset": dataset, "history": self.history,
+                 "evaluations": self.evaluations, "seed": self.config.loop.seed,
+                 "rollout_buffer": list(self.buffer) + ahead}
         path = checkpointing.save_checkpoint(self.config.loop.save, self.iteration, self.student, self.optimizer, state,
                                              arch=self.arch, extra_models=self._extra_models(),
                                              save_hf=self.config.loop.save_hf)

@@ -188,11 +188,22 @@ def run_check(args: argparse.Namespace) -> dict:
         notes.append(f"rollout: {ray_engines} Ray engine(s) of TP {rollout.tensor_parallel_size} on "
                      f"{plan.rollout_gpus} GPUs of their own (each engine's weights and KV cache resident there, the "
                      f"training GPUs hold none), {plan.world_size} GPUs train; --rollout-schedule {rollout.schedule}: "
-                     + ("the engines generate step k+1 while the trainer trains step k, so a step takes about "
-                        "max(rollout, training) + refit and each response is one optimizer step stale"
-                        if rollout.schedule == "one-step-off" else
-                        "the engines idle while the trainer trains and the trainer while they generate (a step takes "
-                        "rollout + training + refit; --rollout-schedule one-step-off overlaps them)"))
+                     + {"one-step-off": "the engines generate step k+1 while the trainer trains step k, so a step "
+                                        "takes about max(rollout, training) + refit and each response is one "
+                                        "optimizer step stale",
+                        "async": f"the engines produce each step's rollout up to {rollout.max_staleness} step(s) ahead "
+                                 "of training (each response 0 to that many optimizer steps stale), so a step takes "
+                                 "about max(rollout, training) + refit on average and a slow rollout is absorbed by "
+                                 "those produced ahead of it",
+                        "sync": "the engines idle while the trainer trains and the trainer while they generate (a step "
+                                "takes rollout + training + refit; --rollout-schedule one-step-off or async overlaps "
+                                "them)"}[rollout.schedule])
+        if rollout.schedule != "sync":
+            ahead = rollout.staleness_bound + 1  # the rollouts produced ahead, and the one in progress
+            tokens = rollout.sequences_per_step * rollout.max_new_tokens
+            notes.append(f"host memory: the rollout leader (global rank 0) holds up to {ahead} step(s)' rollouts "
+                         f"produced ahead, at most {ahead} x {tokens:,} response tokens (token id and sampling "
+                         "log-prob each, as Python lists), and a checkpoint saves the finished ones")
     if host:
         notes.append(f"host memory: the (self-)teacher's last hidden states of the local batch wait in pinned "
                      f"host memory from the scoring pass to the student's step, {host / me.GIB:.1f} GiB per rank "

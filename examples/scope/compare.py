@@ -39,6 +39,7 @@ RELEASED_RECIPE = ["--scope-kl", "k1", "--scope-teacher-path-loss", "ppo", "--sc
                    "--lr-decay-style", "constant", "--weight-decay", "0.01"]
 
 ONE_STEP_OFF = ["--rollout-engines", "1", "--rollout-schedule", "one-step-off"]
+ASYNC_2 = ["--rollout-engines", "1", "--rollout-schedule", "async", "--max-staleness", "2"]
 SEQUENCE_IS = ["--rollout-is", "sequence", "--rollout-is-threshold", "5"]
 
 # method name -> (--scope-algorithm, extra flags)
@@ -58,6 +59,11 @@ STUDY_METHODS = {
     "scope-one-step-off-seq-is": ("scope", [*ONE_STEP_OFF, *SEQUENCE_IS]),
     "opd-one-step-off": ("opd", ONE_STEP_OFF),
     "opd-one-step-off-seq-is": ("opd", [*ONE_STEP_OFF, *SEQUENCE_IS]),
+    # the producer up to 2 steps ahead (async, η = 2): responses 0-2 optimizer steps stale
+    "scope-async-2": ("scope", ASYNC_2),
+    "scope-async-2-seq-is": ("scope", [*ASYNC_2, *SEQUENCE_IS]),
+    "opd-async-2": ("opd", ASYNC_2),
+    "opd-async-2-seq-is": ("opd", [*ASYNC_2, *SEQUENCE_IS]),
 }
 
 

@@ -297,24 +297,125 @@ def _one_step_off_calls(rank, failing_iteration=None):
 
 
 def test_one_step_off_generates_the_next_step_while_this_one_learns():
-    """--rollout-schedule one-step-off at DP=2 with a Ray-placed engine (led by rank 0): step 1's rollout is
-    produced first; then each step's learning overlaps the producer thread's rollout of the next step, sampled from
-    the weights before that step (version k - 1 for step k + 1), and the refit waits for it; nothing sleeps (the
-    engines have devices of their own). Every rank learns from version-stamped groups, staleness 0 then 1. A
-    rollout that fails in the producer thread stops every rank after the step it overlapped."""
+    """--rollout-schedule one-step-off at DP=2 with a Ray-placed engine (led by rank 0): the leader's producer thread
+    generates step 1's rollout, then each step's learning overlaps its rollout of the next step, sampled from the
+    weights before that step (version k - 1 for step k + 1), and the refit waits for it; nothing sleeps (the engines
+    have devices of their own), and the trainer's thread never generates. Every rank learns from version-stamped
+    groups, staleness 0 then 1. A rollout that fails in the producer thread stops every rank after the step it
+    overlapped."""
     from megatron_scope.rollout.seeds import StepSeeds
     from megatron_scope.testing.tiny import tiny_run_config
 
     seeds = [StepSeeds(tiny_run_config().loop.seed, k).groups([0, 1], 2, "rollout") for k in (1, 2, 3)]
     refit = [("free",), ("wake", ["weights"]), ("update_weights", ["w"])]
     (leader, leader_failure), (other, other_failure) = run_on_ranks(_one_step_off, 2)
-    assert leader["main"] == [("free",), ("wake", ["kv_cache"]), ("generate", seeds[0]),
-                              ("learn", [0, 0], 0.0), *refit, ("learn", [0, 0], 1.0), *refit, ("learn", [1, 1], 1.0),
-                              *refit]
-    assert leader["producer"] == [("wake", ["kv_cache"]), ("generate", seeds[1]), ("wake", ["kv_cache"]),
-                                  ("generate", seeds[2])]
-    assert other["main"] == [("free",), ("learn", [0, 0], 0.0), ("free",), ("learn", [0, 0], 1.0), ("free",),
+    assert leader["main"] == [("learn", [0, 0], 0.0), *refit, ("learn", [0, 0], 1.0), *refit,
+                              ("learn", [1, 1], 1.0), *refit]
+    assert leader["producer"] == [call for k in range(3) for call in (("wake", ["kv_cache"]), ("generate", seeds[k]))]
+    assert other["main"] == [("learn", [0, 0], 0.0), ("free",), ("learn", [0, 0], 1.0), ("free",),
                              ("learn", [1, 1], 1.0), ("free",)] and other["producer"] == []
     message = "the engine failed on iteration 2's rollout"
     assert (leader_failure, other_failure) == (
         f"RuntimeError: {message}", f"RuntimeError: rank 0's rollout failed: RuntimeError: {message}")
+
+
+def _async_two_ahead(rank, world_size):
+    """Three train_steps of an async (η = 2) stand-in trainer at DP=2, one Ray-placed engine led by rank 0: the
+    engine's calls per thread and, per step, the sampling versions, mean staleness and share at the bound each rank
+    learned from. Step 1's learning waits (with a deadline) until the producer has begun iteration 3's rollout: the
+    producer must run two steps ahead of training, so all three rollouts come from θ_0."""
+    import threading
+
+    import torch
+
+    from megatron_scope import trainer as trainer_module
+    from megatron_scope.rollout.seeds import StepSeeds
+    from megatron_scope.testing.tiny import tiny_run_config
+
+    calls = {"main": [], "producer": []}
+    third_begun = threading.Event()
+    seed = tiny_run_config().loop.seed
+
+    class ThreadRecords(list):  # the engine's calls, each in the list of the thread that made it
+        def append(self, call):
+            calls["main" if threading.current_thread() is threading.main_thread() else "producer"].append(call)
+
+    def before_generating(seeds):
+        if seeds == StepSeeds(seed, 3).groups([0, 1], 2, "rollout"):
+            third_begun.set()
+
+    engine = _RecordingEngine(ThreadRecords(), before_generating=before_generating) if rank == 0 else None
+    trainer = _stand_in_trainer(rank, "ray", [0], engine=engine, remote_teacher=False, train_iters=3, engines=1,
+                                schedule="async", max_staleness=2)
+    trainer_module.free_cached_device_memory = lambda: None
+
+    def learn(groups, metrics, first):
+        calls["main"].append(("learn", [g.weight_version for g in groups], metrics["rollout/staleness_mean"],
+                              metrics["rollout/staleness_at_bound_fraction"]))
+        if rank == 0 and trainer.iteration == 0:
+            assert third_begun.wait(timeout=30), "the producer did not run two steps ahead of step 1"
+        return types.SimpleNamespace(updated=True, skipped_reason=None)
+
+    trainer.learn = learn
+    trainer_module.iter_hf_weights = lambda model, arch, bucket_bytes, dst_rank: iter([("w", torch.zeros(1))])
+    try:
+        for iteration in (1, 2, 3):
+            trainer.iteration = iteration - 1
+            trainer.train_step(iteration)
+    finally:
+        trainer.close()
+    return calls
+
+
+def test_async_runs_the_producer_up_to_max_staleness_steps_ahead():
+    """--rollout-schedule async --max-staleness 2: the producer generates iterations 1-3 from θ_0 before step 1's
+    refit (all three admitted at version 0), so steps 1-3 train on responses 0, 1 and 2 steps stale (the last all at
+    the bound), on every rank; the trainer's thread only learns and refits."""
+    from megatron_scope.rollout.seeds import StepSeeds
+    from megatron_scope.testing.tiny import tiny_run_config
+
+    seeds = [StepSeeds(tiny_run_config().loop.seed, k).groups([0, 1], 2, "rollout") for k in (1, 2, 3)]
+    refit = [("wake", ["weights"]), ("update_weights", ["w"])]
+    steps = [("learn", [0, 0], 0.0, 0.0), ("learn", [0, 0], 1.0, 0.0), ("learn", [0, 0], 2.0, 1.0)]
+    leader, other = run_on_ranks(_async_two_ahead, 2)
+    assert leader["main"] == [call for step in steps for call in (step, *refit)]
+    assert leader["producer"] == [call for k in range(3) for call in (("wake", ["kv_cache"]), ("generate", seeds[k]))]
+    assert other == {"main": steps, "producer": []}
+
+def _buffer_checks(rank, world_size):
+    """`_check_buffer` on a checkpoint of iteration 1 that holds rollouts 2 and 3 (2 prompt groups each, both from
+    version 0), produced ahead by --rollout-schedule async --max-staleness 2, for runs resuming under several set-ups:
+    None where the resume may go on, else the error's message."""
+    from megatron_scope.rollout.batch import RolloutGroup
+    from megatron_scope.trainer import Rollout
+
+    buffer = [Rollout(j, [RolloutGroup(f"p{i}", [1, 2], [], [], weight_version=0) for i in range(2)], 0, {})
+              for j in (2, 3)]
+    results = {}
+    for placement, rollout in (("ray", dict(engines=1, schedule="async", max_staleness=2)), ("rank0", {}),
+                               ("ray", dict(engines=1, schedule="one-step-off")), ("colocated", {})):
+        trainer = _stand_in_trainer(rank, placement, [0], remote_teacher=False, **rollout)
+        try:
+            trainer._check_buffer("ckpt", buffer, 1)
+            results[placement, rollout.get("schedule", "sync")] = None
+        except ValueError as error:
+            results[placement, rollout.get("schedule", "sync")] = str(error)
+    return results
+
+
+def test_a_resume_refuses_rollouts_ahead_it_cannot_train_on_within_its_bound():
+    """The rollouts a checkpoint holds for the coming steps go to a run whose leader serves whole steps and whose
+    staleness bound covers them: iteration 3's rollout from θ_0 is 2 steps stale at step 3, within async η = 2 but
+    not one-step-off's 1 (iteration 2's, 1 step stale, is not within sync's 0); co-located engines serve shares of a
+    step, not whole steps."""
+    def refusal(iteration, lag, placement, schedule, bound):
+        return (f"ckpt: the checkpoint holds iteration {iteration}'s rollout (2 prompt groups, from weights {lag} steps "
+                "before the step that trains on it), produced ahead by one leader for every rank; this run "
+                f"(--rollout-placement {placement}, --prompts-per-step 2, --rollout-schedule {schedule}, staleness "
+                f"bound {bound}) cannot train on it: resume with --rollout-placement ray or rank0, --prompts-per-step 2 "
+                f"and a schedule whose bound is at least {lag} (--rollout-schedule async --max-staleness)")
+
+    (results,) = run_on_ranks(_buffer_checks, 1)
+    assert results == {("ray", "async"): None, ("rank0", "sync"): refusal(2, 1, "rank0", "sync", 0),
+                       ("ray", "one-step-off"): refusal(3, 2, "ray", "one-step-off", 1),
+                       ("colocated", "sync"): refusal(2, 1, "colocated", "sync", 0)}

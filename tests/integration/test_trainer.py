@@ -9,10 +9,11 @@ co-located Megatron teacher.
   engine samples from the trained weights after the refit;
 - Ray-placed engines (--rollout-engines 2), reading a parquet copy of the prompts through the key flags and grading
   with a plug-in verifier (--reward custom), give the in-process engine's first iteration, with accuracy per data
-  source; under --rollout-schedule one-step-off the second step trains on responses sampled from the initial weights
-  (their log-probs are those weights', the version stamped 0), and a process resuming from the first checkpoint
-  (a half-written save beside it), which holds that rollout, trains the second step exactly as the uninterrupted
-  run (exact resume: weights, optimizer, data position, RNG, the rollout in flight);
+  source; under --rollout-schedule async --max-staleness 2 the second step trains on responses sampled from the
+  initial weights (their log-probs are those weights', the version stamped 0), and a process resuming from the
+  first checkpoint (a half-written save beside it), which holds the rollouts produced ahead, trains the second step
+  exactly as the uninterrupted run (weights, optimizer, data position, RNG, the rollouts ahead; none lost or
+  produced twice);
 - a vLLM teacher at DP=2 with the rank0 placement (--teacher-backend vllm, top-k with k = V) gives the
   co-located teacher's first iteration;
 - ExOPD's reference served by vLLM gives the co-located reference's first iteration;
@@ -136,10 +137,10 @@ def test_vocabulary_mismatch_fails_before_rollout(workspace, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def one_step_off_run(workspace, tmp_path_factory):
+def async_run(workspace, tmp_path_factory):
     """--rollout-engines 2: the engines live in Ray actors (a local Ray here) and split the prompts, under
-    --rollout-schedule one-step-off (each step's responses generated while the previous step trains), 2 of 3
-    iterations (--exit-interval 2), saving after each with --save-hf. The prompts come from a parquet copy of the
+    --rollout-schedule async --max-staleness 2 (the producer up to 2 steps ahead of training), 2 of 3 iterations
+    (--exit-interval 2), saving after each with --save-hf. The prompts come from a parquet copy of the
     training file with other column names and a data-source column (--input-key, --label-key, --id-key,
     --data-source-key), graded by a plug-in (--reward custom, tests/data/custom_reward.py: the synthetic reward
     written as a user's function, run in worker processes). Returns (history, argv, the parquet file, --save)."""
@@ -148,14 +149,15 @@ def one_step_off_run(workspace, tmp_path_factory):
 
     from megatron_scope.data.datasets import read_jsonl_rows
 
-    root = tmp_path_factory.mktemp("one_step_off")
+    root = tmp_path_factory.mktemp("async_run")
     rows = [{"uid": row["id"], "question": row["prompt"], "gold": row["answer"], "kind": f"kind{line % 2}"}
             for line, row in read_jsonl_rows(workspace.train_jsonl)]
     parquet, save = str(root / "train.parquet"), str(root / "ckpt")
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), parquet)
     argv = _flags(workspace, 3, extra=["--rollout-engines", "2", "--input-key", "question", "--label-key", "gold",
                                        "--id-key", "uid", "--data-source-key", "kind",
-                                       "--rollout-schedule", "one-step-off", "--exit-interval", "2"])
+                                       "--rollout-schedule", "async", "--max-staleness", "2",
+                                       "--exit-interval", "2"])
     argv[argv.index("--train-data") + 1] = parquet
     argv[argv.index("--reward") + 1] = "custom"
     argv += ["--custom-reward-function", os.path.join(ROOT, "tests", "data", "custom_reward.py") + ":judge"]
@@ -164,14 +166,14 @@ def one_step_off_run(workspace, tmp_path_factory):
     return history, argv, parquet, save
 
 
-def test_ray_rollout_engines_a_parquet_dataset_and_a_custom_verifier_give_the_same_run(straight_run, one_step_off_run):
+def test_ray_rollout_engines_a_parquet_dataset_and_a_custom_verifier_give_the_same_run(straight_run, async_run):
     """The Ray run's first iteration (its rollout produced before any step, as sync's is) equals the in-process
     engine's on the JSONL file with the built-in verifier: rollouts, loss, gradient norm and per-status counts; its
     accuracy per data source averages to the whole step's."""
     from megatron_scope.data.datasets import PromptDataset
 
     history, _ = straight_run
-    ray_run, _, parquet, _ = one_step_off_run
+    ray_run, _, parquet, _ = async_run
     for key in ("rollout/accuracy", "rollout/response_length"):
         assert ray_run[0][key] == history[0][key], key
     assert ray_run[0]["loss/loss"] == pytest.approx(history[0]["loss/loss"], rel=1e-5)
@@ -188,24 +190,27 @@ def test_ray_rollout_engines_a_parquet_dataset_and_a_custom_verifier_give_the_sa
     assert ray_run[0]["verifier/timeout"] == ray_run[0]["verifier/worker_died"] == 0
 
 
-def _prefetched(save: str, iteration: int):
-    """The next step's rollout held by the checkpoint of `iteration` (one-step-off)."""
+def _produced_ahead(save: str, iteration: int):
+    """The rollouts of the coming steps held by the checkpoint of `iteration`, and its state."""
     state = torch.load(os.path.join(save, f"iter_{iteration:07d}", "scope_state.pt"), weights_only=False)
-    return state["prefetched_rollout"], state
+    return state["rollout_buffer"], state
 
 
-def test_one_step_off_trains_on_responses_of_the_weights_one_step_before(workspace, one_step_off_run):
+def test_async_trains_on_responses_of_the_weights_a_step_before(workspace, async_run):
     """Step 2 trains θ_1 on responses the engines sampled from θ_0 while step 1 trained: stamped version 0,
     staleness 1, and their sampling log-probs are θ_0's (HF's own forward of the initial student), not θ_1's
-    (iteration 1's --save-hf model); the step's sampler-vs-learner gap says so. Step 1's responses are fresh."""
+    (iteration 1's --save-hf model); the step's sampler-vs-learner gap says so. Step 1's responses are fresh.
+    Iteration 1's checkpoint holds the rollouts produced ahead: iteration 2's, and iteration 3's when the producer
+    had begun it (from θ_0 or θ_1: within η = 2 of θ_2, which trains on it)."""
     from transformers import AutoModelForCausalLM
 
     from megatron_scope.data.tokenizer import load_tokenizer
 
-    history, _, _, save = one_step_off_run
+    history, _, _, save = async_run
     first, second = history
     assert (first["rollout/staleness_min"], first["rollout/staleness_max"]) == (0, 0)
     assert second["rollout/staleness_min"] == second["rollout/staleness_mean"] == second["rollout/staleness_max"] == 1
+    assert (first["rollout/staleness_at_bound_fraction"], second["rollout/staleness_at_bound_fraction"]) == (0, 0)
     assert first["rollout/logprob_abs_diff_max"] < PARITY_ATOL
     assert first["rollout/is_ess_fraction"] == pytest.approx(1, abs=1e-6)
     assert second["rollout/logprob_abs_diff"] > 10 * PARITY_ATOL and second["rollout/sampler_kl_k3"] > 0
@@ -213,8 +218,10 @@ def test_one_step_off_trains_on_responses_of_the_weights_one_step_before(workspa
     for key in ("time/trainer_idle_s", "time/engine_idle_s"):
         assert 0 <= second[key] <= second["time/iteration_s"], key
 
-    rollout, _ = _prefetched(save, 1)
-    assert rollout.iteration == 2 and {g.weight_version for g in rollout.groups} == {0}
+    ahead, _ = _produced_ahead(save, 1)
+    assert [r.iteration for r in ahead] in ([2], [2, 3]) and {g.weight_version for g in ahead[0].groups} == {0}
+    assert all({g.weight_version for g in r.groups} <= {0, 1} for r in ahead)
+    rollout = ahead[0]
     vocab = load_tokenizer(workspace.tokenizer).vocab_size
     gaps = {}
     for name, path in (("theta_0", workspace.student_hf), ("theta_1", os.path.join(save, "iter_0000001", "hf_model"))):
@@ -231,14 +238,14 @@ def test_one_step_off_trains_on_responses_of_the_weights_one_step_before(workspa
     assert gaps["theta_0"] < PARITY_ATOL < 10 * PARITY_ATOL < gaps["theta_1"], gaps
 
 
-def test_one_step_off_resumes_exactly(workspace, one_step_off_run, tmp_path):
+def test_async_resumes_with_no_rollout_lost_or_produced_twice(workspace, async_run, tmp_path):
     """A fresh process loading iteration 1's checkpoint (iteration 2's removed, and a half-written iteration 2
-    planted beside it, as a run killed inside save_checkpoint leaves), which holds the rollout of iteration 2 produced
-    during iteration 1, trains iteration 2 exactly as the uninterrupted run did: weights, optimizer, data position,
-    RNG and the rollout in flight restored, the partial save ignored. Its iteration-2 checkpoint holds the same data
-    position and the same rollout of iteration 3, sampled from the same θ_1 with the same seeds, here by one Ray
-    engine instead of two (samples do not depend on the engine count)."""
-    history, argv, _, straight_save = one_step_off_run
+    planted beside it, as a run killed inside save_checkpoint leaves), which holds the rollouts produced ahead during
+    iteration 1, trains iteration 2 exactly as the uninterrupted run did: weights, optimizer, data position, RNG and
+    the rollouts ahead restored, the partial save ignored. Its iteration-2 checkpoint holds the same data position
+    and the same rollout of iteration 3 (restored, or sampled from the same θ_1 with the same seeds, here by one Ray
+    engine instead of two: samples do not depend on the engine count)."""
+    history, argv, _, straight_save = async_run
     save = str(tmp_path / "ckpt")
     shutil.copytree(straight_save, save)
     shutil.rmtree(os.path.join(save, "iter_0000002"))
@@ -260,7 +267,7 @@ def test_one_step_off_resumes_exactly(workspace, one_step_off_run, tmp_path):
     with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as handle:
         assert handle.read().strip() == "2"
     assert not [name for name in os.listdir(save) if name.endswith(".tmp")]
-    (theirs, their_state), (ours, our_state) = _prefetched(straight_save, 2), _prefetched(save, 2)
+    ((theirs,), their_state), ((ours,), our_state) = _produced_ahead(straight_save, 2), _produced_ahead(save, 2)
     assert our_state["dataset"] == their_state["dataset"] and ours.iteration == theirs.iteration == 3
     for mine, other in zip(ours.groups, theirs.groups, strict=True):
         assert (mine.prompt_id, mine.weight_version, mine.correct) == (other.prompt_id, other.weight_version,
@@ -372,7 +379,8 @@ def test_validation_during_training_equals_tools_eval_on_the_same_checkpoints(wo
     assert all(key in evaluations[0] for key in keys) and evaluations[0]["time/eval_s"] > 0
     assert evaluations[0]["eval/heldout/avg@4"] > 0.2  # far from 0: the comparison below means something
     assert evaluations[0]["eval/heldout/avg@4"] == evaluations[0]["eval/heldout/pass@1"]
-    assert evaluations[2]["eval/heldout/avg@4"] != evaluations[0]["eval/heldout/avg@4"]  # the training moved it
+    # the training moved them (Avg@4 alone can land on the same count of 64 samples: on some CPUs it does)
+    assert [evaluations[2][key] for key in keys] != [evaluations[0][key] for key in keys]
 
     spec = importlib.util.spec_from_file_location("eval_tool", os.path.join(ROOT, "tools", "eval.py"))
     eval_tool = importlib.util.module_from_spec(spec)

@@ -49,8 +49,11 @@ def test_rollout_schedule():
     assert parse_run_config(REQUIRED).rollout.schedule == "sync"
     assert parse_run_config(REQUIRED + ["--rollout-engines", "2", "--teacher-engines", "3"]).rollout \
         .teacher_engines == 3
-    assert parse_run_config(REQUIRED + ["--rollout-engines", "2", "--rollout-schedule", "one-step-off"]).rollout \
-        .schedule == "one-step-off"
+    one_step_off = parse_run_config(REQUIRED + ["--rollout-engines", "2", "--rollout-schedule", "one-step-off"]).rollout
+    assert (one_step_off.schedule, one_step_off.max_staleness, one_step_off.staleness_bound) == ("one-step-off", None, 1)
+    run = parse_run_config(REQUIRED + ["--rollout-engines", "2", "--rollout-schedule", "async", "--max-staleness", "3"])
+    assert (run.rollout.schedule, run.rollout.staleness_bound) == ("async", 3)
+    assert parse_run_config(REQUIRED).rollout.staleness_bound == 0
 
 
 def test_provider_adds_to_an_existing_parser():
@@ -138,7 +141,12 @@ def test_help_lists_every_flag(capsys):
         (["--rollout-schedule", "one-step-off", "--rollout-placement", "rank0"], "--rollout-placement rank0 engines"),
         (["--rollout-schedule", "one-step-off", "--rollout-engines", "1", "--rl-offload-optimizer-during-inference"],
          "the training state cannot wait in host memory meanwhile"),
-        (["--rollout-schedule", "async"], "invalid choice: 'async'"),
+        (["--rollout-schedule", "asynchronous"], "invalid choice: 'asynchronous'"),
+        (["--rollout-schedule", "async", "--rollout-engines", "1"], "--max-staleness None with --rollout-schedule "
+         "async: --rollout-schedule async needs --max-staleness η and only it takes one"),
+        (["--rollout-schedule", "one-step-off", "--rollout-engines", "1", "--max-staleness", "2"],
+         "--max-staleness 2 with --rollout-schedule one-step-off"),
+        (["--rollout-schedule", "async", "--rollout-engines", "1", "--max-staleness", "-1"], "--max-staleness"),
         (["--teacher-engines", "2"], "--teacher-engines 2: N >= 1 Ray actors of a vLLM teacher go with"),
         (["--rollout-is", "sequence"], "--rollout-is sequence sets the level of --rollout-is-threshold's weights"),
         (["--rollout-rs", "token"], "--rollout-rs LEVEL and --rollout-rs-threshold go together"),

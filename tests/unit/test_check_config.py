@@ -513,12 +513,14 @@ def test_cli_run_that_fits(tiny_models, capsys):
     assert rank0["fits"] and rank0["total_bytes"] == sum(c["bytes"] for c in rank0["components"])
 
 
-def test_cli_models_ray_engines_and_the_one_step_off_schedule(tiny_models, capsys):
+def test_cli_models_ray_engines_and_the_async_schedule(tiny_models, capsys):
     """Ray engines have GPUs of their own: by default one per engine (x its TP), the rollout's and --teacher-engines
-    for a vLLM teacher; the training GPUs hold no engine; the note names the schedule's overlap."""
+    for a vLLM teacher; the training GPUs hold no engine; the notes name the schedule's overlap and the rollouts the
+    leader holds ahead (η + 1 steps' responses at most)."""
     root, student, teacher = tiny_models
     argv = _argv(student, teacher, str(root / "x.jsonl"), "--rollout-engines", "2", "--teacher-backend", "vllm",
-                 "--scope-kl", "k3", "--teacher-engines", "3", "--rollout-schedule", "one-step-off", "--json")
+                 "--scope-kl", "k3", "--teacher-engines", "3", "--rollout-schedule", "async", "--max-staleness", "2",
+                 "--json")
     assert check_config.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["facts"]["rollout_gpus"] == 5 and result["facts"]["rollout_placement"] == "ray"
@@ -527,6 +529,9 @@ def test_cli_models_ray_engines_and_the_one_step_off_schedule(tiny_models, capsy
     assert not [c for c in result["memory"]["gpus"][0]["components"] if "engine" in c["name"] or "KV" in c["name"]]
     note = next(n for n in result["notes"] if n.startswith("rollout: 5 Ray engine(s)"))
     assert "on 5 GPUs of their own" in note and "2 GPUs train" in note and "max(rollout, training) + refit" in note
+    assert "up to 2 step(s) ahead of training" in note
+    held = next(n for n in result["notes"] if n.startswith("host memory: the rollout leader"))
+    assert "holds up to 3 step(s)' rollouts produced ahead, at most 3 x 1,600 response tokens" in held  # 4 x 4 x 100
 
 
 def test_cli_run_that_does_not_fit(tiny_models, capsys):
