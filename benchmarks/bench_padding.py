@@ -60,7 +60,8 @@ def main(argv=None):
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 
     from megatron_scope.config import LossConfig
-    from megatron_scope.megatron.model import DecoderArch, build_gpt_model, wrap_with_ddp
+    from megatron_scope.megatron.arch import DecoderArch
+    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.megatron.schedule import forward_backward
     from megatron_scope.rollout.batch import split_by_token_budget, split_rows, token_counts

@@ -8,8 +8,9 @@ reports per schedule the medians over every run's iterations but its first (star
 has no next rollout to make there): iteration time, the phases (the engine's
 rollout: generation, verification and teacher scoring; the trainer's scoring and training; the refit), the seconds
 the trainer waited for rollouts and the engine waited for the trainer, and response tokens per second of wall time.
-With pinning (default) the trainer rank runs on core 0 with one thread and the engine's compute threads on core 1
-(VLLM_CPU_OMP_THREADS_BIND), so the two can overlap on a 2-core machine; --no-pin lets them share both cores.
+With pinning (default) the trainer rank runs on core 0 with one thread and the engine wholly on core 1 (Ray is
+started from core 1, so its actor and EngineCore processes inherit that core, and VLLM_CPU_OMP_THREADS_BIND puts the
+compute threads there), so the two can overlap on a 2-core machine; --no-pin lets them share both cores.
 """
 
 from __future__ import annotations
@@ -29,16 +30,24 @@ COLUMNS = (("time/iteration_s", "iteration s"), ("time/rollout_s", "rollout s"),
 
 
 def _pinned_run(rank: int, world_size: int, argv: list[str], pin: bool) -> list[dict]:
-    """One rank of megatron_scope.train; with `pin`, on core 0 with one thread, its engine's threads on core 1."""
+    """One rank of megatron_scope.train; with `pin`, on core 0 with one thread, and Ray (so the engine's actor and
+    EngineCore processes, which inherit Ray's affinity, and its compute threads) on core 1."""
+    import ray
     import torch
 
     from megatron_scope.train import main
 
     if pin:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "1"  # read by the engine's workers (Ray passes the environment on)
+        os.sched_setaffinity(0, {1})
+        ray.init(include_dashboard=False, log_to_driver=False)  # train.start_engine joins it
         os.sched_setaffinity(0, {0})
         torch.set_num_threads(1)
-    _, history = main(argv)
+    try:
+        _, history = main(argv)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
     return history
 
 

@@ -50,7 +50,8 @@ def _run(rank, world_size, args):
     import torch
 
     from megatron_scope.config import LossConfig
-    from megatron_scope.megatron.model import DecoderArch, build_gpt_model, wrap_with_ddp
+    from megatron_scope.megatron.arch import DecoderArch
+    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.megatron.schedule import forward_backward
     from megatron_scope.rollout.batch import sequence_multiple, split_by_token_budget, token_counts

@@ -128,8 +128,7 @@ import dataclasses
 
 from megatron_scope.config import RunConfig
 from megatron_scope.hf_config import kv_cache_bytes_per_token
-from megatron_scope.megatron.loss_func import row_share
-from megatron_scope.megatron.model import DecoderArch, common_padded_vocab
+from megatron_scope.megatron.arch import DecoderArch, common_padded_vocab
 from megatron_scope.ops import linear_kl
 from megatron_scope.rollout.batch import padded_sequence_length
 
@@ -602,7 +601,8 @@ def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher: Deco
     row_bytes = source.hidden_size * _distribution_bytes(plan)
 
     def share_bytes(sequences: int) -> int:  # one microbatch's share of its response rows, at a 512-byte offset
-        return row_share(row_share(sequences * response, tp) * row_bytes, 512) * 512
+        share = -(-sequences * response // tp)  # this TP rank's share of the response rows (loss_func.row_share)
+        return -(-share * row_bytes // 512) * 512  # pinned-buffer allocations round up to 512 bytes
 
     full, rest = divmod(plan.local_sequences, rows)
     return full * share_bytes(rows) + (share_bytes(rest) if rest else 0)

@@ -187,7 +187,8 @@ def build_trainer(config: RunConfig):
     from megatron_scope.eval.benchmarks import load_eval_sets
     from megatron_scope.eval.runner import prepare_sets
     from megatron_scope.megatron.checkpointing import stage_hf_files
-    from megatron_scope.megatron.model import build_gpt_model, common_padded_vocab, wrap_with_ddp
+    from megatron_scope.megatron.arch import common_padded_vocab
+    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
     from megatron_scope.megatron.optimizer import build_optimizer
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
     from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, load_hf_weights

@@ -34,7 +34,9 @@ def convert(megatron_dir: str, output_dir: str, dtype: str | None = None,
     """
     from megatron.core import dist_checkpointing
 
-    from megatron_scope.megatron.model import DecoderArch, build_gpt_model
+    from megatron_scope.megatron.arch import DecoderArch
+
+    from megatron_scope.megatron.model import build_gpt_model
     from megatron_scope.megatron.parallel import init_distributed, initialize_model_parallel
     from megatron_scope.megatron.weight_export import iter_hf_weights
 

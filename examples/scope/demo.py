@@ -74,7 +74,9 @@ def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed:
     """SFT a fresh model of `recipe` with Megatron and export it as a HF checkpoint; returns its directory."""
     from tqdm import tqdm
 
-    from megatron_scope.megatron.model import DecoderArch, build_gpt_model, wrap_with_ddp
+    from megatron_scope.megatron.arch import DecoderArch
+
+    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
     from megatron_scope.config import OptimizerConfig
     from megatron_scope.megatron.optimizer import build_optimizer
     from megatron_scope.megatron.parallel import initialize_model_parallel

@@ -34,7 +34,8 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron_scope import hf_config
 from megatron_scope.hf_config import dtype_name
 from megatron_scope.megatron import hf_mapping
-from megatron_scope.megatron.model import DecoderArch, unwrap_model
+from megatron_scope.megatron.arch import DecoderArch
+from megatron_scope.megatron.model import unwrap_model
 from megatron_scope.megatron.weight_export import checked_local_params, iter_hf_weights, save_safetensors_checkpoint
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"

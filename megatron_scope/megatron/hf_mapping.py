@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from megatron_scope.megatron.model import DecoderArch
+from megatron_scope.megatron.arch import DecoderArch
 
 #: HF `model_type` -> the architecture class written to config.json.
 SUPPORTED_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}

@@ -21,7 +21,8 @@ from megatron.core import parallel_state
 
 from megatron_scope.megatron import hf_mapping
 from megatron_scope.megatron.hf_mapping import ParamMapping
-from megatron_scope.megatron.model import DecoderArch, unwrap_model
+from megatron_scope.megatron.arch import DecoderArch
+from megatron_scope.megatron.model import unwrap_model
 
 DEFAULT_BUCKET_BYTES = 512 << 20
 _ALIGN = 64  # byte alignment of each tensor inside a bucket (a dtype view needs an aligned offset)

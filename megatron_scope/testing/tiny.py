@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_scope.megatron.model import DecoderArch
+from megatron_scope.megatron.arch import DecoderArch
 
 # head_dim 64: vLLM's CPU attention rejects 16 (see ../shared/ENVIRONMENT.md), so tiny models use 64.
 TINY_ARCH = DecoderArch(
@@ -67,7 +67,7 @@ TINY_TEACHER_HIDDEN = 24
 
 def tiny_teacher_weight(vocab_size: int | None = None) -> torch.Tensor:
     """The stand-in teacher's output layer [padded vocab, TINY_TEACHER_HIDDEN] (logits of scale ~3)."""
-    from megatron_scope.megatron.model import padded_vocab_size
+    from megatron_scope.megatron.arch import padded_vocab_size
 
     padded = padded_vocab_size(vocab_size or TINY_ARCH.vocab_size, 1)
     generator = torch.Generator().manual_seed(1234)
@@ -86,7 +86,7 @@ def tiny_rollout_batch(num_prompts: int = 2, group_size: int = 4, prompt_length:
     default TINY_ARCH's."""
     from megatron_scope.losses.objectives import group_normalized_advantages, srpo_distill_weights
     from megatron_scope.losses.scope import scope_sequence_weights
-    from megatron_scope.megatron.model import padded_vocab_size
+    from megatron_scope.megatron.arch import padded_vocab_size
 
     g = torch.Generator().manual_seed(seed)
     n = num_prompts * group_size

@@ -8,7 +8,7 @@ Megatron reshards them into each rank's shard (as in test_megatron_smoke.py)."""
 import pytest
 import torch
 
-from megatron_scope.megatron.model import DecoderArch
+from megatron_scope.megatron.arch import DecoderArch
 from megatron_scope.megatron.sft import lm_forward_backward
 from megatron_scope.testing.checkpoint_compare import current_grads, load_weights, relative_errors, save_grads, save_weights
 from megatron_scope.testing.multiprocess import run_on_ranks

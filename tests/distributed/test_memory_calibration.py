@@ -32,7 +32,7 @@ STEP_TERMS = ("student activations", "attention score buffer", "logits + gradien
 
 
 def _arch():
-    from megatron_scope.megatron.model import DecoderArch
+    from megatron_scope.megatron.arch import DecoderArch
 
     return DecoderArch(num_layers=4, hidden_size=256, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=768,
                        vocab_size=16000, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -80,7 +80,8 @@ def _measure(rank, world_size, names=tuple(CONFIGS), sequence_parallel=False):
     import torch
 
     from megatron_scope.config import LossConfig
-    from megatron_scope.megatron.model import build_gpt_model, common_padded_vocab, wrap_with_ddp
+    from megatron_scope.megatron.arch import common_padded_vocab
+    from megatron_scope.megatron.model import build_gpt_model, wrap_with_ddp
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.megatron.schedule import forward_backward
 

@@ -9,7 +9,7 @@ differ), same exported weights."""
 import pytest
 import torch
 
-from megatron_scope.megatron.model import DecoderArch
+from megatron_scope.megatron.arch import DecoderArch
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.rollout.batch import split_by_token_budget
 from megatron_scope.testing.tiny import TINY_ARCH, split_microbatches, tiny_rollout_batch

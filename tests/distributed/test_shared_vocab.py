@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from megatron_scope.megatron.model import padded_vocab_size
+from megatron_scope.megatron.arch import padded_vocab_size
 from megatron_scope.ops import reference
 from megatron_scope.testing.multiprocess import run_on_ranks
 from tests.integration.hf_models import next_token_logits, random_qwen2, tiny_qwen2_config

@@ -19,7 +19,7 @@ from megatron_scope.arguments import parse_run_config
 from megatron_scope.testing.tiny import tiny_run_config
 from megatron_scope.megatron.hf_mapping import (
     arch_from_hf_config, hf_param_shapes, megatron_full_shape, megatron_param_names, param_mapping, tp_shard_shape)
-from megatron_scope.megatron.model import DecoderArch
+from megatron_scope.megatron.arch import DecoderArch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _spec = importlib.util.spec_from_file_location("check_config", os.path.join(ROOT, "tools", "check_config.py"))
