@@ -232,6 +232,36 @@ def test_an_engine_death_in_replica_1_during_its_refit_stops_every_rank():
     ]
 
 
+class _ThreadRecords(list):
+    """The engine's calls, each appended to calls["main"] or calls["producer"] by the thread that made it."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def append(self, call):
+        import threading
+
+        self.calls["main" if threading.current_thread() is threading.main_thread() else "producer"].append(call)
+
+
+def _three_steps(trainer, learn):
+    """train_steps 1-3 of a stand-in trainer whose learning is `learn` and whose weight stream is one tensor; the
+    trainer is closed afterwards (its producer stopped)."""
+    import torch
+
+    from megatron_scope import trainer as trainer_module
+
+    trainer.learn = learn
+    trainer_module.iter_hf_weights = lambda model, arch, bucket_bytes, dst_rank: iter([("w", torch.zeros(1))])
+    try:
+        for iteration in (1, 2, 3):
+            trainer.iteration = iteration - 1
+            trainer.train_step(iteration)
+    finally:
+        trainer.close()
+
+
 def _one_step_off(rank, world_size):
     """`_one_step_off_calls` of a run whose rollouts all succeed, then of one whose rollout of iteration 2 fails."""
     return _one_step_off_calls(rank), _one_step_off_calls(rank, failing_iteration=2)
@@ -245,8 +275,6 @@ def _one_step_off_calls(rank, failing_iteration=None):
     deadline in one of them."""
     import threading
 
-    import torch
-
     from megatron_scope import trainer as trainer_module
     from megatron_scope.rollout.seeds import StepSeeds
     from megatron_scope.testing.tiny import tiny_run_config
@@ -255,9 +283,6 @@ def _one_step_off_calls(rank, failing_iteration=None):
     learning, generated = threading.Event(), threading.Event()
     seed = tiny_run_config().loop.seed
 
-    class ThreadRecords(list):  # the engine's calls, each in the list of the thread that made it
-        def append(self, call):
-            calls["main" if threading.current_thread() is threading.main_thread() else "producer"].append(call)
 
     def before_generating(seeds):
         iteration = next(k for k in (1, 2, 3) if seeds == StepSeeds(seed, k).groups([0, 1], 2, "rollout"))
@@ -269,7 +294,7 @@ def _one_step_off_calls(rank, failing_iteration=None):
             learning.clear()
             generated.set()
 
-    engine = _RecordingEngine(ThreadRecords(), before_generating=before_generating) if rank == 0 else None
+    engine = _RecordingEngine(_ThreadRecords(calls), before_generating=before_generating) if rank == 0 else None
     trainer = _stand_in_trainer(rank, "ray", [0], engine=engine, remote_teacher=False, train_iters=3, engines=1,
                                 schedule="one-step-off")
     trainer_module.free_cached_device_memory = lambda: calls["main"].append(("free",))
@@ -283,16 +308,10 @@ def _one_step_off_calls(rank, failing_iteration=None):
                 generated.clear()
         return types.SimpleNamespace(updated=True, skipped_reason=None)
 
-    trainer.learn = learn
-    trainer_module.iter_hf_weights = lambda model, arch, bucket_bytes, dst_rank: iter([("w", torch.zeros(1))])
     try:
-        for iteration in (1, 2, 3):
-            trainer.iteration = iteration - 1
-            trainer.train_step(iteration)
+        _three_steps(trainer, learn)
     except Exception as error:  # noqa: BLE001 - the test compares type and message
         return f"{type(error).__name__}: {error}"
-    finally:
-        trainer.close()
     return calls
 
 
@@ -326,8 +345,6 @@ def _async_two_ahead(rank, world_size):
     producer must run two steps ahead of training, so all three rollouts come from θ_0."""
     import threading
 
-    import torch
-
     from megatron_scope import trainer as trainer_module
     from megatron_scope.rollout.seeds import StepSeeds
     from megatron_scope.testing.tiny import tiny_run_config
@@ -336,15 +353,12 @@ def _async_two_ahead(rank, world_size):
     third_begun = threading.Event()
     seed = tiny_run_config().loop.seed
 
-    class ThreadRecords(list):  # the engine's calls, each in the list of the thread that made it
-        def append(self, call):
-            calls["main" if threading.current_thread() is threading.main_thread() else "producer"].append(call)
 
     def before_generating(seeds):
         if seeds == StepSeeds(seed, 3).groups([0, 1], 2, "rollout"):
             third_begun.set()
 
-    engine = _RecordingEngine(ThreadRecords(), before_generating=before_generating) if rank == 0 else None
+    engine = _RecordingEngine(_ThreadRecords(calls), before_generating=before_generating) if rank == 0 else None
     trainer = _stand_in_trainer(rank, "ray", [0], engine=engine, remote_teacher=False, train_iters=3, engines=1,
                                 schedule="async", max_staleness=2)
     trainer_module.free_cached_device_memory = lambda: None
@@ -356,14 +370,7 @@ def _async_two_ahead(rank, world_size):
             assert third_begun.wait(timeout=30), "the producer did not run two steps ahead of step 1"
         return types.SimpleNamespace(updated=True, skipped_reason=None)
 
-    trainer.learn = learn
-    trainer_module.iter_hf_weights = lambda model, arch, bucket_bytes, dst_rank: iter([("w", torch.zeros(1))])
-    try:
-        for iteration in (1, 2, 3):
-            trainer.iteration = iteration - 1
-            trainer.train_step(iteration)
-    finally:
-        trainer.close()
+    _three_steps(trainer, learn)
     return calls
 
 
