@@ -138,6 +138,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group(title="models")
     g.add_argument("--student-hf", required=True, help="Student's initial weights: HF directory.")
     g.add_argument("--teacher-hf", default=None, help="Teacher: HF directory.")
+    g.add_argument("--teacher", action="append", default=[], metavar="NAME=HF_DIR",
+                   help="A named teacher (e.g. a domain expert), instead of --teacher-hf; repeat for several, each "
+                        "prompt distilled from the one its --teacher-route-key column names (co-located teachers).")
+    g.add_argument("--teacher-route-key", default=None, metavar="COLUMN",
+                   help="The training data's column naming each row's teacher (a --teacher NAME), as verl's "
+                        "teacher_key: needed with several --teacher; an unknown name fails before any rollout.")
     g.add_argument("--teacher-backend", choices=TEACHER_BACKENDS, default="megatron",
                    help="megatron: the teacher is co-located, a forward-only Megatron model with the student's TP/PP "
                         "(full-vocabulary, top-k or sampled-token KL). vllm: the teacher is a vLLM engine placed like "

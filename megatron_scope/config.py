@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 
 # The divergences the ops compute: over the whole vocabulary from a co-located teacher's logits, and the
 # single-sample estimators from the teacher's log-prob of the sampled token.
@@ -31,6 +32,10 @@ KL_ALGORITHMS = ("scope", "opd", "srpo", "tropd")
 TEACHER_FREE_ALGORITHMS = ("grpo", "sft")
 WEIGHT_NORMS = ("mean", "sum")
 TEACHER_BACKENDS = ("megatron", "vllm")
+DEFAULT_TEACHER = "teacher"
+"""The name of --teacher-hf's teacher (its metrics, the checkpoint's record of the teacher set)."""
+TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+"""A --teacher NAME."""
 #: --rollout-placement: where the vLLM rollout engines live (RolloutConfig.placement).
 ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
 ROLLOUT_SCHEDULES = ("sync", "one-step-off", "async")
@@ -98,7 +103,10 @@ class ModelsConfig:
     tokenizer: str
     """--tokenizer: a SentencePiece model file or a Hugging Face tokenizer directory, shared by both models."""
     teacher_hf: str | None = None
-    """--teacher-hf: the teacher's Hugging Face directory."""
+    """--teacher-hf: the teacher's Hugging Face directory (the one-teacher form of `teachers`)."""
+    teachers: tuple[tuple[str, str], ...] = ()
+    """--teacher NAME=HF_DIR, repeatable: named teachers (e.g. per-domain experts), each prompt routed to one by its
+    --teacher-route-key column."""
     teacher_tokenizer: str | None = None
     """--teacher-tokenizer: checked to have the same vocabulary as --tokenizer."""
     reference_hf: str | None = None
@@ -145,13 +153,33 @@ class ModelsConfig:
         if self.reference_backend not in TEACHER_BACKENDS:
             raise ValueError(f"--exopd-reference-backend must be one of {TEACHER_BACKENDS}, got "
                              f"{self.reference_backend!r}")
-        if self.teacher_backend == "vllm" and not self.teacher_hf:
+        if self.teachers and self.teacher_hf:
+            raise ValueError("--teacher-hf and --teacher both name teachers: give --teacher-hf for one teacher, or "
+                             "--teacher NAME=HF_DIR for each of several")
+        names = [name for name, _ in self.teachers]
+        for name in names:
+            if not TEACHER_NAME.fullmatch(name):
+                raise ValueError(f"--teacher {name}=...: a teacher's name is letters, digits, '_', '-' or '.' (it names "
+                                 "its metrics, teacher/NAME/...)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"--teacher names {names} repeat a name")
+        if self.teacher_backend == "vllm" and not self.teacher_dirs:
             raise ValueError("--teacher-backend vllm needs --teacher-hf (the teacher's HF directory)")
+        if self.teacher_backend == "vllm" and len(self.teachers) > 1:
+            raise ValueError(f"--teacher-backend vllm serves one teacher; {len(self.teachers)} --teacher models are "
+                             "co-located Megatron models (--teacher-backend megatron)")
+
+    @property
+    def teacher_dirs(self) -> dict[str, str]:
+        """Every teacher's HF directory by name, in flag order: --teacher's, or {"teacher": --teacher-hf}."""
+        if self.teachers:
+            return dict(self.teachers)
+        return {DEFAULT_TEACHER: self.teacher_hf} if self.teacher_hf else {}
 
     @property
     def colocated_teacher(self) -> bool:
         """A teacher that lives as a Megatron model on every training rank."""
-        return bool(self.teacher_hf) and self.teacher_backend == "megatron"
+        return bool(self.teacher_dirs) and self.teacher_backend == "megatron"
 
     @property
     def stores_attention_scores(self) -> bool:
@@ -188,6 +216,9 @@ class DataConfig:
     synthetic-strict, whose gold is the reference working)."""
     id_key: str | None = "id"
     """--id-key: the column holding each row's unique id; None (--id-key ''): rows are numbered (line-<n>, row-<n>)."""
+    teacher_route_key: str | None = None
+    """--teacher-route-key: the column naming each row's teacher (a --teacher NAME; verl's teacher_key); None: every
+    row goes to the one teacher."""
     data_source_key: str | None = None
     """--data-source-key: the column naming each row's data source (verl's data_source), reported per source; None:
     one source."""
@@ -254,7 +285,7 @@ class DataConfig:
 
         gold = self.label_key or GOLD_COLUMNS.get(self.reward, "answer")
         return {"id": self.id_key, "prompt": self.input_key, "answer": gold,
-                "data_source": self.data_source_key}
+                "data_source": self.data_source_key, "teacher": self.teacher_route_key}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -801,12 +832,33 @@ class RunConfig:
         if (self.models.reference_hf or self.models.reference_backend != "megatron") and self.loss.algorithm != "exopd":
             raise ValueError(f"--exopd-reference-hf/--exopd-reference-backend name ExOPD's reference model; "
                              f"--scope-algorithm {self.loss.algorithm} reads none")
-        if self.loss.needs_teacher and not self.models.teacher_hf:
-            raise ValueError(f"--scope-algorithm {self.loss.algorithm} reads the teacher: give --teacher-hf")
-        if self.loss.self_teacher and (self.models.teacher_hf or self.models.teacher_backend != "megatron"):
+        teachers = self.models.teacher_dirs
+        if self.loss.needs_teacher and not teachers:
+            raise ValueError(f"--scope-algorithm {self.loss.algorithm} reads the teacher: give --teacher-hf (or "
+                             "--teacher NAME=HF_DIR per teacher)")
+        if self.loss.self_teacher and (teachers or self.models.teacher_backend != "megatron"):
             raise ValueError(f"--srpo-teacher {self.loss.baselines.srpo_teacher} distils toward the student itself "
-                             "and reads no external teacher: drop --teacher-hf/--teacher-backend, or use "
+                             "and reads no external teacher: drop --teacher-hf/--teacher/--teacher-backend, or use "
                              "--srpo-teacher external")
+        route_key = self.data.teacher_route_key
+        if route_key is not None and not self.loss.needs_teacher:
+            raise ValueError(f"--teacher-route-key {route_key} routes prompts to teachers; --scope-algorithm "
+                             f"{self.loss.algorithm}{' with --srpo-teacher ' + self.loss.baselines.srpo_teacher if self.loss.self_teacher else ''} reads none")
+        if route_key is not None and not self.models.teachers:
+            raise ValueError(f"--teacher-route-key {route_key} names each row's teacher by its --teacher NAME: give "
+                             "--teacher NAME=HF_DIR for each (not --teacher-hf)")
+        if len(teachers) > 1 and self.loss.needs_teacher:
+            if route_key is None:
+                raise ValueError(f"--teacher names {len(teachers)} teachers ({', '.join(teachers)}): give "
+                                 "--teacher-route-key COLUMN, the data column naming each row's teacher")
+            if self.loss.tropd_guidance:
+                raise ValueError("--tropd-prefix-fraction: TrOPD's guidance has one teacher engine write prefixes; "
+                                 f"it takes one teacher, not {len(teachers)} (--teacher)")
+            group, micro = self.rollout.group_size, self.loop.micro_batch_size
+            if self.loop.max_tokens_per_microbatch is None and group % micro:
+                raise ValueError(f"with several teachers a microbatch holds one teacher's prompt groups: "
+                                 f"--scope-group-size {group} must be a multiple of --micro-batch-size {micro} "
+                                 "(or give --max-tokens-per-microbatch)")
         if self.models.teacher_backend == "vllm" and self.loss.needs_teacher_logits:
             raise ValueError(f"--scope-algorithm {self.loss.algorithm} with --scope-kl {self.loss.kl} needs the "
                              "teacher's logits over the vocabulary; a vLLM teacher (--teacher-backend vllm) gives the "
@@ -918,12 +970,13 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     placement = args.rollout_placement or ("ray" if args.rollout_engines else "colocated")
     return RunConfig(
         models=ModelsConfig(student_hf=args.student_hf, tokenizer=args.tokenizer, teacher_hf=args.teacher_hf,
+                            teachers=named_values("--teacher", args.teacher),
                             teacher_tokenizer=args.teacher_tokenizer, teacher_backend=args.teacher_backend,
                             reference_hf=args.exopd_reference_hf, reference_backend=args.exopd_reference_backend,
                             bf16=args.bf16, transformer_impl=args.transformer_impl,
                             attention_backend=args.attention_backend, recompute_granularity=args.recompute_granularity,
                             recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers),
-        data=build_data_config(args, args.train_data),
+        data=dataclasses.replace(build_data_config(args, args.train_data), teacher_route_key=args.teacher_route_key),
         parallel=ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                 pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                                 sequence_parallel=_sequence_parallel(args),

@@ -148,6 +148,19 @@ def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_lo
     return RayRolloutEngine(engine_config, num_engines=num_ray_engines, actor_options={"num_gpus": gpus})
 
 
+def check_teacher_routes(dataset, config: RunConfig) -> None:
+    """Every training prompt routes to a teacher the run has (its --teacher-route-key value names a --teacher), or
+    ValueError naming the first that does not, before any engine starts."""
+    route_key, names = config.data.teacher_route_key, list(config.models.teacher_dirs)
+    if route_key is None:
+        return
+    for prompt in dataset.prompts:
+        if prompt.teacher not in names:
+            raise ValueError(f"prompt {prompt.id!r} ({dataset.source}) routes to teacher {prompt.teacher!r} (its "
+                             f"--teacher-route-key {route_key!r} column), which no --teacher names: the teachers are "
+                             f"{names}")
+
+
 def start_engines(config: RunConfig, reference_hf: str):
     """(rollout, teacher, reference) engines of a rollout leader (None elsewhere, and where the run needs none), each
     asleep once started, sharing one `DeviceResidency` (at most one awake on this leader's GPUs)."""
@@ -165,7 +178,8 @@ def start_engines(config: RunConfig, reference_hf: str):
         engines[0] = start_engine(config, models.student_hf, config.rollout.engines, residency=residency)
         engines[0].sleep(level=2)
         if config.teacher_engine:  # a vLLM teacher, or the writer of TrOPD's guidance prefixes
-            engines[1] = start_engine(config, models.teacher_hf, ray_teacher_engines,
+            (teacher_hf,) = models.teacher_dirs.values()  # one teacher (config: several are co-located)
+            engines[1] = start_engine(config, teacher_hf, ray_teacher_engines,
                                       max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0,
                                       residency=residency, name="teacher")
             engines[1].sleep(level=1)
@@ -209,18 +223,21 @@ def build_trainer(config: RunConfig):
     if models.teacher_tokenizer:
         check_same_tokenizer(load_tokenizer(models.teacher_tokenizer), tokenizer)
     student_arch = read_arch(models.student_hf)
-    teacher_arch = read_arch(models.teacher_hf) if models.teacher_hf else None
+    teacher_archs = {name: read_arch(hf_dir) for name, hf_dir in models.teacher_dirs.items()}
     reference_hf = models.reference_hf or models.student_hf  # ExOPD's π_ref: G-OPD's reward correction, or the student
     reference_arch = read_arch(reference_hf) if config.loss.algorithm == "exopd" else None
-    for name, arch, hf_dir in (("student", student_arch, models.student_hf), ("teacher", teacher_arch, models.teacher_hf),
+    for name, arch, hf_dir in (("student", student_arch, models.student_hf),
+                               *((f"teacher {name}", teacher_archs[name], hf_dir)
+                                 for name, hf_dir in models.teacher_dirs.items()),
                                ("reference", reference_arch, reference_hf)):
         if arch is not None and arch.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the {name} ({hf_dir}) has {arch.vocab_size} embedding rows, fewer than the "
                              f"{tokenizer.vocab_size} tokens of the tokenizer {models.tokenizer}: distillation needs "
                              "one shared vocabulary")
-    padded_vocab = common_padded_vocab([a for a in (student_arch, teacher_arch, reference_arch) if a is not None],
-                                       parallel.tensor_model_parallel_size)
+    padded_vocab = common_padded_vocab([a for a in (student_arch, *teacher_archs.values(), reference_arch)
+                                        if a is not None], parallel.tensor_model_parallel_size)
     dataset = load_prompts(config.data, seed=seed, tokenizer=tokenizer)
+    check_teacher_routes(dataset, config)
     verifier = build_verifier(config.data)
     try:  # the held-out sets, checked (gold answers by their verifiers) and encoded before any engine starts
         eval_sets = prepare_sets(load_eval_sets(config.validation.data, config.data), tokenizer,
@@ -250,10 +267,11 @@ def build_trainer(config: RunConfig):
                                 use_distributed_optimizer=config.optimizer.use_distributed_optimizer,
                                 overlap_grad_reduce=config.optimizer.overlap_grad_reduce,
                                 bucket_size=config.optimizer.ddp_bucket_size)
-        teacher = reference = None
+        teachers, reference = {}, None
         if config.colocated_teacher:
-            teacher = load_model(teacher_arch, models.teacher_hf, **models.layer_spec_options)
-            teacher.eval().requires_grad_(False)
+            for name, hf_dir in models.teacher_dirs.items():
+                teachers[name] = load_model(teacher_archs[name], hf_dir, **models.layer_spec_options)
+                teachers[name].eval().requires_grad_(False)
         if config.colocated_reference:
             reference = load_model(reference_arch, reference_hf, **models.layer_spec_options)
             reference.eval().requires_grad_(False)
@@ -265,7 +283,7 @@ def build_trainer(config: RunConfig):
         optimizer, scheduler = build_optimizer(student, config.optimizer, config.loop.train_iters)
 
         trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
-                               verifier, engine=engine, teacher=teacher, reference=reference,
+                               verifier, engine=engine, teachers=teachers, reference=reference,
                                teacher_engine=teacher_engine, ema_teacher=ema_teacher,
                                reference_engine=reference_engine, eval_sets=eval_sets)
         if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF

@@ -68,7 +68,8 @@ from megatron_scope.config import RunConfig
 from megatron_scope.eval.runner import EvalConfig, EvalSet, SampleRecord, build_report, sample_and_grade
 from megatron_scope.megatron import checkpointing
 from megatron_scope.losses.objectives import IS_LOG_RATIO_BOUND, srpo_distill_weights
-from megatron_scope.megatron.loss_func import add_group_inputs, reduce_reports, sampled_by_student
+from megatron_scope.megatron.loss_func import (add_group_inputs, reduce_reports, reduce_reports_by_label,
+                                               sampled_by_student)
 from megatron_scope.megatron.model import output_layer_weight
 from megatron_scope.megatron.offload import RolloutOffload
 from megatron_scope.megatron.optimizer import guarded_step
@@ -76,7 +77,8 @@ from megatron_scope.megatron.parallel import collective_device
 from megatron_scope.megatron.schedule import forward_backward
 from megatron_scope.megatron.weight_export import iter_hf_weights
 from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
-                                          sequence_multiple, split_by_token_budget, split_rows, token_counts)
+                                          sequence_multiple, split_by_token_budget, split_rows, split_runs,
+                                          token_counts)
 from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams, close_engines
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
@@ -199,15 +201,15 @@ class ScopeTrainer:
         tokenizer,
         verifier: Verifier,
         engine=None,
-        teacher=None,
+        teachers: dict | None = None,
         reference=None,
         teacher_engine=None,
         ema_teacher=None,
         reference_engine=None,
         eval_sets: Sequence[EvalSet] = (),
     ):
-        """`student`: DDP-wrapped GPTModel stage; `teacher`/`reference`: GPTModel stages, forward only, same
-        TP/PP as the student (co-located); `engine`: a RolloutEngine on this rank exactly when it is a rollout
+        """`student`: DDP-wrapped GPTModel stage; `teachers` (by --teacher name, or the one teacher) and `reference`:
+        GPTModel stages, forward only, same TP/PP as the student (co-located); `engine`: a RolloutEngine on this rank exactly when it is a rollout
         leader (`rollout_leader`; None elsewhere); `teacher_engine`: instead of `teacher`, a vLLM engine serving
         the teacher beside the rollout engine (its `score` / `score_topk` give sampled-token log-probs and
         top-k; it also writes TrOPD's guidance prefixes); `reference_engine`: instead of `reference`, a vLLM engine
@@ -217,7 +219,7 @@ class ScopeTrainer:
         `tokenizer` decodes responses, gives eos/pad and the vocabulary the loss works over; `eval_sets`: the
         --eval-data sets (`eval.runner.prepare_sets`), which `validate` samples."""
         self.config = config
-        self.student, self.arch, self.teacher, self.reference = student, student_arch, teacher, reference
+        self.student, self.arch, self.teachers, self.reference = student, student_arch, dict(teachers or {}), reference
         self.teacher_engine, self.ema_teacher, self.reference_engine = teacher_engine, ema_teacher, reference_engine
         # SRPO's self-teacher: the EMA copy, or the student itself (--srpo-teacher current)
         self.self_teacher = None
@@ -226,10 +228,12 @@ class ScopeTrainer:
             self.build_reprompt = reprompt_builder(tokenizer, config.data.prompt_format(),
                                                    config.loss.baselines.srpo_reprompt_template)
         self.optimizer, self.scheduler = optimizer, scheduler
-        # the co-located teacher's hidden states of a step, from its scoring pass to the step: one buffer, every step
-        self.teacher_hidden_buffer = HostBuffer(pinned=torch.cuda.is_available())  # the models live on CUDA then
-        frozen = [m for m in (teacher, reference, ema_teacher.model if ema_teacher is not None else None)
-                  if m is not None]
+        # each co-located teacher's hidden states of a step, from its scoring pass to the step: one buffer per
+        # teacher, reused every step
+        self.teacher_hidden_buffers = {name: HostBuffer(pinned=torch.cuda.is_available())  # the models live on CUDA
+                                       for name in self.teachers}
+        frozen = [*self.teachers.values()] + [m for m in (reference, ema_teacher.model if ema_teacher is not None else None)
+                                              if m is not None]
         # training state that waits off the GPUs while the engines generate (nothing without the flags)
         self.rollout_offload = RolloutOffload(student, optimizer, frozen, config.rollout.offload_optimizer,
                                               config.rollout.offload_teacher)
@@ -237,6 +241,8 @@ class ScopeTrainer:
         prompts = getattr(dataset, "prompts", ())
         self.data_source_of = {p.id: p.data_source for p in prompts if p.data_source is not None}
         self.data_sources = sorted(set(self.data_source_of.values()))  # every rank sums them in this order
+        self.teacher_names = list(config.models.teacher_dirs) if config.loss.needs_teacher else []
+        self.teacher_of = {p.id: p.teacher for p in prompts if p.teacher is not None}  # --teacher-route-key's column
         self._logged_verifier_errors: set[str] = set()  # each distinct error is logged once per run
         self.vocab_size = tokenizer.vocab_size
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -274,10 +280,11 @@ class ScopeTrainer:
                              f"{'has' if self.teacher_engine is not None else 'lacks'} a teacher engine (one lives "
                              "beside each rollout engine exactly when the objective reads a vLLM teacher or TrOPD's "
                              "guidance writes prefixes)")
-        if (self.teacher is not None) != config.colocated_teacher:
+        expected = self.teacher_names if config.colocated_teacher else []
+        if list(self.teachers) != expected:
             raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --teacher-backend "
-                             f"{config.models.teacher_backend} {'needs' if config.colocated_teacher else 'takes no'} "
-                             "co-located teacher (--teacher-hf)")
+                             f"{config.models.teacher_backend} needs the co-located teachers {expected} (--teacher-hf or "
+                             f"--teacher); the trainer got {list(self.teachers)}")
         if (self.ema_teacher is not None) != config.loss.ema_teacher:
             raise ValueError(f"--srpo-teacher {config.loss.baselines.srpo_teacher}: the trainer "
                              f"{'got' if self.ema_teacher is not None else 'lacks'} an EMA teacher")
@@ -436,6 +443,10 @@ class ScopeTrainer:
         for source in self.data_sources:  # correct and sampled responses of each source
             mine = [g for g in groups if self.data_source_of[g.prompt_id] == source]
             sums += [sum(o for g in mine for o in g.correct), sum(len(g.correct) for g in mine)]
+        routed = self.teacher_names if len(self.teacher_names) > 1 else []
+        for name in routed:  # correct and sampled responses of each teacher's prompts
+            mine = [g for g in groups if self._teacher(g.prompt_id) == name]
+            sums += [sum(o for g in mine for o in g.correct), sum(len(g.correct) for g in mine)]
         extra = len(sums)  # the method's counts start here
         if self.config.loss.tropd_guidance:  # TrOPD's guided responses (a prefix of at least one token)
             sums.append(sum(k > 0 for g in groups for k in g.prefix_lengths))
@@ -481,6 +492,10 @@ class ScopeTrainer:
         for i, source in enumerate(self.data_sources):  # a source none of the step's prompts came from: NaN
             source_correct, source_samples = sums[5 + 2 * i:7 + 2 * i]
             stats[f"rollout/accuracy/{source}"] = source_correct / source_samples if source_samples else float("nan")
+        for i, name in enumerate(routed):  # a teacher none of the step's prompts went to: accuracy NaN
+            teacher_correct, teacher_samples = sums[5 + 2 * (len(self.data_sources) + i):][:2]
+            stats[f"teacher/{name}/prompt_fraction"] = teacher_samples / samples  # G responses per prompt
+            stats[f"teacher/{name}/accuracy"] = teacher_correct / teacher_samples if teacher_samples else float("nan")
         if self.config.loss.tropd_guidance:
             stats["tropd/guided_fraction"] = sums[extra] / samples
             stats["tropd/prefix_alpha"] = guidance_alpha(iteration, self.config.loop.train_iters)
@@ -610,21 +625,27 @@ class ScopeTrainer:
         dist.barrier()
         raise error
 
-    def _score(self, microbatches: list[dict], self_teacher_rows: list[SelfTeacherRow] | None = None) -> None:
+    def _score(self, microbatches: list[dict], owners: list[str | None],
+               self_teacher_rows: list[SelfTeacherRow] | None = None) -> None:
         """Add the loss inputs to the last stage's microbatches (forward passes run on every stage): the student's
-        temperature-1 log-probs, a co-located teacher's or SRPO's self-teacher's view (`self_teacher_rows`: the
-        local batch's rows), the reference's log-probs, then the group inputs (SCOPE's weights, advantages) and
-        SRPO's entropy-aware weights."""
+        temperature-1 log-probs, the co-located teachers' view (`owners`: the teacher each microbatch reads) or SRPO's
+        self-teacher's (`self_teacher_rows`: the local batch's rows), the reference's log-probs, then the group inputs
+        (SCOPE's weights, advantages) and SRPO's entropy-aware weights."""
         student = log_prob_pass(self.student, microbatches, self.vocab_size,
                                 temperature=self.config.loss.logprob_temperature)
+        teacher = []
         if self.self_teacher is not None:
             teacher = self_teacher_pass(self.self_teacher, microbatches, self_teacher_rows,
                                         self.config.loop.micro_batch_size, self.vocab_size, self.tokenizer.pad_id)
-        elif self.teacher is not None:
-            teacher = teacher_pass(self.teacher, microbatches, self.config.loss, self.vocab_size,
-                                   self.teacher_hidden_buffer)
-        else:
-            teacher = []
+        elif self.teachers and self.is_last_stage:
+            teacher = [None] * len(microbatches)
+        for name, model in self.teachers.items():  # each teacher over its own microbatches, one after the other
+            mine = [i for i, owner in enumerate(owners) if owner == name]
+            if mine:
+                views = teacher_pass(model, [microbatches[i] for i in mine], self.config.loss, self.vocab_size,
+                                     self.teacher_hidden_buffers[name])
+                for i, view in zip(mine, views):  # nothing off the last stage
+                    teacher[i] = view
         reference = log_prob_pass(self.reference, microbatches, self.vocab_size) if self.reference is not None else []
         if not self.is_last_stage:
             return
@@ -649,6 +670,13 @@ class ScopeTrainer:
                                            parallel_state.get_data_parallel_group())
             for batch, w in zip(microbatches, weights):
                 batch["distill_weights"] = w
+
+    def _teacher(self, prompt_id: str) -> str | None:
+        """The teacher a prompt is distilled from: its --teacher-route-key value, else the one teacher (None when the
+        objective reads none)."""
+        if not self.teacher_names:
+            return None
+        return self.teacher_of[prompt_id] if self.config.data.teacher_route_key else self.teacher_names[0]
 
     def _sampler_gap(self, microbatches: list[dict]) -> dict:
         """How far the sampler μ (the engine's log-probs) lies from the learner π (Megatron's `old_log_probs`, the
@@ -825,6 +853,9 @@ class ScopeTrainer:
         per_rank = self.config.rollout.prompts_per_step // self.dp_size
         start = self.dp_rank * per_rank - first
         local = groups[start : start + per_rank]
+        if len(self.teacher_names) > 1:  # each teacher's prompt groups together (in step order): microbatches of one
+            rank_of = {name: i for i, name in enumerate(self.teacher_names)}
+            local = sorted(local, key=lambda g: rank_of[self._teacher(g.prompt_id)])
         multiple = sequence_multiple(self.config.parallel.tensor_model_parallel_size)  # widths split over TP (SP)
         batch = build_batch(local, sequence_length_for(groups, multiple), self.tokenizer.pad_id,
                             group_offset=self.dp_rank * per_rank)
@@ -839,25 +870,39 @@ class ScopeTrainer:
         device = next(self.student.parameters()).device  # CUDA under NCCL: the models' and collectives' device
         batch = {key: value.to(device) for key, value in batch.items()}
         loop = self.config.loop
-        if loop.max_tokens_per_microbatch is None:
-            microbatches = split_rows(batch, len(batch["tokens"]) // loop.micro_batch_size)
-        else:
-            microbatches = split_by_token_budget(batch, loop.max_tokens_per_microbatch, loop.micro_batch_size,
-                                                 multiple)
+        owners = [self._teacher(g.prompt_id) for g in local for _ in g.completions]  # each row's teacher (or None)
+        microbatches, microbatch_owners = [], []  # one teacher's rows per microbatch
+        for owner, rows in split_runs(batch, owners):
+            if loop.max_tokens_per_microbatch is None:
+                parts = split_rows(rows, len(rows["tokens"]) // loop.micro_batch_size)
+            else:
+                parts = split_by_token_budget(rows, loop.max_tokens_per_microbatch, loop.micro_batch_size, multiple)
+            microbatches += parts
+            microbatch_owners += [owner] * len(parts)
         metrics.update(self._token_counts(batch, microbatches))
 
         score_start = time.perf_counter()
-        self._score(microbatches, self_teacher_rows)
+        self._score(microbatches, microbatch_owners, self_teacher_rows)
         if self.is_last_stage:
             metrics.update(self._sampler_gap(microbatches))
         train_start = time.perf_counter()
         self.student.zero_grad_buffer()
         teacher_weight = None
-        if self.config.loss.needs_teacher_logits:
-            teacher_weight = output_layer_weight(self.self_teacher if self.self_teacher is not None else self.teacher)
+        if self.config.loss.needs_teacher_logits and self.self_teacher is not None:
+            teacher_weight = output_layer_weight(self.self_teacher)
+        elif self.config.loss.needs_teacher_logits:
+            teacher_weight = [output_layer_weight(self.teachers[owner]) for owner in microbatch_owners]
         reports = forward_backward(self.student, microbatches, self.config.loss, self.vocab_size,
                                    teacher_weight=teacher_weight)
-        loss_metrics = reduce_reports(reports, parallel_state.get_data_parallel_group()) if self.is_last_stage else {}
+        loss_metrics, teacher_metrics = {}, {}
+        if self.is_last_stage:
+            group = parallel_state.get_data_parallel_group()
+            loss_metrics = reduce_reports(reports, group)
+            if len(self.teacher_names) > 1:  # each teacher's own view: its microbatches' reports
+                labels = [self.teacher_names.index(owner) for owner in microbatch_owners]
+                for name, view in zip(self.teacher_names, reduce_reports_by_label(reports, labels,
+                                                                                  len(self.teacher_names), group)):
+                    teacher_metrics.update({f"teacher/{name}/{key}": value for key, value in view.items()})
         loss_is_finite = math.isfinite(loss_metrics.get("loss", 0.0))
         outcome = guarded_step(self.optimizer, self.scheduler, loss_is_finite)
         if outcome.updated and self.ema_teacher is not None:
@@ -865,6 +910,7 @@ class ScopeTrainer:
         train_seconds = time.perf_counter() - train_start
 
         metrics.update({f"loss/{k}": v for k, v in loss_metrics.items()})
+        metrics.update(teacher_metrics)
         metrics.update({
             "optimizer/grad_norm": outcome.grad_norm,
             "optimizer/lr": self.optimizer.param_groups[0]["lr"],
@@ -884,7 +930,8 @@ class ScopeTrainer:
             self._producer.close()
         close_engines((self.engine, self.teacher_engine, self.reference_engine))
         self.verifier.close()
-        self.teacher_hidden_buffer.release()
+        for buffer in self.teacher_hidden_buffers.values():
+            buffer.release()
         if self._writers is not None:
             self._writers.close()
 
@@ -901,6 +948,7 @@ class ScopeTrainer:
             return
         buffer = state.get("rollout_buffer", [])
         self._check_buffer(load, buffer, state["iteration"])
+        self._check_teachers(load, state.get("teachers"))
         self.dataset.load_state_dict(state["dataset"])  # raises if the checkpoint saw other prompts or seed
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration, self.history = state["iteration"], state["history"]
@@ -925,6 +973,18 @@ class ScopeTrainer:
                     f"--prompts-per-step {len(produced.groups)} and a schedule whose bound is at least {lag} "
                     "(--rollout-schedule async --max-staleness)")
 
+    def _check_teachers(self, load: str, recorded: dict[str, str] | None) -> None:
+        """On resume: the checkpoint's run read the teachers this run reads (None: a checkpoint from before the
+        teacher set was recorded)."""
+        if recorded is not None and recorded != self._teacher_set():
+            raise ValueError(f"{load}: the checkpoint's run distilled from the teachers {recorded} (name: HF "
+                             f"directory); this run has {self._teacher_set()}: resume with the same --teacher-hf / "
+                             "--teacher flags, or start a new run")
+
+    def _teacher_set(self) -> dict[str, str]:
+        """The teachers the objective reads, name: HF directory (what a checkpoint records)."""
+        return {name: self.config.models.teacher_dirs[name] for name in self.teacher_names}
+
     def _extra_models(self) -> dict:
         """Trained state a checkpoint keeps beside the student's: SRPO's EMA teacher."""
         return {"srpo_ema_teacher": self.ema_teacher.model} if self.ema_teacher is not None else {}
@@ -944,7 +1004,7 @@ class ScopeTrainer:
         self._raise_if_any_failed(error, "rollout")
         state = {"scheduler": self.scheduler.state_dict(), "dataset": dataset, "history": self.history,
                  "evaluations": self.evaluations, "seed": self.config.loop.seed,
-                 "rollout_buffer": list(self.buffer) + ahead}
+                 "rollout_buffer": list(self.buffer) + ahead, "teachers": self._teacher_set()}
         path = checkpointing.save_checkpoint(self.config.loop.save, self.iteration, self.student, self.optimizer, state,
                                              arch=self.arch, extra_models=self._extra_models(),
                                              save_hf=self.config.loop.save_hf)

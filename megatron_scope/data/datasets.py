@@ -30,8 +30,9 @@ import torch
 
 from megatron_scope.data.tokenizer import HFTokenizer, Tokenizer
 
-DEFAULT_KEYS = {"id": "id", "prompt": "prompt", "answer": "answer", "data_source": None}
-"""Column of each field in a prompt row (id None: rows are numbered; data_source None: no source)."""
+DEFAULT_KEYS = {"id": "id", "prompt": "prompt", "answer": "answer", "data_source": None, "teacher": None}
+"""Column of each field in a prompt row (id None: rows are numbered; data_source None: no source; teacher None: no
+teacher named per row)."""
 
 PROMPT_PLACEHOLDER = "{prompt}"
 
@@ -53,6 +54,8 @@ class Prompt:
     """`prompt_token_ids(tokenizer, prompt, prompt_format)` when the dataset was given a tokenizer, else None."""
     data_source: str | None = None
     """The row's data source (its --data-source-key column), e.g. a benchmark or domain; None without one."""
+    teacher: str | None = None
+    """The teacher the row is routed to (its --teacher-route-key column, a --teacher NAME); None without one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,9 +183,14 @@ class PromptDataset:
         digest = hashlib.sha256()
         for prompt in self.prompts:
             fields = [prompt.id, prompt.prompt, prompt.answer]
-            digest.update(json.dumps(fields if prompt.data_source is None else [*fields, prompt.data_source]).encode())
+            if prompt.data_source is not None:
+                fields.append(prompt.data_source)
+            if prompt.teacher is not None:
+                fields.append({"teacher": prompt.teacher})
+            digest.update(json.dumps(fields).encode())
         self.content_digest = digest.hexdigest()
-        """SHA-256 of the ids, prompts, answers and data sources in file order (a resume must find the same data)."""
+        """SHA-256 of the ids, prompts, answers, data sources and teachers in file order (a resume must find the same
+        data)."""
         self._order_epoch = -1
         self._order: list[int] = []
 
@@ -197,7 +205,7 @@ class PromptDataset:
         prompt_format: PromptFormat | None = None,
     ) -> "PromptDataset":
         """Load `path` (`read_rows`: JSONL, parquet or a `datasets` directory). keys: {"id", "prompt", "answer",
-        "data_source"} -> column name, merged over DEFAULT_KEYS; an id column of None numbers the rows ("line-<n>",
+        "data_source", "teacher"} -> column name, merged over DEFAULT_KEYS; an id column of None numbers the rows ("line-<n>",
         "row-<n>"). With a tokenizer, each prompt is encoded here (`prompt_token_ids` with `prompt_format`), and
         one it cannot encode is a DatasetFormatError naming the row. check_answer(answer, data_source) (e.g. a
         wrapper of synthetic.canonical_answer) is called on each row; its ValueError names the row too. `Prompt.prompt`
@@ -223,6 +231,9 @@ class PromptDataset:
             source = None
             if keys["data_source"] is not None:
                 source = _string_field(row, keys["data_source"], "data source", where, allow_int=False).strip()
+            teacher = None
+            if keys["teacher"] is not None:
+                teacher = _string_field(row, keys["teacher"], "teacher", where, allow_int=False).strip()
             if check_answer is not None:
                 try:
                     check_answer(answer, source)
@@ -237,7 +248,7 @@ class PromptDataset:
                     token_ids = tuple(prompt_token_ids(tokenizer, text, prompt_format))
                 except ValueError as error:
                     raise DatasetFormatError(f"{where}: prompt cannot be tokenized: {error}") from None
-            prompts.append(Prompt(prompt_id, text, answer, token_ids, source))
+            prompts.append(Prompt(prompt_id, text, answer, token_ids, source, teacher))
         if not prompts:
             raise DatasetFormatError(f"{path}: no rows")
         return cls(prompts, seed=seed, source=path)

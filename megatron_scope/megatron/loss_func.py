@@ -497,18 +497,29 @@ def scope_loss_func(config: LossConfig, vocab_size: int, batch: dict, output: to
 def reduce_reports(reports: list[dict], group=None) -> dict[str, float]:
     """Microbatch reports -> one value each: sums over microbatches (and `group`, e.g. data-parallel) divided
     by counts; keys ending in `_max` take the maximum instead; keys whose count is 0 are omitted."""
-    if not reports:
-        return {}
+    return reduce_reports_by_label(reports, [0] * len(reports), 1, group)[0] if reports else {}
+
+
+def reduce_reports_by_label(reports: list[dict], labels: list[int], num_labels: int, group=None) -> list[dict]:
+    """`reduce_reports` per label: result[l] reduces the reports of the microbatches labelled l (e.g. the teacher
+    each one reads) over `group`, one all-reduce for all labels; a label with no report anywhere gives {}. Every
+    rank of `group` calls it with at least one report, and all reports hold the same keys."""
     keys = sorted(reports[0])
-    sums = torch.stack([torch.stack([r[k][0].double() for r in reports]).sum() if not k.endswith("_max")
-                        else torch.stack([r[k][0].double() for r in reports]).max() for k in keys])
-    counts = torch.stack([torch.stack([r[k][1].double() for r in reports]).sum() for k in keys])
+    values = torch.stack([torch.stack([r[k][0] for k in keys]) for r in reports]).double()  # [reports, keys]
+    device = values.device
+    report_counts = torch.stack([torch.stack([r[k][1] for k in keys]) for r in reports]).double().to(device)
+    index = torch.tensor(labels, device=device)
+    is_max = torch.tensor([k.endswith("_max") for k in keys], device=device)
+    sums = torch.zeros(num_labels, len(keys), dtype=torch.float64, device=device).index_add_(
+        0, index, torch.where(is_max, 0.0, values))
+    maxima = torch.full((num_labels, len(keys)), -torch.inf, dtype=torch.float64, device=device).index_reduce_(
+        0, index, values, "amax")
+    counts = torch.zeros_like(sums).index_add_(0, index, report_counts)
     if group is not None and torch.distributed.get_world_size(group) > 1:
-        is_max = torch.tensor([k.endswith("_max") for k in keys], device=sums.device)
-        maxima = torch.where(is_max, sums, torch.full_like(sums, -torch.inf))
         torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=group)
         torch.distributed.all_reduce(sums, group=group)
         torch.distributed.all_reduce(counts, group=group)
-        sums = torch.where(is_max, maxima, sums)
+    sums, maxima, counts, is_max = sums.tolist(), maxima.tolist(), counts.tolist(), is_max.tolist()
     # A path with no member this step (e.g. nothing correct yet) is left out, not reported as 0.
-    return {k: float(s) if k.endswith("_max") else float(s / c) for k, s, c in zip(keys, sums, counts) if c > 0}
+    return [{k: maxima[label][i] if is_max[i] else sums[label][i] / counts[label][i]
+             for i, k in enumerate(keys) if counts[label][i] > 0} for label in range(num_labels)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -60,7 +60,8 @@ def _check_microbatches(microbatches: list[dict], loss_config: LossConfig, row_s
 
 
 def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, vocab_size: int,
-                     forward_only: bool = False, teacher_weight: torch.Tensor | None = None):
+                     forward_only: bool = False,
+                     teacher_weight: torch.Tensor | Sequence[torch.Tensor | None] | None = None):
     """Forward (and backward) of `model` over `microbatches` with the SCOPE loss over the tokenizer's `vocab_size`
     tokens; returns the per-microbatch reports on the last pipeline stage ([] elsewhere).
 
@@ -72,8 +73,8 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
     on the device (`TeacherHiddenLoader`).
     Gradients land in the DDP `main_grad` buffers already divided by the global loss count
     (`calculate_per_token_loss=True` in the model's config).
-    `teacher_weight`: the co-located teacher's output-layer shard, for microbatches carrying `teacher_hidden`;
-    with `loss_config.fuses_student_logits` the student then returns its last hidden states and the loss applies
+    `teacher_weight`: the co-located teacher's output-layer shard, for microbatches carrying `teacher_hidden`, or a
+    list of one per microbatch (several teachers: each microbatch's rows read one); with `loss_config.fuses_student_logits` the student then returns its last hidden states and the loss applies
     both output layers chunk by chunk (`ops.linear_kl`), on the response positions only: neither model's logits
     are kept, and none are computed for prompt or padding positions (nor, from teacher hidden states, the teacher's
     on the logits path).
@@ -92,9 +93,14 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
             error = caught
     raise_on_any_rank(error)  # all ranks: data-parallel replicas would otherwise wait in the grad all-reduce
     group = parallel_state.get_tensor_model_parallel_group()
-    fused = teacher_weight is not None and loss_config.fuses_student_logits
-    loss_func = partial(scope_loss_func, loss_config, vocab_size, group=group, teacher_weight=teacher_weight,
+    teacher_weights = list(teacher_weight) if isinstance(teacher_weight, (list, tuple)) \
+        else [teacher_weight] * len(microbatches)
+    if len(teacher_weights) != len(microbatches):
+        raise ValueError(f"{len(teacher_weights)} teacher weights for {len(microbatches)} microbatches")
+    fused = loss_config.fuses_student_logits and any(weight is not None for weight in teacher_weights)
+    loss_func = partial(scope_loss_func, loss_config, vocab_size, group=group,
                         student_weight=output_layer_weight(model) if fused else None, checked=True)
+    teacher_weights = iter(teacher_weights)
 
     with_positions = last and (fused or any("teacher_hidden" in batch for batch in microbatches))
     positions = response_positions(microbatches) if with_positions else []
@@ -109,7 +115,7 @@ def forward_backward(model, microbatches: list[dict], loss_config: LossConfig, v
             batch = {**batch, "teacher_hidden": teacher_hidden.next()}
         with returning_hidden_states(model) if fused else contextlib.nullcontext():
             output = model(batch["tokens"], batch["position_ids"], None)
-        return output, partial(loss_func, batch)
+        return output, partial(loss_func, batch, teacher_weight=next(teacher_weights))
 
     try:
         return run_schedule(model, microbatches, forward_step, forward_only=forward_only)

@@ -215,6 +215,19 @@ def token_counts(batch: dict, microbatches: Sequence[dict]) -> tuple[torch.Tenso
     return real, padded
 
 
+def split_runs(batch: dict, labels: Sequence) -> list[tuple[object, dict]]:
+    """(label, rows) for each run of consecutive rows of `batch` with one label (`labels[i]`: row i's, e.g. the
+    teacher it reads), in row order."""
+    if len(labels) != len(batch["tokens"]):
+        raise ValueError(f"{len(labels)} labels for {len(batch['tokens'])} rows")
+    runs, start = [], 0
+    for end in range(1, len(labels) + 1):
+        if end == len(labels) or labels[end] != labels[start]:
+            runs.append((labels[start], {k: v[start:end] for k, v in batch.items()}))
+            start = end
+    return runs
+
+
 def split_rows(batch: dict, num_parts: int) -> list[dict]:
     """Split every [n, ...] tensor of `batch` into `num_parts` equal consecutive row blocks."""
     n = len(batch["tokens"])

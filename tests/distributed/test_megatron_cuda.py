@@ -129,7 +129,7 @@ def test_one_trainer_step_runs_on_cuda(nccl):
     trainer = ScopeTrainer(
         config, student, arch, optimizer, scheduler, PromptDataset(prompts, source="prompts"),
         types.SimpleNamespace(pad_id=0, eos_id=1, vocab_size=vocab), None,
-        engine=object(), teacher=teacher)  # the engine (rank 0's) is never called by `learn`
+        engine=object(), teachers={"teacher": teacher})  # the engine (rank 0's) is never called by `learn`
     before = [p.detach().clone() for p in student.parameters()]
     metrics = {}
     outcome = trainer.learn(groups, metrics)

@@ -34,7 +34,7 @@ def _construct(rank, world_size, cases, save_root):
                                  validation=dict(data=(("heldout", "h.jsonl"),), max_new_tokens=2 * MAX_NEW_TOKENS))
         try:
             ScopeTrainer(config, None, TINY_ARCH, None, None, dataset, tokenizer, None, engine=object(),
-                         teacher=object(), eval_sets=eval_sets)
+                         teachers={"teacher": object()}, eval_sets=eval_sets)
             outcomes[name] = None
         except Exception as error:  # noqa: BLE001 - the test compares type and message
             outcomes[name] = f"{type(error).__name__}: {error}"
@@ -98,7 +98,8 @@ def _stand_in_trainer(rank, placement, leaders, engine=None, remote_teacher=True
     tokenizer = types.SimpleNamespace(vocab_size=TINY_ARCH.vocab_size, eos_id=2, decode=lambda ids: f"A: {ids[0]}")
     leads = rank in leaders
     return ScopeTrainer(config, None, TINY_ARCH, None, None, dataset, tokenizer, verifier or SyntheticTaskVerifier(),
-                        engine=(engine or object()) if leads else None, teacher=None if remote_teacher else object(),
+                        engine=(engine or object()) if leads else None,
+                        teachers=None if remote_teacher else {"teacher": object()},
                         teacher_engine=object() if leads and remote_teacher else None)
 
 

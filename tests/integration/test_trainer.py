@@ -16,7 +16,8 @@ co-located Megatron teacher.
   produced twice);
 - a vLLM teacher at DP=2 with the rank0 placement (--teacher-backend vllm, top-k with k = V) gives the
   co-located teacher's first iteration;
-- ExOPD's reference served by vLLM gives the co-located reference's first iteration;
+- ExOPD's reference served by vLLM gives the co-located reference's first iteration, which merges two experts routed
+  by a data column (here both the teacher: the one teacher's step);
 - TrOPD's guidance: a teacher engine writes prefixes that the student's engine continues, each token's log-prob
   from the model that sampled it;
 - bad set-ups fail before any rollout.
@@ -295,15 +296,34 @@ def test_tropd_guidance_continues_the_teachers_prefixes(workspace):
     assert metrics["loss/prefix_forward_kl_k1"] > 0  # random student, random teacher: the teacher's tokens are its own
 
 
-def test_exopd_reference_served_by_vllm_gives_the_colocated_references_run(workspace):
+def test_exopd_reference_served_by_vllm_gives_the_colocated_references_run(workspace, tmp_path):
     """--exopd-reference-backend vllm: a vLLM engine of --exopd-reference-hf (here the teacher's checkpoint, another
     model than the initial student) scores the responses on the leader; the first iteration's loss and gradient
-    norm equal those with the same reference as a co-located Megatron model."""
+    norm equal those with the same reference as a co-located Megatron model. The co-located run merges two named
+    experts (G-OPD's ExOPD setting: --teacher twice, here both the teacher's checkpoint, each prompt routed by a
+    column of a copy of the training file, --teacher-route-key), which gives the one teacher's step; it reports each
+    expert's share of the prompts and its own loss terms."""
+    import json
+
+    from megatron_scope.data.datasets import read_jsonl_rows
+
+    routed = str(tmp_path / "train_routed.jsonl")
+    with open(routed, "w") as handle:
+        for line, row in read_jsonl_rows(workspace.train_jsonl):
+            handle.write(json.dumps({**row, "expert": f"expert{line % 2}"}) + "\n")
     extra = ["--scope-algorithm", "exopd", "--exopd-reference-hf", workspace.teacher_hf]
-    runs = [run_on_ranks(train_history, 1, args=(_flags(workspace, 1, extra=extra + backend),), timeout=900)[0][0]
-            for backend in ([], ["--exopd-reference-backend", "vllm"])]
+    experts = ["--teacher", f"expert0={workspace.teacher_hf}", "--teacher", f"expert1={workspace.teacher_hf}",
+               "--teacher-route-key", "expert"]
+    colocated_argv = _flags(workspace, 1, extra=extra)
+    colocated_argv[colocated_argv.index("--train-data") + 1] = routed
+    colocated_argv[colocated_argv.index("--teacher-hf"):colocated_argv.index("--teacher-hf") + 2] = experts
+    runs = [run_on_ranks(train_history, 1, args=(argv,), timeout=900)[0][0]
+            for argv in (colocated_argv, _flags(workspace, 1, extra=extra + ["--exopd-reference-backend", "vllm"]))]
     colocated, served = runs
     assert served["time/reference_score_s"] > 0 and "time/reference_score_s" not in colocated
+    shares = [colocated[f"teacher/expert{i}/prompt_fraction"] for i in range(2)]
+    assert sum(shares) == 1 and all(0 < share < 1 for share in shares)  # 4 prompts of both parities
+    assert colocated["teacher/expert0/loss"] != colocated["teacher/expert1/loss"]
     assert served["rollout/accuracy"] == colocated["rollout/accuracy"]
     for key in ("loss/loss", "optimizer/grad_norm"):
         assert served[key] == pytest.approx(colocated[key], rel=1e-4), key

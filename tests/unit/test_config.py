@@ -64,6 +64,41 @@ def test_teacher_facts():
     assert tiny_run_config(loss=dict(kl="k1")).loss.teacher_topk == 0
 
 
+def test_several_teachers_are_named_and_routed_by_a_column():
+    """--teacher NAME=HF_DIR (repeatable) with --teacher-route-key; each wrong combination is refused naming the flags."""
+    def parse(*flags):
+        return build_config(build_parser().parse_args(["--student-hf", "s", "--tokenizer", "t", "--train-data", "d",
+                                                       *("--teacher-hf" if f == "TEACHER_HF" else f for f in flags)]))
+
+    config = parse("--teacher", "math=/m", "--teacher", "code=/c", "--teacher-route-key", "domain")
+    assert config.models.teacher_dirs == {"math": "/m", "code": "/c"} and config.colocated_teacher
+    assert config.data.dataset_keys()["teacher"] == "domain"
+    assert parse("--teacher", "math=/m").models.teacher_dirs == {"math": "/m"}  # one named teacher: no route needed
+    assert parse("TEACHER_HF", "/t").models.teacher_dirs == {"teacher": "/t"}
+    refusals = {
+        ("TEACHER_HF", "/t", "--teacher", "a=/a"): "--teacher-hf and --teacher both name teachers",
+        ("--teacher", "a b=/a"): r"a teacher's name is letters, digits",
+        ("--teacher", "a=/a", "--teacher", "a=/b", "--teacher-route-key", "k"): r"--teacher names \['a', 'a'\] repeat",
+        ("--teacher", "a"): "--teacher 'a': expected NAME=VALUE",
+        ("--teacher", "a=/a", "--teacher", "b=/b"): "--teacher names 2 teachers \\(a, b\\): give --teacher-route-key",
+        ("TEACHER_HF", "/t", "--teacher-route-key", "k"): "--teacher-route-key k names each row's teacher by its --teacher",
+        ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--teacher-backend", "vllm",
+         "--scope-kl", "k1"): "--teacher-backend vllm serves one teacher; 2 --teacher models",
+        ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-algorithm", "tropd",
+         "--scope-kl", "reverse", "--tropd-prefix-fraction", "0.5"): "TrOPD's guidance has one teacher engine",
+        ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-group-size", "3",
+         "--micro-batch-size", "2", "--prompts-per-step", "2"): "--scope-group-size 3 must be a multiple of",
+        ("--teacher-route-key", "k", "--scope-algorithm", "grpo", "--scope-group-size", "2"):
+            "--teacher-route-key k routes prompts to teachers; --scope-algorithm grpo reads none",
+    }
+    for flags, message in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            parse(*flags)
+    budget = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-group-size", "3",
+                   "--micro-batch-size", "2", "--prompts-per-step", "2", "--max-tokens-per-microbatch", "64")
+    assert budget.loop.max_tokens_per_microbatch == 64  # token-budget microbatches split each teacher's rows
+
+
 def test_how_a_step_splits_over_data_parallel_ranks():
     config = tiny_run_config(rollout=dict(prompts_per_step=8, group_size=3), loop=dict(micro_batch_size=6))
     assert config.local_sequences(4) == 6

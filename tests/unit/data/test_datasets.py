@@ -107,6 +107,32 @@ def test_parquet_and_datasets_directories_read_through_the_key_flags(tmp_path):
         PromptDataset.from_file(tmp_path / "train.parquet", keys=dict(keys, data_source="source"))
 
 
+def test_each_row_names_its_teacher_and_an_unknown_one_fails_before_any_engine(tmp_path):
+    """--teacher-route-key reads each row's teacher (here the data-source column itself, as verl's teacher_key:
+    data_source); the digest a resume compares covers it; `check_teacher_routes` names the first row whose teacher
+    the run lacks."""
+    import pyarrow
+    import pyarrow.parquet
+
+    from megatron_scope.testing.tiny import tiny_run_config
+    from megatron_scope.train import check_teacher_routes
+
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(_other_columns(ROWS)), tmp_path / "train.parquet")
+    keys = {"id": None, "prompt": "question", "answer": "final_answer", "data_source": "domain"}
+    dataset = PromptDataset.from_file(tmp_path / "train.parquet", keys=dict(keys, teacher="domain"))
+    assert [p.teacher for p in dataset.prompts] == [p.data_source for p in dataset.prompts] == ["even", "odd"] * (
+        len(ROWS) // 2) + ["even"] * (len(ROWS) % 2)
+    assert dataset.content_digest != PromptDataset.from_file(tmp_path / "train.parquet", keys=keys).content_digest
+    routed = dict(models=dict(teacher_hf=None, teachers=(("even", "/e"), ("odd", "/o"))),
+                  data=dict(teacher_route_key="domain"))
+    check_teacher_routes(dataset, tiny_run_config(**routed))
+    routed["models"]["teachers"] = (("even", "/e"), ("other", "/o"))
+    with pytest.raises(ValueError, match=r"prompt 'row-2' \(.*train.parquet\) routes to teacher 'odd' \(its "
+                                         r"--teacher-route-key 'domain' column\), which no --teacher names: the "
+                                         r"teachers are \['even', 'other'\]"):
+        check_teacher_routes(dataset, tiny_run_config(**routed))
+
+
 def test_math_benchmark_rows_through_a_key_mapping():
     aime = PromptDataset.from_file("tests/data/eval/aime24.jsonl", keys={"prompt": "problem"})
     assert aime.prompts[0] == Prompt("60", "Find the remainder when $7^{2024}$ is divided by $100$.", "001")

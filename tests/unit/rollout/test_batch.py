@@ -12,7 +12,7 @@ from megatron_scope.megatron.loss_func import check_batch, scope_loss_func
 from megatron_scope.ops.token_stats import sequence_mean_log_prob
 from megatron_scope.ops.vocab_parallel import vocab_parallel_log_probs
 from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
-                                          split_by_token_budget, split_rows, token_counts)
+                                          split_by_token_budget, split_rows, split_runs, token_counts)
 from megatron_scope.rollout.engine import Completion
 
 V, PAD, EOS = 50, 0, 2
@@ -182,3 +182,15 @@ def test_widths_are_multiples_of_tensor_parallelism_for_sequence_parallelism():
 
     assert [sequence_multiple(tp) for tp in (1, 2, 4, 8, 3, 6)] == [8, 8, 8, 8, 24, 24]
     assert padded_sequence_length(30, sequence_multiple(3)) == 48 and padded_sequence_length(30, 8) == 32
+
+
+def test_split_runs_cuts_a_batch_where_its_rows_label_changes():
+    """Consecutive rows of one label (e.g. the teacher they read) stay together, in row order; every row once."""
+    batch = {"tokens": torch.arange(12).view(6, 2), "correct": torch.tensor([1, 0, 1, 1, 0, 0]).bool()}
+    runs = split_runs(batch, ["a", "a", "b", "b", "b", "a"])
+    assert [label for label, _ in runs] == ["a", "b", "a"]
+    assert [rows["tokens"][:, 0].tolist() for _, rows in runs] == [[0, 2], [4, 6, 8], [10]]
+    assert [rows["correct"].tolist() for _, rows in runs] == [[True, False], [True, True, False], [False]]
+    assert [label for label, _ in split_runs(batch, [None] * 6)] == [None]
+    with pytest.raises(ValueError, match="5 labels for 6 rows"):
+        split_runs(batch, ["a"] * 5)
