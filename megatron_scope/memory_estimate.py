@@ -18,8 +18,9 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                                                  the distributed optimizer reduce-scatters into the same full buffer
     Adam state               (4 + 8) P / D'      --bf16: fp32 master copy + exp_avg + exp_avg_sq; fp32 runs 8 P / D';
                                                  D' = D with --use-distributed-optimizer, else 1
-    teacher parameters       e P_teacher         co-located (--teacher-backend megatron), same TP/PP as the
-                                                 student, forward only
+    teacher parameters       e Σ P_teacher       co-located (--teacher-backend megatron), same TP/PP as the
+                                                 student, forward only; with several --teacher, every one of them
+                                                 (all resident: each step's microbatches read any of them)
     reference parameters     e P_ref             ExOPD's frozen π_ref (--exopd-reference-hf, else the student),
                                                  co-located (--exopd-reference-backend megatron)
     SRPO EMA teacher         4 P                 --srpo-teacher ema: a float32 copy of the student's stage
@@ -125,6 +126,7 @@ temporaries of the vocab-parallel ops (a few x 4 MiB on CPU, a few x 256 MiB on 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 from megatron_scope.config import RunConfig
 from megatron_scope.hf_config import kv_cache_bytes_per_token
@@ -278,7 +280,12 @@ class RunPlan:
 
 # ---------------------------------------------------------------------------------------------- checks
 MODEL_FLAGS = {"student": "--student-hf", "teacher": "--teacher-hf", "reference": "--exopd-reference-hf"}
-"""The flag naming each model of `archs`."""
+"""The flag naming each model of `archs` ("teacher NAME": --teacher NAME=HF_DIR)."""
+
+
+def model_flag(name: str) -> str:
+    """The flag that names the model `name` of `archs`."""
+    return MODEL_FLAGS.get(name) or f"--teacher {name.removeprefix('teacher ')}=HF_DIR"
 
 
 def check_parallel_sizes(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[str]:
@@ -299,7 +306,7 @@ def check_parallel_sizes(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[s
         return errors  # D is undefined: the batch checks below would mislead
     errors += plan.config.batch_errors(world // (tp * pp))
     for name, arch in archs.items():
-        where = f"the {name} ({MODEL_FLAGS[name]})"
+        where = f"the {name} ({model_flag(name)})"
         if arch.num_attention_heads % tp:
             errors.append(f"{where} has {arch.num_attention_heads} attention heads, not divisible by "
                           f"--tensor-model-parallel-size {tp}")
@@ -339,7 +346,7 @@ def check_sequence_length(plan: RunPlan, archs: dict[str, DecoderArch]) -> list[
             errors.append(
                 f"prompt ({plan.max_prompt_tokens} tokens, --max-prompt-tokens) + --max-new-tokens "
                 f"{plan.config.rollout.max_new_tokens} = {longest} exceeds the {name}'s max_position_embeddings "
-                f"{arch.max_position_embeddings} ({MODEL_FLAGS[name]} config.json)")
+                f"{arch.max_position_embeddings} ({model_flag(name)} config.json)")
     return errors
 
 
@@ -382,7 +389,7 @@ def check_vocabulary(tokenizer_vocab: int | None, archs: dict[str, DecoderArch])
     if tokenizer_vocab is not None:
         for name, arch in archs.items():
             if arch.vocab_size < tokenizer_vocab:
-                errors.append(f"the {name}'s vocabulary ({arch.vocab_size} rows, {MODEL_FLAGS[name]} config.json) does not "
+                errors.append(f"the {name}'s vocabulary ({arch.vocab_size} rows, {model_flag(name)} config.json) does not "
                               f"cover the tokenizer's {tokenizer_vocab} tokens (--tokenizer)")
         return errors, notes
     sizes = {name: arch.vocab_size for name, arch in archs.items()}
@@ -426,9 +433,17 @@ def _dtype(element_bytes: int) -> str:
     return {2: "bf16", 4: "fp32"}.get(element_bytes, f"{element_bytes}-byte")
 
 
-def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None, stage: int,
+def _teachers(teacher: DecoderArch | Sequence[DecoderArch] | None) -> tuple[DecoderArch, ...]:
+    """The co-located teachers' architectures, from the estimators' `teacher` argument: one, several, or None."""
+    if teacher is None:
+        return ()
+    return (teacher,) if isinstance(teacher, DecoderArch) else tuple(teacher)
+
+
+def _training_components(plan: RunPlan, student: DecoderArch, teacher, stage: int,
                          padded_vocab: int, reference: DecoderArch | None = None) -> list[Component]:
     tp, pp, e = plan.tensor_parallel, plan.pipeline_parallel, plan.element_bytes
+    teachers = _teachers(teacher)
     dp, n, b, s = plan.data_parallel, plan.local_sequences, plan.micro_batch_rows, plan.seq_length
     last = stage == pp - 1
     params = stage_param_count(student, tp, pp, stage, padded_vocab)
@@ -443,9 +458,10 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
                            f"{per_param} B x {params:,} / {shards} ({what}"
                            + (", sharded over DP)" if plan.config.optimizer.use_distributed_optimizer else ", not sharded)"),
                            "use --use-distributed-optimizer (or more data-parallel ranks with it)"))
-    if teacher is not None:
-        t_params = stage_param_count(teacher, tp, pp, stage, padded_vocab)
-        comps.append(Component("teacher parameters", e * t_params, f"{t_params:,} params x {e} B (forward only)",
+    if teachers:
+        t_params = sum(stage_param_count(arch, tp, pp, stage, padded_vocab) for arch in teachers)
+        comps.append(Component("teacher parameters", e * t_params, f"{t_params:,} params x {e} B (forward only"
+                               + (f", {len(teachers)} teachers)" if len(teachers) > 1 else ")"),
                                "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
     if plan.config.colocated_reference:
         r_params = stage_param_count(reference or student, tp, pp, stage, padded_vocab)
@@ -516,7 +532,7 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
         "lower --micro-batch-size or --max-new-tokens, raise --tensor-model-parallel-size, use "
         "--attention-backend sdpa (no s^2 scores) and --recompute-granularity full"))
     if models.stores_attention_scores:
-        heads = max(student.num_attention_heads, teacher.num_attention_heads if teacher else 0)
+        heads = max(arch.num_attention_heads for arch in (student, *teachers))
         buffer = e * (heads // tp) * s * s * b
         comps.append(Component("attention score buffer", buffer,
                                f"[{b} x {heads // tp} heads, {s}, {s}] {_dtype(e)} (Megatron global buffer)",
@@ -574,14 +590,15 @@ def rollout_free_terms(plan: RunPlan) -> tuple[str, ...]:
             + (OFFLOADED_FROZEN_TERMS if rollout.offload_teacher else ()))
 
 
-def _distribution_source(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None) -> DecoderArch | None:
-    """The model whose hidden states carry the full distribution the loss reads: the co-located teacher, SRPO's
-    self-teacher (the student's architecture), or None."""
+def _distribution_source(plan: RunPlan, student: DecoderArch, teacher) -> DecoderArch | None:
+    """The model whose hidden states carry the full distribution the loss reads: the co-located teacher (of several,
+    the widest: any microbatch may read it), SRPO's self-teacher (the student's architecture), or None."""
     if not plan.config.loss.needs_teacher_logits:
         return None
     if plan.config.loss.self_teacher:
         return student
-    return teacher if plan.config.colocated_teacher else None
+    teachers = _teachers(teacher)
+    return max(teachers, key=lambda arch: arch.hidden_size) if plan.config.colocated_teacher and teachers else None
 
 
 def _distribution_bytes(plan: RunPlan) -> int:
@@ -589,7 +606,7 @@ def _distribution_bytes(plan: RunPlan) -> int:
     return 4 if plan.config.loss.ema_teacher else plan.element_bytes
 
 
-def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None) -> int:
+def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher) -> int:
     """Host memory per last-stage rank for the (self-)teacher's last hidden states of the local batch, kept from
     the scoring pass to the student's step: this TP rank's share of the response rows (at most R = --max-new-tokens
     per sequence), e n R h_T / t, in one buffer whose microbatch tensors start at 512-byte offsets
@@ -644,20 +661,22 @@ def _engines_on_training_gpus(plan: RunPlan, training: list[Component], engines:
         or "--rl-offload-optimizer-during-inference, --rl-offload-teacher-during-inference")]
 
 
-def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None,
+def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | Sequence[DecoderArch] | None = None,
                     reference: DecoderArch | None = None) -> list[GpuEstimate]:
-    """Per-GPU memory of every kind of GPU in the launch (see the module docstring for each term).
+    """Per-GPU memory of every kind of GPU in the launch (see the module docstring for each term); `teacher`: the
+    teacher's architecture, or each co-located teacher's (several --teacher).
 
     Kinds: the first-stage GPUs that run an engine (every replica's first T_r ranks with --rollout-placement
     colocated, ranks 0..T_r-1 with rank0), the other first-stage ranks (PP = 1), the last pipeline stage (PP > 1),
     and one GPU per engine (ray: the rollout engine, a teacher's and a reference's).
     """
-    archs = [arch for arch in (student, teacher, reference) if arch is not None]
+    archs = [arch for arch in (student, *_teachers(teacher), reference) if arch is not None]
     padded = common_padded_vocab(archs, plan.tensor_parallel)
     pp, placement = plan.pipeline_parallel, plan.config.rollout.placement
     engines = {"rollout GPU": _engine_components(plan, student)}  # where each engine runs with the ray placement
-    if teacher is not None and plan.config.teacher_engine:
-        engines["teacher engine GPU"] = _engine_components(plan, teacher, "vLLM teacher")
+    if teacher is not None and plan.config.teacher_engine:  # one teacher (the configuration refuses several)
+        (engine_teacher,) = _teachers(teacher)
+        engines["teacher engine GPU"] = _engine_components(plan, engine_teacher, "vLLM teacher")
         if plan.config.remote_teacher:
             teacher = None
     if plan.config.remote_reference:
@@ -681,7 +700,8 @@ def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | 
     return gpus
 
 
-def host_memory_per_node(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None,
+def host_memory_per_node(plan: RunPlan, student: DecoderArch,
+                         teacher: DecoderArch | Sequence[DecoderArch] | None = None,
                          reference: DecoderArch | None = None) -> list[Component]:
     """Pinned host memory one node holds at once (the first-stage ranks' terms for every training rank of the node,
     an upper bound for PP > 1): the teacher's last hidden states of the local batch (`teacher_hidden_host_bytes`),
@@ -691,7 +711,7 @@ def host_memory_per_node(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
     guidance lends its GPUs to the teacher's engine, and it sleeps at level 2 otherwise)."""
     config, rollout = plan.config, plan.config.rollout
     n = min(plan.nproc_per_node, plan.world_size)
-    archs = [arch for arch in (student, teacher, reference) if arch is not None]
+    archs = [arch for arch in (student, *_teachers(teacher), reference) if arch is not None]
     padded = common_padded_vocab(archs, plan.tensor_parallel)
     training = {c.name: c.bytes for c in _training_components(plan, student, teacher if config.colocated_teacher
                                                               else None, 0, padded, reference)}
@@ -710,7 +730,7 @@ def host_memory_per_node(plan: RunPlan, student: DecoderArch, teacher: DecoderAr
         engines_per_node = n // rollout.tensor_parallel_size if rollout.placement == "colocated" else 1
         level_one = []
         if config.teacher_engine and teacher is not None:
-            level_one.append(("vLLM teacher", teacher))
+            level_one.append(("vLLM teacher", *_teachers(teacher)))
         if config.remote_reference:
             level_one.append(("vLLM reference", reference or student))
         if config.loss.tropd_guidance:
@@ -794,7 +814,7 @@ def with_recompute(plan: RunPlan, options: dict) -> RunPlan:
     return dataclasses.replace(plan, config=dataclasses.replace(plan.config, models=models))
 
 
-def least_recompute(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | None = None,
+def least_recompute(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | Sequence[DecoderArch] | None = None,
                     reference: DecoderArch | None = None) -> tuple[RunPlan, list[GpuEstimate]] | None:
     """The first of `recompute_candidates` with which every GPU of the launch fits --gpu-memory-gib: (its plan, its
     estimate); None if even full recompute of every layer does not fit."""

@@ -112,16 +112,17 @@ def run_check(args: argparse.Namespace) -> dict:
     try:
         config = build_config(args)  # the trainer's own configuration: its flag-combination rules
         student_config, student = read_model(config.models.student_hf, "--student-hf")
-        teacher = reference = None
-        if config.models.teacher_hf:
-            _, teacher = read_model(config.models.teacher_hf, "--teacher-hf")
+        teachers, reference = {}, None  # by archs key: "teacher" (--teacher-hf) or "teacher NAME" (--teacher)
+        for name, hf_dir in config.models.teacher_dirs.items():
+            key = f"teacher {name}" if config.models.teachers else "teacher"
+            teachers[key] = read_model(hf_dir, me.model_flag(key))[1]
         if config.models.reference_hf:
             _, reference = read_model(config.models.reference_hf, "--exopd-reference-hf")
     except ValueError as error:
         errors.append(str(error))
         return result
-    archs = {"student": student, **({"teacher": teacher} if teacher is not None else {}),
-             **({"reference": reference} if reference is not None else {})}
+    archs = {"student": student, **teachers, **({"reference": reference} if reference is not None else {})}
+    teacher_archs = tuple(teachers.values()) or None  # every teacher, for the estimators
 
     # Tokenizers: the trainer's loader and identity check when the files are here.
     tokenizer_vocab, tokenizer = None, None
@@ -177,7 +178,7 @@ def run_check(args: argparse.Namespace) -> dict:
     kv_errors, kv_notes = me.check_rollout_kv_cache(plan, student)
     errors += kv_errors
     notes += kv_notes
-    host = me.teacher_hidden_host_bytes(plan, student, teacher)
+    host = me.teacher_hidden_host_bytes(plan, student, teacher_archs)
     if rollout.placement != "ray":
         where = (f"one per data-parallel replica, {plan.data_parallel} in all" if rollout.placement == "colocated"
                  else "one, on global rank 0")
@@ -225,8 +226,9 @@ def run_check(args: argparse.Namespace) -> dict:
         "tokenizer_vocab": tokenizer_vocab,
         "padded_vocab": padded,
         "student_params": me.hf_param_count(student),
-        "teacher_params": me.hf_param_count(teacher) if teacher is not None else None,
-        "teacher_hidden_states_host_bytes": me.teacher_hidden_host_bytes(plan, student, teacher),
+        "teacher_params": sum(map(me.hf_param_count, teachers.values())) if teachers else None,
+        "teachers": len(teachers),
+        "teacher_hidden_states_host_bytes": me.teacher_hidden_host_bytes(plan, student, teacher_archs),
         "rollout_kv_bytes_per_token": me.kv_bytes_per_token(student, plan.rollout_element_bytes),
         "rollout_placement": rollout.placement,
         "rollout_tensor_parallel": rollout.tensor_parallel_size,
@@ -234,9 +236,9 @@ def run_check(args: argparse.Namespace) -> dict:
     }
     if plan.world_size % (plan.tensor_parallel * plan.pipeline_parallel):
         return result  # no data-parallel size: no memory estimate
-    gpus = me.estimate_memory(plan, student, teacher, reference)
+    gpus = me.estimate_memory(plan, student, teacher_archs, reference)
     errors += me.check_engine_start(plan, 1 + config.teacher_engine + config.remote_reference)
-    host_terms = me.host_memory_per_node(plan, student, teacher, reference)
+    host_terms = me.host_memory_per_node(plan, student, teacher_archs, reference)
     host_total = sum(c.bytes for c in host_terms)
     result["host_memory_per_node"] = {"total_bytes": host_total,
                                       "components": [{"name": c.name, "bytes": c.bytes} for c in host_terms]}
@@ -247,7 +249,7 @@ def run_check(args: argparse.Namespace) -> dict:
             errors.append(f"{summary}: more than --host-memory-gib {args.host_memory_gib:g}")
         else:
             notes.append(summary)
-    least = me.least_recompute(plan, student, teacher, reference)
+    least = me.least_recompute(plan, student, teacher_archs, reference)
     train, extra = me.step_flops(plan, student)
     if least is None:
         result["least_recompute"] = None
@@ -286,7 +288,9 @@ def format_report(args: argparse.Namespace, result: dict) -> str:
             + f" (TP {facts['rollout_tensor_parallel']})")
         lines.append(f"student: {facts['student_params']:,} parameters ({args.student_hf})")
         if facts["teacher_params"] is not None:
-            lines.append(f"teacher: {facts['teacher_params']:,} parameters ({args.teacher_hf})")
+            lines.append(f"teacher: {facts['teacher_params']:,} parameters ({args.teacher_hf})" if facts["teachers"] == 1
+                         else f"teachers: {facts['teachers']}, {facts['teacher_params']:,} parameters in all "
+                         f"({', '.join(args.teacher)})")
         lines.append(
             f"batch: {facts['sequences_per_step']} sequences per step, {facts['local_sequences']} per data-parallel rank "
             f"= {facts['microbatches']} microbatches of {facts['micro_batch_rows']}; sequence {facts['seq_length']} tokens "

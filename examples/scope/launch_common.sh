@@ -17,6 +17,9 @@
 : "${SCOPE_TAU:=1.0}"
 : "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL (fused with both output layers); topk (+ --scope-topk K), k1/k2/k3
 : "${TEACHER_BACKEND:=megatron}"      # megatron: co-located teacher; vllm: a teacher engine (SCOPE_KL=topk best, or k1/k2/k3)
+: "${TEACHERS:=}"                     # several co-located experts instead of TEACHER_HF: space-separated NAME=HF_DIR
+                                      # (--teacher each), e.g. "math=/models/math-rl code=/models/code-rl"
+: "${TEACHER_ROUTE_KEY:=}"            # with TEACHERS: the data column naming each row's expert (--teacher-route-key)
 : "${TRAIN_ITERS:=200}"
 : "${SAVE_INTERVAL:=10}"
 : "${SEED:=1234}"
@@ -52,7 +55,7 @@
 PROMPT_TEMPLATE=$'{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}.'
 
 ARGS=(
-  --student-hf "$STUDENT_HF" --teacher-hf "$TEACHER_HF" --tokenizer "$TOKENIZER"
+  --student-hf "$STUDENT_HF" --tokenizer "$TOKENIZER"
   --train-data "$TRAIN_DATA" --prompt-template "$PROMPT_TEMPLATE" --apply-chat-template --reward math
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
   --micro-batch-size "$MICRO_BATCH_SIZE" --bf16 --use-distributed-optimizer --attention-backend "$ATTENTION_BACKEND"
@@ -63,6 +66,16 @@ ARGS=(
   --lr "$LR" --train-iters "$TRAIN_ITERS" --seed "$SEED"
   --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$SAVE_DIR/tensorboard"
 )
+if [[ -n "$TEACHERS" ]]; then
+  for teacher in $TEACHERS; do
+    ARGS+=(--teacher "$teacher")
+  done
+  if [[ -n "$TEACHER_ROUTE_KEY" ]]; then
+    ARGS+=(--teacher-route-key "$TEACHER_ROUTE_KEY")
+  fi
+else
+  ARGS+=(--teacher-hf "$TEACHER_HF")
+fi
 if [[ "$SEQUENCE_PARALLEL" == 1 ]]; then
   ARGS+=(--sequence-parallel)
 fi

@@ -27,7 +27,9 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 : "${STUDENT_HF:=$MODEL_ROOT/$STUDENT}"                        # HF directory: config.json, safetensors, tokenizer
 : "${TEACHER_HF:=$MODEL_ROOT/$TEACHER}"                        # HF directory of the co-located teacher
 : "${TOKENIZER:=$STUDENT_HF}"                                  # HF tokenizer directory (or SentencePiece file)
-: "${TEACHER_TOKENIZER:=$TEACHER_HF}"                          # checked to have the same vocabulary; "" skips
+: "${TEACHERS:=}"                                              # several experts instead: NAME=HF_DIR ... (launch_common.sh)
+[[ -n "$TEACHERS" ]] && TEACHER_HF=""                              # (then TEACHER_ROUTE_KEY names each row's expert)
+: "${TEACHER_TOKENIZER=$TEACHER_HF}"                           # checked to have the same vocabulary; "" skips
 : "${TRAIN_DATA:=$ROOT/data/scope_train.jsonl}"                # JSONL rows {id, prompt, answer}
 : "${SAVE_DIR:=$ROOT/outputs/scope_qwen3_${STUDENT}_from_${TEACHER}}"
 # --- parallelism and batch (TP: student and teacher share it; Qwen3 up to 8B has 8 key/value heads)

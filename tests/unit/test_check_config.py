@@ -739,6 +739,32 @@ def test_the_launch_scripts_full_kl_runs_fit_80_gib_gpus(tmp_path, script, stude
     assert 0 < result["host_memory_per_node"]["total_bytes"] <= 256 * GIB
 
 
+def test_the_paper_run_merging_two_7b_experts_fits_80_gib_gpus(tmp_path):
+    """G-OPD's merge setting at the paper's scale: launch_paper.sh with TEACHERS (two 7B experts, --teacher each, routed
+    by TEACHER_ROUTE_KEY) instead of TEACHER_HF: both experts co-located at TP 2 (twice one teacher's parameters,
+    offloaded while the engines generate), the widest one's hidden states; it fits 80 GiB and a node's 256 GiB of
+    pinned host memory."""
+    experts = " ".join(f"{name}={_model_dir(tmp_path, name, QWEN25_7B)}" for name in ("math", "code"))
+    env = {**os.environ, "DRY_RUN": "1", "STUDENT_HF": _model_dir(tmp_path, "student", R1_DISTILL_1_5B),
+           "TEACHERS": experts, "TEACHER_ROUTE_KEY": "domain", "TOKENIZER": str(tmp_path / "absent.model"),
+           "TRAIN_DATA": str(tmp_path / "absent.jsonl"), "PYTHON": sys.executable,
+           "CHECK_ARGS": "--max-prompt-tokens 2048 --json"}
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", "launch_paper.sh")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout[:done.stdout.index("DRY_RUN=1, would run:")])
+    (gpu,) = result["memory"]["gpus"]
+    assert result["ok"] and gpu["fits"] and gpu["total_bytes"] < 80 * GIB
+    teachers = {c["name"]: c for c in gpu["components"]}["teacher parameters"]
+    one_teacher = me.stage_param_count(arch_from_hf_config(QWEN25_7B), 2, 1, 0, 152064)
+    assert teachers["bytes"] == 2 * 2 * one_teacher and "2 teachers" in teachers["detail"]
+    assert result["facts"]["teachers"] == 2 and result["facts"]["teacher_params"] == 2 * me.hf_param_count(
+        arch_from_hf_config(QWEN25_7B))
+    assert 0 < result["host_memory_per_node"]["total_bytes"] <= 256 * GIB
+    launch = done.stdout[done.stdout.index("DRY_RUN=1, would run:"):]
+    assert "--teacher-route-key domain" in launch and "--teacher-hf" not in launch and "--teacher-tokenizer" not in launch
+
+
 def test_sequence_parallelism_divides_the_replicated_activations_by_tp():
     """TP = 2 with and without --sequence-parallel: each layer's 6h term (norm inputs and outputs, the QKV and fc1
     inputs) is / t, and on the last stage the final norm's input; the fused KL still keeps the all-gathered hidden
