@@ -137,7 +137,15 @@ def add_checkpointing_args(parser: argparse.ArgumentParser) -> argparse.Argument
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group(title="models")
     g.add_argument("--student-hf", required=True, help="Student's initial weights: HF directory.")
-    g.add_argument("--teacher-hf", default=None, help="Teacher: HF directory.")
+    g.add_argument("--teacher-hf", default=None,
+                   help="Teacher: HF directory; with --teacher-backend server, the base URLs of OpenAI-compatible vLLM "
+                        "servers of it, comma-separated (e.g. http://node7:8000,http://node8:8000: balanced, each "
+                        "failed request retried on the next; an API key from the SCOPE_TEACHER_API_KEY variable).")
+    g.add_argument("--teacher-timeout", type=positive_float, default=600.0,
+                   help="--teacher-backend server: seconds one scoring request may take.")
+    g.add_argument("--teacher-retries", type=nonnegative_int, default=3,
+                   help="--teacher-backend server: further tries of a failed scoring request, each on the next "
+                        "server (after 1, 2, 4, ... s); then the run stops, naming the servers and the last error.")
     g.add_argument("--teacher", action="append", default=[], metavar="NAME=HF_DIR",
                    help="A named teacher (e.g. a domain expert), instead of --teacher-hf; repeat for several, each "
                         "prompt distilled from the one its --teacher-route-key column names (co-located teachers).")
@@ -149,7 +157,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(full-vocabulary, top-k or sampled-token KL). vllm: the teacher is a vLLM engine placed like "
                         "the rollout engine (beside each co-located engine, inside global rank 0, or one Ray actor) that "
                         "scores the responses: sampled-token log-probs and, with --scope-kl topk, its top-k (for "
-                        "--scope-kl k1/k2/k3/topk).")
+                        "--scope-kl k1/k2/k3/topk). server: the same from `vllm serve` servers at --teacher-hf's URLs "
+                        "(their prompt log-probs; top-k needs their --max-logprobs >= --scope-topk).")
     g.add_argument("--tokenizer", required=True,
                    help="Tokenizer shared by student and teacher: a SentencePiece model file or a Hugging Face "
                         "tokenizer directory (e.g. the student's HF directory).")

@@ -31,7 +31,10 @@ KL_ALGORITHMS = ("scope", "opd", "srpo", "tropd")
 #: Objectives that never read a teacher.
 TEACHER_FREE_ALGORITHMS = ("grpo", "sft")
 WEIGHT_NORMS = ("mean", "sum")
-TEACHER_BACKENDS = ("megatron", "vllm")
+TEACHER_BACKENDS = ("megatron", "vllm", "server")
+"""--teacher-backend: a co-located Megatron model, a vLLM engine beside the rollout engine, or OpenAI-compatible vLLM
+servers at URLs (`teacher.served`)."""
+REFERENCE_BACKENDS = ("megatron", "vllm")
 DEFAULT_TEACHER = "teacher"
 """The name of --teacher-hf's teacher (its metrics, the checkpoint's record of the teacher set)."""
 TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -115,6 +118,11 @@ class ModelsConfig:
     teacher_backend: str = "megatron"
     """--teacher-backend: "megatron" (co-located forward-only Megatron model, the student's TP/PP) or "vllm"
     (a vLLM engine placed like the rollout engine that scores the responses)."""
+    teacher_timeout_s: float = 600.0
+    """--teacher-timeout: with --teacher-backend server, seconds one scoring request may take."""
+    teacher_retries: int = 3
+    """--teacher-retries: with --teacher-backend server, further tries of a failed request (each on the next
+    server; then the run stops naming the servers and the error)."""
     reference_backend: str = "megatron"
     """--exopd-reference-backend: ExOPD's reference as a co-located Megatron model ("megatron") or a vLLM engine
     beside the rollout engine that scores the responses ("vllm"; ExOPD reads only its sampled-token log-probs)."""
@@ -150,8 +158,8 @@ class ModelsConfig:
             raise ValueError(f"--recompute-num-layers must be >= 1, got {self.recompute_num_layers}")
         if self.teacher_backend not in TEACHER_BACKENDS:
             raise ValueError(f"--teacher-backend must be one of {TEACHER_BACKENDS}, got {self.teacher_backend!r}")
-        if self.reference_backend not in TEACHER_BACKENDS:
-            raise ValueError(f"--exopd-reference-backend must be one of {TEACHER_BACKENDS}, got "
+        if self.reference_backend not in REFERENCE_BACKENDS:
+            raise ValueError(f"--exopd-reference-backend must be one of {REFERENCE_BACKENDS}, got "
                              f"{self.reference_backend!r}")
         if self.teachers and self.teacher_hf:
             raise ValueError("--teacher-hf and --teacher both name teachers: give --teacher-hf for one teacher, or "
@@ -163,11 +171,17 @@ class ModelsConfig:
                                  "its metrics, teacher/NAME/...)")
         if len(set(names)) != len(names):
             raise ValueError(f"--teacher names {names} repeat a name")
-        if self.teacher_backend == "vllm" and not self.teacher_dirs:
-            raise ValueError("--teacher-backend vllm needs --teacher-hf (the teacher's HF directory)")
-        if self.teacher_backend == "vllm" and len(self.teachers) > 1:
-            raise ValueError(f"--teacher-backend vllm serves one teacher; {len(self.teachers)} --teacher models are "
-                             "co-located Megatron models (--teacher-backend megatron)")
+        if self.teacher_backend in ("vllm", "server") and not self.teacher_dirs:
+            where = "HF directory" if self.teacher_backend == "vllm" else "servers' URLs, comma-separated"
+            raise ValueError(f"--teacher-backend {self.teacher_backend} needs --teacher-hf (the teacher's {where})")
+        if self.teacher_backend in ("vllm", "server") and len(self.teachers) > 1:
+            raise ValueError(f"--teacher-backend {self.teacher_backend} serves one teacher; {len(self.teachers)} "
+                             "--teacher models are co-located Megatron models (--teacher-backend megatron)")
+        for name, location in self.teacher_dirs.items():
+            urls = [url.startswith(("http://", "https://")) for url in location.split(",")]
+            if (self.teacher_backend == "server") != all(urls) or any(urls) != all(urls):
+                raise ValueError(f"teacher {name} at {location!r}: --teacher-backend server takes the teacher's "
+                                 "servers as http(s) base URLs (comma-separated), the other backends an HF directory")
 
     @property
     def teacher_dirs(self) -> dict[str, str]:
@@ -859,9 +873,13 @@ class RunConfig:
                 raise ValueError(f"with several teachers a microbatch holds one teacher's prompt groups: "
                                  f"--scope-group-size {group} must be a multiple of --micro-batch-size {micro} "
                                  "(or give --max-tokens-per-microbatch)")
-        if self.models.teacher_backend == "vllm" and self.loss.needs_teacher_logits:
+        if self.served_teacher and self.loss.tropd_guidance:
+            raise ValueError("--tropd-prefix-fraction: TrOPD's guidance has a vLLM engine of the teacher write "
+                             "prefixes from its HF directory; --teacher-backend server scores through URLs only")
+        if self.models.teacher_backend != "megatron" and self.loss.needs_teacher_logits:
             raise ValueError(f"--scope-algorithm {self.loss.algorithm} with --scope-kl {self.loss.kl} needs the "
-                             "teacher's logits over the vocabulary; a vLLM teacher (--teacher-backend vllm) gives the "
+                             f"teacher's logits over the vocabulary; a vLLM teacher (--teacher-backend "
+                             f"{self.models.teacher_backend}) gives the "
                              "log-probs of the sampled tokens and a top-k: use --scope-kl k1, k2, k3 or topk, or a "
                              "co-located teacher")
         if self.rollout.offload_teacher and not self.frozen_models_on_training_gpus:
@@ -881,7 +899,12 @@ class RunConfig:
     @property
     def remote_teacher(self) -> bool:
         """The teacher is a vLLM engine beside the rollout engine (not a Megatron model on the training ranks)."""
-        return self.loss.needs_teacher and self.models.teacher_backend == "vllm"
+        return self.loss.needs_teacher and self.models.teacher_backend in ("vllm", "server")
+
+    @property
+    def served_teacher(self) -> bool:
+        """The teacher is served by OpenAI-compatible vLLM servers at URLs (`teacher.served`)."""
+        return self.loss.needs_teacher and self.models.teacher_backend == "server"
 
     @property
     def colocated_teacher(self) -> bool:
@@ -902,7 +925,7 @@ class RunConfig:
     def teacher_engine(self) -> bool:
         """A vLLM engine of the teacher lives beside each rollout engine: it scores the responses (a vLLM teacher)
         and writes TrOPD's guidance prefixes (with a co-located teacher too, then only for that)."""
-        return self.remote_teacher or self.loss.tropd_guidance
+        return (self.remote_teacher and not self.served_teacher) or self.loss.tropd_guidance
 
     def local_sequences(self, data_parallel_size: int) -> int:
         """n = prompts_per_step / D x G: the sequences one data-parallel rank trains on per step."""
@@ -972,6 +995,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         models=ModelsConfig(student_hf=args.student_hf, tokenizer=args.tokenizer, teacher_hf=args.teacher_hf,
                             teachers=named_values("--teacher", args.teacher),
                             teacher_tokenizer=args.teacher_tokenizer, teacher_backend=args.teacher_backend,
+                            teacher_timeout_s=args.teacher_timeout, teacher_retries=args.teacher_retries,
                             reference_hf=args.exopd_reference_hf, reference_backend=args.exopd_reference_backend,
                             bf16=args.bf16, transformer_impl=args.transformer_impl,
                             attention_backend=args.attention_backend, recompute_granularity=args.recompute_granularity,

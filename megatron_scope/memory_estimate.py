@@ -549,7 +549,7 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher, stage: in
             + f" (the local batch's {n} sequences wait in host memory: teacher_hidden_host_bytes)",
             "lower --micro-batch-size"))
     # A co-located teacher's top-k exists on the last stage; a vLLM teacher's arrives with the batch on every rank.
-    remote_topk = plan.config.models.teacher_backend == "vllm"
+    remote_topk = plan.config.remote_teacher
     k = plan.config.loss.teacher_topk
     if k and (remote_topk or (last and teacher is not None)):
         comps.append(Component(

@@ -183,6 +183,12 @@ def start_engines(config: RunConfig, reference_hf: str):
                                       max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0,
                                       residency=residency, name="teacher")
             engines[1].sleep(level=1)
+        if config.served_teacher:  # vLLM servers elsewhere: checked to answer (one model) before any rollout
+            from megatron_scope.teacher.served import ServedTeacher, ServedTeacherConfig
+
+            (urls,) = models.teacher_dirs.values()
+            engines[1] = ServedTeacher(ServedTeacherConfig(tuple(urls.split(",")), timeout_s=models.teacher_timeout_s,
+                                                           retries=models.teacher_retries))
         if config.remote_reference:  # ExOPD's reference served by vLLM
             engines[2] = start_engine(config, reference_hf, ray_teacher_engines, residency=residency,
                                       name="reference")
@@ -223,12 +229,13 @@ def build_trainer(config: RunConfig):
     if models.teacher_tokenizer:
         check_same_tokenizer(load_tokenizer(models.teacher_tokenizer), tokenizer)
     student_arch = read_arch(models.student_hf)
-    teacher_archs = {name: read_arch(hf_dir) for name, hf_dir in models.teacher_dirs.items()}
+    teacher_archs = {} if config.served_teacher else {  # a served teacher's config.json is not here
+        name: read_arch(hf_dir) for name, hf_dir in models.teacher_dirs.items()}
     reference_hf = models.reference_hf or models.student_hf  # ExOPD's π_ref: G-OPD's reward correction, or the student
     reference_arch = read_arch(reference_hf) if config.loss.algorithm == "exopd" else None
     for name, arch, hf_dir in (("student", student_arch, models.student_hf),
-                               *((f"teacher {name}", teacher_archs[name], hf_dir)
-                                 for name, hf_dir in models.teacher_dirs.items()),
+                               *((f"teacher {name}", arch, models.teacher_dirs[name])
+                                 for name, arch in teacher_archs.items()),
                                ("reference", reference_arch, reference_hf)):
         if arch is not None and arch.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"the {name} ({hf_dir}) has {arch.vocab_size} embedding rows, fewer than the "

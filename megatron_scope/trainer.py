@@ -210,8 +210,8 @@ class ScopeTrainer:
     ):
         """`student`: DDP-wrapped GPTModel stage; `teachers` (by --teacher name, or the one teacher) and `reference`:
         GPTModel stages, forward only, same TP/PP as the student (co-located); `engine`: a RolloutEngine on this rank exactly when it is a rollout
-        leader (`rollout_leader`; None elsewhere); `teacher_engine`: instead of `teacher`, a vLLM engine serving
-        the teacher beside the rollout engine (its `score` / `score_topk` give sampled-token log-probs and
+        leader (`rollout_leader`; None elsewhere); `teacher_engine`: instead of `teachers`, a vLLM engine serving
+        the teacher beside the rollout engine (or `teacher.served.ServedTeacher`, its servers elsewhere; its `score` / `score_topk` give sampled-token log-probs and
         top-k; it also writes TrOPD's guidance prefixes); `reference_engine`: instead of `reference`, a vLLM engine
         serving ExOPD's reference beside the rollout engine (its `score`); `ema_teacher`: SRPO's EMA self-teacher
         (`teacher.self_teacher.EmaTeacher`, --srpo-teacher ema);
@@ -275,11 +275,11 @@ class ScopeTrainer:
             raise ValueError(f"--rollout-placement {config.rollout.placement}: the rollout engine of rank {self.rank} "
                              f"must live on global rank {self.rollout_leader} (rank {self.rank} "
                              f"{'has none' if self.engine is None else 'has one'})")
-        if (self.teacher_engine is not None) != (leads and config.teacher_engine):
+        if (self.teacher_engine is not None) != (leads and (config.teacher_engine or config.served_teacher)):
             raise ValueError(f"--teacher-backend {config.models.teacher_backend}: rank {self.rank} "
                              f"{'has' if self.teacher_engine is not None else 'lacks'} a teacher engine (one lives "
-                             "beside each rollout engine exactly when the objective reads a vLLM teacher or TrOPD's "
-                             "guidance writes prefixes)")
+                             "beside each rollout engine exactly when the objective reads a vLLM teacher, served or "
+                             "not, or TrOPD's guidance writes prefixes)")
         expected = self.teacher_names if config.colocated_teacher else []
         if list(self.teachers) != expected:
             raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --teacher-backend "

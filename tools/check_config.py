@@ -113,7 +113,7 @@ def run_check(args: argparse.Namespace) -> dict:
         config = build_config(args)  # the trainer's own configuration: its flag-combination rules
         student_config, student = read_model(config.models.student_hf, "--student-hf")
         teachers, reference = {}, None  # by archs key: "teacher" (--teacher-hf) or "teacher NAME" (--teacher)
-        for name, hf_dir in config.models.teacher_dirs.items():
+        for name, hf_dir in ({} if config.served_teacher else config.models.teacher_dirs).items():  # URLs: not here
             key = f"teacher {name}" if config.models.teachers else "teacher"
             teachers[key] = read_model(hf_dir, me.model_flag(key))[1]
         if config.models.reference_hf:
@@ -179,6 +179,10 @@ def run_check(args: argparse.Namespace) -> dict:
     errors += kv_errors
     notes += kv_notes
     host = me.teacher_hidden_host_bytes(plan, student, teacher_archs)
+    if config.served_teacher:
+        notes.append(f"teacher: served by vLLM servers at {config.models.teacher_hf} (--teacher-backend server), on "
+                     "GPUs outside this launch: not in the memory estimate; their --max-logprobs must be at least "
+                     f"--scope-topk ({config.loss.teacher_topk}) and their max_model_len the prompt + response length")
     if rollout.placement != "ray":
         where = (f"one per data-parallel replica, {plan.data_parallel} in all" if rollout.placement == "colocated"
                  else "one, on global rank 0")

