@@ -856,8 +856,9 @@ class RunConfig:
                              "--srpo-teacher external")
         route_key = self.data.teacher_route_key
         if route_key is not None and not self.loss.needs_teacher:
+            srpo = f" with --srpo-teacher {self.loss.baselines.srpo_teacher}" if self.loss.self_teacher else ""
             raise ValueError(f"--teacher-route-key {route_key} routes prompts to teachers; --scope-algorithm "
-                             f"{self.loss.algorithm}{' with --srpo-teacher ' + self.loss.baselines.srpo_teacher if self.loss.self_teacher else ''} reads none")
+                             f"{self.loss.algorithm}{srpo} reads none")
         if route_key is not None and not self.models.teachers:
             raise ValueError(f"--teacher-route-key {route_key} names each row's teacher by its --teacher NAME: give "
                              "--teacher NAME=HF_DIR for each (not --teacher-hf)")

@@ -208,11 +208,12 @@ class ScopeTrainer:
         reference_engine=None,
         eval_sets: Sequence[EvalSet] = (),
     ):
-        """`student`: DDP-wrapped GPTModel stage; `teachers` (by --teacher name, or the one teacher) and `reference`:
-        GPTModel stages, forward only, same TP/PP as the student (co-located); `engine`: a RolloutEngine on this rank exactly when it is a rollout
-        leader (`rollout_leader`; None elsewhere); `teacher_engine`: instead of `teachers`, a vLLM engine serving
-        the teacher beside the rollout engine (or `teacher.served.ServedTeacher`, its servers elsewhere; its `score` / `score_topk` give sampled-token log-probs and
-        top-k; it also writes TrOPD's guidance prefixes); `reference_engine`: instead of `reference`, a vLLM engine
+        """`student`: DDP-wrapped GPTModel stage; `teachers` ({--teacher name: model}, or {"teacher": the one}) and
+        `reference`: GPTModel stages, forward only, same TP/PP as the student (co-located); `engine`: a RolloutEngine
+        on this rank exactly when it is a rollout leader (`rollout_leader`; None elsewhere); `teacher_engine`: instead
+        of `teachers`, a vLLM engine serving the teacher beside the rollout engine or `teacher.served.ServedTeacher`
+        (its servers elsewhere): its `score` / `score_topk` give sampled-token log-probs and top-k; an engine also
+        writes TrOPD's guidance prefixes; `reference_engine`: instead of `reference`, a vLLM engine
         serving ExOPD's reference beside the rollout engine (its `score`); `ema_teacher`: SRPO's EMA self-teacher
         (`teacher.self_teacher.EmaTeacher`, --srpo-teacher ema);
         `verifier` grades the responses (`rewards.base.Verifier`: its statuses are counted every step);
@@ -232,8 +233,8 @@ class ScopeTrainer:
         # teacher, reused every step
         self.teacher_hidden_buffers = {name: HostBuffer(pinned=torch.cuda.is_available())  # the models live on CUDA
                                        for name in self.teachers}
-        frozen = [*self.teachers.values()] + [m for m in (reference, ema_teacher.model if ema_teacher is not None else None)
-                                              if m is not None]
+        frozen = [*self.teachers.values(), *(m for m in (reference, ema_teacher.model if ema_teacher is not None
+                                                         else None) if m is not None)]
         # training state that waits off the GPUs while the engines generate (nothing without the flags)
         self.rollout_offload = RolloutOffload(student, optimizer, frozen, config.rollout.offload_optimizer,
                                               config.rollout.offload_teacher)
@@ -975,14 +976,16 @@ class ScopeTrainer:
 
     def _check_teachers(self, load: str, recorded: dict[str, str] | None) -> None:
         """On resume: the checkpoint's run read the teachers this run reads (None: a checkpoint from before the
-        teacher set was recorded)."""
-        if recorded is not None and recorded != self._teacher_set():
+        teacher set was recorded); a served teacher by its name only (its servers may have moved)."""
+        if recorded is None:
+            return
+        if recorded != self._teacher_set() and not (self.config.served_teacher and recorded.keys() == {"teacher"}):
             raise ValueError(f"{load}: the checkpoint's run distilled from the teachers {recorded} (name: HF "
                              f"directory); this run has {self._teacher_set()}: resume with the same --teacher-hf / "
                              "--teacher flags, or start a new run")
 
     def _teacher_set(self) -> dict[str, str]:
-        """The teachers the objective reads, name: HF directory (what a checkpoint records)."""
+        """The teachers the objective reads, name: HF directory (or a served one's URLs): what a checkpoint records."""
         return {name: self.config.models.teacher_dirs[name] for name in self.teacher_names}
 
     def _extra_models(self) -> dict:
