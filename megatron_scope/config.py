@@ -116,8 +116,9 @@ class ModelsConfig:
     """--exopd-reference-hf: ExOPD's reference π_ref, a frozen co-located model (G-OPD's reward correction: the
     teacher's base model before its RL); None: the initial student (--student-hf)."""
     teacher_backend: str = "megatron"
-    """--teacher-backend: "megatron" (co-located forward-only Megatron model, the student's TP/PP) or "vllm"
-    (a vLLM engine placed like the rollout engine that scores the responses)."""
+    """--teacher-backend: "megatron" (co-located forward-only Megatron model, the student's TP/PP), "vllm" (a vLLM
+    engine placed like the rollout engine that scores the responses) or "server" (`vllm serve` servers elsewhere,
+    at the URLs --teacher-hf holds)."""
     teacher_timeout_s: float = 600.0
     """--teacher-timeout: with --teacher-backend server, seconds one scoring request may take."""
     teacher_retries: int = 3
@@ -185,7 +186,8 @@ class ModelsConfig:
 
     @property
     def teacher_dirs(self) -> dict[str, str]:
-        """Every teacher's HF directory by name, in flag order: --teacher's, or {"teacher": --teacher-hf}."""
+        """Every teacher's HF directory (a served one's comma-separated URLs) by name, in flag order: --teacher's, or
+        {"teacher": --teacher-hf}."""
         if self.teachers:
             return dict(self.teachers)
         return {DEFAULT_TEACHER: self.teacher_hf} if self.teacher_hf else {}
@@ -899,7 +901,8 @@ class RunConfig:
 
     @property
     def remote_teacher(self) -> bool:
-        """The teacher is a vLLM engine beside the rollout engine (not a Megatron model on the training ranks)."""
+        """The teacher is a vLLM engine beside the rollout engine or vLLM servers elsewhere (no Megatron model of it on
+        the training ranks)."""
         return self.loss.needs_teacher and self.models.teacher_backend in ("vllm", "server")
 
     @property
