@@ -590,15 +590,20 @@ def rollout_free_terms(plan: RunPlan) -> tuple[str, ...]:
             + (OFFLOADED_FROZEN_TERMS if rollout.offload_teacher else ()))
 
 
-def _distribution_source(plan: RunPlan, student: DecoderArch, teacher) -> DecoderArch | None:
-    """The model whose hidden states carry the full distribution the loss reads: the co-located teacher (of several,
-    the widest: any microbatch may read it), SRPO's self-teacher (the student's architecture), or None."""
+def _distribution_sources(plan: RunPlan, student: DecoderArch, teacher) -> tuple[DecoderArch, ...]:
+    """The models whose hidden states carry the full distribution the loss reads: the co-located teachers, SRPO's
+    self-teacher (the student's architecture), or none."""
     if not plan.config.loss.needs_teacher_logits:
-        return None
+        return ()
     if plan.config.loss.self_teacher:
-        return student
-    teachers = _teachers(teacher)
-    return max(teachers, key=lambda arch: arch.hidden_size) if plan.config.colocated_teacher and teachers else None
+        return (student,)
+    return _teachers(teacher) if plan.config.colocated_teacher else ()
+
+
+def _distribution_source(plan: RunPlan, student: DecoderArch, teacher) -> DecoderArch | None:
+    """Of `_distribution_sources`, the widest (any microbatch may read it), or None."""
+    sources = _distribution_sources(plan, student, teacher)
+    return max(sources, key=lambda arch: arch.hidden_size) if sources else None
 
 
 def _distribution_bytes(plan: RunPlan) -> int:
@@ -610,19 +615,22 @@ def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher) -> i
     """Host memory per last-stage rank for the (self-)teacher's last hidden states of the local batch, kept from
     the scoring pass to the student's step: this TP rank's share of the response rows (at most R = --max-new-tokens
     per sequence), e n R h_T / t, in one buffer whose microbatch tensors start at 512-byte offsets
-    (`teacher.colocated.HostBuffer`); 0 when the loss does not read the teacher's distribution."""
-    source = _distribution_source(plan, student, teacher)
-    if source is None:
-        return 0
+    (`teacher.colocated.HostBuffer`); 0 when the loss does not read the teacher's distribution. Several co-located
+    teachers keep a buffer each, grown to the most rows the teacher has scored in a step: at worst the whole local
+    batch each, Σ_T e n R h_T / t."""
     rows, response, tp = plan.micro_batch_rows, plan.config.rollout.max_new_tokens, plan.tensor_parallel
-    row_bytes = source.hidden_size * _distribution_bytes(plan)
-
-    def share_bytes(sequences: int) -> int:  # one microbatch's share of its response rows, at a 512-byte offset
-        share = -(-sequences * response // tp)  # this TP rank's share of the response rows (loss_func.row_share)
-        return -(-share * row_bytes // 512) * 512  # pinned-buffer allocations round up to 512 bytes
-
     full, rest = divmod(plan.local_sequences, rows)
-    return full * share_bytes(rows) + (share_bytes(rest) if rest else 0)
+
+    def buffer_bytes(source: DecoderArch) -> int:
+        row_bytes = source.hidden_size * _distribution_bytes(plan)
+
+        def share_bytes(sequences: int) -> int:  # one microbatch's share of its response rows, at a 512-byte offset
+            share = -(-sequences * response // tp)  # this TP rank's share of the response rows (loss_func.row_share)
+            return -(-share * row_bytes // 512) * 512  # pinned-buffer allocations round up to 512 bytes
+
+        return full * share_bytes(rows) + (share_bytes(rest) if rest else 0)
+
+    return sum(buffer_bytes(source) for source in _distribution_sources(plan, student, teacher))
 
 
 def _engine_components(plan: RunPlan, model: DecoderArch, label: str = "vLLM") -> list[Component]:
