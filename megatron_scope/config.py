@@ -175,9 +175,10 @@ class ModelsConfig:
         if self.teacher_backend in ("vllm", "server") and not self.teacher_dirs:
             where = "HF directory" if self.teacher_backend == "vllm" else "servers' URLs, comma-separated"
             raise ValueError(f"--teacher-backend {self.teacher_backend} needs --teacher-hf (the teacher's {where})")
-        if self.teacher_backend in ("vllm", "server") and len(self.teachers) > 1:
-            raise ValueError(f"--teacher-backend {self.teacher_backend} serves one teacher; {len(self.teachers)} "
-                             "--teacher models are co-located Megatron models (--teacher-backend megatron)")
+        if self.teacher_backend == "vllm" and len(self.teachers) > 1:
+            raise ValueError(f"--teacher-backend vllm serves one teacher; {len(self.teachers)} --teacher models are "
+                             "co-located Megatron models (--teacher-backend megatron) or served by vLLM servers "
+                             "(--teacher-backend server, --teacher NAME=URL,...)")
         for name, location in self.teacher_dirs.items():
             urls = [url.startswith(("http://", "https://")) for url in location.split(",")]
             if (self.teacher_backend == "server") != all(urls) or any(urls) != all(urls):

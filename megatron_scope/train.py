@@ -162,14 +162,15 @@ def check_teacher_routes(dataset, config: RunConfig) -> None:
 
 
 def start_engines(config: RunConfig, reference_hf: str):
-    """(rollout, teacher, reference) engines of a rollout leader (None elsewhere, and where the run needs none), each
-    asleep once started, sharing one `DeviceResidency` (at most one awake on this leader's GPUs)."""
+    """(rollout engine, {teacher name: its engine or servers}, reference engine) of a rollout leader (None, {} and
+    None elsewhere, and where the run needs none); the vLLM engines asleep once started, sharing one `DeviceResidency`
+    (at most one awake on this leader's GPUs)."""
     import torch.distributed as dist
 
     from megatron_scope.rollout.engine import DeviceResidency, close_engines
     from megatron_scope.trainer import rollout_group
 
-    models, engines = config.models, [None, None, None]
+    models, engines = config.models, [None, {}, None]
     if dist.get_rank() != rollout_group(config.rollout.placement)[1]:  # not a leader
         return engines
     residency = DeviceResidency()
@@ -178,23 +179,23 @@ def start_engines(config: RunConfig, reference_hf: str):
         engines[0] = start_engine(config, models.student_hf, config.rollout.engines, residency=residency)
         engines[0].sleep(level=2)
         if config.teacher_engine:  # a vLLM teacher, or the writer of TrOPD's guidance prefixes
-            (teacher_hf,) = models.teacher_dirs.values()  # one teacher (config: several are co-located)
-            engines[1] = start_engine(config, teacher_hf, ray_teacher_engines,
-                                      max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0,
-                                      residency=residency, name="teacher")
-            engines[1].sleep(level=1)
-        if config.served_teacher:  # vLLM servers elsewhere: checked to answer (one model) before any rollout
+            ((name, teacher_hf),) = models.teacher_dirs.items()  # one teacher (config: several are co-located)
+            engines[1][name] = start_engine(config, teacher_hf, ray_teacher_engines,
+                                            max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0,
+                                            residency=residency, name="teacher")
+            engines[1][name].sleep(level=1)
+        if config.served_teacher:  # vLLM servers elsewhere, each checked to answer (one model) before any rollout
             from megatron_scope.teacher.served import ServedTeacher, ServedTeacherConfig
 
-            (urls,) = models.teacher_dirs.values()
-            engines[1] = ServedTeacher(ServedTeacherConfig(tuple(urls.split(",")), timeout_s=models.teacher_timeout_s,
-                                                           retries=models.teacher_retries))
+            for name, urls in models.teacher_dirs.items():
+                engines[1][name] = ServedTeacher(ServedTeacherConfig(
+                    tuple(urls.split(",")), timeout_s=models.teacher_timeout_s, retries=models.teacher_retries))
         if config.remote_reference:  # ExOPD's reference served by vLLM
             engines[2] = start_engine(config, reference_hf, ray_teacher_engines, residency=residency,
                                       name="reference")
             engines[2].sleep(level=1)
     except BaseException:
-        close_engines(engines)
+        close_engines((engines[0], *engines[1].values(), engines[2]))
         raise
     return engines
 
@@ -257,7 +258,7 @@ def build_trainer(config: RunConfig):
     # Megatron allocates, one at a time, each asleep before the next starts (the rollout engine at level 2: the
     # first weight sync refits it from the student's, possibly resumed, weights)
     try:
-        engine, teacher_engine, reference_engine = start_engines(config, reference_hf)
+        engine, teacher_engines, reference_engine = start_engines(config, reference_hf)
     except BaseException:
         verifier.close()
         raise
@@ -291,12 +292,12 @@ def build_trainer(config: RunConfig):
 
         trainer = ScopeTrainer(config, student, student_arch, optimizer, scheduler, dataset, tokenizer,
                                verifier, engine=engine, teachers=teachers, reference=reference,
-                               teacher_engine=teacher_engine, ema_teacher=ema_teacher,
+                               teacher_engines=teacher_engines, ema_teacher=ema_teacher,
                                reference_engine=reference_engine, eval_sets=eval_sets)
         if config.loop.save and dist.get_rank() == 0:  # config and tokenizer files for converting checkpoints to HF
             stage_hf_files(config.loop.save, models.student_hf)
     except BaseException:  # the trainer closes the engines and the verifier from here on; until then, this does
-        close_engines((engine, teacher_engine, reference_engine))
+        close_engines((engine, *teacher_engines.values(), reference_engine))
         verifier.close()
         raise
     return trainer

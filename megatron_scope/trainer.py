@@ -22,9 +22,9 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
      the reference model's log-probs for ExOPD (`teacher/colocated.py`), or SRPO's self-teacher re-reading the
      failed responses it distils (`teacher/self_teacher.py`; the leader routed them in step 2); then SCOPE's path
      weights and GRPO advantages per group (`megatron/loss_func.add_group_inputs`) and SRPO's entropy-aware weights.
-     A remote teacher (a vLLM engine beside each rollout engine, `teacher_engine`) instead scores the
-     responses on the leader in step 2 and sends its sampled-token log-probs (k1/k2/k3 estimators, SCOPE's weights) and, for --scope-kl topk,
-     its top-k with the rollouts;
+     A remote teacher (a vLLM engine beside each rollout engine, or servers elsewhere: `teacher_engines`, each
+     prompt's own) instead scores the responses on the leader in step 2 and sends its sampled-token log-probs
+     (k1/k2/k3 estimators, SCOPE's weights) and, for --scope-kl topk, its top-k with the rollouts;
   5. the student's forward/backward with the selected loss (`megatron/loss_func.py`);
   6. the Megatron optimizer step, skipped when the loss or the gradient norm is not finite (then SRPO's EMA
      teacher's update);
@@ -203,17 +203,17 @@ class ScopeTrainer:
         engine=None,
         teachers: dict | None = None,
         reference=None,
-        teacher_engine=None,
+        teacher_engines: dict | None = None,
         ema_teacher=None,
         reference_engine=None,
         eval_sets: Sequence[EvalSet] = (),
     ):
         """`student`: DDP-wrapped GPTModel stage; `teachers` ({--teacher name: model}, or {"teacher": the one}) and
         `reference`: GPTModel stages, forward only, same TP/PP as the student (co-located); `engine`: a RolloutEngine
-        on this rank exactly when it is a rollout leader (`rollout_leader`; None elsewhere); `teacher_engine`: instead
-        of `teachers`, a vLLM engine serving the teacher beside the rollout engine or `teacher.served.ServedTeacher`
-        (its servers elsewhere): its `score` / `score_topk` give sampled-token log-probs and top-k; an engine also
-        writes TrOPD's guidance prefixes; `reference_engine`: instead of `reference`, a vLLM engine
+        on this rank exactly when it is a rollout leader (`rollout_leader`; None elsewhere); `teacher_engines`: instead
+        of `teachers`, on the leader, {name: a vLLM engine of the teacher beside the rollout engine, or a
+        `teacher.served.ServedTeacher` (its servers elsewhere)}: their `score` / `score_topk` give sampled-token
+        log-probs and top-k; a vLLM engine also writes TrOPD's guidance prefixes (also beside co-located teachers); `reference_engine`: instead of `reference`, a vLLM engine
         serving ExOPD's reference beside the rollout engine (its `score`); `ema_teacher`: SRPO's EMA self-teacher
         (`teacher.self_teacher.EmaTeacher`, --srpo-teacher ema);
         `verifier` grades the responses (`rewards.base.Verifier`: its statuses are counted every step);
@@ -221,7 +221,8 @@ class ScopeTrainer:
         --eval-data sets (`eval.runner.prepare_sets`), which `validate` samples."""
         self.config = config
         self.student, self.arch, self.teachers, self.reference = student, student_arch, dict(teachers or {}), reference
-        self.teacher_engine, self.ema_teacher, self.reference_engine = teacher_engine, ema_teacher, reference_engine
+        self.teacher_engines, self.ema_teacher, self.reference_engine = dict(teacher_engines or {}), ema_teacher, \
+            reference_engine
         # SRPO's self-teacher: the EMA copy, or the student itself (--srpo-teacher current)
         self.self_teacher = None
         if config.loss.self_teacher:
@@ -276,11 +277,12 @@ class ScopeTrainer:
             raise ValueError(f"--rollout-placement {config.rollout.placement}: the rollout engine of rank {self.rank} "
                              f"must live on global rank {self.rollout_leader} (rank {self.rank} "
                              f"{'has none' if self.engine is None else 'has one'})")
-        if (self.teacher_engine is not None) != (leads and (config.teacher_engine or config.served_teacher)):
-            raise ValueError(f"--teacher-backend {config.models.teacher_backend}: rank {self.rank} "
-                             f"{'has' if self.teacher_engine is not None else 'lacks'} a teacher engine (one lives "
-                             "beside each rollout engine exactly when the objective reads a vLLM teacher, served or "
-                             "not, or TrOPD's guidance writes prefixes)")
+        engines = list(config.models.teacher_dirs) if leads and (config.teacher_engine or config.served_teacher) else []
+        if list(self.teacher_engines) != engines:
+            raise ValueError(f"--teacher-backend {config.models.teacher_backend}: rank {self.rank} has teacher engines "
+                             f"{list(self.teacher_engines)}, not {engines} (they live beside each rollout engine "
+                             "exactly when the objective reads a vLLM teacher, served or not, or TrOPD's guidance "
+                             "writes prefixes)")
         expected = self.teacher_names if config.colocated_teacher else []
         if list(self.teachers) != expected:
             raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --teacher-backend "
@@ -522,7 +524,7 @@ class ScopeTrainer:
         prefix_lengths = [None] * len(prompts)
         if self.config.loss.tropd_guidance:  # some responses continue a teacher's prefix (it wakes each engine)
             samples, prefix_lengths = guided_generate(
-                self.engine, self.teacher_engine, prompt_ids, indices, params, seeds,
+                self.engine, *self.teacher_engines.values(), prompt_ids, indices, params, seeds,
                 self.config.loss.baselines.tropd_prefix_fraction,
                 guidance_alpha(iteration, self.config.loop.train_iters))
         else:
@@ -540,22 +542,30 @@ class ScopeTrainer:
             verdicts = self.verifier.judge_batch(texts, answers)
         self._check_verdicts(verdicts, texts, answers)
         correct = [verdict.correct for verdict in verdicts]
-        def scored_by(engine, timer: str, topk: int = 0):
-            """`engine`'s view of every response (`score_responses`), the engine awake only meanwhile."""
+        def scored_by(engine, timer: str, scored_prompts, scored_samples, topk: int = 0):
+            """`engine`'s view of the responses of `scored_prompts` (`score_responses`), the engine awake only
+            meanwhile; its seconds add to `seconds[timer]`."""
             begin = time.perf_counter()
             free_cached_device_memory()
             engine.wake()
-            scores = score_responses(engine, [p.id for p in prompts], [p.token_ids for p in prompts], samples,
-                                     topk=topk, vocab_size=self.vocab_size)
+            scores = score_responses(engine, [p.id for p in scored_prompts], [p.token_ids for p in scored_prompts],
+                                     scored_samples, topk=topk, vocab_size=self.vocab_size)
             engine.sleep()
-            seconds[timer] = time.perf_counter() - begin
+            seconds[timer] = seconds.get(timer, 0.0) + time.perf_counter() - begin
             return scores
 
         teacher_scores = reference_scores = [None] * len(prompts)
-        if self.config.remote_teacher:
-            teacher_scores = scored_by(self.teacher_engine, "teacher_score", self.config.loss.teacher_topk)
+        if self.config.remote_teacher:  # each prompt's responses by its own teacher
+            teacher_scores = [None] * len(prompts)
+            for name, engine in self.teacher_engines.items():
+                mine = [i for i, p in enumerate(prompts) if self._teacher(p.id) == name]
+                if mine:
+                    scores = scored_by(engine, "teacher_score", [prompts[i] for i in mine], [samples[i] for i in mine],
+                                       self.config.loss.teacher_topk)
+                    for i, score in zip(mine, scores):
+                        teacher_scores[i] = score
         if self.reference_engine is not None:  # ExOPD's reference, served by vLLM: its sampled-token log-probs
-            reference_scores = scored_by(self.reference_engine, "reference_score")
+            reference_scores = scored_by(self.reference_engine, "reference_score", prompts, samples)
         n = rollout.group_size
         self_teacher_prompts = [None] * len(prompts)
         if self.self_teacher is not None:
@@ -929,7 +939,7 @@ class ScopeTrainer:
         host buffer."""
         if self._producer is not None:
             self._producer.close()
-        close_engines((self.engine, self.teacher_engine, self.reference_engine))
+        close_engines((self.engine, *self.teacher_engines.values(), self.reference_engine))
         self.verifier.close()
         for buffer in self.teacher_hidden_buffers.values():
             buffer.release()
@@ -979,7 +989,8 @@ class ScopeTrainer:
         teacher set was recorded); a served teacher by its name only (its servers may have moved)."""
         if recorded is None:
             return
-        if recorded != self._teacher_set() and not (self.config.served_teacher and recorded.keys() == {"teacher"}):
+        current = self._teacher_set()
+        if recorded != current and not (self.config.served_teacher and recorded.keys() == current.keys()):
             raise ValueError(f"{load}: the checkpoint's run distilled from the teachers {recorded} (name: HF "
                              f"directory); this run has {self._teacher_set()}: resume with the same --teacher-hf / "
                              "--teacher flags, or start a new run")

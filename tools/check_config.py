@@ -180,7 +180,8 @@ def run_check(args: argparse.Namespace) -> dict:
     notes += kv_notes
     host = me.teacher_hidden_host_bytes(plan, student, teacher_archs)
     if config.served_teacher:
-        notes.append(f"teacher: served by vLLM servers at {config.models.teacher_hf} (--teacher-backend server), on "
+        served = "; ".join(f"{name} at {urls}" for name, urls in config.models.teacher_dirs.items())
+        notes.append(f"teacher: served by vLLM servers ({served}; --teacher-backend server), on "
                      "GPUs outside this launch: not in the memory estimate; their --max-logprobs must be at least "
                      f"--scope-topk ({config.loss.teacher_topk}) and their max_model_len the prompt + response length")
     if rollout.placement != "ray":

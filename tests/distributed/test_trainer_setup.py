@@ -100,7 +100,7 @@ def _stand_in_trainer(rank, placement, leaders, engine=None, remote_teacher=True
     return ScopeTrainer(config, None, TINY_ARCH, None, None, dataset, tokenizer, verifier or SyntheticTaskVerifier(),
                         engine=(engine or object()) if leads else None,
                         teachers=None if remote_teacher else {"teacher": object()},
-                        teacher_engine=object() if leads and remote_teacher else None)
+                        teacher_engines={"teacher": object()} if leads and remote_teacher else None)
 
 
 def _rollout_failure(rank, world_size, placement, failing_rank, error_type):

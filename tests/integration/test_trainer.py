@@ -14,8 +14,9 @@ co-located Megatron teacher.
   first checkpoint (a half-written save beside it), which holds the rollouts produced ahead, trains the second step
   exactly as the uninterrupted run (weights, optimizer, data position, RNG, the rollouts ahead; none lost or
   produced twice);
-- a teacher served by `vllm serve` at DP=2 with the rank0 placement (--teacher-backend server, top-k with k = V) gives
-  the co-located teacher's first iteration; against the same server, the served teacher's scores and top-k equal
+- a teacher served by `vllm serve` at DP=2 with the rank0 placement (--teacher-backend server, top-k with k = V;
+  two named served teachers behind the one server, routed by a column) gives the co-located teacher's first
+  iteration; against the same server, the served teacher's scores and top-k equal
   transformers' over two URLs, failing requests (HTTP 503) go to the next server with the same answers, a refused
   one stops at once, and a server down at start or killed mid-step stops the run naming it, never a 0;
 - ExOPD's reference served by vLLM gives the co-located reference's first iteration, which merges two experts routed
@@ -301,6 +302,18 @@ def test_tropd_guidance_continues_the_teachers_prefixes(workspace):
     assert metrics["loss/prefix_forward_kl_k1"] > 0  # random student, random teacher: the teacher's tokens are its own
 
 
+def _routed_copy(workspace, path: str) -> str:
+    """The workspace's training file with an "expert" column: expert0 on odd lines, expert1 on even ones."""
+    import json
+
+    from megatron_scope.data.datasets import read_jsonl_rows
+
+    with open(path, "w") as handle:
+        for line, row in read_jsonl_rows(workspace.train_jsonl):
+            handle.write(json.dumps({**row, "expert": f"expert{line % 2}"}) + "\n")
+    return path
+
+
 def test_exopd_reference_served_by_vllm_gives_the_colocated_references_run(workspace, tmp_path):
     """--exopd-reference-backend vllm: a vLLM engine of --exopd-reference-hf (here the teacher's checkpoint, another
     model than the initial student) scores the responses on the leader; the first iteration's loss and gradient
@@ -308,14 +321,7 @@ def test_exopd_reference_served_by_vllm_gives_the_colocated_references_run(works
     experts (G-OPD's ExOPD setting: --teacher twice, here both the teacher's checkpoint, each prompt routed by a
     column of a copy of the training file, --teacher-route-key), which gives the one teacher's step; it reports each
     expert's share of the prompts and its own loss terms."""
-    import json
-
-    from megatron_scope.data.datasets import read_jsonl_rows
-
-    routed = str(tmp_path / "train_routed.jsonl")
-    with open(routed, "w") as handle:
-        for line, row in read_jsonl_rows(workspace.train_jsonl):
-            handle.write(json.dumps({**row, "expert": f"expert{line % 2}"}) + "\n")
+    routed = _routed_copy(workspace, str(tmp_path / "train_routed.jsonl"))
     extra = ["--scope-algorithm", "exopd", "--exopd-reference-hf", workspace.teacher_hf]
     experts = ["--teacher", f"expert0={workspace.teacher_hf}", "--teacher", f"expert1={workspace.teacher_hf}",
                "--teacher-route-key", "expert"]
@@ -349,24 +355,28 @@ def teacher_server(workspace, tmp_path_factory):
         yield url, kill, k, AutoModelForCausalLM.from_pretrained(workspace.teacher_hf, torch_dtype=torch.float32)
 
 
-def test_a_served_teacher_gives_the_colocated_teachers_run(workspace, straight_run, teacher_server):
-    """--teacher-backend server with --rollout-placement rank0: `vllm serve` of the teacher (its URL twice in
-    --teacher-hf: requests balanced over both) scores the responses through its prompt log-probs, and rank 0 sends
-    the sampled-token log-probs and top-k with the whole step's rollouts to every rank (the rank0 placement at DP=2;
-    the layouts above run co-located). With k = the whole vocabulary the top-k KL is the full reverse KL, and SCOPE's
-    teacher-path weights read the sampled-token log-probs, so the first iteration at DP=2 equals the co-located
-    Megatron teacher's at TP=1 (the straight run). (The in-process vLLM teacher, --teacher-backend vllm, scores
+def test_a_served_teacher_gives_the_colocated_teachers_run(workspace, straight_run, teacher_server, tmp_path):
+    """--teacher-backend server with --rollout-placement rank0: `vllm serve` of the teacher scores the responses
+    through its prompt log-probs, and rank 0 sends the sampled-token log-probs and top-k with the whole step's
+    rollouts to every rank (the rank0 placement at DP=2; the layouts above run co-located). Two named served teachers,
+    each prompt routed by a column (--teacher expert0=URL,URL/v1 --teacher expert1=URL/v1 --teacher-route-key
+    expert; one server behind both names, a name's requests balanced over its URLs), are the one teacher. With k = the
+    whole vocabulary the top-k KL is the full reverse KL, and SCOPE's teacher-path weights read the sampled-token
+    log-probs, so the first iteration at DP=2 equals the co-located Megatron teacher's at TP=1 (the straight run). (The in-process vLLM teacher, --teacher-backend vllm, scores
     through the same path: ExOPD's served reference above, and its engine's scores against transformers in
     test_vllm_engine.py.) A full-vocabulary KL is refused before any engine starts."""
     history, _ = straight_run
     url, _, k, _ = teacher_server
     argv = _flags(workspace, 1, extra=["--teacher-backend", "server", "--scope-kl", "topk", "--scope-topk", str(k),
                                        "--rollout-placement", "rank0"])
-    argv[argv.index("--teacher-hf") + 1] = f"{url},{url}/v1"
+    argv[argv.index("--teacher-hf"):argv.index("--teacher-hf") + 2] = [
+        "--teacher", f"expert0={url},{url}/v1", "--teacher", f"expert1={url}/v1", "--teacher-route-key", "expert"]
+    argv[argv.index("--train-data") + 1] = _routed_copy(workspace, str(tmp_path / "train_routed.jsonl"))
     remote = run_on_ranks(train_history, 2, args=(argv,), timeout=900)[-1]
     for key in ("rollout/accuracy", "rollout/response_length"):
         assert remote[0][key] == history[0][key], key
     assert remote[0]["time/teacher_score_s"] > 0 and "time/teacher_score_s" not in history[0]
+    assert remote[0]["teacher/expert0/prompt_fraction"] + remote[0]["teacher/expert1/prompt_fraction"] == 1
     for key in ("loss/loss", "loss/incorrect/kl", "loss/incorrect/teacher_ppl", "loss/incorrect/weight",
                 "optimizer/grad_norm"):
         assert remote[0][key] == pytest.approx(history[0][key], rel=1e-4), key

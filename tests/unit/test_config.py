@@ -84,6 +84,8 @@ def test_several_teachers_are_named_and_routed_by_a_column():
         ("TEACHER_HF", "/t", "--teacher-route-key", "k"): "--teacher-route-key k names each row's teacher by its --teacher",
         ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--teacher-backend", "vllm",
          "--scope-kl", "k1"): "--teacher-backend vllm serves one teacher; 2 --teacher models",
+        ("--teacher", "a=http://a:8000", "--teacher", "b=/b", "--teacher-route-key", "k", "--teacher-backend",
+         "server", "--scope-kl", "k1"): "teacher b at '/b': --teacher-backend server takes the teacher's servers",
         ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-algorithm", "tropd",
          "--scope-kl", "reverse", "--tropd-prefix-fraction", "0.5"): "TrOPD's guidance has one teacher engine",
         ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-group-size", "3",
@@ -94,6 +96,10 @@ def test_several_teachers_are_named_and_routed_by_a_column():
     for flags, message in refusals.items():
         with pytest.raises(ValueError, match=message):
             parse(*flags)
+    served = parse("--teacher", "a=http://a:8000,http://a2:8000", "--teacher", "b=http://b:8000", "--teacher-route-key",
+                   "k", "--teacher-backend", "server", "--scope-kl", "topk", "--scope-topk", "8")
+    assert served.served_teacher and served.models.teacher_dirs == {"a": "http://a:8000,http://a2:8000",
+                                                                    "b": "http://b:8000"}
     budget = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-group-size", "3",
                    "--micro-batch-size", "2", "--prompts-per-step", "2", "--max-tokens-per-microbatch", "64")
     assert budget.loop.max_tokens_per_microbatch == 64  # token-budget microbatches split each teacher's rows
