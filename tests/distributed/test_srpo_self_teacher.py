@@ -65,7 +65,7 @@ def _one_step(rank, world_size, ws, teacher, save):
     initial = {name: p.detach().clone() for name, p in unwrap_model(trainer.student).named_parameters()}
     score = trainer._score
 
-    def checked_score(microbatches, rows):
+    def checked_score(microbatches, owners, rows):
         # the student's own view of row 1's re-prompted sequence, before the step changes it
         sequence = torch.tensor(REPROMPT + completions[1].token_ids)
         width = 8 * math.ceil((len(sequence) - 1) / 8)
@@ -75,7 +75,7 @@ def _one_step(rank, world_size, ws, teacher, save):
         labels[:, :len(sequence) - 1] = sequence[1:]
         batch = {"tokens": tokens, "labels": labels, "position_ids": torch.arange(width).expand(2, -1)}
         expected["row1"] = log_prob_pass(trainer.student, [batch], trainer.vocab_size)[0][1][0]
-        score(microbatches, rows)
+        score(microbatches, owners, rows)
         scored.extend(microbatches)
 
     trainer._score = checked_score
