@@ -193,6 +193,10 @@ class ModelsConfig:
             return dict(self.teachers)
         return {DEFAULT_TEACHER: self.teacher_hf} if self.teacher_hf else {}
 
+    def teacher_label(self, name: str) -> str:
+        """How messages name the teacher `name`: "teacher" (--teacher-hf) or "teacher NAME" (--teacher)."""
+        return f"teacher {name}" if self.teachers else "teacher"
+
     @property
     def colocated_teacher(self) -> bool:
         """A teacher that lives as a Megatron model on every training rank."""

@@ -235,7 +235,7 @@ def build_trainer(config: RunConfig):
     reference_hf = models.reference_hf or models.student_hf  # ExOPD's π_ref: G-OPD's reward correction, or the student
     reference_arch = read_arch(reference_hf) if config.loss.algorithm == "exopd" else None
     for name, arch, hf_dir in (("student", student_arch, models.student_hf),
-                               *((f"teacher {name}" if models.teachers else "teacher", arch, models.teacher_dirs[name])
+                               *((models.teacher_label(name), arch, models.teacher_dirs[name])
                                  for name, arch in teacher_archs.items()),
                                ("reference", reference_arch, reference_hf)):
         if arch is not None and arch.vocab_size < tokenizer.vocab_size:

@@ -114,7 +114,7 @@ def run_check(args: argparse.Namespace) -> dict:
         student_config, student = read_model(config.models.student_hf, "--student-hf")
         teachers, reference = {}, None  # by archs key: "teacher" (--teacher-hf) or "teacher NAME" (--teacher)
         for name, hf_dir in ({} if config.served_teacher else config.models.teacher_dirs).items():  # URLs: not here
-            key = f"teacher {name}" if config.models.teachers else "teacher"
+            key = config.models.teacher_label(name)
             teachers[key] = read_model(hf_dir, me.model_flag(key))[1]
         if config.models.reference_hf:
             _, reference = read_model(config.models.reference_hf, "--exopd-reference-hf")

@@ -38,6 +38,7 @@ import torch
 
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.workspace import make_workspace, train_history
+from tests.integration.hf_models import next_token_logits
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -407,8 +408,7 @@ def _served(*urls, **options):
 def _expected(model, sequence, first):
     """The model's log-probs of sequence[first:] and its top SERVED_TOPK at those positions (transformers, fp32)."""
     with torch.no_grad():
-        logits = model(torch.tensor([sequence])).logits[0, :-1].float()
-    log_probs = torch.log_softmax(logits, dim=-1)[first - 1:]
+        log_probs = torch.log_softmax(next_token_logits(model, sequence)[:-1], dim=-1)[first - 1:]
     return log_probs.gather(-1, torch.tensor(sequence[first:])[:, None])[:, 0], log_probs.topk(SERVED_TOPK, dim=-1)
 
 
