@@ -162,8 +162,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", required=True,
                    help="Tokenizer shared by student and teacher: a SentencePiece model file or a Hugging Face "
                         "tokenizer directory (e.g. the student's HF directory).")
-    g.add_argument("--teacher-tokenizer", default=None,
-                   help="The teacher's tokenizer (same kinds as --tokenizer): checked to have the same vocabulary.")
+    g.add_argument("--teacher-tokenizer", action="append", default=[], metavar="[NAME=]PATH",
+                   help="The teacher's tokenizer (same kinds as --tokenizer): checked to have the same vocabulary. "
+                        "With --teacher, NAME=PATH for the teacher NAME; repeat for each teacher to check.")
     g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
                    help="local: megatron-core's own modules; transformer_engine: TE's layer spec (TE installed).")
     g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="sdpa",

@@ -110,8 +110,9 @@ class ModelsConfig:
     teachers: tuple[tuple[str, str], ...] = ()
     """--teacher NAME=HF_DIR, repeatable: named teachers (e.g. per-domain experts), each prompt routed to one by its
     --teacher-route-key column."""
-    teacher_tokenizer: str | None = None
-    """--teacher-tokenizer: checked to have the same vocabulary as --tokenizer."""
+    teacher_tokenizers: tuple[tuple[str, str], ...] = ()
+    """--teacher-tokenizer, by teacher name: each a tokenizer checked to have the same vocabulary as --tokenizer
+    (--teacher-hf's teacher: PATH, named "teacher"; --teacher's: NAME=PATH, one per teacher at most)."""
     reference_hf: str | None = None
     """--exopd-reference-hf: ExOPD's reference π_ref, a frozen co-located model (G-OPD's reward correction: the
     teacher's base model before its RL); None: the initial student (--student-hf)."""
@@ -179,6 +180,14 @@ class ModelsConfig:
             raise ValueError(f"--teacher-backend vllm serves one teacher; {len(self.teachers)} --teacher models are "
                              "co-located Megatron models (--teacher-backend megatron) or served by vLLM servers "
                              "(--teacher-backend server, --teacher NAME=URL,...)")
+        tokenizer_names = [name for name, _ in self.teacher_tokenizers]
+        if len(set(tokenizer_names)) != len(tokenizer_names):
+            raise ValueError(f"--teacher-tokenizer gives teacher {tokenizer_names} tokenizers: one per teacher at most")
+        for name in tokenizer_names:
+            if name not in self.teacher_dirs:
+                raise ValueError(f"--teacher-tokenizer: the tokenizer of {self.teacher_label(name)}, but "
+                                 + (f"the teachers are {', '.join(self.teacher_dirs)} (--teacher)" if self.teachers
+                                    else "no --teacher-hf or --teacher names a teacher"))
         for name, location in self.teacher_dirs.items():
             urls = [url.startswith(("http://", "https://")) for url in location.split(",")]
             if (self.teacher_backend == "server") != all(urls) or any(urls) != all(urls):
@@ -997,13 +1006,23 @@ def build_data_config(args: argparse.Namespace, train_data: str | None) -> DataC
                       max_verifier_error_fraction=args.max_verifier_error_fraction)
 
 
+def teacher_tokenizers(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """--teacher-tokenizer's values by teacher name: NAME=PATH with --teacher, one PATH with --teacher-hf."""
+    values = args.teacher_tokenizer or []
+    if args.teacher:
+        return named_values("--teacher-tokenizer", values)
+    if len(values) > 1:
+        raise ValueError(f"--teacher-tokenizer is given {len(values)} times for --teacher-hf's one teacher")
+    return tuple((DEFAULT_TEACHER, path) for path in values)
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from `megatron_scope.arguments.parse_args`'s namespace (ValueError names the flag)."""
     placement = args.rollout_placement or ("ray" if args.rollout_engines else "colocated")
     return RunConfig(
         models=ModelsConfig(student_hf=args.student_hf, tokenizer=args.tokenizer, teacher_hf=args.teacher_hf,
                             teachers=named_values("--teacher", args.teacher),
-                            teacher_tokenizer=args.teacher_tokenizer, teacher_backend=args.teacher_backend,
+                            teacher_tokenizers=teacher_tokenizers(args), teacher_backend=args.teacher_backend,
                             teacher_timeout_s=args.teacher_timeout, teacher_retries=args.teacher_retries,
                             reference_hf=args.exopd_reference_hf, reference_backend=args.exopd_reference_backend,
                             bf16=args.bf16, transformer_impl=args.transformer_impl,

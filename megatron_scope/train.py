@@ -227,8 +227,11 @@ def build_trainer(config: RunConfig):
     dtype = torch.bfloat16 if models.bf16 else torch.float32
 
     tokenizer = load_tokenizer(models.tokenizer)
-    if models.teacher_tokenizer:
-        check_same_tokenizer(load_tokenizer(models.teacher_tokenizer), tokenizer)
+    for name, path in models.teacher_tokenizers:
+        try:
+            check_same_tokenizer(load_tokenizer(path), tokenizer)
+        except ValueError as error:
+            raise ValueError(f"{models.teacher_label(name)}: {error}") from error
     student_arch = read_arch(models.student_hf)
     teacher_archs = {} if config.served_teacher else {  # a served teacher's config.json is not here
         name: read_arch(hf_dir) for name, hf_dir in models.teacher_dirs.items()}

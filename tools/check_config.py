@@ -134,17 +134,17 @@ def run_check(args: argparse.Namespace) -> dict:
             errors.append(f"--tokenizer {config.models.tokenizer}: {error}")
     else:
         notes.append(f"--tokenizer {config.models.tokenizer} is not here: vocabularies compared from config.json only")
-    if config.models.teacher_tokenizer:
-        if tokenizer is not None and tokenizer_present(config.models.teacher_tokenizer):
+    for name, path in config.models.teacher_tokenizers:
+        if tokenizer is not None and tokenizer_present(path):
             from megatron_scope.data.tokenizer import check_same_tokenizer
 
             try:
-                check_same_tokenizer(load_tokenizer(config.models.teacher_tokenizer), tokenizer)
+                check_same_tokenizer(load_tokenizer(path), tokenizer)
             except (ValueError, OSError, ImportError) as error:
-                errors.append(f"--teacher-tokenizer {config.models.teacher_tokenizer}: {error}")
+                errors.append(f"--teacher-tokenizer of the {config.models.teacher_label(name)} ({path}): {error}")
         else:
-            notes.append(f"--teacher-tokenizer {config.models.teacher_tokenizer}: not compared with --tokenizer "
-                         "(one of them is not here)")
+            notes.append(f"--teacher-tokenizer of the {config.models.teacher_label(name)} ({path}): not compared with "
+                         "--tokenizer (one of them is not here)")
     vocab_errors, vocab_notes = me.check_vocabulary(tokenizer_vocab, archs)
     errors += vocab_errors
     notes += vocab_notes

@@ -20,6 +20,8 @@
 : "${TEACHERS:=}"                     # several co-located experts instead of TEACHER_HF: space-separated NAME=HF_DIR
                                       # (--teacher each), e.g. "math=/models/math-rl code=/models/code-rl"
 : "${TEACHER_ROUTE_KEY:=}"            # with TEACHERS: the data column naming each row's expert (--teacher-route-key)
+: "${TEACHER_TOKENIZERS=$TEACHERS}"   # with TEACHERS: NAME=TOKENIZER each, checked to share --tokenizer's vocabulary
+                                      # (by default each expert's HF directory); "" skips
 : "${TRAIN_ITERS:=200}"
 : "${SAVE_INTERVAL:=10}"
 : "${SEED:=1234}"
@@ -73,6 +75,9 @@ if [[ -n "$TEACHERS" ]]; then
   if [[ -n "$TEACHER_ROUTE_KEY" ]]; then
     ARGS+=(--teacher-route-key "$TEACHER_ROUTE_KEY")
   fi
+  for tokenizer in $TEACHER_TOKENIZERS; do
+    ARGS+=(--teacher-tokenizer "$tokenizer")
+  done
 else
   ARGS+=(--teacher-hf "$TEACHER_HF")
 fi

@@ -598,6 +598,19 @@ def test_cli_measures_prompts_and_checks_the_tokenizer_vocabulary(tiny_models, c
     errors = json.loads(capsys.readouterr().out)["errors"]
     assert any(f"the student's vocabulary ({tokenizer.vocab_size - 1} rows" in e for e in errors)
 
+    # two experts, each its own tokenizer: the one that differs from --tokenizer is named
+    corpus.write_text("an expert whose words differ: 7 times 6 is 42\n" * 20)
+    with capsys.disabled():
+        train_tokenizer(corpus, root / "other.model", vocab_size=40)
+    argv[argv.index("--student-hf") + 1] = student
+    del argv[argv.index("--teacher-hf"):argv.index("--teacher-hf") + 2]
+    argv += ["--teacher", f"a={teacher}", "--teacher", f"b={teacher}", "--teacher-route-key", "domain",
+             "--teacher-tokenizer", f"a={root / 'tok.model'}", "--teacher-tokenizer", f"b={root / 'other.model'}"]
+    assert check_config.main(argv) == 1
+    errors = json.loads(capsys.readouterr().out)["errors"]
+    assert [e.split(":")[0] for e in errors if "--teacher-tokenizer" in e] == [
+        f"--teacher-tokenizer of the teacher b ({root / 'other.model'})"]
+
 
 # ---------------------------------------------------------------------------------------------- launch scripts
 SCRIPTS = {"launch_paper.sh": TINY_QWEN2, "launch_qwen3_scaling.sh": TINY_QWEN3}
@@ -762,7 +775,10 @@ def test_the_paper_run_merging_two_7b_experts_fits_80_gib_gpus(tmp_path):
         arch_from_hf_config(QWEN25_7B))
     assert 0 < result["host_memory_per_node"]["total_bytes"] <= 256 * GIB
     launch = done.stdout[done.stdout.index("DRY_RUN=1, would run:"):]
-    assert "--teacher-route-key domain" in launch and "--teacher-hf" not in launch and "--teacher-tokenizer" not in launch
+    assert "--teacher-route-key domain" in launch and "--teacher-hf" not in launch
+    # each expert's own tokenizer (its HF directory) is compared with --tokenizer's (not here: a note says so)
+    assert [f"--teacher-tokenizer {expert}" in launch for expert in experts.split()] == [True, True]
+    assert any("--teacher-tokenizer of the teacher math" in note for note in result["notes"])
 
 
 def test_sequence_parallelism_divides_the_replicated_activations_by_tp():

@@ -105,6 +105,33 @@ def test_several_teachers_are_named_and_routed_by_a_column():
     assert budget.loop.max_tokens_per_microbatch == 64  # token-budget microbatches split each teacher's rows
 
 
+def test_each_teacher_names_its_own_tokenizer():
+    """--teacher-tokenizer: one PATH for --teacher-hf's teacher, NAME=PATH per --teacher; a name that is no teacher,
+    a repeated name or a second PATH is refused."""
+    def parse(*flags):
+        return build_config(build_parser().parse_args(["--student-hf", "s", "--tokenizer", "t", "--train-data", "d",
+                                                       *flags]))
+
+    one = parse("--teacher-hf", "/t", "--teacher-tokenizer", "/tok=v2")  # the whole value is the path
+    assert one.models.teacher_tokenizers == (("teacher", "/tok=v2"),)
+    several = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--teacher-tokenizer", "b=/tb")
+    assert several.models.teacher_tokenizers == (("b", "/tb"),)  # a's tokenizer not checked: not given
+    refusals = {
+        ("--teacher-hf", "/t", "--teacher-tokenizer", "/x", "--teacher-tokenizer", "/y"):
+            "--teacher-tokenizer is given 2 times for --teacher-hf's one teacher",
+        ("--teacher", "a=/a", "--teacher-tokenizer", "/x"): "--teacher-tokenizer '/x': expected NAME=VALUE",
+        ("--teacher", "a=/a", "--teacher-tokenizer", "c=/x"):
+            "--teacher-tokenizer: the tokenizer of teacher c, but the teachers are a",
+        ("--teacher", "a=/a", "--teacher-tokenizer", "a=/x", "--teacher-tokenizer", "a=/y"):
+            r"--teacher-tokenizer gives teacher \['a', 'a'\] tokenizers",
+        ("--scope-algorithm", "grpo", "--scope-group-size", "2", "--teacher-tokenizer", "/x"):
+            "no --teacher-hf or --teacher names a teacher",
+    }
+    for flags, message in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            parse(*flags)
+
+
 def test_a_served_teacher_is_a_list_of_urls_read_like_a_vllm_teacher():
     """--teacher-backend server: --teacher-hf holds the servers' base URLs; it scores like a vLLM teacher (sampled
     tokens and a top-k) and starts no engine of its own; URLs go with it and only with it."""
