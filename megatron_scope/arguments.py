@@ -14,8 +14,9 @@ import argparse
 
 from megatron_scope.config import (
     ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, ROLLOUT_PLACEMENTS,
-    ROLLOUT_IS_LEVELS, ROLLOUT_RS_LEVELS, ROLLOUT_SCHEDULES, SRPO_REPROMPT_TEMPLATE, SRPO_TEACHERS, TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TRANSFORMER_IMPLS,
-    TROPD_OUTLIERS, TROPD_TRUST_REGIONS, WEIGHT_NORMS, WEIGHT_TRANSFERS,
+    ROLLOUT_IS_LEVELS, ROLLOUT_RS_LEVELS, ROLLOUT_SCHEDULES, SRPO_REPROMPT_TEMPLATE, SRPO_TEACHERS, TEACHER_BACKENDS,
+    TEACHER_PATH_LOSSES, TEACHER_RESIDENCIES, TRANSFORMER_IMPLS, TROPD_OUTLIERS, TROPD_TRUST_REGIONS, WEIGHT_NORMS,
+    WEIGHT_TRANSFERS,
     RunConfig, build_config,
 )
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
@@ -152,6 +153,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--teacher-route-key", default=None, metavar="COLUMN",
                    help="The training data's column naming each row's teacher (a --teacher NAME), as verl's "
                         "teacher_key: needed with several --teacher; an unknown name fails before any rollout.")
+    g.add_argument("--teacher-residency", choices=TEACHER_RESIDENCIES, default="all",
+                   help="Co-located teachers' weights on the GPUs: all (always resident) or scoring (each teacher's "
+                        "copied from pinned host memory for its own scoring pass and freed after it, so several "
+                        "teachers take turns and none holds memory during the training step; each keeps its output "
+                        "layer, which the loss applies).")
     g.add_argument("--teacher-backend", choices=TEACHER_BACKENDS, default="megatron",
                    help="megatron: the teacher is co-located, a forward-only Megatron model with the student's TP/PP "
                         "(full-vocabulary, top-k or sampled-token KL). vllm: the teacher is a vLLM engine placed like "

@@ -35,6 +35,7 @@ TEACHER_BACKENDS = ("megatron", "vllm", "server")
 """--teacher-backend: a co-located Megatron model, a vLLM engine beside the rollout engine, or OpenAI-compatible vLLM
 servers at URLs (`teacher.served`)."""
 REFERENCE_BACKENDS = ("megatron", "vllm")
+TEACHER_RESIDENCIES = ("all", "scoring")
 DEFAULT_TEACHER = "teacher"
 """The name of --teacher-hf's teacher (its metrics, the checkpoint's record of the teacher set)."""
 TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -120,6 +121,10 @@ class ModelsConfig:
     """--teacher-backend: "megatron" (co-located forward-only Megatron model, the student's TP/PP), "vllm" (a vLLM
     engine placed like the rollout engine that scores the responses) or "server" (`vllm serve` servers elsewhere,
     at the URLs --teacher-hf holds)."""
+    teacher_residency: str = "all"
+    """--teacher-residency: "all" (every co-located teacher's weights stay on the GPU) or "scoring" (a teacher's
+    weights are on the GPU only for its own scoring pass, so several teachers take turns; its output layer stays,
+    the step's fused KL applies it)."""
     teacher_timeout_s: float = 600.0
     """--teacher-timeout: with --teacher-backend server, seconds one scoring request may take."""
     teacher_retries: int = 3
@@ -160,6 +165,8 @@ class ModelsConfig:
             raise ValueError(f"--recompute-num-layers must be >= 1, got {self.recompute_num_layers}")
         if self.teacher_backend not in TEACHER_BACKENDS:
             raise ValueError(f"--teacher-backend must be one of {TEACHER_BACKENDS}, got {self.teacher_backend!r}")
+        if self.teacher_residency not in TEACHER_RESIDENCIES:
+            raise ValueError(f"--teacher-residency must be one of {TEACHER_RESIDENCIES}, got {self.teacher_residency!r}")
         if self.reference_backend not in REFERENCE_BACKENDS:
             raise ValueError(f"--exopd-reference-backend must be one of {REFERENCE_BACKENDS}, got "
                              f"{self.reference_backend!r}")
@@ -899,6 +906,10 @@ class RunConfig:
                              f"{self.models.teacher_backend}) gives the "
                              "log-probs of the sampled tokens and a top-k: use --scope-kl k1, k2, k3 or topk, or a "
                              "co-located teacher")
+        if self.models.teacher_residency != "all" and not self.colocated_teacher:
+            raise ValueError(f"--teacher-residency {self.models.teacher_residency} moves co-located teachers' weights; "
+                             f"this run has none (--teacher-backend {self.models.teacher_backend}, --scope-algorithm "
+                             f"{self.loss.algorithm})")
         if self.rollout.offload_teacher and not self.frozen_models_on_training_gpus:
             raise ValueError(f"--rl-offload-teacher-during-inference: --scope-algorithm {self.loss.algorithm} keeps no "
                              "forward-only model on the training GPUs (a co-located teacher or reference, SRPO's EMA "
@@ -1023,6 +1034,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         models=ModelsConfig(student_hf=args.student_hf, tokenizer=args.tokenizer, teacher_hf=args.teacher_hf,
                             teachers=named_values("--teacher", args.teacher),
                             teacher_tokenizers=teacher_tokenizers(args), teacher_backend=args.teacher_backend,
+                            teacher_residency=args.teacher_residency,
                             teacher_timeout_s=args.teacher_timeout, teacher_retries=args.teacher_retries,
                             reference_hf=args.exopd_reference_hf, reference_backend=args.exopd_reference_backend,
                             bf16=args.bf16, transformer_impl=args.transformer_impl,

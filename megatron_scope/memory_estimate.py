@@ -20,7 +20,12 @@ Memory of one training GPU at the peak of a step (the student's backward), summe
                                                  D' = D with --use-distributed-optimizer, else 1
     teacher parameters       e Σ P_teacher       co-located (--teacher-backend megatron), same TP/PP as the
                                                  student, forward only; with several --teacher, every one of them
-                                                 (all resident: each step's microbatches read any of them)
+                                                 (--teacher-residency all: each step's microbatches read any of them)
+                             e (max P_body        --teacher-residency scoring: the teachers take turns, each one's
+                                + Σ V/t h)        body (P_body = P_teacher - its output layer) on the GPU for its own
+                                                 scoring pass only (counted at the step's peak: an upper bound), every
+                                                 output layer always (the loss applies it); the bodies wait in pinned
+                                                 host memory
     reference parameters     e P_ref             ExOPD's frozen π_ref (--exopd-reference-hf, else the student),
                                                  co-located (--exopd-reference-backend megatron)
     SRPO EMA teacher         4 P                 --srpo-teacher ema: a float32 copy of the student's stage
@@ -169,6 +174,12 @@ def hf_param_count(arch: DecoderArch) -> int:
 def layers_per_stage(arch: DecoderArch, pp: int) -> int:
     """L / p (rounded up; `check_parallel_sizes` rejects a remainder)."""
     return -(-arch.num_layers // pp)
+
+
+def teacher_head_count(arch: DecoderArch, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
+    """Parameters of the output layer one rank of stage `stage` holds (V/t x h on the last stage, tied or not), what
+    --teacher-residency scoring keeps on the device (`megatron.model.output_layer_weight`)."""
+    return padded_vocab // tp * arch.hidden_size if stage == pp - 1 else 0
 
 
 def stage_param_count(arch: DecoderArch, tp: int, pp: int, stage: int, padded_vocab: int) -> int:
@@ -458,11 +469,22 @@ def _training_components(plan: RunPlan, student: DecoderArch, teacher, stage: in
                            f"{per_param} B x {params:,} / {shards} ({what}"
                            + (", sharded over DP)" if plan.config.optimizer.use_distributed_optimizer else ", not sharded)"),
                            "use --use-distributed-optimizer (or more data-parallel ranks with it)"))
-    if teachers:
+    if teachers and plan.config.models.teacher_residency == "scoring":
+        heads = [teacher_head_count(arch, tp, pp, stage, padded_vocab) for arch in teachers]
+        body = max(stage_param_count(arch, tp, pp, stage, padded_vocab) - head for arch, head in zip(teachers, heads))
+        if sum(heads):
+            comps.append(Component("teacher output layers", e * sum(heads), f"{sum(heads):,} params x {e} B (each "
+                                   "teacher's, which the loss applies)", "raise --tensor-model-parallel-size"))
+        comps.append(Component(SCORING_TEACHER_TERM, e * body, f"{body:,} params x {e} B (the largest teacher's other "
+                               "weights, on the GPU for its own scoring pass only: counted at the step's peak, an "
+                               "upper bound)", "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
+    elif teachers:
         t_params = sum(stage_param_count(arch, tp, pp, stage, padded_vocab) for arch in teachers)
         comps.append(Component("teacher parameters", e * t_params, f"{t_params:,} params x {e} B (forward only"
-                               + (f", {len(teachers)} teachers)" if len(teachers) > 1 else ")"),
-                               "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"))
+                               + (f", {len(teachers)} teachers: all resident; --teacher-residency scoring takes "
+                                  "turns)" if len(teachers) > 1 else ")"),
+                               "raise --tensor-model-parallel-size / --pipeline-model-parallel-size"
+                               + ("; --teacher-residency scoring" if len(teachers) > 1 else "")))
     if plan.config.colocated_reference:
         r_params = stage_param_count(reference or student, tp, pp, stage, padded_vocab)
         comps.append(Component("reference parameters (ExOPD)", e * r_params, f"{r_params:,} params x {e} B"
@@ -579,14 +601,18 @@ STEP_TERMS = ("student activations", "attention score buffer", "logits + gradien
 #: freed, the others copied to host memory.
 FREED_GRADIENT_TERMS = ("gradients (fp32 main_grad)",)
 OFFLOADED_OPTIMIZER_TERMS = ("optimizer state (Adam)",)
-OFFLOADED_FROZEN_TERMS = ("teacher parameters", "reference parameters (ExOPD)", "SRPO EMA teacher parameters")
+OFFLOADED_FROZEN_TERMS = ("teacher parameters", "teacher output layers", "reference parameters (ExOPD)",
+                          "SRPO EMA teacher parameters")
+SCORING_TEACHER_TERM = "teacher parameters (scoring pass)"
+"""--teacher-residency scoring: the scoring teacher's weights, in host memory while the engines generate."""
 
 
 def rollout_free_terms(plan: RunPlan) -> tuple[str, ...]:
     """The training terms whose memory a generating engine on the same GPU reuses: the step's transient terms, and
     what --rl-offload-optimizer-during-inference / --rl-offload-teacher-during-inference move to host memory."""
     rollout = plan.config.rollout
-    return (STEP_TERMS + (FREED_GRADIENT_TERMS + OFFLOADED_OPTIMIZER_TERMS if rollout.offload_optimizer else ())
+    return (STEP_TERMS + (SCORING_TEACHER_TERM,)
+            + (FREED_GRADIENT_TERMS + OFFLOADED_OPTIMIZER_TERMS if rollout.offload_optimizer else ())
             + (OFFLOADED_FROZEN_TERMS if rollout.offload_teacher else ()))
 
 
@@ -728,6 +754,12 @@ def host_memory_per_node(plan: RunPlan, student: DecoderArch,
     if hidden:
         comps.append(Component("teacher hidden states (local batch)", n * hidden,
                                f"{n} ranks x {hidden / GIB:.2f} GiB, from the scoring pass to the step", ""))
+    if config.colocated_teacher and config.models.teacher_residency == "scoring":
+        bodies = sum(stage_param_count(arch, plan.tensor_parallel, plan.pipeline_parallel, 0, padded)
+                     - teacher_head_count(arch, plan.tensor_parallel, plan.pipeline_parallel, 0, padded)
+                     for arch in _teachers(teacher)) * plan.element_bytes
+        comps.append(Component("teacher weights between scoring passes", n * bodies,
+                               f"{n} ranks x {bodies / GIB:.2f} GiB (--teacher-residency scoring)", ""))
     offloaded = (OFFLOADED_OPTIMIZER_TERMS if rollout.offload_optimizer else ()) + \
         (OFFLOADED_FROZEN_TERMS if rollout.offload_teacher else ())
     for name in offloaded:

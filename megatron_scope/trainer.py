@@ -71,7 +71,7 @@ from megatron_scope.losses.objectives import IS_LOG_RATIO_BOUND, srpo_distill_we
 from megatron_scope.megatron.loss_func import (add_group_inputs, reduce_reports, reduce_reports_by_label,
                                                sampled_by_student)
 from megatron_scope.megatron.model import output_layer_weight
-from megatron_scope.megatron.offload import RolloutOffload
+from megatron_scope.megatron.offload import RolloutOffload, TeacherTurns
 from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.parallel import collective_device
 from megatron_scope.megatron.schedule import forward_backward
@@ -234,10 +234,17 @@ class ScopeTrainer:
         # teacher, reused every step
         self.teacher_hidden_buffers = {name: HostBuffer(pinned=torch.cuda.is_available())  # the models live on CUDA
                                        for name in self.teachers}
-        frozen = [*self.teachers.values(), *(m for m in (reference, ema_teacher.model if ema_teacher is not None
-                                                         else None) if m is not None)]
+        # --teacher-residency scoring: the teachers' weights, output layers excepted, wait in host memory outside
+        # their own scoring passes
+        heads = {name: [w for w in (output_layer_weight(model),) if w is not None]
+                 for name, model in self.teachers.items()}
+        self.teacher_turns = TeacherTurns(self.teachers, heads) if config.models.teacher_residency == "scoring" else None
+        others = [m for m in (reference, ema_teacher.model if ema_teacher is not None else None) if m is not None]
+        resident = [*(p for name, model in self.teachers.items()
+                      for p in (heads[name] if self.teacher_turns else model.parameters())),
+                    *(p for model in others for p in model.parameters())]
         # training state that waits off the GPUs while the engines generate (nothing without the flags)
-        self.rollout_offload = RolloutOffload(student, optimizer, frozen, config.rollout.offload_optimizer,
+        self.rollout_offload = RolloutOffload(student, optimizer, resident, config.rollout.offload_optimizer,
                                               config.rollout.offload_teacher)
         self.dataset, self.tokenizer, self.verifier, self.engine = dataset, tokenizer, verifier, engine
         prompts = getattr(dataset, "prompts", ())
@@ -653,8 +660,9 @@ class ScopeTrainer:
         for name, model in self.teachers.items():  # each teacher over its own microbatches, one after the other
             mine = [i for i, owner in enumerate(owners) if owner == name]
             if mine:
-                views = teacher_pass(model, [microbatches[i] for i in mine], self.config.loss, self.vocab_size,
-                                     self.teacher_hidden_buffers[name])
+                with self.teacher_turns.on_device(name) if self.teacher_turns else contextlib.nullcontext():
+                    views = teacher_pass(model, [microbatches[i] for i in mine], self.config.loss, self.vocab_size,
+                                         self.teacher_hidden_buffers[name])
                 for i, view in zip(mine, views):  # nothing off the last stage
                     teacher[i] = view
         reference = log_prob_pass(self.reference, microbatches, self.vocab_size) if self.reference is not None else []

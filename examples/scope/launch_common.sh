@@ -20,6 +20,8 @@
 : "${TEACHERS:=}"                     # several co-located experts instead of TEACHER_HF: space-separated NAME=HF_DIR
                                       # (--teacher each), e.g. "math=/models/math-rl code=/models/code-rl"
 : "${TEACHER_ROUTE_KEY:=}"            # with TEACHERS: the data column naming each row's expert (--teacher-route-key)
+: "${TEACHER_RESIDENCY:=all}"          # co-located teachers' weights: all resident, or "scoring" (each on the GPU for
+                                      # its own scoring pass only: several experts take turns; --teacher-residency)
 : "${TEACHER_TOKENIZERS=$TEACHERS}"   # with TEACHERS: NAME=TOKENIZER each, checked to share --tokenizer's vocabulary
                                       # (by default each expert's HF directory); "" skips
 : "${TRAIN_ITERS:=200}"
@@ -80,6 +82,9 @@ if [[ -n "$TEACHERS" ]]; then
   done
 else
   ARGS+=(--teacher-hf "$TEACHER_HF")
+fi
+if [[ "$TEACHER_RESIDENCY" != all ]]; then
+  ARGS+=(--teacher-residency "$TEACHER_RESIDENCY")
 fi
 if [[ "$SEQUENCE_PARALLEL" == 1 ]]; then
   ARGS+=(--sequence-parallel)

@@ -32,7 +32,7 @@ def _offload_round_trip(rank, world_size, cuda: bool) -> dict:
     teacher_before = [p.detach().clone() for p in teacher.parameters()]
     state_before = {k: v.detach().clone() for k, v in _optimizer_tensors(optimizer).items()}
 
-    offload = RolloutOffload(student, optimizer, [teacher], offload_optimizer=True, offload_frozen=True)
+    offload = RolloutOffload(student, optimizer, teacher.parameters(), offload_optimizer=True, offload_frozen=True)
     offload.offload()
     while_offloaded = {
         "grad_storage_bytes": sum(b.grad_data.untyped_storage().nbytes() for b in student.buffers),

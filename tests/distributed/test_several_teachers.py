@@ -8,7 +8,9 @@ per-teacher reduction still meets on both).
   gradient (rtol 1e-5): routing, teacher-pure microbatches and per-microbatch output layers change nothing else;
 - the step's share of prompts and accuracy per teacher; a resume refuses a checkpoint of another teacher set;
 - two different teachers: each teacher's rows see that teacher and no other (teacher/a/* equals the run where both
-  names hold a's model, teacher/b/* the run where both hold b's), and the gradient moves.
+  names hold a's model, teacher/b/* the run where both hold b's), and the gradient moves;
+- --teacher-residency scoring (teachers take turns on the device) gives that step bit for bit, and after it each
+  teacher holds only its output layer on the device.
 """
 
 import types
@@ -24,12 +26,13 @@ FAMILY = "qwen3"  # untied output layer: each teacher's own
 ROUTES = {"tp2": ("a", "b", "a", "b"), "dp2": ("a", "a", "b", "b")}  # prompt i's teacher; DP=2: 2 prompts per rank
 
 
-def _learn_with(teachers, routes, layout):
+def _learn_with(teachers, routes, layout, residency="all"):
     """`learn` once from the same initial student with `teachers` ({name: HF model}; one unnamed teacher when
-    `routes` is None): (metrics, the student's gradients)."""
+    `routes` is None) under --teacher-residency `residency`: (metrics, the student's gradients, each teacher's
+    parameter bytes on the device after the step: (output layer, the rest))."""
     from megatron_scope.config import OptimizerConfig
     from megatron_scope.data.datasets import Prompt, PromptDataset
-    from megatron_scope.megatron.model import build_gpt_model, unwrap_model, wrap_with_ddp
+    from megatron_scope.megatron.model import build_gpt_model, output_layer_weight, unwrap_model, wrap_with_ddp
     from megatron_scope.megatron.optimizer import build_optimizer
     from megatron_scope.megatron.weight_export import load_hf_weights
     from megatron_scope.rollout.batch import RolloutGroup
@@ -61,6 +64,7 @@ def _learn_with(teachers, routes, layout):
         verdicts = [Verdict(ok, "correct" if ok else "wrong", "1") for ok in correct]
         groups.append(RolloutGroup(prompts[-1].id, list(ids), completions, correct, verdicts=verdicts))
     named = dict(teachers=tuple((name, name) for name in teachers), teacher_hf=None) if routes else {}
+    named["teacher_residency"] = residency
     config = tiny_run_config(models=named, data=dict(teacher_route_key="teacher" if routes else None),
                              loss=dict(algorithm="scope", kl="reverse"),
                              rollout=dict(prompts_per_step=4, group_size=4, max_new_tokens=16, placement="rank0"),
@@ -75,7 +79,13 @@ def _learn_with(teachers, routes, layout):
     with pytest.raises(ValueError, match=r"ckpt: the checkpoint's run distilled from the teachers \{'teacher': 'x'\} "
                                          r"\(name: HF directory\); this run has .*: resume with the same"):
         trainer._check_teachers("ckpt", {"teacher": "x"})
-    return metrics, current_grads(unwrap_model(student))
+    resident = {}
+    for name, model in models.items():
+        head = output_layer_weight(model).untyped_storage()
+        rest = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()
+                if p.untyped_storage().data_ptr() != head.data_ptr()}
+        resident[name] = (head.nbytes(), sum(rest.values()))
+    return metrics, current_grads(unwrap_model(student)), resident
 
 
 def _runs(rank, world_size, layout):
@@ -83,20 +93,23 @@ def _runs(rank, world_size, layout):
 
     initialize_model_parallel(2 if layout == "tp2" else 1, 1, seed=0)
     first, second = tiny_hf_model(FAMILY, seed=1), tiny_hf_model(FAMILY, seed=2)
-    one, one_grads = _learn_with({"teacher": first}, None, layout)
-    same, same_grads = _learn_with({"a": first, "b": tiny_hf_model(FAMILY, seed=1)}, ROUTES, layout)
-    both_a, _ = _learn_with({"a": first, "b": first}, ROUTES, layout)
-    both_b, _ = _learn_with({"a": second, "b": second}, ROUTES, layout)
-    routed, routed_grads = _learn_with({"a": first, "b": second}, ROUTES, layout)
+    one, one_grads, _ = _learn_with({"teacher": first}, None, layout)
+    same, same_grads, _ = _learn_with({"a": first, "b": tiny_hf_model(FAMILY, seed=1)}, ROUTES, layout)
+    both_a, _, _ = _learn_with({"a": first, "b": first}, ROUTES, layout)
+    both_b, _, _ = _learn_with({"a": second, "b": second}, ROUTES, layout)
+    routed, routed_grads, resident = _learn_with({"a": first, "b": second}, ROUTES, layout)
+    turns, turns_grads, turns_resident = _learn_with({"a": first, "b": second}, ROUTES, layout, residency="scoring")
     grad_errors = {name: float((same_grads[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-30))
                    for name, grad in one_grads.items()}
     moved = max(float((routed_grads[name] - grad).abs().max() / grad.abs().max()) for name, grad in one_grads.items())
-    return one, same, both_a, both_b, routed, grad_errors, moved
+    turns_equal = all(torch.equal(turns_grads[name], grad) for name, grad in routed_grads.items())
+    return one, same, both_a, both_b, routed, grad_errors, moved, (turns, turns_equal, resident, turns_resident)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])
 def test_prompts_routed_to_teachers_read_their_own_teacher(layout):
-    for one, same, both_a, both_b, routed, grad_errors, moved in run_on_ranks(_runs, 2, args=(layout,), timeout=600):
+    for one, same, both_a, both_b, routed, grad_errors, moved, taking_turns in run_on_ranks(_runs, 2, args=(layout,),
+                                                                                            timeout=600):
         if not one:  # nothing logged off the last stage (every rank is a last stage here)
             continue
         for key in ("loss/loss", "loss/incorrect/kl", "loss/incorrect/weight", "optimizer/grad_norm"):
@@ -112,3 +125,12 @@ def test_prompts_routed_to_teachers_read_their_own_teacher(layout):
         assert routed["teacher/a/incorrect/kl"] != pytest.approx(both_b["teacher/a/incorrect/kl"], rel=1e-3)
         assert not any(key.startswith("teacher/") for key in one)  # one teacher: nothing per teacher
         assert moved > 1e-3  # a second teacher moves the gradient
+        # --teacher-residency scoring: the same step bit for bit, and after it only each teacher's output layer is
+        # on the device (the rest waits in host memory until the teacher's next scoring pass)
+        turns, turns_equal, resident, turns_resident = taking_turns
+        differ = {k: (v, routed[k]) for k, v in turns.items()
+                  if v != routed.get(k) and not k.startswith(("time/", "throughput/"))}  # timing varies
+        assert turns_equal and turns.keys() == routed.keys() and not differ, differ
+        for name in ("a", "b"):
+            head, rest = resident[name]
+            assert rest > 0 and turns_resident[name] == (head, 0), (name, resident, turns_resident)

@@ -62,14 +62,15 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def straight_run(workspace):
     """2 iterations without interruption (of 3 scheduled: --exit-interval 2), TP=1, saving after each; the training
-    state (gradient buffers, optimizer, co-located teacher) offloaded during each rollout, which the runs compared
-    with this one (other layouts, Ray engines) do not do: their equality shows the offload changes nothing."""
+    state (gradient buffers, optimizer, co-located teacher) offloaded during each rollout and the teacher's weights on
+    the device for its scoring pass only (--teacher-residency scoring), which the runs compared with this one (other
+    layouts, Ray engines) do not do: their equality shows the offload and the residency change nothing."""
     save = os.path.join(workspace.root, "ckpt_straight")
     os.environ["WANDB_MODE"] = "offline"  # read by the spawned rank's wandb: the run is written to disk only
     try:
         (history,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 3, extra=[
             "--save", save, "--save-interval", "1", "--exit-interval", "2", "--rl-offload-optimizer-during-inference",
-            "--rl-offload-teacher-during-inference", "--wandb-project", "scope-tests",
+            "--rl-offload-teacher-during-inference", "--teacher-residency", "scoring", "--wandb-project", "scope-tests",
             "--wandb-exp-name", "straight", "--save-hf"]),), timeout=900)
     finally:
         del os.environ["WANDB_MODE"]

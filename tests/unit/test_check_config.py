@@ -149,6 +149,7 @@ _CONFIG_FIELDS = {
     "offload_optimizer": ("rollout", "offload_optimizer"), "offload_teacher": ("rollout", "offload_teacher"),
     "rollout_gpu_memory_utilization": ("rollout", "gpu_memory_utilization"),
     "sequence_parallel": ("parallel", "sequence_parallel"),
+    "teacher_residency": ("models", "teacher_residency"),
 }
 
 
@@ -255,6 +256,28 @@ def test_host_memory_per_node_by_hand():
     vllm_teacher = names(_tiny_plan(kl="k3", teacher_backend="vllm"))
     # the teacher's HF parameters: 4 x 36,992 + 2 x 1000 x 64 + 64 = 276,032 x 2 B per engine
     assert vllm_teacher == {"vLLM teacher weights (asleep, level 1)": 2 * 276_032 * 2}
+
+
+def test_teachers_taking_turns_by_hand():
+    """--teacher-residency scoring with two teachers (the tiny teacher and one of the student's shape): each one's
+    output layer (1024 x 64 params) stays on the GPU, the larger body (the tiny teacher's 279,104 - 65,536 params)
+    is counted once, for its scoring pass; both bodies wait in pinned host memory on each of the node's 2 ranks,
+    and with --rl-offload-teacher-during-inference the output layers join them while the engines generate."""
+    two = (TINY_TEACHER, TINY)
+    terms = lambda plan: {c.name: c.bytes for c in me.estimate_memory(plan, TINY, two)[0].components}  # noqa: E731
+    assert terms(_tiny_plan())["teacher parameters"] == 2 * (279_104 + 205_120)  # all resident
+    turns = terms(_tiny_plan(teacher_residency="scoring"))
+    assert "teacher parameters" not in turns
+    assert turns["teacher output layers"] == 2 * 2 * 65_536
+    assert turns["teacher parameters (scoring pass)"] == 2 * (279_104 - 65_536)
+    host = {c.name: c.bytes for c in me.host_memory_per_node(_tiny_plan(teacher_residency="scoring",
+                                                                        offload_teacher=True), TINY, two)}
+    assert host["teacher weights between scoring passes"] == 2 * 2 * ((279_104 - 65_536) + (205_120 - 65_536))
+    assert host["teacher output layers (offloaded)"] == 2 * 2 * 2 * 65_536
+    assert "teacher parameters (offloaded)" not in host
+    # while the engines generate the scoring teacher's body is in host memory anyway (and the heads with the flag)
+    free = me.rollout_free_terms(_tiny_plan(teacher_residency="scoring", offload_teacher=True))
+    assert {"teacher parameters (scoring pass)", "teacher output layers"} <= set(free)
 
 
 def test_the_engines_start_up_check():
@@ -756,25 +779,37 @@ def test_the_paper_run_merging_two_7b_experts_fits_80_gib_gpus(tmp_path):
     """G-OPD's merge setting at the paper's scale: launch_paper.sh with TEACHERS (two 7B experts, --teacher each, routed
     by TEACHER_ROUTE_KEY) instead of TEACHER_HF: both experts co-located at TP 2 (twice one teacher's parameters,
     offloaded while the engines generate), the widest one's hidden states; it fits 80 GiB and a node's 256 GiB of
-    pinned host memory."""
+    pinned host memory. With TEACHER_RESIDENCY=scoring the experts take turns: one body and two output layers."""
     experts = " ".join(f"{name}={_model_dir(tmp_path, name, QWEN25_7B)}" for name in ("math", "code"))
     env = {**os.environ, "DRY_RUN": "1", "STUDENT_HF": _model_dir(tmp_path, "student", R1_DISTILL_1_5B),
            "TEACHERS": experts, "TEACHER_ROUTE_KEY": "domain", "TOKENIZER": str(tmp_path / "absent.model"),
            "TRAIN_DATA": str(tmp_path / "absent.jsonl"), "PYTHON": sys.executable,
            "CHECK_ARGS": "--max-prompt-tokens 2048 --json"}
-    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", "launch_paper.sh")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(done.stdout[:done.stdout.index("DRY_RUN=1, would run:")])
+
+    def dry_run(**extra):
+        done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", "launch_paper.sh")],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return json.loads(done.stdout[:done.stdout.index("DRY_RUN=1, would run:")]), done.stdout
+
+    result, stdout = dry_run()
     (gpu,) = result["memory"]["gpus"]
     assert result["ok"] and gpu["fits"] and gpu["total_bytes"] < 80 * GIB
     teachers = {c["name"]: c for c in gpu["components"]}["teacher parameters"]
     one_teacher = me.stage_param_count(arch_from_hf_config(QWEN25_7B), 2, 1, 0, 152064)
     assert teachers["bytes"] == 2 * 2 * one_teacher and "2 teachers" in teachers["detail"]
+    turns, turns_stdout = dry_run(TEACHER_RESIDENCY="scoring")
+    (turns_gpu,) = turns["memory"]["gpus"]
+    terms = {c["name"]: c["bytes"] for c in turns_gpu["components"]}
+    head = 152064 // 2 * 3584
+    assert terms["teacher parameters (scoring pass)"] == 2 * (one_teacher - head)
+    assert terms["teacher output layers"] == 2 * 2 * head
+    assert turns_gpu["total_bytes"] == gpu["total_bytes"] - 2 * (one_teacher - head)  # one expert's body less
+    assert "--teacher-residency scoring" in turns_stdout
     assert result["facts"]["teachers"] == 2 and result["facts"]["teacher_params"] == 2 * me.hf_param_count(
         arch_from_hf_config(QWEN25_7B))
     assert 0 < result["host_memory_per_node"]["total_bytes"] <= 256 * GIB
-    launch = done.stdout[done.stdout.index("DRY_RUN=1, would run:"):]
+    launch = stdout[stdout.index("DRY_RUN=1, would run:"):]
     assert "--teacher-route-key domain" in launch and "--teacher-hf" not in launch
     # each expert's own tokenizer (its HF directory) is compared with --tokenizer's (not here: a note says so)
     assert [f"--teacher-tokenizer {expert}" in launch for expert in experts.split()] == [True, True]

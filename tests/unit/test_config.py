@@ -105,6 +105,22 @@ def test_several_teachers_are_named_and_routed_by_a_column():
     assert budget.loop.max_tokens_per_microbatch == 64  # token-budget microbatches split each teacher's rows
 
 
+def test_teachers_take_turns_only_where_they_are_co_located():
+    """--teacher-residency scoring moves co-located teachers' weights: refused for a run without one."""
+    def parse(*flags):
+        return build_config(build_parser().parse_args(["--student-hf", "s", "--tokenizer", "t", "--train-data", "d",
+                                                       "--teacher-residency", "scoring", *flags]))
+
+    assert parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k").models.teacher_residency == \
+        "scoring"
+    refusals = {("--teacher-hf", "/t", "--teacher-backend", "vllm", "--scope-kl", "k1"): "--teacher-backend vllm",
+                ("--scope-algorithm", "grpo", "--scope-group-size", "2"): "--teacher-backend megatron, --scope-algorithm"}
+    for flags, what in refusals.items():
+        with pytest.raises(ValueError, match=f"--teacher-residency scoring moves co-located teachers' weights; this "
+                                             f"run has none \\({what}"):
+            parse(*flags)
+
+
 def test_each_teacher_names_its_own_tokenizer():
     """--teacher-tokenizer: one PATH for --teacher-hf's teacher, NAME=PATH per --teacher; a name that is no teacher,
     a repeated name or a second PATH is refused."""
