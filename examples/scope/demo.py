@@ -70,8 +70,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed: int) -> str:
-    """SFT a fresh model of `recipe` with Megatron and export it as a HF checkpoint; returns its directory."""
+def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed: int, init_hf: str | None = None) -> str:
+    """SFT a fresh model of `recipe` (or, with `init_hf`, that HF checkpoint's model and weights: the recipe's
+    layers and width are then ignored) with Megatron and export it as a HF checkpoint; returns its directory."""
     from tqdm import tqdm
 
     from megatron_scope.megatron.arch import DecoderArch
@@ -81,14 +82,21 @@ def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed:
     from megatron_scope.megatron.optimizer import build_optimizer
     from megatron_scope.megatron.parallel import initialize_model_parallel
     from megatron_scope.megatron.sft import train_sft
-    from megatron_scope.megatron.weight_export import export_hf_checkpoint
+    from megatron_scope.megatron.weight_export import SafetensorsCheckpoint, export_hf_checkpoint, load_hf_weights
+    from megatron_scope.train import read_arch
 
     initialize_model_parallel(1, 1, seed=seed)
-    arch = DecoderArch(num_layers=recipe.num_layers, hidden_size=recipe.hidden_size,
-                       num_attention_heads=recipe.hidden_size // 64, num_query_groups=recipe.hidden_size // 64,
-                       ffn_hidden_size=4 * recipe.hidden_size, vocab_size=tokenizer.vocab_size,
-                       max_position_embeddings=128, add_qkv_bias=True, init_method_std=0.02)
-    model = wrap_with_ddp(build_gpt_model(arch, calculate_per_token_loss=True))
+    if init_hf is None:
+        arch = DecoderArch(num_layers=recipe.num_layers, hidden_size=recipe.hidden_size,
+                           num_attention_heads=recipe.hidden_size // 64, num_query_groups=recipe.hidden_size // 64,
+                           ffn_hidden_size=4 * recipe.hidden_size, vocab_size=tokenizer.vocab_size,
+                           max_position_embeddings=128, add_qkv_bias=True, init_method_std=0.02)
+    else:
+        arch = read_arch(init_hf)
+    model = build_gpt_model(arch, calculate_per_token_loss=True)
+    if init_hf is not None:
+        load_hf_weights(model, arch, SafetensorsCheckpoint(init_hf))
+    model = wrap_with_ddp(model)
     settings = OptimizerConfig(lr=recipe.lr, min_lr=recipe.lr / 10, lr_warmup_iters=min(20, recipe.sft_iters // 4),
                                weight_decay=0.01, adam_beta2=0.98)
     optimizer, scheduler = build_optimizer(model, settings, recipe.sft_iters)
@@ -153,11 +161,13 @@ SRPO_REPROMPT_TEMPLATE = "{prompt} {solution} ; {prompt}"
 
 
 def distillation_flags(workdir: str, algorithm: str, seed: int, iters: int, prompts_per_step: int, group_size: int,
-                       max_new_tokens: int, lr: float, extra=(), reward: str = "synthetic") -> list[str]:
+                       max_new_tokens: int, lr: float, extra=(), reward: str = "synthetic",
+                       teachers: dict[str, str] | None = None) -> list[str]:
     """Training flags (megatron_scope.arguments) for distilling the demo's student (`workdir` laid out by this script): Adam (beta2
     0.98, as its SFT) at `lr` with a 20-iteration warm-up and cosine decay to lr/10, rewarded by `reward`
     (SYNTHETIC_REWARDS); GRPO, SFT and SRPO with its self-teacher (unless `extra` says --srpo-teacher external) run
-    without the teacher, the self-teacher with SRPO_REPROMPT_TEMPLATE."""
+    without the teacher, the self-teacher with SRPO_REPROMPT_TEMPLATE. `teachers` (name -> HF directory): several
+    named teachers (--teacher NAME=DIR; `extra` then gives --teacher-route-key) instead of the demo's teacher."""
     flags = ["--student-hf", f"{workdir}/student_hf", "--tokenizer", f"{workdir}/tokenizer.model",
              "--train-data", f"{workdir}/task/train.jsonl", "--reward", reward, "--scope-algorithm", algorithm,
              "--train-iters", str(iters), "--prompts-per-step", str(prompts_per_step),
@@ -169,7 +179,10 @@ def distillation_flags(workdir: str, algorithm: str, seed: int, iters: int, prom
     srpo_teacher = extra[extra.index("--srpo-teacher") + 1] if "--srpo-teacher" in extra else "ema"
     self_taught = algorithm == "srpo" and srpo_teacher != "external"
     if algorithm not in ("grpo", "sft") and not self_taught:
-        flags += ["--teacher-hf", f"{workdir}/teacher_hf"]
+        if teachers:
+            flags += [flag for name, hf_dir in teachers.items() for flag in ("--teacher", f"{name}={hf_dir}")]
+        else:
+            flags += ["--teacher-hf", f"{workdir}/teacher_hf"]
     if self_taught:
         flags += ["--srpo-reprompt-template", SRPO_REPROMPT_TEMPLATE]
     return flags + extra
