@@ -642,8 +642,8 @@ def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher) -> i
     the scoring pass to the student's step: this TP rank's share of the response rows (at most R = --max-new-tokens
     per sequence), e n R h_T / t, in one buffer whose microbatch tensors start at 512-byte offsets
     (`teacher.colocated.HostBuffer`); 0 when the loss does not read the teacher's distribution. Several co-located
-    teachers keep a buffer each, grown to the most rows the teacher has scored in a step: at worst the whole local
-    batch each, Σ_T e n R h_T / t."""
+    teachers share the buffer (each row has one teacher): at worst every row at the widest teacher's h_T, and each
+    further teacher's microbatches add at most one partial microbatch (one row share and one 512-byte rounding)."""
     rows, response, tp = plan.micro_batch_rows, plan.config.rollout.max_new_tokens, plan.tensor_parallel
     full, rest = divmod(plan.local_sequences, rows)
 
@@ -656,7 +656,12 @@ def teacher_hidden_host_bytes(plan: RunPlan, student: DecoderArch, teacher) -> i
 
         return full * share_bytes(rows) + (share_bytes(rest) if rest else 0)
 
-    return sum(buffer_bytes(source) for source in _distribution_sources(plan, student, teacher))
+    sources = _distribution_sources(plan, student, teacher)
+    if not sources:
+        return 0
+    widest = max(sources, key=lambda arch: arch.hidden_size)
+    row_bytes = widest.hidden_size * _distribution_bytes(plan)
+    return buffer_bytes(widest) + (len(sources) - 1) * -(-(row_bytes + 512) // 512) * 512
 
 
 def _engine_components(plan: RunPlan, model: DecoderArch, label: str = "vLLM") -> list[Component]:

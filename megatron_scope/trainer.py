@@ -230,10 +230,9 @@ class ScopeTrainer:
             self.build_reprompt = reprompt_builder(tokenizer, config.data.prompt_format(),
                                                    config.loss.baselines.srpo_reprompt_template)
         self.optimizer, self.scheduler = optimizer, scheduler
-        # each co-located teacher's hidden states of a step, from its scoring pass to the step: one buffer per
-        # teacher, reused every step
-        self.teacher_hidden_buffers = {name: HostBuffer(pinned=torch.cuda.is_available())  # the models live on CUDA
-                                       for name in self.teachers}
+        # the co-located teachers' hidden states of a step, from their scoring passes to the step: one buffer, shared
+        # by the step's teachers and reused every step
+        self.teacher_hidden_buffer = HostBuffer(pinned=torch.cuda.is_available())  # the models live on CUDA
         # --teacher-residency scoring: the teachers' weights, output layers excepted, wait in host memory outside
         # their own scoring passes
         heads = {name: [w for w in (output_layer_weight(model),) if w is not None]
@@ -657,12 +656,13 @@ class ScopeTrainer:
                                         self.config.loop.micro_batch_size, self.vocab_size, self.tokenizer.pad_id)
         elif self.teachers and self.is_last_stage:
             teacher = [None] * len(microbatches)
+        self.teacher_hidden_buffer.new_step()  # the last step's hidden states are read: each teacher's go after
         for name, model in self.teachers.items():  # each teacher over its own microbatches, one after the other
             mine = [i for i, owner in enumerate(owners) if owner == name]
             if mine:
                 with self.teacher_turns.on_device(name) if self.teacher_turns else contextlib.nullcontext():
                     views = teacher_pass(model, [microbatches[i] for i in mine], self.config.loss, self.vocab_size,
-                                         self.teacher_hidden_buffers[name])
+                                         self.teacher_hidden_buffer)
                 for i, view in zip(mine, views):  # nothing off the last stage
                     teacher[i] = view
         reference = log_prob_pass(self.reference, microbatches, self.vocab_size) if self.reference is not None else []
@@ -949,8 +949,7 @@ class ScopeTrainer:
             self._producer.close()
         close_engines((self.engine, *self.teacher_engines.values(), self.reference_engine))
         self.verifier.close()
-        for buffer in self.teacher_hidden_buffers.values():
-            buffer.release()
+        self.teacher_hidden_buffer.release()
         if self._writers is not None:
             self._writers.close()
 

@@ -123,49 +123,69 @@ def _to_host(tensor: torch.Tensor, copies: list, destination: torch.Tensor | Non
 
 
 class HostBuffer:
-    """One host buffer for a step's teacher hidden states, reused every step and grown only when a step needs more:
-    page-locked (pinned) with `cudaHostRegister` when `pinned`, so it takes exactly its bytes (torch's caching host
-    allocator rounds each pinned block up to a power of two and keeps it). `tensors` hands out views of it; they
-    stay valid until the next call, which reuses the memory (the step that reads them ends before the next scoring
-    pass: each copy back is ordered on the device before the next pass's copies out)."""
+    """One host buffer for a step's teacher hidden states, shared by the step's scoring passes (several co-located
+    teachers' one after the other, each pass's tensors after the last one's) and reused every step: `new_step` hands
+    its memory out again from the start, so the tensors of a step stay valid until the next `new_step` (the step
+    that reads them ends before the next scoring pass: each copy back is ordered on the device before the next
+    pass's copies out). Page-locked (pinned) with `cudaHostRegister` when `pinned`, so it takes exactly its bytes
+    (torch's caching host allocator rounds each pinned block up to a power of two and keeps it). A step that needs
+    more than the buffer holds gets a larger one if it has taken nothing yet, else an extra one for the rest (its
+    tensors so far stay where they are); the next `new_step` makes that step's total one buffer again."""
 
     ALIGNMENT = 512
     """Bytes each tensor's offset is a multiple of."""
 
     def __init__(self, pinned: bool):
         self.pinned = pinned
-        self._memory: torch.Tensor | None = None  # flat uint8
+        self._chunks: list[torch.Tensor] = []  # flat uint8; more than one only in a step that outgrew the first
+        self._offset = 0  # bytes of the last chunk handed out this step
+        self._step_bytes = 0  # bytes handed out this step, in all chunks
 
     @property
     def nbytes(self) -> int:
-        return 0 if self._memory is None else self._memory.numel()
+        return sum(chunk.numel() for chunk in self._chunks)
+
+    def new_step(self) -> None:
+        """Hand the memory out again from its start; after a step that took several buffers, one of their total."""
+        if len(self._chunks) > 1:
+            total = self._step_bytes
+            self.release()
+            self._chunks.append(self._allocate(total))
+        self._offset = self._step_bytes = 0
 
     def tensors(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Views of the buffer, one per shape, of `dtype` (the buffer grows to their total when it is smaller)."""
+        """Views of the buffer after this step's earlier ones, one per shape, of `dtype`."""
         sizes = [math.prod(shape) * dtype.itemsize for shape in shapes]
         offsets = [0]
         for size in sizes:
             offsets.append(offsets[-1] + -(-size // self.ALIGNMENT) * self.ALIGNMENT)
-        if offsets[-1] > self.nbytes:
-            self._allocate(offsets[-1])
-        return [self._memory[start:start + size].view(dtype).view(shape)
+        if not self._chunks or self._offset + offsets[-1] > self._chunks[-1].numel():
+            if self._step_bytes == 0:  # nothing of this step handed out: the old buffer goes first
+                self.release()
+            self._chunks.append(self._allocate(offsets[-1]))
+            self._offset = 0
+        chunk, base = self._chunks[-1], self._offset
+        self._offset += offsets[-1]
+        self._step_bytes += offsets[-1]
+        return [chunk[base + start:base + start + size].view(dtype).view(shape)
                 for start, size, shape in zip(offsets, sizes, shapes)]
 
-    def _allocate(self, nbytes: int) -> None:
-        self.release()  # the old buffer goes first: at most one exists
+    def _allocate(self, nbytes: int) -> torch.Tensor:
         memory = torch.empty(nbytes, dtype=torch.uint8)
         if self.pinned:
             status = torch.cuda.cudart().cudaHostRegister(memory.data_ptr(), nbytes, 0)
             if int(status) != 0:
                 raise RuntimeError(f"cudaHostRegister of {nbytes} bytes for the teacher's hidden states failed "
                                    f"(cudaError {int(status)}): not enough page-lockable host memory")
-        self._memory = memory
+        return memory
 
     def release(self) -> None:
         """Unpin and free the buffer (tensors handed out before must not be used after)."""
-        if self._memory is not None and self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._memory.data_ptr())
-        self._memory = None
+        for chunk in self._chunks:
+            if self.pinned:
+                torch.cuda.cudart().cudaHostUnregister(chunk.data_ptr())
+        self._chunks = []
+        self._offset = self._step_bytes = 0
 
 
 def teacher_pass(teacher, microbatches: list[dict], config: LossConfig, vocab_size: int,

@@ -202,6 +202,9 @@ def test_every_memory_term_of_a_tiny_run_by_hand():
     assert terms["teacher hidden states (microbatch)"] == 3_840  # 2 x 15 x 64 x 2 B (4 sequences in host memory)
     # 2 microbatches of 2 x 15 x 64 x 2 B = 3,840, each rounded up to a 512-byte offset
     assert me.teacher_hidden_host_bytes(plan, TINY, TINY_TEACHER) == 2 * 4_096
+    # two teachers share the buffer: each row has one; the second teacher's microbatches add at most one partial
+    # microbatch, one more row (64 x 2 B) and one more 512-byte rounding
+    assert me.teacher_hidden_host_bytes(plan, TINY, (TINY_TEACHER, TINY)) == 2 * 4_096 + 1_024
     assert terms["batch tensors"] == 3_840                 # 40 B x 4 x 24
     assert terms["runtime overhead (trainer)"] == 0
     # engine: HF params 73,984 + 2 x 1000 x 64 + 64 = 202,048 x 2 B; KV 1 GiB; sampler 8 x 256 x 1000
