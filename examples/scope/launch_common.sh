@@ -14,6 +14,7 @@
                                       # to the replica's longest response (about half of a step's tokens at the
                                       # paper's length distribution: the step's tokens/padding_fraction says)
 : "${LR:=5e-5}"
+: "${ALGORITHM:=scope}"                # --scope-algorithm: scope, or a baseline (opd, exopd, ...)
 : "${SCOPE_TAU:=1.0}"
 : "${SCOPE_KL:=reverse}"              # full-vocabulary reverse KL (fused with both output layers); topk (+ --scope-topk K), k1/k2/k3
 : "${TEACHER_BACKEND:=megatron}"      # megatron: co-located teacher; vllm: a teacher engine (SCOPE_KL=topk best, or k1/k2/k3)
@@ -66,7 +67,7 @@ ARGS=(
   --prompts-per-step "$PROMPTS_PER_STEP" --scope-group-size "$GROUP_SIZE" --max-new-tokens "$MAX_NEW_TOKENS"
   --rollout-temperature "$ROLLOUT_TEMPERATURE" --rollout-top-p 1.0
   --rollout-kv-cache-gib "$ROLLOUT_KV_CACHE_GIB" --rollout-placement "$ROLLOUT_PLACEMENT"
-  --scope-algorithm scope --scope-tau "$SCOPE_TAU" --scope-kl "$SCOPE_KL" --teacher-backend "$TEACHER_BACKEND"
+  --scope-algorithm "$ALGORITHM" --scope-tau "$SCOPE_TAU" --scope-kl "$SCOPE_KL" --teacher-backend "$TEACHER_BACKEND"
   --lr "$LR" --train-iters "$TRAIN_ITERS" --seed "$SEED"
   --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --tensorboard-dir "$SAVE_DIR/tensorboard"
 )

@@ -819,6 +819,37 @@ def test_the_paper_run_merging_two_7b_experts_fits_80_gib_gpus(tmp_path):
     assert any("--teacher-tokenizer of the teacher math" in note for note in result["notes"])
 
 
+# Qwen3-4B (Qwen/Qwen3-4B): 36 layers of width 2560, 32 query and 8 key/value heads of 128, tied.
+QWEN3_4B = {**QWEN3_1_7B, "hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32,
+            "num_hidden_layers": 36}
+
+
+def test_the_merge_launch_script_distills_two_experts_by_exopd(tmp_path):
+    """launch_merge_experts.sh (G-OPD's merge setting on Qwen3-4B, 4 x 8 GPUs): ExOPD at λ 1.25 from two routed
+    experts of the student's shape, taking turns on the GPUs (one expert's body, both output layers), the initial
+    student as the co-located reference; it fits 80 GiB GPUs, and each expert's tokenizer is checked."""
+    experts = " ".join(f"{name}={_model_dir(tmp_path, name, QWEN3_4B)}" for name in ("math", "code"))
+    env = {**os.environ, "DRY_RUN": "1", "STUDENT_HF": _model_dir(tmp_path, "student", QWEN3_4B), "TEACHERS": experts,
+           "TOKENIZER": str(tmp_path / "absent.model"), "TRAIN_DATA": str(tmp_path / "absent.jsonl"),
+           "PYTHON": sys.executable, "CHECK_ARGS": "--max-prompt-tokens 2048 --json"}
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "scope", "launch_merge_experts.sh")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout[:done.stdout.index("DRY_RUN=1, would run:")])
+    gpus = result["memory"]["gpus"]
+    assert result["ok"] and all(gpu["fits"] and gpu["total_bytes"] < 80 * GIB for gpu in gpus), gpus
+    terms = {c["name"]: c["bytes"] for c in gpus[0]["components"]}
+    arch = arch_from_hf_config(QWEN3_4B)
+    head = 152064 // 2 * 2560  # the vocabulary padded to a multiple of 128 x TP
+    assert terms["teacher parameters (scoring pass)"] == 2 * (me.stage_param_count(arch, 2, 1, 0, 152064) - head)
+    assert terms["teacher output layers"] == 2 * 2 * head and "reference parameters (ExOPD)" in terms
+    launch = done.stdout[done.stdout.index("DRY_RUN=1, would run:"):]
+    for flags in ("--scope-algorithm exopd", "--exopd-lambda 1.25", "--teacher-route-key domain",
+                  "--teacher-residency scoring", *(f"--teacher {e}" for e in experts.split()),
+                  *(f"--teacher-tokenizer {e}" for e in experts.split())):
+        assert flags in launch, flags
+
+
 def test_sequence_parallelism_divides_the_replicated_activations_by_tp():
     """TP = 2 with and without --sequence-parallel: each layer's 6h term (norm inputs and outputs, the QKV and fc1
     inputs) is / t, and on the last stage the final norm's input; the fused KL still keeps the all-gathered hidden
