@@ -183,10 +183,6 @@ class ModelsConfig:
         if self.teacher_backend in ("vllm", "server") and not self.teacher_dirs:
             where = "HF directory" if self.teacher_backend == "vllm" else "servers' URLs, comma-separated"
             raise ValueError(f"--teacher-backend {self.teacher_backend} needs --teacher-hf (the teacher's {where})")
-        if self.teacher_backend == "vllm" and len(self.teachers) > 1:
-            raise ValueError(f"--teacher-backend vllm serves one teacher; {len(self.teachers)} --teacher models are "
-                             "co-located Megatron models (--teacher-backend megatron) or served by vLLM servers "
-                             "(--teacher-backend server, --teacher NAME=URL,...)")
         tokenizer_names = [name for name, _ in self.teacher_tokenizers]
         if len(set(tokenizer_names)) != len(tokenizer_names):
             raise ValueError(f"--teacher-tokenizer gives teacher {tokenizer_names} tokenizers: one per teacher at most")
@@ -889,9 +885,6 @@ class RunConfig:
             if route_key is None:
                 raise ValueError(f"--teacher names {len(teachers)} teachers ({', '.join(teachers)}): give "
                                  "--teacher-route-key COLUMN, the data column naming each row's teacher")
-            if self.loss.tropd_guidance:
-                raise ValueError("--tropd-prefix-fraction: TrOPD's guidance has one teacher engine write prefixes; "
-                                 f"it takes one teacher, not {len(teachers)} (--teacher)")
             group, micro = self.rollout.group_size, self.loop.micro_batch_size
             if self.loop.max_tokens_per_microbatch is None and group % micro:
                 raise ValueError(f"with several teachers a microbatch holds one teacher's prompt groups: "
@@ -952,8 +945,8 @@ class RunConfig:
 
     @property
     def teacher_engine(self) -> bool:
-        """A vLLM engine of the teacher lives beside each rollout engine: it scores the responses (a vLLM teacher)
-        and writes TrOPD's guidance prefixes (with a co-located teacher too, then only for that)."""
+        """A vLLM engine of each teacher lives beside each rollout engine: it scores its prompts' responses (a vLLM
+        teacher) and writes their TrOPD guidance prefixes (with co-located teachers too, then only for that)."""
         return (self.remote_teacher and not self.served_teacher) or self.loss.tropd_guidance
 
     def local_sequences(self, data_parallel_size: int) -> int:

@@ -713,9 +713,11 @@ def estimate_memory(plan: RunPlan, student: DecoderArch, teacher: DecoderArch | 
     padded = common_padded_vocab(archs, plan.tensor_parallel)
     pp, placement = plan.pipeline_parallel, plan.config.rollout.placement
     engines = {"rollout GPU": _engine_components(plan, student)}  # where each engine runs with the ray placement
-    if teacher is not None and plan.config.teacher_engine:  # one teacher (the configuration refuses several)
-        (engine_teacher,) = _teachers(teacher)
-        engines["teacher engine GPU"] = _engine_components(plan, engine_teacher, "vLLM teacher")
+    if teacher is not None and plan.config.teacher_engine:  # an engine per teacher, one awake at a time
+        engine_teachers = _teachers(teacher)
+        for i, engine_teacher in enumerate(engine_teachers):
+            role = "teacher engine GPU" if len(engine_teachers) == 1 else f"teacher engine {i + 1} GPU"
+            engines[role] = _engine_components(plan, engine_teacher, "vLLM teacher")
         if plan.config.remote_teacher:
             teacher = None
     if plan.config.remote_reference:
@@ -775,15 +777,16 @@ def host_memory_per_node(plan: RunPlan, student: DecoderArch,
         engines_per_node = n // rollout.tensor_parallel_size if rollout.placement == "colocated" else 1
         level_one = []
         if config.teacher_engine and teacher is not None:
-            level_one.append(("vLLM teacher", *_teachers(teacher)))
+            level_one.append(("vLLM teacher", _teachers(teacher)))  # an engine per teacher beside each rollout engine
         if config.remote_reference:
-            level_one.append(("vLLM reference", reference or student))
+            level_one.append(("vLLM reference", (reference or student,)))
         if config.loss.tropd_guidance:
-            level_one.append(("vLLM (student, mid-rollout)", student))
-        for label, arch in level_one:
-            weights = hf_param_count(arch) * plan.rollout_element_bytes
+            level_one.append(("vLLM (student, mid-rollout)", (student,)))
+        for label, models in level_one:
+            weights = sum(hf_param_count(arch) for arch in models) * plan.rollout_element_bytes
             comps.append(Component(f"{label} weights (asleep, level 1)", engines_per_node * weights,
-                                   f"{engines_per_node} engine(s) x {weights / GIB:.2f} GiB", ""))
+                                   f"{engines_per_node} engine(s) x {weights / GIB:.2f} GiB"
+                                   + (f" ({len(models)} teachers' engines)" if len(models) > 1 else ""), ""))
     return comps
 
 

@@ -178,12 +178,13 @@ def start_engines(config: RunConfig, reference_hf: str):
     try:
         engines[0] = start_engine(config, models.student_hf, config.rollout.engines, residency=residency)
         engines[0].sleep(level=2)
-        if config.teacher_engine:  # a vLLM teacher, or the writer of TrOPD's guidance prefixes
-            ((name, teacher_hf),) = models.teacher_dirs.items()  # one teacher (config: several are co-located)
-            engines[1][name] = start_engine(config, teacher_hf, ray_teacher_engines,
-                                            max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0,
-                                            residency=residency, name="teacher")
-            engines[1][name].sleep(level=1)
+        if config.teacher_engine:  # each a vLLM teacher, or the writer of its prompts' TrOPD guidance prefixes
+            for name, teacher_hf in models.teacher_dirs.items():
+                engines[1][name] = start_engine(config, teacher_hf, ray_teacher_engines,
+                                                max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0,
+                                                residency=residency, name=f"teacher {name}" if models.teachers
+                                                else "teacher")
+                engines[1][name].sleep(level=1)
         if config.served_teacher:  # vLLM servers elsewhere, each checked to answer (one model) before any rollout
             from megatron_scope.teacher.served import ServedTeacher, ServedTeacherConfig
 

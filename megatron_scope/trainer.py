@@ -530,7 +530,8 @@ class ScopeTrainer:
         prefix_lengths = [None] * len(prompts)
         if self.config.loss.tropd_guidance:  # some responses continue a teacher's prefix (it wakes each engine)
             samples, prefix_lengths = guided_generate(
-                self.engine, *self.teacher_engines.values(), prompt_ids, indices, params, seeds,
+                self.engine, [self.teacher_engines[self._teacher(p.id)] for p in prompts], prompt_ids, indices,
+                params, seeds,
                 self.config.loss.baselines.tropd_prefix_fraction,
                 guidance_alpha(iteration, self.config.loop.train_iters))
         else:

@@ -48,32 +48,36 @@ def teacher_prefix(response: Completion, alpha: float, max_new_tokens: int, stop
     return Completion(list(response.token_ids[:keep]), list(response.log_probs[:keep]), "prefix")
 
 
-def guided_generate(engine: RolloutEngine, teacher_engine: RolloutEngine, prompts: Sequence[Sequence[int]],
+def guided_generate(engine: RolloutEngine, teacher_engines: Sequence[RolloutEngine], prompts: Sequence[Sequence[int]],
                     indices: Sequence[int], params: SamplingParams, seeds: StepSeeds, fraction: float,
                     alpha: float) -> tuple[list[list[Completion]], list[list[int]]]:
     """`engine.generate` of the step's prompts `indices` (their places in the whole step's batch) with the guided
-    prompts' responses continuing the teacher's prefixes (module docstring). One engine is awake at a time (vLLM
-    sleep mode on GPUs they share): the teacher's while it writes, then `engine`, left awake, which draws every sample
-    of the step in one call (one request per sample: the unguided ones and the continuations). Returns (samples,
-    prefix lengths: result[i][j] tokens of samples[i][j] are the teacher's, 0 for unguided prompts)."""
+    prompts' responses continuing their teachers' prefixes (module docstring); `teacher_engines[i]` writes prompt i's
+    (several teachers: each prompt's routed one). One engine is awake at a time (vLLM sleep mode on GPUs they share):
+    each teacher's while it writes its prompts' prefixes, then `engine`, left awake, which draws every sample of the
+    step in one call (one request per sample: the unguided ones and the continuations). Returns (samples, prefix
+    lengths: result[i][j] tokens of samples[i][j] are the teacher's, 0 for unguided prompts)."""
     n = params.n
     guided = [i for i, index in enumerate(indices) if is_guided(index, fraction)]
-    prefixes = []
+    prefix_of = {}
     if guided:
         engine.sleep()
+    writers = list({id(teacher_engines[i]): teacher_engines[i] for i in guided}.values())  # in prompt order, once
+    for teacher_engine in writers:
+        mine = [i for i in guided if teacher_engines[i] is teacher_engine]
         teacher_engine.wake()
         try:
-            written = teacher_engine.generate([prompts[i] for i in guided],
+            written = teacher_engine.generate([prompts[i] for i in mine],
                                               dataclasses.replace(params, temperature=1.0, top_p=1.0),
-                                              seeds=seeds.groups([indices[i] for i in guided], n, "teacher_prefix"))
+                                              seeds=seeds.groups([indices[i] for i in mine], n, "teacher_prefix"))
         finally:
             teacher_engine.sleep()
-        prefixes = [teacher_prefix(response, alpha, params.max_new_tokens, params.stop_token_ids)
-                    for group in written for response in group]
+        for i, group in zip(mine, written):
+            for j, response in enumerate(group):
+                prefix_of[i, j] = teacher_prefix(response, alpha, params.max_new_tokens, params.stop_token_ids)
     engine.wake()
     # One call for the whole step: every unguided sample and every guided sample's continuation is one request with
     # its own seed and cap, so the step waits for one tail of long responses, not two in series.
-    prefix_of = dict(zip([(i, j) for i in guided for j in range(n)], prefixes))
     rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
     requests, row_seeds, caps = [], [], []
     for i, j in rows:

@@ -286,17 +286,26 @@ def test_async_resumes_with_no_rollout_lost_or_produced_twice(workspace, async_r
             assert a.log_probs == pytest.approx(b.log_probs, abs=1e-5)
 
 
-def test_tropd_guidance_continues_the_teachers_prefixes(workspace):
+def test_tropd_guidance_continues_the_teachers_prefixes(workspace, tmp_path):
     """The paper's TrOPD (k1 inside the region, the forward KL over the teacher's top-k on outliers) with
-    --tropd-prefix-fraction 0.5 beside a co-located teacher: a vLLM engine of the teacher writes G responses for
-    every second prompt; at the first iteration (α = 1) each keeps all but its stop token and the student's engine
-    continues it. The prefix tokens' sampling log-probs are the teacher engine's and equal the co-located teacher's
-    view at the positions the prefix mask names; the continuations' equal the student's (the sampler parity
-    skips the prefixes)."""
-    (run,) = run_on_ranks(train_history, 1, args=(_flags(workspace, 1, extra=[
-        "--scope-algorithm", "tropd", "--scope-kl", "k1", "--scope-topk", "8", "--tropd-prefix-fraction", "0.5"]),),
-        timeout=900)
+    --tropd-prefix-fraction 0.5 beside two co-located teachers, each prompt routed to one (expert0: the workspace's
+    teacher, expert1: another model, the student's initial checkpoint): a vLLM engine of each teacher writes G
+    responses for its prompts among every second one; at the first iteration (α = 1) each keeps all but its stop
+    token and the student's engine continues it. The prefix tokens' sampling log-probs are the routed teacher
+    engine's and equal the routed co-located teacher's view at the positions the prefix mask names (an engine of the
+    other teacher would not); the continuations' equal the student's (the sampler parity skips the prefixes)."""
+    argv = _flags(workspace, 1, extra=[
+        "--scope-algorithm", "tropd", "--scope-kl", "k1", "--scope-topk", "8", "--tropd-prefix-fraction", "0.5"])
+    argv[argv.index("--teacher-hf"):argv.index("--teacher-hf") + 2] = [
+        "--teacher", f"expert0={workspace.teacher_hf}", "--teacher", f"expert1={workspace.student_hf}",
+        "--teacher-route-key", "expert"]
+    argv[argv.index("--train-data") + 1] = _routed_copy(workspace, str(tmp_path / "train_routed.jsonl"))
+    (run,) = run_on_ranks(train_history, 1, args=(argv,), timeout=900)
     metrics = run[0]
+    assert metrics["teacher/expert0/prompt_fraction"] + metrics["teacher/expert1/prompt_fraction"] == 1
+    for name in ("expert0", "expert1"):  # each teacher's engine wrote prefixes, at its co-located twin's log-probs
+        assert metrics[f"teacher/{name}/prefix_token_fraction"] > 0, metrics
+        assert metrics[f"teacher/{name}/prefix_teacher_logprob_abs_diff"] < PARITY_ATOL
     assert metrics["tropd/prefix_alpha"] == 1.0 and 0 < metrics["tropd/guided_fraction"] <= 0.5
     assert 0 < metrics["loss/prefix_token_fraction"] < 1 and math.isfinite(metrics["loss/loss"])
     assert metrics["loss/prefix_teacher_logprob_abs_diff"] < PARITY_ATOL, metrics["loss/prefix_teacher_logprob_abs_diff"]

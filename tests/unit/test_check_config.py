@@ -373,6 +373,19 @@ def test_a_vllm_teacher_moves_the_teacher_from_the_training_gpus_to_an_engine():
     assert [g.role for g in separate] == ["rank 0 (first stage)", "rollout GPU", "teacher engine GPU"]
     assert {c.name for c in separate[2].components} == {"vLLM teacher weights", "vLLM teacher KV cache",
                                                          "vLLM teacher runtime"}
+    # two vLLM teachers (several --teacher): an engine each; on the rank-0 GPU one is awake at a time (the larger
+    # counts), on Ray each has its GPU; in host memory both sleep at level 1
+    two = (TINY_TEACHER, TINY)
+    plan = _tiny_plan(kl="k3", teacher_backend="vllm", placement="rank0")
+    one, shared = me.estimate_memory(plan, TINY, TINY_TEACHER), me.estimate_memory(plan, TINY, two)
+    # TINY's engine is the smaller: the same awake peak, and the second engine's runtime (it stays while asleep)
+    assert shared[0].total_bytes == one[0].total_bytes + 2_048_000
+    apart = me.estimate_memory(_tiny_plan(kl="k3", teacher_backend="vllm", rollout_gpus=3, placement="ray",
+                                          engines=1), TINY, two)
+    assert [g.role for g in apart] == ["rank 0 (first stage)", "rollout GPU", "teacher engine 1 GPU",
+                                       "teacher engine 2 GPU"]
+    host = {c.name: c.bytes for c in me.host_memory_per_node(_tiny_plan(kl="k3", teacher_backend="vllm"), TINY, two)}
+    assert host == {"vLLM teacher weights (asleep, level 1)": 2 * (276_032 + me.hf_param_count(TINY)) * 2}
 
 
 def test_tropd_guidance_adds_a_teacher_engine_beside_the_colocated_teacher():

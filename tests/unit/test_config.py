@@ -82,12 +82,8 @@ def test_several_teachers_are_named_and_routed_by_a_column():
         ("--teacher", "a"): "--teacher 'a': expected NAME=VALUE",
         ("--teacher", "a=/a", "--teacher", "b=/b"): "--teacher names 2 teachers \\(a, b\\): give --teacher-route-key",
         ("TEACHER_HF", "/t", "--teacher-route-key", "k"): "--teacher-route-key k names each row's teacher by its --teacher",
-        ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--teacher-backend", "vllm",
-         "--scope-kl", "k1"): "--teacher-backend vllm serves one teacher; 2 --teacher models",
         ("--teacher", "a=http://a:8000", "--teacher", "b=/b", "--teacher-route-key", "k", "--teacher-backend",
          "server", "--scope-kl", "k1"): "teacher b at '/b': --teacher-backend server takes the teacher's servers",
-        ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-algorithm", "tropd",
-         "--scope-kl", "reverse", "--tropd-prefix-fraction", "0.5"): "TrOPD's guidance has one teacher engine",
         ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-group-size", "3",
          "--micro-batch-size", "2", "--prompts-per-step", "2"): "--scope-group-size 3 must be a multiple of",
         ("--teacher-route-key", "k", "--scope-algorithm", "grpo", "--scope-group-size", "2"):
@@ -100,6 +96,12 @@ def test_several_teachers_are_named_and_routed_by_a_column():
                    "k", "--teacher-backend", "server", "--scope-kl", "topk", "--scope-topk", "8")
     assert served.served_teacher and served.models.teacher_dirs == {"a": "http://a:8000,http://a2:8000",
                                                                     "b": "http://b:8000"}
+    engines = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--teacher-backend", "vllm",
+                    "--scope-kl", "k1")  # a vLLM engine per teacher beside each rollout engine
+    assert engines.teacher_engine and engines.remote_teacher and not engines.colocated_teacher
+    guided = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-algorithm", "tropd",
+                   "--scope-kl", "reverse", "--tropd-prefix-fraction", "0.5")  # each teacher writes its prompts'
+    assert guided.teacher_engine and guided.colocated_teacher and guided.loss.tropd_guidance
     budget = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-group-size", "3",
                    "--micro-batch-size", "2", "--prompts-per-step", "2", "--max-tokens-per-microbatch", "64")
     assert budget.loop.max_tokens_per_microbatch == 64  # token-budget microbatches split each teacher's rows

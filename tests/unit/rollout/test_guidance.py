@@ -64,7 +64,8 @@ class RecordingEngine(RolloutEngine):
         raise NotImplementedError
 
     def wake(self, tags=None):
-        assert not self.peer.awake, "two engines awake at once"
+        peers = self.peer if isinstance(self.peer, list) else [self.peer]
+        assert not any(peer.awake for peer in peers), "two engines awake at once"
         self.awake = True
 
     def sleep(self, level=1):
@@ -80,7 +81,8 @@ def test_guided_prompts_continue_the_teachers_prefixes_with_their_own_seeds_and_
     params = SamplingParams(n=2, max_new_tokens=6, temperature=0.7, top_p=0.9, stop_token_ids=(EOS,))
     prompts = [[1, 10], [1, 11], [1, 12], [1, 13]]
     seeds = StepSeeds(0, 3)
-    samples, prefixes = guided_generate(student, teacher, prompts, [4, 5, 6, 7], params, seeds, 0.5, alpha=0.7)
+    samples, prefixes = guided_generate(student, [teacher] * 4, prompts, [4, 5, 6, 7], params, seeds, 0.5,
+                                        alpha=0.7)
     # step indices 5 and 7 are guided (f = 0.5): local prompts 1 and 3
     assert prefixes == [[0, 0], [2, 2], [0, 0], [2, 2]]  # floor(0.7 x 3) of the teacher's 3 tokens
     (teacher_prompts, teacher_params, teacher_seeds, _), = teacher.calls
@@ -101,6 +103,28 @@ def test_guided_prompts_continue_the_teachers_prefixes_with_their_own_seeds_and_
     assert samples[0][1].token_ids == [110, 110, 110, EOS]
     group = RolloutGroup("p1", prompts[1], samples[1], [False, True], prefix_lengths=prefixes[1])
     assert group.prefix_lengths == [2, 2]
+
+
+def test_each_guided_prompt_continues_its_own_teachers_prefix():
+    """Two routed teachers (several --teacher): each writes the prefixes of its guided prompts only, one engine awake at
+    a time, each with the seeds of its prompts' step indices (as with one teacher)."""
+    generated = []
+    student, first, second = (RecordingEngine(base, generated) for base in (100, 500, 700))
+    for engine in (student, first, second):
+        engine.peer = [other for other in (student, first, second) if other is not engine]
+    student.wake()
+    params = SamplingParams(n=2, max_new_tokens=6, stop_token_ids=(EOS,))
+    prompts = [[1, 10], [1, 11], [1, 12], [1, 13]]
+    seeds = StepSeeds(0, 3)
+    samples, prefixes = guided_generate(student, [first, second, first, first], prompts, [0, 1, 2, 3], params, seeds,
+                                        1.0, alpha=1.0)  # every prompt guided
+    assert generated == [500, 700, 100]  # each teacher once, in prompt order; then the student's one call
+    ((first_prompts, _, first_seeds, _),), ((second_prompts, _, second_seeds, _),) = first.calls, second.calls
+    assert first_prompts == [[1, 10], [1, 12], [1, 13]] and first_seeds == seeds.groups([0, 2, 3], 2, "teacher_prefix")
+    assert second_prompts == [[1, 11]] and second_seeds == seeds.groups([1], 2, "teacher_prefix")
+    # prompt i's prefixes are its own teacher's (the i-th of that teacher's call)
+    assert [samples[i][0].token_ids[:3] for i in range(4)] == [[500] * 3, [700] * 3, [510] * 3, [520] * 3]
+    assert prefixes == [[3, 3]] * 4 and not first.awake and not second.awake and student.awake
 
 
 class MarkovEngine(RolloutEngine):
@@ -148,7 +172,8 @@ def _joint_chi_square(seeds) -> float:
     engine, teacher = MarkovEngine(), MarkovEngine()
     prompts, indices = [[3]] * 2000, list(range(2000))
     params = SamplingParams(n=2, max_new_tokens=2)  # the teacher writes 2 tokens; α = 0.5 keeps 1, the student adds 1
-    samples, prefix_lengths = guided_generate(engine, teacher, prompts, indices, params, seeds, 1.0, alpha=0.5)
+    samples, prefix_lengths = guided_generate(engine, [teacher] * len(prompts), prompts, indices, params, seeds, 1.0,
+                                                    alpha=0.5)
     assert all(k == 1 for row in prefix_lengths for k in row)
     counts = torch.zeros(4, 4, dtype=torch.float64)
     for group in samples:
