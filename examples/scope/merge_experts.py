@@ -15,7 +15,8 @@
     python examples/scope/merge_experts.py --out outputs/merge --seeds 0 1 2
 
 Writes <out>/results.json and <out>/results.md (mean ± population std over seeds). The workspace (task, tokenizer,
-student, experts and their evaluations) is built once and reused by later calls with the same --out.
+student, experts and their evaluations) is built once and reused by later calls with the same --out, and a later
+call with other --methods and the same settings adds them to the table (`--methods exopd-1`: ExOPD at λ = 1).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ ROUTE_KEY = "domain"
 MERGE_METHODS = {
     "opd": ("opd", []),
     "exopd": ("exopd", ["--exopd-lambda", "1.25"]),  # G-OPD's reward extrapolation; π_ref = the initial student
+    "exopd-1": ("exopd", ["--exopd-lambda", "1.0"]),  # the same sampled-token reward without extrapolation (OPD-k1)
     "scope": ("scope", []),
 }
 """Method name -> (--scope-algorithm, extra flags)."""
@@ -59,7 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="outputs/merge", help="Working directory (task, models, results).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the workspace: task, student and experts.")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Seeds of the merges.")
-    parser.add_argument("--methods", nargs="+", choices=list(MERGE_METHODS), default=list(MERGE_METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(MERGE_METHODS), default=["opd", "exopd", "scope"])
     parser.add_argument("--num-train", type=int, default=2000, help="Training problems per domain.")
     parser.add_argument("--num-eval", type=int, default=64, help="Held-out problems per domain.")
     parser.add_argument("--student-sft-iters", type=int, default=250)
@@ -197,6 +199,25 @@ def _int_keys(result: dict) -> dict:
     return {domain: {**r, "pass": {int(k): v for k, v in r["pass"].items()}} for domain, r in result.items()}
 
 
+SETTINGS = ("num_train", "num_eval", "student_sft_iters", "expert_sft_iters", "expert_lr", "merge_iters",
+            "prompts_per_step", "group_size", "lr", "eval_samples", "max_new_tokens", "reward", "seeds")
+"""What a merge's numbers depend on (besides its method): a later call with the same ones adds to the table."""
+
+
+def earlier_runs(args) -> dict:
+    """The runs of <out>/results.json of other methods than --methods, when made with the same SETTINGS (a later
+    call adds methods to the table); else none."""
+    path = os.path.join(args.out, "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as handle:
+        earlier = json.load(handle)
+    if any(earlier["args"].get(name) != getattr(args, name) for name in SETTINGS):
+        return {}
+    return {method: [(history, _int_keys(result)) for history, result in seed_runs]
+            for method, seed_runs in earlier["runs"].items() if method not in args.methods}
+
+
 def main(argv=None):
     from megatron_scope.quiet import quiet_python_warnings
 
@@ -216,7 +237,7 @@ def main(argv=None):
                       for name, hf_dir in models.items()}
         with open(references_json, "w") as handle:
             json.dump(references, handle, indent=1)
-    runs = {}
+    runs = earlier_runs(args)
     for method in args.methods:
         runs[method] = [compare.run_in_fresh_process(_merge, args, method, seed) for seed in args.seeds]
         with open(os.path.join(args.out, "results.json"), "w") as handle:

@@ -40,11 +40,12 @@ def test_the_task_tags_each_row_with_its_domain(tmp_path):
 def test_each_merge_distills_the_routed_experts_into_the_student(method):
     args = merge_experts.parse_args(["--out", "w"])
     config = parse_run_config(merge_experts.merge_flags(args, method, seed=1))
-    assert config.loss.algorithm == method and config.models.student_hf == "w/student_hf"
+    assert config.loss.algorithm == method.split("-")[0] and config.models.student_hf == "w/student_hf"
     assert config.models.teacher_dirs == {"addsub": "w/expert_addsub_hf", "mul": "w/expert_mul_hf"}
     assert config.data.teacher_route_key == "domain" and config.colocated_teacher
-    if method == "exopd":  # G-OPD's λ = 1.25 against the initial student
-        assert config.loss.baselines.exopd_lambda == 1.25 and config.models.reference_hf is None
+    if method.startswith("exopd"):  # G-OPD's λ = 1.25 (or 1: no extrapolation) against the initial student
+        assert config.loss.baselines.exopd_lambda == (1.25 if method == "exopd" else 1.0)
+        assert config.models.reference_hf is None
 
 
 def test_the_table_averages_the_seeds():
@@ -58,3 +59,17 @@ def test_the_table_averages_the_seeds():
     assert lines[2] == "| student | 0.200 | 0.200 | 0.600 | 0.600 | 0.400 | - |"
     assert lines[3] == ("| merged by opd | 0.400 ± 0.100 | 0.400 ± 0.100 | 0.700 ± 0.000 | 0.700 ± 0.000 | "
                         "0.550 ± 0.050 | 2 |")
+
+
+def test_a_later_call_adds_its_methods_to_the_table_of_the_same_settings(tmp_path):
+    def result(value):
+        return {"addsub": {"avg": value, "pass": {"8": value}}, "mul": {"avg": value, "pass": {"8": value}}}
+
+    args = merge_experts.parse_args(["--out", str(tmp_path), "--methods", "exopd-1", "opd"])
+    earlier = {"args": vars(merge_experts.parse_args(["--out", str(tmp_path)])), "references": {},
+               "runs": {"opd": [[[], result(0.1)]], "scope": [[[], result(0.3)]]}}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    kept = merge_experts.earlier_runs(args)
+    assert list(kept) == ["scope"] and kept["scope"][0][1]["mul"]["pass"] == {8: 0.3}  # opd is run again
+    other = merge_experts.parse_args(["--out", str(tmp_path), "--methods", "exopd-1", "--merge-iters", "7"])
+    assert merge_experts.earlier_runs(other) == {}  # other settings: not the same study
