@@ -36,6 +36,7 @@ TEACHER_BACKENDS = ("megatron", "vllm", "server")
 servers at URLs (`teacher.served`)."""
 REFERENCE_BACKENDS = ("megatron", "vllm")
 TEACHER_RESIDENCIES = ("all", "scoring")
+"""--teacher-residency: co-located teachers' weights always on the GPUs, or there for their own scoring passes only."""
 DEFAULT_TEACHER = "teacher"
 """The name of --teacher-hf's teacher (its metrics, the checkpoint's record of the teacher set)."""
 TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -166,7 +167,8 @@ class ModelsConfig:
         if self.teacher_backend not in TEACHER_BACKENDS:
             raise ValueError(f"--teacher-backend must be one of {TEACHER_BACKENDS}, got {self.teacher_backend!r}")
         if self.teacher_residency not in TEACHER_RESIDENCIES:
-            raise ValueError(f"--teacher-residency must be one of {TEACHER_RESIDENCIES}, got {self.teacher_residency!r}")
+            raise ValueError(f"--teacher-residency must be one of {TEACHER_RESIDENCIES}, got "
+                             f"{self.teacher_residency!r}")
         if self.reference_backend not in REFERENCE_BACKENDS:
             raise ValueError(f"--exopd-reference-backend must be one of {REFERENCE_BACKENDS}, got "
                              f"{self.reference_backend!r}")

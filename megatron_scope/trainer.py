@@ -237,7 +237,8 @@ class ScopeTrainer:
         # their own scoring passes
         heads = {name: [w for w in (output_layer_weight(model),) if w is not None]
                  for name, model in self.teachers.items()}
-        self.teacher_turns = TeacherTurns(self.teachers, heads) if config.models.teacher_residency == "scoring" else None
+        self.teacher_turns = (TeacherTurns(self.teachers, heads) if config.models.teacher_residency == "scoring"
+                              else None)
         others = [m for m in (reference, ema_teacher.model if ema_teacher is not None else None) if m is not None]
         resident = [*(p for name, model in self.teachers.items()
                       for p in (heads[name] if self.teacher_turns else model.parameters())),

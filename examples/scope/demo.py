@@ -70,7 +70,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed: int, init_hf: str | None = None) -> str:
+def pretrain(recipe: ModelRecipe, tokenizer, sft_data: dict, out_dir: str, seed: int,
+             init_hf: str | None = None) -> str:
     """SFT a fresh model of `recipe` (or, with `init_hf`, that HF checkpoint's model and weights: the recipe's
     layers and width are then ignored) with Megatron and export it as a HF checkpoint; returns its directory."""
     from tqdm import tqdm

@@ -177,7 +177,9 @@ def _merge(args, method: str, seed: int):
 def summarize(references: dict, runs: dict, n: int) -> str:
     """Markdown: Avg@n and Pass@n per domain and their mean, one row per model (merges: mean ± std over seeds)."""
     def cell(values):
-        return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{statistics.mean(values):.3f} ± {statistics.pstdev(values):.3f}"
 
     def columns(results):
         values = [[r[d]["avg"] for r in results] for d in DOMAINS]
@@ -190,7 +192,8 @@ def summarize(references: dict, runs: dict, n: int) -> str:
     for name, result in references.items():
         lines.append(f"| {name} | " + " | ".join(columns([result])) + " | - |")
     for method, seed_runs in runs.items():
-        lines.append(f"| merged by {method} | " + " | ".join(columns([r for _, r in seed_runs])) + f" | {len(seed_runs)} |")
+        results = [r for _, r in seed_runs]
+        lines.append(f"| merged by {method} | " + " | ".join(columns(results)) + f" | {len(results)} |")
     return "\n".join(lines)
 
 

@@ -69,7 +69,8 @@ class TeacherTurns:
 
     def __init__(self, teachers: dict, kept: dict[str, list[torch.Tensor]]):
         """`teachers`: name -> this rank's forward-only model; `kept`: name -> the tensors that stay on the device."""
-        self.storages = {name: distinct_storages(model.parameters(), skip=kept[name]) for name, model in teachers.items()}
+        self.storages = {name: distinct_storages(model.parameters(), skip=kept[name])
+                         for name, model in teachers.items()}
         self.host = {name: [_host_copy(storage) for storage in storages] for name, storages in self.storages.items()}
         self._free_all()
 
@@ -87,6 +88,8 @@ class TeacherTurns:
         try:
             yield
         finally:
+            if torch.cuda.is_available():  # its forward's kernels done before the memory goes back to the allocator,
+                torch.cuda.current_stream().synchronize()  # which another stream (the step's prefetch) may reuse
             self._free_all()
 
 

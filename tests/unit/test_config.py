@@ -116,7 +116,8 @@ def test_teachers_take_turns_only_where_they_are_co_located():
     assert parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k").models.teacher_residency == \
         "scoring"
     refusals = {("--teacher-hf", "/t", "--teacher-backend", "vllm", "--scope-kl", "k1"): "--teacher-backend vllm",
-                ("--scope-algorithm", "grpo", "--scope-group-size", "2"): "--teacher-backend megatron, --scope-algorithm"}
+                ("--scope-algorithm", "grpo", "--scope-group-size", "2"):
+                    "--teacher-backend megatron, --scope-algorithm"}
     for flags, what in refusals.items():
         with pytest.raises(ValueError, match=f"--teacher-residency scoring moves co-located teachers' weights; this "
                                              f"run has none \\({what}"):
@@ -132,7 +133,8 @@ def test_each_teacher_names_its_own_tokenizer():
 
     one = parse("--teacher-hf", "/t", "--teacher-tokenizer", "/tok=v2")  # the whole value is the path
     assert one.models.teacher_tokenizers == (("teacher", "/tok=v2"),)
-    several = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--teacher-tokenizer", "b=/tb")
+    several = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k",
+                    "--teacher-tokenizer", "b=/tb")
     assert several.models.teacher_tokenizers == (("b", "/tb"),)  # a's tokenizer not checked: not given
     refusals = {
         ("--teacher-hf", "/t", "--teacher-tokenizer", "/x", "--teacher-tokenizer", "/y"):
