@@ -83,3 +83,57 @@ def test_offload_round_trip_on_a_gpu():
     (result,) = run_on_ranks(_offload_round_trip, 1, args=(True,))
     assert not result["optimizer_on_device"]
     _check(result)
+
+
+def _teacher_turns(rank, world_size, cuda: bool) -> dict:
+    """Two forward-only teachers under `TeacherTurns`: device memory after it takes them (their output layers only),
+    during each one's turn (that teacher's body back, bit for bit, and its forward unchanged) and after."""
+    import torch.distributed as dist
+
+    from megatron_scope.megatron.model import build_gpt_model, output_layer_weight
+    from megatron_scope.megatron.offload import TeacherTurns
+    from megatron_scope.megatron.parallel import initialize_model_parallel
+    from megatron_scope.testing.tiny import TINY_ARCH
+
+    if cuda:
+        dist.destroy_process_group()
+        dist.init_process_group("nccl")
+        torch.cuda.set_device(0)
+    initialize_model_parallel(1, 1, seed=5)
+    teachers = {name: build_gpt_model(TINY_ARCH).eval().requires_grad_(False) for name in ("a", "b")}
+    before = {name: [p.detach().clone() for p in model.parameters()] for name, model in teachers.items()}
+    tokens = torch.randint(0, TINY_ARCH.vocab_size, (2, 8), device="cuda" if cuda else "cpu")
+    positions = torch.arange(8, device=tokens.device).expand(2, 8)
+
+    def logits(model):
+        with torch.no_grad():
+            return model(tokens, positions, None).float()
+
+    expected = {name: logits(model) for name, model in teachers.items()}
+    heads = {name: [output_layer_weight(model)] for name, model in teachers.items()}
+    head_bytes = sum(w.untyped_storage().nbytes() for ws in heads.values() for w in ws)
+    resident = lambda: sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()  # noqa: E731
+                            for m in teachers.values() for p in m.parameters()}.values())
+    total = resident()
+    turns = TeacherTurns(teachers, heads)
+    result = {"total": total, "heads": head_bytes, "after_init": resident(), "during": {}, "equal": {}, "same": {}}
+    for name, model in teachers.items():
+        with turns.on_device(name):
+            result["during"][name] = resident()
+            result["equal"][name] = all(torch.equal(a, b) for a, b in zip(before[name], model.parameters()))
+            result["same"][name] = torch.equal(logits(model), expected[name])
+    result["after"] = resident()
+    return result
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_teachers_take_turns_on_the_device(device):
+    """--teacher-residency scoring (`TeacherTurns`): between turns only the output layers stay; a turn brings that
+    teacher's weights back bit for bit (its logits unchanged) and the other's stay away."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    (result,) = run_on_ranks(_teacher_turns, 1, args=(device == "cuda",))
+    body = (result["total"] - result["heads"]) // 2  # the two teachers have the same shapes
+    assert result["after_init"] == result["after"] == result["heads"], result
+    assert result["during"] == {"a": result["heads"] + body, "b": result["heads"] + body}, result
+    assert all(result["equal"].values()) and all(result["same"].values()), result
