@@ -149,7 +149,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "server (after 1, 2, 4, ... s); then the run stops, naming the servers and the last error.")
     g.add_argument("--teacher", action="append", default=[], metavar="NAME=HF_DIR",
                    help="A named teacher (e.g. a domain expert), instead of --teacher-hf; repeat for several, each "
-                        "prompt distilled from the one its --teacher-route-key column names (co-located teachers).")
+                        "prompt distilled from the one its --teacher-route-key column names. HF_DIR: a model of "
+                        "--teacher-backend; http(s) URLs (comma-separated): `vllm serve` servers of it, which mix "
+                        "with co-located or vLLM teachers.")
     g.add_argument("--teacher-route-key", default=None, metavar="COLUMN",
                    help="The training data's column naming each row's teacher (a --teacher NAME), as verl's "
                         "teacher_key: needed with several --teacher; an unknown name fails before any rollout.")

@@ -195,9 +195,16 @@ class ModelsConfig:
                                     else "no --teacher-hf or --teacher names a teacher"))
         for name, location in self.teacher_dirs.items():
             urls = [url.startswith(("http://", "https://")) for url in location.split(",")]
-            if (self.teacher_backend == "server") != all(urls) or any(urls) != all(urls):
-                raise ValueError(f"teacher {name} at {location!r}: --teacher-backend server takes the teacher's "
-                                 "servers as http(s) base URLs (comma-separated), the other backends an HF directory")
+            if (self.teacher_backend == "server" and not all(urls)) or any(urls) != all(urls):
+                raise ValueError(f"teacher {name} at {location!r}: a served teacher is its servers' http(s) base URLs "
+                                 "(comma-separated; all with --teacher-backend server), any other an HF directory")
+
+    @property
+    def teacher_backends(self) -> dict[str, str]:
+        """Every teacher's backend by name: "server" for one given as URLs (with any --teacher-backend: served
+        teachers mix with co-located or vLLM ones), else --teacher-backend."""
+        return {name: "server" if location.startswith(("http://", "https://")) else self.teacher_backend
+                for name, location in self.teacher_dirs.items()}
 
     @property
     def teacher_dirs(self) -> dict[str, str]:
@@ -214,7 +221,7 @@ class ModelsConfig:
     @property
     def colocated_teacher(self) -> bool:
         """A teacher that lives as a Megatron model on every training rank."""
-        return bool(self.teacher_dirs) and self.teacher_backend == "megatron"
+        return "megatron" in self.teacher_backends.values()
 
     @property
     def stores_attention_scores(self) -> bool:
@@ -895,10 +902,11 @@ class RunConfig:
         if self.served_teacher and self.loss.tropd_guidance:
             raise ValueError("--tropd-prefix-fraction: TrOPD's guidance has a vLLM engine of the teacher write "
                              "prefixes from its HF directory; --teacher-backend server scores through URLs only")
-        if self.models.teacher_backend != "megatron" and self.loss.needs_teacher_logits:
+        if self.remote_teacher and self.loss.needs_teacher_logits:
+            remote = [f"{self.models.teacher_label(name)}: {backend}"
+                      for name, backend in self.models.teacher_backends.items() if backend != "megatron"]
             raise ValueError(f"--scope-algorithm {self.loss.algorithm} with --scope-kl {self.loss.kl} needs the "
-                             f"teacher's logits over the vocabulary; a vLLM teacher (--teacher-backend "
-                             f"{self.models.teacher_backend}) gives the "
+                             f"teacher's logits over the vocabulary; a vLLM teacher ({', '.join(remote)}) gives the "
                              "log-probs of the sampled tokens and a top-k: use --scope-kl k1, k2, k3 or topk, or a "
                              "co-located teacher")
         if self.models.teacher_residency != "all" and not self.colocated_teacher:
@@ -919,21 +927,27 @@ class RunConfig:
         """A co-located teacher or reference, or SRPO's EMA teacher, lives on every training rank."""
         return self.colocated_teacher or self.colocated_reference or self.loss.ema_teacher
 
+    def teachers_on(self, *backends: str) -> list[str]:
+        """The names of the teachers the objective reads whose backend is one of `backends`, in flag order."""
+        if not self.loss.needs_teacher:
+            return []
+        return [name for name, backend in self.models.teacher_backends.items() if backend in backends]
+
     @property
     def remote_teacher(self) -> bool:
-        """The teacher is a vLLM engine beside the rollout engine or vLLM servers elsewhere (no Megatron model of it on
-        the training ranks)."""
-        return self.loss.needs_teacher and self.models.teacher_backend in ("vllm", "server")
+        """A teacher is a vLLM engine beside the rollout engine or vLLM servers elsewhere (no Megatron model of it on
+        the training ranks): its prompts' responses are scored by the rollout leader."""
+        return bool(self.teachers_on("vllm", "server"))
 
     @property
     def served_teacher(self) -> bool:
-        """The teacher is served by OpenAI-compatible vLLM servers at URLs (`teacher.served`)."""
-        return self.loss.needs_teacher and self.models.teacher_backend == "server"
+        """A teacher is served by OpenAI-compatible vLLM servers at URLs (`teacher.served`)."""
+        return bool(self.teachers_on("server"))
 
     @property
     def colocated_teacher(self) -> bool:
-        """The teacher is a forward-only Megatron model on every training rank."""
-        return self.loss.needs_teacher and self.models.colocated_teacher
+        """A teacher is a forward-only Megatron model on every training rank."""
+        return bool(self.teachers_on("megatron"))
 
     @property
     def remote_reference(self) -> bool:
@@ -947,9 +961,14 @@ class RunConfig:
 
     @property
     def teacher_engine(self) -> bool:
-        """A vLLM engine of each teacher lives beside each rollout engine: it scores its prompts' responses (a vLLM
-        teacher) and writes their TrOPD guidance prefixes (with co-located teachers too, then only for that)."""
-        return (self.remote_teacher and not self.served_teacher) or self.loss.tropd_guidance
+        """A vLLM engine of a teacher lives beside each rollout engine: it scores its prompts' responses (a vLLM
+        teacher) or writes their TrOPD guidance prefixes (then every teacher has one, co-located ones too)."""
+        return bool(self.engine_teachers)
+
+    @property
+    def engine_teachers(self) -> list[str]:
+        """The teachers with a vLLM engine beside each rollout engine (`teacher_engine`)."""
+        return self.teachers_on("megatron", "vllm") if self.loss.tropd_guidance else self.teachers_on("vllm")
 
     def local_sequences(self, data_parallel_size: int) -> int:
         """n = prompts_per_step / D x G: the sequences one data-parallel rank trains on per step."""

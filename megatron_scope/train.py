@@ -178,19 +178,19 @@ def start_engines(config: RunConfig, reference_hf: str):
     try:
         engines[0] = start_engine(config, models.student_hf, config.rollout.engines, residency=residency)
         engines[0].sleep(level=2)
-        if config.teacher_engine:  # each a vLLM teacher, or the writer of its prompts' TrOPD guidance prefixes
-            for name, teacher_hf in models.teacher_dirs.items():
-                engines[1][name] = start_engine(config, teacher_hf, ray_teacher_engines,
-                                                max_logprobs=config.loss.teacher_topk if config.remote_teacher else 0,
+        scorers, served = config.teachers_on("vllm"), config.teachers_on("server")
+        for name, location in models.teacher_dirs.items():  # in flag order
+            if name in config.engine_teachers:  # a vLLM teacher, or the writer of its prompts' guidance prefixes
+                engines[1][name] = start_engine(config, location, ray_teacher_engines,
+                                                max_logprobs=config.loss.teacher_topk if name in scorers else 0,
                                                 residency=residency, name=f"teacher {name}" if models.teachers
                                                 else "teacher")
                 engines[1][name].sleep(level=1)
-        if config.served_teacher:  # vLLM servers elsewhere, each checked to answer (one model) before any rollout
-            from megatron_scope.teacher.served import ServedTeacher, ServedTeacherConfig
+            elif name in served:  # vLLM servers elsewhere, each checked to answer (one model) before any rollout
+                from megatron_scope.teacher.served import ServedTeacher, ServedTeacherConfig
 
-            for name, urls in models.teacher_dirs.items():
                 engines[1][name] = ServedTeacher(ServedTeacherConfig(
-                    tuple(urls.split(",")), timeout_s=models.teacher_timeout_s, retries=models.teacher_retries))
+                    tuple(location.split(",")), timeout_s=models.teacher_timeout_s, retries=models.teacher_retries))
         if config.remote_reference:  # ExOPD's reference served by vLLM
             engines[2] = start_engine(config, reference_hf, ray_teacher_engines, residency=residency,
                                       name="reference")
@@ -234,8 +234,8 @@ def build_trainer(config: RunConfig):
         except ValueError as error:
             raise ValueError(f"{models.teacher_label(name)}: {error}") from error
     student_arch = read_arch(models.student_hf)
-    teacher_archs = {} if config.served_teacher else {  # a served teacher's config.json is not here
-        name: read_arch(hf_dir) for name, hf_dir in models.teacher_dirs.items()}
+    teacher_archs = {name: read_arch(hf_dir) for name, hf_dir in models.teacher_dirs.items()  # a served teacher's
+                     if models.teacher_backends[name] != "server"}  # config.json is not here
     reference_hf = models.reference_hf or models.student_hf  # ExOPD's π_ref: G-OPD's reward correction, or the student
     reference_arch = read_arch(reference_hf) if config.loss.algorithm == "exopd" else None
     for name, arch, hf_dir in (("student", student_arch, models.student_hf),
@@ -280,10 +280,9 @@ def build_trainer(config: RunConfig):
                                 overlap_grad_reduce=config.optimizer.overlap_grad_reduce,
                                 bucket_size=config.optimizer.ddp_bucket_size)
         teachers, reference = {}, None
-        if config.colocated_teacher:
-            for name, hf_dir in models.teacher_dirs.items():
-                teachers[name] = load_model(teacher_archs[name], hf_dir, **models.layer_spec_options)
-                teachers[name].eval().requires_grad_(False)
+        for name in config.teachers_on("megatron"):
+            teachers[name] = load_model(teacher_archs[name], models.teacher_dirs[name], **models.layer_spec_options)
+            teachers[name].eval().requires_grad_(False)
         if config.colocated_reference:
             reference = load_model(reference_arch, reference_hf, **models.layer_spec_options)
             reference.eval().requires_grad_(False)

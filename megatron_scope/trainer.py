@@ -235,16 +235,20 @@ class ScopeTrainer:
         self.teacher_hidden_buffer = HostBuffer(pinned=torch.cuda.is_available())  # the models live on CUDA
         # --teacher-residency scoring: the teachers' weights, output layers excepted, wait in host memory outside
         # their own scoring passes
-        heads = {name: [w for w in (output_layer_weight(model),) if w is not None]
-                 for name, model in self.teachers.items()}
-        self.teacher_turns = (TeacherTurns(self.teachers, heads) if config.models.teacher_residency == "scoring"
-                              else None)
-        others = [m for m in (reference, ema_teacher.model if ema_teacher is not None else None) if m is not None]
-        resident = [*(p for name, model in self.teachers.items()
-                      for p in (heads[name] if self.teacher_turns else model.parameters())),
-                    *(p for model in others for p in model.parameters())]
+        self.teacher_turns, heads = None, {}
+        if config.models.teacher_residency == "scoring":
+            heads = {name: [w for w in (output_layer_weight(model),) if w is not None]
+                     for name, model in self.teachers.items()}
+            self.teacher_turns = TeacherTurns(self.teachers, heads)
+
+        def resident():  # the frozen parameters on the device between steps (read only with the offload flag)
+            for name, model in self.teachers.items():
+                yield from heads[name] if name in heads else model.parameters()
+            for model in (reference, ema_teacher.model if ema_teacher is not None else None):
+                yield from model.parameters() if model is not None else ()
+
         # training state that waits off the GPUs while the engines generate (nothing without the flags)
-        self.rollout_offload = RolloutOffload(student, optimizer, resident, config.rollout.offload_optimizer,
+        self.rollout_offload = RolloutOffload(student, optimizer, resident(), config.rollout.offload_optimizer,
                                               config.rollout.offload_teacher)
         self.dataset, self.tokenizer, self.verifier, self.engine = dataset, tokenizer, verifier, engine
         prompts = getattr(dataset, "prompts", ())
@@ -284,13 +288,14 @@ class ScopeTrainer:
             raise ValueError(f"--rollout-placement {config.rollout.placement}: the rollout engine of rank {self.rank} "
                              f"must live on global rank {self.rollout_leader} (rank {self.rank} "
                              f"{'has none' if self.engine is None else 'has one'})")
-        engines = list(config.models.teacher_dirs) if leads and (config.teacher_engine or config.served_teacher) else []
+        engines = [name for name in config.models.teacher_dirs
+                   if name in config.engine_teachers + config.teachers_on("server")] if leads else []
         if list(self.teacher_engines) != engines:
             raise ValueError(f"--teacher-backend {config.models.teacher_backend}: rank {self.rank} has teacher engines "
                              f"{list(self.teacher_engines)}, not {engines} (they live beside each rollout engine "
                              "exactly when the objective reads a vLLM teacher, served or not, or TrOPD's guidance "
                              "writes prefixes)")
-        expected = self.teacher_names if config.colocated_teacher else []
+        expected = config.teachers_on("megatron")
         if list(self.teachers) != expected:
             raise ValueError(f"--scope-algorithm {config.loss.algorithm} with --teacher-backend "
                              f"{config.models.teacher_backend} needs the co-located teachers {expected} (--teacher-hf or "
@@ -563,9 +568,10 @@ class ScopeTrainer:
             return scores
 
         teacher_scores = reference_scores = [None] * len(prompts)
-        if self.config.remote_teacher:  # each prompt's responses by its own teacher
+        if self.config.remote_teacher:  # each prompt's responses by its own teacher (a co-located one's: later)
             teacher_scores = [None] * len(prompts)
-            for name, engine in self.teacher_engines.items():
+            for name in self.config.teachers_on("vllm", "server"):
+                engine = self.teacher_engines[name]
                 mine = [i for i, p in enumerate(prompts) if self._teacher(p.id) == name]
                 if mine:
                     scores = scored_by(engine, "teacher_score", [prompts[i] for i in mine], [samples[i] for i in mine],
@@ -672,7 +678,7 @@ class ScopeTrainer:
             return
         for i, batch in enumerate(microbatches):
             batch["old_log_probs"] = student[i][1]
-            if teacher:
+            if teacher and teacher[i] is not None:  # None: a remote teacher's microbatch (scored at the rollout)
                 batch.update(teacher[i])
             if reference:
                 batch["ref_log_probs"] = reference[i][1]
@@ -999,7 +1005,9 @@ class ScopeTrainer:
         if recorded is None:
             return
         current = self._teacher_set()
-        if recorded != current and not (self.config.served_teacher and recorded.keys() == current.keys()):
+        served = self.config.teachers_on("server")  # compared by name only: their servers may move
+        located = lambda teachers: {n: d for n, d in teachers.items() if n not in served}  # noqa: E731
+        if recorded.keys() != current.keys() or located(recorded) != located(current):
             raise ValueError(f"{load}: the checkpoint's run distilled from the teachers {recorded} (name: HF "
                              f"directory); this run has {self._teacher_set()}: resume with the same --teacher-hf / "
                              "--teacher flags, or start a new run")

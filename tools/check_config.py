@@ -113,7 +113,9 @@ def run_check(args: argparse.Namespace) -> dict:
         config = build_config(args)  # the trainer's own configuration: its flag-combination rules
         student_config, student = read_model(config.models.student_hf, "--student-hf")
         teachers, reference = {}, None  # by archs key: "teacher" (--teacher-hf) or "teacher NAME" (--teacher)
-        for name, hf_dir in ({} if config.served_teacher else config.models.teacher_dirs).items():  # URLs: not here
+        for name, hf_dir in config.models.teacher_dirs.items():
+            if config.models.teacher_backends[name] == "server":  # URLs: its config.json is not here
+                continue
             key = config.models.teacher_label(name)
             teachers[key] = read_model(hf_dir, me.model_flag(key))[1]
         if config.models.reference_hf:
@@ -163,7 +165,7 @@ def run_check(args: argparse.Namespace) -> dict:
                             "is not here): pass --max-prompt-tokens")
 
     rollout = config.rollout
-    ray_engines = rollout.engines + rollout.teacher_engines * (config.teacher_engine + config.remote_reference)
+    ray_engines = rollout.engines + rollout.teacher_engines * (len(config.engine_teachers) + config.remote_reference)
     plan = me.RunPlan(
         config=config, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node, max_prompt_tokens=max_prompt,
         rollout_gpus=(args.rollout_gpus or ray_engines * rollout.tensor_parallel_size)
@@ -180,8 +182,8 @@ def run_check(args: argparse.Namespace) -> dict:
     notes += kv_notes
     host = me.teacher_hidden_host_bytes(plan, student, teacher_archs)
     if config.served_teacher:
-        served = "; ".join(f"{name} at {urls}" for name, urls in config.models.teacher_dirs.items())
-        notes.append(f"teacher: served by vLLM servers ({served}; --teacher-backend server), on "
+        served = "; ".join(f"{name} at {config.models.teacher_dirs[name]}" for name in config.teachers_on("server"))
+        notes.append(f"teacher: served by vLLM servers ({served}), on "
                      "GPUs outside this launch: not in the memory estimate; their --max-logprobs must be at least "
                      f"--scope-topk ({config.loss.teacher_topk}) and their max_model_len the prompt + response length")
     if rollout.placement != "ray":
@@ -242,7 +244,7 @@ def run_check(args: argparse.Namespace) -> dict:
     if plan.world_size % (plan.tensor_parallel * plan.pipeline_parallel):
         return result  # no data-parallel size: no memory estimate
     gpus = me.estimate_memory(plan, student, teacher_archs, reference)
-    errors += me.check_engine_start(plan, 1 + config.teacher_engine + config.remote_reference)
+    errors += me.check_engine_start(plan, 1 + len(config.engine_teachers) + config.remote_reference)
     host_terms = me.host_memory_per_node(plan, student, teacher_archs, reference)
     host_total = sum(c.bytes for c in host_terms)
     result["host_memory_per_node"] = {"total_bytes": host_total,

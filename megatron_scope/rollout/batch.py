@@ -108,16 +108,18 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
     zeroes it). When the groups carry a reference's scores (ExOPD's, served by vLLM): ref_log_probs laid out the same
     way. When the groups carry prefix lengths (TrOPD's guidance): prefix_mask [n, seq] bool, True at the
     label positions of the teacher-written tokens. An empty response is legal: its row has no loss-mask position.
+    With several teachers of mixed backends only the remote teachers' groups carry scores: the other groups' rows
+    hold the off-response placeholders everywhere, and their microbatches get their co-located teacher's view from
+    its scoring pass (`ScopeTrainer._score` replaces those tensors).
     Token ids are not checked here: the trainer runs `check_token_ids` on the whole step's groups first."""
     scored = {g.teacher_scores is not None for g in groups}
-    if len(scored) > 1:
-        raise ValueError("some groups carry teacher scores and some do not")
     for what in ("prefix_lengths", "reference_scores"):
         if len({getattr(g, what) is not None for g in groups}) > 1:
             raise ValueError(f"some groups carry {what.replace('_', ' ')} and some do not")
     rows = [(gi, g, c, ok) for gi, g in enumerate(groups) for c, ok in zip(g.completions, g.correct)]
-    teacher_scores = [s for g in groups for s in g.teacher_scores] if scored == {True} else None
-    k = max((s.topk_ids.shape[-1] for s in teacher_scores or ()), default=0)
+    teacher_scores = ([s for g in groups for s in (g.teacher_scores or [None] * len(g.completions))]
+                      if True in scored else None)
+    k = max((s.topk_ids.shape[-1] for s in teacher_scores or () if s is not None), default=0)
     n = len(rows)
     tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
     labels = torch.full((n, seq_length), pad_id, dtype=torch.long)
@@ -145,7 +147,7 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
             rollout_log_probs[i, start : start + length] = torch.tensor(completion.log_probs, dtype=torch.float32)
             if ref_log_probs is not None:
                 ref_log_probs[i, start : start + length] = reference_scores[i].log_probs
-            if teacher_log_probs is not None:
+            if teacher_log_probs is not None and teacher_scores[i] is not None:
                 scores = teacher_scores[i]
                 teacher_log_probs[i, start : start + length] = scores.log_probs
                 if k:

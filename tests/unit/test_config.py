@@ -83,7 +83,7 @@ def test_several_teachers_are_named_and_routed_by_a_column():
         ("--teacher", "a=/a", "--teacher", "b=/b"): "--teacher names 2 teachers \\(a, b\\): give --teacher-route-key",
         ("TEACHER_HF", "/t", "--teacher-route-key", "k"): "--teacher-route-key k names each row's teacher by its --teacher",
         ("--teacher", "a=http://a:8000", "--teacher", "b=/b", "--teacher-route-key", "k", "--teacher-backend",
-         "server", "--scope-kl", "k1"): "teacher b at '/b': --teacher-backend server takes the teacher's servers",
+         "server", "--scope-kl", "k1"): r"teacher b at '/b': a served teacher is its servers' http\(s\) base URLs",
         ("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-group-size", "3",
          "--micro-batch-size", "2", "--prompts-per-step", "2"): "--scope-group-size 3 must be a multiple of",
         ("--teacher-route-key", "k", "--scope-algorithm", "grpo", "--scope-group-size", "2"):
@@ -102,6 +102,13 @@ def test_several_teachers_are_named_and_routed_by_a_column():
     guided = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-algorithm", "tropd",
                    "--scope-kl", "reverse", "--tropd-prefix-fraction", "0.5")  # each teacher writes its prompts'
     assert guided.teacher_engine and guided.colocated_teacher and guided.loss.tropd_guidance
+    mixed = parse("--teacher", "a=/a", "--teacher", "b=http://b:8000", "--teacher-route-key", "k", "--scope-kl", "topk",
+                  "--scope-topk", "8")  # a teacher given as URLs is served, the other co-located
+    assert (mixed.teachers_on("megatron"), mixed.teachers_on("server")) == (["a"], ["b"])
+    assert mixed.colocated_teacher and mixed.served_teacher and mixed.remote_teacher and not mixed.teacher_engine
+    with pytest.raises(ValueError, match=r"needs the teacher's logits over the vocabulary; a vLLM teacher \(teacher b: "
+                                         r"server\)"):
+        parse("--teacher", "a=/a", "--teacher", "b=http://b:8000", "--teacher-route-key", "k")
     budget = parse("--teacher", "a=/a", "--teacher", "b=/b", "--teacher-route-key", "k", "--scope-group-size", "3",
                    "--micro-batch-size", "2", "--prompts-per-step", "2", "--max-tokens-per-microbatch", "64")
     assert budget.loop.max_tokens_per_microbatch == 64  # token-budget microbatches split each teacher's rows
@@ -160,11 +167,14 @@ def test_a_served_teacher_is_a_list_of_urls_read_like_a_vllm_teacher():
     assert served.remote_teacher and served.served_teacher and not served.teacher_engine
     assert not served.colocated_teacher and served.models.teacher_dirs == {"teacher": "http://a:8000,https://b:8000"}
     for models in (dict(teacher_backend="server"), dict(teacher_backend="server", teacher_hf="/ckpt/teacher"),
-                   dict(teacher_hf="http://a:8000"), dict(teacher_backend="server", teacher_hf="http://a,/ckpt")):
+                   dict(teacher_hf="http://a,/ckpt"), dict(teacher_backend="server", teacher_hf="http://a,/ckpt")):
         with pytest.raises(ValueError, match="--teacher-backend server"):
             tiny_run_config(models=models, loss=dict(kl="k1"))
+    # URLs under another backend: that teacher is served (it mixes with co-located or vLLM ones)
+    by_url = tiny_run_config(models=dict(teacher_hf="http://a:8000"), loss=dict(kl="k1"))
+    assert by_url.served_teacher and not by_url.colocated_teacher and by_url.teachers_on("server") == ["teacher"]
     with pytest.raises(ValueError, match="--scope-kl reverse needs the teacher's logits over the vocabulary; a vLLM "
-                                         r"teacher \(--teacher-backend server\)"):
+                                         r"teacher \(teacher: server\)"):
         tiny_run_config(models=dict(teacher_backend="server", teacher_hf="http://a:8000"))
     with pytest.raises(ValueError, match="TrOPD's guidance has a vLLM engine of the teacher write prefixes"):
         tiny_run_config(models=dict(teacher_backend="server", teacher_hf="http://a:8000"),

@@ -109,12 +109,22 @@ def test_a_teacher_that_returns_too_little_or_a_bad_topk_is_an_error(fault, mess
         score_responses(ScriptedTeacher(fault), ["a", "b"], PROMPTS, SAMPLES, topk=K, vocab_size=50)
 
 
-def test_groups_must_agree_on_teacher_scores():
+def test_a_groups_scores_match_its_responses_and_unscored_groups_get_placeholders():
+    """Scores of another length are refused; with mixed teacher backends only the remote teachers' groups carry
+    scores, and the others' rows hold the placeholders a co-located teacher's pass replaces (0 log-probs, the
+    uniform top-k)."""
     with pytest.raises(ValueError, match="response 0 has 3 tokens but 2 teacher log-probs"):
         RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [SequenceScores.from_lists([-1.0] * 2),
                                                                    SequenceScores.from_lists([])])
-    scored = RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [SequenceScores.from_lists([-1.0] * 3),
-                                                                        SequenceScores.from_lists([])])
+    topk = lambda n: ([[1, 2]] * n, [[-0.5, -1.5]] * n)  # noqa: E731
+    scored = RolloutGroup("a", PROMPTS[0], SAMPLES[0], [True, False], [
+        SequenceScores.from_lists([-1.0] * 3, *topk(3)), SequenceScores.from_lists([], *topk(0))])
     plain = RolloutGroup("b", PROMPTS[1], SAMPLES[1], [True, False])
-    with pytest.raises(ValueError, match="some groups carry teacher scores and some do not"):
-        build_batch([scored, plain], seq_length=8, pad_id=0)
+    batch = build_batch([scored, plain], seq_length=8, pad_id=0)
+    alone = build_batch([scored], seq_length=8, pad_id=0)
+    for key in ("teacher_log_probs", "teacher_topk_ids", "teacher_topk_log_probs", "teacher_topk_tail_log_mass"):
+        assert torch.equal(batch[key][:2], alone[key]), key  # the scored group as if alone
+    assert (batch["teacher_log_probs"][2:] == 0).all()
+    neutral = build_batch([plain, plain], seq_length=8, pad_id=0)  # no scores at all: no teacher tensors
+    assert "teacher_log_probs" not in neutral and "teacher_topk_ids" not in neutral
+    assert (batch["teacher_topk_ids"][2:] == torch.arange(2, dtype=torch.int32)).all()  # the uniform top-k: 0..k-1
