@@ -37,6 +37,8 @@ servers at URLs (`teacher.served`)."""
 REFERENCE_BACKENDS = ("megatron", "vllm")
 TEACHER_RESIDENCIES = ("all", "scoring")
 """--teacher-residency: co-located teachers' weights always on the GPUs, or there for their own scoring passes only."""
+URL_SCHEMES = ("http://", "https://")
+"""How a served teacher's location starts: its servers' base URLs (`teacher.served`)."""
 DEFAULT_TEACHER = "teacher"
 """The name of --teacher-hf's teacher (its metrics, the checkpoint's record of the teacher set)."""
 TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -194,7 +196,7 @@ class ModelsConfig:
                                  + (f"the teachers are {', '.join(self.teacher_dirs)} (--teacher)" if self.teachers
                                     else "no --teacher-hf or --teacher names a teacher"))
         for name, location in self.teacher_dirs.items():
-            urls = [url.startswith(("http://", "https://")) for url in location.split(",")]
+            urls = [url.startswith(URL_SCHEMES) for url in location.split(",")]
             if (self.teacher_backend == "server" and not all(urls)) or any(urls) != all(urls):
                 raise ValueError(f"teacher {name} at {location!r}: a served teacher is its servers' http(s) base URLs "
                                  "(comma-separated; all with --teacher-backend server), any other an HF directory")
@@ -203,8 +205,14 @@ class ModelsConfig:
     def teacher_backends(self) -> dict[str, str]:
         """Every teacher's backend by name: "server" for one given as URLs (with any --teacher-backend: served
         teachers mix with co-located or vLLM ones), else --teacher-backend."""
-        return {name: "server" if location.startswith(("http://", "https://")) else self.teacher_backend
+        return {name: "server" if location.startswith(URL_SCHEMES) else self.teacher_backend
                 for name, location in self.teacher_dirs.items()}
+
+    @property
+    def teacher_model_dirs(self) -> dict[str, str]:
+        """The HF directories of the teachers that are not served (their config.json is here), by name."""
+        return {name: location for name, location in self.teacher_dirs.items()
+                if self.teacher_backends[name] != "server"}
 
     @property
     def teacher_dirs(self) -> dict[str, str]:
@@ -217,11 +225,6 @@ class ModelsConfig:
     def teacher_label(self, name: str) -> str:
         """How messages name the teacher `name`: "teacher" (--teacher-hf) or "teacher NAME" (--teacher)."""
         return f"teacher {name}" if self.teachers else "teacher"
-
-    @property
-    def colocated_teacher(self) -> bool:
-        """A teacher that lives as a Megatron model on every training rank."""
-        return "megatron" in self.teacher_backends.values()
 
     @property
     def stores_attention_scores(self) -> bool:

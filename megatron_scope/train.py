@@ -183,8 +183,7 @@ def start_engines(config: RunConfig, reference_hf: str):
             if name in config.engine_teachers:  # a vLLM teacher, or the writer of its prompts' guidance prefixes
                 engines[1][name] = start_engine(config, location, ray_teacher_engines,
                                                 max_logprobs=config.loss.teacher_topk if name in scorers else 0,
-                                                residency=residency, name=f"teacher {name}" if models.teachers
-                                                else "teacher")
+                                                residency=residency, name=models.teacher_label(name))
                 engines[1][name].sleep(level=1)
             elif name in served:  # vLLM servers elsewhere, each checked to answer (one model) before any rollout
                 from megatron_scope.teacher.served import ServedTeacher, ServedTeacherConfig
@@ -234,8 +233,7 @@ def build_trainer(config: RunConfig):
         except ValueError as error:
             raise ValueError(f"{models.teacher_label(name)}: {error}") from error
     student_arch = read_arch(models.student_hf)
-    teacher_archs = {name: read_arch(hf_dir) for name, hf_dir in models.teacher_dirs.items()  # a served teacher's
-                     if models.teacher_backends[name] != "server"}  # config.json is not here
+    teacher_archs = {name: read_arch(hf_dir) for name, hf_dir in models.teacher_model_dirs.items()}
     reference_hf = models.reference_hf or models.student_hf  # ExOPD's π_ref: G-OPD's reward correction, or the student
     reference_arch = read_arch(reference_hf) if config.loss.algorithm == "exopd" else None
     for name, arch, hf_dir in (("student", student_arch, models.student_hf),

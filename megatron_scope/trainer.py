@@ -213,8 +213,9 @@ class ScopeTrainer:
         on this rank exactly when it is a rollout leader (`rollout_leader`; None elsewhere); `teacher_engines`: instead
         of `teachers`, on the leader, {name: a vLLM engine of the teacher beside the rollout engine, or a
         `teacher.served.ServedTeacher` (its servers elsewhere)}: their `score` / `score_topk` give sampled-token
-        log-probs and top-k; a vLLM engine also writes TrOPD's guidance prefixes (also beside co-located teachers); `reference_engine`: instead of `reference`, a vLLM engine
-        serving ExOPD's reference beside the rollout engine (its `score`); `ema_teacher`: SRPO's EMA self-teacher
+        log-probs and top-k; a vLLM engine also writes TrOPD's guidance prefixes (also beside co-located teachers);
+        `reference_engine`: instead of `reference`, a vLLM engine serving ExOPD's reference beside the rollout engine
+        (its `score`); `ema_teacher`: SRPO's EMA self-teacher
         (`teacher.self_teacher.EmaTeacher`, --srpo-teacher ema);
         `verifier` grades the responses (`rewards.base.Verifier`: its statuses are counted every step);
         `tokenizer` decodes responses, gives eos/pad and the vocabulary the loss works over; `eval_sets`: the
@@ -1009,7 +1010,7 @@ class ScopeTrainer:
         located = lambda teachers: {n: d for n, d in teachers.items() if n not in served}  # noqa: E731
         if recorded.keys() != current.keys() or located(recorded) != located(current):
             raise ValueError(f"{load}: the checkpoint's run distilled from the teachers {recorded} (name: HF "
-                             f"directory); this run has {self._teacher_set()}: resume with the same --teacher-hf / "
+                             f"directory); this run has {current}: resume with the same --teacher-hf / "
                              "--teacher flags, or start a new run")
 
     def _teacher_set(self) -> dict[str, str]:

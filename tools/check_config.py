@@ -113,9 +113,7 @@ def run_check(args: argparse.Namespace) -> dict:
         config = build_config(args)  # the trainer's own configuration: its flag-combination rules
         student_config, student = read_model(config.models.student_hf, "--student-hf")
         teachers, reference = {}, None  # by archs key: "teacher" (--teacher-hf) or "teacher NAME" (--teacher)
-        for name, hf_dir in config.models.teacher_dirs.items():
-            if config.models.teacher_backends[name] == "server":  # URLs: its config.json is not here
-                continue
+        for name, hf_dir in config.models.teacher_model_dirs.items():  # a served teacher's config.json is not here
             key = config.models.teacher_label(name)
             teachers[key] = read_model(hf_dir, me.model_flag(key))[1]
         if config.models.reference_hf:

@@ -28,6 +28,8 @@ from typing import Sequence
 
 import torch
 
+from megatron_scope.config import URL_SCHEMES
+
 from megatron_scope.rollout.engine import SequenceScores
 
 logger = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class ServedTeacherConfig:
         if not self.urls:
             raise ValueError("--teacher-backend server needs the teacher's server URLs")
         for url in self.urls:
-            if not url.startswith(("http://", "https://")):
+            if not url.startswith(URL_SCHEMES):
                 raise ValueError(f"teacher server {url!r}: expected an http:// or https:// base URL")
         if self.timeout_s <= 0 or self.retries < 0 or self.sequences_per_request < 1 or self.max_in_flight < 1:
             raise ValueError(f"teacher servers: need timeout > 0, retries >= 0, sequences_per_request >= 1 and "
