@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megatron_scope.rollout.props import PropsSampling
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -30,6 +32,9 @@ class SamplingParams:
     vocab_size: int | None = None
     """Sample only ids below this: the tokenizer's vocabulary, when the checkpoint has more embedding rows
     than tokens (Qwen2.5: 151936 or 152064 rows, 151665 tokens). None: every row of the model."""
+    props: PropsSampling | None = None
+    """Draw each group in rounds from PROPS's behaviour policy (`rollout.props`; the engine must be started for it);
+    None: i.i.d. samples of the policy."""
 
     def __post_init__(self):
         if self.n < 1:
@@ -42,6 +47,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"SamplingParams.vocab_size must be >= 1 or None, got {self.vocab_size}")
+        if self.props is not None and (self.temperature == 0 or self.top_p < 1 or self.props.rounds > self.n):
+            raise ValueError(f"SamplingParams: PROPS draws {self.n} samples in {self.props.rounds} rounds (at most n) at "
+                             f"temperature > 0 and top-p 1 (got {self.temperature}, {self.top_p})")
 
 
 @dataclasses.dataclass

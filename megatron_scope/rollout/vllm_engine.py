@@ -23,6 +23,9 @@ Contracts:
   an n > 1 request `seed + j`, an offset sum; its engine core runs those children as separate requests anyway),
   so the same seed, prompt and weights give the same sample whatever else the call holds. `seeds=None` draws
   from the engine's global generator.
+- PROPS (`SamplingParams.props`, an engine started with `VLLMEngineConfig.props`): each prompt's n samples are drawn
+  in rounds, one `generate` call per round over all prompts; round k's requests carry the earlier rounds' samples of
+  their prompt (`rollout.props`), and each sample keeps its seed, so with ε = 0 the samples are the i.i.d. ones.
 - Greedy (temperature 0) with n > 1: vLLM refuses it; the engine decodes once and returns n copies
   (greedy samples are identical anyway).
 - Stops: only `params.stop_token_ids` end a response (vLLM's EOS handling is off); the stop token is the
@@ -94,6 +97,7 @@ from megatron_scope.rollout.engine import (
     SequenceScores,
     per_prompt_plan,
 )
+from megatron_scope.rollout.props import EXTRA_ARGS_KEY, round_slices
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +171,20 @@ def _quiet_chat_template_warmup() -> None:
         renderer_logger.addFilter(_ChatTemplateWarmupFilter())
 
 
+def _completion(output, what: str) -> Completion:
+    """One vLLM RequestOutput as a Completion, checked: a normal finish, one log-prob per token (logprobs=0 in vLLM's
+    flat layout: the sampled token's)."""
+    (sample,) = output.outputs
+    if sample.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"{what}: vLLM finished with {sample.finish_reason!r}")
+    token_ids = list(sample.token_ids)
+    flat = sample.logprobs
+    if flat.token_ids != token_ids or len(flat.logprobs) != len(token_ids):
+        raise RuntimeError(f"{what}: vLLM returned {len(flat.logprobs)} log-probs for {len(token_ids)} tokens, or for "
+                           "other tokens")
+    return Completion(token_ids, list(flat.logprobs), sample.finish_reason)
+
+
 @dataclasses.dataclass
 class VLLMEngineConfig:
     """How to start a vLLM rollout engine."""
@@ -211,6 +229,9 @@ class VLLMEngineConfig:
     vocabulary's files); every update checks the room first (`check_refit_shared_memory`)."""
     max_logprobs: int = 0
     """Largest k `score_topk` may ask for (vLLM's max_logprobs; 0: `score` only)."""
+    props: bool = False
+    """Start with PROPS's logits processor (`rollout.props_logits_processor`), so `generate` can take
+    `SamplingParams.props` (--rollout-sampler props); it needs log_probs "sampling" (μ = the behaviour policy)."""
     call_timeout_s: float | None = None
     """Longest one vLLM call (a whole `generate`, one weight bucket) may take before the engine counts as
     hung (RolloutEngineDiedError). None: no limit; a dead engine process is detected either way."""
@@ -238,6 +259,8 @@ class VLLMEngineConfig:
                              f"{self.weight_transfer!r}")
         if self.log_probs not in ("sampling", "raw"):
             raise ValueError(f"VLLMEngineConfig.log_probs must be 'sampling' or 'raw', got {self.log_probs!r}")
+        if self.props and self.log_probs != "sampling":
+            raise ValueError("VLLMEngineConfig.props records μ from the behaviour policy: it needs log_probs 'sampling'")
         if self.devices is not None and len(self.devices) != self.tensor_parallel_size:
             raise ValueError(f"VLLMEngineConfig.devices {self.devices} must name tensor_parallel_size "
                              f"{self.tensor_parallel_size} devices")
@@ -424,6 +447,10 @@ class VLLMRolloutEngine(RolloutEngine):
             weight_transfer_config=WeightTransferConfig(backend=self._transport.backend),
             enable_sleep_mode=self._sleep_supported,
         )
+        if config.props:
+            from megatron_scope.rollout.props_logits_processor import PropsLogitsProcessor
+
+            engine_args["logits_processors"] = [PropsLogitsProcessor]
         if config.kv_cache_bytes is not None:
             engine_args["kv_cache_memory_bytes"] = config.kv_cache_bytes
         if config.gpu_memory_utilization is not None:
@@ -515,38 +542,40 @@ class VLLMRolloutEngine(RolloutEngine):
         if params.vocab_size is not None and params.vocab_size > self.facts.vocab_size:
             raise ValueError(f"SamplingParams.vocab_size {params.vocab_size} exceeds the model's "
                              f"{self.facts.vocab_size} embedding rows")
+        if params.props is not None and not self.config.props:
+            raise ValueError("generate: SamplingParams.props needs an engine started with VLLMEngineConfig.props "
+                             "(PROPS's logits processor)")
         greedy = params.temperature == 0
         draws = 1 if greedy else params.n  # greedy samples are identical: decode once, copy n times
         # Rows beyond the tokenizer get vLLM's strongest bias (-100): with logits of O(10) their probability
         # is below e^-80, and the trainer's log-probs exclude them outright (the tokenizer's vocabulary).
         excluded = range(params.vocab_size or self.facts.vocab_size, self.facts.vocab_size)
         logit_bias = {token: -100.0 for token in excluded} or None
-        requests = [
-            VLLMSamplingParams(max_tokens=cap, temperature=params.temperature, top_p=params.top_p,
-                               stop_token_ids=list(params.stop_token_ids), ignore_eos=True, seed=seed, logprobs=0,
-                               logit_bias=logit_bias, detokenize=False, flat_logprobs=True)
-            for group, cap in zip(seeds, caps) for seed in group[:draws]
-        ]
-        outputs = self._call("generate", self._llm.generate,
-                             [{"prompt_token_ids": p} for p in prompts for _ in range(draws)], requests, use_tqdm=False)
-        results = []
-        for index in range(len(prompts)):
-            completions = []
-            for j, output in enumerate(outputs[index * draws : (index + 1) * draws]):
-                (sample,) = output.outputs
-                if sample.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"prompt {index} sample {j}: vLLM finished with {sample.finish_reason!r}")
-                token_ids = list(sample.token_ids)
-                flat = sample.logprobs  # vLLM's FlatLogprobs: one entry per position, the sampled token's (logprobs=0)
-                if flat.token_ids != token_ids or len(flat.logprobs) != len(token_ids):
-                    raise RuntimeError(f"prompt {index} sample {j}: vLLM returned {len(flat.logprobs)} log-probs for "
-                                       f"{len(token_ids)} tokens, or for other tokens")
-                completions.append(Completion(token_ids, list(flat.logprobs), sample.finish_reason))
-            if greedy:
-                completions = [dataclasses.replace(completions[0], token_ids=list(completions[0].token_ids),
-                                                   log_probs=list(completions[0].log_probs)) for _ in range(params.n)]
-            results.append(completions)
-        return results
+        drawn: list[list[Completion]] = [[] for _ in prompts]  # per prompt, in sample order
+        rounds = round_slices(draws, params.props.rounds) if params.props is not None else [range(draws)]
+        for samples in rounds:  # PROPS: round k's behaviour policy reads the earlier rounds' samples
+            inputs, requests, owners = [], [], []
+            for index, (prompt, group, cap) in enumerate(zip(prompts, seeds, caps)):
+                extra_args = None
+                if params.props is not None and drawn[index]:
+                    extra_args = {EXTRA_ARGS_KEY: {
+                        "earlier": [c.token_ids for c in drawn[index]], "clip": params.props.clip,
+                        "step": len(drawn[index]) / len(samples)}}
+                for j in samples:
+                    inputs.append({"prompt_token_ids": prompt})
+                    requests.append(VLLMSamplingParams(
+                        max_tokens=cap, temperature=params.temperature, top_p=params.top_p,
+                        stop_token_ids=list(params.stop_token_ids), ignore_eos=True, seed=group[j], logprobs=0,
+                        logit_bias=logit_bias, detokenize=False, flat_logprobs=True, extra_args=extra_args))
+                    owners.append((index, j))
+            outputs = self._call("generate", self._llm.generate, inputs, requests, use_tqdm=False)
+            for (index, j), output in zip(owners, outputs, strict=True):
+                drawn[index].append(_completion(output, f"prompt {index} sample {j}"))
+        if greedy:
+            return [[dataclasses.replace(group[0], token_ids=list(group[0].token_ids),
+                                         log_probs=list(group[0].log_probs)) for _ in range(params.n)]
+                    for group in drawn]
+        return drawn
 
     def score(self, sequences: Sequence[Sequence[int]], first: Sequence[int] | None = None) -> list[list[float]]:
         """Temperature-1 log-prob of each token from position `first[i]` on (default 1: every token after the first)
