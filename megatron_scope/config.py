@@ -21,6 +21,7 @@ import re
 # single-sample estimators from the teacher's log-prob of the sampled token.
 from megatron_scope.ops.token_stats import SAMPLED_KL
 from megatron_scope.ops.vocab_parallel import FULL_VOCAB_KL
+from megatron_scope.rollout.props import PropsSampling
 
 #: Objectives (--scope-algorithm): SCOPE and the baselines (losses/objectives.py).
 ALGORITHMS = ("scope", "opd", "exopd", "srpo", "tropd", "grpo", "sft")
@@ -46,6 +47,7 @@ TEACHER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 #: --rollout-placement: where the vLLM rollout engines live (RolloutConfig.placement).
 ROLLOUT_PLACEMENTS = ("colocated", "rank0", "ray")
 ROLLOUT_SCHEDULES = ("sync", "one-step-off", "async")
+ROLLOUT_SAMPLERS = ("iid", "props")
 ROLLOUT_IS_LEVELS = ("token", "sequence")
 ROLLOUT_RS_LEVELS = ("token", "sequence", "geometric")
 WEIGHT_TRANSFERS = ("auto", "ipc", "shared_memory", "nccl")
@@ -645,6 +647,8 @@ class RolloutConfig:
     max_staleness: int | None = None
     """--max-staleness η: with --rollout-schedule async, the most optimizer steps a response may lag the weights that
     train on it (None with the other schedules, whose bound is fixed: `staleness_bound`)."""
+    props: PropsSampling | None = None
+    """--rollout-sampler props with --props-rounds and --props-clip (`rollout.props`); None: --rollout-sampler iid."""
 
     def __post_init__(self):
         _positive("RolloutConfig", prompts_per_step=self.prompts_per_step, group_size=self.group_size,
@@ -683,6 +687,11 @@ class RolloutConfig:
             raise ValueError(f"--rollout-schedule {self.schedule} generates while the trainer trains, which needs engines "
                              f"on devices of their own (--rollout-placement ray with --rollout-engines N); "
                              f"--rollout-placement {self.placement} engines share the trainer's GPUs")
+        if self.props is not None and (self.temperature == 0 or self.top_p < 1 or self.props.rounds > self.group_size):
+            raise ValueError(f"--rollout-sampler props draws each group's --scope-group-size {self.group_size} responses "
+                             f"in --props-rounds {self.props.rounds} rounds (at most G), from a behaviour policy whose "
+                             f"band holds on the sampling distribution: it needs --rollout-temperature > 0 (got "
+                             f"{self.temperature}) and --rollout-top-p 1 (got {self.top_p})")
         if self.schedule != "sync" and (self.offload_optimizer or self.offload_teacher):
             raise ValueError(f"--rollout-schedule {self.schedule} trains while the engines generate: the training state "
                              "cannot wait in host memory meanwhile (drop --rl-offload-optimizer-during-inference and "
@@ -902,6 +911,9 @@ class RunConfig:
                 raise ValueError(f"with several teachers a microbatch holds one teacher's prompt groups: "
                                  f"--scope-group-size {group} must be a multiple of --micro-batch-size {micro} "
                                  "(or give --max-tokens-per-microbatch)")
+        if self.rollout.props is not None and self.loss.tropd_guidance:
+            raise ValueError("--rollout-sampler props draws a group's responses from the student's shared prefixes; "
+                             "--tropd-prefix-fraction starts some of them from a teacher's prefix: use one of the two")
         if self.served_teacher and self.loss.tropd_guidance:
             raise ValueError("--tropd-prefix-fraction: TrOPD's guidance has a vLLM engine of the teacher write "
                              "prefixes from its HF directory; --teacher-backend server scores through URLs only")
@@ -1044,6 +1056,19 @@ def teacher_tokenizers(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return tuple((DEFAULT_TEACHER, path) for path in values)
 
 
+def props_sampling(args) -> PropsSampling | None:
+    """--rollout-sampler props's parameters (defaults: `PropsSampling`'s); None for iid, which refuses them."""
+    given = {flag: value for flag, value in (("--props-rounds", args.props_rounds), ("--props-clip", args.props_clip))
+             if value is not None}
+    if args.rollout_sampler != "props":
+        if given:
+            raise ValueError(f"{', '.join(given)} set PROPS's sampler: give --rollout-sampler props with them")
+        return None
+    defaults = PropsSampling()
+    return PropsSampling(rounds=given.get("--props-rounds", defaults.rounds),
+                         clip=given.get("--props-clip", defaults.clip))
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from `megatron_scope.arguments.parse_args`'s namespace (ValueError names the flag)."""
     placement = args.rollout_placement or ("ray" if args.rollout_engines else "colocated")
@@ -1092,7 +1117,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                 args.tensor_model_parallel_size if placement == "colocated" else 1),
             engines=args.rollout_engines, teacher_engines=args.teacher_engines, ray_address=args.ray_address,
             gpus_per_engine=args.rollout_gpus_per_engine, vllm_log_level=args.vllm_log_level,
-            schedule=args.rollout_schedule, max_staleness=args.max_staleness),
+            schedule=args.rollout_schedule, max_staleness=args.max_staleness, props=props_sampling(args)),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,

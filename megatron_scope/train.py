@@ -130,7 +130,8 @@ def start_engine(config: RunConfig, model_dir: str, num_ray_engines: int, max_lo
                                      tensor_parallel_size=rollout.tensor_parallel_size, seed=config.loop.seed,
                                      max_logprobs=max_logprobs, enable_sleep_mode=cuda and not num_ray_engines,
                                      devices=devices, weight_transfer=weight_transfer,
-                                     weight_bucket_bytes=rollout.weight_transfer_bucket_mib << 20)
+                                     weight_bucket_bytes=rollout.weight_transfer_bucket_mib << 20,
+                                     props=name == "rollout" and rollout.props is not None)
     if name == "rollout" and not num_ray_engines and resolve_weight_transfer(engine_config) == "shared_memory":
         check_refit_shared_memory(engine_config)  # every step refits it through this node's /dev/shm: checked before
         # it starts (a Ray actor checks its own node's per refit)

@@ -531,7 +531,7 @@ class ScopeTrainer:
         params = SamplingParams(n=rollout.group_size, max_new_tokens=rollout.max_new_tokens,
                                 temperature=rollout.temperature, top_p=rollout.top_p,
                                 stop_token_ids=(self.tokenizer.eos_id,),
-                                vocab_size=self.vocab_size)  # no extra embedding rows
+                                vocab_size=self.vocab_size, props=rollout.props)  # no extra embedding rows
         prompt_ids, indices = [list(p.token_ids) for p in prompts], range(first, first + len(prompts))
         seeds = StepSeeds(self.config.loop.seed, iteration)
         prefix_lengths = [None] * len(prompts)
@@ -711,31 +711,45 @@ class ScopeTrainer:
         weights about to be updated) on the response tokens the student's engine drew, over the whole step:
         mean |log μ - log π| (and the largest data-parallel rank's own mean: with co-located engines the worst
         engine's), the KL(μ || π) estimates k1 = E_μ[log μ - log π] and k3 = E_μ[r - 1 - log r] with r = π / μ
-        (Schulman's estimators), and the importance weights' effective sample size as a fraction of the tokens,
-        (Σ r)² / (N Σ r²).
+        (Schulman's estimators), the importance weights' effective sample size as a fraction of the tokens,
+        (Σ r)² / (N Σ r²), and the mean and largest behaviour ratio μ / π (PROPS's π_b / π_θ).
 
         When --logprob-temperature equals the rollout temperature and top-p is 1, the sync schedule samples from the
-        weights it trains and all are ~0 (ESS 1) up to numerics: a large gap then means an engine samples from other
-        weights than the ones being trained. With --rollout-schedule one-step-off they measure one step's drift.
+        weights it trains and all are ~0 (ESS 1, ratio 1) up to numerics: a large gap then means an engine samples
+        from other weights than the ones being trained. With --rollout-schedule one-step-off they measure one step's
+        drift; with --rollout-sampler props the behaviour policy's deliberate gap (ratios within [1 - ε, 1 + ε]).
+
+        Also PROPS's sampling error: Σ_s N_s KL(p̂_s || π_s) / Σ_s N_s over the prefixes s the step's groups share
+        (`rollout.props.prefix_statistics`: the mean of log p̂ - log π over the tokens drawn there), and the share of
+        the drawn tokens that were drawn at a shared prefix.
         """
         sampled = [sampled_by_student(b) for b in microbatches]  # TrOPD's prefix tokens were sampled by the teacher
-        sums = []  # per microbatch: Σ|d|, Σ d, Σ k3, Σ r, Σ r², count, with d = log μ - log π
+        sums = []  # per microbatch: Σ|d|, Σ d, Σ k3, Σ r, Σ r², count, Σ 1/r, shared count, Σ shared (log p̂ - log π)
+        worst = []  # per microbatch: the largest 1/r = μ / π
         for batch, mask in zip(microbatches, sampled):
             gap = torch.where(mask.bool(), batch["rollout_log_probs"] - batch["old_log_probs"], 0.0).double()
             ratio = torch.exp((-gap).clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND)) * mask
+            behaviour = torch.exp(gap.clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND)) * mask
+            shared = batch.pop("shared_prefix") & mask.bool()
+            empirical = batch.pop("empirical_log_probs")
+            error = torch.where(shared, empirical - batch["old_log_probs"], 0.0).double()
             sums.append(torch.stack([gap.abs().sum(), gap.sum(), ((ratio - 1 + gap) * mask).sum(), ratio.sum(),
-                                     (ratio * ratio).sum(), mask.sum().double()]))
+                                     (ratio * ratio).sum(), mask.sum().double(), behaviour.sum(),
+                                     shared.sum().double(), error.sum()]))
+            worst.append(behaviour.max() if behaviour.numel() else behaviour.new_zeros(()))
         totals = torch.stack(sums).sum(0)  # no host read before the reduction
         group, device = parallel_state.get_data_parallel_group(), collective_device()
-        worst = (totals[0] / totals[5].clamp_min(1.0)).reshape(1).to(device)
+        worst = torch.stack([totals[0] / totals[5].clamp_min(1.0), torch.stack(worst).max()]).to(device)
         totals = totals.to(device)
         dist.all_reduce(totals, group=group)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
-        abs_gap, k1, k3, ratio, ratio_squared, count = totals.tolist()
+        abs_gap, k1, k3, ratio, ratio_squared, count, behaviour, shared, error = totals.tolist()
         count = max(count, 1.0)
-        return {"rollout/logprob_abs_diff": abs_gap / count, "rollout/logprob_abs_diff_max": float(worst),
+        return {"rollout/logprob_abs_diff": abs_gap / count, "rollout/logprob_abs_diff_max": float(worst[0]),
                 "rollout/sampler_kl_k1": k1 / count, "rollout/sampler_kl_k3": k3 / count,
-                "rollout/is_ess_fraction": ratio * ratio / max(count * ratio_squared, 1e-300)}
+                "rollout/is_ess_fraction": ratio * ratio / max(count * ratio_squared, 1e-300),
+                "rollout/behaviour_ratio_mean": behaviour / count, "rollout/behaviour_ratio_max": float(worst[1]),
+                "rollout/sampling_error": error / max(shared, 1.0), "rollout/shared_prefix_fraction": shared / count}
 
     def _token_counts(self, batch: dict, microbatches: list[dict]) -> dict:
         """`token_counts` summed over the data-parallel replicas, and the share of padding."""
@@ -913,6 +927,9 @@ class ScopeTrainer:
         self._score(microbatches, microbatch_owners, self_teacher_rows)
         if self.is_last_stage:
             metrics.update(self._sampler_gap(microbatches))
+        for microbatch in microbatches:  # what only the metrics read (popped there on the last stage)
+            microbatch.pop("shared_prefix", None)
+            microbatch.pop("empirical_log_probs", None)
         train_start = time.perf_counter()
         self.student.zero_grad_buffer()
         teacher_weight = None

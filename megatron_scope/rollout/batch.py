@@ -17,6 +17,7 @@ import torch
 from megatron_scope.ops.topk import tail_log_mass_from_topk, uniform_topk
 from megatron_scope.rewards.base import Verdict
 from megatron_scope.rollout.engine import Completion, SequenceScores
+from megatron_scope.rollout.props import prefix_statistics
 
 
 @dataclasses.dataclass
@@ -106,7 +107,9 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
     `ops.topk.tail_log_mass_from_topk` of the top-k); off the response positions those hold ids 0..k-1 with
     log-probs -log(k + 1) (a valid top-k with a non-empty tail, so the top-k KL stays finite where the loss mask
     zeroes it). When the groups carry a reference's scores (ExOPD's, served by vLLM): ref_log_probs laid out the same
-    way. When the groups carry prefix lengths (TrOPD's guidance): prefix_mask [n, seq] bool, True at the
+    way. empirical_log_probs [n, seq]: at the label position of each response token drawn at a prefix the group shares
+    (`rollout.props.prefix_statistics`), log p̂ of that token among the group's draws there, else 0; shared_prefix [n,
+    seq] bool marks those positions. When the groups carry prefix lengths (TrOPD's guidance): prefix_mask [n, seq] bool, True at the
     label positions of the teacher-written tokens. An empty response is legal: its row has no loss-mask position.
     With several teachers of mixed backends only the remote teachers' groups carry scores: the other groups' rows
     hold the off-response placeholders everywhere, and their microbatches get their co-located teacher's view from
@@ -131,6 +134,8 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
     ref_log_probs = torch.zeros(n, seq_length) if reference_scores is not None else None
     if k:
         topk_ids, topk_log_probs, _ = uniform_topk((n, seq_length), k, torch.int32)
+    empirical_log_probs, shared_prefix = torch.zeros(n, seq_length), torch.zeros(n, seq_length, dtype=torch.bool)
+    empirical = [shares for g in groups for shares in prefix_statistics([c.token_ids for c in g.completions])]
     for i, (_, group, completion, _) in enumerate(rows):
         sequence = group.prompt_token_ids + list(completion.token_ids)
         if len(sequence) - 1 > seq_length:
@@ -143,6 +148,9 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         tokens[i, : len(sequence) - 1] = torch.tensor(sequence[:-1])
         labels[i, : len(sequence) - 1] = torch.tensor(sequence[1:])
         loss_mask[i, start : start + length] = 1.0
+        if empirical[i]:
+            empirical_log_probs[i, start : start + len(empirical[i])] = torch.tensor(empirical[i])
+            shared_prefix[i, start : start + len(empirical[i])] = True
         if length:
             rollout_log_probs[i, start : start + length] = torch.tensor(completion.log_probs, dtype=torch.float32)
             if ref_log_probs is not None:
@@ -161,6 +169,8 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
         "correct": torch.tensor([ok for *_, ok in rows], dtype=torch.bool),
         "group_ids": torch.tensor([group_offset + gi for gi, *_ in rows], dtype=torch.long),
         "rollout_log_probs": rollout_log_probs,
+        "empirical_log_probs": empirical_log_probs,
+        "shared_prefix": shared_prefix,
         "sequence_lengths": torch.tensor([len(g.prompt_token_ids) + len(c.token_ids) - 1 for _, g, c, _ in rows],
                                          dtype=torch.long),
     }

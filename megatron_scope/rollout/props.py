@@ -95,25 +95,30 @@ def behaviour_log_probs(log_probs: torch.Tensor, tokens: Sequence[int], counts: 
     return out, beta
 
 
-def prefix_statistics(responses: Sequence[Sequence[int]]) -> tuple[list[list[bool]], list[list[float]]]:
-    """Per token of each response of one group: whether it was drawn at a shared prefix (one at least two of the
-    group's responses reach, so N_s >= 2), and there log p̂_s(token), its share of the N_s draws at that prefix.
+def prefix_statistics(responses: Sequence[Sequence[int]]) -> list[list[float]]:
+    """For each response of one group, log p̂_s(token) at each of its shared prefixes s: the prefixes at least two of
+    the group's responses draw a token at (N_s >= 2), p̂_s the empirical distribution of those N_s draws. A response's
+    shared prefixes are its first ones (a prefix drawn at once is drawn at no longer one), so result[i] holds response
+    i's first len(result[i]) tokens. Work is proportional to the shared tokens, not to the responses' length.
 
-    PROPS's sampling error at the shared prefixes, token-weighted, is then a mean over those tokens:
+    PROPS's sampling error at the shared prefixes, token-weighted, is then a mean over those tokens t:
 
-        Σ_s N_s KL(p̂_s || π_s) / Σ_s N_s = mean over shared tokens t of (log p̂_s(t)(a_t) - log π(a_t | s(t))),
+        Σ_s N_s KL(p̂_s || π_s) / Σ_s N_s = mean_t (log p̂_s(t)(a_t) - log π(a_t | s(t))),
 
     since Σ_a N_s p̂_s(a) f(a) sums f over the N_s draws at s."""
-    tree = PrefixTree(responses)
-    shared, empirical = [], []
-    for response in responses:
-        node, flags, logs = tree.root, [], []
-        for token in response:
-            total = sum(entry[0] for entry in node.values())
-            entry = node[int(token)]
-            flags.append(total >= 2)
-            logs.append(math.log(entry[0] / total) if total >= 2 else 0.0)
-            node = entry[1]
-        shared.append(flags)
-        empirical.append(logs)
-    return shared, empirical
+    result: list[list[float]] = [[] for _ in responses]
+    pending = [(list(range(len(responses))), 0)]  # responses that share a prefix of `depth` tokens
+    while pending:
+        members, depth = pending.pop()
+        drawing = [i for i in members if len(responses[i]) > depth]
+        if len(drawing) < 2:
+            continue
+        by_token: dict[int, list[int]] = {}
+        for i in drawing:
+            by_token.setdefault(int(responses[i][depth]), []).append(i)
+        for followers in by_token.values():
+            share = math.log(len(followers) / len(drawing))
+            for i in followers:
+                result[i].append(share)
+            pending.append((followers, depth + 1))
+    return result
