@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from megatron_scope.rollout.engine import SamplingParams
+from megatron_scope.rollout.props import PrefixTree, PropsSampling, behaviour_log_probs, round_slices
 from megatron_scope.rollout.seeds import StepSeeds
 from megatron_scope.rollout.vllm_engine import VLLM_LOG_LEVEL_ENV, VLLMEngineConfig, VLLMRolloutEngine
 from tests.integration.hf_models import hf_weights, next_token_logits, random_qwen2, tiny_qwen2_config, token_log_probs
@@ -82,6 +83,7 @@ def engine(models, engine_log):
                 max_num_seqs=32,
                 weight_bucket_bytes=64 << 10,  # many buckets; layers straddle them
                 max_logprobs=TOPK,
+                props=True,  # PROPS's logits processor; the requests without PROPS pass it untouched
             )
         )
     yield engine
@@ -222,6 +224,43 @@ def test_vocab_size_excludes_extra_embedding_rows(engine, models):
     assert max(t for group in unrestricted for c in group for t in c.token_ids) >= limit  # the limit did something
     with pytest.raises(ValueError, match="exceeds the model's"):
         engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, vocab_size=models.config.vocab_size + 1))
+
+
+@pytest.mark.slow
+def test_props_samples_from_the_behaviour_policy_within_its_band(engine, models, monkeypatch):
+    """--rollout-sampler props on the real engine: with ε = 0 the rounds give the i.i.d. samples and log-probs bit for
+    bit; with ε = 0.3 every token's recorded log-prob is log π_b of `rollout.props` computed from transformers' logits
+    (temperature 0.7, 12 tokens allowed: groups share prefixes) and the earlier rounds' samples, and π_b / π stays in
+    [1 - ε, 1 + ε], reaching it."""
+    n, rounds, clip, temperature, limit = 8, 4, 0.3, 0.7, 12
+    prompts, seeds = PROMPTS[:2], seeded(PROMPTS[:2], 8, 11)
+    base = dict(n=n, max_new_tokens=6, temperature=temperature, vocab_size=limit)
+    iid = engine.generate(prompts, SamplingParams(**base), seeds)
+    zero = engine.generate(prompts, SamplingParams(**base, props=PropsSampling(rounds, 0.0)), seeds)
+    assert [[(c.token_ids, c.log_probs) for c in g] for g in zero] == [[(c.token_ids, c.log_probs) for c in g] for g in iid]
+    groups = engine.generate(prompts, SamplingParams(**base, props=PropsSampling(rounds, clip)), seeds)
+    worst, ratios = 0.0, []
+    for prompt, group in zip(prompts, groups):
+        for samples in round_slices(n, rounds):
+            tree = PrefixTree([group[j].token_ids for j in range(samples.start)])
+            for j in samples:
+                completion, node = group[j], tree.root
+                logits = next_token_logits(models.model, prompt + completion.token_ids)[len(prompt) - 1:, :limit]
+                for t, token in enumerate(completion.token_ids):
+                    policy = (logits[t].double() / temperature).log_softmax(-1)
+                    behaviour = policy
+                    if node:
+                        behaviour, _ = behaviour_log_probs(policy, *PrefixTree.counts(node), clip,
+                                                           samples.start / len(samples))
+                    worst = max(worst, abs(behaviour[token].item() - completion.log_probs[t]))
+                    ratios.append((behaviour[token] - policy[token]).exp().item())
+                    node = node[token][1] if node and token in node else None
+    assert worst <= TOLERANCE, f"recorded log-probs differ from log π_b by {worst}"
+    assert 1 - clip - TOLERANCE <= min(ratios) and max(ratios) <= 1 + clip + TOLERANCE
+    assert max(abs(r - 1) for r in ratios) > clip - 0.01  # the band was reached: the behaviour policy acted
+    monkeypatch.setattr(engine.config, "props", False)
+    with pytest.raises(ValueError, match="needs an engine started with VLLMEngineConfig.props"):
+        engine.generate(prompts, SamplingParams(**base, props=PropsSampling(rounds, clip)), seeds)
 
 
 @pytest.mark.slow
