@@ -554,7 +554,9 @@ def test_validation_during_training_equals_tools_eval_on_the_same_checkpoints(wo
     step and after each (--eval-at-start --eval-interval 1; each replica's engine samples its half of the problems):
     on the last checkpoint (its --save-hf model), tools/eval.py with the run's own flags gives the logged Avg@4 and
     Pass@1/2/4 exactly. The held-out accuracy moves during training, and a set named after a benchmark-free
-    file is read through the key flags."""
+    file is read through the key flags. The rollouts are PROPS's (--rollout-sampler props, 2 rounds of G = 4), the
+    validation's i.i.d. from the same engines: the behaviour ratios the learner sees stay in PROPS's band and reach
+    beyond the numerics, at the shared prefixes the step reports."""
     import importlib.util
     import json
 
@@ -565,13 +567,16 @@ def test_validation_during_training_equals_tools_eval_on_the_same_checkpoints(wo
               "synthetic", "--seed", "7", "--eval-max-new-tokens", "40"]
     argv = _flags(workspace, 2, extra=["--scope-algorithm", "grpo", "--lr", "2e-4", "--eval-interval", "1",
                                        "--eval-at-start", "--save", save, "--save-hf", "--save-interval", "2",
-                                       *shared])
+                                       "--rollout-sampler", "props", "--props-rounds", "2", *shared])
     argv[argv.index("--student-hf") + 1] = solving_student
     results = run_on_ranks(train_and_evaluations, 2, args=(argv,), timeout=900)
     history, evaluations = results[-1]
     assert [{k: v for k, v in e.items() if k != "time/eval_s"} for e in results[0][1]] == \
         [{k: v for k, v in e.items() if k != "time/eval_s"} for e in evaluations]  # every rank holds the numbers
     assert [e["iteration"] for e in evaluations] == [0, 1, 2] and len(history) == 2
+    for step in history:  # PROPS: π_b / π in [0.7, 1.3] up to the engine-vs-Megatron numerics (PARITY_ATOL)
+        assert 1.01 < step["rollout/behaviour_ratio_max"] <= 1.3 + PARITY_ATOL, step
+        assert 0 < step["rollout/shared_prefix_fraction"] <= 1 and math.isfinite(step["rollout/sampling_error"])
     keys = ["eval/heldout/avg@4", "eval/heldout/pass@1", "eval/heldout/pass@2", "eval/heldout/pass@4"]
     assert all(key in evaluations[0] for key in keys) and evaluations[0]["time/eval_s"] > 0
     assert evaluations[0]["eval/heldout/avg@4"] > 0.2  # far from 0: the comparison below means something

@@ -56,6 +56,15 @@ def test_rollout_schedule():
     assert parse_run_config(REQUIRED).rollout.staleness_bound == 0
 
 
+
+def test_rollout_sampler():
+    assert parse_run_config(REQUIRED).rollout.props is None
+    props = parse_run_config(REQUIRED + ["--rollout-sampler", "props"]).rollout.props
+    assert (props.rounds, props.clip) == (2, 0.3)
+    props = parse_run_config(REQUIRED + ["--rollout-sampler", "props", "--props-rounds", "8", "--props-clip", "0"]) \
+        .rollout.props
+    assert (props.rounds, props.clip) == (8, 0.0)
+
 def test_provider_adds_to_an_existing_parser():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -148,6 +157,13 @@ def test_help_lists_every_flag(capsys):
          "--max-staleness 2 with --rollout-schedule one-step-off"),
         (["--rollout-schedule", "async", "--rollout-engines", "1", "--max-staleness", "-1"], "--max-staleness"),
         (["--teacher-engines", "2"], "--teacher-engines 2: N >= 1 Ray actors of a vLLM teacher go with"),
+        (["--props-rounds", "2"], "--props-rounds set PROPS's sampler: give --rollout-sampler props with them"),
+        (["--rollout-sampler", "props", "--props-rounds", "9"], "--scope-group-size 8 responses in --props-rounds 9"),
+        (["--rollout-sampler", "props", "--rollout-top-p", "0.9"], "and --rollout-top-p 1 (got 0.9)"),
+        (["--rollout-sampler", "props", "--rollout-temperature", "0"], "it needs --rollout-temperature > 0 (got 0.0)"),
+        (["--rollout-sampler", "props", "--props-clip", "1"], "--props-clip must lie in [0, 1)"),
+        (["--rollout-sampler", "props", "--scope-algorithm", "tropd", "--tropd-prefix-fraction", "0.5"],
+         "--tropd-prefix-fraction starts some of them from a teacher's prefix: use one of the two"),
         (["--rollout-is", "sequence"], "--rollout-is sequence sets the level of --rollout-is-threshold's weights"),
         (["--rollout-rs", "token"], "--rollout-rs LEVEL and --rollout-rs-threshold go together"),
         (["--rollout-rs-threshold", "2"], "--rollout-rs LEVEL and --rollout-rs-threshold go together"),
