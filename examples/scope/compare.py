@@ -41,6 +41,7 @@ RELEASED_RECIPE = ["--scope-kl", "k1", "--scope-teacher-path-loss", "ppo", "--sc
 ONE_STEP_OFF = ["--rollout-engines", "1", "--rollout-schedule", "one-step-off"]
 ASYNC_2 = ["--rollout-engines", "1", "--rollout-schedule", "async", "--max-staleness", "2"]
 SEQUENCE_IS = ["--rollout-is", "sequence", "--rollout-is-threshold", "5"]
+PROPS = ["--rollout-sampler", "props"]  # --props-rounds: compare.py's --group-size (one sample per round)
 
 # method name -> (--scope-algorithm, extra flags)
 STUDY_METHODS = {
@@ -64,6 +65,10 @@ STUDY_METHODS = {
     "scope-async-2-seq-is": ("scope", [*ASYNC_2, *SEQUENCE_IS]),
     "opd-async-2": ("opd", ASYNC_2),
     "opd-async-2-seq-is": ("opd", [*ASYNC_2, *SEQUENCE_IS]),
+    # each group drawn in rounds from PROPS's behaviour policy (issue 32; --props-rounds: as many as the group size)
+    "scope-props": ("scope", PROPS),
+    "opd-props": ("opd", PROPS),
+    "grpo-props": ("grpo", PROPS),
 }
 
 
@@ -105,7 +110,7 @@ def _run(args, method, seed):
     algorithm, extra = STUDY_METHODS[method]
     trainer = build_trainer(parse_run_config(demo.distillation_flags(
         work, algorithm, seed, args.iters, args.prompts_per_step, args.group_size, args.max_new_tokens, args.lr,
-        extra=["--log-interval", "10", *extra], reward=args.reward)))
+        extra=["--log-interval", "10", *extra, *props_rounds(extra, args.group_size)], reward=args.reward)))
     tokenizer = Tokenizer.load(f"{work}/tokenizer.model")
     problems = demo.held_out_problems(f"{work}/task/eval.jsonl")
     try:
@@ -115,8 +120,14 @@ def _run(args, method, seed):
                                          f"{method} seed {seed}", reward=args.reward)
     finally:
         trainer.close()
-    kept = lambda key: key in ("iteration", "rollout/accuracy", "loss/loss") or key.startswith(("srpo/", "tropd/"))  # noqa: E731
+    kept = lambda key: key in ("iteration", "rollout/accuracy", "loss/loss", "rollout/sampling_error") or \
+        key.startswith(("srpo/", "tropd/"))  # noqa: E731
     return [{k: v for k, v in h.items() if kept(k)} for h in history], result
+
+
+def props_rounds(extra, group_size: int) -> list[str]:
+    """A PROPS method draws each group one sample per round (the most its band allows it to correct)."""
+    return ["--props-rounds", str(group_size)] if "--rollout-sampler" in extra else []
 
 
 def summarize(runs: dict, n: int, references: dict | None = None, reward: str | None = None) -> str:

@@ -45,3 +45,11 @@ def test_srpo_runs_with_its_self_teacher_unless_told_external():
     assert (srpo.loss.baselines.srpo_teacher, srpo.models.teacher_hf) == ("ema", None)
     assert (current.loss.baselines.srpo_teacher, current.models.teacher_hf) == ("current", None)
     assert (external.loss.baselines.srpo_teacher, external.models.teacher_hf) == ("external", "w/teacher_hf")
+
+
+def test_props_methods_draw_one_sample_per_round():
+    algorithm, extra = compare.STUDY_METHODS["grpo-props"]
+    config = parse_run_config(demo.distillation_flags("w", algorithm, 0, 10, 8, 4, 16, 5e-4,
+                                                      extra=[*extra, *compare.props_rounds(extra, 4)]))
+    assert (config.loss.algorithm, config.rollout.props.rounds, config.rollout.props.clip) == ("grpo", 4, 0.3)
+    assert compare.props_rounds(compare.STUDY_METHODS["grpo"][1], 4) == [] and _config("grpo").rollout.props is None
