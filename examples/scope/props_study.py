@@ -25,8 +25,8 @@ import torch
 
 import demo
 
-SAMPLERS = {"iid": None, "props r=2": 2, "props r=G": "G"}
-"""The samplers compared: name -> PROPS rounds (None: i.i.d.); all PROPS ones at ε = --props-clip."""
+SAMPLERS = {"iid": None, "props r=2": (2, None), "props r=G": ("G", None), "props r=G ε=0.9": ("G", 0.9)}
+"""The samplers compared: name -> PROPS (rounds, ε) (None: i.i.d.; ε None: --props-clip)."""
 
 
 def parse_args(argv=None):
@@ -66,15 +66,18 @@ def measure(args, method: str) -> list[dict]:
     rows = []
     try:
         for group_size in args.group_sizes:
-            for sampler, rounds in SAMPLERS.items():
-                props = None if rounds is None else PropsSampling(group_size if rounds == "G" else rounds,
-                                                                  args.props_clip)
-                if props is not None and props.rounds > group_size or (rounds == "G" and group_size == 2):
-                    continue  # r = G is r = 2 at G = 2
+            for sampler, setting in SAMPLERS.items():
+                props = None
+                if setting is not None:
+                    rounds, clip = setting
+                    if rounds == "G" and group_size == 2 and clip is None:
+                        continue  # r = G is r = 2 at G = 2
+                    props = PropsSampling(group_size if rounds == "G" else rounds, clip or args.props_clip)
                 rollout = dataclasses.replace(trainer.config.rollout, group_size=group_size, props=props)
                 trainer.config = dataclasses.replace(trainer.config, rollout=rollout)
                 grads, errors, shared = [], [], []
                 for r in range(args.rollouts):
+                    trainer.sync_weights()  # the student's (unmoved) weights into the engine, asleep since the last
                     groups, _ = trainer._sample_verify_score(prompts, 0, r + 1, 0)
                     metrics = {}
                     trainer.learn(groups, metrics)
