@@ -3,7 +3,7 @@
 For each method (SCOPE, OPD, GRPO) one trainer on the demo's student (`make demo` first) draws R rollouts of the same
 P prompts (R seeds), each with G samples per prompt by each sampler, and computes the step's gradient on each rollout
 without moving the weights (learning rate 1e-30, no clipping): the spread of those R gradients around their mean is
-the variance of the gradient estimate the sampler gives; the step's `rollout/sampling_error` (PROPS's measure, at the
+the variance of the gradient estimate the sampler gives (with its standard error over the R rollouts); the step's `rollout/sampling_error` (PROPS's measure, at the
 shared prefixes) and `rollout/shared_prefix_fraction` are averaged over the R rollouts. Every sampler sees the same
 prompts and seeds, so round 1 of PROPS draws what i.i.d. draws.
 
@@ -86,10 +86,14 @@ def measure(args, method: str) -> list[dict]:
                     shared.append(metrics["rollout/shared_prefix_fraction"])
                 stacked = torch.stack(grads)
                 mean = stacked.mean(0)
-                variance = ((stacked - mean) ** 2).sum(1).mean().item()  # E||g - ḡ||², the covariance's trace
+                deviations = ((stacked - mean) ** 2).sum(1) * len(grads) / (len(grads) - 1)  # unbiased E||g - ḡ||²
                 rows.append({"method": method, "G": group_size, "sampler": sampler,
-                             "sampling_error": statistics.mean(errors), "shared_fraction": statistics.mean(shared),
-                             "grad_variance": variance, "grad_mean_sq_norm": float(mean @ mean)})
+                             "sampling_error": statistics.mean(errors),
+                             "sampling_error_se": statistics.stdev(errors) / len(errors) ** 0.5,
+                             "shared_fraction": statistics.mean(shared),
+                             "grad_variance": deviations.mean().item(),
+                             "grad_variance_se": deviations.std().item() / len(grads) ** 0.5,
+                             "grad_mean_sq_norm": float(mean @ mean)})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         trainer.close()
@@ -98,13 +102,13 @@ def measure(args, method: str) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """One line per (method, G): each sampler's sampling error and gradient variance, relative to i.i.d.'s."""
-    lines = ["| method | G | sampler | sampling error | shared-prefix tokens | gradient variance E‖g - ḡ‖² | "
+    lines = ["| method | G | sampler | sampling error ± s.e. | shared-prefix tokens | gradient variance E‖g - ḡ‖² ± s.e. | "
              "variance / i.i.d. |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         iid = next(r for r in rows if (r["method"], r["G"], r["sampler"]) == (row["method"], row["G"], "iid"))
-        lines.append(f"| {row['method']} | {row['G']} | {row['sampler']} | {row['sampling_error']:.4f} | "
-                     f"{row['shared_fraction']:.3f} | {row['grad_variance']:.4g} | "
-                     f"{row['grad_variance'] / iid['grad_variance']:.3f} |")
+        lines.append(f"| {row['method']} | {row['G']} | {row['sampler']} | {row['sampling_error']:.4f} ± "
+                     f"{row['sampling_error_se']:.4f} | {row['shared_fraction']:.3f} | {row['grad_variance']:.3f} ± "
+                     f"{row['grad_variance_se']:.3f} | {row['grad_variance'] / iid['grad_variance']:.2f} |")
     return "\n".join(lines)
 
 

@@ -555,11 +555,11 @@ def test_cli_run_that_fits(tiny_models, capsys):
 def test_cli_models_ray_engines_and_the_async_schedule(tiny_models, capsys):
     """Ray engines have GPUs of their own: by default one per engine (x its TP), the rollout's and --teacher-engines
     for a vLLM teacher; the training GPUs hold no engine; the notes name the schedule's overlap and the rollouts the
-    leader holds ahead (η + 1 steps' responses at most)."""
+    leader holds ahead (η + 1 steps' responses at most), and PROPS's rounds in series."""
     root, student, teacher = tiny_models
     argv = _argv(student, teacher, str(root / "x.jsonl"), "--rollout-engines", "2", "--teacher-backend", "vllm",
                  "--scope-kl", "k3", "--teacher-engines", "3", "--rollout-schedule", "async", "--max-staleness", "2",
-                 "--json")
+                 "--rollout-sampler", "props", "--props-rounds", "4", "--json")
     assert check_config.main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["facts"]["rollout_gpus"] == 5 and result["facts"]["rollout_placement"] == "ray"
@@ -571,6 +571,7 @@ def test_cli_models_ray_engines_and_the_async_schedule(tiny_models, capsys):
     assert "up to 2 step(s) ahead of training" in note
     held = next(n for n in result["notes"] if n.startswith("host memory: the rollout leader"))
     assert "holds up to 3 step(s)' rollouts produced ahead, at most 3 x 1,600 response tokens" in held  # 4 x 4 x 100
+    assert any(n.startswith("rollout: --rollout-sampler props draws each group in 4 rounds") for n in result["notes"])
 
 
 def test_cli_run_that_does_not_fit(tiny_models, capsys):
