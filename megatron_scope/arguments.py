@@ -15,7 +15,8 @@ import argparse
 from megatron_scope.config import (
     ALGORITHMS, ATTENTION_BACKENDS, KL_ESTIMATORS, LOSS_AGG_MODES, LR_DECAY_STYLES, REWARDS, ROLLOUT_PLACEMENTS,
     ROLLOUT_IS_LEVELS, ROLLOUT_RS_LEVELS, ROLLOUT_SAMPLERS, ROLLOUT_SCHEDULES, SRPO_REPROMPT_TEMPLATE, SRPO_TEACHERS,
-    TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TEACHER_RESIDENCIES, TRANSFORMER_IMPLS, TROPD_OUTLIERS, TROPD_TRUST_REGIONS, WEIGHT_NORMS,
+    TEACHER_BACKENDS, TEACHER_PATH_LOSSES, TEACHER_RESIDENCIES, TRANSFORMER_IMPLS, TROPD_OUTLIERS, TROPD_TRUST_REGIONS,
+    WEIGHT_NORMS,
     WEIGHT_TRANSFERS,
     RunConfig, build_config,
 )
@@ -313,8 +314,8 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="iid: each prompt's G responses are independent samples of the student. props: PROPS "
                         "(arXiv 2311.08290) for prompt groups: the G responses are drawn in --props-rounds rounds, and "
                         "at a prefix the earlier rounds drew at, the student's engine samples from a behaviour policy "
-                        "that favours the tokens they under-sampled, within π_b/π in [1 - ε, 1 + ε] (rollout/props.py); "
-                        "the sampler log-probs recorded are the behaviour policy's.")
+                        "that favours the tokens they under-sampled, within π_b/π in [1 - ε, 1 + ε] (rollout/props.py);"
+                        " the sampler log-probs recorded are the behaviour policy's.")
     g.add_argument("--props-rounds", type=positive_int, default=None,
                    help="With --rollout-sampler props: the rounds each group is drawn in, 1..G (default 2).")
     g.add_argument("--props-clip", type=nonnegative_float, default=None,

@@ -688,8 +688,8 @@ class RolloutConfig:
                              f"on devices of their own (--rollout-placement ray with --rollout-engines N); "
                              f"--rollout-placement {self.placement} engines share the trainer's GPUs")
         if self.props is not None and (self.temperature == 0 or self.top_p < 1 or self.props.rounds > self.group_size):
-            raise ValueError(f"--rollout-sampler props draws each group's --scope-group-size {self.group_size} responses "
-                             f"in --props-rounds {self.props.rounds} rounds (at most G), from a behaviour policy whose "
+            raise ValueError(f"--rollout-sampler props draws each group's --scope-group-size {self.group_size} "
+                             f"responses in --props-rounds {self.props.rounds} rounds (at most G), from a behaviour policy whose "
                              f"band holds on the sampling distribution: it needs --rollout-temperature > 0 (got "
                              f"{self.temperature}) and --rollout-top-p 1 (got {self.top_p})")
         if self.schedule != "sync" and (self.offload_optimizer or self.offload_teacher):

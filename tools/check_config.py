@@ -211,8 +211,8 @@ def run_check(args: argparse.Namespace) -> dict:
                          f"produced ahead, at most {ahead} x {tokens:,} response tokens (token id and sampling "
                          "log-prob each, as Python lists), and a checkpoint saves the finished ones")
     if rollout.props is not None:
-        notes.append(f"rollout: --rollout-sampler props draws each group in {rollout.props.rounds} rounds, one generate "
-                     f"call after another (a step's generation takes {rollout.props.rounds} length tails, not one); "
+        notes.append(f"rollout: --rollout-sampler props draws each group in {rollout.props.rounds} rounds, one "
+                     f"generate call after another (a step's generation takes {rollout.props.rounds} length tails, not one); "
                      "each request of a later round carries its group's earlier responses to the engine")
     if host:
         notes.append(f"host memory: the (self-)teacher's last hidden states of the local batch wait in pinned "

@@ -3,9 +3,9 @@
 For each method (SCOPE, OPD, GRPO) one trainer on the demo's student (`make demo` first) draws R rollouts of the same
 P prompts (R seeds), each with G samples per prompt by each sampler, and computes the step's gradient on each rollout
 without moving the weights (learning rate 1e-30, no clipping): the spread of those R gradients around their mean is
-the variance of the gradient estimate the sampler gives (with its standard error over the R rollouts); the step's `rollout/sampling_error` (PROPS's measure, at the
-shared prefixes) and `rollout/shared_prefix_fraction` are averaged over the R rollouts. Every sampler sees the same
-prompts and seeds, so round 1 of PROPS draws what i.i.d. draws.
+the variance of the gradient estimate the sampler gives (with its standard error over the R rollouts); the step's
+`rollout/sampling_error` (PROPS's measure, at the shared prefixes) and `rollout/shared_prefix_fraction` are averaged
+over the R rollouts. Every sampler sees the same prompts and seeds, so round 1 of PROPS draws what i.i.d. draws.
 
     python examples/scope/props_study.py --workdir outputs/demo --out outputs/demo/props-variance
 
@@ -102,8 +102,8 @@ def measure(args, method: str) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     """One line per (method, G): each sampler's sampling error and gradient variance, relative to i.i.d.'s."""
-    lines = ["| method | G | sampler | sampling error ± s.e. | shared-prefix tokens | gradient variance E‖g - ḡ‖² ± s.e. | "
-             "variance / i.i.d. |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | G | sampler | sampling error ± s.e. | shared-prefix tokens | "
+             "gradient variance E‖g - ḡ‖² ± s.e. | variance / i.i.d. |", "|---|---|---|---|---|---|---|"]
     for row in rows:
         iid = next(r for r in rows if (r["method"], r["G"], r["sampler"]) == (row["method"], row["G"], "iid"))
         lines.append(f"| {row['method']} | {row['G']} | {row['sampler']} | {row['sampling_error']:.4f} ± "

@@ -109,8 +109,9 @@ def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, gr
     zeroes it). When the groups carry a reference's scores (ExOPD's, served by vLLM): ref_log_probs laid out the same
     way. empirical_log_probs [n, seq]: at the label position of each response token drawn at a prefix the group shares
     (`rollout.props.prefix_statistics`), log p̂ of that token among the group's draws there, else 0; shared_prefix [n,
-    seq] bool marks those positions. When the groups carry prefix lengths (TrOPD's guidance): prefix_mask [n, seq] bool, True at the
-    label positions of the teacher-written tokens. An empty response is legal: its row has no loss-mask position.
+    seq] bool marks those positions. When the groups carry prefix lengths (TrOPD's guidance): prefix_mask [n, seq]
+    bool, True at the label positions of the teacher-written tokens. An empty response is legal: its row has no
+    loss-mask position.
     With several teachers of mixed backends only the remote teachers' groups carry scores: the other groups' rows
     hold the off-response placeholders everywhere, and their microbatches get their co-located teacher's view from
     its scoring pass (`ScopeTrainer._score` replaces those tensors).

@@ -48,8 +48,8 @@ class SamplingParams:
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"SamplingParams.vocab_size must be >= 1 or None, got {self.vocab_size}")
         if self.props is not None and (self.temperature == 0 or self.top_p < 1 or self.props.rounds > self.n):
-            raise ValueError(f"SamplingParams: PROPS draws {self.n} samples in {self.props.rounds} rounds (at most n) at "
-                             f"temperature > 0 and top-p 1 (got {self.temperature}, {self.top_p})")
+            raise ValueError(f"SamplingParams: PROPS draws {self.n} samples in {self.props.rounds} rounds (at most n) "
+                             f"at temperature > 0 and top-p 1 (got {self.temperature}, {self.top_p})")
 
 
 @dataclasses.dataclass

@@ -20,7 +20,8 @@ deeper, when the round reaches s in proportion to the earlier rounds); β is the
 π is the final sampling distribution (after temperature), so the band holds on what is sampled, and vLLM's processed
 log-probs record μ = π_b (the engine runs with logprobs_mode="processed_logprobs"). ε = 0 gives β = 0: π_b = π.
 
-`rollout.props_logits_processor` applies that step inside vLLM's sampler; `prefix_statistics` measures the sampling error PROPS reduces: KL(p̂_s || π(. | s)) at the shared prefixes.
+`rollout.props_logits_processor` applies that step inside vLLM's sampler; `prefix_statistics` measures the sampling
+error PROPS reduces: KL(p̂_s || π(. | s)) at the shared prefixes.
 """
 
 from __future__ import annotations

@@ -260,7 +260,8 @@ class VLLMEngineConfig:
         if self.log_probs not in ("sampling", "raw"):
             raise ValueError(f"VLLMEngineConfig.log_probs must be 'sampling' or 'raw', got {self.log_probs!r}")
         if self.props and self.log_probs != "sampling":
-            raise ValueError("VLLMEngineConfig.props records μ from the behaviour policy: it needs log_probs 'sampling'")
+            raise ValueError("VLLMEngineConfig.props records μ from the behaviour policy: it needs log_probs "
+                             "'sampling'")
         if self.devices is not None and len(self.devices) != self.tensor_parallel_size:
             raise ValueError(f"VLLMEngineConfig.devices {self.devices} must name tensor_parallel_size "
                              f"{self.tensor_parallel_size} devices")

@@ -236,7 +236,8 @@ def check_props_sampling(engine, model, prompts, seeds) -> None:
     base = dict(n=n, max_new_tokens=6, temperature=temperature, vocab_size=limit)
     iid = engine.generate(prompts, SamplingParams(**base), seeds)
     zero = engine.generate(prompts, SamplingParams(**base, props=PropsSampling(rounds, 0.0)), seeds)
-    assert [[(c.token_ids, c.log_probs) for c in g] for g in zero] == [[(c.token_ids, c.log_probs) for c in g] for g in iid]
+    pairs = lambda groups: [[(c.token_ids, c.log_probs) for c in g] for g in groups]  # noqa: E731
+    assert pairs(zero) == pairs(iid)
     groups = engine.generate(prompts, SamplingParams(**base, props=PropsSampling(rounds, clip)), seeds)
     device = next(model.parameters()).device
     worst, ratios = 0.0, []

@@ -129,7 +129,8 @@ VOCAB, DEPTH = 4, 3
 def toy_log_probs(prefix) -> torch.Tensor:
     """A fixed policy: the next-token log-probs at each prefix, from a hash of the prefix."""
     seed = int.from_bytes(hashlib.blake2b(str(list(prefix)).encode(), digest_size=4).digest(), "little")
-    return (1.5 * torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)).log_softmax(-1)
+    generator = torch.Generator().manual_seed(seed)
+    return (1.5 * torch.randn(VOCAB, generator=generator, dtype=torch.float64)).log_softmax(-1)
 
 
 def draw_group(group_size, props: PropsSampling | None, generator):
@@ -245,7 +246,8 @@ def test_v2_processor_reads_the_committed_tokens_of_its_slots():
     all_token_ids[slot, prompt_len : pos + 1]."""
     all_token_ids = torch.zeros(4, 16, dtype=torch.int32)
     prompt_len = np.zeros(4, dtype=np.int32)
-    states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=all_token_ids), prompt_len=SimpleNamespace(np=prompt_len))
+    states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=all_token_ids),
+                             prompt_len=SimpleNamespace(np=prompt_len))
     processor = PropsLogitsProcessor(None, states)
     earlier = [[3, 1], [3, 2], [0]]
     assert processor.add_request(2, props_params(earlier)) and not processor.add_request(0, VLLMSamplingParams())
