@@ -35,7 +35,7 @@ class _Request:
             if self.node is None:
                 break
             entry = self.node.get(int(token))
-            self.node = entry[1] if entry is not None else None
+            self.node = (entry[1] or None) if entry is not None else None  # {}: no earlier draw goes on from here
         self.consumed += len(new_tokens)
 
 

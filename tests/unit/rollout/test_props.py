@@ -239,6 +239,11 @@ def test_v1_processor_changes_only_requests_at_an_earlier_rounds_prefix():
     assert torch.equal(after[0], before[0])
     processor.update_state(BatchUpdate(batch_size=2, removed=[1], added=[], moved=[]))
     assert torch.equal(processor.apply(before.clone()), before)
+    # a request reaching the end of an earlier sample (no draw went on from there) is left alone
+    out_d = []
+    processor.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, props_params([[5]]), [9], out_d)]))
+    out_d.append(5)
+    assert torch.equal(processor.apply(before.clone()), before) and not processor._requests
 
 
 def test_v2_processor_reads_the_committed_tokens_of_its_slots():
