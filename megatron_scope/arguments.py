@@ -22,6 +22,7 @@ from megatron_scope.config import (
 )
 from megatron_scope.data.datasets import PROMPT_PLACEHOLDER
 from megatron_scope.eval.benchmarks import BENCHMARK_NAMES
+from megatron_scope.rollout.props import PropsSampling
 
 
 def positive_float(text: str) -> float:
@@ -317,10 +318,11 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "that favours the tokens they under-sampled, within π_b/π in [1 - ε, 1 + ε] (rollout/props.py);"
                         " the sampler log-probs recorded are the behaviour policy's.")
     g.add_argument("--props-rounds", type=positive_int, default=None,
-                   help="With --rollout-sampler props: the rounds each group is drawn in, 1..G (default 2).")
+                   help=f"With --rollout-sampler props: the rounds each group is drawn in, 1..G (default "
+                        f"{PropsSampling.rounds}).")
     g.add_argument("--props-clip", type=nonnegative_float, default=None,
-                   help="With --rollout-sampler props: ε, PROPS's clip on π_b/π, in [0, 1) (default 0.3; 0 samples "
-                        "as iid).")
+                   help=f"With --rollout-sampler props: ε, PROPS's clip on π_b/π, in [0, 1) (default "
+                        f"{PropsSampling.clip}; 0 samples as iid).")
     g.add_argument("--rollout-engines", type=nonnegative_int, default=0,
                    help="With --rollout-placement ray: N >= 1 engines as Ray actors, placed by Ray on any node of the "
                         "cluster (rollout/ray_engine.py); each gets its share of every step's prompt groups in one call.")

@@ -706,7 +706,7 @@ class ScopeTrainer:
             return None
         return self.teacher_of[prompt_id] if self.config.data.teacher_route_key else self.teacher_names[0]
 
-    def _sampler_gap(self, microbatches: list[dict]) -> dict:
+    def _sampler_gap(self, microbatches: list[dict], prefix_statistics: list[tuple]) -> dict:
         """How far the sampler μ (the engine's log-probs) lies from the learner π (Megatron's `old_log_probs`, the
         weights about to be updated) on the response tokens the student's engine drew, over the whole step:
         mean |log μ - log π| (and the largest data-parallel rank's own mean: with co-located engines the worst
@@ -721,17 +721,17 @@ class ScopeTrainer:
 
         Also PROPS's sampling error: Σ_s N_s KL(p̂_s || π_s) / Σ_s N_s over the prefixes s the step's groups share
         (`rollout.props.prefix_statistics`: the mean of log p̂ - log π over the tokens drawn there), and the share of
-        the drawn tokens that were drawn at a shared prefix.
+        the drawn tokens that were drawn at a shared prefix (`prefix_statistics`: per microbatch, build_batch's
+        shared_prefix and empirical_log_probs).
         """
         sampled = [sampled_by_student(b) for b in microbatches]  # TrOPD's prefix tokens were sampled by the teacher
         sums = []  # per microbatch: Σ|d|, Σ d, Σ k3, Σ r, Σ r², count, Σ 1/r, shared count, Σ shared (log p̂ - log π)
         worst = []  # per microbatch: the largest 1/r = μ / π
-        for batch, mask in zip(microbatches, sampled):
+        for batch, mask, (shared, empirical) in zip(microbatches, sampled, prefix_statistics, strict=True):
             gap = torch.where(mask.bool(), batch["rollout_log_probs"] - batch["old_log_probs"], 0.0).double()
             ratio = torch.exp((-gap).clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND)) * mask
             behaviour = torch.exp(gap.clamp(-IS_LOG_RATIO_BOUND, IS_LOG_RATIO_BOUND)) * mask
-            shared = batch.pop("shared_prefix") & mask.bool()
-            empirical = batch.pop("empirical_log_probs")
+            shared = shared & mask.bool()
             error = torch.where(shared, empirical - batch["old_log_probs"], 0.0).double()
             sums.append(torch.stack([gap.abs().sum(), gap.sum(), ((ratio - 1 + gap) * mask).sum(), ratio.sum(),
                                      (ratio * ratio).sum(), mask.sum().double(), behaviour.sum(),
@@ -925,11 +925,10 @@ class ScopeTrainer:
 
         score_start = time.perf_counter()
         self._score(microbatches, microbatch_owners, self_teacher_rows)
+        # what only the metrics read, out of the microbatches the model and loss take
+        prefix_statistics = [(b.pop("shared_prefix"), b.pop("empirical_log_probs")) for b in microbatches]
         if self.is_last_stage:
-            metrics.update(self._sampler_gap(microbatches))
-        for microbatch in microbatches:  # what only the metrics read (popped there on the last stage)
-            microbatch.pop("shared_prefix", None)
-            microbatch.pop("empirical_log_probs", None)
+            metrics.update(self._sampler_gap(microbatches, prefix_statistics))
         train_start = time.perf_counter()
         self.student.zero_grad_buffer()
         teacher_weight = None
