@@ -311,6 +311,12 @@ def add_rollout_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     g.add_argument("--max-staleness", type=nonnegative_int, default=None,
                    help="With --rollout-schedule async: η, the most optimizer steps a response may lag the weights "
                         "that train on it (0: the sync schedule's order; 1: one-step-off's bound, reached greedily).")
+    g.add_argument("--partial-rollout-tokens", type=positive_int, default=None, metavar="L",
+                   help="With --rollout-schedule async: draw each rollout in segments of at most L tokens, so a refit "
+                        "(or a validation) waits for the segment in progress instead of the step's slowest response; "
+                        "the unfinished responses go on under the new weights (prompt + tokens so far, reseeded), each "
+                        "token's sampler log-prob that of the weights that drew it (rollout/partial.py). Default: "
+                        "whole rollouts.")
     g.add_argument("--rollout-sampler", choices=ROLLOUT_SAMPLERS, default="iid",
                    help="iid: each prompt's G responses are independent samples of the student. props: PROPS "
                         "(arXiv 2311.08290) for prompt groups: the G responses are drawn in --props-rounds rounds, and "

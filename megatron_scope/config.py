@@ -649,6 +649,10 @@ class RolloutConfig:
     train on it (None with the other schedules, whose bound is fixed: `staleness_bound`)."""
     props: PropsSampling | None = None
     """--rollout-sampler props with --props-rounds and --props-clip (`rollout.props`); None: --rollout-sampler iid."""
+    partial_rollout_tokens: int | None = None
+    """--partial-rollout-tokens L: with --rollout-schedule async, rollouts are drawn in segments of at most L tokens and
+    a refit or a validation waits for the segment in progress, not the rollout; unfinished responses continue under
+    the new weights, each token stamped with its version (`rollout.partial`). None: whole rollouts."""
 
     def __post_init__(self):
         _positive("RolloutConfig", prompts_per_step=self.prompts_per_step, group_size=self.group_size,
@@ -692,6 +696,14 @@ class RolloutConfig:
                              f"responses in --props-rounds {self.props.rounds} rounds (at most G), from a behaviour policy whose "
                              f"band holds on the sampling distribution: it needs --rollout-temperature > 0 (got "
                              f"{self.temperature}) and --rollout-top-p 1 (got {self.top_p})")
+        if self.partial_rollout_tokens is not None and (
+                self.schedule != "async" or self.props is not None
+                or not 1 <= self.partial_rollout_tokens < self.max_new_tokens):
+            raise ValueError(f"--partial-rollout-tokens {self.partial_rollout_tokens} lets a refit come between two "
+                             "segments of a rollout: it needs --rollout-schedule async (got "
+                             f"{self.schedule}; sync refits between rollouts, one-step-off keeps each rollout's version "
+                             "fixed), --rollout-sampler iid (PROPS draws whole responses in rounds) and a segment in "
+                             f"[1, --max-new-tokens {self.max_new_tokens})")
         if self.schedule != "sync" and (self.offload_optimizer or self.offload_teacher):
             raise ValueError(f"--rollout-schedule {self.schedule} trains while the engines generate: the training state "
                              "cannot wait in host memory meanwhile (drop --rl-offload-optimizer-during-inference and "
@@ -914,6 +926,9 @@ class RunConfig:
         if self.rollout.props is not None and self.loss.tropd_guidance:
             raise ValueError("--rollout-sampler props draws a group's responses from the student's shared prefixes; "
                              "--tropd-prefix-fraction starts some of them from a teacher's prefix: use one of the two")
+        if self.rollout.partial_rollout_tokens is not None and self.loss.tropd_guidance:
+            raise ValueError("--partial-rollout-tokens draws the student's responses in segments; --tropd-prefix-fraction "
+                             "has some start from a teacher's prefix, drawn whole: use one of the two")
         if self.served_teacher and self.loss.tropd_guidance:
             raise ValueError("--tropd-prefix-fraction: TrOPD's guidance has a vLLM engine of the teacher write "
                              "prefixes from its HF directory; --teacher-backend server scores through URLs only")
@@ -1117,7 +1132,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
                 args.tensor_model_parallel_size if placement == "colocated" else 1),
             engines=args.rollout_engines, teacher_engines=args.teacher_engines, ray_address=args.ray_address,
             gpus_per_engine=args.rollout_gpus_per_engine, vllm_log_level=args.vllm_log_level,
-            schedule=args.rollout_schedule, max_staleness=args.max_staleness, props=props_sampling(args)),
+            schedule=args.rollout_schedule, max_staleness=args.max_staleness, props=props_sampling(args),
+            partial_rollout_tokens=args.partial_rollout_tokens),
         optimizer=OptimizerConfig(
             lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,

@@ -82,6 +82,7 @@ from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token
 from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams, close_engines
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
+from megatron_scope.rollout.partial import generate_in_segments, token_versions
 from megatron_scope.rollout.producer import RolloutProducer
 from megatron_scope.rewards.base import STATUS_CORRECT, STATUS_VERIFIER_ERROR, Verdict, Verifier
 from megatron_scope.rewards.routing import RoutedVerifier
@@ -409,9 +410,11 @@ class ScopeTrainer:
 
     def _produce(self, iteration: int, weight_version: int, engine_idle_s: float) -> tuple[list[RolloutGroup], dict]:
         """The producer's rollout of step `iteration` (one-step-off, async; the leader of Ray engines, which serves the
-        whole step): its prompts drawn here, in iteration order, then `_sample_verify_score`."""
+        whole step): its prompts drawn here, in iteration order, then `_sample_verify_score` (with partial rollouts,
+        refits may come between its segments)."""
         prompts = self.dataset.next_batch(self.config.rollout.prompts_per_step)
-        groups, seconds = self._sample_verify_score(prompts, 0, iteration, weight_version)
+        groups, seconds = self._sample_verify_score(prompts, 0, iteration, weight_version,
+                                                    self._producer.between_segments)
         return groups, {**seconds, "engine_idle": engine_idle_s}
 
     def _start_producer(self, iteration: int) -> None:
@@ -421,13 +424,15 @@ class ScopeTrainer:
         self._producer = RolloutProducer(self._produce, rollout.staleness_bound, first=iteration + len(self.buffer),
                                          last=self.config.loop.train_iters, version=iteration - 1,
                                          ordered=rollout.schedule == "one-step-off")
+        self._producer.start()  # after the assignment: `_produce` reads it
 
-    def _holding_engines(self, new_version: int | None = None):
+    def _holding_engines(self, new_version: int | None = None, interrupt: bool = False):
         """The engines for the trainer's own use (a refit to `new_version`, a validation, a checkpoint's snapshot),
-        free of the producer's rollouts (`RolloutProducer.holding_engines`); no wait without a producer."""
+        free of the producer's rollouts (`RolloutProducer.holding_engines`; `interrupt`: between two segments of a
+        partial rollout); no wait without a producer."""
         if self._producer is None:
             return contextlib.nullcontext()
-        return self._producer.holding_engines(new_version)
+        return self._producer.holding_engines(new_version, interrupt)
 
     def _finish_rollout(self, in_flight: RolloutInFlight) -> Rollout:
         """Every rank the leader serves: wait for the leader's share and receive it (all raise if the leader
@@ -471,6 +476,10 @@ class ScopeTrainer:
                       for ok, prompt in zip(g.correct, g.self_teacher_prompts)]
             sums += [sum(d for _, d, _ in routes), sum(not ok and not sibling for ok, _, sibling in routes),
                      sum(not ok and sibling and not d for ok, d, sibling in routes)]
+        partial_at = len(sums)
+        if self.config.rollout.partial_rollout_tokens is not None:  # responses a refit interrupted; token staleness
+            runs = [token_versions(c, g.weight_version) for g in groups for c in g.completions]
+            sums += [sum(len(r) > 1 for r in runs), sum(k * (self.iteration - v) for r in runs for k, v in r)]
         sums += [sum(v.status == status for g in groups for v in g.verdicts) for status in statuses]  # last
         times = [seconds["rollout"], seconds.get("teacher_score", 0.0), seconds.get("reference_score", 0.0),
                  max(lengths), -min(lengths), max(staleness), -min(staleness)]  # reduced with MAX: minus the least
@@ -515,17 +524,21 @@ class ScopeTrainer:
         if self.config.loss.tropd_guidance:
             stats["tropd/guided_fraction"] = sums[extra] / samples
             stats["tropd/prefix_alpha"] = guidance_alpha(iteration, self.config.loop.train_iters)
+        if self.config.rollout.partial_rollout_tokens is not None:
+            stats["rollout/interrupted_fraction"] = sums[partial_at] / samples
+            stats["rollout/staleness_token_mean"] = sums[partial_at + 1] / tokens
         if self.self_teacher is not None:
             stats["srpo/distilled_fraction"] = sums[extra] / samples
             stats["srpo/failed_without_demonstration_fraction"] = sums[extra + 1] / samples
             stats["srpo/reprompt_too_long_fraction"] = sums[extra + 2] / samples
         return stats
 
-    def _sample_verify_score(self, prompts, first: int, iteration: int,
-                             weight_version: int) -> tuple[list[RolloutGroup], dict]:
+    def _sample_verify_score(self, prompts, first: int, iteration: int, weight_version: int,
+                             between_segments=None) -> tuple[list[RolloutGroup], dict]:
         """The leader: sample G responses per prompt (prompt k is the step's prompt `first + k`, which fixes its
-        seeds) from the engine's weights (those of iteration `weight_version`), verify them, score them with the
-        teacher engine if any, and let both engines sleep."""
+        seeds) from the engine's weights (those of iteration `weight_version`; with --partial-rollout-tokens in
+        segments, `between_segments()` giving each later segment's version), verify them, score them with the teacher
+        engine if any, and let both engines sleep."""
         rollout = self.config.rollout
         start = time.perf_counter()
         params = SamplingParams(n=rollout.group_size, max_new_tokens=rollout.max_new_tokens,
@@ -543,7 +556,11 @@ class ScopeTrainer:
                 guidance_alpha(iteration, self.config.loop.train_iters))
         else:
             self.engine.wake(["kv_cache"])  # its weights woke for the refit
-            samples = self.engine.generate(prompt_ids, params, seeds=seeds.groups(indices, params.n, "rollout"))
+            if rollout.partial_rollout_tokens is None:
+                samples = self.engine.generate(prompt_ids, params, seeds=seeds.groups(indices, params.n, "rollout"))
+            else:  # async's producer: refits may come between segments
+                samples = generate_in_segments(self.engine, prompt_ids, params, seeds, indices,
+                                               rollout.partial_rollout_tokens, weight_version, between_segments)
         if self.config.rollout.schedule == "sync":  # a refit follows every step, a skipped one included: nothing to
             self.engine.sleep(level=2)  # keep (one-step-off: Ray engines keep their own devices and generate again)
         seconds = {"rollout": time.perf_counter() - start}
@@ -777,7 +794,7 @@ class ScopeTrainer:
         error = None
         if self.engine is not None:
             try:
-                with self._holding_engines(version):
+                with self._holding_engines(version, interrupt=True):
                     self.engine.wake(["weights"])
                     self.engine.update_weights(stream)
             except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
@@ -819,7 +836,7 @@ class ScopeTrainer:
             self._free_device_memory()
             if self.engine is not None:
                 try:
-                    with self._holding_engines():
+                    with self._holding_engines(interrupt=True):
                         self.engine.wake(["kv_cache"])
                         records = sample_and_grade(self.engine, self.tokenizer, self.eval_sets, self.eval_config,
                                                    self.verifier, part, show_progress=False)

@@ -62,6 +62,9 @@ class Completion:
     """Sampling log-prob of each response token, under the engine's temperature-scaled distribution."""
     finish_reason: str
     """"stop" (a stop token), "length" (max_new_tokens reached)."""
+    versions: tuple[tuple[int, int], ...] = ()
+    """Partial rollouts (`rollout.partial`): (first token index, weight version) of each run of tokens that one version
+    of the weights sampled, in token order from index 0; empty: one version sampled them all (the group's)."""
 
 
 @dataclasses.dataclass

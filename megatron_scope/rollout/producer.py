@@ -8,10 +8,12 @@ produced and consumed in iteration order, each exactly once by the step it was d
 re-queued or reordered, so the consumed samples are the produced ones (no bias toward short responses).
 
 The engines are the producer's except while the trainer holds them (`holding_engines`: a refit, a validation, a
-checkpoint's snapshot); a hold waits for the rollout in progress, and no rollout starts during one. The engines'
-`generate` blocks until its last response ends, so no request is ever in flight across a refit, and a hold waits at
-most one rollout (bounded by --max-new-tokens); carrying unfinished responses across a refit (partial rollouts)
-needs vLLM's incremental engine instead.
+checkpoint's snapshot); a hold waits for the rollout in progress, and no rollout starts during one. With partial
+rollouts (--partial-rollout-tokens, `rollout.partial`) a rollout is drawn in segments and calls `between_segments`
+after each: a refit or a validation (an interrupting hold) runs there, and the rollout's later segments sample from
+the weights the refit brought, so such a hold waits for one segment rather than the whole rollout. A checkpoint's
+snapshot still waits for the whole rollout: the data position it saves is the one after the rollouts it holds.
+Admission reads the version a rollout starts from, its oldest tokens', so the bound holds for every token.
 
 - "async" (greedy): a rollout starts as soon as it is admitted and the engines are free, so versions depend on timing
   (staleness 0..η) and a slow rollout is absorbed by the ones produced ahead of it;
@@ -31,10 +33,10 @@ from typing import Any, Callable
 
 class RolloutProducer:
     """Produces `produce(iteration, version, engine_idle_s)` for iterations `first`, `first + 1`, ... `last` in one
-    thread, each once admitted (module docstring); `result(j)` is iteration j's future. `version`: the engines' weight
-    version now; `engine_idle_s`: the seconds the engines waited for admission since the last rollout (holds are not
-    idle: the trainer uses the engines). `ordered`: one-step-off's fixed versions (a hold that changes the version
-    first waits for every admitted rollout to start)."""
+    thread (from `start()`), each once admitted (module docstring); `result(j)` is iteration j's future. `version`: the
+    engines' weight version now; `engine_idle_s`: the seconds the engines waited for admission since the last rollout
+    (holds are not idle: the trainer uses the engines). `ordered`: one-step-off's fixed versions (a hold that changes
+    the version first waits for every admitted rollout to start)."""
 
     def __init__(self, produce: Callable[[int, int, float], Any], max_staleness: int, first: int, last: int, version: int,
                  ordered: bool = False):
@@ -44,10 +46,15 @@ class RolloutProducer:
         self._next, self._taken, self._version = first, first, version
         self._futures: dict[int, concurrent.futures.Future] = {}
         self._holds, self._busy, self._stopped = 0, False, False
+        self._interrupts, self._paused = 0, False  # holds that may run between a rollout's segments; one runs there
         self._idle_seconds, self._idle_since = 0.0, time.perf_counter()  # engines free, no hold, not admitted
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
+
+    def start(self) -> "RolloutProducer":
+        """Start producing (a rollout drawn in segments may call `between_segments` on the producer it got)."""
         self._thread.start()
+        return self
 
     def _admitted(self) -> bool:
         return self._next <= self._last and self._next - 1 - self.max_staleness <= self._version
@@ -95,26 +102,41 @@ class RolloutProducer:
             return [(j, self._futures[j].result()) for j in sorted(self._futures)
                     if j >= self._taken and self._futures[j].done()]
 
+    def between_segments(self) -> int:
+        """Called by the rollout in progress between two of its segments (partial rollouts): lets the interrupting holds
+        that wait run first; returns the engines' weight version for its next segment."""
+        with self._changed:
+            if self._interrupts:
+                self._paused = True
+                self._changed.notify_all()
+                self._changed.wait_for(lambda: not self._interrupts)
+                self._paused = False
+            return self._version
+
     @contextlib.contextmanager
-    def holding_engines(self, new_version: int | None = None):
+    def holding_engines(self, new_version: int | None = None, interrupt: bool = False):
         """The engines, free of rollouts: waits for the one in progress (ordered: first for every admitted one to
-        start); none starts until the block ends. `new_version`: the engines' weight version after the block (a
-        refit), which admits the rollouts it allows. Re-entrant."""
+        start), or with `interrupt` only for its current segment when it is drawn in segments (`between_segments`);
+        none starts or goes on until the block ends. `new_version`: the engines' weight version after the block (a
+        refit), which admits the rollouts it allows. Re-entrant; a hold that waits for the whole rollout cannot be
+        taken inside one that interrupted it."""
         with self._changed:
             if self._ordered and new_version is not None and new_version != self._version:
                 self._changed.wait_for(lambda: self._stopped or not self._admitted())
             self._holds += 1
-            self._changed.wait_for(lambda: not self._busy)
-            if self._holds == 1:  # the engines are the trainer's from here: not idle
+            self._interrupts += interrupt
+            self._changed.wait_for(lambda: not self._busy or (interrupt and self._paused))
+            if self._holds == 1 and not self._paused:  # the engines are the trainer's from here: not idle
                 self._idle_seconds += time.perf_counter() - self._idle_since
         try:
             yield
         finally:
             with self._changed:
                 self._holds -= 1
+                self._interrupts -= interrupt
                 if new_version is not None:
                     self._version = new_version
-                if not self._holds:
+                if not self._holds and not self._busy:
                     self._idle_since = time.perf_counter()
                 self._changed.notify_all()
 

@@ -8,6 +8,9 @@ stream), where the stream says which draw it is, and its seed is a 63-bit hash o
 
     seed = blake2b("run_seed/iteration/prompt/sample/stream")[:8] >> 1
 
+A response generated in segments (partial rollouts) draws segment k >= 1 as a request of its own, named with
+"/k" appended on the "resubmission" stream, so a continuation never replays an earlier segment's noise.
+
 A pure function of the name, so runs are reproducible and a prompt gets the same samples on whichever engine and in
 whichever call it is generated (placement-independent); distinct names collide with probability 2^-63 per pair.
 """
@@ -21,14 +24,20 @@ from typing import Sequence
 STREAMS = ("rollout", "teacher_prefix", "continuation", "evaluation", "resubmission")
 """rollout: a student's response; teacher_prefix: a teacher's response that TrOPD's guidance cuts into a prefix;
 continuation: the student's continuation of such a prefix; evaluation: a sample for Avg@k / Pass@k; resubmission: a
-sample drawn again for a request that was dropped (a timed-out or interrupted group)."""
+later segment of a response generated in segments (`rollout.partial`), which continues the tokens drawn so far."""
 
 
-def draw_seed(run_seed: int, iteration: int, prompt_index: int, sample_index: int, stream: str) -> int:
-    """The seed of one draw (module docstring): a non-negative int below 2^63, which vLLM and torch both take."""
+def draw_seed(run_seed: int, iteration: int, prompt_index: int, sample_index: int, stream: str,
+              segment: int = 0) -> int:
+    """The seed of one draw (module docstring): a non-negative int below 2^63, which vLLM and torch both take;
+    `segment` k >= 1 names a response's k-th continuation (the "resubmission" stream only)."""
     if stream not in STREAMS:
         raise ValueError(f"unknown random stream {stream!r}; expected one of {STREAMS}")
-    name = f"{int(run_seed)}/{int(iteration)}/{int(prompt_index)}/{int(sample_index)}/{stream}".encode()
+    if segment < 0 or (segment > 0 and stream != "resubmission"):
+        raise ValueError(f"segment {segment} of stream {stream!r}: segments k >= 1 of a response are drawn on the "
+                         "resubmission stream")
+    name = f"{int(run_seed)}/{int(iteration)}/{int(prompt_index)}/{int(sample_index)}/{stream}"
+    name = (f"{name}/{int(segment)}" if segment else name).encode()
     return int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 1
 
 
@@ -42,8 +51,8 @@ class StepSeeds:
     iteration: int
     """The iteration (from 1); 0 outside training (tools/eval.py)."""
 
-    def seed(self, prompt_index: int, sample_index: int, stream: str) -> int:
-        return draw_seed(self.run_seed, self.iteration, prompt_index, sample_index, stream)
+    def seed(self, prompt_index: int, sample_index: int, stream: str, segment: int = 0) -> int:
+        return draw_seed(self.run_seed, self.iteration, prompt_index, sample_index, stream, segment)
 
     def groups(self, prompt_indices: Sequence[int], n: int, stream: str) -> list[list[int]]:
         """The seeds of samples 0 .. n - 1 of each prompt."""

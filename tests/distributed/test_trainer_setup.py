@@ -147,12 +147,18 @@ class _RecordingEngine:
     def __init__(self, calls, dies_in_refit=False, before_generating=lambda seeds: None):
         self.calls, self.dies_in_refit, self.before_generating = calls, dies_in_refit, before_generating
 
-    def generate(self, prompts, params, seeds):
+    def generate(self, prompts, params, seeds, max_new_tokens=None):
+        """Response j of a prompt is [5 + j, 2] (2: the stop token); in segments of one token (partial rollouts) the
+        prompt's request draws [5 + j] and its continuation [2]."""
         from megatron_scope.rollout.engine import Completion
 
         self.calls.append(("generate", seeds))
         self.before_generating(seeds)
-        return [[Completion([5 + j, 2], [-0.1, -0.2], "stop") for j in range(params.n)] for _ in prompts]
+        if max_new_tokens is None:
+            return [[Completion([5 + j, 2], [-0.1, -0.2], "stop") for j in range(params.n)] for _ in prompts]
+        if len(prompts[0]) == 3:  # the first segment (the stand-in's prompts have 3 tokens)
+            return [[Completion([5 + j], [-0.1], "length") for j in range(params.n)] for _ in prompts]
+        return [[Completion([2], [-0.2], "stop")] for _ in prompts]
 
     def update_weights(self, stream):
         from megatron_scope.rollout.engine import RolloutEngineDiedError
@@ -389,6 +395,75 @@ def test_async_runs_the_producer_up_to_max_staleness_steps_ahead():
     assert leader["main"] == [call for step in steps for call in (step, *refit)]
     assert leader["producer"] == [call for k in range(3) for call in (("wake", ["kv_cache"]), ("generate", seeds[k]))]
     assert other == {"main": steps, "producer": []}
+
+def _async_partial(rank, world_size):
+    """Three train_steps of an async (η = 1) stand-in trainer at DP=2 with partial rollouts (segments of one token),
+    one Ray-placed engine led by rank 0: the engine's calls per thread and, per step, each response's version runs
+    and the partial-rollout metrics each rank learned from. Step 1's learning waits until rollout 2's first segment
+    has begun, and that segment lasts until step 1's refit is asked for, so the refit comes between rollout 2's
+    segments; step 2's learning waits until rollout 3's second segment has begun (before step 2's refit)."""
+    import threading
+    import time
+
+    from megatron_scope import trainer as trainer_module
+    from megatron_scope.rollout.seeds import StepSeeds
+    from megatron_scope.testing.tiny import tiny_run_config
+
+    calls = {"main": [], "producer": []}
+    second_begun, third_continued = threading.Event(), threading.Event()
+    seed = tiny_run_config().loop.seed
+    deadline = 30
+
+    def before_generating(seeds):
+        if seeds == StepSeeds(seed, 2).groups([0, 1], 2, "rollout"):
+            second_begun.set()
+            start = time.monotonic()
+            while not trainer._producer._interrupts:  # step 1's refit is asked for during this segment
+                assert time.monotonic() - start < deadline, "step 1's refit was not asked for"
+                time.sleep(0.001)
+        if seeds[0] == [StepSeeds(seed, 3).seed(0, 0, "resubmission", 1)]:
+            third_continued.set()
+
+    engine = _RecordingEngine(_ThreadRecords(calls), before_generating=before_generating) if rank == 0 else None
+    trainer = _stand_in_trainer(rank, "ray", [0], engine=engine, remote_teacher=False, train_iters=3, engines=1,
+                                schedule="async", max_staleness=1, partial_rollout_tokens=1)
+    trainer_module.free_cached_device_memory = lambda: None
+
+    def learn(groups, metrics, first):
+        calls["main"].append(("learn", [c.versions for g in groups for c in g.completions],
+                              metrics["rollout/staleness_mean"], metrics["rollout/staleness_token_mean"],
+                              metrics["rollout/interrupted_fraction"]))
+        waits = {0: (second_begun, "rollout 2 did not begin during step 1"),
+                 1: (third_continued, "rollout 3 did not go on during step 2")}
+        if rank == 0 and trainer.iteration in waits:
+            event, message = waits[trainer.iteration]
+            assert event.wait(timeout=deadline), message
+        return types.SimpleNamespace(updated=True, skipped_reason=None)
+
+    _three_steps(trainer, learn)
+    return calls
+
+
+def test_a_refit_comes_between_the_segments_of_a_partial_rollout():
+    """--rollout-schedule async --max-staleness 1 --partial-rollout-tokens 1: step 1's refit does not wait for rollout
+    2, in progress: it runs between the rollout's segments, whose second token is sampled by θ_1 and stamped so
+    (versions ((0, 0), (1, 1)); at step 2 its tokens are 1 and 0 steps stale, the responses' oldest 1), on every rank;
+    every later segment is a request of its own on the resubmission stream."""
+    from megatron_scope.rollout.seeds import StepSeeds
+    from megatron_scope.testing.tiny import tiny_run_config
+
+    seeds = [StepSeeds(tiny_run_config().loop.seed, k) for k in (1, 2, 3)]
+    refit = [("wake", ["weights"]), ("update_weights", ["w"])]
+    steps = [("learn", [((0, 0),)] * 4, 0.0, 0.0, 0.0), ("learn", [((0, 0), (1, 1))] * 4, 1.0, 0.5, 1.0),
+             ("learn", [((0, 1),)] * 4, 1.0, 1.0, 0.0)]
+    leader, other = run_on_ranks(_async_partial, 2)
+    assert leader["main"] == [call for step in steps for call in (step, *refit)]
+    assert leader["producer"] == [
+        call for step in seeds for call in (("wake", ["kv_cache"]), ("generate", step.groups([0, 1], 2, "rollout")),
+                                            ("generate", [[step.seed(i, j, "resubmission", 1)] for i in (0, 1)
+                                                          for j in (0, 1)]))]
+    assert other == {"main": steps, "producer": []}
+
 
 def _buffer_checks(rank, world_size):
     """`_check_buffer` on a checkpoint of iteration 1 that holds rollouts 2 and 3 (2 prompt groups each, both from

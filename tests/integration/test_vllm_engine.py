@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from megatron_scope.rollout.engine import SamplingParams
+from megatron_scope.rollout.partial import generate_in_segments
 from megatron_scope.rollout.props import PrefixTree, PropsSampling, behaviour_log_probs, round_slices
 from megatron_scope.rollout.seeds import StepSeeds
 from megatron_scope.rollout.vllm_engine import VLLM_LOG_LEVEL_ENV, VLLMEngineConfig, VLLMRolloutEngine
@@ -334,6 +335,38 @@ def test_update_weights_takes_new_weights(engine, models):
 
     engine.update_weights(iter(hf_weights(models.model)))  # a generator, as weight_export yields
     assert_scores_match(engine, models.model)
+
+
+def test_partial_rollout_tokens_carry_the_log_probs_of_the_weights_that_drew_them(engine, models):
+    """A rollout in segments of 3 tokens with a refit at each of the first two boundaries (model -> other -> model):
+    each token's sampler log-prob is the one of the weights that drew it, given the whole prefix (transformers'
+    forward of the response so far: the engine reads the prefix again with the new weights, no stale KV cache), and
+    each response lists those versions."""
+    weights = {0: models.model, 1: models.other, 2: models.model}
+    versions = iter([1, 2])
+    version = [0]
+
+    def between_segments():
+        new = next(versions, version[0])
+        if new != version[0]:
+            engine.update_weights(hf_weights(weights[new]))
+            version[0] = new
+        return version[0]
+
+    params = SamplingParams(n=2, max_new_tokens=8)
+    try:
+        groups = generate_in_segments(engine, PROMPTS[:2], params, StepSeeds(4, 1), [0, 1], 3, 0, between_segments)
+    finally:
+        engine.update_weights(hf_weights(models.model))
+    for prompt, group in zip(PROMPTS, groups):
+        for completion in group:  # no stop token: every response has 8 tokens, in segments of 3, 3 and 2
+            assert len(completion.token_ids) == 8 and completion.versions == ((0, 0), (3, 1), (6, 2))
+            for start, run_version in completion.versions:
+                context = prompt + completion.token_ids[:start]
+                drawn = completion.token_ids[start:start + 3]
+                expected = token_log_probs(weights[run_version], context, drawn)
+                diff = (torch.tensor(completion.log_probs[start:start + 3]) - expected).abs().max().item()
+                assert diff <= TOLERANCE, f"version {run_version} tokens' log-probs differ by {diff}"
 
 
 @pytest.mark.slow

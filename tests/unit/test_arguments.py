@@ -9,6 +9,7 @@ from megatron_scope.arguments import add_scope_args, build_parser, parse_run_con
 from megatron_scope.config import build_config
 
 REQUIRED = ["--student-hf", "s", "--teacher-hf", "t", "--tokenizer", "t", "--train-data", "d"]
+ASYNC_1 = ["--rollout-engines", "1", "--rollout-schedule", "async", "--max-staleness", "1"]
 
 
 def test_defaults_follow_the_paper_and_released_runs():
@@ -54,6 +55,10 @@ def test_rollout_schedule():
     run = parse_run_config(REQUIRED + ["--rollout-engines", "2", "--rollout-schedule", "async", "--max-staleness", "3"])
     assert (run.rollout.schedule, run.rollout.staleness_bound) == ("async", 3)
     assert parse_run_config(REQUIRED).rollout.staleness_bound == 0
+    assert run.rollout.partial_rollout_tokens is None
+    partial = parse_run_config(REQUIRED + ["--rollout-engines", "1", "--rollout-schedule", "async", "--max-staleness",
+                                           "1", "--partial-rollout-tokens", "16"])
+    assert partial.rollout.partial_rollout_tokens == 16
 
 
 
@@ -157,6 +162,15 @@ def test_help_lists_every_flag(capsys):
          "--max-staleness 2 with --rollout-schedule one-step-off"),
         (["--rollout-schedule", "async", "--rollout-engines", "1", "--max-staleness", "-1"], "--max-staleness"),
         (["--teacher-engines", "2"], "--teacher-engines 2: N >= 1 Ray actors of a vLLM teacher go with"),
+        (["--rollout-schedule", "one-step-off", "--rollout-engines", "1", "--partial-rollout-tokens", "8"],
+         "--partial-rollout-tokens 8 lets a refit come between two segments of a rollout: it needs --rollout-schedule "
+         "async (got one-step-off;"),
+        (["--partial-rollout-tokens", "8"], "it needs --rollout-schedule async (got sync;"),
+        (ASYNC_1 + ["--partial-rollout-tokens", "0"], "--partial-rollout-tokens: must be >= 1"),
+        (ASYNC_1 + ["--partial-rollout-tokens", "256"], "a segment in [1, --max-new-tokens 256)"),
+        (ASYNC_1 + ["--partial-rollout-tokens", "8", "--rollout-sampler", "props"], "PROPS draws whole responses"),
+        (ASYNC_1 + ["--partial-rollout-tokens", "8", "--scope-algorithm", "tropd", "--tropd-prefix-fraction", "0.5"],
+         "--tropd-prefix-fraction has some start from a teacher's prefix, drawn whole"),
         (["--props-rounds", "2"], "--props-rounds set PROPS's sampler: give --rollout-sampler props with them"),
         (["--rollout-sampler", "props", "--props-rounds", "9"], "--scope-group-size 8 responses in --props-rounds 9"),
         (["--rollout-sampler", "props", "--rollout-top-p", "0.9"], "and --rollout-top-p 1 (got 0.9)"),

@@ -13,25 +13,32 @@ import pytest
 from megatron_scope.rollout.producer import RolloutProducer
 
 
-def _drive(max_staleness, steps, produce_seconds, learn_seconds, ordered=False, refit_seconds=0.0):
+def _drive(max_staleness, steps, produce_seconds, learn_seconds, ordered=False, refit_seconds=0.0, segments=1):
     """A stand-in trainer: step k takes rollout k, "learns" for learn_seconds[k - 1], then refits to version k while
     holding the engines. Returns (the producer's calls (iteration, version, length), per step (iteration consumed,
-    version that sampled it, length))."""
-    produced, consumed = [], []
+    version that sampled it, length)). `segments` > 1: partial rollouts, each drawn in that many segments with the
+    refits interrupting between them; the version is then the tuple of each segment's."""
+    produced, consumed, made = [], [], threading.Event()
 
     def produce(iteration, version, engine_idle_s):
-        assert engine_idle_s >= 0
+        assert engine_idle_s >= 0 and made.wait(timeout=60)  # `producer` is assigned
         length = int(1000 * produce_seconds[iteration - 1]) + 1  # long generations are long responses
+        versions = [version]
+        for segment in range(segments):
+            if segment:
+                versions.append(producer.between_segments())
+            time.sleep(produce_seconds[iteration - 1] / segments)
+        version = tuple(versions) if segments > 1 else version
         produced.append((iteration, version, length))
-        time.sleep(produce_seconds[iteration - 1])
         return iteration, version, length
 
-    producer = RolloutProducer(produce, max_staleness, first=1, last=steps, version=0, ordered=ordered)
+    producer = RolloutProducer(produce, max_staleness, first=1, last=steps, version=0, ordered=ordered).start()
+    made.set()
     try:
         for k in range(1, steps + 1):
             consumed.append(producer.result(k).result(timeout=60))
             time.sleep(learn_seconds[k - 1])
-            with producer.holding_engines(new_version=k):
+            with producer.holding_engines(new_version=k, interrupt=segments > 1):
                 time.sleep(refit_seconds)
     finally:
         producer.close()
@@ -54,6 +61,58 @@ def test_long_tailed_generation_every_rollout_within_the_bound_each_consumed_onc
         assert 0 <= (k - 1) - version <= max_staleness, (k, version)
 
 
+@pytest.mark.parametrize("max_staleness", [0, 1, 2])
+def test_partial_rollouts_every_segment_within_the_bound(max_staleness):
+    """Partial rollouts (refits between segments), long-tailed times: every segment of rollout k is sampled from a
+    version in [k - 1 - η, k - 1], versions never decrease along a rollout, and each rollout is consumed once, in
+    order."""
+    rng = random.Random(10 + max_staleness)
+    steps = 14
+    produce_seconds = [min(0.004 * rng.paretovariate(1.2), 0.08) for _ in range(steps)]
+    learn_seconds = [min(0.002 * rng.paretovariate(1.2), 0.05) for _ in range(steps)]
+    produced, consumed = _drive(max_staleness, steps, produce_seconds, learn_seconds, segments=4)
+    assert consumed == produced and [iteration for iteration, _, _ in consumed] == list(range(1, steps + 1))
+    for k, (_, versions, _) in enumerate(consumed, start=1):
+        assert list(versions) == sorted(versions)
+        assert all(0 <= (k - 1) - version <= max_staleness for version in versions), (k, versions)
+
+
+def _wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("interrupt", [True, False])
+def test_a_refit_waits_for_the_segment_in_progress_a_snapshot_for_the_rollout(interrupt):
+    """A rollout in three segments, a hold asked for during its first: a refit (interrupt) runs at the first boundary
+    and the later segments sample from its version; a checkpoint's snapshot waits for the whole rollout."""
+    events, made = [], threading.Event()
+
+    def produce(iteration, version, engine_idle_s):
+        assert made.wait(timeout=60)  # `producer` is assigned
+        events.append(("segment", version))
+        _wait_until(lambda: producer._holds, "the hold")  # the hold is asked for during the first segment
+        for _ in range(2):
+            events.append(("segment", producer.between_segments()))
+        return iteration
+
+    producer = RolloutProducer(produce, 1, first=1, last=1, version=0).start()
+    made.set()
+    try:
+        _wait_until(lambda: events, "the first segment")
+        with producer.holding_engines(new_version=1 if interrupt else None, interrupt=interrupt):
+            events.append(("hold",))
+        assert producer.result(1).result(timeout=60) == 1
+    finally:
+        producer.close()
+    if interrupt:
+        assert events == [("segment", 0), ("hold",), ("segment", 1), ("segment", 1)]
+    else:
+        assert events == [("segment", 0), ("segment", 0), ("segment", 0), ("hold",)]
+
+
 def test_zero_staleness_is_the_sync_schedules_order():
     """η = 0: rollout k is sampled from the weights of step k - 1 and starts only after that refit."""
     events = []
@@ -64,7 +123,7 @@ def test_zero_staleness_is_the_sync_schedules_order():
             events.append(("produce", iteration, version))
         return iteration
 
-    producer = RolloutProducer(produce, 0, first=1, last=4, version=0)
+    producer = RolloutProducer(produce, 0, first=1, last=4, version=0).start()
     try:
         for k in range(1, 5):
             assert producer.result(k).result(timeout=60) == k
@@ -98,7 +157,7 @@ def test_a_hold_waits_for_the_rollout_in_progress_and_none_starts_during_it():
             assert release.wait(timeout=60)
         return iteration
 
-    producer = RolloutProducer(produce, 5, first=1, last=3, version=0)
+    producer = RolloutProducer(produce, 5, first=1, last=3, version=0).start()
     try:
         assert started.wait(timeout=60)
         held = threading.Event()
@@ -125,7 +184,7 @@ def test_a_failed_rollout_raises_in_the_step_that_consumes_it_and_the_others_sti
             raise RuntimeError("the engine died on iteration 2")
         return iteration
 
-    producer = RolloutProducer(produce, 2, first=1, last=3, version=0)
+    producer = RolloutProducer(produce, 2, first=1, last=3, version=0).start()
     try:
         assert producer.result(1).result(timeout=60) == 1
         with pytest.raises(RuntimeError, match="the engine died on iteration 2"):
@@ -136,7 +195,8 @@ def test_a_failed_rollout_raises_in_the_step_that_consumes_it_and_the_others_sti
 
 
 def test_rollouts_are_taken_in_order_and_the_untaken_ones_are_listed():
-    producer = RolloutProducer(lambda iteration, version, idle: f"rollout {iteration}", 2, first=4, last=6, version=3)
+    producer = RolloutProducer(lambda iteration, version, idle: f"rollout {iteration}", 2, first=4, last=6,
+                               version=3).start()
     try:
         with pytest.raises(ValueError, match="the producer's next rollout is iteration 4's \\(of 6\\), not 5's"):
             producer.result(5)
@@ -158,7 +218,7 @@ def test_engine_idle_counts_the_wait_for_admission_not_the_trainers_holds():
         idle[iteration] = engine_idle_s
         return iteration
 
-    producer = RolloutProducer(produce, 0, first=1, last=2, version=0)
+    producer = RolloutProducer(produce, 0, first=1, last=2, version=0).start()
     try:
         producer.result(1).result(timeout=60)
         time.sleep(0.1)

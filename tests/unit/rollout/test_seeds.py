@@ -27,3 +27,17 @@ def test_a_draw_is_a_pure_function_of_its_name():
                                               (7, 3, 5, 3, "rollout"), (7, 3, 5, 2, "evaluation")]}) == 6
     with pytest.raises(ValueError, match="unknown random stream 'prefix'"):
         draw_seed(7, 3, 5, 2, "prefix")
+
+
+def test_each_segment_of_a_response_has_a_seed_of_its_own():
+    """Partial rollouts: segment k >= 1 of a response is a new request on the resubmission stream, seeded apart from
+    the response's first segment, from its other segments and from every other draw of the step."""
+    step = StepSeeds(7, 3)
+    segments = [step.seed(5, 2, "resubmission", k) for k in range(1, 50)]
+    others = [step.seed(i, j, stream) for i in range(8) for j in range(4) for stream in STREAMS]
+    assert len(set(segments + others)) == len(segments) + len(others)
+    assert step.seed(5, 2, "resubmission", 0) == step.seed(5, 2, "resubmission")  # segment 0: the plain name
+    with pytest.raises(ValueError, match="segment 1 of stream 'rollout'"):
+        step.seed(5, 2, "rollout", 1)
+    with pytest.raises(ValueError, match="segment -1"):
+        step.seed(5, 2, "resubmission", -1)
