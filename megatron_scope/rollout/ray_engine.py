@@ -24,7 +24,7 @@ Errors raised in an actor reach the caller as Ray errors that are also instances
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import ray
 import torch
@@ -135,16 +135,25 @@ class RayRolloutEngine(RolloutEngine):
         """Every engine gets its whole share of the prompts in one call (`engine_shares`), so each one's vLLM batch holds
         all its requests at once and a step waits for one tail of long responses per engine, not one per chunk in
         series; shares are dealt longest prompt first, so their prompt tokens balance."""
-        prompts = [list(p) for p in prompts]
-        seeds, caps = per_prompt_plan(prompts, params, seeds, max_new_tokens)
-        shares = engine_shares([len(p) for p in prompts], len(self._actors))
-        calls = [actor.generate.remote([prompts[i] for i in share], params, [seeds[i] for i in share],
-                                       [caps[i] for i in share]) for actor, share in zip(self._actors, shares)]
         results: list = [None] * len(prompts)
-        for share, groups in zip(shares, ray.get(calls)):
+        for share, groups in self.generate_shares(prompts, params, seeds, max_new_tokens):
             for i, group in zip(share, groups):
                 results[i] = group
         return results
+
+    def generate_shares(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                        seeds: Sequence[Sequence[int]] | None = None,
+                        max_new_tokens: Sequence[int] | None = None) -> Iterator[tuple[list[int], list]]:
+        """`generate`'s engine shares, each (its prompts' indices, their groups) as soon as its engine ends it."""
+        prompts = [list(p) for p in prompts]
+        seeds, caps = per_prompt_plan(prompts, params, seeds, max_new_tokens)
+        shares = engine_shares([len(p) for p in prompts], len(self._actors))
+        share_of = {actor.generate.remote([prompts[i] for i in share], params, [seeds[i] for i in share],
+                                          [caps[i] for i in share]): share for actor, share in zip(self._actors, shares)}
+        pending = list(share_of)
+        while pending:
+            (done,), pending = ray.wait(pending, num_returns=1)
+            yield share_of[done], ray.get(done)
 
     def score(self, sequences: Sequence[Sequence[int]], first: Sequence[int] | None = None) -> list[list[float]]:
         """Temperature-1 log-probs of each sequence's tokens from position `first[i]` on (default 1), every engine

@@ -6,6 +6,7 @@ set's problem that does not fit with --eval-max-new-tokens, a --reward-by-source
 import os
 import types
 
+from megatron_scope.rollout.engine import RolloutEngine
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.tiny import TINY_ARCH
 
@@ -141,7 +142,7 @@ def test_an_engine_death_in_replica_1_stops_every_rank():
     ]
 
 
-class _RecordingEngine:
+class _RecordingEngine(RolloutEngine):
     """A rollout engine stand-in that records the order of the calls the trainer makes."""
 
     def __init__(self, calls, dies_in_refit=False, before_generating=lambda seeds: None):

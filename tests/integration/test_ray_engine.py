@@ -13,7 +13,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
-from megatron_scope.rollout.engine import SamplingParams  # noqa: E402
+from megatron_scope.rollout.engine import Completion, SamplingParams  # noqa: E402
 from megatron_scope.rollout.ray_engine import RayRolloutEngine  # noqa: E402
 from megatron_scope.rollout.seeds import StepSeeds  # noqa: E402
 from megatron_scope.rollout.vllm_engine import VLLMEngineConfig  # noqa: E402
@@ -250,4 +250,43 @@ def test_scoring_is_sharded_over_every_engine_by_tokens(ray_session):
     assert [scores.log_probs.tolist() for scores in topk] == [[-float(t) for t in s[1:]] for s in sequences[:2]]
     assert topk[1].topk_ids.tolist() == [[t, t] for t in sequences[1][1:]]
     assert token_shards([4, 4], 3) == [range(0, 1), range(1, 2)] and token_shards([], 3) == []
+    engine.close()
+
+
+class ShareActor:
+    """Stands in for an engine's generate: response [t] for each prompt [t]; `hold` makes it wait for `release`."""
+
+    def __init__(self):
+        self.released = False
+
+    def generate(self, prompts, params, seeds, caps):
+        import time
+
+        from megatron_scope.rollout.engine import Completion
+
+        while not self.released:
+            time.sleep(0.005)
+        return [[Completion(list(p), [0.0], "stop") for _ in group] for p, group in zip(prompts, seeds)]
+
+    def release(self):
+        self.released = True
+
+    def close(self):
+        pass
+
+
+def test_each_engines_share_comes_as_soon_as_it_ends(ray_session):
+    """generate_shares yields an engine's share as it ends (here the engine holding prompt 1, while the other one is
+    still generating: it ends only once released), and generate puts every share back in the input's order."""
+    engine = RayRolloutEngine.__new__(RayRolloutEngine)
+    engine._actors = [ray.remote(ShareActor).options(num_cpus=0, max_concurrency=2).remote() for _ in range(2)]
+    ray.get(engine._actors[1].release.remote())
+    prompts, params = [[7, 7, 7], [8], [9, 9]], SamplingParams(n=2)  # shares (longest first): [0, 1] and [2]
+    shares = engine.generate_shares(prompts, params)
+    responses = [[Completion(p, [0.0], "stop")] * 2 for p in prompts]
+    assert next(shares) == ([2], responses[2:])
+    ray.get(engine._actors[0].release.remote())
+    assert next(shares) == ([0, 1], responses[:2])
+    assert next(shares, None) is None
+    assert engine.generate(prompts, params) == responses
     engine.close()

@@ -574,6 +574,16 @@ def test_cli_models_ray_engines_and_the_async_schedule(tiny_models, capsys):
     assert any(n.startswith("rollout: --rollout-sampler props draws each group in 4 rounds") for n in result["notes"])
 
 
+def test_cli_notes_partial_rollouts(tiny_models, capsys):
+    root, student, teacher = tiny_models
+    argv = _argv(student, teacher, str(root / "x.jsonl"), "--rollout-engines", "1", "--rollout-schedule", "async",
+                 "--max-staleness", "1", "--partial-rollout-tokens", "30", "--json")
+    assert check_config.main(argv) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert "a refit waits for one segment of the rollout in progress, not the whole rollout; a response takes up to 4 " \
+           "requests" in next(n for n in notes if n.startswith("rollout: --partial-rollout-tokens 30"))  # 100 tokens
+
+
 def test_cli_run_that_does_not_fit(tiny_models, capsys):
     root, student, teacher = tiny_models
     argv = _argv(student, teacher, str(root / "x.jsonl"), "--gpu-memory-gib", "2", "--max-new-tokens", "12000",
