@@ -6,6 +6,8 @@ set's problem that does not fit with --eval-max-new-tokens, a --reward-by-source
 import os
 import types
 
+import pytest
+
 from megatron_scope.rollout.engine import RolloutEngine
 from megatron_scope.testing.multiprocess import run_on_ranks
 from megatron_scope.testing.tiny import TINY_ARCH
@@ -382,7 +384,18 @@ def _async_two_ahead(rank, world_size):
     return calls
 
 
-def test_async_runs_the_producer_up_to_max_staleness_steps_ahead():
+def _async_runs(rank, world_size):
+    """`_async_two_ahead`, then `_async_partial`, in the same processes (one start of the ranks for both)."""
+    return _async_two_ahead(rank, world_size), _async_partial(rank, world_size)
+
+
+@pytest.fixture(scope="module")
+def async_runs():
+    """Per rank (the leader's, the other's): the calls of `_async_two_ahead` and of `_async_partial`."""
+    return run_on_ranks(_async_runs, 2)
+
+
+def test_async_runs_the_producer_up_to_max_staleness_steps_ahead(async_runs):
     """--rollout-schedule async --max-staleness 2: the producer generates iterations 1-3 from θ_0 before step 1's
     refit (all three admitted at version 0), so steps 1-3 train on responses 0, 1 and 2 steps stale (the last all at
     the bound), on every rank; the trainer's thread only learns and refits."""
@@ -392,7 +405,7 @@ def test_async_runs_the_producer_up_to_max_staleness_steps_ahead():
     seeds = [StepSeeds(tiny_run_config().loop.seed, k).groups([0, 1], 2, "rollout") for k in (1, 2, 3)]
     refit = [("wake", ["weights"]), ("update_weights", ["w"])]
     steps = [("learn", [0, 0], 0.0, 0.0), ("learn", [0, 0], 1.0, 0.0), ("learn", [0, 0], 2.0, 1.0)]
-    leader, other = run_on_ranks(_async_two_ahead, 2)
+    (leader, _), (other, _) = async_runs
     assert leader["main"] == [call for step in steps for call in (step, *refit)]
     assert leader["producer"] == [call for k in range(3) for call in (("wake", ["kv_cache"]), ("generate", seeds[k]))]
     assert other == {"main": steps, "producer": []}
@@ -445,7 +458,7 @@ def _async_partial(rank, world_size):
     return calls
 
 
-def test_a_refit_comes_between_the_segments_of_a_partial_rollout():
+def test_a_refit_comes_between_the_segments_of_a_partial_rollout(async_runs):
     """--rollout-schedule async --max-staleness 1 --partial-rollout-tokens 1: step 1's refit does not wait for rollout
     2, in progress: it runs between the rollout's segments, whose second token is sampled by θ_1 and stamped so
     (versions ((0, 0), (1, 1)); at step 2 its tokens are 1 and 0 steps stale, the responses' oldest 1), on every rank;
@@ -457,7 +470,7 @@ def test_a_refit_comes_between_the_segments_of_a_partial_rollout():
     refit = [("wake", ["weights"]), ("update_weights", ["w"])]
     steps = [("learn", [((0, 0),)] * 4, 0.0, 0.0, 0.0), ("learn", [((0, 0), (1, 1))] * 4, 1.0, 0.5, 1.0),
              ("learn", [((0, 1),)] * 4, 1.0, 1.0, 0.0)]
-    leader, other = run_on_ranks(_async_partial, 2)
+    (_, leader), (_, other) = async_runs
     assert leader["main"] == [call for step in steps for call in (step, *refit)]
     assert leader["producer"] == [
         call for step in seeds for call in (("wake", ["kv_cache"]), ("generate", step.groups([0, 1], 2, "rollout")),
