@@ -700,9 +700,9 @@ class RolloutConfig:
                 self.schedule != "async" or self.props is not None
                 or not 1 <= self.partial_rollout_tokens < self.max_new_tokens):
             raise ValueError(f"--partial-rollout-tokens {self.partial_rollout_tokens} lets a refit come between two "
-                             "segments of a rollout: it needs --rollout-schedule async (got "
-                             f"{self.schedule}; sync refits between rollouts, one-step-off keeps each rollout's version "
-                             "fixed), --rollout-sampler iid (PROPS draws whole responses in rounds) and a segment in "
+                             f"segments of a rollout: it needs --rollout-schedule async (got {self.schedule}; sync "
+                             "refits between rollouts, one-step-off keeps each rollout's version fixed), "
+                             "--rollout-sampler iid (PROPS draws whole responses in rounds) and a segment in "
                              f"[1, --max-new-tokens {self.max_new_tokens})")
         if self.schedule != "sync" and (self.offload_optimizer or self.offload_teacher):
             raise ValueError(f"--rollout-schedule {self.schedule} trains while the engines generate: the training state "
@@ -927,8 +927,9 @@ class RunConfig:
             raise ValueError("--rollout-sampler props draws a group's responses from the student's shared prefixes; "
                              "--tropd-prefix-fraction starts some of them from a teacher's prefix: use one of the two")
         if self.rollout.partial_rollout_tokens is not None and self.loss.tropd_guidance:
-            raise ValueError("--partial-rollout-tokens draws the student's responses in segments; --tropd-prefix-fraction "
-                             "has some start from a teacher's prefix, drawn whole: use one of the two")
+            raise ValueError("--partial-rollout-tokens draws the student's responses in segments; "
+                             "--tropd-prefix-fraction has some start from a teacher's prefix, drawn whole: use one of "
+                             "the two")
         if self.served_teacher and self.loss.tropd_guidance:
             raise ValueError("--tropd-prefix-fraction: TrOPD's guidance has a vLLM engine of the teacher write "
                              "prefixes from its HF directory; --teacher-backend server scores through URLs only")

@@ -29,10 +29,11 @@ from megatron_scope.rollout.seeds import StepSeeds
 def generate_in_segments(engine: RolloutEngine, prompts: Sequence[Sequence[int]], params: SamplingParams,
                          seeds: StepSeeds, indices: Sequence[int], segment_tokens: int, version: int,
                          between_segments: Callable[[], int]) -> list[list[Completion]]:
-    """`params.n` responses per prompt, as `engine.generate` with the "rollout" seeds of prompts `indices` (their
-    places in the step) would give them, but drawn in segments of at most `segment_tokens` (module docstring). The
-    engines hold weights of `version` for the first segment; `between_segments()` runs before each later one (a refit
-    may happen inside it) and returns the version they hold then. Each response's `versions` lists its runs."""
+    """`params.n` responses per prompt drawn in segments of at most `segment_tokens` (module docstring): sample j of
+    prompt i (the step's prompt `indices[i]`) starts as `engine.generate` draws it with its "rollout" seed, and its
+    segment k >= 1 has the "resubmission" seed of segment k. The engines hold weights of `version` for the first
+    segment; `between_segments()` runs before each later one (a refit may happen inside it) and returns the version
+    they hold then. Each response's `versions` lists its runs."""
     if segment_tokens < 1:
         raise ValueError(f"segment_tokens must be >= 1, got {segment_tokens}")
     if params.props is not None:

@@ -149,7 +149,8 @@ class RayRolloutEngine(RolloutEngine):
         seeds, caps = per_prompt_plan(prompts, params, seeds, max_new_tokens)
         shares = engine_shares([len(p) for p in prompts], len(self._actors))
         share_of = {actor.generate.remote([prompts[i] for i in share], params, [seeds[i] for i in share],
-                                          [caps[i] for i in share]): share for actor, share in zip(self._actors, shares)}
+                                          [caps[i] for i in share]): share
+                    for actor, share in zip(self._actors, shares)}
         pending = list(share_of)
         while pending:
             (done,), pending = ray.wait(pending, num_returns=1)

@@ -580,8 +580,9 @@ def test_cli_notes_partial_rollouts(tiny_models, capsys):
                  "--max-staleness", "1", "--partial-rollout-tokens", "30", "--json")
     assert check_config.main(argv) == 0
     notes = json.loads(capsys.readouterr().out)["notes"]
-    assert "a refit waits for one segment of the rollout in progress, not the whole rollout; a response takes up to 4 " \
-           "requests" in next(n for n in notes if n.startswith("rollout: --partial-rollout-tokens 30"))  # 100 tokens
+    note = next(n for n in notes if n.startswith("rollout: --partial-rollout-tokens 30"))
+    assert "a refit waits for one segment of the rollout in progress, not the whole rollout; a response takes up to " \
+           "4 requests" in note  # 100 tokens in segments of 30
 
 
 def test_cli_run_that_does_not_fit(tiny_models, capsys):
