@@ -77,9 +77,10 @@ def pack(groups: Sequence[RolloutGroup], extra: object = None) -> torch.Tensor:
     self_teacher = [p for g in groups for p in g.self_teacher_prompts or () if p is not None]
     teacher_ks, teacher = _scores(groups, "teacher_scores")
     reference_ks, reference = _scores(groups, "reference_scores")
+    routed = [None if g.self_teacher_prompts is None else [p is not None for p in g.self_teacher_prompts]
+              for g in groups]
     meta = [(g.prompt_id, list(g.correct), g.verdicts, [c.finish_reason for c in g.completions], g.weight_version,
-             g.prefix_lengths, None if g.self_teacher_prompts is None else [p is not None for p in g.self_teacher_prompts],
-             teacher_k, reference_k) for g, teacher_k, reference_k in zip(groups, teacher_ks, reference_ks)]
+             g.prefix_lengths, *per_group) for g, *per_group in zip(groups, routed, teacher_ks, reference_ks)]
     segments = [torch.frombuffer(bytearray(pickle.dumps((meta, extra))), dtype=torch.uint8),
                 *_ids(prompts, "prompt"), *_ids([c.token_ids for c in completions], "response"),
                 torch.tensor([p for c in completions for p in c.log_probs], dtype=torch.float64),

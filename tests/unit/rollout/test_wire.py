@@ -1,4 +1,4 @@
-"""rollout/wire.py: `pack` / `unpack` round-trip a step's groups exactly, with every optional field present or absent."""
+"""rollout/wire.py: `pack` / `unpack` round-trip a step's groups exactly, every optional field present or absent."""
 
 import dataclasses
 import math
@@ -37,7 +37,8 @@ def _groups(teacher_k=None, reference=False, self_teacher=False, prefixes=False,
         groups.append(RolloutGroup(
             f"prompt-{i}", torch.randint(0, 150000, (5 + i,), generator=g).tolist(), completions, correct,
             teacher_scores=None if teacher_k is None else [_scores(g, n, teacher_k) for n in lengths],
-            self_teacher_prompts=[None if ok else [7, 8, 9 + j] for j, ok in enumerate(correct)] if self_teacher else None,
+            self_teacher_prompts=([None if ok else [7, 8, 9 + j] for j, ok in enumerate(correct)] if self_teacher
+                                  else None),
             prefix_lengths=[min(1, n) for n in lengths] if prefixes else None,
             reference_scores=[_scores(g, n, 0) for n in lengths] if reference else None,
             verdicts=[Verdict(ok, "correct" if ok else "wrong", f"a{i}", None) for ok in correct] if verdicts else None,
