@@ -11,8 +11,10 @@ from a rollout leader to the ranks that train on them with tensor collectives (g
 
 from __future__ import annotations
 
+import itertools
 import pickle
-from typing import Sequence
+from array import array
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,13 +33,23 @@ ALIGN = 8  # bytes: every segment starts at a multiple, so it is viewed in its d
 INT32_MAX = 2**31 - 1
 
 
+def _flat(values: Iterable, typecode: str, dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a 1-D tensor of `dtype` (the C type `typecode`, filled without a Python object per element)."""
+    values = array(typecode, values)
+    return torch.frombuffer(values, dtype=dtype) if len(values) else torch.empty(0, dtype=dtype)
+
+
 def _ids(lists: Sequence[Sequence[int]], what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(offsets [n + 1] int64, the concatenated ids int32) of `lists`; ValueError for an id outside int32."""
-    flat = torch.tensor([t for ids in lists for t in ids], dtype=torch.int64)
-    if flat.numel() and (flat.min() < 0 or flat.max() > INT32_MAX):
-        raise ValueError(f"{what}: token ids outside [0, 2**31): {flat[(flat < 0) | (flat > INT32_MAX)][:5].tolist()}")
+    """(offsets [n + 1] int64, the concatenated ids int32) of `lists`; ValueError for an id outside [0, 2**31)."""
+    try:
+        flat = _flat(itertools.chain.from_iterable(lists), "i", torch.int32)
+        if flat.numel() and flat.min() < 0:
+            raise OverflowError
+    except OverflowError:
+        bad = [t for ids in lists for t in ids if not 0 <= t <= INT32_MAX]
+        raise ValueError(f"{what}: token ids outside [0, 2**31): {bad[:5]}") from None
     offsets = torch.tensor([0] + [len(ids) for ids in lists], dtype=torch.int64).cumsum(0)
-    return offsets, flat.to(torch.int32)
+    return offsets, flat
 
 
 def _cut(flat: list, offsets: list[int]) -> list[list]:
@@ -83,7 +95,7 @@ def pack(groups: Sequence[RolloutGroup], extra: object = None) -> torch.Tensor:
              g.prefix_lengths, *per_group) for g, *per_group in zip(groups, routed, teacher_ks, reference_ks)]
     segments = [torch.frombuffer(bytearray(pickle.dumps((meta, extra))), dtype=torch.uint8),
                 *_ids(prompts, "prompt"), *_ids([c.token_ids for c in completions], "response"),
-                torch.tensor([p for c in completions for p in c.log_probs], dtype=torch.float64),
+                _flat(itertools.chain.from_iterable(c.log_probs for c in completions), "d", torch.float64),
                 *_ids(self_teacher, "self-teacher prompt"), *teacher, *reference]
     header = torch.tensor([s.numel() for s in segments], dtype=torch.int64)
     chunks = [header.view(torch.uint8)]
