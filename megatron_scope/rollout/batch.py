@@ -91,10 +91,16 @@ def padded_sequence_length(longest_tokens: int, multiple_of: int = 8) -> int:
     return max(multiple_of, -(-(longest_tokens - 1) // multiple_of) * multiple_of)
 
 
+def longest_sequence(groups: Sequence[RolloutGroup]) -> int:
+    """Tokens of the longest prompt + response of `groups` (0 when they hold no response)."""
+    return max((len(g.prompt_token_ids) + len(c.token_ids) for g in groups for c in g.completions), default=0)
+
+
 def sequence_length_for(groups: Sequence[RolloutGroup], multiple_of: int = 8) -> int:
     """Shortest padded length that holds every prompt + response of `groups` (`padded_sequence_length`)."""
-    return padded_sequence_length(max(len(g.prompt_token_ids) + len(c.token_ids) for g in groups
-                                      for c in g.completions), multiple_of)
+    if not any(g.completions for g in groups):
+        raise ValueError("no response to fit a sequence length to")
+    return padded_sequence_length(longest_sequence(groups), multiple_of)
 
 
 def build_batch(groups: Sequence[RolloutGroup], seq_length: int, pad_id: int, group_offset: int = 0) -> dict:

@@ -1,7 +1,7 @@
 """Several co-located teachers (--teacher NAME=HF_DIR, --teacher-route-key): one `ScopeTrainer.learn` step of SCOPE
 with the full-vocabulary reverse KL (the fused KL from each teacher's hidden states and its own output layer) on 2
-gloo ranks, at TP=2 and at DP=2 (the step's rollout on every rank, as --rollout-placement rank0 sends it; at DP=2
-rank 0 trains only teacher a's prompts and rank 1 only b's: each scores with its own rows' teachers, and the
+gloo ranks, at TP=2 and at DP=2 (each rank's share of the step's rollout, as --rollout-placement rank0 sends it; at
+DP=2 rank 0 trains only teacher a's prompts and rank 1 only b's: each scores with its own rows' teachers, and the
 per-teacher reduction still meets on both).
 
 - two identical teachers, prompts split between them, give the one teacher's loss, KL, gradient norm and every
@@ -73,7 +73,7 @@ def _learn_with(teachers, routes, layout, residency="all"):
     trainer = ScopeTrainer(config, student, arch, optimizer, scheduler, PromptDataset(prompts, source="prompts"),
                            types.SimpleNamespace(pad_id=0, eos_id=1, vocab_size=arch.vocab_size), SyntheticTaskVerifier(),
                            engine=object() if torch.distributed.get_rank() == 0 else None, teachers=models)
-    metrics = trainer._rollout_metrics(Rollout(1, groups, 0, {"rollout": 1.0, "busy": 1.0}))
+    metrics = trainer._rollout_metrics(trainer._share(Rollout(1, groups, 0, {"rollout": 1.0, "busy": 1.0})))
     assert trainer.learn(groups, metrics).updated
     trainer._check_teachers("ckpt", {name: name for name in teachers} if routes else {"teacher": "teacher"})
     with pytest.raises(ValueError, match=r"ckpt: the checkpoint's run distilled from the teachers \{'teacher': 'x'\} "

@@ -197,7 +197,7 @@ def _step_calls(rank, world_size, refit_dies_on=None):
     trainer.rollout_offload = types.SimpleNamespace(offload=lambda: calls.append(("offload",)),  # the flags' hooks
                                                     restore=lambda: calls.append(("restore",)))
 
-    def learn(groups, metrics, first):
+    def learn(groups, metrics, first, longest):
         assert len(groups) == 1
         calls.append(("learn", first))
         return types.SimpleNamespace(updated=sum(call[0] == "learn" for call in calls) > 1, skipped_reason="a test")
@@ -309,7 +309,7 @@ def _one_step_off_calls(rank, failing_iteration=None):
                                 schedule="one-step-off")
     trainer_module.free_cached_device_memory = lambda: calls["main"].append(("free",))
 
-    def learn(groups, metrics, first):
+    def learn(groups, metrics, first, longest):
         calls["main"].append(("learn", [g.weight_version for g in groups], metrics["rollout/staleness_mean"]))
         if trainer.iteration + 1 < 3:  # a next step's rollout is being produced
             learning.set()
@@ -331,18 +331,17 @@ def test_one_step_off_generates_the_next_step_while_this_one_learns():
     weights before that step (version k - 1 for step k + 1), and the refit waits for it; nothing sleeps (the engines
     have devices of their own), and the trainer's thread never generates. Every rank learns from version-stamped
     groups, staleness 0 then 1. A rollout that fails in the producer thread stops every rank after the step it
-    overlapped."""
+    overlapped. Each rank receives its own prompt group only."""
     from megatron_scope.rollout.seeds import StepSeeds
     from megatron_scope.testing.tiny import tiny_run_config
 
     seeds = [StepSeeds(tiny_run_config().loop.seed, k).groups([0, 1], 2, "rollout") for k in (1, 2, 3)]
     refit = [("free",), ("wake", ["weights"]), ("update_weights", ["w"])]
     (leader, leader_failure), (other, other_failure) = run_on_ranks(_one_step_off, 2)
-    assert leader["main"] == [("learn", [0, 0], 0.0), *refit, ("learn", [0, 0], 1.0), *refit,
-                              ("learn", [1, 1], 1.0), *refit]
+    assert leader["main"] == [("learn", [0], 0.0), *refit, ("learn", [0], 1.0), *refit, ("learn", [1], 1.0), *refit]
     assert leader["producer"] == [call for k in range(3) for call in (("wake", ["kv_cache"]), ("generate", seeds[k]))]
-    assert other["main"] == [("learn", [0, 0], 0.0), ("free",), ("learn", [0, 0], 1.0), ("free",),
-                             ("learn", [1, 1], 1.0), ("free",)] and other["producer"] == []
+    assert other["main"] == [("learn", [0], 0.0), ("free",), ("learn", [0], 1.0), ("free",), ("learn", [1], 1.0),
+                             ("free",)] and other["producer"] == []
     message = "the engine failed on iteration 2's rollout"
     assert (leader_failure, other_failure) == (
         f"RuntimeError: {message}", f"RuntimeError: rank 0's rollout failed: RuntimeError: {message}")
@@ -373,7 +372,7 @@ def _async_two_ahead(rank, world_size):
                                 schedule="async", max_staleness=2)
     trainer_module.free_cached_device_memory = lambda: None
 
-    def learn(groups, metrics, first):
+    def learn(groups, metrics, first, longest):
         calls["main"].append(("learn", [g.weight_version for g in groups], metrics["rollout/staleness_mean"],
                               metrics["rollout/staleness_at_bound_fraction"]))
         if rank == 0 and trainer.iteration == 0:
@@ -404,7 +403,7 @@ def test_async_runs_the_producer_up_to_max_staleness_steps_ahead(async_runs):
 
     seeds = [StepSeeds(tiny_run_config().loop.seed, k).groups([0, 1], 2, "rollout") for k in (1, 2, 3)]
     refit = [("wake", ["weights"]), ("update_weights", ["w"])]
-    steps = [("learn", [0, 0], 0.0, 0.0), ("learn", [0, 0], 1.0, 0.0), ("learn", [0, 0], 2.0, 1.0)]
+    steps = [("learn", [0], 0.0, 0.0), ("learn", [0], 1.0, 0.0), ("learn", [0], 2.0, 1.0)]  # each rank's one group
     (leader, _), (other, _) = async_runs
     assert leader["main"] == [call for step in steps for call in (step, *refit)]
     assert leader["producer"] == [call for k in range(3) for call in (("wake", ["kv_cache"]), ("generate", seeds[k]))]
@@ -443,7 +442,7 @@ def _async_partial(rank, world_size):
                                 schedule="async", max_staleness=1, partial_rollout_tokens=1)
     trainer_module.free_cached_device_memory = lambda: None
 
-    def learn(groups, metrics, first):
+    def learn(groups, metrics, first, longest):
         calls["main"].append(("learn", [c.versions for g in groups for c in g.completions],
                               metrics["rollout/staleness_mean"], metrics["rollout/staleness_token_mean"],
                               metrics["rollout/interrupted_fraction"]))
@@ -468,8 +467,8 @@ def test_a_refit_comes_between_the_segments_of_a_partial_rollout(async_runs):
 
     seeds = [StepSeeds(tiny_run_config().loop.seed, k) for k in (1, 2, 3)]
     refit = [("wake", ["weights"]), ("update_weights", ["w"])]
-    steps = [("learn", [((0, 0),)] * 4, 0.0, 0.0, 0.0), ("learn", [((0, 0), (1, 1))] * 4, 1.0, 0.5, 1.0),
-             ("learn", [((0, 1),)] * 4, 1.0, 1.0, 0.0)]
+    steps = [("learn", [((0, 0),)] * 2, 0.0, 0.0, 0.0), ("learn", [((0, 0), (1, 1))] * 2, 1.0, 0.5, 1.0),
+             ("learn", [((0, 1),)] * 2, 1.0, 1.0, 0.0)]  # each rank's one group of G = 2
     (_, leader), (_, other) = async_runs
     assert leader["main"] == [call for step in steps for call in (step, *refit)]
     assert leader["producer"] == [
@@ -477,6 +476,82 @@ def test_a_refit_comes_between_the_segments_of_a_partial_rollout(async_runs):
                                             ("generate", [[step.seed(i, j, "resubmission", 1)] for i in (0, 1)
                                                           for j in (0, 1)]))]
     assert other == {"main": steps, "producer": []}
+
+
+class _LengthsEngine(_RecordingEngine):
+    """Sample j of the k-th prompt it is given: [k if j == 0 else 9] + [3] * (k + j) + [2] ("A: k" or "A: 9"; prompt
+    i's gold is "i"), truncated at j = 1: lengths, outcomes and finish reasons differ across the step."""
+
+    def generate(self, prompts, params, seeds, max_new_tokens=None):
+        from megatron_scope.rollout.engine import Completion
+
+        return [[Completion([k if j == 0 else 9] + [3] * (k + j) + [2], [-0.25 * (k + j)] * (k + j + 2),
+                            "length" if j else "stop") for j in range(params.n)] for k in range(len(prompts))]
+
+
+def _steps_from_shares(rank, world_size, placement):
+    """A stand-in at DP = `world_size` whose one engine rank 0 leads (--rollout-placement `placement`, 4 prompts x
+    G = 2): a sync step, then a step on a rollout a resume restored from a checkpoint. Per step, what each rank learned
+    from: (prompt ids, first group, longest sequence, rollout metrics less times). Nothing is broadcast as pickled
+    objects."""
+    import dataclasses
+
+    import torch
+
+    from megatron_scope import trainer as trainer_module
+    from megatron_scope.rewards.base import Verdict
+    from megatron_scope.rollout.batch import RolloutGroup
+    from megatron_scope.rollout.engine import Completion
+
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("a rollout went out as pickled objects")
+
+    trainer_module.dist.broadcast_object_list = no_pickles
+    trainer_module.free_cached_device_memory = lambda: None
+    trainer_module.iter_hf_weights = lambda *args, **kwargs: iter([("w", torch.zeros(1))])
+    trainer = _stand_in_trainer(rank, placement, [0], engine=_LengthsEngine([]) if rank == 0 else None,
+                                remote_teacher=False, prompts=4, **(dict(engines=1) if placement == "ray" else {}))
+    learned = []
+
+    def learn(groups, metrics, first, longest):
+        metrics = {k: v for k, v in metrics.items() if not k.startswith(("time/", "throughput/"))}
+        learned.append(([g.prompt_id for g in groups], first, longest, metrics))
+        return types.SimpleNamespace(updated=True)
+
+    trainer.learn = learn
+    trainer.train_step(1)
+    restored = [trainer_module.Rollout(2, [  # prompt k: k + 2 tokens, its responses k + 2 and 1 (k right, 9 wrong)
+        RolloutGroup(f"p{k}", [1] * (k + 2), [Completion([k] + [3] * (k + 1), [-0.5] * (k + 2), "stop"),
+                                              Completion([9], [-1.0], "length")], [True, False],
+                     verdicts=[Verdict(True, "correct", str(k)), Verdict(False, "wrong", "9")], weight_version=1)
+        for k in range(4)], 0, {"rollout": 1.0, "busy": 1.0})]
+    state = dict(rollout_buffer=restored, iteration=1, dataset=trainer.dataset.state_dict(), scheduler={},
+                 history=[], rng_restored=False)
+    trainer_module.checkpointing.load_checkpoint = lambda *args: state
+    trainer.scheduler = types.SimpleNamespace(load_state_dict=lambda state: None)
+    trainer.config = dataclasses.replace(trainer.config, loop=dataclasses.replace(trainer.config.loop, load="ckpt"))
+    trainer.resume()
+    held = [(len(r.groups), r.longest) for r in trainer.buffer]
+    trainer.train_step(2)
+    return learned, held
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("placement", ["rank0"])  # ray's delivery is the same code (one leader, every rank)
+def test_each_replica_receives_only_its_share_and_the_metrics_are_the_whole_steps(placement):
+    """--rollout-placement rank0 at DP=2: rank 0 samples the whole step and each data-parallel rank receives
+    only its own prompt groups (with the step's longest sequence, which fixes the batch width as the whole step
+    would); the rollout metrics reduced over the replicas equal those of the whole step on one rank (DP=1), and so do
+    those of a rollout restored by a resume (rank 0, which writes checkpoints, keeps the whole step, rank 1 its
+    share)."""
+    ((whole, _),) = run_on_ranks(_steps_from_shares, 1, args=(placement,))
+    shares = run_on_ranks(_steps_from_shares, 2, args=(placement,))
+    assert [held for _, held in shares] == [[(4, None)], [(2, 10)]]
+    for step, (ids, first, longest, metrics) in enumerate(whole):
+        assert first == 0 and len(ids) == 4 and longest == (9, 10)[step]
+        assert metrics["rollout/truncated_fraction"] == 0.5 and metrics["verifier/wrong"] >= 4
+        for rank, (learned, _) in enumerate(shares):
+            assert learned[step] == (ids[2 * rank : 2 * rank + 2], 2 * rank, longest, metrics), (step, rank)
 
 
 def _buffer_checks(rank, world_size):

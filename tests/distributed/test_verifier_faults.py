@@ -43,7 +43,7 @@ def _two_steps(rank, world_size, failing):
                                 remote_teacher=False, verifier=FlakyVerifier(failing), prompts=50)
     learned = []
 
-    def learn(groups, metrics, first):
+    def learn(groups, metrics, first, longest):
         learned.append(len(groups))
         return types.SimpleNamespace(updated=True)
 
