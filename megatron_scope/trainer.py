@@ -608,7 +608,6 @@ class ScopeTrainer:
             graded = self._grade(prompts, samples)
         texts = [text for group_texts, _ in graded for text in group_texts]
         verdicts = [verdict for _, group_verdicts in graded for verdict in group_verdicts]
-        self._check_verdicts(verdicts, texts, [p.answer for p in prompts for _ in range(rollout.group_size)])
         correct = [verdict.correct for verdict in verdicts]
         def scored_by(engine, timer: str, scored_prompts, scored_samples, topk: int = 0):
             """`engine`'s view of the responses of `scored_prompts` (`score_responses`), the engine awake only
@@ -652,7 +651,7 @@ class ScopeTrainer:
 
     def _grade(self, prompts, samples: list[list]) -> list[tuple[list[str], list[Verdict]]]:
         """Each prompt's (response texts, verdicts): its G responses decoded and graded against its gold answer (by
-        its source's verifier with --reward-by-source)."""
+        its source's verifier with --reward-by-source), the verdicts checked (`_check_verdicts`)."""
         n = self.config.rollout.group_size
         texts = [self.tokenizer.decode(c.token_ids) for group in samples for c in group]
         answers = [p.answer for p in prompts for _ in range(n)]
@@ -661,6 +660,7 @@ class ScopeTrainer:
             verdicts = self.verifier.judge_batch(texts, answers, sources)
         else:
             verdicts = self.verifier.judge_batch(texts, answers)
+        self._check_verdicts(verdicts, texts, answers)
         return [(texts[i * n:(i + 1) * n], verdicts[i * n:(i + 1) * n]) for i in range(len(prompts))]
 
     def _check_verdicts(self, verdicts: Sequence[Verdict], texts: Sequence[str], answers: Sequence[str]) -> None:
