@@ -5,8 +5,9 @@ the sampler's log-probs (float64: `Completion.log_probs` are Python floats, so t
 self-teacher prompts, and the teacher's and reference's `SequenceScores` (float32 log-probs, int32 top-k ids), each
 list concatenated into one flat tensor and cut by int64 offsets; only the small per-group and per-response metadata
 (prompt id, outcomes, verdicts, finish reasons and version runs, weight version, prefix lengths, which optional
-fields are present, each score's k) travels as a pickled object. `unpack` rebuilds the groups exactly. `deliver` moves packed shares
-from a rollout leader to the ranks that train on them with tensor collectives (gloo on CPU, NCCL on CUDA).
+fields are present, each score's k) travels as a pickled object. `unpack` rebuilds the groups exactly. `deliver`
+moves packed shares from a rollout leader to the ranks that train on them with tensor collectives (gloo on CPU, NCCL
+on CUDA).
 """
 
 from __future__ import annotations
