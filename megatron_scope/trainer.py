@@ -461,7 +461,7 @@ class ScopeTrainer:
                 else:
                     whole = Rollout(in_flight.iteration, groups, in_flight.first, seconds)
                     shares = [wire.pack(share.groups, (share.first, share.longest, seconds))
-                              for share in (self._share(whole, d) for d in range(self.dp_size))]
+                              for share in self._shares(whole)]
             except Exception as caught:  # noqa: BLE001 - every rank raises it in _raise_if_any_failed
                 error = caught
         self._raise_if_any_failed(error, "rollout")
@@ -472,16 +472,17 @@ class ScopeTrainer:
         groups, (first, longest, seconds) = wire.unpack(buffer)
         return Rollout(in_flight.iteration, groups, first, seconds, longest)
 
-    def _share(self, rollout: Rollout, dp_rank: int | None = None) -> Rollout:
-        """Data-parallel rank `dp_rank`'s (default: this rank's) share of a whole step's `rollout` (`longest`: the whole
-        step's); a share is returned as it is."""
-        if rollout.longest is not None:
-            return rollout
+    def _shares(self, rollout: Rollout) -> list[Rollout]:
+        """Every data-parallel rank's share of a whole step's `rollout`, in rank order, each with the whole step's
+        `longest` (read once)."""
         per_rank = self.config.rollout.prompts_per_step // self.dp_size
-        first = (self.dp_rank if dp_rank is None else dp_rank) * per_rank
-        start = first - rollout.first
-        return Rollout(rollout.iteration, rollout.groups[start : start + per_rank], first, rollout.seconds,
-                       longest_sequence(rollout.groups))
+        longest = longest_sequence(rollout.groups)
+        return [Rollout(rollout.iteration, rollout.groups[first - rollout.first : first - rollout.first + per_rank],
+                        first, rollout.seconds, longest) for first in range(0, self.dp_size * per_rank, per_rank)]
+
+    def _share(self, rollout: Rollout) -> Rollout:
+        """This rank's share of `rollout` (`_shares`); a share is returned as it is."""
+        return rollout if rollout.longest is not None else self._shares(rollout)[self.dp_rank]
 
     def _rollout_metrics(self, rollout: Rollout) -> dict:
         """Accuracy (and per data source), length (mean, min, max), truncation, the staleness of the weights that
